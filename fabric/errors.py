@@ -1,0 +1,131 @@
+"""One exception tree for the whole fabric.
+
+Every error a user can see is a ``FabricError``. Each subclass says what went wrong and,
+through ``retryable``, whether trying the same call again can help. Errors cross process
+boundaries (model server -> endpoint -> client) as plain dicts (``to_dict``/``from_dict``), so
+the client re-raises the same typed error the server raised.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class FabricError(Exception):
+    """Root of every error the fabric raises on purpose."""
+
+    retryable: ClassVar[bool] = False
+    """True when the same call may succeed if tried again later."""
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """Wire form: the class name, the message and JSON-able details."""
+        return {"kind": type(self).__name__, "message": self.message, "details": self.details}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> FabricError:
+        """Rebuild the typed error sent by ``to_dict`` (unknown kinds become ``FabricError``)."""
+        cls = _REGISTRY.get(str(data.get("kind")), FabricError)
+        return cls(str(data.get("message", "")), **dict(data.get("details") or {}))
+
+
+class InvalidRequest(FabricError):
+    """The request is malformed: a bad argument, type or value. Fix the call; do not retry."""
+
+
+class UnknownModel(InvalidRequest):
+    """The model (or version) is not in the catalog; ``details['available']`` lists those that are."""
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt plus requested tokens do not fit the model's context window."""
+
+
+class InvalidHook(InvalidRequest):
+    """A declarative hook (capture, steer, ablate) is out of range or malformed."""
+
+
+class InvalidManifest(InvalidRequest):
+    """A campaign manifest or input file is malformed (``details`` name the line)."""
+
+
+class InvalidSiteConfig(InvalidRequest):
+    """A site definition does not validate against the schema."""
+
+
+class Overloaded(FabricError):
+    """The server's bounded queue is full; retry after ``details['retry_after']`` seconds."""
+
+    retryable = True
+
+
+class DeadlineExceeded(FabricError):
+    """The request's own timeout expired before it finished."""
+
+    retryable = True
+
+
+class Cancelled(FabricError):
+    """The request was cancelled by its caller."""
+
+
+class ModelServerUnavailable(FabricError):
+    """The model server died, was cancelled or hit its walltime; a new request relaunches it."""
+
+    retryable = True
+
+
+class DeploymentError(FabricError):
+    """A model server could not be launched or did not become ready (message says why)."""
+
+    retryable = True
+
+
+class EndpointError(FabricError):
+    """The site endpoint could not be started or reached (message says why)."""
+
+    retryable = True
+
+
+class AuthError(FabricError):
+    """Login is missing, expired or was refused."""
+
+
+class AccessDenied(FabricError):
+    """The site's policy refused the caller; ``details['rule']`` names the rule."""
+
+
+class QuotaExceeded(AccessDenied):
+    """A per-identity quota is used up; ``details['retry_after']`` says when it refills."""
+
+    retryable = True
+
+
+class FunctionNotAllowed(AccessDenied):
+    """The site does not allow this function (user functions need the operator's opt-in)."""
+
+
+class UserFunctionError(FabricError):
+    """A user's function raised at the site; ``details['traceback']`` holds its traceback."""
+
+
+class ResultTooLarge(FabricError):
+    """A result is larger than one message may carry; write it to the site's filesystem."""
+
+
+class TicketInvalid(AccessDenied):
+    """A model server refused a request whose ticket is missing, forged or expired."""
+
+
+def _all_subclasses(cls: type[FabricError]) -> list[type[FabricError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+_REGISTRY: dict[str, type[FabricError]] = {c.__name__: c for c in _all_subclasses(FabricError)}
