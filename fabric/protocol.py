@@ -63,7 +63,7 @@ class InferenceRequest(_Strict):
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     continuation: str | None = Field(None, description="Text to score (logprobs kind).")
-    sampling: SamplingParams = Field(default_factory=SamplingParams)  # type: ignore[arg-type]
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
     layers: list[int] = Field(default_factory=lambda: [-1])
     pooling: Pooling = "mean"
     normalize: bool = True
@@ -143,3 +143,20 @@ def unpack(frame: bytes) -> dict[str, Any]:
     if not isinstance(out, dict):
         raise InvalidRequest("wire message must be a map")
     return out
+
+
+def encode_array(array: Any) -> dict[str, Any]:
+    """A numpy array (or torch tensor) as a wire map ``{"dtype", "shape", "data"}``."""
+    import numpy as np
+
+    if hasattr(array, "detach"):
+        array = array.detach().float().cpu().numpy()
+    arr = np.ascontiguousarray(array)
+    return {"dtype": str(arr.dtype), "shape": list(arr.shape), "data": arr.tobytes()}
+
+
+def decode_array(data: dict[str, Any]) -> Any:
+    """The numpy array sent by ``encode_array``."""
+    import numpy as np
+
+    return np.frombuffer(data["data"], dtype=data["dtype"]).reshape(data["shape"]).copy()

@@ -7,11 +7,13 @@ which models are hosted with which parallel plan). Unknown keys are errors.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 
 from fabric.catalog import CatalogEntry
 from fabric.errors import InvalidSiteConfig
@@ -49,7 +51,7 @@ class HostedModel(_Strict):
     """Catalog name."""
     version: str | None = None
     """Pinned version; ``None`` serves the catalog's latest."""
-    plan: Plan = Field(default_factory=Plan)  # type: ignore[arg-type]
+    plan: Plan = Field(default_factory=Plan)
     """Default parallel plan (``fabric deploy --pp/--tp`` overrides it)."""
 
 
@@ -93,6 +95,71 @@ class ServerConfig(_Strict):
     threads_per_rank: int = Field(0, ge=0, description="OMP threads per rank (0: cores/ranks).")
 
 
+class TemplateVar(_Strict):
+    """A value the operator fills in (``{{ name }}`` in ``fabric.yaml`` and ``config.yaml``).
+
+    Values are validated before substitution, so a site file never reaches a YAML parser or a
+    batch script with an unchecked string in it (the pattern forbids quotes, spaces and ``$``).
+    """
+
+    description: str = ""
+    required: bool = True
+    """A required value without a default must be given (``--set name=value`` or values.yaml)."""
+    default: str | None = None
+    pattern: str = r"^[A-Za-z0-9_.:/@+-]+$"
+    """Regular expression the whole value must match."""
+    choices: list[str] = Field(default_factory=list)
+    """If not empty, the value must be one of these."""
+
+
+class ModelRule(_Strict):
+    """Who may use one model at this site, and how much (``policy.models.<name>``).
+
+    A caller is allowed when ``anyone`` is true or it matches any listed identity (UUID or
+    username), group (Globus group UUID) or identity domain (``uchicago.edu``). Quotas are per
+    identity; ``None`` means unlimited.
+    """
+
+    anyone: bool = False
+    identities: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+    domains: list[str] = Field(default_factory=list)
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_day: int | None = Field(default=None, gt=0)
+
+
+class PolicyConfig(_Strict):
+    """Access policy enforced at the endpoint (``fabric.endpoint.policy``).
+
+    Callers prove who they are with an access token issued for ``scope``, a scope of the
+    endpoint's own confidential client ``client_id``; the endpoint introspects it with that
+    client (its secret comes from the environment variable ``client_secret_env``, never YAML).
+    """
+
+    client_id: str
+    """The endpoint's confidential Globus client (resource server of ``scope``)."""
+    scope: str | None = None
+    """Scope users consent to; default ``https://auth.globus.org/scopes/<client_id>/fabric``."""
+    client_secret_env: str = "FABRIC_ENDPOINT_CLIENT_SECRET"
+    """Environment variable holding the confidential client's secret at the endpoint."""
+    introspection_cache_s: float = Field(default=60.0, ge=0, description="Reuse an introspection.")
+    default: ModelRule = Field(default_factory=ModelRule)
+    """Rule for models without their own entry (the default denies everyone)."""
+    models: dict[str, ModelRule] = Field(default_factory=dict)
+    """Per-model rules, by catalog name."""
+
+    @property
+    def resolved_scope(self) -> str:
+        """The scope string clients request."""
+        return self.scope or f"https://auth.globus.org/scopes/{self.client_id}/fabric"
+
+    def rule_for(self, model: str) -> tuple[str, ModelRule]:
+        """The rule that governs ``model`` and its dotted name (for denial messages)."""
+        if model in self.models:
+            return f"policy.models.{model}", self.models[model]
+        return "policy.default", self.default
+
+
 class SiteConfig(_Strict):
     """One site's fabric deployment config (``endpoints/<site>/fabric.yaml``)."""
 
@@ -109,12 +176,26 @@ class SiteConfig(_Strict):
     max_request_workers: int = Field(4, ge=1, description="Request workers (local site).")
     allow_user_functions: bool = True
     """Allow ``fab.submit`` user functions (remote sites should opt in explicitly)."""
-    jobs: JobsConfig = Field(default_factory=JobsConfig)  # type: ignore[arg-type]
-    server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
     models: list[HostedModel] = Field(default_factory=list)
     """Models this site hosts and their default plans."""
     extra_models: list[CatalogEntry] = Field(default_factory=list)
     """Catalog entries only this site has (local paths)."""
+    policy: PolicyConfig | None = None
+    """Access policy; ``None`` (the local site) lets the endpoint's OS user in."""
+    template: dict[str, TemplateVar] = Field(default_factory=dict)
+    """Operator-supplied values (account, queue) substituted as ``{{ name }}`` before load."""
+    function_ids: dict[str, str] = Field(default_factory=dict)
+    """Globus Compute function UUIDs of the fabric's endpoint functions, by function name,
+    registered once by the operator; they fill ``allowed_functions`` in ``config.yaml``."""
+    _unset: list[str] = PrivateAttr(default_factory=list)
+    _values: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def unset_values(self) -> list[str]:
+        """Template values left as placeholders (loaded with ``strict=False``)."""
+        return list(self._unset)
 
     def resolved_state_dir(self) -> Path:
         """The state dir with ``~`` and ``{name}`` expanded."""
@@ -125,8 +206,24 @@ class SiteConfig(_Strict):
         return next((m for m in self.models if m.name == name), None)
 
 
-def load_site(name_or_path: str | Path) -> SiteConfig:
-    """Load and validate a site definition by name (``endpoints/<name>``) or folder/file path."""
+def site_dir(name_or_path: str | Path) -> Path:
+    """The folder of a site definition given by name (``endpoints/<name>``) or path."""
+    path = Path(name_or_path)
+    if not path.exists():
+        path = ENDPOINTS_DIR / str(name_or_path)
+    return path.parent if path.is_file() else path
+
+
+def load_site(name_or_path: str | Path, values: dict[str, str] | None = None, *,
+              strict: bool = False) -> SiteConfig:
+    """Load and validate a site definition by name (``endpoints/<name>``) or folder/file path.
+
+    ``{{ name }}`` template values come from ``values``, then the operator's ``values.yaml``
+    next to ``fabric.yaml``, then each variable's default. With ``strict`` a missing required
+    value is an error (``fabric site check``, starting an endpoint); without it a placeholder
+    ``UNSET-<name>`` stands in, so a client can read a site's endpoint id and policy scope
+    without knowing the operator's account.
+    """
     path = Path(name_or_path)
     if not path.exists():
         path = ENDPOINTS_DIR / str(name_or_path)
@@ -135,10 +232,93 @@ def load_site(name_or_path: str | Path) -> SiteConfig:
     if not path.exists():
         raise InvalidSiteConfig(f"no site definition at {path}; known sites: {list_sites()}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-        return SiteConfig.model_validate(data)
+        raw = path.read_text()
+        # First pass: templated values sit inside quoted strings, so the raw file parses and
+        # its `template:` section can be read before anything is substituted.
+        first = yaml.safe_load(raw) or {}
+        declared = _TEMPLATE.validate_python(first.get("template") or {}
+                                             if isinstance(first, dict) else {})
+        merged = resolve_values(declared, {**_values_file(path.parent), **(values or {})},
+                                strict=strict, where=str(path))
+        site = SiteConfig.model_validate(yaml.safe_load(render(raw, merged, str(path))) or {})
     except (ValidationError, yaml.YAMLError) as exc:
         raise InvalidSiteConfig(f"{path}: {exc}", path=str(path)) from None
+    site._unset = [k for k, v in merged.items() if v == f"UNSET-{k}"]
+    site._values = merged
+    return site
+
+
+def render_endpoint_config(
+    name_or_path: str | Path, values: dict[str, str] | None = None, *, strict: bool = True
+) -> tuple[SiteConfig, str]:
+    """The site and its ``config.yaml`` with template values filled in.
+
+    Besides the declared values, ``{{ allowed_functions }}`` becomes the JSON list of the
+    registered fabric function UUIDs (``function_ids``), or ``null`` while none are registered
+    (Globus Compute then allows any function: ``fabric site check`` warns about it), and
+    ``{{ site_dir }}`` the absolute folder of the definition (workers find it via FABRIC_SITE).
+    """
+    site = load_site(name_or_path, values, strict=strict)
+    file = site_dir(name_or_path) / "config.yaml"
+    if not file.exists():
+        raise InvalidSiteConfig(f"{file} is missing: every site needs its endpoint config")
+    ids = sorted(site.function_ids.values())
+    builtins = {"allowed_functions": json.dumps(ids) if ids else "null",
+                "site_dir": str(site_dir(name_or_path).resolve())}
+    return site, render(file.read_text(), {**site._values, **builtins}, str(file))
+
+
+def resolve_values(declared: dict[str, TemplateVar], given: dict[str, str], *, strict: bool,
+                   where: str = "site") -> dict[str, str]:
+    """Validate ``given`` against the declared variables and fill defaults.
+
+    Unknown names, values that fail a pattern or choice list, and (with ``strict``) missing
+    required values raise ``InvalidSiteConfig`` naming every problem at once.
+    """
+    problems = [f"unknown template value {k!r} (declared: {sorted(declared)})"
+                for k in given if k not in declared]
+    out: dict[str, str] = {}
+    for name, var in declared.items():
+        value = given.get(name, var.default)
+        if value is None:
+            if var.required and strict:
+                problems.append(f"{name!r} is required: {var.description or 'no description'}"
+                                f" (give --set {name}=...)")
+            out[name] = f"UNSET-{name}" if var.required else ""
+            continue
+        value = str(value)
+        if var.choices and value not in var.choices:
+            problems.append(f"{name}={value!r} is not one of {var.choices}")
+        elif not re.fullmatch(var.pattern, value):
+            problems.append(f"{name}={value!r} does not match {var.pattern}")
+        out[name] = value
+    if problems:
+        raise InvalidSiteConfig(f"{where}: " + "; ".join(problems), problems=problems)
+    return out
+
+
+_TEMPLATE = TypeAdapter(dict[str, TemplateVar])
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def render(text: str, values: dict[str, str], where: str = "site") -> str:
+    """Substitute ``{{ name }}`` placeholders; a placeholder with no value is an error."""
+    unknown = sorted({m for m in _PLACEHOLDER.findall(text) if m not in values})
+    if unknown:
+        raise InvalidSiteConfig(f"{where}: template uses undeclared values {unknown}; "
+                                "declare them under `template:` in fabric.yaml")
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+
+def _values_file(folder: Path) -> dict[str, str]:
+    """The operator's ``values.yaml`` (site-local, not shipped), if present."""
+    file = folder / "values.yaml"
+    if not file.exists():
+        return {}
+    data = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(data, dict):
+        raise InvalidSiteConfig(f"{file}: expected a mapping of name: value")
+    return {str(k): str(v) for k, v in data.items()}
 
 
 def list_sites() -> list[str]:

@@ -1,0 +1,112 @@
+"""Rank identity and process groups for a pp x tp model server.
+
+Ranks learn who they are from the launcher's environment, as Parsl's launchers provide it:
+``srun`` sets ``SLURM_PROCID``/``SLURM_NTASKS``, ``mpiexec`` sets ``PMI_RANK``/``PMI_SIZE``
+(``PMIX_RANK``, ``PALS_RANKID``, ``OMPI_COMM_WORLD_RANK`` on other MPIs), torchrun sets
+``RANK``/``WORLD_SIZE``, and Parsl's ``SingleNodeLauncher`` passes the 1-based copy index as the
+command's first argument (``--launch-index``). Global rank r maps to stage ``r // tp`` and
+tensor rank ``r % tp``; rank 0 (stage 0, tp rank 0) is the head.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+_RANK_VARS = ("RANK", "SLURM_PROCID", "PMI_RANK", "PMIX_RANK", "PALS_RANKID",
+              "OMPI_COMM_WORLD_RANK")
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in the pp x tp grid."""
+
+    rank: int
+    world: int
+    pp: int
+    tp: int
+
+    @property
+    def stage(self) -> int:
+        """Pipeline stage of this rank."""
+        return self.rank // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        """Rank within the stage's tensor-parallel group."""
+        return self.rank % self.tp
+
+    @property
+    def is_head(self) -> bool:
+        """True for the rank that owns the socket and the scheduler."""
+        return self.rank == 0
+
+    @property
+    def is_first_stage(self) -> bool:
+        """True when this rank holds the embeddings."""
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        """True when this rank holds the final norm and the LM head."""
+        return self.stage == self.pp - 1
+
+    @property
+    def is_stage_leader(self) -> bool:
+        """True for tp rank 0 of a stage: it talks to the neighbouring stages."""
+        return self.tp_rank == 0
+
+    def leader_of(self, stage: int) -> int:
+        """Global rank of ``stage``'s leader."""
+        return stage * self.tp
+
+
+def rank_from_env(pp: int, tp: int, launch_index: int | None = None) -> RankInfo:
+    """This process's ``RankInfo`` from the launcher's environment (or the copy index)."""
+    world = pp * tp
+    rank: int | None = None
+    for var in _RANK_VARS:
+        if os.environ.get(var, "").isdigit():
+            rank = int(os.environ[var])
+            break
+    if rank is None:
+        rank = (launch_index - 1) if launch_index else 0
+    if not 0 <= rank < world:
+        raise RuntimeError(f"rank {rank} outside a pp={pp} x tp={tp} job of {world} ranks")
+    return RankInfo(rank=rank, world=world, pp=pp, tp=tp)
+
+
+@dataclass
+class Groups:
+    """The process groups one rank takes part in."""
+
+    tp_group: dist.ProcessGroup | None
+    """This stage's tensor-parallel group (``None`` when tp == 1)."""
+
+
+def init_groups(info: RankInfo, master_addr: str, master_port: int, backend: str) -> Groups:
+    """Join the job's process group and build one tp group per stage."""
+    if info.world == 1:
+        return Groups(tp_group=None)
+    import deepspeed.comm as ds_comm
+
+    # DeepSpeed's comm layer wraps torch.distributed; using it keeps DeepSpeed's collectives
+    # (and its timers/logging) in charge of the tp all-reduces.
+    ds_comm.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=info.rank,
+        world_size=info.world,
+        timeout=timedelta(minutes=30),
+    )
+    tp_group = None
+    for stage in range(info.pp):
+        ranks = list(range(stage * info.tp, (stage + 1) * info.tp))
+        group = dist.new_group(ranks) if info.tp > 1 else None
+        if stage == info.stage:
+            tp_group = group
+    return Groups(tp_group=tp_group)

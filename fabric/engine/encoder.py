@@ -1,0 +1,62 @@
+"""Runner for embedding models (BERT-style encoders such as all-MiniLM-L6-v2).
+
+Encoders have no KV cache and no pipeline: each step pads its prompts into one batch, runs the
+model once, and pools the last hidden state per request as the request asked (mean over
+real tokens, first token, or last token). Single rank only.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from fabric.engine.batch import SeqOutput, StepPlan
+
+
+class EncoderRunner:
+    """The ``Runner`` the engine loop drives for an embedding model."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype) -> None:
+        from transformers import AutoModel
+
+        self.model = AutoModel.from_pretrained(folder, dtype=dtype).eval()
+        self.config = self.model.config
+        self.inflight = 0
+        self._done: deque[list[SeqOutput]] = deque()
+
+    @property
+    def depth(self) -> int:
+        """One step at a time."""
+        return 1
+
+    @torch.no_grad()
+    def launch(self, plan: StepPlan) -> None:
+        """Encode the plan's prompts (each whole) and pool them."""
+        self.inflight += 1
+        if not plan.seqs:
+            self._done.append([])
+            return
+        width = max(s.n for s in plan.seqs)
+        pad = self.config.pad_token_id or 0
+        ids = torch.tensor([s.token_ids + [pad] * (width - s.n) for s in plan.seqs])
+        mask = torch.tensor([[1] * s.n + [0] * (width - s.n) for s in plan.seqs])
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        outputs = []
+        n_layers = self.config.num_hidden_layers
+        for i, s in enumerate(plan.seqs):
+            rows = hidden[i, : s.n]
+            mode = s.capture.mode if s.capture is not None else "mean"
+            value = {"mean": (rows.sum(0), s.n), "first": rows[0], "last": rows[-1]}.get(
+                mode, (rows.sum(0), s.n))
+            outputs.append(SeqOutput(s.seq_id, captures={n_layers: value}))
+        self._done.append(outputs)
+
+    def collect(self) -> list[SeqOutput]:
+        """Outputs of the oldest step."""
+        self.inflight -= 1
+        return self._done.popleft()
+
+    def shutdown(self) -> None:
+        """Nothing to stop: single rank."""

@@ -1,0 +1,190 @@
+"""The head rank's serving loop: schedule -> launch through the pipeline -> update.
+
+The front door (``frontend.py``) runs in its own thread and talks to this loop through a
+locked inbox (new sequences, cancels) and an outbox callback (events, results). Up to
+``pipeline.depth`` micro-batches are in flight, so with pp stages every stage has work.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from fabric.engine.batch import SeqOutput, StepPlan
+from fabric.engine.results import accumulate, build
+from fabric.engine.scheduler import Limits, Scheduler
+from fabric.engine.sequence import Sequence
+from fabric.errors import FabricError, ModelServerUnavailable
+
+Emit = Callable[[str, dict[str, Any]], None]
+"""Send one wire message about a request (request_id, message)."""
+
+
+class Runner(Protocol):
+    """What the loop drives: the pipeline of a causal LM, or an encoder."""
+
+    inflight: int
+
+    @property
+    def depth(self) -> int: ...
+
+    def launch(self, plan: StepPlan) -> None: ...
+
+    def collect(self) -> list[SeqOutput]: ...
+
+    def shutdown(self) -> None: ...
+
+
+class Engine:
+    """Owns the scheduler and the runner; turns step outputs into stream events."""
+
+    def __init__(self, runner: Runner, tokenizer: Any, limits: Limits,
+                 identity: dict[str, str], eos_ids: set[int], n_layers: int, emit: Emit) -> None:
+        self.runner, self.tok, self.identity = runner, tokenizer, identity
+        self.eos_ids, self.n_layers, self.emit = eos_ids, n_layers, emit
+        self.scheduler = Scheduler(limits, self._advance, self._finish)
+        self.lock = threading.Lock()
+        self.inbox: deque[tuple[str, Any]] = deque()
+        self.wake = threading.Event()
+        self.stop_requested = False
+        self.tokens_total = 0
+        self.tokens_per_s = 0.0
+        self.last_active = time.monotonic()
+        self._launched: deque[StepPlan] = deque()
+
+    # --- called from the front-door thread ---------------------------------------------------
+
+    def post(self, kind: str, payload: Any) -> None:
+        """Queue an ("add", Sequence) or ("cancel", request_id) for the loop."""
+        with self.lock:
+            self.inbox.append((kind, payload))
+        self.wake.set()
+
+    def queued(self) -> tuple[int, int]:
+        """(requests, prompt tokens) waiting, inbox included."""
+        with self.lock:
+            seqs = [p for k, p in self.inbox if k == "add"] + list(self.scheduler.waiting)
+        return len(seqs), sum(len(s.prompt_ids) for s in seqs)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self, idle_timeout_s: float, draining: Callable[[], bool]) -> str:
+        """Serve until idle for ``idle_timeout_s``, drained, or stopped; returns why."""
+        try:
+            while True:
+                self._take_inbox()
+                busy = self.scheduler.active or self.runner.inflight
+                if not busy:
+                    if self.stop_requested:
+                        return "stopped"
+                    if draining():
+                        return "drained"
+                    if time.monotonic() - self.last_active > idle_timeout_s:
+                        return "idle"
+                    self.wake.wait(0.2)
+                    self.wake.clear()
+                    continue
+                self.last_active = time.monotonic()
+                self._fill()
+                if self.runner.inflight:
+                    self._collect_one()
+                else:
+                    self.wake.wait(0.01)
+                    self.wake.clear()
+        finally:
+            self.scheduler.drop_all(ModelServerUnavailable("model server is shutting down"))
+            self.runner.shutdown()
+
+    def _take_inbox(self) -> None:
+        with self.lock:
+            items = list(self.inbox)
+            self.inbox.clear()
+        for kind, payload in items:
+            if kind == "add":
+                self.scheduler.add(payload)
+            else:
+                self.scheduler.cancel(payload)
+
+    def _fill(self) -> None:
+        while self.runner.inflight < self.runner.depth:
+            plan = self.scheduler.schedule(groups=self.runner.depth)
+            if plan is None:
+                return
+            self.runner.launch(plan)
+            self._launched.append(plan)
+
+    def _collect_one(self) -> None:
+        t0 = time.monotonic()
+        plan = self._launched.popleft()
+        outputs = self.runner.collect()
+        produced = self.scheduler.update(plan, outputs)
+        self.tokens_total += produced
+        dt = max(time.monotonic() - t0, 1e-6)
+        # An exponential average over steps: smooth enough for `fabric endpoint status`.
+        self.tokens_per_s = 0.9 * self.tokens_per_s + 0.1 * (produced / dt)
+
+    # --- scheduler callbacks -----------------------------------------------------------------
+
+    def _advance(self, seq: Sequence, out: SeqOutput) -> str | None:
+        now = time.monotonic()
+        accumulate(seq, out.captures)
+        if out.scores:
+            seq.scores.extend(out.scores)
+        if seq.in_prefill:
+            return None
+        if seq.prefill_done is None:
+            seq.prefill_done = now
+        if not seq.generates:
+            return "length"
+        assert out.token is not None
+        seq.generated.append(out.token)
+        if out.logprob is not None:
+            seq.logprobs.append(out.logprob)
+        if seq.first_token is None:
+            seq.first_token = now
+        text, stopped = self._text(seq)
+        reason = None
+        if stopped:
+            reason = "stop"
+        elif out.token in self.eos_ids:
+            reason = "eos"
+        elif len(seq.generated) >= seq.request.sampling.max_tokens:
+            reason = "length"
+        if seq.stream:
+            safe = text if reason else self._safe_prefix(seq, text)
+            self.emit(seq.request_id, {"op": "event", "index": len(seq.generated) - 1,
+                                       "token_ids": [out.token], "text": safe[len(seq.text_sent):],
+                                       "logprobs": [out.logprob] if out.logprob is not None
+                                       else None})
+            seq.text_sent = safe
+        return reason
+
+    def _text(self, seq: Sequence) -> tuple[str, bool]:
+        text = self.tok.decode(seq.generated, skip_special_tokens=True)
+        cut = [text.find(s) for s in seq.request.sampling.stop if s and s in text]
+        if cut:
+            return text[:min(cut)], True
+        return text, False
+
+    def _safe_prefix(self, seq: Sequence, text: str) -> str:
+        """Text that can no longer change: hold back a partial character or stop string."""
+        hold = max((len(s) - 1 for s in seq.request.sampling.stop), default=0)
+        end = len(text) - hold
+        while end > 0 and text[end - 1] == "\ufffd":
+            end -= 1
+        return text[:max(end, len(seq.text_sent))] if end > 0 else seq.text_sent
+
+    def _finish(self, seq: Sequence, reason: str | None, error: FabricError | None) -> None:
+        if error is not None:
+            self.emit(seq.request_id, {"op": "error", "error": error.to_dict()})
+            return
+        text, _ = self._text(seq) if seq.generates else ("", False)
+        result = build(seq, reason or "length", self.identity, text, self.n_layers)
+        if seq.stream and seq.generates and text[len(seq.text_sent):]:
+            self.emit(seq.request_id, {"op": "event", "index": len(seq.generated),
+                                       "token_ids": [], "text": text[len(seq.text_sent):],
+                                       "logprobs": None})
+        self.emit(seq.request_id, {"op": "done", "result": result})

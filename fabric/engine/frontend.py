@@ -1,0 +1,264 @@
+"""The model server's front door: one ROUTER socket, in its own thread.
+
+It answers health, admission and cancel at once (even while the loop is mid-step), so an
+overloaded server says ``Overloaded`` in milliseconds instead of hanging. Events from the
+loop arrive over an inproc socket; they are pushed to streaming clients and buffered for
+long-poll clients. A client that has vanished cannot be routed to (``ROUTER_MANDATORY``): its
+request is cancelled, so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from fabric import tickets
+from fabric.engine.engine import Engine
+from fabric.engine.prepare import Preparer
+from fabric.errors import FabricError, InvalidRequest, Overloaded
+from fabric.protocol import pack, unpack, validate_request
+from fabric.sites import ServerConfig
+
+OUTBOX = "inproc://fabric-outbox"
+
+
+@dataclass
+class Record:
+    """What the front door remembers about one request."""
+
+    identity: bytes
+    stream: bool
+    detach: bool
+    events: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    waiters: list[tuple[bytes, int, float]] = field(default_factory=list)
+
+
+class Frontend:
+    """Serves the wire protocol for one engine."""
+
+    def __init__(self, engine: Engine, preparer: Preparer, config: ServerConfig,
+                 ticket_key: bytes, model_name: str, health_extra: dict[str, Any]) -> None:
+        self.engine, self.preparer, self.config = engine, preparer, config
+        self.key, self.model_name, self.health_extra = ticket_key, model_name, health_extra
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.records: dict[str, Record] = {}
+        self.state = "loading"
+        self.draining = False
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def bind(self, host: str, secret_key: bytes, public_key: bytes) -> int:
+        """Bind the ROUTER (CURVE server) on a free port; returns the port."""
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.curve_server = True
+        self.sock.curve_secretkey = secret_key
+        self.sock.curve_publickey = public_key
+        self.sock.router_mandatory = True
+        self.sock.linger = 0
+        port = self.sock.bind_to_random_port(f"tcp://{host}")
+        self.outbox = self.ctx.socket(zmq.PULL)
+        self.outbox.bind(OUTBOX)
+        return port
+
+    def start(self) -> None:
+        """Serve in a daemon thread."""
+        self._thread = threading.Thread(target=self._serve, name="frontend", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the sockets."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def emitter(self) -> Any:
+        """A callable for the engine thread that forwards (request_id, message) here."""
+        push = self.ctx.socket(zmq.PUSH)
+        push.connect(OUTBOX)
+
+        def emit(request_id: str, message: dict[str, Any]) -> None:
+            message["request_id"] = request_id
+            push.send(pack(message))
+
+        return emit
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.outbox, zmq.POLLIN)
+        while not self._stop.is_set():
+            ready = dict(poller.poll(100))
+            if self.outbox in ready:
+                while self.outbox.poll(0):
+                    self._on_event(unpack(self.outbox.recv()))
+            if self.sock in ready:
+                while self.sock.poll(0):
+                    identity, frame = self.sock.recv_multipart()
+                    self._on_client(identity, frame)
+            self._housekeeping()
+        self.sock.close(0)
+        self.outbox.close(0)
+
+    def _send(self, identity: bytes, message: dict[str, Any]) -> bool:
+        try:
+            self.sock.send_multipart([identity, pack(message)], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    def _on_client(self, identity: bytes, frame: bytes) -> None:
+        try:
+            msg = unpack(frame)
+        except Exception:
+            self._send(identity, {"op": "error", "request_id": None,
+                                  "error": InvalidRequest("undecodable message").to_dict()})
+            return
+        op = msg.get("op")
+        handler = {"submit": self._submit, "poll": self._poll, "cancel": self._cancel,
+                   "health": self._health, "drain": self._drain}.get(str(op))
+        rid = msg.get("request_id") or (msg.get("request") or {}).get("request_id")
+        if handler is None:
+            err = InvalidRequest(f"unknown op {op!r}; accepted: submit, poll, cancel, health, "
+                                 "drain")
+            self._send(identity, {"op": "error", "request_id": rid, "error": err.to_dict()})
+            return
+        try:
+            handler(identity, msg)
+        except FabricError as exc:
+            self._send(identity, {"op": "error", "request_id": rid, "error": exc.to_dict()})
+
+    def _submit(self, identity: bytes, msg: dict[str, Any]) -> None:
+        request = validate_request(dict(msg.get("request") or {}))
+        rid = request.request_id
+        tickets.verify(self.key, msg.get("ticket"), model=self.model_name, request_id=rid)
+        if self.draining or self.state != "ready":
+            raise Overloaded(f"model server is {self.state if not self.draining else 'draining'}"
+                             "; retry shortly", retry_after=1.0)
+        if rid in self.records:
+            raise InvalidRequest(f"request id {rid} is already in use on this server")
+        seq = self.preparer.prepare(request, stream=bool(msg.get("stream") or msg.get("detach")))
+        self._admit(len(seq.prompt_ids))
+        self.records[rid] = Record(identity, bool(msg.get("stream")), bool(msg.get("detach")))
+        self._send(identity, {"op": "accepted", "request_id": rid})
+        self.engine.post("add", seq)
+
+    def _admit(self, tokens: int) -> None:
+        cfg = self.config
+        waiting, waiting_tokens = self.engine.queued()
+        if waiting + 1 > cfg.max_queue_requests or waiting_tokens + tokens > cfg.max_queue_tokens:
+            rate = max(self.engine.tokens_per_s, 1.0)
+            raise Overloaded(
+                f"model server queue is full ({waiting} requests, {waiting_tokens} prompt "
+                f"tokens waiting; limits {cfg.max_queue_requests} and {cfg.max_queue_tokens})",
+                retry_after=round(min(30.0, max(0.5, waiting_tokens / rate / 4)), 2),
+                queued=waiting)
+
+    def _poll(self, identity: bytes, msg: dict[str, Any]) -> None:
+        rid = str(msg.get("request_id"))
+        tickets.verify(self.key, msg.get("ticket"), model=self.model_name, request_id=rid)
+        rec = self.records.get(rid)
+        if rec is None:
+            raise InvalidRequest(f"no request {rid} on this server (finished more than "
+                                 f"{self.config.stream_buffer_s} s ago, or never submitted)")
+        rec.last_seen = time.monotonic()
+        cursor = int(msg.get("cursor", 0))
+        wait = min(float(msg.get("wait", 0.0)), 60.0)
+        if cursor < len(rec.events) or rec.final is not None or wait <= 0:
+            self._answer_poll(identity, rid, rec, cursor)
+        else:
+            rec.waiters.append((identity, cursor, time.monotonic() + wait))
+
+    def _answer_poll(self, identity: bytes, rid: str, rec: Record, cursor: int) -> None:
+        final = rec.final or {}
+        self._send(identity, {
+            "op": "events", "request_id": rid, "events": rec.events[cursor:],
+            "cursor": len(rec.events), "done": rec.final is not None,
+            "result": final.get("result"), "error": final.get("error")})
+
+    def _cancel(self, identity: bytes, msg: dict[str, Any]) -> None:
+        rid = str(msg.get("request_id"))
+        tickets.verify(self.key, msg.get("ticket"), model=self.model_name, request_id=rid)
+        rec = self.records.get(rid)
+        was = "unknown" if rec is None else ("done" if rec.final is not None else "running")
+        if rec is not None and rec.final is None:
+            was = "queued" if self._is_waiting(rid) else "running"
+            self.engine.post("cancel", rid)
+        self._send(identity, {"op": "cancelled", "request_id": rid, "was": was})
+
+    def _is_waiting(self, rid: str) -> bool:
+        with self.engine.lock:
+            return any(k == "add" and p.request_id == rid for k, p in self.engine.inbox) or any(
+                s.request_id == rid for s in list(self.engine.scheduler.waiting))
+
+    def _health(self, identity: bytes, msg: dict[str, Any]) -> None:
+        self._send(identity, {"op": "health", **self.health()})
+
+    def health(self) -> dict[str, Any]:
+        """Server state and load figures."""
+        sched = self.engine.scheduler
+        waiting, _ = self.engine.queued()
+        return {
+            "state": "draining" if self.draining else self.state,
+            "queue_depth": waiting, "running": len(sched.running),
+            "kv_used_tokens": sched.kv_used, "kv_budget_tokens": sched.limits.kv_budget_tokens,
+            "tokens_per_s": round(self.engine.tokens_per_s, 2),
+            "tokens_total": self.engine.tokens_total,
+            "idle_s": round(time.monotonic() - self.engine.last_active, 2),
+            "uptime_s": round(time.monotonic() - self.started, 2), "pid": os.getpid(),
+            **self.health_extra,
+        }
+
+    def _drain(self, identity: bytes, msg: dict[str, Any]) -> None:
+        tickets.verify(self.key, msg.get("ticket"), model=self.model_name, request_id="*",
+                       admin=True)
+        self.draining = True
+        self.engine.wake.set()
+        self._send(identity, {"op": "draining"})
+
+    # --- events from the engine --------------------------------------------------------------
+
+    def _on_event(self, msg: dict[str, Any]) -> None:
+        rid = str(msg["request_id"])
+        rec = self.records.get(rid)
+        if rec is None:
+            return
+        final = msg["op"] in ("done", "error")
+        if final:
+            rec.final = msg
+        else:
+            rec.events.append(msg)
+        for identity, cursor, _ in rec.waiters:
+            self._answer_poll(identity, rid, rec, cursor)
+        rec.waiters.clear()
+        if rec.detach or (not rec.stream and not final):
+            return
+        if not self._send(rec.identity, msg) and not final:
+            # The streaming client is gone: stop generating for it.
+            self.engine.post("cancel", rid)
+        if final:
+            self.records.pop(rid, None)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        horizon = self.config.stream_buffer_s
+        for rid, rec in list(self.records.items()):
+            for identity, cursor, deadline in list(rec.waiters):
+                if now >= deadline:
+                    rec.waiters.remove((identity, cursor, deadline))
+                    self._answer_poll(identity, rid, rec, cursor)
+            if rec.detach and now - rec.last_seen > horizon:
+                if rec.final is None:
+                    self.engine.post("cancel", rid)  # nobody is polling any more
+                self.records.pop(rid, None)

@@ -1,0 +1,89 @@
+"""What the endpoint hands a model server when it launches one (``ServerLaunchConfig``).
+
+The deployment manager writes this as JSON next to the job; every rank of the job reads the
+same file (``python -m fabric.engine.server CONFIG_JSON``). Nothing else configures a server:
+no hidden environment variables beyond the launcher's own rank variables.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fabric.catalog import CatalogEntry
+from fabric.sites import Plan, ServerConfig
+
+
+class ServerLaunchConfig(BaseModel):
+    """Everything a model server's ranks need to start."""
+
+    model_config = ConfigDict(extra="forbid")
+    deployment_id: str
+    """Deployment record id (names the info file and logs)."""
+    model: CatalogEntry
+    """Catalog entry being served."""
+    weights_path: str
+    """Folder with config.json, tokenizer and safetensors (or a pre-sharded folder)."""
+    sha256: str
+    """sha256 of the weights, reported with every result."""
+    shard_dir: str | None = None
+    """Pre-sharded checkpoint (``fabric shard``) matching ``plan``; ``None`` reads slices from
+    ``weights_path`` directly."""
+    plan: Plan = Field(default_factory=Plan)
+    """pp x tp plan."""
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    """Scheduler, queue and idle settings."""
+    state_dir: str
+    """Site state dir (keys, logs)."""
+    ticket_key_path: str
+    """HMAC key shared with the endpoint (mode 0600)."""
+    curve_dir: str
+    """Folder holding the server's CURVE key pair (created if missing, mode 0600)."""
+    bind_host: str = "127.0.0.1"
+    """Interface the head's ROUTER binds ("0.0.0.0" on clusters)."""
+    advertise_host: str | None = None
+    """Host name clients use to connect; default: ``bind_host`` or this node's name."""
+    master_addr: str = "127.0.0.1"
+    """torch.distributed rendezvous host (rank 0's node; srun/mpiexec jobs resolve it)."""
+    master_port: int = 29500
+    """torch.distributed rendezvous port."""
+    info_path: str
+    """JSON file the head writes once bound: address, public_key, pid, state."""
+
+    def write(self, path: Path) -> None:
+        """Save as JSON (mode 0600: it names key paths)."""
+        path.write_text(self.model_dump_json(indent=2))
+        path.chmod(0o600)
+
+    @classmethod
+    def read(cls, path: Path) -> ServerLaunchConfig:
+        """Load from JSON."""
+        return cls.model_validate(json.loads(Path(path).read_text()))
+
+
+def server_command(config_path: Path, threads_per_rank: int, python: str | None = None) -> str:
+    """The shell command every rank of a model-server job runs.
+
+    ``OMP_NUM_THREADS`` must be set before torch starts: ranks sharing a node with the default
+    thread count oversubscribe the cores and a decode step gets 5-20x slower. Parsl's
+    ``SingleNodeLauncher`` passes the copy index as ``$1``; under srun/mpiexec it is empty and
+    the rank comes from the launcher's variables.
+    """
+    import shlex
+    import sys
+
+    exe = shlex.quote(python or sys.executable)
+    return (f"OMP_NUM_THREADS={max(1, threads_per_rank)} DS_ACCELERATOR=${{DS_ACCELERATOR:-cpu}} "
+            f"{exe} -m fabric.engine.server {shlex.quote(str(config_path))} "
+            "--launch-index ${1:-0}")
+
+
+def threads_per_rank(configured: int, ranks_on_node: int) -> int:
+    """Threads for each rank: the configured number, else this node's cores split evenly."""
+    import os
+
+    if configured:
+        return configured
+    return max(1, len(os.sched_getaffinity(0)) // max(1, ranks_on_node))

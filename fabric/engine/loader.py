@@ -1,0 +1,92 @@
+"""Build one rank's ``StageModel`` reading only the bytes it owns.
+
+Two sources: a full checkpoint folder (each rank reads its slices with ``pread``) or a folder
+written by ``fabric shard`` (each rank reads exactly its own file). Either way the model is
+constructed on the meta device and materialised from those tensors only, so no rank ever holds
+the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fabric.engine.checkpoint import SafetensorsReader, io_read_bytes
+from fabric.engine.model import AllReduce, StageModel
+from fabric.engine.partition import RankShard, plan_ranks
+from fabric.errors import DeploymentError
+
+SHARD_MANIFEST = "shard-manifest.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadReport:
+    """What loading cost this rank."""
+
+    rank: int
+    bytes_read: int
+    """Bytes of tensor data and headers read by the reader."""
+    io_bytes: int
+    """Bytes the process read from files meanwhile (``/proc/self/io`` rchar), config included."""
+    seconds: float
+    shard_bytes: int
+    """Size of the tensors this rank owns."""
+
+
+def load_config(folder: Path) -> Any:
+    """The transformers config of a checkpoint or shard folder."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
+
+
+def rank_shards(folder: Path, config: Any, pp: int, tp: int) -> list[RankShard]:
+    """The partition of a full checkpoint for a pp x tp plan."""
+    reader = SafetensorsReader.from_folder(folder)
+    try:
+        shapes = {n: reader.shape(n) for n in reader.names()}
+    finally:
+        reader.close()
+    return plan_ranks(config, shapes, pp, tp)
+
+
+def build_stage(folder: Path, rank: int, pp: int, tp: int, dtype: str,
+                all_reduce: AllReduce | None, shard_dir: Path | None = None
+                ) -> tuple[StageModel, LoadReport]:
+    """This rank's stage model, materialised from its share of the weights."""
+    t0, io0 = time.perf_counter(), io_read_bytes()
+    config = load_config(shard_dir or folder)
+    if shard_dir is not None:
+        shard, reader, names = _from_shard_dir(shard_dir, config, rank, pp, tp)
+        tensors = {n: reader.read(n) for n in names}
+    else:
+        shard = rank_shards(folder, config, pp, tp)[rank]
+        reader = SafetensorsReader.from_folder(folder)
+        tensors = {s.name: reader.read(s.name, s.dim, s.start, s.stop) for s in shard.slices}
+    reader.close()
+    model = StageModel(config, shard, all_reduce)
+    model.load(tensors, DTYPES[dtype])
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    report = LoadReport(rank, reader.bytes_read, io_read_bytes() - io0,
+                        time.perf_counter() - t0, size)
+    return model, report
+
+
+def _from_shard_dir(shard_dir: Path, config: Any, rank: int, pp: int, tp: int
+                    ) -> tuple[RankShard, SafetensorsReader, list[str]]:
+    manifest = json.loads((shard_dir / SHARD_MANIFEST).read_text())
+    if (manifest["pp"], manifest["tp"]) != (pp, tp):
+        raise DeploymentError(
+            f"{shard_dir} is sharded for pp={manifest['pp']} tp={manifest['tp']}, "
+            f"not pp={pp} tp={tp}; run `fabric shard` for this plan")
+    entry = manifest["ranks"][rank]
+    shapes = {k: list(v) for k, v in manifest["full_shapes"].items()}
+    shard = plan_ranks(config, shapes, pp, tp)[rank]
+    reader = SafetensorsReader([shard_dir / entry["file"]])
+    return shard, reader, reader.names()

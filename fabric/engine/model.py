@@ -1,0 +1,278 @@
+"""One rank's slice of a Llama-family model, run over packed, variable-length batches.
+
+A step's tokens from all its sequences are packed into one ``[T, hidden]`` matrix so every
+projection is one matmul; attention runs per sequence against that sequence's own KV cache,
+which is why a request's output does not depend on what shares its batch. Weights are the
+checkpoint's own tensors (tp slices when tp > 1); the row-parallel projections all-reduce over
+the stage's tp group. Per-request hooks act only on their request's rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fabric.engine.batch import HookSpec, SeqWork, StepPlan
+from fabric.engine.partition import RankShard
+
+AllReduce = Callable[[torch.Tensor], None]
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm, computed in float32 as transformers does."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Attention(nn.Module):
+    """This rank's attention heads (q/k/v column slices, o row slice)."""
+
+    def __init__(self, hidden: int, q_heads: int, kv_heads: int, head_dim: int, bias: bool
+                 ) -> None:
+        super().__init__()
+        self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, q_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(q_heads * head_dim, hidden, bias=False)
+
+
+class MLP(nn.Module):
+    """This rank's share of the gated MLP."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+
+class Layer(nn.Module):
+    """One decoder layer; attribute names match the checkpoint's."""
+
+    def __init__(self, config: Any, shard: RankShard, head_dim: int) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.self_attn = Attention(config.hidden_size, shard.q_heads, shard.kv_heads, head_dim,
+                                   bool(getattr(config, "attention_bias", False)))
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.mlp = MLP(config.hidden_size, shard.inter)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class StageModel(nn.Module):
+    """The layers one rank owns, its KV caches, and the step function."""
+
+    def __init__(self, config: Any, shard: RankShard, all_reduce: AllReduce | None) -> None:
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        self.config, self.shard, self._all_reduce = config, shard, all_reduce
+        self.head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads)
+        self.n_layers = config.num_hidden_layers
+        with torch.device("meta"):
+            self.embed_tokens = (nn.Embedding(config.vocab_size, config.hidden_size)
+                                 if shard.first else None)
+            self.layers = nn.ModuleDict(
+                {str(i): Layer(config, shard, self.head_dim) for i in shard.layers})
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if shard.head else None
+            self.lm_head = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                            if shard.head else None)
+        self.rotary = LlamaRotaryEmbedding(config)
+        self.cache: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    # --- loading ---------------------------------------------------------------------------
+
+    def load(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Materialise the parameters from checkpoint tensors (checkpoint names)."""
+        local: dict[str, torch.Tensor] = {}
+        tied = "lm_head.weight" not in tensors
+        for name, t in tensors.items():
+            key = name.removeprefix("model.")
+            if key == "embed_tokens.weight" and self.shard.head and tied:
+                local["lm_head.weight"] = t
+            if key != "embed_tokens.weight" or self.shard.first:
+                local[key] = t
+        self.load_state_dict({k: v.to(dtype) for k, v in local.items()}, strict=True,
+                             assign=True)
+        if self.shard.head and self.shard.first and tied:
+            assert self.lm_head is not None and self.embed_tokens is not None
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary.to(dtype=torch.float32)
+        self.dtype = dtype
+        self.eval()
+
+    # --- the step --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward_step(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Run this rank's layers over the plan's packed tokens; return the hidden states."""
+        for seq_id in plan.free:
+            self.cache.pop(seq_id, None)
+        if not plan.seqs:
+            return torch.zeros(0, self.config.hidden_size)
+        positions = torch.cat([torch.arange(s.start, s.start + s.n) for s in plan.seqs])
+        if self.embed_tokens is not None:
+            ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.long)
+            x = self.embed_tokens(ids)
+            self._capture(plan, 0, x)
+        else:
+            assert hidden is not None
+            x = hidden.to(self.dtype)
+        cos, sin = self.rotary(x[None], positions[None])
+        cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        for seq in plan.seqs:
+            self._ensure_cache(seq)
+        for i in self.shard.layers:
+            layer: Any = self.layers[str(i)]
+            x = self._layer(i, layer, x, plan, cos, sin)
+            if i + 1 < self.n_layers:
+                self._capture(plan, i + 1, x)
+        return x
+
+    def head_outputs(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
+        """Final norm (captured as the last hidden state) and logits of the rows that need them.
+
+        Returns logits for, in order: each sequence's scored rows, then its last row if it
+        samples. Only the rank that owns the LM head calls this.
+        """
+        assert self.norm is not None and self.lm_head is not None
+        x = self.norm(x)
+        self._capture(plan, self.n_layers, x)
+        rows: list[int] = []
+        offset = 0
+        for s in plan.seqs:
+            if s.score_targets is not None:
+                rows.extend(offset + j for j, t in enumerate(s.score_targets) if t >= 0)
+            if s.sample is not None:
+                rows.append(offset + s.n - 1)
+            offset += s.n
+        if not rows:
+            return x.new_zeros((0, self.config.vocab_size))
+        return self.lm_head(x[torch.tensor(rows)]).float()
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _ensure_cache(self, seq: SeqWork) -> None:
+        if seq.seq_id in self.cache:
+            return
+        kv, d = self.shard.kv_heads, self.head_dim
+        self.cache[seq.seq_id] = [
+            (torch.empty(kv, seq.capacity, d, dtype=self.dtype),
+             torch.empty(kv, seq.capacity, d, dtype=self.dtype))
+            for _ in self.shard.layers
+        ]
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self._all_reduce is not None:
+            self._all_reduce(t)
+        return t
+
+    def _layer(self, index: int, layer: Layer, x: torch.Tensor, plan: StepPlan,
+               cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        t = h.shape[0]
+        q = attn.q_proj(h).view(t, attn.q_heads, self.head_dim)
+        k = attn.k_proj(h).view(t, attn.kv_heads, self.head_dim)
+        v = attn.v_proj(h).view(t, attn.kv_heads, self.head_dim)
+        c, s_ = cos[:, None, :], sin[:, None, :]
+        q = q * c + _rotate_half(q) * s_
+        k = k * c + _rotate_half(k) * s_
+        out = self._attend(index - self.shard.layers.start, plan, q, k, v)
+        self._apply_hooks(plan, index, "ablate_heads", out)
+        o = self._reduce(attn.o_proj(out.view(t, -1)))
+        x = x + o
+        h = layer.post_attention_layernorm(x)
+        act = F.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h)
+        self._apply_hooks(plan, index, "ablate_neurons", act)
+        x = x + self._reduce(layer.mlp.down_proj(act))
+        self._apply_hooks(plan, index, "steer", x)
+        return x
+
+    def _attend(self, local: int, plan: StepPlan, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        rep = q.shape[1] // k.shape[1]
+        offset = 0
+        for s in plan.seqs:
+            rows = slice(offset, offset + s.n)
+            kc, vc = self.cache[s.seq_id][local]
+            end = s.start + s.n
+            kc[:, s.start:end] = k[rows].transpose(0, 1)
+            vc[:, s.start:end] = v[rows].transpose(0, 1)
+            keys, vals = kc[:, :end], vc[:, :end]
+            if rep > 1:
+                keys = keys.repeat_interleave(rep, dim=0)
+                vals = vals.repeat_interleave(rep, dim=0)
+            mask = None
+            if s.n > 1 and s.start > 0:
+                mask = torch.ones(s.n, end, dtype=torch.bool).tril(diagonal=s.start)
+            o = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask,
+                is_causal=s.n > 1 and s.start == 0, scale=self.head_dim**-0.5)
+            out[rows] = o[0].transpose(0, 1)
+            offset += s.n
+        return out
+
+    def _apply_hooks(self, plan: StepPlan, index: int, kind: str, t: torch.Tensor) -> None:
+        offset = 0
+        for s in plan.seqs:
+            for hook in s.hooks:
+                if hook.layer == index and hook.kind == kind:
+                    self._apply_hook(hook, t, slice(offset, offset + s.n))
+            offset += s.n
+
+    def _apply_hook(self, hook: HookSpec, t: torch.Tensor, rows: slice) -> None:
+        if hook.kind == "steer":
+            assert hook.vector is not None
+            t[rows] += hook.scale * hook.vector.to(t.dtype)
+        elif hook.kind == "ablate_heads":
+            for head in hook.heads:
+                local = head - self.shard.head_offset
+                if 0 <= local < t.shape[1]:
+                    t[rows, local] = 0
+        elif hook.kind == "ablate_neurons":
+            lo = self.shard.inter_offset
+            cols = [n - lo for n in hook.neurons if lo <= n < lo + t.shape[1]]
+            if cols:
+                t[rows, torch.tensor(cols)] = 0
+
+    def _capture(self, plan: StepPlan, hs_index: int, x: torch.Tensor) -> None:
+        if self.shard.tp_rank != 0:
+            return
+        offset = 0
+        for s in plan.seqs:
+            if s.capture is not None and hs_index in s.capture.layers:
+                rows = x[offset:offset + s.n].float()
+                mode = s.capture.mode
+                if mode == "all":
+                    value: Any = rows.clone()
+                elif mode == "mean":
+                    value = (rows.sum(0), s.n)
+                elif mode == "last":
+                    value = rows[-1].clone()
+                else:
+                    value = rows[0].clone() if s.start == 0 else None
+                if value is not None:
+                    plan.captures.setdefault(s.seq_id, {})[hs_index] = value
+            offset += s.n

@@ -1,0 +1,157 @@
+"""Which tensors (and which slices of them) each rank of a pp x tp plan owns.
+
+Stages get contiguous layer ranges balanced by parameter count (the first stage also carries
+the embeddings, the last the final norm and LM head). Within a stage, tensors split the way
+DeepSpeed's AutoTP splits them (``deepspeed.module_inject.tp_shard.get_shard_size_list``):
+attention by key/value-head groups (so 9 heads / 3 KV heads over tp=2 give 6+3 query heads),
+MLP near-evenly; q/k/v/gate/up are column-parallel (dim 0), o/down row-parallel (dim 1).
+The same ``RankShard`` drives loading from a full checkpoint and ``fabric shard``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW = ("o_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Read ``name[start:stop]`` along ``dim`` (``dim=None``: the whole tensor)."""
+
+    name: str
+    dim: int | None = None
+    start: int = 0
+    stop: int | None = None
+
+
+@dataclass
+class RankShard:
+    """Everything one rank loads."""
+
+    rank: int
+    stage: int
+    tp_rank: int
+    layers: range
+    first: bool
+    last: bool
+    head: bool
+    """True for the rank that computes the LM head (the last stage's leader)."""
+    q_heads: int
+    kv_heads: int
+    head_offset: int
+    """Global index of this rank's first query head (for per-head hooks)."""
+    inter: int
+    inter_offset: int
+    """Global index of this rank's first MLP neuron."""
+    slices: list[TensorSlice] = field(default_factory=list)
+
+
+def split_sizes(total: int, tp: int, name: str, kv_heads: int) -> list[int]:
+    """AutoTP's shard sizes for a dimension of ``total`` split over ``tp`` ranks."""
+    from deepspeed.module_inject.tp_shard import AutoTPMeta, get_shard_size_list
+
+    return list(get_shard_size_list(total, tp, AutoTPMeta(num_kv_heads=kv_heads), name))
+
+
+def assign_layers(layer_params: list[int], pp: int, first_extra: int, last_extra: int
+                  ) -> list[range]:
+    """Contiguous layer ranges, one per stage, minimising the largest stage's parameters."""
+    n = len(layer_params)
+    if not 1 <= pp <= n:
+        raise ValueError(f"pp={pp} needs 1..{n} stages (the model has {n} layers)")
+    prefix = [0]
+    for p in layer_params:
+        prefix.append(prefix[-1] + p)
+
+    def cost(a: int, b: int, stage: int) -> int:
+        extra = (first_extra if stage == 0 else 0) + (last_extra if stage == pp - 1 else 0)
+        return prefix[b] - prefix[a] + extra
+
+    # best[s][i]: minimal max-stage cost placing the first i layers in s stages.
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(pp + 1)]
+    cut = [[0] * (n + 1) for _ in range(pp + 1)]
+    best[0][0] = 0
+    for s in range(1, pp + 1):
+        for i in range(s, n - (pp - s) + 1):
+            for j in range(s - 1, i):
+                value = max(best[s - 1][j], cost(j, i, s - 1))
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    bounds, i = [], n
+    for s in range(pp, 0, -1):
+        bounds.append(range(cut[s][i], i))
+        i = cut[s][i]
+    return bounds[::-1]
+
+
+def plan_ranks(config: Any, shapes: dict[str, list[int]], pp: int, tp: int) -> list[RankShard]:
+    """The ``RankShard`` of every rank for a Llama-family checkpoint."""
+    n_layers = config.num_hidden_layers
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if tp > kv:
+        raise ValueError(f"tp={tp} exceeds the model's {kv} key/value heads")
+
+    def numel(name: str) -> int:
+        out = 1
+        for d in shapes[name]:
+            out *= d
+        return out
+
+    layer_params = [
+        sum(numel(k) for k in shapes if k.startswith(f"model.layers.{i}.")) for i in range(n_layers)
+    ]
+    tied = "lm_head.weight" not in shapes
+    head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    stages = assign_layers(layer_params, pp, numel("model.embed_tokens.weight"),
+                           numel(head_name) + numel("model.norm.weight"))
+    kv_split = split_sizes(kv * head_dim, tp, "self_attn.k_proj", kv)
+    q_split = split_sizes(heads * head_dim, tp, "self_attn.q_proj", kv)
+    inter = config.intermediate_size
+    mlp_split = split_sizes(inter, tp, "mlp.gate_proj", kv)
+    out = []
+    for rank in range(pp * tp):
+        stage, t = divmod(rank, tp)
+        q0, k0, m0 = sum(q_split[:t]), sum(kv_split[:t]), sum(mlp_split[:t])
+        shard = RankShard(
+            rank=rank, stage=stage, tp_rank=t, layers=stages[stage], first=stage == 0,
+            last=stage == pp - 1, head=stage == pp - 1 and t == 0,
+            q_heads=q_split[t] // head_dim, kv_heads=kv_split[t] // head_dim,
+            head_offset=q0 // head_dim, inter=mlp_split[t], inter_offset=m0,
+        )
+        if shard.first:
+            shard.slices.append(TensorSlice("model.embed_tokens.weight"))
+        for i in stages[stage]:
+            shard.slices.extend(_layer_slices(i, shapes, q0, q_split[t], k0, kv_split[t],
+                                              m0, mlp_split[t]))
+        if shard.head:
+            shard.slices.append(TensorSlice("model.norm.weight"))
+            if not (tied and shard.first):
+                shard.slices.append(TensorSlice(head_name))
+        out.append(shard)
+    return out
+
+
+def _layer_slices(i: int, shapes: dict[str, list[int]], q0: int, qn: int, k0: int, kn: int,
+                  m0: int, mn: int) -> list[TensorSlice]:
+    p = f"model.layers.{i}."
+    spans = {"q_proj": (q0, qn), "k_proj": (k0, kn), "v_proj": (k0, kn), "o_proj": (q0, qn),
+             "gate_proj": (m0, mn), "up_proj": (m0, mn), "down_proj": (m0, mn)}
+    out = []
+    for name in sorted(k for k in shapes if k.startswith(p)):
+        leaf = name.split(".")[-2]
+        if leaf in spans:
+            start, size = spans[leaf]
+            is_bias = name.endswith(".bias")
+            if leaf in ROW and is_bias:
+                out.append(TensorSlice(name))  # added once, after the all-reduce
+            else:
+                dim = 0 if (leaf in COLUMN or is_bias) else 1
+                out.append(TensorSlice(name, dim, start, start + size))
+        else:
+            out.append(TensorSlice(name))
+    return out

@@ -1,0 +1,173 @@
+"""Moving steps through the stages: the head's ``Pipeline`` and every other rank's loop.
+
+The head runs stage 0 of a step and sends the step on (``isend``: it does not wait), so while
+stage 1 works on micro-batch A the head already computes micro-batch B; the last stage's leader
+samples and sends the outputs back to the head, which collects them in launch order. Within a
+stage, the leader broadcasts each step to its tensor-parallel peers. Hidden states travel as
+float32 tensors through torch.distributed point-to-point; the step plan travels pickled in a
+uint8 tensor ahead of them.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import deque
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fabric.engine.batch import SeqOutput, StepPlan
+from fabric.engine.dist import Groups, RankInfo
+from fabric.engine.model import StageModel
+from fabric.engine.sampling import pick, score
+
+STEP, STOP = 1, 2
+
+
+def stage_outputs(model: StageModel, plan: StepPlan, x: torch.Tensor) -> list[SeqOutput]:
+    """The LM-head rank's per-sequence outputs: sampled token, scores, captures."""
+    logits = model.head_outputs(plan, x) if plan.seqs else torch.zeros(0)
+    outputs, row = [], 0
+    for s in plan.seqs:
+        out = SeqOutput(s.seq_id, captures=plan.captures.get(s.seq_id, {}))
+        if s.score_targets is not None:
+            targets = [t for t in s.score_targets if t >= 0]
+            out.scores = score(logits[row:row + len(targets)], targets) if targets else []
+            row += len(targets)
+        if s.sample is not None:
+            out.token, out.logprob = pick(logits[row], s.sample)
+            row += 1
+        outputs.append(out)
+    return outputs
+
+
+class _Wire:
+    """Point-to-point and broadcast of (kind, payload object, hidden tensor)."""
+
+    def __init__(self, info: RankInfo, groups: Groups, hidden_size: int) -> None:
+        self.info, self.groups, self.hidden = info, groups, hidden_size
+        self._inflight: list[tuple[Any, list[torch.Tensor]]] = []
+
+    def isend(self, dst: int, kind: int, obj: Any, tensor: torch.Tensor | None) -> None:
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        rows = 0 if tensor is None else tensor.shape[0]
+        header = torch.tensor([kind, payload.numel(), rows], dtype=torch.int64)
+        parts = [header, payload] + ([tensor.float().contiguous()] if tensor is not None else [])
+        works = [dist.isend(p, dst) for p in parts]
+        self._inflight.append((works, parts))
+        self._prune()
+
+    def recv(self, src: int) -> tuple[int, Any, torch.Tensor | None]:
+        header = torch.empty(3, dtype=torch.int64)
+        dist.recv(header, src)
+        kind, size, rows = (int(v) for v in header)
+        payload = torch.empty(size, dtype=torch.uint8)
+        dist.recv(payload, src)
+        tensor = None
+        if rows:
+            tensor = torch.empty(rows, self.hidden)
+            dist.recv(tensor, src)
+        return kind, pickle.loads(payload.numpy().tobytes()), tensor
+
+    def bcast(self, kind: int, obj: Any, tensor: torch.Tensor | None
+              ) -> tuple[int, Any, torch.Tensor | None]:
+        """Leader sends, peers receive, within this stage's tp group."""
+        group, src = self.groups.tp_group, self.info.leader_of(self.info.stage)
+        leader = self.info.is_stage_leader
+        header = torch.zeros(3, dtype=torch.int64)
+        if leader:
+            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            header = torch.tensor([kind, payload.numel(),
+                                   0 if tensor is None else tensor.shape[0]])
+        dist.broadcast(header, src, group=group)
+        kind, size, rows = (int(v) for v in header)
+        if not leader:
+            payload = torch.empty(size, dtype=torch.uint8)
+        dist.broadcast(payload, src, group=group)
+        if rows:
+            if not leader or tensor is None:
+                tensor = torch.empty(rows, self.hidden)
+            else:
+                tensor = tensor.float().contiguous()
+            dist.broadcast(tensor, src, group=group)
+        return kind, obj if leader else pickle.loads(payload.numpy().tobytes()), tensor
+
+    def _prune(self) -> None:
+        self._inflight = [(w, p) for w, p in self._inflight
+                          if not all(x.is_completed() for x in w)]
+
+    def flush(self) -> None:
+        for works, _ in self._inflight:
+            for w in works:
+                w.wait()
+        self._inflight.clear()
+
+
+class Pipeline:
+    """The head's view of the model: launch steps, collect their outputs in order."""
+
+    def __init__(self, info: RankInfo, groups: Groups, model: StageModel) -> None:
+        self.info, self.model = info, model
+        self.wire = _Wire(info, groups, model.config.hidden_size)
+        self._local: deque[list[SeqOutput]] = deque()
+        self.inflight = 0
+
+    @property
+    def depth(self) -> int:
+        """Steps worth keeping in flight: one per stage keeps every stage busy."""
+        return self.info.pp
+
+    def launch(self, plan: StepPlan) -> None:
+        """Run stage 0 of ``plan`` and pass it on (returns without waiting for later stages)."""
+        if self.info.tp > 1:
+            self.wire.bcast(STEP, plan, None)
+        x = self.model.forward_step(plan, None)
+        if self.info.pp == 1:
+            self._local.append(stage_outputs(self.model, plan, x))
+        else:
+            self.wire.isend(self.info.leader_of(1), STEP, plan, x)
+        self.inflight += 1
+
+    def collect(self) -> list[SeqOutput]:
+        """Outputs of the oldest launched step (blocks until the last stage sends them)."""
+        self.inflight -= 1
+        if self.info.pp == 1:
+            return self._local.popleft()
+        _, outputs, _ = self.wire.recv(self.info.leader_of(self.info.pp - 1))
+        return list(outputs)
+
+    def shutdown(self) -> None:
+        """Tell every other rank to exit."""
+        if self.info.tp > 1:
+            self.wire.bcast(STOP, None, None)
+        if self.info.pp > 1:
+            self.wire.isend(self.info.leader_of(1), STOP, None, None)
+        self.wire.flush()
+
+
+def worker_loop(info: RankInfo, groups: Groups, model: StageModel) -> None:
+    """Every rank but the head: receive steps, compute this stage, pass them on, until STOP."""
+    wire = _Wire(info, groups, model.config.hidden_size)
+    prev = info.leader_of(info.stage - 1) if info.stage > 0 else None
+    while True:
+        kind, plan, hidden = (None, None, None)
+        if info.is_stage_leader:
+            assert prev is not None
+            kind, plan, hidden = wire.recv(prev)
+            if info.tp > 1:
+                wire.bcast(kind, plan, hidden)
+        else:
+            kind, plan, hidden = wire.bcast(0, None, None)
+        if kind == STOP:
+            if info.is_stage_leader and not info.is_last_stage:
+                wire.isend(info.leader_of(info.stage + 1), STOP, None, None)
+            wire.flush()
+            return
+        x = model.forward_step(plan, hidden)
+        if not info.is_stage_leader:
+            continue
+        if info.is_last_stage:
+            wire.isend(0, STEP, stage_outputs(model, plan, x), None)
+        else:
+            wire.isend(info.leader_of(info.stage + 1), STEP, plan, x)

@@ -1,0 +1,181 @@
+"""The model server program: ``python -m fabric.engine.server CONFIG_JSON [--launch-index N]``.
+
+Every rank of the batch job runs this. Each builds its own slice of the model; the head
+(rank 0) also binds the ZMQ front door, writes the info file the endpoint waits for, and runs
+the serving loop; the other ranks follow the head's steps until it tells them to stop (idle
+timeout, drain, or SIGTERM from the scheduler at walltime / scancel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+
+from fabric import tickets
+from fabric.engine.dist import RankInfo, init_groups, rank_from_env
+from fabric.engine.engine import Engine
+from fabric.engine.frontend import Frontend
+from fabric.engine.launch import ServerLaunchConfig, threads_per_rank
+from fabric.engine.loader import DTYPES, build_stage
+from fabric.engine.pipeline import Pipeline, worker_loop
+from fabric.engine.prepare import ModelLimits, Preparer
+from fabric.engine.scheduler import Limits
+
+log = logging.getLogger("fabric.server")
+
+
+def curve_keys(folder: Path) -> tuple[bytes, bytes]:
+    """The site's server CURVE key pair (public, secret), created 0600 on first use."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pub, sec = folder / "server.key", folder / "server.key_secret"
+    if not sec.exists():
+        public, secret = zmq.curve_keypair()
+        for path, data in ((pub, public), (sec, secret)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+    return pub.read_bytes().strip(), sec.read_bytes().strip()
+
+
+def write_info(cfg: ServerLaunchConfig, info: dict[str, Any]) -> None:
+    """Atomically (re)write the info file the endpoint polls."""
+    path = Path(cfg.info_path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+def _threads(cfg: ServerLaunchConfig, world: int) -> int:
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"])
+    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or world)
+    return threads_per_rank(cfg.server.threads_per_rank, local)
+
+
+def _all_reduce(groups: Any) -> Any:
+    if groups.tp_group is None:
+        return None
+    import deepspeed.comm as ds_comm
+
+    def reduce(t: torch.Tensor) -> None:
+        ds_comm.all_reduce(t, group=groups.tp_group)
+
+    return reduce
+
+
+def _wrap_deepspeed(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Hand the stage to DeepSpeed-Inference (placement and dtype; tp is done at load)."""
+    import deepspeed
+
+    deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=False,
+                             tensor_parallel={"tp_size": 1})
+
+
+def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
+    """Load this rank's part and serve (head) or follow (other ranks); returns why it ended."""
+    torch.set_num_threads(_threads(cfg, info.world))
+    groups = init_groups(info, cfg.master_addr, cfg.master_port,
+                         "nccl" if cfg.plan.device == "cuda" else "gloo")
+    head_info = {"pid": os.getpid(), "state": "loading", "address": None, "public_key": None}
+    if info.is_head:
+        write_info(cfg, head_info)
+    if cfg.model.family == "embedding":
+        from fabric.engine.encoder import EncoderRunner
+
+        runner: Any = EncoderRunner(Path(cfg.weights_path), DTYPES[cfg.plan.dtype])
+        config = runner.config
+    else:
+        model, report = build_stage(Path(cfg.weights_path), info.rank, info.pp, info.tp,
+                                    cfg.plan.dtype, _all_reduce(groups),
+                                    Path(cfg.shard_dir) if cfg.shard_dir else None)
+        _wrap_deepspeed(model, DTYPES[cfg.plan.dtype])
+        log.info("rank %d loaded %d bytes in %.2f s", info.rank, report.bytes_read,
+                 report.seconds)
+        config = model.config
+        if not info.is_head:
+            worker_loop(info, groups, model)
+            return "stopped"
+        runner = Pipeline(info, groups, model)
+    return _serve_head(cfg, info, runner, config, head_info)
+
+
+def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, runner: Any, config: Any,
+                head_info: dict[str, Any]) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.weights_path)
+    causal = cfg.model.family != "embedding"
+    eos = config.eos_token_id if causal else None
+    eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else [])}
+    s = cfg.server
+    limits = Limits(s.kv_budget_tokens, s.max_batch_tokens, s.max_running, chunked_prefill=causal)
+    context: Any = cfg.model.max_context or getattr(config, "max_position_embeddings", 512)
+    identity = {"name": cfg.model.name, "version": cfg.model.version, "sha256": cfg.sha256}
+    key = tickets.load_or_create_key(Path(cfg.ticket_key_path))
+    public, secret = curve_keys(Path(cfg.curve_dir))
+    preparer = Preparer(tok, ModelLimits(
+        n_layers=config.num_hidden_layers, hidden=config.hidden_size,
+        heads=config.num_attention_heads,
+        intermediate=getattr(config, "intermediate_size", 0), context=int(context),
+        kv_budget=s.kv_budget_tokens, causal=causal))
+    extra = {"model": identity, "plan": {"pp": info.pp, "tp": info.tp, "dtype": cfg.plan.dtype},
+             "deployment_id": cfg.deployment_id}
+    engine = Engine(runner, tok, limits, identity, eos_ids, config.num_hidden_layers,
+                    emit=lambda rid, msg: None)  # replaced once the front door is bound
+    frontend = Frontend(engine, preparer, s, key, cfg.model.name, extra)
+    port = frontend.bind(cfg.bind_host, secret, public)
+    engine.emit = frontend.emitter()
+    host = cfg.advertise_host or (cfg.bind_host if cfg.bind_host != "0.0.0.0" else _hostname())
+    head_info.update(address=f"tcp://{host}:{port}", public_key=public.decode())
+    frontend.state = "ready"
+    frontend.start()
+    head_info["state"] = "ready"
+    write_info(cfg, head_info)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(engine, "stop_requested", True))
+    why = engine.run(s.idle_timeout_s, lambda: frontend.draining)
+    frontend.stop()
+    write_info(cfg, {**head_info, "state": "dead", "reason": why})
+    return why
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for every rank."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("config", type=Path, help="ServerLaunchConfig JSON")
+    parser.add_argument("--launch-index", type=int, default=None,
+                        help="1-based copy index from Parsl's SingleNodeLauncher")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cfg = ServerLaunchConfig.read(args.config)
+    info = rank_from_env(cfg.plan.pp, cfg.plan.tp, args.launch_index)
+    try:
+        why = serve(cfg, info)
+    except BaseException as exc:
+        if info.is_head:
+            # The endpoint waits on this file: say why instead of letting it time out.
+            write_info(cfg, {"pid": os.getpid(), "state": "dead", "address": None,
+                             "public_key": None, "reason": f"{type(exc).__name__}: {exc}"})
+        raise
+    log.info("rank %d exits: %s", info.rank, why)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The one client of the model-server wire protocol (see ``docs/protocol.md``).
+
+Used by endpoint functions (inside request workers) and by the SDK when it can reach a server
+directly. One ``ServerClient`` owns one CURVE-encrypted DEALER socket; it is not thread-safe,
+so use one per thread. Messages for several requests may interleave on the socket; they are
+kept per request id until asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from typing import Any
+
+import zmq
+
+from fabric.errors import FabricError, ModelServerUnavailable
+from fabric.protocol import InferenceRequest, pack, unpack
+
+
+class ServerClient:
+    """A connection to one model server."""
+
+    def __init__(self, address: str, server_public_key: str, timeout_s: float = 30.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        public, secret = zmq.curve_keypair()
+        self._sock.curve_publickey = public
+        self._sock.curve_secretkey = secret
+        self._sock.curve_serverkey = server_public_key.encode()
+        self._sock.linger = 0
+        self._sock.connect(address)
+        self._pending: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
+        self._control: deque[dict[str, Any]] = deque()
+
+    # --- one-shot operations -------------------------------------------------------------
+
+    def health(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """The server's state, queue depth, running batch, KV usage and tokens/s."""
+        self._send({"op": "health"})
+        return self._wait_control("health", timeout_s)
+
+    def submit(self, request: InferenceRequest, ticket: str, stream: bool = False,
+               detach: bool = False) -> None:
+        """Hand a request to the server; raise its typed error if it refuses.
+
+        ``stream`` pushes every step's tokens to this socket; ``detach`` pushes nothing and
+        buffers the events for ``poll`` instead (the caller may disconnect).
+        """
+        self._send({"op": "submit", "ticket": ticket, "request": request.model_dump(),
+                    "stream": stream, "detach": detach})
+        reply = self._wait_request(request.request_id, ("accepted", "error"), self.timeout_s)
+        if reply["op"] == "error":
+            raise FabricError.from_dict(reply["error"])
+
+    def cancel(self, request_id: str, ticket: str) -> str:
+        """Cancel a request; returns what it was doing ("queued", "running", "done", "unknown")."""
+        self._send({"op": "cancel", "ticket": ticket, "request_id": request_id})
+        return str(self._wait_request(request_id, ("cancelled",), self.timeout_s)["was"])
+
+    def poll(self, request_id: str, ticket: str, cursor: int, wait_s: float) -> dict[str, Any]:
+        """Events after ``cursor`` (waiting up to ``wait_s`` for new ones): long-poll streaming."""
+        self._send({"op": "poll", "ticket": ticket, "request_id": request_id, "cursor": cursor,
+                    "wait": wait_s})
+        reply = self._wait_request(request_id, ("events", "error"), wait_s + self.timeout_s)
+        if reply["op"] == "error" and "events" not in reply:
+            raise FabricError.from_dict(reply["error"])
+        return reply
+
+    def drain(self, ticket: str) -> None:
+        """Ask the server to finish running requests, refuse new ones and exit."""
+        self._send({"op": "drain", "ticket": ticket})
+        self._wait_control("draining", None)
+
+    # --- results of submitted requests ---------------------------------------------------
+
+    def events(self, request_id: str, timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
+        """Pushed events of a streamed request, ending with the "done" event."""
+        while True:
+            msg = self._wait_request(request_id, ("event", "done", "error"), timeout_s)
+            if msg["op"] == "error":
+                raise FabricError.from_dict(msg["error"])
+            yield msg
+            if msg["op"] == "done":
+                return
+
+    def result(self, request_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """Wait for a request's final result (skipping stream events)."""
+        for msg in self.events(request_id, timeout_s):
+            if msg["op"] == "done":
+                return dict(msg["result"])
+        raise ModelServerUnavailable("stream ended without a result")  # pragma: no cover
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._sock.close(0)
+
+    def __enter__(self) -> ServerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self._sock.send(pack(message))
+
+    def _recv_one(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self._sock.poll(int(remaining * 1000)):
+            raise ModelServerUnavailable(
+                f"model server at {self.address} did not answer within the timeout; "
+                "it may have died (the next request relaunches it)",
+                address=self.address,
+            )
+        msg = unpack(self._sock.recv())
+        rid = msg.get("request_id")
+        if rid is None:
+            self._control.append(msg)
+        else:
+            self._pending[str(rid)].append(msg)
+
+    def _wait_request(self, request_id: str, ops: tuple[str, ...],
+                      timeout_s: float | None) -> dict[str, Any]:
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
+        queue = self._pending[request_id]
+        while True:
+            for i, msg in enumerate(queue):
+                if msg["op"] in ops:
+                    del queue[i]
+                    if not queue:
+                        self._pending.pop(request_id, None)
+                    return msg
+            self._recv_one(deadline)
+            queue = self._pending[request_id]
+
+    def _wait_control(self, op: str, timeout_s: float | None) -> dict[str, Any]:
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
+        while True:
+            for i, msg in enumerate(self._control):
+                if msg["op"] == op:
+                    del self._control[i]
+                    return msg
+            self._recv_one(deadline)

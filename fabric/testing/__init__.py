@@ -1,0 +1,1 @@
+"""Public offline test helpers (like ``globus_sdk.testing``): tiny models built on the spot."""
