@@ -91,13 +91,13 @@ def init_groups(info: RankInfo, master_addr: str, master_port: int, backend: str
     """Join the job's process group and build one tp group per stage."""
     if info.world == 1:
         return Groups(tp_group=None)
-    import deepspeed.comm as ds_comm
-
-    # DeepSpeed's comm layer wraps torch.distributed; using it keeps DeepSpeed's collectives
-    # (and its timers/logging) in charge of the tp all-reduces.
-    ds_comm.init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=False,
+    if master_addr in ("127.0.0.1", "localhost"):
+        # gloo otherwise picks the interface of the host name, which may not be loopback.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # torch.distributed directly: deepspeed.comm.init_distributed (0.19.8) hangs on CPU/gloo
+    # when given an explicit init_method, so DeepSpeed is used for inference only.
+    dist.init_process_group(
+        backend,
         init_method=f"tcp://{master_addr}:{master_port}",
         rank=info.rank,
         world_size=info.world,

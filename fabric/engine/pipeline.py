@@ -53,7 +53,8 @@ class _Wire:
         payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
         rows = 0 if tensor is None else tensor.shape[0]
         header = torch.tensor([kind, payload.numel(), rows], dtype=torch.int64)
-        parts = [header, payload] + ([tensor.float().contiguous()] if tensor is not None else [])
+        # The receiver expects a hidden tensor only when rows > 0 (free-only steps have none).
+        parts = [header, payload] + ([tensor.float().contiguous()] if rows else [])
         works = [dist.isend(p, dst) for p in parts]
         self._inflight.append((works, parts))
         self._prune()

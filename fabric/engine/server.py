@@ -65,10 +65,10 @@ def _threads(cfg: ServerLaunchConfig, world: int) -> int:
 def _all_reduce(groups: Any) -> Any:
     if groups.tp_group is None:
         return None
-    import deepspeed.comm as ds_comm
+    import torch.distributed as dist
 
     def reduce(t: torch.Tensor) -> None:
-        ds_comm.all_reduce(t, group=groups.tp_group)
+        dist.all_reduce(t, group=groups.tp_group)
 
     return reduce
 
