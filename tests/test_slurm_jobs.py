@@ -1,0 +1,100 @@
+"""JobLauncher over Parsl's SlurmProvider + SrunLauncher against a real single-node Slurm."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fabric.endpoint.jobs import JobLauncher, JobState, JobStatus
+from fabric.sites import JobsConfig, TypedSpec
+from tests.plugins.slurm import SlurmCluster
+
+pytestmark = pytest.mark.slurm
+
+
+def slurm_launcher(tmp_path: Path, walltime: str = "00:05:00", **overrides: Any) -> JobLauncher:
+    jobs = JobsConfig(provider=TypedSpec(type="SlurmProvider", partition="debug", exclusive=False),
+                      launcher=TypedSpec(type="SrunLauncher"), walltime=walltime)
+    return JobLauncher.from_config(jobs, tmp_path / "scripts", **overrides)
+
+
+def wait_for(launcher: JobLauncher, job_id: str, states: set[JobState],
+             timeout: float = 30.0, poll: float = 0.2) -> JobStatus:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = launcher.status([job_id])[job_id]
+        if status.state in states or time.monotonic() > deadline:
+            return status
+        time.sleep(poll)
+
+
+def test_two_ranks_see_their_slurm_procid(slurm: SlurmCluster, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    launcher = slurm_launcher(tmp_path)
+    job = launcher.submit(
+        f'echo "$SLURM_PROCID $FABRIC_RANK $SLURM_NTASKS $FABRIC_WORLD_SIZE" > {out}/$SLURM_PROCID',
+        ranks=2, nodes=1, job_name="ranks")
+    status = wait_for(launcher, job, {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+    assert status.state is JobState.COMPLETED, (status, slurm.squeue("-t", "all"))
+    assert status.walltime == "00:05:00"
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"0": "0 0 2 2\n", "1": "1 1 2 2\n"}
+    # Slurm itself says COMPLETED (MinJobAge keeps it in squeue), as does a launcher that did
+    # not submit the job (a restarted endpoint reading job ids from its state dir).
+    fresh = slurm_launcher(tmp_path).status([job])[job]
+    assert fresh.state is JobState.COMPLETED
+
+
+def test_cancel_is_cancelled_in_slurm(slurm: SlurmCluster, tmp_path: Path) -> None:
+    launcher = slurm_launcher(tmp_path)
+    job = launcher.submit("sleep 600", ranks=2, nodes=1, job_name="cancel-me")
+    running = wait_for(launcher, job, {JobState.RUNNING})
+    assert running.state is JobState.RUNNING
+    assert running.reason == "None" and running.time_left is not None
+    launcher.cancel(job)
+    assert launcher.status([job])[job].state is JobState.CANCELLED
+    fresh = slurm_launcher(tmp_path)  # Slurm's own view, not Parsl's bookkeeping
+    assert wait_for(fresh, job, {JobState.CANCELLED}, timeout=15).state is JobState.CANCELLED
+
+
+def test_queued_job_reports_position(slurm: SlurmCluster, tmp_path: Path) -> None:
+    blocker = slurm_launcher(tmp_path, exclusive=True)  # takes the whole node
+    big = blocker.submit("sleep 600", ranks=1, nodes=1, job_name="blocker")
+    assert wait_for(blocker, big, {JobState.RUNNING}).state is JobState.RUNNING
+    launcher = slurm_launcher(tmp_path)
+    first = launcher.submit("true", ranks=2, nodes=1, job_name="waiting-1")
+    second = launcher.submit("true", ranks=1, nodes=1, job_name="waiting-2")
+    deadline = time.monotonic() + 15
+    while True:  # reasons come from the main scheduler, estimates from backfill (bf_interval=1)
+        statuses = launcher.status([first, second])
+        if all(s.reason in ("Resources", "Priority") and s.estimated_start
+               for s in statuses.values()):
+            break
+        assert time.monotonic() < deadline, statuses
+        time.sleep(0.2)
+    assert statuses[first].state is statuses[second].state is JobState.QUEUED
+    assert (statuses[first].queue_position, statuses[second].queue_position) == (1, 2)
+    assert statuses[first].reason == "Resources"
+    start = statuses[first].estimated_start
+    assert start is not None
+    # the blocker's 5-minute limit bounds the wait (Slurm reports local time, whole seconds)
+    assert datetime.now() - timedelta(seconds=5) <= start <= datetime.now() + timedelta(minutes=6)
+    blocker.cancel(big)
+    done = wait_for(launcher, first, {JobState.COMPLETED, JobState.FAILED}, timeout=30)
+    assert done.state is JobState.COMPLETED, slurm.squeue("-t", "all")
+
+
+@pytest.mark.slow  # Slurm's shortest limit is a minute; the kill lands at 60-90 s
+def test_walltime_ends_as_timeout(slurm: SlurmCluster, tmp_path: Path) -> None:
+    launcher = slurm_launcher(tmp_path, walltime="00:01:00")
+    job = launcher.submit("sleep 600", ranks=1, nodes=1, job_name="too-long")
+    assert wait_for(launcher, job, {JobState.RUNNING}).state is JobState.RUNNING
+    t0 = time.monotonic()
+    status = wait_for(launcher, job, {JobState.TIMEOUT, JobState.FAILED, JobState.COMPLETED,
+                                      JobState.CANCELLED}, timeout=150, poll=2.0)
+    assert status.state is JobState.TIMEOUT, (status, slurm.squeue("-t", "all"))
+    assert 40 < time.monotonic() - t0 < 150
