@@ -1,0 +1,240 @@
+"""``fabric sites`` and ``fabric site check NAME``: list and validate site definitions.
+
+A site definition is checked against both schemas it must satisfy: the fabric's own
+(``fabric.sites.SiteConfig``) and Globus Compute's, by loading the rendered ``config.yaml`` with
+globus-compute-endpoint's own loader. The check then builds the Parsl provider and launcher
+that would start each hosted model's server and renders the batch script Parsl would submit,
+without submitting it, so an operator sees the exact ``#PBS``/``#SBATCH`` lines before a job
+is ever queued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fabric.errors import InvalidSiteConfig
+from fabric.sites import (
+    HostedModel,
+    JobsConfig,
+    SiteConfig,
+    TypedSpec,
+    list_sites,
+    load_site,
+    render_endpoint_config,
+)
+
+SERVER_COMMAND = "$FABRIC_MODEL_SERVER_CMD"
+"""Stands in for the model-server command in rendered scripts (the launcher wraps it)."""
+
+
+@dataclass
+class RenderedJob:
+    """The batch script Parsl would write for one hosted model, and how it would submit it."""
+
+    model: str
+    script: str
+    submit_command: str
+
+
+@dataclass
+class SiteReport:
+    """What ``fabric site check`` found."""
+
+    site: SiteConfig
+    endpoint_config: str
+    engine: str
+    jobs: list[RenderedJob]
+    warnings: list[str]
+
+
+def _resolve(spec: TypedSpec, module: str) -> Any:
+    """The Parsl class named by ``spec.type`` (providers or launchers), or a clear error."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    cls = getattr(mod, spec.type, None)
+    if cls is None:
+        raise InvalidSiteConfig(f"unknown {module.rsplit('.', 1)[-1][:-1]} type {spec.type!r}")
+    return cls
+
+
+def build_provider(jobs: JobsConfig, nodes: int, script_dir: str) -> Any:
+    """A Parsl provider for one model-server job of ``nodes`` nodes, as ``jobs`` describes."""
+    launcher = _resolve(jobs.launcher, "parsl.launchers")(**jobs.launcher.kwargs())
+    kwargs = {
+        "walltime": jobs.walltime,
+        "worker_init": jobs.worker_init,
+        "nodes_per_block": nodes,
+        **jobs.provider.kwargs(),
+        "launcher": launcher,
+    }
+    cls = _resolve(jobs.provider, "parsl.providers")
+    if jobs.provider.type == "LocalProvider":
+        kwargs.pop("walltime")  # a local "job" has no walltime
+    try:
+        provider = cls(**kwargs)
+    except TypeError as exc:
+        raise InvalidSiteConfig(f"jobs.provider ({jobs.provider.type}): {exc}") from None
+    provider.script_dir = script_dir
+    return provider
+
+
+def render_job_script(site: SiteConfig, hosted: HostedModel) -> RenderedJob:
+    """Render (never submit) the batch script for ``hosted``'s model server.
+
+    Parsl's provider writes its script and then runs the scheduler's submit command through
+    ``execute_wait``; replacing that one method on the instance turns ``submit`` into a dry run
+    that records the command, so the script is exactly Parsl's own.
+    """
+    plan = hosted.plan
+    with tempfile.TemporaryDirectory(prefix="fabric-render-") as tmp:
+        provider = build_provider(site.jobs, plan.nodes, tmp)
+        if site.jobs.provider.type == "LocalProvider":
+            return RenderedJob(hosted.name, "(LocalProvider: runs the command directly)", "")
+        calls: list[str] = []
+
+        def dry_run(cmd: str, walltime: int | None = None) -> tuple[int, str, str]:
+            calls.append(cmd)
+            return 0, "Submitted batch job 1\n1.dry-run\n", ""
+
+        provider.execute_wait = dry_run
+        ranks_per_node = max(1, plan.ranks // plan.nodes)
+        provider.submit(SERVER_COMMAND, ranks_per_node, job_name=f"fabric-{hosted.name}")
+        scripts = [p for p in Path(tmp).iterdir() if p.name.startswith(f"fabric-{hosted.name}.")
+                   and p.suffix not in (".stdout", ".stderr")]
+        if not scripts:
+            raise InvalidSiteConfig(f"{site.jobs.provider.type} wrote no submit script")
+        script = min(scripts, key=lambda p: len(p.name)).read_text()
+    return RenderedJob(hosted.name, script.replace(tmp, "<script_dir>"),
+                       (calls[0] if calls else "").replace(tmp, "<script_dir>"))
+
+
+def check_site(name: str, values: dict[str, str] | None = None) -> SiteReport:
+    """Validate one site against both schemas and render its model-server job scripts."""
+    from globus_compute_endpoint.endpoint.config.utils import load_config_yaml
+
+    site, text = render_endpoint_config(name, values, strict=True)
+    try:
+        config = load_config_yaml(text)
+    except Exception as exc:  # the loader raises click.ClickException for every problem
+        raise InvalidSiteConfig(f"{name}/config.yaml (Globus Compute's loader): {exc}") from None
+    engine = type(config.engine).__name__ if getattr(config, "engine", None) else "(none)"
+    warnings = []
+    if getattr(config, "allowed_functions", None) is None and site.endpoint_id is not None:
+        warnings.append("allowed_functions is unset: Globus Compute will run ANY function sent "
+                        "to this endpoint; run `fabric site register-functions` and re-render")
+    if site.policy is None and site.name != "local":
+        warnings.append("no policy section: every caller Globus Compute admits may use any model")
+    catalog_names = {e.name for e in site.extra_models}
+    from fabric.catalog import Catalog
+
+    known = set(Catalog().names()) | catalog_names
+    for hosted in site.models:
+        if hosted.name not in known:
+            raise InvalidSiteConfig(f"{name}: hosted model {hosted.name!r} is in no catalog")
+        if hosted.plan.ranks != hosted.plan.nodes * max(1, hosted.plan.gpus_per_node) and \
+                hosted.plan.gpus_per_node:
+            warnings.append(f"{hosted.name}: pp x tp = {hosted.plan.ranks} ranks but the job asks "
+                            f"for {hosted.plan.nodes} nodes x {hosted.plan.gpus_per_node} GPUs")
+        if hosted.plan.device == "xpu":
+            warnings.append(f"{hosted.name}: device xpu is NOT yet supported by the fabric engine")
+    jobs = [render_job_script(site, m) for m in site.models]
+    return SiteReport(site, text, engine, jobs, warnings)
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidSiteConfig(f"--set expects name=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_sites(args: argparse.Namespace) -> int:
+    """Print one line per shipped site definition."""
+    for name in list_sites():
+        try:
+            site = load_site(name)
+        except InvalidSiteConfig as exc:
+            print(f"{name:<15} INVALID: {exc}")
+            continue
+        scheduler = site.jobs.provider.type.replace("Provider", "")
+        models = ", ".join(f"{m.name}(pp{m.plan.pp}xtp{m.plan.tp})" for m in site.models)
+        ep = site.endpoint_id or "-"
+        print(f"{name:<15} {scheduler:<7} endpoint={ep:<36}  {site.description}")
+        print(f"{'':<15} models: {models or '-'}")
+    return 0
+
+
+def cmd_site_check(args: argparse.Namespace) -> int:
+    """Validate a site, print its rendered job scripts, optionally write the endpoint config."""
+    report = check_site(args.name, _parse_sets(args.set))
+    site = report.site
+    print(f"site {site.name}: fabric.yaml OK; config.yaml OK (Globus Compute loader, "
+          f"engine {report.engine})")
+    for job in report.jobs:
+        print(f"\n--- model server job for {job.model} ---")
+        if job.submit_command:
+            print(f"# submit: {job.submit_command}")
+        print(job.script.rstrip())
+    for warning in report.warnings:
+        print(f"WARNING: {warning}")
+    if args.write:
+        out = Path(args.write).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(report.endpoint_config)
+        print(f"wrote {out / 'config.yaml'}")
+    return 0
+
+
+def cmd_register_functions(args: argparse.Namespace) -> int:
+    """Register the fabric's endpoint functions with Globus Compute (operator, once)."""
+    import yaml
+    from globus_compute_sdk import Client, Executor
+
+    from fabric.globus.auth import make_app
+    from fabric.globus.transport import register_functions
+
+    site = load_site(args.name, _parse_sets(args.set))
+    # Registration needs no endpoint: only the login and the web service.
+    executor = Executor(client=Client(app=make_app([site]), do_version_check=False))
+    try:
+        ids = register_functions(site, executor, public=not args.private)
+    finally:
+        executor.shutdown(wait=False)
+    print("# paste into the site's fabric.yaml, then re-render config.yaml with "
+          "`fabric site check --write`")
+    print(yaml.safe_dump({"function_ids": ids}, sort_keys=True).rstrip())
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``sites`` and ``site check`` to the ``fabric`` CLI (argparse sub-parsers).
+
+    Each command sets ``func`` (``func(args) -> int``, the exit status).
+    """
+    p = subparsers.add_parser("sites", help="list the site definitions in endpoints/")
+    p.set_defaults(func=cmd_sites)
+    site = subparsers.add_parser("site", help="site definition tools")
+    site_sub = site.add_subparsers(dest="site_command", required=True)
+    check = site_sub.add_parser("check", help="validate a site and render its job scripts")
+    check.add_argument("name", help="site name (endpoints/<name>) or folder")
+    check.add_argument("--set", action="append", metavar="NAME=VALUE",
+                       help="template value (repeatable), e.g. --set account=myproject")
+    check.add_argument("--write", metavar="DIR",
+                       help="write the rendered config.yaml into this endpoint directory")
+    check.set_defaults(func=cmd_site_check)
+    reg = site_sub.add_parser(
+        "register-functions",
+        help="register the fabric's endpoint functions with Globus Compute; prints function_ids")
+    reg.add_argument("name", help="site name (endpoints/<name>) or folder")
+    reg.add_argument("--set", action="append", metavar="NAME=VALUE", help="template value")
+    reg.add_argument("--private", action="store_true",
+                     help="register privately (only you can run them) instead of publicly")
+    reg.set_defaults(func=cmd_register_functions)

@@ -1,0 +1,332 @@
+"""Who may use which model at a site, how much, and which functions may run there.
+
+Every endpoint function calls ``authorize`` before touching a model server and
+``check_function`` before running anything. The caller proves who they are with a Globus access
+token issued for the site's own scope (``policy.scope``); the endpoint verifies it by token
+introspection with its confidential client, the pattern ALCF's FIRST gateway uses, because the
+Globus Compute worker cannot otherwise know who sent a task. Group rules need the caller's
+groups, which the endpoint fetches with a dependent token (the site scope depends on the Groups
+scope), so the caller never has to send a Groups token of their own.
+
+Denials are typed: ``AccessDenied`` (``details['rule']`` names the rule), ``QuotaExceeded``
+(``details['retry_after']`` in seconds) and ``FunctionNotAllowed``. Usage is recorded per
+identity and model in ``<state_dir>/usage.sqlite``; tokens are never logged or stored (the
+introspection cache is keyed by a hash).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fabric.errors import AccessDenied, EndpointError, FunctionNotAllowed, QuotaExceeded
+from fabric.sites import ModelRule, PolicyConfig, SiteConfig
+
+log = logging.getLogger(__name__)
+
+GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
+GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
+
+FABRIC_FUNCTIONS = frozenset({
+    "run_request", "open_stream", "poll_stream", "cancel_request", "run_user_function",
+    "deployment_status", "deploy", "undeploy", "list_deployments", "list_models",
+})
+"""Endpoint functions every site allows (``fabric.endpoint.functions`` may add to these by
+listing them in its ``__all__``); anything else needs ``allow_user_functions``."""
+
+
+@dataclass
+class Caller:
+    """A verified caller. ``identity`` (username, else identity UUID) keys usage and quotas."""
+
+    identity: str
+    ids: set[str] = field(default_factory=set)
+    usernames: set[str] = field(default_factory=set)
+    groups: set[str] | None = None
+    groups_error: str = ""
+    token: str = field(default="", repr=False)  # kept only for the dependent-token call
+
+    @property
+    def domains(self) -> set[str]:
+        """Identity domains of every linked identity (``alice@uchicago.edu`` -> uchicago.edu)."""
+        return {u.rsplit("@", 1)[1].lower() for u in self.usernames if "@" in u}
+
+
+_cache: dict[str, tuple[float, Caller]] = {}
+_cache_lock = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Forget every cached introspection (tests; a policy reload)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _confidential_client(policy: PolicyConfig) -> Any:
+    import globus_sdk
+
+    secret = os.environ.get(policy.client_secret_env)
+    if not secret:
+        raise EndpointError(
+            f"site policy is misconfigured: ${policy.client_secret_env} (the endpoint's "
+            "confidential client secret) is not set in the endpoint's environment"
+        )
+    return globus_sdk.ConfidentialAppAuthClient(policy.client_id, secret)
+
+
+def verify_identity(policy: PolicyConfig, auth: dict[str, Any] | None) -> Caller:
+    """Introspect the caller's token with the endpoint's client; a ``Caller`` or a denial."""
+    token = (auth or {}).get("token") if isinstance(auth, dict) else None
+    if not isinstance(token, str) or not token:
+        raise AccessDenied(
+            "this site requires proof of identity: log in with `fabric login` and call it "
+            "through the fabric SDK (no Globus token came with the request)",
+            rule="identity-proof.missing",
+        )
+    key = hashlib.sha256(f"{policy.client_id}:{token}".encode()).hexdigest()
+    now = time.time()
+    with _cache_lock:
+        hit = _cache.get(key)
+    if hit and hit[0] > now:
+        return hit[1]
+    import globus_sdk
+
+    try:
+        data = _confidential_client(policy).oauth2_token_introspect(
+            token, include="identity_set,identity_set_detail").data
+    except globus_sdk.GlobusAPIError as exc:
+        # The status and code say what failed; the token itself never reaches a log or error.
+        raise EndpointError(
+            f"token introspection failed: HTTP {exc.http_status} {exc.code}") from None
+    if not data.get("active"):
+        raise AccessDenied("your Globus token is not active (revoked, expired or issued for "
+                           "another site): run `fabric login` again",
+                           rule="identity-proof.inactive")
+    exp = float(data.get("exp") or 0)
+    if exp and exp <= now:
+        raise AccessDenied("your Globus token has expired: run `fabric login` again",
+                           rule="identity-proof.expired")
+    aud = data.get("aud") or []
+    if policy.client_id not in (aud if isinstance(aud, list) else [aud]):
+        raise AccessDenied("the token was not issued for this site's fabric scope",
+                           rule="identity-proof.audience")
+    if policy.resolved_scope not in str(data.get("scope", "")).split():
+        raise AccessDenied(f"the token lacks this site's scope {policy.resolved_scope}: run "
+                           "`fabric login` again", rule="identity-proof.scope")
+    caller = Caller(identity=str(data.get("username") or data.get("sub")), token=token)
+    caller.ids.add(str(data.get("sub")))
+    if data.get("username"):
+        caller.usernames.add(str(data["username"]))
+    caller.ids.update(str(i) for i in data.get("identity_set") or [])
+    for linked in data.get("identity_set_detail") or []:
+        caller.ids.add(str(linked.get("sub") or linked.get("id")))
+        if linked.get("username"):
+            caller.usernames.add(str(linked["username"]))
+    ttl = min(policy.introspection_cache_s, (exp - now) if exp else policy.introspection_cache_s)
+    if ttl > 0:
+        with _cache_lock:
+            _cache[key] = (now + ttl, caller)
+    return caller
+
+
+def caller_groups(policy: PolicyConfig, caller: Caller) -> set[str]:
+    """The caller's active Globus group ids, fetched once per cached caller."""
+    if caller.groups is not None:
+        return caller.groups
+    import globus_sdk
+
+    try:
+        client = _confidential_client(policy)
+        dep = client.oauth2_get_dependent_tokens(caller.token, scope=GROUPS_SCOPE)
+        groups_token = dep.by_resource_server[GROUPS_RESOURCE_SERVER]["access_token"]
+        groups = globus_sdk.GroupsClient(
+            authorizer=globus_sdk.AccessTokenAuthorizer(groups_token)).get_my_groups()
+        caller.groups = {
+            str(g["id"]) for g in groups
+            if any(m.get("status") == "active" for m in g.get("my_memberships") or [])
+        }
+    except (globus_sdk.GlobusAPIError, KeyError) as exc:
+        # Without the dependent Groups consent there is nothing to match against: the group
+        # rule fails closed and the denial says why.
+        status = getattr(exc, "http_status", "")
+        caller.groups, caller.groups_error = set(), f"group lookup failed ({status or exc})"
+    return caller.groups
+
+
+def _check_rule(site: SiteConfig, rule_name: str, rule: ModelRule, caller: Caller,
+                model: str) -> None:
+    if rule.anyone:
+        return
+    wanted = {i.lower() for i in rule.identities}
+    if wanted & {i.lower() for i in caller.ids | caller.usernames}:
+        return
+    if caller.domains & {d.lower() for d in rule.domains}:
+        return
+    if rule.groups and site.policy and caller_groups(site.policy, caller) & set(rule.groups):
+        return
+    reasons = []
+    if rule.identities:
+        reasons.append(f"not listed in {rule_name}.identities")
+    if rule.domains:
+        got = ", ".join(sorted(caller.domains)) or "none"
+        reasons.append(f"identity domain ({got}) not in {rule_name}.domains")
+    if rule.groups:
+        reasons.append(f"not a member of any group in {rule_name}.groups"
+                       + (f": {caller.groups_error}" if caller.groups_error else ""))
+    failed = [k for k in ("identities", "domains", "groups") if getattr(rule, k)]
+    raise AccessDenied(
+        f"{caller.identity} may not use model {model!r} at site {site.name!r}: "
+        + ("; ".join(reasons) or f"{rule_name} allows nobody"),
+        rule=rule_name, identity=caller.identity, model=model, failed=failed)
+
+
+@contextmanager
+def _db(state_dir: Path) -> Iterator[sqlite3.Connection]:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "usage.sqlite"
+    fresh = not path.exists()
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    if fresh:
+        os.chmod(path, 0o600)  # who used what is not for other local users to read
+    conn.execute("CREATE TABLE IF NOT EXISTS usage (ts REAL NOT NULL, identity TEXT NOT NULL,"
+                 " model TEXT NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,"
+                 " request_id TEXT)")
+    conn.execute("CREATE INDEX IF NOT EXISTS usage_by_caller ON usage(identity, model, ts)")
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _admit(state_dir: Path, identity: str, model: str, rule_name: str, rule: ModelRule,
+           tokens: int) -> None:
+    """Check the quotas and record the request in one transaction (workers race otherwise)."""
+    now = time.time()
+    with _db(state_dir) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if rule.requests_per_minute:
+                rows = conn.execute(
+                    "SELECT ts FROM usage WHERE identity=? AND model=? AND requests>0 AND ts>?"
+                    " ORDER BY ts", (identity, model, now - 60)).fetchall()
+                if len(rows) >= rule.requests_per_minute:
+                    wait = rows[len(rows) - rule.requests_per_minute][0] + 60 - now
+                    raise QuotaExceeded(
+                        f"{identity} used {len(rows)} of {rule.requests_per_minute} requests per "
+                        f"minute for {model!r}; retry in {wait:.0f} s",
+                        rule=f"{rule_name}.requests_per_minute", retry_after=round(wait, 3),
+                        limit=rule.requests_per_minute, used=len(rows))
+            if rule.tokens_per_day:
+                _check_tokens(conn, identity, model, rule_name, rule.tokens_per_day, tokens, now)
+            conn.execute("INSERT INTO usage VALUES (?,?,?,?,?,NULL)",
+                         (now, identity, model, 1, 0))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _check_tokens(conn: sqlite3.Connection, identity: str, model: str, rule_name: str,
+                  limit: int, tokens: int, now: float) -> None:
+    if tokens > limit:
+        raise AccessDenied(f"the request may use {tokens} tokens, more than the daily quota "
+                           f"of {limit} for {model!r}", rule=f"{rule_name}.tokens_per_day")
+    rows = conn.execute("SELECT ts, tokens FROM usage WHERE identity=? AND model=? AND tokens>0"
+                        " AND ts>? ORDER BY ts", (identity, model, now - 86400)).fetchall()
+    used = sum(t for _, t in rows)
+    if used + tokens <= limit:
+        return
+    # The window is rolling: room appears as the oldest usage ages past 24 h.
+    excess, wait = used + tokens - limit, 0.0
+    for ts, amount in rows:
+        excess -= amount
+        wait = ts + 86400 - now
+        if excess <= 0:
+            break
+    raise QuotaExceeded(
+        f"{identity} used {used} of {limit} tokens per day for {model!r}; retry in {wait:.0f} s",
+        rule=f"{rule_name}.tokens_per_day", retry_after=round(wait, 3), limit=limit, used=used)
+
+
+def authorize(site: SiteConfig, auth: dict[str, Any] | None, model: str, state_dir: Path,
+              tokens: int = 0, *, count: bool = True) -> str:
+    """The verified identity allowed to use ``model`` now, or a typed denial.
+
+    ``tokens`` is the most the request may consume (prompt + max new tokens, or 0 to check
+    only what was already used). With ``count`` the call is a new request: quotas are checked
+    and it is recorded. Follow-up calls about a request already admitted (``poll_stream``,
+    ``cancel_request``, ``deployment_status`` while waiting) pass ``count=False``: identity and
+    model rules still apply, quotas do not, so a long stream never uses up requests per minute.
+    A site without a policy section (the local site) admits the endpoint's OS user.
+    """
+    if site.policy is None:
+        identity = getpass.getuser()
+        if count:
+            _admit(Path(state_dir), identity, model, "none", ModelRule(anyone=True), 0)
+        return identity
+    caller = verify_identity(site.policy, auth)
+    rule_name, rule = site.policy.rule_for(model)
+    _check_rule(site, rule_name, rule, caller, model)
+    if count:
+        _admit(Path(state_dir), caller.identity, model, rule_name, rule, tokens)
+        log.info("admitted %s to %s at %s (%s)", caller.identity, model, site.name, rule_name)
+    return caller.identity
+
+
+def record_usage(state_dir: Path, identity: str, model: str, tokens: int,
+                 request_id: str | None = None) -> None:
+    """Add the tokens a finished request consumed (prompt + completion) to its caller's usage."""
+    with _db(Path(state_dir)) as conn:
+        conn.execute("INSERT INTO usage VALUES (?,?,?,?,?,?)",
+                     (time.time(), identity, model, 0, int(tokens), request_id))
+
+
+def usage(state_dir: Path, since_s: float = 86400.0) -> list[dict[str, Any]]:
+    """Requests and tokens per identity and model over the last ``since_s`` seconds."""
+    with _db(Path(state_dir)) as conn:
+        rows = conn.execute(
+            "SELECT identity, model, SUM(requests), SUM(tokens) FROM usage WHERE ts>?"
+            " GROUP BY identity, model ORDER BY identity, model",
+            (time.time() - since_s,)).fetchall()
+    return [{"identity": i, "model": m, "requests": r, "tokens": t} for i, m, r, t in rows]
+
+
+def check_function(site: SiteConfig, fn_name: str, *, user_function: bool = False) -> None:
+    """Raise ``FunctionNotAllowed`` unless ``fn_name`` may run at ``site``.
+
+    The fabric's own endpoint functions always may; a user's function (``fab.submit``,
+    ``user_function=True``) only where the operator set ``allow_user_functions``. This mirrors
+    Globus Compute's ``allowed_functions``, which in the rendered endpoint config lists only the
+    fabric's registered functions, so user code reaches a site only through
+    ``run_user_function`` and this check.
+    """
+    if user_function:
+        if not site.allow_user_functions:
+            raise FunctionNotAllowed(
+                f"site {site.name!r} does not run user functions ({fn_name}); its operator "
+                "must set allow_user_functions: true", rule="allow_user_functions",
+                function=fn_name)
+        return
+    if fn_name in FABRIC_FUNCTIONS or fn_name in _declared_functions():
+        return
+    raise FunctionNotAllowed(f"{fn_name!r} is not one of the fabric's endpoint functions",
+                             rule="function-allow-list", function=fn_name)
+
+
+def _declared_functions() -> set[str]:
+    try:
+        import importlib
+
+        return set(getattr(importlib.import_module("fabric.endpoint.functions"), "__all__", ()))
+    except ImportError:
+        return set()

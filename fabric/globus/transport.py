@@ -1,0 +1,290 @@
+"""``GlobusTransport``: the SDK's way to a site behind a Globus Compute endpoint.
+
+Same ``Transport`` surface as the local site; what differs is the hop:
+
+    Fabric.generate --submit(run_request, request, auth=None)--> GlobusTransport
+        1. fills ``auth`` with the caller's identity proof (a token for the site's scope)
+        2. finds the function id: the operator's registered id (``function_ids``, the ones
+           the endpoint's ``allowed_functions`` lists), else a cached registration by hash
+        3. executor.submit_to_registered_function  (globus_compute_sdk.Executor batches
+           submissions and keeps one task group, persisted so a restarted client can
+           ``recover()`` results)
+        4. unwraps the endpoint envelope: the value, or the same typed ``FabricError``
+
+The client cannot reach a remote site's model servers, so ``can_reach_servers`` is False and
+``fab.stream`` long-polls through ``poll_stream`` tasks. The executor is injectable: tests pass
+``fabric.globus.standin.StandinExecutor`` (real serializer, real engine, no cloud).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from fabric.client import gcwire
+from fabric.errors import (
+    AccessDenied,
+    AuthError,
+    EndpointError,
+    FabricError,
+    FunctionNotAllowed,
+    ResultTooLarge,
+    UserFunctionError,
+)
+from fabric.sites import SiteConfig
+
+log = logging.getLogger(__name__)
+
+FUNCTIONS_MODULE = "fabric.endpoint.functions"
+
+
+def fabric_home() -> Path:
+    """``$FABRIC_HOME`` (default ``~/.fabric``): tokens, function and task-group caches."""
+    return Path(os.environ.get("FABRIC_HOME", "~/.fabric")).expanduser()
+
+
+class _JSONFile:
+    """A small JSON map on disk, updated under a lock, written atomically (mode 0600)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Any:
+        return self.read().get(key)
+
+    def read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            data = self.read()
+            if data.get(key) == value:
+                return
+            data[key] = value
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+
+
+class GlobusTransport:
+    """Runs the fabric's endpoint functions at a remote site through Globus Compute."""
+
+    can_reach_servers = False
+
+    def __init__(self, site: SiteConfig, executor: Any = None, *, app: Any = None,
+                 proof: Callable[[], dict[str, Any] | None] | None = None,
+                 home: Path | None = None, batch_size: int = 128) -> None:
+        """``executor``: a ``globus_compute_sdk.Executor`` (or stand-in); built on first use
+        from the site's ``endpoint_id`` and the login otherwise. ``proof``: returns the
+        ``auth`` dict each call carries (default: a token for the site's scope from ``app``,
+        the ``fabric login`` app)."""
+        self.site: str = site.name
+        self.config = site
+        self.batch_size = batch_size
+        self._executor = executor
+        self._app = app
+        self._proof = proof
+        home = home or fabric_home()
+        self._functions = _JSONFile(home / "functions.json")
+        self._groups = _JSONFile(home / "task_groups.json")
+        self._ids: dict[Any, str] = {}
+        self._lock = threading.Lock()
+        if executor is not None and getattr(executor, "task_group_id", None) is None:
+            saved = self._groups.get(self.site)
+            if saved:
+                executor.task_group_id = saved
+
+    # -- lazily built pieces ------------------------------------------------------------------
+
+    @property
+    def app(self) -> Any:
+        """The Globus login (``fabric.globus.auth.make_app``), built on first use."""
+        if self._app is None:
+            from fabric.globus import auth
+
+            self._app = auth.make_app([self.config])
+        return self._app
+
+    @property
+    def executor(self) -> Any:
+        """The Globus Compute executor for the site's endpoint."""
+        with self._lock:
+            if self._executor is None:
+                if not self.config.endpoint_id:
+                    raise EndpointError(
+                        f"site {self.site!r} has no endpoint_id: its operator publishes it "
+                        "(endpoint_id in the site values)", site=self.site)
+                from globus_compute_sdk import Client, Executor
+
+                client = Client(app=self.app, do_version_check=False)
+                self._executor = Executor(
+                    endpoint_id=self.config.endpoint_id, client=client,
+                    task_group_id=self._groups.get(self.site), batch_size=self.batch_size)
+            return self._executor
+
+    def identity_proof(self) -> dict[str, Any] | None:
+        """What this caller sends as ``auth`` (``None`` where the site has no policy)."""
+        if self._proof is not None:
+            return self._proof()
+        if self.config.policy is None:
+            return None
+        from fabric.globus import auth
+
+        return auth.identity_proof(self.app, self.config)
+
+    # -- Transport ----------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run ``fn(*args, **kwargs)`` at the site; a ``None`` ``auth`` gets the login's proof."""
+        args, kwargs = self._with_auth(fn, args, kwargs)
+        outer: Future[Any] = Future()
+        try:
+            function_id = self.function_id(fn)
+            inner = self.executor.submit_to_registered_function(function_id, args, kwargs)
+        except FabricError as exc:
+            outer.set_exception(exc)
+            return outer
+        except Exception as exc:
+            outer.set_exception(_translate(exc))
+            return outer
+        inner.add_done_callback(lambda f: self._settle(outer, f))
+        return outer
+
+    def recover(self) -> list[Future[Any]]:
+        """Results of every task in this site's saved task group (after a client restart)."""
+        group = self._groups.get(self.site)
+        if not group:
+            return []
+        outs = []
+        for inner in self.executor.reload_tasks(group):
+            outer: Future[Any] = Future()
+            outer.task_id = getattr(inner, "task_id", None)  # type: ignore[attr-defined]
+            inner.add_done_callback(lambda f, o=outer: self._settle(o, f))
+            outs.append(outer)
+        return outs
+
+    def close(self) -> None:
+        """Stop submitting (results already promised still arrive); remember the task group."""
+        if self._executor is not None:
+            self._remember_group()
+            self._executor.shutdown(wait=False)
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def function_id(self, fn: Callable[..., Any]) -> str:
+        """The id to run ``fn`` by: operator-registered, cached by code hash, or new."""
+        name = getattr(fn, "__name__", "")
+        if getattr(fn, "__module__", "") == FUNCTIONS_MODULE and name in self.config.function_ids:
+            return self.config.function_ids[name]
+        if fn in self._ids:
+            return self._ids[fn]
+        executor = self.executor
+        serializer = getattr(executor, "serializer", None)
+        if serializer is None:
+            from globus_compute_sdk.serialize import ComputeSerializer
+
+            serializer = ComputeSerializer()
+        namespace = getattr(executor, "registry_namespace", None) or \
+            f"globus-{os.environ.get('GLOBUS_SDK_ENVIRONMENT', 'production')}"
+        digest = hashlib.sha256(serializer.serialize(fn).encode()).hexdigest()
+        key = f"{namespace}:{digest}"
+        function_id = self._functions.get(key)
+        if function_id is None:
+            function_id = str(executor.register_function(fn))
+            self._functions.put(key, function_id)
+            log.info("registered %s as Globus Compute function %s", name or fn, function_id)
+        self._ids[fn] = function_id
+        return function_id
+
+    def _with_auth(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            return args, kwargs
+        if "auth" not in sig.parameters:
+            return args, kwargs
+        bound = sig.bind_partial(*args, **kwargs)
+        if bound.arguments.get("auth") is not None:
+            return args, kwargs  # the caller brought their own credentials
+        proof = self.identity_proof()
+        if proof is None:
+            return args, kwargs
+        bound.arguments["auth"] = proof
+        return tuple(bound.args), dict(bound.kwargs)
+
+    def _settle(self, outer: Future[Any], inner: Future[Any]) -> None:
+        self._remember_group()
+        try:
+            outer.set_result(gcwire.unwrap(inner.result()))
+        except FabricError as exc:
+            outer.set_exception(exc)
+        except Exception as exc:
+            outer.set_exception(_translate(exc))
+
+    def _remember_group(self) -> None:
+        group = getattr(self._executor, "task_group_id", None)
+        if group:
+            self._groups.put(self.site, str(group))
+
+
+def _translate(exc: BaseException) -> FabricError:
+    """A typed fabric error for what Globus Compute raised (never carrying a token)."""
+    from globus_compute_sdk.errors import TaskExecutionFailed
+
+    if isinstance(exc, TaskExecutionFailed):
+        data = str(exc.remote_data)
+        last = next((ln.strip() for ln in reversed(data.strip().splitlines()) if ln.strip()),
+                    "(no traceback)")
+        if "not permitted on endpoint" in data:
+            return FunctionNotAllowed(f"the endpoint refused the function: {last}",
+                                      rule="allowed_functions")
+        if "MaxResultSizeExceeded" in data:
+            return ResultTooLarge(f"result is larger than one message may carry: {last}")
+        return UserFunctionError(f"remote function raised: {last}", traceback=data)
+    import globus_sdk
+
+    if isinstance(exc, globus_sdk.GlobusAPIError):
+        text = f"Globus Compute answered HTTP {exc.http_status} {exc.code}: {exc.message}"
+        if exc.http_status == 401:
+            return AuthError(f"{text}; run `fabric login`")
+        if exc.http_status == 403:
+            return AccessDenied(text, rule="globus-compute")
+        return EndpointError(text, status=exc.http_status)
+    return EndpointError(f"Globus Compute: {type(exc).__name__}: {exc}")
+
+
+def register_functions(site: SiteConfig, executor: Any, *, public: bool = True) -> dict[str, str]:
+    """Register the fabric's endpoint functions once (operator); their ids by name.
+
+    The ids go into the site's ``function_ids`` (so clients use them) and, rendered, into the
+    endpoint's ``allowed_functions`` (so nothing else runs there).
+    """
+    import importlib
+
+    from fabric.endpoint.policy import FABRIC_FUNCTIONS
+
+    module = importlib.import_module(FUNCTIONS_MODULE)
+    names = sorted(set(getattr(module, "__all__", ())) | FABRIC_FUNCTIONS)
+    out = {}
+    for name in names:
+        fn = getattr(module, name, None)
+        if callable(fn):
+            out[name] = str(executor.register_function(fn, public=public))
+    return out

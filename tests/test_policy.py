@@ -1,0 +1,255 @@
+"""Endpoint access policy against canned Globus Auth / Groups responses (offline)."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import responses
+from globus_sdk.testing import RegisteredResponse, get_last_request, load_response
+
+from fabric.endpoint import policy
+from fabric.errors import AccessDenied, EndpointError, FunctionNotAllowed, QuotaExceeded
+from fabric.sites import SiteConfig, load_site
+
+ENDPOINT_CLIENT = "0b6e5c4a-0f5c-4e5b-9f0d-0000000000ec"
+SCOPE = f"https://auth.globus.org/scopes/{ENDPOINT_CLIENT}/fabric"
+ALICE = "a1a1a1a1-0000-4000-8000-000000000001"
+GROUP = "d3974728-6458-11e4-b72d-123139141556"  # a group in globus_sdk's canned get_my_groups
+OTHER_GROUP = "0b6e5c4a-0f5c-4e5b-9f0d-00000000beef"
+TOKEN = "ALICE-SECRET-ACCESS-TOKEN-abc123"
+
+
+def make_site(models: dict[str, Any], default: dict[str, Any] | None = None) -> SiteConfig:
+    return SiteConfig.model_validate({
+        "name": "testsite",
+        "policy": {"client_id": ENDPOINT_CLIENT, "default": default or {}, "models": models},
+    })
+
+
+@pytest.fixture(autouse=True)
+def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("FABRIC_ENDPOINT_CLIENT_SECRET", "endpoint-secret")
+    policy.clear_cache()
+    responses.start()
+    yield
+    responses.stop()
+    responses.reset()
+    policy.clear_cache()
+
+
+def introspect(active: bool = True, exp_in: float = 3600, username: str = "alice@uchicago.edu",
+               aud: str = ENDPOINT_CLIENT, scope: str = SCOPE) -> None:
+    body: dict[str, Any] = {"active": False}
+    if active:
+        body = {
+            "active": True, "token_type": "Bearer", "scope": f"{scope} openid",
+            "client_id": "some-native-app", "username": username, "sub": ALICE,
+            "exp": time.time() + exp_in, "aud": [aud, "auth.globus.org"],
+            "identity_set_detail": [
+                {"sub": ALICE, "username": username},
+                {"sub": "a1a1a1a1-0000-4000-8000-000000000002", "username": "alice@orcid.org"},
+            ],
+        }
+    load_response(RegisteredResponse(service="auth", path="/v2/oauth2/token/introspect",
+                                     method="POST", json=body))
+
+
+def auth() -> dict[str, str]:
+    return {"scheme": "globus", "token": TOKEN}
+
+
+def test_anyone_rule_allows_and_records(tmp_path: Path) -> None:
+    introspect()
+    site = make_site({"m": {"anyone": True}})
+    assert policy.authorize(site, auth(), "m", tmp_path) == "alice@uchicago.edu"
+    sent = get_last_request()
+    assert sent is not None and "identity_set_detail" in str(sent.body)
+    policy.record_usage(tmp_path, "alice@uchicago.edu", "m", 42, request_id="r1")
+    assert policy.usage(tmp_path) == [
+        {"identity": "alice@uchicago.edu", "model": "m", "requests": 1, "tokens": 42}]
+    assert (tmp_path / "usage.sqlite").stat().st_mode & 0o777 == 0o600
+
+
+def test_allowed_by_identity_uuid_or_linked_username(tmp_path: Path) -> None:
+    introspect()
+    assert policy.authorize(make_site({"m": {"identities": [ALICE]}}), auth(), "m", tmp_path)
+    policy.clear_cache()
+    introspect()
+    site = make_site({"m": {"identities": ["ALICE@orcid.org"]}})
+    assert policy.authorize(site, auth(), "m", tmp_path) == "alice@uchicago.edu"
+
+
+def test_denied_by_identity(tmp_path: Path) -> None:
+    introspect()
+    site = make_site({"m": {"identities": ["bob@anl.gov"]}})
+    with pytest.raises(AccessDenied) as err:
+        policy.authorize(site, auth(), "m", tmp_path)
+    assert str(err.value) == ("alice@uchicago.edu may not use model 'm' at site 'testsite': "
+                              "not listed in policy.models.m.identities")
+    assert err.value.details == {"rule": "policy.models.m", "identity": "alice@uchicago.edu",
+                                 "model": "m", "failed": ["identities"]}
+
+
+def test_allowed_and_denied_by_domain(tmp_path: Path) -> None:
+    introspect()
+    assert policy.authorize(make_site({"m": {"domains": ["UChicago.edu"]}}), auth(), "m",
+                            tmp_path)
+    policy.clear_cache()
+    introspect()
+    with pytest.raises(AccessDenied) as err:
+        policy.authorize(make_site({"m": {"domains": ["anl.gov"]}}), auth(), "m", tmp_path)
+    assert str(err.value) == (
+        "alice@uchicago.edu may not use model 'm' at site 'testsite': identity domain "
+        "(orcid.org, uchicago.edu) not in policy.models.m.domains")
+    assert err.value.details["rule"] == "policy.models.m"
+
+
+def test_allowed_by_group_via_dependent_token(tmp_path: Path) -> None:
+    introspect()
+    load_response("auth.oauth2_get_dependent_tokens", case="groups")
+    load_response("groups.get_my_groups")
+    site = make_site({"m": {"groups": [GROUP]}})
+    assert policy.authorize(site, auth(), "m", tmp_path) == "alice@uchicago.edu"
+    last = get_last_request()
+    assert last is not None and last.headers["Authorization"] == "Bearer groupsToken"
+    dependent = [c.request for c in responses.calls if str(c.request.url).endswith("/oauth2/token")]
+    assert "dependent_token" in str(dependent[0].body) and "view_my_groups" in str(
+        dependent[0].body)
+
+
+def test_denied_by_group(tmp_path: Path) -> None:
+    introspect()
+    load_response("auth.oauth2_get_dependent_tokens", case="groups")
+    load_response("groups.get_my_groups")
+    with pytest.raises(AccessDenied) as err:
+        policy.authorize(make_site({"m": {"groups": [OTHER_GROUP]}}), auth(), "m", tmp_path)
+    assert str(err.value) == ("alice@uchicago.edu may not use model 'm' at site 'testsite': "
+                              "not a member of any group in policy.models.m.groups")
+    assert err.value.details["failed"] == ["groups"]
+
+
+def test_group_lookup_failure_fails_closed(tmp_path: Path) -> None:
+    introspect()
+    load_response(RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST",
+                                     status=400, json={"error": "invalid_grant"}))
+    with pytest.raises(AccessDenied, match=r"groups: group lookup failed \(400\)"):
+        policy.authorize(make_site({"m": {"groups": [GROUP]}}), auth(), "m", tmp_path)
+
+
+def test_default_rule_denies_unlisted_models(tmp_path: Path) -> None:
+    introspect()
+    with pytest.raises(AccessDenied) as err:
+        policy.authorize(make_site({"m": {"anyone": True}}), auth(), "other", tmp_path)
+    assert str(err.value) == ("alice@uchicago.edu may not use model 'other' at site "
+                              "'testsite': policy.default allows nobody")
+    assert err.value.details["rule"] == "policy.default"
+
+
+def test_requests_per_minute_quota(tmp_path: Path) -> None:
+    introspect()
+    site = make_site({"m": {"anyone": True, "requests_per_minute": 2}})
+    policy.authorize(site, auth(), "m", tmp_path)
+    policy.authorize(site, auth(), "m", tmp_path)  # cached introspection: one HTTP call
+    assert len(responses.calls) == 1
+    with pytest.raises(QuotaExceeded) as err:
+        policy.authorize(site, auth(), "m", tmp_path)
+    assert err.value.retryable
+    assert err.value.details["rule"] == "policy.models.m.requests_per_minute"
+    assert 55 < err.value.details["retry_after"] <= 60
+    assert err.value.details["used"] == 2 and err.value.details["limit"] == 2
+    assert str(err.value).startswith("alice@uchicago.edu used 2 of 2 requests per minute for 'm'")
+
+
+def test_tokens_per_day_quota(tmp_path: Path) -> None:
+    introspect()
+    site = make_site({"m": {"anyone": True, "tokens_per_day": 100}})
+    policy.authorize(site, auth(), "m", tmp_path, tokens=60)
+    policy.record_usage(tmp_path, "alice@uchicago.edu", "m", 60)
+    with pytest.raises(QuotaExceeded) as err:
+        policy.authorize(site, auth(), "m", tmp_path, tokens=50)
+    assert err.value.details["rule"] == "policy.models.m.tokens_per_day"
+    assert 86300 < err.value.details["retry_after"] <= 86400
+    assert policy.authorize(site, auth(), "m", tmp_path, tokens=40)  # still fits
+    with pytest.raises(AccessDenied, match="more than the daily quota of 100"):
+        policy.authorize(site, auth(), "m", tmp_path, tokens=101)
+
+
+@pytest.mark.parametrize(("kwargs", "rule"), [
+    ({"active": False}, "identity-proof.inactive"),  # revoked (Auth reports inactive)
+    ({"exp_in": -5}, "identity-proof.expired"),
+    ({"aud": "0b6e5c4a-0f5c-4e5b-9f0d-000000000bad"}, "identity-proof.audience"),
+    ({"scope": "urn:globus:auth:scope:transfer.api.globus.org:all"}, "identity-proof.scope"),
+])
+def test_bad_tokens(tmp_path: Path, kwargs: dict[str, Any], rule: str) -> None:
+    introspect(**kwargs)
+    with pytest.raises(AccessDenied) as err:
+        policy.authorize(make_site({"m": {"anyone": True}}), auth(), "m", tmp_path)
+    assert err.value.details == {"rule": rule}
+    assert TOKEN not in str(err.value)
+
+
+def test_missing_proof(tmp_path: Path) -> None:
+    with pytest.raises(AccessDenied) as err:
+        policy.authorize(make_site({"m": {"anyone": True}}), None, "m", tmp_path)
+    assert err.value.details == {"rule": "identity-proof.missing"}
+
+
+def test_introspection_http_error_and_missing_secret(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    load_response(RegisteredResponse(service="auth", path="/v2/oauth2/token/introspect",
+                                     method="POST", status=401,
+                                     json={"errors": [{"code": "UNAUTHORIZED"}]}))
+    with pytest.raises(EndpointError, match="token introspection failed: HTTP 401") as err:
+        policy.authorize(make_site({"m": {"anyone": True}}), auth(), "m", tmp_path)
+    assert TOKEN not in str(err.value)
+    monkeypatch.delenv("FABRIC_ENDPOINT_CLIENT_SECRET")
+    with pytest.raises(EndpointError, match=r"\$FABRIC_ENDPOINT_CLIENT_SECRET"):
+        policy.authorize(make_site({"m": {"anyone": True}}), auth(), "m", tmp_path)
+
+
+def test_no_token_in_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    introspect()
+    load_response("auth.oauth2_get_dependent_tokens", case="groups")
+    load_response("groups.get_my_groups")
+    policy.authorize(make_site({"m": {"groups": [GROUP]}}), auth(), "m", tmp_path)
+    assert "admitted alice@uchicago.edu" in caplog.text
+    assert TOKEN not in caplog.text and "groupsToken" not in caplog.text
+
+
+def test_local_site_allows_os_user(tmp_path: Path) -> None:
+    site = load_site("local")
+    assert site.policy is None
+    assert policy.authorize(site, None, "smollm2-135m", tmp_path) == getpass.getuser()
+    assert policy.usage(tmp_path)[0]["requests"] == 1
+
+
+def test_function_allow_list() -> None:
+    remote = make_site({}).model_copy(update={"allow_user_functions": False})
+    policy.check_function(remote, "run_request")
+    with pytest.raises(FunctionNotAllowed) as err:
+        policy.check_function(remote, "my_analysis", user_function=True)
+    assert err.value.details == {"rule": "allow_user_functions", "function": "my_analysis"}
+    with pytest.raises(FunctionNotAllowed) as err:
+        policy.check_function(remote, "os_system")
+    assert err.value.details["rule"] == "function-allow-list"
+    policy.check_function(load_site("local"), "my_analysis", user_function=True)
+
+
+def test_follow_up_calls_do_not_count(tmp_path: Path) -> None:
+    introspect()
+    site = make_site({"m": {"anyone": True, "requests_per_minute": 1}})
+    policy.authorize(site, auth(), "m", tmp_path)
+    for _ in range(5):  # polls of the admitted request: still verified, never counted
+        assert policy.authorize(site, auth(), "m", tmp_path, count=False)
+    assert policy.usage(tmp_path)[0]["requests"] == 1
+    with pytest.raises(QuotaExceeded):
+        policy.authorize(site, auth(), "m", tmp_path)
+    with pytest.raises(AccessDenied):  # the model rule still applies to follow-ups
+        policy.authorize(site, auth(), "other", tmp_path, count=False)
