@@ -93,6 +93,8 @@ class ServerConfig(_Strict):
     max_queue_tokens: int = Field(262144, ge=0, description="Prompt tokens waiting at most.")
     stream_buffer_s: float = Field(60.0, gt=0, description="Keep streamed events this long.")
     threads_per_rank: int = Field(0, ge=0, description="OMP threads per rank (0: cores/ranks).")
+    micro_batches: int = Field(0, ge=0, description="Steps in flight through the pipeline "
+                               "(0: one per stage; 1 turns micro-batching off).")
 
 
 class TemplateVar(_Strict):

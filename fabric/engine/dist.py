@@ -1,11 +1,11 @@
 """Rank identity and process groups for a pp x tp model server.
 
-Ranks learn who they are from the launcher's environment, as Parsl's launchers provide it:
-``srun`` sets ``SLURM_PROCID``/``SLURM_NTASKS``, ``mpiexec`` sets ``PMI_RANK``/``PMI_SIZE``
-(``PMIX_RANK``, ``PALS_RANKID``, ``OMPI_COMM_WORLD_RANK`` on other MPIs), torchrun sets
-``RANK``/``WORLD_SIZE``, and Parsl's ``SingleNodeLauncher`` passes the 1-based copy index as the
-command's first argument (``--launch-index``). Global rank r maps to stage ``r // tp`` and
-tensor rank ``r % tp``; rank 0 (stage 0, tp rank 0) is the head.
+Ranks learn who they are from the launcher's environment: the fabric's job script
+(``fabric.endpoint.jobs``) exports ``FABRIC_RANK``; otherwise ``srun`` sets ``SLURM_PROCID``,
+``mpiexec`` sets ``PMI_RANK`` (``PMIX_RANK``, ``PALS_RANKID``, ``OMPI_COMM_WORLD_RANK`` on other
+MPIs), torchrun sets ``RANK``, and Parsl's ``SingleNodeLauncher`` passes the 1-based copy index
+as the command's first argument (``--launch-index``). Global rank r maps to stage ``r // tp``
+and tensor rank ``r % tp``; rank 0 (stage 0, tp rank 0) is the head.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-_RANK_VARS = ("RANK", "SLURM_PROCID", "PMI_RANK", "PMIX_RANK", "PALS_RANKID",
+_RANK_VARS = ("FABRIC_RANK", "RANK", "SLURM_PROCID", "PMI_RANK", "PMIX_RANK", "PALS_RANKID",
               "OMPI_COMM_WORLD_RANK")
 
 

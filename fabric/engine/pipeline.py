@@ -108,16 +108,18 @@ class _Wire:
 class Pipeline:
     """The head's view of the model: launch steps, collect their outputs in order."""
 
-    def __init__(self, info: RankInfo, groups: Groups, model: StageModel) -> None:
+    def __init__(self, info: RankInfo, groups: Groups, model: StageModel,
+                 micro_batches: int = 0) -> None:
         self.info, self.model = info, model
+        self._depth = micro_batches or info.pp
         self.wire = _Wire(info, groups, model.config.hidden_size)
         self._local: deque[list[SeqOutput]] = deque()
         self.inflight = 0
 
     @property
     def depth(self) -> int:
-        """Steps worth keeping in flight: one per stage keeps every stage busy."""
-        return self.info.pp
+        """Steps kept in flight: one per stage keeps every stage busy."""
+        return self._depth
 
     def launch(self, plan: StepPlan) -> None:
         """Run stage 0 of ``plan`` and pass it on (returns without waiting for later stages)."""

@@ -105,7 +105,7 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
         if not info.is_head:
             worker_loop(info, groups, model)
             return "stopped"
-        runner = Pipeline(info, groups, model)
+        runner = Pipeline(info, groups, model, cfg.server.micro_batches)
     return _serve_head(cfg, info, runner, config, head_info)
 
 
