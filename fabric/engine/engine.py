@@ -19,6 +19,9 @@ from fabric.engine.scheduler import Limits, Scheduler
 from fabric.engine.sequence import Sequence
 from fabric.errors import FabricError, ModelServerUnavailable
 
+RATE_WINDOW_S = 5.0
+"""Window of the tokens/s figure that health reports."""
+
 Emit = Callable[[str, dict[str, Any]], None]
 """Send one wire message about a request (request_id, message)."""
 
@@ -54,6 +57,7 @@ class Engine:
         self.tokens_per_s = 0.0
         self.last_active = time.monotonic()
         self._launched: deque[StepPlan] = deque()
+        self._recent: deque[tuple[float, int]] = deque()
 
     # --- called from the front-door thread ---------------------------------------------------
 
@@ -117,14 +121,16 @@ class Engine:
             self._launched.append(plan)
 
     def _collect_one(self) -> None:
-        t0 = time.monotonic()
         plan = self._launched.popleft()
         outputs = self.runner.collect()
         produced = self.scheduler.update(plan, outputs)
         self.tokens_total += produced
-        dt = max(time.monotonic() - t0, 1e-6)
-        # An exponential average over steps: smooth enough for `fabric endpoint status`.
-        self.tokens_per_s = 0.9 * self.tokens_per_s + 0.1 * (produced / dt)
+        now = time.monotonic()
+        # Generated tokens over the last RATE_WINDOW_S of wall time, idle gaps included.
+        self._recent.append((now, produced))
+        while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
+            self._recent.popleft()
+        self.tokens_per_s = sum(n for _, n in self._recent) / RATE_WINDOW_S
 
     # --- scheduler callbacks -----------------------------------------------------------------
 
