@@ -54,7 +54,6 @@ class Engine:
         self.wake = threading.Event()
         self.stop_requested = False
         self.tokens_total = 0
-        self.tokens_per_s = 0.0
         self.last_active = time.monotonic()
         self._launched: deque[StepPlan] = deque()
         self._recent: deque[tuple[float, int]] = deque()
@@ -130,7 +129,12 @@ class Engine:
         self._recent.append((now, produced))
         while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
             self._recent.popleft()
-        self.tokens_per_s = sum(n for _, n in self._recent) / RATE_WINDOW_S
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second over the last ``RATE_WINDOW_S``."""
+        now = time.monotonic()
+        return sum(n for t, n in list(self._recent) if now - t <= RATE_WINDOW_S) / RATE_WINDOW_S
 
     # --- scheduler callbacks -----------------------------------------------------------------
 
