@@ -1,0 +1,460 @@
+"""The SDK: ``Fabric`` is what a scientist or a workflow holds.
+
+Every call's arguments are checked first (``fabric.client.checks``: a typo costs no round trip
+to a site and gets a typed ``InvalidRequest`` naming the argument), then it runs one of the
+fabric's endpoint functions at the site through a ``Transport``: ``LocalTransport`` for the
+embedded local site, ``GlobusTransport`` for a site behind a Globus Compute endpoint. The
+transport is opened on first use, so building a ``Fabric`` never starts or contacts anything.
+
+While a call waits on a model server that is still queued or loading (a cold start can take
+minutes on a real site), the SDK asks the site for the deployment's state every few seconds and
+hands it to ``on_status`` (the CLI shows it as a spinner) instead of sitting silent.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+from fabric.client.checks import (
+    build_request,
+    check_int,
+    check_ints,
+    check_messages,
+    check_name,
+    check_prompt,
+    sampling,
+)
+from fabric.client.results import (
+    decode_tensors,
+    embeddings_from_results,
+    parse_generation,
+)
+from fabric.client.streaming import DirectSource, EventSource, PollSource, Stream
+from fabric.errors import FabricError, InvalidRequest
+from fabric.protocol import GenerationResult, InferenceRequest
+
+if TYPE_CHECKING:
+    from fabric.client.transport import Transport
+
+__all__ = ["DEFAULT_EMBED_MODEL", "DEFAULT_MODEL", "Fabric", "StatusCallback", "StatusPrinter",
+           "describe_status"]
+
+DEFAULT_MODEL = "smollm2-135m"
+"""Model used when a text call names none."""
+DEFAULT_EMBED_MODEL = "minilm-l6"
+"""Model used by ``embed`` when none is named."""
+
+StatusCallback = Callable[[dict[str, Any]], None]
+"""Called with a deployment-status dict (``state``: queued/loading/ready/dead, ``queue_position``,
+...) while a call waits for a model server."""
+
+log = logging.getLogger("fabric.client")
+
+
+class StatusPrinter:
+    """Default ``on_status``: one stderr line per change of a deployment's state.
+
+    A cold start can take minutes at a real site; a silent call looks like a hang, so by
+    default the SDK says what it is waiting for (``Fabric(on_status=None)`` keeps it quiet).
+    """
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream
+        self._last: dict[str, str] = {}
+
+    def __call__(self, status: dict[str, Any]) -> None:
+        model = str(status.get("model", "?"))
+        line = describe_status(status)
+        if self._last.get(model) == line:
+            return
+        self._last[model] = line
+        log.info("model server %s: %s", model, line)
+        print(f"fabric: {model}: {line}", file=self._stream or sys.stderr, flush=True)
+
+
+def describe_status(status: dict[str, Any]) -> str:
+    """One human line for a deployment-status dict (what a spinner shows)."""
+    state = str(status.get("state") or "absent")
+    job = f" (job {status['job_id']})" if status.get("job_id") else ""
+    if state == "absent":
+        return "launching a model server"
+    if state == "starting-site":
+        return "starting the site process (first use)"
+    if state == "queued":
+        line = "queued in the batch scheduler"
+        if status.get("queue_position") is not None:
+            line += f", position {status['queue_position']}"
+        if status.get("estimated_start"):
+            line += f", estimated start {status['estimated_start']}"
+        if status.get("job_reason"):
+            line += f" ({status['job_reason']})"
+        return line + job
+    if state == "loading":
+        return "loading the model" + job
+    if state == "dead" and status.get("message"):
+        return f"dead: {status['message']}"
+    return state + job
+
+
+class Fabric:
+    """A connection to one site of the inference fabric.
+
+    >>> fab = Fabric()                          # the local site, started on first use
+    >>> fab.generate("The mitochondria is", max_tokens=24).text
+    >>> for chunk in fab.stream("Tell me a story"): print(chunk, end="")
+    >>> fab.embed(["a", "b"]).shape             # (2, 384)
+    >>> fab.submit(lambda handle, x: handle.generate(x).text, "Hi", model="smollm2-135m")
+    """
+
+    def __init__(self, site: str = "local", transport: Transport | None = None,
+                 auth: Any = None, *, on_status: StatusCallback | Literal["print"] | None = "print",
+                 status_interval_s: float = 2.0) -> None:
+        """``site``: a site name (``endpoints/<site>``) or definition path; ``transport``
+        overrides how it is reached; ``auth``: credentials passed to the endpoint (``None``:
+        the transport's own login); ``on_status``: called with the deployment's state while a
+        call waits on a cold model server ("print": a line on stderr per change; ``None``: no
+        status polling at all)."""
+        if not isinstance(site, str) or not site:
+            raise InvalidRequest(f"site must be a non-empty string, got {site!r}")
+        self.site = site
+        self.auth = auth
+        self.on_status: StatusCallback | None = (
+            StatusPrinter() if on_status == "print" else on_status)
+        self.status_interval_s = status_interval_s
+        self._transport = transport
+        self._lock = threading.Lock()
+
+    # -- transport ---------------------------------------------------------------------------
+
+    @property
+    def transport(self) -> Transport:
+        """The site's transport, opened on first use (this may start the local site)."""
+        with self._lock:
+            if self._transport is None:
+                self._transport = _open_transport(self.site)
+                self._report_site_start(self._transport)
+            return self._transport
+
+    def _report_site_start(self, transport: Transport) -> None:
+        # Starting the embedded site takes seconds on first use; say so rather than hang.
+        state_dir = getattr(transport, "state_dir", None)
+        if self.on_status is None or state_dir is None or not getattr(transport, "autostart",
+                                                                      False):
+            return
+        from fabric.client.local import read_info
+
+        if read_info(state_dir) is None:
+            self.on_status({"model": f"site {transport.site}", "state": "starting-site"})
+
+    def close(self) -> None:
+        """Release the transport's sockets and threads (the site itself keeps running)."""
+        with self._lock:
+            transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+
+    def __enter__(self) -> Fabric:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- text ---------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, *, model: str = DEFAULT_MODEL, version: str | None = None,
+                 max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
+                 logprobs: bool = False, timeout: float | None = None) -> GenerationResult:
+        """Complete ``prompt``; returns text, token ids, finish reason, model identity, timings.
+
+        Defaults are greedy decoding of up to 64 tokens. ``stop`` strings end the output before
+        them; ``timeout`` (seconds) is a deadline the server enforces.
+        """
+        request = build_request(
+            "generate", model=model, version=version, prompt=check_prompt(prompt),
+            sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs),
+            timeout=timeout,
+        )
+        return parse_generation(self._run(request))
+
+    def chat(self, messages: Sequence[dict[str, str]], *, model: str = DEFAULT_MODEL,
+             version: str | None = None, max_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+             stop: str | Sequence[str] = (), logprobs: bool = False,
+             timeout: float | None = None) -> GenerationResult:
+        """Answer a conversation (``[{"role": "user", "content": "..."}, ...]``) using the
+        model's chat template; returns the assistant's reply as a ``GenerationResult``."""
+        request = build_request(
+            "generate", model=model, version=version, messages=check_messages(messages),
+            sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs),
+            timeout=timeout,
+        )
+        return parse_generation(self._run(request))
+
+    def stream(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
+               model: str = DEFAULT_MODEL, version: str | None = None, max_tokens: int = 64,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+               seed: int | None = None, stop: str | Sequence[str] = (), logprobs: bool = False,
+               timeout: float | None = None) -> Stream:
+        """Like ``generate`` (or ``chat`` with ``messages=``) but returns a ``Stream`` of text
+        chunks as the server decodes them. Close it (or use ``with``) to stop early."""
+        if (prompt is None) == (messages is None):
+            raise InvalidRequest("give exactly one of prompt or messages")
+        request = build_request(
+            "generate", model=model, version=version,
+            prompt=None if prompt is None else check_prompt(prompt),
+            messages=None if messages is None else check_messages(messages),
+            sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs),
+            timeout=timeout,
+        )
+        transport = self.transport
+        mode = "direct" if transport.can_reach_servers else "poll"
+        from fabric.endpoint.functions import open_stream
+
+        info = self._wait(
+            transport.submit(open_stream, request.model_dump(mode="json"), self.auth, mode),
+            request.model, request.version,
+        )
+        source: EventSource
+        if mode == "direct":
+            source = DirectSource(info, request)
+        else:
+            source = PollSource(transport, info, request.model, self.auth)
+        return Stream(source)
+
+    # -- representations ----------------------------------------------------------------------
+
+    def embed(self, texts: str | Sequence[str], *, model: str = DEFAULT_EMBED_MODEL,
+              version: str | None = None, layer: int = -1, pooling: str = "mean",
+              normalize: bool = True) -> Any:
+        """Embedding vectors as a float32 numpy array: shape ``(dim,)`` for one string,
+        ``(len(texts), dim)`` for a list. ``pooling`` is mean/first/last over tokens of
+        ``layer``; vectors are L2-normalised unless ``normalize=False``."""
+        single = isinstance(texts, str)
+        items = [texts] if single else texts
+        if not isinstance(items, Sequence) or isinstance(items, bytes) or not items:
+            raise InvalidRequest("texts must be a string or a non-empty list of strings")
+        requests = [
+            build_request(
+                "embed", model=model, version=version,
+                prompt=check_prompt(t, field=f"texts[{i}]" if not single else "text"),
+                layers=[check_int(layer, "layer")], pooling=pooling, normalize=normalize,
+            )
+            for i, t in enumerate(items)
+        ]
+        # One request per text, all in flight at once: the model server batches them.
+        transport = self.transport
+        from fabric.endpoint.functions import run_request
+
+        futures = [
+            transport.submit(run_request, r.model_dump(mode="json"), self.auth) for r in requests
+        ]
+        results = [self._wait(futures[0], model, version)]
+        results.extend(f.result() for f in futures[1:])
+        vectors = embeddings_from_results(results)
+        return vectors[0] if single else vectors
+
+    def hidden_states(self, text: str, *, model: str = DEFAULT_MODEL, version: str | None = None,
+                      layers: Sequence[int] = (-1,), positions: Sequence[int] | None = None,
+                      ) -> dict[str, Any]:
+        """The residual stream after each of ``layers`` (negative counts from the end) at
+        ``positions`` (default: every token), as torch tensors in the returned dict."""
+        request = build_request(
+            "hidden_states", model=model, version=version, prompt=check_prompt(text),
+            layers=check_ints(layers, "layers"),
+            positions=None if positions is None else check_ints(positions, "positions"),
+        )
+        return dict(decode_tensors(self._run(request)))
+
+    def logprobs(self, text: str, continuation: str, *, model: str = DEFAULT_MODEL,
+                 version: str | None = None) -> dict[str, Any]:
+        """Log-probability of each token of ``continuation`` given ``text`` (tensors decoded)."""
+        request = build_request(
+            "logprobs", model=model, version=version, prompt=check_prompt(text),
+            continuation=check_prompt(continuation, field="continuation"),
+        )
+        return dict(decode_tensors(self._run(request)))
+
+    # -- user functions -----------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], *args: Any, model: str | None = DEFAULT_MODEL,
+               **kwargs: Any) -> Future[Any]:
+        """Run ``fn(handle, *args, **kwargs)`` at the site, next to a warm ``model``.
+
+        ``handle`` has ``generate``, ``embed``, ``logprobs``... on that model. The future's
+        ``result()`` is what ``fn`` returned; if ``fn`` raised, it raises ``UserFunctionError``
+        whose ``details['traceback']`` is the remote traceback.
+        """
+        if not callable(fn):
+            raise InvalidRequest(f"fn must be callable, got {type(fn).__name__}")
+        if model is not None:
+            check_name(model, "model")
+        from fabric.endpoint.functions import run_user_function
+
+        return self.transport.submit(run_user_function, fn, args, kwargs, model, self.auth)
+
+    # -- models and deployments ---------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        """The site's catalog: name, version, family, size, plan and deployment state."""
+        from fabric.endpoint.functions import list_models
+
+        return list(self.transport.submit(list_models, self.auth).result())
+
+    def deploy(self, model: str, *, pp: int | None = None, tp: int | None = None,
+               version: str | None = None, wait: bool = True,
+               timeout: float | None = None) -> dict[str, Any]:
+        """Launch (pre-warm) a deployment of ``model``; ``pp``/``tp`` override the site's
+        default plan. With ``wait`` it returns once the server is ready (status goes to
+        ``on_status`` meanwhile), else as soon as the job is submitted."""
+        check_name(model, "model")
+        plan: dict[str, int] = {}
+        for name, value in (("pp", pp), ("tp", tp)):
+            if value is not None:
+                plan[name] = check_int(value, name, minimum=1)
+        from fabric.endpoint.functions import deploy
+
+        record = dict(self.transport.submit(
+            deploy, model, plan or None, self.auth, version).result())
+        if not wait:
+            return record
+        return self.wait_ready(model, version=version, plan=plan or None, timeout=timeout,
+                               first=record)
+
+    def wait_ready(self, model: str, *, version: str | None = None,
+                   plan: dict[str, int] | None = None, timeout: float | None = None,
+                   first: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Poll the deployment of ``model`` until it is ready; raise ``DeploymentError`` if it
+        dies, ``DeadlineExceeded`` after ``timeout`` seconds."""
+        from fabric.endpoint.functions import deployment_status
+        from fabric.errors import DeadlineExceeded, DeploymentError
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        status = first or {}
+        while True:
+            state = status.get("state")
+            if state == "ready":
+                return status
+            if state == "dead":
+                raise DeploymentError(
+                    f"deployment of {model} died: {status.get('message') or 'see site logs'}",
+                    status=status,
+                )
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"deployment of {model} not ready after {timeout} s "
+                    f"({describe_status(status)})",
+                    status=status,
+                )
+            if status and self.on_status is not None:
+                self.on_status(status)
+            if status:
+                time.sleep(self.status_interval_s)
+            status = dict(self.transport.submit(
+                deployment_status, model, version, plan, self.auth).result())
+
+    def deployments(self) -> list[dict[str, Any]]:
+        """The site's deployments: id, model, plan, job id, state, address, idle time."""
+        from fabric.endpoint.functions import list_deployments
+
+        return list(self.transport.submit(list_deployments, self.auth).result())
+
+    def undeploy(self, deployment_id: str) -> dict[str, Any]:
+        """Drain and stop one deployment (running requests finish first)."""
+        check_name(deployment_id, "deployment id")
+        from fabric.endpoint.functions import undeploy
+
+        return dict(self.transport.submit(undeploy, deployment_id, self.auth).result())
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _run(self, request: InferenceRequest) -> dict[str, Any]:
+        from fabric.endpoint.functions import run_request
+
+        future = self.transport.submit(run_request, request.model_dump(mode="json"), self.auth)
+        return dict(self._wait(future, request.model, request.version))
+
+    def _wait(self, future: Future[Any], model: str, version: str | None) -> Any:
+        """``future.result()``, reporting the deployment's state to ``on_status`` while slow.
+
+        Status is asked for only once the call has waited a while, one query at a time, and
+        no more once the server is ready, so warm calls cost nothing extra.
+        """
+        if self.on_status is None:
+            return future.result()
+        status_future: Future[Any] | None = None
+        next_query = time.monotonic() + min(1.0, self.status_interval_s)
+        while True:
+            waiting: list[Future[Any]] = [future]
+            if status_future is not None:
+                waiting.append(status_future)
+            timeout = max(0.05, next_query - time.monotonic())
+            cf.wait(waiting, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+            if future.done():
+                return future.result()
+            if status_future is not None and status_future.done():
+                done, status_future = status_future, None
+                try:
+                    status = dict(done.result())
+                except FabricError as exc:
+                    log.debug("deployment status query failed: %s", exc)
+                    status = {}
+                if status:
+                    self.on_status({"model": model, **status})
+                if status.get("state") == "ready":
+                    return future.result()
+                next_query = time.monotonic() + self.status_interval_s
+            if status_future is None and time.monotonic() >= next_query:
+                status_future = self._query_status(model, version)
+
+    def _query_status(self, model: str, version: str | None) -> Future[Any]:
+        """The deployment's state, as a future.
+
+        The embedded site answers a control message from its own process: a status *task*
+        could sit behind the very requests that are waiting for the server (every request
+        worker can be busy waiting on a cold start). Elsewhere it is a ``deployment_status``
+        task (remote endpoints scale their workers).
+        """
+        transport = self.transport
+        control = getattr(transport, "control", None)
+        if not callable(control):
+            from fabric.endpoint.functions import deployment_status
+
+            return transport.submit(deployment_status, model, version, None, self.auth)
+        future: Future[Any] = Future()
+        try:
+            reply = control("status", timeout_s=5.0, health=False)
+            records = [d for d in reply.get("deployments") or []
+                       if d.get("model") == model and d.get("state") != "dead"
+                       and (version is None or d.get("version") == version)]
+            # Newest first; a missing record means the request is about to launch one.
+            future.set_result(records[0] if records else {"state": "absent", "model": model})
+        except FabricError as exc:
+            future.set_exception(exc)
+        return future
+
+
+def _open_transport(site: str) -> Transport:
+    """The transport for ``site``: a site definition without a Globus Compute endpoint id (the
+    local site, a Slurm cluster on this machine) runs embedded; one with an id goes through
+    Globus Compute."""
+    from fabric.sites import load_site
+
+    config = load_site(site)
+    if not config.endpoint_id:
+        from fabric.client.local import LocalTransport
+
+        return LocalTransport(site=site)
+    # Imported only here so that users of embedded sites never load the Globus SDKs.
+    from fabric.globus.transport import GlobusTransport
+
+    return GlobusTransport(config)

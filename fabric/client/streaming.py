@@ -1,0 +1,288 @@
+"""``Fabric.stream``: text chunks as the model server produces them.
+
+Two ways to get the events, chosen by the transport:
+
+* **direct**: the client can reach the model server (the local site, a tunnel), so it opens a
+  CURVE-encrypted ZMQ connection and the server pushes each step's tokens as they are decoded;
+* **poll**: the server is behind a site's firewall (no inbound ports), so the client long-polls
+  the server's per-request event buffer through the transport (``poll_stream`` at the endpoint).
+
+Either way a ``Stream`` is an iterator of ``str`` chunks; closing or cancelling it before the
+end tells the server to stop generating (it frees the request's KV memory within one step).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fabric.client.results import parse_generation
+from fabric.errors import Cancelled, FabricError, ModelServerUnavailable
+from fabric.protocol import GenerationResult, InferenceRequest
+
+if TYPE_CHECKING:
+    from fabric.client.transport import Transport
+
+__all__ = ["DirectSource", "EventSource", "PollSource", "Stream"]
+
+
+class EventSource(Protocol):
+    """Where a stream's events come from (direct ZMQ or long-poll)."""
+
+    request_id: str
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """Event maps (``op`` "event"), then one ``{"op": "done", "result"}``; errors raise."""
+        ...
+
+    def cancel(self) -> str:
+        """Ask the server to stop this request; returns what it was (queued/running/done)."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection (does not cancel by itself)."""
+        ...
+
+
+class DirectSource:
+    """Events pushed by the model server over one ZMQ connection."""
+
+    def __init__(self, info: dict[str, Any], request: InferenceRequest,
+                 silence_s: float = 10.0) -> None:
+        from fabric.serverclient import ServerClient
+
+        self.request_id = str(info.get("request_id") or request.request_id)
+        self._address = str(info["address"])
+        self._public_key = str(info["public_key"])
+        self._ticket = str(info["ticket"])
+        self._silence_s = silence_s
+        # The ticket is signed for one request id, so the request must carry exactly that id.
+        if request.request_id != self.request_id:
+            request = request.model_copy(update={"request_id": self.request_id})
+        self._client = ServerClient(self._address, self._public_key)
+        try:
+            self._client.submit(request, self._ticket, stream=True)
+        except BaseException:
+            self._client.close()
+            raise
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """Events as the server pushes them.
+
+        A long silence is normal (queued behind others, a long prefill), a dead server is
+        not: after ``silence_s`` without a message, ask the server for its health on a fresh
+        connection and keep waiting only if it answers.
+        """
+        while True:
+            try:
+                yield from self._client.events(self.request_id, self._silence_s)
+                return
+            except ModelServerUnavailable:
+                if not self._server_answers():
+                    raise
+
+    def _server_answers(self) -> bool:
+        from fabric.serverclient import ServerClient
+
+        probe = ServerClient(self._address, self._public_key, timeout_s=5.0)
+        try:
+            probe.health()
+            return True
+        except ModelServerUnavailable:
+            return False
+        finally:
+            probe.close()
+
+    def cancel(self) -> str:
+        """Cancel over a fresh connection: ZMQ sockets are not thread-safe, and the reading
+        thread may be blocked on the stream's own socket."""
+        from fabric.serverclient import ServerClient
+
+        client = ServerClient(self._address, self._public_key)
+        try:
+            return str(client.cancel(self.request_id, self._ticket))
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        """Close the stream's socket."""
+        self._client.close()
+
+
+class PollSource:
+    """Events fetched by long-polling the server's buffer through the transport."""
+
+    def __init__(self, transport: Transport, info: dict[str, Any], model: str, auth: Any,
+                 wait_s: float = 5.0) -> None:
+        self.request_id = str(info["request_id"])
+        self._transport = transport
+        self._ticket = str(info["ticket"])
+        self._model = model
+        self._auth = auth
+        self._cursor = int(info.get("cursor", 0) or 0)
+        self._wait_s = wait_s
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """Events in order; each poll waits up to ``wait_s`` at the server for new ones."""
+        from fabric.endpoint.functions import poll_stream
+
+        while True:
+            reply = self._transport.submit(
+                poll_stream, self._model, self.request_id, self._ticket, self._cursor,
+                self._wait_s, self._auth,
+            ).result()
+            for event in reply.get("events") or []:
+                yield {"op": "event", **event}
+            self._cursor = int(reply.get("cursor", self._cursor))
+            if reply.get("error"):
+                raise FabricError.from_dict(reply["error"])
+            if reply.get("done"):
+                yield {"op": "done", "result": reply.get("result")}
+                return
+
+    def cancel(self) -> str:
+        """Cancel through the endpoint (which forwards to the server)."""
+        from fabric.endpoint.functions import cancel_request
+
+        return str(self._transport.submit(
+            cancel_request, self._model, self.request_id, self._ticket, self._auth
+        ).result())
+
+    def close(self) -> None:
+        """Nothing to release: each poll is its own task."""
+
+
+class Stream:
+    """An iterator of text chunks from one generation.
+
+    Use it as a context manager (or call ``close``) so that leaving early stops the server::
+
+        with fab.stream("Tell me about tides", max_tokens=200) as s:
+            for chunk in s:
+                print(chunk, end="", flush=True)
+        print(s.result.finish_reason)
+
+    ``text``, ``token_ids`` and ``logprobs`` accumulate as chunks arrive; ``result`` is the
+    full ``GenerationResult`` once the stream has finished (``None`` before, or if closed early).
+    """
+
+    def __init__(self, source: EventSource) -> None:
+        self._source = source
+        self._events = source.events()
+        self._lock = threading.Lock()
+        self._finished = False
+        self._reading = 0  # threads inside __next__ (they own the socket)
+        self.request_id = source.request_id
+        """The request's id at the server."""
+        self.text = ""
+        """Text received so far."""
+        self.token_ids: list[int] = []
+        """Token ids received so far."""
+        self.logprobs: list[float] = []
+        """Log-probabilities of the received tokens (when requested)."""
+        self.result: GenerationResult | None = None
+        """The final result, set when the server says the request is done."""
+        self.cancelled = False
+        """True once ``close``/``cancel`` stopped the request before it finished."""
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        with self._lock:
+            self._reading += 1
+        try:
+            return self._next_chunk()
+        finally:
+            with self._lock:
+                self._reading -= 1
+
+    def _next_chunk(self) -> str:
+        while not self._finished:
+            try:
+                event = next(self._events)
+            except StopIteration:
+                self._finish()
+                if self.cancelled:
+                    raise
+                raise FabricError(
+                    f"stream {self.request_id} ended without a result"
+                ) from None
+            except Cancelled:
+                self._finish()
+                if self.cancelled:  # we asked for it: end quietly
+                    raise StopIteration from None
+                raise
+            except BaseException:
+                self._finish()
+                raise
+            if event.get("op") == "done":
+                self.result = parse_generation(event["result"])
+                self._finish()
+                break
+            chunk = self._absorb(event)
+            if chunk:
+                return chunk
+        raise StopIteration
+
+    def _absorb(self, event: dict[str, Any]) -> str:
+        self.token_ids.extend(int(t) for t in event.get("token_ids") or [])
+        if event.get("logprobs"):
+            self.logprobs.extend(float(x) for x in event["logprobs"])
+        chunk = str(event.get("text") or "")
+        self.text += chunk
+        return chunk
+
+    def _finish(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        self._source.close()
+
+    @property
+    def finished(self) -> bool:
+        """True once the stream has ended (done, failed, closed or cancelled)."""
+        return self._finished
+
+    def wait(self) -> GenerationResult:
+        """Read the rest of the stream and return the final result."""
+        for _ in self:
+            pass
+        if self.result is None:
+            raise FabricError(f"stream {self.request_id} was closed before it finished")
+        return self.result
+
+    def cancel(self) -> str:
+        """Stop the request at the server now; returns what it was (queued/running/done/...).
+
+        Safe to call from another thread while one is iterating.
+        """
+        if self._finished and not self.cancelled:
+            return "done"
+        was = self._source.cancel()
+        self.cancelled = True
+        with self._lock:
+            reading = self._reading > 0
+        # A thread blocked in __next__ owns the socket; it will see the server's final
+        # message and close it. Closing it here, from another thread, would not be safe.
+        if not reading:
+            self._finish()
+        return was
+
+    def close(self) -> None:
+        """Stop reading; if the request is still going, cancel it so the server frees it."""
+        if not self._finished:
+            try:
+                self.cancel()
+            finally:
+                self._finish()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

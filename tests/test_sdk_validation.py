@@ -1,0 +1,495 @@
+"""Bad input to the SDK fails fast, client-side, with the exact typed error.
+
+A ``Fabric`` whose transport refuses every call proves that the checks run before any round
+trip to a site. Stream bookkeeping (chunks, result, close/cancel) is tested with an in-memory
+event source.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+import fabric
+from fabric import (
+    Cancelled,
+    Fabric,
+    FabricError,
+    InvalidRequest,
+    Overloaded,
+    UnknownModel,
+)
+from fabric.client.results import decode_tensors, embeddings_from_results, parse_generation
+from fabric.client.streaming import Stream
+
+
+class RefusingTransport:
+    """A transport that fails the test if anything reaches it."""
+
+    site = "test"
+    can_reach_servers = True
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.calls.append(fn)
+        raise AssertionError(f"invalid input reached the transport ({fn})")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fab() -> Fabric:
+    return Fabric(transport=RefusingTransport(), on_status=None)
+
+
+def result_dict(text: str = "hi") -> dict[str, Any]:
+    return {
+        "request_id": "r1",
+        "model": {"name": "m", "version": "1", "sha256": "ab" * 32},
+        "text": text, "token_ids": [1, 2], "finish_reason": "length",
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+        "timings": {"queue_s": 0.0, "prefill_s": 0.1, "decode_s": 0.2, "total_s": 0.3},
+    }
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\t"])
+def test_empty_prompt(fab: Fabric, prompt: str) -> None:
+    with pytest.raises(InvalidRequest, match=r"^prompt is empty: give at least one"):
+        fab.generate(prompt)
+    with pytest.raises(InvalidRequest, match=r"^prompt is empty"):
+        fab.stream(prompt)
+
+
+@pytest.mark.parametrize(("prompt", "kind"), [
+    (None, "NoneType"), (5, "int"), (b"bytes", "bytes"), (["a"], "list"), ({"a": 1}, "dict"),
+])
+def test_non_string_prompt(fab: Fabric, prompt: Any, kind: str) -> None:
+    with pytest.raises(InvalidRequest, match=rf"^prompt must be a string, got {kind}$") as info:
+        fab.generate(prompt)
+    assert type(info.value) is InvalidRequest
+    assert info.value.details["field"] == "prompt"
+
+
+def test_other_text_inputs(fab: Fabric) -> None:
+    with pytest.raises(InvalidRequest, match=r"^continuation is empty"):
+        fab.logprobs("The sky is", "")
+    with pytest.raises(InvalidRequest, match=r"^prompt must be a string, got int"):
+        fab.hidden_states(3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match=r"^layers\[1\] must be an integer"):
+        fab.hidden_states("x", layers=[0, "last"])  # type: ignore[list-item]
+    with pytest.raises(InvalidRequest, match=r"^text is empty"):
+        fab.embed("")
+    with pytest.raises(InvalidRequest, match=r"^texts\[1\] must be a string, got int"):
+        fab.embed(["ok", 7])  # type: ignore[list-item]
+    with pytest.raises(InvalidRequest, match=r"^texts must be a string or a non-empty list"):
+        fab.embed([])
+    with pytest.raises(InvalidRequest, match=r"pooling"):
+        fab.embed("x", pooling="max")
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_tokens": 0}, r"^max_tokens must be positive, got 0$"),
+    ({"max_tokens": -3}, r"^max_tokens must be positive, got -3$"),
+    ({"max_tokens": True}, r"^max_tokens must be an integer, got bool True$"),
+    ({"max_tokens": 1.5}, r"^max_tokens must be an integer, got float 1.5$"),
+    ({"max_tokens": "5"}, r"^max_tokens must be an integer, got str '5'$"),
+    ({"temperature": -0.1}, r"^temperature must be in \[0.0, 100.0\], got -0.1$"),
+    ({"temperature": "hot"}, r"^temperature must be a number, got str 'hot'$"),
+    ({"top_p": 0}, r"^top_p must be in \(0.0, 1.0\], got 0$"),
+    ({"top_p": 1.5}, r"^top_p must be in \(0.0, 1.0\], got 1.5$"),
+    ({"top_k": -1}, r"^top_k must be >= 0, got -1$"),
+    ({"seed": "x"}, r"^seed must be an integer"),
+    ({"stop": [""]}, r"^stop must be a string or a list of non-empty strings$"),
+    ({"stop": 5}, r"^stop must be a string or a list"),
+    ({"logprobs": "yes"}, r"^logprobs must be True or False"),
+    ({"timeout": 0}, r"timeout"),
+    ({"model": ""}, r"^model must be a non-empty string, got ''$"),
+    ({"model": None}, r"^model must be a non-empty string, got None$"),
+    ({"version": ""}, r"^version must be a non-empty string"),
+])
+def test_bad_sampling(fab: Fabric, kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        fab.generate("hello", **kwargs)
+    with pytest.raises(InvalidRequest, match=message):
+        fab.stream("hello", **kwargs)
+    with pytest.raises(InvalidRequest, match=message):
+        fab.chat([{"role": "user", "content": "hello"}], **kwargs)
+
+
+# -- chat messages ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("messages", "message"), [
+    ([], r"^messages is empty"),
+    ("hello", r"^messages must be a list of .* got str$"),
+    ({"role": "user", "content": "x"}, r"^messages must be a list of .* got dict$"),
+    (None, r"^messages must be a list of .* got NoneType$"),
+    ([1], r"^messages\[0\] must be a dict with 'role' and 'content', got int$"),
+    ([{"role": "bob", "content": "x"}],
+     r"^messages\[0\]\.role must be one of system, user, assistant, tool, got 'bob'$"),
+    ([{"content": "x"}], r"^messages\[0\]\.role must be one of .* got None$"),
+    ([{"role": "user"}], r"^messages\[0\]\.content must be a string, got NoneType$"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}],
+     r"^messages\[1\]\.content must be a string, got int$"),
+    ([{"role": "user", "content": "x", "name": "n"}], r"^messages\[0\] has unknown keys"),
+    ([{"role": "system", "content": "be brief"}], r"^messages has no non-empty 'user' message"),
+    ([{"role": "user", "content": "  "}], r"^messages has no non-empty 'user' message"),
+])
+def test_bad_messages(fab: Fabric, messages: Any, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        fab.chat(messages)
+    if messages is not None:  # stream(messages=None) means "no messages given"
+        with pytest.raises(InvalidRequest, match=message):
+            fab.stream(messages=messages)
+
+
+def test_stream_needs_prompt_xor_messages(fab: Fabric) -> None:
+    with pytest.raises(InvalidRequest, match="exactly one of prompt or messages"):
+        fab.stream()
+    with pytest.raises(InvalidRequest, match="exactly one of prompt or messages"):
+        fab.stream("x", messages=[{"role": "user", "content": "x"}])
+
+
+# -- functions and deployments ----------------------------------------------------------------
+
+def test_submit_and_deploy_inputs(fab: Fabric) -> None:
+    with pytest.raises(InvalidRequest, match=r"^fn must be callable, got str$"):
+        fab.submit("print")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match=r"^model must be a non-empty string"):
+        fab.submit(print, model="")
+    with pytest.raises(InvalidRequest, match=r"^pp must be positive, got 0$"):
+        fab.deploy("smollm2-135m", pp=0)
+    with pytest.raises(InvalidRequest, match=r"^tp must be an integer"):
+        fab.deploy("smollm2-135m", tp=1.5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match=r"^deployment id must be a non-empty string"):
+        fab.undeploy("")
+    with pytest.raises(InvalidRequest, match="site must be a non-empty string"):
+        Fabric(site="")
+
+
+def test_nothing_reached_the_transport(fab: Fabric) -> None:
+    for call in (lambda: fab.generate(""), lambda: fab.chat([]), lambda: fab.embed([])):
+        with pytest.raises(InvalidRequest):
+            call()
+    transport = fab.transport
+    assert isinstance(transport, RefusingTransport) and transport.calls == []
+
+
+def test_constructing_fabric_opens_nothing() -> None:
+    fab = Fabric(site="no-such-site")
+    with pytest.raises(InvalidRequest):
+        fab.generate("")
+    assert fab._transport is None  # lazy: no endpoint started, no Globus login
+
+
+def test_package_exports() -> None:
+    assert fabric.Fabric is Fabric
+    assert issubclass(fabric.UnknownModel, fabric.InvalidRequest)
+    for name in fabric.__all__:
+        assert getattr(fabric, name) is not None
+    with pytest.raises(AttributeError):
+        _ = fabric.NoSuchThing
+
+
+def test_client_does_not_import_engine_or_globus() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, fabric; fabric.Fabric; import fabric.cli.main, fabric.cli.generate; "
+            "bad = [m for m in sys.modules if m.startswith(('fabric.engine', 'globus', 'torch',"
+            " 'parsl', 'deepspeed'))]; print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# -- typed errors from the site pass through unchanged -----------------------------------------
+
+class ErrorTransport(RefusingTransport):
+    """Every call fails the way the endpoint would fail it."""
+
+    def __init__(self, error: FabricError) -> None:
+        super().__init__()
+        self.error = error
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.calls.append(fn)
+        future: Future[Any] = Future()
+        future.set_exception(self.error)
+        return future
+
+
+def test_unknown_model_error_passes_through() -> None:
+    pytest.importorskip("fabric.endpoint.functions")
+    error = UnknownModel("unknown model 'gpt-9'; available: minilm-l6, smollm2-135m",
+                         model="gpt-9", available=["minilm-l6", "smollm2-135m"])
+    fab = Fabric(transport=ErrorTransport(error), on_status=None)
+    with pytest.raises(UnknownModel, match="available: minilm-l6, smollm2-135m") as info:
+        fab.generate("hi", model="gpt-9")
+    assert info.value.details["available"] == ["minilm-l6", "smollm2-135m"]
+
+
+# -- results ----------------------------------------------------------------------------------
+
+def test_parse_generation_and_tensors() -> None:
+    torch = pytest.importorskip("torch")
+    result = parse_generation(result_dict())
+    assert result.text == "hi" and result.model.sha256 == "ab" * 32
+    with pytest.raises(FabricError):
+        parse_generation("nope")  # type: ignore[arg-type]
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    wire = {"layers": {"-1": {"dtype": "float32", "shape": [2, 3], "data": t.numpy().tobytes()}},
+            "tokens": [1, 2]}
+    decoded = decode_tensors(wire)
+    assert torch.equal(decoded["layers"]["-1"], t) and decoded["tokens"] == [1, 2]
+    bf = t.to(torch.bfloat16)
+    wire_bf = {"dtype": "bfloat16", "shape": [2, 3], "data": bf.view(torch.int16).numpy().tobytes()}
+    assert torch.equal(decode_tensors(wire_bf), bf)
+    vectors = embeddings_from_results([{"embeddings": [[1.0, 0.0]]}, {"embeddings": [[0.0, 1.0]]}])
+    assert vectors.shape == (2, 2) and vectors.dtype.name == "float32"
+
+
+# -- Stream bookkeeping -----------------------------------------------------------------------
+
+class ListSource:
+    """Events from a list; optionally blocks after ``block_after`` events until cancelled."""
+
+    request_id = "r1"
+
+    def __init__(self, events: list[dict[str, Any]], block_after: int | None = None) -> None:
+        self._events = events
+        self._block_after = block_after
+        self.cancelled = threading.Event()
+        self.closed = 0
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        for i, event in enumerate(self._events):
+            if self._block_after is not None and i == self._block_after:
+                assert self.cancelled.wait(5)
+                raise Cancelled("request r1 was cancelled")
+            yield event
+
+    def cancel(self) -> str:
+        self.cancelled.set()
+        return "running"
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def _events(n: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [
+        {"op": "event", "index": i, "token_ids": [i], "text": f"t{i} ", "logprobs": None}
+        for i in range(n)
+    ]
+    out.append({"op": "done", "result": result_dict("".join(f"t{i} " for i in range(n)))})
+    return out
+
+
+def test_stream_concatenates_to_result() -> None:
+    source = ListSource(_events(4))
+    stream = Stream(source)
+    chunks = list(stream)
+    assert chunks == ["t0 ", "t1 ", "t2 ", "t3 "]
+    assert stream.result is not None and "".join(chunks) == stream.result.text == stream.text
+    assert stream.token_ids == [0, 1, 2, 3] and stream.finished and source.closed == 1
+    stream.close()  # after the end: no cancel, no second close
+    assert not source.cancelled.is_set() and source.closed == 1
+
+
+def test_stream_close_midway_cancels() -> None:
+    source = ListSource(_events(10))
+    with Stream(source) as stream:
+        assert next(stream) == "t0 "
+    assert source.cancelled.is_set() and stream.cancelled and stream.result is None
+    assert source.closed == 1
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+def test_stream_cancel_from_another_thread() -> None:
+    source = ListSource(_events(10), block_after=2)
+    stream = Stream(source)
+    got: list[str] = []
+
+    def read() -> None:
+        got.extend(stream)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    while len(got) < 2 and reader.is_alive():
+        reader.join(0.01)
+    assert stream.cancel() == "running"
+    reader.join(5)
+    assert not reader.is_alive() and got == ["t0 ", "t1 "] and stream.cancelled
+
+
+def test_stream_error_is_typed() -> None:
+    class Failing(ListSource):
+        def events(self) -> Iterator[dict[str, Any]]:
+            yield {"op": "event", "token_ids": [1], "text": "a"}
+            raise Overloaded("queue full", retry_after=1.5)
+
+    stream = Stream(Failing([]))
+    assert next(stream) == "a"
+    with pytest.raises(Overloaded) as info:
+        next(stream)
+    assert info.value.details["retry_after"] == 1.5 and stream.finished
+
+
+def test_stream_without_result_is_an_error() -> None:
+    stream = Stream(ListSource(_events(2)[:-1]))
+    with pytest.raises(FabricError, match="ended without a result"):
+        stream.wait()
+
+
+# -- status while waiting on a cold model server ------------------------------------------------
+
+class SlowSiteTransport(RefusingTransport):
+    """The request finishes after ``delay_s``; the site reports the deployment as loading."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.controls = 0
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.calls.append(fn)
+        future: Future[Any] = Future()
+        threading.Timer(self.delay_s, future.set_result, [result_dict()]).start()
+        return future
+
+    def control(self, op: str, timeout_s: float = 30.0, **fields: Any) -> dict[str, Any]:
+        self.controls += 1
+        state = "queued" if self.controls == 1 else "loading"
+        return {"deployments": [
+            {"id": "d-old", "model": "smollm2-135m", "version": "v", "state": "dead"},
+            {"id": "d-1", "model": "smollm2-135m", "version": "v", "state": state,
+             "job_id": "9", "queue_position": 1},
+        ][::-1]}
+
+
+def test_cold_start_reports_status_then_returns() -> None:
+    pytest.importorskip("fabric.endpoint.functions")
+    seen: list[dict[str, Any]] = []
+    transport = SlowSiteTransport(delay_s=0.6)
+    fab = Fabric(transport=transport, on_status=seen.append, status_interval_s=0.1)
+    assert fab.generate("hello").text == "hi"
+    assert seen and seen[0]["state"] == "queued" and seen[0]["id"] == "d-1"
+    assert {s["state"] for s in seen} <= {"queued", "loading"}
+    # A warm call (answered at once) asks nothing.
+    transport.delay_s, transport.controls, seen[:] = 0.0, 0, []
+    fab.generate("hello")
+    assert transport.controls == 0 and seen == []
+
+
+def test_status_printer_prints_each_change_once() -> None:
+    import io
+
+    from fabric.client.fabric import StatusPrinter
+
+    buf = io.StringIO()
+    printer = StatusPrinter(buf)
+    for state in ("absent", "queued", "queued", "loading", "ready"):
+        printer({"model": "m", "state": state, "queue_position": 3})
+    assert buf.getvalue().splitlines() == [
+        "fabric: m: launching a model server",
+        "fabric: m: queued in the batch scheduler, position 3",
+        "fabric: m: loading the model",
+        "fabric: m: ready",
+    ]
+
+
+def test_site_picks_its_transport(tmp_path: Any) -> None:
+    """A site definition with a Globus Compute endpoint id goes through Globus; one without
+    (the local site, a Slurm cluster on this machine) runs embedded. Opening either contacts
+    nothing."""
+    import yaml
+
+    from fabric.client.local import LocalTransport
+
+    pytest.importorskip("fabric.globus.transport")
+    from fabric.globus.transport import GlobusTransport
+
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "fabric.yaml").write_text(yaml.safe_dump({
+        "name": "remote", "endpoint_id": "0b7a2a4e-7b5e-4c1e-9f0e-8d6f3b1a2c3d",
+        "state_dir": str(tmp_path / "state")}))
+    fab = Fabric(site=str(remote))
+    assert isinstance(fab.transport, GlobusTransport) and not fab.transport.can_reach_servers
+    fab.close()
+    local = Fabric(site="local")
+    assert isinstance(local.transport, LocalTransport) and local.transport.can_reach_servers
+    local.close()
+
+
+# -- direct streams: silence is fine while the server is alive ---------------------------------
+
+class FakeServerClient:
+    """Stands in for ``ServerClient``: one event, a silence, then (if alive) the rest."""
+
+    alive = True
+    script: list[Any] = []
+
+    def __init__(self, address: str, public_key: str, timeout_s: float = 30.0) -> None:
+        self.closed = False
+
+    def submit(self, request: Any, ticket: str, stream: bool = False) -> None:
+        assert stream and ticket == "tk"
+
+    def events(self, request_id: str, timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
+        from fabric.errors import ModelServerUnavailable
+
+        while FakeServerClient.script:
+            item = FakeServerClient.script.pop(0)
+            if item == "silence":
+                raise ModelServerUnavailable("no answer within the timeout")
+            yield item
+            if item["op"] == "done":
+                return
+
+    def health(self, timeout_s: float | None = None) -> dict[str, Any]:
+        from fabric.errors import ModelServerUnavailable
+
+        if not FakeServerClient.alive:
+            raise ModelServerUnavailable("model server did not answer")
+        return {"op": "health", "state": "ready"}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("alive", [True, False])
+def test_direct_stream_survives_silence_only_while_server_answers(
+        monkeypatch: pytest.MonkeyPatch, alive: bool) -> None:
+    import fabric.serverclient
+    from fabric.client.checks import build_request
+    from fabric.client.streaming import DirectSource
+    from fabric.errors import ModelServerUnavailable
+
+    monkeypatch.setattr(fabric.serverclient, "ServerClient", FakeServerClient)
+    FakeServerClient.alive = alive
+    FakeServerClient.script = [
+        {"op": "event", "token_ids": [1], "text": "a"}, "silence",
+        {"op": "event", "token_ids": [2], "text": "b"}, {"op": "done", "result": result_dict()},
+    ]
+    request = build_request("generate", model="m", prompt="x")
+    info = {"request_id": request.request_id, "address": "tcp://x", "public_key": "k",
+            "ticket": "tk"}
+    stream = Stream(DirectSource(info, request, silence_s=0.01))
+    if alive:
+        assert list(stream) == ["a", "b"] and stream.result is not None
+    else:
+        assert next(stream) == "a"
+        with pytest.raises(ModelServerUnavailable):
+            next(stream)
