@@ -1,1 +1,109 @@
-"""Fixtures (filled in by its owner)."""
+"""A real local site for tests: its definition in a temp dir, and the site process itself.
+
+``site_dir`` writes a site definition (``fabric.yaml``) serving the tiny random Llama as
+``tiny-llama`` (a ``path`` catalog entry), with a short idle timeout and its state dir inside the
+temp folder. ``local_site`` (session scope) starts the site process once, exactly as
+``fabric endpoint start`` does, and stops it (and every model server it launched) at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_MODEL = "tiny-llama"
+
+
+def write_site(folder: Path, *, name: str = "test-local", model_dir: Path | None = None,
+               idle_timeout_s: float = 120.0, workers: int = 2,
+               allow_user_functions: bool = True, **extra: Any) -> Path:
+    """Write ``folder/fabric.yaml`` (state dir ``folder/state``); returns ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {
+        "name": name,
+        "description": "temporary site for tests",
+        "state_dir": str(folder / "state"),
+        "max_request_workers": workers,
+        "allow_user_functions": allow_user_functions,
+        "jobs": {"provider": {"type": "LocalProvider", "init_blocks": 0, "min_blocks": 0,
+                              "max_blocks": 1},
+                 "launcher": {"type": "SingleNodeLauncher"}, "walltime": "01:00:00"},
+        "server": {"idle_timeout_s": idle_timeout_s, "ready_timeout_s": 300,
+                   "kv_budget_tokens": 4096, "threads_per_rank": 1},
+        "models": [],
+        "extra_models": [],
+    }
+    if model_dir is not None:
+        data["models"] = [{"name": TINY_MODEL, "plan": {"pp": 1, "tp": 1}}]
+        data["extra_models"] = [{
+            "name": TINY_MODEL, "version": "test", "family": "causal-lm",
+            "source": {"kind": "path", "path": str(model_dir)},
+            "description": "tiny random Llama for tests", "params": 100_000,
+        }]
+    data.update(extra)
+    (folder / "fabric.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def site_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """A temp site definition serving ``tiny-llama``; its state dir is ``site_dir / "state"``."""
+    return write_site(tmp_path_factory.mktemp("site"), model_dir=tiny_llama_dir)
+
+
+@dataclass
+class LocalSite:
+    """A running site process started for the tests."""
+
+    site_dir: Path
+    state_dir: Path
+    info: dict[str, Any]
+
+    def transport(self) -> Any:
+        """A new ``LocalTransport`` to this site (close it when done)."""
+        from fabric.client.local import LocalTransport
+
+        return LocalTransport(site=str(self.site_dir), state_dir=self.state_dir,
+                              autostart=False)
+
+
+@pytest.fixture(scope="session")
+def local_site(site_dir: Path) -> Iterator[LocalSite]:
+    """The site process (started once per session, stopped with its model servers at the end).
+
+    Functions defined in test modules are shipped by reference (Globus Compute's default code
+    serializer), so the site's workers get the repository root on ``PYTHONPATH``.
+    """
+    from fabric.client.local import start_site, stop_site
+
+    state_dir = site_dir / "state"
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), old) if p)
+    try:
+        info = start_site(str(site_dir), state_dir, timeout_s=300)
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+    try:
+        yield LocalSite(site_dir, state_dir, info)
+    finally:
+        stop_site(str(site_dir), state_dir, all=True, timeout_s=60)
+
+
+@pytest.fixture
+def site_transport(local_site: LocalSite) -> Iterator[Any]:
+    """A ``LocalTransport`` to the session's site, closed after the test."""
+    transport = local_site.transport()
+    try:
+        yield transport
+    finally:
+        transport.close()

@@ -1,0 +1,360 @@
+"""``LocalTransport``: the SDK's way into the embedded local site (started on demand).
+
+The site runs in its own background process (``fabric.endpoint.site``); this module finds it
+through ``<state_dir>/endpoint.json``, starting it first if it is not running (as Ollama does),
+and sends it Globus Compute task messages over one CURVE-encrypted DEALER socket. A single I/O
+thread owns that socket (ZMQ sockets are not thread-safe); ``submit`` from any thread hands it a
+message through a queue and a wake-up pipe and returns a ``Future`` at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from fabric.client import gcwire
+from fabric.errors import EndpointError, FabricError, InvalidRequest
+
+INFO_FILE = "endpoint.json"
+TASK, RESULT, CONTROL = b"T", b"R", b"C"
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+"""Site processes this process started (so their exit is seen, not left as zombies)."""
+
+
+def resolve_site(site: str = "local", state_dir: str | Path | None = None
+                 ) -> tuple[Any, str, Path]:
+    """``(SiteConfig, reference for the site process, state dir)`` for a site name or path."""
+    from fabric.sites import load_site
+
+    ref = str(Path(site).resolve()) if Path(site).exists() else site
+    cfg = load_site(ref)
+    folder = Path(state_dir).expanduser() if state_dir else cfg.resolved_state_dir()
+    return cfg, ref, folder.resolve()
+
+
+def read_info(state_dir: Path) -> dict[str, Any] | None:
+    """The running site's ``endpoint.json``, or None if no live site owns ``state_dir``."""
+    try:
+        info = json.loads((Path(state_dir) / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not _pid_alive(int(info.get("pid", 0))):
+        return None
+    return info
+
+
+def start_site(site: str = "local", state_dir: str | Path | None = None,
+               timeout_s: float = 180.0) -> dict[str, Any]:
+    """Start the site in the background unless it runs; returns its ``endpoint.json``.
+
+    Raises ``EndpointError`` saying why (with the site log's tail) if it cannot start.
+    """
+    cfg, ref, folder = resolve_site(site, state_dir)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Two clients auto-starting at once: the second waits here and then finds the first's site.
+    with (folder / "start.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info = read_info(folder)
+        if info is not None:
+            return info
+        log_path = folder / "logs" / "site.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        with log_path.open("ab") as log:
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "fabric.endpoint.site", "--site", ref,
+                     "--state-dir", str(folder)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,  # outlives this client, ignores its Ctrl-C
+                )
+            except OSError as exc:
+                raise EndpointError(f"cannot start the {cfg.name} site: {exc}") from None
+        _CHILDREN[proc.pid] = proc
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            rc = proc.poll()
+            if rc is not None:
+                raise EndpointError(
+                    f"the {cfg.name} site exited (code {rc}) before it was ready: "
+                    f"{_tail(log_path, offset)}", log=str(log_path), exit_code=rc)
+            info = read_info(folder)
+            if info is not None and info.get("pid") == proc.pid:
+                return info
+            time.sleep(0.1)
+        proc.kill()
+        raise EndpointError(f"the {cfg.name} site did not start within {timeout_s:.0f} s: "
+                            f"{_tail(log_path, offset)}", log=str(log_path))
+
+
+def site_status(site: str = "local", state_dir: str | Path | None = None,
+                timeout_s: float = 30.0, health: bool = True) -> dict[str, Any] | None:
+    """The running site's status (pid, address, state dir, deployments), or None if down."""
+    _, _, folder = resolve_site(site, state_dir)
+    info = read_info(folder)
+    if info is None:
+        return None
+    return _control(info, {"op": "status", "health": health}, timeout_s)
+
+
+def stop_site(site: str = "local", state_dir: str | Path | None = None, all: bool = False,
+              timeout_s: float = 60.0) -> dict[str, Any] | None:
+    """Stop the running site (``all``: undeploy its model servers first); None if it was down."""
+    _, _, folder = resolve_site(site, state_dir)
+    info = read_info(folder)
+    if info is None:
+        return None
+    pid = int(info["pid"])
+    try:
+        reply = _control(info, {"op": "stop", "all": all}, timeout_s)
+    except EndpointError:
+        reply = {"op": "stop", "note": "site did not answer; sent SIGTERM"}
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            reply["killed"] = True
+            break
+        time.sleep(0.1)
+    return reply
+
+
+class LocalTransport:
+    """Runs endpoint functions in the local site's request workers (a ``Transport``)."""
+
+    can_reach_servers = True
+    """Model servers bind on this machine: streams go to them directly."""
+
+    def __init__(self, site: str = "local", state_dir: str | Path | None = None,
+                 autostart: bool = True, start_timeout_s: float = 180.0) -> None:
+        cfg, self._ref, self.state_dir = resolve_site(site, state_dir)
+        self.site: str = cfg.name
+        self.autostart = autostart
+        self.start_timeout_s = start_timeout_s
+        self.info: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._futures: dict[str, Future[Any]] = {}
+        self._outbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+
+    # -- Transport ------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run ``fn(*args, **kwargs)`` in a request worker; the future holds its value."""
+        try:
+            task_id, packed = gcwire.pack_task(fn, args, kwargs)
+        except Exception as exc:
+            raise InvalidRequest(f"cannot serialise {getattr(fn, '__name__', fn)!r} or its "
+                                 f"arguments: {exc}") from None
+        fut: Future[Any] = Future()
+        fut.task_id = str(task_id)  # type: ignore[attr-defined]
+        self._send(str(task_id), fut, [TASK, packed])
+        return fut
+
+    def control(self, op: str, timeout_s: float = 30.0, **fields: Any) -> dict[str, Any]:
+        """A control request to the site (``status``, ``ping``, ``stop``)."""
+        key = f"c{next(self._ids)}"
+        fut: Future[Any] = Future()
+        self._send(key, fut, [CONTROL, _pack({"op": op, "id": key, **fields})])
+        return dict(fut.result(timeout_s))
+
+    def close(self) -> None:
+        """Stop the I/O thread; pending futures fail with ``EndpointError``."""
+        self._closing.set()
+        self._wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5.0)
+        self._fail_all(EndpointError("transport closed"))
+        if (thread is None or not thread.is_alive()) and self._wake_r >= 0:
+            # Once only: a second close must not close descriptors reused by someone else.
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> LocalTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _send(self, key: str, fut: Future[Any], frames: list[bytes]) -> None:
+        self._connect()
+        with self._lock:
+            self._futures[key] = fut
+        self._outbox.put(frames)
+        self._wake()
+
+    def _connect(self) -> None:
+        with self._lock:
+            if self._closing.is_set():
+                raise EndpointError("transport is closed")
+            if self._thread is not None and self._thread.is_alive():
+                return
+            info = read_info(self.state_dir)
+            if info is None:
+                if not self.autostart:
+                    raise EndpointError(f"the {self.site} site is not running; start it with "
+                                        "`fabric endpoint start`", state_dir=str(self.state_dir))
+                info = start_site(self._ref, self.state_dir, self.start_timeout_s)
+            self.info = info
+            ready = threading.Event()
+            self._thread = threading.Thread(target=self._io_loop, args=(info, ready),
+                                            daemon=True, name="fabric-local-transport")
+            self._thread.start()
+            ready.wait(10.0)
+
+    def _io_loop(self, info: dict[str, Any], ready: threading.Event) -> None:
+        sock = _dealer(info)
+        ready.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_check = time.monotonic() + 1.0
+        try:
+            while not self._closing.is_set():
+                events = dict(poller.poll(500))
+                if self._wake_r in events:
+                    os.read(self._wake_r, 65536)
+                while True:
+                    try:
+                        sock.send_multipart(self._outbox.get_nowait())
+                    except queue.Empty:
+                        break
+                if sock in events:
+                    while True:
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._deliver(frames)
+                if time.monotonic() > next_check:
+                    next_check = time.monotonic() + 1.0
+                    if not _pid_alive(int(info["pid"])):
+                        # The site died: fail what is pending; the next submit restarts it.
+                        self._fail_all(EndpointError(
+                            f"the {self.site} site (pid {info['pid']}) exited; see "
+                            f"{info.get('log')}", log=info.get("log")))
+                        return
+        finally:
+            sock.close(0)
+
+    def _deliver(self, frames: list[bytes]) -> None:
+        if frames[0] == RESULT and len(frames) == 3:
+            with self._lock:
+                fut = self._futures.pop(frames[1].decode(), None)
+            if fut is None:
+                return
+            try:
+                fut.set_result(gcwire.unpack_result(frames[2]))
+            except FabricError as exc:
+                fut.set_exception(exc)
+            except Exception as exc:  # deserialising the value failed on this side
+                fut.set_exception(EndpointError(f"cannot read the result: {exc}"))
+        elif frames[0] == CONTROL and len(frames) == 2:
+            reply = msgpack.unpackb(frames[1], raw=False)
+            with self._lock:
+                fut = self._futures.pop(str(reply.get("id")), None)
+            if fut is None:
+                return
+            if reply.get("error"):
+                fut.set_exception(EndpointError(f"site control {reply.get('op')} failed: "
+                                                f"{reply['error']}"))
+            else:
+                fut.set_result(reply)
+
+    def _fail_all(self, err: FabricError) -> None:
+        with self._lock:
+            pending, self._futures = self._futures, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+
+    def _wake(self) -> None:
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+
+def _dealer(info: dict[str, Any]) -> Any:
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    public, secret = zmq.curve_keypair()
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.curve_serverkey = str(info["public_key"]).encode()
+    sock.linger = 0
+    sock.connect(str(info["address"]))
+    return sock
+
+
+def _control(info: dict[str, Any], msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """One control round trip on a fresh socket (for the CLI; no I/O thread)."""
+    sock = _dealer(info)
+    try:
+        sock.send_multipart([CONTROL, _pack({**msg, "id": "cli"})])
+        if not sock.poll(int(timeout_s * 1000)):
+            raise EndpointError(f"the site (pid {info.get('pid')}) did not answer "
+                                f"{msg['op']!r} within {timeout_s:.0f} s")
+        frames = sock.recv_multipart()
+    finally:
+        sock.close(0)
+    reply = dict(msgpack.unpackb(frames[-1], raw=False))
+    if reply.get("error"):
+        raise EndpointError(f"site control {msg['op']} failed: {reply['error']}")
+    return reply
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is not None:
+        return False  # our own child has exited (reaped here, not left a zombie)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tail(path: Path, offset: int = 0, lines: int = 15) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return "(no log)"
+    kept = [ln for ln in text.strip().splitlines() if ln.strip()][-lines:]
+    return "\n".join(kept) if kept else f"(log {path} is empty)"
+
+
+def _pack(msg: dict[str, Any]) -> bytes:
+    return bytes(msgpack.packb(msg, use_bin_type=True, default=str))

@@ -1,0 +1,132 @@
+"""Globus Compute's task/result messages, through a real ``GlobusComputeEngine`` (Parsl HTEX)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from globus_compute_common import messagepack
+from globus_compute_common.messagepack.message_types import Task
+from globus_compute_sdk.serialize import ComputeSerializer
+
+from fabric.client import gcwire
+from fabric.errors import (
+    EndpointError,
+    FabricError,
+    Overloaded,
+    ResultTooLarge,
+    UnknownModel,
+    UserFunctionError,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# Module-level so that the default code serializer ships them by reference (as the SDK ships
+# the fabric's endpoint functions).
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def raise_value_error() -> None:
+    raise ValueError("the user's own bug")
+
+
+def typed_error_envelope() -> dict[str, Any]:
+    return gcwire.error(Overloaded("queue full", retry_after=2.5))
+
+
+def huge_result() -> bytes:
+    return b"x" * (11 * 1024 * 1024)
+
+
+def test_task_buffer_is_what_the_sdk_sends() -> None:
+    """Three buffers (function, args, kwargs), exactly as the endpoint unpacks them."""
+    task_id, packed = gcwire.pack_task(add, (1,), {"b": 2})
+    task = messagepack.unpack(packed)
+    assert isinstance(task, Task) and task.task_id == task_id
+    fn, args, kwargs = ComputeSerializer().unpack_and_deserialize(task.task_buffer)
+    assert fn is add and args == (1,) and kwargs == {"b": 2}
+    # The function part is the same bytes Client.register_function would upload.
+    serde = ComputeSerializer()
+    assert task.task_buffer.startswith(serde.pack_buffers([serde.serialize(add)]))
+    assert gcwire.task_id_of(packed) == task_id
+
+
+def test_unwrap_envelopes() -> None:
+    assert gcwire.unwrap(gcwire.ok({"x": 1})) == {"x": 1}
+    assert gcwire.unwrap({"plain": "dict"}) == {"plain": "dict"}
+    with pytest.raises(UnknownModel) as info:
+        gcwire.unwrap(gcwire.error(UnknownModel("no such model", available=["a", "b"])))
+    assert info.value.details["available"] == ["a", "b"]
+
+
+def test_unpack_rejects_other_messages() -> None:
+    _, packed = gcwire.pack_task(add, (1,))
+    with pytest.raises(EndpointError):
+        gcwire.unpack_result(packed)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A standalone GlobusComputeEngine with local HTEX workers (as the site runs it)."""
+    from globus_compute_endpoint.engines import GlobusComputeEngine
+    from parsl.providers import LocalProvider
+
+    old_path, old_pp = os.environ["PATH"], os.environ.get("PYTHONPATH")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{old_path}"
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), old_pp) if p)
+    eng = GlobusComputeEngine(
+        provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
+        max_workers_per_node=1, address="127.0.0.1",
+        job_status_kwargs={"strategy_period": 0.5, "max_idletime": 600.0},
+    )
+    eng.start(endpoint_id=uuid.uuid4(), run_dir=str(tmp_path_factory.mktemp("gce")))
+    try:
+        yield eng
+    finally:
+        eng.shutdown()
+        os.environ["PATH"] = old_path
+        if old_pp is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_pp
+
+
+def run(engine: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from globus_compute_endpoint.engines.base import GCFuture
+
+    task_id, packed = gcwire.pack_task(fn, args, kwargs)
+    fut = GCFuture(task_id)
+    engine.submit(fut, packed, resource_specification={})
+    return gcwire.unpack_result(fut.result(timeout=180))
+
+
+def test_round_trip_through_engine(engine: Any) -> None:
+    assert run(engine, add, 2, b=40) == 42
+    assert run(engine, os.getpid) != os.getpid()  # really ran in a worker process
+
+
+def test_remote_fabric_error_is_reraised_typed(engine: Any) -> None:
+    with pytest.raises(Overloaded) as info:
+        run(engine, typed_error_envelope)
+    assert info.value.details["retry_after"] == 2.5
+    assert info.value.retryable
+
+
+def test_user_exception_comes_back_with_traceback(engine: Any) -> None:
+    with pytest.raises(UserFunctionError) as info:
+        run(engine, raise_value_error)
+    assert "the user's own bug" in info.value.message
+    assert "raise_value_error" in info.value.details["traceback"]
+    assert isinstance(info.value, FabricError)
+
+
+def test_oversized_result_is_typed(engine: Any) -> None:
+    with pytest.raises(ResultTooLarge):
+        run(engine, huge_result)

@@ -1,0 +1,219 @@
+"""The local site process: start, status, tasks through its GlobusComputeEngine, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fabric.client import gcwire
+from fabric.client.local import LocalTransport, read_info, site_status, start_site, stop_site
+from fabric.endpoint import functions
+from fabric.errors import (
+    EndpointError,
+    FunctionNotAllowed,
+    InvalidRequest,
+    UnknownModel,
+    UserFunctionError,
+)
+from tests.plugins.site import LocalSite, write_site
+
+
+# Shipped by reference: the site's workers import this module (PYTHONPATH has the repo root).
+def worker_pid() -> int:
+    return os.getpid()
+
+
+def worker_env() -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in (functions.SITE_ENV, functions.STATE_DIR_ENV)}
+
+
+def user_fn_raises(handle: Any, x: int) -> int:
+    return 1 // x
+
+
+def user_fn_returns_generator(handle: Any) -> Any:
+    return (i for i in range(3))  # generators cannot be pickled, even by dill
+
+
+def user_fn_ok(handle: Any, a: int, *, b: int) -> dict[str, Any]:
+    return {"sum": a + b, "handle": repr(handle)}
+
+
+def test_endpoint_json_and_keys_are_private(local_site: LocalSite) -> None:
+    info_file = local_site.state_dir / "endpoint.json"
+    assert stat.S_IMODE(info_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((local_site.state_dir / "keys" / "endpoint.json").stat().st_mode) == 0o600
+    info = json.loads(info_file.read_text())
+    assert info["pid"] == local_site.info["pid"] != os.getpid()
+    assert info["address"].startswith("tcp://127.0.0.1:")
+    assert info["state_dir"] == str(local_site.state_dir.resolve())
+
+
+def test_status_reports_pid_address_and_deployments(local_site: LocalSite) -> None:
+    status = site_status(str(local_site.site_dir), local_site.state_dir)
+    assert status is not None
+    assert status["pid"] == local_site.info["pid"]
+    assert status["address"] == local_site.info["address"]
+    assert status["state_dir"] == str(local_site.state_dir.resolve())
+    assert isinstance(status["deployments"], list)
+
+
+def test_task_runs_in_a_worker_with_the_site_env(site_transport: LocalTransport,
+                                                 local_site: LocalSite) -> None:
+    pid = site_transport.submit(worker_pid).result(timeout=120)
+    assert pid not in (os.getpid(), local_site.info["pid"])
+    env = site_transport.submit(worker_env).result(timeout=60)
+    assert env[functions.STATE_DIR_ENV] == str(local_site.state_dir.resolve())
+    assert Path(str(env[functions.SITE_ENV])) == local_site.site_dir.resolve()
+
+
+def test_many_threads_share_one_transport(site_transport: LocalTransport) -> None:
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        value = site_transport.submit(worker_pid).result(timeout=120)
+        with lock:
+            results.append(value)
+
+    threads = [threading.Thread(target=call) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 16 and all(isinstance(r, int) for r in results)
+
+
+def test_remote_fabric_errors_are_typed(site_transport: LocalTransport) -> None:
+    with pytest.raises(UnknownModel) as info:
+        site_transport.submit(functions.run_request,
+                              {"model": "no-such-model", "prompt": "hi"}).result(timeout=120)
+    assert "tiny-llama" in info.value.details["available"]
+    with pytest.raises(InvalidRequest, match="prompt"):
+        site_transport.submit(functions.run_request,
+                              {"model": "tiny-llama", "prompt": "  "}).result(timeout=60)
+    with pytest.raises(InvalidRequest, match="max_tokens"):
+        site_transport.submit(functions.run_request, {
+            "model": "tiny-llama", "prompt": "hi", "sampling": {"max_tokens": 0},
+        }).result(timeout=60)
+
+
+def test_user_function_errors(site_transport: LocalTransport) -> None:
+    ok = site_transport.submit(functions.run_user_function, user_fn_ok, (2,), {"b": 3}, None)
+    assert ok.result(timeout=120)["sum"] == 5
+    with pytest.raises(UserFunctionError) as info:
+        site_transport.submit(functions.run_user_function, user_fn_raises, (0,), {},
+                              None).result(timeout=60)
+    assert "ZeroDivisionError" in info.value.message
+    assert "user_fn_raises" in info.value.details["traceback"]
+    with pytest.raises(UserFunctionError, match="cannot be serialised"):
+        site_transport.submit(functions.run_user_function, user_fn_returns_generator, (), {},
+                              None).result(timeout=60)
+    # The site keeps serving after each of these.
+    assert isinstance(site_transport.submit(worker_pid).result(timeout=60), int)
+
+
+def test_models_are_listed(site_transport: LocalTransport) -> None:
+    models = {m["name"]: m for m in site_transport.submit(functions.list_models).result(60)}
+    assert {"smollm2-135m", "minilm-l6", "tiny-llama"} <= set(models)
+    assert models["tiny-llama"]["hosted"] and models["smollm2-135m"]["size"] == "135M"
+
+
+def test_cli_status(local_site: LocalSite, capsys: pytest.CaptureFixture[str]) -> None:
+    from fabric.cli.endpoint import main
+
+    assert main(["endpoint", "status", "--site", str(local_site.site_dir),
+                 "--state-dir", str(local_site.state_dir)]) == 0
+    out = capsys.readouterr().out
+    assert str(local_site.info["pid"]) in out and local_site.info["address"] in out
+
+
+def test_user_functions_refused_where_not_allowed(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The endpoint function itself (called in-process, as a worker would)."""
+    folder = write_site(tmp_path / "closed", allow_user_functions=False)
+    monkeypatch.setenv(functions.SITE_ENV, str(folder))
+    monkeypatch.setenv(functions.STATE_DIR_ENV, str(folder / "state"))
+    reply = functions.run_user_function(user_fn_ok, (1,), {"b": 1}, None)
+    with pytest.raises(FunctionNotAllowed):
+        gcwire.unwrap(reply)
+
+
+def test_site_that_cannot_start_says_why(tmp_path: Path) -> None:
+    folder = write_site(tmp_path / "broken")
+    keys = folder / "state" / "keys" / "endpoint.json"
+    keys.parent.mkdir(parents=True)
+    keys.write_text("{not json")
+    with pytest.raises(EndpointError) as info:
+        start_site(str(folder), folder / "state", timeout_s=120)
+    assert "exited" in info.value.message and "JSONDecodeError" in info.value.message
+    with pytest.raises(EndpointError, match="not running"):
+        LocalTransport(site=str(folder), autostart=False).submit(worker_pid)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line mentions ``text`` (leak check for the site's engine)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def _wait_for(check: Any, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return bool(check())
+
+
+def test_autostart_sigterm_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A transport starts a stopped site on first use; SIGTERM and ``endpoint stop`` end it
+    cleanly (no endpoint.json, no engine processes left behind)."""
+    from fabric.cli.endpoint import main
+
+    folder = write_site(tmp_path / "auto", workers=1)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    transport = LocalTransport(site=str(folder))
+    try:
+        assert isinstance(transport.submit(worker_pid).result(timeout=180), int)
+        info = read_info(folder / "state")
+        assert info is not None and transport.info is not None
+        assert info["pid"] == transport.info["pid"]
+        os.kill(info["pid"], signal.SIGTERM)
+        assert _wait_for(lambda: read_info(folder / "state") is None)
+        # The transport notices the site is gone: pending and new calls fail, typed.
+        with pytest.raises(EndpointError):
+            LocalTransport(site=str(folder), autostart=False).submit(worker_pid)
+    finally:
+        transport.close()
+    assert not (folder / "state" / "endpoint.json").exists()
+    assert _wait_for(lambda: not _processes_mentioning(str(folder)), 30)
+
+    assert main(["endpoint", "start", "--site", str(folder)]) == 0
+    assert "started" in capsys.readouterr().out
+    assert main(["endpoint", "status", "--site", str(folder)]) == 0
+    assert "deployments none" in capsys.readouterr().out
+    assert main(["endpoint", "stop", "--site", str(folder)]) == 0
+    assert "stopped" in capsys.readouterr().out
+    assert read_info(folder / "state") is None
+    assert stop_site(str(folder)) is None
+    assert main(["endpoint", "status", "--site", str(folder)]) == 3
+    assert _wait_for(lambda: not _processes_mentioning(str(folder)), 30)
