@@ -26,7 +26,6 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -245,7 +244,7 @@ class DeploymentManager:
             return self._launch(entry, plan or self._default_plan(entry), weights)
 
     def _launch(self, entry: CatalogEntry, plan: Plan, weights: Any) -> Deployment:
-        from fabric.engine.launch import ServerLaunchConfig
+        from fabric.engine.launch import ServerLaunchConfig, server_command, threads_per_rank
 
         dep_id = Deployment.new_id()
         folder = self.state_dir / "servers" / dep_id
@@ -263,12 +262,14 @@ class DeploymentManager:
             sha256=weights.sha256, plan=plan, server=self.site.server,
             state_dir=str(self.state_dir), ticket_key_path=str(self.state_dir / "ticket.key"),
             curve_dir=str(self.state_dir / "curve"), master_port=_free_port(),
-            info_path=dep.info_path,
+            master_addr="auto" if plan.nodes > 1 else "127.0.0.1", info_path=dep.info_path,
         )
         config_path = folder / "launch.json"
         config.write(config_path)
         self.db.insert(dep)
-        command = f"{sys.executable} -m fabric.engine.server {config_path}"
+        per_node = -(-plan.ranks // plan.nodes)
+        command = server_command(config_path,
+                                 threads_per_rank(self.site.server.threads_per_rank, per_node))
         try:
             job_id = self.launcher().submit(command, ranks=plan.ranks, nodes=plan.nodes,
                                             job_name=_job_name(dep_id))

@@ -87,10 +87,28 @@ class Groups:
     """This stage's tensor-parallel group (``None`` when tp == 1)."""
 
 
+def resolve_master(addr: str) -> str:
+    """The rendezvous host: ``addr`` itself, or for ``auto`` the job's first node."""
+    if addr != "auto":
+        return addr
+    import subprocess
+
+    if os.environ.get("SLURM_JOB_NODELIST"):
+        out = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                             capture_output=True, text=True, check=True).stdout
+        return out.split()[0]
+    nodefile = os.environ.get("PBS_NODEFILE")
+    if nodefile:
+        with open(nodefile) as fh:
+            return fh.readline().strip()
+    return "127.0.0.1"
+
+
 def init_groups(info: RankInfo, master_addr: str, master_port: int, backend: str) -> Groups:
     """Join the job's process group and build one tp group per stage."""
     if info.world == 1:
         return Groups(tp_group=None)
+    master_addr = resolve_master(master_addr)
     if master_addr in ("127.0.0.1", "localhost"):
         # gloo otherwise picks the interface of the host name, which may not be loopback.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -46,7 +46,8 @@ class ServerLaunchConfig(BaseModel):
     advertise_host: str | None = None
     """Host name clients use to connect; default: ``bind_host`` or this node's name."""
     master_addr: str = "127.0.0.1"
-    """torch.distributed rendezvous host (rank 0's node; srun/mpiexec jobs resolve it)."""
+    """torch.distributed rendezvous host; ``auto``: the job's first node (from
+    ``SLURM_JOB_NODELIST`` or ``PBS_NODEFILE``), for jobs spanning nodes."""
     master_port: int = 29500
     """torch.distributed rendezvous port."""
     info_path: str

@@ -149,6 +149,7 @@ class StageModel(nn.Module):
                 self._capture(plan, i + 1, x)
         return x
 
+    @torch.no_grad()
     def head_outputs(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
         """Final norm (captured as the last hidden state) and logits of the rows that need them.
 

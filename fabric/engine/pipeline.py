@@ -54,7 +54,9 @@ class _Wire:
         rows = 0 if tensor is None else tensor.shape[0]
         header = torch.tensor([kind, payload.numel(), rows], dtype=torch.int64)
         # The receiver expects a hidden tensor only when rows > 0 (free-only steps have none).
-        parts = [header, payload] + ([tensor.float().contiguous()] if rows else [])
+        parts = [header, payload]
+        if tensor is not None and rows:
+            parts.append(tensor.float().contiguous())
         works = [dist.isend(p, dst) for p in parts]
         self._inflight.append((works, parts))
         self._prune()
