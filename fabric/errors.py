@@ -38,7 +38,7 @@ class InvalidRequest(FabricError):
 
 
 class UnknownModel(InvalidRequest):
-    """The model (or version) is not in the catalog; ``details['available']`` lists those that are."""
+    """The model (or version) is not in the catalog; ``details['available']`` lists the others."""
 
 
 class ContextLengthExceeded(InvalidRequest):
