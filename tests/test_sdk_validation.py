@@ -493,3 +493,10 @@ def test_direct_stream_survives_silence_only_while_server_answers(
         assert next(stream) == "a"
         with pytest.raises(ModelServerUnavailable):
             next(stream)
+
+
+def test_remote_site_without_endpoint_id_is_refused_not_run_locally() -> None:
+    from fabric import EndpointError, Fabric
+
+    with pytest.raises(EndpointError, match="endpoint_id is not set"):
+        _ = Fabric(site="polaris").transport

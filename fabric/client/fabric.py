@@ -38,7 +38,7 @@ from fabric.client.results import (
     parse_generation,
 )
 from fabric.client.streaming import DirectSource, EventSource, PollSource, Stream
-from fabric.errors import FabricError, InvalidRequest
+from fabric.errors import EndpointError, FabricError, InvalidRequest
 from fabric.protocol import GenerationResult, InferenceRequest
 
 if TYPE_CHECKING:
@@ -450,6 +450,14 @@ def _open_transport(site: str) -> Transport:
     from fabric.sites import load_site
 
     config = load_site(site)
+    if not config.endpoint_id and "endpoint_id" in config.template:
+        # A remote site's definition whose operator value is not filled in: running it
+        # embedded would try to submit PBS/Slurm jobs from this machine.
+        raise EndpointError(
+            f"site {config.name!r} is reached through Globus Compute but its endpoint_id is "
+            f"not set; put `endpoint_id: <uuid>` in endpoints/{config.name}/values.yaml "
+            "(the site operator prints it with `globus-compute-endpoint start`)",
+            site=config.name)
     if not config.endpoint_id:
         from fabric.client.local import LocalTransport
 
