@@ -1,0 +1,105 @@
+"""A pp=2 model server as a real Slurm job: serve, scancel, walltime expiry, relaunch."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from fabric import tickets
+from fabric.endpoint.deployments import DeploymentManager
+from fabric.endpoint.state import Deployment
+from fabric.protocol import InferenceRequest
+from fabric.serverclient import ServerClient
+from fabric.sites import load_site
+from tests.plugins.site import TINY_MODEL, write_site
+from tests.plugins.slurm import SlurmCluster
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+PROMPTS = ["The mitochondria is", "Proteins fold into"]
+
+
+def manager(folder: Path, tiny: Path, walltime: str) -> DeploymentManager:
+    write_site(folder, name="slurm-test", model_dir=tiny,
+               jobs={"provider": {"type": "SlurmProvider", "partition": "debug",
+                                  "exclusive": False, "cmd_timeout": 30},
+                     "launcher": {"type": "SrunLauncher"}, "walltime": walltime},
+               models=[{"name": TINY_MODEL, "plan": {"pp": 2, "tp": 1}}])
+    site = load_site(folder)
+    return DeploymentManager(site, site.resolved_state_dir())
+
+
+def hf_greedy(folder: Path, prompt: str, n: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return [int(t) for t in out[0, ids.shape[1]:]]
+
+
+def generate(mgr: DeploymentManager, dep: Deployment, prompt: str, n: int) -> list[int]:
+    assert dep.address and dep.public_key
+    ticket = tickets.issue(mgr.ticket_key(), model=TINY_MODEL)
+    with ServerClient(dep.address, dep.public_key) as client:
+        req = InferenceRequest(model=TINY_MODEL, prompt=prompt, sampling={"max_tokens": n})
+        client.submit(req, ticket)
+        return list(client.result(req.request_id, 120)["token_ids"])
+
+
+def wait_dead(mgr: DeploymentManager, dep: Deployment, timeout: float) -> Deployment:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dep = mgr.refresh(mgr.db.get(dep.id) or dep)
+        if dep.state == "dead":
+            return dep
+        time.sleep(1.0)
+    raise AssertionError(f"deployment {dep.id} still {dep.state} after {timeout} s")
+
+
+def test_pp2_server_as_slurm_job_serves_and_scancel_is_detected(
+        slurm: SlurmCluster, tmp_path: Path, tiny_llama_dir: Path) -> None:
+    mgr = manager(tmp_path / "site", tiny_llama_dir, "00:10:00")
+    entry = mgr.site.extra_models[0]
+    dep = mgr.ensure(entry, wait_s=300)
+    assert dep.job_id and dep.job_id.isdigit(), dep
+    assert dep.job_id in slurm.squeue("-h", "-t", "R", "-o", "%i").split()
+    assert dep.plan["pp"] == 2
+    for prompt in PROMPTS:
+        assert generate(mgr, dep, prompt, 8) == hf_greedy(tiny_llama_dir, prompt, 8)
+
+    import subprocess
+
+    subprocess.run(["scancel", dep.job_id], check=True)
+    dead = wait_dead(mgr, dep, 90)
+    assert dead.reason, dead
+    again = mgr.ensure(entry, wait_s=300)
+    assert again.id != dep.id and again.job_id != dep.job_id
+    assert generate(mgr, again, PROMPTS[0], 8) == hf_greedy(tiny_llama_dir, PROMPTS[0], 8)
+    mgr.undeploy(again.id)
+
+
+def test_walltime_expiry_marks_dead_and_next_request_relaunches(
+        slurm: SlurmCluster, tmp_path: Path, tiny_llama_dir: Path) -> None:
+    mgr = manager(tmp_path / "site", tiny_llama_dir, "00:01:00")
+    entry = mgr.site.extra_models[0]
+    dep = mgr.ensure(entry, wait_s=300)
+    assert dep.walltime == "00:01:00"
+    dead = wait_dead(mgr, dep, 180)
+    # The ranks see SIGTERM (and the record turns dead) while Slurm still says COMPLETING.
+    deadline, state = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        state = slurm.squeue("-h", "-t", "all", "-j", str(dep.job_id), "-o", "%T").strip()
+        if state != "COMPLETING":
+            break
+        time.sleep(1.0)
+    assert state == "TIMEOUT", (state, dead.reason)
+    again = mgr.ensure(entry, wait_s=300)
+    assert again.id != dep.id
+    assert generate(mgr, again, PROMPTS[1], 4) == hf_greedy(tiny_llama_dir, PROMPTS[1], 4)
+    mgr.undeploy(again.id)
