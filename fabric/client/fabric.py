@@ -39,7 +39,7 @@ from fabric.client.results import (
 )
 from fabric.client.streaming import DirectSource, EventSource, PollSource, Stream
 from fabric.errors import EndpointError, FabricError, InvalidRequest
-from fabric.protocol import GenerationResult, InferenceRequest
+from fabric.protocol import GenerationResult, Hook, InferenceRequest
 
 if TYPE_CHECKING:
     from fabric.client.transport import Transport
@@ -173,16 +173,18 @@ class Fabric:
     def generate(self, prompt: str, *, model: str = DEFAULT_MODEL, version: str | None = None,
                  max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
-                 logprobs: bool = False, timeout: float | None = None) -> GenerationResult:
+                 logprobs: bool = False, timeout: float | None = None,
+                 hooks: HookSpecs = None) -> GenerationResult:
         """Complete ``prompt``; returns text, token ids, finish reason, model identity, timings.
 
         Defaults are greedy decoding of up to 64 tokens. ``stop`` strings end the output before
-        them; ``timeout`` (seconds) is a deadline the server enforces.
+        them; ``timeout`` (seconds) is a deadline the server enforces. ``hooks`` are
+        declarative interventions for this request only (see docs/inference-modes.md).
         """
         request = build_request(
             "generate", model=model, version=version, prompt=check_prompt(prompt),
             sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs),
-            timeout=timeout,
+            timeout=timeout, hooks=_hooks(hooks),
         )
         return parse_generation(self._run(request))
 
@@ -190,13 +192,13 @@ class Fabric:
              version: str | None = None, max_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              stop: str | Sequence[str] = (), logprobs: bool = False,
-             timeout: float | None = None) -> GenerationResult:
+             timeout: float | None = None, hooks: HookSpecs = None) -> GenerationResult:
         """Answer a conversation (``[{"role": "user", "content": "..."}, ...]``) using the
         model's chat template; returns the assistant's reply as a ``GenerationResult``."""
         request = build_request(
             "generate", model=model, version=version, messages=check_messages(messages),
             sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs),
-            timeout=timeout,
+            timeout=timeout, hooks=_hooks(hooks),
         )
         return parse_generation(self._run(request))
 
@@ -204,7 +206,7 @@ class Fabric:
                model: str = DEFAULT_MODEL, version: str | None = None, max_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                seed: int | None = None, stop: str | Sequence[str] = (), logprobs: bool = False,
-               timeout: float | None = None) -> Stream:
+               timeout: float | None = None, hooks: HookSpecs = None) -> Stream:
         """Like ``generate`` (or ``chat`` with ``messages=``) but returns a ``Stream`` of text
         chunks as the server decodes them. Close it (or use ``with``) to stop early."""
         if (prompt is None) == (messages is None):
@@ -214,7 +216,7 @@ class Fabric:
             prompt=None if prompt is None else check_prompt(prompt),
             messages=None if messages is None else check_messages(messages),
             sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs),
-            timeout=timeout,
+            timeout=timeout, hooks=_hooks(hooks),
         )
         transport = self.transport
         mode = "direct" if transport.can_reach_servers else "poll"
@@ -234,20 +236,23 @@ class Fabric:
     # -- representations ----------------------------------------------------------------------
 
     def embed(self, texts: str | Sequence[str], *, model: str = DEFAULT_EMBED_MODEL,
-              version: str | None = None, layer: int = -1, pooling: str = "mean",
-              normalize: bool = True) -> Any:
+              version: str | None = None, layer: int | Sequence[int] = -1,
+              pooling: str = "mean", normalize: bool = True, hooks: HookSpecs = None) -> Any:
         """Embedding vectors as a float32 numpy array: shape ``(dim,)`` for one string,
         ``(len(texts), dim)`` for a list. ``pooling`` is mean/first/last over tokens of
-        ``layer``; vectors are L2-normalised unless ``normalize=False``."""
+        ``layer``; vectors are L2-normalised unless ``normalize=False``. With a list of layers
+        the result is ``{layer: array}`` with one array per layer, keyed as asked."""
         single = isinstance(texts, str)
         items = [texts] if single else texts
+        many_layers = not isinstance(layer, int)
+        layers = check_ints(layer, "layer") if many_layers else [check_int(layer, "layer")]
         if not isinstance(items, Sequence) or isinstance(items, bytes) or not items:
             raise InvalidRequest("texts must be a string or a non-empty list of strings")
         requests = [
             build_request(
                 "embed", model=model, version=version,
                 prompt=check_prompt(t, field=f"texts[{i}]" if not single else "text"),
-                layers=[check_int(layer, "layer")], pooling=pooling, normalize=normalize,
+                layers=layers, pooling=pooling, normalize=normalize, hooks=_hooks(hooks),
             )
             for i, t in enumerate(items)
         ]
@@ -260,27 +265,39 @@ class Fabric:
         ]
         results = [self._wait(futures[0], model, version)]
         results.extend(f.result() for f in futures[1:])
+        if many_layers:
+            per_layer = {
+                layer_: embeddings_from_results(
+                    [{"embedding": r["layers"][str(layer_)]} for r in results])
+                for layer_ in layers
+            }
+            return {k: (v[0] if single else v) for k, v in per_layer.items()}
         vectors = embeddings_from_results(results)
         return vectors[0] if single else vectors
 
     def hidden_states(self, text: str, *, model: str = DEFAULT_MODEL, version: str | None = None,
                       layers: Sequence[int] = (-1,), positions: Sequence[int] | None = None,
-                      ) -> dict[str, Any]:
+                      hooks: HookSpecs = None) -> dict[str, Any]:
         """The residual stream after each of ``layers`` (negative counts from the end) at
         ``positions`` (default: every token), as torch tensors in the returned dict."""
         request = build_request(
             "hidden_states", model=model, version=version, prompt=check_prompt(text),
             layers=check_ints(layers, "layers"),
             positions=None if positions is None else check_ints(positions, "positions"),
+            hooks=_hooks(hooks),
         )
         return dict(decode_tensors(self._run(request)))
 
-    def logprobs(self, text: str, continuation: str, *, model: str = DEFAULT_MODEL,
-                 version: str | None = None) -> dict[str, Any]:
-        """Log-probability of each token of ``continuation`` given ``text`` (tensors decoded)."""
+    def logprobs(self, text: str, continuation: str | None = None, *,
+                 model: str = DEFAULT_MODEL, version: str | None = None,
+                 hooks: HookSpecs = None) -> dict[str, Any]:
+        """Log-probability of each token of ``continuation`` given ``text``; without a
+        continuation, of every token of ``text`` after the first (perplexity)."""
         request = build_request(
             "logprobs", model=model, version=version, prompt=check_prompt(text),
-            continuation=check_prompt(continuation, field="continuation"),
+            continuation=None if continuation is None
+            else check_prompt(continuation, field="continuation"),
+            hooks=_hooks(hooks),
         )
         return dict(decode_tensors(self._run(request)))
 
@@ -441,6 +458,18 @@ class Fabric:
         except FabricError as exc:
             future.set_exception(exc)
         return future
+
+
+HookSpecs = Sequence["Hook | dict[str, Any]"] | None
+"""Declarative hooks: ``fabric.protocol.Hook`` objects or their dict form."""
+
+
+def _hooks(hooks: HookSpecs) -> list[dict[str, Any]] | None:
+    if hooks is None:
+        return None
+    if isinstance(hooks, dict | str) or not isinstance(hooks, Sequence):
+        raise InvalidRequest("hooks must be a list of hook specs (dicts or fabric.protocol.Hook)")
+    return [h.model_dump() if isinstance(h, Hook) else h for h in hooks]
 
 
 def _open_transport(site: str) -> Transport:

@@ -31,7 +31,11 @@ def parse_generation(result: dict[str, Any] | GenerationResult) -> GenerationRes
         return result
     if not isinstance(result, dict):
         raise FabricError(f"site returned {type(result).__name__}, expected a result dict")
-    return GenerationResult.model_validate(result)
+    parsed = GenerationResult.model_validate(result)
+    # Captured activations (capture hooks) arrive as encoded tensors: hand back torch tensors.
+    parsed.captures = {k: decode_tensor(v) if is_encoded_tensor(v) else v
+                       for k, v in parsed.captures.items()}
+    return parsed
 
 
 def is_encoded_tensor(value: Any) -> bool:

@@ -59,7 +59,15 @@ class Preparer:
                        else secrets.randbits(62),
                        score_targets=targets)
         seq.hooks, capture_layers = self._hooks(req.hooks)
+        if req.positions is not None:
+            bad = [p for p in req.positions if not -len(ids) <= p < len(ids)]
+            if bad:
+                raise InvalidRequest(f"positions {bad} are outside the prompt's {len(ids)} tokens "
+                                     f"(0..{len(ids) - 1}, or -1..-{len(ids)} from the end)")
         if not self.limits.causal:
+            if req.hooks:
+                raise InvalidHook(f"embedding model {req.model!r} does not take hooks; use a "
+                                  "causal LM (e.g. smollm2-135m) for hooks")
             if any(layer not in (-1, self.limits.n_layers) for layer in req.layers):
                 raise InvalidRequest(f"embedding model {req.model!r} returns its final layer "
                                      f"only: use layers=[-1], not {req.layers}")
