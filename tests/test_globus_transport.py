@@ -3,7 +3,6 @@ messages, a real GlobusComputeEngine (Parsl HTEX workers) on the far side."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,17 +52,11 @@ def remote_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def service(remote_site: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[StandinService]:
-    saved = {k: os.environ.get(k) for k in ("FABRIC_SITE", "FABRIC_STATE_DIR")}
     svc = StandinService(tmp_path_factory.mktemp("engine"), workers=2, env={
         "FABRIC_SITE": str(remote_site), "FABRIC_STATE_DIR": str(remote_site / "state")})
     svc.start()
     yield svc
     svc.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def transport(service: StandinService, home: Path, proof: Any = None,
@@ -186,7 +179,6 @@ def test_stream_by_long_poll_through_the_standin(tmp_path_factory: pytest.TempPa
 
     folder = write_site(tmp_path_factory.mktemp("tiny-remote"), name="tiny-remote",
                         model_dir=tiny_llama_dir)
-    saved = {k: os.environ.get(k) for k in ("FABRIC_SITE", "FABRIC_STATE_DIR")}
     svc = StandinService(tmp_path / "engine", workers=2, env={
         "FABRIC_SITE": str(folder), "FABRIC_STATE_DIR": str(folder / "state")})
     svc.start()
@@ -208,11 +200,6 @@ def test_stream_by_long_poll_through_the_standin(tmp_path_factory: pytest.TempPa
                     t.submit(undeploy, dep["id"], None).result(timeout=120)
     finally:
         svc.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_register_functions_for_the_allow_list(tmp_path: Path) -> None:

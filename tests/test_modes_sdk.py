@@ -14,7 +14,6 @@ function ``run_request`` through the same transport the SDK uses.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -245,8 +244,6 @@ def globus_fab(local_site: LocalSite, tmp_path_factory: pytest.TempPathFactory
     from fabric.globus.transport import GlobusTransport
     from fabric.sites import load_site
 
-    keys = ("FABRIC_SITE", "FABRIC_STATE_DIR", "PATH")
-    saved = {k: os.environ.get(k) for k in keys}
     service = StandinService(tmp_path_factory.mktemp("standin"), workers=1, env={
         "FABRIC_SITE": str(local_site.site_dir), "FABRIC_STATE_DIR": str(local_site.state_dir)})
     service.start()
@@ -257,11 +254,6 @@ def globus_fab(local_site: LocalSite, tmp_path_factory: pytest.TempPathFactory
             yield client
     finally:
         service.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_globus_transport_matches_local(fab: Fabric, globus_fab: Fabric) -> None:

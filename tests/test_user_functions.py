@@ -200,8 +200,6 @@ def test_site_that_disallows_user_functions(tmp_path: Path, local_site: LocalSit
     from fabric.sites import load_site
 
     closed = write_site(tmp_path / "closed", name="closed", allow_user_functions=False)
-    keys = ("FABRIC_SITE", "FABRIC_STATE_DIR", "PATH")
-    saved = {k: os.environ.get(k) for k in keys}
     service = StandinService(tmp_path / "engine", workers=1, env={
         "FABRIC_SITE": str(closed), "FABRIC_STATE_DIR": str(closed / "state")})
     service.start()
@@ -214,8 +212,3 @@ def test_site_that_disallows_user_functions(tmp_path: Path, local_site: LocalSit
             assert err.value.details["rule"] == "allow_user_functions"
     finally:
         service.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

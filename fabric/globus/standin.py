@@ -68,8 +68,10 @@ class StandinService:
         # python-exec` must be on PATH, and the fabric's endpoint functions read their site
         # from FABRIC_SITE / FABRIC_STATE_DIR, as an operator's worker_init would set them.
         bin_dir = str(Path(sys.executable).parent)
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-        os.environ.update(self.env)
+        changed = {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **self.env}
+        # Remembered so shutdown() gives the process its environment back.
+        self._saved_env = {k: os.environ.get(k) for k in changed}
+        os.environ.update(changed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.engine = GlobusComputeEngine(
             label="fabric-standin", address="127.0.0.1", max_workers_per_node=self.workers,
@@ -84,6 +86,12 @@ class StandinService:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        for key, value in getattr(self, "_saved_env", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env = {}
 
     def __enter__(self) -> StandinService:
         return self.start()
