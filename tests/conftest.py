@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.plugins.models",
     "tests.plugins.slurm",
     "tests.plugins.site",
+    "tests.plugins.servers",
 ]

@@ -1,0 +1,147 @@
+"""Admission control: exact queue limits, fast typed ``Overloaded``, KV budget waits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fabric.errors import ContextLengthExceeded, FabricError, Overloaded
+from tests.plugins.servers import ServerHandle, hf_tokenizer, no_eos_prompts
+
+QUEUE_REQUESTS = 5
+QUEUE_TOKENS = 50
+
+
+@pytest.fixture(scope="module")
+def busy_server(model_server: Any, tiny_llama_dir: Path) -> ServerHandle:
+    """One request runs at a time, so a long one keeps the others waiting."""
+    return model_server(tiny_llama_dir, name="tiny_llama", max_running=1,
+                        max_queue_requests=QUEUE_REQUESTS, max_queue_tokens=QUEUE_TOKENS,
+                        max_batch_tokens=1)
+
+
+def _text_of(weights: Path, n: int) -> str:
+    """A prompt of exactly ``n`` tokens."""
+    tok = hf_tokenizer(weights)
+    base = "The mitochondria is the powerhouse of the cell. Proteins fold into shapes. " * 40
+    for cut in range(len(base)):
+        if len(tok(base[:cut]).input_ids) == n:
+            return base[:cut]
+    raise AssertionError(f"no prefix of {n} tokens")
+
+
+def _occupy(server: ServerHandle, weights: Path) -> tuple[Any, str]:
+    """Start a long request (400 greedy tokens, no EOS) and wait until health shows it running."""
+    client = server.client()
+    long = server.request(prompt=no_eos_prompts(weights, 400)[0], sampling={"max_tokens": 400})
+    client.submit(long, server.ticket)
+    deadline = time.monotonic() + 30
+    while server.health()["running"] != 1:
+        assert time.monotonic() < deadline, "long request never started"
+        time.sleep(0.01)
+    return client, long.request_id
+
+
+def _submit_at_once(server: ServerHandle, prompts: list[str]) -> list[tuple[str, float, Any]]:
+    """Submit from one thread per request at the same instant; (outcome, seconds, detail)."""
+    clients = [server.client() for _ in prompts]
+    for c in clients:
+        c.health()  # connected and CURVE handshake done before the clock starts
+    barrier = threading.Barrier(len(prompts))
+    out: list[tuple[str, float, Any]] = [("", 0.0, None)] * len(prompts)
+
+    def one(i: int) -> None:
+        req = server.request(prompt=prompts[i], sampling={"max_tokens": 2})
+        barrier.wait()
+        t0 = time.perf_counter()
+        try:
+            clients[i].submit(req, server.ticket)
+            out[i] = ("accepted", time.perf_counter() - t0, (clients[i], req.request_id))
+        except FabricError as exc:
+            out[i] = (type(exc).__name__, time.perf_counter() - t0, exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def _finish(server: ServerHandle, long_client: Any, long_id: str,
+            outcomes: list[tuple[str, float, Any]]) -> None:
+    assert long_client.cancel(long_id, server.ticket) == "running"
+    for kind, _, detail in outcomes:
+        if kind == "accepted":
+            client, rid = detail
+            assert client.result(rid, 60)["finish_reason"] in ("length", "eos")
+    h = server.wait_idle()
+    assert (h["running"], h["queue_depth"], h["kv_used_tokens"]) == (0, 0, 0)
+
+
+def test_request_queue_limit_is_exact_and_fast(busy_server: ServerHandle,
+                                               tiny_llama_dir: Path) -> None:
+    long_client, long_id = _occupy(busy_server, tiny_llama_dir)
+    outcomes = _submit_at_once(busy_server, ["The"] * 10)  # 1 token each: far below 50
+    assert busy_server.health()["running"] == 1  # the long one was still running throughout
+    kinds = [k for k, _, _ in outcomes]
+    assert kinds.count("accepted") == QUEUE_REQUESTS, kinds
+    assert kinds.count("Overloaded") == 10 - QUEUE_REQUESTS, kinds
+    for kind, seconds, detail in outcomes:
+        assert seconds < 0.1, (kind, seconds)
+        if kind == "Overloaded":
+            assert isinstance(detail, Overloaded)
+            assert detail.details.get("retry_after", 0) > 0
+    _finish(busy_server, long_client, long_id, outcomes)
+
+
+def test_token_queue_limit_is_exact(busy_server: ServerHandle, tiny_llama_dir: Path) -> None:
+    prompt = _text_of(tiny_llama_dir, 12)  # 4 x 12 = 48 <= 50 < 5 x 12: the 5th is refused
+    long_client, long_id = _occupy(busy_server, tiny_llama_dir)
+    outcomes = _submit_at_once(busy_server, [prompt] * 8)
+    assert busy_server.health()["running"] == 1
+    kinds = [k for k, _, _ in outcomes]
+    assert kinds.count("accepted") == QUEUE_TOKENS // 12, kinds
+    assert kinds.count("Overloaded") == 8 - QUEUE_TOKENS // 12, kinds
+    assert max(s for _, s, _ in outcomes) < 0.1
+    _finish(busy_server, long_client, long_id, outcomes)
+
+
+def test_kv_budget_makes_requests_wait_not_fail(model_server: Any, tiny_llama_dir: Path) -> None:
+    budget = 120
+    server = model_server(tiny_llama_dir, name="tiny_llama", kv_budget_tokens=budget)
+    tok = hf_tokenizer(tiny_llama_dir)
+    prompt = "The mitochondria is the powerhouse of the cell."
+    need = len(tok(prompt).input_ids) + 40
+    assert 2 * need <= budget < 3 * need  # two fit at once, not three
+    client = server.client()
+    reqs = [server.request(prompt=prompt, sampling={"max_tokens": 40, "temperature": 1.0,
+                                                    "seed": i}) for i in range(6)]
+    for r in reqs:
+        client.submit(r, server.ticket)
+    peak_running, saw_waiting = 0, False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        h = server.health()
+        assert h["kv_used_tokens"] <= budget
+        peak_running = max(peak_running, h["running"])
+        saw_waiting |= h["queue_depth"] > 0 and h["running"] > 0
+        if h["running"] == 0 and h["queue_depth"] == 0:
+            break
+        time.sleep(0.005)
+    results = [client.result(r.request_id, 60) for r in reqs]
+    assert all(len(r["token_ids"]) <= 40 and r["finish_reason"] in ("length", "eos")
+               for r in results)
+    assert peak_running <= 2
+    assert saw_waiting or any(r["timings"]["queue_s"] > 0.001 for r in results)
+    h = server.wait_idle()
+    assert h["kv_used_tokens"] == 0
+    with pytest.raises(ContextLengthExceeded, match="budget"):
+        client.submit(server.request(prompt=prompt, sampling={"max_tokens": budget}),
+                      server.ticket)
+    # ... and the server still serves.
+    assert server.run(prompt=prompt, sampling={"max_tokens": 3})["usage"]["completion_tokens"]

@@ -1,0 +1,177 @@
+"""Model servers for every pp x tp plan give transformers' outputs: tokens, logprobs, states.
+
+Each plan runs as a real job (Parsl LocalProvider, one process per rank); references are
+computed in this process with transformers on the same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fabric.protocol import decode_array
+from tests.plugins.servers import ServerHandle, hf_greedy, hf_model, hf_tokenizer
+
+PROMPTS = [
+    "The",
+    "The mitochondria is the powerhouse",
+    "Scientists call models through a federated fabric",
+    "Tensor parallel splits each layer; pipeline parallel splits the stack of layers. "
+    "Proteins fold into shapes that decide what they do. The quick brown fox",
+]
+MAX_NEW = 12
+PLANS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+MODELS = ["tiny_llama_dir", "tiny_llama_odd_dir"]
+
+
+@pytest.fixture(scope="module", params=[
+    # Multi-rank servers take a minute or more to start on 2 busy cores: marked slow.
+    pytest.param((m, pp, tp), marks=[pytest.mark.slow] if pp * tp > 1 else [],
+                 id=f"{m.removesuffix('_dir')}-pp{pp}-tp{tp}")
+    for m in MODELS for pp, tp in PLANS])
+def served(request: pytest.FixtureRequest, model_server: Any) -> tuple[ServerHandle, Path]:
+    name, pp, tp = request.param
+    weights: Path = request.getfixturevalue(name)
+    return model_server(weights, pp=pp, tp=tp, name=name.removesuffix("_dir")), weights
+
+
+def _hidden(weights: Path, text: str) -> tuple[list[int], tuple[torch.Tensor, ...]]:
+    tok, model = hf_tokenizer(weights), hf_model(weights)
+    ids = tok(text).input_ids
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+    return ids, out.hidden_states
+
+
+def test_greedy_tokens_equal_transformers(served: tuple[ServerHandle, Path]) -> None:
+    server, weights = served
+    client = server.client()
+    reqs = [server.request(prompt=p, sampling={"max_tokens": MAX_NEW}) for p in PROMPTS]
+    for r in reqs:  # all in flight at once: they share the batch
+        client.submit(r, server.ticket)
+    results = [client.result(r.request_id, 120) for r in reqs]
+    tok = hf_tokenizer(weights)
+    for prompt, res in zip(PROMPTS, results, strict=True):
+        want = hf_greedy(weights, prompt, MAX_NEW)
+        assert res["token_ids"] == want, prompt
+        assert res["usage"] == {"prompt_tokens": len(tok(prompt).input_ids),
+                                "completion_tokens": len(want)}
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
+        assert res["finish_reason"] == ("eos" if want[-1] == eos else "length")
+
+
+def test_logprobs_equal_transformers(served: tuple[ServerHandle, Path]) -> None:
+    server, weights = served
+    client = server.client()
+    tok, model = hf_tokenizer(weights), hf_model(weights)
+    cases = [("The mitochondria is", " the powerhouse of the cell."),
+             ("Proteins fold into shapes that decide what they do.", None)]
+    reqs = [server.request(kind="logprobs", prompt=p, continuation=c) for p, c in cases]
+    for r in reqs:
+        client.submit(r, server.ticket)
+    for (prompt, cont), req in zip(cases, reqs, strict=True):
+        res = client.result(req.request_id, 120)
+        ids = tok(prompt).input_ids
+        first = len(ids)
+        if cont is not None:
+            ids = ids + tok(cont, add_special_tokens=False).input_ids
+        else:
+            first = 1
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        want = [float(logp[j - 1, ids[j]]) for j in range(first, len(ids))]
+        assert res["token_ids"] == ids[first:]
+        np.testing.assert_allclose(res["logprobs"], want, atol=1e-4, rtol=0)
+        assert res["total"] == pytest.approx(sum(want), abs=1e-3)
+
+
+def test_hidden_states_equal_transformers(served: tuple[ServerHandle, Path]) -> None:
+    server, weights = served
+    text = "Tensor parallel splits each layer; pipeline parallel splits the stack."
+    ids, hs = _hidden(weights, text)
+    n = len(hs) - 1
+    layers = [0, 1, n // 2, n - 1, -1]
+    positions = [0, 3, -1]
+    res = server.run(kind="hidden_states", prompt=text, layers=layers, positions=positions)
+    assert res["token_ids"] == ids
+    assert set(res["layers"]) == {str(x) for x in layers}
+    for layer in layers:
+        got = decode_array(res["layers"][str(layer)])
+        want = hs[layer][0, [p % len(ids) for p in positions]].numpy()
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    # Without positions: every token's state.
+    full = server.run(kind="hidden_states", prompt=text, layers=[n // 2])
+    np.testing.assert_allclose(decode_array(full["layers"][str(n // 2)]), hs[n // 2][0].numpy(),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last", "first"])
+def test_embeddings_equal_transformers(served: tuple[ServerHandle, Path], pooling: str) -> None:
+    server, weights = served
+    texts = ["The quick brown fox", "Proteins fold into shapes that decide what they do."]
+    client = server.client()
+    reqs = [server.request(kind="embed", prompt=t, layers=[-1, 2], pooling=pooling,
+                           normalize=norm) for t in texts for norm in (True, False)]
+    for r in reqs:
+        client.submit(r, server.ticket)
+    for req in reqs:
+        res = client.result(req.request_id, 120)
+        _, hs = _hidden(weights, str(req.prompt))
+        for layer in (-1, 2):
+            rows = hs[layer][0]
+            vec = {"mean": rows.mean(0), "last": rows[-1], "first": rows[0]}[pooling]
+            if req.normalize:
+                vec = torch.nn.functional.normalize(vec, dim=-1)
+            np.testing.assert_allclose(res["layers"][str(layer)], vec.numpy(), atol=1e-5,
+                                       rtol=1e-5)
+        assert res["embedding"] == res["layers"]["-1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_smollm2_greedy_tokens_equal_transformers(model_server: Any, smollm2_dir: Path,
+                                                  tp: int) -> None:
+    server = model_server(smollm2_dir, tp=tp, name="smollm2-135m")
+    prompts = ["The mitochondria is", "Write a haiku about the ocean.",
+               "List three prime numbers:"]
+    client = server.client(timeout_s=120)
+    reqs = [server.request(prompt=p, sampling={"max_tokens": 16}) for p in prompts]
+    for r in reqs:
+        client.submit(r, server.ticket)
+    for prompt, r in zip(prompts, reqs, strict=True):
+        assert client.result(r.request_id, 300)["token_ids"] == hf_greedy(smollm2_dir, prompt,
+                                                                           16), prompt
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first"])
+def test_minilm_embeddings_equal_transformers(model_server: Any, pooling: str) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    from fabric.catalog import Catalog
+    from fabric.weights import prepare
+
+    folder = prepare(Catalog().get("minilm-l6")).path
+    server = model_server(folder, name="minilm-l6", family="embedding")
+    texts = ["A cat sits on the mat.", "Proteins fold into shapes that decide what they do, "
+             "and misfolded ones cause disease.", "Hello"]
+    client = server.client()
+    reqs = [server.request(kind="embed", prompt=t, pooling=pooling) for t in texts]
+    for r in reqs:  # batched together, padded to the longest
+        client.submit(r, server.ticket)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    for text, r in zip(texts, reqs, strict=True):
+        got = client.result(r.request_id, 60)["embedding"]
+        enc = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**enc).last_hidden_state[0]
+        mask = enc["attention_mask"][0].unsqueeze(-1).float()
+        vec = (hidden * mask).sum(0) / mask.sum() if pooling == "mean" else hidden[0]
+        want = torch.nn.functional.normalize(vec, dim=-1)
+        assert len(got) == 384
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
