@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Literal
 
@@ -300,6 +301,16 @@ class Fabric:
             hooks=_hooks(hooks),
         )
         return dict(decode_tensors(self._run(request)))
+
+    # -- batch campaigns ----------------------------------------------------------------------
+
+    def campaign(self, manifest: Any, *, run: Literal["here", "site"] = "here",
+                 home: Path | None = None, schedule: dict[str, str] | None = None) -> Any:
+        """Start a batch campaign (see docs/campaigns.md); returns a ``Campaign`` with
+        ``.status()``, ``.wait()``, ``.results()`` and ``.cancel()``."""
+        from fabric.campaign.api import campaign
+
+        return campaign(self, manifest, run=run, home=home, schedule=schedule)
 
     # -- user functions -----------------------------------------------------------------------
 

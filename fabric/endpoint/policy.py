@@ -40,6 +40,7 @@ GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 FABRIC_FUNCTIONS = frozenset({
     "run_request", "open_stream", "poll_stream", "cancel_request", "run_user_function",
     "deployment_status", "deploy", "undeploy", "list_deployments", "list_models",
+    "run_shard",  # fabric.campaign.shard: a campaign's shard of inputs
 })
 """Endpoint functions every site allows (``fabric.endpoint.functions`` may add to these by
 listing them in its ``__all__``); anything else needs ``allow_user_functions``."""

@@ -1,0 +1,336 @@
+"""Campaigns without a site: manifest, inputs, cron, ledger and runner (a fake transport).
+
+The fake transport answers shards in a thread pool the way ``run_shard`` does, so the runner's
+exactly-once bookkeeping (settle order, retries, crash recovery, late replies) is tested in
+milliseconds; ``test_campaign_site.py`` runs the same paths against a real site and model.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as dt
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fabric.campaign import store
+from fabric.campaign.api import Campaign
+from fabric.campaign.cron import CronSpec
+from fabric.campaign.inputs import read_inputs
+from fabric.campaign.ledger import Ledger
+from fabric.campaign.manifest import load_manifest
+from fabric.campaign.runner import Runner
+from fabric.campaign.scheduler import Scheduler
+from fabric.errors import EndpointError, InvalidManifest, UnknownModel
+
+
+class FakeTransport:
+    """Answers ``run_shard`` like a site would; ``fail(shard) -> bool`` loses whole shards,
+    ``poison`` custom_ids always fail alone."""
+
+    can_reach_servers = True
+
+    def __init__(self, site: str = "fake", fail: Any = None, poison: set[str] | None = None,
+                 delay: float = 0.0) -> None:
+        self.site = site
+        self.delay = delay
+        self.fail = fail
+        self.poison = poison or set()
+        self.pool = cf.ThreadPoolExecutor(2)
+        self.executions: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def submit(self, fn: Any, shard: dict[str, Any], auth: Any = None) -> cf.Future[Any]:
+        return self.pool.submit(self._run, shard)
+
+    def _run(self, shard: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(self.delay)
+        if self.fail is not None and self.fail(shard):
+            raise EndpointError("worker lost")
+        results = []
+        for item in shard["items"]:
+            nonce = uuid.uuid4().hex
+            with self.lock:
+                self.executions[item["custom_id"]] += 1
+            if item["custom_id"] in self.poison:
+                results.append({"custom_id": item["custom_id"], "ok": False, "nonce": nonce,
+                                "retryable": False, "error": {
+                                    "kind": "ContextLengthExceeded", "message": "too long",
+                                    "details": {}}})
+                continue
+            results.append({"custom_id": item["custom_id"], "ok": True, "nonce": nonce,
+                            "result": {"request_id": nonce, "text": "ok " + item["custom_id"],
+                                       "finish_reason": "length", "token_ids": [1, 2],
+                                       "model": {"name": "m", "version": "v", "sha256": "0" * 64},
+                                       "usage": {"prompt_tokens": 3, "completion_tokens": 2}}})
+        return {"shard_id": shard["shard_id"], "nonce": uuid.uuid4().hex, "site": self.site,
+                "pid": 0, "model": {"name": "m", "version": "v", "sha256": "0" * 64},
+                "results": results}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
+def write_inputs(path: Path, n: int, extra: list[str] | None = None) -> Path:
+    lines = [json.dumps({"custom_id": f"r{i}", "prompt": f"Prompt {i}"}) for i in range(n)]
+    path.write_text("\n".join(lines + (extra or [])) + "\n")
+    return path
+
+
+def manifest(tmp: Path, n: int = 40, **fields: Any) -> Path:
+    write_inputs(tmp / "in.jsonl", n, fields.pop("extra_lines", None))
+    data = {"name": fields.pop("name", "c1"), "model": "smollm2-135m",
+            "input": {"path": "in.jsonl"}, "output": "out", "shard_size": 8,
+            "sites": [{"name": "local", "max_in_flight": 3}], **fields}
+    (tmp / "m.yaml").write_text(yaml.safe_dump(data))
+    return tmp / "m.yaml"
+
+
+def check_invariant(folder: Path, n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    out = list(store.read_records(folder))
+    err = list(store.read_records(folder, errors=True))
+    ids = [r["custom_id"] for r in out + err]
+    assert len(ids) == len(set(ids)) == n, Counter(ids).most_common(3)
+    # Nothing past the committed offsets either: the files are exactly the committed lines.
+    m = store.load(folder)
+    assert len((Path(m.output) / store.RESULTS).read_text().splitlines()) == len(out)
+    return out, err
+
+
+def run(folder: Path, transport: Any, **kw: Any) -> str:
+    return Runner(folder, transports={"local": transport}, poll_s=0.05, **kw).run()
+
+
+# -- manifest, cron, inputs -------------------------------------------------------------------
+
+def test_cron_matches_and_next() -> None:
+    spec = CronSpec.parse("*/15 2 * * 1-5")
+    monday = dt.datetime(2026, 11, 23, 1, 50, tzinfo=dt.UTC).timestamp()
+    nxt = dt.datetime.fromtimestamp(spec.next_after(monday), dt.UTC)
+    assert (nxt.hour, nxt.minute, nxt.weekday()) == (2, 0, 0)
+    saturday = dt.datetime(2026, 11, 28, 3, 0, tzinfo=dt.UTC).timestamp()
+    assert dt.datetime.fromtimestamp(spec.next_after(saturday), dt.UTC).day == 30
+    assert CronSpec.parse("0 0 1 * 0").matches(dt.datetime(2026, 11, 29, 0, 0))  # Sunday
+    for bad in ("* * * *", "61 * * * *", "a * * * *", "*/0 * * * *"):
+        with pytest.raises(ValueError):
+            CronSpec.parse(bad)
+
+
+def test_manifest_unknown_keys_and_bad_values(tmp_path: Path) -> None:
+    path = manifest(tmp_path)
+    m = load_manifest(path)
+    assert m.input.path == str(tmp_path / "in.jsonl") and m.output == str(tmp_path / "out")
+    data = yaml.safe_load(path.read_text())
+    for bad, match in (({"max_attemps": 3}, "max_attemps"),
+                       ({"kind": "translate"}, "kind"),
+                       ({"schedule": {"every": "* * *"}}, "5 fields"),
+                       ({"shard_size": 0}, "shard_size"),
+                       ({"name": "a b"}, "name")):
+        with pytest.raises(InvalidManifest, match=match):
+            load_manifest({**data, **bad}, base=tmp_path)
+    with pytest.raises(InvalidManifest, match="line"):
+        load_manifest("name: x\n  bad: [\n")
+
+
+def test_openai_batch_lines_are_read(tmp_path: Path) -> None:
+    lines = [
+        {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "gpt-x", "messages": [{"role": "user", "content": "Hi"}],
+                  "max_tokens": 7, "temperature": 0}},
+        {"custom_id": "b", "prompt": "Hello", "max_completion_tokens": 5, "stop": "\n"},
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    m = load_manifest({"name": "x", "model": "smollm2-135m", "kind": "chat",
+                       "input": {"path": "in.jsonl"}, "output": "o",
+                       "sampling": {"max_tokens": 3}}, base=tmp_path)
+    items, bad = read_inputs(m)
+    assert not bad and [i.custom_id for i in items] == ["a", "b"]
+    assert items[0].request["messages"][0]["content"] == "Hi"
+    assert items[0].request["sampling"]["max_tokens"] == 7
+    assert items[1].request["messages"] == [{"role": "user", "content": "Hello"}]
+    assert items[1].request["sampling"]["stop"] == ["\n"]
+
+
+def test_bad_lines_are_rejected_with_line_numbers(tmp_path: Path) -> None:
+    extra = ["{not json", json.dumps({"prompt": "no id"}),
+             json.dumps({"custom_id": "x1", "text": "wrong field"}),
+             json.dumps({"custom_id": "x2", "prompt": "y" * 300})]
+    path = manifest(tmp_path, n=3, extra_lines=extra, input={"path": "in.jsonl",
+                                                               "max_line_bytes": 200})
+    with pytest.raises(InvalidManifest) as info:
+        store.create(path, tmp_path / "home")
+    assert info.value.details["lines"] == [4, 5, 6, 7]
+    for text in ("line 4: not valid JSON", "line 5: custom_id", "line 6: unsupported",
+                 "line 7: line is"):
+        assert text in info.value.message
+    assert not (tmp_path / "home" / "c1").exists()  # nothing was created
+
+
+def test_duplicates_and_unknown_model_fail_before_running(tmp_path: Path) -> None:
+    path = manifest(tmp_path, n=3, extra_lines=[json.dumps({"custom_id": "r1", "prompt": "x"})])
+    with pytest.raises(InvalidManifest, match="'r1' on lines 2 and 4"):
+        store.create(path, tmp_path / "home")
+    path = manifest(tmp_path, n=3, model="no-such-model")
+    with pytest.raises(UnknownModel, match="no-such-model"):
+        store.create(path, tmp_path / "home")
+
+
+def test_bad_lines_recorded_when_asked(tmp_path: Path) -> None:
+    path = manifest(tmp_path, n=10, on_bad_line="record",
+                    extra_lines=["[1, 2]", json.dumps({"custom_id": "e1"})])
+    folder = store.create(path, tmp_path / "home")
+    assert run(folder, FakeTransport()) == "done"
+    out, err = check_invariant(folder, 12)
+    assert len(out) == 10
+    assert {(e["custom_id"], e["line"], e["attempts"]) for e in err} == {
+        ("@line:11", 11, 0), ("e1", 12, 0)}
+
+
+# -- runner -----------------------------------------------------------------------------------
+
+def test_runner_exactly_once_with_poison_and_lost_shards(tmp_path: Path) -> None:
+    lost = Counter[str]()
+
+    def fail(shard: dict[str, Any]) -> bool:  # the first three shards' workers "die"
+        lost["n"] += 1
+        return lost["n"] <= 3
+
+    fake = FakeTransport(fail=fail, poison={"r7", "r33"})
+    folder = store.create(manifest(tmp_path, n=60, max_attempts=3), tmp_path / "home")
+    assert run(folder, fake) == "done"
+    out, err = check_invariant(folder, 60)
+    assert sorted(e["custom_id"] for e in err) == ["r33", "r7"]
+    assert all(e["attempts"] == 3 and e["error"]["kind"] == "ContextLengthExceeded"
+               for e in err)
+    assert all(r["response"]["text"] == "ok " + r["custom_id"] for r in out)
+    assert all(len(r["model"]["sha256"]) == 64 and r["usage"]["prompt_tokens"] == 3
+               for r in out)
+    status = store.status(folder)
+    assert status["done"] == 58 and status["errors_by_kind"] == {"ContextLengthExceeded": 2}
+    assert status["sites"]["fake"]["shards"]["failed"] == 3
+
+
+def test_crash_between_output_and_ledger_is_not_duplicated(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    folder = store.create(manifest(tmp_path, n=40), tmp_path / "home")
+    real = Ledger.settle
+    calls = Counter[str]()
+
+    def crashing(self: Ledger, *a: Any, **kw: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("crash after the lines were written")
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(Ledger, "settle", crashing)
+    fake = FakeTransport()
+    with pytest.raises(KeyboardInterrupt):
+        run(folder, fake)
+    results = Path(store.load(folder).output) / store.RESULTS
+    committed = list(store.read_records(folder))
+    assert len(results.read_text().splitlines()) > len(committed)  # uncommitted tail exists
+    before = {r["custom_id"]: r["nonce"] for r in committed}
+    monkeypatch.setattr(Ledger, "settle", real)
+    assert store.status(folder)["status"] == "interrupted"
+    assert run(folder, fake) == "done"
+    out, _ = check_invariant(folder, 40)
+    after = {r["custom_id"]: r["nonce"] for r in out}
+    assert all(after[c] == n for c, n in before.items())  # committed lines untouched
+    done_first = set(before)
+    assert all(fake.executions[c] == 1 for c in done_first)  # and never re-executed
+
+
+def test_cancel_and_resume(tmp_path: Path) -> None:
+    fake = FakeTransport(delay=0.1)
+    folder = store.create(manifest(tmp_path, n=200, shard_size=4), tmp_path / "home")
+    c = Campaign(folder).start(transports={"local": fake})
+    while store.status(folder)["done"] < 8:
+        time.sleep(0.02)
+    assert c.cancel() == "cancelling"
+    assert c.wait(timeout=30)["status"] == "cancelled"
+    fake.delay = 0.0
+    store.mark_resumable(folder)
+    assert run(folder, fake) == "done"
+    check_invariant(folder, 200)
+
+
+def test_scheduler_runs_due_and_recurring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    fake = FakeTransport()
+    monkeypatch.setattr(Runner, "_transport", lambda self, spec: fake)
+    home = tmp_path / "home"
+    now = dt.datetime(2026, 11, 26, 1, 59, tzinfo=dt.UTC).timestamp()
+    later = store.create(manifest(tmp_path, n=5, name="later"), home, runner="site",
+                         schedule={"at": "2026-11-26T03:00:00Z"}, now=now)
+    nightly = store.create(manifest(tmp_path, n=5, name="nightly", output="nightly"), home,
+                           runner="site", schedule={"every": "0 2 * * *"}, now=now)
+    here = store.create(manifest(tmp_path, n=5, name="here", output="h"), home, runner="here")
+    sched = Scheduler(home, poll_s=0.05)
+    assert sched.tick(now) == []
+    two = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC).timestamp()
+    sched.tick(two)  # fires nightly: a new queued campaign
+    child = home / "nightly-20261126T0200"
+    assert store.status(child)["status"] == "queued"
+    assert store.status(nightly)["next_run"] > two + 86000
+    assert sched.tick(two) == ["nightly-20261126T0200"]
+    sched.threads["nightly-20261126T0200"].join(30)
+    assert store.status(child)["status"] == "done"
+    assert store.status(later)["status"] == "scheduled"
+    assert store.status(here)["status"] == "queued"  # runner "here": not the site's job
+
+
+def test_cli_status_json_and_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                     ) -> None:
+    from fabric.cli.main import main
+
+    folder = store.create(manifest(tmp_path, n=6), tmp_path / "home")
+    run(folder, FakeTransport())
+    assert main(["campaign", "status", "c1", "--home", str(tmp_path / "home"), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["done"] == 6 and status["status"] == "done" and status["eta_s"] == 0.0
+    assert main(["campaign", "results", "c1", "--home", str(tmp_path / "home")]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 6
+    assert main(["campaign", "list", "--home", str(tmp_path / "home")]) == 0
+    assert "c1" in capsys.readouterr().out
+    assert main(["campaign", "status", "nope", "--home", str(tmp_path / "home")]) == 2
+
+
+def test_python_api_campaign_helper(tmp_path: Path) -> None:
+    """``campaign(fab, manifest)``: what ``Fabric.campaign`` does, with ``fab``'s transport."""
+    from types import SimpleNamespace
+
+    from fabric.campaign.api import campaign
+
+    fab = SimpleNamespace(site="local", transport=FakeTransport(), auth=None)
+    c = campaign(fab, manifest(tmp_path, n=30, max_attempts=1),
+                 home=tmp_path / "home")
+    final = c.wait(timeout=60)
+    assert final["status"] == "done" and final["done"] == 30
+    assert sorted(r["custom_id"] for r in c.results()) == sorted(f"r{i}" for i in range(30))
+    assert list(c.errors()) == []
+    assert c.cancel() == "done"  # a finished campaign stays done
+
+
+def test_csv_input_and_embed_score_kinds(tmp_path: Path) -> None:
+    (tmp_path / "in.csv").write_text("id,text,continuation\n1,first text, a\n2,second, b\n,"
+                                     "no id, c\n")
+    base = {"model": "smollm2-135m", "output": "o",
+            "input": {"path": "in.csv", "column": "text", "id_column": "id"}}
+    m = load_manifest({**base, "name": "e", "kind": "embed", "on_bad_line": "record"},
+                      base=tmp_path)
+    items, bad = read_inputs(m)
+    assert [(i.custom_id, i.line, i.request["kind"], i.request["prompt"]) for i in items] == [
+        ("1", 2, "embed", "first text"), ("2", 3, "embed", "second")]
+    assert [(b.line, b.custom_id) for b in bad] == [(4, None)]
+    m = load_manifest({**base, "name": "s", "kind": "score", "on_bad_line": "record"},
+                      base=tmp_path)
+    items, _ = read_inputs(m)
+    assert items[0].request["kind"] == "logprobs" and items[0].request["continuation"] == " a"
