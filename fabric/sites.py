@@ -53,6 +53,9 @@ class HostedModel(_Strict):
     """Pinned version; ``None`` serves the catalog's latest."""
     plan: Plan = Field(default_factory=Plan)
     """Default parallel plan (``fabric deploy --pp/--tp`` overrides it)."""
+    shard_dir: str | None = None
+    """Folder written by ``fabric shard`` for this plan: each rank then reads only its own
+    file. Used when a deployment runs exactly this plan."""
 
 
 class TypedSpec(BaseModel):

@@ -257,8 +257,11 @@ class DeploymentManager:
             info_path=str(folder / "info.json"), log_path=str(self.script_dir()),
         )
         self.ticket_key()  # created before the server reads it
+        hosted = self.site.hosted(entry.name)
+        shard_dir = hosted.shard_dir if hosted is not None and hosted.plan == plan else None
         config = ServerLaunchConfig(
             deployment_id=dep_id, model=entry, weights_path=str(weights.path),
+            shard_dir=str(Path(shard_dir).expanduser()) if shard_dir else None,
             sha256=weights.sha256, plan=plan, server=self.site.server,
             state_dir=str(self.state_dir), ticket_key_path=str(self.state_dir / "ticket.key"),
             curve_dir=str(self.state_dir / "curve"), master_port=_free_port(),
