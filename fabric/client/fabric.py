@@ -257,15 +257,17 @@ class Fabric:
             )
             for i, t in enumerate(items)
         ]
-        # One request per text, all in flight at once: the model server batches them.
+        # Chunks of texts per task, every request of a chunk in flight at once at the server
+        # (which batches them); chunks run in parallel request workers.
         transport = self.transport
-        from fabric.endpoint.functions import run_request
+        from fabric.endpoint.functions import run_requests
 
-        futures = [
-            transport.submit(run_request, r.model_dump(mode="json"), self.auth) for r in requests
-        ]
-        results = [self._wait(futures[0], model, version)]
-        results.extend(f.result() for f in futures[1:])
+        chunks = [requests[i:i + EMBED_CHUNK] for i in range(0, len(requests), EMBED_CHUNK)]
+        futures = [transport.submit(run_requests, [r.model_dump(mode="json") for r in chunk],
+                                    self.auth) for chunk in chunks]
+        results = list(self._wait(futures[0], model, version))
+        for f in futures[1:]:
+            results.extend(f.result())
         if many_layers:
             per_layer = {
                 layer_: embeddings_from_results(
@@ -470,6 +472,9 @@ class Fabric:
             future.set_exception(exc)
         return future
 
+
+EMBED_CHUNK = 128
+"""Texts per endpoint task in ``Fabric.embed``."""
 
 HookSpecs = Sequence["Hook | dict[str, Any]"] | None
 """Declarative hooks: ``fabric.protocol.Hook`` objects or their dict form."""

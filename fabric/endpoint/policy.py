@@ -38,7 +38,8 @@ GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_m
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 
 FABRIC_FUNCTIONS = frozenset({
-    "run_request", "open_stream", "poll_stream", "cancel_request", "run_user_function",
+    "run_request", "run_requests", "open_stream", "poll_stream", "cancel_request",
+    "run_user_function",
     "deployment_status", "deploy", "undeploy", "list_deployments", "list_models",
     "run_shard",  # fabric.campaign.shard: a campaign's shard of inputs
 })
