@@ -1,0 +1,570 @@
+"""Shared helpers for the benchmark scripts (``python benchmarks/NAME.py [--quick]``).
+
+Every script prints exactly one JSON object on stdout (progress goes to stderr) and compares
+the fabric with its baseline side by side in the same run: ratios of medians, A/B interleaved
+where possible, because these 2-core VMs are noisy. This module holds what the scripts share:
+
+- statistics (``median``, ``percentile``, ``summary``) and ``emit``;
+- the real SmolLM2 / MiniLM weights and a deterministic prompt set with exact token lengths;
+- ``ServerJob``: a model server launched exactly as a site launches one (a ``ServerLaunchConfig``
+  JSON, ``server_command`` submitted as a job through ``JobLauncher`` over Parsl's
+  ``LocalProvider`` + ``SingleNodeLauncher``), waited for through its info file, talked to with
+  ``ServerClient`` and tickets;
+- ``TempSite``: a temporary local site definition (own state dir) started as
+  ``fabric endpoint start`` starts one, for the SDK-level benchmarks;
+- in-process transformers baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` from the repository root
+    sys.path.insert(0, str(REPO_ROOT))
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SMOLLM = "smollm2-135m"
+MINILM = "minilm-l6"
+
+
+# --- output and statistics ---------------------------------------------------------------------
+
+def log(*parts: Any) -> None:
+    """Progress on stderr (stdout carries only the JSON result)."""
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
+
+
+def parser(description: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the common ``--quick`` flag."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sizes, to check the script works")
+    return p
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else math.nan
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), linear interpolation between closest ranks."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return float(xs[lo] + (xs[hi] - xs[lo]) * (k - lo))
+
+
+def summary(values: Sequence[float], scale: float = 1.0, digits: int = 4) -> dict[str, Any]:
+    """n, median, p10, p90, min, max of ``values`` (times ``scale``)."""
+    xs = [v * scale for v in values]
+    return {"n": len(xs), "median": round(median(xs), digits),
+            "p10": round(percentile(xs, 10), digits), "p90": round(percentile(xs, 90), digits),
+            "min": round(min(xs), digits) if xs else None,
+            "max": round(max(xs), digits) if xs else None}
+
+
+def ratio(a: float, b: float, digits: int = 3) -> float | None:
+    return round(a / b, digits) if b else None
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+    import transformers
+
+    return {"host": platform.node(), "cpus": len(os.sched_getaffinity(0)),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print the one JSON object (with the environment) on stdout."""
+    result = {**result, "environment": environment(), "argv": sys.argv}
+    print(json.dumps(result, indent=1, default=str), flush=True)
+
+
+def set_threads(n: int) -> None:
+    """Threads for this process's torch (set before heavy work; say it in the JSON)."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+
+
+# --- models and prompts -----------------------------------------------------------------------
+
+def weights(name: str = SMOLLM) -> Any:
+    """``PreparedWeights`` (path, sha256) of a catalog model (converted once, then cached)."""
+    from fabric.catalog import Catalog
+    from fabric.weights import prepare
+
+    return prepare(Catalog().get(name))
+
+
+_TEXT = (
+    "The mitochondria is the powerhouse of the cell, turning nutrients into the energy that "
+    "drives every living process. Supercomputers split very large models over many nodes: "
+    "pipeline parallelism places consecutive layers on different machines while tensor "
+    "parallelism divides each layer's matrices between accelerators. Scientists describe "
+    "proteins, galaxies, climate and materials with numbers, and language models now help "
+    "them read papers, write code and plan experiments. A federated inference fabric lets a "
+    "researcher call a model that runs at a distant facility as easily as a local function, "
+    "while the facility keeps control of who may use which model and how much. "
+)
+
+
+def prompts(tokenizer: Any, count: int, lo: int, hi: int, seed: int = 0) -> list[str]:
+    """``count`` distinct prompts whose token lengths are spread evenly over [lo, hi]."""
+    import random
+
+    ids = tokenizer(_TEXT * 12, add_special_tokens=False)["input_ids"]
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        n = lo + round((hi - lo) * i / max(1, count - 1))
+        start = rng.randrange(0, len(ids) - hi - 1)
+        text = tokenizer.decode(ids[start:start + n])
+        out.append(f"Question {i}: {text}")
+    rng.shuffle(out)
+    return out
+
+
+def token_counts(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    return [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+ASK = "Explain the following passage in detail, in several paragraphs:\n\n"
+"""Chat prompts ask for a long answer, so greedy decoding rarely stops at EOS before the
+token limit and every path generates (nearly) the same number of tokens."""
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` with the chat template, exactly as the model server builds
+    them (``apply_chat_template(..., add_generation_prompt=True)``)."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = out["input_ids"] if hasattr(out, "keys") else out
+    return [int(t) for t in ids]
+
+
+def chat_prompts(tokenizer: Any, count: int, lo: int, hi: int, seed: int = 0
+                 ) -> list[tuple[list[dict[str, str]], list[int]]]:
+    """``count`` chat prompts (messages, ids) whose templated length spans about [lo, hi]."""
+    overhead = len(chat_ids(tokenizer, [{"role": "user", "content": ASK}]))
+    out = []
+    for text in prompts(tokenizer, count, max(1, lo - overhead - 4), max(2, hi - overhead - 4),
+                        seed):
+        messages = [{"role": "user", "content": ASK + text}]
+        out.append((messages, chat_ids(tokenizer, messages)))
+    return out
+
+
+def load_hf(folder: Path, dtype: str = "float32", causal: bool = True) -> tuple[Any, Any]:
+    """(model, tokenizer) in eval mode, in-process."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    cls = AutoModelForCausalLM if causal else AutoModel
+    model = cls.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """``VmHWM`` (peak resident set) of a process, in MB."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+# --- a model server launched as a job ---------------------------------------------------------
+
+class ServerJob:
+    """One model server for a catalog model, launched as a site launches it.
+
+    ``ServerLaunchConfig`` JSON -> ``server_command(config, threads)`` -> ``JobLauncher``
+    (Parsl ``LocalProvider`` + ``SingleNodeLauncher``) with ``ranks = pp * tp``; ready when the
+    head's info file says so. Use as a context manager: it drains the server and cancels the job.
+    """
+
+    def __init__(self, model: str = SMOLLM, *, pp: int = 1, tp: int = 1, threads: int = 2,
+                 dtype: str = "float32", shard_dir: Path | None = None,
+                 workdir: Path | None = None, **server: Any) -> None:
+        from fabric.catalog import Catalog
+        from fabric.engine.launch import ServerLaunchConfig
+        from fabric.sites import Plan, ServerConfig
+
+        self.entry = Catalog().get(model)
+        prepared = weights(model)
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fabric-bench-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.plan = Plan(pp=pp, tp=tp, dtype=dtype)
+        self.threads = threads
+        server.setdefault("threads_per_rank", threads)
+        server.setdefault("idle_timeout_s", 900.0)
+        self.server = ServerConfig(**server)
+        self.cfg = ServerLaunchConfig(
+            deployment_id=f"bench-{uuid.uuid4().hex[:8]}", model=self.entry,
+            weights_path=str(prepared.path), sha256=prepared.sha256,
+            shard_dir=str(shard_dir) if shard_dir else None, plan=self.plan,
+            server=self.server, state_dir=str(self.workdir),
+            ticket_key_path=str(self.workdir / "ticket.key"),
+            curve_dir=str(self.workdir / "curve"), master_port=_free_port(),
+            info_path=str(self.workdir / "info.json"))
+        self.job_id: str | None = None
+        self.info: dict[str, Any] = {}
+        self._launcher: Any = None
+        self._key: bytes | None = None
+
+    # lifecycle
+    def start(self, timeout_s: float = 600.0) -> ServerJob:
+        from fabric import tickets
+        from fabric.endpoint.jobs import JobLauncher
+        from fabric.engine.launch import server_command
+        from fabric.sites import JobsConfig, TypedSpec
+
+        self._key = tickets.load_or_create_key(Path(self.cfg.ticket_key_path))
+        cfg_path = self.workdir / "launch.json"
+        self.cfg.write(cfg_path)
+        jobs = JobsConfig(provider=TypedSpec(type="LocalProvider", init_blocks=0, min_blocks=0,
+                                             max_blocks=1),
+                          launcher=TypedSpec(type="SingleNodeLauncher"), walltime="02:00:00")
+        self._launcher = JobLauncher.from_config(jobs, self.workdir / "jobs")
+        t0 = time.monotonic()
+        self.job_id = self._launcher.submit(
+            server_command(cfg_path, self.threads), ranks=self.plan.ranks, nodes=1,
+            job_name=self.cfg.deployment_id)
+        info_path = Path(self.cfg.info_path)
+        while time.monotonic() - t0 < timeout_s:
+            with contextlib.suppress(OSError, ValueError):
+                self.info = json.loads(info_path.read_text())
+                if self.info.get("state") == "ready":
+                    self.ready_s = time.monotonic() - t0
+                    log(f"server {self.cfg.deployment_id} pp={self.plan.pp} tp={self.plan.tp} "
+                        f"ready in {self.ready_s:.1f} s at {self.info['address']}")
+                    return self
+                if self.info.get("state") == "dead":
+                    raise RuntimeError(f"model server died: {self.info.get('reason')}; "
+                                       f"logs in {self.workdir / 'jobs'}")
+            time.sleep(0.1)
+        raise TimeoutError(f"model server not ready after {timeout_s} s ({self.workdir})")
+
+    def stop(self) -> None:
+        if self.job_id is None:
+            return
+        with contextlib.suppress(Exception):
+            with self.client(timeout_s=5.0) as c:
+                c.drain(self.admin_ticket())
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                info = json.loads(Path(self.cfg.info_path).read_text())
+                if info.get("state") == "dead":
+                    break
+                time.sleep(0.2)
+        with contextlib.suppress(Exception):
+            self._launcher.cancel(self.job_id)
+        self.job_id = None
+
+    def __enter__(self) -> ServerJob:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # talking to it
+    @property
+    def pid(self) -> int:
+        return int(self.info["pid"])
+
+    def rank_pids(self) -> list[int]:
+        """PIDs of every rank's server process (their command line names this job's config)."""
+        needle = str(self.workdir / "launch.json").encode()
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                with contextlib.suppress(OSError):
+                    cmd = (proc / "cmdline").read_bytes()
+                    if needle in cmd and b"fabric.engine.server" in cmd:
+                        pids.append(int(proc.name))
+        return sorted(pids)
+
+    def client(self, timeout_s: float = 120.0) -> Any:
+        from fabric.serverclient import ServerClient
+
+        return ServerClient(self.info["address"], self.info["public_key"], timeout_s=timeout_s)
+
+    def ticket(self, ttl_s: float = 7200.0) -> str:
+        from fabric import tickets
+
+        assert self._key is not None
+        return tickets.issue(self._key, model=self.entry.name, ttl_s=ttl_s)
+
+    def admin_ticket(self) -> str:
+        from fabric import tickets
+
+        assert self._key is not None
+        return tickets.issue(self._key, model=self.entry.name, admin=True)
+
+    def request(self, prompt: str | list[dict[str, str]], max_tokens: int = 64,
+                **fields: Any) -> Any:
+        """A greedy request: ``prompt`` is a string or chat messages."""
+        from fabric.protocol import InferenceRequest, SamplingParams
+
+        text = {"prompt": prompt} if isinstance(prompt, str) else {"messages": prompt}
+        return InferenceRequest(model=self.entry.name, sampling=SamplingParams(
+            max_tokens=max_tokens), **text, **fields)
+
+
+def run_batch(job: ServerJob, requests: Sequence[Any],
+              arrivals: Sequence[float] | None = None) -> dict[str, Any]:
+    """Submit ``requests`` (all at once, or at ``arrivals`` seconds after the start) on one
+    connection and wait for every result.
+
+    Returns wall time, results, refusals (typed errors at submit: e.g. ``Overloaded``) with how
+    long the refusal took, and per-request server-side TTFT (queue + prefill, from the result's
+    timings) and end-to-end latency seen by this client.
+    """
+    from fabric.errors import FabricError
+
+    ticket = job.ticket()
+    results: dict[str, dict[str, Any]] = {}
+    refused: list[dict[str, Any]] = []
+    sent: dict[str, float] = {}
+    with job.client() as client:
+        t0 = time.monotonic()
+        for i, req in enumerate(requests):
+            if arrivals is not None:
+                delay = t0 + arrivals[i] - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            s = time.monotonic()
+            try:
+                client.submit(req, ticket)
+                sent[req.request_id] = s
+            except FabricError as exc:
+                refused.append({"error": type(exc).__name__,
+                                "answer_ms": round((time.monotonic() - s) * 1000, 3),
+                                "retry_after": exc.details.get("retry_after")})
+        latency = {}
+        for rid in sent:
+            results[rid] = client.result(rid, timeout_s=3600)
+            latency[rid] = time.monotonic() - sent[rid]
+        wall = time.monotonic() - t0
+    tokens = sum(r["usage"]["completion_tokens"] for r in results.values())
+    ttft = [r["timings"]["queue_s"] + r["timings"]["prefill_s"] for r in results.values()]
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0,
+            "results": results, "refused": refused, "ttft_s": ttft,
+            "latency_s": list(latency.values())}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- a temporary local site for the SDK -------------------------------------------------------
+
+class TempSite:
+    """A local site definition in a temp folder (own state dir), started like
+    ``fabric endpoint start``; ``fabric()`` gives an SDK client to it. Stopping it undeploys
+    its model servers."""
+
+    def __init__(self, *, workers: int = 4, threads_per_rank: int = 2, **server: Any) -> None:
+        import yaml
+
+        self.folder = Path(tempfile.mkdtemp(prefix="fabric-bench-site-"))
+        self.state_dir = self.folder / "state"
+        data = {
+            "name": "bench-local", "description": "temporary site for benchmarks",
+            "state_dir": str(self.state_dir), "max_request_workers": workers,
+            "allow_user_functions": True,
+            "jobs": {"provider": {"type": "LocalProvider", "init_blocks": 0, "min_blocks": 0,
+                                  "max_blocks": 1},
+                     "launcher": {"type": "SingleNodeLauncher"}, "walltime": "02:00:00"},
+            "server": {"idle_timeout_s": 900, "threads_per_rank": threads_per_rank,
+                       **server},
+            "models": [{"name": SMOLLM, "plan": {"pp": 1, "tp": 1, "dtype": "float32"}},
+                       {"name": MINILM, "plan": {"pp": 1, "tp": 1, "dtype": "float32"}}],
+        }
+        (self.folder / "fabric.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        self.info: dict[str, Any] = {}
+
+    def start(self) -> TempSite:
+        from fabric.client.local import start_site
+
+        old = os.environ.get("PYTHONPATH")
+        # User functions defined in benchmarks/ are shipped by reference: workers import them.
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), str(REPO_ROOT / "benchmarks"), old) if p)
+        try:
+            t0 = time.monotonic()
+            self.info = start_site(str(self.folder), self.state_dir, timeout_s=300)
+            log(f"site started in {time.monotonic() - t0:.1f} s (pid {self.info['pid']})")
+        finally:
+            if old is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = old
+        return self
+
+    def fabric(self) -> Any:
+        from fabric import Fabric
+        from fabric.client.local import LocalTransport
+
+        transport = LocalTransport(site=str(self.folder), state_dir=self.state_dir,
+                                   autostart=False)
+        return Fabric(transport=transport, on_status=None)
+
+    def stop(self) -> None:
+        from fabric.client.local import stop_site
+
+        with contextlib.suppress(Exception):
+            stop_site(str(self.folder), self.state_dir, all=True, timeout_s=60)
+
+    def __enter__(self) -> TempSite:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- timing helpers ----------------------------------------------------------------------------
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - t0, value
+
+
+def interleave(runs: int, **variants: Callable[[], float]) -> dict[str, list[float]]:
+    """Run each variant ``runs`` times, alternating A, B, ... so drift hits them alike."""
+    out: dict[str, list[float]] = {k: [] for k in variants}
+    for i in range(runs):
+        for name, fn in variants.items():
+            out[name].append(fn())
+            log(f"  run {i + 1}/{runs} {name}: {out[name][-1]:.4g}")
+    return out
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    t0 = time.monotonic()
+    log(f"{name} ...")
+    yield
+    log(f"{name} done in {time.monotonic() - t0:.1f} s")
+
+
+# --- profiling -----------------------------------------------------------------------------------
+
+def py_spy_record(pid: int, seconds: float, out: Path, rate: int = 50,
+                  idle: bool = False) -> Any:
+    """Start ``py-spy record`` (collapsed stacks, all threads, native frames off) on ``pid``;
+    returns the Popen. ``idle`` also samples waiting threads (for busy-vs-waiting shares).
+    ``top_frames`` summarises the file afterwards."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen(
+        [exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
+         "--format", "raw", "--output", str(out), "--nonblocking", "--threads"]
+        + (["--idle"] if idle else []),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def top_frames(collapsed: Path, n: int = 15, thread: str | None = None) -> dict[str, Any]:
+    """From py-spy's collapsed stacks: the functions with the most samples on top of the stack
+    (self) and anywhere in it (inclusive), as % of the samples (of ``thread`` if named)."""
+    from collections import Counter
+
+    self_c: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if thread is not None and thread not in frames[0]:
+            continue
+        c = int(count)
+        total += c
+        names = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
+                 for f in frames[1:]] or [frames[0]]
+        self_c[names[-1]] += c
+        for name in set(names):
+            incl[name] += c
+
+    def pct(c: int) -> float:
+        return round(100.0 * c / total, 1) if total else 0.0
+
+    return {"samples": total,
+            "self_pct": {k: pct(v) for k, v in self_c.most_common(n)},
+            "inclusive_pct": {k: pct(v) for k, v in incl.most_common(n)}}
+
+
+# --- functions shipped to request workers (module level: workers import them by name) ---------
+
+def noop(handle: Any = None, *args: Any) -> None:
+    """Does nothing: the round trip is all there is to measure."""
+    return None
+
+
+@contextlib.contextmanager
+def compute_engine(workers: int = 4) -> Iterator[Any]:
+    """A standalone ``GlobusComputeEngine`` (Parsl HTEX + LocalProvider) as the site runs it."""
+    from globus_compute_endpoint.engines import GlobusComputeEngine
+    from parsl.providers import LocalProvider
+
+    saved = {k: os.environ.get(k) for k in ("PATH", "PYTHONPATH")}
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{saved['PATH'] or ''}"
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), str(REPO_ROOT / "benchmarks"), saved["PYTHONPATH"]) if p)
+    engine = GlobusComputeEngine(
+        provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
+        max_workers_per_node=workers, address="127.0.0.1",
+        job_status_kwargs={"strategy_period": 0.5, "max_idletime": 3600.0})
+    engine.start(endpoint_id=uuid.uuid4(), run_dir=tempfile.mkdtemp(prefix="fabric-bench-gce-"))
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def engine_call(engine: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` through the engine, packed as Globus Compute packs it."""
+    from globus_compute_endpoint.engines.base import GCFuture
+
+    from fabric.client import gcwire
+
+    task_id, packed = gcwire.pack_task(fn, args, {})
+    fut = GCFuture(task_id)
+    engine.submit(fut, packed, resource_specification={})
+    return gcwire.unpack_result(fut.result(timeout=300))

@@ -1,0 +1,93 @@
+"""Fabric overhead of a user function (issue 2).
+
+A no-op ``fab.submit(noop, model=None)`` round trip through the local site (SDK -> CURVE ZMQ ->
+site process -> GlobusComputeEngine request worker running the fabric's ``run_user_function``
+wrapper -> back) vs the same no-op submitted straight to a standalone ``GlobusComputeEngine``
+from this process, packed with Globus Compute's serializer and message format
+(``fabric.client.gcwire``). Both engines have the same number of workers and run side by side;
+calls are sequential, alternating blocks of ``--block`` calls between the two. Goal: median
+ratio <= 1.2.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import common
+from common import log, median, ratio
+
+
+def authorize_cost(calls: int = 50) -> dict[str, Any]:
+    """What the site's per-request admission costs by itself: ``policy.authorize`` for the
+    local site (no policy section) records every request in the state dir's SQLite usage table
+    (new connection, schema check, ``BEGIN IMMEDIATE``, insert, ``COMMIT``)."""
+    import tempfile
+    from pathlib import Path
+
+    from fabric.endpoint.policy import authorize
+    from fabric.sites import SiteConfig
+
+    site = SiteConfig(name="bench")
+    state = Path(tempfile.mkdtemp(prefix="fabric-bench-policy-"))
+    times = []
+    for _ in range(calls):
+        s = time.perf_counter()
+        authorize(site, None, "", state)
+        times.append(time.perf_counter() - s)
+    return common.summary(times, 1e3, 3)
+
+
+def main() -> None:
+    p = common.parser(__doc__)
+    p.add_argument("--calls", type=int, default=300, help="timed calls per path")
+    p.add_argument("--block", type=int, default=25)
+    p.add_argument("--workers", type=int, default=4)
+    args = p.parse_args()
+    if args.quick:
+        args.calls, args.block = 20, 5
+    times: dict[str, list[float]] = {"fabric": [], "engine": []}
+    with common.TempSite(workers=args.workers) as site, \
+            common.compute_engine(args.workers) as engine:
+        fab = site.fabric()
+
+        def via_fabric() -> None:
+            assert fab.submit(common.noop, model=None).result(timeout=300) is None
+
+        def via_engine() -> None:
+            assert common.engine_call(engine, common.noop, None) is None
+
+        paths = {"fabric": via_fabric, "engine": via_engine}
+        t0 = time.monotonic()
+        for fn in paths.values():  # warm-up: workers started, imports done
+            for _ in range(max(10, args.block)):
+                fn()
+        log(f"warm-up done in {time.monotonic() - t0:.1f} s")
+        done = 0
+        while done < args.calls:
+            n = min(args.block, args.calls - done)
+            for name, fn in paths.items():
+                for _ in range(n):
+                    s = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - s)
+            done += n
+        fab.close()
+    admission = authorize_cost()
+    med = {k: median(v) for k, v in times.items()}
+    r = ratio(med["fabric"], med["engine"])
+    log(f"median fabric {med['fabric'] * 1e3:.2f} ms, engine {med['engine'] * 1e3:.2f} ms, "
+        f"ratio {r}")
+    common.emit({
+        "benchmark": "overhead", "calls_per_path": args.calls, "block": args.block,
+        "workers": args.workers,
+        "fabric_submit_ms": common.summary(times["fabric"], 1e3, 3),
+        "engine_direct_ms": common.summary(times["engine"], 1e3, 3),
+        "ratio_median": r, "extra_ms_median": round((med["fabric"] - med["engine"]) * 1e3, 3),
+        "goal": "<= 1.2", "met": (r or 99) <= 1.2,
+        "local_admission_ms": admission,
+    })
+
+
+if __name__ == "__main__":
+    main()
