@@ -159,28 +159,22 @@ def run_request(request: dict[str, Any], auth: Any = None) -> dict[str, Any]:
 def run_requests(requests: list[dict[str, Any]], auth: Any = None) -> list[dict[str, Any]]:
     """Serve several requests for one model in one task: all are in flight on the server at
     once (it batches them), results in order. For bulk work such as embedding a corpus."""
-    from fabric import tickets
+    from fabric.endpoint.handle import ModelHandle
     from fabric.errors import InvalidRequest
     from fabric.protocol import validate_request
-    from fabric.serverclient import ServerClient
 
     reqs = [validate_request(r) for r in requests]
     if not reqs or len({(r.model, r.version) for r in reqs}) != 1:
         raise InvalidRequest("run_requests needs a non-empty list of requests for one model")
-    site, _ = current_site()
-    model = reqs[0].model
+    model, version = reqs[0].model, reqs[0].version
     identity = _authorize(auth, model, sum(_token_estimate(r) for r in reqs))
-    mgr = manager()
-    dep = mgr.ensure(catalog(site).get(model, reqs[0].version))
-    key = mgr.ticket_key()
-    with ServerClient(dep.address, dep.public_key, timeout_s=30.0) as client:
-        for req in reqs:
-            client.submit(req, tickets.issue(key, model=dep.model, request_id=req.request_id,
-                                             subject=identity, ttl_s=3600.0))
-        results = [client.result(r.request_id, timeout_s=3600.0) for r in reqs]
+    handle = ModelHandle(model, version, identity=identity, timeout_s=3600.0)
+    try:
+        results = handle.request_many([r.model_dump(mode="json") for r in reqs])
+    finally:
+        handle.close()
     for req, result in zip(reqs, results, strict=True):
         _record_usage(identity, model, result, req.request_id)
-    mgr.db.touch(dep.id)
     return results
 
 
