@@ -155,7 +155,11 @@ class Engine:
             seq.logprobs.append(out.logprob)
         if seq.first_token is None:
             seq.first_token = now
-        text, stopped = self._text(seq)
+        # Decoding every step is only needed to stream text or to look for stop strings; the
+        # final text is decoded once in _finish.
+        text, stopped = ("", False)
+        if seq.stream or seq.request.sampling.stop:
+            text, stopped = self._text(seq)
         reason = None
         if stopped:
             reason = "stop"
