@@ -12,6 +12,10 @@ if one could be read, and why). Lines follow the OpenAI batch format where it fi
     {"custom_id": "a3", "input": "text to embed"}                      (kind: embed)
     {"custom_id": "a4", "prompt": "Q: 2+2? A:", "continuation": " 4"}  (kind: score)
 
+CSV and Parquet inputs are tables: ``input.column`` holds the text and ``input.id_column`` the
+custom_id (a string or an integer); a file without those columns is refused as a whole. A
+Parquet input's "line" is its row number, counted from 1.
+
 Duplicate custom_ids are always fatal (the ledger is keyed by them); other bad lines are fatal
 or recorded as errors, as the manifest's ``on_bad_line`` says.
 """
@@ -67,12 +71,13 @@ def read_inputs(manifest: Manifest) -> tuple[list[Item], list[BadLine]]:
     bad: list[BadLine] = []
     seen: dict[str, int] = {}
     dups: list[str] = []
+    unit = "row" if manifest.input_format() == "parquet" else "line"
     for line_no, raw, problem in _records(manifest):
         cid = raw.get("custom_id") if isinstance(raw, dict) else None
         cid = cid if isinstance(cid, str) and cid else None
         if cid is not None:
             if cid in seen:
-                dups.append(f"{cid!r} on lines {seen[cid]} and {line_no}")
+                dups.append(f"{cid!r} on {unit}s {seen[cid]} and {line_no}")
                 continue
             seen[cid] = line_no
         if problem is None:
@@ -89,9 +94,9 @@ def read_inputs(manifest: Manifest) -> tuple[list[Item], list[BadLine]]:
                               + (f" (and {len(dups) - 10} more)" if len(dups) > 10 else ""),
                               duplicates=dups[:100])
     if bad and manifest.on_bad_line == "reject":
-        shown = "; ".join(f"line {b.line}: {b.message}" for b in bad[:10])
+        shown = "; ".join(f"{unit} {b.line}: {b.message}" for b in bad[:10])
         raise InvalidManifest(
-            f"{len(bad)} bad input line(s) in {manifest.input.path} (set on_bad_line: record "
+            f"{len(bad)} bad input {unit}(s) in {manifest.input.path} (set on_bad_line: record "
             f"to run the others): {shown}",
             lines=[b.line for b in bad[:100]])
     if not items and not bad:
@@ -137,8 +142,8 @@ def build_request(manifest: Manifest, raw: dict[str, Any]) -> dict[str, Any]:
     text = line.get("prompt", line.get("input"))
     if manifest.kind == "chat":
         messages = line.get("messages")
-        if messages is None and isinstance(text, str):
-            messages = [{"role": "user", "content": text}]
+        if messages is None and text is not None:
+            messages = [{"role": "user", "content": _text(text, "prompt")}]
         if messages is None:
             raise ValueError("a chat input needs messages (or prompt)")
         req.update(kind="generate", messages=messages)
@@ -171,9 +176,9 @@ def _records(manifest: Manifest) -> Iterator[tuple[int, Any, tuple[str, str] | N
     if fmt == "jsonl":
         yield from _jsonl(path, manifest.input.max_line_bytes)
     elif fmt == "csv":
-        yield from _table(_csv_rows(path), manifest)
+        yield from _table(_csv_rows(path, manifest), manifest)
     else:
-        yield from _table(_parquet_rows(path), manifest)
+        yield from _table(_parquet_rows(path, manifest), manifest)
 
 
 def _jsonl(path: Path, limit: int) -> Iterator[tuple[int, Any, tuple[str, str] | None]]:
@@ -214,29 +219,67 @@ def _table(rows: Iterator[tuple[int, dict[str, Any]]], manifest: Manifest
            ) -> Iterator[tuple[int, Any, tuple[str, str] | None]]:
     spec = manifest.input
     text_key = {"chat": "prompt", "embed": "input"}.get(manifest.kind, "prompt")
-    for line_no, row in rows:
-        if spec.column not in row:
-            yield line_no, None, ("BadLine", f"no column {spec.column!r}")
+    for line_no, row in rows:  # the columns were checked (``_check_columns``)
+        cid = row.get(spec.id_column)
+        # Integer ids (a Parquet int64 column) are fine as text; a float or a list is not: 1.0
+        # or NaN would become an id nobody typed.
+        if cid is not None and not isinstance(cid, str) and (
+                isinstance(cid, bool) or not isinstance(cid, int)):
+            yield line_no, None, ("BadLine", f"{spec.id_column!r} must be a string or an "
+                                             f"integer, got {type(cid).__name__} {cid!r}")
             continue
-        record = {"custom_id": None if row.get(spec.id_column) in (None, "")
-                  else str(row[spec.id_column]), text_key: row[spec.column]}
+        record = {"custom_id": None if cid in (None, "") else str(cid),
+                  text_key: row.get(spec.column)}
         if manifest.kind == "score":
             record["continuation"] = row.get("continuation")
         yield line_no, record, None
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _check_columns(path: Path, columns: list[str], manifest: Manifest) -> None:
+    """Refuse a table without the manifest's columns once, not once per row."""
+    spec = manifest.input
+    need = [(spec.column, "input.column"), (spec.id_column, "input.id_column")]
+    if manifest.kind == "score":
+        need.append(("continuation", "a score campaign"))
+    for column, why in need:
+        if column not in columns:
+            raise InvalidManifest(f"input {path} has no column {column!r} (needed by {why}); "
+                                  f"its columns are {columns}", path=str(path), column=column,
+                                  columns=columns)
+
+
+def _csv_rows(path: Path, manifest: Manifest) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
+        if reader.fieldnames is not None:  # None: an empty file ("has no inputs" later)
+            _check_columns(path, list(reader.fieldnames), manifest)
         for row in reader:
             yield reader.line_num, dict(row)
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _parquet_rows(path: Path, manifest: Manifest) -> Iterator[tuple[int, dict[str, Any]]]:
+    from fabric.campaign.export import parquet_modules
+
+    pa, pq = parquet_modules("reading a Parquet input")
     try:
-        import pyarrow.parquet as pq  # optional: not a dependency of the fabric
-    except ImportError:
-        raise InvalidManifest("reading Parquet needs pyarrow (pip install pyarrow); or convert "
-                              "the input to JSONL or CSV") from None
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
-        yield i + 1, row
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidManifest(f"input {path} is not a readable Parquet file: {exc}",
+                              path=str(path)) from None
+    with table:
+        columns = list(table.schema_arrow.names)
+        _check_columns(path, columns, manifest)
+        spec = manifest.input
+        # Only the columns the campaign uses, a batch at a time: a wide or huge file is not
+        # read into memory whole.
+        wanted = [c for c in dict.fromkeys((spec.id_column, spec.column, "continuation"))
+                  if c in columns]
+        row = 0
+        try:
+            for batch in table.iter_batches(batch_size=8192, columns=wanted):
+                for record in batch.to_pylist():
+                    row += 1
+                    yield row, record
+        except (pa.ArrowException, OSError) as exc:
+            raise InvalidManifest(f"input {path}: Parquet row {row + 1} cannot be read: "
+                                  f"{exc}", path=str(path), line=row + 1) from None

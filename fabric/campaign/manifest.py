@@ -13,7 +13,9 @@ and its inputs can travel together.
     kind: chat                        # generate | chat | embed | score
     sampling: {max_tokens: 32, temperature: 0.0}
     input: {path: prompts.jsonl}      # or {path: x.csv, format: csv, column: text, id_column: id}
+                                      # (Parquet likewise: format: parquet; needs pyarrow)
     output: out/                      # results.jsonl and errors.jsonl land here
+    output_format: jsonl              # or parquet: results.parquet etc. too when it finishes
     sites: [{name: local, weight: 1, max_in_flight: 2}]
     shard_size: 64
     max_attempts: 3
@@ -119,6 +121,10 @@ class Manifest(_Strict):
     input: InputSpec
     output: str
     """Folder for ``results.jsonl`` and ``errors.jsonl``."""
+    output_format: Literal["jsonl", "parquet"] = "jsonl"
+    """``parquet``: also write ``results.parquet`` and ``errors.parquet`` when the campaign
+    finishes (needs pyarrow). The JSONL files are always written: they carry the exactly-once
+    guarantee, and the Parquet files are made from their committed lines."""
     sites: list[SiteSpec] = Field(default_factory=lambda: [SiteSpec(name="local")])
     shard_size: int = Field(32, ge=1, le=10_000)
     """Inputs per shard (one endpoint task)."""

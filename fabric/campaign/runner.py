@@ -8,7 +8,7 @@
                ledger.claim -> transport.submit(run_shard, shard, auth)
            wait for any shard future (or a timeout / cancel / stop)
            settle: append lines + fsync, then one ledger transaction (see ``ledger``)
-    until nothing is pending or running -> status done
+    until nothing is pending or running -> (output_format: parquet: export) -> status done
 
 Only this thread writes outputs and changes item states, so "check the input is still running
 in this shard, write its line, commit" cannot race. A shard's late reply (after a timeout made
@@ -131,6 +131,13 @@ class Runner:
             if not futures:
                 counts = ledger.counts()
                 if counts["pending"] == 0 and counts["running"] == 0:
+                    if self.manifest.output_format == "parquet":
+                        # Made once from the committed JSONL (Parquet cannot be appended and
+                        # truncated as the ledger needs). If it fails the campaign is failed,
+                        # not done, and `resume` writes it again without rerunning anything.
+                        from fabric.campaign.export import write_all
+
+                        write_all(self.folder)
                     ledger.set(status="done", finished=time.time())
                     return "done"
                 time.sleep(self.poll_s)  # every site is backing off

@@ -85,6 +85,10 @@ def create(manifest: Manifest | str | Path, home: Path, *, runner: str = "here",
         raise InvalidManifest(f"campaign {m.name!r} already exists in {home}; resume it, or "
                               "give the manifest another name", name=m.name)
     check_model(m)
+    if m.output_format == "parquet":
+        from fabric.campaign.export import parquet_modules
+
+        parquet_modules("output_format: parquet")  # fail now, not after the model time
     items, bad = read_inputs(m)
     now = time.time() if now is None else now
     first = m.schedule.first_run(now) if m.schedule else now

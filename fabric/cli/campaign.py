@@ -5,7 +5,8 @@
     fabric campaign run manifest.yaml              validate, then run here with a progress bar
     fabric campaign submit manifest.yaml [--at TIME | --every CRON] [--wait]
                                                    hand it to the site's scheduler
-    fabric campaign list | status NAME [--json] | resume NAME | cancel NAME | results NAME
+    fabric campaign list | status NAME [--json] | resume NAME | cancel NAME
+    fabric campaign results NAME [--errors] [--format parquet [--out FILE]]
 
 Campaigns live in ``<site state dir>/campaigns`` (``--site``/``--state-dir`` pick the site,
 ``--home`` another folder). A bad manifest or input line fails here, before any model time.
@@ -59,8 +60,14 @@ def register(subparsers: Any) -> None:
     resume.add_argument("--retry-failed", action="store_true",
                         help="give failed inputs fresh attempts too")
     resume.add_argument("--quiet", action="store_true", help="no progress display")
-    sub.choices["results"].add_argument("--errors", action="store_true",
-                                        help="print errors.jsonl instead")
+    results = sub.choices["results"]
+    results.add_argument("--errors", action="store_true", help="errors.jsonl instead")
+    results.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl",
+                         help="jsonl (default): print the lines; parquet: write them to a "
+                              "Parquet file (needs pyarrow) and print its path")
+    results.add_argument("--out", default=None,
+                         help="Parquet file to write (default: results.parquet or "
+                              "errors.parquet in the campaign's output folder)")
     listing = sub.add_parser("list", help="campaigns with their status and counts")
     _common(listing)
     listing.set_defaults(func=cmd_list)
@@ -231,10 +238,18 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    """Print committed lines (JSONL) to stdout."""
+    """Print committed lines (JSONL) to stdout, or write them to a Parquet file."""
     from fabric.campaign import store
 
     folder = store.campaign_dir(_home(args), args.name)
+    if args.format == "parquet":
+        from fabric.campaign.export import write_parquet
+
+        # Parquet is binary: it goes to a file, never to the terminal.
+        path, rows = write_parquet(folder, errors=args.errors, path=args.out)
+        print(json.dumps({"path": str(path), "rows": rows}) if args.json
+              else f"wrote {rows} rows to {path}")
+        return 0
     for record in store.read_records(folder, errors=args.errors):
         sys.stdout.write(json.dumps(record) + "\n")
     return 0
