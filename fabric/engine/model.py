@@ -213,7 +213,9 @@ class StageModel(nn.Module):
     def _attend(self, local: int, plan: StepPlan, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
-        rep = q.shape[1] // k.shape[1]
+        kv_heads, d = k.shape[1], self.head_dim
+        group = q.shape[1] // kv_heads
+        scale = d**-0.5
         offset = 0
         for s in plan.seqs:
             rows = slice(offset, offset + s.n)
@@ -222,16 +224,20 @@ class StageModel(nn.Module):
             kc[:, s.start:end] = k[rows].transpose(0, 1)
             vc[:, s.start:end] = v[rows].transpose(0, 1)
             keys, vals = kc[:, :end], vc[:, :end]
-            if rep > 1:
-                keys = keys.repeat_interleave(rep, dim=0)
-                vals = vals.repeat_interleave(rep, dim=0)
-            mask = None
-            if s.n > 1 and s.start > 0:
-                mask = torch.ones(s.n, end, dtype=torch.bool).tril(diagonal=s.start)
-            o = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask,
-                is_causal=s.n > 1 and s.start == 0, scale=self.head_dim**-0.5)
-            out[rows] = o[0].transpose(0, 1)
+            if s.n == 1:
+                # Decode: the query heads sharing a KV head form one bmm against the cache as
+                # it lies; SDPA's GQA path would copy the whole cache once per query head.
+                scores = torch.bmm(q[offset].view(kv_heads, group, d), keys.transpose(1, 2))
+                probs = (scores * scale).softmax(-1)
+                out[offset] = torch.bmm(probs, vals).view(-1, d)
+            else:
+                mask = None
+                if s.start > 0:
+                    mask = torch.ones(s.n, end, dtype=torch.bool).tril(diagonal=s.start)
+                o = F.scaled_dot_product_attention(
+                    q[rows].transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask,
+                    is_causal=s.start == 0, scale=scale, enable_gqa=group > 1)
+                out[rows] = o[0].transpose(0, 1)
             offset += s.n
         return out
 
