@@ -34,7 +34,7 @@ def generate(model: object, prompts: list[list[int]], n: int) -> list[list[int]]
                         for k, v in seqs.items()])
     for step in range(n):
         x = model.forward_step(plan, None)  # type: ignore[attr-defined]
-        logits = model.head_outputs(plan, x)  # type: ignore[attr-defined]
+        logits = model.logits(model.head_rows(plan, x))  # type: ignore[attr-defined]
         nxt = []
         for row, s in zip(logits, plan.seqs, strict=True):
             token, _ = pick(row, SampleSpec())

@@ -11,8 +11,9 @@ SmolLM2-135M fp32, N prompts of 30-200 tokens, 64 new tokens each, greedy, on th
   (a) runs a stratified subset of the prompts (every ``--a-stride``-th by length) because one at
   a time it is ~6x slower; its tokens/s does not depend on how many prompts it runs.
 - TTFT p50/p99 (server-side: queue + prefill, from each result's timings) under Poisson
-  arrivals at 25/50/100/150 % of the capacity measured above (a bounded count per level); at
-  150 % the number of ``Overloaded`` refusals and how fast they were answered.
+  arrivals at 25/50/100/150 % of the capacity measured above (a bounded count per level), on
+  a second server with a short waiting queue (``--poisson-queue``); at 150 % the number of
+  ``Overloaded`` refusals, how fast they were answered, and the admitted requests' TTFT.
 - peak RSS (``VmHWM``) of the server process after serving N concurrent requests vs the KV
   budget it is configured with.
 - with ``--profile`` (or automatically when the server is slower than (b)): a py-spy profile of
@@ -163,7 +164,13 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="always profile the server")
     p.add_argument("--no-poisson", action="store_true")
     p.add_argument("--poisson-count", type=int, default=16,
-                   help="requests per load level (3x at 150%%)")
+                   help="requests per load level (7x at 150%%)")
+    p.add_argument("--poisson-queue", type=int, default=4,
+                   help="max_queue_requests of the Poisson server")
+    p.add_argument("--poisson-only", action="store_true",
+                   help="only the Poisson levels, at --capacity-rps")
+    p.add_argument("--capacity-rps", type=float, default=None,
+                   help="requests/s the server sustains (from a full run)")
     p.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()) / "fabric-bench",
                    help="where the py-spy profile is written")
     args = p.parse_args()
@@ -171,6 +178,11 @@ def main() -> None:
         args.prompts, args.max_tokens, args.runs, args.a_stride = 8, 12, 1, 4
     args.out_dir.mkdir(parents=True, exist_ok=True)
     common.set_threads(args.threads)
+    if args.poisson_only:
+        if not args.capacity_rps:
+            p.error("--poisson-only needs --capacity-rps")
+        poisson_only(args)
+        return
     w = common.weights(common.SMOLLM)
     model, tok = common.load_hf(w.path)
     chats = common.chat_prompts(tok, args.prompts, 30, 200)
@@ -250,21 +262,45 @@ def main() -> None:
             "this_process_peak_rss_mb": common.peak_rss_mb(),
             "health_after": {k: health.get(k) for k in ("kv_used_tokens", "kv_budget_tokens",
                                                          "queue_depth", "running")}}
-        if not args.no_poisson:
-            capacity_rps = len(texts) / median([len(texts) * args.max_tokens / x
-                                                for x in tps["server"]])
-            n = 6 if args.quick else args.poisson_count
-            result["poisson"] = {
-                "capacity_rps": round(capacity_rps, 3),
-                "ttft_definition": "server-side queue_s + prefill_s of each admitted request",
-                "levels": poisson_levels(job, texts, args.max_tokens, capacity_rps,
-                                         [0.25, 0.5, 1.0, 1.5], [n, n, n, 3 * n])}
         if args.profile or med["server"] < med["b"]:
             seconds = max(8.0, 0.9 * last_run["wall_s"])
             log(f"profiling the server for {seconds:.0f} s")
             result["profile"] = profile_server(job, texts, args.max_tokens, seconds,
                                                args.out_dir)
+        capacity_rps = len(texts) / median([len(texts) * args.max_tokens / x
+                                            for x in tps["server"]])
+    if not args.no_poisson:
+        result["poisson"] = poisson(args, texts, capacity_rps, server_cfg)
     common.emit(result)
+
+
+def poisson(args: Any, texts: list[Any], capacity_rps: float, server_cfg: dict[str, Any]
+            ) -> dict[str, Any]:
+    """TTFT under Poisson arrivals, on a second server that admits at most ``--poisson-queue``
+    waiting requests (the throughput server's queue holds a whole burst of N, so it would never
+    refuse): at 150 % the in-system count grows until running + queue is full, then the
+    overload path answers; enough requests are sent at 150 % to get there."""
+    cfg = {**server_cfg, "max_queue_requests": args.poisson_queue}
+    n = 6 if args.quick else args.poisson_count
+    with common.ServerJob(common.SMOLLM, threads=args.threads, **cfg) as job:
+        server_run(job, texts[:4], 4)  # warm-up
+        return {"capacity_rps": round(capacity_rps, 3), "server_config": cfg,
+                "ttft_definition": "server-side queue_s + prefill_s of each admitted request",
+                "levels": poisson_levels(job, texts, args.max_tokens, capacity_rps,
+                                         [0.25, 0.5, 1.0, 1.5], [n, n, n, 7 * n])}
+
+
+def poisson_only(args: Any) -> None:
+    """``--poisson-only``: just the Poisson levels, at ``--capacity-rps`` measured before."""
+    w = common.weights(common.SMOLLM)
+    _, tok = common.load_hf(w.path)
+    texts = [m for m, _ in common.chat_prompts(tok, args.prompts, 30, 200)]
+    server_cfg = {"kv_budget_tokens": 16384, "max_running": args.prompts,
+                  "max_queue_requests": args.prompts, "max_batch_tokens": 512}
+    common.emit({"benchmark": "serving-poisson", "model": common.SMOLLM, "sha256": w.sha256,
+                 "prompts": len(texts), "max_new_tokens": args.max_tokens,
+                 "threads": f"OMP_NUM_THREADS={args.threads}, 1 rank",
+                 "poisson": poisson(args, texts, args.capacity_rps, server_cfg)})
 
 
 if __name__ == "__main__":

@@ -139,6 +139,26 @@ def _check_slices(model: torch.nn.Module, full: dict[str, torch.Tensor], config:
         }
         for name, want in expect.items():
             assert torch.equal(state[lp + name], want), (layer, name)
+    _check_vocab_rows(state, full, config, shard)
+
+
+def _check_vocab_rows(state: dict[str, torch.Tensor], full: dict[str, torch.Tensor], config: Any,
+                      shard: RankShard) -> None:
+    """Embedding and LM head: this rank's contiguous share of the vocabulary rows, computed
+    here as an even split over the stage's tp ranks."""
+    vocab = config.vocab_size
+    embed = full["model.embed_tokens.weight"]
+    head = full.get("lm_head.weight", embed)
+    lo, hi = shard.vocab_start, shard.vocab_stop
+    assert 0 <= lo < hi <= vocab
+    if shard.first:
+        assert torch.equal(state["embed_tokens.weight"], embed[lo:hi])
+    else:
+        assert "embed_tokens.weight" not in state
+    if shard.head:
+        assert torch.equal(state["lm_head.weight"], head[lo:hi])
+    else:
+        assert "lm_head.weight" not in state
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_llama_odd_dir"])
@@ -150,24 +170,29 @@ def test_bytes_read_per_rank_from_full_checkpoint(request: pytest.FixtureRequest
     config = load_config(folder)
     header = _header_bytes(folder)
     total_bytes = sum(t.numel() * t.element_size() for t in full.values())
-    per_rank = []
+    per_rank, shards = [], []
     for rank in range(pp * tp):
         model, report = build_stage(folder, rank, pp, tp, "float32", None)
+        shards.append(model.shard)
         tensor_bytes = _unique_param_bytes(model)
         assert report.shard_bytes == tensor_bytes
         assert report.bytes_read == header + tensor_bytes, rank
         assert report.io_bytes >= report.bytes_read  # the kernel saw at least those reads
         _check_slices(model, full, config, model.shard)
         per_rank.append(tensor_bytes)
-    # No rank reads the whole model; together they read it once plus what is replicated:
-    # norms and the (not vocab-split) embedding on every tp rank of the first stage, and a
-    # tied embedding again for the LM head when that is on another stage.
+    # No rank reads the whole model; together they read it exactly once plus the norms, which
+    # every tp rank keeps (the embedding and LM head are split by vocabulary rows, and a tied
+    # head is computed on the first stage, so it is not read twice).
     assert max(per_rank) < total_bytes
     norm_bytes = sum(t.numel() * t.element_size() for n, t in full.items() if "norm" in n)
-    embed = full["model.embed_tokens.weight"].numel() * 4
-    tied = "lm_head.weight" not in full
-    dup = (tp - 1) * embed + (embed if tied and pp > 1 else 0)
-    assert total_bytes <= sum(per_rank) <= total_bytes + (tp - 1) * norm_bytes + dup
+    assert total_bytes <= sum(per_rank) <= total_bytes + (tp - 1) * norm_bytes
+    # Each stage's tp ranks split the vocabulary into contiguous, near-equal row ranges.
+    for stage in range(pp):
+        spans = [(s.vocab_start, s.vocab_stop) for s in shards[stage * tp:(stage + 1) * tp]]
+        assert spans[0][0] == 0 and spans[-1][1] == config.vocab_size
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+        sizes = [b - a for a, b in spans]
+        assert max(sizes) - min(sizes) <= 1
 
 
 @pytest.mark.parametrize("pp,tp", PLANS)

@@ -12,7 +12,7 @@ import sys
 from types import TracebackType
 from typing import IO, Any
 
-from fabric.client.fabric import describe_status
+from fabric.client.status import describe_status
 
 __all__ = ["StatusSpinner"]
 
@@ -33,7 +33,7 @@ class StatusSpinner:
         self._stopped = False
 
     def update(self, status: dict[str, Any]) -> None:
-        """Show one deployment-status dict (see ``fabric.client.fabric.describe_status``)."""
+        """Show one deployment-status dict (see ``fabric.client.status.describe_status``)."""
         if self._stopped:
             return
         line = f"{self.label}: {describe_status(status)}"

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 _RANK_VARS = ("FABRIC_RANK", "RANK", "SLURM_PROCID", "PMI_RANK", "PMIX_RANK", "PALS_RANKID",
@@ -84,6 +85,28 @@ class Groups:
     """The process groups one rank takes part in."""
 
     tp_group: dist.ProcessGroup | None
+
+    def tp_comm(self) -> TPGroup | None:
+        """The stage's tensor-parallel collectives, or None when tp = 1."""
+        return None if self.tp_group is None else TPGroup(self.tp_group)
+
+
+class TPGroup:
+    """All-reduce and all-gather over one stage's tp ranks (``model.TensorParallel``)."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group)
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        """Sum ``t`` over the group, in place."""
+        dist.all_reduce(t, group=self.group)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``t`` (same shape on all ranks), in rank order."""
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return parts
     """This stage's tensor-parallel group (``None`` when tp == 1)."""
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fabric.engine.checkpoint import SafetensorsReader, io_read_bytes
-from fabric.engine.model import AllReduce, StageModel
+from fabric.engine.model import StageModel, TensorParallel
 from fabric.engine.partition import RankShard, plan_ranks
 from fabric.errors import DeploymentError
 
@@ -57,7 +57,7 @@ def rank_shards(folder: Path, config: Any, pp: int, tp: int) -> list[RankShard]:
 
 
 def build_stage(folder: Path, rank: int, pp: int, tp: int, dtype: str,
-                all_reduce: AllReduce | None, shard_dir: Path | None = None
+                comm: TensorParallel | None, shard_dir: Path | None = None
                 ) -> tuple[StageModel, LoadReport]:
     """This rank's stage model, materialised from its share of the weights."""
     t0, io0 = time.perf_counter(), io_read_bytes()
@@ -70,7 +70,7 @@ def build_stage(folder: Path, rank: int, pp: int, tp: int, dtype: str,
         reader = SafetensorsReader.from_folder(folder)
         tensors = {s.name: reader.read(s.name, s.dim, s.start, s.stop) for s in shard.slices}
     reader.close()
-    model = StageModel(config, shard, all_reduce)
+    model = StageModel(config, shard, comm)
     model.load(tensors, DTYPES[dtype])
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     report = LoadReport(rank, reader.bytes_read, io_read_bytes() - io0,

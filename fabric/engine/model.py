@@ -4,22 +4,33 @@ A step's tokens from all its sequences are packed into one ``[T, hidden]`` matri
 projection is one matmul; attention runs per sequence against that sequence's own KV cache,
 which is why a request's output does not depend on what shares its batch. Weights are the
 checkpoint's own tensors (tp slices when tp > 1); the row-parallel projections all-reduce over
-the stage's tp group. Per-request hooks act only on their request's rows.
+the stage's tp group, and the embedding and LM head are vocab-parallel (each tp rank holds a
+range of vocabulary rows; lookups all-reduce, logits all-gather). Per-request hooks act only on
+their request's rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fabric.engine.batch import HookSpec, SeqWork, StepPlan
-from fabric.engine.partition import RankShard
+from fabric.engine.partition import RankShard, vocab_slices
 
-AllReduce = Callable[[torch.Tensor], None]
+
+class TensorParallel(Protocol):
+    """The collectives a stage's tp ranks use (``fabric.engine.dist.TPGroup``)."""
+
+    size: int
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        """Sum ``t`` over the group, in place."""
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``t`` (same shape on all ranks), in rank order."""
 
 
 class RMSNorm(nn.Module):
@@ -81,22 +92,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class StageModel(nn.Module):
     """The layers one rank owns, its KV caches, and the step function."""
 
-    def __init__(self, config: Any, shard: RankShard, all_reduce: AllReduce | None) -> None:
+    def __init__(self, config: Any, shard: RankShard, comm: TensorParallel | None) -> None:
         super().__init__()
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-        self.config, self.shard, self._all_reduce = config, shard, all_reduce
+        self.config, self.shard, self._comm = config, shard, comm
         self.head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads)
         self.n_layers = config.num_hidden_layers
+        hidden, vocab = config.hidden_size, shard.vocab_stop - shard.vocab_start
         with torch.device("meta"):
-            self.embed_tokens = (nn.Embedding(config.vocab_size, config.hidden_size)
-                                 if shard.first else None)
+            self.embed_tokens = nn.Embedding(vocab, hidden) if shard.first else None
             self.layers = nn.ModuleDict(
                 {str(i): Layer(config, shard, self.head_dim) for i in shard.layers})
-            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if shard.head else None
-            self.lm_head = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-                            if shard.head else None)
+            self.norm = RMSNorm(hidden, config.rms_norm_eps) if shard.last else None
+            self.lm_head = nn.Linear(hidden, vocab, bias=False) if shard.head else None
         self.rotary = LlamaRotaryEmbedding(config)
         self.cache: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
@@ -104,17 +114,13 @@ class StageModel(nn.Module):
 
     def load(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         """Materialise the parameters from checkpoint tensors (checkpoint names)."""
-        local: dict[str, torch.Tensor] = {}
-        tied = "lm_head.weight" not in tensors
-        for name, t in tensors.items():
-            key = name.removeprefix("model.")
-            if key == "embed_tokens.weight" and self.shard.head and tied:
-                local["lm_head.weight"] = t
-            if key != "embed_tokens.weight" or self.shard.first:
-                local[key] = t
+        local = {name.removeprefix("model."): t for name, t in tensors.items()}
+        tied = self.lm_head is not None and "lm_head.weight" not in local
+        if tied:  # the head is on the first stage and shares the embedding's rows
+            local["lm_head.weight"] = local["embed_tokens.weight"]
         self.load_state_dict({k: v.to(dtype) for k, v in local.items()}, strict=True,
                              assign=True)
-        if self.shard.head and self.shard.first and tied:
+        if tied:
             assert self.lm_head is not None and self.embed_tokens is not None
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary.to(dtype=torch.float32)
@@ -133,7 +139,7 @@ class StageModel(nn.Module):
         positions = torch.cat([torch.arange(s.start, s.start + s.n) for s in plan.seqs])
         if self.embed_tokens is not None:
             ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.long)
-            x = self.embed_tokens(ids)
+            x = self._embed(ids)
             self._capture(plan, 0, x)
         else:
             assert hidden is not None
@@ -150,13 +156,13 @@ class StageModel(nn.Module):
         return x
 
     @torch.no_grad()
-    def head_outputs(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
-        """Final norm (captured as the last hidden state) and logits of the rows that need them.
+    def head_rows(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
+        """Final norm (captured as the last hidden state) and the rows that need logits.
 
-        Returns logits for, in order: each sequence's scored rows, then its last row if it
-        samples. Only the rank that owns the LM head calls this.
+        Rows, in order: each sequence's scored rows, then its last row if it samples. Every
+        rank of the last stage calls this.
         """
-        assert self.norm is not None and self.lm_head is not None
+        assert self.norm is not None
         x = self.norm(x)
         self._capture(plan, self.n_layers, x)
         rows: list[int] = []
@@ -167,9 +173,27 @@ class StageModel(nn.Module):
             if s.sample is not None:
                 rows.append(offset + s.n - 1)
             offset += s.n
-        if not rows:
-            return x.new_zeros((0, self.config.vocab_size))
-        return self.lm_head(x[torch.tensor(rows)]).float()
+        return x[torch.tensor(rows, dtype=torch.long)]
+
+    @torch.no_grad()
+    def logits(self, h: torch.Tensor | None) -> torch.Tensor:
+        """Float32 logits over the whole vocabulary for rows ``h`` (from ``head_rows``).
+
+        Every tp rank of the head stage calls this with the same rows; each computes its
+        vocabulary slice and all of them get the gathered result.
+        """
+        assert self.lm_head is not None
+        vocab = self.config.vocab_size
+        if h is None or h.shape[0] == 0:
+            return torch.zeros(0, vocab)
+        local = self.lm_head(h.to(self.dtype)).float()
+        if self._comm is None:
+            return local
+        # all_gather needs equal shapes: pad each slice to the widest, then trim.
+        sizes = [b - a for a, b in vocab_slices(vocab, self._comm.size)]
+        padded = F.pad(local, (0, max(sizes) - local.shape[1]))
+        parts = self._comm.all_gather(padded)
+        return torch.cat([p[:, :n] for p, n in zip(parts, sizes, strict=True)], dim=1)
 
     # --- internals -------------------------------------------------------------------------
 
@@ -184,9 +208,21 @@ class StageModel(nn.Module):
         ]
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self._all_reduce is not None:
-            self._all_reduce(t)
+        if self._comm is not None:
+            self._comm.all_reduce(t)
         return t
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        assert self.embed_tokens is not None
+        if self._comm is None:
+            return self.embed_tokens(ids)
+        # Vocab-parallel: each rank looks up the ids in its row range, zeros the others, and
+        # the sum over ranks is the full lookup (exact: one non-zero term per row).
+        lo, hi = self.shard.vocab_start, self.shard.vocab_stop
+        outside = (ids < lo) | (ids >= hi)
+        x = self.embed_tokens((ids - lo).clamp(0, hi - lo - 1))
+        x[outside] = 0
+        return self._reduce(x)
 
     def _layer(self, index: int, layer: Layer, x: torch.Tensor, plan: StepPlan,
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,12 @@
 """Which tensors (and which slices of them) each rank of a pp x tp plan owns.
 
 Stages get contiguous layer ranges balanced by parameter count (the first stage also carries
-the embeddings, the last the final norm and LM head). Within a stage, tensors split the way
+the embeddings, the last the final norm). The LM head lives on the last stage, except when it
+is tied to the embedding: then the first stage computes it too (the last stage sends the
+normed hidden rows back), so the one tensor is read once, not once per end of the pipeline.
+The embedding and the LM head are split by vocabulary rows over the tp ranks of their stage
+(vocab-parallel, as Megatron does), so every rank reads about 1/(pp*tp) of the model. Within
+a stage, the layers' tensors split the way
 DeepSpeed's AutoTP splits them (``deepspeed.module_inject.tp_shard.get_shard_size_list``):
 attention by key/value-head groups (so 9 heads / 3 KV heads over tp=2 give 6+3 query heads),
 MLP near-evenly; q/k/v/gate/up are column-parallel (dim 0), o/down row-parallel (dim 1).
@@ -38,7 +43,13 @@ class RankShard:
     first: bool
     last: bool
     head: bool
-    """True for the rank that computes the LM head (the last stage's leader)."""
+    """True for the ranks that compute a vocabulary slice of the LM head (every tp rank of
+    the head stage: the last stage, or the first when the head is tied to the embedding)."""
+    head_stage: int
+    """The stage that computes the LM head."""
+    vocab_start: int
+    vocab_stop: int
+    """This rank's rows of the embedding / LM head (the whole vocabulary when tp = 1)."""
     q_heads: int
     kv_heads: int
     head_offset: int
@@ -106,9 +117,12 @@ def plan_ranks(config: Any, shapes: dict[str, list[int]], pp: int, tp: int) -> l
         sum(numel(k) for k in shapes if k.startswith(f"model.layers.{i}.")) for i in range(n_layers)
     ]
     tied = "lm_head.weight" not in shapes
-    head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
-    stages = assign_layers(layer_params, pp, numel("model.embed_tokens.weight"),
-                           numel(head_name) + numel("model.norm.weight"))
+    embed = "model.embed_tokens.weight"
+    last_extra = numel("model.norm.weight") + (0 if tied else numel("lm_head.weight"))
+    stages = assign_layers(layer_params, pp, numel(embed), last_extra)
+    head_stage = 0 if tied else pp - 1
+    vocab = shapes[embed][0]
+    vocab_split = vocab_slices(vocab, tp)
     kv_split = split_sizes(kv * head_dim, tp, "self_attn.k_proj", kv)
     q_split = split_sizes(heads * head_dim, tp, "self_attn.q_proj", kv)
     inter = config.intermediate_size
@@ -119,21 +133,34 @@ def plan_ranks(config: Any, shapes: dict[str, list[int]], pp: int, tp: int) -> l
         q0, k0, m0 = sum(q_split[:t]), sum(kv_split[:t]), sum(mlp_split[:t])
         shard = RankShard(
             rank=rank, stage=stage, tp_rank=t, layers=stages[stage], first=stage == 0,
-            last=stage == pp - 1, head=stage == pp - 1 and t == 0,
+            last=stage == pp - 1, head=stage == head_stage, head_stage=head_stage,
+            vocab_start=vocab_split[t][0], vocab_stop=vocab_split[t][1],
             q_heads=q_split[t] // head_dim, kv_heads=kv_split[t] // head_dim,
             head_offset=q0 // head_dim, inter=mlp_split[t], inter_offset=m0,
         )
+        rows = (0, shard.vocab_start, shard.vocab_stop)
         if shard.first:
-            shard.slices.append(TensorSlice("model.embed_tokens.weight"))
+            shard.slices.append(TensorSlice(embed, *rows))
         for i in stages[stage]:
             shard.slices.extend(_layer_slices(i, shapes, q0, q_split[t], k0, kv_split[t],
                                               m0, mlp_split[t]))
-        if shard.head:
+        if shard.last:
             shard.slices.append(TensorSlice("model.norm.weight"))
-            if not (tied and shard.first):
-                shard.slices.append(TensorSlice(head_name))
+        if shard.head and not tied:
+            shard.slices.append(TensorSlice("lm_head.weight", *rows))
         out.append(shard)
     return out
+
+
+def vocab_slices(vocab: int, tp: int) -> list[tuple[int, int]]:
+    """Contiguous vocabulary row ranges, one per tp rank, sizes differing by at most one."""
+    base, extra = divmod(vocab, tp)
+    bounds, start = [], 0
+    for t in range(tp):
+        stop = start + base + (1 if t < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 def _layer_slices(i: int, shapes: dict[str, list[int]], q0: int, qn: int, k0: int, kn: int,

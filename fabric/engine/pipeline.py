@@ -1,11 +1,14 @@
 """Moving steps through the stages: the head's ``Pipeline`` and every other rank's loop.
 
 The head runs stage 0 of a step and sends the step on (``isend``: it does not wait), so while
-stage 1 works on micro-batch A the head already computes micro-batch B; the last stage's leader
-samples and sends the outputs back to the head, which collects them in launch order. Within a
-stage, the leader broadcasts each step to its tensor-parallel peers. Hidden states travel as
-float32 tensors through torch.distributed point-to-point; the step plan travels pickled in a
-uint8 tensor ahead of them.
+stage 1 works on micro-batch A the head already computes micro-batch B. The last stage applies
+the final norm and picks the rows that need logits. If the LM head is on the last stage, its tp
+ranks compute the logits, its leader samples and sends the outputs to the head; if the head is
+tied to the embedding (on stage 0), the last stage sends those rows back and the head's stage
+computes logits and samples when it collects the step. Steps are collected in launch order.
+Within a stage, the leader broadcasts each step to its tensor-parallel peers. Hidden states
+travel as float32 tensors through torch.distributed point-to-point; the step plan travels
+pickled in a uint8 tensor ahead of them.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from fabric.engine.dist import Groups, RankInfo
 from fabric.engine.model import StageModel
 from fabric.engine.sampling import pick, score
 
-STEP, STOP = 1, 2
+STEP, STOP, HEAD = 1, 2, 3
+"""Message kinds: a step for the next stage (or outputs for the head), stop, rows for the LM
+head on stage 0."""
 
 
-def stage_outputs(model: StageModel, plan: StepPlan, x: torch.Tensor) -> list[SeqOutput]:
-    """The LM-head rank's per-sequence outputs: sampled token, scores, captures."""
-    logits = model.head_outputs(plan, x) if plan.seqs else torch.zeros(0)
+def outputs_from(plan: StepPlan, logits: torch.Tensor) -> list[SeqOutput]:
+    """Per-sequence outputs of a step from its head rows' logits: token, scores, captures."""
     outputs, row = [], 0
     for s in plan.seqs:
         out = SeqOutput(s.seq_id, captures=plan.captures.get(s.seq_id, {}))
@@ -129,7 +133,7 @@ class Pipeline:
             self.wire.bcast(STEP, plan, None)
         x = self.model.forward_step(plan, None)
         if self.info.pp == 1:
-            self._local.append(stage_outputs(self.model, plan, x))
+            self._local.append(outputs_from(plan, self.model.logits(self.model.head_rows(plan, x))))
         else:
             self.wire.isend(self.info.leader_of(1), STEP, plan, x)
         self.inflight += 1
@@ -139,8 +143,12 @@ class Pipeline:
         self.inflight -= 1
         if self.info.pp == 1:
             return self._local.popleft()
-        _, outputs, _ = self.wire.recv(self.info.leader_of(self.info.pp - 1))
-        return list(outputs)
+        kind, obj, rows = self.wire.recv(self.info.leader_of(self.info.pp - 1))
+        if kind != HEAD:
+            return list(obj)
+        if self.info.tp > 1:
+            self.wire.bcast(HEAD, obj, rows)
+        return outputs_from(obj, self.model.logits(rows))
 
     def shutdown(self) -> None:
         """Tell every other rank to exit."""
@@ -169,10 +177,23 @@ def worker_loop(info: RankInfo, groups: Groups, model: StageModel) -> None:
                 wire.isend(info.leader_of(info.stage + 1), STOP, None, None)
             wire.flush()
             return
-        x = model.forward_step(plan, hidden)
-        if not info.is_stage_leader:
+        if kind == HEAD:  # stage 0's tp peers: their vocabulary slice of the tied LM head
+            model.logits(hidden)
             continue
-        if info.is_last_stage:
-            wire.isend(0, STEP, stage_outputs(model, plan, x), None)
-        else:
-            wire.isend(info.leader_of(info.stage + 1), STEP, plan, x)
+        x = model.forward_step(plan, hidden)
+        if not info.is_last_stage:
+            if info.is_stage_leader:
+                wire.isend(info.leader_of(info.stage + 1), STEP, plan, x)
+            continue
+        _finish_last_stage(info, wire, model, plan, x)
+
+
+def _finish_last_stage(info: RankInfo, wire: _Wire, model: StageModel, plan: StepPlan,
+                       x: torch.Tensor) -> None:
+    rows = model.head_rows(plan, x)
+    if model.shard.head:  # every tp rank takes part in the logits' all-gather
+        logits = model.logits(rows)
+        if info.is_stage_leader:
+            wire.isend(0, STEP, outputs_from(plan, logits), None)
+    elif info.is_stage_leader:
+        wire.isend(0, HEAD, plan, rows)

@@ -62,17 +62,6 @@ def _threads(cfg: ServerLaunchConfig, world: int) -> int:
     return threads_per_rank(cfg.server.threads_per_rank, local)
 
 
-def _all_reduce(groups: Any) -> Any:
-    if groups.tp_group is None:
-        return None
-    import torch.distributed as dist
-
-    def reduce(t: torch.Tensor) -> None:
-        dist.all_reduce(t, group=groups.tp_group)
-
-    return reduce
-
-
 def _wrap_deepspeed(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Hand the stage to DeepSpeed-Inference (placement and dtype; tp is done at load)."""
     import deepspeed
@@ -96,7 +85,7 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
         config = runner.config
     else:
         model, report = build_stage(Path(cfg.weights_path), info.rank, info.pp, info.tp,
-                                    cfg.plan.dtype, _all_reduce(groups),
+                                    cfg.plan.dtype, groups.tp_comm(),
                                     Path(cfg.shard_dir) if cfg.shard_dir else None)
         _wrap_deepspeed(model, DTYPES[cfg.plan.dtype])
         log.info("rank %d loaded %d bytes in %.2f s", info.rank, report.bytes_read,

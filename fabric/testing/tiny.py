@@ -60,12 +60,17 @@ def build_tiny_llama(
     intermediate: int = 128,
     tie: bool = True,
     seed: int = 0,
+    vocab: int = 384,
 ) -> Path:
-    """Write a random Llama checkpoint (fp32 safetensors) plus tokenizer into ``out``."""
+    """Write a random Llama checkpoint (fp32 safetensors) plus tokenizer into ``out``.
+
+    ``vocab`` is the tokenizer's (and so the model's) vocabulary size; an odd size makes the
+    vocab-parallel split of the embedding and LM head uneven under tp.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = build_tokenizer()
+    tok = build_tokenizer(vocab)
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden,

@@ -18,10 +18,12 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_odd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2's head layout in miniature: 9 heads, 3 KV heads (uneven under tp=2), untied."""
+    """SmolLM2's head layout in miniature: 9 heads, 3 KV heads (uneven under tp=2), untied,
+    and an odd vocabulary (383 rows: uneven vocab-parallel splits under tp=2 and tp=3)."""
     return build_tiny_llama(
         tmp_path_factory.mktemp("tiny-llama-odd"),
         hidden=72, heads=9, kv_heads=3, intermediate=144, layers=5, tie=False, seed=1,
+        vocab=383,
     )
 
 
