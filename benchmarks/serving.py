@@ -165,7 +165,7 @@ def main() -> None:
     p.add_argument("--no-poisson", action="store_true")
     p.add_argument("--poisson-count", type=int, default=16,
                    help="requests per load level (7x at 150%%)")
-    p.add_argument("--poisson-queue", type=int, default=4,
+    p.add_argument("--poisson-queue", type=int, default=0,
                    help="max_queue_requests of the Poisson server")
     p.add_argument("--poisson-only", action="store_true",
                    help="only the Poisson levels, at --capacity-rps")

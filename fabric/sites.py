@@ -92,7 +92,9 @@ class ServerConfig(_Strict):
     kv_budget_tokens: int = Field(65536, gt=0, description="KV-cache tokens across requests.")
     max_batch_tokens: int = Field(512, gt=0, description="Tokens per forward step (chunking).")
     max_running: int = Field(64, gt=0, description="Requests in the running batch at most.")
-    max_queue_requests: int = Field(256, ge=0, description="Waiting requests at most.")
+    max_queue_requests: int = Field(256, ge=0, description="Requests waiting beyond the free "
+                                    "places of the running batch at most (0: admit only what "
+                                    "can start now).")
     max_queue_tokens: int = Field(262144, ge=0, description="Prompt tokens waiting at most.")
     stream_buffer_s: float = Field(60.0, gt=0, description="Keep streamed events this long.")
     threads_per_rank: int = Field(0, ge=0, description="OMP threads per rank (0: cores/ranks).")

@@ -99,6 +99,23 @@ def test_request_queue_limit_is_exact_and_fast(busy_server: ServerHandle,
     _finish(busy_server, long_client, long_id, outcomes)
 
 
+def test_zero_queue_admits_exactly_the_free_running_places(model_server: Any,
+                                                           tiny_llama_dir: Path) -> None:
+    """``max_queue_requests=0``: a request is admitted only if it can join the running batch
+    now. One long request holds 1 of 3 places (and, with 1 token per step, keeps the others
+    from prefilling, so they hold their places), so of 6 arriving together exactly 2 get in."""
+    server = model_server(tiny_llama_dir, name="tiny_llama", max_running=3,
+                          max_queue_requests=0, max_batch_tokens=1)
+    long_client, long_id = _occupy(server, tiny_llama_dir)
+    outcomes = _submit_at_once(server, ["The"] * 6)
+    kinds = [k for k, _, _ in outcomes]
+    assert kinds.count("accepted") == 2, kinds
+    assert kinds.count("Overloaded") == 4, kinds
+    assert server.health()["running"] == 3
+    assert max(s for _, s, _ in outcomes) < 0.1
+    _finish(server, long_client, long_id, outcomes)
+
+
 def test_token_queue_limit_is_exact(busy_server: ServerHandle, tiny_llama_dir: Path) -> None:
     prompt = _text_of(tiny_llama_dir, 12)  # 4 x 12 = 48 <= 50 < 5 x 12: the 5th is refused
     long_client, long_id = _occupy(busy_server, tiny_llama_dir)

@@ -48,8 +48,8 @@ class Engine:
                  identity: dict[str, str], eos_ids: set[int], n_layers: int, emit: Emit) -> None:
         self.runner, self.tok, self.identity = runner, tokenizer, identity
         self.eos_ids, self.n_layers, self.emit = eos_ids, n_layers, emit
-        self.scheduler = Scheduler(limits, self._advance, self._finish)
         self.lock = threading.Lock()
+        self.scheduler = Scheduler(limits, self._advance, self._finish, self.lock)
         self.inbox: deque[tuple[str, Any]] = deque()
         self.wake = threading.Event()
         self.stop_requested = False
@@ -66,11 +66,13 @@ class Engine:
             self.inbox.append((kind, payload))
         self.wake.set()
 
-    def queued(self) -> tuple[int, int]:
-        """(requests, prompt tokens) waiting, inbox included."""
+    def queued(self) -> tuple[int, int, int]:
+        """(requests, prompt tokens) waiting, inbox included, and the running batch's free
+        places (a request there starts at the next step), read together."""
         with self.lock:
             seqs = [p for k, p in self.inbox if k == "add"] + list(self.scheduler.waiting)
-        return len(seqs), sum(len(s.prompt_ids) for s in seqs)
+            free = self.scheduler.limits.max_running - len(self.scheduler.running)
+        return len(seqs), sum(len(s.prompt_ids) for s in seqs), max(0, free)
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -102,13 +104,14 @@ class Engine:
             self.runner.shutdown()
 
     def _take_inbox(self) -> None:
-        with self.lock:
+        with self.lock:  # new sequences reach the waiting set before they leave the inbox
             items = list(self.inbox)
             self.inbox.clear()
+            for kind, payload in items:
+                if kind == "add":
+                    self.scheduler.add(payload)
         for kind, payload in items:
-            if kind == "add":
-                self.scheduler.add(payload)
-            else:
+            if kind != "add":
                 self.scheduler.cancel(payload)
 
     def _fill(self) -> None:

@@ -156,8 +156,12 @@ class Frontend:
 
     def _admit(self, tokens: int) -> None:
         cfg = self.config
-        waiting, waiting_tokens = self.engine.queued()
-        if waiting + 1 > cfg.max_queue_requests or waiting_tokens + tokens > cfg.max_queue_tokens:
+        waiting, waiting_tokens, free = self.engine.queued()
+        # A request that finds a free place in the running batch starts at the next step: only
+        # the ones beyond the free places really queue (so max_queue_requests=0 admits exactly
+        # the requests that can start now, and their time to first token stays short).
+        beyond = max(0, waiting + 1 - free)
+        if beyond > cfg.max_queue_requests or waiting_tokens + tokens > cfg.max_queue_tokens:
             rate = max(self.engine.tokens_per_s, 1.0)
             raise Overloaded(
                 f"model server queue is full ({waiting} requests, {waiting_tokens} prompt "
@@ -208,7 +212,7 @@ class Frontend:
     def health(self) -> dict[str, Any]:
         """Server state and load figures."""
         sched = self.engine.scheduler
-        waiting, _ = self.engine.queued()
+        waiting, _, _ = self.engine.queued()
         return {
             "state": "draining" if self.draining else self.state,
             "queue_depth": waiting, "running": len(sched.running),

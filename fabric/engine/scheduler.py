@@ -12,6 +12,7 @@ than fail when it is full. With pp stages, up to pp micro-batches are in flight 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -42,8 +43,12 @@ Advance = Callable[[Sequence, SeqOutput], str | None]
 class Scheduler:
     """Decides what each step computes; owns the waiting and running sets."""
 
-    def __init__(self, limits: Limits, advance: Advance, finish: Finish) -> None:
+    def __init__(self, limits: Limits, advance: Advance, finish: Finish,
+                 lock: threading.Lock | None = None) -> None:
         self.limits = limits
+        self.lock = lock or threading.Lock()
+        """Held while a sequence moves from waiting to running, so the front door's admission
+        check never sees it in neither set."""
         self._advance, self._finish = advance, finish
         self.waiting: deque[Sequence] = deque()
         self.running: dict[str, Sequence] = {}
@@ -120,14 +125,15 @@ class Scheduler:
 
     def _admit(self) -> None:
         now = time.monotonic()
-        while self.waiting and len(self.running) < self.limits.max_running:
-            seq = self.waiting[0]
-            if self.kv_used + seq.reserve > self.limits.kv_budget_tokens and self.running:
-                return
-            self.waiting.popleft()
-            seq.admitted = now
-            self.kv_used += seq.reserve
-            self.running[seq.request_id] = seq
+        with self.lock:
+            while self.waiting and len(self.running) < self.limits.max_running:
+                seq = self.waiting[0]
+                if self.kv_used + seq.reserve > self.limits.kv_budget_tokens and self.running:
+                    return
+                self.waiting.popleft()
+                seq.admitted = now
+                self.kv_used += seq.reserve
+                self.running[seq.request_id] = seq
 
     def _reap(self, now: float) -> None:
         """Drop cancelled and expired sequences that are not in flight."""
