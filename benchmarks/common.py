@@ -341,7 +341,9 @@ def run_batch(job: ServerJob, requests: Sequence[Any],
 
     Returns wall time, results, refusals (typed errors at submit: e.g. ``Overloaded``) with how
     long the refusal took, and per-request server-side TTFT (queue + prefill, from the result's
-    timings) and end-to-end latency seen by this client.
+    timings) and latency (their total_s). Server-side, because this client collects
+    results only after its last submission, which would inflate a client-side latency under
+    paced arrivals.
     """
     from fabric.errors import FabricError
 
@@ -364,16 +366,15 @@ def run_batch(job: ServerJob, requests: Sequence[Any],
                 refused.append({"error": type(exc).__name__,
                                 "answer_ms": round((time.monotonic() - s) * 1000, 3),
                                 "retry_after": exc.details.get("retry_after")})
-        latency = {}
         for rid in sent:
             results[rid] = client.result(rid, timeout_s=3600)
-            latency[rid] = time.monotonic() - sent[rid]
         wall = time.monotonic() - t0
     tokens = sum(r["usage"]["completion_tokens"] for r in results.values())
-    ttft = [r["timings"]["queue_s"] + r["timings"]["prefill_s"] for r in results.values()]
+    timings = [r["timings"] for r in results.values()]
+    ttft = [t["queue_s"] + t["prefill_s"] for t in timings]
+    latency = [t["total_s"] for t in timings]
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0,
-            "results": results, "refused": refused, "ttft_s": ttft,
-            "latency_s": list(latency.values())}
+            "results": results, "refused": refused, "ttft_s": ttft, "latency_s": latency}
 
 
 def _free_port() -> int:
