@@ -14,11 +14,20 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from fabric.cli.common import (
+    hook_arg,
+    model_args,
+    open_fabric,
+    parse_hooks,
+    plain,
+    print_table,
+    site_arg,
+)
 from fabric.errors import FabricError
 
 if TYPE_CHECKING:
-    from fabric.cli.progress import StatusSpinner
     from fabric.client.fabric import Fabric
+    from fabric.protocol import Hook
 
 __all__ = ["register"]
 
@@ -31,11 +40,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Complete PROMPT with a model at the site; text is streamed to stdout.",
         epilog='examples:\n  fabric generate "The mitochondria is" --max-tokens 24\n'
                '  echo "Tell me a joke" | fabric generate - --temperature 0.8 --seed 1\n'
-               '  fabric generate "Q: 2+2?" --stop "\\n" --json',
+               '  fabric generate "Q: 2+2?" --stop "\\n" --json\n'
+               '  fabric generate "I think the movie was" --hook \'{"kind": "steer", "layer": 10, '
+               '"vector_file": "v.npy", "scale": 4.0}\'',
         formatter_class=raw)
     p.add_argument("prompt", metavar="PROMPT", help='the prompt text ("-" reads stdin)')
-    _model_args(p, default="smollm2-135m")
+    model_args(p, default="smollm2-135m")
     _sampling_args(p)
+    hook_arg(p)
     p.add_argument("--json", action="store_true",
                    help="wait for the whole result and print it as JSON (no streaming)")
     p.add_argument("--stats", action="store_true",
@@ -49,8 +61,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                     "history. Lines can also be piped in, one user turn per line.",
         epilog="examples:\n  fabric chat\n  fabric chat --system 'Answer in one sentence.'",
         formatter_class=raw)
-    _model_args(p, default="smollm2-135m")
+    model_args(p, default="smollm2-135m")
     _sampling_args(p, max_tokens=256)
+    hook_arg(p)
     p.add_argument("--system", metavar="TEXT", help="a system message that starts the chat")
     p.set_defaults(func=cmd_chat)
 
@@ -60,19 +73,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog='examples:\n  fabric embed "a cat" "a dog"\n  fabric embed "a cat" --json',
         formatter_class=raw)
     p.add_argument("texts", metavar="TEXT", nargs="+", help="texts to embed")
-    _model_args(p, default="minilm-l6")
+    model_args(p, default="minilm-l6")
     p.add_argument("--pooling", choices=["mean", "first", "last"], default="mean",
                    help="how token vectors become one vector (default: mean)")
     p.add_argument("--layer", type=int, default=-1,
                    help="which layer's output to pool (default: -1, the last)")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
+    hook_arg(p)
     p.add_argument("--json", action="store_true", help="print full vectors as JSON")
     p.set_defaults(func=cmd_embed)
 
     p = subparsers.add_parser(
         "models", help="list the models the site can serve",
         description="List the site's model catalog with size, plan and where each is served.")
-    _site_arg(p)
+    site_arg(p)
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=cmd_models)
 
@@ -91,13 +105,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     p.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
     p.add_argument("--json", action="store_true", help="print the deployment record as JSON")
-    _site_arg(p)
+    site_arg(p)
     p.set_defaults(func=cmd_deploy)
 
     p = subparsers.add_parser(
         "deployments", help="list model-server deployments at the site",
         description="List deployments with plan, batch job id, state, address and idle time.")
-    _site_arg(p)
+    site_arg(p)
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=cmd_deployments)
 
@@ -105,22 +119,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "undeploy", help="drain and stop a deployment",
         description="Drain deployment ID (running requests finish) and stop its batch job.")
     p.add_argument("deployment_id", metavar="ID", help="deployment id (see fabric deployments)")
-    _site_arg(p)
+    site_arg(p)
     p.set_defaults(func=cmd_undeploy)
 
 
 # -- argument groups ----------------------------------------------------------------------------
-
-def _site_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--site", default="local",
-                   help="site name from endpoints/ or a site definition path (default: local)")
-
-
-def _model_args(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("-m", "--model", default=default, help=f"model name (default: {default})")
-    p.add_argument("--version", help="pin a model version")
-    _site_arg(p)
-
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int = 64) -> None:
     g = p.add_argument_group("sampling")
@@ -136,24 +139,18 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int = 64) -> None:
     g.add_argument("--timeout", type=float, help="deadline for the request, in seconds")
 
 
-def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+def _sampling(args: argparse.Namespace, hooks: list[Hook] | None) -> dict[str, Any]:
     return {
         "model": args.model, "version": args.version, "max_tokens": args.max_tokens,
         "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
         "seed": args.seed, "stop": _unescape(args.stop), "timeout": args.timeout,
+        "hooks": hooks,
     }
 
 
 def _unescape(stops: Sequence[str]) -> list[str]:
     # A shell makes typing a newline awkward; accept the usual escapes ("\n", "\t").
     return [s.encode("utf-8").decode("unicode_escape") if "\\" in s else s for s in stops]
-
-
-def _fabric(args: argparse.Namespace, spinner: StatusSpinner | None = None) -> Fabric:
-    from fabric.client.fabric import Fabric
-
-    return Fabric(site=args.site, on_status=None if spinner is None else spinner.update,
-                  status_interval_s=1.0)
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -163,13 +160,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from fabric.cli.progress import StatusSpinner
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    with StatusSpinner(f"waiting for {args.model}") as spinner, _fabric(args, spinner) as fab:
+    request = _sampling(args, parse_hooks(args.hook))
+    with StatusSpinner(f"waiting for {args.model}") as spinner, open_fabric(args, spinner) as fab:
         if args.json:
-            result = fab.generate(prompt, **_sampling(args))
+            result = fab.generate(prompt, **request)
             spinner.stop()
-            print(result.model_dump_json(indent=2))
+            # Capture hooks put torch tensors in `captures`: print them as nested lists.
+            print(result.model_dump_json(indent=2, fallback=plain))
             return 0
-        with fab.stream(prompt, **_sampling(args)) as stream:
+        with fab.stream(prompt, **request) as stream:
             for chunk in stream:
                 spinner.stop()
                 sys.stdout.write(chunk)
@@ -177,9 +176,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         spinner.stop()
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if stream.result is not None:
+            _print_captures(stream.result.captures)
         if args.stats and stream.result is not None:
             _print_stats(stream.result)
     return 0
+
+
+def _print_captures(captures: dict[str, Any]) -> None:
+    # Streamed text has no room for arrays; say what was captured and how to get the values.
+    for layer, value in captures.items():
+        shape = "x".join(str(n) for n in getattr(value, "shape", ()))
+        print(f"captured hidden state {layer}: {shape} (--json prints the values)",
+              file=sys.stderr)
 
 
 def _print_stats(result: Any) -> None:
@@ -193,6 +202,7 @@ def _print_stats(result: Any) -> None:
 def cmd_chat(args: argparse.Namespace) -> int:
     """``fabric chat``: a read-eval-print loop that keeps the conversation."""
 
+    hooks = parse_hooks(args.hook)
     interactive = sys.stdin.isatty()
     history: list[dict[str, str]] = []
     if args.system:
@@ -203,7 +213,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             import readline  # noqa: F401  (gives input() line editing and history)
         print(f"chatting with {args.model} at site {args.site}; /exit to leave, "
               "/reset to forget the conversation", file=sys.stderr)
-    with _fabric(args) as fab:
+    with open_fabric(args) as fab:
         while True:
             try:
                 line = input("you> " if interactive else "")
@@ -220,7 +230,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 continue
             history.append({"role": "user", "content": line})
             try:
-                reply = _chat_turn(fab, history, args, interactive)
+                reply = _chat_turn(fab, history, args, hooks, interactive)
             except FabricError as exc:
                 history.pop()  # forget the failed turn so the conversation stays usable
                 if not interactive:
@@ -232,7 +242,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _chat_turn(fab: Fabric, history: list[dict[str, str]], args: argparse.Namespace,
-               interactive: bool) -> str:
+               hooks: list[Hook] | None, interactive: bool) -> str:
     from fabric.cli.progress import StatusSpinner
 
     if interactive:
@@ -240,7 +250,7 @@ def _chat_turn(fab: Fabric, history: list[dict[str, str]], args: argparse.Namesp
         sys.stdout.flush()
     spinner = StatusSpinner(f"waiting for {args.model}")
     fab.on_status = spinner.update  # a fresh spinner per turn: the last one was stopped
-    with spinner, fab.stream(messages=list(history), **_sampling(args)) as stream:
+    with spinner, fab.stream(messages=list(history), **_sampling(args, hooks)) as stream:
         for chunk in stream:
             spinner.stop()
             sys.stdout.write(chunk)
@@ -254,10 +264,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     """``fabric embed``: print one vector per text."""
     from fabric.cli.progress import StatusSpinner
 
-    with StatusSpinner(f"waiting for {args.model}") as spinner, _fabric(args, spinner) as fab:
+    hooks = parse_hooks(args.hook)
+    with StatusSpinner(f"waiting for {args.model}") as spinner, open_fabric(args, spinner) as fab:
         vectors = fab.embed(list(args.texts), model=args.model, version=args.version,
-                            layer=args.layer,
-                            pooling=args.pooling, normalize=not args.no_normalize)
+                            layer=args.layer, pooling=args.pooling,
+                            normalize=not args.no_normalize, hooks=hooks)
         spinner.stop()
     if args.json:
         out = [{"text": t, "embedding": [float(x) for x in v]}
@@ -275,7 +286,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     """``fabric models``: the catalog with size and where each model is served."""
     from fabric.cli.progress import StatusSpinner
 
-    with StatusSpinner("fabric") as spinner, _fabric(args, spinner) as fab:
+    with StatusSpinner("fabric") as spinner, open_fabric(args, spinner) as fab:
         models = fab.models()
     if args.json:
         print(json.dumps(models, indent=2, default=str))
@@ -285,7 +296,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         str(m.get("size") or _params(m.get("params"))), _plan(m.get("plan")),
         _served(m),
     ] for m in models]
-    _table(["MODEL", "VERSION", "FAMILY", "SIZE", "PLAN", "SERVED"], rows)
+    print_table(["MODEL", "VERSION", "FAMILY", "SIZE", "PLAN", "SERVED"], rows)
     return 0
 
 
@@ -302,7 +313,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     """``fabric deploy``: launch a deployment and wait for it with a spinner."""
     from fabric.cli.progress import StatusSpinner
 
-    with StatusSpinner(f"deploying {args.model}") as spinner, _fabric(args, spinner) as fab:
+    with StatusSpinner(f"deploying {args.model}") as spinner, open_fabric(args, spinner) as fab:
         record = fab.deploy(args.model, pp=args.pp, tp=args.tp, version=args.version,
                             wait=not args.no_wait, timeout=args.timeout)
         spinner.stop()
@@ -321,7 +332,7 @@ def cmd_deployments(args: argparse.Namespace) -> int:
     """``fabric deployments``: list the site's deployments."""
     from fabric.cli.progress import StatusSpinner
 
-    with StatusSpinner("fabric") as spinner, _fabric(args, spinner) as fab:
+    with StatusSpinner("fabric") as spinner, open_fabric(args, spinner) as fab:
         records = fab.deployments()
     if args.json:
         print(json.dumps(records, indent=2, default=str))
@@ -334,13 +345,13 @@ def cmd_deployments(args: argparse.Namespace) -> int:
     if not rows:
         print("no deployments", file=sys.stderr)
         return 0
-    _table(["ID", "MODEL", "PLAN", "JOB", "STATE", "ADDRESS", "IDLE"], rows)
+    print_table(["ID", "MODEL", "PLAN", "JOB", "STATE", "ADDRESS", "IDLE"], rows)
     return 0
 
 
 def cmd_undeploy(args: argparse.Namespace) -> int:
     """``fabric undeploy``: drain and stop one deployment."""
-    with _fabric(args) as fab:
+    with open_fabric(args) as fab:
         record = fab.undeploy(args.deployment_id)
     print(f"deployment {args.deployment_id}: {record.get('state', 'stopping')}")
     return 0
@@ -367,10 +378,3 @@ def _seconds(value: Any) -> str:
     if not isinstance(value, int | float):
         return ""
     return f"{value:.0f}s" if value < 120 else f"{value / 60:.0f}m"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    for row in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

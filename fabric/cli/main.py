@@ -25,6 +25,7 @@ __all__ = ["REGISTRARS", "build_parser", "main"]
 
 REGISTRARS: tuple[str, ...] = (
     "fabric.cli.generate",  # generate, chat, embed, models, deploy, deployments, undeploy
+    "fabric.cli.internals",  # logprobs, hidden-states
     "fabric.cli.endpoint",  # endpoint start|status|stop (the local site)
     "fabric.cli.auth",  # login, logout, whoami
     "fabric.cli.sites",  # sites, site
@@ -37,6 +38,8 @@ examples:
   fabric generate "The mitochondria is" --model smollm2-135m --max-tokens 24
   fabric chat --model smollm2-135m
   fabric embed "first text" "second text" --json
+  fabric logprobs "The capital of France is" --continuation " Paris."
+  fabric hidden-states "The mitochondria is" --layers 0,15,-1 --out h.npz
   fabric models
   fabric deploy smollm2-135m --pp 2 --tp 1 --site local-slurm
   fabric deployments
