@@ -91,6 +91,9 @@ class ServerConfig(_Strict):
     ready_timeout_s: float = Field(900.0, gt=0, description="Give up waiting for readiness.")
     kv_budget_tokens: int = Field(65536, gt=0, description="KV-cache tokens across requests.")
     max_batch_tokens: int = Field(512, gt=0, description="Tokens per forward step (chunking).")
+    encoder_batch_tokens: int = Field(8192, gt=0, description="Tokens per step for embedding "
+                                      "models (nothing decodes between their steps, so big "
+                                      "steps only amortise per-step cost).")
     max_running: int = Field(64, gt=0, description="Requests in the running batch at most.")
     max_queue_requests: int = Field(256, ge=0, description="Requests waiting beyond the free "
                                     "places of the running batch at most (0: admit only what "

@@ -167,6 +167,11 @@ def test_minilm_embeddings_equal_transformers(model_server: Any, pooling: str) -
     server = model_server(folder, name="minilm-l6", family="embedding")
     texts = ["A cat sits on the mat.", "Proteins fold into shapes that decide what they do, "
              "and misfolded ones cause disease.", "Hello"]
+    # More texts than one encoder sub-batch, lengths shuffled: the server sorts each step by
+    # length into sub-batches and must hand every vector back to its own request.
+    words = ["the", "cell", "membrane", "keeps", "ions", "out", "while", "pumps", "move",
+             "them", "back", "in"]
+    texts += [" ".join(words[: 1 + (7 * i) % len(words)]) + f" ({i})" for i in range(37)]
     client = server.client()
     reqs = [server.request(kind="embed", prompt=t, pooling=pooling) for t in texts]
     for r in reqs:  # batched together, padded to the longest
@@ -183,3 +188,34 @@ def test_minilm_embeddings_equal_transformers(model_server: Any, pooling: str) -
         want = torch.nn.functional.normalize(vec, dim=-1)
         assert len(got) == 384
         np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
+
+
+def test_encoder_step_sub_batches_keep_each_request_its_vector() -> None:
+    """One encoder step with more prompts than a sub-batch, in no length order: the runner
+    sorts them into length-similar sub-batches, and each output must still be its own
+    prompt's pooled vector (as encoding it alone gives)."""
+    from transformers import AutoTokenizer
+
+    from fabric.catalog import Catalog
+    from fabric.engine.batch import SeqWork, StepPlan
+    from fabric.engine.encoder import SUB_BATCH, EncoderRunner
+    from fabric.weights import prepare
+
+    folder = prepare(Catalog().get("minilm-l6")).path
+    runner = EncoderRunner(folder, torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder)
+    words = ["a", "protein", "folds", "into", "the", "shape", "that", "decides", "what", "it",
+             "does", "in", "the", "cell"]
+    texts = [" ".join(words[: 1 + (5 * i) % len(words)]) for i in range(SUB_BATCH + 9)]
+    seqs = [SeqWork(f"s{i}", 0, tok(t).input_ids, 0) for i, t in enumerate(texts)]
+    runner.launch(StepPlan(1, seqs))
+    outputs = runner.collect()
+    assert [o.seq_id for o in outputs] == [s.seq_id for s in seqs]
+    layer = runner.config.num_hidden_layers
+    for seq, out in zip(seqs, outputs, strict=True):
+        runner.launch(StepPlan(2, [seq]))
+        alone = runner.collect()[0].captures[layer]
+        total, count = out.captures[layer]
+        assert count == seq.n
+        np.testing.assert_allclose((total / count).numpy(), (alone[0] / alone[1]).numpy(),
+                                   atol=1e-5, rtol=0)

@@ -1,8 +1,9 @@
 """Runner for embedding models (BERT-style encoders such as all-MiniLM-L6-v2).
 
-Encoders have no KV cache and no pipeline: each step pads its prompts into one batch, runs the
-model once, and pools the last hidden state per request as the request asked (mean over
-real tokens, first token, or last token). Single rank only.
+Encoders have no KV cache and no pipeline: each step sorts its prompts by length, runs them in
+sub-batches of similar length (so little of each batch is padding, as sentence-transformers
+does), and pools the last hidden state per request as the request asked (mean over real
+tokens, first token, or last token). Single rank only.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import torch
 
-from fabric.engine.batch import SeqOutput, StepPlan
+from fabric.engine.batch import SeqOutput, SeqWork, StepPlan
+
+SUB_BATCH = 32
+"""Prompts per forward call within a step."""
 
 
 class EncoderRunner:
@@ -35,23 +39,28 @@ class EncoderRunner:
     def launch(self, plan: StepPlan) -> None:
         """Encode the plan's prompts (each whole) and pool them."""
         self.inflight += 1
-        if not plan.seqs:
-            self._done.append([])
-            return
-        width = max(s.n for s in plan.seqs)
+        by_length = sorted(plan.seqs, key=lambda s: s.n)
+        pooled: dict[str, SeqOutput] = {}
+        for i in range(0, len(by_length), SUB_BATCH):
+            for out in self._encode(by_length[i:i + SUB_BATCH]):
+                pooled[out.seq_id] = out
+        self._done.append([pooled[s.seq_id] for s in plan.seqs])
+
+    def _encode(self, seqs: list[SeqWork]) -> list[SeqOutput]:
+        width = max(s.n for s in seqs)
         pad = self.config.pad_token_id or 0
-        ids = torch.tensor([s.token_ids + [pad] * (width - s.n) for s in plan.seqs])
-        mask = torch.tensor([[1] * s.n + [0] * (width - s.n) for s in plan.seqs])
+        ids = torch.tensor([s.token_ids + [pad] * (width - s.n) for s in seqs])
+        mask = torch.tensor([[1] * s.n + [0] * (width - s.n) for s in seqs])
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         outputs = []
         n_layers = self.config.num_hidden_layers
-        for i, s in enumerate(plan.seqs):
+        for i, s in enumerate(seqs):
             rows = hidden[i, : s.n]
             mode = s.capture.mode if s.capture is not None else "mean"
             value = {"mean": (rows.sum(0), s.n), "first": rows[0], "last": rows[-1]}.get(
                 mode, (rows.sum(0), s.n))
             outputs.append(SeqOutput(s.seq_id, captures={n_layers: value}))
-        self._done.append(outputs)
+        return outputs
 
     def collect(self) -> list[SeqOutput]:
         """Outputs of the oldest step."""

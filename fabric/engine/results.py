@@ -88,7 +88,7 @@ def pool(value: Any, pooling: str, normalize: bool) -> list[float]:
     vec = vec.float()
     if normalize:
         vec = torch.nn.functional.normalize(vec, dim=-1)
-    return [float(x) for x in vec]
+    return list(vec.tolist())
 
 
 def accumulate(seq: Sequence, captures: dict[int, Any]) -> None:

@@ -107,7 +107,8 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, runner: Any, config: An
     eos = config.eos_token_id if causal else None
     eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else [])}
     s = cfg.server
-    limits = Limits(s.kv_budget_tokens, s.max_batch_tokens, s.max_running, chunked_prefill=causal)
+    step_tokens = s.max_batch_tokens if causal else s.encoder_batch_tokens
+    limits = Limits(s.kv_budget_tokens, step_tokens, s.max_running, chunked_prefill=causal)
     context: Any = cfg.model.max_context or getattr(config, "max_position_embeddings", 512)
     identity = {"name": cfg.model.name, "version": cfg.model.version, "sha256": cfg.sha256}
     key = tickets.load_or_create_key(Path(cfg.ticket_key_path))
