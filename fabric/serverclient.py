@@ -56,6 +56,18 @@ class ServerClient:
         if reply["op"] == "error":
             raise FabricError.from_dict(reply["error"])
 
+    def submit_many(self, items: list[tuple[InferenceRequest, str]]) -> list[FabricError | None]:
+        """Send every (request, ticket) before reading any answer (one round trip for the
+        lot, not one each); returns per request ``None`` (accepted) or its typed refusal."""
+        for request, ticket in items:
+            self._send({"op": "submit", "ticket": ticket, "request": request.model_dump(),
+                        "stream": False, "detach": False})
+        out: list[FabricError | None] = []
+        for request, _ in items:
+            reply = self._wait_request(request.request_id, ("accepted", "error"), self.timeout_s)
+            out.append(FabricError.from_dict(reply["error"]) if reply["op"] == "error" else None)
+        return out
+
     def cancel(self, request_id: str, ticket: str) -> str:
         """Cancel a request; returns what it was doing ("queued", "running", "done", "unknown")."""
         self._send({"op": "cancel", "ticket": ticket, "request_id": request_id})

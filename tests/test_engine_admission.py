@@ -116,6 +116,32 @@ def test_zero_queue_admits_exactly_the_free_running_places(model_server: Any,
     _finish(server, long_client, long_id, outcomes)
 
 
+def test_submit_many_sends_all_then_reads_each_answer(busy_server: ServerHandle,
+                                                      tiny_llama_dir: Path) -> None:
+    """``ServerClient.submit_many``: one burst, one answer per request, in order: the queue's
+    first QUEUE_REQUESTS are accepted, the rest refused with ``Overloaded``."""
+    long_client, long_id = _occupy(busy_server, tiny_llama_dir)
+    client = busy_server.client()
+    reqs = [busy_server.request(prompt="The", sampling={"max_tokens": 2}) for _ in range(8)]
+    answers = client.submit_many([(r, busy_server.ticket) for r in reqs])
+    assert answers[:QUEUE_REQUESTS] == [None] * QUEUE_REQUESTS
+    assert all(isinstance(a, Overloaded) for a in answers[QUEUE_REQUESTS:]), answers
+    outcomes = [("accepted", 0.0, (client, r.request_id)) for r in reqs[:QUEUE_REQUESTS]]
+    _finish(busy_server, long_client, long_id, outcomes)
+
+
+def test_bulk_refusal_policy() -> None:
+    """What a bulk submit raises: a hard refusal always; backpressure only if nothing got in."""
+    from fabric.endpoint.handle import _fatal
+    from fabric.errors import InvalidRequest
+
+    busy, bad = Overloaded("full", retry_after=1.0), InvalidRequest("bad")
+    assert _fatal([], 3) is None
+    assert _fatal([busy], 3) is None  # 2 of 3 accepted: resend the third later
+    assert _fatal([busy, busy], 2) is busy  # none accepted (e.g. draining): give up
+    assert _fatal([busy, bad], 5) is bad
+
+
 def test_token_queue_limit_is_exact(busy_server: ServerHandle, tiny_llama_dir: Path) -> None:
     prompt = _text_of(tiny_llama_dir, 12)  # 4 x 12 = 48 <= 50 < 5 x 12: the 5th is refused
     long_client, long_id = _occupy(busy_server, tiny_llama_dir)

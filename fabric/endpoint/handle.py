@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from fabric.errors import FabricError, InvalidRequest, ModelServerUnavailable
+from fabric.errors import FabricError, InvalidRequest, ModelServerUnavailable, Overloaded
 
 
 class ModelHandle:
@@ -106,13 +106,24 @@ class ModelHandle:
 
         client, dep, manager = self._connect()
         key = manager.ticket_key()
-        for req in reqs:
-            ticket = tickets.issue(key, model=dep.model, request_id=req.request_id,
-                                   subject=self.identity, ttl_s=self.timeout_s)
-            client.submit(req, ticket, stream=False)
-        results = [client.result(r.request_id, self.timeout_s) for r in reqs]
+        results: dict[str, dict[str, Any]] = {}
+        pending = list(reqs)
+        while pending:
+            items = [(r, tickets.issue(key, model=dep.model, request_id=r.request_id,
+                                       subject=self.identity, ttl_s=self.timeout_s))
+                     for r in pending]
+            refusals = client.submit_many(items)
+            fatal = _fatal([e for e in refusals if e is not None], len(pending))
+            if fatal is not None:
+                raise fatal
+            for req, err in zip(pending, refusals, strict=True):
+                if err is None:
+                    results[req.request_id] = client.result(req.request_id, self.timeout_s)
+            # A full server queue is backpressure, not failure: what it refused is sent again
+            # once what it took has finished (bulk calls send more than a queue holds).
+            pending = [r for r, err in zip(pending, refusals, strict=True) if err is not None]
         manager.db.touch(dep.id)
-        return results
+        return [results[r.request_id] for r in reqs]
 
     def _connect(self) -> tuple[Any, Any, Any]:
         from fabric.endpoint import functions
@@ -147,3 +158,13 @@ class ModelHandle:
 
     def __repr__(self) -> str:
         return f"ModelHandle(model={self.model!r}, version={self.version!r})"
+
+
+def _fatal(errors: list[FabricError], sent: int) -> FabricError | None:
+    """The refusal to raise from a bulk submit, if any: one that is not backpressure, or any
+    when nothing was accepted (a draining server refuses all with ``Overloaded``; retrying it
+    would never end)."""
+    hard = [e for e in errors if not isinstance(e, Overloaded)]
+    if hard:
+        return hard[0]
+    return errors[0] if errors and len(errors) == sent else None
