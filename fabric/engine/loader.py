@@ -57,9 +57,9 @@ def rank_shards(folder: Path, config: Any, pp: int, tp: int) -> list[RankShard]:
 
 
 def build_stage(folder: Path, rank: int, pp: int, tp: int, dtype: str,
-                comm: TensorParallel | None, shard_dir: Path | None = None
-                ) -> tuple[StageModel, LoadReport]:
-    """This rank's stage model, materialised from its share of the weights."""
+                comm: TensorParallel | None, shard_dir: Path | None = None,
+                device: str = "cpu") -> tuple[StageModel, LoadReport]:
+    """This rank's stage model, materialised from its share of the weights on ``device``."""
     t0, io0 = time.perf_counter(), io_read_bytes()
     config = load_config(shard_dir or folder)
     if shard_dir is not None:
@@ -70,7 +70,7 @@ def build_stage(folder: Path, rank: int, pp: int, tp: int, dtype: str,
         reader = SafetensorsReader.from_folder(folder)
         tensors = {s.name: reader.read(s.name, s.dim, s.start, s.stop) for s in shard.slices}
     reader.close()
-    model = StageModel(config, shard, comm)
+    model = StageModel(config, shard, comm, device)
     model.load(tensors, DTYPES[dtype])
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     report = LoadReport(rank, reader.bytes_read, io_read_bytes() - io0,

@@ -92,11 +92,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class StageModel(nn.Module):
     """The layers one rank owns, its KV caches, and the step function."""
 
-    def __init__(self, config: Any, shard: RankShard, comm: TensorParallel | None) -> None:
+    def __init__(self, config: Any, shard: RankShard, comm: TensorParallel | None,
+                 device: str | torch.device = "cpu") -> None:
         super().__init__()
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         self.config, self.shard, self._comm = config, shard, comm
+        self.device = torch.device(device)
         self.head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads)
         self.n_layers = config.num_hidden_layers
@@ -118,12 +120,12 @@ class StageModel(nn.Module):
         tied = self.lm_head is not None and "lm_head.weight" not in local
         if tied:  # the head is on the first stage and shares the embedding's rows
             local["lm_head.weight"] = local["embed_tokens.weight"]
-        self.load_state_dict({k: v.to(dtype) for k, v in local.items()}, strict=True,
+        self.load_state_dict({k: v.to(self.device, dtype) for k, v in local.items()}, strict=True,
                              assign=True)
         if tied:
             assert self.lm_head is not None and self.embed_tokens is not None
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary.to(dtype=torch.float32)
+        self.rotary.to(device=self.device, dtype=torch.float32)
         self.dtype = dtype
         self.eval()
 
@@ -135,15 +137,17 @@ class StageModel(nn.Module):
         for seq_id in plan.free:
             self.cache.pop(seq_id, None)
         if not plan.seqs:
-            return torch.zeros(0, self.config.hidden_size)
-        positions = torch.cat([torch.arange(s.start, s.start + s.n) for s in plan.seqs])
+            return torch.zeros(0, self.config.hidden_size, device=self.device)
+        positions = torch.cat([torch.arange(s.start, s.start + s.n) for s in plan.seqs]
+                              ).to(self.device)
         if self.embed_tokens is not None:
-            ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.long)
+            ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.long,
+                               device=self.device)
             x = self._embed(ids)
             self._capture(plan, 0, x)
         else:
             assert hidden is not None
-            x = hidden.to(self.dtype)
+            x = hidden.to(self.device, self.dtype)
         cos, sin = self.rotary(x[None], positions[None])
         cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
         for seq in plan.seqs:
@@ -173,27 +177,28 @@ class StageModel(nn.Module):
             if s.sample is not None:
                 rows.append(offset + s.n - 1)
             offset += s.n
-        return x[torch.tensor(rows, dtype=torch.long)]
+        return x[torch.tensor(rows, dtype=torch.long, device=self.device)]
 
     @torch.no_grad()
     def logits(self, h: torch.Tensor | None) -> torch.Tensor:
         """Float32 logits over the whole vocabulary for rows ``h`` (from ``head_rows``).
 
         Every tp rank of the head stage calls this with the same rows; each computes its
-        vocabulary slice and all of them get the gathered result.
+        vocabulary slice and all of them get the gathered result, on the CPU (where sampling
+        runs).
         """
         assert self.lm_head is not None
         vocab = self.config.vocab_size
         if h is None or h.shape[0] == 0:
             return torch.zeros(0, vocab)
-        local = self.lm_head(h.to(self.dtype)).float()
+        local = self.lm_head(h.to(self.device, self.dtype)).float()
         if self._comm is None:
-            return local
+            return local.cpu()
         # all_gather needs equal shapes: pad each slice to the widest, then trim.
         sizes = [b - a for a, b in vocab_slices(vocab, self._comm.size)]
         padded = F.pad(local, (0, max(sizes) - local.shape[1]))
         parts = self._comm.all_gather(padded)
-        return torch.cat([p[:, :n] for p, n in zip(parts, sizes, strict=True)], dim=1)
+        return torch.cat([p[:, :n] for p, n in zip(parts, sizes, strict=True)], dim=1).cpu()
 
     # --- internals -------------------------------------------------------------------------
 
@@ -202,8 +207,8 @@ class StageModel(nn.Module):
             return
         kv, d = self.shard.kv_heads, self.head_dim
         self.cache[seq.seq_id] = [
-            (torch.empty(kv, seq.capacity, d, dtype=self.dtype),
-             torch.empty(kv, seq.capacity, d, dtype=self.dtype))
+            (torch.empty(kv, seq.capacity, d, dtype=self.dtype, device=self.device),
+             torch.empty(kv, seq.capacity, d, dtype=self.dtype, device=self.device))
             for _ in self.shard.layers
         ]
 
@@ -269,7 +274,8 @@ class StageModel(nn.Module):
             else:
                 mask = None
                 if s.start > 0:
-                    mask = torch.ones(s.n, end, dtype=torch.bool).tril(diagonal=s.start)
+                    mask = torch.ones(s.n, end, dtype=torch.bool, device=q.device).tril(
+                        diagonal=s.start)
                 o = F.scaled_dot_product_attention(
                     q[rows].transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask,
                     is_causal=s.start == 0, scale=scale, enable_gqa=group > 1)
@@ -288,7 +294,7 @@ class StageModel(nn.Module):
     def _apply_hook(self, hook: HookSpec, t: torch.Tensor, rows: slice) -> None:
         if hook.kind == "steer":
             assert hook.vector is not None
-            t[rows] += hook.scale * hook.vector.to(t.dtype)
+            t[rows] += hook.scale * hook.vector.to(t.device, t.dtype)
         elif hook.kind == "ablate_heads":
             for head in hook.heads:
                 local = head - self.shard.head_offset
@@ -298,7 +304,7 @@ class StageModel(nn.Module):
             lo = self.shard.inter_offset
             cols = [n - lo for n in hook.neurons if lo <= n < lo + t.shape[1]]
             if cols:
-                t[rows, torch.tensor(cols)] = 0
+                t[rows, torch.tensor(cols, device=t.device)] = 0
 
     def _capture(self, plan: StepPlan, hs_index: int, x: torch.Tensor) -> None:
         if self.shard.tp_rank != 0:
@@ -306,7 +312,7 @@ class StageModel(nn.Module):
         offset = 0
         for s in plan.seqs:
             if s.capture is not None and hs_index in s.capture.layers:
-                rows = x[offset:offset + s.n].float()
+                rows = x[offset:offset + s.n].float().cpu()
                 mode = s.capture.mode
                 if mode == "all":
                     value: Any = rows.clone()

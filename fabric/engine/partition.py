@@ -62,6 +62,8 @@ class RankShard:
 
 def split_sizes(total: int, tp: int, name: str, kv_heads: int) -> list[int]:
     """AutoTP's shard sizes for a dimension of ``total`` split over ``tp`` ranks."""
+    if tp == 1:
+        return [total]
     from deepspeed.module_inject.tp_shard import AutoTPMeta, get_shard_size_list
 
     return list(get_shard_size_list(total, tp, AutoTPMeta(num_kv_heads=kv_heads), name))

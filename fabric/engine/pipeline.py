@@ -60,7 +60,7 @@ class _Wire:
         # The receiver expects a hidden tensor only when rows > 0 (free-only steps have none).
         parts = [header, payload]
         if tensor is not None and rows:
-            parts.append(tensor.float().contiguous())
+            parts.append(tensor.float().cpu().contiguous())
         works = [dist.isend(p, dst) for p in parts]
         self._inflight.append((works, parts))
         self._prune()
@@ -96,7 +96,7 @@ class _Wire:
             if not leader or tensor is None:
                 tensor = torch.empty(rows, self.hidden)
             else:
-                tensor = tensor.float().contiguous()
+                tensor = tensor.float().cpu().contiguous()
             dist.broadcast(tensor, src, group=group)
         return kind, obj if leader else pickle.loads(payload.numpy().tobytes()), tensor
 

@@ -62,6 +62,15 @@ def _threads(cfg: ServerLaunchConfig, world: int) -> int:
     return threads_per_rank(cfg.server.threads_per_rank, local)
 
 
+def _device(cfg: ServerLaunchConfig, info: RankInfo) -> str:
+    """This rank's device: its node-local GPU when the plan says cuda."""
+    if cfg.plan.device != "cuda":
+        return "cpu"
+    index = info.rank % max(1, torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"
+
+
 def _wrap_deepspeed(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Hand the stage to DeepSpeed-Inference (placement and dtype; tp is done at load)."""
     import deepspeed
@@ -86,7 +95,8 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
     else:
         model, report = build_stage(Path(cfg.weights_path), info.rank, info.pp, info.tp,
                                     cfg.plan.dtype, groups.tp_comm(),
-                                    Path(cfg.shard_dir) if cfg.shard_dir else None)
+                                    Path(cfg.shard_dir) if cfg.shard_dir else None,
+                                    _device(cfg, info))
         _wrap_deepspeed(model, DTYPES[cfg.plan.dtype])
         log.info("rank %d loaded %d bytes in %.2f s", info.rank, report.bytes_read,
                  report.seconds)
