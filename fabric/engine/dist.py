@@ -85,6 +85,11 @@ class Groups:
     """The process groups one rank takes part in."""
 
     tp_group: dist.ProcessGroup | None
+    wire: dist.ProcessGroup | None = None
+    """Group for the pipeline's CPU messages (step plans, hidden states) when the default
+    backend is nccl, which sends only GPU tensors; None means the default (gloo) group."""
+    tp_wire: dist.ProcessGroup | None = None
+    """The stage's tp ranks over gloo, for broadcasting steps, when the default is nccl."""
 
     def tp_comm(self) -> TPGroup | None:
         """The stage's tensor-parallel collectives, or None when tp = 1."""
@@ -144,10 +149,16 @@ def init_groups(info: RankInfo, master_addr: str, master_port: int, backend: str
         world_size=info.world,
         timeout=timedelta(minutes=30),
     )
-    tp_group = None
+    # With nccl (GPUs) the tensor-parallel all-reduces stay on nccl, and the control plane (the
+    # pickled step plan and the stage hand-off, CPU tensors) gets gloo groups. Every rank
+    # creates every group, in the same order, as torch.distributed requires.
+    side = backend != "gloo"
+    wire = dist.new_group(list(range(info.world)), backend="gloo") if side else None
+    tp_group = tp_wire = None
     for stage in range(info.pp):
         ranks = list(range(stage * info.tp, (stage + 1) * info.tp))
         group = dist.new_group(ranks) if info.tp > 1 else None
+        cpu = dist.new_group(ranks, backend="gloo") if info.tp > 1 and side else None
         if stage == info.stage:
-            tp_group = group
-    return Groups(tp_group=tp_group)
+            tp_group, tp_wire = group, cpu
+    return Groups(tp_group=tp_group, wire=wire, tp_wire=tp_wire)

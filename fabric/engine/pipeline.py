@@ -61,26 +61,27 @@ class _Wire:
         parts = [header, payload]
         if tensor is not None and rows:
             parts.append(tensor.float().cpu().contiguous())
-        works = [dist.isend(p, dst) for p in parts]
+        works = [dist.isend(p, dst, group=self.groups.wire) for p in parts]
         self._inflight.append((works, parts))
         self._prune()
 
     def recv(self, src: int) -> tuple[int, Any, torch.Tensor | None]:
         header = torch.empty(3, dtype=torch.int64)
-        dist.recv(header, src)
+        dist.recv(header, src, group=self.groups.wire)
         kind, size, rows = (int(v) for v in header)
         payload = torch.empty(size, dtype=torch.uint8)
-        dist.recv(payload, src)
+        dist.recv(payload, src, group=self.groups.wire)
         tensor = None
         if rows:
             tensor = torch.empty(rows, self.hidden)
-            dist.recv(tensor, src)
+            dist.recv(tensor, src, group=self.groups.wire)
         return kind, pickle.loads(payload.numpy().tobytes()), tensor
 
     def bcast(self, kind: int, obj: Any, tensor: torch.Tensor | None
               ) -> tuple[int, Any, torch.Tensor | None]:
         """Leader sends, peers receive, within this stage's tp group."""
-        group, src = self.groups.tp_group, self.info.leader_of(self.info.stage)
+        group = self.groups.tp_wire or self.groups.tp_group
+        src = self.info.leader_of(self.info.stage)
         leader = self.info.is_stage_leader
         header = torch.zeros(3, dtype=torch.int64)
         if leader:
