@@ -6,10 +6,11 @@ is tied to the embedding: then the first stage computes it too (the last stage s
 normed hidden rows back), so the one tensor is read once, not once per end of the pipeline.
 The embedding and the LM head are split by vocabulary rows over the tp ranks of their stage
 (vocab-parallel, as Megatron does), so every rank reads about 1/(pp*tp) of the model. Within
-a stage, the layers' tensors split the way
-DeepSpeed's AutoTP splits them (``deepspeed.module_inject.tp_shard.get_shard_size_list``):
-attention by key/value-head groups (so 9 heads / 3 KV heads over tp=2 give 6+3 query heads),
-MLP near-evenly; q/k/v/gate/up are column-parallel (dim 0), o/down row-parallel (dim 1).
+a stage, attention splits the way DeepSpeed's AutoTP splits it
+(``deepspeed.module_inject.tp_shard.get_shard_size_list``): by key/value-head groups (so 9
+heads / 3 KV heads over tp=2 give 6+3 query heads); the MLP splits in shares that even out each
+rank's parameters (``balanced_mlp_split``; AutoTP would split it evenly). q/k/v/gate/up are
+column-parallel (dim 0), o/down row-parallel (dim 1).
 The same ``RankShard`` drives loading from a full checkpoint and ``fabric shard``.
 """
 
@@ -128,7 +129,11 @@ def plan_ranks(config: Any, shapes: dict[str, list[int]], pp: int, tp: int) -> l
     kv_split = split_sizes(kv * head_dim, tp, "self_attn.k_proj", kv)
     q_split = split_sizes(heads * head_dim, tp, "self_attn.q_proj", kv)
     inter = config.intermediate_size
-    mlp_split = split_sizes(inter, tp, "mlp.gate_proj", kv)
+    hidden = config.hidden_size
+    # Per tp rank: q and o rows/columns, k and v rows, each `hidden` wide.
+    attn = [hidden * (2 * q + 2 * k) for q, k in zip(q_split, kv_split, strict=True)]
+    mlp_split = balanced_mlp_split(inter, attn, 3 * hidden,
+                                   split_sizes(inter, tp, "mlp.gate_proj", kv))
     out = []
     for rank in range(pp * tp):
         stage, t = divmod(rank, tp)
@@ -152,6 +157,24 @@ def plan_ranks(config: Any, shapes: dict[str, list[int]], pp: int, tp: int) -> l
             shard.slices.append(TensorSlice("lm_head.weight", *rows))
         out.append(shard)
     return out
+
+
+def balanced_mlp_split(inter: int, attn: list[int], per_neuron: int, fallback: list[int]
+                       ) -> list[int]:
+    """MLP neurons per tp rank so that attention + MLP parameters are as equal as possible.
+
+    AutoTP splits attention by key/value-head groups, which is uneven when the groups do not
+    divide by tp (SmolLM2: 3 KV heads over tp=2 give 2/3 and 1/3 of the attention), and the MLP
+    evenly; giving the rank with fewer heads more neurons evens out each rank's bytes and
+    FLOPs. ``fallback`` (AutoTP's split) is kept when attention is already even.
+    """
+    tp = len(attn)
+    if tp == 1 or max(attn) == min(attn):
+        return fallback
+    target = (sum(attn) + inter * per_neuron) / tp
+    sizes = [round((target - a) / per_neuron) for a in attn]
+    sizes[-1] += inter - sum(sizes)
+    return sizes if min(sizes) >= 1 else fallback
 
 
 def vocab_slices(vocab: int, tp: int) -> list[tuple[int, int]]:
