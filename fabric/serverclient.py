@@ -50,23 +50,17 @@ class ServerClient:
         ``stream`` pushes every step's tokens to this socket; ``detach`` pushes nothing and
         buffers the events for ``poll`` instead (the caller may disconnect).
         """
-        self._send({"op": "submit", "ticket": ticket, "request": request.model_dump(),
-                    "stream": stream, "detach": detach})
-        reply = self._wait_request(request.request_id, ("accepted", "error"), self.timeout_s)
-        if reply["op"] == "error":
-            raise FabricError.from_dict(reply["error"])
+        self._send_submit(request, ticket, stream, detach)
+        refusal = self._refusal(request.request_id)
+        if refusal is not None:
+            raise refusal
 
     def submit_many(self, items: list[tuple[InferenceRequest, str]]) -> list[FabricError | None]:
         """Send every (request, ticket) before reading any answer (one round trip for the
         lot, not one each); returns per request ``None`` (accepted) or its typed refusal."""
         for request, ticket in items:
-            self._send({"op": "submit", "ticket": ticket, "request": request.model_dump(),
-                        "stream": False, "detach": False})
-        out: list[FabricError | None] = []
-        for request, _ in items:
-            reply = self._wait_request(request.request_id, ("accepted", "error"), self.timeout_s)
-            out.append(FabricError.from_dict(reply["error"]) if reply["op"] == "error" else None)
-        return out
+            self._send_submit(request, ticket, False, False)
+        return [self._refusal(request.request_id) for request, _ in items]
 
     def cancel(self, request_id: str, ticket: str) -> str:
         """Cancel a request; returns what it was doing ("queued", "running", "done", "unknown")."""
@@ -120,6 +114,16 @@ class ServerClient:
 
     def _send(self, message: dict[str, Any]) -> None:
         self._sock.send(pack(message))
+
+    def _send_submit(self, request: InferenceRequest, ticket: str, stream: bool,
+                     detach: bool) -> None:
+        self._send({"op": "submit", "ticket": ticket, "request": request.model_dump(),
+                    "stream": stream, "detach": detach})
+
+    def _refusal(self, request_id: str) -> FabricError | None:
+        """The server's answer to a submit: ``None`` if accepted, else its typed error."""
+        reply = self._wait_request(request_id, ("accepted", "error"), self.timeout_s)
+        return FabricError.from_dict(reply["error"]) if reply["op"] == "error" else None
 
     def _recv_one(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
