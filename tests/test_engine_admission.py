@@ -111,6 +111,9 @@ def test_zero_queue_admits_exactly_the_free_running_places(model_server: Any,
     kinds = [k for k, _, _ in outcomes]
     assert kinds.count("accepted") == 2, kinds
     assert kinds.count("Overloaded") == 4, kinds
+    deadline = time.monotonic() + 10  # the accepted two join the batch at the next step
+    while server.health()["running"] != 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert server.health()["running"] == 3
     assert max(s for _, s, _ in outcomes) < 0.1
     _finish(server, long_client, long_id, outcomes)
