@@ -103,6 +103,20 @@ class ServerConfig(_Strict):
     threads_per_rank: int = Field(0, ge=0, description="OMP threads per rank (0: cores/ranks).")
     micro_batches: int = Field(0, ge=0, description="Steps in flight through the pipeline "
                                "(0: one per stage; 1 turns micro-batching off).")
+    decode_graphs: Literal["auto", "on", "off"] = "auto"
+    """Decode fast path of single-rank (pp=1, tp=1) servers: a static slot KV cache and
+    batched decode steps, compiled and captured as CUDA graphs on a GPU. ``auto``: on CUDA
+    ranks only; ``on``: also on CPU ranks (the same code without compile or capture, which is
+    how it is tested); ``off``: every step runs the eager path."""
+    graph_slots: int = Field(32, gt=0, description="Sequences the fast path's slot cache holds "
+                             "(others run the eager path; at most max_running are used).")
+    graph_slot_tokens: int = Field(2048, ge=2, description="KV positions per slot (a sequence "
+                                   "whose prompt + max_tokens exceeds it runs eagerly). The "
+                                   "cache, graph_slots x graph_slot_tokens positions, is "
+                                   "allocated when the server starts.")
+    graph_compile: bool = Field(True, description="torch.compile the fast path's layer "
+                                "functions (CUDA only; the first step of each batch size "
+                                "compiles, tens of seconds for an 8B model).")
 
 
 class TemplateVar(_Strict):

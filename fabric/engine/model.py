@@ -11,14 +11,18 @@ their request's rows.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fabric.engine.batch import HookSpec, SeqWork, StepPlan
+from fabric.engine.batch import HookSpec, SeqOutput, SeqWork, StepPlan
 from fabric.engine.partition import RankShard, vocab_slices
+from fabric.engine.sampling import outputs_from
+
+if TYPE_CHECKING:
+    from fabric.engine.graphs import DecodeGraphs
 
 
 class TensorParallel(Protocol):
@@ -42,10 +46,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -84,7 +85,15 @@ class Layer(nn.Module):
         self.mlp = MLP(config.hidden_size, shard.inter)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm, in float32 as transformers computes it."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's rotation of the second half of the last dimension into the first."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -111,6 +120,13 @@ class StageModel(nn.Module):
             self.lm_head = nn.Linear(hidden, vocab, bias=False) if shard.head else None
         self.rotary = LlamaRotaryEmbedding(config)
         self.cache: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.graphs: DecodeGraphs | None = None
+        """The decode fast path (``fabric.engine.graphs``), when the server enabled it."""
+
+    @property
+    def tp_size(self) -> int:
+        """Tensor-parallel ranks in this stage."""
+        return 1 if self._comm is None else self._comm.size
 
     # --- loading ---------------------------------------------------------------------------
 
@@ -135,7 +151,7 @@ class StageModel(nn.Module):
     def forward_step(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor:
         """Run this rank's layers over the plan's packed tokens; return the hidden states."""
         for seq_id in plan.free:
-            self.cache.pop(seq_id, None)
+            self.drop(seq_id)
         if not plan.seqs:
             return torch.zeros(0, self.config.hidden_size, device=self.device)
         positions = torch.cat([torch.arange(s.start, s.start + s.n) for s in plan.seqs]
@@ -158,6 +174,20 @@ class StageModel(nn.Module):
             if i + 1 < self.n_layers:
                 self._capture(plan, i + 1, x)
         return x
+
+    def run_local(self, plan: StepPlan) -> list[SeqOutput]:
+        """A whole step on a stage that is the whole model (pp=1): the decode fast path when
+        it takes the step, else forward, head and sampling."""
+        if self.graphs is not None and self.graphs.accepts(plan):
+            return self.graphs.run(plan)
+        x = self.forward_step(plan, None)
+        return outputs_from(plan, self.logits(self.head_rows(plan, x)))
+
+    def drop(self, seq_id: str) -> None:
+        """Forget a finished sequence's KV cache (and give back its slot)."""
+        self.cache.pop(seq_id, None)
+        if self.graphs is not None:
+            self.graphs.slots.release(seq_id)
 
     @torch.no_grad()
     def head_rows(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
@@ -205,6 +235,10 @@ class StageModel(nn.Module):
     def _ensure_cache(self, seq: SeqWork) -> None:
         if seq.seq_id in self.cache:
             return
+        views = self.graphs.slots.bind(seq) if self.graphs is not None else None
+        if views is not None:
+            self.cache[seq.seq_id] = views
+            return
         kv, d = self.shard.kv_heads, self.head_dim
         self.cache[seq.seq_id] = [
             (torch.empty(kv, seq.capacity, d, dtype=self.dtype, device=self.device),
@@ -238,8 +272,8 @@ class StageModel(nn.Module):
         k = attn.k_proj(h).view(t, attn.kv_heads, self.head_dim)
         v = attn.v_proj(h).view(t, attn.kv_heads, self.head_dim)
         c, s_ = cos[:, None, :], sin[:, None, :]
-        q = q * c + _rotate_half(q) * s_
-        k = k * c + _rotate_half(k) * s_
+        q = q * c + rotate_half(q) * s_
+        k = k * c + rotate_half(k) * s_
         out = self._attend(index - self.shard.layers.start, plan, q, k, v)
         self._apply_hooks(plan, index, "ablate_heads", out)
         o = self._reduce(attn.o_proj(out.view(t, -1)))

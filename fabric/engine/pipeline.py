@@ -23,27 +23,11 @@ import torch.distributed as dist
 from fabric.engine.batch import SeqOutput, StepPlan
 from fabric.engine.dist import Groups, RankInfo
 from fabric.engine.model import StageModel
-from fabric.engine.sampling import pick, score
+from fabric.engine.sampling import outputs_from
 
 STEP, STOP, HEAD = 1, 2, 3
 """Message kinds: a step for the next stage (or outputs for the head), stop, rows for the LM
 head on stage 0."""
-
-
-def outputs_from(plan: StepPlan, logits: torch.Tensor) -> list[SeqOutput]:
-    """Per-sequence outputs of a step from its head rows' logits: token, scores, captures."""
-    outputs, row = [], 0
-    for s in plan.seqs:
-        out = SeqOutput(s.seq_id, captures=plan.captures.get(s.seq_id, {}))
-        if s.score_targets is not None:
-            targets = [t for t in s.score_targets if t >= 0]
-            out.scores = score(logits[row:row + len(targets)], targets) if targets else []
-            row += len(targets)
-        if s.sample is not None:
-            out.token, out.logprob = pick(logits[row], s.sample)
-            row += 1
-        outputs.append(out)
-    return outputs
 
 
 class _Wire:
@@ -132,10 +116,10 @@ class Pipeline:
         """Run stage 0 of ``plan`` and pass it on (returns without waiting for later stages)."""
         if self.info.tp > 1:
             self.wire.bcast(STEP, plan, None)
-        x = self.model.forward_step(plan, None)
         if self.info.pp == 1:
-            self._local.append(outputs_from(plan, self.model.logits(self.model.head_rows(plan, x))))
+            self._local.append(self.model.run_local(plan))
         else:
+            x = self.model.forward_step(plan, None)
             self.wire.isend(self.info.leader_of(1), STEP, plan, x)
         self.inflight += 1
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fabric.engine.batch import SampleSpec
+from fabric.engine.batch import SampleSpec, SeqOutput, StepPlan
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -47,3 +47,19 @@ def score(logits: torch.Tensor, targets: list[int]) -> list[float]:
     logp = torch.log_softmax(logits.float(), -1)
     idx = torch.tensor(targets, dtype=torch.long)
     return [float(v) for v in logp[torch.arange(len(targets)), idx]]
+
+
+def outputs_from(plan: StepPlan, logits: torch.Tensor) -> list[SeqOutput]:
+    """Per-sequence outputs of a step from its head rows' logits: token, scores, captures."""
+    outputs, row = [], 0
+    for s in plan.seqs:
+        out = SeqOutput(s.seq_id, captures=plan.captures.get(s.seq_id, {}))
+        if s.score_targets is not None:
+            targets = [t for t in s.score_targets if t >= 0]
+            out.scores = score(logits[row:row + len(targets)], targets) if targets else []
+            row += len(targets)
+        if s.sample is not None:
+            out.token, out.logprob = pick(logits[row], s.sample)
+            row += 1
+        outputs.append(out)
+    return outputs

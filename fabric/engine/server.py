@@ -26,6 +26,7 @@ from fabric.engine.engine import Engine
 from fabric.engine.frontend import Frontend
 from fabric.engine.launch import ServerLaunchConfig, threads_per_rank
 from fabric.engine.loader import DTYPES, build_stage
+from fabric.engine.model import StageModel
 from fabric.engine.pipeline import Pipeline, worker_loop
 from fabric.engine.prepare import ModelLimits, Preparer
 from fabric.engine.scheduler import Limits
@@ -79,6 +80,19 @@ def _wrap_deepspeed(model: torch.nn.Module, dtype: torch.dtype) -> None:
                              tensor_parallel={"tp_size": 1})
 
 
+def _enable_graphs(cfg: ServerLaunchConfig, info: RankInfo, model: StageModel) -> None:
+    """Attach the decode fast path where the plan and config allow it."""
+    s = cfg.server
+    on_cuda = cfg.plan.device == "cuda"
+    if info.world != 1 or s.decode_graphs == "off" or (s.decode_graphs == "auto" and not on_cuda):
+        return
+    from fabric.engine.graphs import DecodeGraphs, GraphOptions
+
+    model.graphs = DecodeGraphs(model, GraphOptions(
+        slots=min(s.graph_slots, s.max_running), slot_tokens=s.graph_slot_tokens,
+        capture=on_cuda, compile=on_cuda and s.graph_compile))
+
+
 def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
     """Load this rank's part and serve (head) or follow (other ranks); returns why it ended."""
     torch.set_num_threads(_threads(cfg, info.world))
@@ -98,6 +112,7 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
                                     Path(cfg.shard_dir) if cfg.shard_dir else None,
                                     _device(cfg, info))
         _wrap_deepspeed(model, DTYPES[cfg.plan.dtype])
+        _enable_graphs(cfg, info, model)
         log.info("rank %d loaded %d bytes in %.2f s", info.rank, report.bytes_read,
                  report.seconds)
         config = model.config
