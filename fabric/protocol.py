@@ -9,16 +9,21 @@ message is one msgpack map; tensors travel as ``{"dtype", "shape", "data": bytes
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fabric.errors import InvalidRequest
+from fabric.errors import FabricError, InvalidRequest
 
 RequestKind = Literal["generate", "embed", "hidden_states", "logprobs"]
 Pooling = Literal["mean", "last", "first"]
 FinishReason = Literal["length", "stop", "eos", "cancelled", "deadline", "error"]
+
+
+MAX_BATCH_TEXTS = 4096
+"""Most texts in one batched embed request (``prompts``)."""
 
 
 class _Strict(BaseModel):
@@ -61,6 +66,9 @@ class InferenceRequest(_Strict):
     version: str | None = None
     kind: RequestKind = "generate"
     prompt: str | None = None
+    prompts: list[str] | None = Field(
+        None, description="A batch of texts (kind 'embed' only): one request, one result whose "
+        "'embeddings' is an (n, dim) float32 array.")
     messages: list[dict[str, str]] | None = None
     continuation: str | None = Field(None, description="Text to score (logprobs kind).")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
@@ -73,6 +81,8 @@ class InferenceRequest(_Strict):
 
     @model_validator(mode="after")
     def _has_input(self) -> InferenceRequest:
+        if self.prompts is not None:
+            return self._check_batch()
         if self.messages is None and not isinstance(self.prompt, str):
             raise ValueError("prompt must be a string (or give messages for chat)")
         if self.messages is None and self.prompt is not None and not self.prompt.strip():
@@ -80,6 +90,26 @@ class InferenceRequest(_Strict):
         if self.messages is not None and not self.messages:
             raise ValueError("messages is empty: give at least one {'role', 'content'} message")
         return self
+
+    def _check_batch(self) -> InferenceRequest:
+        assert self.prompts is not None
+        if self.kind != "embed":
+            raise ValueError(f"prompts (a batch of texts) is for kind 'embed' only, not "
+                             f"{self.kind!r}; send one request per prompt")
+        if self.prompt is not None or self.messages is not None:
+            raise ValueError("give either prompts (a batch) or prompt/messages, not both")
+        if not 0 < len(self.prompts) <= MAX_BATCH_TEXTS:
+            raise ValueError(f"prompts has {len(self.prompts)} texts; a batch holds 1 to "
+                             f"{MAX_BATCH_TEXTS}")
+        for i, text in enumerate(self.prompts):
+            if not text.strip():
+                raise ValueError(f"prompts[{i}] is empty: give at least one non-blank character")
+        return self
+
+    @property
+    def batch_size(self) -> int:
+        """Texts in this request: ``len(prompts)`` for a batch, else 1."""
+        return 1 if self.prompts is None else len(self.prompts)
 
 
 class Usage(_Strict):
@@ -130,6 +160,19 @@ def validate_request(data: dict[str, Any]) -> InferenceRequest:
             for err in exc.errors()
         )
         raise InvalidRequest(f"invalid request: {problems}", errors=problems) from None
+
+
+def renumber_text_error(exc: FabricError, index_of: Callable[[int], int | None],
+                        field: str = "texts") -> FabricError:
+    """``exc`` about text ``i`` of a batch (``details['index']``) re-said about the caller's
+    ``field[index_of(i)]`` (a client that reordered or split its texts; ``None``: the caller
+    gave one text, named ``field``); other errors unchanged."""
+    index, problem = exc.details.get("index"), exc.details.get("problem")
+    if not isinstance(index, int) or not isinstance(problem, str):
+        return exc
+    new = index_of(index)
+    where = field if new is None else f"{field}[{new}]"
+    return type(exc)(f"{where}: {problem}", **{**exc.details, "index": new or 0})
 
 
 def pack(message: dict[str, Any]) -> bytes:

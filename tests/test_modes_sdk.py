@@ -25,7 +25,7 @@ import torch
 from fabric import Fabric
 from fabric.client.results import decode_tensors
 from fabric.endpoint.functions import run_request
-from fabric.errors import InvalidHook, InvalidRequest
+from fabric.errors import ContextLengthExceeded, InvalidHook, InvalidRequest
 from fabric.protocol import InferenceRequest
 from tests.plugins.site import TINY_MODEL, LocalSite
 
@@ -122,6 +122,35 @@ def test_embed_equals_transformers(fab: Fabric, ref: Reference, layer: int, pool
                     normalize=normalize)
     assert one.shape == (ref.hidden,)
     np.testing.assert_allclose(one, want[0], atol=TOL, rtol=0)
+
+
+def test_embed_many_texts_in_batches_keeps_their_order(fab: Fabric, ref: Reference) -> None:
+    """More texts than one task's batch, lengths shuffled: the SDK sorts them by length into
+    batched requests, several layers at once, and must hand every row back to its own text."""
+    from fabric.client.fabric import EMBED_CHUNK
+
+    words = TEXTS[1].split()
+    texts = [" ".join(words[: 1 + (7 * i) % len(words)]) + f" ({i})"
+             for i in range(EMBED_CHUNK + 22)]
+    got = fab.embed(texts, model=TINY_MODEL, layer=[-1, 2], pooling="mean")
+    assert set(got) == {-1, 2}
+    for layer in (-1, 2):
+        assert got[layer].shape == (len(texts), ref.hidden)
+        want = np.stack([ref.embed(t, layer, "mean", True) for t in texts])
+        np.testing.assert_allclose(got[layer], want, atol=TOL, rtol=0)
+
+
+def test_embed_bad_text_in_a_batch_is_named_as_given(fab: Fabric) -> None:
+    """A text over the context fails the call naming the caller's index (not its place in
+    the length-sorted batch: being longest, it went first), and what is accepted."""
+    texts = ["a short one", "another short text", "word " * 900, "fine"]
+    with pytest.raises(ContextLengthExceeded,
+                       match=r"^texts\[2\]: prompt has \d+ tokens; the model's context is 512"):
+        fab.embed(texts, model=TINY_MODEL)
+    with pytest.raises(ContextLengthExceeded, match=r"^text: prompt has \d+ tokens"):
+        fab.embed("word " * 900, model=TINY_MODEL)
+    with pytest.raises(InvalidRequest, match=r"texts\[1\] is empty"):
+        fab.embed(["fine", " "], model=TINY_MODEL)
 
 
 def test_embed_several_layers_in_one_request(fab: Fabric, ref: Reference) -> None:

@@ -40,7 +40,7 @@ from fabric.client.results import (
 from fabric.client.status import StatusCallback, StatusPrinter, describe_status
 from fabric.client.streaming import DirectSource, EventSource, PollSource, Stream
 from fabric.errors import EndpointError, FabricError, InvalidRequest
-from fabric.protocol import GenerationResult, Hook, InferenceRequest
+from fabric.protocol import GenerationResult, Hook, InferenceRequest, renumber_text_error
 
 if TYPE_CHECKING:
     from fabric.client.transport import Transport
@@ -200,33 +200,38 @@ class Fabric:
         layers = check_ints(layer, "layer") if many_layers else [check_int(layer, "layer")]
         if not isinstance(items, Sequence) or isinstance(items, bytes) or not items:
             raise InvalidRequest("texts must be a string or a non-empty list of strings")
+        texts = [check_prompt(t, field=f"texts[{i}]" if not single else "text")
+                 for i, t in enumerate(items)]
+        # Longest first, as sentence-transformers does: each task's texts (and so each of the
+        # server's length-sorted sub-batches) are of similar length, with little padding.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        chunks = [order[i:i + EMBED_CHUNK] for i in range(0, len(order), EMBED_CHUNK)]
         requests = [
-            build_request(
-                "embed", model=model, version=version,
-                prompt=check_prompt(t, field=f"texts[{i}]" if not single else "text"),
-                layers=layers, pooling=pooling, normalize=normalize, hooks=_hooks(hooks),
-            )
-            for i, t in enumerate(items)
+            build_request("embed", model=model, version=version,
+                          prompts=[texts[i] for i in chunk], layers=layers, pooling=pooling,
+                          normalize=normalize, hooks=_hooks(hooks))
+            for chunk in chunks
         ]
-        # Chunks of texts per task, every request of a chunk in flight at once at the server
-        # (which batches them); chunks run in parallel request workers.
+        # One batched request per endpoint task; tasks run in parallel request workers and
+        # all their texts are in flight at the server at once (it batches them).
         transport = self.transport
         from fabric.endpoint.functions import run_requests
 
-        chunks = [requests[i:i + EMBED_CHUNK] for i in range(0, len(requests), EMBED_CHUNK)]
-        futures = [transport.submit(run_requests, [r.model_dump(mode="json") for r in chunk],
-                                    self.auth) for chunk in chunks]
-        results = list(self._wait(futures[0], model, version))
-        for f in futures[1:]:
-            results.extend(f.result())
+        futures = [transport.submit(run_requests, [r.model_dump(mode="json")], self.auth)
+                   for r in requests]
+        results = []
+        for n, (chunk, future) in enumerate(zip(chunks, futures, strict=True)):
+            try:
+                results.extend(self._wait(future, model, version) if n == 0 else future.result())
+            except FabricError as exc:
+                raise renumber_text_error(exc, (lambda i: None) if single else chunk.__getitem__,
+                                          "text" if single else "texts") from None
+        per_layer = {layer_: _unsort(embeddings_from_results(
+            [{"embeddings": r["layers"][str(layer_)]} for r in results]), order)
+            for layer_ in layers}
         if many_layers:
-            per_layer = {
-                layer_: embeddings_from_results(
-                    [{"embedding": r["layers"][str(layer_)]} for r in results])
-                for layer_ in layers
-            }
             return {k: (v[0] if single else v) for k, v in per_layer.items()}
-        vectors = embeddings_from_results(results)
+        vectors = per_layer[layers[0]]
         return vectors[0] if single else vectors
 
     def hidden_states(self, text: str, *, model: str = DEFAULT_MODEL, version: str | None = None,
@@ -425,7 +430,14 @@ class Fabric:
 
 
 EMBED_CHUNK = 128
-"""Texts per endpoint task in ``Fabric.embed``."""
+"""Texts per endpoint task (one batched request) in ``Fabric.embed``."""
+
+
+def _unsort(rows: Any, order: list[int]) -> Any:
+    """``rows`` (row ``k`` belongs to text ``order[k]``) back in the texts' own order."""
+    out = rows.copy()
+    out[order] = rows
+    return out
 
 HookSpecs = Sequence["Hook | dict[str, Any]"] | None
 """Declarative hooks: ``fabric.protocol.Hook`` objects or their dict form."""

@@ -104,8 +104,9 @@ def _authorize(auth: Any, model: str, tokens: int = 0) -> str:
 def _token_estimate(req: Any) -> int:
     """Most tokens a request may use, for quota admission (~4 characters per token)."""
     text = (req.prompt or "") + "".join(m.get("content", "") for m in req.messages or [])
+    text += "".join(req.prompts or [])
     new = req.sampling.max_tokens if req.kind == "generate" else 0
-    return len(text) // 4 + 1 + new
+    return len(text) // 4 + req.batch_size + new
 
 
 def _record_usage(identity: str, model: str, result: dict[str, Any], request_id: str) -> None:
@@ -373,6 +374,8 @@ def _check_returnable(name: str, value: Any) -> None:
     """Fail here, typed, rather than as an opaque serialization error in the engine."""
     from fabric.client.gcwire import default_serializer
 
+    if _surely_returnable(value):
+        return  # serialising it twice (here and in the engine) would only cost time
     try:
         size = len(default_serializer().serialize(ok(value)))
     except Exception as exc:
@@ -384,3 +387,14 @@ def _check_returnable(name: str, value: Any) -> None:
             f"{name} returned {size} bytes serialised; one result may carry at most "
             f"{RESULT_LIMIT_BYTES}: write large outputs to the site's filesystem",
             size=size, limit=RESULT_LIMIT_BYTES)
+
+
+def _surely_returnable(value: Any) -> bool:
+    """True for small values of built-in scalar types: they always serialise well within the
+    result limit (base64 of UTF-8 is at most ~5.4 bytes a character, hence the // 8)."""
+    kind = type(value)
+    if value is None or kind is bool or kind is float:
+        return True
+    if kind is int:
+        return bool(value.bit_length() <= 4096)
+    return (kind is str or kind is bytes) and len(value) <= RESULT_LIMIT_BYTES // 8

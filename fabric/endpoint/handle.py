@@ -8,6 +8,8 @@ signed for the caller, so a user function can do no more than the caller could f
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -54,12 +56,20 @@ class ModelHandle:
               normalize: bool = True) -> Any:
         """Embedding vectors (numpy): ``(dim,)`` for one string, ``(n, dim)`` for a list."""
         from fabric.client.results import embeddings_from_results
+        from fabric.protocol import MAX_BATCH_TEXTS, renumber_text_error
 
         single = isinstance(texts, str)
         items = [texts] if isinstance(texts, str) else list(texts)
-        reqs = [{"kind": "embed", "prompt": t, "layers": [layer], "pooling": pooling,
-                 "normalize": normalize} for t in items]
-        vectors = embeddings_from_results(self.request_many(reqs))
+        results = []
+        # One batched request (one message, one array) per MAX_BATCH_TEXTS texts.
+        for start in range(0, len(items), MAX_BATCH_TEXTS):
+            req = {"kind": "embed", "prompts": items[start:start + MAX_BATCH_TEXTS],
+                   "layers": [layer], "pooling": pooling, "normalize": normalize}
+            try:
+                results.append(self.request(req))
+            except FabricError as exc:
+                raise renumber_text_error(exc, functools.partial(operator.add, start)) from None
+        vectors = embeddings_from_results(results)
         return vectors[0] if single else vectors
 
     def hidden_states(self, text: str, *, layers: Sequence[int] = (-1,),

@@ -18,10 +18,11 @@ from typing import Any
 import zmq
 
 from fabric import tickets
+from fabric.engine.batches import Batch, split_member
 from fabric.engine.engine import Engine
-from fabric.engine.prepare import Preparer
+from fabric.engine.prepare import Preparer, member_id
 from fabric.errors import FabricError, InvalidRequest, Overloaded
-from fabric.protocol import pack, unpack, validate_request
+from fabric.protocol import InferenceRequest, pack, unpack, validate_request
 from fabric.sites import ServerConfig
 
 OUTBOX = "inproc://fabric-outbox"
@@ -49,6 +50,7 @@ class Frontend:
         self.key, self.model_name, self.health_extra = ticket_key, model_name, health_extra
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.records: dict[str, Record] = {}
+        self.batches: dict[str, Batch] = {}
         self.state = "loading"
         self.draining = False
         self.started = time.monotonic()
@@ -146,15 +148,48 @@ class Frontend:
         if self.draining or self.state != "ready":
             raise Overloaded(f"model server is {self.state if not self.draining else 'draining'}"
                              "; retry shortly", retry_after=1.0)
-        if rid in self.records:
+        if rid in self.records or self._member_of(rid) is not None:
             raise InvalidRequest(f"request id {rid} is already in use on this server")
+        if request.prompts is not None:
+            self._submit_batch(identity, msg, request)
+            return
         seq = self.preparer.prepare(request, stream=bool(msg.get("stream") or msg.get("detach")))
         self._admit(len(seq.prompt_ids))
         self.records[rid] = Record(identity, bool(msg.get("stream")), bool(msg.get("detach")))
         self._send(identity, {"op": "accepted", "request_id": rid})
         self.engine.post("add", seq)
 
+    def _submit_batch(self, identity: bytes, msg: dict[str, Any],
+                      request: InferenceRequest) -> None:
+        """Admit a batch whole, as one arrival carrying all its prompt tokens (see
+        ``_admit``); its texts then wait and run as separate sequences."""
+        seqs = self.preparer.prepare_batch(request)
+        tokens = sum(len(s.prompt_ids) for s in seqs)
+        if tokens > self.config.max_queue_tokens:
+            raise InvalidRequest(
+                f"batch of {len(seqs)} texts has {tokens} prompt tokens; this server queues at "
+                f"most {self.config.max_queue_tokens}: send fewer texts per batch",
+                prompt_tokens=tokens, max_queue_tokens=self.config.max_queue_tokens)
+        self._admit(tokens)
+        rid = request.request_id
+        self.records[rid] = Record(identity, bool(msg.get("stream")), bool(msg.get("detach")))
+        self.batches[rid] = Batch(rid, len(seqs))
+        self._send(identity, {"op": "accepted", "request_id": rid})
+        with self.engine.lock:  # all at once: a step never starts with part of the batch
+            self.engine.inbox.extend(("add", seq) for seq in seqs)
+        self.engine.wake.set()
+
+    def _member_of(self, rid: str) -> tuple[Batch, int] | None:
+        """The batch (and index in it) whose member sequence ``rid`` is, if any."""
+        parts = split_member(rid)
+        batch = None if parts is None else self.batches.get(parts[0])
+        return None if batch is None or parts is None else (batch, parts[1])
+
     def _admit(self, tokens: int) -> None:
+        """Refuse with ``Overloaded`` unless one more arrival with ``tokens`` prompt tokens
+        fits the queue limits. A batch is one arrival here (it is admitted exactly when a single
+        request with its total prompt tokens would be); once admitted, each of its texts waits
+        as a sequence of its own and counts as one request for later arrivals."""
         cfg = self.config
         waiting, waiting_tokens, free = self.engine.queued()
         # A request that finds a free place in the running batch starts at the next step: only
@@ -197,14 +232,23 @@ class Frontend:
         rec = self.records.get(rid)
         was = "unknown" if rec is None else ("done" if rec.final is not None else "running")
         if rec is not None and rec.final is None:
-            was = "queued" if self._is_waiting(rid) else "running"
-            self.engine.post("cancel", rid)
+            ids = self._engine_ids(rid)
+            was = "queued" if self._all_waiting(ids) else "running"
+            for seq_id in ids:
+                self.engine.post("cancel", seq_id)
         self._send(identity, {"op": "cancelled", "request_id": rid, "was": was})
 
-    def _is_waiting(self, rid: str) -> bool:
+    def _engine_ids(self, rid: str) -> list[str]:
+        """The engine's sequences of request ``rid``: its own, or its batch's unfinished ones."""
+        batch = self.batches.get(rid)
+        return [rid] if batch is None else [member_id(rid, i) for i in sorted(batch.pending)]
+
+    def _all_waiting(self, ids: list[str]) -> bool:
+        wanted = set(ids)
         with self.engine.lock:
-            return any(k == "add" and p.request_id == rid for k, p in self.engine.inbox) or any(
-                s.request_id == rid for s in list(self.engine.scheduler.waiting))
+            waiting = {p.request_id for k, p in self.engine.inbox if k == "add"}
+            waiting.update(s.request_id for s in list(self.engine.scheduler.waiting))
+        return wanted <= waiting
 
     def _health(self, identity: bytes, msg: dict[str, Any]) -> None:
         self._send(identity, {"op": "health", **self.health()})
@@ -235,6 +279,10 @@ class Frontend:
 
     def _on_event(self, msg: dict[str, Any]) -> None:
         rid = str(msg["request_id"])
+        member = self._member_of(rid)
+        if member is not None:
+            self._on_member(*member, msg)
+            return
         rec = self.records.get(rid)
         if rec is None:
             return
@@ -254,6 +302,24 @@ class Frontend:
         if final:
             self.records.pop(rid, None)
 
+    def _on_member(self, batch: Batch, index: int, msg: dict[str, Any]) -> None:
+        """A batch member's final event: fold it in; the batch's own "done" goes out when
+        every member is in, its "error" at the first member that fails."""
+        if msg["op"] == "done":
+            batch.add(index, msg["result"])
+            if not batch.done:
+                return
+            final = {"op": "done", "request_id": batch.request_id, "result": batch.result()}
+        elif msg["op"] == "error":
+            batch.pending.discard(index)
+            for seq_id in self._engine_ids(batch.request_id):
+                self.engine.post("cancel", seq_id)
+            final = {"op": "error", "request_id": batch.request_id, "error": msg["error"]}
+        else:
+            return
+        self.batches.pop(batch.request_id, None)
+        self._on_event(final)
+
     def _housekeeping(self) -> None:
         now = time.monotonic()
         horizon = self.config.stream_buffer_s
@@ -264,5 +330,7 @@ class Frontend:
                     self._answer_poll(identity, rid, rec, cursor)
             if rec.detach and now - rec.last_seen > horizon:
                 if rec.final is None:
-                    self.engine.post("cancel", rid)  # nobody is polling any more
+                    for seq_id in self._engine_ids(rid):  # nobody is polling any more
+                        self.engine.post("cancel", seq_id)
+                    self.batches.pop(rid, None)
                 self.records.pop(rid, None)

@@ -42,13 +42,15 @@ class Preparer:
     def __init__(self, tokenizer: Any, limits: ModelLimits) -> None:
         self.tok, self.limits = tokenizer, limits
 
-    def prepare(self, req: InferenceRequest, stream: bool = False) -> Sequence:
-        """A ready-to-queue ``Sequence`` or a typed error."""
+    def prepare(self, req: InferenceRequest, stream: bool = False,
+                ids: list[int] | None = None) -> Sequence:
+        """A ready-to-queue ``Sequence`` or a typed error (``ids``: the prompt, tokenised)."""
         if not self.limits.causal and req.kind != "embed":
             raise InvalidRequest(
                 f"model {req.model!r} is an embedding model: it serves kind 'embed' only, "
                 f"not {req.kind!r}")
-        ids = self._prompt_ids(req)
+        if ids is None:
+            ids = self._prompt_ids(req)
         targets = None
         if req.kind == "logprobs":
             ids, targets = self._scoring_ids(req, ids)
@@ -81,6 +83,24 @@ class Preparer:
         elif capture_layers:
             seq.capture = CaptureSpec(sorted(set(capture_layers)), "all")
         return seq
+
+    def prepare_batch(self, req: InferenceRequest) -> list[Sequence]:
+        """One ``Sequence`` per text of a batched embed request (``prompts``), tokenised in one
+        call. Member ``i`` is request ``f"{req.request_id}#{i}"``; an error that concerns one
+        text names it (``prompts[i]: ...``, ``details['index']``)."""
+        assert req.prompts is not None
+        texts = req.prompts
+        all_ids = self.tok(texts).input_ids
+        seqs = []
+        for i, (text, ids) in enumerate(zip(texts, all_ids, strict=True)):
+            member = req.model_copy(update={"request_id": member_id(req.request_id, i),
+                                            "prompt": text, "prompts": None})
+            try:
+                seqs.append(self.prepare(member, ids=[int(t) for t in ids]))
+            except ContextLengthExceeded as exc:
+                raise type(exc)(f"prompts[{i}]: {exc.message}", **{
+                    **exc.details, "index": i, "problem": exc.message}) from None
+        return seqs
 
     # --- pieces ------------------------------------------------------------------------------
 
@@ -171,6 +191,11 @@ class Preparer:
             return HookSpec("ablate_heads", layer, heads=sorted(set(hook.heads)))
         _check_indices(hook.neurons, lim.intermediate, f"hooks[{i}].neurons", "MLP neurons")
         return HookSpec("ablate_neurons", layer, neurons=sorted(set(hook.neurons)))
+
+
+def member_id(batch_id: str, index: int) -> str:
+    """The request id of text ``index`` of batch ``batch_id`` inside the server."""
+    return f"{batch_id}#{index}"
 
 
 def _check_indices(values: list[int], size: int, where: str, what: str) -> None:
