@@ -9,11 +9,13 @@
   pooling="mean")`` vs in-process transformers, batched (right-padded, masked mean of the last
   hidden state, ``--batch`` per forward).
 
-Also, unless ``--no-direct``, the same embed requests submitted straight to a model server
-launched as a job (all at once over ZMQ, no SDK, no request workers): it separates the
-server's batching from the SDK/transport cost. Vectors are compared with the in-process ones
-(min cosine). Each path runs ``--runs`` times, interleaved; sentences/s medians and ratios
-(goal: fabric >= 0.9x in-process).
+``fab.embed`` sorts the texts by length and sends batched requests (``prompts``) of 128 texts,
+one per endpoint task. Also, unless ``--no-direct``, the same texts submitted straight to a
+model server launched as a job (all at once over ZMQ, no SDK, no request workers), as one
+request per text (``server_direct``) and as batched requests of 128 texts in the caller's order
+(``server_direct_batched``): it separates the server's batching from the SDK/transport cost.
+Vectors are compared with the in-process ones (min cosine). Each path runs ``--runs`` times,
+interleaved; sentences/s medians and ratios (goal: fabric >= 0.9x in-process).
 
 Threads: model servers OMP_NUM_THREADS=2; in-process torch.set_num_threads(2).
 """
@@ -71,6 +73,19 @@ def direct(job: common.ServerJob, texts: list[str], **fields: Any) -> Any:
     from fabric.client.results import embeddings_from_results
 
     reqs = [job.request(t, kind="embed", **fields) for t in texts]
+    run = common.run_batch(job, reqs)
+    return np.asarray(embeddings_from_results([run["results"][r.request_id] for r in reqs]))
+
+
+def direct_batched(job: common.ServerJob, texts: list[str], size: int = 128,
+                   **fields: Any) -> Any:
+    import numpy as np
+
+    from fabric.client.results import embeddings_from_results
+    from fabric.protocol import InferenceRequest
+
+    reqs = [InferenceRequest(model=job.entry.name, kind="embed", prompts=texts[i:i + size],
+                             **fields) for i in range(0, len(texts), size)]
     run = common.run_batch(job, reqs)
     return np.asarray(embeddings_from_results([run["results"][r.request_id] for r in reqs]))
 
@@ -145,6 +160,7 @@ def main() -> None:
                 max_running=256).start()
             if job is not None:
                 variants["server_direct"] = lambda: direct(job, texts)
+                variants["server_direct_batched"] = lambda: direct_batched(job, texts)
             try:
                 result["models"][common.MINILM] = {
                     "baseline": f"sentence-transformers {st_version} "
@@ -171,6 +187,7 @@ def main() -> None:
                 max_running=256, max_queue_tokens=10**7).start()
             if job is not None:
                 variants["server_direct"] = lambda: direct(job, texts, **kw)
+                variants["server_direct_batched"] = lambda: direct_batched(job, texts, **kw)
             try:
                 result["models"][common.SMOLLM] = {
                     "sentences": len(texts),

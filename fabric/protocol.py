@@ -24,6 +24,9 @@ FinishReason = Literal["length", "stop", "eos", "cancelled", "deadline", "error"
 
 MAX_BATCH_TEXTS = 4096
 """Most texts in one batched embed request (``prompts``)."""
+QUEUE_FULL = "queue_full"
+"""``Overloaded.details['reason']`` when the server's queue limits refused a request (the
+others: "loading", "draining")."""
 
 
 class _Strict(BaseModel):

@@ -111,8 +111,9 @@ def test_batch_is_admitted_as_one_arrival(busy_server: ServerHandle, tiny_llama_
     with pytest.raises(Overloaded):
         client.submit(busy_server.request(kind="embed", prompt="The"), busy_server.ticket)
     # 7 waiting -> still over the request limit: a batch is refused like a single request.
-    with pytest.raises(Overloaded):
+    with pytest.raises(Overloaded) as full:
         client.submit(busy_server.request(kind="embed", prompts=["The"]), busy_server.ticket)
+    assert full.value.details["reason"] == "queue_full"
     with pytest.raises(InvalidRequest, match="send fewer texts per batch") as e:
         client.submit(busy_server.request(kind="embed", prompts=["word " * 40] * 3),
                       busy_server.ticket)
@@ -159,3 +160,22 @@ def test_cancel_and_timeout_end_the_whole_batch(busy_server: ServerHandle,
     assert long_client.cancel(long_id, busy_server.ticket) == "running"
     h = busy_server.wait_idle()
     assert (h["running"], h["queue_depth"], h["kv_used_tokens"]) == (0, 0, 0)
+
+
+def test_a_batch_refused_for_a_full_queue_waits_for_room() -> None:
+    """The handle's policy: batches refused for a full queue are sent again after a pause (an
+    admitted batch frees room as it runs); single requests, a draining server or a passed
+    deadline still raise."""
+    from fabric.endpoint.handle import BATCH_RETRY_S, _wait_for_room
+
+    full = Overloaded("full", retry_after=30.0, reason="queue_full")
+    batch = validate_request({"model": "m", "kind": "embed", "prompts": ["a", "b"]})
+    single = validate_request({"model": "m", "kind": "embed", "prompt": "a"})
+    far = time.monotonic() + 60
+    t0 = time.monotonic()
+    assert _wait_for_room(full, [batch], far)
+    assert BATCH_RETRY_S * 0.9 <= time.monotonic() - t0 < 5
+    assert not _wait_for_room(full, [batch, single], far)
+    assert not _wait_for_room(Overloaded("draining", retry_after=1.0, reason="draining"),
+                              [batch], far)
+    assert not _wait_for_room(full, [batch], time.monotonic() + 0.01)

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import operator
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,12 +119,15 @@ class ModelHandle:
         key = manager.ticket_key()
         results: dict[str, dict[str, Any]] = {}
         pending = list(reqs)
+        deadline = time.monotonic() + self.timeout_s
         while pending:
             items = [(r, tickets.issue(key, model=dep.model, request_id=r.request_id,
                                        subject=self.identity, ttl_s=self.timeout_s))
                      for r in pending]
             refusals = client.submit_many(items)
             fatal = _fatal([e for e in refusals if e is not None], len(pending))
+            if fatal is not None and _wait_for_room(fatal, pending, deadline):
+                continue
             if fatal is not None:
                 raise fatal
             for req, err in zip(pending, refusals, strict=True):
@@ -168,6 +172,26 @@ class ModelHandle:
 
     def __repr__(self) -> str:
         return f"ModelHandle(model={self.model!r}, version={self.version!r})"
+
+
+def _wait_for_room(refusal: FabricError, pending: list[Any], deadline: float) -> bool:
+    """Sleep and say True if every request was refused for a full queue and all are batches:
+    several workers' batches can fill a queue that each alone fits, and a batch is admitted
+    whole or not at all, so it waits for room (till ``deadline``) instead of failing."""
+    from fabric.protocol import QUEUE_FULL
+
+    if not (isinstance(refusal, Overloaded) and refusal.details.get("reason") == QUEUE_FULL
+            and all(r.prompts is not None for r in pending)):
+        return False
+    pause = min(float(refusal.details.get("retry_after") or 0.5), BATCH_RETRY_S)
+    if time.monotonic() + pause > deadline:
+        return False
+    time.sleep(pause)
+    return True
+
+
+BATCH_RETRY_S = 0.5
+"""Longest pause before a batch refused for a full queue is sent again."""
 
 
 def _fatal(errors: list[FabricError], sent: int) -> FabricError | None:

@@ -22,7 +22,7 @@ from fabric.engine.batches import Batch, split_member
 from fabric.engine.engine import Engine
 from fabric.engine.prepare import Preparer, member_id
 from fabric.errors import FabricError, InvalidRequest, Overloaded
-from fabric.protocol import InferenceRequest, pack, unpack, validate_request
+from fabric.protocol import QUEUE_FULL, InferenceRequest, pack, unpack, validate_request
 from fabric.sites import ServerConfig
 
 OUTBOX = "inproc://fabric-outbox"
@@ -146,8 +146,9 @@ class Frontend:
         rid = request.request_id
         tickets.verify(self.key, msg.get("ticket"), model=self.model_name, request_id=rid)
         if self.draining or self.state != "ready":
-            raise Overloaded(f"model server is {self.state if not self.draining else 'draining'}"
-                             "; retry shortly", retry_after=1.0)
+            state = "draining" if self.draining else self.state
+            raise Overloaded(f"model server is {state}; retry shortly", retry_after=1.0,
+                             reason=state)
         if rid in self.records or self._member_of(rid) is not None:
             raise InvalidRequest(f"request id {rid} is already in use on this server")
         if request.prompts is not None:
@@ -163,6 +164,7 @@ class Frontend:
                       request: InferenceRequest) -> None:
         """Admit a batch whole, as one arrival carrying all its prompt tokens (see
         ``_admit``); its texts then wait and run as separate sequences."""
+        self._admit(0)  # a full queue refuses before the texts are tokenised
         seqs = self.preparer.prepare_batch(request)
         tokens = sum(len(s.prompt_ids) for s in seqs)
         if tokens > self.config.max_queue_tokens:
@@ -202,7 +204,7 @@ class Frontend:
                 f"model server queue is full ({waiting} requests, {waiting_tokens} prompt "
                 f"tokens waiting; limits {cfg.max_queue_requests} and {cfg.max_queue_tokens})",
                 retry_after=round(min(30.0, max(0.5, waiting_tokens / rate / 4)), 2),
-                queued=waiting)
+                queued=waiting, reason=QUEUE_FULL)
 
     def _poll(self, identity: bytes, msg: dict[str, Any]) -> None:
         rid = str(msg.get("request_id"))
