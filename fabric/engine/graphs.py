@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,19 +51,28 @@ class GraphOptions:
     """Capture each step shape as a CUDA graph (CUDA only)."""
     compile: bool
     """``torch.compile`` the per-layer functions (CUDA only)."""
+    tune: Literal["batch1", "all", "none"] = "batch1"
+    """With ``compile``: which step sizes get Inductor's coordinate-descent tuning (gpt-fast's
+    setting: projections of one row become tuned Triton reductions with the norm fused in).
+    Measured on an H200 (docs/benchmarks.md), it wins at batch 1 and not above, where the
+    projections are left to cuBLAS."""
 
 
 def _pre_attention(x: torch.Tensor, ln: torch.Tensor, w_qkv: torch.Tensor,
-                   b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, *,
-                   eps: float, heads: int, kv_heads: int, head_dim: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                   kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, *,
+                   eps: float, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Norm, fused QKV, RoPE, and the new keys/values written into the slots (in place, so
+    compiled, the write fuses with RoPE); returns the queries."""
     s = x.shape[0]
     q, k, v = F.linear(rms_norm(x, ln, eps), w_qkv, b_qkv).split(
         [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q = q.view(s, heads, head_dim)
     k = k.view(s, kv_heads, head_dim)
     c, si = cos[:, None, :], sin[:, None, :]
-    return q * c + rotate_half(q) * si, k * c + rotate_half(k) * si, v.view(s, kv_heads, head_dim)
+    kc[rows, :, pos] = k * c + rotate_half(k) * si
+    vc[rows, :, pos] = v.view(s, kv_heads, head_dim)
+    return q * c + rotate_half(q) * si
 
 
 def _post_attention(x: torch.Tensor, o: torch.Tensor, w_o: torch.Tensor, ln: torch.Tensor,
@@ -144,12 +153,9 @@ class DecodeGraphs:
         self.inputs = torch.zeros(2, opts.slots, dtype=torch.long, device=self.device)
         self.host = torch.zeros(2, opts.slots, dtype=torch.long,
                                 pin_memory=self.on_cuda)
+        self._host_np = self.host.numpy()
         fns: tuple[Any, Any, Any] = (_pre_attention, _post_attention, _head)
         if self.on_cuda and opts.compile:
-            import torch._inductor.config as inductor
-
-            # gpt-fast's setting: batch-1 projections become tuned reductions with the norm fused
-            inductor.coordinate_descent_tuning = True
             fns = tuple(torch.compile(f, fullgraph=True, dynamic=False) for f in fns)  # type: ignore[assignment]
         self._pre, self._post, self._head = fns
         self._graphs: dict[tuple[int, int], tuple[Any, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -171,12 +177,12 @@ class DecodeGraphs:
         slot_of = [self.slots.owner[s.seq_id] for s in plan.seqs]
         size = _bucket(max(slot_of) + 1, 1, self.opts.slots)
         span = _bucket(max(s.start for s in plan.seqs) + 1, 64, self.opts.slot_tokens)
-        host = self.host
+        host = self._host_np  # numpy view: an item store costs ~0.1 us, a tensor's ~3 us
         host[0, :size] = 0
         host[1, :size] = self.slots.scratch
         for slot, s in zip(slot_of, plan.seqs, strict=True):
             host[0, slot], host[1, slot] = s.token_ids[0], s.start
-        self.inputs[:, :size].copy_(host[:, :size], non_blocking=True)
+        self.inputs[:, :size].copy_(self.host[:, :size], non_blocking=True)
         logits, tokens = self._launch(size, span)
         picked = tokens.cpu().tolist()
         outs = []
@@ -203,6 +209,11 @@ class DecodeGraphs:
     def _capture(self, size: int, span: int) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
         # Warm-up runs (compilation happens here) go on a side stream, as capture requires.
         # They write the same keys the captured step writes, so running them is harmless.
+        if self.opts.compile:  # read when a new step size compiles, in the first warm-up
+            import torch._inductor.config as inductor
+
+            tune = self.opts.tune
+            inductor.coordinate_descent_tuning = tune == "all" or (tune == "batch1" and size == 1)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -225,11 +236,9 @@ class DecodeGraphs:
         rows = torch.arange(size, device=self.device)
         group = self.heads // self.kv_heads
         for w, kc, vc in zip(self.weights, self.slots.k, self.slots.v, strict=True):
-            q, k, v = self._pre(x, w["ln1"], w["qkv"], w["qkv_bias"], cos, sin, eps=self.eps,
-                                heads=self.heads, kv_heads=self.kv_heads,
-                                head_dim=self.head_dim)
-            kc[rows, :, pos] = k
-            vc[rows, :, pos] = v
+            q = self._pre(x, w["ln1"], w["qkv"], w["qkv_bias"], cos, sin, kc, vc, rows, pos,
+                          eps=self.eps, heads=self.heads, kv_heads=self.kv_heads,
+                          head_dim=self.head_dim)
             o = F.scaled_dot_product_attention(
                 q.view(size, self.kv_heads, group, self.head_dim), kc[:size, :, :span],
                 vc[:size, :, :span], attn_mask=mask, scale=self.head_dim**-0.5)
