@@ -31,6 +31,7 @@ LOGPROBS = {
     "usage": {"prompt_tokens": 5, "completion_tokens": 0},
     "timings": {"queue_s": 0.0, "prefill_s": 0.01, "decode_s": 0.0, "total_s": 0.01},
     "token_ids": [12, 3456, 7], "logprobs": [-0.5, -2.25, -1.0], "total": -3.75,
+    "tokens": [" Paris", ".", "\n"],
 }
 GEN = torch.Generator().manual_seed(0)
 LAYERS = {"0": torch.randn(3, 4, generator=GEN), "-1": 10 * torch.randn(3, 4, generator=GEN)}
@@ -124,10 +125,11 @@ def test_logprobs_prints_tokens_total_and_perplexity(
     assert calls == [{"method": "logprobs", "text": "The capital of France is",
                       "continuation": " Paris.", "model": "tiny-llama", "version": "test",
                       "hooks": None}]
-    assert out[0].split() == ["POS", "TOKEN_ID", "LOGPROB"]
-    rows = [line.split() for line in out[1:4]]
-    assert rows == [[str(i), str(t), f"{v:.4f}"] for i, (t, v) in
-                    enumerate(zip(LOGPROBS["token_ids"], LOGPROBS["logprobs"], strict=True))]
+    assert out[0].split() == ["POS", "TOKEN_ID", "TOKEN", "LOGPROB"]
+    for line, i, t, piece, v in zip(out[1:4], range(3), LOGPROBS["token_ids"],
+                                    LOGPROBS["tokens"], LOGPROBS["logprobs"], strict=True):
+        assert line.split()[:2] == [str(i), str(t)] and line.split()[-1] == f"{v:.4f}"
+        assert repr(piece) in line  # quoted, so spaces and newlines show
     # Right-aligned: every row's last character sits in the same column.
     assert len({len(line) for line in out[:4]}) == 1
     values = LOGPROBS["logprobs"]
@@ -148,7 +150,7 @@ def test_logprobs_without_continuation_and_as_json(
 def test_logprobs_with_nothing_scored(calls: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(Fabric, "logprobs", lambda self, *a, **kw: {
-        **LOGPROBS, "token_ids": [], "logprobs": [], "total": 0.0})
+        **LOGPROBS, "token_ids": [], "tokens": [], "logprobs": [], "total": 0.0})
     assert main(["logprobs", "Hi"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == \
         "total 0.0000 over 0 tokens; perplexity n/a"

@@ -189,6 +189,7 @@ def test_logprobs_equal_transformers(fab: Fabric, ref: Reference) -> None:
     out = fab.logprobs(prompt, continuation, model=TINY_MODEL)
     ids, want = ref.logprobs(prompt, continuation)
     assert out["token_ids"] == ids
+    assert out["tokens"] == [ref.tok.decode([t]) for t in ids]
     np.testing.assert_allclose(np.asarray(out["logprobs"]), want, atol=TOL, rtol=0)
     assert out["total"] == pytest.approx(float(want.sum()), abs=1e-4)
     assert np.all(np.asarray(out["logprobs"]) <= 0)

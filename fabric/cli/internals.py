@@ -91,14 +91,14 @@ def cmd_logprobs(args: argparse.Namespace) -> int:
         return 0
     token_ids = [int(t) for t in result.get("token_ids") or []]
     values = [float(v) for v in result.get("logprobs") or []]
-    if len(token_ids) != len(values):
-        raise FabricError(f"logprobs result has {len(token_ids)} token ids but {len(values)} "
-                          "log-probabilities")
-    # The site's result has token ids, not token text: the tokenizer lives with the model
-    # server, and the client may not have the model's files.
-    rows = [[str(i), str(t), f"{v:.4f}"]
-            for i, (t, v) in enumerate(zip(token_ids, values, strict=True))]
-    print_table(["POS", "TOKEN_ID", "LOGPROB"], rows, right=(0, 1, 2))
+    # Token text comes from the model server (the client may not have the tokenizer).
+    pieces = [repr(p) for p in result.get("tokens") or []] or [""] * len(token_ids)
+    if not len(token_ids) == len(values) == len(pieces):
+        raise FabricError(f"logprobs result has {len(token_ids)} token ids, {len(pieces)} "
+                          f"tokens and {len(values)} log-probabilities")
+    rows = [[str(i), str(t), piece, f"{v:.4f}"]
+            for i, (t, piece, v) in enumerate(zip(token_ids, pieces, values, strict=True))]
+    print_table(["POS", "TOKEN_ID", "TOKEN", "LOGPROB"], rows, right=(0, 1, 3))
     total = float(result.get("total", sum(values)))
     print(f"total {total:.4f} over {len(values)} tokens; perplexity {_perplexity(values)}")
     return 0

@@ -200,6 +200,8 @@ class Engine:
             return
         text, _ = self._text(seq) if seq.generates else ("", False)
         result = build(seq, reason or "length", self.identity, text, self.n_layers)
+        if seq.request.kind == "logprobs":  # the client may not have the tokenizer
+            result["tokens"] = [self.tok.decode([t]) for t in result["token_ids"]]
         if seq.stream and seq.generates and text[len(seq.text_sent):]:
             self.emit(seq.request_id, {"op": "event", "index": len(seq.generated),
                                        "token_ids": [], "text": text[len(seq.text_sent):],
