@@ -12,7 +12,8 @@ SmolLM2-135M fp32, N prompts of 30-200 tokens, 64 new tokens each, greedy, on th
   a time it is ~6x slower; its tokens/s does not depend on how many prompts it runs.
 - TTFT p50/p99 (server-side: queue + prefill, from each result's timings) under Poisson
   arrivals at 25/50/100/150 % of the capacity measured above (a bounded count per level), on
-  a second server with a short waiting queue (``--poisson-queue``); at 150 % the number of
+  a second server with a short waiting queue (``--poisson-queue``) and a bounded prefill
+  backlog (``--poisson-prefill-tokens``); at 150 % the number of
   ``Overloaded`` refusals, how fast they were answered, and the admitted requests' TTFT.
 - peak RSS (``VmHWM``) of the server process after serving N concurrent requests vs the KV
   budget it is configured with.
@@ -167,6 +168,9 @@ def main() -> None:
                    help="requests per load level (7x at 150%%)")
     p.add_argument("--poisson-queue", type=int, default=0,
                    help="max_queue_requests of the Poisson server")
+    p.add_argument("--poisson-prefill-tokens", type=int, default=1024,
+                   help="max_prefill_tokens of the Poisson server (0: unbounded): admitted "
+                   "prompts wait at most ~this / max_batch_tokens steps for their prefill")
     p.add_argument("--poisson-only", action="store_true",
                    help="only the Poisson levels, at --capacity-rps")
     p.add_argument("--capacity-rps", type=float, default=None,
@@ -281,6 +285,8 @@ def poisson(args: Any, texts: list[Any], capacity_rps: float, server_cfg: dict[s
     refuse): at 150 % the in-system count grows until running + queue is full, then the
     overload path answers; enough requests are sent at 150 % to get there."""
     cfg = {**server_cfg, "max_queue_requests": args.poisson_queue}
+    if args.poisson_prefill_tokens:
+        cfg["max_prefill_tokens"] = args.poisson_prefill_tokens
     n = 6 if args.quick else args.poisson_count
     with common.ServerJob(common.SMOLLM, threads=args.threads, **cfg) as job:
         server_run(job, texts[:4], 4)  # warm-up

@@ -99,6 +99,12 @@ class ServerConfig(_Strict):
                                     "places of the running batch at most (0: admit only what "
                                     "can start now).")
     max_queue_tokens: int = Field(262144, ge=0, description="Prompt tokens waiting at most.")
+    max_prefill_tokens: int | None = Field(None, gt=0, description="Prompt tokens not yet "
+                                           "prefilled (waiting, or admitted with their "
+                                           "prefill unfinished) at most; bounds the time to "
+                                           "first token of admitted requests to about "
+                                           "max_prefill_tokens / max_batch_tokens steps. "
+                                           "None: no bound.")
     stream_buffer_s: float = Field(60.0, gt=0, description="Keep streamed events this long.")
     threads_per_rank: int = Field(0, ge=0, description="OMP threads per rank (0: cores/ranks).")
     micro_batches: int = Field(0, ge=0, description="Steps in flight through the pipeline "

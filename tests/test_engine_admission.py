@@ -191,3 +191,45 @@ def test_kv_budget_makes_requests_wait_not_fail(model_server: Any, tiny_llama_di
                       server.ticket)
     # ... and the server still serves.
     assert server.run(prompt=prompt, sampling={"max_tokens": 3})["usage"]["completion_tokens"]
+
+
+def _seq(n: int, computed: int = 0) -> Any:
+    from fabric.engine.sequence import Sequence
+    from fabric.protocol import InferenceRequest
+
+    return Sequence(request=InferenceRequest(model="m", prompt="x"), prompt_ids=[1] * n,
+                    reserve=n + 4, computed=computed)
+
+
+def test_prefill_backlog_bounds_admission_exactly() -> None:
+    """``max_prefill_tokens`` counts prompt tokens not yet prefilled: waiting ones and the
+    unfinished remainder of running ones; the boundary is exact and the refusal says why."""
+    from fabric.engine.engine import Engine
+    from fabric.engine.frontend import Frontend
+    from fabric.engine.scheduler import Limits
+    from fabric.sites import ServerConfig
+
+    engine = Engine(None, None, Limits(10_000, 4, 8), {}, set(), 2,  # type: ignore[arg-type]
+                    emit=lambda rid, msg: None)
+
+    def front(**cfg: Any) -> Frontend:
+        return Frontend(engine, None, ServerConfig(**cfg), b"k", "m", {})  # type: ignore[arg-type]
+
+    bounded = front(max_prefill_tokens=30)
+    bounded._admit(200)  # an idle server takes a prompt longer than the bound
+    sched = engine.scheduler
+    for seq in (_seq(20, computed=8), _seq(7, computed=7)):  # 12 tokens left; 0 (decoding)
+        sched.running[seq.request_id] = seq
+    sched.waiting.append(_seq(6))
+    engine.post("add", _seq(4))
+    q = engine.queued()
+    assert (q.waiting, q.waiting_tokens, q.free, q.prefill_tokens) == (2, 10, 6, 22)
+    bounded._admit(8)  # 22 + 8 = 30: exactly the bound
+    with pytest.raises(Overloaded, match=r"prefill backlog is full \(22 .*limit 30\)") as info:
+        bounded._admit(9)
+    assert info.value.details["retry_after"] > 0
+    front()._admit(9)  # no bound configured: admitted
+    sched.running.clear()
+    with pytest.raises(Overloaded):  # the waiting ones alone still count
+        bounded._admit(21)
+    bounded._admit(20)

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from fabric.engine.batch import SeqOutput, StepPlan
 from fabric.engine.results import accumulate, build
@@ -41,6 +41,19 @@ class Runner(Protocol):
     def shutdown(self) -> None: ...
 
 
+class QueueState(NamedTuple):
+    """The load the front door admits against (``Engine.queued``)."""
+
+    waiting: int
+    """Requests not yet in the running batch."""
+    waiting_tokens: int
+    """Their prompt tokens."""
+    free: int
+    """Places free in the running batch."""
+    prefill_tokens: int
+    """Prompt tokens not yet prefilled: the waiting ones and the running ones' remainders."""
+
+
 class Engine:
     """Owns the scheduler and the runner; turns step outputs into stream events."""
 
@@ -66,13 +79,16 @@ class Engine:
             self.inbox.append((kind, payload))
         self.wake.set()
 
-    def queued(self) -> tuple[int, int, int]:
-        """(requests, prompt tokens) waiting, inbox included, and the running batch's free
-        places (a request there starts at the next step), read together."""
+    def queued(self) -> QueueState:
+        """What waits (inbox included), the running batch's free places, and the prefill
+        backlog, read together."""
         with self.lock:
             seqs = [p for k, p in self.inbox if k == "add"] + list(self.scheduler.waiting)
-            free = self.scheduler.limits.max_running - len(self.scheduler.running)
-        return len(seqs), sum(len(s.prompt_ids) for s in seqs), max(0, free)
+            running = list(self.scheduler.running.values())
+            free = self.scheduler.limits.max_running - len(running)
+        tokens = sum(len(s.prompt_ids) for s in seqs)
+        started = sum(len(s.prompt_ids) - s.computed for s in running if s.in_prefill)
+        return QueueState(len(seqs), tokens, max(0, free), tokens + started)
 
     # --- the loop ----------------------------------------------------------------------------
 

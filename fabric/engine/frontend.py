@@ -193,18 +193,25 @@ class Frontend:
         request with its total prompt tokens would be); once admitted, each of its texts waits
         as a sequence of its own and counts as one request for later arrivals."""
         cfg = self.config
-        waiting, waiting_tokens, free = self.engine.queued()
+        waiting, waiting_tokens, free, backlog = self.engine.queued()
         # A request that finds a free place in the running batch starts at the next step: only
         # the ones beyond the free places really queue (so max_queue_requests=0 admits exactly
         # the requests that can start now, and their time to first token stays short).
         beyond = max(0, waiting + 1 - free)
+        limit = cfg.max_prefill_tokens
         if beyond > cfg.max_queue_requests or waiting_tokens + tokens > cfg.max_queue_tokens:
-            rate = max(self.engine.tokens_per_s, 1.0)
-            raise Overloaded(
-                f"model server queue is full ({waiting} requests, {waiting_tokens} prompt "
-                f"tokens waiting; limits {cfg.max_queue_requests} and {cfg.max_queue_tokens})",
-                retry_after=round(min(30.0, max(0.5, waiting_tokens / rate / 4)), 2),
-                queued=waiting, reason=QUEUE_FULL)
+            why = (f"model server queue is full ({waiting} requests, {waiting_tokens} prompt "
+                   f"tokens waiting; limits {cfg.max_queue_requests} and "
+                   f"{cfg.max_queue_tokens})")
+        elif limit is not None and backlog + tokens > limit and backlog > 0:
+            # backlog > 0: a lone prompt longer than the limit is still served when idle
+            why = (f"model server prefill backlog is full ({backlog} prompt tokens not yet "
+                   f"prefilled; limit {limit})")
+        else:
+            return
+        rate = max(self.engine.tokens_per_s, 1.0)
+        raise Overloaded(why, retry_after=round(min(30.0, max(0.5, backlog / rate / 4)), 2),
+                         queued=waiting, reason=QUEUE_FULL)
 
     def _poll(self, identity: bytes, msg: dict[str, Any]) -> None:
         rid = str(msg.get("request_id"))
@@ -258,7 +265,7 @@ class Frontend:
     def health(self) -> dict[str, Any]:
         """Server state and load figures."""
         sched = self.engine.scheduler
-        waiting, _, _ = self.engine.queued()
+        waiting = self.engine.queued().waiting
         return {
             "state": "draining" if self.draining else self.state,
             "queue_depth": waiting, "running": len(sched.running),
