@@ -58,6 +58,22 @@ def test_task_buffer_is_what_the_sdk_sends() -> None:
     assert gcwire.task_id_of(packed) == task_id
 
 
+def test_fabric_functions_packed_once_are_the_same_bytes() -> None:
+    """The cached function buffer of an endpoint function is what packing it afresh gives."""
+    from fabric.endpoint.functions import run_user_function
+
+    serde = ComputeSerializer()
+    fresh = serde.pack_buffers([serde.serialize(run_user_function)])
+    for _ in range(2):  # the second call comes from the cache
+        _, packed = gcwire.pack_task(run_user_function, (add,), {})
+        task = messagepack.unpack(packed)
+        assert task.task_buffer.startswith(fresh)
+        fn, args, _ = serde.unpack_and_deserialize(task.task_buffer)
+        assert fn is run_user_function and args == (add,)
+    assert not gcwire._by_reference(add)  # a test module's function is packed each time
+    assert not gcwire._by_reference(lambda: None)
+
+
 def test_unwrap_envelopes() -> None:
     assert gcwire.unwrap(gcwire.ok({"x": 1})) == {"x": 1}
     assert gcwire.unwrap({"plain": "dict"}) == {"plain": "dict"}

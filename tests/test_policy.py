@@ -230,6 +230,42 @@ def test_local_site_allows_os_user(tmp_path: Path) -> None:
     assert policy.usage(tmp_path)[0]["requests"] == 1
 
 
+def _rows_seen_by_another_connection(state_dir: Path) -> int:
+    import sqlite3
+
+    path = state_dir / "usage.sqlite"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("SELECT COALESCE(SUM(requests), 0) FROM usage").fetchone()[0])
+    except sqlite3.OperationalError:  # the writer has created the file, not yet the table
+        return 0
+    finally:
+        db.close()
+
+
+def test_usage_without_quota_is_written_in_the_background(tmp_path: Path) -> None:
+    site = load_site("local")
+    for _ in range(3):
+        policy.authorize(site, None, "smollm2-135m", tmp_path)
+    deadline = time.monotonic() + 10.0
+    while _rows_seen_by_another_connection(tmp_path) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the writer thread commits within USAGE_FLUSH_S
+    assert _rows_seen_by_another_connection(tmp_path) == 3
+    policy.authorize(site, None, "smollm2-135m", tmp_path)
+    policy.flush_usage()
+    assert _rows_seen_by_another_connection(tmp_path) == 4
+
+
+def test_quota_admission_is_recorded_before_it_returns(tmp_path: Path) -> None:
+    introspect()
+    site = make_site({"m": {"anyone": True, "requests_per_minute": 5}})
+    policy.authorize(site, auth(), "m", tmp_path)
+    # Other workers count it at once: written in the admitting transaction, not queued.
+    assert _rows_seen_by_another_connection(tmp_path) == 1
+
+
 def test_function_allow_list() -> None:
     remote = make_site({}).model_copy(update={"allow_user_functions": False})
     policy.check_function(remote, "run_request")

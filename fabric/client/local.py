@@ -2,9 +2,11 @@
 
 The site runs in its own background process (``fabric.endpoint.site``); this module finds it
 through ``<state_dir>/endpoint.json``, starting it first if it is not running (as Ollama does),
-and sends it Globus Compute task messages over one CURVE-encrypted DEALER socket. A single I/O
-thread owns that socket (ZMQ sockets are not thread-safe); ``submit`` from any thread hands it a
-message through a queue and a wake-up pipe and returns a ``Future`` at once.
+and sends it Globus Compute task messages over CURVE-encrypted ZMQ. ZMQ sockets are not
+thread-safe, so each socket has one job: ``submit`` sends on a send-only DEALER from the calling
+thread itself (under a lock, which is how a ZMQ socket may pass between threads) and returns a
+``Future`` at once; the site answers on its reply socket to a receive-only DEALER that one I/O
+thread owns and that resolves the futures. Neither direction waits for another thread to wake.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import fcntl
 import itertools
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -33,6 +34,8 @@ from fabric.errors import EndpointError, FabricError, InvalidRequest
 
 INFO_FILE = "endpoint.json"
 TASK, RESULT, CONTROL = b"T", b"R", b"C"
+SEND_TIMEOUT_S = 30.0
+"""How long ``submit`` may block when the site takes no messages (ZMQ's queue is full)."""
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 """Site processes this process started (so their exit is seen, not left as zombies)."""
 
@@ -153,7 +156,11 @@ class LocalTransport:
         self.info: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._futures: dict[str, Future[Any]] = {}
-        self._outbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self._send_lock = threading.Lock()
+        self._sender: Any = None
+        """Send-only DEALER to the site's main socket (any thread, under ``_send_lock``)."""
+        self._reply_id = b"r" + os.urandom(15)
+        """Routing id of the I/O thread's reply socket (never starts with a zero byte)."""
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
@@ -188,6 +195,10 @@ class LocalTransport:
         if thread is not None and thread is not threading.current_thread():
             thread.join(5.0)
         self._fail_all(EndpointError("transport closed"))
+        with self._send_lock:
+            if self._sender is not None:
+                self._sender.close(0)
+                self._sender = None
         if (thread is None or not thread.is_alive()) and self._wake_r >= 0:
             # Once only: a second close must not close descriptors reused by someone else.
             for fd in (self._wake_r, self._wake_w):
@@ -207,8 +218,21 @@ class LocalTransport:
         self._connect()
         with self._lock:
             self._futures[key] = fut
-        self._outbox.put(frames)
-        self._wake()
+        err: FabricError
+        with self._send_lock:
+            try:
+                if self._sender is None:
+                    raise EndpointError("transport is closed")
+                self._sender.send_multipart([*frames, self._reply_id])
+                return
+            except zmq.Again:
+                err = EndpointError(f"the {self.site} site accepted no message for "
+                                    f"{SEND_TIMEOUT_S:.0f} s")
+            except FabricError as exc:
+                err = exc
+        with self._lock:
+            self._futures.pop(key, None)
+        raise err
 
     def _connect(self) -> None:
         with self._lock:
@@ -222,15 +246,27 @@ class LocalTransport:
                     raise EndpointError(f"the {self.site} site is not running; start it with "
                                         "`fabric endpoint start`", state_dir=str(self.state_dir))
                 info = start_site(self._ref, self.state_dir, self.start_timeout_s)
+            if not info.get("reply_address"):
+                raise EndpointError(
+                    f"the {self.site} site (pid {info.get('pid')}) runs an older fabric without "
+                    "a reply socket: restart it (`fabric endpoint stop`, then start)")
             self.info = info
+            keys = zmq.curve_keypair()
+            with self._send_lock:
+                if self._sender is not None:
+                    self._sender.close(0)  # of a site that exited
+                self._sender = _dealer(info, keys=keys)
+                self._sender.sndtimeo = int(SEND_TIMEOUT_S * 1000)
             ready = threading.Event()
-            self._thread = threading.Thread(target=self._io_loop, args=(info, ready),
+            self._thread = threading.Thread(target=self._io_loop, args=(info, keys, ready),
                                             daemon=True, name="fabric-local-transport")
             self._thread.start()
             ready.wait(10.0)
 
-    def _io_loop(self, info: dict[str, Any], ready: threading.Event) -> None:
-        sock = _dealer(info)
+    def _io_loop(self, info: dict[str, Any], keys: tuple[bytes, bytes],
+                 ready: threading.Event) -> None:
+        sock = _dealer(info, keys=keys, address=str(info["reply_address"]),
+                       routing_id=self._reply_id)
         ready.set()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -239,13 +275,8 @@ class LocalTransport:
         try:
             while not self._closing.is_set():
                 events = dict(poller.poll(500))
-                if self._wake_r in events:
+                if self._wake_r in events:  # close() wants the loop to end
                     os.read(self._wake_r, 65536)
-                while True:
-                    try:
-                        sock.send_multipart(self._outbox.get_nowait())
-                    except queue.Empty:
-                        break
                 if sock in events:
                     while True:
                         try:
@@ -301,15 +332,20 @@ class LocalTransport:
                 os.write(self._wake_w, b"x")
 
 
-def _dealer(info: dict[str, Any]) -> Any:
+def _dealer(info: dict[str, Any], *, keys: tuple[bytes, bytes] | None = None,
+            address: str | None = None, routing_id: bytes | None = None) -> Any:
+    """A CURVE DEALER to the site's main socket (or ``address``), a fresh key pair unless
+    ``keys`` are given."""
     ctx: zmq.Context[Any] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
-    public, secret = zmq.curve_keypair()
+    public, secret = keys or zmq.curve_keypair()
     sock.curve_publickey = public
     sock.curve_secretkey = secret
     sock.curve_serverkey = str(info["public_key"]).encode()
     sock.linger = 0
-    sock.connect(str(info["address"]))
+    if routing_id is not None:
+        sock.routing_id = routing_id
+    sock.connect(address or str(info["address"]))
     return sock
 
 

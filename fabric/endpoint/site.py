@@ -5,9 +5,15 @@ runs what a Globus Compute endpoint runs at a supercomputer site, minus the clou
 
 .. code:: text
 
-    LocalTransport (DEALER) --[b"T", packed Task]--> ROUTER --> GlobusComputeEngine (Parsl HTEX,
-                            <--[b"R", task id, packed Result]--    LocalProvider request workers)
-                            --[b"C", control]------> status / stop (answered off the main loop)
+    LocalTransport send DEALER --[b"T", packed Task, reply id]--> ROUTER --> GlobusComputeEngine
+                   recv DEALER <--[b"R", task id, packed Result]-- reply ROUTER   (Parsl HTEX,
+                   (routing id = reply id)                         LocalProvider request workers)
+                               --[b"C", control, reply id]----> status / stop (off the main loop)
+
+The main loop only receives (and submits to the engine); replies leave from the thread that
+has them (the engine's result thread, a control thread) on the send-only reply ROUTER, under a
+lock, so a result does not wait for the main loop to wake. A message without a reply id (the
+CLI's one-shot control socket) is answered on the socket it came from, by the main loop.
 
 Tasks and results are Globus Compute's own messages (``fabric.client.gcwire``), so the same
 endpoint functions run here and behind a real endpoint. The process owns one state dir (a
@@ -49,6 +55,8 @@ INFO_FILE = "endpoint.json"
 """Where the running site advertises its pid, address and public key (in the state dir)."""
 TASK, RESULT, CONTROL = b"T", b"R", b"C"
 """First frame of each message kind on the site socket."""
+REPLY_RETRY_S = 30.0
+"""How long a reply waits for its client's reply socket to finish connecting."""
 REAP_INTERVAL_S = 15.0
 """How often the site checks its deployments' servers for exits."""
 
@@ -73,12 +81,19 @@ class SiteProcess:
         self.stop_all = False
         self.background_tasks = list(type(self).background_tasks)
         self._out: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self._reply_lock = threading.Lock()
+        self._late: queue.SimpleQueue[tuple[float, list[bytes]]] = queue.SimpleQueue()
+        self._unroutable: list[tuple[float, list[bytes]]] = []
+        """Replies whose client's reply socket had not finished connecting (the main loop
+        retries them)."""
         self._wake_r, self._wake_w = os.pipe()
         self._control = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="site-control")
         self._lock_fh: Any = None
         self.engine: Any = None
         self.router: Any = None
+        self.replies: Any = None
         self.address = ""
+        self.reply_address = ""
         self.public_key = ""
         self.started = 0.0
 
@@ -90,14 +105,12 @@ class SiteProcess:
         self._take_lock()
         public, secret = load_or_create_curve_keys(self.state_dir / "keys" / "endpoint.json")
         self._start_engine()
-        ctx: zmq.Context[Any] = zmq.Context.instance()
-        self.router = ctx.socket(zmq.ROUTER)
-        self.router.curve_server = True
-        self.router.curve_publickey = public.encode()
-        self.router.curve_secretkey = secret.encode()
-        self.router.linger = 0
-        port = self.router.bind_to_random_port("tcp://127.0.0.1")
-        self.address = f"tcp://127.0.0.1:{port}"
+        self.router = _curve_router(public, secret)
+        self.address = _bind(self.router)
+        self.replies = _curve_router(public, secret)
+        # An unknown reply id is an error, not a silent drop: the reply is retried.
+        self.replies.router_mandatory = True
+        self.reply_address = _bind(self.replies)
         self.public_key = public
         self.started = time.time()
         _write_private_json(self.state_dir / INFO_FILE, self.info())
@@ -133,7 +146,8 @@ class SiteProcess:
 
     def info(self) -> dict[str, Any]:
         """What ``endpoint.json`` says about this site."""
-        return {"pid": os.getpid(), "address": self.address, "public_key": self.public_key,
+        return {"pid": os.getpid(), "address": self.address,
+                "reply_address": self.reply_address, "public_key": self.public_key,
                 "endpoint_id": str(self.endpoint_id), "state_dir": str(self.state_dir),
                 "site": self.site.name, "site_ref": self.site_ref, "started": self.started,
                 "workers": self.site.max_request_workers, "state": "ready",
@@ -145,7 +159,7 @@ class SiteProcess:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         while not self.stopping.is_set():
-            ready = dict(poller.poll(1000))
+            ready = dict(poller.poll(5 if self._unroutable else 1000))
             if self.router in ready:
                 for _ in range(1000):  # bounded so replies are not starved
                     try:
@@ -156,6 +170,10 @@ class SiteProcess:
             if self._wake_r in ready:
                 os.read(self._wake_r, 65536)
             self._flush()
+            while not self._late.empty():
+                self._unroutable.append(self._late.get_nowait())
+            if self._unroutable:
+                self._retry_replies()
         self._flush()
 
     def request_stop(self) -> None:
@@ -177,24 +195,28 @@ class SiteProcess:
             except Exception:
                 log.exception("engine shutdown failed")
         self._control.shutdown(wait=False, cancel_futures=True)
-        if self.router is not None:
-            self.router.close(0)
+        for sock in (self.router, self.replies):
+            if sock is not None:
+                sock.close(0)
         self._lock_fh.close()
         log.info("site %s stopped", self.site.name)
 
     # -- message handling -----------------------------------------------------------------
 
     def _dispatch(self, frames: list[bytes]) -> None:
-        ident = frames[0]
+        # [ident, kind, body] answered on the main socket, or [ident, kind, body, reply id]
+        # answered on the reply socket to the client socket with that routing id.
         kind = frames[1] if len(frames) > 1 else b""
-        if kind == TASK and len(frames) == 3:
-            self._submit_task(ident, frames[2])
-        elif kind == CONTROL and len(frames) == 3:
-            self._control.submit(self._answer_control, ident, frames[2])
-        else:
+        if len(frames) not in (3, 4) or kind not in (TASK, CONTROL):
             log.warning("dropping malformed message (%d frames)", len(frames))
+            return
+        to = _Reply(frames[0], frames[3] if len(frames) == 4 else None)
+        if kind == TASK:
+            self._submit_task(to, frames[2])
+        else:
+            self._control.submit(self._answer_control, to, frames[2])
 
-    def _submit_task(self, ident: bytes, packed: bytes) -> None:
+    def _submit_task(self, to: _Reply, packed: bytes) -> None:
         from globus_compute_endpoint.engines.base import GCFuture
 
         from fabric.client.gcwire import pack_error_result, task_id_of
@@ -202,12 +224,12 @@ class SiteProcess:
         try:
             task_id = task_id_of(packed)
         except Exception as exc:
-            self._post([ident, CONTROL, _pack({"op": "error", "error": f"bad task: {exc}"})])
+            self._reply(to, [CONTROL, _pack({"op": "error", "error": f"bad task: {exc}"})])
             return
         fut = GCFuture(task_id)
 
         def done(f: cf.Future[Any]) -> None:
-            self._post([ident, RESULT, str(task_id).encode(), f.result()])
+            self._reply(to, [RESULT, str(task_id).encode(), f.result()])
 
         fut.add_done_callback(done)
         try:
@@ -217,7 +239,7 @@ class SiteProcess:
             fut.set_result(pack_error_result(task_id, "EngineSubmitError",
                                              f"{type(exc).__name__}: {exc}"))
 
-    def _answer_control(self, ident: bytes, raw: bytes) -> None:
+    def _answer_control(self, to: _Reply, raw: bytes) -> None:
         msg = msgpack.unpackb(raw, raw=False)
         op = msg.get("op")
         reply: dict[str, Any] = {"op": op, "id": msg.get("id")}
@@ -236,7 +258,7 @@ class SiteProcess:
         except Exception as exc:
             reply["error"] = f"{type(exc).__name__}: {exc}"
             reply["traceback"] = traceback.format_exc()
-        self._post([ident, CONTROL, _pack(reply)])
+        self._reply(to, [CONTROL, _pack(reply)])
         if op == "stop":
             self.request_stop()
 
@@ -259,8 +281,41 @@ class SiteProcess:
             done.append(dep.id)
         return done
 
+    def _reply(self, to: _Reply, frames: list[bytes]) -> None:
+        """Send ``frames`` to the client ``to`` names, from whichever thread has them."""
+        if to.reply_id is None:
+            self._post([to.ident, *frames])
+            return
+        message = [to.reply_id, *frames]
+        with self._reply_lock:
+            try:
+                self.replies.send_multipart(message)
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    log.warning("dropping a reply: %s", exc)
+                    return
+        # The client's reply socket has not finished its handshake yet: the main loop retries.
+        self._late.put((time.monotonic(), message))
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _retry_replies(self) -> None:
+        now = time.monotonic()
+        keep: list[tuple[float, list[bytes]]] = []
+        with self._reply_lock:
+            for first, message in self._unroutable:
+                try:
+                    self.replies.send_multipart(message)
+                except zmq.ZMQError:
+                    if now - first < REPLY_RETRY_S:
+                        keep.append((first, message))
+                    else:
+                        log.warning("dropping a reply: its client never connected")
+        self._unroutable = keep
+
     def _post(self, frames: list[bytes]) -> None:
-        # Called from engine and control threads; only the main loop touches the socket.
+        # For the main socket, which only the main loop touches.
         self._out.put(frames)
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
@@ -301,6 +356,30 @@ class SiteProcess:
             raise SystemExit(f"a site is already running with state dir {self.state_dir}"
                              ) from None
         self._lock_fh = fh
+
+
+class _Reply:
+    """Where a message's answer goes: its main-socket sender, or a reply-socket routing id."""
+
+    __slots__ = ("ident", "reply_id")
+
+    def __init__(self, ident: bytes, reply_id: bytes | None) -> None:
+        self.ident = ident
+        self.reply_id = reply_id
+
+
+def _curve_router(public: str, secret: str) -> Any:
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.curve_server = True
+    sock.curve_publickey = public.encode()
+    sock.curve_secretkey = secret.encode()
+    sock.linger = 0
+    return sock
+
+
+def _bind(sock: Any) -> str:
+    return f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
 
 
 def load_or_create_curve_keys(path: Path) -> tuple[str, str]:
