@@ -208,7 +208,7 @@ class ServerJob:
 
     def __init__(self, model: str = SMOLLM, *, pp: int = 1, tp: int = 1, threads: int = 2,
                  dtype: str = "float32", shard_dir: Path | None = None,
-                 workdir: Path | None = None, **server: Any) -> None:
+                 workdir: Path | None = None, balance: str = "params", **server: Any) -> None:
         from fabric.catalog import Catalog
         from fabric.engine.launch import ServerLaunchConfig
         from fabric.sites import Plan, ServerConfig
@@ -217,7 +217,7 @@ class ServerJob:
         prepared = weights(model)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fabric-bench-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.plan = Plan(pp=pp, tp=tp, dtype=dtype)
+        self.plan = Plan(pp=pp, tp=tp, dtype=dtype, balance=balance)
         self.threads = threads
         server.setdefault("threads_per_rank", threads)
         server.setdefault("idle_timeout_s", 900.0)

@@ -2,10 +2,13 @@
 
 1. Throughput: a pp=2 model server on SmolLM2-135M fp32 (two ranks, OMP_NUM_THREADS=1 each, so
    each rank has one of the two cores), ``micro_batches=0`` (one step in flight per stage:
-   micro-batching on) vs ``micro_batches=1`` (one step at a time: off). Both servers are up
-   together (an idle server blocks in recv/wait and costs nothing) and the runs are interleaved
-   on/off/on/off...; ``--prompts`` concurrent requests of ``--max-tokens`` tokens each. Goal:
-   on/off >= 1.6x. Greedy tokens of the two must be identical.
+   micro-batching on) vs ``micro_batches=1`` (one step at a time: off). Both use the plan's
+   ``--balance`` (default ``compute``: stages even in work per step, 14 + 16 layers, which is
+   what keeps both stages busy; ``params`` gives 11 + 19); a third server runs micro-batching
+   on with the other balance in the same rounds (``--no-compare-balance`` skips it). All servers
+   are up together (an idle server blocks in recv/wait and costs nothing) and the runs are
+   interleaved on/off/on-other/on/off...; ``--prompts`` concurrent requests of ``--max-tokens``
+   tokens each. Goal: on/off >= 1.6x. Greedy tokens of all must be identical.
 2. Loading: for plans (pp, tp) in (2,1), (1,2), (2,2), every rank's ``build_stage`` in this
    process (``all_reduce=None``: loading needs no process group), from the unsharded checkpoint
    (ranks ``pread`` their slices) and from a ``write_shards`` folder (one file per rank):
@@ -28,39 +31,58 @@ from common import log, median, ratio
 def throughput(args: Any, texts: list[str]) -> dict[str, Any]:
     cfg: dict[str, Any] = {"kv_budget_tokens": 16384, "max_running": 64,
                            "max_queue_requests": 256}
-    on = common.ServerJob(common.SMOLLM, pp=2, threads=1, micro_batches=0, **cfg)
-    off = common.ServerJob(common.SMOLLM, pp=2, threads=1, micro_batches=1, **cfg)
+    jobs = {"on": common.ServerJob(common.SMOLLM, pp=2, threads=1, micro_batches=0,
+                                   balance=args.balance, **cfg),
+            "off": common.ServerJob(common.SMOLLM, pp=2, threads=1, micro_batches=1,
+                                    balance=args.balance, **cfg)}
+    other = "params" if args.balance == "compute" else "compute"
+    if args.compare_balance:  # micro-batching on with the other balance, same rounds
+        jobs[f"on_{other}"] = common.ServerJob(common.SMOLLM, pp=2, threads=1, micro_batches=0,
+                                               balance=other, **cfg)
     try:
-        on.start()
-        off.start()
-        runs: dict[str, list[float]] = {"on": [], "off": []}
+        for job in jobs.values():
+            job.start()
+        runs: dict[str, list[float]] = {k: [] for k in jobs}
         tokens: dict[str, list[list[int]]] = {}
-        for job in (on, off):  # warm-up
+        for job in jobs.values():  # warm-up
             common.run_batch(job, [job.request(t, max_tokens=4) for t in texts[:4]])
         for r in range(args.runs):
-            for name, job in (("on", on), ("off", off)):
+            for name, job in jobs.items():
                 reqs = [job.request(t, max_tokens=args.max_tokens) for t in texts]
                 run = common.run_batch(job, reqs)
                 runs[name].append(run["tokens_per_s"])
                 tokens[name] = [run["results"][q.request_id]["token_ids"] for q in reqs]
                 log(f"round {r + 1} micro-batching {name}: {run['tokens_per_s']:.1f} tok/s")
         walls = {k: len(texts) * args.max_tokens / median(v) for k, v in runs.items()}
-        profile = rank_profiles(args, texts, on, off, walls) if args.profile else None
+        profile = (rank_profiles(args, texts, jobs["on"], jobs["off"], walls) if args.profile
+                   else None)
         med = {k: median(v) for k, v in runs.items()}
         return {
             **({"profile": profile} if profile else {}),
-            "plan": {"pp": 2, "tp": 1, "dtype": "float32"},
+            "plan": {"pp": 2, "tp": 1, "dtype": "float32", "balance": args.balance,
+                     "stage_layers": stage_layers(args.balance)},
+            **({f"on_{other}_stage_layers": stage_layers(other),
+                f"ratio_on_{other}_vs_off": ratio(med[f"on_{other}"], med["off"])}
+               if args.compare_balance else {}),
             "threads": "OMP_NUM_THREADS=1 per rank (2 ranks on 2 cores)",
             "prompts": len(texts), "max_new_tokens": args.max_tokens, "runs": args.runs,
             "tokens_per_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
             "median_tokens_per_s": {k: round(v, 1) for k, v in med.items()},
             "ratio_on_vs_off": ratio(med["on"], med["off"]), "goal": ">= 1.6",
             "met": (ratio(med["on"], med["off"]) or 0) >= 1.6,
-            "identical_tokens": tokens["on"] == tokens["off"],
+            "identical_tokens": all(t == tokens["off"] for t in tokens.values()),
         }
     finally:
-        on.stop()
-        off.stop()
+        for job in jobs.values():
+            job.stop()
+
+
+def stage_layers(balance: str) -> list[int]:
+    """Layers per stage of SmolLM2 at pp=2 with ``balance``."""
+    from fabric.engine.loader import load_config, rank_shards
+
+    folder = common.weights(common.SMOLLM).path
+    return [len(s.layers) for s in rank_shards(folder, load_config(folder), 2, 1, balance)]
 
 
 def embedding_bytes(folder: Path, pp: int, tp: int) -> list[int]:
@@ -182,6 +204,10 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--load-runs", type=int, default=3)
+    p.add_argument("--balance", choices=("params", "compute"), default="compute",
+                   help="the plan's stage balance for the throughput servers")
+    p.add_argument("--no-compare-balance", dest="compare_balance", action="store_false",
+                   help="skip the third server (micro-batching on with the other balance)")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--profile", action="store_true", help="py-spy every rank, on and off")
     p.add_argument("--skip-loading", action="store_true")

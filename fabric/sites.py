@@ -37,6 +37,11 @@ class Plan(_Strict):
     gpus_per_node: int = Field(0, ge=0, description="GPUs per node (0: CPU ranks).")
     device: Literal["cpu", "cuda", "xpu"] = "cpu"
     """Accelerator kind the ranks run on."""
+    balance: Literal["params", "compute"] = "params"
+    """How layers are spread over the pp stages (``fabric.engine.partition.stage_costs``):
+    ``params`` evens out the weights each rank reads and holds; ``compute`` evens out the work
+    of a step (a tied LM head on stage 0 then costs a share of its matmul, not its memory), for
+    pipeline throughput. Outputs are the same either way."""
 
     @property
     def ranks(self) -> int:

@@ -46,27 +46,29 @@ def load_config(folder: Path) -> Any:
     return AutoConfig.from_pretrained(folder)
 
 
-def rank_shards(folder: Path, config: Any, pp: int, tp: int) -> list[RankShard]:
-    """The partition of a full checkpoint for a pp x tp plan."""
+def rank_shards(folder: Path, config: Any, pp: int, tp: int, balance: str = "params"
+                ) -> list[RankShard]:
+    """The partition of a full checkpoint for a pp x tp plan (``partition.plan_ranks``)."""
     reader = SafetensorsReader.from_folder(folder)
     try:
         shapes = {n: reader.shape(n) for n in reader.names()}
     finally:
         reader.close()
-    return plan_ranks(config, shapes, pp, tp)
+    return plan_ranks(config, shapes, pp, tp, balance)
 
 
 def build_stage(folder: Path, rank: int, pp: int, tp: int, dtype: str,
                 comm: TensorParallel | None, shard_dir: Path | None = None,
-                device: str = "cpu") -> tuple[StageModel, LoadReport]:
-    """This rank's stage model, materialised from its share of the weights on ``device``."""
+                device: str = "cpu", balance: str = "params") -> tuple[StageModel, LoadReport]:
+    """This rank's stage model, materialised from its share of the weights on ``device``
+    (``balance``: how the plan spreads layers over stages, ``partition.stage_costs``)."""
     t0, io0 = time.perf_counter(), io_read_bytes()
     config = load_config(shard_dir or folder)
     if shard_dir is not None:
-        shard, reader, names = _from_shard_dir(shard_dir, config, rank, pp, tp)
+        shard, reader, names = _from_shard_dir(shard_dir, config, rank, pp, tp, balance)
         tensors = {n: reader.read(n) for n in names}
     else:
-        shard = rank_shards(folder, config, pp, tp)[rank]
+        shard = rank_shards(folder, config, pp, tp, balance)[rank]
         reader = SafetensorsReader.from_folder(folder)
         tensors = {s.name: reader.read(s.name, s.dim, s.start, s.stop) for s in shard.slices}
     reader.close()
@@ -78,15 +80,17 @@ def build_stage(folder: Path, rank: int, pp: int, tp: int, dtype: str,
     return model, report
 
 
-def _from_shard_dir(shard_dir: Path, config: Any, rank: int, pp: int, tp: int
+def _from_shard_dir(shard_dir: Path, config: Any, rank: int, pp: int, tp: int, balance: str
                     ) -> tuple[RankShard, SafetensorsReader, list[str]]:
     manifest = json.loads((shard_dir / SHARD_MANIFEST).read_text())
-    if (manifest["pp"], manifest["tp"]) != (pp, tp):
+    # Manifests from before plans had a balance were all balanced by parameters.
+    written = (manifest["pp"], manifest["tp"], manifest.get("balance", "params"))
+    if written != (pp, tp, balance):
         raise DeploymentError(
-            f"{shard_dir} is sharded for pp={manifest['pp']} tp={manifest['tp']}, "
-            f"not pp={pp} tp={tp}; run `fabric shard` for this plan")
+            f"{shard_dir} is sharded for pp={written[0]} tp={written[1]} balance={written[2]}, "
+            f"not pp={pp} tp={tp} balance={balance}; run `fabric shard` for this plan")
     entry = manifest["ranks"][rank]
     shapes = {k: list(v) for k, v in manifest["full_shapes"].items()}
-    shard = plan_ranks(config, shapes, pp, tp)[rank]
+    shard = plan_ranks(config, shapes, pp, tp, balance)[rank]
     reader = SafetensorsReader([shard_dir / entry["file"]])
     return shard, reader, reader.names()

@@ -1,8 +1,9 @@
 """Which tensors (and which slices of them) each rank of a pp x tp plan owns.
 
 Stages get contiguous layer ranges balanced by parameter count (the first stage also carries
-the embeddings, the last the final norm). The LM head lives on the last stage, except when it
-is tied to the embedding: then the first stage computes it too (the last stage sends the
+the embeddings, the last the final norm), or, with ``balance="compute"``, by the work of a step
+(``stage_costs``). The LM head lives on the last stage, except when it is tied to the
+embedding: then the first stage computes it too (the last stage sends the
 normed hidden rows back), so the one tensor is read once, not once per end of the pipeline.
 The embedding and the LM head are split by vocabulary rows over the tp ranks of their stage
 (vocab-parallel, as Megatron does), so every rank reads about 1/(pp*tp) of the model. Within
@@ -70,9 +71,10 @@ def split_sizes(total: int, tp: int, name: str, kv_heads: int) -> list[int]:
     return list(get_shard_size_list(total, tp, AutoTPMeta(num_kv_heads=kv_heads), name))
 
 
-def assign_layers(layer_params: list[int], pp: int, first_extra: int, last_extra: int
+def assign_layers(layer_params: list[int], pp: int, first_extra: float, last_extra: float
                   ) -> list[range]:
-    """Contiguous layer ranges, one per stage, minimising the largest stage's parameters."""
+    """Contiguous layer ranges, one per stage, minimising the largest stage's cost (layer
+    parameters plus the first and last stage's extras)."""
     n = len(layer_params)
     if not 1 <= pp <= n:
         raise ValueError(f"pp={pp} needs 1..{n} stages (the model has {n} layers)")
@@ -80,7 +82,7 @@ def assign_layers(layer_params: list[int], pp: int, first_extra: int, last_extra
     for p in layer_params:
         prefix.append(prefix[-1] + p)
 
-    def cost(a: int, b: int, stage: int) -> int:
+    def cost(a: int, b: int, stage: int) -> float:
         extra = (first_extra if stage == 0 else 0) + (last_extra if stage == pp - 1 else 0)
         return prefix[b] - prefix[a] + extra
 
@@ -88,7 +90,7 @@ def assign_layers(layer_params: list[int], pp: int, first_extra: int, last_extra
     inf = float("inf")
     best = [[inf] * (n + 1) for _ in range(pp + 1)]
     cut = [[0] * (n + 1) for _ in range(pp + 1)]
-    best[0][0] = 0
+    best[0][0] = 0.0
     for s in range(1, pp + 1):
         for i in range(s, n - (pp - s) + 1):
             for j in range(s - 1, i):
@@ -102,8 +104,35 @@ def assign_layers(layer_params: list[int], pp: int, first_extra: int, last_extra
     return bounds[::-1]
 
 
-def plan_ranks(config: Any, shapes: dict[str, list[int]], pp: int, tp: int) -> list[RankShard]:
-    """The ``RankShard`` of every rank for a Llama-family checkpoint."""
+BALANCES = ("params", "compute")
+LOGITS_SHARE = 0.25
+"""For ``balance="compute"``: the share of a step's tokens that need logits, so what the LM
+head costs per token relative to its parameters. Decode rows all need logits, prefill rows only
+a prompt's last one; a quarter is a mixed load of ~100-token prompts and ~30 new tokens each
+(``benchmarks/pipeline.py``: 7.4k prompt and 2k generated tokens)."""
+
+
+def stage_costs(embed: int, head: int, norm: int, tied: bool, balance: str) -> tuple[float, float]:
+    """What the first and last stage carry besides their layers, in layer-parameter units.
+
+    ``params`` counts parameters (bytes each rank reads and holds): the embedding on the first
+    stage (with a tied head, the same matrix), the norm and an untied head on the last.
+    ``compute`` counts the work of a step, where a layer costs its parameters per token: the
+    embedding lookup is free, the LM head costs ``LOGITS_SHARE`` of its parameters, on the
+    first stage when tied to the embedding, else on the last.
+    """
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES}, not {balance!r}")
+    if balance == "params":
+        return float(embed), float(norm + (0 if tied else head))
+    logits = LOGITS_SHARE * head
+    return (logits, float(norm)) if tied else (0.0, norm + logits)
+
+
+def plan_ranks(config: Any, shapes: dict[str, list[int]], pp: int, tp: int,
+               balance: str = "params") -> list[RankShard]:
+    """The ``RankShard`` of every rank for a Llama-family checkpoint; ``balance`` picks how
+    layers are spread over the stages (``stage_costs``)."""
     n_layers = config.num_hidden_layers
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -121,8 +150,10 @@ def plan_ranks(config: Any, shapes: dict[str, list[int]], pp: int, tp: int) -> l
     ]
     tied = "lm_head.weight" not in shapes
     embed = "model.embed_tokens.weight"
-    last_extra = numel("model.norm.weight") + (0 if tied else numel("lm_head.weight"))
-    stages = assign_layers(layer_params, pp, numel(embed), last_extra)
+    first_extra, last_extra = stage_costs(
+        numel(embed), numel(embed if tied else "lm_head.weight"), numel("model.norm.weight"),
+        tied, balance)
+    stages = assign_layers(layer_params, pp, first_extra, last_extra)
     head_stage = 0 if tied else pp - 1
     vocab = shapes[embed][0]
     vocab_split = vocab_slices(vocab, tp)

@@ -110,7 +110,7 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
         model, report = build_stage(Path(cfg.weights_path), info.rank, info.pp, info.tp,
                                     cfg.plan.dtype, groups.tp_comm(),
                                     Path(cfg.shard_dir) if cfg.shard_dir else None,
-                                    _device(cfg, info))
+                                    _device(cfg, info), cfg.plan.balance)
         _wrap_deepspeed(model, DTYPES[cfg.plan.dtype])
         _enable_graphs(cfg, info, model)
         log.info("rank %d loaded %d bytes in %.2f s", info.rank, report.bytes_read,

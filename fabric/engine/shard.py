@@ -20,11 +20,13 @@ _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_c
          "special_tokens_map.json", "chat_template.jinja")
 
 
-def write_shards(folder: Path, out: Path, pp: int, tp: int, source_sha256: str = "") -> dict:
-    """Shard the checkpoint in ``folder`` into ``out``; returns the manifest."""
+def write_shards(folder: Path, out: Path, pp: int, tp: int, source_sha256: str = "",
+                 balance: str = "params") -> dict:
+    """Shard the checkpoint in ``folder`` into ``out`` for a pp x tp plan whose stages are
+    balanced by ``balance`` (``partition.stage_costs``); returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     config = load_config(folder)
-    shards = rank_shards(folder, config, pp, tp)
+    shards = rank_shards(folder, config, pp, tp, balance)
     reader = SafetensorsReader.from_folder(folder)
     ranks = []
     try:
@@ -44,7 +46,7 @@ def write_shards(folder: Path, out: Path, pp: int, tp: int, source_sha256: str =
     for extra in _COPY:
         if (folder / extra).exists():
             shutil.copy2(folder / extra, out / extra)
-    manifest = {"pp": pp, "tp": tp, "source": str(folder), "source_sha256": source_sha256,
-                "full_shapes": full_shapes, "ranks": ranks}
+    manifest = {"pp": pp, "tp": tp, "balance": balance, "source": str(folder),
+                "source_sha256": source_sha256, "full_shapes": full_shapes, "ranks": ranks}
     (out / SHARD_MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
