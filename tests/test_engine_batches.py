@@ -20,7 +20,8 @@ from fabric.errors import (
     Overloaded,
 )
 from fabric.protocol import renumber_text_error, validate_request
-from tests.plugins.servers import ServerHandle, hf_tokenizer, no_eos_prompts
+from tests.plugins.servers import ServerHandle, hf_tokenizer
+from tests.test_engine_admission import _occupy
 
 QUEUE_REQUESTS = 5
 QUEUE_TOKENS = 60
@@ -34,18 +35,6 @@ def busy_server(model_server: Any, tiny_llama_dir: Path) -> ServerHandle:
     return model_server(tiny_llama_dir, name="tiny_llama", max_running=1,
                         max_queue_requests=QUEUE_REQUESTS, max_queue_tokens=QUEUE_TOKENS,
                         max_batch_tokens=1)
-
-
-def _occupy(server: ServerHandle, weights: Path) -> tuple[Any, str]:
-    """Start a long request (400 greedy tokens, no EOS) and wait until it is running."""
-    client = server.client()
-    long = server.request(prompt=no_eos_prompts(weights, 400)[0], sampling={"max_tokens": 400})
-    client.submit(long, server.ticket)
-    deadline = time.monotonic() + 30
-    while server.health()["running"] != 1:
-        assert time.monotonic() < deadline, "long request never started"
-        time.sleep(0.01)
-    return client, long.request_id
 
 
 def test_batch_equals_one_request_per_text(model_server: Any) -> None:

@@ -164,7 +164,6 @@ class Frontend:
                       request: InferenceRequest) -> None:
         """Admit a batch whole, as one arrival carrying all its prompt tokens (see
         ``_admit``); its texts then wait and run as separate sequences."""
-        self._admit(0)  # a full queue refuses before the texts are tokenised
         seqs = self.preparer.prepare_batch(request)
         tokens = sum(len(s.prompt_ids) for s in seqs)
         if tokens > self.config.max_queue_tokens:
