@@ -41,7 +41,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_decode import build_model, hf_generate_timed, measure_bandwidth, sync  # noqa: E402
+from gpu_decode import (  # noqa: E402
+    build_model,
+    hf_generate_timed,
+    leading_match,
+    measure_bandwidth,
+    sync,
+)
 
 from fabric.engine.batch import SampleSpec, SeqWork, StepPlan  # noqa: E402
 from fabric.engine.graphs import DecodeGraphs, GraphOptions  # noqa: E402
@@ -144,15 +150,6 @@ def equivalence(device: torch.device) -> dict[str, Any]:
     return out
 
 
-def _leading_match(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _time_variant(args: argparse.Namespace, hf: Any, device: torch.device, variant: str,
                   prompts: list[list[int]]) -> tuple[dict[str, Any], list[list[int]]]:
     runs, tokens, first_s = [], [], 0.0
@@ -229,7 +226,7 @@ def throughput(args: argparse.Namespace, device: torch.device, result: dict[str,
         for name, toks in tokens.items():  # bf16: how long each path agrees with the eager one
             if "engine_eager" in tokens:
                 entry[name]["leading_tokens_equal_engine_eager"] = [
-                    _leading_match(a, b) for a, b in zip(toks, tokens["engine_eager"],
+                    leading_match(a, b) for a, b in zip(toks, tokens["engine_eager"],
                                                          strict=True)]
         _write(result)
     return out
