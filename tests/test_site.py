@@ -92,6 +92,21 @@ def test_many_threads_share_one_transport(site_transport: LocalTransport) -> Non
     assert len(results) == 16 and all(isinstance(r, int) for r in results)
 
 
+def test_futures_resolve_without_a_waiting_caller(site_transport: LocalTransport) -> None:
+    """Callbacks and ``concurrent.futures.wait`` never call ``result()``: the I/O thread reads
+    their replies, also right after a synchronous call read the reply socket itself."""
+    import concurrent.futures as cf
+
+    assert isinstance(site_transport.submit(worker_pid).result(timeout=120), int)
+    called = threading.Event()
+    seen: list[int] = []
+    futures = [site_transport.submit(worker_pid) for _ in range(8)]
+    futures[-1].add_done_callback(lambda f: (seen.append(f.result()), called.set()))
+    _, pending = cf.wait(futures, timeout=60)
+    assert not pending and all(isinstance(f.result(), int) for f in futures)
+    assert called.wait(10) and isinstance(seen[0], int)
+
+
 def test_remote_fabric_errors_are_typed(site_transport: LocalTransport) -> None:
     with pytest.raises(UnknownModel) as info:
         site_transport.submit(functions.run_request,

@@ -5,8 +5,10 @@ through ``<state_dir>/endpoint.json``, starting it first if it is not running (a
 and sends it Globus Compute task messages over CURVE-encrypted ZMQ. ZMQ sockets are not
 thread-safe, so each socket has one job: ``submit`` sends on a send-only DEALER from the calling
 thread itself (under a lock, which is how a ZMQ socket may pass between threads) and returns a
-``Future`` at once; the site answers on its reply socket to a receive-only DEALER that one I/O
-thread owns and that resolves the futures. Neither direction waits for another thread to wake.
+``Future`` at once; the site answers on its reply socket to a receive-only DEALER. A thread
+waiting in ``result()`` reads that socket itself (taking it under a lock), so a synchronous call
+never waits for another thread to wake; an I/O thread reads it whenever nobody waits that way
+(callbacks, ``concurrent.futures.wait``), and watches that the site is alive.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import fcntl
 import itertools
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -162,6 +165,9 @@ class LocalTransport:
         self._reply_id = b"r" + os.urandom(15)
         """Routing id of the I/O thread's reply socket (never starts with a zero byte)."""
         self._ids = itertools.count(1)
+        self._recv_lock = threading.Lock()
+        self._receiver: Any = None
+        """Receive-only DEALER on the site's reply socket (whoever holds ``_recv_lock``)."""
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -175,7 +181,7 @@ class LocalTransport:
         except Exception as exc:
             raise InvalidRequest(f"cannot serialise {getattr(fn, '__name__', fn)!r} or its "
                                  f"arguments: {exc}") from None
-        fut: Future[Any] = Future()
+        fut: Future[Any] = _LocalFuture(self)
         fut.task_id = str(task_id)  # type: ignore[attr-defined]
         self._send(str(task_id), fut, [TASK, packed])
         return fut
@@ -183,7 +189,7 @@ class LocalTransport:
     def control(self, op: str, timeout_s: float = 30.0, **fields: Any) -> dict[str, Any]:
         """A control request to the site (``status``, ``ping``, ``stop``)."""
         key = f"c{next(self._ids)}"
-        fut: Future[Any] = Future()
+        fut: Future[Any] = _LocalFuture(self)
         self._send(key, fut, [CONTROL, _pack({"op": op, "id": key, **fields})])
         return dict(fut.result(timeout_s))
 
@@ -267,23 +273,30 @@ class LocalTransport:
                  ready: threading.Event) -> None:
         sock = _dealer(info, keys=keys, address=str(info["reply_address"]),
                        routing_id=self._reply_id)
+        # The socket's own descriptor says "look at the socket"; polling it with the OS does
+        # not touch the socket, so the I/O thread may watch it while a waiter reads it.
+        fd = sock.getsockopt(zmq.FD)
+        with self._recv_lock:
+            self._receiver = sock
         ready.set()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
         next_check = time.monotonic() + 1.0
         try:
             while not self._closing.is_set():
-                events = dict(poller.poll(500))
-                if self._wake_r in events:  # close() wants the loop to end
+                poller = select.poll()
+                poller.register(self._wake_r, select.POLLIN)
+                if self._recv_lock.locked():
+                    # A waiter reads the socket: look again soon, or when it lets go.
+                    timeout_ms = 20
+                else:
+                    poller.register(fd, select.POLLIN)
+                    timeout_ms = 500
+                if any(f == self._wake_r for f, _ in poller.poll(timeout_ms)):
                     os.read(self._wake_r, 65536)
-                if sock in events:
-                    while True:
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._deliver(frames)
+                if self._recv_lock.acquire(blocking=False):
+                    try:
+                        self._drain(sock)
+                    finally:
+                        self._recv_lock.release()
                 if time.monotonic() > next_check:
                     next_check = time.monotonic() + 1.0
                     if not _pid_alive(int(info["pid"])):
@@ -293,7 +306,40 @@ class LocalTransport:
                             f"{info.get('log')}", log=info.get("log")))
                         return
         finally:
-            sock.close(0)
+            with self._recv_lock:
+                self._receiver = None
+                sock.close(0)
+
+    def _pump(self, fut: Future[Any], deadline: float | None) -> None:
+        """Read replies in this thread until ``fut`` is done (or ``deadline``), unless another
+        thread is reading them already."""
+        if not self._recv_lock.acquire(blocking=False):
+            return
+        sock = self._receiver
+        try:
+            while sock is not None and not fut.done() and not self._closing.is_set():
+                wait_s = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+                if wait_s <= 0:
+                    break
+                if sock.poll(int(wait_s * 1000) or 1):
+                    self._drain(sock)
+        finally:
+            if sock is not None:
+                self._drain(sock)  # nothing left unread: new replies signal the I/O thread
+            self._recv_lock.release()
+        with self._lock:
+            others = bool(self._futures)
+        if others:  # replies for futures nobody waits on this way: the I/O thread's job
+            self._wake()
+
+    def _drain(self, sock: Any) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                sock.getsockopt(zmq.EVENTS)  # clears the descriptor's pending signal
+                return
+            self._deliver(frames)
 
     def _deliver(self, frames: list[bytes]) -> None:
         if frames[0] == RESULT and len(frames) == 3:
@@ -330,6 +376,30 @@ class LocalTransport:
         if self._wake_w >= 0:
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"x")
+
+
+class _LocalFuture(Future[Any]):
+    """A future of ``LocalTransport``: ``result()`` and ``exception()`` read the site's
+    replies in the waiting thread (``LocalTransport._pump``) before waiting as usual."""
+
+    def __init__(self, transport: LocalTransport) -> None:
+        super().__init__()
+        self._transport = transport
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The value, read from the site in this thread where no other thread reads it."""
+        return super().result(self._pump(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The exception, read from the site in this thread as ``result`` does."""
+        return super().exception(self._pump(timeout))
+
+    def _pump(self, timeout: float | None) -> float | None:
+        if self.done():
+            return timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._transport._pump(self, deadline)
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _dealer(info: dict[str, Any], *, keys: tuple[bytes, bytes] | None = None,

@@ -249,6 +249,7 @@ class _UsageWriter:
         self._write_lock = threading.Lock()
         self._rows: dict[Path, list[tuple[Any, ...]]] = {}
         self._thread: threading.Thread | None = None
+        self._idle = False
 
     def add(self, state_dir: Path, row: tuple[Any, ...]) -> None:
         """Queue one row for ``state_dir``'s usage table."""
@@ -258,7 +259,8 @@ class _UsageWriter:
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                  name="fabric-usage-writer")
                 self._thread.start()
-            self._cond.notify()
+            if self._idle:  # under steady traffic the thread polls: no wake-up per request
+                self._cond.notify()
 
     def flush(self) -> None:
         """Write every queued row now (returns once they are committed)."""
@@ -279,11 +281,16 @@ class _UsageWriter:
                     log.exception("lost %d usage rows for %s", len(rows), state_dir)
 
     def _run(self) -> None:
+        quiet = 0
         while True:
             with self._cond:
-                while not self._rows:
-                    self._cond.wait()
+                if not self._rows and quiet >= 20:  # a second without requests: sleep
+                    self._idle = True
+                    while not self._rows:
+                        self._cond.wait()
+                    self._idle = False
             time.sleep(USAGE_FLUSH_S)  # one transaction for the rows of a burst
+            quiet = 0 if self._rows else quiet + 1
             self.flush()
 
 
