@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fabric.engine.batch import SampleSpec, SeqWork, StepPlan
-from fabric.engine.loader import build_stage, load_config, rank_shards
+from fabric.engine.loader import SHARD_MANIFEST, build_stage, load_config, rank_shards
 from fabric.engine.model import StageModel
 from fabric.engine.partition import plan_ranks, stage_costs
 from fabric.engine.shard import write_shards
@@ -107,3 +107,19 @@ def test_shards_remember_their_balance(wide_vocab_dir: Path, tmp_path: Path) -> 
         load_config(wide_vocab_dir), manifest["full_shapes"], 2, 1, "compute")[0].layers
     with pytest.raises(DeploymentError, match="balance=compute"):
         build_stage(wide_vocab_dir, 0, 2, 1, "float32", None, tmp_path / "s")
+
+
+def test_shard_folder_split_another_way_is_refused_clearly(wide_vocab_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """A folder whose manifest matches the plan but whose files were split another way (as an
+    older fabric did) is refused with advice, not a shape error deep in loading."""
+    import json
+
+    write_shards(wide_vocab_dir, tmp_path / "s", 2, 1, balance="compute")
+    path = tmp_path / "s" / SHARD_MANIFEST
+    manifest = json.loads(path.read_text())
+    del manifest["balance"]  # what a manifest from before balances looked like
+    path.write_text(json.dumps(manifest))
+    for rank in (0, 1):
+        with pytest.raises(DeploymentError, match="sharded differently: run `fabric shard`"):
+            build_stage(wide_vocab_dir, rank, 2, 1, "float32", None, tmp_path / "s")

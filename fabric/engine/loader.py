@@ -18,7 +18,7 @@ import torch
 
 from fabric.engine.checkpoint import SafetensorsReader, io_read_bytes
 from fabric.engine.model import StageModel, TensorParallel
-from fabric.engine.partition import RankShard, plan_ranks
+from fabric.engine.partition import RankShard, TensorSlice, plan_ranks
 from fabric.errors import DeploymentError
 
 SHARD_MANIFEST = "shard-manifest.json"
@@ -93,4 +93,22 @@ def _from_shard_dir(shard_dir: Path, config: Any, rank: int, pp: int, tp: int, b
     shapes = {k: list(v) for k, v in manifest["full_shapes"].items()}
     shard = plan_ranks(config, shapes, pp, tp, balance)[rank]
     reader = SafetensorsReader([shard_dir / entry["file"]])
+    want = {s.name: _sliced(shapes[s.name], s) for s in shard.slices}
+    have = {n: reader.shape(n) for n in reader.names()}
+    if have != want:  # e.g. written by an older fabric that split the model differently
+        reader.close()
+        odd = sorted(n for n in want.keys() | have.keys() if want.get(n) != have.get(n))
+        raise DeploymentError(
+            f"{shard_dir / entry['file']} does not hold what this fabric's plan gives rank "
+            f"{rank} ({len(odd)} tensors differ, e.g. {odd[0]}: file {have.get(odd[0])}, plan "
+            f"{want.get(odd[0])}); it was sharded differently: run `fabric shard` again")
     return shard, reader, reader.names()
+
+
+def _sliced(full: list[int], s: TensorSlice) -> list[int]:
+    """The shape of slice ``s`` of a tensor of shape ``full``."""
+    if s.dim is None:
+        return list(full)
+    out = list(full)
+    out[s.dim] = (full[s.dim] if s.stop is None else s.stop) - s.start
+    return out
