@@ -155,3 +155,23 @@ def test_server_with_fast_path_serves_concurrent_requests_exactly(
         res = client.result(r.request_id, 120)
         assert res["token_ids"] == hf_greedy(tiny_llama_dir, p, 6 + i % 9), p
     assert fast_server.wait_idle()["kv_used_tokens"] == 0
+
+
+def test_blocked_lm_head_is_bit_identical(tiny_llama_odd_dir: Path) -> None:
+    """The CPU LM head runs in vocabulary blocks; every logit equals the one-matmul result."""
+    import torch.nn.functional as F
+
+    from fabric.engine import model as model_mod
+
+    stage = _stage(tiny_llama_odd_dir, None)
+    assert stage.lm_head is not None
+    weight = stage.lm_head.weight
+    old = model_mod.HEAD_BLOCK
+    model_mod.HEAD_BLOCK = 100  # several uneven blocks of the tiny vocabulary
+    try:
+        for rows in (1, 7, 33):
+            h = torch.randn(rows, weight.shape[1])
+            assert weight.shape[0] % model_mod.HEAD_BLOCK != 0
+            assert torch.equal(stage.logits(h), F.linear(h, weight).float())
+    finally:
+        model_mod.HEAD_BLOCK = old
