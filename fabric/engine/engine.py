@@ -75,8 +75,12 @@ class Engine:
 
     def post(self, kind: str, payload: Any) -> None:
         """Queue an ("add", Sequence) or ("cancel", request_id) for the loop."""
+        self.post_all(kind, [payload])
+
+    def post_all(self, kind: str, payloads: list[Any]) -> None:
+        """Queue several of one kind at once: the loop never takes only part of them."""
         with self.lock:
-            self.inbox.append((kind, payload))
+            self.inbox.extend((kind, p) for p in payloads)
         self.wake.set()
 
     def queued(self) -> QueueState:

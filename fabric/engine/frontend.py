@@ -176,9 +176,7 @@ class Frontend:
         self.records[rid] = Record(identity, bool(msg.get("stream")), bool(msg.get("detach")))
         self.batches[rid] = Batch(rid, len(seqs))
         self._send(identity, {"op": "accepted", "request_id": rid})
-        with self.engine.lock:  # all at once: a step never starts with part of the batch
-            self.engine.inbox.extend(("add", seq) for seq in seqs)
-        self.engine.wake.set()
+        self.engine.post_all("add", seqs)  # a step never starts with part of the batch
 
     def _member_of(self, rid: str) -> tuple[Batch, int] | None:
         """The batch (and index in it) whose member sequence ``rid`` is, if any."""
@@ -242,8 +240,7 @@ class Frontend:
         if rec is not None and rec.final is None:
             ids = self._engine_ids(rid)
             was = "queued" if self._all_waiting(ids) else "running"
-            for seq_id in ids:
-                self.engine.post("cancel", seq_id)
+            self.engine.post_all("cancel", ids)
         self._send(identity, {"op": "cancelled", "request_id": rid, "was": was})
 
     def _engine_ids(self, rid: str) -> list[str]:
@@ -320,8 +317,7 @@ class Frontend:
             final = {"op": "done", "request_id": batch.request_id, "result": batch.result()}
         elif msg["op"] == "error":
             batch.pending.discard(index)
-            for seq_id in self._engine_ids(batch.request_id):
-                self.engine.post("cancel", seq_id)
+            self.engine.post_all("cancel", self._engine_ids(batch.request_id))
             final = {"op": "error", "request_id": batch.request_id, "error": msg["error"]}
         else:
             return
@@ -338,7 +334,7 @@ class Frontend:
                     self._answer_poll(identity, rid, rec, cursor)
             if rec.detach and now - rec.last_seen > horizon:
                 if rec.final is None:
-                    for seq_id in self._engine_ids(rid):  # nobody is polling any more
-                        self.engine.post("cancel", seq_id)
+                    # nobody is polling any more
+                    self.engine.post_all("cancel", self._engine_ids(rid))
                     self.batches.pop(rid, None)
                 self.records.pop(rid, None)

@@ -106,15 +106,15 @@ class SlotCache:
         shape = (opts.slots, kv_heads, opts.slot_tokens, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.usable = opts.slot_tokens - 1
         self.scratch = opts.slot_tokens - 1
+        """The last column: padding rows write there, so sequences use only the ones before."""
         self._free = list(range(opts.slots))
         self.owner: dict[str, int] = {}
 
     def bind(self, seq: SeqWork) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Give ``seq`` a slot and return its per-layer cache views, or ``None`` (no slot
         free, or the sequence may grow past a slot): it then keeps its own cache."""
-        if seq.capacity > self.usable or not self._free:
+        if seq.capacity > self.scratch or not self._free:
             return None
         slot = heapq.heappop(self._free)
         self.owner[seq.seq_id] = slot
