@@ -212,6 +212,19 @@ def _db(state_dir: Path) -> Iterator[sqlite3.Connection]:
         yield conn
 
 
+@contextmanager
+def _transaction(state_dir: Path) -> Iterator[sqlite3.Connection]:
+    """An immediate (write-locked) transaction on the usage database."""
+    with _db(state_dir) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
 def _open(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     fresh = not path.exists()
@@ -269,14 +282,8 @@ class _UsageWriter:
                 batch, self._rows = self._rows, {}
             for state_dir, rows in batch.items():
                 try:
-                    with _db(state_dir) as conn:
-                        conn.execute("BEGIN IMMEDIATE")
-                        try:
-                            conn.executemany("INSERT INTO usage VALUES (?,?,?,?,?,?)", rows)
-                            conn.execute("COMMIT")
-                        except BaseException:
-                            conn.execute("ROLLBACK")
-                            raise
+                    with _transaction(state_dir) as conn:
+                        conn.executemany("INSERT INTO usage VALUES (?,?,?,?,?,?)", rows)
                 except Exception:
                     log.exception("lost %d usage rows for %s", len(rows), state_dir)
 
@@ -313,28 +320,22 @@ def _admit(state_dir: Path, identity: str, model: str, rule_name: str, rule: Mod
         _WRITER.add(state_dir, (now, identity, model, 1, 0, None))
         return
     _WRITER.flush()  # the quota counts this process's own queued rows too
-    with _db(state_dir) as conn:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if rule.requests_per_minute:
-                rows = conn.execute(
-                    "SELECT ts FROM usage WHERE identity=? AND model=? AND requests>0 AND ts>?"
-                    " ORDER BY ts", (identity, model, now - 60)).fetchall()
-                if len(rows) >= rule.requests_per_minute:
-                    wait = rows[len(rows) - rule.requests_per_minute][0] + 60 - now
-                    raise QuotaExceeded(
-                        f"{identity} used {len(rows)} of {rule.requests_per_minute} requests per "
-                        f"minute for {model!r}; retry in {wait:.0f} s",
-                        rule=f"{rule_name}.requests_per_minute", retry_after=round(wait, 3),
-                        limit=rule.requests_per_minute, used=len(rows))
-            if rule.tokens_per_day:
-                _check_tokens(conn, identity, model, rule_name, rule.tokens_per_day, tokens, now)
-            conn.execute("INSERT INTO usage VALUES (?,?,?,?,?,NULL)",
-                         (now, identity, model, 1, 0))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    with _transaction(state_dir) as conn:
+        if rule.requests_per_minute:
+            rows = conn.execute(
+                "SELECT ts FROM usage WHERE identity=? AND model=? AND requests>0 AND ts>?"
+                " ORDER BY ts", (identity, model, now - 60)).fetchall()
+            if len(rows) >= rule.requests_per_minute:
+                wait = rows[len(rows) - rule.requests_per_minute][0] + 60 - now
+                raise QuotaExceeded(
+                    f"{identity} used {len(rows)} of {rule.requests_per_minute} requests per "
+                    f"minute for {model!r}; retry in {wait:.0f} s",
+                    rule=f"{rule_name}.requests_per_minute", retry_after=round(wait, 3),
+                    limit=rule.requests_per_minute, used=len(rows))
+        if rule.tokens_per_day:
+            _check_tokens(conn, identity, model, rule_name, rule.tokens_per_day, tokens, now)
+        conn.execute("INSERT INTO usage VALUES (?,?,?,?,?,NULL)",
+                     (now, identity, model, 1, 0))
 
 
 def _check_tokens(conn: sqlite3.Connection, identity: str, model: str, rule_name: str,
