@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import threading
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from fabric.client import gcwire
+from fabric.client import framing, gcwire
 from fabric.client.local import LocalTransport, read_info, site_status, start_site, stop_site
 from fabric.endpoint import functions
 from fabric.errors import (
@@ -47,13 +48,14 @@ def user_fn_ok(handle: Any, a: int, *, b: int) -> dict[str, Any]:
     return {"sum": a + b, "handle": repr(handle)}
 
 
-def test_endpoint_json_and_keys_are_private(local_site: LocalSite) -> None:
+def test_endpoint_json_and_socket_are_private(local_site: LocalSite) -> None:
     info_file = local_site.state_dir / "endpoint.json"
     assert stat.S_IMODE(info_file.stat().st_mode) == 0o600
-    assert stat.S_IMODE((local_site.state_dir / "keys" / "endpoint.json").stat().st_mode) == 0o600
     info = json.loads(info_file.read_text())
+    sock = Path(info["socket"])
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert info["address"] == f"unix:{sock}"
     assert info["pid"] == local_site.info["pid"] != os.getpid()
-    assert info["address"].startswith("tcp://127.0.0.1:")
     assert info["state_dir"] == str(local_site.state_dir.resolve())
 
 
@@ -164,12 +166,15 @@ def test_user_functions_refused_where_not_allowed(tmp_path: Path,
 
 def test_site_that_cannot_start_says_why(tmp_path: Path) -> None:
     folder = write_site(tmp_path / "broken")
-    keys = folder / "state" / "keys" / "endpoint.json"
-    keys.parent.mkdir(parents=True)
-    keys.write_text("{not json")
-    with pytest.raises(EndpointError) as info:
-        start_site(str(folder), folder / "state", timeout_s=120)
-    assert "exited" in info.value.message and "JSONDecodeError" in info.value.message
+    # Something that is not a socket sits where the site must listen.
+    taken = framing.socket_path(folder / "state")
+    (taken / "not-a-socket").mkdir(parents=True)
+    try:
+        with pytest.raises(EndpointError) as info:
+            start_site(str(folder), folder / "state", timeout_s=120)
+    finally:
+        shutil.rmtree(taken)
+    assert "exited" in info.value.message and str(taken) in info.value.message
     with pytest.raises(EndpointError, match="not running"):
         LocalTransport(site=str(folder), autostart=False).submit(worker_pid)
 

@@ -2,13 +2,12 @@
 
 The site runs in its own background process (``fabric.endpoint.site``); this module finds it
 through ``<state_dir>/endpoint.json``, starting it first if it is not running (as Ollama does),
-and sends it Globus Compute task messages over CURVE-encrypted ZMQ. ZMQ sockets are not
-thread-safe, so each socket has one job: ``submit`` sends on a send-only DEALER from the calling
-thread itself (under a lock, which is how a ZMQ socket may pass between threads) and returns a
-``Future`` at once; the site answers on its reply socket to a receive-only DEALER. A thread
-waiting in ``result()`` reads that socket itself (taking it under a lock), so a synchronous call
-never waits for another thread to wake; an I/O thread reads it whenever nobody waits that way
-(callbacks, ``concurrent.futures.wait``), and watches that the site is alive.
+and sends it Globus Compute task messages over the site's Unix socket (``fabric.client.framing``
+says why not ZMQ). One connection per transport: ``submit`` writes the task from the calling
+thread (under a lock) and returns a ``Future`` at once. A thread waiting in ``result()`` reads
+the replies itself (under another lock), so a synchronous call never waits for another thread
+to wake; an I/O thread reads them whenever nobody waits that way (callbacks,
+``concurrent.futures.wait``), and watches that the site is alive.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import zmq
 
-from fabric.client import gcwire
+from fabric.client import framing, gcwire
+from fabric.client.framing import CONTROL, RESULT, TASK
 from fabric.errors import EndpointError, FabricError, InvalidRequest
 
 INFO_FILE = "endpoint.json"
-TASK, RESULT, CONTROL = b"T", b"R", b"C"
 SEND_TIMEOUT_S = 30.0
 """How long ``submit`` may block when the site takes no messages (ZMQ's queue is full)."""
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
@@ -150,6 +149,7 @@ class LocalTransport:
     can_reach_servers = True
     """Model servers bind on this machine: streams go to them directly."""
 
+
     def __init__(self, site: str = "local", state_dir: str | Path | None = None,
                  autostart: bool = True, start_timeout_s: float = 180.0) -> None:
         cfg, self._ref, self.state_dir = resolve_site(site, state_dir)
@@ -159,15 +159,13 @@ class LocalTransport:
         self.info: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._futures: dict[str, Future[Any]] = {}
+        self._sock: socket.socket | None = None
+        """The connection to the site: written under ``_send_lock``, read under
+        ``_recv_lock`` (a stream socket may do both at once from two threads)."""
         self._send_lock = threading.Lock()
-        self._sender: Any = None
-        """Send-only DEALER to the site's main socket (any thread, under ``_send_lock``)."""
-        self._reply_id = b"r" + os.urandom(15)
-        """Routing id of the I/O thread's reply socket (never starts with a zero byte)."""
-        self._ids = itertools.count(1)
         self._recv_lock = threading.Lock()
-        self._receiver: Any = None
-        """Receive-only DEALER on the site's reply socket (whoever holds ``_recv_lock``)."""
+        self._reader = framing.Reader()
+        self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -183,7 +181,7 @@ class LocalTransport:
                                  f"arguments: {exc}") from None
         fut: Future[Any] = _LocalFuture(self)
         fut.task_id = str(task_id)  # type: ignore[attr-defined]
-        self._send(str(task_id), fut, [TASK, packed])
+        self._send(str(task_id), fut, [TASK, packed, task_id.bytes])
         return fut
 
     def control(self, op: str, timeout_s: float = 30.0, **fields: Any) -> dict[str, Any]:
@@ -201,10 +199,10 @@ class LocalTransport:
         if thread is not None and thread is not threading.current_thread():
             thread.join(5.0)
         self._fail_all(EndpointError("transport closed"))
-        with self._send_lock:
-            if self._sender is not None:
-                self._sender.close(0)
-                self._sender = None
+        with self._send_lock, self._recv_lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
         if (thread is None or not thread.is_alive()) and self._wake_r >= 0:
             # Once only: a second close must not close descriptors reused by someone else.
             for fd in (self._wake_r, self._wake_w):
@@ -221,125 +219,112 @@ class LocalTransport:
     # -- plumbing -------------------------------------------------------------------------
 
     def _send(self, key: str, fut: Future[Any], frames: list[bytes]) -> None:
-        self._connect()
+        sock = self._connect()
         with self._lock:
             self._futures[key] = fut
         err: FabricError
         with self._send_lock:
             try:
-                if self._sender is None:
-                    raise EndpointError("transport is closed")
-                self._sender.send_multipart([*frames, self._reply_id])
+                framing.send_all(sock, framing.encode(frames), SEND_TIMEOUT_S)
                 return
-            except zmq.Again:
+            except TimeoutError:
                 err = EndpointError(f"the {self.site} site accepted no message for "
                                     f"{SEND_TIMEOUT_S:.0f} s")
-            except FabricError as exc:
-                err = exc
+            except OSError as exc:  # the site closed the connection (it exited)
+                err = EndpointError(f"the {self.site} site's connection broke: {exc}; the "
+                                    "next request reconnects (restarting it if needed)")
         with self._lock:
             self._futures.pop(key, None)
         raise err
 
-    def _connect(self) -> None:
+    def _connect(self) -> socket.socket:
         with self._lock:
             if self._closing.is_set():
                 raise EndpointError("transport is closed")
-            if self._thread is not None and self._thread.is_alive():
-                return
+            if self._sock is not None and self._thread is not None and self._thread.is_alive():
+                return self._sock
             info = read_info(self.state_dir)
             if info is None:
                 if not self.autostart:
                     raise EndpointError(f"the {self.site} site is not running; start it with "
                                         "`fabric endpoint start`", state_dir=str(self.state_dir))
                 info = start_site(self._ref, self.state_dir, self.start_timeout_s)
-            if not info.get("reply_address"):
-                raise EndpointError(
-                    f"the {self.site} site (pid {info.get('pid')}) runs an older fabric without "
-                    "a reply socket: restart it (`fabric endpoint stop`, then start)")
+            sock = _connect_site(info)
             self.info = info
-            keys = zmq.curve_keypair()
-            with self._send_lock:
-                if self._sender is not None:
-                    self._sender.close(0)  # of a site that exited
-                self._sender = _dealer(info, keys=keys)
-                self._sender.sndtimeo = int(SEND_TIMEOUT_S * 1000)
-            ready = threading.Event()
-            self._thread = threading.Thread(target=self._io_loop, args=(info, keys, ready),
+            with self._send_lock, self._recv_lock:
+                if self._sock is not None:
+                    self._sock.close()  # of a site that exited
+                self._sock, self._reader = sock, framing.Reader()
+            self._thread = threading.Thread(target=self._io_loop, args=(info, sock),
                                             daemon=True, name="fabric-local-transport")
             self._thread.start()
-            ready.wait(10.0)
+            return sock
 
-    def _io_loop(self, info: dict[str, Any], keys: tuple[bytes, bytes],
-                 ready: threading.Event) -> None:
-        sock = _dealer(info, keys=keys, address=str(info["reply_address"]),
-                       routing_id=self._reply_id)
-        # The socket's own descriptor says "look at the socket"; polling it with the OS does
-        # not touch the socket, so the I/O thread may watch it while a waiter reads it.
-        fd = sock.getsockopt(zmq.FD)
-        with self._recv_lock:
-            self._receiver = sock
-        ready.set()
+    def _io_loop(self, info: dict[str, Any], sock: socket.socket) -> None:
         next_check = time.monotonic() + 1.0
-        try:
-            while not self._closing.is_set():
-                poller = select.poll()
-                poller.register(self._wake_r, select.POLLIN)
-                if self._recv_lock.locked():
-                    # A waiter reads the socket: look again soon, or when it lets go.
-                    timeout_ms = 20
-                else:
-                    poller.register(fd, select.POLLIN)
-                    timeout_ms = 500
-                if any(f == self._wake_r for f, _ in poller.poll(timeout_ms)):
-                    os.read(self._wake_r, 65536)
-                if self._recv_lock.acquire(blocking=False):
-                    try:
-                        self._drain(sock)
-                    finally:
-                        self._recv_lock.release()
-                if time.monotonic() > next_check:
-                    next_check = time.monotonic() + 1.0
-                    if not _pid_alive(int(info["pid"])):
-                        # The site died: fail what is pending; the next submit restarts it.
-                        self._fail_all(EndpointError(
-                            f"the {self.site} site (pid {info['pid']}) exited; see "
-                            f"{info.get('log')}", log=info.get("log")))
-                        return
-        finally:
-            with self._recv_lock:
-                self._receiver = None
-                sock.close(0)
+        while not self._closing.is_set():
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            if self._recv_lock.locked():
+                # A waiter reads the socket: look again soon, or when it lets go.
+                timeout_ms = 20
+            else:
+                poller.register(sock.fileno(), select.POLLIN)
+                timeout_ms = 500
+            if any(f == self._wake_r for f, _ in poller.poll(timeout_ms)):
+                os.read(self._wake_r, 65536)
+            if self._recv_lock.acquire(blocking=False):
+                try:
+                    open_ = sock is self._sock and self._drain(sock)
+                finally:
+                    self._recv_lock.release()
+                if not open_:
+                    return self._lost(info, "closed the connection")
+            if time.monotonic() > next_check:
+                next_check = time.monotonic() + 1.0
+                if not _pid_alive(int(info["pid"])):
+                    return self._lost(info, "exited")
+
+    def _lost(self, info: dict[str, Any], what: str) -> None:
+        # Fail what is pending; the next submit reconnects (restarting the site if needed).
+        if not self._closing.is_set():
+            self._fail_all(EndpointError(
+                f"the {self.site} site (pid {info['pid']}) {what}; see {info.get('log')}",
+                log=info.get("log")))
 
     def _pump(self, fut: Future[Any], deadline: float | None) -> None:
         """Read replies in this thread until ``fut`` is done (or ``deadline``), unless another
         thread is reading them already."""
         if not self._recv_lock.acquire(blocking=False):
             return
-        sock = self._receiver
+        sock = self._sock
         try:
+            poller = select.poll()
+            if sock is not None:
+                poller.register(sock.fileno(), select.POLLIN)
             while sock is not None and not fut.done() and not self._closing.is_set():
                 wait_s = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
                 if wait_s <= 0:
                     break
-                if sock.poll(int(wait_s * 1000) or 1):
-                    self._drain(sock)
+                if poller.poll(int(wait_s * 1000) or 1) and not self._drain(sock):
+                    break  # the site closed the connection: the I/O thread says so
         finally:
-            if sock is not None:
-                self._drain(sock)  # nothing left unread: new replies signal the I/O thread
             self._recv_lock.release()
         with self._lock:
             others = bool(self._futures)
-        if others:  # replies for futures nobody waits on this way: the I/O thread's job
+        if others or not fut.done():  # replies nobody waits on this way: the I/O thread's
             self._wake()
 
-    def _drain(self, sock: Any) -> None:
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                sock.getsockopt(zmq.EVENTS)  # clears the descriptor's pending signal
-                return
+    def _drain(self, sock: socket.socket) -> bool:
+        """Deliver the replies that can be read now; False once the site has hung up."""
+        try:
+            messages = framing.recv_ready(sock, self._reader)
+        except framing.FramingError as exc:
+            self._fail_all(EndpointError(f"the {self.site} site sent garbage: {exc}"))
+            return False
+        for frames in messages or ():
             self._deliver(frames)
+        return messages is not None
 
     def _deliver(self, frames: list[bytes]) -> None:
         if frames[0] == RESULT and len(frames) == 3:
@@ -402,35 +387,42 @@ class _LocalFuture(Future[Any]):
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _dealer(info: dict[str, Any], *, keys: tuple[bytes, bytes] | None = None,
-            address: str | None = None, routing_id: bytes | None = None) -> Any:
-    """A CURVE DEALER to the site's main socket (or ``address``), a fresh key pair unless
-    ``keys`` are given."""
-    ctx: zmq.Context[Any] = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    public, secret = keys or zmq.curve_keypair()
-    sock.curve_publickey = public
-    sock.curve_secretkey = secret
-    sock.curve_serverkey = str(info["public_key"]).encode()
-    sock.linger = 0
-    if routing_id is not None:
-        sock.routing_id = routing_id
-    sock.connect(address or str(info["address"]))
-    return sock
+def _connect_site(info: dict[str, Any]) -> socket.socket:
+    """A connection to the site ``info`` (its ``endpoint.json``) describes."""
+    if not info.get("socket"):
+        raise EndpointError(
+            f"the site (pid {info.get('pid')}) runs an older fabric without a Unix socket: "
+            "restart it (`fabric endpoint stop`, then start)")
+    try:
+        return framing.connect(str(info["socket"]))
+    except OSError as exc:
+        raise EndpointError(f"cannot connect to the site (pid {info.get('pid')}) at "
+                            f"{info['socket']}: {exc}") from None
 
 
 def _control(info: dict[str, Any], msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """One control round trip on a fresh socket (for the CLI; no I/O thread)."""
-    sock = _dealer(info)
+    """One control round trip on a fresh connection (for the CLI; no I/O thread)."""
+    sock = _connect_site(info)
+    reader = framing.Reader()
+    deadline = time.monotonic() + timeout_s
+    replies: list[list[bytes]] | None = []
     try:
-        sock.send_multipart([CONTROL, _pack({**msg, "id": "cli"})])
-        if not sock.poll(int(timeout_s * 1000)):
-            raise EndpointError(f"the site (pid {info.get('pid')}) did not answer "
-                                f"{msg['op']!r} within {timeout_s:.0f} s")
-        frames = sock.recv_multipart()
+        framing.send_all(sock, framing.encode([CONTROL, _pack({**msg, "id": "cli"})]),
+                         timeout_s)
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        while replies == [] and time.monotonic() < deadline:
+            if poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                replies = framing.recv_ready(sock, reader)
+    except (OSError, framing.FramingError) as exc:
+        raise EndpointError(f"the site (pid {info.get('pid')}) failed {msg['op']!r}: "
+                            f"{exc}") from None
     finally:
-        sock.close(0)
-    reply = dict(msgpack.unpackb(frames[-1], raw=False))
+        sock.close()
+    if not replies:
+        raise EndpointError(f"the site (pid {info.get('pid')}) did not answer "
+                            f"{msg['op']!r} within {timeout_s:.0f} s")
+    reply = dict(msgpack.unpackb(replies[0][-1], raw=False))
     if reply.get("error"):
         raise EndpointError(f"site control {msg['op']} failed: {reply['error']}")
     return reply

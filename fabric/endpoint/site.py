@@ -1,19 +1,20 @@
-"""The local site process: a real Globus Compute engine behind a CURVE-encrypted ZMQ socket.
+"""The local site process: a real Globus Compute engine behind the site's Unix socket.
 
 ``python -m fabric.endpoint.site --site local [--state-dir DIR]`` (or ``fabric endpoint start``)
 runs what a Globus Compute endpoint runs at a supercomputer site, minus the cloud relay:
 
 .. code:: text
 
-    LocalTransport send DEALER --[b"T", packed Task, reply id]--> ROUTER --> GlobusComputeEngine
-                   recv DEALER <--[b"R", task id, packed Result]-- reply ROUTER   (Parsl HTEX,
-                   (routing id = reply id)                         LocalProvider request workers)
-                               --[b"C", control, reply id]----> status / stop (off the main loop)
+    LocalTransport --[b"T", packed Task, task id]--> site.sock --> GlobusComputeEngine
+                   <--[b"R", task id, packed Result]--            (Parsl HTEX, LocalProvider
+                   --[b"C", control]--> status / stop              request workers)
 
-The main loop only receives (and submits to the engine); replies leave from the thread that
-has them (the engine's result thread, a control thread) on the send-only reply ROUTER, under a
-lock, so a result does not wait for the main loop to wake. A message without a reply id (the
-CLI's one-shot control socket) is answered on the socket it came from, by the main loop.
+Messages are length-prefixed frame lists (``fabric.client.framing``) on a Unix stream socket
+in the state dir (mode 0600; each peer's uid is checked). The main loop accepts clients, reads
+their messages and submits tasks to the engine; a reply is written from the thread that has it
+(the engine's result thread, a control thread) straight to the client's connection under that
+connection's lock, so a result does not wait for the main loop to wake. What the kernel does not
+take at once (a large result, a slow reader) the main loop flushes when the socket has room.
 
 Tasks and results are Globus Compute's own messages (``fabric.client.gcwire``), so the same
 endpoint functions run here and behind a real endpoint. The process owns one state dir (a
@@ -32,8 +33,9 @@ import importlib
 import json
 import logging
 import os
-import queue
+import selectors
 import signal
+import socket
 import sys
 import threading
 import time
@@ -44,19 +46,16 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import zmq
 
+from fabric.client import framing
+from fabric.client.framing import CONTROL, RESULT, TASK
 from fabric.endpoint.functions import SITE_ENV, STATE_DIR_ENV
 from fabric.sites import SiteConfig, load_site
 
 log = logging.getLogger("fabric.site")
 
 INFO_FILE = "endpoint.json"
-"""Where the running site advertises its pid, address and public key (in the state dir)."""
-TASK, RESULT, CONTROL = b"T", b"R", b"C"
-"""First frame of each message kind on the site socket."""
-REPLY_RETRY_S = 30.0
-"""How long a reply waits for its client's reply socket to finish connecting."""
+"""Where the running site advertises its pid and socket (in the state dir)."""
 REAP_INTERVAL_S = 15.0
 """How often the site checks its deployments' servers for exits."""
 
@@ -80,21 +79,16 @@ class SiteProcess:
         self.stopping = threading.Event()
         self.stop_all = False
         self.background_tasks = list(type(self).background_tasks)
-        self._out: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
-        self._reply_lock = threading.Lock()
-        self._late: queue.SimpleQueue[tuple[float, list[bytes]]] = queue.SimpleQueue()
-        self._unroutable: list[tuple[float, list[bytes]]] = []
-        """Replies whose client's reply socket had not finished connecting (the main loop
-        retries them)."""
         self._wake_r, self._wake_w = os.pipe()
+        self._selector = selectors.DefaultSelector()
+        self._writers_lock = threading.Lock()
+        self._writers: set[_Conn] = set()
+        """Connections with reply bytes the kernel did not take yet (the main loop flushes)."""
         self._control = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="site-control")
         self._lock_fh: Any = None
         self.engine: Any = None
-        self.router: Any = None
-        self.replies: Any = None
-        self.address = ""
-        self.reply_address = ""
-        self.public_key = ""
+        self.listener: socket.socket | None = None
+        self.socket_path: Path | None = None
         self.started = 0.0
 
     # -- life cycle -----------------------------------------------------------------------
@@ -103,22 +97,16 @@ class SiteProcess:
         """Take the state dir, start the engine, bind the socket, write ``endpoint.json``."""
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._take_lock()
-        public, secret = load_or_create_curve_keys(self.state_dir / "keys" / "endpoint.json")
+        self.socket_path = framing.socket_path(self.state_dir)
+        self.listener = _listen(self.socket_path)
         self._start_engine()
-        self.router = _curve_router(public, secret)
-        self.address = _bind(self.router)
-        self.replies = _curve_router(public, secret)
-        # An unknown reply id is an error, not a silent drop: the reply is retried.
-        self.replies.router_mandatory = True
-        self.reply_address = _bind(self.replies)
-        self.public_key = public
         self.started = time.time()
         _write_private_json(self.state_dir / INFO_FILE, self.info())
         threading.Thread(target=self._reap_loop, daemon=True, name="site-reaper").start()
         for task in self.background_tasks:
             threading.Thread(target=self._run_background, args=(task,), daemon=True,
                              name=f"site-bg-{getattr(task, '__name__', 'task')}").start()
-        log.info("site %s serving at %s (state dir %s)", self.site.name, self.address,
+        log.info("site %s serving at %s (state dir %s)", self.site.name, self.socket_path,
                  self.state_dir)
 
     def _start_engine(self) -> None:
@@ -146,35 +134,35 @@ class SiteProcess:
 
     def info(self) -> dict[str, Any]:
         """What ``endpoint.json`` says about this site."""
-        return {"pid": os.getpid(), "address": self.address,
-                "reply_address": self.reply_address, "public_key": self.public_key,
-                "endpoint_id": str(self.endpoint_id), "state_dir": str(self.state_dir),
+        return {"pid": os.getpid(), "address": f"unix:{self.socket_path}",
+                "socket": str(self.socket_path), "endpoint_id": str(self.endpoint_id),
+                "state_dir": str(self.state_dir),
                 "site": self.site.name, "site_ref": self.site_ref, "started": self.started,
                 "workers": self.site.max_request_workers, "state": "ready",
                 "log": str(self.state_dir / "logs" / "site.log")}
 
     def serve_forever(self) -> None:
         """Route tasks to the engine and results back until ``stop``/SIGTERM."""
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        assert self.listener is not None, "start() first"
+        sel = self._selector
+        sel.register(self.listener, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
         while not self.stopping.is_set():
-            ready = dict(poller.poll(5 if self._unroutable else 1000))
-            if self.router in ready:
-                for _ in range(1000):  # bounded so replies are not starved
-                    try:
-                        frames = self.router.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._dispatch(frames)
-            if self._wake_r in ready:
-                os.read(self._wake_r, 65536)
-            self._flush()
-            while not self._late.empty():
-                self._unroutable.append(self._late.get_nowait())
-            if self._unroutable:
-                self._retry_replies()
-        self._flush()
+            for key, events in sel.select(1.0):
+                if key.fileobj is self.listener:
+                    self._accept()
+                elif key.fileobj == self._wake_r:
+                    os.read(self._wake_r, 65536)
+                else:
+                    if events & selectors.EVENT_WRITE:
+                        self._flush(key.data)
+                    if events & selectors.EVENT_READ:
+                        self._read(key.data)
+            with self._writers_lock:
+                writers, self._writers = self._writers, set()
+            for conn in writers:
+                if not conn.closed:
+                    sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
 
     def request_stop(self) -> None:
         """Ask the serving loop to end (signal-safe)."""
@@ -195,41 +183,86 @@ class SiteProcess:
             except Exception:
                 log.exception("engine shutdown failed")
         self._control.shutdown(wait=False, cancel_futures=True)
-        for sock in (self.router, self.replies):
-            if sock is not None:
-                sock.close(0)
+        for key in list(self._selector.get_map().values()):
+            if isinstance(key.data, _Conn):
+                self._drop(key.data)
+        if self.listener is not None:
+            self.listener.close()
+            with contextlib.suppress(OSError):
+                if self.socket_path is not None:
+                    self.socket_path.unlink()
         self._lock_fh.close()
         log.info("site %s stopped", self.site.name)
 
     # -- message handling -----------------------------------------------------------------
 
-    def _dispatch(self, frames: list[bytes]) -> None:
-        # [ident, kind, body] answered on the main socket, or [ident, kind, body, reply id]
-        # answered on the reply socket to the client socket with that routing id.
-        kind = frames[1] if len(frames) > 1 else b""
-        if len(frames) not in (3, 4) or kind not in (TASK, CONTROL):
-            log.warning("dropping malformed message (%d frames)", len(frames))
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
             return
-        to = _Reply(frames[0], frames[3] if len(frames) == 4 else None)
-        if kind == TASK:
-            self._submit_task(to, frames[2])
-        else:
-            self._control.submit(self._answer_control, to, frames[2])
+        uid = framing.peer_uid(sock)
+        if uid is not None and uid != os.getuid():
+            log.warning("refused a connection from uid %d (the site serves uid %d only)",
+                        uid, os.getuid())
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = _Conn(sock)
+        self._selector.register(sock, selectors.EVENT_READ, conn)
 
-    def _submit_task(self, to: _Reply, packed: bytes) -> None:
+    def _read(self, conn: _Conn) -> None:
+        try:
+            messages = framing.recv_ready(conn.sock, conn.reader)
+        except framing.FramingError as exc:
+            log.warning("closing a client connection: %s", exc)
+            messages = None
+        for frames in messages or ():
+            self._dispatch(conn, frames)
+        if messages is None:
+            self._drop(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        if conn.flush():
+            return
+        if conn.closed:
+            self._drop(conn)
+        else:
+            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        # The client went away: replies still due to it are dropped by ``_Conn.send``.
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn.sock)
+        conn.close()
+
+    def _dispatch(self, conn: _Conn, frames: list[bytes]) -> None:
+        kind = frames[0] if frames else b""
+        if kind == TASK and len(frames) == 3:
+            self._submit_task(conn, frames[1], frames[2])
+        elif kind == CONTROL and len(frames) == 2:
+            self._control.submit(self._answer_control, conn, frames[1])
+        else:
+            log.warning("dropping a malformed message (%d frames)", len(frames))
+
+    def _submit_task(self, conn: _Conn, packed: bytes, raw_id: bytes) -> None:
+        # The id travels beside the task so routing its reply needs no unpacking here; the
+        # worker runs the packed Task under this id, as an endpoint runs the web service's.
         from globus_compute_endpoint.engines.base import GCFuture
 
-        from fabric.client.gcwire import pack_error_result, task_id_of
+        from fabric.client.gcwire import pack_error_result
 
         try:
-            task_id = task_id_of(packed)
-        except Exception as exc:
-            self._reply(to, [CONTROL, _pack({"op": "error", "error": f"bad task: {exc}"})])
+            task_id = uuid.UUID(bytes=raw_id)
+        except ValueError:
+            self._reply(conn, [CONTROL, _pack({"op": "error", "error": "bad task id"})])
             return
         fut = GCFuture(task_id)
+        key = str(task_id).encode()
 
         def done(f: cf.Future[Any]) -> None:
-            self._reply(to, [RESULT, str(task_id).encode(), f.result()])
+            self._reply(conn, [RESULT, key, f.result()])
 
         fut.add_done_callback(done)
         try:
@@ -239,7 +272,7 @@ class SiteProcess:
             fut.set_result(pack_error_result(task_id, "EngineSubmitError",
                                              f"{type(exc).__name__}: {exc}"))
 
-    def _answer_control(self, to: _Reply, raw: bytes) -> None:
+    def _answer_control(self, conn: _Conn, raw: bytes) -> None:
         msg = msgpack.unpackb(raw, raw=False)
         op = msg.get("op")
         reply: dict[str, Any] = {"op": op, "id": msg.get("id")}
@@ -258,7 +291,7 @@ class SiteProcess:
         except Exception as exc:
             reply["error"] = f"{type(exc).__name__}: {exc}"
             reply["traceback"] = traceback.format_exc()
-        self._reply(to, [CONTROL, _pack(reply)])
+        self._reply(conn, [CONTROL, _pack(reply)])
         if op == "stop":
             self.request_stop()
 
@@ -281,53 +314,13 @@ class SiteProcess:
             done.append(dep.id)
         return done
 
-    def _reply(self, to: _Reply, frames: list[bytes]) -> None:
-        """Send ``frames`` to the client ``to`` names, from whichever thread has them."""
-        if to.reply_id is None:
-            self._post([to.ident, *frames])
-            return
-        message = [to.reply_id, *frames]
-        with self._reply_lock:
-            try:
-                self.replies.send_multipart(message)
-                return
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    log.warning("dropping a reply: %s", exc)
-                    return
-        # The client's reply socket has not finished its handshake yet: the main loop retries.
-        self._late.put((time.monotonic(), message))
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-
-    def _retry_replies(self) -> None:
-        now = time.monotonic()
-        keep: list[tuple[float, list[bytes]]] = []
-        with self._reply_lock:
-            for first, message in self._unroutable:
-                try:
-                    self.replies.send_multipart(message)
-                except zmq.ZMQError:
-                    if now - first < REPLY_RETRY_S:
-                        keep.append((first, message))
-                    else:
-                        log.warning("dropping a reply: its client never connected")
-        self._unroutable = keep
-
-    def _post(self, frames: list[bytes]) -> None:
-        # For the main socket, which only the main loop touches.
-        self._out.put(frames)
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-
-    def _flush(self) -> None:
-        while True:
-            try:
-                frames = self._out.get_nowait()
-            except queue.Empty:
-                return
-            with contextlib.suppress(zmq.ZMQError):
-                self.router.send_multipart(frames)
+    def _reply(self, conn: _Conn, frames: list[bytes]) -> None:
+        """Send ``frames`` to the client on ``conn``, from whichever thread has them."""
+        if conn.send(frames):  # the rest waits for room: the main loop writes it
+            with self._writers_lock:
+                self._writers.add(conn)
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
 
     def _reap_loop(self) -> None:
         # Mark servers that exited (idle timeout, crash, walltime) dead even when no request
@@ -358,39 +351,69 @@ class SiteProcess:
         self._lock_fh = fh
 
 
-class _Reply:
-    """Where a message's answer goes: its main-socket sender, or a reply-socket routing id."""
+class _Conn:
+    """One client's connection. Replies are written from any thread under ``lock``; bytes the
+    kernel does not take at once wait in ``out`` for the main loop."""
 
-    __slots__ = ("ident", "reply_id")
+    __slots__ = ("closed", "lock", "out", "reader", "sock")
 
-    def __init__(self, ident: bytes, reply_id: bytes | None) -> None:
-        self.ident = ident
-        self.reply_id = reply_id
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = framing.Reader()
+        self.lock = threading.Lock()
+        self.out = bytearray()
+        self.closed = False
+
+    def send(self, frames: list[bytes]) -> bool:
+        """Write a message now as far as the kernel takes it; True if bytes are left over."""
+        data = framing.encode(frames)
+        with self.lock:
+            if self.closed:
+                return False
+            if not self.out:
+                try:
+                    sent = self.sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self.closed = True
+                    return False
+                if sent == len(data):
+                    return False
+                data = data[sent:]
+            self.out += data
+            return True
+
+    def flush(self) -> bool:
+        """Write what is left over; True while some is still left."""
+        with self.lock:
+            try:
+                del self.out[:self.sock.send(self.out)]
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.closed = True
+                self.out.clear()
+            return bool(self.out)
+
+    def close(self) -> None:
+        """Drop the connection and whatever it still had to send."""
+        with self.lock:
+            self.closed = True
+            self.out.clear()
+            self.sock.close()
 
 
-def _curve_router(public: str, secret: str) -> Any:
-    ctx: zmq.Context[Any] = zmq.Context.instance()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.curve_server = True
-    sock.curve_publickey = public.encode()
-    sock.curve_secretkey = secret.encode()
-    sock.linger = 0
+def _listen(path: Path) -> socket.socket:
+    """The site's listening socket at ``path`` (mode 0600, replacing a dead site's)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # we hold the state dir's lock: a socket left here is a dead site's
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(os.fspath(path))
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    sock.setblocking(False)
     return sock
-
-
-def _bind(sock: Any) -> str:
-    return f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
-
-
-def load_or_create_curve_keys(path: Path) -> tuple[str, str]:
-    """The site's CURVE key pair ``(public, secret)`` (z85), created mode 0600 on first use."""
-    if path.exists():
-        data = json.loads(path.read_text())
-        return str(data["public"]), str(data["secret"])
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    public, secret = zmq.curve_keypair()
-    _write_private_json(path, {"public": public.decode(), "secret": secret.decode()})
-    return public.decode(), secret.decode()
 
 
 def _write_private_json(path: Path, data: dict[str, Any]) -> None:
