@@ -76,6 +76,9 @@ def test_fabric_functions_packed_once_are_the_same_bytes() -> None:
 
 def test_unwrap_envelopes() -> None:
     assert gcwire.unwrap(gcwire.ok({"x": 1})) == {"x": 1}
+    # Values that look like envelopes come back as themselves, not as what they look like.
+    for tricky in ({gcwire.OK: 1}, {gcwire.ERROR: {"type": "Overloaded", "message": "x"}}):
+        assert gcwire.unwrap(gcwire.ok(tricky)) == tricky
     assert gcwire.unwrap({"plain": "dict"}) == {"plain": "dict"}
     with pytest.raises(UnknownModel) as info:
         gcwire.unwrap(gcwire.error(UnknownModel("no such model", available=["a", "b"])))
