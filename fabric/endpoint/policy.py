@@ -242,16 +242,19 @@ def _open(path: Path) -> sqlite3.Connection:
     return conn
 
 
-USAGE_FLUSH_S = 0.05
-"""Most seconds a usage row of an admission without quotas waits before it is written."""
+USAGE_FLUSH_S = 1.0
+"""Most seconds a usage row of an admission without quotas waits before it is written. Each
+request worker commits its own rows: at 50 ms, 2 workers' commits and wake-ups cost a no-op
+``fab.submit`` ~0.3 ms of CPU on 2 cores (benchmarks/overhead.py)."""
 
 
 class _UsageWriter:
     """Usage rows of admissions that enforce no quota, written in batches by one daemon thread
     per process: the request does not wait for SQLite (a commit is ~0.4 ms in a request
     worker, a fifth of the fabric's whole overhead on a no-op user function). No quota reads
-    these rows, so a few milliseconds' delay changes no decision; quota admissions stay
-    synchronous, in one transaction. ``flush`` writes what is pending at once."""
+    these rows, so a second's delay changes no decision; quota admissions stay synchronous,
+    in one transaction. ``flush`` writes what is pending at once (also at exit; a worker
+    killed outright loses its last second of such rows)."""
 
     def __init__(self) -> None:
         self._reset()
@@ -291,7 +294,7 @@ class _UsageWriter:
         quiet = 0
         while True:
             with self._cond:
-                if not self._rows and quiet >= 20:  # a second without requests: sleep
+                if not self._rows and quiet >= 2:  # two periods without requests: sleep
                     self._idle = True
                     while not self._rows:
                         self._cond.wait()
@@ -360,6 +363,10 @@ def _check_tokens(conn: sqlite3.Connection, identity: str, model: str, rule_name
         rule=f"{rule_name}.tokens_per_day", retry_after=round(wait, 3), limit=limit, used=used)
 
 
+_OPEN_RULE = ModelRule(anyone=True)
+"""The rule of a site without a policy section: anyone (its OS user), no quota."""
+
+
 def authorize(site: SiteConfig, auth: dict[str, Any] | None, model: str, state_dir: Path,
               tokens: int = 0, *, count: bool = True) -> str:
     """The verified identity allowed to use ``model`` now, or a typed denial.
@@ -374,7 +381,7 @@ def authorize(site: SiteConfig, auth: dict[str, Any] | None, model: str, state_d
     if site.policy is None:
         identity = _os_user()
         if count:
-            _admit(Path(state_dir), identity, model, "none", ModelRule(anyone=True), 0)
+            _admit(Path(state_dir), identity, model, "none", _OPEN_RULE, 0)
         return identity
     caller = verify_identity(site.policy, auth)
     rule_name, rule = site.policy.rule_for(model)
