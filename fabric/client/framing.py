@@ -31,6 +31,9 @@ SOCKET_NAME = "site.sock"
 _HEADER = struct.Struct("!I")
 _MAX_PATH = 100
 """AF_UNIX paths must fit in 108 bytes; a longer state dir gets a short path elsewhere."""
+_READ_BYTES = 64 * 1024
+"""Bytes asked of the kernel per read: ``recv(n)`` allocates n first, and above ~128 KiB
+that allocation is an mmap (tens of microseconds) even for a 300-byte reply."""
 
 
 class FramingError(Exception):
@@ -116,7 +119,7 @@ def recv_ready(sock: socket.socket, reader: Reader) -> list[list[bytes]] | None:
     out: list[list[bytes]] = []
     while True:
         try:
-            data = sock.recv(1 << 20)
+            data = sock.recv(_READ_BYTES)
         except BlockingIOError:
             return out
         except OSError:
@@ -124,7 +127,7 @@ def recv_ready(sock: socket.socket, reader: Reader) -> list[list[bytes]] | None:
         if not data:
             return out or None
         out.extend(reader.feed(data))
-        if len(data) < 1 << 20:
+        if len(data) < _READ_BYTES:
             return out  # a short read: the kernel buffer is empty
 
 

@@ -180,8 +180,8 @@ class LocalTransport:
             raise InvalidRequest(f"cannot serialise {getattr(fn, '__name__', fn)!r} or its "
                                  f"arguments: {exc}") from None
         fut: Future[Any] = _LocalFuture(self)
-        fut.task_id = str(task_id)  # type: ignore[attr-defined]
-        self._send(str(task_id), fut, [TASK, packed, task_id.bytes])
+        key = fut.task_id = str(task_id)  # type: ignore[attr-defined]
+        self._send(key, fut, [TASK, packed, task_id.bytes])
         return fut
 
     def control(self, op: str, timeout_s: float = 30.0, **fields: Any) -> dict[str, Any]:
