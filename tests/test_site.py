@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import stat
+import struct
 import threading
 import time
 from pathlib import Path
@@ -46,6 +47,11 @@ def user_fn_returns_generator(handle: Any) -> Any:
 
 def user_fn_ok(handle: Any, a: int, *, b: int) -> dict[str, Any]:
     return {"sum": a + b, "handle": repr(handle)}
+
+
+def slow_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
 
 
 def test_endpoint_json_and_socket_are_private(local_site: LocalSite) -> None:
@@ -107,6 +113,35 @@ def test_futures_resolve_without_a_waiting_caller(site_transport: LocalTransport
     _, pending = cf.wait(futures, timeout=60)
     assert not pending and all(isinstance(f.result(), int) for f in futures)
     assert called.wait(10) and isinstance(seen[0], int)
+
+
+def test_bad_and_vanishing_clients_do_not_disturb_others(local_site: LocalSite,
+                                                        site_transport: LocalTransport) -> None:
+    """Garbage on the site socket closes that connection only; a client that leaves with a
+    task running loses its reply, and the site serves everyone else throughout."""
+    import socket
+
+    path = local_site.info["socket"]
+    garbage = [struct.pack("!I", 3) + b"\xc1\xc1\xc1",  # not msgpack
+               struct.pack("!I", framing.MAX_MESSAGE_BYTES + 1),  # over the size limit
+               framing.encode([b"T", b"not a task", b"short id"]),  # an id is 16 bytes
+               framing.encode([b"X"])]  # no such kind
+    for data in garbage:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.connect(path)
+            raw.sendall(data)
+            raw.settimeout(30)
+            if data.startswith(struct.pack("!I", 3)) or len(data) == 4:
+                assert raw.recv(1) == b""  # the site hung up on this client
+        assert isinstance(site_transport.submit(worker_pid).result(timeout=60), int)
+    leaver = local_site.transport()
+    leaver.submit(slow_pid, 1.0)
+    leaver.close()  # gone before its reply exists
+    pids = [site_transport.submit(slow_pid, 0.0) for _ in range(4)]
+    assert all(isinstance(f.result(timeout=60), int) for f in pids)
+    time.sleep(1.5)  # the orphaned reply has been written (to nobody) by now
+    assert isinstance(site_transport.submit(worker_pid).result(timeout=60), int)
+    assert read_info(local_site.state_dir)["pid"] == local_site.info["pid"]
 
 
 def test_remote_fabric_errors_are_typed(site_transport: LocalTransport) -> None:

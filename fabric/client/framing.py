@@ -64,7 +64,10 @@ class Reader:
             end = start + _HEADER.size + size
             if len(self._buf) < end:
                 break
-            frames = msgpack.unpackb(memoryview(self._buf)[start + _HEADER.size:end])
+            try:
+                frames = msgpack.unpackb(memoryview(self._buf)[start + _HEADER.size:end])
+            except (ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors
+                raise FramingError(f"a message body is not msgpack: {exc}") from None
             if not isinstance(frames, list) or not all(isinstance(f, bytes) for f in frames):
                 raise FramingError("a message must be a list of byte frames")
             out.append(frames)
