@@ -257,6 +257,12 @@ def test_autostart_sigterm_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         # The transport notices the site is gone: pending and new calls fail, typed.
         with pytest.raises(EndpointError):
             LocalTransport(site=str(folder), autostart=False).submit(worker_pid)
+        # The first transport starts the site again on its next call, on a new connection.
+        assert isinstance(transport.submit(worker_pid).result(timeout=180), int)
+        again = read_info(folder / "state")
+        assert again is not None and again["pid"] != info["pid"]
+        assert transport.info is not None and transport.info["pid"] == again["pid"]
+        assert stop_site(str(folder)) is not None
     finally:
         transport.close()
     assert not (folder / "state" / "endpoint.json").exists()

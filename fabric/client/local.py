@@ -159,12 +159,11 @@ class LocalTransport:
         self.info: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._futures: dict[str, Future[Any]] = {}
-        self._sock: socket.socket | None = None
+        self._conn: _Connection | None = None
         """The connection to the site: written under ``_send_lock``, read under
         ``_recv_lock`` (a stream socket may do both at once from two threads)."""
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
-        self._reader = framing.Reader()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
@@ -200,9 +199,9 @@ class LocalTransport:
             thread.join(5.0)
         self._fail_all(EndpointError("transport closed"))
         with self._send_lock, self._recv_lock:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
+            if self._conn is not None:
+                self._conn.sock.close()
+                self._conn = None
         if (thread is None or not thread.is_alive()) and self._wake_r >= 0:
             # Once only: a second close must not close descriptors reused by someone else.
             for fd in (self._wake_r, self._wake_w):
@@ -241,26 +240,28 @@ class LocalTransport:
         with self._lock:
             if self._closing.is_set():
                 raise EndpointError("transport is closed")
-            if self._sock is not None and self._thread is not None and self._thread.is_alive():
-                return self._sock
+            if self._conn is not None and self._thread is not None and self._thread.is_alive():
+                return self._conn.sock
             info = read_info(self.state_dir)
             if info is None:
                 if not self.autostart:
                     raise EndpointError(f"the {self.site} site is not running; start it with "
                                         "`fabric endpoint start`", state_dir=str(self.state_dir))
                 info = start_site(self._ref, self.state_dir, self.start_timeout_s)
-            sock = _connect_site(info)
+            conn = _Connection(_connect_site(info))
             self.info = info
-            with self._send_lock, self._recv_lock:
-                if self._sock is not None:
-                    self._sock.close()  # of a site that exited
-                self._sock, self._reader = sock, framing.Reader()
-            self._thread = threading.Thread(target=self._io_loop, args=(info, sock),
+            # Not the receive lock: a reader holds it while it waits for this (_deliver) lock.
+            # A reader still on the old connection keeps its own socket and reader.
+            with self._send_lock:
+                if self._conn is not None:
+                    self._conn.sock.close()  # of a site that exited
+                self._conn = conn
+            self._thread = threading.Thread(target=self._io_loop, args=(info, conn),
                                             daemon=True, name="fabric-local-transport")
             self._thread.start()
-            return sock
+            return conn.sock
 
-    def _io_loop(self, info: dict[str, Any], sock: socket.socket) -> None:
+    def _io_loop(self, info: dict[str, Any], conn: _Connection) -> None:
         next_check = time.monotonic() + 1.0
         while not self._closing.is_set():
             poller = select.poll()
@@ -269,13 +270,13 @@ class LocalTransport:
                 # A waiter reads the socket: look again soon, or when it lets go.
                 timeout_ms = 20
             else:
-                poller.register(sock.fileno(), select.POLLIN)
+                poller.register(conn.sock.fileno(), select.POLLIN)
                 timeout_ms = 500
             if any(f == self._wake_r for f, _ in poller.poll(timeout_ms)):
                 os.read(self._wake_r, 65536)
             if self._recv_lock.acquire(blocking=False):
                 try:
-                    open_ = sock is self._sock and self._drain(sock)
+                    open_ = self._drain(conn)
                 finally:
                     self._recv_lock.release()
                 if not open_:
@@ -297,16 +298,16 @@ class LocalTransport:
         thread is reading them already."""
         if not self._recv_lock.acquire(blocking=False):
             return
-        sock = self._sock
+        conn = self._conn
         try:
             poller = select.poll()
-            if sock is not None:
-                poller.register(sock.fileno(), select.POLLIN)
-            while sock is not None and not fut.done() and not self._closing.is_set():
+            if conn is not None:
+                poller.register(conn.sock.fileno(), select.POLLIN)
+            while conn is not None and not fut.done() and not self._closing.is_set():
                 wait_s = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
                 if wait_s <= 0:
                     break
-                if poller.poll(int(wait_s * 1000) or 1) and not self._drain(sock):
+                if poller.poll(int(wait_s * 1000) or 1) and not self._drain(conn):
                     break  # the site closed the connection: the I/O thread says so
         finally:
             self._recv_lock.release()
@@ -315,10 +316,10 @@ class LocalTransport:
         if others or not fut.done():  # replies nobody waits on this way: the I/O thread's
             self._wake()
 
-    def _drain(self, sock: socket.socket) -> bool:
+    def _drain(self, conn: _Connection) -> bool:
         """Deliver the replies that can be read now; False once the site has hung up."""
         try:
-            messages = framing.recv_ready(sock, self._reader)
+            messages = framing.recv_ready(conn.sock, conn.reader)
         except framing.FramingError as exc:
             self._fail_all(EndpointError(f"the {self.site} site sent garbage: {exc}"))
             return False
@@ -361,6 +362,16 @@ class LocalTransport:
         if self._wake_w >= 0:
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"x")
+
+
+class _Connection:
+    """A socket to the site and the reader of what arrives on it."""
+
+    __slots__ = ("reader", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = framing.Reader()
 
 
 class _LocalFuture(Future[Any]):
