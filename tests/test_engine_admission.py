@@ -233,3 +233,57 @@ def test_prefill_backlog_bounds_admission_exactly() -> None:
     with pytest.raises(Overloaded):  # the waiting ones alone still count
         bounded._admit(21)
     bounded._admit(20)
+
+
+def test_retry_after_is_the_time_to_prefill_what_is_ahead() -> None:
+    """A refusal's ``retry_after`` is the prompt tokens ahead over the server's recent prefill
+    (or embedding) rate, within 0.5-30 s; the rate counts prompt tokens, not decode tokens."""
+    from collections import deque
+
+    from fabric.engine.batch import SeqOutput, SeqWork, StepPlan
+    from fabric.engine.engine import RATE_WINDOW_S, Engine
+    from fabric.engine.frontend import retry_after
+    from fabric.engine.scheduler import Limits
+
+    assert retry_after(1000, 100.0) == 10.0
+    assert retry_after(1000, 1e6) == 0.5 and retry_after(10**7, 10.0) == 30.0
+    assert retry_after(500, 0.0) == 1.0  # no recent rate: ask again soon
+
+    class Runner:
+        outputs: deque[list[SeqOutput]] = deque()
+
+        def collect(self) -> list[SeqOutput]:
+            return self.outputs.popleft()
+
+    runner = Runner()
+    engine = Engine(runner, None, Limits(10_000, 4, 8), {}, set(), 2,  # type: ignore[arg-type]
+                    emit=lambda rid, msg: None)
+    long, short = _seq(40), _seq(30, computed=20)
+    for seq in (long, short):
+        engine.scheduler.running[seq.request_id] = seq
+    plan = StepPlan(1, [SeqWork(long.request_id, 0, [1] * 16, 44),
+                        SeqWork(short.request_id, 20, [1] * 8, 34)])  # two prefill chunks
+    runner.outputs.append([SeqOutput(long.request_id), SeqOutput(short.request_id)])
+    engine._launched.append(plan)
+    engine._collect_one()
+    assert engine.prefill_tokens_per_s == pytest.approx(24 / RATE_WINDOW_S)
+    assert engine.tokens_per_s == 0.0  # no token was sampled
+    assert long.computed == 16 and short.computed == 28
+
+
+def test_step_counts_prompt_tokens_apart_from_generated_ones() -> None:
+    import threading
+
+    from fabric.engine.batch import SampleSpec, SeqOutput, SeqWork, StepPlan
+    from fabric.engine.scheduler import Limits, Scheduler
+
+    sched = Scheduler(Limits(10_000, 4, 8), lambda seq, out: None, lambda *a: None,
+                      threading.RLock())
+    decoding, ending = _seq(7, computed=7), _seq(30, computed=26)
+    for seq in (decoding, ending):
+        sched.running[seq.request_id] = seq
+    plan = StepPlan(1, [SeqWork(decoding.request_id, 7, [3], 0, sample=SampleSpec()),
+                        SeqWork(ending.request_id, 26, [1] * 6, 0, sample=SampleSpec())])
+    outputs = [SeqOutput(decoding.request_id, token=4), SeqOutput(ending.request_id, token=5)]
+    # 2 sampled tokens; prompt tokens: 0 of the decode, 4 of the chunk that ran past its prompt
+    assert sched.update(plan, outputs) == (2, 4)

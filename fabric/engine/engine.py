@@ -69,7 +69,7 @@ class Engine:
         self.tokens_total = 0
         self.last_active = time.monotonic()
         self._launched: deque[StepPlan] = deque()
-        self._recent: deque[tuple[float, int]] = deque()
+        self._recent: deque[tuple[float, int, int]] = deque()
 
     # --- called from the front-door thread ---------------------------------------------------
 
@@ -145,19 +145,29 @@ class Engine:
     def _collect_one(self) -> None:
         plan = self._launched.popleft()
         outputs = self.runner.collect()
-        produced = self.scheduler.update(plan, outputs)
+        produced, prefilled = self.scheduler.update(plan, outputs)
         self.tokens_total += produced
         now = time.monotonic()
-        # Generated tokens over the last RATE_WINDOW_S of wall time, idle gaps included.
-        self._recent.append((now, produced))
+        # Tokens over the last RATE_WINDOW_S of wall time, idle gaps included.
+        self._recent.append((now, produced, prefilled))
         while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
             self._recent.popleft()
 
     @property
     def tokens_per_s(self) -> float:
         """Generated tokens per second over the last ``RATE_WINDOW_S``."""
+        return self._rate(1)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """Prompt tokens prefilled (or embedded) per second over the last ``RATE_WINDOW_S``:
+        the rate at which a prefill backlog drains."""
+        return self._rate(2)
+
+    def _rate(self, column: int) -> float:
         now = time.monotonic()
-        return sum(n for t, n in list(self._recent) if now - t <= RATE_WINDOW_S) / RATE_WINDOW_S
+        return sum(r[column] for r in list(self._recent)
+                   if now - r[0] <= RATE_WINDOW_S) / RATE_WINDOW_S
 
     # --- scheduler callbacks -----------------------------------------------------------------
 

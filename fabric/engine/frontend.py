@@ -206,8 +206,7 @@ class Frontend:
                    f"prefilled; limit {limit})")
         else:
             return
-        rate = max(self.engine.tokens_per_s, 1.0)
-        raise Overloaded(why, retry_after=round(min(30.0, max(0.5, backlog / rate / 4)), 2),
+        raise Overloaded(why, retry_after=retry_after(backlog, self.engine.prefill_tokens_per_s),
                          queued=waiting, reason=QUEUE_FULL)
 
     def _poll(self, identity: bytes, msg: dict[str, Any]) -> None:
@@ -338,3 +337,13 @@ class Frontend:
                     self.engine.post_all("cancel", self._engine_ids(rid))
                     self.batches.pop(rid, None)
                 self.records.pop(rid, None)
+
+
+def retry_after(backlog: int, prefill_rate: float) -> float:
+    """Seconds after which a refused arrival may find room: how long the server takes to
+    prefill (or embed) the prompt tokens ahead of it at its recent rate, within 0.5-30 s.
+    Without a recent rate (just started, or only decoding) it says 1 s: a refusal is cheap."""
+    if prefill_rate <= 0:
+        return 1.0
+    return round(min(30.0, max(0.5, backlog / prefill_rate)), 2)
+

@@ -146,14 +146,17 @@ class Scheduler:
 
     # --- step results ------------------------------------------------------------------------
 
-    def update(self, plan: StepPlan, outputs: list[SeqOutput]) -> int:
-        """Apply a finished step's outputs; returns how many tokens it generated."""
-        produced = 0
+    def update(self, plan: StepPlan, outputs: list[SeqOutput]) -> tuple[int, int]:
+        """Apply a finished step's outputs; returns how many tokens it generated and how
+        many prompt tokens it prefilled."""
+        produced = prefilled = 0
         for work, out in zip(plan.seqs, outputs, strict=True):
             seq = self.running.get(work.seq_id)
             if seq is None:
                 continue
             seq.busy = False
+            prompt = len(seq.prompt_ids)
+            prefilled += max(0, min(seq.computed + work.n, prompt) - min(seq.computed, prompt))
             seq.computed += work.n
             if seq.cancelled or _expired(seq, time.monotonic()):
                 self._end(seq, None, _why(seq))
@@ -162,7 +165,7 @@ class Scheduler:
             reason = self._advance(seq, out)
             if reason is not None:
                 self._end(seq, reason, None)
-        return produced
+        return produced, prefilled
 
     def _end(self, seq: Sequence, reason: str | None, error: FabricError | None) -> None:
         if seq.finished:
