@@ -55,7 +55,6 @@ def test_task_buffer_is_what_the_sdk_sends() -> None:
     # The function part is the same bytes Client.register_function would upload.
     serde = ComputeSerializer()
     assert task.task_buffer.startswith(serde.pack_buffers([serde.serialize(add)]))
-    assert gcwire.task_id_of(packed) == task_id
 
 
 def test_fabric_functions_packed_once_are_the_same_bytes() -> None:

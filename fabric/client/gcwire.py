@@ -79,17 +79,6 @@ def _function_code(fn: Callable[..., Any]) -> str:
     return serde.pack_buffers([serde.serialize(fn)])
 
 
-def task_id_of(packed_task: bytes) -> uuid.UUID:
-    """The task id inside a packed ``Task``."""
-    from globus_compute_common import messagepack
-    from globus_compute_common.messagepack.message_types import Task
-
-    task = messagepack.unpack(packed_task)
-    if not isinstance(task, Task):
-        raise EndpointError(f"expected a Task message, got {type(task).__name__}")
-    return task.task_id
-
-
 def unpack_result(packed_result: bytes, serializer: ComputeSerializer | None = None) -> Any:
     """The value of a packed ``Result``, envelope unwrapped; raise the typed error it carries."""
     from globus_compute_common import messagepack

@@ -346,4 +346,3 @@ def retry_after(backlog: int, prefill_rate: float) -> float:
     if prefill_rate <= 0:
         return 1.0
     return round(min(30.0, max(0.5, backlog / prefill_rate)), 2)
-
