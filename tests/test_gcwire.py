@@ -14,7 +14,6 @@ from globus_compute_common import messagepack
 from globus_compute_common.messagepack.message_types import Task
 from globus_compute_sdk.serialize import ComputeSerializer
 
-from fabric.client import gcwire
 from fabric.errors import (
     EndpointError,
     FabricError,
@@ -23,6 +22,7 @@ from fabric.errors import (
     UnknownModel,
     UserFunctionError,
 )
+from fabric.wire import gcwire
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -34,8 +34,8 @@ def fails(msg: str) -> None:
 
 
 def typed_denial(model: str) -> Any:
-    from fabric.client.gcwire import error
     from fabric.errors import QuotaExceeded
+    from fabric.wire.gcwire import error
 
     return error(QuotaExceeded(f"no more {model}", rule="policy.models.m.requests_per_minute",
                                retry_after=12.5))

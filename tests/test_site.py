@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from fabric.client import framing, gcwire
 from fabric.client.local import LocalTransport, read_info, site_status, start_site, stop_site
 from fabric.endpoint import functions
 from fabric.errors import (
@@ -25,6 +24,7 @@ from fabric.errors import (
     UnknownModel,
     UserFunctionError,
 )
+from fabric.wire import framing, gcwire
 from tests.plugins.site import LocalSite, write_site
 
 

@@ -2,7 +2,7 @@
 
 The site runs in its own background process (``fabric.endpoint.site``); this module finds it
 through ``<state_dir>/endpoint.json``, starting it first if it is not running (as Ollama does),
-and sends it Globus Compute task messages over the site's Unix socket (``fabric.client.framing``
+and sends it Globus Compute task messages over the site's Unix socket (``fabric.wire.framing``
 says why not ZMQ). One connection per transport: ``submit`` writes the task from the calling
 thread (under a lock) and returns a ``Future`` at once. A thread waiting in ``result()`` reads
 the replies itself (under another lock), so a synchronous call never waits for another thread
@@ -31,9 +31,9 @@ from typing import Any
 
 import msgpack
 
-from fabric.client import framing, gcwire
-from fabric.client.framing import CONTROL, RESULT, TASK
 from fabric.errors import EndpointError, FabricError, InvalidRequest
+from fabric.wire import framing, gcwire
+from fabric.wire.framing import CONTROL, RESULT, TASK
 
 INFO_FILE = "endpoint.json"
 SEND_TIMEOUT_S = 30.0

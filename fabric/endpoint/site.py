@@ -9,14 +9,14 @@ runs what a Globus Compute endpoint runs at a supercomputer site, minus the clou
                    <--[b"R", task id, packed Result]--            (Parsl HTEX, LocalProvider
                    --[b"C", control]--> status / stop              request workers)
 
-Messages are length-prefixed frame lists (``fabric.client.framing``) on a Unix stream socket
+Messages are length-prefixed frame lists (``fabric.wire.framing``) on a Unix stream socket
 in the state dir (mode 0600; each peer's uid is checked). The main loop accepts clients, reads
 their messages and submits tasks to the engine; a reply is written from the thread that has it
 (the engine's result thread, a control thread) straight to the client's connection under that
 connection's lock, so a result does not wait for the main loop to wake. What the kernel does not
 take at once (a large result, a slow reader) the main loop flushes when the socket has room.
 
-Tasks and results are Globus Compute's own messages (``fabric.client.gcwire``), so the same
+Tasks and results are Globus Compute's own messages (``fabric.wire.gcwire``), so the same
 endpoint functions run here and behind a real endpoint. The process owns one state dir (a
 file lock keeps a second copy out) and advertises itself in ``<state_dir>/endpoint.json``
 (mode 0600). Model servers it launched keep running after it stops (they exit on their idle
@@ -47,10 +47,10 @@ from typing import Any
 
 import msgpack
 
-from fabric.client import framing
-from fabric.client.framing import CONTROL, RESULT, TASK
 from fabric.endpoint.functions import SITE_ENV, STATE_DIR_ENV
 from fabric.sites import SiteConfig, load_site
+from fabric.wire import framing
+from fabric.wire.framing import CONTROL, RESULT, TASK
 
 log = logging.getLogger("fabric.site")
 
@@ -251,7 +251,7 @@ class SiteProcess:
         # worker runs the packed Task under this id, as an endpoint runs the web service's.
         from globus_compute_endpoint.engines.base import GCFuture
 
-        from fabric.client.gcwire import pack_error_result
+        from fabric.wire.gcwire import pack_error_result
 
         try:
             task_id = uuid.UUID(bytes=raw_id)

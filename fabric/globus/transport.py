@@ -29,7 +29,6 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from fabric.client import gcwire
 from fabric.errors import (
     AccessDenied,
     AuthError,
@@ -40,6 +39,7 @@ from fabric.errors import (
     UserFunctionError,
 )
 from fabric.sites import SiteConfig
+from fabric.wire import gcwire
 
 log = logging.getLogger(__name__)
 
