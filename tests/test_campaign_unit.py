@@ -319,6 +319,16 @@ def test_python_api_campaign_helper(tmp_path: Path) -> None:
     assert c.cancel() == "done"  # a finished campaign stays done
 
 
+def test_fabric_campaign_method(tmp_path: Path) -> None:
+    """``fabric.Fabric`` (the SDK's composition root, ``fabric.sdk``) starts campaigns through
+    its own transport, although the client layer never imports the campaign package."""
+    from fabric import Fabric
+
+    fab = Fabric(site="local", transport=FakeTransport(), on_status=None)
+    c = fab.campaign(manifest(tmp_path, n=5, max_attempts=1), home=tmp_path / "home")
+    assert c.wait(timeout=60)["done"] == 5
+
+
 def test_csv_input_and_embed_score_kinds(tmp_path: Path) -> None:
     (tmp_path / "in.csv").write_text("id,text,continuation\n1,first text, a\n2,second, b\n,"
                                      "no id, c\n")

@@ -134,6 +134,26 @@ def test_endpoint_function_policy_denial(service: StandinService, remote_site: P
     t.close()
 
 
+def test_wire_references_ship_as_the_real_functions(service: StandinService, remote_site: Path,
+                                                   tmp_path: Path) -> None:
+    """What the SDK sends (``fabric.wire.functions``) registers as the real endpoint function,
+    byte for byte, through the executor's own serializer, and the worker runs the real one."""
+    from globus_compute_sdk.serialize import ComputeSerializer
+
+    from fabric.wire import functions
+
+    t = transport(service, tmp_path / "fresh", proof=None, site=remote_site)
+    function_id = t.function_id(functions.deployment_status)
+    serde = ComputeSerializer()
+    assert service.functions[function_id] == serde.pack_buffers(
+        [serde.serialize(deployment_status)])
+    assert t.function_id(deployment_status) == function_id  # same bytes, same cached id
+    with pytest.raises(AccessDenied) as err:
+        t.submit(functions.deployment_status, "m", None, None, None).result(timeout=120)
+    assert err.value.details == {"rule": "identity-proof.missing"}
+    t.close()
+
+
 def test_user_functions_refused_when_not_opted_in(service: StandinService, remote_site: Path,
                                                   tmp_path: Path) -> None:
     ns: dict[str, Any] = {"__name__": "__main__"}  # pickled by value, as from a notebook
@@ -204,12 +224,14 @@ def test_stream_by_long_poll_through_the_standin(tmp_path_factory: pytest.TempPa
 
 def test_register_functions_for_the_allow_list(tmp_path: Path) -> None:
     from fabric.globus.transport import register_functions
+    from fabric.wire import functions
 
     svc = StandinService(tmp_path)  # registration needs no engine
     ex = StandinExecutor(svc)
     ids = register_functions(load_site("local"), ex)
     assert {"run_request", "open_stream", "poll_stream", "cancel_request",
             "run_user_function", "list_models"} <= set(ids)
+    assert set(ids) == functions.NAMES  # run_shard included
     assert set(ids.values()) == set(svc.functions)
     ex.shutdown()
 

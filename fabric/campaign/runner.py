@@ -187,7 +187,7 @@ class Runner:
     # -- dispatch and settle ------------------------------------------------------------------
 
     def _dispatch(self, slots: list[SiteSlot]) -> None:
-        from fabric.campaign.shard import run_shard
+        from fabric.wire.functions import run_shard
 
         assert self.ledger is not None
         m = self.manifest

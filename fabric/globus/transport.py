@@ -39,11 +39,9 @@ from fabric.errors import (
     UserFunctionError,
 )
 from fabric.sites import SiteConfig
-from fabric.wire import gcwire
+from fabric.wire import functions, gcwire
 
 log = logging.getLogger(__name__)
-
-FUNCTIONS_MODULE = "fabric.endpoint.functions"
 
 
 def fabric_home() -> Path:
@@ -188,12 +186,17 @@ class GlobusTransport:
     # -- pieces ---------------------------------------------------------------------------------
 
     def function_id(self, fn: Callable[..., Any]) -> str:
-        """The id to run ``fn`` by: operator-registered, cached by code hash, or new."""
+        """The id to run ``fn`` by: operator-registered, cached by code hash, or new.
+
+        ``fn`` is one of the fabric's endpoint functions (a ``fabric.wire.functions``
+        reference, or the real function: the same bytes) or a caller's function."""
         name = getattr(fn, "__name__", "")
-        if getattr(fn, "__module__", "") == FUNCTIONS_MODULE and name in self.config.function_ids:
-            return self.config.function_ids[name]
+        ref = functions.reference(fn)
+        if ref is not None and ref.name in self.config.function_ids:
+            return self.config.function_ids[ref.name]
         if fn in self._ids:
             return self._ids[fn]
+        functions.install_reducer()  # a reference serialises as the real function
         executor = self.executor
         serializer = getattr(executor, "serializer", None)
         if serializer is None:
@@ -276,15 +279,6 @@ def register_functions(site: SiteConfig, executor: Any, *, public: bool = True) 
     The ids go into the site's ``function_ids`` (so clients use them) and, rendered, into the
     endpoint's ``allowed_functions`` (so nothing else runs there).
     """
-    import importlib
-
-    from fabric.endpoint.policy import FABRIC_FUNCTIONS
-
-    module = importlib.import_module(FUNCTIONS_MODULE)
-    names = sorted(set(getattr(module, "__all__", ())) | FABRIC_FUNCTIONS)
-    out = {}
-    for name in names:
-        fn = getattr(module, name, None)
-        if callable(fn):
-            out[name] = str(executor.register_function(fn, public=public))
-    return out
+    functions.install_reducer()
+    return {ref.name: str(executor.register_function(ref, public=public))
+            for ref in functions.FABRIC_FUNCTIONS}

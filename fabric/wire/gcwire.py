@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fabric.errors import EndpointError, FabricError, ResultTooLarge, UserFunctionError
+from fabric.wire.functions import install_reducer
 
 if TYPE_CHECKING:
     from globus_compute_sdk.serialize import ComputeSerializer
@@ -37,6 +38,7 @@ def default_serializer() -> ComputeSerializer:
     """The SDK's default ``ComputeSerializer`` (DillCode for functions, DillDataBase64 data)."""
     from globus_compute_sdk.serialize import ComputeSerializer
 
+    install_reducer()
     return ComputeSerializer()
 
 
@@ -51,6 +53,7 @@ def pack_task(
     from globus_compute_common import messagepack
     from globus_compute_common.messagepack.message_types import Task
 
+    install_reducer()  # before anything serialises a reference (a caller's serializer too)
     serde = serializer or default_serializer()
     task_id = task_id or uuid.uuid4()
     # Client.register_function packs the function alone; Batch.add packs (args, kwargs);
@@ -65,8 +68,9 @@ def pack_task(
 
 
 def _by_reference(fn: Callable[..., Any]) -> bool:
-    """True for the fabric's own module-level functions: the code serializer writes them as
-    ``module.name``, the same bytes every time."""
+    """True for the fabric's own module-level functions and their references
+    (``fabric.wire.functions``): the code serializer writes them as ``module.name``, the same
+    bytes every time."""
     module = getattr(fn, "__module__", None) or ""
     return (module.startswith("fabric.") and getattr(fn, "__qualname__", None)
             == getattr(fn, "__name__", None) and "<" not in fn.__qualname__)
