@@ -283,6 +283,15 @@ def load_site(name_or_path: str | Path, values: dict[str, str] | None = None, *,
     return site
 
 
+def resolve_site(site: str = "local", state_dir: str | Path | None = None
+                 ) -> tuple[SiteConfig, str, Path]:
+    """``(SiteConfig, reference for the site process, state dir)`` for a site name or path."""
+    ref = str(Path(site).resolve()) if Path(site).exists() else site
+    cfg = load_site(ref)
+    folder = Path(state_dir).expanduser() if state_dir else cfg.resolved_state_dir()
+    return cfg, ref, folder.resolve()
+
+
 def render_endpoint_config(
     name_or_path: str | Path, values: dict[str, str] | None = None, *, strict: bool = True
 ) -> tuple[SiteConfig, str]:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fabric.client.checks import (
     build_request,
@@ -38,11 +38,9 @@ from fabric.client.results import (
 )
 from fabric.client.status import StatusCallback, StatusPrinter, describe_status
 from fabric.client.streaming import DirectSource, EventSource, PollSource, Stream
-from fabric.errors import EndpointError, FabricError, InvalidRequest
+from fabric.client.transport import Transport, open_transport
+from fabric.errors import FabricError, InvalidRequest
 from fabric.protocol import GenerationResult, Hook, InferenceRequest, renumber_text_error
-
-if TYPE_CHECKING:
-    from fabric.client.transport import Transport
 
 __all__ = ["DEFAULT_EMBED_MODEL", "DEFAULT_MODEL", "Fabric", "StatusCallback", "StatusPrinter",
            "describe_status"]
@@ -90,7 +88,7 @@ class Fabric:
         """The site's transport, opened on first use (this may start the local site)."""
         with self._lock:
             if self._transport is None:
-                self._transport = _open_transport(self.site)
+                self._transport = open_transport(self.site)
                 self._report_site_start(self._transport)
             return self._transport
 
@@ -439,27 +437,3 @@ def _hooks(hooks: HookSpecs) -> list[dict[str, Any]] | None:
         raise InvalidRequest("hooks must be a list of hook specs (dicts or fabric.protocol.Hook)")
     return [h.model_dump() if isinstance(h, Hook) else h for h in hooks]
 
-
-def _open_transport(site: str) -> Transport:
-    """The transport for ``site``: a site definition without a Globus Compute endpoint id (the
-    local site, a Slurm cluster on this machine) runs embedded; one with an id goes through
-    Globus Compute."""
-    from fabric.sites import load_site
-
-    config = load_site(site)
-    if not config.endpoint_id and "endpoint_id" in config.template:
-        # A remote site's definition whose operator value is not filled in: running it
-        # embedded would try to submit PBS/Slurm jobs from this machine.
-        raise EndpointError(
-            f"site {config.name!r} is reached through Globus Compute but its endpoint_id is "
-            f"not set; put `endpoint_id: <uuid>` in endpoints/{config.name}/values.yaml "
-            "(the site operator prints it with `globus-compute-endpoint start`)",
-            site=config.name)
-    if not config.endpoint_id:
-        from fabric.client.local import LocalTransport
-
-        return LocalTransport(site=site)
-    # Imported only here so that users of embedded sites never load the Globus SDKs.
-    from fabric.globus.transport import GlobusTransport
-
-    return GlobusTransport(config)

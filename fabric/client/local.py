@@ -32,6 +32,7 @@ from typing import Any
 import msgpack
 
 from fabric.errors import EndpointError, FabricError, InvalidRequest
+from fabric.sites import resolve_site
 from fabric.wire import framing, gcwire
 from fabric.wire.framing import CONTROL, RESULT, TASK
 
@@ -40,17 +41,6 @@ SEND_TIMEOUT_S = 30.0
 """How long ``submit`` may block when the site takes no messages (ZMQ's queue is full)."""
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 """Site processes this process started (so their exit is seen, not left as zombies)."""
-
-
-def resolve_site(site: str = "local", state_dir: str | Path | None = None
-                 ) -> tuple[Any, str, Path]:
-    """``(SiteConfig, reference for the site process, state dir)`` for a site name or path."""
-    from fabric.sites import load_site
-
-    ref = str(Path(site).resolve()) if Path(site).exists() else site
-    cfg = load_site(ref)
-    folder = Path(state_dir).expanduser() if state_dir else cfg.resolved_state_dir()
-    return cfg, ref, folder.resolve()
 
 
 def read_info(state_dir: Path) -> dict[str, Any] | None:
