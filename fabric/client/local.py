@@ -1,6 +1,6 @@
 """``LocalTransport``: the SDK's way into the embedded local site (started on demand).
 
-The site runs in its own background process (``fabric.endpoint.site``); this module finds it
+The site runs in its own background process (``fabric.siteproc``); this module finds it
 through ``<state_dir>/endpoint.json``, starting it first if it is not running (as Ollama does),
 and sends it Globus Compute task messages over the site's Unix socket (``fabric.wire.framing``
 says why not ZMQ). One connection per transport: ``submit`` writes the task from the calling
@@ -74,7 +74,7 @@ def start_site(site: str = "local", state_dir: str | Path | None = None,
         with log_path.open("ab") as log:
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "fabric.endpoint.site", "--site", ref,
+                    [sys.executable, "-m", "fabric.siteproc", "--site", ref,
                      "--state-dir", str(folder)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,  # outlives this client, ignores its Ctrl-C

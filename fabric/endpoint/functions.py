@@ -8,7 +8,7 @@ Every function returns an envelope (``fabric.wire.gcwire.ok``/``error``) instead
 ``FabricError``: a raised exception reaches the client only as a traceback string, while the
 envelope lets the transport re-raise the same typed error. Workers learn their site from
 ``FABRIC_SITE`` (a site name or definition path) and ``FABRIC_STATE_DIR``, set by the site
-process (``fabric.endpoint.site``) or, at a remote endpoint, by the operator's ``worker_init``.
+process (``fabric.siteproc``) or, at a remote endpoint, by the operator's ``worker_init``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The local site process: a real Globus Compute engine behind the site's Unix socket.
 
-``python -m fabric.endpoint.site --site local [--state-dir DIR]`` (or ``fabric endpoint start``)
+``python -m fabric.siteproc --site local [--state-dir DIR]`` (or ``fabric endpoint start``)
 runs what a Globus Compute endpoint runs at a supercomputer site, minus the cloud relay:
 
 .. code:: text
@@ -25,16 +25,13 @@ timeout); ``stop`` with ``all`` undeploys them first.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import contextlib
 import fcntl
-import importlib
 import json
 import logging
 import os
 import selectors
-import signal
 import socket
 import sys
 import threading
@@ -48,7 +45,7 @@ from typing import Any
 import msgpack
 
 from fabric.endpoint.functions import SITE_ENV, STATE_DIR_ENV
-from fabric.sites import SiteConfig, load_site
+from fabric.sites import SiteConfig
 from fabric.wire import framing
 from fabric.wire.framing import CONTROL, RESULT, TASK
 
@@ -69,7 +66,8 @@ class SiteProcess:
 
     background_tasks: list[BackgroundTask] = []
     """Hooks started (each in a daemon thread) once the site serves; add to this list before
-    ``start`` (class-wide) or on the instance. The campaign runner registers itself here."""
+    ``start`` (class-wide) or on the instance. The composition root (``fabric.siteproc``) puts
+    the campaign scheduler here: this module knows nothing of campaigns."""
 
     def __init__(self, site: SiteConfig, site_ref: str, state_dir: Path) -> None:
         self.site = site
@@ -426,36 +424,3 @@ def _write_private_json(path: Path, data: dict[str, Any]) -> None:
 
 def _pack(msg: dict[str, Any]) -> bytes:
     return bytes(msgpack.packb(msg, use_bin_type=True, default=str))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the site process."""
-    parser = argparse.ArgumentParser(prog="python -m fabric.endpoint.site",
-                                     description="Run a fabric site (the local endpoint).")
-    parser.add_argument("--site", default="local", help="site name or definition path")
-    parser.add_argument("--state-dir", default=None, help="override the site's state dir")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("parsl", "globus_compute_endpoint", "globus_compute_sdk"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    ref = args.site
-    if Path(ref).exists():
-        ref = str(Path(ref).resolve())  # workers run in another cwd
-    site = load_site(ref)
-    state_dir = Path(args.state_dir).expanduser() if args.state_dir \
-        else site.resolved_state_dir()
-    proc = SiteProcess(site, ref, state_dir)
-    proc.background_tasks.append(importlib.import_module("fabric.campaign.scheduler").site_task)
-    signal.signal(signal.SIGTERM, lambda *_: proc.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: proc.request_stop())
-    try:
-        proc.start()
-        proc.serve_forever()
-    finally:
-        proc.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
