@@ -154,6 +154,45 @@ def test_wire_references_ship_as_the_real_functions(service: StandinService, rem
     t.close()
 
 
+class CreatesFile:
+    """Unpickling this creates a file: what a hostile pickled argument could do, harmlessly."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def test_an_endpoint_that_unpickles_no_data(remote_site: Path, tmp_path: Path) -> None:
+    """An endpoint with the shipped remote sites' ``allowed_serializers`` (DillCode for the
+    registered functions, JSONData for arguments) runs the fabric's functions as the SDK sends
+    them, and refuses a pickled argument before unpickling it."""
+    from fabric.sites import allowed_serializers
+    from fabric.wire import functions, gcwire
+
+    site = load_site(remote_site)
+    svc = StandinService(tmp_path / "engine", workers=1, env={
+        "FABRIC_SITE": str(remote_site), "FABRIC_STATE_DIR": str(remote_site / "state")},
+        allowed_serializers=allowed_serializers(site))
+    svc.start()
+    t = GlobusTransport(site, StandinExecutor(svc, serializer=gcwire.data_serializer()),
+                        proof=lambda: None, home=tmp_path)
+    try:
+        with pytest.raises(AccessDenied) as err:  # the real function ran, and its policy
+            t.submit(functions.deployment_status, "m", None, None, None).result(timeout=120)
+        assert err.value.details == {"rule": "identity-proof.missing"}
+        marker = tmp_path / "unpickled"
+        with pytest.raises(AccessDenied) as err:
+            t.submit(functions.run_user_function, CreatesFile(str(marker)), (), {}, None,
+                     None).result(timeout=120)
+        assert err.value.details == {"rule": "allowed_serializers"}
+        assert not marker.exists()
+    finally:
+        t.close()
+        svc.shutdown()
+
+
 def test_user_functions_refused_when_not_opted_in(service: StandinService, remote_site: Path,
                                                   tmp_path: Path) -> None:
     ns: dict[str, Any] = {"__name__": "__main__"}  # pickled by value, as from a notebook
@@ -256,6 +295,9 @@ def test_real_executor_is_wired_offline(tmp_path: Path, monkeypatch: pytest.Monk
     try:
         assert isinstance(ex, Executor)
         assert str(ex.endpoint_id) == endpoint and str(ex.task_group_id) == group
+        from fabric.wire import gcwire
+
+        assert ex.serializer is gcwire.data_serializer()  # plain arguments travel as JSON
     finally:
         t.close()
     no_id = GlobusTransport(site.model_copy(update={"endpoint_id": None}), home=tmp_path)

@@ -144,6 +144,51 @@ def test_bad_and_vanishing_clients_do_not_disturb_others(local_site: LocalSite,
     assert read_info(local_site.state_dir)["pid"] == local_site.info["pid"]
 
 
+class CreatesFile:
+    """Unpickling this creates a file: what a hostile pickled argument could do, harmlessly."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def test_pickled_arguments_of_fabric_functions_are_refused(local_site: LocalSite,
+                                                           tmp_path: Path) -> None:
+    """The site reads no caller pickle for the fabric's own functions: a hand-made task for
+    ``run_request`` whose argument is pickled gets a typed ``AccessDenied``, and the argument is
+    never unpickled (the file its unpickling would create does not appear)."""
+    import socket
+    import uuid
+
+    from globus_compute_sdk.serialize import ComputeSerializer
+
+    from fabric.errors import AccessDenied
+
+    marker = tmp_path / "unpickled"
+    task_id, packed = gcwire.pack_task(functions.run_request, (CreatesFile(str(marker)), None),
+                                       {}, serializer=ComputeSerializer())  # dill data
+    assert isinstance(task_id, uuid.UUID)
+    assert gcwire.admission_refusal(packed, user_functions=True) is not None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.connect(local_site.info["socket"])
+        raw.settimeout(60)
+        raw.sendall(framing.encode([framing.TASK, packed, task_id.bytes]))
+        reader, replies = framing.Reader(), []
+        while not replies:
+            data = raw.recv(65536)
+            assert data, "the site hung up"
+            replies = reader.feed(data)
+    kind, key, result = replies[0]
+    assert kind == framing.RESULT and key == str(task_id).encode()
+    with pytest.raises(AccessDenied) as err:
+        gcwire.unpack_result(result)
+    assert err.value.details == {"function": "run_request", "rule": "data-serializers",
+                                 "accepted": "JSONData"}
+    assert not marker.exists()
+
+
 def test_remote_fabric_errors_are_typed(site_transport: LocalTransport) -> None:
     with pytest.raises(UnknownModel) as info:
         site_transport.submit(functions.run_request,

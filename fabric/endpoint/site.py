@@ -249,7 +249,7 @@ class SiteProcess:
         # worker runs the packed Task under this id, as an endpoint runs the web service's.
         from globus_compute_endpoint.engines.base import GCFuture
 
-        from fabric.wire.gcwire import pack_error_result
+        from fabric.wire.gcwire import admission_refusal, pack_error_result, pack_refusal
 
         try:
             task_id = uuid.UUID(bytes=raw_id)
@@ -263,6 +263,11 @@ class SiteProcess:
             self._reply(conn, [RESULT, key, f.result()])
 
         fut.add_done_callback(done)
+        # Before any worker unpickles the task's code or arguments.
+        refusal = admission_refusal(packed, user_functions=self.site.allow_user_functions)
+        if refusal is not None:
+            fut.set_result(pack_refusal(task_id, refusal))
+            return
         try:
             self.engine.submit(fut, packed, resource_specification={})
         except Exception as exc:  # the engine refused it: answer, and keep serving others

@@ -131,9 +131,13 @@ class GlobusTransport:
                 from globus_compute_sdk import Client, Executor
 
                 client = Client(app=self.app, do_version_check=False)
+                # The fabric's serializer: plain-data arguments (all the fabric's functions
+                # take) travel as JSON, which an endpoint that unpickles no caller data
+                # (``allowed_serializers`` without DillDataBase64) accepts.
                 self._executor = Executor(
                     endpoint_id=self.config.endpoint_id, client=client,
-                    task_group_id=self._groups.get(self.site), batch_size=self.batch_size)
+                    task_group_id=self._groups.get(self.site), batch_size=self.batch_size,
+                    serializer=gcwire.data_serializer())
             return self._executor
 
     def identity_proof(self) -> dict[str, Any] | None:
@@ -258,6 +262,11 @@ def _translate(exc: BaseException) -> FabricError:
         if "not permitted on endpoint" in data:
             return FunctionNotAllowed(f"the endpoint refused the function: {last}",
                                       rule="allowed_functions")
+        if "disabled by current configuration" in data:
+            # The endpoint's allowed_serializers: it opened nothing (e.g. no pickled data
+            # where user functions are off).
+            return AccessDenied(f"the endpoint refused how the call was serialised: {last}",
+                                rule="allowed_serializers")
         if "MaxResultSizeExceeded" in data:
             return ResultTooLarge(f"result is larger than one message may carry: {last}")
         return UserFunctionError(f"remote function raised: {last}", traceback=data)

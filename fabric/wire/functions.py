@@ -39,6 +39,9 @@ class EndpointFunction:
     module: str
     name: str
     params: tuple[str, ...]
+    data_only: bool = True
+    """Its arguments are plain JSON data (``fabric.wire.gcwire.is_plain_data``): a site
+    refuses them in any other (pickled) form. Only ``run_user_function`` takes code."""
 
     def __post_init__(self) -> None:
         # What serializers, registries and error messages read off a function (instance
@@ -96,8 +99,8 @@ def install_reducer() -> None:
     dill.register(EndpointFunction)(save)
 
 
-def _fn(module: str, name: str, *params: str) -> EndpointFunction:
-    return EndpointFunction(module, name, params)
+def _fn(module: str, name: str, *params: str, data_only: bool = True) -> EndpointFunction:
+    return EndpointFunction(module, name, params, data_only)
 
 
 run_request = _fn(FUNCTIONS_MODULE, "run_request", "request", "auth")
@@ -107,7 +110,7 @@ poll_stream = _fn(FUNCTIONS_MODULE, "poll_stream", "model", "request_id", "ticke
                   "wait_s", "auth")
 cancel_request = _fn(FUNCTIONS_MODULE, "cancel_request", "model", "request_id", "ticket", "auth")
 run_user_function = _fn(FUNCTIONS_MODULE, "run_user_function", "fn", "args", "kwargs", "model",
-                        "auth", "version")
+                        "auth", "version", data_only=False)
 deployment_status = _fn(FUNCTIONS_MODULE, "deployment_status", "model", "version", "plan",
                         "auth")
 deploy = _fn(FUNCTIONS_MODULE, "deploy", "model", "plan", "auth", "version")
