@@ -72,7 +72,7 @@ def resolve(module: str, name: str) -> Callable[..., Any]:
     fn = getattr(importlib.import_module(module), name)
     if not callable(fn):
         raise TypeError(f"{module}.{name} is not callable")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 @functools.cache
@@ -133,4 +133,4 @@ def reference(fn: Any) -> EndpointFunction | None:
     """The reference for ``fn``: itself, or the one naming the real function; else None."""
     if isinstance(fn, EndpointFunction):
         return fn
-    return _BY_NAME.get((getattr(fn, "__module__", None), getattr(fn, "__name__", None)))
+    return _BY_NAME.get((str(getattr(fn, "__module__", "")), str(getattr(fn, "__name__", ""))))
