@@ -127,7 +127,7 @@ def main() -> int:
     args = p.parse_args()
 
     from fabric.client.local import LocalTransport, start_site, stop_site
-    from fabric.endpoint.functions import run_request
+    from fabric.wire.functions import run_request
 
     tmp = Path(tempfile.mkdtemp(prefix="fabric-campaign-bench-"))
     model, model_dir = args.model, None

@@ -563,7 +563,7 @@ def engine_call(engine: Any, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` through the engine, packed as Globus Compute packs it."""
     from globus_compute_endpoint.engines.base import GCFuture
 
-    from fabric.client import gcwire
+    from fabric.wire import gcwire
 
     task_id, packed = gcwire.pack_task(fn, args, {})
     fut = GCFuture(task_id)

@@ -4,7 +4,7 @@ A no-op ``fab.submit(noop, model=None)`` round trip through the local site (SDK 
 site process -> GlobusComputeEngine request worker running the fabric's ``run_user_function``
 wrapper -> back) vs the same no-op submitted straight to a standalone ``GlobusComputeEngine``
 from this process, packed with Globus Compute's serializer and message format
-(``fabric.client.gcwire``). Both engines have the same number of workers and run side by side;
+(``fabric.wire.gcwire``). Both engines have the same number of workers and run side by side;
 calls are sequential, alternating blocks of ``--block`` calls between the two. ``--rounds``
 rounds of ``--calls`` calls per path each (one warm site and engine throughout): the headline
 is the median of the rounds' median ratios (the 2-core machine's load moves one round's

@@ -64,7 +64,7 @@ def generate(fab: Fabric, prompt: str, model: str, max_tokens: int,
     if "hooks" in inspect.signature(fab.generate).parameters:
         extra: dict[str, Any] = {"hooks": hooks}
         return fab.generate(prompt, model=model, max_tokens=max_tokens, **extra)
-    from fabric.endpoint.functions import run_request
+    from fabric.wire.functions import run_request
 
     request = InferenceRequest(model=model, prompt=prompt, hooks=hooks,
                                sampling={"max_tokens": max_tokens})

@@ -33,9 +33,9 @@ from fabric.errors import (
 )
 
 if TYPE_CHECKING:
-    from fabric.client.fabric import Fabric
     from fabric.client.streaming import Stream
     from fabric.protocol import GenerationResult
+    from fabric.sdk import Fabric
 
 __version__ = "0.1.0"
 
@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "Fabric": "fabric.client.fabric",
+    "Fabric": "fabric.sdk",
     "Stream": "fabric.client.streaming",
     "GenerationResult": "fabric.protocol",
 }

@@ -189,20 +189,3 @@ def unpack(frame: bytes) -> dict[str, Any]:
     if not isinstance(out, dict):
         raise InvalidRequest("wire message must be a map")
     return out
-
-
-def encode_array(array: Any) -> dict[str, Any]:
-    """A numpy array (or torch tensor) as a wire map ``{"dtype", "shape", "data"}``."""
-    import numpy as np
-
-    if hasattr(array, "detach"):
-        array = array.detach().float().cpu().numpy()
-    arr = np.ascontiguousarray(array)
-    return {"dtype": str(arr.dtype), "shape": list(arr.shape), "data": arr.tobytes()}
-
-
-def decode_array(data: dict[str, Any]) -> Any:
-    """The numpy array sent by ``encode_array``."""
-    import numpy as np
-
-    return np.frombuffer(data["data"], dtype=data["dtype"]).reshape(data["shape"]).copy()

@@ -283,6 +283,24 @@ def load_site(name_or_path: str | Path, values: dict[str, str] | None = None, *,
     return site
 
 
+def resolve_site(site: str = "local", state_dir: str | Path | None = None
+                 ) -> tuple[SiteConfig, str, Path]:
+    """``(SiteConfig, reference for the site process, state dir)`` for a site name or path."""
+    ref = str(Path(site).resolve()) if Path(site).exists() else site
+    cfg = load_site(ref)
+    folder = Path(state_dir).expanduser() if state_dir else cfg.resolved_state_dir()
+    return cfg, ref, folder.resolve()
+
+
+def allowed_serializers(site: SiteConfig) -> list[str]:
+    """What the endpoint's workers may deserialise: the fabric's functions by reference
+    (``DillCode``; ``allowed_functions`` says which) and plain JSON data (``JSONData``: all the
+    fabric's own functions take). Pickled data (``DillDataBase64``) only where the site allows
+    user functions, which arrive as pickled arguments: otherwise no caller's pickle is opened."""
+    names = ["DillCode", "JSONData"] + (["DillDataBase64"] if site.allow_user_functions else [])
+    return [f"globus_compute_sdk.serialize.{n}" for n in names]
+
+
 def render_endpoint_config(
     name_or_path: str | Path, values: dict[str, str] | None = None, *, strict: bool = True
 ) -> tuple[SiteConfig, str]:
@@ -290,8 +308,10 @@ def render_endpoint_config(
 
     Besides the declared values, ``{{ allowed_functions }}`` becomes the JSON list of the
     registered fabric function UUIDs (``function_ids``), or ``null`` while none are registered
-    (Globus Compute then allows any function: ``fabric site check`` warns about it), and
-    ``{{ site_dir }}`` the absolute folder of the definition (workers find it via FABRIC_SITE).
+    (Globus Compute then allows any function: ``fabric site check`` warns about it),
+    ``{{ allowed_serializers }}`` the engine's deserializer allow-list (``allowed_serializers``)
+    and ``{{ site_dir }}`` the absolute folder of the definition (workers find it via
+    FABRIC_SITE).
     """
     site = load_site(name_or_path, values, strict=strict)
     file = site_dir(name_or_path) / "config.yaml"
@@ -299,6 +319,7 @@ def render_endpoint_config(
         raise InvalidSiteConfig(f"{file} is missing: every site needs its endpoint config")
     ids = sorted(site.function_ids.values())
     builtins = {"allowed_functions": json.dumps(ids) if ids else "null",
+                "allowed_serializers": json.dumps(allowed_serializers(site)),
                 "site_dir": str(site_dir(name_or_path).resolve())}
     return site, render(file.read_text(), {**site._values, **builtins}, str(file))
 

@@ -28,7 +28,7 @@ from fabric.campaign.ledger import Ledger
 from fabric.campaign.manifest import load_manifest
 from fabric.campaign.runner import Runner
 from fabric.campaign.scheduler import Scheduler
-from fabric.errors import EndpointError, InvalidManifest, UnknownModel
+from fabric.errors import EndpointError, InvalidManifest, InvalidRequest, UnknownModel
 
 
 class FakeTransport:
@@ -317,6 +317,34 @@ def test_python_api_campaign_helper(tmp_path: Path) -> None:
     assert sorted(r["custom_id"] for r in c.results()) == sorted(f"r{i}" for i in range(30))
     assert list(c.errors()) == []
     assert c.cancel() == "done"  # a finished campaign stays done
+
+
+def test_fabric_campaign_method(tmp_path: Path) -> None:
+    """``fabric.Fabric`` (the SDK's composition root, ``fabric.sdk``) starts campaigns through
+    its own transport, although the client layer never imports the campaign package."""
+    from fabric import Fabric
+
+    fab = Fabric(site="local", transport=FakeTransport(), on_status=None)
+    c = fab.campaign(manifest(tmp_path, n=5, max_attempts=1), home=tmp_path / "home")
+    assert c.wait(timeout=60)["done"] == 5
+
+
+def test_run_at_site_needs_an_embedded_site(tmp_path: Path) -> None:
+    """``run="site"`` hands the campaign to the embedded site's scheduler, started through the
+    caller's own transport; a transport without a site process to start (Globus Compute) is
+    refused before any ledger is written."""
+    from types import SimpleNamespace
+
+    from fabric.campaign.api import campaign
+
+    fab = SimpleNamespace(site="local", transport=FakeTransport(), auth=None)
+    with pytest.raises(InvalidRequest, match="embedded site's scheduler"):
+        campaign(fab, manifest(tmp_path, n=3), run="site", home=tmp_path / "home")
+    assert not (tmp_path / "home").exists()
+    pings: list[str] = []
+    fab.transport.control = lambda op: pings.append(op) or {"op": op}
+    c = campaign(fab, manifest(tmp_path, n=3), run="site", home=tmp_path / "home")
+    assert pings == ["ping"] and c.status()["status"] == "queued"
 
 
 def test_csv_input_and_embed_score_kinds(tmp_path: Path) -> None:

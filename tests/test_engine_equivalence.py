@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fabric.protocol import decode_array
+from fabric.wire.arrays import decode_array
 from tests.plugins.servers import ServerHandle, hf_greedy, hf_model, hf_tokenizer
 
 PROMPTS = [

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fabric.errors import InvalidHook
-from fabric.protocol import decode_array
+from fabric.wire.arrays import decode_array
 from tests.plugins.servers import ServerHandle, hf_model, hf_tokenizer
 
 PROMPT = "The mitochondria is the powerhouse of the cell."

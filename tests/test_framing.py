@@ -1,4 +1,4 @@
-"""The local site's wire format (``fabric.client.framing``): messages split and joined
+"""The local site's wire format (``fabric.wire.framing``): messages split and joined
 anywhere in the byte stream, bad input refused by type, private socket paths."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from fabric.client import framing
+from fabric.wire import framing
 
 
 def test_messages_survive_any_split_of_the_stream() -> None:

@@ -14,7 +14,6 @@ from globus_compute_common import messagepack
 from globus_compute_common.messagepack.message_types import Task
 from globus_compute_sdk.serialize import ComputeSerializer
 
-from fabric.client import gcwire
 from fabric.errors import (
     EndpointError,
     FabricError,
@@ -23,6 +22,7 @@ from fabric.errors import (
     UnknownModel,
     UserFunctionError,
 )
+from fabric.wire import gcwire
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +71,54 @@ def test_fabric_functions_packed_once_are_the_same_bytes() -> None:
         assert fn is run_user_function and args == (add,)
     assert not gcwire._by_reference(add)  # a test module's function is packed each time
     assert not gcwire._by_reference(lambda: None)
+
+
+def test_plain_data_travels_as_json_and_the_rest_pickled() -> None:
+    """The fabric's functions' arguments are JSON (nothing to unpickle at the site); values
+    JSON would not give back exactly stay pickled, so nobody's arguments change."""
+    from fabric.wire import functions
+
+    serde = ComputeSerializer()
+    request = {"model": "m", "prompt": "hi", "sampling": {"max_tokens": 4, "stop": ["a"]},
+               "temperature": 0.5, "seed": None, "logprobs": True}
+    _, packed = gcwire.pack_task(functions.run_request, (request, None), {})
+    buffers = serde.unpack_buffers(messagepack.unpack(packed).task_buffer)
+    assert [b[:3] for b in buffers] == ["01\n", gcwire.JSON_DATA, gcwire.JSON_DATA]
+    assert serde.deserialize(buffers[1]) == [request, None]
+    assert gcwire.admission_refusal(packed, user_functions=True) is None
+    for not_plain in ({1: "int key"}, [(1, 2)], b"bytes", {"x": {1, 2}}, Overloaded("x")):
+        assert not gcwire.is_plain_data(not_plain)
+        _, packed = gcwire.pack_task(functions.run_request, (not_plain,), {})
+        args = serde.unpack_buffers(messagepack.unpack(packed).task_buffer)[1]
+        assert args.startswith("00\n")  # DillDataBase64: the value comes back as it was...
+        assert serde.deserialize(args)[0] == not_plain or isinstance(not_plain, Overloaded)
+        # ...and a site refuses it
+        assert gcwire.admission_refusal(packed, user_functions=True) is not None
+
+
+def test_admission_refusal_reads_no_pickle() -> None:
+    from fabric.errors import AccessDenied, FunctionNotAllowed
+    from fabric.wire import functions
+
+    dill_args = ComputeSerializer()  # a hand-made client: the SDK's old default, pickled data
+    _, packed = gcwire.pack_task(functions.list_models, (None,), {}, serializer=dill_args)
+    refusal = gcwire.admission_refusal(packed, user_functions=True)
+    assert isinstance(refusal, AccessDenied) and refusal.details["function"] == "list_models"
+    # The refusal travels as a Result the caller reads as the same typed error.
+    task_id = uuid.uuid4()
+    with pytest.raises(AccessDenied, match="plain JSON data"):
+        gcwire.unpack_result(gcwire.pack_refusal(task_id, refusal))
+    # User functions take code: run where the site allows them, refused unread where not.
+    for fn, args in ((functions.run_user_function, (add, (1,), {}, None, None)), (add, (1,))):
+        _, packed = gcwire.pack_task(fn, args, {})
+        assert gcwire.admission_refusal(packed, user_functions=True) is None
+        refusal = gcwire.admission_refusal(packed, user_functions=False)
+        assert isinstance(refusal, FunctionNotAllowed)
+        assert refusal.details["rule"] == "allow_user_functions"
+    _, packed = gcwire.pack_task(functions.list_models, (None,), {})
+    assert gcwire.admission_refusal(packed, user_functions=False) is None
+    # Garbage is the engine's to answer.
+    assert gcwire.admission_refusal(b"\x01not json", user_functions=False) is None
 
 
 def test_unwrap_envelopes() -> None:

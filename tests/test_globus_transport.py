@@ -34,8 +34,8 @@ def fails(msg: str) -> None:
 
 
 def typed_denial(model: str) -> Any:
-    from fabric.client.gcwire import error
     from fabric.errors import QuotaExceeded
+    from fabric.wire.gcwire import error
 
     return error(QuotaExceeded(f"no more {model}", rule="policy.models.m.requests_per_minute",
                                retry_after=12.5))
@@ -134,6 +134,65 @@ def test_endpoint_function_policy_denial(service: StandinService, remote_site: P
     t.close()
 
 
+def test_wire_references_ship_as_the_real_functions(service: StandinService, remote_site: Path,
+                                                   tmp_path: Path) -> None:
+    """What the SDK sends (``fabric.wire.functions``) registers as the real endpoint function,
+    byte for byte, through the executor's own serializer, and the worker runs the real one."""
+    from globus_compute_sdk.serialize import ComputeSerializer
+
+    from fabric.wire import functions
+
+    t = transport(service, tmp_path / "fresh", proof=None, site=remote_site)
+    function_id = t.function_id(functions.deployment_status)
+    serde = ComputeSerializer()
+    assert service.functions[function_id] == serde.pack_buffers(
+        [serde.serialize(deployment_status)])
+    assert t.function_id(deployment_status) == function_id  # same bytes, same cached id
+    with pytest.raises(AccessDenied) as err:
+        t.submit(functions.deployment_status, "m", None, None, None).result(timeout=120)
+    assert err.value.details == {"rule": "identity-proof.missing"}
+    t.close()
+
+
+class CreatesFile:
+    """Unpickling this creates a file: what a hostile pickled argument could do, harmlessly."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def test_an_endpoint_that_unpickles_no_data(remote_site: Path, tmp_path: Path) -> None:
+    """An endpoint with the shipped remote sites' ``allowed_serializers`` (DillCode for the
+    registered functions, JSONData for arguments) runs the fabric's functions as the SDK sends
+    them, and refuses a pickled argument before unpickling it."""
+    from fabric.sites import allowed_serializers
+    from fabric.wire import functions, gcwire
+
+    site = load_site(remote_site)
+    svc = StandinService(tmp_path / "engine", workers=1, env={
+        "FABRIC_SITE": str(remote_site), "FABRIC_STATE_DIR": str(remote_site / "state")},
+        allowed_serializers=allowed_serializers(site))
+    svc.start()
+    t = GlobusTransport(site, StandinExecutor(svc, serializer=gcwire.data_serializer()),
+                        proof=lambda: None, home=tmp_path)
+    try:
+        with pytest.raises(AccessDenied) as err:  # the real function ran, and its policy
+            t.submit(functions.deployment_status, "m", None, None, None).result(timeout=120)
+        assert err.value.details == {"rule": "identity-proof.missing"}
+        marker = tmp_path / "unpickled"
+        with pytest.raises(AccessDenied) as err:
+            t.submit(functions.run_user_function, CreatesFile(str(marker)), (), {}, None,
+                     None).result(timeout=120)
+        assert err.value.details == {"rule": "allowed_serializers"}
+        assert not marker.exists()
+    finally:
+        t.close()
+        svc.shutdown()
+
+
 def test_user_functions_refused_when_not_opted_in(service: StandinService, remote_site: Path,
                                                   tmp_path: Path) -> None:
     ns: dict[str, Any] = {"__name__": "__main__"}  # pickled by value, as from a notebook
@@ -204,12 +263,14 @@ def test_stream_by_long_poll_through_the_standin(tmp_path_factory: pytest.TempPa
 
 def test_register_functions_for_the_allow_list(tmp_path: Path) -> None:
     from fabric.globus.transport import register_functions
+    from fabric.wire import functions
 
     svc = StandinService(tmp_path)  # registration needs no engine
     ex = StandinExecutor(svc)
     ids = register_functions(load_site("local"), ex)
     assert {"run_request", "open_stream", "poll_stream", "cancel_request",
             "run_user_function", "list_models"} <= set(ids)
+    assert set(ids) == functions.NAMES  # run_shard included
     assert set(ids.values()) == set(svc.functions)
     ex.shutdown()
 
@@ -234,6 +295,9 @@ def test_real_executor_is_wired_offline(tmp_path: Path, monkeypatch: pytest.Monk
     try:
         assert isinstance(ex, Executor)
         assert str(ex.endpoint_id) == endpoint and str(ex.task_group_id) == group
+        from fabric.wire import gcwire
+
+        assert ex.serializer is gcwire.data_serializer()  # plain arguments travel as JSON
     finally:
         t.close()
     no_id = GlobusTransport(site.model_copy(update={"endpoint_id": None}), home=tmp_path)

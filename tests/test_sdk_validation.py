@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -500,3 +501,47 @@ def test_remote_site_without_endpoint_id_is_refused_not_run_locally() -> None:
 
     with pytest.raises(EndpointError, match="endpoint_id is not set"):
         _ = Fabric(site="polaris").transport
+
+
+def test_open_transport_refuses_or_chooses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    """One factory for the SDK, the campaign runner and the CLI: a remote site without its
+    endpoint id is refused (not run embedded), an embedded site runs locally, a site with an
+    endpoint id goes through Globus Compute (nothing is started or contacted either way)."""
+    from fabric.client.local import LocalTransport
+    from fabric.client.transport import open_transport
+    from fabric.errors import EndpointError
+    from fabric.globus.transport import GlobusTransport
+    from tests.plugins.site import write_site
+
+    monkeypatch.setenv("FABRIC_HOME", str(tmp_path / "home"))
+    with pytest.raises(EndpointError, match="endpoint_id is not set") as err:
+        open_transport("polaris")
+    assert err.value.details == {"site": "polaris"}
+    local = write_site(tmp_path / "here", name="here")
+    embedded = open_transport(str(local), state_dir=tmp_path / "elsewhere")
+    assert isinstance(embedded, LocalTransport) and embedded.site == "here"
+    assert embedded.state_dir == (tmp_path / "elsewhere").resolve() and embedded.info is None
+    embedded.close()
+    remote = write_site(tmp_path / "far", name="far",
+                        endpoint_id="0b6e5c4a-0f5c-4e5b-9f0d-0000000000bb")
+    through_globus = open_transport(str(remote))
+    assert isinstance(through_globus, GlobusTransport) and through_globus.site == "far"
+    assert through_globus._executor is None  # built (and the cloud contacted) on first submit
+
+
+def test_an_embedded_site_never_loads_globus(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.plugins.site import write_site
+
+    folder = write_site(tmp_path / "here", name="here")
+    code = ("import sys\nfrom fabric import Fabric\n"
+            f"t = Fabric(site={str(folder)!r}, on_status=None).transport\n"
+            "assert type(t).__name__ == 'LocalTransport'\n"
+            "bad = sorted(m for m in sys.modules if m.startswith(('fabric.globus', 'globus_')))\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from fabric.client import framing, gcwire
 from fabric.client.local import LocalTransport, read_info, site_status, start_site, stop_site
 from fabric.endpoint import functions
 from fabric.errors import (
@@ -25,6 +24,7 @@ from fabric.errors import (
     UnknownModel,
     UserFunctionError,
 )
+from fabric.wire import framing, gcwire
 from tests.plugins.site import LocalSite, write_site
 
 
@@ -142,6 +142,51 @@ def test_bad_and_vanishing_clients_do_not_disturb_others(local_site: LocalSite,
     time.sleep(1.5)  # the orphaned reply has been written (to nobody) by now
     assert isinstance(site_transport.submit(worker_pid).result(timeout=60), int)
     assert read_info(local_site.state_dir)["pid"] == local_site.info["pid"]
+
+
+class CreatesFile:
+    """Unpickling this creates a file: what a hostile pickled argument could do, harmlessly."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def test_pickled_arguments_of_fabric_functions_are_refused(local_site: LocalSite,
+                                                           tmp_path: Path) -> None:
+    """The site reads no caller pickle for the fabric's own functions: a hand-made task for
+    ``run_request`` whose argument is pickled gets a typed ``AccessDenied``, and the argument is
+    never unpickled (the file its unpickling would create does not appear)."""
+    import socket
+    import uuid
+
+    from globus_compute_sdk.serialize import ComputeSerializer
+
+    from fabric.errors import AccessDenied
+
+    marker = tmp_path / "unpickled"
+    task_id, packed = gcwire.pack_task(functions.run_request, (CreatesFile(str(marker)), None),
+                                       {}, serializer=ComputeSerializer())  # dill data
+    assert isinstance(task_id, uuid.UUID)
+    assert gcwire.admission_refusal(packed, user_functions=True) is not None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.connect(local_site.info["socket"])
+        raw.settimeout(60)
+        raw.sendall(framing.encode([framing.TASK, packed, task_id.bytes]))
+        reader, replies = framing.Reader(), []
+        while not replies:
+            data = raw.recv(65536)
+            assert data, "the site hung up"
+            replies = reader.feed(data)
+    kind, key, result = replies[0]
+    assert kind == framing.RESULT and key == str(task_id).encode()
+    with pytest.raises(AccessDenied) as err:
+        gcwire.unpack_result(result)
+    assert err.value.details == {"function": "run_request", "rule": "data-serializers",
+                                 "accepted": "JSONData"}
+    assert not marker.exists()
 
 
 def test_remote_fabric_errors_are_typed(site_transport: LocalTransport) -> None:
@@ -278,3 +323,17 @@ def test_autostart_sigterm_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert stop_site(str(folder)) is None
     assert main(["endpoint", "status", "--site", str(folder)]) == 3
     assert _wait_for(lambda: not _processes_mentioning(str(folder)), 30)
+
+
+def test_the_composition_root_wires_the_campaign_scheduler(tmp_path: Path) -> None:
+    """``fabric.siteproc`` builds the site process with the campaign scheduler; the site
+    module itself registers nothing (it knows nothing of campaigns)."""
+    from fabric.campaign.scheduler import site_task
+    from fabric.endpoint.site import SiteProcess
+    from fabric.siteproc import build
+
+    folder = write_site(tmp_path / "site", name="wired")
+    proc = build(str(folder), tmp_path / "state")
+    assert proc.background_tasks == [site_task] and SiteProcess.background_tasks == []
+    assert proc.site.name == "wired" and proc.state_dir == (tmp_path / "state").resolve()
+    assert proc.engine is None and proc.listener is None  # built, not started

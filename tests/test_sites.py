@@ -39,6 +39,10 @@ def test_site_loads_with_both_schemas(name: str) -> None:
     assert site.name == name and site.unset_values == []
     config = load_config_yaml(text)  # Globus Compute's own loader: unknown keys are errors
     assert type(config.engine).__name__ == "GlobusComputeEngine"
+    # Workers unpickle no caller data unless the site runs user functions (pickled arguments).
+    allowed = {t.__name__ for t in config.engine.serde.allowed_deserializer_types}
+    assert allowed == {"DillCode", "JSONData"} | (
+        {"DillDataBase64"} if site.allow_user_functions else set())
     if name != "local":
         assert site.policy is not None and site.allow_user_functions is False
         assert config.allowed_functions is None  # nothing registered yet: check warns

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from fabric.campaign import store
 from fabric.campaign.manifest import Manifest
-from fabric.errors import DeadlineExceeded
+from fabric.errors import DeadlineExceeded, InvalidRequest
 
 
 class Campaign:
@@ -114,13 +114,21 @@ def campaign(fab: Any, manifest: Manifest | str | Path | dict[str, Any], *,
     from fabric.campaign.manifest import load_manifest
 
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-    c = Campaign.create(m, home=home, site=getattr(fab, "site", "local"), run=run,
-                        schedule=schedule)
-    if run == "here":
+    site = getattr(fab, "site", "local")
+    control = None
+    if run == "site":
+        # The site process's scheduler runs it: the site must be up. Contact through ``fab``'s
+        # own transport starts an embedded site, as any first call does; a site behind Globus
+        # Compute has no scheduler of this machine's campaigns.
+        control = getattr(fab.transport, "control", None)
+        if not callable(control):
+            raise InvalidRequest(
+                f"run='site' hands the campaign to an embedded site's scheduler, and site "
+                f"{site!r} is reached through Globus Compute; use run='here'", site=site)
+    c = Campaign.create(m, home=home, site=site, run=run, schedule=schedule)
+    if control is not None:
+        control("ping")
+    else:
         transports = {s.name: fab.transport for s in m.sites if s.name == fab.site}
         c.start(transports=transports, auth=getattr(fab, "auth", None))
-    else:
-        from fabric.client.local import start_site
-
-        start_site(getattr(fab, "site", "local"))
     return c

@@ -170,24 +170,16 @@ class Runner:
     def _transport(self, spec: SiteSpec) -> Any:
         if spec.name in self._given:
             return self._given[spec.name]
-        from fabric.sites import load_site
+        from fabric.client.transport import open_transport
 
-        config = load_site(spec.name)
-        if config.endpoint_id:
-            from fabric.globus.transport import GlobusTransport
-
-            transport: Any = GlobusTransport(config)
-        else:
-            from fabric.client.local import LocalTransport
-
-            transport = LocalTransport(site=spec.name, state_dir=spec.state_dir)
+        transport = open_transport(spec.name, state_dir=spec.state_dir)
         self._opened.append(transport)
         return transport
 
     # -- dispatch and settle ------------------------------------------------------------------
 
     def _dispatch(self, slots: list[SiteSlot]) -> None:
-        from fabric.campaign.shard import run_shard
+        from fabric.wire.functions import run_shard
 
         assert self.ledger is not None
         m = self.manifest

@@ -164,7 +164,7 @@ def jsonable(value: Any) -> Any:
     """``value`` with wire-encoded arrays turned into nested lists (results go to JSONL)."""
     if isinstance(value, dict):
         if set(value) == {"dtype", "shape", "data"} and isinstance(value["data"], bytes):
-            from fabric.protocol import decode_array
+            from fabric.wire.arrays import decode_array
 
             return decode_array(value).tolist()
         return {str(k): jsonable(v) for k, v in value.items()}

@@ -29,7 +29,7 @@ LEDGER, MANIFEST, LOCK = "ledger.sqlite", "manifest.json", "runner.lock"
 
 def default_home(site: str = "local", state_dir: str | Path | None = None) -> Path:
     """``<state dir of site>/campaigns``: the registry that site's scheduler runs."""
-    from fabric.client.local import resolve_site
+    from fabric.sites import resolve_site
 
     return resolve_site(site, state_dir)[2] / "campaigns"
 

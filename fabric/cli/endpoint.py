@@ -50,7 +50,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def cmd_start(args: argparse.Namespace) -> int:
     """Start the site unless it runs; print where it serves."""
-    from fabric.client.local import read_info, resolve_site, start_site
+    from fabric.client.local import read_info, start_site
+    from fabric.sites import resolve_site
 
     _, _, folder = resolve_site(args.site, args.state_dir)
     was = read_info(folder)

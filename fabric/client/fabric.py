@@ -19,9 +19,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fabric.client.checks import (
     build_request,
@@ -39,11 +38,9 @@ from fabric.client.results import (
 )
 from fabric.client.status import StatusCallback, StatusPrinter, describe_status
 from fabric.client.streaming import DirectSource, EventSource, PollSource, Stream
-from fabric.errors import EndpointError, FabricError, InvalidRequest
+from fabric.client.transport import Transport, open_transport
+from fabric.errors import FabricError, InvalidRequest
 from fabric.protocol import GenerationResult, Hook, InferenceRequest, renumber_text_error
-
-if TYPE_CHECKING:
-    from fabric.client.transport import Transport
 
 __all__ = ["DEFAULT_EMBED_MODEL", "DEFAULT_MODEL", "Fabric", "StatusCallback", "StatusPrinter",
            "describe_status"]
@@ -91,7 +88,7 @@ class Fabric:
         """The site's transport, opened on first use (this may start the local site)."""
         with self._lock:
             if self._transport is None:
-                self._transport = _open_transport(self.site)
+                self._transport = open_transport(self.site)
                 self._report_site_start(self._transport)
             return self._transport
 
@@ -172,7 +169,7 @@ class Fabric:
         )
         transport = self.transport
         mode = "direct" if transport.can_reach_servers else "poll"
-        from fabric.endpoint.functions import open_stream
+        from fabric.wire.functions import open_stream
 
         info = self._wait(
             transport.submit(open_stream, request.model_dump(mode="json"), self.auth, mode),
@@ -215,7 +212,7 @@ class Fabric:
         # One batched request per endpoint task; tasks run in parallel request workers and
         # all their texts are in flight at the server at once (it batches them).
         transport = self.transport
-        from fabric.endpoint.functions import run_requests
+        from fabric.wire.functions import run_requests
 
         futures = [transport.submit(run_requests, [r.model_dump(mode="json")], self.auth)
                    for r in requests]
@@ -260,16 +257,6 @@ class Fabric:
         )
         return dict(decode_tensors(self._run(request)))
 
-    # -- batch campaigns ----------------------------------------------------------------------
-
-    def campaign(self, manifest: Any, *, run: Literal["here", "site"] = "here",
-                 home: Path | None = None, schedule: dict[str, str] | None = None) -> Any:
-        """Start a batch campaign (see docs/campaigns.md); returns a ``Campaign`` with
-        ``.status()``, ``.wait()``, ``.results()`` and ``.cancel()``."""
-        from fabric.campaign.api import campaign
-
-        return campaign(self, manifest, run=run, home=home, schedule=schedule)
-
     # -- user functions -----------------------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], *args: Any, model: str | None = DEFAULT_MODEL,
@@ -284,7 +271,7 @@ class Fabric:
             raise InvalidRequest(f"fn must be callable, got {type(fn).__name__}")
         if model is not None:
             check_name(model, "model")
-        from fabric.endpoint.functions import run_user_function
+        from fabric.wire.functions import run_user_function
 
         return self.transport.submit(run_user_function, fn, args, kwargs, model, self.auth)
 
@@ -292,7 +279,7 @@ class Fabric:
 
     def models(self) -> list[dict[str, Any]]:
         """The site's catalog: name, version, family, size, plan and deployment state."""
-        from fabric.endpoint.functions import list_models
+        from fabric.wire.functions import list_models
 
         return list(self.transport.submit(list_models, self.auth).result())
 
@@ -307,7 +294,7 @@ class Fabric:
         for name, value in (("pp", pp), ("tp", tp)):
             if value is not None:
                 plan[name] = check_int(value, name, minimum=1)
-        from fabric.endpoint.functions import deploy
+        from fabric.wire.functions import deploy
 
         record = dict(self.transport.submit(
             deploy, model, plan or None, self.auth, version).result())
@@ -321,8 +308,8 @@ class Fabric:
                    first: dict[str, Any] | None = None) -> dict[str, Any]:
         """Poll the deployment of ``model`` until it is ready; raise ``DeploymentError`` if it
         dies, ``DeadlineExceeded`` after ``timeout`` seconds."""
-        from fabric.endpoint.functions import deployment_status
         from fabric.errors import DeadlineExceeded, DeploymentError
+        from fabric.wire.functions import deployment_status
 
         deadline = None if timeout is None else time.monotonic() + timeout
         status = first or {}
@@ -350,21 +337,21 @@ class Fabric:
 
     def deployments(self) -> list[dict[str, Any]]:
         """The site's deployments: id, model, plan, job id, state, address, idle time."""
-        from fabric.endpoint.functions import list_deployments
+        from fabric.wire.functions import list_deployments
 
         return list(self.transport.submit(list_deployments, self.auth).result())
 
     def undeploy(self, deployment_id: str) -> dict[str, Any]:
         """Drain and stop one deployment (running requests finish first)."""
         check_name(deployment_id, "deployment id")
-        from fabric.endpoint.functions import undeploy
+        from fabric.wire.functions import undeploy
 
         return dict(self.transport.submit(undeploy, deployment_id, self.auth).result())
 
     # -- plumbing -----------------------------------------------------------------------------
 
     def _run(self, request: InferenceRequest) -> dict[str, Any]:
-        from fabric.endpoint.functions import run_request
+        from fabric.wire.functions import run_request
 
         future = self.transport.submit(run_request, request.model_dump(mode="json"), self.auth)
         return dict(self._wait(future, request.model, request.version))
@@ -413,7 +400,7 @@ class Fabric:
         transport = self.transport
         control = getattr(transport, "control", None)
         if not callable(control):
-            from fabric.endpoint.functions import deployment_status
+            from fabric.wire.functions import deployment_status
 
             return transport.submit(deployment_status, model, version, None, self.auth)
         future: Future[Any] = Future()
@@ -450,27 +437,3 @@ def _hooks(hooks: HookSpecs) -> list[dict[str, Any]] | None:
         raise InvalidRequest("hooks must be a list of hook specs (dicts or fabric.protocol.Hook)")
     return [h.model_dump() if isinstance(h, Hook) else h for h in hooks]
 
-
-def _open_transport(site: str) -> Transport:
-    """The transport for ``site``: a site definition without a Globus Compute endpoint id (the
-    local site, a Slurm cluster on this machine) runs embedded; one with an id goes through
-    Globus Compute."""
-    from fabric.sites import load_site
-
-    config = load_site(site)
-    if not config.endpoint_id and "endpoint_id" in config.template:
-        # A remote site's definition whose operator value is not filled in: running it
-        # embedded would try to submit PBS/Slurm jobs from this machine.
-        raise EndpointError(
-            f"site {config.name!r} is reached through Globus Compute but its endpoint_id is "
-            f"not set; put `endpoint_id: <uuid>` in endpoints/{config.name}/values.yaml "
-            "(the site operator prints it with `globus-compute-endpoint start`)",
-            site=config.name)
-    if not config.endpoint_id:
-        from fabric.client.local import LocalTransport
-
-        return LocalTransport(site=site)
-    # Imported only here so that users of embedded sites never load the Globus SDKs.
-    from fabric.globus.transport import GlobusTransport
-
-    return GlobusTransport(config)

@@ -1,8 +1,8 @@
 """``LocalTransport``: the SDK's way into the embedded local site (started on demand).
 
-The site runs in its own background process (``fabric.endpoint.site``); this module finds it
+The site runs in its own background process (``fabric.siteproc``); this module finds it
 through ``<state_dir>/endpoint.json``, starting it first if it is not running (as Ollama does),
-and sends it Globus Compute task messages over the site's Unix socket (``fabric.client.framing``
+and sends it Globus Compute task messages over the site's Unix socket (``fabric.wire.framing``
 says why not ZMQ). One connection per transport: ``submit`` writes the task from the calling
 thread (under a lock) and returns a ``Future`` at once. A thread waiting in ``result()`` reads
 the replies itself (under another lock), so a synchronous call never waits for another thread
@@ -31,26 +31,16 @@ from typing import Any
 
 import msgpack
 
-from fabric.client import framing, gcwire
-from fabric.client.framing import CONTROL, RESULT, TASK
 from fabric.errors import EndpointError, FabricError, InvalidRequest
+from fabric.sites import resolve_site
+from fabric.wire import framing, gcwire
+from fabric.wire.framing import CONTROL, RESULT, TASK
 
 INFO_FILE = "endpoint.json"
 SEND_TIMEOUT_S = 30.0
 """How long ``submit`` may block when the site takes no messages (ZMQ's queue is full)."""
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 """Site processes this process started (so their exit is seen, not left as zombies)."""
-
-
-def resolve_site(site: str = "local", state_dir: str | Path | None = None
-                 ) -> tuple[Any, str, Path]:
-    """``(SiteConfig, reference for the site process, state dir)`` for a site name or path."""
-    from fabric.sites import load_site
-
-    ref = str(Path(site).resolve()) if Path(site).exists() else site
-    cfg = load_site(ref)
-    folder = Path(state_dir).expanduser() if state_dir else cfg.resolved_state_dir()
-    return cfg, ref, folder.resolve()
 
 
 def read_info(state_dir: Path) -> dict[str, Any] | None:
@@ -84,7 +74,7 @@ def start_site(site: str = "local", state_dir: str | Path | None = None,
         with log_path.open("ab") as log:
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "fabric.endpoint.site", "--site", ref,
+                    [sys.executable, "-m", "fabric.siteproc", "--site", ref,
                      "--state-dir", str(folder)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,  # outlives this client, ignores its Ctrl-C

@@ -126,7 +126,7 @@ class PollSource:
 
     def events(self) -> Iterator[dict[str, Any]]:
         """Events in order; each poll waits up to ``wait_s`` at the server for new ones."""
-        from fabric.endpoint.functions import poll_stream
+        from fabric.wire.functions import poll_stream
 
         while True:
             reply = self._transport.submit(
@@ -144,7 +144,7 @@ class PollSource:
 
     def cancel(self) -> str:
         """Cancel through the endpoint (which forwards to the server)."""
-        from fabric.endpoint.functions import cancel_request
+        from fabric.wire.functions import cancel_request
 
         return str(self._transport.submit(
             cancel_request, self._model, self.request_id, self._ticket, self._auth

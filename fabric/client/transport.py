@@ -3,13 +3,20 @@
 A transport runs one of the fabric's endpoint functions at a site, inside a request worker of
 that site's Globus Compute engine, and hands back a ``concurrent.futures.Future``. The local
 site and a remote Globus Compute endpoint differ only here.
+
+``open_transport(site)`` is the one place that chooses: the SDK, the campaign runner and the
+CLI all open sites through it. It imports the Globus SDKs only for a remote site, so users of
+embedded sites never load them (``tests/test_layering.py`` holds the client to that).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from fabric.errors import EndpointError
 
 
 @runtime_checkable
@@ -30,3 +37,31 @@ class Transport(Protocol):
     def close(self) -> None:
         """Release sockets and threads."""
         ...
+
+
+def open_transport(site: str, state_dir: str | Path | None = None) -> Transport:
+    """The transport for ``site`` (a name or definition path).
+
+    A site definition without a Globus Compute endpoint id (the local site, a Slurm cluster on
+    this machine) runs embedded (``LocalTransport``, ``state_dir`` overriding the site's); one
+    with an id goes through Globus Compute (``GlobusTransport``). A remote site's definition
+    whose ``endpoint_id`` is not filled in is refused: running it embedded would submit
+    PBS/Slurm jobs from this machine.
+    """
+    from fabric.sites import load_site
+
+    config = load_site(site)
+    if not config.endpoint_id and "endpoint_id" in config.template:
+        raise EndpointError(
+            f"site {config.name!r} is reached through Globus Compute but its endpoint_id is "
+            f"not set; put `endpoint_id: <uuid>` in endpoints/{config.name}/values.yaml "
+            "(the site operator prints it with `globus-compute-endpoint start`)",
+            site=config.name)
+    if not config.endpoint_id:
+        from fabric.client.local import LocalTransport
+
+        return LocalTransport(site=site, state_dir=state_dir)
+    # The one import of fabric.globus in the client: only a remote site loads the Globus SDKs.
+    from fabric.globus.transport import GlobusTransport
+
+    return GlobusTransport(config)

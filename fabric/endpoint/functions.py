@@ -4,11 +4,11 @@ The client ships these by reference (Globus Compute's default code serializer pi
 module-level function as ``module.name``), so this module must import cheaply: heavy modules
 (the deployment manager, Parsl, the server client) are imported inside the functions.
 
-Every function returns an envelope (``fabric.client.gcwire.ok``/``error``) instead of raising a
+Every function returns an envelope (``fabric.wire.gcwire.ok``/``error``) instead of raising a
 ``FabricError``: a raised exception reaches the client only as a traceback string, while the
 envelope lets the transport re-raise the same typed error. Workers learn their site from
 ``FABRIC_SITE`` (a site name or definition path) and ``FABRIC_STATE_DIR``, set by the site
-process (``fabric.endpoint.site``) or, at a remote endpoint, by the operator's ``worker_init``.
+process (``fabric.siteproc``) or, at a remote endpoint, by the operator's ``worker_init``.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fabric.client.gcwire import error, ok
 from fabric.errors import (
     FabricError,
     ModelServerUnavailable,
     ResultTooLarge,
     UserFunctionError,
 )
+from fabric.wire.gcwire import error, ok
 
 SITE_ENV = "FABRIC_SITE"
 """Environment variable naming the worker's site (name or definition path)."""
@@ -372,7 +372,7 @@ def run_user_function(fn: Callable[..., Any], args: tuple[Any, ...] = (),
 
 def _check_returnable(name: str, value: Any) -> None:
     """Fail here, typed, rather than as an opaque serialization error in the engine."""
-    from fabric.client.gcwire import default_serializer
+    from fabric.wire.gcwire import default_serializer
 
     if _surely_returnable(value):
         return  # serialising it twice (here and in the engine) would only cost time

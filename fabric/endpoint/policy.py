@@ -33,20 +33,17 @@ from typing import Any
 
 from fabric.errors import AccessDenied, EndpointError, FunctionNotAllowed, QuotaExceeded
 from fabric.sites import ModelRule, PolicyConfig, SiteConfig
+from fabric.wire.functions import NAMES
 
 log = logging.getLogger(__name__)
 
 GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 
-FABRIC_FUNCTIONS = frozenset({
-    "run_request", "run_requests", "open_stream", "poll_stream", "cancel_request",
-    "run_user_function",
-    "deployment_status", "deploy", "undeploy", "list_deployments", "list_models",
-    "run_shard",  # fabric.campaign.shard: a campaign's shard of inputs
-})
-"""Endpoint functions every site allows (``fabric.endpoint.functions`` may add to these by
-listing them in its ``__all__``); anything else needs ``allow_user_functions``."""
+FABRIC_FUNCTIONS = NAMES
+"""Endpoint functions every site allows (the one list is ``fabric.wire.functions``;
+``fabric.endpoint.functions`` may add to these by listing them in its ``__all__``); anything
+else needs ``allow_user_functions``."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The local site process: a real Globus Compute engine behind the site's Unix socket.
 
-``python -m fabric.endpoint.site --site local [--state-dir DIR]`` (or ``fabric endpoint start``)
+``python -m fabric.siteproc --site local [--state-dir DIR]`` (or ``fabric endpoint start``)
 runs what a Globus Compute endpoint runs at a supercomputer site, minus the cloud relay:
 
 .. code:: text
@@ -9,14 +9,14 @@ runs what a Globus Compute endpoint runs at a supercomputer site, minus the clou
                    <--[b"R", task id, packed Result]--            (Parsl HTEX, LocalProvider
                    --[b"C", control]--> status / stop              request workers)
 
-Messages are length-prefixed frame lists (``fabric.client.framing``) on a Unix stream socket
+Messages are length-prefixed frame lists (``fabric.wire.framing``) on a Unix stream socket
 in the state dir (mode 0600; each peer's uid is checked). The main loop accepts clients, reads
 their messages and submits tasks to the engine; a reply is written from the thread that has it
 (the engine's result thread, a control thread) straight to the client's connection under that
 connection's lock, so a result does not wait for the main loop to wake. What the kernel does not
 take at once (a large result, a slow reader) the main loop flushes when the socket has room.
 
-Tasks and results are Globus Compute's own messages (``fabric.client.gcwire``), so the same
+Tasks and results are Globus Compute's own messages (``fabric.wire.gcwire``), so the same
 endpoint functions run here and behind a real endpoint. The process owns one state dir (a
 file lock keeps a second copy out) and advertises itself in ``<state_dir>/endpoint.json``
 (mode 0600). Model servers it launched keep running after it stops (they exit on their idle
@@ -25,16 +25,13 @@ timeout); ``stop`` with ``all`` undeploys them first.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import contextlib
 import fcntl
-import importlib
 import json
 import logging
 import os
 import selectors
-import signal
 import socket
 import sys
 import threading
@@ -47,10 +44,10 @@ from typing import Any
 
 import msgpack
 
-from fabric.client import framing
-from fabric.client.framing import CONTROL, RESULT, TASK
 from fabric.endpoint.functions import SITE_ENV, STATE_DIR_ENV
-from fabric.sites import SiteConfig, load_site
+from fabric.sites import SiteConfig
+from fabric.wire import framing
+from fabric.wire.framing import CONTROL, RESULT, TASK
 
 log = logging.getLogger("fabric.site")
 
@@ -69,7 +66,8 @@ class SiteProcess:
 
     background_tasks: list[BackgroundTask] = []
     """Hooks started (each in a daemon thread) once the site serves; add to this list before
-    ``start`` (class-wide) or on the instance. The campaign runner registers itself here."""
+    ``start`` (class-wide) or on the instance. The composition root (``fabric.siteproc``) puts
+    the campaign scheduler here: this module knows nothing of campaigns."""
 
     def __init__(self, site: SiteConfig, site_ref: str, state_dir: Path) -> None:
         self.site = site
@@ -251,7 +249,7 @@ class SiteProcess:
         # worker runs the packed Task under this id, as an endpoint runs the web service's.
         from globus_compute_endpoint.engines.base import GCFuture
 
-        from fabric.client.gcwire import pack_error_result
+        from fabric.wire.gcwire import admission_refusal, pack_error_result, pack_refusal
 
         try:
             task_id = uuid.UUID(bytes=raw_id)
@@ -265,6 +263,11 @@ class SiteProcess:
             self._reply(conn, [RESULT, key, f.result()])
 
         fut.add_done_callback(done)
+        # Before any worker unpickles the task's code or arguments.
+        refusal = admission_refusal(packed, user_functions=self.site.allow_user_functions)
+        if refusal is not None:
+            fut.set_result(pack_refusal(task_id, refusal))
+            return
         try:
             self.engine.submit(fut, packed, resource_specification={})
         except Exception as exc:  # the engine refused it: answer, and keep serving others
@@ -426,36 +429,3 @@ def _write_private_json(path: Path, data: dict[str, Any]) -> None:
 
 def _pack(msg: dict[str, Any]) -> bytes:
     return bytes(msgpack.packb(msg, use_bin_type=True, default=str))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the site process."""
-    parser = argparse.ArgumentParser(prog="python -m fabric.endpoint.site",
-                                     description="Run a fabric site (the local endpoint).")
-    parser.add_argument("--site", default="local", help="site name or definition path")
-    parser.add_argument("--state-dir", default=None, help="override the site's state dir")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("parsl", "globus_compute_endpoint", "globus_compute_sdk"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    ref = args.site
-    if Path(ref).exists():
-        ref = str(Path(ref).resolve())  # workers run in another cwd
-    site = load_site(ref)
-    state_dir = Path(args.state_dir).expanduser() if args.state_dir \
-        else site.resolved_state_dir()
-    proc = SiteProcess(site, ref, state_dir)
-    proc.background_tasks.append(importlib.import_module("fabric.campaign.scheduler").site_task)
-    signal.signal(signal.SIGTERM, lambda *_: proc.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: proc.request_stop())
-    try:
-        proc.start()
-        proc.serve_forever()
-    finally:
-        proc.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

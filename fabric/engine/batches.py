@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fabric.protocol import encode_array
+from fabric.wire.arrays import encode_array
 
 TIMING_KEYS = ("queue_s", "prefill_s", "decode_s", "total_s")
 

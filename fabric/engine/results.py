@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from fabric.engine.sequence import Sequence
-from fabric.protocol import encode_array
+from fabric.wire.arrays import encode_array
 
 
 def timings(seq: Sequence) -> dict[str, float]:

@@ -44,11 +44,14 @@ class StandinService:
 
     def __init__(self, run_dir: Path, *, endpoint_id: str | None = None, workers: int = 2,
                  allowed_functions: Iterable[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 allowed_serializers: list[str] | None = None) -> None:
         self.endpoint_id = endpoint_id or str(uuid.uuid4())
         self.run_dir = Path(run_dir)
         self.workers = workers
         self.allowed_functions = None if allowed_functions is None else set(allowed_functions)
+        self.allowed_serializers = allowed_serializers
+        """The engine's deserializer allow-list, as an endpoint config's ``allowed_serializers``."""
         self.env = dict(env or {})
         self.functions: dict[str, str] = {}
         self.groups: dict[str, list[str]] = {}
@@ -77,6 +80,7 @@ class StandinService:
             label="fabric-standin", address="127.0.0.1", max_workers_per_node=self.workers,
             provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
             job_status_kwargs={"strategy_period": 0.5, "max_idletime": 3600.0},
+            allowed_serializers=self.allowed_serializers,
         )
         self.engine.start(endpoint_id=uuid.UUID(self.endpoint_id), run_dir=str(self.run_dir))
         return self

@@ -29,7 +29,6 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from fabric.client import gcwire
 from fabric.errors import (
     AccessDenied,
     AuthError,
@@ -40,10 +39,9 @@ from fabric.errors import (
     UserFunctionError,
 )
 from fabric.sites import SiteConfig
+from fabric.wire import functions, gcwire
 
 log = logging.getLogger(__name__)
-
-FUNCTIONS_MODULE = "fabric.endpoint.functions"
 
 
 def fabric_home() -> Path:
@@ -133,9 +131,13 @@ class GlobusTransport:
                 from globus_compute_sdk import Client, Executor
 
                 client = Client(app=self.app, do_version_check=False)
+                # The fabric's serializer: plain-data arguments (all the fabric's functions
+                # take) travel as JSON, which an endpoint that unpickles no caller data
+                # (``allowed_serializers`` without DillDataBase64) accepts.
                 self._executor = Executor(
                     endpoint_id=self.config.endpoint_id, client=client,
-                    task_group_id=self._groups.get(self.site), batch_size=self.batch_size)
+                    task_group_id=self._groups.get(self.site), batch_size=self.batch_size,
+                    serializer=gcwire.data_serializer())
             return self._executor
 
     def identity_proof(self) -> dict[str, Any] | None:
@@ -188,12 +190,17 @@ class GlobusTransport:
     # -- pieces ---------------------------------------------------------------------------------
 
     def function_id(self, fn: Callable[..., Any]) -> str:
-        """The id to run ``fn`` by: operator-registered, cached by code hash, or new."""
+        """The id to run ``fn`` by: operator-registered, cached by code hash, or new.
+
+        ``fn`` is one of the fabric's endpoint functions (a ``fabric.wire.functions``
+        reference, or the real function: the same bytes) or a caller's function."""
         name = getattr(fn, "__name__", "")
-        if getattr(fn, "__module__", "") == FUNCTIONS_MODULE and name in self.config.function_ids:
-            return self.config.function_ids[name]
+        ref = functions.reference(fn)
+        if ref is not None and ref.name in self.config.function_ids:
+            return self.config.function_ids[ref.name]
         if fn in self._ids:
             return self._ids[fn]
+        functions.install_reducer()  # a reference serialises as the real function
         executor = self.executor
         serializer = getattr(executor, "serializer", None)
         if serializer is None:
@@ -255,6 +262,11 @@ def _translate(exc: BaseException) -> FabricError:
         if "not permitted on endpoint" in data:
             return FunctionNotAllowed(f"the endpoint refused the function: {last}",
                                       rule="allowed_functions")
+        if "disabled by current configuration" in data:
+            # The endpoint's allowed_serializers: it opened nothing (e.g. no pickled data
+            # where user functions are off).
+            return AccessDenied(f"the endpoint refused how the call was serialised: {last}",
+                                rule="allowed_serializers")
         if "MaxResultSizeExceeded" in data:
             return ResultTooLarge(f"result is larger than one message may carry: {last}")
         return UserFunctionError(f"remote function raised: {last}", traceback=data)
@@ -276,15 +288,6 @@ def register_functions(site: SiteConfig, executor: Any, *, public: bool = True) 
     The ids go into the site's ``function_ids`` (so clients use them) and, rendered, into the
     endpoint's ``allowed_functions`` (so nothing else runs there).
     """
-    import importlib
-
-    from fabric.endpoint.policy import FABRIC_FUNCTIONS
-
-    module = importlib.import_module(FUNCTIONS_MODULE)
-    names = sorted(set(getattr(module, "__all__", ())) | FABRIC_FUNCTIONS)
-    out = {}
-    for name in names:
-        fn = getattr(module, name, None)
-        if callable(fn):
-            out[name] = str(executor.register_function(fn, public=public))
-    return out
+    functions.install_reducer()
+    return {ref.name: str(executor.register_function(ref, public=public))
+            for ref in functions.FABRIC_FUNCTIONS}
