@@ -359,15 +359,6 @@ class DeploymentManager:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_deployment(site: SiteConfig, state_dir: Path, model: str, version: str | None = None,
-                      plan: Plan | None = None, wait_s: float | None = None) -> Deployment:
-    """A ready deployment of ``model`` at ``site`` (see ``DeploymentManager.ensure``)."""
-    from fabric.catalog import Catalog
-
-    entry = Catalog().with_entries(site.extra_models).get(model, version)
-    return DeploymentManager(site, state_dir).ensure(entry, plan, wait_s)
-
-
 def _job_name(dep_id: str) -> str:
     return f"fabric-{dep_id}"
 

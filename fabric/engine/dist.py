@@ -46,11 +46,6 @@ class RankInfo:
         return self.rank == 0
 
     @property
-    def is_first_stage(self) -> bool:
-        """True when this rank holds the embeddings."""
-        return self.stage == 0
-
-    @property
     def is_last_stage(self) -> bool:
         """True when this rank holds the final norm and the LM head."""
         return self.stage == self.pp - 1
@@ -112,7 +107,6 @@ class TPGroup:
         parts = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(parts, t.contiguous(), group=self.group)
         return parts
-    """This stage's tensor-parallel group (``None`` when tp == 1)."""
 
 
 def resolve_master(addr: str) -> str:
