@@ -36,8 +36,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` from the repository root
     sys.path.insert(0, str(REPO_ROOT))
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from fabric import env  # noqa: E402
+
+# In-process baselines and loaders stay on the CPU; a model server picks its own from its plan.
+env.DS_ACCELERATOR.setdefault("cpu")
+env.TOKENIZERS_PARALLELISM.setdefault("false")
 
 SMOLLM = "smollm2-135m"
 MINILM = "minilm-l6"
@@ -92,7 +95,7 @@ def environment() -> dict[str, Any]:
     return {"host": platform.node(), "cpus": len(os.sched_getaffinity(0)),
             "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "omp_num_threads": env.OMP_NUM_THREADS.get(),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -106,7 +109,7 @@ def set_threads(n: int) -> None:
     """Threads for this process's torch (set before heavy work; say it in the JSON)."""
     import torch
 
-    os.environ["OMP_NUM_THREADS"] = str(n)
+    env.OMP_NUM_THREADS.set(str(n))
     torch.set_num_threads(n)
 
 

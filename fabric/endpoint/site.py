@@ -47,9 +47,9 @@ from typing import Any
 
 import msgpack
 
+from fabric import env
 from fabric.client import framing
 from fabric.client.framing import CONTROL, RESULT, TASK
-from fabric.endpoint.functions import SITE_ENV, STATE_DIR_ENV
 from fabric.sites import SiteConfig, load_site
 
 log = logging.getLogger("fabric.site")
@@ -116,9 +116,9 @@ class SiteProcess:
         # Workers are started by the engine from this process's environment: they need the
         # venv's bin on PATH (``globus-compute-endpoint python-exec``) and their site.
         bin_dir = str(Path(sys.executable).parent)
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-        os.environ[SITE_ENV] = self.site_ref
-        os.environ[STATE_DIR_ENV] = str(self.state_dir)
+        env.PATH.set(bin_dir + os.pathsep + (env.PATH.get() or ""))
+        env.FABRIC_SITE.set(self.site_ref)
+        env.FABRIC_STATE_DIR.set(str(self.state_dir))
         run_dir = self.state_dir / "engine"
         run_dir.mkdir(parents=True, exist_ok=True)
         self.engine = GlobusComputeEngine(

@@ -29,6 +29,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from fabric import env
 from fabric.client import gcwire
 from fabric.errors import (
     AccessDenied,
@@ -44,11 +45,6 @@ from fabric.sites import SiteConfig
 log = logging.getLogger(__name__)
 
 FUNCTIONS_MODULE = "fabric.endpoint.functions"
-
-
-def fabric_home() -> Path:
-    """``$FABRIC_HOME`` (default ``~/.fabric``): tokens, function and task-group caches."""
-    return Path(os.environ.get("FABRIC_HOME", "~/.fabric")).expanduser()
 
 
 class _JSONFile:
@@ -100,7 +96,7 @@ class GlobusTransport:
         self._executor = executor
         self._app = app
         self._proof = proof
-        home = home or fabric_home()
+        home = home or env.fabric_home()
         self._functions = _JSONFile(home / "functions.json")
         self._groups = _JSONFile(home / "task_groups.json")
         self._ids: dict[Any, str] = {}
@@ -201,7 +197,7 @@ class GlobusTransport:
 
             serializer = ComputeSerializer()
         namespace = getattr(executor, "registry_namespace", None) or \
-            f"globus-{os.environ.get('GLOBUS_SDK_ENVIRONMENT', 'production')}"
+            f"globus-{env.GLOBUS_SDK_ENVIRONMENT.get()}"
         digest = hashlib.sha256(serializer.serialize(fn).encode()).hexdigest()
         key = f"{namespace}:{digest}"
         function_id = self._functions.get(key)
