@@ -2,7 +2,8 @@
 
 The deployment manager writes this as JSON next to the job; every rank of the job reads the
 same file (``python -m fabric.engine.server CONFIG_JSON``). Nothing else configures a server:
-no hidden environment variables beyond the launcher's own rank variables.
+no hidden environment variables beyond the launcher's own rank variables (``fabric.env``). The
+plan's device decides DeepSpeed's accelerator (``select_accelerator``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fabric import env
 from fabric.catalog import CatalogEntry
+from fabric.errors import AcceleratorUnavailable
 from fabric.sites import Plan, ServerConfig
 
 
@@ -76,9 +79,48 @@ def server_command(config_path: Path, threads_per_rank: int, python: str | None 
     import sys
 
     exe = shlex.quote(python or sys.executable)
-    return (f"OMP_NUM_THREADS={max(1, threads_per_rank)} DS_ACCELERATOR=${{DS_ACCELERATOR:-cpu}} "
+    return (f"{env.OMP_NUM_THREADS.name}={max(1, threads_per_rank)} "
             f"{exe} -m fabric.engine.server {shlex.quote(str(config_path))} "
             "--launch-index ${1:-0}")
+
+
+def accelerator_setting(device: str) -> str | None:
+    """``DS_ACCELERATOR`` for a plan's device: ``cpu`` for cpu; ``None`` (unset: DeepSpeed
+    detects the GPU) for cuda. Raises ``AcceleratorUnavailable`` for devices not served yet."""
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda":
+        return None
+    raise AcceleratorUnavailable(f"device {device!r} is not supported by the model server yet; "
+                                 "plans may say cpu or cuda", device=device)
+
+
+def select_accelerator(device: str) -> str:
+    """Point DeepSpeed at the plan's device; the server calls this before importing DeepSpeed.
+
+    cpu sets ``DS_ACCELERATOR=cpu``. cuda drops any inherited ``DS_ACCELERATOR`` and lets
+    DeepSpeed detect the GPU, then checks it did: with no visible GPU DeepSpeed would quietly
+    fall back to the CPU, so this raises ``AcceleratorUnavailable`` instead. Returns the
+    accelerator DeepSpeed will use.
+    """
+    setting = accelerator_setting(device)
+    if setting is not None:
+        env.DS_ACCELERATOR.set(setting)
+        return setting
+    env.DS_ACCELERATOR.unset()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise AcceleratorUnavailable("the plan says device cuda but this node has no usable GPU "
+                                     "(torch.cuda.is_available() is False); DeepSpeed would "
+                                     "fall back to the CPU", device=device)
+    from deepspeed.accelerator import get_accelerator
+
+    chosen = str(get_accelerator().device_name())
+    if chosen != "cuda":
+        raise AcceleratorUnavailable(f"the plan says device cuda but DeepSpeed picked {chosen!r}",
+                                     device=device, accelerator=chosen)
+    return chosen
 
 
 def threads_per_rank(configured: int, ranks_on_node: int) -> int:

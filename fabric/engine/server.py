@@ -24,7 +24,7 @@ from fabric import env, tickets
 from fabric.engine.dist import RankInfo, init_groups, rank_from_env
 from fabric.engine.engine import Engine
 from fabric.engine.frontend import Frontend
-from fabric.engine.launch import ServerLaunchConfig, threads_per_rank
+from fabric.engine.launch import ServerLaunchConfig, select_accelerator, threads_per_rank
 from fabric.engine.loader import DTYPES, build_stage
 from fabric.engine.model import StageModel
 from fabric.engine.pipeline import Pipeline, worker_loop
@@ -177,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="1-based copy index from Parsl's SingleNodeLauncher")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    env.DS_ACCELERATOR.setdefault("cpu")
     cfg = ServerLaunchConfig.read(args.config)
     info = rank_from_env(cfg.plan.pp, cfg.plan.tp, args.launch_index)
     try:
+        select_accelerator(cfg.plan.device)
         why = serve(cfg, info)
     except BaseException as exc:
         if info.is_head:
