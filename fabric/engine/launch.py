@@ -9,7 +9,10 @@ plan's device decides DeepSpeed's accelerator (``select_accelerator``).
 from __future__ import annotations
 
 import json
+import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +20,7 @@ from fabric import env
 from fabric.catalog import CatalogEntry
 from fabric.errors import AcceleratorUnavailable
 from fabric.sites import Plan, ServerConfig
+from fabric.weights import PreparedWeights
 
 
 class ServerLaunchConfig(BaseModel):
@@ -65,6 +69,56 @@ class ServerLaunchConfig(BaseModel):
     def read(cls, path: Path) -> ServerLaunchConfig:
         """Load from JSON."""
         return cls.model_validate(json.loads(Path(path).read_text()))
+
+
+@dataclass(frozen=True)
+class ServerLaunch:
+    """A model server's launch, written to disk and ready to submit as a job."""
+
+    config: ServerLaunchConfig
+    config_path: Path
+    """The ``launch.json`` every rank reads."""
+    command: str
+    """The shell command every rank runs (``server_command``)."""
+
+    def submit(self, launcher: Any, job_name: str) -> str:
+        """Submit the job (``plan.ranks`` copies over ``plan.nodes``) through ``launcher`` (a
+        ``fabric.endpoint.jobs.JobLauncher``); returns its job id."""
+        plan = self.config.plan
+        return str(launcher.submit(self.command, ranks=plan.ranks, nodes=plan.nodes,
+                                   job_name=job_name))
+
+
+def prepare_server_launch(deployment_id: str, entry: CatalogEntry, weights: PreparedWeights,
+                          plan: Plan, server: ServerConfig, state_dir: Path, folder: Path,
+                          shard_dir: str | None = None) -> ServerLaunch:
+    """Write ``folder/launch.json`` for a model server and return the command its ranks run.
+
+    The one place a launch is assembled (the deployment manager, the test fixtures and the
+    benchmarks all call it): keys live in ``state_dir`` (``ticket.key``, ``curve/``), the head
+    writes ``folder/info.json``, the rendezvous is loopback on a free port for one node and the
+    job's first node (``auto``) for more, and each rank gets ``server.threads_per_rank``
+    threads, or its node's cores split between the ranks sharing it.
+    """
+    config = ServerLaunchConfig(
+        deployment_id=deployment_id, model=entry, weights_path=str(weights.path),
+        sha256=weights.sha256, shard_dir=shard_dir, plan=plan, server=server,
+        state_dir=str(state_dir), ticket_key_path=str(state_dir / "ticket.key"),
+        curve_dir=str(state_dir / "curve"), master_port=free_port(),
+        master_addr="auto" if plan.nodes > 1 else "127.0.0.1",
+        info_path=str(folder / "info.json"))
+    config_path = folder / "launch.json"
+    config.write(config_path)
+    per_node = -(-plan.ranks // plan.nodes)
+    threads = threads_per_rank(server.threads_per_rank, per_node)
+    return ServerLaunch(config, config_path, server_command(config_path, threads))
+
+
+def free_port() -> int:
+    """A TCP port nobody on this host listens on right now (for the rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def server_command(config_path: Path, threads_per_rank: int, python: str | None = None) -> str:
