@@ -6,10 +6,10 @@ where possible, because these 2-core VMs are noisy. This module holds what the s
 
 - statistics (``median``, ``percentile``, ``summary``) and ``emit``;
 - the real SmolLM2 / MiniLM weights and a deterministic prompt set with exact token lengths;
-- ``ServerJob``: a model server launched exactly as a site launches one (a ``ServerLaunchConfig``
-  JSON, ``server_command`` submitted as a job through ``JobLauncher`` over Parsl's
-  ``LocalProvider`` + ``SingleNodeLauncher``), waited for through its info file, talked to with
-  ``ServerClient`` and tickets;
+- ``ServerJob``: a model server launched exactly as a site launches one
+  (``fabric.engine.launch.prepare_server_launch``, submitted as a job through ``JobLauncher``
+  over Parsl's ``LocalProvider`` + ``SingleNodeLauncher``), waited for through its info file,
+  talked to with ``ServerClient`` and tickets;
 - ``TempSite``: a temporary local site definition (own state dir) started as
   ``fabric endpoint start`` starts one, for the SDK-level benchmarks;
 - in-process transformers baselines.
@@ -36,8 +36,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` from the repository root
     sys.path.insert(0, str(REPO_ROOT))
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from fabric import env  # noqa: E402
+
+# In-process baselines and loaders stay on the CPU; a model server picks its own from its plan.
+env.DS_ACCELERATOR.setdefault("cpu")
+env.TOKENIZERS_PARALLELISM.setdefault("false")
 
 SMOLLM = "smollm2-135m"
 MINILM = "minilm-l6"
@@ -92,7 +95,7 @@ def environment() -> dict[str, Any]:
     return {"host": platform.node(), "cpus": len(os.sched_getaffinity(0)),
             "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "omp_num_threads": env.OMP_NUM_THREADS.get(),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -106,7 +109,7 @@ def set_threads(n: int) -> None:
     """Threads for this process's torch (set before heavy work; say it in the JSON)."""
     import torch
 
-    os.environ["OMP_NUM_THREADS"] = str(n)
+    env.OMP_NUM_THREADS.set(str(n))
     torch.set_num_threads(n)
 
 
@@ -201,7 +204,7 @@ def peak_rss_mb(pid: int | str = "self") -> float | None:
 class ServerJob:
     """One model server for a catalog model, launched as a site launches it.
 
-    ``ServerLaunchConfig`` JSON -> ``server_command(config, threads)`` -> ``JobLauncher``
+    ``prepare_server_launch`` (``ServerLaunchConfig`` JSON + rank command) -> ``JobLauncher``
     (Parsl ``LocalProvider`` + ``SingleNodeLauncher``) with ``ranks = pp * tp``; ready when the
     head's info file says so. Use as a context manager: it drains the server and cancels the job.
     """
@@ -210,7 +213,7 @@ class ServerJob:
                  dtype: str = "float32", shard_dir: Path | None = None,
                  workdir: Path | None = None, balance: str = "params", **server: Any) -> None:
         from fabric.catalog import Catalog
-        from fabric.engine.launch import ServerLaunchConfig
+        from fabric.engine.launch import prepare_server_launch
         from fabric.sites import Plan, ServerConfig
 
         self.entry = Catalog().get(model)
@@ -222,14 +225,10 @@ class ServerJob:
         server.setdefault("threads_per_rank", threads)
         server.setdefault("idle_timeout_s", 900.0)
         self.server = ServerConfig(**server)
-        self.cfg = ServerLaunchConfig(
-            deployment_id=f"bench-{uuid.uuid4().hex[:8]}", model=self.entry,
-            weights_path=str(prepared.path), sha256=prepared.sha256,
-            shard_dir=str(shard_dir) if shard_dir else None, plan=self.plan,
-            server=self.server, state_dir=str(self.workdir),
-            ticket_key_path=str(self.workdir / "ticket.key"),
-            curve_dir=str(self.workdir / "curve"), master_port=_free_port(),
-            info_path=str(self.workdir / "info.json"))
+        self.launch = prepare_server_launch(
+            f"bench-{uuid.uuid4().hex[:8]}", self.entry, prepared, self.plan, self.server,
+            self.workdir, self.workdir, shard_dir=str(shard_dir) if shard_dir else None)
+        self.cfg = self.launch.config
         self.job_id: str | None = None
         self.info: dict[str, Any] = {}
         self._launcher: Any = None
@@ -239,20 +238,15 @@ class ServerJob:
     def start(self, timeout_s: float = 600.0) -> ServerJob:
         from fabric import tickets
         from fabric.endpoint.jobs import JobLauncher
-        from fabric.engine.launch import server_command
         from fabric.sites import JobsConfig, TypedSpec
 
         self._key = tickets.load_or_create_key(Path(self.cfg.ticket_key_path))
-        cfg_path = self.workdir / "launch.json"
-        self.cfg.write(cfg_path)
         jobs = JobsConfig(provider=TypedSpec(type="LocalProvider", init_blocks=0, min_blocks=0,
                                              max_blocks=1),
                           launcher=TypedSpec(type="SingleNodeLauncher"), walltime="02:00:00")
         self._launcher = JobLauncher.from_config(jobs, self.workdir / "jobs")
         t0 = time.monotonic()
-        self.job_id = self._launcher.submit(
-            server_command(cfg_path, self.threads), ranks=self.plan.ranks, nodes=1,
-            job_name=self.cfg.deployment_id)
+        self.job_id = self.launch.submit(self._launcher, self.cfg.deployment_id)
         info_path = Path(self.cfg.info_path)
         while time.monotonic() - t0 < timeout_s:
             with contextlib.suppress(OSError, ValueError):
@@ -375,14 +369,6 @@ def run_batch(job: ServerJob, requests: Sequence[Any],
     latency = [t["total_s"] for t in timings]
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0,
             "results": results, "refused": refused, "ttft_s": ttft, "latency_s": latency}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- a temporary local site for the SDK -------------------------------------------------------

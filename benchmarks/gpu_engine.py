@@ -10,12 +10,12 @@ This script runs exactly that code on a CUDA device:
    give the same greedy tokens as transformers ``generate`` for each prompt alone, through the
    eager engine, the fast path with graphs, and the fast path with graphs + compile;
 2. decode throughput: Llama-3-8B shape with random bf16 weights drawn on the GPU (the model of
-   ``gpu_decode.py``), 128-token prompts, ``--new`` decode steps at batch 1 and 16 (median of
+   ``gpu_common.py``), 128-token prompts, ``--new`` decode steps at batch 1 and 16 (median of
    ``--repeats``): the engine with the fast path (compiled + graphs, and graphs alone), the
    eager engine (fast path off), and transformers eager ``generate`` on the same weights;
    tokens/s and the fraction of the HBM roofline (steps/s x all weight bytes / measured copy
-   bandwidth, the definition in ``gpu_decode.py``), plus how many greedy tokens each engine
-   variant shares with the eager engine (bf16: kernels differ, so late tokens may drift).
+   bandwidth, as in ``benchmarks/results/gpu_decode.md``), plus how many greedy tokens each
+   engine variant shares with the eager engine (bf16: kernels differ, so late tokens may drift).
 
     python benchmarks/gpu_engine.py [--tiny] [--new 64] [--repeats 3]
 
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_decode import (  # noqa: E402
+from gpu_common import (  # noqa: E402
     build_model,
     hf_generate_timed,
     leading_match,

@@ -85,6 +85,14 @@ class DeploymentError(FabricError):
     retryable = True
 
 
+class AcceleratorUnavailable(DeploymentError):
+    """A model server's plan names a device this node cannot serve on (no visible GPU for
+    ``cuda``, or ``xpu``, not supported yet); it refuses to start rather than run on the CPU.
+    Fix the plan or the node; a relaunch on the same kind of node fails the same way."""
+
+    retryable = False
+
+
 class EndpointError(FabricError):
     """The site endpoint could not be started or reached (message says why)."""
 

@@ -12,10 +12,10 @@ import fcntl
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fabric import env
 from fabric.catalog import CatalogEntry
 from fabric.errors import DeploymentError
 
@@ -35,8 +35,7 @@ class PreparedWeights:
 
 def cache_root() -> Path:
     """Root of the fabric's weight cache (``$XDG_CACHE_HOME/tpm-fabric``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "tpm-fabric"
+    return env.cache_home() / "tpm-fabric"
 
 
 def package_dir(package: str) -> Path:

@@ -1,10 +1,11 @@
 """Shared pytest set-up. Fixtures live in ``tests/plugins/`` (one module per area)."""
 
-import os
+from fabric import env
 
-# Keep every test's torch and DeepSpeed on the CPU and quiet, whatever the shell says.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Keep in-process torch and DeepSpeed on the CPU and quiet, whatever the shell says (a model
+# server picks its accelerator from its plan: fabric.engine.launch.select_accelerator).
+env.DS_ACCELERATOR.setdefault("cpu")
+env.TOKENIZERS_PARALLELISM.setdefault("false")
 
 pytest_plugins = [
     "tests.plugins.models",

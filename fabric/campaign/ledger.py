@@ -221,8 +221,3 @@ class Ledger:
         """Tokens over every done input."""
         row = self.conn.execute("SELECT COALESCE(SUM(tokens),0) FROM items WHERE state='done'")
         return int(row.fetchone()[0])
-
-    def nonces(self) -> dict[str, str]:
-        """``custom_id -> nonce`` of every done input (the execution whose line is kept)."""
-        rows = self.conn.execute("SELECT custom_id, nonce FROM items WHERE state='done'")
-        return {str(c): str(n) for c, n in rows}

@@ -1,9 +1,8 @@
 """The ``fabric`` command: one argparse parser, subcommands registered by their modules.
 
 Each module in ``REGISTRARS`` has ``register(subparsers)``, which adds its subcommands and sets
-``func(args) -> int | None`` on each. A registrar whose module is not part of this install yet
-is left out (``find_spec`` finds no file); one that exists but fails to import is a bug and its
-error is shown, never hidden.
+``func(args) -> int | None`` on each. A registrar that fails to import is a bug and its error
+is shown, never hidden.
 
 Typed errors print ``error: <message>`` on stderr without a traceback; the exit code is 2 for a
 bad request (like argparse's own usage errors) and 1 for everything else.
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import os
 import sys
@@ -64,8 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log what the fabric is doing (to stderr)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in REGISTRARS:
-        if importlib.util.find_spec(module_name) is None:
-            continue
         importlib.import_module(module_name).register(subparsers)
     return parser
 

@@ -25,7 +25,6 @@ import contextlib
 import fcntl
 import json
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -244,7 +243,7 @@ class DeploymentManager:
             return self._launch(entry, plan or self._default_plan(entry), weights)
 
     def _launch(self, entry: CatalogEntry, plan: Plan, weights: Any) -> Deployment:
-        from fabric.engine.launch import ServerLaunchConfig, server_command, threads_per_rank
+        from fabric.engine.launch import prepare_server_launch
 
         dep_id = Deployment.new_id()
         folder = self.state_dir / "servers" / dep_id
@@ -259,23 +258,12 @@ class DeploymentManager:
         self.ticket_key()  # created before the server reads it
         hosted = self.site.hosted(entry.name)
         shard_dir = hosted.shard_dir if hosted is not None and hosted.plan == plan else None
-        config = ServerLaunchConfig(
-            deployment_id=dep_id, model=entry, weights_path=str(weights.path),
-            shard_dir=str(Path(shard_dir).expanduser()) if shard_dir else None,
-            sha256=weights.sha256, plan=plan, server=self.site.server,
-            state_dir=str(self.state_dir), ticket_key_path=str(self.state_dir / "ticket.key"),
-            curve_dir=str(self.state_dir / "curve"), master_port=_free_port(),
-            master_addr="auto" if plan.nodes > 1 else "127.0.0.1", info_path=dep.info_path,
-        )
-        config_path = folder / "launch.json"
-        config.write(config_path)
+        launch = prepare_server_launch(
+            dep_id, entry, weights, plan, self.site.server, self.state_dir, folder,
+            shard_dir=str(Path(shard_dir).expanduser()) if shard_dir else None)
         self.db.insert(dep)
-        per_node = -(-plan.ranks // plan.nodes)
-        command = server_command(config_path,
-                                 threads_per_rank(self.site.server.threads_per_rank, per_node))
         try:
-            job_id = self.launcher().submit(command, ranks=plan.ranks, nodes=plan.nodes,
-                                            job_name=_job_name(dep_id))
+            job_id = launch.submit(self.launcher(), _job_name(dep_id))
         except FabricError as exc:
             self._mark_dead(dep, f"launch failed: {exc.message}")
             raise
@@ -359,15 +347,6 @@ class DeploymentManager:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_deployment(site: SiteConfig, state_dir: Path, model: str, version: str | None = None,
-                      plan: Plan | None = None, wait_s: float | None = None) -> Deployment:
-    """A ready deployment of ``model`` at ``site`` (see ``DeploymentManager.ensure``)."""
-    from fabric.catalog import Catalog
-
-    entry = Catalog().with_entries(site.extra_models).get(model, version)
-    return DeploymentManager(site, state_dir).ensure(entry, plan, wait_s)
-
-
 def _job_name(dep_id: str) -> str:
     return f"fabric-{dep_id}"
 
@@ -396,9 +375,3 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None  # not written yet, or caught mid-write
     return data if isinstance(data, dict) else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

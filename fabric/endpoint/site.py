@@ -44,7 +44,7 @@ from typing import Any
 
 import msgpack
 
-from fabric.endpoint.functions import SITE_ENV, STATE_DIR_ENV
+from fabric import env
 from fabric.sites import SiteConfig
 from fabric.wire import framing
 from fabric.wire.framing import CONTROL, RESULT, TASK
@@ -114,9 +114,9 @@ class SiteProcess:
         # Workers are started by the engine from this process's environment: they need the
         # venv's bin on PATH (``globus-compute-endpoint python-exec``) and their site.
         bin_dir = str(Path(sys.executable).parent)
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-        os.environ[SITE_ENV] = self.site_ref
-        os.environ[STATE_DIR_ENV] = str(self.state_dir)
+        env.PATH.set(bin_dir + os.pathsep + (env.PATH.get() or ""))
+        env.FABRIC_SITE.set(self.site_ref)
+        env.FABRIC_STATE_DIR.set(str(self.state_dir))
         run_dir = self.state_dir / "engine"
         run_dir.mkdir(parents=True, exist_ok=True)
         self.engine = GlobusComputeEngine(

@@ -10,15 +10,13 @@ and tensor rank ``r % tp``; rank 0 (stage 0, tp rank 0) is the head.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-_RANK_VARS = ("FABRIC_RANK", "RANK", "SLURM_PROCID", "PMI_RANK", "PMIX_RANK", "PALS_RANKID",
-              "OMPI_COMM_WORLD_RANK")
+from fabric import env
 
 
 @dataclass(frozen=True)
@@ -46,11 +44,6 @@ class RankInfo:
         return self.rank == 0
 
     @property
-    def is_first_stage(self) -> bool:
-        """True when this rank holds the embeddings."""
-        return self.stage == 0
-
-    @property
     def is_last_stage(self) -> bool:
         """True when this rank holds the final norm and the LM head."""
         return self.stage == self.pp - 1
@@ -68,11 +61,7 @@ class RankInfo:
 def rank_from_env(pp: int, tp: int, launch_index: int | None = None) -> RankInfo:
     """This process's ``RankInfo`` from the launcher's environment (or the copy index)."""
     world = pp * tp
-    rank: int | None = None
-    for var in _RANK_VARS:
-        if os.environ.get(var, "").isdigit():
-            rank = int(os.environ[var])
-            break
+    rank = env.launcher_rank()
     if rank is None:
         rank = (launch_index - 1) if launch_index else 0
     if not 0 <= rank < world:
@@ -112,7 +101,6 @@ class TPGroup:
         parts = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(parts, t.contiguous(), group=self.group)
         return parts
-    """This stage's tensor-parallel group (``None`` when tp == 1)."""
 
 
 def resolve_master(addr: str) -> str:
@@ -121,11 +109,12 @@ def resolve_master(addr: str) -> str:
         return addr
     import subprocess
 
-    if os.environ.get("SLURM_JOB_NODELIST"):
-        out = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+    nodelist = env.SLURM_JOB_NODELIST.get()
+    if nodelist:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist],
                              capture_output=True, text=True, check=True).stdout
         return out.split()[0]
-    nodefile = os.environ.get("PBS_NODEFILE")
+    nodefile = env.PBS_NODEFILE.get()
     if nodefile:
         with open(nodefile) as fh:
             return fh.readline().strip()
@@ -139,7 +128,7 @@ def init_groups(info: RankInfo, master_addr: str, master_port: int, backend: str
     master_addr = resolve_master(master_addr)
     if master_addr in ("127.0.0.1", "localhost"):
         # gloo otherwise picks the interface of the host name, which may not be loopback.
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env.GLOO_SOCKET_IFNAME.setdefault("lo")
     # torch.distributed directly: deepspeed.comm.init_distributed (0.19.8) hangs on CPU/gloo
     # when given an explicit init_method, so DeepSpeed is used for inference only.
     dist.init_process_group(

@@ -2,18 +2,25 @@
 
 The deployment manager writes this as JSON next to the job; every rank of the job reads the
 same file (``python -m fabric.engine.server CONFIG_JSON``). Nothing else configures a server:
-no hidden environment variables beyond the launcher's own rank variables.
+no hidden environment variables beyond the launcher's own rank variables (``fabric.env``). The
+plan's device decides DeepSpeed's accelerator (``select_accelerator``).
 """
 
 from __future__ import annotations
 
 import json
+import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fabric import env
 from fabric.catalog import CatalogEntry
+from fabric.errors import AcceleratorUnavailable
 from fabric.sites import Plan, ServerConfig
+from fabric.weights import PreparedWeights
 
 
 class ServerLaunchConfig(BaseModel):
@@ -64,6 +71,56 @@ class ServerLaunchConfig(BaseModel):
         return cls.model_validate(json.loads(Path(path).read_text()))
 
 
+@dataclass(frozen=True)
+class ServerLaunch:
+    """A model server's launch, written to disk and ready to submit as a job."""
+
+    config: ServerLaunchConfig
+    config_path: Path
+    """The ``launch.json`` every rank reads."""
+    command: str
+    """The shell command every rank runs (``server_command``)."""
+
+    def submit(self, launcher: Any, job_name: str) -> str:
+        """Submit the job (``plan.ranks`` copies over ``plan.nodes``) through ``launcher`` (a
+        ``fabric.endpoint.jobs.JobLauncher``); returns its job id."""
+        plan = self.config.plan
+        return str(launcher.submit(self.command, ranks=plan.ranks, nodes=plan.nodes,
+                                   job_name=job_name))
+
+
+def prepare_server_launch(deployment_id: str, entry: CatalogEntry, weights: PreparedWeights,
+                          plan: Plan, server: ServerConfig, state_dir: Path, folder: Path,
+                          shard_dir: str | None = None) -> ServerLaunch:
+    """Write ``folder/launch.json`` for a model server and return the command its ranks run.
+
+    The one place a launch is assembled (the deployment manager, the test fixtures and the
+    benchmarks all call it): keys live in ``state_dir`` (``ticket.key``, ``curve/``), the head
+    writes ``folder/info.json``, the rendezvous is loopback on a free port for one node and the
+    job's first node (``auto``) for more, and each rank gets ``server.threads_per_rank``
+    threads, or its node's cores split between the ranks sharing it.
+    """
+    config = ServerLaunchConfig(
+        deployment_id=deployment_id, model=entry, weights_path=str(weights.path),
+        sha256=weights.sha256, shard_dir=shard_dir, plan=plan, server=server,
+        state_dir=str(state_dir), ticket_key_path=str(state_dir / "ticket.key"),
+        curve_dir=str(state_dir / "curve"), master_port=free_port(),
+        master_addr="auto" if plan.nodes > 1 else "127.0.0.1",
+        info_path=str(folder / "info.json"))
+    config_path = folder / "launch.json"
+    config.write(config_path)
+    per_node = -(-plan.ranks // plan.nodes)
+    threads = threads_per_rank(server.threads_per_rank, per_node)
+    return ServerLaunch(config, config_path, server_command(config_path, threads))
+
+
+def free_port() -> int:
+    """A TCP port nobody on this host listens on right now (for the rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def server_command(config_path: Path, threads_per_rank: int, python: str | None = None) -> str:
     """The shell command every rank of a model-server job runs.
 
@@ -76,9 +133,48 @@ def server_command(config_path: Path, threads_per_rank: int, python: str | None 
     import sys
 
     exe = shlex.quote(python or sys.executable)
-    return (f"OMP_NUM_THREADS={max(1, threads_per_rank)} DS_ACCELERATOR=${{DS_ACCELERATOR:-cpu}} "
+    return (f"{env.OMP_NUM_THREADS.name}={max(1, threads_per_rank)} "
             f"{exe} -m fabric.engine.server {shlex.quote(str(config_path))} "
             "--launch-index ${1:-0}")
+
+
+def accelerator_setting(device: str) -> str | None:
+    """``DS_ACCELERATOR`` for a plan's device: ``cpu`` for cpu; ``None`` (unset: DeepSpeed
+    detects the GPU) for cuda. Raises ``AcceleratorUnavailable`` for devices not served yet."""
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda":
+        return None
+    raise AcceleratorUnavailable(f"device {device!r} is not supported by the model server yet; "
+                                 "plans may say cpu or cuda", device=device)
+
+
+def select_accelerator(device: str) -> str:
+    """Point DeepSpeed at the plan's device; the server calls this before importing DeepSpeed.
+
+    cpu sets ``DS_ACCELERATOR=cpu``. cuda drops any inherited ``DS_ACCELERATOR`` and lets
+    DeepSpeed detect the GPU, then checks it did: with no visible GPU DeepSpeed would quietly
+    fall back to the CPU, so this raises ``AcceleratorUnavailable`` instead. Returns the
+    accelerator DeepSpeed will use.
+    """
+    setting = accelerator_setting(device)
+    if setting is not None:
+        env.DS_ACCELERATOR.set(setting)
+        return setting
+    env.DS_ACCELERATOR.unset()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise AcceleratorUnavailable("the plan says device cuda but this node has no usable GPU "
+                                     "(torch.cuda.is_available() is False); DeepSpeed would "
+                                     "fall back to the CPU", device=device)
+    from deepspeed.accelerator import get_accelerator
+
+    chosen = str(get_accelerator().device_name())
+    if chosen != "cuda":
+        raise AcceleratorUnavailable(f"the plan says device cuda but DeepSpeed picked {chosen!r}",
+                                     device=device, accelerator=chosen)
+    return chosen
 
 
 def threads_per_rank(configured: int, ranks_on_node: int) -> int:

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 import zmq
 
-from fabric import tickets
+from fabric import env, tickets
 from fabric.engine.dist import RankInfo, init_groups, rank_from_env
 from fabric.engine.engine import Engine
 from fabric.engine.frontend import Frontend
-from fabric.engine.launch import ServerLaunchConfig, threads_per_rank
+from fabric.engine.launch import ServerLaunchConfig, select_accelerator, threads_per_rank
 from fabric.engine.loader import DTYPES, build_stage
 from fabric.engine.model import StageModel
 from fabric.engine.pipeline import Pipeline, worker_loop
@@ -57,10 +57,10 @@ def write_info(cfg: ServerLaunchConfig, info: dict[str, Any]) -> None:
 
 
 def _threads(cfg: ServerLaunchConfig, world: int) -> int:
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return int(os.environ["OMP_NUM_THREADS"])
-    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or world)
-    return threads_per_rank(cfg.server.threads_per_rank, local)
+    configured = env.OMP_NUM_THREADS.get_int()
+    if configured is not None:
+        return configured
+    return threads_per_rank(cfg.server.threads_per_rank, env.ranks_on_node() or world)
 
 
 def _device(cfg: ServerLaunchConfig, info: RankInfo) -> str:
@@ -177,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="1-based copy index from Parsl's SingleNodeLauncher")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cfg = ServerLaunchConfig.read(args.config)
     info = rank_from_env(cfg.plan.pp, cfg.plan.tp, args.launch_index)
     try:
+        select_accelerator(cfg.plan.device)
         why = serve(cfg, info)
     except BaseException as exc:
         if info.is_head:

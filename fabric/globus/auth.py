@@ -26,6 +26,7 @@ import globus_sdk
 from globus_sdk.scopes import AuthScopes, ComputeScopes, Scope
 from globus_sdk.token_storage import JSONTokenStorage
 
+from fabric import env
 from fabric.errors import AuthError
 from fabric.sites import SiteConfig, list_sites, load_site
 
@@ -39,7 +40,7 @@ COMPUTE_RESOURCE_SERVER = ComputeScopes.resource_server
 
 def token_file() -> Path:
     """Where tokens live: ``$FABRIC_HOME/tokens.json`` (``FABRIC_HOME`` defaults to ~/.fabric)."""
-    return Path(os.environ.get("FABRIC_HOME", "~/.fabric")).expanduser() / "tokens.json"
+    return env.fabric_home() / "tokens.json"
 
 
 class PrivateJSONTokenStorage(JSONTokenStorage):
@@ -113,8 +114,8 @@ def make_app(sites: Iterable[SiteConfig] | None = None, *, path: Path | None = N
     """
     storage = PrivateJSONTokenStorage(path or token_file())
     reqs = scope_requirements(known_sites() if sites is None else sites)
-    client_id = os.environ.get("FABRIC_CLIENT_ID")
-    client_secret = os.environ.get("FABRIC_CLIENT_SECRET")
+    client_id = env.FABRIC_CLIENT_ID.get()
+    client_secret = env.FABRIC_CLIENT_SECRET.get()
     extra: dict[str, Any] = {}
     if id_token_decoder is not None:
         extra["id_token_decoder"] = id_token_decoder
@@ -130,7 +131,7 @@ def make_app(sites: Iterable[SiteConfig] | None = None, *, path: Path | None = N
     config = globus_sdk.GlobusAppConfig(
         token_storage=storage, request_refresh_tokens=True,
         login_flow_manager=login_flow_manager, **extra)
-    native = os.environ.get("FABRIC_NATIVE_CLIENT_ID", DEFAULT_NATIVE_CLIENT_ID)
+    native = env.FABRIC_NATIVE_CLIENT_ID.get() or DEFAULT_NATIVE_CLIENT_ID
     return globus_sdk.UserApp(APP_NAME, client_id=native, scope_requirements=reqs, config=config)
 
 

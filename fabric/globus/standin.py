@@ -38,6 +38,8 @@ from globus_compute_sdk.errors import TaskExecutionFailed
 from globus_compute_sdk.sdk.asynchronous.compute_future import ComputeFuture
 from globus_compute_sdk.serialize import ComputeSerializer
 
+from fabric import env
+
 
 class StandinService:
     """The web service and one endpoint, in this process. Start it, share it, shut it down."""
@@ -71,7 +73,7 @@ class StandinService:
         # python-exec` must be on PATH, and the fabric's endpoint functions read their site
         # from FABRIC_SITE / FABRIC_STATE_DIR, as an operator's worker_init would set them.
         bin_dir = str(Path(sys.executable).parent)
-        changed = {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **self.env}
+        changed = {env.PATH.name: bin_dir + os.pathsep + (env.PATH.get() or ""), **self.env}
         # Remembered so shutdown() gives the process its environment back.
         self._saved_env = {k: os.environ.get(k) for k in changed}
         os.environ.update(changed)

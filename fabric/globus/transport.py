@@ -29,6 +29,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from fabric import env
 from fabric.errors import (
     AccessDenied,
     AuthError,
@@ -42,11 +43,6 @@ from fabric.sites import SiteConfig
 from fabric.wire import functions, gcwire
 
 log = logging.getLogger(__name__)
-
-
-def fabric_home() -> Path:
-    """``$FABRIC_HOME`` (default ``~/.fabric``): tokens, function and task-group caches."""
-    return Path(os.environ.get("FABRIC_HOME", "~/.fabric")).expanduser()
 
 
 class _JSONFile:
@@ -98,7 +94,7 @@ class GlobusTransport:
         self._executor = executor
         self._app = app
         self._proof = proof
-        home = home or fabric_home()
+        home = home or env.fabric_home()
         self._functions = _JSONFile(home / "functions.json")
         self._groups = _JSONFile(home / "task_groups.json")
         self._ids: dict[Any, str] = {}
@@ -208,7 +204,7 @@ class GlobusTransport:
 
             serializer = ComputeSerializer()
         namespace = getattr(executor, "registry_namespace", None) or \
-            f"globus-{os.environ.get('GLOBUS_SDK_ENVIRONMENT', 'production')}"
+            f"globus-{env.GLOBUS_SDK_ENVIRONMENT.get()}"
         digest = hashlib.sha256(serializer.serialize(fn).encode()).hexdigest()
         key = f"{namespace}:{digest}"
         function_id = self._functions.get(key)

@@ -1,10 +1,11 @@
 """Real model servers for engine tests: launched as jobs through Parsl's LocalProvider.
 
 ``model_server(weights_dir, pp=1, tp=1, name="tiny", **server_overrides)`` starts the
-production server program (``fabric.engine.launch.server_command``) as pp x tp ranks of one
-``JobLauncher`` job, waits for its info file to say "ready" and returns a ``ServerHandle``.
-One running server per distinct argument set is kept for the session (the least recently used
-beyond ``MAX_LIVE`` are stopped to bound memory); all are cancelled at session end.
+production server program as the deployment manager launches it
+(``fabric.engine.launch.prepare_server_launch``), pp x tp ranks of one ``JobLauncher`` job,
+waits for its info file to say "ready" and returns a ``ServerHandle``. One running
+server per distinct argument set is kept for the session (the least recently used beyond
+``MAX_LIVE`` are stopped to bound memory); all are cancelled at session end.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -26,7 +26,7 @@ import pytest
 from fabric import tickets
 from fabric.catalog import CatalogEntry, WeightSource
 from fabric.endpoint.jobs import JobLauncher
-from fabric.engine.launch import ServerLaunchConfig, server_command
+from fabric.engine.launch import ServerLaunchConfig, prepare_server_launch
 from fabric.protocol import InferenceRequest
 from fabric.serverclient import ServerClient
 from fabric.sites import JobsConfig, Plan, ServerConfig, TypedSpec
@@ -34,13 +34,6 @@ from fabric.sites import JobsConfig, Plan, ServerConfig, TypedSpec
 READY_TIMEOUT_S = 180.0
 MAX_LIVE = 4
 DEFAULTS: dict[str, Any] = {"idle_timeout_s": 3600.0, "threads_per_rank": 1}
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -148,19 +141,14 @@ def launch_server(root: Path, weights_dir: Path, pp: int, tp: int, name: str,
     state = root / "state"
     state.mkdir(exist_ok=True)
     server = ServerConfig(**{**DEFAULTS, **overrides})
-    cfg = ServerLaunchConfig(
-        deployment_id=folder.name, model=entry, weights_path=str(weights.path),
-        sha256=weights.sha256, plan=Plan(pp=pp, tp=tp), server=server, state_dir=str(state),
-        ticket_key_path=str(state / "ticket.key"), curve_dir=str(state / "curve"),
-        master_port=free_port(), info_path=str(folder / "info.json"))
-    cfg_path = folder / "launch.json"
-    cfg.write(cfg_path)
+    launch = prepare_server_launch(folder.name, entry, weights, Plan(pp=pp, tp=tp), server,
+                                   state, folder)
+    cfg = launch.config
     jobs = JobsConfig(provider=TypedSpec(type="LocalProvider"),
                       launcher=TypedSpec(type="SingleNodeLauncher"), walltime="02:00:00")
     launcher = JobLauncher.from_config(jobs, folder / "scripts")
     key = tickets.load_or_create_key(Path(cfg.ticket_key_path))
-    job_id = launcher.submit(server_command(cfg_path, server.threads_per_rank or 1),
-                             ranks=pp * tp, nodes=1, job_name=folder.name)
+    job_id = launch.submit(launcher, folder.name)
     handle = ServerHandle(cfg, {}, tickets.issue(key, model=name, ttl_s=6 * 3600), key, job_id,
                           launcher, folder)
     deadline = time.monotonic() + READY_TIMEOUT_S

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from fabric import env
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "slurm"
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "srun")
 
@@ -58,7 +60,7 @@ class SlurmCluster:
 
 
 def _ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
+    return (env.CI.get() or "").lower() == "true"
 
 
 def _unavailable(reason: str) -> None:
