@@ -85,6 +85,11 @@ class DeploymentError(FabricError):
     retryable = True
 
 
+class UnsupportedCheckpoint(FabricError):
+    """A checkpoint holds something the engine cannot read (a dtype, a scale layout); the
+    message names the tensor and what is accepted. Retrying does not help."""
+
+
 class EndpointError(FabricError):
     """The site endpoint could not be started or reached (message says why)."""
 
