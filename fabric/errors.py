@@ -57,6 +57,11 @@ class InvalidSiteConfig(InvalidRequest):
     """A site definition does not validate against the schema."""
 
 
+class PlanDoesNotFit(InvalidRequest):
+    """No pp x tp x ep plan holds the model on the nodes allowed; ``details`` carry the
+    closest plan's numbers (bytes per rank, usable bytes, token budget, nodes)."""
+
+
 class Overloaded(FabricError):
     """The server's bounded queue is full; retry after ``details['retry_after']`` seconds."""
 
