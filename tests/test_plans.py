@@ -13,6 +13,7 @@ from fabric.cli.main import main
 from fabric.errors import InvalidRequest, InvalidSiteConfig, PlanDoesNotFit, UnknownModel
 from fabric.plans import (
     GIB,
+    ModelShape,
     fit,
     known_models,
     load_model_config,
@@ -25,7 +26,7 @@ POLARIS = NodeShape(gpus=4, gpu_memory_gib=40)
 AURORA = NodeShape(gpus=6, gpu_memory_gib=128)
 
 
-def _shape(name: str):  # type: ignore[no-untyped-def]
+def _shape(name: str) -> ModelShape:
     return shape_from_config(load_model_config(name)[1], name)
 
 
