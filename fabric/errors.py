@@ -57,6 +57,11 @@ class InvalidSiteConfig(InvalidRequest):
     """A site definition does not validate against the schema."""
 
 
+class PlanDoesNotFit(InvalidRequest):
+    """No pp x tp x ep plan holds the model on the nodes allowed; ``details`` carry the
+    closest plan's numbers (bytes per rank, usable bytes, token budget, nodes)."""
+
+
 class Overloaded(FabricError):
     """The server's bounded queue is full; retry after ``details['retry_after']`` seconds."""
 
@@ -91,6 +96,11 @@ class AcceleratorUnavailable(DeploymentError):
     Fix the plan or the node; a relaunch on the same kind of node fails the same way."""
 
     retryable = False
+
+
+class UnsupportedCheckpoint(FabricError):
+    """A checkpoint holds something the engine cannot read (a dtype, a scale layout); the
+    message names the tensor and what is accepted. Retrying does not help."""
 
 
 class EndpointError(FabricError):

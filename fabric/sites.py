@@ -49,6 +49,44 @@ class Plan(_Strict):
         return self.pp * self.tp
 
 
+class NodeShape(_Strict):
+    """What one compute node of the site holds, for sizing plans (``fabric plan``,
+    ``fabric.plans``). ``gpus: 0`` (the default) means unknown: nothing is planned."""
+
+    gpus: int = Field(0, ge=0, description="Accelerators per node.")
+    gpu_kind: str = ""
+    """What they are, e.g. ``NVIDIA A100-SXM4-40GB`` (for people; sizing uses the numbers)."""
+    gpu_memory_gib: float = Field(0.0, ge=0, description="Memory per accelerator, GiB.")
+    interconnect: str = ""
+    """Between the accelerators of a node (tp and ep traffic), e.g. ``NVLink 3``."""
+    network: str = ""
+    """Between nodes (pp traffic), e.g. ``Slingshot 11, 2 NICs per node``."""
+    max_nodes: int | None = Field(None, ge=1, description="Most nodes one model-server job "
+                                  "may ask for (None: no limit known).")
+    memory_fraction: float = Field(0.9, gt=0, le=1, description="Share of each accelerator's "
+                                   "memory a model server may use.")
+    reserve_gib: float = Field(2.0, ge=0, description="Per accelerator, kept for the runtime, "
+                               "communication buffers and activations (not weights, not KV).")
+
+
+class CapacityPlan(_Strict):
+    """A documented plan for a model this site's nodes can hold, as ``fabric plan`` computes it
+    (``tests/test_plans.py`` recomputes every shipped entry). A record of what fits, not a
+    hosted model: nothing is launched from it."""
+
+    model: str
+    """A shipped config (``fabric.plans.known_models()``)."""
+    weights: Literal["float32", "bfloat16", "float16", "fp8"] = "bfloat16"
+    """Storage of the layers' weights on the GPU (``fp8``: resident FP8, not yet done by the
+    engine, which dequantizes at load)."""
+    pp: int = Field(ge=1)
+    tp: int = Field(ge=1)
+    ep: int = Field(1, ge=1)
+    nodes: int = Field(ge=1)
+    kv_tokens: int = Field(ge=0, description="Token budget of the KV cache under this plan.")
+    note: str = ""
+
+
 class HostedModel(_Strict):
     """A catalog model this site serves, with its default plan."""
 
@@ -213,6 +251,10 @@ class SiteConfig(_Strict):
     """Allow ``fab.submit`` user functions (remote sites should opt in explicitly)."""
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    node: NodeShape = Field(default_factory=NodeShape)
+    """The compute nodes model servers run on (for ``fabric plan``)."""
+    capacity: list[CapacityPlan] = Field(default_factory=list)
+    """Plans for large models on this site's nodes (documentation; see ``CapacityPlan``)."""
     models: list[HostedModel] = Field(default_factory=list)
     """Models this site hosts and their default plans."""
     extra_models: list[CatalogEntry] = Field(default_factory=list)

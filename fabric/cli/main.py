@@ -28,6 +28,7 @@ REGISTRARS: tuple[str, ...] = (
     "fabric.cli.auth",  # login, logout, whoami
     "fabric.cli.sites",  # sites, site
     "fabric.cli.shard",  # shard (pre-split checkpoints per rank)
+    "fabric.cli.plan",  # plan (size a pp x tp x ep plan for a site's nodes)
     "fabric.cli.campaign",  # campaign (batch runs)
 )
 

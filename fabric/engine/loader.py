@@ -69,7 +69,7 @@ def build_stage(folder: Path, rank: int, pp: int, tp: int, dtype: str,
         tensors = {n: reader.read(n) for n in names}
     else:
         shard = rank_shards(folder, config, pp, tp, balance)[rank]
-        reader = SafetensorsReader.from_folder(folder)
+        reader = SafetensorsReader.from_folder(folder, dequant_dtype=DTYPES[dtype])
         tensors = {s.name: reader.read(s.name, s.dim, s.start, s.stop) for s in shard.slices}
     reader.close()
     model = StageModel(config, shard, comm, device)

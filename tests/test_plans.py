@@ -1,0 +1,181 @@
+"""Plans that fit (``fabric.plans``, ``fabric plan``): parameter counts against real models and
+published sizes, bytes and token budgets by hand, refusals with their numbers, and the plans
+the shipped sites document."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fabric.cli.main import main
+from fabric.errors import InvalidRequest, InvalidSiteConfig, PlanDoesNotFit, UnknownModel
+from fabric.plans import (
+    GIB,
+    ModelShape,
+    fit,
+    known_models,
+    load_model_config,
+    shape_from_config,
+    size_plan,
+)
+from fabric.sites import NodeShape, SiteConfig, load_site
+
+POLARIS = NodeShape(gpus=4, gpu_memory_gib=40)
+AURORA = NodeShape(gpus=6, gpu_memory_gib=128)
+
+
+def _shape(name: str) -> ModelShape:
+    return shape_from_config(load_model_config(name)[1], name)
+
+
+@pytest.mark.parametrize(("name", "billions"), [
+    # Published totals: Llama 3.1 405B / 70B, DeepSeek-V3 671B (main model, without the 14B
+    # MTP module), Kimi K2 "1T", Qwen3-235B-A22B, Mixtral 8x7B 46.7B.
+    ("llama-3.1-405b", 405.85), ("llama-3.1-70b", 70.55), ("deepseek-v3", 671.03),
+    ("kimi-k2", 1026.4), ("qwen3-235b-a22b", 235.09), ("mixtral-8x7b", 46.70),
+])
+def test_parameter_counts_match_published_sizes(name: str, billions: float) -> None:
+    assert _shape(name).total_params() / 1e9 == pytest.approx(billions, abs=0.01)
+    assert name in known_models()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral", "qwen3_moe", "deepseek_v3"])
+def test_parameter_counts_equal_transformers_models(kind: str) -> None:
+    """The count from the config equals the parameters transformers builds (tiny configs with
+    every field the sizing reads: GQA and MLA, biases, shared experts, dense first layers)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
+            "tie_word_embeddings": False}
+    extra = {
+        "llama": {"tie_word_embeddings": True},
+        "qwen2": {},
+        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+        "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                      "decoder_sparse_step": 2, "mlp_only_layers": [3], "head_dim": 16},
+        "deepseek_v3": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
+                        "moe_intermediate_size": 32, "first_k_dense_replace": 1,
+                        "q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+                        "qk_rope_head_dim": 8, "v_head_dim": 8, "num_key_value_heads": 4,
+                        "n_group": 1, "topk_group": 1},
+    }[kind]
+    config = {**base, **extra, "model_type": kind}
+    hf_config = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    want = sum(p.numel() for p in model.parameters())
+    assert shape_from_config(config, kind).total_params() == want
+
+
+def test_llama_405b_in_bf16_needs_6_polaris_nodes() -> None:
+    model = _shape("llama-3.1-405b")
+    plan = fit(model, POLARIS, "bfloat16")
+    assert (plan.pp, plan.tp, plan.ep, plan.nodes) == (6, 4, 1, 6)
+    # Every byte once, except the norms, which each of a stage's 4 ranks holds.
+    norms = (2 * 126 + 1) * 16384 * 2
+    assert plan.weight_bytes == 2 * model.total_params() + 3 * norms
+    # 126 layers over 6 stages = 21 each; KV per token per GPU: 21 layers x (k, v) x 2 of the
+    # 8 KV heads x 128 x 2 bytes.
+    assert [s.layers for s in plan.stages] == [(21 * i, 21 * (i + 1)) for i in range(6)]
+    assert plan.kv_bytes_per_token == 21 * 2 * 2 * 128 * 2 == 21504
+    usable = int(40 * GIB * 0.9 - 2 * GIB)
+    first = plan.stages[0]
+    assert first.kv_tokens == (usable - first.weight_bytes) // 21504
+    assert 32 * GIB < plan.weight_bytes_per_rank < usable
+    assert plan.kv_tokens == min(s.kv_tokens for s in plan.stages) > 90_000
+    with pytest.raises(PlanDoesNotFit, match=r"at most 5 nodes.*needs 38\.6 GiB of weights, "
+                       r"34\.0 GiB usable") as err:
+        fit(model, POLARIS, "bfloat16", max_nodes=5)
+    closest = err.value.details["closest"]
+    assert closest["nodes"] == 5 and closest["weight_bytes_per_rank"] > closest["usable_bytes"]
+    assert not size_plan(model, POLARIS, 5, 4).weights_fit
+
+
+def test_deepseek_v3_in_fp8_fits_one_aurora_node() -> None:
+    """671B in FP8 (674 GB with the bf16 embeddings, norms and routers) on 6 x 128 GiB: 105 GiB
+    of weights per GPU of 113 GiB usable. Dequantized to bf16 it needs two nodes."""
+    model = _shape("deepseek-v3")
+    plan = fit(model, AURORA, "fp8")
+    assert (plan.pp, plan.tp, plan.ep, plan.nodes) == (1, 6, 2, 1)
+    assert 104 * GIB < plan.weight_bytes_per_rank < 105 * GIB < plan.usable_bytes
+    assert plan.weight_bytes / 1e9 == pytest.approx(674.2, abs=0.1)
+    # MLA keeps the compressed latent (512 + 64 values) per layer, on every tp rank.
+    assert plan.kv_bytes_per_token == 61 * (512 + 64) * 2
+    assert plan.kv_tokens == 130_592
+    bf16 = fit(model, AURORA, "bfloat16")
+    assert (bf16.pp, bf16.tp, bf16.nodes) == (2, 6, 2)
+
+
+def test_kimi_k2_and_smaller_models() -> None:
+    assert fit(_shape("kimi-k2"), AURORA, "fp8").nodes == 2
+    assert fit(_shape("kimi-k2"), POLARIS, "fp8").nodes == 8
+    assert fit(_shape("kimi-k2"), POLARIS, "bfloat16").nodes == 15
+    # 70B: the pp=2 x tp=4 plan Polaris hosts it with.
+    seventy = fit(_shape("llama-3.1-70b"), POLARIS)
+    assert (seventy.pp, seventy.tp, seventy.nodes) == (2, 4, 2)
+    # Mixtral on one node: whole experts per rank (8 experts, ep=4).
+    mixtral = fit(_shape("mixtral-8x7b"), POLARIS)
+    assert (mixtral.pp, mixtral.tp, mixtral.ep, mixtral.nodes) == (1, 4, 4, 1)
+
+
+def test_token_budget_and_bad_plans_are_refused() -> None:
+    model = _shape("llama-3.1-405b")
+    with pytest.raises(PlanDoesNotFit, match=r"KV cache holds .* fewer than the 10000000"):
+        fit(model, POLARIS, "bfloat16", min_tokens=10_000_000, max_nodes=8)
+    with pytest.raises(InvalidRequest, match=r"tp=8 must be 1\.\.4"):
+        size_plan(model, POLARIS, 1, 8)
+    with pytest.raises(InvalidRequest, match="be 1 for a dense model"):
+        size_plan(model, POLARIS, 6, 4, ep=2)
+    with pytest.raises(InvalidRequest, match="no GPU node shape"):
+        fit(model, NodeShape())
+
+
+@pytest.mark.parametrize("site", ["polaris", "perlmutter", "aurora"])
+def test_shipped_capacity_plans_are_what_fabric_plan_computes(site: str) -> None:
+    s = load_site(site)
+    assert s.node.gpus in (4, 6) and s.node.gpu_memory_gib > 0 and s.node.interconnect
+    sizes = set()
+    for entry in s.capacity:
+        model = _shape(entry.model)
+        plan = fit(model, s.node, entry.weights)
+        assert (plan.pp, plan.tp, plan.ep, plan.nodes, plan.kv_tokens) == \
+            (entry.pp, entry.tp, entry.ep, entry.nodes, entry.kv_tokens), entry
+        sizes.add((model.total_params() >= 400e9, model.is_moe and model.total_params() > 1e12))
+    assert (True, False) in sizes and (True, True) in sizes  # >= 400B dense and ~1T MoE
+
+
+def test_node_shape_is_validated() -> None:
+    with pytest.raises(ValueError, match="gpu_memory_gib"):
+        NodeShape(gpus=4, gpu_memory_gib=-1)
+    with pytest.raises(ValueError, match="memory_fraction"):
+        NodeShape(gpus=4, gpu_memory_gib=40, memory_fraction=1.5)
+    assert SiteConfig(name="x").node.gpus == 0  # default: unknown, nothing is planned
+    assert issubclass(InvalidSiteConfig, InvalidRequest)
+
+
+def test_config_from_a_path_and_unknown_names(tmp_path: Path) -> None:
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(load_model_config("mixtral-8x7b")[1]))
+    name, config = load_model_config(str(folder))
+    assert name == "my-model" and config["num_local_experts"] == 8
+    with pytest.raises(UnknownModel, match="deepseek-v3"):
+        load_model_config("no-such-model")
+
+
+def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "llama-3.1-405b", "--site", "polaris", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["site"], out["pp"], out["tp"], out["nodes"]) == ("polaris", 6, 4, 6)
+    assert main(["plan", "deepseek-v3", "--site", "aurora", "--weights", "fp8"]) == 0
+    text = capsys.readouterr().out
+    assert "pp=1 x tp=6 x ep=2 = 6 GPUs on 1 node" in text and "130,592" in text
+    assert main(["plan", "llama-3.1-405b", "--site", "polaris", "--pp", "5", "--tp", "4"]) == 2
+    assert "38.6 GiB of weights" in capsys.readouterr().err
+    assert main(["plan", "llama-3.1-405b", "--site", "polaris", "--nodes", "5"]) == 2
+    assert main(["plan", "llama-3.1-405b", "--site", "local"]) == 2
+    assert "no GPU node shape" in capsys.readouterr().err
