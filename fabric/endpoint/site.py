@@ -90,6 +90,8 @@ class SiteProcess:
         self.listener: socket.socket | None = None
         self.socket_path: Path | None = None
         self.started = 0.0
+        self.replies_dropped = 0
+        """Replies whose client had gone (counted for status; tests wait on it)."""
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -302,7 +304,7 @@ class SiteProcess:
         mgr = DeploymentManager(self.site, self.state_dir)
         deployments = mgr.list_all() if health else [d.to_dict() for d in mgr.db.query()]
         return {**self.info(), "uptime_s": round(time.time() - self.started, 1),
-                "deployments": deployments}
+                "replies_dropped": self.replies_dropped, "deployments": deployments}
 
     def _undeploy_all(self) -> list[str]:
         from fabric.endpoint.deployments import DeploymentManager
@@ -321,6 +323,8 @@ class SiteProcess:
                 self._writers.add(conn)
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"x")
+        elif conn.closed:
+            self.replies_dropped += 1
 
     def _reap_loop(self) -> None:
         # Mark servers that exited (idle timeout, crash, walltime) dead even when no request
