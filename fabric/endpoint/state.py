@@ -3,6 +3,11 @@
 Request workers are separate processes (and on a cluster, separate nodes sharing the state
 dir), so the database, not memory, is the truth about which model servers exist. Every write is
 one short transaction; WAL lets readers (``fabric deployments``) run while a worker writes.
+
+WAL keeps its index in shared memory (``-shm``, mmap'd), which works only when every process
+is on one host and the file system is local. On the shared file systems of HPC login nodes
+(GPFS on Polaris, Lustre and NFS on Perlmutter) ``journal_mode`` picks the rollback journal
+instead (``DELETE``: POSIX locks, which those file systems implement across nodes).
 """
 
 from __future__ import annotations
@@ -16,6 +21,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+SHARED_FS_TYPES = frozenset({"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3",
+                             "ceph", "glusterfs", "panfs", "wekafs", "9p", "afs"})
+"""File systems (``/proc/mounts`` types) where SQLite's WAL mode is unsafe or fails."""
+MOUNTS = "/proc/mounts"
+"""Where the mount table is read (tests point it at a table of their own)."""
 
 DeploymentState = Literal["queued", "loading", "ready", "draining", "dead"]
 LIVE_STATES: tuple[str, ...] = ("queued", "loading", "ready")
@@ -89,7 +100,7 @@ class StateDB:
         # sqlite3 connections must not cross either.
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA journal_mode={journal_mode(self.path)}")
         db.execute("PRAGMA busy_timeout=30000")
         return db
 
@@ -178,3 +189,31 @@ def _from_row(row: sqlite3.Row) -> Deployment:
     data = dict(row)
     data["plan"] = json.loads(data.get("plan") or "{}")
     return Deployment(**data)
+
+
+def filesystem_type(path: Path, mounts: str | None = None) -> str:
+    """The type of the file system holding ``path`` (its longest mount point prefix in
+    ``mounts``), e.g. ``ext4``, ``nfs4``, ``lustre``, ``gpfs``; ``""`` if unknown."""
+    target = Path(path).resolve()  # symlinks of the part that exists are followed
+    best, kind = -1, ""
+    try:
+        lines = Path(mounts or MOUNTS).read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (target == Path(point) or Path(point) in target.parents) and len(point) > best:
+            best, kind = len(point), fields[2]
+    return kind
+
+
+def journal_mode(path: Path, mounts: str | None = None) -> str:
+    """SQLite journal mode for a database at ``path``: ``WAL`` on a local file system,
+    ``DELETE`` on a shared one (``SHARED_FS_TYPES``, or any ``fuse.*`` mount)."""
+    kind = filesystem_type(path, mounts)
+    if kind in SHARED_FS_TYPES or kind.startswith("fuse."):
+        return "DELETE"
+    return "WAL"
