@@ -28,11 +28,13 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
+import errno
 import fcntl
 import importlib
 import json
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -58,6 +60,19 @@ INFO_FILE = "endpoint.json"
 """Where the running site advertises its pid and socket (in the state dir)."""
 REAP_INTERVAL_S = 15.0
 """How often the site checks its deployments' servers for exits."""
+MAX_CLIENTS = 1024
+"""Client connections the site holds at once; more are refused (closed at once), not fatal."""
+FD_RESERVE = 128
+"""Descriptors kept free of clients for the engine, logs, SQLite and model-server sockets."""
+
+
+def client_limit() -> int:
+    """How many clients this process can hold: ``MAX_CLIENTS``, or fewer where the open-file
+    limit is lower (an ``accept`` past it fails with EMFILE)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CLIENTS
+    return max(8, min(MAX_CLIENTS, soft - FD_RESERVE))
 
 BackgroundTask = Callable[["SiteProcess", threading.Event], None]
 """A long-running job of the site (e.g. the campaign runner): called in its own daemon thread
@@ -92,6 +107,12 @@ class SiteProcess:
         self.started = 0.0
         self.replies_dropped = 0
         """Replies whose client had gone (counted for status; tests wait on it)."""
+        self.max_clients = client_limit()
+        self.clients = 0
+        self.refused = 0
+        """Connections closed at once because ``max_clients`` were open."""
+        self._spare_fd = -1
+        """Held open so an EMFILE accept can still take the connection (and close it)."""
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -99,6 +120,7 @@ class SiteProcess:
         """Take the state dir, start the engine, bind the socket, write ``endpoint.json``."""
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._take_lock()
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY)
         self.socket_path = framing.socket_path(self.state_dir)
         self.listener = _listen(self.socket_path)
         self._start_engine()
@@ -204,6 +226,14 @@ class SiteProcess:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self._refuse_without_fds()
+            return
+        if self.clients >= self.max_clients:
+            self._refuse(sock)
+            return
         uid = framing.peer_uid(sock)
         if uid is not None and uid != os.getuid():
             log.warning("refused a connection from uid %d (the site serves uid %d only)",
@@ -213,6 +243,31 @@ class SiteProcess:
         sock.setblocking(False)
         conn = _Conn(sock)
         self._selector.register(sock, selectors.EVENT_READ, conn)
+        self.clients += 1
+
+    def _refuse(self, sock: socket.socket) -> None:
+        # Over the limit: hang up on the newcomer (it sees the connection close) and keep
+        # serving the clients already here.
+        sock.close()
+        self.refused += 1
+        if self.refused == 1 or self.refused % 100 == 0:
+            log.warning("refused %d connections so far: %d clients are connected (the most "
+                        "this site holds at once)", self.refused, self.clients)
+
+    def _refuse_without_fds(self) -> None:
+        # Out of descriptors (other files count too): free the spare one to take the
+        # connection off the queue, else the listener stays readable and the loop spins.
+        if self._spare_fd < 0:
+            time.sleep(0.05)
+            return
+        os.close(self._spare_fd)
+        self._spare_fd = -1
+        try:
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                self._refuse(self.listener.accept()[0])  # type: ignore[union-attr]
+        finally:
+            with contextlib.suppress(OSError):
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY)
 
     def _read(self, conn: _Conn) -> None:
         try:
@@ -237,6 +292,7 @@ class SiteProcess:
         # The client went away: replies still due to it are dropped by ``_Conn.send``.
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn.sock)
+            self.clients -= 1
         conn.close()
 
     def _dispatch(self, conn: _Conn, frames: list[bytes]) -> None:
@@ -304,7 +360,9 @@ class SiteProcess:
         mgr = DeploymentManager(self.site, self.state_dir)
         deployments = mgr.list_all() if health else [d.to_dict() for d in mgr.db.query()]
         return {**self.info(), "uptime_s": round(time.time() - self.started, 1),
-                "replies_dropped": self.replies_dropped, "deployments": deployments}
+                "replies_dropped": self.replies_dropped, "clients": self.clients,
+                "max_clients": self.max_clients, "refused": self.refused,
+                "deployments": deployments}
 
     def _undeploy_all(self) -> list[str]:
         from fabric.endpoint.deployments import DeploymentManager
