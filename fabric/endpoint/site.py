@@ -51,6 +51,7 @@ import msgpack
 
 from fabric.client import framing
 from fabric.client.framing import CONTROL, RESULT, TASK
+from fabric.endpoint import watchdog
 from fabric.endpoint.functions import SITE_ENV, STATE_DIR_ENV
 from fabric.sites import SiteConfig, load_site
 
@@ -113,6 +114,7 @@ class SiteProcess:
         """Connections closed at once because ``max_clients`` were open."""
         self._spare_fd = -1
         """Held open so an EMFILE accept can still take the connection (and close it)."""
+        self.watchdog: Any = None
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -120,6 +122,8 @@ class SiteProcess:
         """Take the state dir, start the engine, bind the socket, write ``endpoint.json``."""
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._take_lock()
+        self._reap_predecessor()
+        self.watchdog = watchdog.launch(os.getpid(), self.state_dir)
         self._spare_fd = os.open(os.devnull, os.O_RDONLY)
         self.socket_path = framing.socket_path(self.state_dir)
         self.listener = _listen(self.socket_path)
@@ -219,6 +223,18 @@ class SiteProcess:
         log.info("site %s stopped", self.site.name)
 
     # -- message handling -----------------------------------------------------------------
+
+    def _reap_predecessor(self) -> None:
+        # A site killed together with its watchdog left its Parsl processes: end them now.
+        try:
+            old = int(json.loads((self.state_dir / INFO_FILE).read_text()).get("pid", 0))
+        except (OSError, ValueError, AttributeError):
+            return
+        if old != os.getpid():
+            hit = watchdog.reap(old)
+            if hit:
+                log.warning("ended %d processes left by the dead site (pid %d): %s",
+                            len(hit), old, hit)
 
     def _accept(self) -> None:
         assert self.listener is not None
