@@ -491,7 +491,17 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """True if ``pid`` has exited but its parent has not reaped it: a site auto-started by
+    another SDK process that is still running looks alive to ``kill(pid, 0)`` until then."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (or gone already): trust kill(pid, 0)
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def _tail(path: Path, offset: int = 0, lines: int = 15) -> str:
