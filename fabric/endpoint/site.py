@@ -33,6 +33,7 @@ import fcntl
 import importlib
 import json
 import logging
+import math
 import os
 import resource
 import selectors
@@ -65,6 +66,20 @@ MAX_CLIENTS = 1024
 """Client connections the site holds at once; more are refused (closed at once), not fatal."""
 FD_RESERVE = 128
 """Descriptors kept free of clients for the engine, logs, SQLite and model-server sockets."""
+
+
+def cores_per_worker(workers: int) -> float:
+    """Parsl's ``cores_per_worker`` that lets the pool spawn all ``workers`` here.
+
+    The pool spawns ``min(max_workers_per_node, floor(cores / cores_per_worker))`` workers, so
+    the default of one core each gave a 2-core machine 2 request workers while the site (and
+    ``fabric endpoint status``) said 4. Request workers mostly wait on model servers, so they
+    share cores: the value is rounded down so the floor cannot fall one short.
+    """
+    cores = os.cpu_count() or 1
+    if cores >= workers:
+        return 1.0
+    return max(0.001, math.floor(cores / workers * 1000) / 1000)
 
 
 def client_limit() -> int:
@@ -153,6 +168,7 @@ class SiteProcess:
             label="fabric-local",
             provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
             max_workers_per_node=self.site.max_request_workers,
+            cores_per_worker=cores_per_worker(self.site.max_request_workers),
             address="127.0.0.1",
             # Long idle allowance: request workers stay warm; the short strategy period cuts
             # the first task's latency from ~6 s to ~2 s.
