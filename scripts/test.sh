@@ -13,7 +13,8 @@ fi
 ruff check fabric tests benchmarks examples
 mypy
 set +e
-python -m pytest -q -p no:cacheprovider "$@"
+# --all: every tier (slow tests too), with or without CI=true.
+python -m pytest -q -p no:cacheprovider --all "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then

@@ -195,6 +195,7 @@ def test_bad_lines_recorded_when_asked(tmp_path: Path) -> None:
 
 # -- runner -----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # ~4 s
 def test_runner_exactly_once_with_poison_and_lost_shards(tmp_path: Path) -> None:
     lost = Counter[str]()
 

@@ -69,6 +69,7 @@ def _entry(mgr: DeploymentManager) -> Any:
     return Catalog().with_entries(mgr.site.extra_models).get(TINY_MODEL)
 
 
+@pytest.mark.slow  # launches a model server (~10 s)
 def test_concurrent_ensure_launches_once(manager: DeploymentManager) -> None:
     """Two requests for a cold model at once (separate managers, as in separate workers)."""
     entry = _entry(manager)
@@ -106,6 +107,7 @@ def test_concurrent_ensure_launches_once(manager: DeploymentManager) -> None:
     assert manager.status(entry)["state"] == "absent"
 
 
+@pytest.mark.slow  # a model server job that fails (~4 s)
 def test_launch_failure_is_a_typed_error(manager: DeploymentManager, tmp_path: Path) -> None:
     """A server that cannot load its weights: the record is dead and the error says why."""
     from fabric.catalog import CatalogEntry, WeightSource
@@ -124,6 +126,7 @@ def test_launch_failure_is_a_typed_error(manager: DeploymentManager, tmp_path: P
     assert record.id in info.value.message
 
 
+@pytest.mark.slow  # two model server launches (~26 s)
 def test_idle_server_exits_and_is_relaunched(tmp_path: Path, tiny_llama_dir: Path) -> None:
     """The server's idle timeout ends it; the record turns dead; the next ensure relaunches."""
     folder = write_site(tmp_path / "site", model_dir=tiny_llama_dir, idle_timeout_s=3.0)

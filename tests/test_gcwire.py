@@ -173,6 +173,7 @@ def run(engine: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
     return gcwire.unpack_result(fut.result(timeout=180))
 
 
+@pytest.mark.slow  # a Parsl GlobusComputeEngine (~6 s)
 def test_round_trip_through_engine(engine: Any) -> None:
     assert run(engine, add, 2, b=40) == 42
     assert run(engine, os.getpid) != os.getpid()  # really ran in a worker process

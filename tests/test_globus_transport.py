@@ -65,6 +65,7 @@ def transport(service: StandinService, home: Path, proof: Any = None,
     return GlobusTransport(cfg, StandinExecutor(service, **kw), proof=lambda: proof, home=home)
 
 
+@pytest.mark.slow  # ~6 s of round trips
 def test_plain_round_trip_and_registration_cache(service: StandinService,
                                                  tmp_path: Path) -> None:
     t = transport(service, tmp_path)

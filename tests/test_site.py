@@ -25,7 +25,7 @@ from fabric.errors import (
     UserFunctionError,
 )
 from fabric.wire import framing, gcwire
-from tests.plugins.site import LocalSite, write_site
+from tests.plugins.site import LocalSite, wait_until, write_site
 
 
 # Shipped by reference: the site's workers import this module (PYTHONPATH has the repo root).
@@ -134,12 +134,14 @@ def test_bad_and_vanishing_clients_do_not_disturb_others(local_site: LocalSite,
             if data.startswith(struct.pack("!I", 3)) or len(data) == 4:
                 assert raw.recv(1) == b""  # the site hung up on this client
         assert isinstance(site_transport.submit(worker_pid).result(timeout=60), int)
+    dropped = _replies_dropped(local_site)
     leaver = local_site.transport()
     leaver.submit(slow_pid, 1.0)
     leaver.close()  # gone before its reply exists
     pids = [site_transport.submit(slow_pid, 0.0) for _ in range(4)]
     assert all(isinstance(f.result(timeout=60), int) for f in pids)
-    time.sleep(1.5)  # the orphaned reply has been written (to nobody) by now
+    wait_until(lambda: _replies_dropped(local_site) > dropped, 60,
+               "the site to drop the reply of the client that left")
     assert isinstance(site_transport.submit(worker_pid).result(timeout=60), int)
     assert read_info(local_site.state_dir)["pid"] == local_site.info["pid"]
 
@@ -187,6 +189,12 @@ def test_pickled_arguments_of_fabric_functions_are_refused(local_site: LocalSite
     assert err.value.details == {"function": "run_request", "rule": "data-serializers",
                                  "accepted": "JSONData"}
     assert not marker.exists()
+
+
+def _replies_dropped(site: LocalSite) -> int:
+    status = site_status(str(site.site_dir), site.state_dir, health=False)
+    assert status is not None
+    return int(status["replies_dropped"])
 
 
 def test_remote_fabric_errors_are_typed(site_transport: LocalTransport) -> None:
@@ -244,6 +252,7 @@ def test_user_functions_refused_where_not_allowed(tmp_path: Path,
         gcwire.unwrap(reply)
 
 
+@pytest.mark.slow  # starts a site process
 def test_site_that_cannot_start_says_why(tmp_path: Path) -> None:
     folder = write_site(tmp_path / "broken")
     # Something that is not a socket sits where the site must listen.
@@ -283,6 +292,7 @@ def _wait_for(check: Any, timeout_s: float = 60.0) -> bool:
     return bool(check())
 
 
+@pytest.mark.slow  # starts a site three times (~18 s)
 def test_autostart_sigterm_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     """A transport starts a stopped site on first use; SIGTERM and ``endpoint stop`` end it

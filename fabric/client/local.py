@@ -208,30 +208,42 @@ class LocalTransport:
     # -- plumbing -------------------------------------------------------------------------
 
     def _send(self, key: str, fut: Future[Any], frames: list[bytes]) -> None:
-        sock = self._connect()
-        with self._lock:
-            self._futures[key] = fut
-        err: FabricError
-        with self._send_lock:
-            try:
-                framing.send_all(sock, framing.encode(frames), SEND_TIMEOUT_S)
-                return
-            except TimeoutError:
-                err = EndpointError(f"the {self.site} site accepted no message for "
-                                    f"{SEND_TIMEOUT_S:.0f} s")
-            except OSError as exc:  # the site closed the connection (it exited)
-                err = EndpointError(f"the {self.site} site's connection broke: {exc}; the "
-                                    "next request reconnects (restarting it if needed)")
-        with self._lock:
-            self._futures.pop(key, None)
-        raise err
+        data = framing.encode(frames)
+        for attempt in (1, 2):
+            conn = self._connect()
+            with self._lock:
+                self._futures[key] = fut
+                conn.keys.add(key)
+            err: FabricError
+            with self._send_lock:
+                try:
+                    framing.send_all(conn.sock, data, SEND_TIMEOUT_S)
+                    return
+                except TimeoutError:
+                    err = EndpointError(f"the {self.site} site accepted no message for "
+                                        f"{SEND_TIMEOUT_S:.0f} s")
+                except OSError as exc:  # the site closed the connection (it exited)
+                    conn.lost = True
+                    err = EndpointError(f"the {self.site} site's connection broke: {exc}; "
+                                        "the next request reconnects (restarting it if needed)")
+            with self._lock:
+                self._futures.pop(key, None)
+                conn.keys.discard(key)
+            # A broken connection took less than the whole message, so the site never read
+            # it: send it once more on a new one (a site that exited a moment ago, before the
+            # I/O thread saw it go, is the usual case).
+            if not conn.lost or attempt == 2:
+                raise err
+        raise AssertionError("unreachable")
 
-    def _connect(self) -> socket.socket:
+    def _connect(self) -> _Connection:
         with self._lock:
             if self._closing.is_set():
                 raise EndpointError("transport is closed")
-            if self._conn is not None and self._thread is not None and self._thread.is_alive():
-                return self._conn.sock
+            if self._conn is not None and not self._conn.lost and self._thread is not None \
+                    and self._thread.is_alive() and self.info is not None \
+                    and _pid_alive(int(self.info["pid"])):
+                return self._conn
             info = read_info(self.state_dir)
             if info is None:
                 if not self.autostart:
@@ -243,17 +255,28 @@ class LocalTransport:
             # Not the receive lock: a reader holds it while it waits for this (_deliver) lock.
             # A reader still on the old connection keeps its own socket and reader.
             with self._send_lock:
-                if self._conn is not None:
-                    self._conn.sock.close()  # of a site that exited
-                self._conn = conn
+                old, self._conn = self._conn, conn
+            if old is not None:  # of a site that exited: its I/O thread fails what it had
+                old.lost = True
+                if self._thread is None or not self._thread.is_alive():
+                    old.sock.close()
             self._thread = threading.Thread(target=self._io_loop, args=(info, conn),
                                             daemon=True, name="fabric-local-transport")
             self._thread.start()
-            return conn.sock
+            return conn
 
     def _io_loop(self, info: dict[str, Any], conn: _Connection) -> None:
+        try:
+            self._io_until_lost(info, conn)
+        finally:
+            if conn is not self._conn:  # replaced: nobody else reads this socket now
+                conn.sock.close()
+
+    def _io_until_lost(self, info: dict[str, Any], conn: _Connection) -> None:
         next_check = time.monotonic() + 1.0
         while not self._closing.is_set():
+            if conn.lost:  # a send found it broken, or a new connection replaced it
+                return self._lost(info, conn, "hung up")
             poller = select.poll()
             poller.register(self._wake_r, select.POLLIN)
             if self._recv_lock.locked():
@@ -270,18 +293,27 @@ class LocalTransport:
                 finally:
                     self._recv_lock.release()
                 if not open_:
-                    return self._lost(info, "closed the connection")
+                    return self._lost(info, conn, "closed the connection")
             if time.monotonic() > next_check:
                 next_check = time.monotonic() + 1.0
                 if not _pid_alive(int(info["pid"])):
-                    return self._lost(info, "exited")
+                    return self._lost(info, conn, "exited")
+        return None
 
-    def _lost(self, info: dict[str, Any], what: str) -> None:
-        # Fail what is pending; the next submit reconnects (restarting the site if needed).
-        if not self._closing.is_set():
-            self._fail_all(EndpointError(
-                f"the {self.site} site (pid {info['pid']}) {what}; see {info.get('log')}",
-                log=info.get("log")))
+    def _lost(self, info: dict[str, Any], conn: _Connection, what: str) -> None:
+        # Fail what was sent on this connection only: calls made since on a new connection
+        # (the next submit reconnects, restarting the site if needed) are not this one's.
+        conn.lost = True
+        if self._closing.is_set():
+            return
+        err = EndpointError(f"the {self.site} site (pid {info['pid']}) {what}; see "
+                            f"{info.get('log')}", log=info.get("log"))
+        with self._lock:
+            pending = [self._futures.pop(k) for k in conn.keys if k in self._futures]
+            conn.keys.clear()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(err)
 
     def _pump(self, fut: Future[Any], deadline: float | None) -> None:
         """Read replies in this thread until ``fut`` is done (or ``deadline``), unless another
@@ -313,13 +345,16 @@ class LocalTransport:
         except framing.FramingError as exc:
             self._fail_all(EndpointError(f"the {self.site} site sent garbage: {exc}"))
             return False
+        except OSError:  # closed under us (the site went and a new connection replaced it)
+            return False
         for frames in messages or ():
-            self._deliver(frames)
+            self._deliver(conn, frames)
         return messages is not None
 
-    def _deliver(self, frames: list[bytes]) -> None:
+    def _deliver(self, conn: _Connection, frames: list[bytes]) -> None:
         if frames[0] == RESULT and len(frames) == 3:
             with self._lock:
+                conn.keys.discard(frames[1].decode())
                 fut = self._futures.pop(frames[1].decode(), None)
             if fut is None:
                 return
@@ -332,6 +367,7 @@ class LocalTransport:
         elif frames[0] == CONTROL and len(frames) == 2:
             reply = msgpack.unpackb(frames[1], raw=False)
             with self._lock:
+                conn.keys.discard(str(reply.get("id")))
                 fut = self._futures.pop(str(reply.get("id")), None)
             if fut is None:
                 return
@@ -357,11 +393,15 @@ class LocalTransport:
 class _Connection:
     """A socket to the site and the reader of what arrives on it."""
 
-    __slots__ = ("reader", "sock")
+    __slots__ = ("keys", "lost", "reader", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reader = framing.Reader()
+        self.keys: set[str] = set()
+        """Calls sent on this connection and not answered yet (failed if it is lost)."""
+        self.lost = False
+        """The site behind it exited or hung up: the next call opens a new connection."""
 
 
 class _LocalFuture(Future[Any]):
@@ -441,7 +481,17 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """True if ``pid`` has exited but its parent has not reaped it: a site auto-started by
+    another SDK process that is still running looks alive to ``kill(pid, 0)`` until then."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (or gone already): trust kill(pid, 0)
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def _tail(path: Path, offset: int = 0, lines: int = 15) -> str:

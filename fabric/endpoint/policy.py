@@ -33,6 +33,7 @@ from typing import Any
 
 from fabric.errors import AccessDenied, EndpointError, FunctionNotAllowed, QuotaExceeded
 from fabric.sites import ModelRule, PolicyConfig, SiteConfig
+from fabric.sqlitefs import journal_mode
 from fabric.wire.functions import NAMES
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ def _open(path: Path) -> sqlite3.Connection:
         os.chmod(path, 0o600)  # who used what is not for other local users to read
     # WAL with synchronous=NORMAL: a commit needs no fsync (benchmarks/overhead.py); a power
     # cut may lose the last few usage rows, never corrupt the file.
-    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA journal_mode={journal_mode(path)}")  # no WAL on GPFS/Lustre/NFS
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("CREATE TABLE IF NOT EXISTS usage (ts REAL NOT NULL, identity TEXT NOT NULL,"
                  " model TEXT NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,"

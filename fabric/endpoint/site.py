@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import errno
 import fcntl
 import json
 import logging
+import math
 import os
+import resource
 import selectors
 import socket
 import sys
@@ -45,6 +48,7 @@ from typing import Any
 import msgpack
 
 from fabric import env
+from fabric.endpoint import watchdog
 from fabric.sites import SiteConfig
 from fabric.wire import framing
 from fabric.wire.framing import CONTROL, RESULT, TASK
@@ -55,6 +59,33 @@ INFO_FILE = "endpoint.json"
 """Where the running site advertises its pid and socket (in the state dir)."""
 REAP_INTERVAL_S = 15.0
 """How often the site checks its deployments' servers for exits."""
+MAX_CLIENTS = 1024
+"""Client connections the site holds at once; more are refused (closed at once), not fatal."""
+FD_RESERVE = 128
+"""Descriptors kept free of clients for the engine, logs, SQLite and model-server sockets."""
+
+
+def cores_per_worker(workers: int) -> float:
+    """Parsl's ``cores_per_worker`` that lets the pool spawn all ``workers`` here.
+
+    The pool spawns ``min(max_workers_per_node, floor(cores / cores_per_worker))`` workers, so
+    the default of one core each gave a 2-core machine 2 request workers while the site (and
+    ``fabric endpoint status``) said 4. Request workers mostly wait on model servers, so they
+    share cores: the value is rounded down so the floor cannot fall one short.
+    """
+    cores = os.cpu_count() or 1
+    if cores >= workers:
+        return 1.0
+    return max(0.001, math.floor(cores / workers * 1000) / 1000)
+
+
+def client_limit() -> int:
+    """How many clients this process can hold: ``MAX_CLIENTS``, or fewer where the open-file
+    limit is lower (an ``accept`` past it fails with EMFILE)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CLIENTS
+    return max(8, min(MAX_CLIENTS, soft - FD_RESERVE))
 
 BackgroundTask = Callable[["SiteProcess", threading.Event], None]
 """A long-running job of the site (e.g. the campaign runner): called in its own daemon thread
@@ -88,6 +119,15 @@ class SiteProcess:
         self.listener: socket.socket | None = None
         self.socket_path: Path | None = None
         self.started = 0.0
+        self.replies_dropped = 0
+        """Replies whose client had gone (counted for status; tests wait on it)."""
+        self.max_clients = client_limit()
+        self.clients = 0
+        self.refused = 0
+        """Connections closed at once because ``max_clients`` were open."""
+        self._spare_fd = -1
+        """Held open so an EMFILE accept can still take the connection (and close it)."""
+        self.watchdog: Any = None
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -95,6 +135,9 @@ class SiteProcess:
         """Take the state dir, start the engine, bind the socket, write ``endpoint.json``."""
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._take_lock()
+        self._reap_predecessor()
+        self.watchdog = watchdog.launch(os.getpid(), self.state_dir)
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY)
         self.socket_path = framing.socket_path(self.state_dir)
         self.listener = _listen(self.socket_path)
         self._start_engine()
@@ -123,6 +166,7 @@ class SiteProcess:
             label="fabric-local",
             provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
             max_workers_per_node=self.site.max_request_workers,
+            cores_per_worker=cores_per_worker(self.site.max_request_workers),
             address="127.0.0.1",
             # Long idle allowance: request workers stay warm; the short strategy period cuts
             # the first task's latency from ~6 s to ~2 s.
@@ -194,11 +238,31 @@ class SiteProcess:
 
     # -- message handling -----------------------------------------------------------------
 
+    def _reap_predecessor(self) -> None:
+        # A site killed together with its watchdog left its Parsl processes: end them now.
+        try:
+            old = int(json.loads((self.state_dir / INFO_FILE).read_text()).get("pid", 0))
+        except (OSError, ValueError, AttributeError):
+            return
+        if old != os.getpid():
+            hit = watchdog.reap(old)
+            if hit:
+                log.warning("ended %d processes left by the dead site (pid %d): %s",
+                            len(hit), old, hit)
+
     def _accept(self) -> None:
         assert self.listener is not None
         try:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self._refuse_without_fds()
+            return
+        if self.clients >= self.max_clients:
+            self._refuse(sock)
             return
         uid = framing.peer_uid(sock)
         if uid is not None and uid != os.getuid():
@@ -209,6 +273,31 @@ class SiteProcess:
         sock.setblocking(False)
         conn = _Conn(sock)
         self._selector.register(sock, selectors.EVENT_READ, conn)
+        self.clients += 1
+
+    def _refuse(self, sock: socket.socket) -> None:
+        # Over the limit: hang up on the newcomer (it sees the connection close) and keep
+        # serving the clients already here.
+        sock.close()
+        self.refused += 1
+        if self.refused == 1 or self.refused % 100 == 0:
+            log.warning("refused %d connections so far: %d clients are connected (the most "
+                        "this site holds at once)", self.refused, self.clients)
+
+    def _refuse_without_fds(self) -> None:
+        # Out of descriptors (other files count too): free the spare one to take the
+        # connection off the queue, else the listener stays readable and the loop spins.
+        if self._spare_fd < 0:
+            time.sleep(0.05)
+            return
+        os.close(self._spare_fd)
+        self._spare_fd = -1
+        try:
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                self._refuse(self.listener.accept()[0])  # type: ignore[union-attr]
+        finally:
+            with contextlib.suppress(OSError):
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY)
 
     def _read(self, conn: _Conn) -> None:
         try:
@@ -233,6 +322,7 @@ class SiteProcess:
         # The client went away: replies still due to it are dropped by ``_Conn.send``.
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn.sock)
+            self.clients -= 1
         conn.close()
 
     def _dispatch(self, conn: _Conn, frames: list[bytes]) -> None:
@@ -305,6 +395,8 @@ class SiteProcess:
         mgr = DeploymentManager(self.site, self.state_dir)
         deployments = mgr.list_all() if health else [d.to_dict() for d in mgr.db.query()]
         return {**self.info(), "uptime_s": round(time.time() - self.started, 1),
+                "replies_dropped": self.replies_dropped, "clients": self.clients,
+                "max_clients": self.max_clients, "refused": self.refused,
                 "deployments": deployments}
 
     def _undeploy_all(self) -> list[str]:
@@ -324,6 +416,8 @@ class SiteProcess:
                 self._writers.add(conn)
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"x")
+        elif conn.closed:
+            self.replies_dropped += 1
 
     def _reap_loop(self) -> None:
         # Mark servers that exited (idle timeout, crash, walltime) dead even when no request

@@ -3,6 +3,12 @@
 Request workers are separate processes (and on a cluster, separate nodes sharing the state
 dir), so the database, not memory, is the truth about which model servers exist. Every write is
 one short transaction; WAL lets readers (``fabric deployments``) run while a worker writes.
+
+WAL keeps its index in shared memory (``-shm``, mmap'd), which works only when every process
+is on one host and the file system is local. On the shared file systems of HPC login nodes
+(GPFS on Polaris, Lustre and NFS on Perlmutter) ``journal_mode`` picks the rollback journal
+instead (``DELETE``: POSIX locks, which those file systems implement across nodes; see
+``fabric.sqlitefs``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from fabric.sqlitefs import journal_mode
 
 DeploymentState = Literal["queued", "loading", "ready", "draining", "dead"]
 LIVE_STATES: tuple[str, ...] = ("queued", "loading", "ready")
@@ -89,7 +97,7 @@ class StateDB:
         # sqlite3 connections must not cross either.
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA journal_mode={journal_mode(self.path)}")
         db.execute("PRAGMA busy_timeout=30000")
         return db
 

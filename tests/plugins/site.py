@@ -9,7 +9,8 @@ temp folder. ``local_site`` (session scope) starts the site process once, exactl
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,20 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = "tiny-llama"
+
+
+def wait_until(cond: Callable[[], Any], timeout_s: float, what: str,
+               interval_s: float = 0.1) -> Any:
+    """Poll ``cond`` until it returns something truthy (returned) or fail after ``timeout_s``
+    saying what was awaited: a bounded wait on a condition instead of a fixed sleep."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}", pytrace=False)
+        time.sleep(interval_s)
 
 
 def write_site(folder: Path, *, name: str = "test-local", model_dir: Path | None = None,
