@@ -223,7 +223,9 @@ class StageModel(nn.Module):
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE's cos and sin for 1-d ``positions`` (on this rank's device), in its dtype."""
-        probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
+        # The rotary module reads only its input's device and dtype: an empty probe (no
+        # kernel launch) says both.
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
         cos, sin = self.rotary(probe, positions[None])
         return cos[0].to(self.dtype), sin[0].to(self.dtype)
 

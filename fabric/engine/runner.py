@@ -35,16 +35,15 @@ class StageRunner:
 
     def __init__(self, model: StageModel, fast_path: GraphOptions | None = None) -> None:
         """``fast_path``: build the decode fast path with these options (whole models only:
-        a ``ValueError`` otherwise); ``None``: every step runs eagerly."""
-        if fast_path is not None and not model.whole:
-            raise ValueError("decode graphs need the whole model on one rank (pp=1, tp=1)")
+        a ``ValueError`` otherwise) and keep the KV caches in its slot cache where they fit;
+        ``None``: every step runs eagerly over caches of their own."""
         self.model = model
-        layout = model.kv_layout
-        slots = (SlotCache(layout, fast_path.slots, fast_path.slot_tokens)
-                 if fast_path is not None else None)
-        self.kv = KVStore(layout, slots)
-        self.fast = (DecodeGraphs(model, slots, fast_path)
-                     if fast_path is not None and slots is not None else None)
+        self.fast: DecodeGraphs | None = None
+        slots = None
+        if fast_path is not None:
+            slots = SlotCache(model.kv_layout, fast_path.slots, fast_path.slot_tokens)
+            self.fast = DecodeGraphs(model, slots, fast_path)
+        self.kv = KVStore(model.kv_layout, slots)
 
     @property
     def hidden_size(self) -> int:
