@@ -17,6 +17,7 @@ import torch
 from fabric.catalog import Catalog
 from fabric.engine.batch import SampleSpec, SeqWork, StepPlan
 from fabric.engine.loader import build_stage
+from fabric.engine.runner import StageRunner
 from fabric.engine.sampling import pick
 from fabric.weights import prepare
 
@@ -26,22 +27,23 @@ TOPICS = ["photosynthesis", "black holes", "protein folding", "plate tectonics",
           "antibiotics"]
 
 
-def generate(model: object, prompts: list[list[int]], n: int) -> list[list[int]]:
+def generate(stage: StageRunner, prompts: list[list[int]], n: int) -> list[list[int]]:
     """Greedy tokens for ``prompts`` decoded together in one continuous batch."""
     seqs = {f"s{i}": p for i, p in enumerate(prompts)}
     out: dict[str, list[int]] = {k: [] for k in seqs}
     plan = StepPlan(0, [SeqWork(k, 0, v, len(v) + n, sample=SampleSpec())
                         for k, v in seqs.items()])
     for step in range(n):
-        x = model.forward_step(plan, None)  # type: ignore[attr-defined]
-        logits = model.logits(model.head_rows(plan, x))  # type: ignore[attr-defined]
+        x = stage.forward(plan, None)
+        logits = stage.logits(stage.head_rows(plan, x))
         nxt = []
         for row, s in zip(logits, plan.seqs, strict=True):
             token, _ = pick(row, SampleSpec())
             out[s.seq_id].append(token)
             nxt.append(SeqWork(s.seq_id, s.start + s.n, [token], 0, sample=SampleSpec()))
         plan = StepPlan(step + 1, nxt, free=[])
-    model.cache.clear()  # type: ignore[attr-defined]
+    for seq_id in seqs:
+        stage.drop(seq_id)
     return [out[f"s{i}"] for i in range(len(prompts))]
 
 
@@ -62,10 +64,10 @@ def main() -> None:
     report: dict[str, object] = {"model": "smollm2-135m", "n": args.n, "tokens": args.tokens,
                                  "threads": torch.get_num_threads()}
     for dtype in ("float32", "bfloat16"):
-        model, _ = build_stage(folder, 0, 1, 1, dtype, None)
+        stage = StageRunner(build_stage(folder, 0, 1, 1, dtype, None)[0])
         t0 = time.perf_counter()
-        batched = generate(model, prompts, args.tokens)
-        alone = [generate(model, [p], args.tokens)[0] for p in prompts]
+        batched = generate(stage, prompts, args.tokens)
+        alone = [generate(stage, [p], args.tokens)[0] for p in prompts]
         first = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), None)
                  for x, y in zip(batched, alone, strict=True)]
         report[dtype] = {"outputs_differing": sum(f is not None for f in first),

@@ -1,9 +1,10 @@
 """The fabric's own engine step on one GPU (issues 3 and 4).
 
 ``fabric.engine.model.StageModel`` is the step function every model-server rank runs; a
-single-rank server runs each step through ``StageModel.run_local``, which hands pure-decode
-steps to the decode fast path (``fabric.engine.graphs``: static slot KV cache, torch.compile'd
-layer halves, one CUDA graph per batch/length bucket) and everything else to the eager path.
+single-rank server runs each step through ``fabric.engine.runner.StageRunner.run_local``, which
+hands pure-decode steps to the decode fast path (``fabric.engine.graphs``: static slot KV
+cache, torch.compile'd layer halves, one CUDA graph per batch/length bucket) and everything
+else to the eager path.
 This script runs exactly that code on a CUDA device:
 
 1. equivalence: a small random Llama in fp32; 4 prompts of different lengths decoded together
@@ -50,9 +51,10 @@ from gpu_common import (  # noqa: E402
 )
 
 from fabric.engine.batch import SampleSpec, SeqWork, StepPlan  # noqa: E402
-from fabric.engine.graphs import DecodeGraphs, GraphOptions  # noqa: E402
+from fabric.engine.graphs import GraphOptions  # noqa: E402
 from fabric.engine.model import StageModel  # noqa: E402
 from fabric.engine.partition import plan_ranks  # noqa: E402
+from fabric.engine.runner import StageRunner  # noqa: E402
 
 T0 = time.monotonic()
 
@@ -75,20 +77,20 @@ def engine_from(hf: Any, device: torch.device, dtype: torch.dtype) -> StageModel
 class Decoder:
     """Drives the engine's step function the way the serving loop does (greedy)."""
 
-    def __init__(self, model: StageModel) -> None:
-        self.model = model
+    def __init__(self, runner: StageRunner) -> None:
+        self.runner = runner
         self.n = 0
 
     def step(self, work: list[SeqWork]) -> list[int]:
         """One step; returns each sequence's next token."""
         self.n += 1
-        outs = self.model.run_local(StepPlan(self.n, work))
+        outs = self.runner.run_local(StepPlan(self.n, work))
         return [int(o.token) for o in outs if o.token is not None]
 
     def generate(self, prompts: list[list[int]], new: int) -> tuple[list[list[int]], dict]:
         """Prefill every prompt in one step, then ``new - 1`` decode steps of the whole batch."""
         ids = [f"s{self.n}-{i}" for i in range(len(prompts))]
-        sync(self.model.device)
+        sync(self.runner.model.device)
         t0 = time.perf_counter()
         first = self.step([SeqWork(i, 0, p, len(p) + new, sample=SampleSpec())
                            for i, p in zip(ids, prompts, strict=True)])
@@ -101,7 +103,7 @@ class Decoder:
                 o.append(t)
         t2 = time.perf_counter()
         for i in ids:  # the server drops finished sequences' caches the same way
-            self.model.drop(i)
+            self.runner.drop(i)
         return out, {"total_s": t2 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1}
 
 
@@ -122,10 +124,8 @@ def build(hf: Any, device: torch.device, dtype: torch.dtype, variant: str, slots
     opts = VARIANTS[variant]
     if opts is not None and opts.get("compile"):
         torch._dynamo.reset()  # compiled code is cached per function, whatever the settings
-    if opts is not None:
-        model.graphs = DecodeGraphs(model, GraphOptions(slots=slots, slot_tokens=slot_tokens,
-                                                        **opts))
-    return Decoder(model)
+    fast = None if opts is None else GraphOptions(slots=slots, slot_tokens=slot_tokens, **opts)
+    return Decoder(StageRunner(model, fast))
 
 
 def equivalence(device: torch.device) -> dict[str, Any]:
@@ -181,10 +181,10 @@ def _time_variant(args: argparse.Namespace, hf: Any, device: torch.device, varia
 def _replay_only(dec: Decoder, device: torch.device, n: int = 50) -> float | None:
     """Steps/s of the captured decode graph replayed back to back, with no host work between
     steps: the fast path's ceiling, next to which the engine's rate shows its host cost."""
-    graphs = dec.model.graphs
-    if graphs is None or not graphs._graphs or device.type != "cuda":
+    graphs = dec.runner.fast
+    if graphs is None or not graphs.captured or device.type != "cuda":
         return None
-    graph = max(graphs._graphs.items())[1][0]  # the largest bucket the run used
+    graph = max(graphs.captured.items())[1][0]  # the largest bucket the run used
     sync(device)
     t0 = time.perf_counter()
     for _ in range(n):

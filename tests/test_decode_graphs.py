@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from fabric.engine.batch import HookSpec, SampleSpec, SeqWork, StepPlan
-from fabric.engine.graphs import DecodeGraphs, GraphOptions
+from fabric.engine.graphs import GraphOptions
 from fabric.engine.loader import build_stage
-from fabric.engine.model import StageModel
+from fabric.engine.runner import StageRunner
 from tests.plugins.servers import ServerHandle, hf_greedy, hf_tokenizer
 
 PROMPTS = ["The", "The mitochondria is the powerhouse", "Scientists call models",
@@ -28,8 +28,8 @@ NEW = 10
 class Driver:
     """Continuous batching in miniature: admit, prefill, decode, free."""
 
-    def __init__(self, model: StageModel) -> None:
-        self.model, self.step_id = model, 0
+    def __init__(self, runner: StageRunner) -> None:
+        self.runner, self.step_id = runner, 0
         self.fast_steps = self.eager_steps = 0
 
     def run(self, prompts: list[list[int]], new: int, specs: list[SampleSpec | None],
@@ -51,11 +51,11 @@ class Driver:
                                     hooks=(hooks or {}).get(i, [])))
                 index.append(i)
             plan = StepPlan(self.step_id, work, free=free)
-            if self.model.graphs is not None and self.model.graphs.accepts(plan):
+            if self.runner.takes_fast_path(plan):
                 self.fast_steps += 1
             else:
                 self.eager_steps += 1
-            outs = self.model.run_local(plan)
+            outs = self.runner.run_local(plan)
             free = []
             for i, res in zip(index, outs, strict=True):
                 assert res.token is not None
@@ -63,15 +63,13 @@ class Driver:
                 if len(out[i]) == new:
                     free.append(f"s{i}")
             self.step_id += 1
-        self.model.run_local(StepPlan(self.step_id, [], free=free))
+        self.runner.run_local(StepPlan(self.step_id, [], free=free))
         return out
 
 
-def _stage(weights: Path, opts: GraphOptions | None) -> StageModel:
+def _stage(weights: Path, opts: GraphOptions | None) -> StageRunner:
     model, _ = build_stage(weights, 0, 1, 1, "float32", None)
-    if opts is not None:
-        model.graphs = DecodeGraphs(model, opts)
-    return model
+    return StageRunner(model, opts)
 
 
 def _ids(weights: Path) -> list[list[int]]:
@@ -86,21 +84,22 @@ OPTS = GraphOptions(slots=4, slot_tokens=48, capture=False, compile=False)
 def test_fast_path_gives_transformers_greedy_tokens(weights_fixture: str,
                                                     request: pytest.FixtureRequest) -> None:
     weights: Path = request.getfixturevalue(weights_fixture)
-    model = _stage(weights, OPTS)
+    runner = _stage(weights, OPTS)
     ids = _ids(weights)
     # Six sequences, four slots: the two that find no slot (or would outgrow one) keep their
     # own caches, and while they run, steps go the eager way.
     capacity = [len(p) + NEW for p in ids]
     capacity[3] = 100  # more than a slot holds
-    driver = Driver(model)
+    driver = Driver(runner)
     out = driver.run(ids, NEW, [None] * len(ids), joins=[0, 0, 2, 3, 5, 16],
                      capacity=capacity)
     for prompt, got in zip(PROMPTS, out, strict=True):
         assert got == hf_greedy(weights, prompt, NEW), prompt
     assert driver.fast_steps > 0 and driver.eager_steps > 0
-    assert model.graphs is not None
-    assert not model.graphs.slots.owner and not model.cache  # every slot given back
-    assert sorted(model.graphs.slots._free) == list(range(OPTS.slots))
+    slots = runner.kv.slots
+    assert slots is not None
+    assert not slots.owner and not len(runner.kv)  # every slot given back
+    assert sorted(slots._free) == list(range(OPTS.slots))
 
 
 def test_sampling_logprobs_and_hooks_match_the_eager_path(tiny_llama_dir: Path) -> None:
@@ -120,21 +119,20 @@ def test_sampling_logprobs_and_hooks_match_the_eager_path(tiny_llama_dir: Path) 
 
 
 def test_fast_path_refuses_steps_it_cannot_run(tiny_llama_dir: Path) -> None:
-    model = _stage(tiny_llama_dir, OPTS)
-    graphs = model.graphs
-    assert graphs is not None
+    runner = _stage(tiny_llama_dir, OPTS)
+    takes = runner.takes_fast_path
     prompt = _ids(tiny_llama_dir)[1]
-    model.run_local(StepPlan(0, [SeqWork("a", 0, prompt, 20, sample=SampleSpec())]))
+    runner.run_local(StepPlan(0, [SeqWork("a", 0, prompt, 20, sample=SampleSpec())]))
     decode = SeqWork("a", len(prompt), [5], 0, sample=SampleSpec())
-    assert graphs.accepts(StepPlan(1, [decode]))
-    assert not graphs.accepts(StepPlan(1, []))
-    assert not graphs.accepts(StepPlan(1, [SeqWork("b", 0, prompt, 20, sample=SampleSpec())]))
+    assert takes(StepPlan(1, [decode]))
+    assert not takes(StepPlan(1, []))
+    assert not takes(StepPlan(1, [SeqWork("b", 0, prompt, 20, sample=SampleSpec())]))
     hooked = SeqWork("a", len(prompt), [5], 0, sample=SampleSpec(),
                      hooks=[HookSpec("ablate_heads", 0, heads=[1])])
-    assert not graphs.accepts(StepPlan(1, [hooked]))
-    assert not graphs.accepts(StepPlan(1, [SeqWork("a", len(prompt), [5], 0)]))
+    assert not takes(StepPlan(1, [hooked]))
+    assert not takes(StepPlan(1, [SeqWork("a", len(prompt), [5], 0)]))
     with pytest.raises(ValueError, match="pp=1, tp=1"):
-        DecodeGraphs(build_stage(tiny_llama_dir, 0, 2, 1, "float32", None)[0], OPTS)
+        StageRunner(build_stage(tiny_llama_dir, 0, 2, 1, "float32", None)[0], OPTS)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +161,7 @@ def test_blocked_lm_head_is_bit_identical(tiny_llama_odd_dir: Path) -> None:
 
     from fabric.engine import model as model_mod
 
-    stage = _stage(tiny_llama_odd_dir, None)
+    stage = _stage(tiny_llama_odd_dir, None).model
     assert stage.lm_head is not None
     weight = stage.lm_head.weight
     old = model_mod.HEAD_BLOCK

@@ -117,6 +117,16 @@ transport packs Globus Compute's task messages through ``fabric.wire.gcwire``, w
 ``globus_compute_sdk``'s serializer on first use: that is the wire format, not Globus.)"""
 
 
+def test_model_computes_and_knows_nothing_of_runner_slots_or_graphs() -> None:
+    """The StageRunner owns caches and the fast path; the model only computes over what it is
+    handed, and the fast path does not reach back into the runner."""
+    model = {m for m, _ in imports_of(ROOT / "engine" / "model.py")}
+    assert not {m for m in model if _within(m, ("fabric.engine.runner", "fabric.engine.graphs",
+                                                "fabric.engine.kv", "fabric.engine.pipeline"))}
+    graphs = {m for m, _ in imports_of(ROOT / "engine" / "graphs.py")}
+    assert not {m for m in graphs if _within(m, ("fabric.engine.runner",))}
+
+
 def test_client_imports_no_engine_endpoint_or_campaign() -> None:
     """Endpoint functions are named by ``fabric.wire.functions`` references; ``Fabric.campaign``
     lives in the SDK's composition root ``fabric.sdk`` (the campaign sits above the client)."""

@@ -14,8 +14,8 @@ import torch
 
 from fabric.engine.batch import SampleSpec, SeqWork, StepPlan
 from fabric.engine.loader import SHARD_MANIFEST, build_stage, load_config, rank_shards
-from fabric.engine.model import StageModel
 from fabric.engine.partition import plan_ranks, stage_costs
+from fabric.engine.runner import StageRunner
 from fabric.engine.shard import write_shards
 from fabric.errors import DeploymentError
 from fabric.testing.tiny import build_tiny_llama
@@ -66,9 +66,9 @@ def wide_vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             seed=3)
 
 
-def _run(stages: list[StageModel], plan: StepPlan) -> torch.Tensor:
-    x = stages[0].forward_step(plan, None)
-    x = stages[1].forward_step(plan, x)
+def _run(stages: list[StageRunner], plan: StepPlan) -> torch.Tensor:
+    x = stages[0].forward(plan, None)
+    x = stages[1].forward(plan, x)
     return stages[0].logits(stages[1].head_rows(plan, x))
 
 
@@ -81,8 +81,8 @@ def test_outputs_do_not_depend_on_the_balance(wide_vocab_dir: Path) -> None:
     prompt = [5, 17, 300, 42, 7, 99, 123, 8]
     logits = {}
     for balance in splits:
-        stages = [build_stage(wide_vocab_dir, r, 2, 1, "float32", None, balance=balance)[0]
-                  for r in range(2)]
+        stages = [StageRunner(build_stage(wide_vocab_dir, r, 2, 1, "float32", None,
+                                          balance=balance)[0]) for r in range(2)]
         greedy = SampleSpec()
         steps = [_run(stages, StepPlan(1, [SeqWork("a", 0, prompt, 16, sample=greedy)]))]
         token = int(steps[0][-1].argmax())

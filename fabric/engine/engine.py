@@ -26,8 +26,9 @@ Emit = Callable[[str, dict[str, Any]], None]
 """Send one wire message about a request (request_id, message)."""
 
 
-class Runner(Protocol):
-    """What the loop drives: the pipeline of a causal LM, or an encoder."""
+class StepExecutor(Protocol):
+    """What the loop drives to execute its steps: the pipeline of a causal LM
+    (``pipeline.Pipeline``, over each rank's ``runner.StageRunner``), or an encoder."""
 
     inflight: int
 
@@ -57,7 +58,7 @@ class QueueState(NamedTuple):
 class Engine:
     """Owns the scheduler and the runner; turns step outputs into stream events."""
 
-    def __init__(self, runner: Runner, tokenizer: Any, limits: Limits,
+    def __init__(self, runner: StepExecutor, tokenizer: Any, limits: Limits,
                  identity: dict[str, str], eos_ids: set[int], n_layers: int, emit: Emit) -> None:
         self.runner, self.tok, self.identity = runner, tokenizer, identity
         self.eos_ids, self.n_layers, self.emit = eos_ids, n_layers, emit

@@ -1,18 +1,17 @@
-"""The decode fast path of a single-rank (pp=1, tp=1) stage: a static slot cache and captured
-steps.
+"""The decode fast path of a single-rank (pp=1, tp=1) stage: batched decode steps over the
+slot cache, compiled and captured on CUDA.
 
 A decode step of the eager path (``StageModel.forward_step``) launches a few hundred small
 kernels and loops over sequences in Python, so on a GPU it is bound by the host, not by reading
 the weights (18% of the HBM roofline for an 8B model at batch 1, 5% at batch 16). Here:
 
-* every layer's KV cache is one tensor ``[slots, kv_heads, slot_tokens, head_dim]``; a
-  sequence that fits gets the lowest free slot for its life, and the eager path (prefill,
-  hooks, captures, scoring) uses the same slot through views, so nothing is copied when a
-  sequence moves between the two paths;
-* a step whose sequences all decode one token with no hooks, captures or scores runs as one
-  batched function over slots ``0..S-1`` (``S`` the power-of-two bucket above the highest
-  slot in the step): no per-sequence Python, no gather of caches. Rows of slots not in the
-  step are padding and write their keys to the slot's last column, which no sequence uses;
+* the KV caches are the runner's slot cache (``fabric.engine.kv.SlotCache``: one tensor
+  ``[slots, kv_heads, slot_tokens, head_dim]`` per layer, a slot per sequence that fits);
+* a step whose sequences all decode one token with no hooks, captures or scores
+  (``plain_decode``) runs as one batched function over slots ``0..S-1`` (``S`` the power-of-two
+  bucket above the highest slot in the step): no per-sequence Python, no gather of caches.
+  Rows of slots not in the step are padding and write their keys to the slot's last column,
+  which no sequence uses;
 * attention reads only the first ``L`` columns (``L`` a power-of-two bucket above the
   longest sequence), so short sequences do not pay for ``slot_tokens``;
 * on CUDA the layer halves around attention (norm, fused QKV, RoPE; o-proj, norm, fused
@@ -23,11 +22,16 @@ the weights (18% of the HBM roofline for an 8B model at batch 1, 5% at batch 16)
 
 On the CPU the same code runs without compile or capture (``decode_graphs: on``), which is how
 the tests check it token for token against transformers.
+
+Invariants: ``DecodeGraphs`` owns no KV storage and changes no weights: it reads the slot cache
+the runner (``fabric.engine.runner.StageRunner``) allocated and the fused weights the model
+exposes (``StageModel.fused_weights``), and it runs only the steps the runner hands it (every
+sequence a ``plain_decode`` with a slot); the runner has already dropped the step's freed
+sequences.
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from fabric.engine.batch import SeqOutput, SeqWork, StepPlan
+from fabric.engine.kv import SlotCache
 from fabric.engine.model import StageModel, rms_norm, rotate_half
 from fabric.engine.sampling import pick
 
@@ -97,57 +102,28 @@ def _bucket(n: int, low: int, high: int) -> int:
     return min(b, high)
 
 
-class SlotCache:
-    """Per-layer K/V tensors ``[slots, kv_heads, slot_tokens, head_dim]`` and who owns which
-    slot (lowest free first, so a step's slots stay packed near 0)."""
-
-    def __init__(self, n_layers: int, opts: GraphOptions, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        shape = (opts.slots, kv_heads, opts.slot_tokens, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.scratch = opts.slot_tokens - 1
-        """The last column: padding rows write there, so sequences use only the ones before."""
-        self._free = list(range(opts.slots))
-        self.owner: dict[str, int] = {}
-
-    def bind(self, seq: SeqWork) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Give ``seq`` a slot and return its per-layer cache views, or ``None`` (no slot
-        free, or the sequence may grow past a slot): it then keeps its own cache."""
-        if seq.capacity > self.scratch or not self._free:
-            return None
-        slot = heapq.heappop(self._free)
-        self.owner[seq.seq_id] = slot
-        return [(k[slot], v[slot]) for k, v in zip(self.k, self.v, strict=True)]
-
-    def release(self, seq_id: str) -> None:
-        """Return a finished sequence's slot."""
-        slot = self.owner.pop(seq_id, None)
-        if slot is not None:
-            heapq.heappush(self._free, slot)
+def plain_decode(seq: SeqWork) -> bool:
+    """Whether the fast path can run ``seq``'s part of a step: one sampled token, with no
+    hooks, captures or scores (it must also have a slot: the runner checks that)."""
+    return (seq.n == 1 and seq.sample is not None and not seq.hooks and seq.capture is None
+            and seq.score_targets is None)
 
 
 class DecodeGraphs:
     """Runs pure-decode steps of a single-rank stage over its slot cache (see the module)."""
 
-    def __init__(self, model: StageModel, opts: GraphOptions) -> None:
-        shard = model.shard
-        if not (shard.first and shard.last and shard.head) or model.tp_size != 1:
+    def __init__(self, model: StageModel, slots: SlotCache, opts: GraphOptions) -> None:
+        if not model.whole:
             raise ValueError("decode graphs need the whole model on one rank (pp=1, tp=1)")
-        self.model, self.opts = model, opts
+        self.opts, self.slots = opts, slots
         self.device = model.device
         self.on_cuda = self.device.type == "cuda"
-        cfg = model.config
-        self.eps = cfg.rms_norm_eps
-        self.heads, self.kv_heads = shard.q_heads, shard.kv_heads
+        self.eps = model.config.rms_norm_eps
+        self.heads, self.kv_heads = model.shard.q_heads, model.shard.kv_heads
         self.head_dim = model.head_dim
-        self.slots = SlotCache(len(shard.layers), opts, self.kv_heads, self.head_dim,
-                               model.dtype, self.device)
-        self.weights = [_fuse(model.layers[str(i)]) for i in shard.layers]
+        self.weights = model.fused_weights()
         positions = torch.arange(opts.slot_tokens, device=self.device)
-        probe = torch.zeros(1, 1, dtype=model.dtype, device=self.device)
-        cos, sin = model.rotary(probe, positions[None])
-        self.cos, self.sin = cos[0].to(model.dtype), sin[0].to(model.dtype)
+        self.cos, self.sin = model.rope(positions)
         self.columns = positions
         # ids and positions of one step, in one buffer so one copy moves both
         self.inputs = torch.zeros(2, opts.slots, dtype=torch.long, device=self.device)
@@ -158,22 +134,14 @@ class DecodeGraphs:
         if self.on_cuda and opts.compile:
             fns = tuple(torch.compile(f, fullgraph=True, dynamic=False) for f in fns)  # type: ignore[assignment]
         self._pre, self._post, self._head = fns
-        self._graphs: dict[tuple[int, int], tuple[Any, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.captured: dict[tuple[int, int], tuple[Any, tuple[torch.Tensor, torch.Tensor]]] = {}
+        """Each captured step shape ``(S, L)``: its CUDA graph and output tensors."""
         self._pool = torch.cuda.graph_pool_handle() if self.on_cuda and opts.capture else None
-
-    def accepts(self, plan: StepPlan) -> bool:
-        """Whether this step is one the fast path runs: every sequence decodes one sampled
-        token from a slot, with no hooks, captures or scores."""
-        owner = self.slots.owner
-        return bool(plan.seqs) and all(
-            s.n == 1 and s.sample is not None and not s.hooks and s.capture is None
-            and s.score_targets is None and s.seq_id in owner for s in plan.seqs)
 
     @torch.no_grad()
     def run(self, plan: StepPlan) -> list[SeqOutput]:
-        """Run an accepted step; outputs as the eager path gives them."""
-        for seq_id in plan.free:
-            self.model.drop(seq_id)
+        """Run a step of plain decodes that all have slots; outputs as the eager path gives
+        them."""
         slot_of = [self.slots.owner[s.seq_id] for s in plan.seqs]
         size = _bucket(max(slot_of) + 1, 1, self.opts.slots)
         span = _bucket(max(s.start for s in plan.seqs) + 1, 64, self.opts.slot_tokens)
@@ -199,10 +167,10 @@ class DecodeGraphs:
     def _launch(self, size: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not (self.on_cuda and self.opts.capture):
             return self._step(size, span)
-        entry = self._graphs.get((size, span))
+        entry = self.captured.get((size, span))
         if entry is None:
             entry = self._capture(size, span)
-            self._graphs[(size, span)] = entry
+            self.captured[(size, span)] = entry
         entry[0].replay()
         return entry[1]
 
@@ -227,45 +195,20 @@ class DecodeGraphs:
 
     def _step(self, size: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, pos = self.inputs[0, :size], self.inputs[1, :size]
-        model = self.model
-        assert model.embed_tokens is not None and model.norm is not None
-        assert model.lm_head is not None
-        x = F.embedding(ids, model.embed_tokens.weight)
+        weights = self.weights
+        x = F.embedding(ids, weights.embed)
         cos, sin = self.cos[pos], self.sin[pos]
         mask = (self.columns[:span][None, :] <= pos[:, None])[:, None, None, :]
         rows = torch.arange(size, device=self.device)
         group = self.heads // self.kv_heads
-        for w, kc, vc in zip(self.weights, self.slots.k, self.slots.v, strict=True):
-            q = self._pre(x, w["ln1"], w["qkv"], w["qkv_bias"], cos, sin, kc, vc, rows, pos,
+        for w, kc, vc in zip(weights.layers, self.slots.k, self.slots.v, strict=True):
+            q = self._pre(x, w.ln1, w.qkv, w.qkv_bias, cos, sin, kc, vc, rows, pos,
                           eps=self.eps, heads=self.heads, kv_heads=self.kv_heads,
                           head_dim=self.head_dim)
             o = F.scaled_dot_product_attention(
                 q.view(size, self.kv_heads, group, self.head_dim), kc[:size, :, :span],
                 vc[:size, :, :span], attn_mask=mask, scale=self.head_dim**-0.5)
-            x = self._post(x, o.reshape(size, -1), w["o"], w["ln2"], w["gu"], w["down"],
-                           eps=self.eps, inter=w["down"].shape[1])
-        return self._head(x, model.norm.weight, model.lm_head.weight, eps=self.eps)
+            x = self._post(x, o.reshape(size, -1), w.o, w.ln2, w.gu, w.down, eps=self.eps,
+                           inter=w.down.shape[1])
+        return self._head(x, weights.norm, weights.head, eps=self.eps)
 
-
-def _fuse(layer: Any) -> dict[str, Any]:
-    """One layer's weights for the fast path: Q/K/V and gate/up concatenated into one matrix
-    each, and the layer's own projections re-pointed at row slices of it (contiguous views),
-    so the eager path keeps working and no weight is held twice."""
-    attn, mlp = layer.self_attn, layer.mlp
-    qkv = _fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], "weight")
-    bias = (_fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], "bias")
-            if attn.q_proj.bias is not None else None)
-    gu = _fuse_rows([mlp.gate_proj, mlp.up_proj], "weight")
-    return {"ln1": layer.input_layernorm.weight.detach(), "qkv": qkv, "qkv_bias": bias,
-            "o": attn.o_proj.weight.detach(), "ln2": layer.post_attention_layernorm.weight.detach(),
-            "gu": gu, "down": mlp.down_proj.weight.detach()}
-
-
-def _fuse_rows(linears: list[Any], name: str) -> torch.Tensor:
-    fused = torch.cat([getattr(lin, name).detach() for lin in linears], dim=0)
-    start = 0
-    for lin in linears:
-        n = getattr(lin, name).shape[0]
-        setattr(lin, name, torch.nn.Parameter(fused[start:start + n], requires_grad=False))
-        start += n
-    return fused

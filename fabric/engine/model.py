@@ -7,26 +7,69 @@ checkpoint's own tensors (tp slices when tp > 1); the row-parallel projections a
 the stage's tp group, and the embedding and LM head are vocab-parallel (each tp rank holds a
 range of vocabulary rows; lookups all-reduce, logits all-gather). Per-request hooks act only on
 their request's rows.
+
+Invariants: the model only computes. It holds no per-sequence state: the KV caches of a step
+are handed to ``StageModel.forward_step`` by the caller (``fabric.engine.runner.StageRunner``,
+which allocates, slots and drops them), and it knows nothing of the decode fast path beyond
+exposing its weights in the layout that path reads (``StageModel.fused_weights``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fabric.engine.batch import HookSpec, SeqOutput, SeqWork, StepPlan
+from fabric.engine.batch import HookSpec, StepPlan
 from fabric.engine.partition import RankShard, vocab_slices
-from fabric.engine.sampling import outputs_from
-
-if TYPE_CHECKING:
-    from fabric.engine.graphs import DecodeGraphs
-
 
 HEAD_BLOCK = 2048
 """Vocabulary rows per block of the LM head matmul on CPUs (see ``StageModel._head_matmul``)."""
+
+SeqCache = list[tuple[torch.Tensor, torch.Tensor]]
+"""One sequence's KV cache on this rank: (keys, values) per local layer, each
+``[kv_heads, capacity, head_dim]`` (views into a slot cache, or tensors of its own)."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The shape of this rank's KV cache, which whoever allocates it needs."""
+
+    layers: int
+    """Local layers (one (K, V) pair each)."""
+    kv_heads: int
+    """This rank's KV heads."""
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One layer's weights as the decode fast path reads them (``StageModel.fused_weights``)."""
+
+    ln1: torch.Tensor
+    qkv: torch.Tensor
+    """Q, K and V projections' rows, concatenated."""
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    ln2: torch.Tensor
+    gu: torch.Tensor
+    """Gate and up projections' rows, concatenated."""
+    down: torch.Tensor
+
+
+@dataclass(frozen=True)
+class FusedWeights:
+    """A whole model's weights for the decode fast path (pp=1, tp=1 only)."""
+
+    embed: torch.Tensor
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    head: torch.Tensor
 
 
 class TensorParallel(Protocol):
@@ -103,7 +146,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class StageModel(nn.Module):
-    """The layers one rank owns, its KV caches, and the step function."""
+    """The layers one rank owns and the step function over KV caches it is handed."""
 
     def __init__(self, config: Any, shard: RankShard, comm: TensorParallel | None,
                  device: str | torch.device = "cpu") -> None:
@@ -123,14 +166,24 @@ class StageModel(nn.Module):
             self.norm = RMSNorm(hidden, config.rms_norm_eps) if shard.last else None
             self.lm_head = nn.Linear(hidden, vocab, bias=False) if shard.head else None
         self.rotary = LlamaRotaryEmbedding(config)
-        self.cache: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.graphs: DecodeGraphs | None = None
-        """The decode fast path (``fabric.engine.graphs``), when the server enabled it."""
+        self._fused: FusedWeights | None = None
 
     @property
     def tp_size(self) -> int:
         """Tensor-parallel ranks in this stage."""
         return 1 if self._comm is None else self._comm.size
+
+    @property
+    def whole(self) -> bool:
+        """Whether this rank holds the whole model (pp=1, tp=1)."""
+        shard = self.shard
+        return shard.first and shard.last and shard.head and self.tp_size == 1
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        """What one sequence's cache on this rank looks like (after ``load``)."""
+        return KVLayout(len(self.shard.layers), self.shard.kv_heads, self.head_dim, self.dtype,
+                        self.device)
 
     # --- loading ---------------------------------------------------------------------------
 
@@ -149,13 +202,45 @@ class StageModel(nn.Module):
         self.dtype = dtype
         self.eval()
 
+    def fused_weights(self) -> FusedWeights:
+        """The weights in the decode fast path's layout: Q/K/V and gate/up concatenated into
+        one matrix each per layer.
+
+        The layers' own projections are re-pointed at row slices (contiguous views) of the
+        fused matrices, so no weight is held twice and the eager path computes exactly what it
+        did. Whole models only; the first call re-lays the weights, later ones return the same.
+        """
+        if self._fused is None:
+            if not self.whole:
+                raise ValueError("fused weights need the whole model on one rank (pp=1, tp=1)")
+            assert self.embed_tokens is not None and self.norm is not None
+            assert self.lm_head is not None
+            self._fused = FusedWeights(
+                self.embed_tokens.weight.detach(),
+                [_fuse_layer(self.layers[str(i)]) for i in self.shard.layers],
+                self.norm.weight.detach(), self.lm_head.weight.detach())
+        return self._fused
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and sin for 1-d ``positions`` (on this rank's device), in its dtype."""
+        # The rotary module reads only its input's device and dtype: an empty probe (no
+        # kernel launch) says both.
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        cos, sin = self.rotary(probe, positions[None])
+        return cos[0].to(self.dtype), sin[0].to(self.dtype)
+
     # --- the step --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def forward_step(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor:
-        """Run this rank's layers over the plan's packed tokens; return the hidden states."""
-        for seq_id in plan.free:
-            self.drop(seq_id)
+    def forward_step(self, plan: StepPlan, hidden: torch.Tensor | None,
+                     caches: list[SeqCache]) -> torch.Tensor:
+        """Run this rank's layers over the plan's packed tokens; return the hidden states.
+
+        ``caches[j]`` is ``plan.seqs[j]``'s KV cache with room for its positions up to
+        ``start + n``; this step's keys and values are written into it.
+        """
+        if len(caches) != len(plan.seqs):
+            raise ValueError(f"{len(caches)} caches for {len(plan.seqs)} sequences")
         if not plan.seqs:
             return torch.zeros(0, self.config.hidden_size, device=self.device)
         positions = torch.cat([torch.arange(s.start, s.start + s.n) for s in plan.seqs]
@@ -168,30 +253,13 @@ class StageModel(nn.Module):
         else:
             assert hidden is not None
             x = hidden.to(self.device, self.dtype)
-        cos, sin = self.rotary(x[None], positions[None])
-        cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
-        for seq in plan.seqs:
-            self._ensure_cache(seq)
+        cos, sin = self.rope(positions)
         for i in self.shard.layers:
             layer: Any = self.layers[str(i)]
-            x = self._layer(i, layer, x, plan, cos, sin)
+            x = self._layer(i, layer, x, plan, caches, cos, sin)
             if i + 1 < self.n_layers:
                 self._capture(plan, i + 1, x)
         return x
-
-    def run_local(self, plan: StepPlan) -> list[SeqOutput]:
-        """A whole step on a stage that is the whole model (pp=1): the decode fast path when
-        it takes the step, else forward, head and sampling."""
-        if self.graphs is not None and self.graphs.accepts(plan):
-            return self.graphs.run(plan)
-        x = self.forward_step(plan, None)
-        return outputs_from(plan, self.logits(self.head_rows(plan, x)))
-
-    def drop(self, seq_id: str) -> None:
-        """Forget a finished sequence's KV cache (and give back its slot)."""
-        self.cache.pop(seq_id, None)
-        if self.graphs is not None:
-            self.graphs.slots.release(seq_id)
 
     @torch.no_grad()
     def head_rows(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
@@ -247,20 +315,6 @@ class StageModel(nn.Module):
         return torch.cat([F.linear(h, w[i:i + HEAD_BLOCK]) for i in range(0, w.shape[0],
                                                                            HEAD_BLOCK)], dim=1)
 
-    def _ensure_cache(self, seq: SeqWork) -> None:
-        if seq.seq_id in self.cache:
-            return
-        views = self.graphs.slots.bind(seq) if self.graphs is not None else None
-        if views is not None:
-            self.cache[seq.seq_id] = views
-            return
-        kv, d = self.shard.kv_heads, self.head_dim
-        self.cache[seq.seq_id] = [
-            (torch.empty(kv, seq.capacity, d, dtype=self.dtype, device=self.device),
-             torch.empty(kv, seq.capacity, d, dtype=self.dtype, device=self.device))
-            for _ in self.shard.layers
-        ]
-
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self._comm is not None:
             self._comm.all_reduce(t)
@@ -279,7 +333,7 @@ class StageModel(nn.Module):
         return self._reduce(x)
 
     def _layer(self, index: int, layer: Layer, x: torch.Tensor, plan: StepPlan,
-               cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+               caches: list[SeqCache], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         t = h.shape[0]
@@ -289,7 +343,7 @@ class StageModel(nn.Module):
         c, s_ = cos[:, None, :], sin[:, None, :]
         q = q * c + rotate_half(q) * s_
         k = k * c + rotate_half(k) * s_
-        out = self._attend(index - self.shard.layers.start, plan, q, k, v)
+        out = self._attend(index - self.shard.layers.start, plan, caches, q, k, v)
         self._apply_hooks(plan, index, "ablate_heads", out)
         o = self._reduce(attn.o_proj(out.view(t, -1)))
         x = x + o
@@ -300,16 +354,16 @@ class StageModel(nn.Module):
         self._apply_hooks(plan, index, "steer", x)
         return x
 
-    def _attend(self, local: int, plan: StepPlan, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, local: int, plan: StepPlan, caches: list[SeqCache], q: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
         kv_heads, d = k.shape[1], self.head_dim
         group = q.shape[1] // kv_heads
         scale = d**-0.5
         offset = 0
-        for s in plan.seqs:
+        for s, cache in zip(plan.seqs, caches, strict=True):
             rows = slice(offset, offset + s.n)
-            kc, vc = self.cache[s.seq_id][local]
+            kc, vc = cache[local]
             end = s.start + s.n
             kc[:, s.start:end] = k[rows].transpose(0, 1)
             vc[:, s.start:end] = v[rows].transpose(0, 1)
@@ -374,3 +428,27 @@ class StageModel(nn.Module):
                 if value is not None:
                     plan.captures.setdefault(s.seq_id, {})[hs_index] = value
             offset += s.n
+
+
+def _fuse_layer(layer: Any) -> LayerWeights:
+    """One layer's fast-path weights (see ``StageModel.fused_weights``)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = _fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], "weight")
+    bias = (_fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], "bias")
+            if attn.q_proj.bias is not None else None)
+    gu = _fuse_rows([mlp.gate_proj, mlp.up_proj], "weight")
+    return LayerWeights(layer.input_layernorm.weight.detach(), qkv, bias,
+                        attn.o_proj.weight.detach(),
+                        layer.post_attention_layernorm.weight.detach(), gu,
+                        mlp.down_proj.weight.detach())
+
+
+def _fuse_rows(linears: list[Any], name: str) -> torch.Tensor:
+    """Concatenate the linears' ``name`` tensors by rows and re-point each at its slice."""
+    fused = torch.cat([getattr(lin, name).detach() for lin in linears], dim=0)
+    start = 0
+    for lin in linears:
+        n = getattr(lin, name).shape[0]
+        setattr(lin, name, torch.nn.Parameter(fused[start:start + n], requires_grad=False))
+        start += n
+    return fused

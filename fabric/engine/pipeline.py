@@ -9,6 +9,9 @@ computes logits and samples when it collects the step. Steps are collected in la
 Within a stage, the leader broadcasts each step to its tensor-parallel peers. Hidden states
 travel as float32 tensors through torch.distributed point-to-point; the step plan travels
 pickled in a uint8 tensor ahead of them.
+
+Every rank drives its stage through a ``fabric.engine.runner.StageRunner``, which owns the
+rank's KV caches and (pp=1) the decode fast path; this module only moves steps and rows.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.distributed as dist
 
 from fabric.engine.batch import SeqOutput, StepPlan
 from fabric.engine.dist import Groups, RankInfo
-from fabric.engine.model import StageModel
+from fabric.engine.runner import StageRunner
 from fabric.engine.sampling import outputs_from
 
 STEP, STOP, HEAD = 1, 2, 3
@@ -99,11 +102,11 @@ class _Wire:
 class Pipeline:
     """The head's view of the model: launch steps, collect their outputs in order."""
 
-    def __init__(self, info: RankInfo, groups: Groups, model: StageModel,
+    def __init__(self, info: RankInfo, groups: Groups, stage: StageRunner,
                  micro_batches: int = 0) -> None:
-        self.info, self.model = info, model
+        self.info, self.stage = info, stage
         self._depth = micro_batches or info.pp
-        self.wire = _Wire(info, groups, model.config.hidden_size)
+        self.wire = _Wire(info, groups, stage.hidden_size)
         self._local: deque[list[SeqOutput]] = deque()
         self.inflight = 0
 
@@ -117,9 +120,9 @@ class Pipeline:
         if self.info.tp > 1:
             self.wire.bcast(STEP, plan, None)
         if self.info.pp == 1:
-            self._local.append(self.model.run_local(plan))
+            self._local.append(self.stage.run_local(plan))
         else:
-            x = self.model.forward_step(plan, None)
+            x = self.stage.forward(plan, None)
             self.wire.isend(self.info.leader_of(1), STEP, plan, x)
         self.inflight += 1
 
@@ -133,7 +136,7 @@ class Pipeline:
             return list(obj)
         if self.info.tp > 1:
             self.wire.bcast(HEAD, obj, rows)
-        return outputs_from(obj, self.model.logits(rows))
+        return outputs_from(obj, self.stage.logits(rows))
 
     def shutdown(self) -> None:
         """Tell every other rank to exit."""
@@ -144,9 +147,9 @@ class Pipeline:
         self.wire.flush()
 
 
-def worker_loop(info: RankInfo, groups: Groups, model: StageModel) -> None:
+def worker_loop(info: RankInfo, groups: Groups, stage: StageRunner) -> None:
     """Every rank but the head: receive steps, compute this stage, pass them on, until STOP."""
-    wire = _Wire(info, groups, model.config.hidden_size)
+    wire = _Wire(info, groups, stage.hidden_size)
     prev = info.leader_of(info.stage - 1) if info.stage > 0 else None
     while True:
         kind, plan, hidden = (None, None, None)
@@ -163,21 +166,21 @@ def worker_loop(info: RankInfo, groups: Groups, model: StageModel) -> None:
             wire.flush()
             return
         if kind == HEAD:  # stage 0's tp peers: their vocabulary slice of the tied LM head
-            model.logits(hidden)
+            stage.logits(hidden)
             continue
-        x = model.forward_step(plan, hidden)
+        x = stage.forward(plan, hidden)
         if not info.is_last_stage:
             if info.is_stage_leader:
                 wire.isend(info.leader_of(info.stage + 1), STEP, plan, x)
             continue
-        _finish_last_stage(info, wire, model, plan, x)
+        _finish_last_stage(info, wire, stage, plan, x)
 
 
-def _finish_last_stage(info: RankInfo, wire: _Wire, model: StageModel, plan: StepPlan,
+def _finish_last_stage(info: RankInfo, wire: _Wire, stage: StageRunner, plan: StepPlan,
                        x: torch.Tensor) -> None:
-    rows = model.head_rows(plan, x)
-    if model.shard.head:  # every tp rank takes part in the logits' all-gather
-        logits = model.logits(rows)
+    rows = stage.head_rows(plan, x)
+    if stage.holds_head:  # every tp rank takes part in the logits' all-gather
+        logits = stage.logits(rows)
         if info.is_stage_leader:
             wire.isend(0, STEP, outputs_from(plan, logits), None)
     elif info.is_stage_leader:

@@ -22,13 +22,14 @@ import zmq
 
 from fabric import env, tickets
 from fabric.engine.dist import RankInfo, init_groups, rank_from_env
-from fabric.engine.engine import Engine
+from fabric.engine.engine import Engine, StepExecutor
 from fabric.engine.frontend import Frontend
+from fabric.engine.graphs import GraphOptions
 from fabric.engine.launch import ServerLaunchConfig, select_accelerator, threads_per_rank
 from fabric.engine.loader import DTYPES, build_stage
-from fabric.engine.model import StageModel
 from fabric.engine.pipeline import Pipeline, worker_loop
 from fabric.engine.prepare import ModelLimits, Preparer
+from fabric.engine.runner import StageRunner
 from fabric.engine.scheduler import Limits
 
 log = logging.getLogger("fabric.server")
@@ -80,17 +81,14 @@ def _wrap_deepspeed(model: torch.nn.Module, dtype: torch.dtype) -> None:
                              tensor_parallel={"tp_size": 1})
 
 
-def _enable_graphs(cfg: ServerLaunchConfig, info: RankInfo, model: StageModel) -> None:
-    """Attach the decode fast path where the plan and config allow it."""
+def _fast_path(cfg: ServerLaunchConfig, info: RankInfo) -> GraphOptions | None:
+    """The decode fast path's options where the plan and config allow it (``None``: off)."""
     s = cfg.server
     on_cuda = cfg.plan.device == "cuda"
     if info.world != 1 or s.decode_graphs == "off" or (s.decode_graphs == "auto" and not on_cuda):
-        return
-    from fabric.engine.graphs import DecodeGraphs, GraphOptions
-
-    model.graphs = DecodeGraphs(model, GraphOptions(
-        slots=min(s.graph_slots, s.max_running), slot_tokens=s.graph_slot_tokens,
-        capture=on_cuda, compile=on_cuda and s.graph_compile))
+        return None
+    return GraphOptions(slots=min(s.graph_slots, s.max_running), slot_tokens=s.graph_slot_tokens,
+                        capture=on_cuda, compile=on_cuda and s.graph_compile)
 
 
 def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
@@ -104,26 +102,26 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
     if cfg.model.family == "embedding":
         from fabric.engine.encoder import EncoderRunner
 
-        runner: Any = EncoderRunner(Path(cfg.weights_path), DTYPES[cfg.plan.dtype])
-        config = runner.config
+        executor: Any = EncoderRunner(Path(cfg.weights_path), DTYPES[cfg.plan.dtype])
+        config = executor.config
     else:
         model, report = build_stage(Path(cfg.weights_path), info.rank, info.pp, info.tp,
                                     cfg.plan.dtype, groups.tp_comm(),
                                     Path(cfg.shard_dir) if cfg.shard_dir else None,
                                     _device(cfg, info), cfg.plan.balance)
         _wrap_deepspeed(model, DTYPES[cfg.plan.dtype])
-        _enable_graphs(cfg, info, model)
+        stage = StageRunner(model, _fast_path(cfg, info))
         log.info("rank %d loaded %d bytes in %.2f s", info.rank, report.bytes_read,
                  report.seconds)
         config = model.config
         if not info.is_head:
-            worker_loop(info, groups, model)
+            worker_loop(info, groups, stage)
             return "stopped"
-        runner = Pipeline(info, groups, model, cfg.server.micro_batches)
-    return _serve_head(cfg, info, runner, config, head_info)
+        executor = Pipeline(info, groups, stage, cfg.server.micro_batches)
+    return _serve_head(cfg, info, executor, config, head_info)
 
 
-def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, runner: Any, config: Any,
+def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor, config: Any,
                 head_info: dict[str, Any]) -> str:
     from transformers import AutoTokenizer
 
@@ -145,7 +143,7 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, runner: Any, config: An
         kv_budget=s.kv_budget_tokens, causal=causal))
     extra = {"model": identity, "plan": {"pp": info.pp, "tp": info.tp, "dtype": cfg.plan.dtype},
              "deployment_id": cfg.deployment_id}
-    engine = Engine(runner, tok, limits, identity, eos_ids, config.num_hidden_layers,
+    engine = Engine(executor, tok, limits, identity, eos_ids, config.num_hidden_layers,
                     emit=lambda rid, msg: None)  # replaced once the front door is bound
     frontend = Frontend(engine, preparer, s, key, cfg.model.name, extra)
     port = frontend.bind(cfg.bind_host, secret, public)
