@@ -43,3 +43,16 @@ def test_the_checker_sees_lazy_imports(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from fabric.engine import server\n    import globus_sdk\n")
     assert imported_modules(probe) >= {"fabric.engine", "globus_sdk"}
+
+
+def test_campaign_never_imports_endpoint() -> None:
+    """The campaign ships ``run_shard`` by reference (``fabric.functionref``); it has no
+    import of the site's code."""
+    assert offenders("campaign", ("fabric.endpoint",)) == {}
+
+
+def test_endpoint_modules_do_not_reach_each_other_through_importlib() -> None:
+    """The policy reads the endpoint-function registry, not another module's globals."""
+    policy = ROOT / "endpoint" / "policy.py"
+    assert "importlib" not in imported_modules(policy)
+    assert "importlib" not in policy.read_text()

@@ -187,7 +187,7 @@ class Runner:
     # -- dispatch and settle ------------------------------------------------------------------
 
     def _dispatch(self, slots: list[SiteSlot]) -> None:
-        from fabric.campaign.shard import run_shard
+        from fabric.functionref import RUN_SHARD
 
         assert self.ledger is not None
         m = self.manifest
@@ -206,7 +206,7 @@ class Runner:
                      "items": [{"custom_id": c, "attempt": a, "request": r}
                                for c, a, r in claimed]}
             try:
-                fut = slot.transport.submit(run_shard, shard, self.auth)
+                fut = slot.transport.submit(RUN_SHARD, shard, self.auth)
             except FabricError as exc:
                 self._settle(shard_id, slot.transport.site, None, exc)
                 self._backoff(slot, exc)

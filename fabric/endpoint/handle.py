@@ -13,16 +13,20 @@ import operator
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fabric.errors import FabricError, InvalidRequest, ModelServerUnavailable, Overloaded
+
+if TYPE_CHECKING:
+    from fabric.endpoint.context import SiteContext
 
 
 class ModelHandle:
     """Requests to one model's warm server, from inside a user function."""
 
-    def __init__(self, model: str | None, version: str | None = None, *,
+    def __init__(self, context: SiteContext, model: str | None, version: str | None = None, *,
                  identity: str = "", timeout_s: float = 600.0) -> None:
+        self._ctx = context
         self.model = model
         self.version = version
         self.identity = identity
@@ -140,13 +144,11 @@ class ModelHandle:
         return [results[r.request_id] for r in reqs]
 
     def _connect(self) -> tuple[Any, Any, Any]:
-        from fabric.endpoint import functions
         from fabric.serverclient import ServerClient
 
-        manager = functions.manager()
+        manager = self._ctx.manager
         if self._client is None:
-            site, _ = functions.current_site()
-            entry = functions.catalog(site).get(str(self.model), self.version)
+            entry = self._ctx.entry(str(self.model), self.version)
             self._dep = manager.ensure(entry)
             self._client = ServerClient(self._dep.address, self._dep.public_key,
                                         timeout_s=30.0)
@@ -156,10 +158,8 @@ class ModelHandle:
         if self._client is not None:
             self._client.close()
         if self._dep is not None:
-            from fabric.endpoint import functions
-
             with contextlib.suppress(FabricError):
-                functions.manager().refresh(self._dep)
+                self._ctx.manager.refresh(self._dep)
         self._client = None
         self._dep = None
 

@@ -43,7 +43,8 @@ from fabric.sites import SiteConfig
 
 log = logging.getLogger(__name__)
 
-FUNCTIONS_MODULE = "fabric.endpoint.functions"
+ENDPOINT_PACKAGE = "fabric.endpoint."
+"""The fabric's endpoint functions live in this package (``fabric.endpoint.registry``)."""
 
 
 def fabric_home() -> Path:
@@ -190,7 +191,8 @@ class GlobusTransport:
     def function_id(self, fn: Callable[..., Any]) -> str:
         """The id to run ``fn`` by: operator-registered, cached by code hash, or new."""
         name = getattr(fn, "__name__", "")
-        if getattr(fn, "__module__", "") == FUNCTIONS_MODULE and name in self.config.function_ids:
+        module = getattr(fn, "__module__", "") or ""
+        if module.startswith(ENDPOINT_PACKAGE) and name in self.config.function_ids:
             return self.config.function_ids[name]
         if fn in self._ids:
             return self._ids[fn]
@@ -276,15 +278,7 @@ def register_functions(site: SiteConfig, executor: Any, *, public: bool = True) 
     The ids go into the site's ``function_ids`` (so clients use them) and, rendered, into the
     endpoint's ``allowed_functions`` (so nothing else runs there).
     """
-    import importlib
+    from fabric.endpoint import registry
 
-    from fabric.endpoint.policy import FABRIC_FUNCTIONS
-
-    module = importlib.import_module(FUNCTIONS_MODULE)
-    names = sorted(set(getattr(module, "__all__", ())) | FABRIC_FUNCTIONS)
-    out = {}
-    for name in names:
-        fn = getattr(module, name, None)
-        if callable(fn):
-            out[name] = str(executor.register_function(fn, public=public))
-    return out
+    return {name: str(executor.register_function(f.fn, public=public))
+            for name, f in sorted(registry.functions().items())}

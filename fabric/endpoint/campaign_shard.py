@@ -1,4 +1,8 @@
-"""The shard endpoint function: runs one campaign shard inside a site's request worker.
+"""``run_shard``: the endpoint function that runs one campaign shard in a site's request worker.
+
+It lives in the endpoint package (not ``fabric.campaign``) because it is site code: the campaign
+runner never imports it, it ships it by reference (``fabric.functionref``), so the campaign
+package does not depend on the endpoint.
 
 .. code:: text
 
@@ -23,26 +27,24 @@ import time
 import uuid
 from typing import Any
 
-from fabric.endpoint.functions import endpoint_function
+from fabric.endpoint.context import current
+from fabric.endpoint.registry import endpoint_function
 from fabric.errors import FabricError, ModelServerUnavailable, Overloaded
 
 SERVER_RESTARTS = 2
 """Relaunches of a dead model server one shard attempts before giving its rest back."""
 
 
-@endpoint_function
+@endpoint_function("model")
 def run_shard(shard: dict[str, Any], auth: Any = None) -> dict[str, Any]:
     """Serve every input of ``shard``; returns per-input results and errors (see module doc)."""
-    from fabric.endpoint import functions as fx
-    from fabric.endpoint.policy import authorize, record_usage
-
-    site, state_dir = fx.current_site()
+    ctx = current()
     model, version = str(shard["model"]), shard.get("version")
-    entry = fx.catalog(site).get(model, version)
+    entry = ctx.entry(model, version)
     items = list(shard["items"])
     estimate = sum(_estimate(it["request"]) for it in items)
-    identity = str(authorize(site, auth, model, state_dir, tokens=estimate))
-    mgr = fx.manager()
+    identity = ctx.authorize(auth, model, estimate)
+    mgr = ctx.manager
     deadline = time.monotonic() + float(shard.get("timeout_s") or 3600.0)
     todo = collections.OrderedDict((it["custom_id"], it) for it in items)
     out: dict[str, dict[str, Any]] = {}
@@ -64,9 +66,8 @@ def run_shard(shard: dict[str, Any], auth: Any = None) -> dict[str, Any]:
         err = last_error or ModelServerUnavailable("shard ended before this input ran")
         out[cid] = _error(cid, err, uuid.uuid4().hex)
     tokens = sum(_tokens(r) for r in out.values() if r["ok"])
-    if tokens:
-        record_usage(state_dir, identity, model, tokens, str(shard.get("shard_id")))
-    return {"shard_id": shard.get("shard_id"), "nonce": uuid.uuid4().hex, "site": site.name,
+    ctx.record_usage(identity, model, tokens, str(shard.get("shard_id")))
+    return {"shard_id": shard.get("shard_id"), "nonce": uuid.uuid4().hex, "site": ctx.site.name,
             "pid": os.getpid(), "model": identity_of,
             "results": [out[it["custom_id"]] for it in items]}
 
