@@ -14,7 +14,6 @@ takes its worker's ``SiteContext`` (``fabric.endpoint.context.current()``: the s
 
 from __future__ import annotations
 
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from fabric.client.gcwire import ok
 from fabric.endpoint.context import SITE_ENV, STATE_DIR_ENV, SiteContext, current
 from fabric.endpoint.registry import endpoint_function
+from fabric.endpoint.session import token_estimate
 from fabric.errors import (
     FabricError,
     ModelServerUnavailable,
@@ -37,14 +37,6 @@ __all__ = [
     "cancel_request", "deploy", "deployment_status", "list_deployments", "list_models",
     "open_stream", "poll_stream", "run_request", "run_requests", "run_user_function", "undeploy",
 ]
-
-
-def _token_estimate(req: Any) -> int:
-    """Most tokens a request may use, for quota admission (~4 characters per token)."""
-    text = (req.prompt or "") + "".join(m.get("content", "") for m in req.messages or [])
-    text += "".join(req.prompts or [])
-    new = req.sampling.max_tokens if req.kind == "generate" else 0
-    return len(text) // 4 + req.batch_size + new
 
 
 def _record_usage(ctx: SiteContext, identity: str, model: str, result: dict[str, Any],
@@ -63,28 +55,16 @@ def run_request(request: dict[str, Any], auth: Any = None) -> dict[str, Any]:
 
     req = validate_request(request)
     ctx = current()
-    identity = ctx.authorize(auth, req.model, _token_estimate(req))
-    entry = ctx.entry(req.model, req.version)
-    mgr = ctx.manager
-    for attempt in range(2):
-        dep = mgr.ensure(entry)
-        try:
-            result = _serve(ctx, dep, req, identity)
-            _record_usage(ctx, identity, req.model, result, req.request_id)
-            return result
-        except ModelServerUnavailable:
-            # Died between the health check and the request? Relaunch once; if it is still
-            # alive (just slow), the error stands.
-            if attempt or mgr.refresh(dep).state != "dead":
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
+    identity = ctx.authorize(auth, req.model, token_estimate(req))
+    timeout = req.timeout + 30.0 if req.timeout else 24 * 3600.0
+    (result,) = _serve(ctx, req.model, req.version, identity, [req], timeout)
+    return result
 
 
 @endpoint_function("model")
 def run_requests(requests: list[dict[str, Any]], auth: Any = None) -> list[dict[str, Any]]:
     """Serve several requests for one model in one task: all are in flight on the server at
     once (it batches them), results in order. For bulk work such as embedding a corpus."""
-    from fabric.endpoint.handle import ModelHandle
     from fabric.errors import InvalidRequest
     from fabric.protocol import validate_request
 
@@ -93,37 +73,23 @@ def run_requests(requests: list[dict[str, Any]], auth: Any = None) -> list[dict[
         raise InvalidRequest("run_requests needs a non-empty list of requests for one model")
     model, version = reqs[0].model, reqs[0].version
     ctx = current()
-    identity = ctx.authorize(auth, model, sum(_token_estimate(r) for r in reqs))
-    handle = ModelHandle(ctx, model, version, identity=identity, timeout_s=3600.0)
+    identity = ctx.authorize(auth, model, sum(token_estimate(r) for r in reqs))
+    return _serve(ctx, model, version, identity, reqs, 3600.0)
+
+
+def _serve(ctx: SiteContext, model: str, version: str | None, identity: str, reqs: list[Any],
+           timeout_s: float) -> list[dict[str, Any]]:
+    """Results of ``reqs`` in order (or the first input's typed error), usage recorded."""
+    from fabric.endpoint.session import ServerSession, raise_first
+
+    session = ServerSession(ctx, ctx.entry(model, version), identity, timeout_s=timeout_s)
     try:
-        results = handle.request_many([r.model_dump(mode="json") for r in reqs])
+        results = raise_first(session.run(reqs))
     finally:
-        handle.close()
+        session.close()
     for req, result in zip(reqs, results, strict=True):
         _record_usage(ctx, identity, model, result, req.request_id)
     return results
-
-
-def _serve(ctx: SiteContext, dep: Any, req: Any, identity: str) -> dict[str, Any]:
-    from fabric import tickets
-    from fabric.serverclient import ServerClient
-
-    mgr = ctx.manager
-    ticket = tickets.issue(ctx.ticket_key(), model=dep.model, request_id=req.request_id,
-                           subject=identity, ttl_s=300.0)
-    with ServerClient(dep.address, dep.public_key, timeout_s=30.0) as client:
-        client.submit(req, ticket, stream=False)
-        deadline = time.monotonic() + (req.timeout + 30.0 if req.timeout else 24 * 3600.0)
-        while True:
-            try:
-                result = client.result(req.request_id, timeout_s=10.0)
-                break
-            except ModelServerUnavailable:
-                # No answer for a while is fine while the server is alive and busy.
-                if time.monotonic() > deadline or mgr.health(dep) is None:
-                    raise
-    mgr.db.touch(dep.id)
-    return result
 
 
 @endpoint_function("model")
@@ -140,7 +106,7 @@ def open_stream(request: dict[str, Any], auth: Any = None,
 
     req = validate_request(request)
     ctx = current()
-    identity = ctx.authorize(auth, req.model, _token_estimate(req))
+    identity = ctx.authorize(auth, req.model, token_estimate(req))
     dep = ctx.manager.ensure(ctx.entry(req.model, req.version))
     ticket = tickets.issue(ctx.ticket_key(), model=dep.model, request_id=req.request_id,
                            subject=identity, ttl_s=3600.0)
