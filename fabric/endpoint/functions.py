@@ -116,7 +116,8 @@ def open_stream(request: dict[str, Any], auth: Any = None,
     if mode == "poll":
         from fabric.serverclient import ServerClient
 
-        with ServerClient(dep.address, dep.public_key) as client:
+        # A ready deployment has both (``ensure`` returns only ready ones).
+        with ServerClient(str(dep.address), str(dep.public_key)) as client:
             # Detached: the server buffers the events for poll_stream after we disconnect.
             client.submit(req, ticket, stream=False, detach=True)
     return info
