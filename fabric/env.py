@@ -69,9 +69,7 @@ class EnvVar:
 ENV: dict[str, EnvVar] = {}
 """Every declared variable by name."""
 
-# Still read through os.environ, in modules being rewritten as this list was made (the
-# integrator switches them to the accessors and empties PENDING in tests/test_env.py):
-# - fabric/endpoint/functions.py: FABRIC_SITE and FABRIC_STATE_DIR (its SITE_ENV/STATE_DIR_ENV);
+# Read through os.environ by a name that is not a constant:
 # - fabric/endpoint/policy.py: the site policy's client_secret_env (FABRIC_ENDPOINT_CLIENT_SECRET
 #   by default), a name from the site definition, so it stays an os.environ read by name.
 
@@ -110,10 +108,10 @@ XDG_CACHE_HOME = _declare(
 FABRIC_SITE = _declare(
     "FABRIC_SITE", "Site name or definition path the endpoint's function workers serve.",
     "local", set_by="fabric endpoint start (endpoint.site), or the operator's worker_init",
-    read_by="fabric.endpoint.functions")
+    read_by="fabric.endpoint.context")
 FABRIC_STATE_DIR = _declare(
     "FABRIC_STATE_DIR", "Site state folder of those workers (deployments, keys, logs).",
-    default_doc="the site definition's state_dir", read_by="fabric.endpoint.functions",
+    default_doc="the site definition's state_dir", read_by="fabric.endpoint.context",
     set_by="fabric endpoint start (endpoint.site), or the operator's worker_init")
 FABRIC_ENDPOINT_CLIENT_SECRET = _declare(
     "FABRIC_ENDPOINT_CLIENT_SECRET", "Secret of the site's confidential client (introspects "

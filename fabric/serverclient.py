@@ -50,8 +50,8 @@ class ServerClient:
         ``stream`` pushes every step's tokens to this socket; ``detach`` pushes nothing and
         buffers the events for ``poll`` instead (the caller may disconnect).
         """
-        self._send_submit(request, ticket, stream, detach)
-        refusal = self._refusal(request.request_id)
+        self.send_submit(request, ticket, stream, detach)
+        refusal = self.admission(request.request_id)
         if refusal is not None:
             raise refusal
 
@@ -59,8 +59,8 @@ class ServerClient:
         """Send every (request, ticket) before reading any answer (one round trip for the
         lot, not one each); returns per request ``None`` (accepted) or its typed refusal."""
         for request, ticket in items:
-            self._send_submit(request, ticket, False, False)
-        return [self._refusal(request.request_id) for request, _ in items]
+            self.send_submit(request, ticket)
+        return [self.admission(request.request_id) for request, _ in items]
 
     def cancel(self, request_id: str, ticket: str) -> str:
         """Cancel a request; returns what it was doing ("queued", "running", "done", "unknown")."""
@@ -110,20 +110,23 @@ class ServerClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def send_submit(self, request: InferenceRequest, ticket: str, stream: bool = False,
+                    detach: bool = False) -> None:
+        """Send a submit without waiting for its answer (read it with ``admission``)."""
+        self._send({"op": "submit", "ticket": ticket, "request": request.model_dump(),
+                    "stream": stream, "detach": detach})
+
+    def admission(self, request_id: str, timeout_s: float | None = None) -> FabricError | None:
+        """The server's answer to a submit: ``None`` if accepted, else its typed error. No
+        answer in time raises ``ModelServerUnavailable`` with ``details['silent']`` (as every
+        wait here does), unlike an error the server itself sent."""
+        reply = self._wait_request(request_id, ("accepted", "error"), timeout_s)
+        return FabricError.from_dict(reply["error"]) if reply["op"] == "error" else None
+
     # --- plumbing ------------------------------------------------------------------------
 
     def _send(self, message: dict[str, Any]) -> None:
         self._sock.send(pack(message))
-
-    def _send_submit(self, request: InferenceRequest, ticket: str, stream: bool,
-                     detach: bool) -> None:
-        self._send({"op": "submit", "ticket": ticket, "request": request.model_dump(),
-                    "stream": stream, "detach": detach})
-
-    def _refusal(self, request_id: str) -> FabricError | None:
-        """The server's answer to a submit: ``None`` if accepted, else its typed error."""
-        reply = self._wait_request(request_id, ("accepted", "error"), self.timeout_s)
-        return FabricError.from_dict(reply["error"]) if reply["op"] == "error" else None
 
     def _recv_one(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
@@ -131,7 +134,7 @@ class ServerClient:
             raise ModelServerUnavailable(
                 f"model server at {self.address} did not answer within the timeout; "
                 "it may have died (the next request relaunches it)",
-                address=self.address,
+                address=self.address, silent=True,
             )
         msg = unpack(self._sock.recv())
         rid = msg.get("request_id")

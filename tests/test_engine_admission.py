@@ -134,15 +134,19 @@ def test_submit_many_sends_all_then_reads_each_answer(busy_server: ServerHandle,
 
 
 def test_bulk_refusal_policy() -> None:
-    """What a bulk submit raises: a hard refusal always; backpressure only if nothing got in."""
-    from fabric.endpoint.handle import _fatal
+    """What a refused request of a bulk submit does (``ServerSession``): a hard refusal is that
+    input's error; backpressure is sent again once one of ours has finished; with none of ours
+    in flight (e.g. a draining server refusing all) a single request's refusal stands."""
+    from fabric.endpoint.session import retry_pause
     from fabric.errors import InvalidRequest
+    from fabric.protocol import validate_request
 
     busy, bad = Overloaded("full", retry_after=1.0), InvalidRequest("bad")
-    assert _fatal([], 3) is None
-    assert _fatal([busy], 3) is None  # 2 of 3 accepted: resend the third later
-    assert _fatal([busy, busy], 2) is busy  # none accepted (e.g. draining): give up
-    assert _fatal([busy, bad], 5) is bad
+    req = validate_request({"model": "m", "prompt": "a"})
+    far = time.monotonic() + 60
+    assert retry_pause(bad, req, True, True, far) is None
+    assert retry_pause(busy, req, True, False, far) == 0.0  # resend after one of ours
+    assert retry_pause(busy, req, False, False, far) is None  # none of ours got in: give up
 
 
 def test_token_queue_limit_is_exact(busy_server: ServerHandle, tiny_llama_dir: Path) -> None:

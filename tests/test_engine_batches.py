@@ -152,19 +152,18 @@ def test_cancel_and_timeout_end_the_whole_batch(busy_server: ServerHandle,
 
 
 def test_a_batch_refused_for_a_full_queue_waits_for_room() -> None:
-    """The handle's policy: batches refused for a full queue are sent again after a pause (an
-    admitted batch frees room as it runs); single requests, a draining server or a passed
-    deadline still raise."""
-    from fabric.endpoint.handle import BATCH_RETRY_S, _wait_for_room
+    """The session's policy: batches refused for a full queue are sent again after a pause (an
+    admitted batch frees room as it runs), single requests too for a patient caller (a
+    campaign shard); other single requests, a draining server or a passed deadline refuse."""
+    from fabric.endpoint.session import ROOM_RETRY_S, retry_pause
 
     full = Overloaded("full", retry_after=30.0, reason="queue_full")
     batch = validate_request({"model": "m", "kind": "embed", "prompts": ["a", "b"]})
     single = validate_request({"model": "m", "kind": "embed", "prompt": "a"})
     far = time.monotonic() + 60
-    t0 = time.monotonic()
-    assert _wait_for_room(full, [batch], far)
-    assert BATCH_RETRY_S * 0.9 <= time.monotonic() - t0 < 5
-    assert not _wait_for_room(full, [batch, single], far)
-    assert not _wait_for_room(Overloaded("draining", retry_after=1.0, reason="draining"),
-                              [batch], far)
-    assert not _wait_for_room(full, [batch], time.monotonic() + 0.01)
+    assert retry_pause(full, batch, False, False, far) == ROOM_RETRY_S
+    assert retry_pause(full, single, False, False, far) is None
+    assert retry_pause(full, single, False, True, far) == ROOM_RETRY_S
+    assert retry_pause(Overloaded("draining", retry_after=1.0, reason="draining"), batch,
+                       False, True, far) is None
+    assert retry_pause(full, batch, False, False, time.monotonic() + 0.01) is None

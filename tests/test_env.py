@@ -17,7 +17,7 @@ from fabric import env
 
 ROOT = Path(__file__).resolve().parent.parent / "fabric"
 
-PENDING = {"endpoint/functions.py"}
+PENDING: set[str] = set()
 """Modules still reading a declared variable through ``os.environ`` by name: they were being
 rewritten when ``fabric.env`` was introduced (the integrator switches them and empties this)."""
 

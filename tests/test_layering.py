@@ -17,8 +17,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent / "fabric"
 GLOBUS = ("globus_sdk", "globus_compute_sdk", "globus_compute_endpoint", "globus_compute_common",
           "fabric.globus")
@@ -162,16 +160,9 @@ def test_campaign_never_imports_the_local_transport() -> None:
     assert offenders("campaign", ("fabric.client.local",)) == {}
 
 
-def test_campaign_imports_the_endpoint_only_in_its_shard_function() -> None:
-    """What holds until ``run_shard`` moves to the endpoint (see the strict xfail below)."""
-    found = offenders("campaign", ("fabric.endpoint",))
-    assert set(found) <= {"campaign/shard.py"}, found
-
-
-@pytest.mark.xfail(strict=True, reason="campaign/shard.py (run_shard) runs at the site and "
-                   "imports fabric.endpoint until it moves to fabric/endpoint/campaign_shard.py "
-                   "(the 'seams' branch); then drop this mark")
 def test_campaign_never_imports_the_endpoint() -> None:
+    """The campaign ships ``run_shard`` by reference (``fabric.wire.functions``); it has no
+    import of the site's code."""
     assert offenders("campaign", ("fabric.endpoint",)) == {}
 
 
@@ -189,3 +180,10 @@ def test_the_checker_sees_lazy_relative_and_dynamic_imports(tmp_path: Path) -> N
     assert {("fabric.campaign.api", "<module>"), ("fabric.engine.server", "f"),
             ("globus_sdk", "f"), ("fabric.endpoint.functions", "C.g"),
             ("fabric.campaign.store", "C.g")} <= imports_of(probe, "fabric.client")
+
+
+def test_endpoint_modules_do_not_reach_each_other_through_importlib() -> None:
+    """The policy reads the endpoint-function registry, not another module's globals."""
+    policy = ROOT / "endpoint" / "policy.py"
+    assert not {m for m, _ in imports_of(policy) if m == "importlib"}
+    assert "importlib" not in policy.read_text()

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from fabric import env
 from fabric.client.local import LocalTransport, read_info, site_status, start_site, stop_site
 from fabric.endpoint import functions
 from fabric.errors import (
@@ -34,7 +35,7 @@ def worker_pid() -> int:
 
 
 def worker_env() -> dict[str, str | None]:
-    return {k: os.environ.get(k) for k in (functions.SITE_ENV, functions.STATE_DIR_ENV)}
+    return {k: os.environ.get(k) for k in (env.FABRIC_SITE.name, env.FABRIC_STATE_DIR.name)}
 
 
 def user_fn_raises(handle: Any, x: int) -> int:
@@ -78,9 +79,9 @@ def test_task_runs_in_a_worker_with_the_site_env(site_transport: LocalTransport,
                                                  local_site: LocalSite) -> None:
     pid = site_transport.submit(worker_pid).result(timeout=120)
     assert pid not in (os.getpid(), local_site.info["pid"])
-    env = site_transport.submit(worker_env).result(timeout=60)
-    assert env[functions.STATE_DIR_ENV] == str(local_site.state_dir.resolve())
-    assert Path(str(env[functions.SITE_ENV])) == local_site.site_dir.resolve()
+    seen = site_transport.submit(worker_env).result(timeout=60)
+    assert seen[env.FABRIC_STATE_DIR.name] == str(local_site.state_dir.resolve())
+    assert Path(str(seen[env.FABRIC_SITE.name])) == local_site.site_dir.resolve()
 
 
 def test_many_threads_share_one_transport(site_transport: LocalTransport) -> None:
@@ -245,8 +246,8 @@ def test_user_functions_refused_where_not_allowed(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The endpoint function itself (called in-process, as a worker would)."""
     folder = write_site(tmp_path / "closed", allow_user_functions=False)
-    monkeypatch.setenv(functions.SITE_ENV, str(folder))
-    monkeypatch.setenv(functions.STATE_DIR_ENV, str(folder / "state"))
+    monkeypatch.setenv(env.FABRIC_SITE.name, str(folder))
+    monkeypatch.setenv(env.FABRIC_STATE_DIR.name, str(folder / "state"))
     reply = functions.run_user_function(user_fn_ok, (1,), {"b": 1}, None)
     with pytest.raises(FunctionNotAllowed):
         gcwire.unwrap(reply)

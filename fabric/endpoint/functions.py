@@ -4,35 +4,31 @@ The client ships these by reference (Globus Compute's default code serializer pi
 module-level function as ``module.name``), so this module must import cheaply: heavy modules
 (the deployment manager, Parsl, the server client) are imported inside the functions.
 
-Every function returns an envelope (``fabric.wire.gcwire.ok``/``error``) instead of raising a
-``FabricError``: a raised exception reaches the client only as a traceback string, while the
-envelope lets the transport re-raise the same typed error. Workers learn their site from
-``FABRIC_SITE`` (a site name or definition path) and ``FABRIC_STATE_DIR``, set by the site
-process (``fabric.siteproc``) or, at a remote endpoint, by the operator's ``worker_init``.
+Every function is declared with ``fabric.endpoint.registry.endpoint_function(auth)``: it returns
+an envelope (``fabric.wire.gcwire.ok``/``error``) instead of raising a ``FabricError`` (a raised
+exception reaches the client only as a traceback string, while the envelope lets the transport
+re-raise the same typed error), and the registry records how it is authorized. Each function
+takes its worker's ``SiteContext`` (``fabric.endpoint.context.current()``: the site named by
+``FABRIC_SITE`` / ``FABRIC_STATE_DIR``) once and passes it to what it calls.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from fabric.endpoint.context import SiteContext, current
+from fabric.endpoint.registry import endpoint_function
+from fabric.endpoint.session import token_estimate
 from fabric.errors import (
     FabricError,
     ModelServerUnavailable,
     ResultTooLarge,
     UserFunctionError,
 )
-from fabric.wire.gcwire import error, ok
+from fabric.wire.gcwire import ok
 
-SITE_ENV = "FABRIC_SITE"
-"""Environment variable naming the worker's site (name or definition path)."""
-STATE_DIR_ENV = "FABRIC_STATE_DIR"
-"""Environment variable overriding the site's state dir."""
 RESULT_LIMIT_BYTES = 10 * 1024 * 1024 - 4096
 """Globus Compute refuses results over 10 MiB; leave room for the envelope."""
 
@@ -41,126 +37,33 @@ __all__ = [
     "open_stream", "poll_stream", "run_request", "run_requests", "run_user_function", "undeploy",
 ]
 
-F = TypeVar("F", bound=Callable[..., Any])
-_CACHE: dict[str, Any] = {}
 
-
-def endpoint_function(fn: F) -> F:
-    """Return ``ok(value)``, or ``error(err)`` for a ``FabricError`` (others get a traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return ok(fn(*args, **kwargs))
-        except FabricError as err:
-            return error(err)
-        except Exception as exc:  # a bug at the site: say so, with where it happened
-            return error(FabricError(f"internal error at the site: {type(exc).__name__}: {exc}",
-                                     traceback=traceback.format_exc()))
-
-    return wrapper  # type: ignore[return-value]
-
-
-# -- site context (per worker process) ------------------------------------------------------
-
-def current_site() -> tuple[Any, Path]:
-    """This worker's ``(SiteConfig, state_dir)`` (loaded once per process)."""
-    key = f"{os.environ.get(SITE_ENV, 'local')}|{os.environ.get(STATE_DIR_ENV, '')}"
-    if _CACHE.get("site_key") != key:
-        from fabric.sites import load_site
-
-        site = load_site(os.environ.get(SITE_ENV, "local"))
-        state = os.environ.get(STATE_DIR_ENV) or str(site.resolved_state_dir())
-        _CACHE.clear()
-        _CACHE.update(site_key=key, site=site, state_dir=Path(state).expanduser())
-    return _CACHE["site"], _CACHE["state_dir"]
-
-
-def catalog(site: Any) -> Any:
-    """The built-in catalog plus the site's own models."""
-    from fabric.catalog import Catalog
-
-    return Catalog().with_entries(site.extra_models)
-
-
-def manager() -> Any:
-    """This worker's ``DeploymentManager``."""
-    site, state_dir = current_site()
-    if "manager" not in _CACHE:
-        from fabric.endpoint.deployments import DeploymentManager
-
-        _CACHE["manager"] = DeploymentManager(site, state_dir)
-    return _CACHE["manager"]
-
-
-def _authorize(auth: Any, model: str, tokens: int = 0) -> str:
-    """The caller's identity if the site's policy lets it use ``model`` (else a typed denial)."""
-    from fabric.endpoint.policy import authorize
-
-    site, state_dir = current_site()
-    return str(authorize(site, auth, model, state_dir, tokens=tokens))
-
-
-def _token_estimate(req: Any) -> int:
-    """Most tokens a request may use, for quota admission (~4 characters per token)."""
-    text = (req.prompt or "") + "".join(m.get("content", "") for m in req.messages or [])
-    text += "".join(req.prompts or [])
-    new = req.sampling.max_tokens if req.kind == "generate" else 0
-    return len(text) // 4 + req.batch_size + new
-
-
-def _record_usage(identity: str, model: str, result: dict[str, Any], request_id: str) -> None:
-    from fabric.endpoint.policy import record_usage
-
+def _record_usage(ctx: SiteContext, identity: str, model: str, result: dict[str, Any],
+                  request_id: str) -> None:
     usage = result.get("usage") or {}
     tokens = int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
-    if tokens:
-        record_usage(current_site()[1], identity, model, tokens, request_id)
-
-
-def _plan(entry: Any, plan: dict[str, Any] | None) -> Any:
-    """The site's default plan for ``entry`` with ``plan``'s fields overriding it."""
-    if not plan:
-        return None
-    from fabric.sites import Plan
-
-    site, _ = current_site()
-    hosted = site.hosted(entry.name)
-    base = hosted.plan.model_dump() if hosted else {"dtype": entry.dtype}
-    return Plan.model_validate({**base, **plan})
+    ctx.record_usage(identity, model, tokens, request_id)
 
 
 # -- requests ---------------------------------------------------------------------------------
 
-@endpoint_function
+@endpoint_function("model")
 def run_request(request: dict[str, Any], auth: Any = None) -> dict[str, Any]:
     """Serve one ``InferenceRequest`` (as a dict) on a warm server; returns its result dict."""
     from fabric.protocol import validate_request
 
     req = validate_request(request)
-    site, _ = current_site()
-    identity = _authorize(auth, req.model, _token_estimate(req))
-    entry = catalog(site).get(req.model, req.version)
-    mgr = manager()
-    for attempt in range(2):
-        dep = mgr.ensure(entry)
-        try:
-            result = _serve(mgr, dep, req, identity)
-            _record_usage(identity, req.model, result, req.request_id)
-            return result
-        except ModelServerUnavailable:
-            # Died between the health check and the request? Relaunch once; if it is still
-            # alive (just slow), the error stands.
-            if attempt or mgr.refresh(dep).state != "dead":
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
+    ctx = current()
+    identity = ctx.authorize(auth, req.model, token_estimate(req))
+    timeout = req.timeout + 30.0 if req.timeout else 24 * 3600.0
+    (result,) = _serve(ctx, req.model, req.version, identity, [req], timeout)
+    return result
 
 
-@endpoint_function
+@endpoint_function("model")
 def run_requests(requests: list[dict[str, Any]], auth: Any = None) -> list[dict[str, Any]]:
     """Serve several requests for one model in one task: all are in flight on the server at
     once (it batches them), results in order. For bulk work such as embedding a corpus."""
-    from fabric.endpoint.handle import ModelHandle
     from fabric.errors import InvalidRequest
     from fabric.protocol import validate_request
 
@@ -168,39 +71,27 @@ def run_requests(requests: list[dict[str, Any]], auth: Any = None) -> list[dict[
     if not reqs or len({(r.model, r.version) for r in reqs}) != 1:
         raise InvalidRequest("run_requests needs a non-empty list of requests for one model")
     model, version = reqs[0].model, reqs[0].version
-    identity = _authorize(auth, model, sum(_token_estimate(r) for r in reqs))
-    handle = ModelHandle(model, version, identity=identity, timeout_s=3600.0)
+    ctx = current()
+    identity = ctx.authorize(auth, model, sum(token_estimate(r) for r in reqs))
+    return _serve(ctx, model, version, identity, reqs, 3600.0)
+
+
+def _serve(ctx: SiteContext, model: str, version: str | None, identity: str, reqs: list[Any],
+           timeout_s: float) -> list[dict[str, Any]]:
+    """Results of ``reqs`` in order (or the first input's typed error), usage recorded."""
+    from fabric.endpoint.session import ServerSession, raise_first
+
+    session = ServerSession(ctx, ctx.entry(model, version), identity, timeout_s=timeout_s)
     try:
-        results = handle.request_many([r.model_dump(mode="json") for r in reqs])
+        results = raise_first(session.run(reqs))
     finally:
-        handle.close()
+        session.close()
     for req, result in zip(reqs, results, strict=True):
-        _record_usage(identity, model, result, req.request_id)
+        _record_usage(ctx, identity, model, result, req.request_id)
     return results
 
 
-def _serve(mgr: Any, dep: Any, req: Any, identity: str) -> dict[str, Any]:
-    from fabric import tickets
-    from fabric.serverclient import ServerClient
-
-    ticket = tickets.issue(mgr.ticket_key(), model=dep.model, request_id=req.request_id,
-                           subject=identity, ttl_s=300.0)
-    with ServerClient(dep.address, dep.public_key, timeout_s=30.0) as client:
-        client.submit(req, ticket, stream=False)
-        deadline = time.monotonic() + (req.timeout + 30.0 if req.timeout else 24 * 3600.0)
-        while True:
-            try:
-                result = client.result(req.request_id, timeout_s=10.0)
-                break
-            except ModelServerUnavailable:
-                # No answer for a while is fine while the server is alive and busy.
-                if time.monotonic() > deadline or mgr.health(dep) is None:
-                    raise
-    mgr.db.touch(dep.id)
-    return result
-
-
-@endpoint_function
+@endpoint_function("model")
 def open_stream(request: dict[str, Any], auth: Any = None,
                 mode: str = "direct") -> dict[str, Any]:
     """Prepare a stream: a warm server and a ticket for this request id.
@@ -213,12 +104,10 @@ def open_stream(request: dict[str, Any], auth: Any = None,
     from fabric.protocol import validate_request
 
     req = validate_request(request)
-    site, _ = current_site()
-    identity = _authorize(auth, req.model, _token_estimate(req))
-    entry = catalog(site).get(req.model, req.version)
-    mgr = manager()
-    dep = mgr.ensure(entry)
-    ticket = tickets.issue(mgr.ticket_key(), model=dep.model, request_id=req.request_id,
+    ctx = current()
+    identity = ctx.authorize(auth, req.model, token_estimate(req))
+    dep = ctx.manager.ensure(ctx.entry(req.model, req.version))
+    ticket = tickets.issue(ctx.ticket_key(), model=dep.model, request_id=req.request_id,
                            subject=identity, ttl_s=3600.0)
     info = {"request_id": req.request_id, "address": dep.address, "public_key": dep.public_key,
             "ticket": ticket, "deployment_id": dep.id, "model": dep.model,
@@ -226,73 +115,77 @@ def open_stream(request: dict[str, Any], auth: Any = None,
     if mode == "poll":
         from fabric.serverclient import ServerClient
 
-        with ServerClient(dep.address, dep.public_key) as client:
+        # A ready deployment has both (``ensure`` returns only ready ones).
+        with ServerClient(str(dep.address), str(dep.public_key)) as client:
             # Detached: the server buffers the events for poll_stream after we disconnect.
             client.submit(req, ticket, stream=False, detach=True)
     return info
 
 
-def _server_for(model: str) -> Any:
-    dep = manager().find(model)
+def _server_for(ctx: SiteContext, model: str) -> Any:
+    dep = ctx.manager.find(model)
     if dep is None or not dep.address:
         raise ModelServerUnavailable(f"no live model server for {model}; it may have exited",
                                      model=model)
     return dep
 
 
-@endpoint_function
+@endpoint_function("model")
 def poll_stream(model: str, request_id: str, ticket: str, cursor: int, wait_s: float,
                 auth: Any = None) -> dict[str, Any]:
     """Events of a polled stream after ``cursor`` (long-poll up to ``wait_s`` seconds)."""
     from fabric.serverclient import ServerClient
 
-    _authorize(auth, model)
-    dep = _server_for(model)
+    ctx = current()
+    ctx.authorize(auth, model)
+    dep = _server_for(ctx, model)
     with ServerClient(dep.address, dep.public_key) as client:
         reply = client.poll(request_id, ticket, int(cursor), float(wait_s))
-    manager().db.touch(dep.id)
+    ctx.manager.db.touch(dep.id)
     return reply
 
 
-@endpoint_function
+@endpoint_function("model")
 def cancel_request(model: str, request_id: str, ticket: str, auth: Any = None) -> str:
     """Cancel a request at its server; returns what it was (queued/running/done/unknown)."""
     from fabric.serverclient import ServerClient
 
-    _authorize(auth, model)
-    dep = _server_for(model)
+    ctx = current()
+    ctx.authorize(auth, model)
+    dep = _server_for(ctx, model)
     with ServerClient(dep.address, dep.public_key) as client:
         return client.cancel(request_id, ticket)
 
 
 # -- deployments and models -------------------------------------------------------------------
 
-@endpoint_function
+@endpoint_function("model")
 def deployment_status(model: str, version: str | None = None,
                       plan: dict[str, Any] | None = None, auth: Any = None) -> dict[str, Any]:
     """Non-blocking: state (absent/queued/loading/ready/dead), queue position, message."""
-    site, _ = current_site()
-    _authorize(auth, model)
-    entry = catalog(site).get(model, version)
-    return dict(manager().status(entry, _plan(entry, plan)))
+    ctx = current()
+    ctx.authorize(auth, model)
+    entry = ctx.entry(model, version)
+    return dict(ctx.manager.status(entry, ctx.plan(entry, plan)))
 
 
-@endpoint_function
+@endpoint_function("admin")
 def deploy(model: str, plan: dict[str, Any] | None = None, auth: Any = None,
            version: str | None = None) -> dict[str, Any]:
     """Launch (pre-warm) a deployment; ``plan`` fields (pp, tp...) override the site's."""
-    site, _ = current_site()
-    _authorize(auth, model)
-    entry = catalog(site).get(model, version)
-    mgr = manager()
-    dep = mgr.deploy(entry, _plan(entry, plan))
+    ctx = current()
+    ctx.authorize(auth, model)
+    entry = ctx.entry(model, version)
+    mgr = ctx.manager
+    dep = mgr.deploy(entry, ctx.plan(entry, plan))
     return dict(mgr.describe(mgr.refresh(dep)))
 
 
-@endpoint_function
+@endpoint_function("admin")
 def undeploy(deployment_id: str, auth: Any = None) -> dict[str, Any]:
     """Drain and stop one deployment; returns its final record."""
-    mgr = manager()
+    ctx = current()
+    mgr = ctx.manager
     dep = mgr.db.get(deployment_id)
     if dep is None:
         from fabric.errors import DeploymentError
@@ -300,23 +193,23 @@ def undeploy(deployment_id: str, auth: Any = None) -> dict[str, Any]:
         known = [d.id for d in mgr.db.query(states=("queued", "loading", "ready"))]
         raise DeploymentError(f"no deployment {deployment_id!r}; live: {known}",
                               deployment=deployment_id, available=known)
-    _authorize(auth, dep.model)
+    ctx.authorize(auth, dep.model)
     return dict(mgr.describe(mgr.undeploy(deployment_id)))
 
 
-@endpoint_function
+@endpoint_function("listing")
 def list_deployments(auth: Any = None, include_dead: bool = False) -> list[dict[str, Any]]:
     """Deployments with plan, job id, state, address, idle time and server health."""
-    return list(manager().list_all(include_dead=include_dead))
+    return list(current().manager.list_all(include_dead=include_dead))
 
 
-@endpoint_function
+@endpoint_function("listing")
 def list_models(auth: Any = None) -> list[dict[str, Any]]:
     """The site's catalog: name, version, family, size, hosted plan and live deployments."""
-    site, _ = current_site()
-    mgr = manager()
+    ctx = current()
+    site, mgr = ctx.site, ctx.manager
     out = []
-    for entry in catalog(site).entries():
+    for entry in ctx.catalog.entries():
         hosted = site.hosted(entry.name)
         deps = mgr.db.query(model=entry.name, version=entry.version,
                            states=("queued", "loading", "ready", "draining"))
@@ -341,21 +234,20 @@ def _size(params: int) -> str:
 
 # -- user functions ---------------------------------------------------------------------------
 
-@endpoint_function
+@endpoint_function("user_function")
 def run_user_function(fn: Callable[..., Any], args: tuple[Any, ...] = (),
                       kwargs: dict[str, Any] | None = None, model: str | None = None,
                       auth: Any = None, version: str | None = None) -> Any:
     """Run ``fn(handle, *args, **kwargs)`` here, ``handle`` bound to ``model``'s warm server."""
     from fabric.endpoint.handle import ModelHandle
-    from fabric.endpoint.policy import check_function
 
-    site, _ = current_site()
+    ctx = current()
     name = getattr(fn, "__name__", type(fn).__name__)
-    check_function(site, name, user_function=True)
-    identity = _authorize(auth, model or "")
+    ctx.check_user_function(name)
+    identity = ctx.authorize(auth, model or "")
     if model is not None:
-        catalog(site).get(model, version)  # unknown models fail before the user's code runs
-    handle = ModelHandle(model, version, identity=identity)
+        ctx.entry(model, version)  # unknown models fail before the user's code runs
+    handle = ModelHandle(ctx, model, version, identity=identity)
     try:
         value = fn(handle, *tuple(args), **dict(kwargs or {}))
     except FabricError:

@@ -31,20 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fabric.endpoint import registry
 from fabric.errors import AccessDenied, EndpointError, FunctionNotAllowed, QuotaExceeded
 from fabric.sites import ModelRule, PolicyConfig, SiteConfig
 from fabric.sqlitefs import journal_mode
-from fabric.wire.functions import NAMES
 
 log = logging.getLogger(__name__)
 
 GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 
-FABRIC_FUNCTIONS = NAMES
-"""Endpoint functions every site allows (the one list is ``fabric.wire.functions``;
-``fabric.endpoint.functions`` may add to these by listing them in its ``__all__``); anything
-else needs ``allow_user_functions``."""
 
 
 @dataclass
@@ -418,11 +414,11 @@ def _os_user() -> str:
 def check_function(site: SiteConfig, fn_name: str, *, user_function: bool = False) -> None:
     """Raise ``FunctionNotAllowed`` unless ``fn_name`` may run at ``site``.
 
-    The fabric's own endpoint functions always may; a user's function (``fab.submit``,
-    ``user_function=True``) only where the operator set ``allow_user_functions``. This mirrors
-    Globus Compute's ``allowed_functions``, which in the rendered endpoint config lists only the
-    fabric's registered functions, so user code reaches a site only through
-    ``run_user_function`` and this check.
+    The fabric's own endpoint functions (``fabric.endpoint.registry``) always may; a user's
+    function (``fab.submit``, ``user_function=True``) only where the operator set
+    ``allow_user_functions``. This mirrors Globus Compute's ``allowed_functions``, which in the
+    rendered endpoint config lists only the fabric's registered functions, so user code reaches
+    a site only through ``run_user_function`` and this check.
     """
     if user_function:
         if not site.allow_user_functions:
@@ -431,16 +427,8 @@ def check_function(site: SiteConfig, fn_name: str, *, user_function: bool = Fals
                 "must set allow_user_functions: true", rule="allow_user_functions",
                 function=fn_name)
         return
-    if fn_name in FABRIC_FUNCTIONS or fn_name in _declared_functions():
+    if fn_name in registry.names():
         return
     raise FunctionNotAllowed(f"{fn_name!r} is not one of the fabric's endpoint functions",
                              rule="function-allow-list", function=fn_name)
 
-
-def _declared_functions() -> set[str]:
-    try:
-        import importlib
-
-        return set(getattr(importlib.import_module("fabric.endpoint.functions"), "__all__", ()))
-    except ImportError:
-        return set()

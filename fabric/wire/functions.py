@@ -23,7 +23,7 @@ from typing import Any
 
 FUNCTIONS_MODULE = "fabric.endpoint.functions"
 """Where the request, stream and deployment functions live at the site."""
-SHARD_MODULE = "fabric.campaign.shard"
+SHARD_MODULE = "fabric.endpoint.campaign_shard"
 """Where a campaign's shard function lives at the site."""
 
 

@@ -1,0 +1,117 @@
+"""``run_shard``: the endpoint function that runs one campaign shard in a site's request worker.
+
+It lives in the endpoint package (not ``fabric.campaign``) because it is site code: the campaign
+runner never imports it, it ships it by reference (``fabric.wire.functions``), so the campaign
+package does not depend on the endpoint.
+
+.. code:: text
+
+    runner --transport.submit(run_shard, shard, auth)--> request worker at the site
+                 validate each input (a bad one fails alone), authorize once (the shard's
+                 token estimate), then one ServerSession (fabric.endpoint.session):
+                 ``concurrency`` requests in flight on one socket (the server's continuous
+                 batching interleaves them), a full queue waited out, a fresh request id
+                 (the output nonce) per execution
+    <-- {"shard_id", "nonce", "site", "pid", "results": [{custom_id, ok, nonce, ...}]}
+
+Exactly one output or error line per input. A poison input fails alone: its error is recorded
+and the rest of the shard carries on. If the model server dies mid-shard, the inputs it had
+accepted come back as ``ModelServerUnavailable`` (retryable: the runner gives them to a later
+shard; one of them may be what killed the server, so none is resent to its successor here);
+the inputs not yet sent go to a server relaunched once. Like every endpoint function this
+module imports cheaply and returns an envelope, never a raised ``FabricError``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+from fabric.endpoint.context import current
+from fabric.endpoint.registry import endpoint_function
+from fabric.endpoint.session import Outcome, ServerSession, token_estimate
+from fabric.errors import FabricError
+
+
+@endpoint_function("model")
+def run_shard(shard: dict[str, Any], auth: Any = None) -> dict[str, Any]:
+    """Serve every input of ``shard``; returns per-input results and errors (see module doc)."""
+    from fabric.protocol import validate_request
+
+    ctx = current()
+    model, version = str(shard["model"]), shard.get("version")
+    entry = ctx.entry(model, version)
+    items = list(shard["items"])
+    out: dict[str, dict[str, Any]] = {}
+    cids, reqs = [], []
+    for it in items:
+        cid, nonce = it["custom_id"], uuid.uuid4().hex
+        try:
+            reqs.append(validate_request({**it["request"], "request_id": nonce}))
+            cids.append(cid)
+        except FabricError as exc:  # this input alone is bad
+            out[cid] = _error(cid, exc, nonce)
+    identity = ctx.authorize(auth, model, sum(token_estimate(r) for r in reqs))
+    audit = shard.get("audit_log")
+
+    def settle(i: int, outcome: Outcome) -> None:
+        cid = cids[i]
+        if outcome.error is not None:
+            out[cid] = _error(cid, outcome.error, outcome.request_id)
+            return
+        out[cid] = {"custom_id": cid, "ok": True, "nonce": outcome.request_id,
+                    "result": jsonable(outcome.result)}
+        if audit:
+            _audit(str(audit), cid, outcome.request_id)
+
+    session = ServerSession(ctx, entry, identity,
+                            timeout_s=float(shard.get("timeout_s") or 3600.0),
+                            window=int(shard.get("concurrency") or 64), patient=True,
+                            fresh_ids=True)
+    try:
+        session.run(reqs, on_outcome=settle)
+    finally:
+        session.close()
+    tokens = sum(_tokens(r) for r in out.values() if r["ok"])
+    ctx.record_usage(identity, model, tokens, str(shard.get("shard_id")))
+    served = session.served_by
+    return {"shard_id": shard.get("shard_id"), "nonce": uuid.uuid4().hex, "site": ctx.site.name,
+            "pid": os.getpid(),
+            "model": {"name": entry.name, "version": entry.version,
+                      "sha256": served.sha256 if served is not None else None},
+            "results": [out[it["custom_id"]] for it in items]}
+
+
+def _error(cid: str, err: FabricError, nonce: str) -> dict[str, Any]:
+    return {"custom_id": cid, "ok": False, "nonce": nonce, "error": err.to_dict(),
+            "retryable": bool(err.retryable)}
+
+
+def _tokens(record: dict[str, Any]) -> int:
+    usage = (record.get("result") or {}).get("usage") or {}
+    return int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
+
+
+def _audit(path: str, cid: str, nonce: str) -> None:
+    # O_APPEND with one small write per line: concurrent workers never interleave a line.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{cid} {nonce}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with wire-encoded arrays turned into nested lists (results go to JSONL)."""
+    if isinstance(value, dict):
+        if set(value) == {"dtype", "shape", "data"} and isinstance(value["data"], bytes):
+            from fabric.wire.arrays import decode_array
+
+            return decode_array(value).tolist()
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return value

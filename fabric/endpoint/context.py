@@ -1,0 +1,112 @@
+"""``SiteContext``: everything an endpoint function needs to know about its site.
+
+A request worker serves one site. Its context (site config, state dir, catalog, deployment
+manager, ticket key, policy access) is built once per worker process, from ``FABRIC_SITE`` (a
+site name or definition path) and ``FABRIC_STATE_DIR``, which the site process
+(``fabric.endpoint.site``) or, at a remote endpoint, the operator's ``worker_init`` sets. Each
+endpoint function fetches it once (``current()``) and passes it explicitly to what it calls
+(``ServerSession``, ``ModelHandle``, the campaign shard): nothing else reads process globals.
+
+Imports stay cheap (the manager, catalog and policy load on first use): workers import this
+before every task.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fabric import env
+
+if TYPE_CHECKING:
+    from fabric.catalog import Catalog, CatalogEntry
+    from fabric.endpoint.deployments import DeploymentManager
+    from fabric.sites import Plan, SiteConfig
+
+class SiteContext:
+    """One site as a request worker sees it (built once per worker process)."""
+
+    def __init__(self, site: SiteConfig, state_dir: Path) -> None:
+        self.site = site
+        self.state_dir = Path(state_dir).expanduser()
+
+    @classmethod
+    def from_env(cls) -> SiteContext:
+        """The context ``FABRIC_SITE`` / ``FABRIC_STATE_DIR`` name (default: the local site)."""
+        from fabric.sites import load_site
+
+        site = load_site(env.FABRIC_SITE.get() or "local")
+        state = env.FABRIC_STATE_DIR.get() or str(site.resolved_state_dir())
+        return cls(site, Path(state))
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        """The built-in catalog plus the site's own models."""
+        from fabric.catalog import Catalog
+
+        return Catalog().with_entries(self.site.extra_models)
+
+    @cached_property
+    def manager(self) -> DeploymentManager:
+        """This worker's deployment manager."""
+        from fabric.endpoint.deployments import DeploymentManager
+
+        return DeploymentManager(self.site, self.state_dir)
+
+    def entry(self, model: str, version: str | None = None) -> CatalogEntry:
+        """The catalog entry of ``model`` (``UnknownModel`` if the site has none)."""
+        return self.catalog.get(model, version)
+
+    def ticket_key(self) -> bytes:
+        """The site's HMAC ticket key (what model servers verify tickets with)."""
+        return self.manager.ticket_key()
+
+    def plan(self, entry: CatalogEntry, plan: dict[str, Any] | None) -> Plan | None:
+        """The site's default plan for ``entry`` with ``plan``'s fields overriding it."""
+        if not plan:
+            return None
+        from fabric.sites import Plan
+
+        hosted = self.site.hosted(entry.name)
+        base = hosted.plan.model_dump() if hosted else {"dtype": entry.dtype}
+        return Plan.model_validate({**base, **plan})
+
+    # -- policy ---------------------------------------------------------------------------
+
+    def authorize(self, auth: Any, model: str, tokens: int = 0) -> str:
+        """The caller's identity if the site's policy lets it use ``model`` (else a typed
+        denial); ``tokens`` is the most the call may consume (quota admission)."""
+        from fabric.endpoint.policy import authorize
+
+        return str(authorize(self.site, auth, model, self.state_dir, tokens=tokens))
+
+    def record_usage(self, identity: str, model: str, tokens: int,
+                     request_id: str | None = None) -> None:
+        """Add consumed tokens to the caller's usage (nothing for 0)."""
+        if tokens:
+            from fabric.endpoint.policy import record_usage
+
+            record_usage(self.state_dir, identity, model, tokens, request_id)
+
+    def check_user_function(self, name: str) -> None:
+        """``FunctionNotAllowed`` unless the site runs user functions."""
+        from fabric.endpoint.policy import check_function
+
+        check_function(self.site, name, user_function=True)
+
+
+_LOCK = threading.Lock()
+_CURRENT: tuple[str, SiteContext] | None = None
+
+
+def current() -> SiteContext:
+    """This worker's context, built on first use (and again if the environment names another
+    site, as tests that switch sites in one process do)."""
+    global _CURRENT
+    key = f"{env.FABRIC_SITE.get() or 'local'}|{env.FABRIC_STATE_DIR.get() or ''}"
+    with _LOCK:
+        if _CURRENT is None or _CURRENT[0] != key:
+            _CURRENT = (key, SiteContext.from_env())
+        return _CURRENT[1]
