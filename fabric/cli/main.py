@@ -31,6 +31,7 @@ REGISTRARS: tuple[str, ...] = (
     "fabric.cli.sites",  # sites, site
     "fabric.cli.shard",  # shard (pre-split checkpoints per rank)
     "fabric.cli.campaign",  # campaign (batch runs)
+    "fabric.cli.serve",  # serve (the OpenAI gateway), keys
 )
 
 EPILOG = """\
