@@ -245,6 +245,8 @@ def error_line(rec: dict[str, Any]) -> dict[str, Any]:
     """A campaign error line as an OpenAI batch error line (the status its error would get)."""
     err = rec.get("error") or {}
     exc = FabricError.from_dict(err) if err.get("kind") else FabricError(str(err))
+    if rec.get("attempts") == 0:  # a bad line (never ran): the request was malformed
+        exc = InvalidRequest(str(err.get("message", "")))
     status, kind, code = status_of(exc)
     message = str(err.get("message", ""))
     return {"id": f"batch_req_{secrets.token_hex(8)}", "custom_id": rec.get("custom_id"),
