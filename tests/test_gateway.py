@@ -130,7 +130,8 @@ def test_echo_scores_a_continuation(client: openai.OpenAI, fab: Fabric) -> None:
     assert cont.choices[0].text == " the powerhouse"
     assert cont.choices[0].logprobs is not None
     assert cont.choices[0].logprobs.token_logprobs == pytest.approx(pair["logprobs"], abs=1e-5)
-    assert cont.model_extra is not None or True  # extension fields ride along untouched
+    extra = cont.choices[0].model_extra  # extension fields ride along
+    assert extra is not None and extra["total_logprob"] == pytest.approx(pair["total"], abs=1e-4)
 
 
 def test_embeddings(client: openai.OpenAI, fab: Fabric) -> None:
