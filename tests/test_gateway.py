@@ -253,3 +253,42 @@ def test_embeddings_base64_is_little_endian_float32(base_url: str) -> None:
                                                        "encoding_format": "base64"}, timeout=60)
     vec = np.frombuffer(base64.b64decode(reply.json()["data"][0]["embedding"]), dtype="<f4")
     assert vec.shape == (64,) and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-4
+
+
+def test_fabric_serve_command_with_a_key(local_site: Any, fab: Fabric, tmp_path: Path) -> None:
+    """`fabric serve --require-auth` as an operator runs it: a key works, none gets 401."""
+    import os
+    import sys
+    import urllib.request
+
+    from fabric.gateway.keys import KeyStore
+    from tests.test_gateway_unit import free_port
+
+    key, _ = KeyStore(tmp_path).create("erin")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fabric.cli.main", "serve", "--site", str(local_site.site_dir),
+         "--port", str(port), "--home", str(tmp_path), "--require-auth"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}/v1"
+        with openai.OpenAI(base_url=url, api_key=key, max_retries=0) as client:
+            reply = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=4,
+                                              temperature=0)
+            expected = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=4)
+            assert reply.choices[0].text == expected.text
+        with openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=0) as client, \
+                pytest.raises(openai.AuthenticationError):
+            client.models.list()
+    finally:
+        proc.terminate()
+        proc.wait(15)

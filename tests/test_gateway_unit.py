@@ -23,7 +23,7 @@ import pytest
 
 from fabric.errors import AuthError, Overloaded, QuotaExceeded, UnknownModel
 from fabric.gateway import GatewayConfig, create_app
-from fabric.gateway.auth import Authenticator, RateLimiter
+from fabric.gateway.auth import Authenticator, Identity, RateLimiter
 from fabric.gateway.config import is_loopback
 from fabric.gateway.errors import error_body, retry_after, status_of
 from fabric.gateway.keys import KeyStore
@@ -192,3 +192,55 @@ def test_http_auth_and_rate_limit(keyed_server: tuple[str, str, KeyStore]) -> No
         assert revoked.status_code == 401
         unknown = http.get("/v1/nothing", headers=auth)
         assert unknown.status_code == 404 and "error" in unknown.json()
+
+
+def test_globus_token_is_introspected_and_passed_on(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Globus token is checked by the site policy's own introspection (canned Globus Auth
+    answers, offline) and then travels with the caller's calls to the site."""
+    import responses
+    from globus_sdk.testing import RegisteredResponse, load_response
+
+    from fabric.client.aio import AsyncFabric
+    from fabric.endpoint import policy
+    from fabric.gateway.state import Gateway
+    from fabric.sites import PolicyConfig
+
+    client_id = "0b6e5c4a-0f5c-4e5b-9f0d-0000000000ec"
+    site_policy = PolicyConfig(client_id=client_id)
+    monkeypatch.setenv("FABRIC_ENDPOINT_CLIENT_SECRET", "endpoint-secret")
+    policy.clear_cache()
+
+    def introspect(active: bool) -> None:
+        body: dict[str, Any] = {"active": False}
+        if active:
+            body = {"active": True, "scope": site_policy.resolved_scope, "sub": "a1",
+                    "username": "alice@uchicago.edu", "exp": time.time() + 600,
+                    "aud": [client_id]}
+        load_response(RegisteredResponse(service="auth", path="/v2/oauth2/token/introspect",
+                                         method="POST", json=body))
+
+    authn = Authenticator(require=True, keys=KeyStore(tmp_path), policy=site_policy,
+                          site="polaris")
+    responses.start()
+    try:
+        introspect(True)
+        alice = authn.identify("Bearer ALICE-TOKEN")
+        assert (alice.name, alice.kind) == ("alice@uchicago.edu", "globus")
+        assert alice.auth == {"scheme": "globus", "token": "ALICE-TOKEN", "site": "polaris"}
+        policy.clear_cache()
+        responses.reset()
+        introspect(False)
+        with pytest.raises(AuthError, match="not active"):
+            authn.identify("Bearer STALE-TOKEN")
+    finally:
+        responses.stop()
+        responses.reset()
+        policy.clear_cache()
+    gateway = Gateway(GatewayConfig(home=tmp_path), AsyncFabric(on_status=None), authn)
+    try:
+        mine = gateway.client_for(alice)
+        assert mine.fabric.auth == alice.auth and mine is gateway.client_for(alice)
+        assert gateway.client_for(Identity("bob", "key")) is gateway.client
+    finally:
+        gateway.close()
