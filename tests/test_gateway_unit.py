@@ -70,7 +70,7 @@ def test_keys_are_stored_hashed_and_private(tmp_path: Path) -> None:
     assert store.active() == 1
     store.revoke(record.id)
     assert store.verify(key) is None and store.active() == 0
-    assert [k.name for k in store.list()] == ["alice"]
+    assert [k.name for k in store.all()] == ["alice"]
 
 
 def test_keys_cli(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Show issued keys (never the keys themselves)."""
-    keys = [k.public() for k in _store(args).list()]
+    keys = [k.public() for k in _store(args).all()]
     if args.json:
         print(json.dumps(keys, indent=2))
         return 0

@@ -79,7 +79,7 @@ class KeyStore:
             keys.append(record)
         return key, record
 
-    def list(self) -> list[ApiKey]:
+    def all(self) -> list[ApiKey]:
         """Every key ever issued, revoked ones included."""
         return self._read()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -243,7 +244,8 @@ def completion_chunk(request_id: str, model: str, index: int, text: str,
             "created": int(time.time()), "model": model, "choices": choices, "usage": usage}
 
 
-def completion_logprobs(token_ids: list[int], logprobs: list[float | None]) -> dict[str, Any]:
+def completion_logprobs(token_ids: Sequence[int],
+                        logprobs: Sequence[float | None]) -> dict[str, Any]:
     """Legacy ``logprobs``: parallel lists of tokens and their log-probabilities."""
     return {"tokens": [token_name(t) for t in token_ids], "token_logprobs": list(logprobs),
             "top_logprobs": [{token_name(t): lp} if lp is not None else None

@@ -8,7 +8,7 @@ import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 
@@ -68,8 +68,8 @@ class Gateway:
 
 def gateway_of(request: Request) -> Gateway:
     """The ``Gateway`` of the app serving ``request``."""
-    gateway: Any = request.app.state.gateway
-    return gateway  # type: ignore[no-any-return]
+    gateway: Gateway = request.app.state.gateway
+    return gateway
 
 
 async def caller(request: Request) -> Caller:
