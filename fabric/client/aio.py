@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -164,11 +164,21 @@ class AsyncFabric:
 
 class AsyncStream:
     """An async iterator of text chunks over a ``Stream`` (its ``text``, ``token_ids``,
-    ``logprobs`` and ``result`` are the same attributes)."""
+    ``logprobs`` and ``result`` are the same attributes).
+
+    One pool thread reads the stream from the first ``__anext__`` to its end and hands each
+    chunk to the event loop (``call_soon_threadsafe``): no thread hop per chunk on the way in.
+    ``last_token_ids``/``last_logprobs`` are the tokens that came with the chunk just returned
+    (the reader may already be ahead of it).
+    """
 
     def __init__(self, stream: Stream, owner: AsyncFabric) -> None:
         self.stream = stream
         self._owner = owner
+        self._queue: asyncio.Queue[tuple[str, list[int], list[float]] | BaseException | None]
+        self._reader: Future[None] | None = None
+        self.last_token_ids: list[int] = []
+        self.last_logprobs: list[float] = []
 
     def __getattr__(self, name: str) -> Any:
         # text, token_ids, logprobs, result, request_id, finished, cancelled
@@ -177,10 +187,40 @@ class AsyncStream:
     def __aiter__(self) -> AsyncIterator[str]:
         return self
 
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue = asyncio.Queue()
+        stream = self.stream
+
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def read() -> None:
+            seen = 0
+            try:
+                for chunk in stream:
+                    ids, lps = stream.token_ids, stream.logprobs
+                    put((chunk, list(ids[seen:]), list(lps[seen:])))
+                    seen = len(ids)
+                put(None)
+            except RuntimeError:  # the event loop is closed: nobody reads any more
+                stream.close()
+            except BaseException as exc:
+                with contextlib.suppress(RuntimeError):
+                    put(exc)
+
+        self._reader = self._owner._pool.submit(read)
+
     async def __anext__(self) -> str:
-        chunk = await self._owner._call(_next_or_none, self.stream)
-        if chunk is None:
-            raise StopAsyncIteration
+        if self._reader is None:
+            self._start()
+        item = await self._queue.get()
+        if item is None or isinstance(item, BaseException):
+            self._queue.put_nowait(item)  # every later call ends the same way
+            if item is None:
+                raise StopAsyncIteration
+            raise item
+        chunk, self.last_token_ids, self.last_logprobs = item
         return chunk
 
     async def wait(self) -> GenerationResult:
@@ -192,15 +232,27 @@ class AsyncStream:
         return await self._owner._call(self.stream.cancel)
 
     async def aclose(self) -> None:
-        """Stop reading; cancels the request if it is still going."""
-        await self._owner._call(self.stream.close)
+        """Stop reading; cancels the request if it is still going (and waits for the reader
+        to see the end)."""
+        await self._owner._call(self._stop)
+        if self._reader is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wrap_future(self._reader)
 
     def close_soon(self) -> None:
         """Close (and so cancel) from code that must not await, e.g. a cancelled task's
         cleanup: the close runs in the pool."""
         if not self.stream.finished:
             with contextlib.suppress(RuntimeError):  # the pool is already shut down
-                self._owner._pool.submit(self.stream.close)
+                self._owner._pool.submit(self._stop)
+
+    def _stop(self) -> None:
+        # While the reader thread is inside the stream it owns the socket: only cancel (the
+        # reader sees the server's last message and closes it); otherwise close it here.
+        if self._reader is not None and not self._reader.done():
+            self.stream.cancel()
+        else:
+            self.stream.close()
 
     async def __aenter__(self) -> AsyncStream:
         return self
@@ -208,8 +260,3 @@ class AsyncStream:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.aclose()
-
-
-def _next_or_none(stream: Stream) -> str | None:
-    # StopIteration cannot cross a Future (asyncio turns it into a RuntimeError).
-    return next(stream, None)

@@ -62,13 +62,10 @@ async def pieces(streams: list[AsyncStream]) -> AsyncIterator[Piece]:
     queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncStream) -> None:
-        seen = 0
         try:
             async for chunk in stream:
-                # Snapshot the tokens before asking for the next chunk (which appends more).
-                ids, lps = stream.token_ids, stream.logprobs
-                queue.put_nowait(Piece(index, chunk, list(ids[seen:]), list(lps[seen:])))
-                seen = len(ids)
+                queue.put_nowait(Piece(index, chunk, stream.last_token_ids,
+                                       stream.last_logprobs))
             queue.put_nowait(Piece(index, None))
         except BaseException as exc:
             queue.put_nowait(exc)
