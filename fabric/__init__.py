@@ -41,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccessDenied",
+    "AsyncFabric",
     "AuthError",
     "Cancelled",
     "ContextLengthExceeded",
@@ -66,6 +67,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "AsyncFabric": "fabric.client.aio",
     "Fabric": "fabric.sdk",
     "Stream": "fabric.client.streaming",
     "GenerationResult": "fabric.protocol",

@@ -155,6 +155,12 @@ def test_endpoint_imports_no_campaign_and_no_client_but_results() -> None:
     assert offenders("endpoint", ("fabric.client",), ENDPOINT_CLIENT_RESULTS) == {}
 
 
+def test_gateway_imports_no_engine_and_no_globus() -> None:
+    """The OpenAI gateway is an SDK user (``AsyncFabric``): it reaches sites through transports
+    (and reuses the site policy's token introspection), never the model server's code."""
+    assert offenders("gateway", ("fabric.engine", *GLOBUS)) == {}
+
+
 def test_campaign_never_imports_the_local_transport() -> None:
     """The campaign opens sites through ``open_transport``, never ``LocalTransport`` itself."""
     assert offenders("campaign", ("fabric.client.local",)) == {}

@@ -30,6 +30,7 @@ REGISTRARS: tuple[str, ...] = (
     "fabric.cli.shard",  # shard (pre-split checkpoints per rank)
     "fabric.cli.plan",  # plan (size a pp x tp x ep plan for a site's nodes)
     "fabric.cli.campaign",  # campaign (batch runs)
+    "fabric.cli.serve",  # serve (the OpenAI gateway), keys
 )
 
 EPILOG = """\

@@ -1,0 +1,179 @@
+"""32 concurrent streams through ``fabric serve`` with the ``openai`` client vs the same streams
+through the SDK, on one warm model server at a temporary local site. Prints JSON.
+
+    python benchmarks/gateway.py                      # SmolLM2, 32 streams of 64 tokens
+    python benchmarks/gateway.py --model tiny --streams 8 --max-tokens 16   # quick check
+
+The gateway runs as users run it (``fabric serve`` in its own process, on 127.0.0.1); the
+``openai`` side is one ``AsyncOpenAI`` client with ``--streams`` streams at once, the SDK side
+``--streams`` threads each iterating a ``Fabric.stream``. Rounds alternate SDK and gateway
+(``--rounds``). ``throughput_ratio`` = gateway tokens/s / SDK tokens/s (the issue's target is
+>= 0.9); ``ttft_median_diff_ms`` = the gateway's median time to first token minus the SDK's
+(target: within +10 ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import common
+from campaign_throughput import write_site
+from common import log, median, ratio
+
+
+def prompts(n: int, offset: int) -> list[str]:
+    """Distinct short prompts (distinct per round, so no prefix is cached across rounds)."""
+    return [f"Story {offset + i}: once upon a time, a scientist" for i in range(n)]
+
+
+def sdk_round(fab: Any, model: str, texts: list[str], max_tokens: int) -> dict[str, Any]:
+    """Every prompt streamed through the SDK at once (one thread each)."""
+    ttft: list[float] = [0.0] * len(texts)
+    tokens: list[int] = [0] * len(texts)
+    start = threading.Barrier(len(texts) + 1)
+
+    def one(i: int) -> None:
+        start.wait()
+        t0 = time.perf_counter()
+        with fab.stream(texts[i], model=model, max_tokens=max_tokens) as stream:
+            for n, _ in enumerate(stream):
+                if n == 0:
+                    ttft[i] = time.perf_counter() - t0
+        tokens[i] = len(stream.token_ids)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return {"seconds": time.perf_counter() - t0, "tokens": sum(tokens), "ttft": ttft}
+
+
+async def gateway_round(base_url: str, model: str, texts: list[str],
+                        max_tokens: int) -> dict[str, Any]:
+    """Every prompt streamed through the gateway at once (one asyncio client)."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0,
+                                  timeout=600) as client:
+        async def one(text: str) -> tuple[float, int]:
+            t0 = time.perf_counter()
+            first, used = 0.0, 0
+            stream = await client.completions.create(
+                model=model, prompt=text, max_tokens=max_tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True})
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].text and not first:
+                    first = time.perf_counter() - t0
+                if chunk.usage is not None:
+                    used = chunk.usage.completion_tokens
+            return first, used
+
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(one(t) for t in texts))
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tokens": sum(u for _, u in done),
+            "ttft": [f for f, _ in done]}
+
+
+def start_gateway(site_dir: Path, home: Path, port: int) -> subprocess.Popen[bytes]:
+    """``fabric serve`` in its own process; returns once it answers ``/health``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fabric.cli.main", "serve", "--site", str(site_dir), "--port",
+         str(port), "--home", str(home), "--rate", "0"],
+        stdout=subprocess.DEVNULL, stderr=open(home / "gateway.log", "wb"))  # noqa: SIM115
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"fabric serve exited: {(home / 'gateway.log').read_text()}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("fabric serve did not answer within 60 s")
+
+
+def figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens/s over all rounds and the median TTFT (ms) over all streams."""
+    seconds = sum(r["seconds"] for r in runs)
+    tokens = sum(r["tokens"] for r in runs)
+    ttft = [x for r in runs for x in r["ttft"]]
+    return {"tokens": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+            "ttft_ms": common.summary(ttft, scale=1000.0, digits=1)}
+
+
+def main() -> int:
+    """Run both sides and print the JSON figure."""
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="catalog model, or 'tiny'")
+    p.add_argument("--streams", type=int, default=32, help="concurrent streams (default 32)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2, help="rounds per side, alternating")
+    p.add_argument("--workers", type=int, default=4, help="request workers at the site")
+    p.add_argument("--threads", type=int, default=1, help="OMP threads of the server")
+    args = p.parse_args()
+    if args.quick:
+        args.model, args.streams, args.max_tokens, args.rounds = "tiny", 8, 16, 1
+
+    from fabric import Fabric
+    from fabric.client.local import start_site, stop_site
+
+    tmp = Path(tempfile.mkdtemp(prefix="fabric-gateway-bench-"))
+    model, model_dir = args.model, None
+    if model == "tiny":
+        from fabric.testing.tiny import build_tiny_llama
+
+        model, model_dir = "tiny-llama", build_tiny_llama(tmp / "tiny")
+    site_dir = write_site(tmp / "site", model, model_dir, args.workers, args.threads)
+    os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    start_site(str(site_dir), timeout_s=600)
+    gateway = None
+    try:
+        fab = Fabric(site=str(site_dir), on_status=None)
+        fab.generate("warm up", model=model, max_tokens=2)
+        port = common._free_port()
+        gateway = start_gateway(site_dir, tmp, port)
+        base_url = f"http://127.0.0.1:{port}/v1"
+        asyncio.run(gateway_round(base_url, model, prompts(2, 10**6), 2))  # warm the gateway
+        sdk, gw = [], []
+        for r in range(args.rounds):
+            log(f"round {r + 1}/{args.rounds}: SDK")
+            sdk.append(sdk_round(fab, model, prompts(args.streams, 2 * r * args.streams),
+                                 args.max_tokens))
+            log(f"round {r + 1}/{args.rounds}: gateway")
+            gw.append(asyncio.run(gateway_round(
+                base_url, model, prompts(args.streams, (2 * r + 1) * args.streams),
+                args.max_tokens)))
+        fab.close()
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(10)
+        stop_site(str(site_dir), all=True)
+    s, g = figures(sdk), figures(gw)
+    common.emit({
+        "benchmark": "gateway", "model": model, "streams": args.streams,
+        "max_tokens": args.max_tokens, "rounds": args.rounds, "sdk": s, "gateway": g,
+        "throughput_ratio": ratio(g["tokens_per_s"] or 0.0, s["tokens_per_s"] or 0.0),
+        "ttft_median_diff_ms": round(g["ttft_ms"]["median"] - s["ttft_ms"]["median"], 1),
+        "ttft_median_sdk_ms": round(median([x * 1000 for r in sdk for x in r["ttft"]]), 1),
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

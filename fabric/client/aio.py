@@ -1,0 +1,262 @@
+"""``AsyncFabric``: the SDK for asyncio code (notebooks' event loops, agents, the gateway).
+
+Every method of ``Fabric`` is here as a coroutine (``await fab.generate(...)``) and ``stream``
+is an async iterator of text chunks. Nothing blocks the event loop:
+
+* ``submit`` (a user function at the site) awaits the transport's own ``concurrent.futures``
+  future through ``asyncio.wrap_future``: no thread waits for it;
+* the other calls run the synchronous ``Fabric`` method in a bounded thread pool
+  (``max_concurrency`` threads), since ``Fabric`` hands out finished values rather than
+  futures for them. The pool bounds how many calls are in flight at once; more wait their turn.
+
+A stream's chunks are read by the same pool, one ``next`` at a time, so a slow consumer holds
+no thread between chunks. Leaving ``async for`` early (or ``aclose``) cancels the request at
+the server, as closing a ``Stream`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from fabric.client.fabric import Fabric
+    from fabric.client.streaming import Stream
+    from fabric.protocol import GenerationResult
+
+__all__ = ["AsyncFabric", "AsyncStream"]
+
+T = TypeVar("T")
+
+DEFAULT_CONCURRENCY = 64
+"""Calls in flight at once per ``AsyncFabric`` (threads in its pool)."""
+
+
+class AsyncFabric:
+    """``Fabric`` for asyncio: the same methods, awaitable.
+
+    >>> async with AsyncFabric() as fab:
+    ...     result = await fab.generate("The mitochondria is", max_tokens=24)
+    ...     async for chunk in await fab.stream("Tell me a story"):
+    ...         print(chunk, end="")
+
+    Arguments are those of ``Fabric`` (``site``, ``transport``, ``auth``, ``on_status``...),
+    or pass an existing ``fabric=`` to share its transport. ``max_concurrency`` bounds the
+    calls in flight at once; ``executor`` shares another client's pool instead (it is then
+    not shut down by ``close``).
+    """
+
+    def __init__(self, site: str = "local", *, fabric: Fabric | None = None,
+                 max_concurrency: int = DEFAULT_CONCURRENCY,
+                 executor: ThreadPoolExecutor | None = None, **kwargs: Any) -> None:
+        if not isinstance(max_concurrency, int) or max_concurrency < 1:
+            from fabric.errors import InvalidRequest
+
+            raise InvalidRequest(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
+        if fabric is None:
+            from fabric.client.fabric import Fabric
+
+            fabric = Fabric(site, **kwargs)
+            self._owns_fabric = True
+        else:
+            self._owns_fabric = False
+        self.fabric = fabric
+        """The synchronous client underneath (its transport, site and auth)."""
+        self.max_concurrency = max_concurrency
+        self._owns_pool = executor is None
+        self._pool = executor or ThreadPoolExecutor(max_concurrency,
+                                                    thread_name_prefix="async-fabric")
+
+    @property
+    def site(self) -> str:
+        """Name of the site this client reaches."""
+        return self.fabric.site
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` in the pool; the event loop keeps running meanwhile."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    # -- the methods of Fabric ------------------------------------------------------------
+
+    async def generate(self, prompt: str, **kwargs: Any) -> GenerationResult:
+        """``Fabric.generate``, awaitable."""
+        return await self._call(self.fabric.generate, prompt, **kwargs)
+
+    async def chat(self, messages: Sequence[dict[str, str]], **kwargs: Any) -> GenerationResult:
+        """``Fabric.chat``, awaitable."""
+        return await self._call(self.fabric.chat, messages, **kwargs)
+
+    async def stream(self, prompt: str | None = None, **kwargs: Any) -> AsyncStream:
+        """``Fabric.stream``: awaits the request's admission, then returns an ``AsyncStream``
+        (``async for chunk in stream``)."""
+        stream = await self._call(self.fabric.stream, prompt, **kwargs)
+        return AsyncStream(stream, self)
+
+    async def embed(self, texts: str | Sequence[str], **kwargs: Any) -> Any:
+        """``Fabric.embed``, awaitable."""
+        return await self._call(self.fabric.embed, texts, **kwargs)
+
+    async def hidden_states(self, text: str, **kwargs: Any) -> dict[str, Any]:
+        """``Fabric.hidden_states``, awaitable."""
+        return await self._call(self.fabric.hidden_states, text, **kwargs)
+
+    async def logprobs(self, text: str, continuation: str | None = None,
+                       **kwargs: Any) -> dict[str, Any]:
+        """``Fabric.logprobs``, awaitable."""
+        return await self._call(self.fabric.logprobs, text, continuation, **kwargs)
+
+    async def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``Fabric.submit``: awaits the user function's value (its future is wrapped, so no
+        thread waits for it)."""
+        future = await self._call(self.fabric.submit, fn, *args, **kwargs)
+        return await asyncio.wrap_future(future)
+
+    async def models(self) -> list[dict[str, Any]]:
+        """``Fabric.models``, awaitable."""
+        return await self._call(self.fabric.models)
+
+    async def deploy(self, model: str, **kwargs: Any) -> dict[str, Any]:
+        """``Fabric.deploy``, awaitable."""
+        return await self._call(self.fabric.deploy, model, **kwargs)
+
+    async def wait_ready(self, model: str, **kwargs: Any) -> dict[str, Any]:
+        """``Fabric.wait_ready``, awaitable."""
+        return await self._call(self.fabric.wait_ready, model, **kwargs)
+
+    async def deployments(self) -> list[dict[str, Any]]:
+        """``Fabric.deployments``, awaitable."""
+        return await self._call(self.fabric.deployments)
+
+    async def undeploy(self, deployment_id: str) -> dict[str, Any]:
+        """``Fabric.undeploy``, awaitable."""
+        return await self._call(self.fabric.undeploy, deployment_id)
+
+    async def campaign(self, manifest: Any, **kwargs: Any) -> Any:
+        """``Fabric.campaign`` (validation reads the whole input file, so it runs in the pool)."""
+        return await self._call(self.fabric.campaign, manifest, **kwargs)
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Wait for the pool's calls to end, then close the ``Fabric`` if this client made it."""
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def close(self) -> None:
+        """Synchronous close (from outside an event loop)."""
+        if self._owns_pool:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._owns_fabric:
+            self.fabric.close()
+
+    async def __aenter__(self) -> AsyncFabric:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+
+class AsyncStream:
+    """An async iterator of text chunks over a ``Stream`` (its ``text``, ``token_ids``,
+    ``logprobs`` and ``result`` are the same attributes).
+
+    One pool thread reads the stream from the first ``__anext__`` to its end and hands each
+    chunk to the event loop (``call_soon_threadsafe``): no thread hop per chunk on the way in.
+    ``last_token_ids``/``last_logprobs`` are the tokens that came with the chunk just returned
+    (the reader may already be ahead of it).
+    """
+
+    def __init__(self, stream: Stream, owner: AsyncFabric) -> None:
+        self.stream = stream
+        self._owner = owner
+        self._queue: asyncio.Queue[tuple[str, list[int], list[float]] | BaseException | None]
+        self._reader: Future[None] | None = None
+        self.last_token_ids: list[int] = []
+        self.last_logprobs: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        # text, token_ids, logprobs, result, request_id, finished, cancelled
+        return getattr(self.stream, name)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue = asyncio.Queue()
+        stream = self.stream
+
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def read() -> None:
+            seen = 0
+            try:
+                for chunk in stream:
+                    ids, lps = stream.token_ids, stream.logprobs
+                    put((chunk, list(ids[seen:]), list(lps[seen:])))
+                    seen = len(ids)
+                put(None)
+            except RuntimeError:  # the event loop is closed: nobody reads any more
+                stream.close()
+            except BaseException as exc:
+                with contextlib.suppress(RuntimeError):
+                    put(exc)
+
+        self._reader = self._owner._pool.submit(read)
+
+    async def __anext__(self) -> str:
+        if self._reader is None:
+            self._start()
+        item = await self._queue.get()
+        if item is None or isinstance(item, BaseException):
+            self._queue.put_nowait(item)  # every later call ends the same way
+            if item is None:
+                raise StopAsyncIteration
+            raise item
+        chunk, self.last_token_ids, self.last_logprobs = item
+        return chunk
+
+    async def wait(self) -> GenerationResult:
+        """Read the rest and return the final result."""
+        return await self._owner._call(self.stream.wait)
+
+    async def cancel(self) -> str:
+        """Stop the request at the server; returns what it was."""
+        return await self._owner._call(self.stream.cancel)
+
+    async def aclose(self) -> None:
+        """Stop reading; cancels the request if it is still going (and waits for the reader
+        to see the end)."""
+        await self._owner._call(self._stop)
+        if self._reader is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wrap_future(self._reader)
+
+    def close_soon(self) -> None:
+        """Close (and so cancel) from code that must not await, e.g. a cancelled task's
+        cleanup: the close runs in the pool."""
+        if not self.stream.finished:
+            with contextlib.suppress(RuntimeError):  # the pool is already shut down
+                self._owner._pool.submit(self._stop)
+
+    def _stop(self) -> None:
+        # While the reader thread is inside the stream it owns the socket: only cancel (the
+        # reader sees the server's last message and closes it); otherwise close it here.
+        if self._reader is not None and not self._reader.done():
+            self.stream.cancel()
+        else:
+            self.stream.close()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()

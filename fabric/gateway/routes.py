@@ -1,0 +1,246 @@
+"""``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``.
+
+Each route checks the body (OpenAI's shape, extension fields allowed), calls the SDK through
+the caller's ``AsyncFabric`` and answers in OpenAI's shape; ``n`` choices run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from fabric.client.aio import AsyncFabric
+from fabric.errors import InvalidRequest
+from fabric.gateway import shapes
+from fabric.gateway.errors import PayloadTooLarge
+from fabric.gateway.shapes import ChatRequest, CompletionRequest, EmbeddingRequest
+from fabric.gateway.state import Who, gateway_of
+from fabric.gateway.streams import Piece, guarded, open_streams, pieces, sse
+from fabric.protocol import GenerationResult
+
+__all__ = ["parse_body", "router"]
+
+router = APIRouter(prefix="/v1")
+M = TypeVar("M", bound=BaseModel)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The JSON body as ``model``, or ``InvalidRequest`` naming the bad field (400)."""
+    limit = gateway_of(request).config.max_body_bytes
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise PayloadTooLarge(f"request body is over the gateway's limit of {limit} bytes")
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"])
+        raise InvalidRequest(f"{param or 'body'}: {err['msg']}", param=param or None) from None
+
+
+@router.get("/models")
+async def list_models(who: Who) -> dict[str, Any]:
+    """The site's catalog as OpenAI ``model`` objects."""
+    records = await who.client.models()
+    return {"object": "list", "data": [shapes.model_card(r, who.client.site) for r in records]}
+
+
+@router.get("/models/{model}")
+async def get_model(model: str, who: Who) -> dict[str, Any]:
+    """One catalog entry (404 if the site does not serve it)."""
+    for record in await who.client.models():
+        if record.get("name") == model:
+            return shapes.model_card(record, who.client.site)
+    from fabric.errors import UnknownModel
+
+    raise UnknownModel(f"model {model!r} is not in the site's catalog", param="model")
+
+
+# -- chat ------------------------------------------------------------------------------------
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(request: Request,
+                           who: Who) -> dict[str, Any] | StreamingResponse:
+    """A chat completion, or its SSE stream."""
+    req = await parse_body(request, ChatRequest)
+    messages = req.plain_messages()
+    calls = [{"messages": messages, **shapes.sampling_kwargs(req, req.token_limit(),
+                                                             req.logprobs, k)}
+             for k in range(req.n)]
+    if req.stream:
+        streams = await open_streams(who.client, calls)
+        return StreamingResponse(guarded(_chat_events(req, streams)),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    results = await asyncio.gather(*(who.client.chat(**kw) for kw in calls))
+    return shapes.chat_response(req.model, list(results), req.top_logprobs, req.logprobs)
+
+
+async def _chat_events(req: ChatRequest, streams: list[Any]) -> Any:
+    rid = streams[0].request_id
+    for i in range(len(streams)):
+        yield sse(shapes.chat_chunk(rid, req.model, i, {"role": "assistant", "content": ""}))
+    async for piece in pieces(streams):
+        if piece.text is None:
+            result = streams[piece.index].result
+            yield sse(shapes.chat_chunk(rid, req.model, piece.index, {},
+                                        shapes.finish_reason(result.finish_reason)))
+            continue
+        lp = shapes.chat_logprobs(piece.token_ids, piece.logprobs, req.top_logprobs) \
+            if req.logprobs else None
+        yield sse(shapes.chat_chunk(rid, req.model, piece.index, {"content": piece.text},
+                                    None, lp))
+    if req.include_usage:
+        yield sse(shapes.chat_chunk(rid, req.model, 0, {}, usage=_stream_usage(streams)))
+
+
+def _stream_usage(streams: list[Any]) -> dict[str, int]:
+    results: list[GenerationResult] = [s.result for s in streams]
+    prompt = results[0].usage.prompt_tokens
+    completion = sum(r.usage.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+# -- completions -----------------------------------------------------------------------------
+
+
+@router.post("/completions", response_model=None)
+async def completions(request: Request,
+                      who: Who) -> dict[str, Any] | StreamingResponse:
+    """A text completion (several prompts, ``n`` each), a scored prompt (``echo`` with
+    ``max_tokens: 0``, or the ``continuation`` extension), or an SSE stream."""
+    req = await parse_body(request, CompletionRequest)
+    prompts = req.prompts()
+    if req.stream:
+        if req.echo or req.continuation is not None or not req.max_tokens:
+            raise InvalidRequest("stream cannot be combined with echo, continuation or "
+                                 "max_tokens 0: those score text, which returns at once",
+                                 param="stream")
+        calls = [{"prompt": p, **shapes.sampling_kwargs(req, req.max_tokens,
+                                                       req.logprobs is not None, k)}
+                 for p in prompts for k in range(req.n)]
+        streams = await open_streams(who.client, calls)
+        return StreamingResponse(guarded(_completion_events(req, streams)),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    jobs = [_one_completion(who.client, req, p, k) for p in prompts for k in range(req.n)]
+    done = await asyncio.gather(*jobs)
+    choices = [{"index": i, **c} for i, (c, _, _, _) in enumerate(done)]
+    prompt_tokens = sum(pt for i, (_, pt, _, _) in enumerate(done) if i % req.n == 0)
+    completion_tokens = sum(ct for _, _, ct, _ in done)
+    rid = next((r for *_, r in done if r), "none")
+    return shapes.completion_response(req.model, choices, prompt_tokens, completion_tokens, rid)
+
+
+async def _one_completion(client: AsyncFabric, req: CompletionRequest, prompt: str,
+                          choice: int) -> tuple[dict[str, Any], int, int, str]:
+    """One choice: ``(choice dict, prompt tokens, completion tokens, request id)``."""
+    want_lp = req.logprobs is not None
+    if req.continuation is not None:
+        scored = await client.logprobs(prompt, req.continuation, model=req.model,
+                                       hooks=req.hooks)
+        text = prompt + req.continuation if req.echo else req.continuation
+        return _scored_choice(text, scored, want_lp)
+    if not req.max_tokens:
+        if not req.echo:
+            return {"text": "", "finish_reason": "length", "logprobs": None}, 0, 0, ""
+        scored = await client.logprobs(prompt, model=req.model, hooks=req.hooks)
+        return _scored_choice(prompt, scored, want_lp)
+    kwargs = shapes.sampling_kwargs(req, req.max_tokens, want_lp, choice)
+    if req.echo and want_lp:
+        scored, result = await asyncio.gather(
+            client.logprobs(prompt, model=req.model, hooks=req.hooks),
+            client.generate(prompt, **kwargs))
+        ids = [int(t) for t in scored["token_ids"]] + result.token_ids
+        lps = [float(x) for x in scored["logprobs"]] + list(result.logprobs or [])
+        logprobs: dict[str, Any] | None = shapes.completion_logprobs(ids, lps)
+    else:
+        result = await client.generate(prompt, **kwargs)
+        logprobs = shapes.completion_logprobs(result.token_ids, list(result.logprobs or [])) \
+            if want_lp else None
+    text = prompt + result.text if req.echo else result.text
+    choice_out = {"text": text, "finish_reason": shapes.finish_reason(result.finish_reason),
+                  "logprobs": logprobs, "token_ids": result.token_ids}
+    return (choice_out, result.usage.prompt_tokens, result.usage.completion_tokens,
+            result.request_id)
+
+
+def _scored_choice(text: str, scored: dict[str, Any],
+                   want_lp: bool) -> tuple[dict[str, Any], int, int, str]:
+    """A choice whose tokens were scored, not generated (nothing new: zero completion)."""
+    ids = [int(t) for t in scored.get("token_ids") or []]
+    lps = [float(x) for x in scored.get("logprobs") or []]
+    usage = scored.get("usage") or {}
+    choice = {"text": text, "finish_reason": "length",
+              "logprobs": shapes.completion_logprobs(ids, lps) if want_lp else None,
+              "token_ids": ids, "total_logprob": float(sum(lps))}
+    return choice, int(usage.get("prompt_tokens", len(ids))), 0, str(scored.get("request_id", ""))
+
+
+async def _completion_events(req: CompletionRequest, streams: list[Any]) -> Any:
+    rid = streams[0].request_id
+    async for piece in pieces(streams):
+        yield sse(_completion_piece(req, rid, streams, piece))
+    if req.include_usage:
+        yield sse(shapes.completion_chunk(rid, req.model, 0, "", usage=_stream_usage(streams)))
+
+
+def _completion_piece(req: CompletionRequest, rid: str, streams: list[Any],
+                      piece: Piece) -> dict[str, Any]:
+    if piece.text is None:
+        reason = shapes.finish_reason(streams[piece.index].result.finish_reason)
+        return shapes.completion_chunk(rid, req.model, piece.index, "", reason)
+    lp = shapes.completion_logprobs(piece.token_ids, list(piece.logprobs)) \
+        if req.logprobs is not None else None
+    return shapes.completion_chunk(rid, req.model, piece.index, piece.text, None, lp)
+
+
+# -- embeddings ------------------------------------------------------------------------------
+
+
+@router.post("/embeddings")
+async def embeddings(request: Request, who: Who) -> dict[str, Any]:
+    """Pooled vectors (one per input), or every token's hidden state with ``pooling: none``."""
+    req = await parse_body(request, EmbeddingRequest)
+    texts = req.texts()
+    if req.pooling == "none":
+        return await _hidden_states(who.client, req, texts)
+    layers = req.layers or [req.layer]
+    out = await who.client.embed(texts, model=req.model, layer=layers if req.layers else req.layer,
+                                 pooling=req.pooling, normalize=req.normalize, hooks=req.hooks)
+    first = out[layers[0]] if req.layers else out
+    vectors = [_shorten(v, req.dimensions, req.normalize) for v in first]
+    extra = [{"layers": {str(k): v[i].tolist() for k, v in out.items()}}
+             for i in range(len(texts))] if req.layers else None
+    return shapes.embedding_response(req.model, vectors, req.encoding_format, extra)
+
+
+async def _hidden_states(client: AsyncFabric, req: EmbeddingRequest,
+                         texts: list[str]) -> dict[str, Any]:
+    layers = req.layers or [req.layer]
+    states = await asyncio.gather(*(client.hidden_states(
+        t, model=req.model, layers=layers, positions=req.positions, hooks=req.hooks)
+        for t in texts))
+    vectors = [s["layers"][str(layers[0])].float().numpy() for s in states]
+    extra = [{"token_ids": s["token_ids"], "positions": s["positions"],
+              **({"layers": {k: v.float().tolist() for k, v in s["layers"].items()}}
+                 if req.layers else {})} for s in states]
+    return shapes.embedding_response(req.model, vectors, req.encoding_format, extra)
+
+
+def _shorten(vector: Any, dimensions: int | None, normalize: bool) -> Any:
+    """OpenAI's ``dimensions``: keep the first ones (renormalised, as OpenAI does)."""
+    import numpy as np
+
+    if dimensions is None or dimensions == len(vector):
+        return vector
+    if not 0 < dimensions < len(vector):
+        raise InvalidRequest(f"dimensions must be between 1 and {len(vector)} for this model",
+                             param="dimensions")
+    short = np.asarray(vector[:dimensions], dtype=np.float32)
+    norm = float(np.linalg.norm(short))
+    return short / norm if normalize and norm > 0 else short

@@ -1,0 +1,288 @@
+"""OpenAI's request and response shapes, and how they map onto the SDK's calls.
+
+Requests are pydantic models that *tolerate* unknown fields (clients send many we have no use
+for: ``user``, ``presence_penalty``, ``parallel_tool_calls``...). The fabric's own modes are
+extension fields: ``top_k``, ``hooks`` and ``timeout`` on text calls; ``continuation`` on
+completions (score a continuation); ``layer``/``layers``, ``pooling`` (``mean``, ``first``,
+``last``, or ``none`` for every token's hidden state) and ``normalize`` on embeddings.
+
+Token strings are not known at the gateway (the tokenizer lives with the model server), so a
+token in ``logprobs`` is written ``token_id:<id>``, the convention vLLM uses for the same case.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fabric.errors import InvalidRequest
+from fabric.protocol import GenerationResult
+
+__all__ = [
+    "ChatRequest",
+    "CompletionRequest",
+    "EmbeddingRequest",
+    "chat_chunk",
+    "chat_response",
+    "completion_response",
+    "embedding_response",
+    "finish_reason",
+    "model_card",
+    "sampling_kwargs",
+]
+
+ROLES = {"system", "user", "assistant", "developer", "tool"}
+
+
+class _Tolerant(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _TextRequest(_Tolerant):
+    model: str
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    # fabric extensions
+    top_k: int = Field(0, ge=0)
+    hooks: list[dict[str, Any]] | None = None
+    timeout: float | None = Field(None, gt=0)
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatRequest(_TextRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not value:
+            raise ValueError("messages is empty: give at least one message")
+        return value
+
+    def plain_messages(self) -> list[dict[str, str]]:
+        """``{"role", "content"}`` with the content as one string (text parts joined)."""
+        out = []
+        for i, m in enumerate(self.messages):
+            role = m.get("role")
+            if role not in ROLES:
+                raise InvalidRequest(f"messages[{i}].role must be one of {sorted(ROLES)}, got "
+                                     f"{role!r}", param=f"messages[{i}].role")
+            out.append({"role": "system" if role == "developer" else str(role),
+                        "content": _content(m.get("content"), i)})
+        return out
+
+    def token_limit(self) -> int:
+        """``max_completion_tokens``, else ``max_tokens``, else 128."""
+        return self.max_completion_tokens or self.max_tokens or 128
+
+
+class CompletionRequest(_TextRequest):
+    """``POST /v1/completions`` (``echo`` with ``max_tokens: 0`` scores the prompt)."""
+
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    continuation: str | None = None
+    """Extension: score this text after ``prompt`` (its tokens' log-probabilities)."""
+
+    def prompts(self) -> list[str]:
+        """The prompts as a list (a token-id prompt is refused: the gateway has no tokenizer)."""
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InvalidRequest("prompt must be a string or a list of strings (token ids are "
+                                 "not accepted)", param="prompt")
+        return prompts
+
+
+class EmbeddingRequest(_Tolerant):
+    """``POST /v1/embeddings``."""
+
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    # fabric extensions
+    layer: int = -1
+    layers: list[int] | None = None
+    pooling: Literal["mean", "first", "last", "none"] = "mean"
+    normalize: bool = True
+    positions: list[int] | None = None
+    hooks: list[dict[str, Any]] | None = None
+
+    def texts(self) -> list[str]:
+        """The inputs as a list of strings."""
+        texts = [self.input] if isinstance(self.input, str) else self.input
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise InvalidRequest("input must be a string or a non-empty list of strings (token "
+                                 "ids are not accepted)", param="input")
+        return texts
+
+
+def _content(value: Any, i: int) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # [{"type": "text", "text": ...}, ...]
+        parts = [p.get("text") for p in value if isinstance(p, dict)]
+        if all(isinstance(p, str) for p in parts) and all(
+                isinstance(p, dict) and p.get("type") == "text" for p in value):
+            return "".join(str(p) for p in parts)
+        raise InvalidRequest(f"messages[{i}].content: only text parts are supported",
+                             param=f"messages[{i}].content")
+    if value is None:
+        return ""
+    raise InvalidRequest(f"messages[{i}].content must be a string or a list of text parts",
+                         param=f"messages[{i}].content")
+
+
+def sampling_kwargs(req: _TextRequest, max_tokens: int, logprobs: bool,
+                    choice: int = 0) -> dict[str, Any]:
+    """Keyword arguments for ``generate``/``chat``/``stream``. Choice ``k`` of ``n`` gets seed
+    ``seed + k`` so that sampled choices differ yet stay reproducible."""
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return {"model": req.model, "max_tokens": max_tokens, "temperature": req.temperature,
+            "top_p": req.top_p, "top_k": req.top_k,
+            "seed": None if req.seed is None else req.seed + choice, "stop": stop,
+            "logprobs": logprobs, "timeout": req.timeout, "hooks": req.hooks}
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """The fabric's finish reason in OpenAI's words (``eos`` and ``stop`` are both "stop")."""
+    return {"eos": "stop", "cancelled": "stop", "deadline": "length"}.get(
+        reason or "", reason)
+
+
+def token_name(token_id: int) -> str:
+    """A token as OpenAI's ``token`` field (see the module docstring)."""
+    return f"token_id:{token_id}"
+
+
+def chat_logprobs(token_ids: list[int], logprobs: list[float] | None,
+                  top: int | None) -> dict[str, Any]:
+    """Chat ``logprobs.content``: the chosen tokens (``top_logprobs`` holds the chosen one:
+    the server does not return alternatives)."""
+    content = []
+    for tid, lp in zip(token_ids, logprobs or [], strict=False):
+        entry = {"token": token_name(tid), "logprob": lp, "bytes": None}
+        content.append({**entry, "top_logprobs": [entry] if top else []})
+    return {"content": content}
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def fingerprint(result: GenerationResult) -> str:
+    """``system_fingerprint``: exactly which weights answered."""
+    m = result.model
+    return f"{m.name}:{m.version}:{m.sha256[:12]}"
+
+
+def _extensions(result: GenerationResult) -> dict[str, Any]:
+    out: dict[str, Any] = {"token_ids": result.token_ids}
+    if result.captures:
+        out["captures"] = {k: v.tolist() if hasattr(v, "tolist") else v
+                           for k, v in result.captures.items()}
+    return out
+
+
+def chat_response(model: str, results: list[GenerationResult], top: int | None,
+                  logprobs: bool) -> dict[str, Any]:
+    """A ``chat.completion`` from one result per choice."""
+    first = results[0]
+    return {
+        "id": f"chatcmpl-{first.request_id}", "object": "chat.completion",
+        "created": int(time.time()), "model": model, "system_fingerprint": fingerprint(first),
+        "choices": [{
+            "index": i, "message": {"role": "assistant", "content": r.text},
+            "finish_reason": finish_reason(r.finish_reason),
+            "logprobs": chat_logprobs(r.token_ids, r.logprobs, top) if logprobs else None,
+            **_extensions(r),
+        } for i, r in enumerate(results)],
+        "usage": _usage(first.usage.prompt_tokens,
+                        sum(r.usage.completion_tokens for r in results)),
+    }
+
+
+def chat_chunk(request_id: str, model: str, index: int, delta: dict[str, Any],
+               reason: str | None = None, logprobs: dict[str, Any] | None = None,
+               usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` (``usage`` set: the final, choice-less usage chunk)."""
+    choices = [] if usage is not None else [
+        {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}]
+    return {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": model, "choices": choices, "usage": usage}
+
+
+def completion_chunk(request_id: str, model: str, index: int, text: str,
+                     reason: str | None = None, logprobs: dict[str, Any] | None = None,
+                     usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """One streamed ``text_completion``."""
+    choices = [] if usage is not None else [
+        {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}]
+    return {"id": f"cmpl-{request_id}", "object": "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices, "usage": usage}
+
+
+def completion_logprobs(token_ids: Sequence[int],
+                        logprobs: Sequence[float | None]) -> dict[str, Any]:
+    """Legacy ``logprobs``: parallel lists of tokens and their log-probabilities."""
+    return {"tokens": [token_name(t) for t in token_ids], "token_logprobs": list(logprobs),
+            "top_logprobs": [{token_name(t): lp} if lp is not None else None
+                             for t, lp in zip(token_ids, logprobs, strict=False)],
+            "text_offset": None}
+
+
+def completion_response(model: str, choices: list[dict[str, Any]], prompt_tokens: int,
+                        completion_tokens: int, request_id: str,
+                        fingerprint_: str | None = None) -> dict[str, Any]:
+    """A ``text_completion`` from prepared choices (``index``, ``text``, ...)."""
+    return {"id": f"cmpl-{request_id}", "object": "text_completion",
+            "created": int(time.time()), "model": model, "system_fingerprint": fingerprint_,
+            "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+
+
+def encode_vector(vector: Any, encoding: str) -> Any:
+    """A float32 vector as a JSON list, or base64 of its little-endian bytes."""
+    import numpy as np
+
+    arr = np.asarray(vector, dtype="<f4")
+    if encoding == "base64":
+        return base64.b64encode(arr.tobytes()).decode()
+    return arr.tolist()
+
+
+def embedding_response(model: str, vectors: list[Any], encoding: str,
+                       extra: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """An embedding ``list`` (token counts are not reported by the SDK's embed: zero)."""
+    extras = extra or [{}] * len(vectors)
+    return {"object": "list", "model": model, "usage": _usage(0, 0),
+            "data": [{"object": "embedding", "index": i,
+                      "embedding": encode_vector(v, encoding), **extras[i]}
+                     for i, v in enumerate(vectors)]}
+
+
+def model_card(record: dict[str, Any], site: str) -> dict[str, Any]:
+    """One ``model`` object of ``GET /v1/models`` (catalog fields kept as extensions)."""
+    return {"id": record.get("name"), "object": "model", "created": 0, "owned_by": site,
+            **{k: v for k, v in record.items() if k not in {"id", "object"}}}

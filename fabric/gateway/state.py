@@ -1,0 +1,88 @@
+"""The gateway's shared state: the SDK client, who may call, how fast, and the per-call
+``Caller`` every route receives (authenticated and rate-limited before the route runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from fabric.client.aio import AsyncFabric
+from fabric.gateway.auth import Authenticator, Identity, RateLimiter
+from fabric.gateway.config import GatewayConfig
+from fabric.gateway.keys import default_home
+
+__all__ = ["Caller", "Gateway", "Who", "caller", "gateway_of"]
+
+
+@dataclass
+class Caller:
+    """An authenticated caller and the client that calls the site on their behalf."""
+
+    identity: Identity
+    client: AsyncFabric
+
+
+class Gateway:
+    """Everything the routes share."""
+
+    def __init__(self, config: GatewayConfig, client: AsyncFabric,
+                 authenticator: Authenticator) -> None:
+        self.config = config
+        self.client = client
+        self.authenticator = authenticator
+        self.limiter = RateLimiter(config.rate, config.burst)
+        self.home = Path(config.home) if config.home is not None else default_home()
+        self._clients: dict[str, AsyncFabric] = {}
+        self._lock = threading.Lock()
+
+    def client_for(self, identity: Identity) -> AsyncFabric:
+        """The gateway's client, or for a Globus caller one that sends their token to the site
+        (sharing the gateway's transport and thread pool)."""
+        if identity.auth is None:
+            return self.client
+        from fabric.client.fabric import Fabric
+
+        key = hashlib.sha256(str(identity.auth.get("token")).encode()).hexdigest()
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                base = self.client.fabric
+                fab = Fabric(base.site, transport=base.transport, auth=identity.auth,
+                             on_status=None)
+                client = AsyncFabric(fabric=fab, executor=self.client._pool)
+                if len(self._clients) > 10_000:  # tokens expire; forget the oldest callers
+                    self._clients.pop(next(iter(self._clients)))
+                self._clients[key] = client
+            return client
+
+    def close(self) -> None:
+        """Close the SDK client (the per-caller ones share its transport and pool)."""
+        self.client.close()
+
+
+def gateway_of(request: Request) -> Gateway:
+    """The ``Gateway`` of the app serving ``request``."""
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+async def caller(request: Request) -> Caller:
+    """FastAPI dependency: authenticate, then spend one request of the caller's budget."""
+    gateway = gateway_of(request)
+    header = request.headers.get("authorization")
+    if gateway.authenticator.policy is not None:  # may introspect over HTTP: off the loop
+        identity = await asyncio.to_thread(gateway.authenticator.identify, header)
+    else:
+        identity = gateway.authenticator.identify(header)
+    gateway.limiter.take(identity.name)
+    return Caller(identity, gateway.client_for(identity))
+
+
+Who = Annotated[Caller, Depends(caller)]
+"""A route parameter typed ``Who`` receives the authenticated, rate-limited ``Caller``."""

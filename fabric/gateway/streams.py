@@ -1,0 +1,98 @@
+"""Server-sent events for streamed completions.
+
+One SSE event per chunk (``data: {json}`` and a blank line), ``data: [DONE]`` at the end, as
+OpenAI does. With ``n`` > 1 the choices' streams run at once and their chunks interleave, each
+chunk naming its choice ``index``. A client that goes away cancels the generation at the server
+(the streams are closed when the response's generator is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fabric.client.aio import AsyncFabric, AsyncStream
+from fabric.errors import FabricError
+from fabric.gateway.errors import error_body
+
+__all__ = ["Piece", "open_streams", "pieces", "sse", "sse_error"]
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(data: dict[str, Any]) -> str:
+    """One SSE event."""
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def sse_error(exc: FabricError) -> str:
+    """The event that tells an OpenAI client the stream failed (it raises ``APIError``)."""
+    return sse(error_body(exc))
+
+
+@dataclass
+class Piece:
+    """A chunk of choice ``index`` with the tokens that came with it; ``text`` None: the
+    choice's stream has ended (``stream.result`` holds its result)."""
+
+    index: int
+    text: str | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+async def open_streams(client: AsyncFabric, calls: Sequence[dict[str, Any]]) -> list[AsyncStream]:
+    """Open one stream per keyword set, all at once; if one fails, close the others."""
+    opened = await asyncio.gather(*(client.stream(**kw) for kw in calls),
+                                  return_exceptions=True)
+    streams = [s for s in opened if isinstance(s, AsyncStream)]
+    for failure in opened:
+        if isinstance(failure, BaseException):
+            for s in streams:
+                s.close_soon()
+            raise failure
+    return streams
+
+
+async def pieces(streams: list[AsyncStream]) -> AsyncIterator[Piece]:
+    """Every stream's chunks as they come, interleaved; errors propagate."""
+    queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncStream) -> None:
+        try:
+            async for chunk in stream:
+                queue.put_nowait(Piece(index, chunk, stream.last_token_ids,
+                                       stream.last_logprobs))
+            queue.put_nowait(Piece(index, None))
+        except BaseException as exc:
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.text is None:
+                left -= 1
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.close_soon()
+
+
+async def guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``events`` then ``[DONE]``; a fabric error mid-stream becomes an error event instead."""
+    try:
+        async for event in events:
+            yield event
+    except FabricError as exc:
+        yield sse_error(exc)
+        return
+    yield DONE

@@ -1,0 +1,114 @@
+"""``AsyncFabric`` against the session's local site: the same answers as ``Fabric``, many
+calls in flight at once, and an event loop that keeps running while they wait."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fabric import AsyncFabric, Fabric, InvalidRequest, UnknownModel
+from tests.plugins.site import TINY_MODEL
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The mitochondria is"
+
+
+def add_one(handle: Any, x: int) -> int:
+    """A user function (shipped by reference: module level)."""
+    return x + 1
+
+
+@pytest.fixture
+def fab(site_transport: Any) -> Iterator[Fabric]:
+    with Fabric(transport=site_transport, on_status=None) as client:
+        yield client
+
+
+def test_same_answers_as_fabric(fab: Fabric) -> None:
+    expected = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=8)
+    chat = fab.chat([{"role": "user", "content": "Hi"}], model=TINY_MODEL, max_tokens=4)
+    vectors = fab.embed(["a cat", "a dog"], model=TINY_MODEL)
+
+    async def main() -> None:
+        async with AsyncFabric(fabric=fab) as afab:
+            result = await afab.generate(PROMPT, model=TINY_MODEL, max_tokens=8)
+            assert result.token_ids == expected.token_ids
+            reply = await afab.chat([{"role": "user", "content": "Hi"}], model=TINY_MODEL,
+                                    max_tokens=4)
+            assert reply.text == chat.text
+            got = await afab.embed(["a cat", "a dog"], model=TINY_MODEL)
+            assert np.allclose(got, vectors, atol=1e-5)
+            scored = await afab.logprobs("The cell is", " alive", model=TINY_MODEL)
+            assert len(scored["logprobs"]) >= 1
+            states = await afab.hidden_states("The cell", model=TINY_MODEL, layers=[0])
+            assert "0" in states["layers"]
+            assert await afab.submit(add_one, 41, model=TINY_MODEL) == 42
+            assert TINY_MODEL in {m["name"] for m in await afab.models()}
+            assert any(d["model"] == TINY_MODEL for d in await afab.deployments())
+            stream = await afab.stream(PROMPT, model=TINY_MODEL, max_tokens=8)
+            chunks = [c async for c in stream]
+            assert "".join(chunks) == expected.text and stream.result is not None
+            with pytest.raises(UnknownModel):
+                await afab.generate(PROMPT, model="no-such-model")
+            with pytest.raises(InvalidRequest):
+                await afab.generate(PROMPT, model=TINY_MODEL, max_tokens=0)
+
+    asyncio.run(main())
+    assert fab.generate(PROMPT, model=TINY_MODEL, max_tokens=1).token_ids  # fab still open
+
+
+def test_concurrent_calls_do_not_block_the_loop(fab: Fabric) -> None:
+    expected = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=16).text
+
+    async def main() -> tuple[list[str], list[float]]:
+        ticks: list[float] = []
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            while not done.is_set():
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        async with AsyncFabric(fabric=fab, max_concurrency=16) as afab:
+            tick = asyncio.create_task(ticker())
+
+            async def streamed() -> str:
+                async with await afab.stream(PROMPT, model=TINY_MODEL, max_tokens=16) as s:
+                    return "".join([c async for c in s])
+
+            texts = await asyncio.gather(
+                *(afab.generate(PROMPT, model=TINY_MODEL, max_tokens=16) for _ in range(16)),
+                *(streamed() for _ in range(8)))
+            done.set()
+            await tick
+        return [t if isinstance(t, str) else t.text for t in texts], ticks
+
+    texts, ticks = asyncio.run(main())
+    assert texts == [expected] * 24
+    gaps = np.diff(ticks)
+    assert len(ticks) > 5 and float(gaps.max()) < 0.5  # the loop never stalled
+
+
+def test_leaving_a_stream_early_cancels_it(fab: Fabric) -> None:
+    async def main() -> Any:
+        async with AsyncFabric(fabric=fab) as afab:
+            stream = await afab.stream(PROMPT, model=TINY_MODEL, max_tokens=200)
+            async with stream:
+                async for _ in stream:
+                    break
+            return stream
+
+    stream = asyncio.run(main())
+    assert stream.finished and stream.cancelled and stream.result is None
+    assert fab.generate(PROMPT, model=TINY_MODEL, max_tokens=2).token_ids
+
+
+def test_bad_concurrency() -> None:
+    with pytest.raises(InvalidRequest):
+        AsyncFabric(max_concurrency=0)

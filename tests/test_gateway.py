@@ -1,0 +1,294 @@
+"""``fabric serve`` as users call it: the real ``openai`` client (sync and async) and ``curl``
+against a real uvicorn server on 127.0.0.1, in front of the session's local site serving the
+tiny random Llama. What comes back must be what the SDK gives for the same request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+
+from fabric import AsyncFabric, Fabric
+from fabric.gateway import GatewayConfig, create_app
+from tests.plugins.site import TINY_MODEL
+from tests.test_gateway_unit import running_server
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The mitochondria is"
+MESSAGES = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What do proteins do?"}]
+
+
+@pytest.fixture(scope="module")
+def fab(local_site: Any) -> Iterator[Fabric]:
+    transport = local_site.transport()
+    with Fabric(site=str(local_site.site_dir), transport=transport, on_status=None) as client:
+        client.generate(PROMPT, model=TINY_MODEL, max_tokens=1)  # warm the server
+        yield client
+
+
+@pytest.fixture(scope="module")
+def base_url(fab: Fabric, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    config = GatewayConfig(site=fab.site, home=tmp_path_factory.mktemp("gateway"), rate=0)
+    app = create_app(config, AsyncFabric(fabric=fab))
+    with running_server(app) as url:
+        yield f"{url}/v1"
+
+
+@pytest.fixture
+def client(base_url: str) -> Iterator[openai.OpenAI]:
+    # A user's existing OpenAI code: only base_url changes (any key works on loopback).
+    with openai.OpenAI(base_url=base_url, api_key="EMPTY", max_retries=0) as c:
+        yield c
+
+
+def test_models(client: openai.OpenAI) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert {TINY_MODEL, "smollm2-135m"} <= ids
+    assert client.models.retrieve(TINY_MODEL).id == TINY_MODEL
+
+
+def test_chat_matches_the_sdk(client: openai.OpenAI, fab: Fabric) -> None:
+    expected = fab.chat(MESSAGES, model=TINY_MODEL, max_tokens=8)
+    reply = client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES,  # type: ignore[arg-type]
+                                           max_tokens=8, temperature=0, logprobs=True,
+                                           top_logprobs=1)
+    choice = reply.choices[0]
+    assert choice.message.content == expected.text and choice.message.role == "assistant"
+    assert choice.finish_reason in ("length", "stop")
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    tokens = [c.token for c in choice.logprobs.content]
+    assert tokens == [f"token_id:{t}" for t in expected.token_ids]
+    assert all(c.logprob <= 0 for c in choice.logprobs.content)
+    assert reply.system_fingerprint and reply.system_fingerprint.startswith(f"{TINY_MODEL}:")
+
+
+def test_chat_stream_and_n(client: openai.OpenAI, fab: Fabric) -> None:
+    expected = fab.chat(MESSAGES, model=TINY_MODEL, max_tokens=12)
+    chunks = list(client.chat.completions.create(
+        model=TINY_MODEL, messages=MESSAGES, max_tokens=12, temperature=0,  # type: ignore[arg-type]
+        stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices
+              and c.choices[0].finish_reason]
+    assert len(finals) == 1
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    # n sampled choices, seeded: each differs by its seed, and the same seed repeats.
+    many = client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES,  # type: ignore[arg-type]
+                                          max_tokens=10, temperature=1.0, seed=7, n=3)
+    again = client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES,  # type: ignore[arg-type]
+                                           max_tokens=10, temperature=1.0, seed=7, n=3)
+    texts = [c.message.content for c in many.choices]
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) > 1
+
+
+def test_completions(client: openai.OpenAI, fab: Fabric) -> None:
+    expected = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=6, stop=["\n\n\n"])
+    reply = client.completions.create(model=TINY_MODEL, prompt=[PROMPT, PROMPT], max_tokens=6,
+                                      temperature=0, stop=["\n\n\n"], logprobs=1)
+    assert [c.text for c in reply.choices] == [expected.text] * 2
+    lp = reply.choices[0].logprobs
+    assert lp is not None and lp.tokens == [f"token_id:{t}" for t in expected.token_ids]
+    assert lp.token_logprobs is not None and all(x is not None and x <= 0
+                                                 for x in lp.token_logprobs)
+    streamed = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=6,
+                                         temperature=0, stop=["\n\n\n"], stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == expected.text
+
+
+def test_echo_scores_a_continuation(client: openai.OpenAI, fab: Fabric) -> None:
+    text = "The cell is the powerhouse"
+    scored = fab.logprobs(text, model=TINY_MODEL)
+    reply = client.completions.create(model=TINY_MODEL, prompt=text, max_tokens=0, echo=True,
+                                      logprobs=0)
+    lp = reply.choices[0].logprobs
+    assert reply.choices[0].text == text and lp is not None
+    assert lp.token_logprobs == pytest.approx(scored["logprobs"], abs=1e-5)
+    # The extension field scores only the continuation, as fab.logprobs(text, continuation).
+    pair = fab.logprobs("The cell is", " the powerhouse", model=TINY_MODEL)
+    cont = client.completions.create(model=TINY_MODEL, prompt="The cell is", max_tokens=0,
+                                     logprobs=0, extra_body={"continuation": " the powerhouse"})
+    assert cont.choices[0].text == " the powerhouse"
+    assert cont.choices[0].logprobs is not None
+    assert cont.choices[0].logprobs.token_logprobs == pytest.approx(pair["logprobs"], abs=1e-5)
+    extra = cont.choices[0].model_extra  # extension fields ride along
+    assert extra is not None and extra["total_logprob"] == pytest.approx(pair["total"], abs=1e-4)
+
+
+def test_embeddings(client: openai.OpenAI, fab: Fabric) -> None:
+    expected = fab.embed(["a cat", "a dog"], model=TINY_MODEL)
+    # The openai client asks for base64 by default and decodes it itself.
+    reply = client.embeddings.create(model=TINY_MODEL, input=["a cat", "a dog"])
+    got = np.array([d.embedding for d in reply.data], dtype=np.float32)
+    assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-5)
+    floats = client.embeddings.create(model=TINY_MODEL, input="a cat", encoding_format="float",
+                                      extra_body={"pooling": "last", "layer": 0})
+    last0 = fab.embed("a cat", model=TINY_MODEL, pooling="last", layer=0)
+    assert np.allclose(floats.data[0].embedding, last0, atol=1e-5)
+    short = client.embeddings.create(model=TINY_MODEL, input="a cat", dimensions=8,
+                                     encoding_format="float")
+    assert len(short.data[0].embedding) == 8
+    # pooling "none": every token's hidden state, as fab.hidden_states gives it.
+    states = fab.hidden_states("The cell", model=TINY_MODEL, layers=[-1])
+    raw = client.embeddings.create(model=TINY_MODEL, input="The cell", encoding_format="float",
+                                   extra_body={"pooling": "none"})
+    rows = np.array(raw.data[0].embedding, dtype=np.float32)
+    assert np.allclose(rows, states["layers"]["-1"].numpy(), atol=1e-4)
+    assert raw.data[0].model_extra is not None
+    assert raw.data[0].model_extra["token_ids"] == states["token_ids"]
+
+
+def test_errors_are_openai_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES)  # type: ignore[arg-type]
+    assert missing.value.status_code == 404
+    assert "no-such-model" in str(missing.value.message)
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model=TINY_MODEL, prompt="word " * 900, max_tokens=4)
+    assert too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=TINY_MODEL, prompt=PROMPT, temperature=9)
+
+
+def test_async_client_concurrent_streams(base_url: str, fab: Fabric) -> None:
+    expected = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=8).text
+
+    async def one(client: openai.AsyncOpenAI) -> str:
+        stream = await client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=8,
+                                                 temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def main() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY") as client:
+            texts = await asyncio.gather(*(one(client) for _ in range(8)))
+            emb = await client.embeddings.create(model=TINY_MODEL, input="a cat")
+            assert len(emb.data[0].embedding) == 64
+            return list(texts)
+
+    assert asyncio.run(main()) == [expected] * 8
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_sse_framing(base_url: str) -> None:
+    body = json.dumps({"model": TINY_MODEL, "messages": MESSAGES, "max_tokens": 6,
+                       "temperature": 0, "stream": True})
+    out = subprocess.run(["curl", "-sN", f"{base_url}/chat/completions", "-H",
+                          "Content-Type: application/json", "-d", body],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    events = out.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: ")
+        chunk = json.loads(event[len("data: "):])
+        assert chunk["object"] == "chat.completion.chunk"
+    head = subprocess.run(["curl", "-sN", "-D", "-", "-o", "/dev/null",
+                           f"{base_url}/chat/completions", "-H",
+                           "Content-Type: application/json", "-d", body],
+                          capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "content-type: text/event-stream" in head.lower()
+
+
+def test_files_and_batches(client: openai.OpenAI, fab: Fabric, tmp_path: Path) -> None:
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": TINY_MODEL, "max_tokens": 4, "temperature": 0,
+                       "messages": [{"role": "user", "content": f"Count to {i}"}]}}
+             for i in range(5)]
+    bad = {"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
+           "body": {"model": TINY_MODEL, "messages": [{"role": "user", "content": "x"}],
+                    "frobnicate": True}}
+    path = tmp_path / "batch.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in [*lines, bad]))
+    uploaded = client.files.create(file=path.open("rb"), purpose="batch")
+    assert uploaded.bytes == path.stat().st_size
+    assert client.files.content(uploaded.id).read() == path.read_bytes()
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={"run": "test"})
+    deadline = time.monotonic() + 180
+    while batch.status not in ("completed", "failed", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.5)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch.errors
+    assert batch.request_counts is not None
+    assert (batch.request_counts.total, batch.request_counts.completed,
+            batch.request_counts.failed) == (6, 5, 1)
+    assert batch.output_file_id and batch.error_file_id
+    out = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(o["custom_id"] for o in out) == [f"r{i}" for i in range(5)]
+    for o in out:
+        i = int(o["custom_id"][1:])
+        expected = fab.chat(lines[i]["body"]["messages"], model=TINY_MODEL, max_tokens=4)
+        assert o["response"]["status_code"] == 200
+        assert o["response"]["body"]["choices"][0]["message"]["content"] == expected.text
+    errors = [json.loads(x) for x in client.files.content(batch.error_file_id).text.splitlines()]
+    assert [e["custom_id"] for e in errors] == ["bad"]
+    assert errors[0]["response"]["status_code"] == 400
+    assert batch.id in [b.id for b in client.batches.list()]
+    assert uploaded.id in [f.id for f in client.files.list()]
+
+
+def test_embeddings_base64_is_little_endian_float32(base_url: str) -> None:
+    import httpx
+
+    reply = httpx.post(f"{base_url}/embeddings", json={"model": TINY_MODEL, "input": "a cat",
+                                                       "encoding_format": "base64"}, timeout=60)
+    vec = np.frombuffer(base64.b64decode(reply.json()["data"][0]["embedding"]), dtype="<f4")
+    assert vec.shape == (64,) and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-4
+
+
+def test_fabric_serve_command_with_a_key(local_site: Any, fab: Fabric, tmp_path: Path) -> None:
+    """`fabric serve --require-auth` as an operator runs it: a key works, none gets 401."""
+    import os
+    import sys
+    import urllib.request
+
+    from fabric.gateway.keys import KeyStore
+    from tests.test_gateway_unit import free_port
+
+    key, _ = KeyStore(tmp_path).create("erin")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fabric.cli.main", "serve", "--site", str(local_site.site_dir),
+         "--port", str(port), "--home", str(tmp_path), "--require-auth"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}/v1"
+        with openai.OpenAI(base_url=url, api_key=key, max_retries=0) as client:
+            reply = client.completions.create(model=TINY_MODEL, prompt=PROMPT, max_tokens=4,
+                                              temperature=0)
+            expected = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=4)
+            assert reply.choices[0].text == expected.text
+        with openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=0) as client, \
+                pytest.raises(openai.AuthenticationError):
+            client.models.list()
+    finally:
+        proc.terminate()
+        proc.wait(15)

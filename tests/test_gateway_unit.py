@@ -1,0 +1,246 @@
+"""The gateway without a site: API keys, who may call, rate limits, the bind rule, errors.
+
+Requests go to a real uvicorn server on 127.0.0.1 (a random free port) through ``httpx``; the
+routes used here fail or answer before any call reaches a site, so no site is started.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fabric.errors import AuthError, Overloaded, QuotaExceeded, UnknownModel
+from fabric.gateway import GatewayConfig, create_app
+from fabric.gateway.auth import Authenticator, Identity, RateLimiter
+from fabric.gateway.config import is_loopback
+from fabric.gateway.errors import error_body, retry_after, status_of
+from fabric.gateway.keys import KeyStore
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_server(app: Any) -> Iterator[str]:
+    """``app`` under a real uvicorn server on 127.0.0.1; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+def test_keys_are_stored_hashed_and_private(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    key, record = store.create("alice")
+    assert key.startswith("fab-") and len(key) > 40
+    text = store.path.read_text()
+    assert key not in text and record.sha256 in text
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
+    assert store.verify(key) == record and store.verify(key + "x") is None
+    assert store.active() == 1
+    store.revoke(record.id)
+    assert store.verify(key) is None and store.active() == 0
+    assert [k.name for k in store.all()] == ["alice"]
+
+
+def test_keys_cli(tmp_path: Path) -> None:
+    fabric = [sys.executable, "-m", "fabric.cli.main", "keys", "--home", str(tmp_path)]
+    created = subprocess.run([*fabric, "create", "bob", "--json"], capture_output=True,
+                             text=True, check=True)
+    import json
+
+    key = json.loads(created.stdout)
+    assert KeyStore(tmp_path).verify(key["key"]) is not None
+    listed = subprocess.run([*fabric, "list"], capture_output=True, text=True, check=True)
+    assert "bob" in listed.stdout and key["key"] not in listed.stdout
+    subprocess.run([*fabric, "revoke", key["id"]], check=True, capture_output=True)
+    assert KeyStore(tmp_path).verify(key["key"]) is None
+    bad = subprocess.run([*fabric, "revoke", "nobody"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no active key" in bad.stderr
+
+
+# -- who may call ----------------------------------------------------------------------------
+
+
+def test_identify(tmp_path: Path) -> None:
+    keys = KeyStore(tmp_path)
+    key, _ = keys.create("carol")
+    open_ = Authenticator(require=False, keys=keys)
+    assert open_.identify(None).name == "local"
+    assert open_.identify("Bearer EMPTY").name == "local"  # what OpenAI clients send
+    assert open_.identify(f"Bearer {key}").name == "carol"
+    closed = Authenticator(require=True, keys=keys)
+    assert closed.identify(f"Bearer {key}").name == "carol"
+    for header in (None, "Bearer fab-nope", "Bearer some-globus-token", f"Basic {key}"):
+        with pytest.raises(AuthError):
+            closed.identify(header)
+
+
+def test_rate_limiter_refills() -> None:
+    limiter = RateLimiter(rate=50.0, burst=2)
+    limiter.take("a")
+    limiter.take("a")
+    limiter.take("b")  # buckets are per identity
+    with pytest.raises(QuotaExceeded) as err:
+        limiter.take("a")
+    assert 0 < err.value.details["retry_after"] <= 0.02 + 1e-9
+    time.sleep(0.03)
+    limiter.take("a")
+    RateLimiter(rate=0, burst=1).take("a")  # off
+
+
+def test_bind_rule(tmp_path: Path) -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
+    GatewayConfig().check_bind(0, False)
+    public = GatewayConfig(host="0.0.0.0")
+    assert public.auth_required
+    with pytest.raises(AuthError, match="fabric keys create"):
+        public.check_bind(0, False)
+    public.check_bind(1, False)
+    public.check_bind(0, True)
+    with pytest.raises(AuthError):
+        GatewayConfig(host="0.0.0.0", require_auth=False).check_bind(1, False)
+
+
+def test_serve_refuses_a_public_bind_without_keys(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fabric.cli.main", "serve", "--host", "0.0.0.0", "--port",
+         str(free_port()), "--home", str(tmp_path)],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "refusing to serve on 0.0.0.0" in proc.stderr and "fabric keys create" in proc.stderr
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def test_error_mapping() -> None:
+    assert status_of(UnknownModel("x"))[0] == 404
+    assert status_of(QuotaExceeded("x"))[0] == 429
+    busy = Overloaded("full", retry_after=2.2)
+    assert status_of(busy)[0] == 429 and retry_after(busy) == 3
+    body = error_body(UnknownModel("no such model", param="model"))
+    assert body == {"error": {"message": "no such model", "type": "invalid_request_error",
+                              "param": "model", "code": "model_not_found"}}
+
+
+@pytest.fixture
+def keyed_server(tmp_path: Path) -> Iterator[tuple[str, str, KeyStore]]:
+    """A gateway that requires keys (rate 1/s, burst 2) with one key issued."""
+    keys = KeyStore(tmp_path)
+    key, _ = keys.create("dave")
+    config = GatewayConfig(home=tmp_path, require_auth=True, rate=1.0, burst=2)
+    with running_server(create_app(config)) as url:
+        yield url, key, keys
+
+
+def test_http_auth_and_rate_limit(keyed_server: tuple[str, str, KeyStore]) -> None:
+    url, key, keys = keyed_server
+    with httpx.Client(base_url=url, timeout=30) as http:
+        missing = http.post("/v1/chat/completions", json={})
+        assert missing.status_code == 401
+        assert missing.json()["error"]["type"] == "authentication_error"
+        bad = http.post("/v1/chat/completions", json={}, headers={"Authorization": "Bearer x"})
+        assert bad.status_code == 401
+        auth = {"Authorization": f"Bearer {key}"}
+        # Authenticated: the body is checked (400, OpenAI's shape, the field named).
+        invalid = http.post("/v1/chat/completions", json={"model": "m"}, headers=auth)
+        assert invalid.status_code == 400
+        assert invalid.json()["error"]["param"] == "messages"
+        # A bad value of a known field is refused; an unknown field is not (it gets past the
+        # body check to the messages' role check).
+        wrong = http.post("/v1/chat/completions", headers=auth, json={
+            "model": "m", "messages": [{"role": "robot", "content": "x"}], "frobnicate": 1})
+        assert wrong.status_code == 400 and "role" in wrong.json()["error"]["message"]
+        limited = http.post("/v1/chat/completions", json={}, headers=auth)
+        assert limited.status_code == 429
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+        keys.revoke("dave")
+        revoked = http.post("/v1/chat/completions", json={}, headers=auth)
+        assert revoked.status_code == 401
+        unknown = http.get("/v1/nothing", headers=auth)
+        assert unknown.status_code == 404 and "error" in unknown.json()
+
+
+def test_globus_token_is_introspected_and_passed_on(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Globus token is checked by the site policy's own introspection (canned Globus Auth
+    answers, offline) and then travels with the caller's calls to the site."""
+    import responses
+    from globus_sdk.testing import RegisteredResponse, load_response
+
+    from fabric.client.aio import AsyncFabric
+    from fabric.endpoint import policy
+    from fabric.gateway.state import Gateway
+    from fabric.sites import PolicyConfig
+
+    client_id = "0b6e5c4a-0f5c-4e5b-9f0d-0000000000ec"
+    site_policy = PolicyConfig(client_id=client_id)
+    monkeypatch.setenv("FABRIC_ENDPOINT_CLIENT_SECRET", "endpoint-secret")
+    policy.clear_cache()
+
+    def introspect(active: bool) -> None:
+        body: dict[str, Any] = {"active": False}
+        if active:
+            body = {"active": True, "scope": site_policy.resolved_scope, "sub": "a1",
+                    "username": "alice@uchicago.edu", "exp": time.time() + 600,
+                    "aud": [client_id]}
+        load_response(RegisteredResponse(service="auth", path="/v2/oauth2/token/introspect",
+                                         method="POST", json=body))
+
+    authn = Authenticator(require=True, keys=KeyStore(tmp_path), policy=site_policy,
+                          site="polaris")
+    responses.start()
+    try:
+        introspect(True)
+        alice = authn.identify("Bearer ALICE-TOKEN")
+        assert (alice.name, alice.kind) == ("alice@uchicago.edu", "globus")
+        assert alice.auth == {"scheme": "globus", "token": "ALICE-TOKEN", "site": "polaris"}
+        policy.clear_cache()
+        responses.reset()
+        introspect(False)
+        with pytest.raises(AuthError, match="not active"):
+            authn.identify("Bearer STALE-TOKEN")
+    finally:
+        responses.stop()
+        responses.reset()
+        policy.clear_cache()
+    gateway = Gateway(GatewayConfig(home=tmp_path), AsyncFabric(on_status=None), authn)
+    try:
+        mine = gateway.client_for(alice)
+        assert mine.fabric.auth == alice.auth and mine is gateway.client_for(alice)
+        assert gateway.client_for(Identity("bob", "key")) is gateway.client
+    finally:
+        gateway.close()
