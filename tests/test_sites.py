@@ -290,3 +290,16 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "config.yaml OK (Globus Compute loader" in out and "#SBATCH --gpus-per-node=4" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(ENDPOINT_FILES)
     cli_sites.load_endpoint_dir(tmp_path)
+
+
+README_SITE_CHECK = (  # the README's line (docs: every value polaris requires, given)
+    "fabric site check polaris --set account=MYPROJ --set venv=/soft/fabric/venv "
+    "--set policy_client_id=00000000-0000-0000-0000-000000000000 "
+    "--set users_group=00000000-0000-0000-0000-000000000000")
+
+
+def test_readme_site_check_command_works_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    from fabric.cli.main import main
+
+    assert main(README_SITE_CHECK.split()[1:]) == 0
+    assert "user_config_template.yaml.j2 OK" in capsys.readouterr().out
