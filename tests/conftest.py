@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.plugins.slurm",
     "tests.plugins.site",
     "tests.plugins.servers",
+    "tests.plugins.globus_offline",
 ]
