@@ -179,3 +179,22 @@ def test_campaign_shards_at_a_site_with_allowed_functions(
     assert sorted(r["custom_id"] for r in out) == sorted(prompts)
     shard_id = globus_offline.function_ids["run_shard"]
     assert any(shard_id in s["tasks"] for s in globus_offline.service.submissions)
+
+
+def test_task_group_results_recovered_by_a_new_client(globus_offline: OfflineGlobus,
+                                                     tmp_path: Path) -> None:
+    """A client that stops and a new one (same FABRIC_HOME) reloads the saved task group's
+    results through the real Executor's ``reload_tasks`` (the service's task-group and batch
+    status routes)."""
+    t = globus_offline.transport(tmp_path)
+    first = [t.submit(functions.list_models, None).result(timeout=120) for _ in range(2)]
+    t.close()
+    again = globus_offline.transport(tmp_path)
+    try:
+        recovered = [f.result(timeout=120) for f in again.recover()]
+    finally:
+        again.close()
+    group = json.loads((tmp_path / "task_groups.json").read_text())[t.site]
+    assert len(recovered) == len(globus_offline.service.groups[group]) >= 2, (
+        group, globus_offline.service.groups[group])
+    assert all(r == first[0] for r in recovered)

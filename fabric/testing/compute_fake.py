@@ -143,8 +143,8 @@ class FakeComputeService:
                 log.exception("unreadable result message")
                 return
             task = self.tasks.get(str(getattr(msg, "task_id", "")))
-            if task is None:
-                return  # a status report without a result, or an unknown task
+            if task is None or task.result is not None:
+                return  # a status report, an unknown task, or a result delivered again
             task.result, task.status = body, "success"
             ch.basic_publish("", TASK_GROUP_PREFIX + task.group, body)
 
@@ -237,6 +237,7 @@ class FakeComputeService:
     def task_record(self, task_id: str) -> dict[str, Any] | None:
         """What ``GET /v2/tasks/{id}`` answers: status, and the packed result's payload."""
         from globus_compute_common import messagepack
+        from globus_compute_common.messagepack.message_types import Result
 
         task = self.tasks.get(task_id)
         if task is None:
@@ -245,8 +246,9 @@ class FakeComputeService:
                                "task_group_id": task.group, "completion_t": None}
         if task.result is not None:
             result = messagepack.unpack(task.result)
+            assert isinstance(result, Result)  # only Results are stored (_forward_results)
             rec["completion_t"] = str(time.time())
-            if getattr(result, "is_error", False):
+            if result.is_error:
                 rec["status"], rec["exception"] = "failed", result.data
             else:
                 rec["result"] = result.data
