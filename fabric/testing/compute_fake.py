@@ -78,6 +78,9 @@ class FakeComputeService:
         self._threads: list[threading.Thread] = []
         self._pub: Any = None
         self._local = threading.local()
+        self.fail_submits: list[tuple[int, str]] = []
+        """``(HTTP status, code)`` answers for the next submissions, in order (tests of how
+        the client maps the service's 401/403/429)."""
         self.enforce_allowed_functions = True
         """Refuse a function outside an endpoint's ``allowed_functions`` at submission, as
         the service does; off, the task reaches the endpoint, which refuses it itself."""
@@ -199,6 +202,9 @@ class FakeComputeService:
         from globus_compute_common import messagepack
         from globus_compute_common.messagepack.message_types import Task
 
+        if self.fail_submits:
+            status, code = self.fail_submits.pop(0)
+            return status, {"code": code, "message": f"fake answers {status} {code}"}
         if endpoint_id not in self.endpoints:
             return 404, {"code": "ENDPOINT_NOT_FOUND", "message": f"no endpoint {endpoint_id}"}
         allowed = self.endpoints[endpoint_id].get("allowed_functions")
