@@ -27,6 +27,7 @@ pytest_plugins = [
     "tests.plugins.slurm",
     "tests.plugins.site",
     "tests.plugins.servers",
+    "tests.plugins.globus_offline",
 ]
 
 SLOW_FIXTURES = frozenset({"local_site", "site_transport", "model_server", "smollm2_dir", "slurm",

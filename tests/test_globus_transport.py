@@ -1,5 +1,13 @@
 """GlobusTransport over the stand-in web service: real ComputeSerializer, real Task/Result
-messages, a real GlobusComputeEngine (Parsl HTEX workers) on the far side."""
+messages, a real GlobusComputeEngine (Parsl HTEX workers) on the far side.
+
+Why the stand-in here, not the real pair (``tests/test_globus_real.py``): these tests need what
+only an in-process service exposes or varies per test (the exact bytes registered, every batch
+size, an engine per ``allowed_serializers`` variant, ``allowed_functions`` changed on the fly,
+the ids cached across two client "processes"), and they run on machines without RabbitMQ. The
+behaviours a caller sees (generate, stream, embed, user functions, policy and allow-list
+refusals, batching, campaigns) run through the real Executor and endpoint daemon there.
+"""
 
 from __future__ import annotations
 

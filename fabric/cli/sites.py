@@ -1,8 +1,11 @@
 """``fabric sites`` and ``fabric site check NAME``: list and validate site definitions.
 
 A site definition is checked against both schemas it must satisfy: the fabric's own
-(``fabric.sites.SiteConfig``) and Globus Compute's, by loading the rendered ``config.yaml`` with
-globus-compute-endpoint's own loader. The check then builds the Parsl provider and launcher
+(``fabric.sites.SiteConfig``) and Globus Compute 4.x's, the way ``globus-compute-endpoint start``
+reads an endpoint directory: ``config.yaml`` through its own ``get_config`` (refused if it has an
+``engine:``, as ``start`` refuses it), then ``user_config_template.yaml.j2`` rendered with the
+submitter values ``user_config_schema.json`` validates, as a user endpoint is started, and loaded
+again (it must carry the engine). The check then builds the Parsl provider and launcher
 that would start each hosted model's server and renders the batch script Parsl would submit,
 without submitting it, so an operator sees the exact ``#PBS``/``#SBATCH`` lines before a job
 is ever queued.
@@ -18,13 +21,14 @@ from typing import Any
 
 from fabric.errors import InvalidSiteConfig
 from fabric.sites import (
+    ENDPOINT_FILES,
     HostedModel,
     JobsConfig,
     SiteConfig,
     TypedSpec,
     list_sites,
     load_site,
-    render_endpoint_config,
+    render_endpoint_files,
 )
 
 SERVER_COMMAND = "$FABRIC_MODEL_SERVER_CMD"
@@ -47,6 +51,8 @@ class SiteReport:
     site: SiteConfig
     endpoint_config: str
     engine: str
+    files: dict[str, str]
+    """The rendered endpoint files by name (``fabric.sites.ENDPOINT_FILES``)."""
     jobs: list[RenderedJob]
     warnings: list[str]
 
@@ -113,20 +119,82 @@ def render_job_script(site: SiteConfig, hosted: HostedModel) -> RenderedJob:
                        (calls[0] if calls else "").replace(tmp, "<script_dir>"))
 
 
+def write_endpoint_files(files: dict[str, str], folder: Path) -> list[Path]:
+    """Write rendered endpoint files into an endpoint directory (made 0700, as ``configure``
+    makes it); returns the paths written."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    out = []
+    for name in ENDPOINT_FILES:
+        (folder / name).write_text(files[name])
+        out.append(folder / name)
+    return out
+
+
+def load_endpoint_dir(ep_dir: Path, user_opts: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """``(manager config, user endpoint config)`` of an endpoint directory, read the way
+    ``globus-compute-endpoint start`` reads it (``get_config``; an ``engine:`` block in
+    ``config.yaml`` refused with start's own reason) and its user endpoint is made (the
+    template rendered with ``user_opts`` validated against the schema, then loaded)."""
+    import os
+    import pwd
+    import uuid
+
+    from globus_compute_endpoint.endpoint.config import CoreEndpointConfig
+    from globus_compute_endpoint.endpoint.config.utils import (
+        get_config,
+        load_config_yaml,
+        load_user_config_schema,
+        load_user_config_template,
+        render_config_user_template,
+    )
+    from globus_compute_endpoint.endpoint.endpoint import Endpoint
+    from globus_compute_endpoint.endpoint.identity_mapper import MappedPosixIdentity
+
+    where = f"{ep_dir} (Globus Compute's loader)"
+    try:
+        manager = get_config(ep_dir)
+    except Exception as exc:  # the loader raises click.ClickException for every problem
+        raise InvalidSiteConfig(f"{where}: config.yaml: {exc}") from None
+    if not isinstance(manager, CoreEndpointConfig):
+        raise InvalidSiteConfig(
+            f"{where}: config.yaml contains an `engine` field; `globus-compute-endpoint "
+            "start` will not start it (move the engine block to user_config_template.yaml.j2)")
+    template_path = Endpoint.user_config_template_path(ep_dir, manager)
+    identity = MappedPosixIdentity(local_user_record=pwd.getpwuid(os.getuid()),
+                                   matched_identity=uuid.UUID(int=0),
+                                   globus_identity_candidates=[])
+    try:
+        rendered = render_config_user_template(
+            manager, load_user_config_template(template_path), template_path, identity,
+            load_user_config_schema(Endpoint.user_config_schema_path(ep_dir, manager)),
+            user_opts or {})
+        user = load_config_yaml(rendered)
+    except Exception as exc:
+        raise InvalidSiteConfig(f"{where}: {template_path.name}: "
+                                f"{type(exc).__name__}: {exc}") from None
+    if getattr(user, "engine", None) is None:
+        raise InvalidSiteConfig(f"{where}: {template_path.name} renders no engine block")
+    return manager, user
+
+
 def check_site(name: str, values: dict[str, str] | None = None) -> SiteReport:
     """Validate one site against both schemas and render its model-server job scripts."""
-    from globus_compute_endpoint.endpoint.config.utils import load_config_yaml
-
-    site, text = render_endpoint_config(name, values, strict=True)
-    try:
-        config = load_config_yaml(text)
-    except Exception as exc:  # the loader raises click.ClickException for every problem
-        raise InvalidSiteConfig(f"{name}/config.yaml (Globus Compute's loader): {exc}") from None
-    engine = type(config.engine).__name__ if getattr(config, "engine", None) else "(none)"
+    site, files = render_endpoint_files(name, values, strict=True)
+    with tempfile.TemporaryDirectory(prefix="fabric-endpoint-") as tmp:
+        write_endpoint_files(files, Path(tmp))
+        config, user = load_endpoint_dir(Path(tmp))
+    engine = type(user.engine).__name__
+    user.engine.shutdown()  # built, never started: nothing to stop but its bookkeeping
     warnings = []
     if getattr(config, "allowed_functions", None) is None and site.endpoint_id is not None:
         warnings.append("allowed_functions is unset: Globus Compute will run ANY function sent "
                         "to this endpoint; run `fabric site register-functions` and re-render")
+    from fabric.wire.functions import NAMES
+
+    missing = sorted(NAMES - set(site.function_ids))
+    if site.function_ids and missing:
+        warnings.append(f"function_ids lacks {missing}: allowed_functions will refuse them; "
+                        "run `fabric site register-functions` again")
     if site.policy is None and site.name != "local":
         warnings.append("no policy section: every caller Globus Compute admits may use any model")
     catalog_names = {e.name for e in site.extra_models}
@@ -143,7 +211,7 @@ def check_site(name: str, values: dict[str, str] | None = None) -> SiteReport:
         if hosted.plan.device == "xpu":
             warnings.append(f"{hosted.name}: device xpu is NOT yet supported by the fabric engine")
     jobs = [render_job_script(site, m) for m in site.models]
-    return SiteReport(site, text, engine, jobs, warnings)
+    return SiteReport(site, files["config.yaml"], engine, files, jobs, warnings)
 
 
 def _parse_sets(items: list[str] | None) -> dict[str, str]:
@@ -176,8 +244,8 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     """Validate a site, print its rendered job scripts, optionally write the endpoint config."""
     report = check_site(args.name, _parse_sets(args.set))
     site = report.site
-    print(f"site {site.name}: fabric.yaml OK; config.yaml OK (Globus Compute loader, "
-          f"engine {report.engine})")
+    print(f"site {site.name}: fabric.yaml OK; config.yaml OK (Globus Compute loader, as "
+          f"`start` reads it); user_config_template.yaml.j2 OK (engine {report.engine})")
     for job in report.jobs:
         print(f"\n--- model server job for {job.model} ---")
         if job.submit_command:
@@ -186,10 +254,8 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     for warning in report.warnings:
         print(f"WARNING: {warning}")
     if args.write:
-        out = Path(args.write).expanduser()
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(report.endpoint_config)
-        print(f"wrote {out / 'config.yaml'}")
+        for path in write_endpoint_files(report.files, Path(args.write).expanduser()):
+            print(f"wrote {path}")
     return 0
 
 
@@ -228,7 +294,9 @@ def register(subparsers: Any) -> None:
     check.add_argument("--set", action="append", metavar="NAME=VALUE",
                        help="template value (repeatable), e.g. --set account=myproject")
     check.add_argument("--write", metavar="DIR",
-                       help="write the rendered config.yaml into this endpoint directory")
+                       help="write the rendered endpoint files (config.yaml, "
+                       "user_config_template.yaml.j2, user_config_schema.json) into this "
+                       "endpoint directory")
     check.set_defaults(func=cmd_site_check)
     reg = site_sub.add_parser(
         "register-functions",

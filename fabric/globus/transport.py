@@ -82,16 +82,27 @@ class GlobusTransport:
     can_reach_servers = False
 
     def __init__(self, site: SiteConfig, executor: Any = None, *, app: Any = None,
+                 client: Any = None,
                  proof: Callable[[], dict[str, Any] | None] | None = None,
-                 home: Path | None = None, batch_size: int = 128) -> None:
+                 home: Path | None = None, batch_size: int = 128,
+                 burst: tuple[int, int] = (8, 4)) -> None:
         """``executor``: a ``globus_compute_sdk.Executor`` (or stand-in); built on first use
-        from the site's ``endpoint_id`` and the login otherwise. ``proof``: returns the
-        ``auth`` dict each call carries (default: a token for the site's scope from ``app``,
-        the ``fabric login`` app)."""
+        from the site's ``endpoint_id`` and ``client`` (default: a ``Client`` on the login
+        ``app``) otherwise. ``proof``: returns the ``auth`` dict each call carries (default: a
+        token for the site's scope from ``app``, the ``fabric login`` app). ``burst``: the
+        Executor's client-side rate limit, ``(api_burst_limit, api_burst_window_s)``: each
+        submission is one web-service call that carries every task queued meanwhile (up to
+        ``batch_size``); 8 calls per 4 s (then one per 0.5 s) is the most the Executor allows
+        in a burst (it clamps the limit to 8), and a steady two calls a second stays within
+        the service's documented request limits. The default (4 per 16 s, then one per 4 s)
+        would make every fabric call past the fourth wait seconds."""
         self.site: str = site.name
         self.config = site
         self.batch_size = batch_size
+        self.burst = burst
         self._executor = executor
+        self._owns_executor = executor is None
+        self._client = client
         self._app = app
         self._proof = proof
         home = home or env.fabric_home()
@@ -126,14 +137,15 @@ class GlobusTransport:
                         "(endpoint_id in the site values)", site=self.site)
                 from globus_compute_sdk import Client, Executor
 
-                client = Client(app=self.app, do_version_check=False)
+                client = self._client or Client(app=self.app, do_version_check=False)
                 # The fabric's serializer: plain-data arguments (all the fabric's functions
                 # take) travel as JSON, which an endpoint that unpickles no caller data
                 # (``allowed_serializers`` without DillDataBase64) accepts.
                 self._executor = Executor(
                     endpoint_id=self.config.endpoint_id, client=client,
                     task_group_id=self._groups.get(self.site), batch_size=self.batch_size,
-                    serializer=gcwire.data_serializer())
+                    serializer=gcwire.data_serializer(), api_burst_limit=self.burst[0],
+                    api_burst_window_s=self.burst[1])
             return self._executor
 
     def identity_proof(self) -> dict[str, Any] | None:
@@ -154,7 +166,7 @@ class GlobusTransport:
         outer: Future[Any] = Future()
         try:
             function_id = self.function_id(fn)
-            inner = self.executor.submit_to_registered_function(function_id, args, kwargs)
+            inner = self._submit_registered(function_id, args, kwargs)
         except FabricError as exc:
             outer.set_exception(exc)
             return outer
@@ -163,6 +175,26 @@ class GlobusTransport:
             return outer
         inner.add_done_callback(lambda f: self._settle(outer, f))
         return outer
+
+    def _submit_registered(self, function_id: str, args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> Future[Any]:
+        """Submit through the executor; one the transport built is replaced if it stopped.
+
+        The real Executor shuts itself down when a submission fails (any HTTP error from the
+        service: a refused function, 429, 5xx), failing that batch's futures; every later
+        call would then fail too. The transport owns the executor it built, so it builds a
+        new one (same task group) and the failure stays with the calls it belonged to."""
+        executor = self.executor
+        try:
+            return executor.submit_to_registered_function(function_id, args, kwargs)
+        except RuntimeError as exc:
+            if not self._owns_executor or "is shutdown" not in str(exc):
+                raise
+        with self._lock:
+            if self._executor is executor:
+                self._remember_group()
+                self._executor = None
+        return self.executor.submit_to_registered_function(function_id, args, kwargs)
 
     def recover(self) -> list[Future[Any]]:
         """Results of every task in this site's saved task group (after a client restart)."""
@@ -272,6 +304,10 @@ def _translate(exc: BaseException) -> FabricError:
         text = f"Globus Compute answered HTTP {exc.http_status} {exc.code}: {exc.message}"
         if exc.http_status == 401:
             return AuthError(f"{text}; run `fabric login`")
+        if exc.http_status == 403 and exc.code == "FUNCTION_NOT_ALLOWED":
+            # The service refused a function outside the endpoint's allowed_functions.
+            return FunctionNotAllowed(f"the endpoint refused the function: {text}",
+                                      rule="allowed_functions")
         if exc.http_status == 403:
             return AccessDenied(text, rule="globus-compute")
         return EndpointError(text, status=exc.http_status)

@@ -1,0 +1,383 @@
+"""A local fake of the Globus Compute web service (and the two Globus Auth routes it needs).
+
+Only the cloud is fake. Both ends are the real pinned code: ``globus_compute_sdk.Executor`` on the
+client, ``globus-compute-endpoint start`` at the site, and the messages between them travel
+through a real RabbitMQ broker (``fabric.testing.rabbitmq``)::
+
+    Executor --HTTP--> FakeComputeService --AMQP cmd.<endpoint>--> core endpoint (forks a user
+        ^                 |  publishes each task to tasks.<user endpoint>    endpoint per identity
+        |                 |                                   + user config)
+        |                 +<--AMQP results exchange-- user endpoint (engine runs the task)
+        +--AMQP task-group queue <-- the fake forwards each Result
+
+It is a contract test of the pinned versions (globus-compute-sdk/endpoint 4.19): the routes,
+the command message, the user endpoint's AMQP credentials are private formats that can change
+between releases. The SDK and the endpoint fix ``http://localhost:5000`` for
+``local_compute_services``, so the fake listens on 127.0.0.1:5000. Not reproduced: the
+service's own authorisation (every bearer is the one test identity), its rate limits and payload
+limits, endpoint restarts and task expiry. One more Auth route serves the fabric itself: token
+introspection for the site policy (``fabric.endpoint.policy.verify_identity``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PORT = 5000
+"""Fixed by the SDK's environment table for ``local_compute_services``."""
+IDENTITY = "5c6f9a3e-0000-4000-8000-00000000f00d"
+"""The one Globus identity every token belongs to (the endpoint trusts it: ``userinfo``)."""
+USERNAME = "tester@example.org"
+RESULTS_EXCHANGE = "fake.results"
+HEARTBEAT_EXCHANGE = "fake.heartbeats"
+TASK_GROUP_PREFIX = "tg."
+
+
+@dataclass
+class _Task:
+    task_id: str
+    function_id: str
+    group: str
+    endpoint_id: str
+    status: str = "waiting-for-ep"
+    result: bytes | None = None
+    created: float = field(default_factory=time.time)
+
+
+class FakeComputeService:
+    """The web service's state and its AMQP side; ``serve()`` runs the HTTP side on :5000."""
+
+    def __init__(self, amqp_url: str, *, port: int = PORT) -> None:
+        self.amqp_url = amqp_url
+        self.port = port
+        self.functions: dict[str, str] = {}
+        self.endpoints: dict[str, dict[str, Any]] = {}
+        self.user_endpoints: dict[tuple[str, str], str] = {}
+        self.tasks: dict[str, _Task] = {}
+        self.groups: dict[str, list[str]] = {}
+        self.submissions: list[dict[str, Any]] = []
+        """Every POST .../submit body (tests check batching, user_endpoint_config)."""
+        self.calls: list[tuple[str, str]] = []
+        """(method, path) of every request, in order."""
+        self.unknown: list[tuple[str, str]] = []
+        """Requests no route matched (a newer SDK or endpoint calling something new)."""
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._http: ThreadingHTTPServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._pub: Any = None
+        self._local = threading.local()
+        self.fail_submits: list[tuple[int, str]] = []
+        """``(HTTP status, code)`` answers for the next submissions, in order (tests of how
+        the client maps the service's 401/403/429)."""
+        self.enforce_allowed_functions = True
+        """Refuse a function outside an endpoint's ``allowed_functions`` at submission, as
+        the service does; off, the task reaches the endpoint, which refuses it itself."""
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> FakeComputeService:
+        """Declare the exchanges, start the result forwarder and the HTTP server."""
+        import pika
+
+        self._pub = pika.BlockingConnection(pika.URLParameters(self.amqp_url)).channel()
+        for exchange in (RESULTS_EXCHANGE, HEARTBEAT_EXCHANGE):
+            self._pub.exchange_declare(exchange, exchange_type="direct")
+            self._pub.queue_declare(exchange)
+            self._pub.queue_bind(exchange, exchange, routing_key=exchange)
+        self._http = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
+        self._http.daemon_threads = True
+        for target, name in ((self._http.serve_forever, "fake-compute-http"),
+                             (self._forward_results, "fake-compute-results")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; close the broker connections."""
+        self._stop.set()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        with self._lock:
+            if self._pub is not None:
+                self._pub.connection.close()
+                self._pub = None
+
+    # -- the AMQP side ------------------------------------------------------------------------
+
+    def _publish(self, routing_key: str, body: bytes, **props: Any) -> None:
+        import pika
+
+        with self._lock:
+            self._pub.basic_publish("", routing_key, body, pika.BasicProperties(**props))
+
+    def _declare(self, *queues: str) -> None:
+        with self._lock:
+            for name in queues:
+                self._pub.queue_declare(name)
+
+    def _forward_results(self) -> None:
+        """Consume what user endpoints publish; forward each Result to its task group."""
+        import pika
+        from globus_compute_common import messagepack
+
+        conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        chan = conn.channel()
+
+        def on_result(ch: Any, method: Any, props: Any, body: bytes) -> None:
+            try:
+                msg = messagepack.unpack(body)
+            except Exception:
+                log.exception("unreadable result message")
+                return
+            task = self.tasks.get(str(getattr(msg, "task_id", "")))
+            if task is None or task.result is not None:
+                return  # a status report, an unknown task, or a result delivered again
+            task.result, task.status = body, "success"
+            ch.basic_publish("", TASK_GROUP_PREFIX + task.group, body)
+
+        chan.basic_consume(RESULTS_EXCHANGE, on_result, auto_ack=True)
+        chan.basic_consume(HEARTBEAT_EXCHANGE, lambda *a: None, auto_ack=True)
+        while not self._stop.is_set():
+            conn.process_data_events(time_limit=0.2)
+        conn.close()
+
+    def _queue_info(self, exchange: str) -> dict[str, Any]:
+        return {"connection_url": self.amqp_url, "exchange": exchange, "queue": exchange,
+                "queue_publish_kwargs": {"exchange": exchange, "routing_key": exchange,
+                                         "mandatory": True,
+                                         "properties": {"delivery_mode": 2}}}
+
+    def _user_endpoint(self, endpoint_id: str, config: dict[str, Any],
+                       runtime: dict[str, Any]) -> str:
+        """The user endpoint for (endpoint, user config), started by a command if new."""
+        key = (endpoint_id, json.dumps(config, sort_keys=True))
+        with self._lock:
+            uep = self.user_endpoints.get(key)
+            if uep is not None:
+                return uep
+            uep = self.user_endpoints[key] = str(uuid.uuid4())
+        self._declare(f"tasks.{uep}")
+        creds = {"endpoint_id": uep,
+                 "task_queue_info": {"connection_url": self.amqp_url, "queue": f"tasks.{uep}"},
+                 "result_queue_info": self._queue_info(RESULTS_EXCHANGE),
+                 "heartbeat_queue_info": self._queue_info(HEARTBEAT_EXCHANGE)}
+        command = {"command": "cmd_start_endpoint", "globus_effective_identity": IDENTITY,
+                   "globus_identity_set": [{"sub": IDENTITY, "username": USERNAME}],
+                   "globus_username": USERNAME, "args": [],
+                   "kwargs": {"name": f"uep.{endpoint_id[:8]}.{uep[:8]}", "amqp_creds": creds,
+                              "user_opts": config, "user_runtime": runtime}}
+        # The endpoint ignores commands whose timestamp is over 180 s off its clock.
+        self._publish(f"cmd.{endpoint_id}", json.dumps(command).encode(),
+                      content_type="application/json", timestamp=int(time.time()))
+        return uep
+
+    # -- routes ---------------------------------------------------------------------------------
+
+    def register_endpoint(self, body: dict[str, Any], endpoint_id: str | None = None
+                          ) -> dict[str, Any]:
+        ep = endpoint_id or body.get("endpoint_id") or str(uuid.uuid4())
+        self.endpoints[ep] = body
+        self._declare(f"cmd.{ep}")
+        return {"endpoint_id": ep,
+                "command_queue_info": {"connection_url": self.amqp_url, "queue": f"cmd.{ep}"},
+                "heartbeat_queue_info": self._queue_info(HEARTBEAT_EXCHANGE)}
+
+    def submit(self, body: dict[str, Any], endpoint_id: str) -> tuple[int, dict[str, Any]]:
+        from globus_compute_common import messagepack
+        from globus_compute_common.messagepack.message_types import Task
+
+        if self.fail_submits:
+            status, code = self.fail_submits.pop(0)
+            return status, {"code": code, "message": f"fake answers {status} {code}"}
+        if endpoint_id not in self.endpoints:
+            return 404, {"code": "ENDPOINT_NOT_FOUND", "message": f"no endpoint {endpoint_id}"}
+        allowed = self.endpoints[endpoint_id].get("allowed_functions")
+        refused = [f for f in body.get("tasks", {}) if allowed is not None and f not in allowed
+                   and self.enforce_allowed_functions]
+        if refused:  # as the service does, before anything reaches the endpoint
+            return 403, {"code": "FUNCTION_NOT_ALLOWED",
+                         "message": f"Function {refused[0]} not permitted on endpoint "
+                                    f"{endpoint_id}"}
+        unknown = [f for f in body.get("tasks", {}) if f not in self.functions]
+        if unknown:
+            return 404, {"code": "FUNCTION_NOT_FOUND", "message": f"no function {unknown[0]}"}
+        self.submissions.append(body)
+        group = body.get("task_group_id") or str(uuid.uuid4())
+        if body.get("create_queue", True):
+            self._declare(TASK_GROUP_PREFIX + group)
+        uep = self._user_endpoint(endpoint_id, body.get("user_endpoint_config") or {},
+                                  body.get("user_runtime") or {})
+        out: dict[str, list[str]] = {}
+        spec = json.dumps(body.get("resource_specification") or None)
+        for function_id, payloads in body.get("tasks", {}).items():
+            for payload in payloads:
+                tid = str(uuid.uuid4())
+                self.tasks[tid] = _Task(tid, function_id, group, endpoint_id)
+                self.groups.setdefault(group, []).append(tid)
+                out.setdefault(function_id, []).append(tid)
+                packed = messagepack.pack(Task(task_id=uuid.UUID(tid),
+                                               task_buffer=self.functions[function_id] + payload))
+                self._publish(f"tasks.{uep}", packed, headers={
+                    "function_uuid": function_id, "task_uuid": tid,
+                    "resource_specification": spec,
+                    "result_serializers": body.get("result_serializers") or []})
+        return 200, {"request_id": str(uuid.uuid4()), "task_group_id": group,
+                     "endpoint_id": endpoint_id, "tasks": out}
+
+    def task_record(self, task_id: str) -> dict[str, Any] | None:
+        """What ``GET /v2/tasks/{id}`` answers: status, and the packed result's payload."""
+        from globus_compute_common import messagepack
+        from globus_compute_common.messagepack.message_types import Result
+
+        task = self.tasks.get(task_id)
+        if task is None:
+            return None
+        rec: dict[str, Any] = {"task_id": task_id, "status": task.status,
+                               "task_group_id": task.group, "completion_t": None}
+        if task.result is not None:
+            result = messagepack.unpack(task.result)
+            assert isinstance(result, Result)  # only Results are stored (_forward_results)
+            rec["completion_t"] = str(time.time())
+            if result.is_error:
+                rec["status"], rec["exception"] = "failed", result.data
+            else:
+                rec["result"] = result.data
+        return rec
+
+    def route(self, method: str, path: str, body: dict[str, Any], basic_user: str = ""
+              ) -> tuple[int, dict[str, Any]]:
+        """Answer one request: ``(status, JSON body)``; ``basic_user`` is the client id of an
+        HTTP Basic ``Authorization`` (a confidential client calling Auth)."""
+        self.calls.append((method, path))
+        self._local.basic_user = basic_user  # per request thread
+        path = path.split("?", 1)[0].rstrip("/")
+        for pattern, want, handler in self._routes():
+            match = re.fullmatch(pattern, path)
+            if match and method == want:
+                return handler(body, *match.groups())
+        self.unknown.append((method, path))
+        return 404, {"code": "NOT_FOUND", "message": f"fake has no {method} {path}"}
+
+    def _routes(self) -> list[tuple[str, str, Callable[..., tuple[int, dict[str, Any]]]]]:
+        from globus_compute_endpoint.version import __version__ as ep_version
+        from globus_compute_sdk.version import __version__ as sdk_version
+
+        def ok(fn: Callable[..., dict[str, Any] | None]) -> Callable[..., tuple[int, Any]]:
+            def wrapped(*args: Any) -> tuple[int, Any]:
+                value = fn(*args)
+                return (404, {"code": "NOT_FOUND"}) if value is None else (200, value)
+            return wrapped
+
+        def new_function(body: dict[str, Any]) -> dict[str, Any]:
+            fid = str(uuid.uuid4())
+            self.functions[fid] = body["function_code"]
+            return {"function_uuid": fid}
+
+        def token(body: dict[str, Any]) -> dict[str, Any]:
+            # Exactly one token per resource server among the scopes asked for: Compute's
+            # (funcx_service) and Auth's own (openid, profile, ...: auth.globus.org).
+            scopes = str(body.get("scope", "")).split()
+            compute = [s for s in scopes if "facd7ccc" in s]
+            auth = [s for s in scopes if "facd7ccc" not in s]
+            tokens = [{"access_token": f"fake-{rs}-{uuid.uuid4().hex}", "expires_in": 172800,
+                       "resource_server": rs, "scope": " ".join(sorted(set(got))),
+                       "token_type": "Bearer"}
+                      for rs, got in (("funcx_service", compute), ("auth.globus.org", auth))
+                      if got]
+            return {**tokens[0], "other_tokens": tokens[1:]} if tokens else {}
+
+        def introspect(body: dict[str, Any]) -> dict[str, Any]:
+            # The fabric's site policy (not Globus Compute) introspects a caller's token with
+            # the endpoint's confidential client: tokens this fake issued are active, for that
+            # client's fabric scope.
+            client = getattr(self._local, "basic_user", "")
+            if not str(body.get("token", "")).startswith("fake-"):
+                return {"active": False}
+            return {"active": True, "sub": IDENTITY, "username": USERNAME, "aud": [client],
+                    "scope": f"https://auth.globus.org/scopes/{client}/fabric",
+                    "exp": int(time.time()) + 3600, "identity_set": [IDENTITY],
+                    "identity_set_detail": [{"sub": IDENTITY, "username": USERNAME}]}
+
+        return [
+            (r"/v2/oauth2/token/introspect", "POST", ok(introspect)),
+            (r"/v2/version", "GET", ok(lambda b: {
+                "api": "1.0", "min_sdk_version": "1.0.0", "min_ep_version": "1.0.0",
+                "sdk": sdk_version, "endpoint": ep_version})),
+            (r"/v2/oauth2/token", "POST", ok(token)),
+            (r"/v2/oauth2/userinfo", "GET", ok(lambda b: {
+                "sub": IDENTITY, "preferred_username": USERNAME,
+                "identity_set": [{"sub": IDENTITY, "username": USERNAME}]})),
+            (r"/v3/endpoints", "POST", ok(self.register_endpoint)),
+            (r"/v3/endpoints/([^/]+)", "PUT", ok(lambda b, e: self.register_endpoint(b, e))),
+            (r"/v3/functions", "POST", ok(new_function)),
+            (r"/v3/endpoints/([^/]+)/submit", "POST", self.submit),
+            (r"/v2/get_amqp_result_connection_url", "GET", ok(lambda b: {
+                "connection_url": self.amqp_url, "queue_prefix": TASK_GROUP_PREFIX})),
+            (r"/v2/tasks/([^/]+)", "GET", ok(lambda b, t: self.task_record(t))),
+            (r"/v2/batch_status", "POST", ok(lambda b: {"results": {
+                t: self.task_record(t) for t in b.get("task_ids", []) if t in self.tasks}})),
+            (r"/v2/taskgroup/([^/]+)", "GET", ok(lambda b, g: None if g not in self.groups else {
+                "taskgroup_id": g, "tasks": [{"id": t} for t in self.groups[g]]})),
+        ]
+
+
+def _handler(service: FakeComputeService) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self, method: str) -> None:
+            import base64
+            from urllib.parse import parse_qsl
+
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw) if raw.strip().startswith(b"{") else \
+                    dict(parse_qsl(raw.decode()))
+            except ValueError:
+                body = {}
+            scheme, _, cred = (self.headers.get("Authorization") or "").partition(" ")
+            user = ""
+            if scheme.lower() == "basic":
+                user = base64.b64decode(cred).decode(errors="replace").partition(":")[0]
+            try:
+                status, answer = service.route(method, self.path, body, user)
+            except Exception as exc:  # a bug in the fake: say so to the caller
+                log.exception("fake compute: %s %s", method, self.path)
+                status, answer = 500, {"code": "FAKE_ERROR", "message": repr(exc)}
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            self._serve("GET")
+
+        def do_POST(self) -> None:
+            self._serve("POST")
+
+        def do_PUT(self) -> None:
+            self._serve("PUT")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("fake compute: " + format, *args)
+
+    return Handler

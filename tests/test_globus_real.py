@@ -1,0 +1,243 @@
+"""The remote path through both real ends of Globus Compute (``tests/plugins/globus_offline.py``):
+``GlobusTransport``'s own ``globus_compute_sdk.Executor`` submits to the fake web service, a real
+RabbitMQ broker carries tasks to the real ``globus-compute-endpoint`` daemon started from a site
+rendered by ``fabric site check --write``, its user endpoint's GlobusComputeEngine runs the
+fabric's endpoint functions, and results come back through the broker to the Executor.
+
+The site's ``allowed_functions`` lists the fabric's registered functions (fabric.wire.functions'
+one list), so everything here also proves that list is complete for what the SDK sends.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fabric.errors import AccessDenied, FabricError, FunctionNotAllowed
+from fabric.wire import functions
+from tests.plugins.globus_offline import OfflineGlobus
+from tests.plugins.site import TINY_MODEL
+
+pytestmark = [pytest.mark.slow, pytest.mark.globus]
+
+
+def add(a: int, b: int = 0) -> int:
+    """Not one of the fabric's functions: outside the endpoint's allowed_functions."""
+    return a + b
+
+
+@pytest.fixture(scope="module")
+def fab(globus_offline: OfflineGlobus, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """``Fabric`` over the real pair; every deployment it made is undeployed at the end."""
+    from fabric import Fabric
+
+    t = globus_offline.transport(tmp_path_factory.mktemp("fabric-home"))
+    with Fabric(site=str(globus_offline.site_dir), transport=t, on_status=None) as client:
+        try:
+            yield client
+        finally:
+            for dep in t.submit(functions.list_deployments, None, None).result(timeout=120):
+                t.submit(functions.undeploy, dep["id"], None).result(timeout=120)
+
+
+def report(globus_offline: OfflineGlobus, **values: float) -> None:
+    """Record timings (printed at the end of the module; run with -s to see them)."""
+    globus_offline.timings.update({k: round(v, 3) for k, v in values.items()})
+    print(json.dumps(globus_offline.timings), file=sys.stderr)
+
+
+def test_first_result_through_the_real_pair(globus_offline: OfflineGlobus,
+                                            tmp_path: Path) -> None:
+    """A cold user endpoint: the service's start command, the fork, the engine, one task."""
+    t = globus_offline.transport(tmp_path)
+    t0 = time.monotonic()
+    models = t.submit(functions.list_models, None).result(timeout=300)
+    report(globus_offline, first_result_s=time.monotonic() - t0)
+    assert TINY_MODEL in {m["name"] for m in models}
+    t.close()
+    # The service heard only routes the fake implements (a contract check of the pins).
+    assert globus_offline.service.unknown == []
+
+
+def test_generate_stream_and_embed(fab: Any, globus_offline: OfflineGlobus) -> None:
+    t0 = time.monotonic()
+    done = fab.generate("The mitochondria is", model=TINY_MODEL, max_tokens=12)
+    cold = time.monotonic() - t0
+    t0 = time.monotonic()
+    again = fab.generate("The mitochondria is", model=TINY_MODEL, max_tokens=12)
+    warm = time.monotonic() - t0
+    assert again.token_ids == done.token_ids and len(done.token_ids) == 12
+    t0 = time.monotonic()
+    with fab.stream("The mitochondria is", model=TINY_MODEL, max_tokens=12) as stream:
+        first = next(iter(stream))
+        ttft = time.monotonic() - t0
+        chunks = [first, *stream]
+    assert "".join(chunks) == done.text and stream.token_ids == done.token_ids
+    vectors = fab.embed(["a cell", "a mitochondrion"], model=TINY_MODEL, layer=-1,
+                        pooling="mean")
+    assert len(vectors) == 2 and len(vectors[0]) > 0
+    report(globus_offline, generate_cold_deploy_s=cold, generate_warm_s=warm,
+           stream_first_token_s=ttft)
+
+
+def test_user_function_next_to_the_model(fab: Any) -> None:
+    ns: dict[str, Any] = {"__name__": "__main__"}  # pickled by value, as from a notebook
+    exec("def ask(handle, prompt):\n"
+         "    return handle.generate(prompt, max_tokens=4).token_ids\n", ns)
+    ids = fab.submit(ns["ask"], "The mitochondria is", model=TINY_MODEL).result(timeout=300)
+    assert len(ids) == 4
+
+
+def test_policy_denials(globus_offline: OfflineGlobus, tmp_path: Path) -> None:
+    """The site policy runs in the endpoint's worker: no proof, and a model the caller's
+    identity is not allowed, are typed denials."""
+    anonymous = globus_offline.transport(tmp_path / "a", proof=None)
+    with pytest.raises(AccessDenied) as err:
+        anonymous.submit(functions.deployment_status, TINY_MODEL, None, None,
+                         None).result(timeout=120)
+    assert err.value.details == {"rule": "identity-proof.missing"}
+    anonymous.close()
+    t = globus_offline.transport(tmp_path / "b")
+    with pytest.raises(AccessDenied) as err:
+        t.submit(functions.deployment_status, "smollm2-135m", None, None,
+                 None).result(timeout=120)
+    assert err.value.details["rule"] == "policy.default"
+    t.close()
+
+
+def test_allow_list_refusals(globus_offline: OfflineGlobus, tmp_path: Path) -> None:
+    """A function outside allowed_functions: refused by the service at submission, and, when a
+    task gets past it, by the real endpoint itself before any worker runs it."""
+    t = globus_offline.transport(tmp_path)
+    with pytest.raises(FunctionNotAllowed, match="not permitted") as err:
+        t.submit(add, 1, 2).result(timeout=120)
+    assert err.value.details["rule"] == "allowed_functions"
+    globus_offline.service.enforce_allowed_functions = False
+    try:
+        with pytest.raises(FunctionNotAllowed, match="not permitted on endpoint") as err:
+            t.submit(add, 1, 2).result(timeout=120)
+        assert err.value.details["rule"] == "allowed_functions"
+    finally:
+        globus_offline.service.enforce_allowed_functions = True
+        t.close()
+
+
+def test_per_task_latency_and_batching(globus_offline: OfflineGlobus, tmp_path: Path) -> None:
+    """Warm user endpoint: one task at a time (each its own submission), then 32 at once (the
+    Executor batches what is queued into few submissions)."""
+    t = globus_offline.transport(tmp_path)
+    t.submit(functions.list_models, None).result(timeout=300)
+    one = []
+    for _ in range(6):
+        t0 = time.monotonic()
+        t.submit(functions.list_models, None).result(timeout=120)
+        one.append(time.monotonic() - t0)
+    before = len(globus_offline.service.submissions)
+    t0 = time.monotonic()
+    futures = [t.submit(functions.list_models, None) for _ in range(32)]
+    assert all(TINY_MODEL in {m["name"] for m in f.result(timeout=120)} for f in futures)
+    burst = time.monotonic() - t0
+    submissions = len(globus_offline.service.submissions) - before
+    assert submissions < 32
+    report(globus_offline, task_latency_median_s=statistics.median(one),
+           tasks_32_s=burst, tasks_32_submissions=submissions)
+    t.close()
+
+
+def test_campaign_shards_at_a_site_with_allowed_functions(
+        fab: Any, globus_offline: OfflineGlobus, tmp_path: Path) -> None:
+    """run_shard is in the one list of fabric functions, so a site whose allowed_functions is
+    set runs a campaign's shards (the campaign reaches the site through the real pair)."""
+    from fabric.campaign import store
+    from fabric.campaign.manifest import load_manifest
+    from fabric.campaign.runner import Runner
+
+    assert "run_shard" in globus_offline.function_ids
+    prompts = {f"g-{i}": f"Sample {i}: the enzyme" for i in range(6)}
+    (tmp_path / "in.jsonl").write_text("".join(
+        json.dumps({"custom_id": cid, "prompt": p}) + "\n" for cid, p in prompts.items()))
+    m = load_manifest({
+        "name": "remote", "model": TINY_MODEL, "kind": "generate",
+        "sampling": {"max_tokens": 3, "temperature": 0.0}, "input": {"path": "in.jsonl"},
+        "output": "out", "shard_size": 3,
+        "sites": [{"name": str(globus_offline.site_dir), "max_in_flight": 2}]}, base=tmp_path)
+    folder = store.create(m, tmp_path / "campaigns")
+    transport = globus_offline.transport(tmp_path / "home")
+    try:
+        final = Runner(folder, transports={m.sites[0].name: transport}, poll_s=0.2).run()
+    finally:
+        transport.close()
+    assert final == "done", list(store.read_records(folder, errors=True))
+    out = list(store.read_records(folder))
+    assert sorted(r["custom_id"] for r in out) == sorted(prompts)
+    shard_id = globus_offline.function_ids["run_shard"]
+    assert any(shard_id in s["tasks"] for s in globus_offline.service.submissions)
+
+
+def test_task_group_results_recovered_by_a_new_client(globus_offline: OfflineGlobus,
+                                                     tmp_path: Path) -> None:
+    """A client that stops and a new one (same FABRIC_HOME) reloads the saved task group's
+    results through the real Executor's ``reload_tasks`` (the service's task-group and batch
+    status routes)."""
+    t = globus_offline.transport(tmp_path)
+    first = [t.submit(functions.list_models, None).result(timeout=120) for _ in range(2)]
+    t.close()
+    again = globus_offline.transport(tmp_path)
+    try:
+        futures = again.recover()
+    finally:
+        again.close()
+    # The SDK shares one task group among every Executor of a process that was given none
+    # (Executor._default_task_group_id), so this group also holds earlier tests' tasks: all
+    # of them come back, failures as their typed errors.
+    group = json.loads((tmp_path / "task_groups.json").read_text())[t.site]
+    assert len(futures) == len(globus_offline.service.groups[group])
+    values = []
+    for f in futures:
+        try:
+            values.append(f.result(timeout=120))
+        except FabricError:
+            continue
+    assert sum(v == first[0] for v in values) >= 2
+
+
+@pytest.mark.parametrize(("status", "code", "error", "rule"), [
+    (401, "UNAUTHORIZED", "AuthError", None),
+    (403, "FORBIDDEN", "AccessDenied", "globus-compute"),
+])
+def test_service_http_errors_are_typed_and_the_next_call_works(
+        globus_offline: OfflineGlobus, tmp_path: Path, status: int, code: str, error: str,
+        rule: str | None) -> None:
+    """The real Executor stops itself when a submission fails; the caller gets a typed error
+    for that call and the transport's next call goes through a new Executor."""
+    import fabric.errors
+
+    t = globus_offline.transport(tmp_path)
+    globus_offline.service.fail_submits.append((status, code))
+    with pytest.raises(getattr(fabric.errors, error)) as err:
+        t.submit(functions.list_models, None).result(timeout=120)
+    assert f"HTTP {status}" in str(err.value)
+    if rule:
+        assert err.value.details["rule"] == rule
+    assert TINY_MODEL in {m["name"] for m in
+                          t.submit(functions.list_models, None).result(timeout=120)}
+    t.close()
+
+
+def test_one_429_is_retried_by_the_sdk(globus_offline: OfflineGlobus, tmp_path: Path) -> None:
+    """globus_sdk's transport retries a 429 itself (with backoff): the call succeeds."""
+    t = globus_offline.transport(tmp_path)
+    globus_offline.service.fail_submits.append((429, "TOO_MANY_REQUESTS"))
+    t0 = time.monotonic()
+    assert TINY_MODEL in {m["name"] for m in
+                          t.submit(functions.list_models, None).result(timeout=120)}
+    assert not globus_offline.service.fail_submits  # the 429 was answered
+    report(globus_offline, after_one_429_s=time.monotonic() - t0)
+    t.close()
