@@ -121,6 +121,10 @@ PATH = _declare(
     "PATH", "Gets this interpreter's bin folder prepended, so workers find "
     "globus-compute-endpoint.", "", set_by="the shell; prepended by endpoint.site and "
     "globus.standin", read_by="fabric.endpoint.site, fabric.globus.standin")
+PYTHONPATH = _declare(
+    "PYTHONPATH", "Module search path; handed on to the user endpoints of the offline Globus "
+    "Compute test endpoint (a root endpoint clears their environment).", "",
+    set_by="the shell", read_by="fabric.testing.gc_endpoint")
 
 # --- model-server jobs -------------------------------------------------------------------------
 

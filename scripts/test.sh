@@ -9,6 +9,8 @@ export DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   # The Slurm tests need slurmctld/slurmd/munge; under CI=true a missing Slurm fails them.
   bash tests/slurm/install.sh >/dev/null 2>&1 || echo "warning: could not install Slurm" >&2
+  # The offline Globus Compute tests need RabbitMQ; under CI=true a missing broker fails them.
+  bash tests/globus_offline/install.sh >/dev/null 2>&1 || echo "warning: could not install RabbitMQ" >&2
 fi
 ruff check fabric tests benchmarks examples
 mypy

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from globus_compute_endpoint.endpoint.config.utils import load_config_yaml
 
+from fabric import env
 from fabric.cli import sites as cli_sites
 from fabric.errors import InvalidSiteConfig
 from fabric.sites import (
@@ -145,7 +146,7 @@ def test_local_site_runs_the_templates_engine(tmp_path: Path,
 
     with monkeypatch.context() as m:
         m.setattr(engines, "GlobusComputeEngine", Capture)
-        for var in ("PATH", site_mod.SITE_ENV, site_mod.STATE_DIR_ENV):
+        for var in ("PATH", env.FABRIC_SITE.name, env.FABRIC_STATE_DIR.name):
             m.setenv(var, os.environ.get(var, ""))
         fake = SimpleNamespace(site=load_site("local"), site_ref="local", state_dir=tmp_path,
                                endpoint_id="e")

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from fabric import env as fenv
 from fabric.errors import FabricError
 
 MARKER = "FABRIC_GC_RUN"
@@ -48,8 +49,8 @@ def prepare_endpoint_dir(ep_dir: Path, extra_env: dict[str, str] | None = None) 
     config["local_compute_services"] = True
     (ep_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     bin_dir = str(Path(sys.executable).parent)
-    env = {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
-           "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "HOME": str(ep_dir),
+    env = {"PATH": bin_dir + os.pathsep + (fenv.PATH.get() or "/usr/bin:/bin"),
+           "PYTHONPATH": fenv.PYTHONPATH.get() or "", "HOME": str(ep_dir),
            MARKER: marker, **client_env(ep_dir.parent), **(extra_env or {})}
     (ep_dir / "user_environment.yaml").write_text(yaml.safe_dump(env))
     return marker
@@ -74,7 +75,7 @@ class EndpointDaemon:
         """Start the daemon; ``registered()`` returns its endpoint id once the service has it."""
         bin_dir = Path(sys.executable).parent
         self.env = {**os.environ, **client_env(self.gc_dir), MARKER: self.marker,
-                    "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+                    "PATH": f"{bin_dir}{os.pathsep}{fenv.PATH.get() or ''}"}
         with open(self.gc_dir / f"{self.name}.out", "wb") as out:
             # Its own session: on stop the endpoint signals its whole process group.
             self.process = subprocess.Popen(
