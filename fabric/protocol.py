@@ -258,6 +258,71 @@ def validate_request(data: Any) -> InferenceRequest:
                   errors=_printable(problems)) from None
 
 
+class SubmitMessage(_Input):
+    """``submit``: queue ``request`` (validated after the ticket is checked)."""
+
+    op: Literal["submit"]
+    ticket: str
+    request: dict[str, Any]
+    stream: bool = False
+    detach: bool = False
+
+
+class PollMessage(_Input):
+    """``poll``: buffered events of a request after ``cursor``, waiting up to ``wait`` s."""
+
+    op: Literal["poll"]
+    ticket: str
+    request_id: Text = Field(max_length=300)
+    cursor: int = Field(0, ge=0, le=2**31 - 1)
+    wait: float = Field(0.0, ge=0.0, le=3600.0)
+
+
+class CancelMessage(_Input):
+    """``cancel``: stop a request."""
+
+    op: Literal["cancel"]
+    ticket: str
+    request_id: Text = Field(max_length=300)
+
+
+class HealthMessage(_Input):
+    """``health``: state and load figures (no ticket)."""
+
+    op: Literal["health"]
+
+
+class DrainMessage(_Input):
+    """``drain`` (operator ticket): finish running requests, refuse new ones, exit."""
+
+    op: Literal["drain"]
+    ticket: str
+
+
+WireMessage = SubmitMessage | PollMessage | CancelMessage | HealthMessage | DrainMessage
+MESSAGES: dict[str, type[WireMessage]] = {
+    "submit": SubmitMessage, "poll": PollMessage, "cancel": CancelMessage,
+    "health": HealthMessage, "drain": DrainMessage}
+"""Every op the model server accepts, and the schema of its message."""
+
+
+def parse_message(msg: dict[str, Any]) -> WireMessage:
+    """The typed form of one wire message, or ``InvalidRequest`` naming what is wrong and
+    what is accepted (an unknown op, a missing or extra field, a wrong type)."""
+    schema = MESSAGES.get(msg["op"]) if isinstance(msg.get("op"), str) else None
+    if schema is None:
+        raise InvalidRequest(f"unknown op {_printable(repr(msg.get('op')))}; accepted: "
+                             f"{', '.join(MESSAGES)}", accepted=list(MESSAGES))
+    try:
+        return schema.model_validate(msg)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                             for err in exc.errors())
+        fields = ", ".join(schema.model_fields)
+        raise InvalidRequest(_printable(f"invalid {msg['op']} message: {problems} (fields: "
+                                        f"{fields})"), errors=_printable(problems)) from None
+
+
 def _printable(text: str) -> str:
     """``text`` with anything that cannot travel as UTF-8 escaped (error messages quote the
     caller's input, which may hold a lone surrogate)."""
@@ -290,8 +355,12 @@ def pack(message: dict[str, Any]) -> bytes:
 
 
 def unpack(frame: bytes) -> dict[str, Any]:
-    """Decode one wire message."""
-    out = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    """Decode one wire message (``InvalidRequest`` if it is not one msgpack map)."""
+    try:
+        out = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises many types (ValueError, ExtraData, TypeError...)
+        raise InvalidRequest(f"undecodable message ({type(exc).__name__}): send one msgpack "
+                             "map with UTF-8 strings") from None
     if not isinstance(out, dict):
         raise InvalidRequest("wire message must be a map")
     return out
