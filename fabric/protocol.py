@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -101,7 +102,7 @@ class SamplingParams(_Input):
         return value
 
 
-class Hook(_Input):
+class Hook(_Strict):
     """A declarative, per-request intervention on one decoder layer's output (residual stream).
 
     ``capture`` returns the layer's output; ``steer`` adds ``scale * vector`` to it;
@@ -120,7 +121,9 @@ class Hook(_Input):
     def _bounded_steer(self) -> Hook:
         if self.kind == "steer" and self.vector:
             size = abs(self.scale) * max(abs(v) for v in self.vector)
-            if size > MAX_STEER:
+            finite = math.isfinite(self.scale) and all(math.isfinite(v) for v in self.vector)
+            # NaN and infinity are refused by the server's Preparer as InvalidHook ("finite")
+            if finite and not size <= MAX_STEER:
                 raise ValueError(f"steer hook adds up to {size:.3g} to the residual stream "
                                  f"(|scale| * max|vector|); at most {MAX_STEER:g} is accepted")
         return self
