@@ -131,6 +131,18 @@ class UserFunctionError(FabricError):
     """A user's function raised at the site; ``details['traceback']`` holds its traceback."""
 
 
+class NonFiniteOutput(InvalidRequest):
+    """The model's outputs for this request became NaN or infinite (an extreme steer hook, or
+    sampling settings the model cannot take). Only this request fails; the server goes on
+    serving the others. Change the request: the same one fails the same way."""
+
+
+class ServerInternalError(FabricError):
+    """The model server failed on this request or message in a way it did not foresee (a bug:
+    ``details['error']`` names the exception). Only this request fails; the server goes on
+    serving the others. Retrying the same request most likely fails the same way."""
+
+
 class ResultTooLarge(FabricError):
     """A result is larger than one message may carry; write it to the site's filesystem."""
 

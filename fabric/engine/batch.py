@@ -88,3 +88,6 @@ class SeqOutput:
     logprob: float | None = None
     scores: list[float] | None = None
     captures: dict[int, Any] = field(default_factory=dict)
+    error: str | None = None
+    """Set when this sequence's outputs could not be computed (e.g. its logits are not finite):
+    the sequence fails with ``NonFiniteOutput``, the rest of the step stands."""

@@ -7,17 +7,20 @@ locked inbox (new sequences, cancels) and an outbox callback (events, results). 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
-from fabric.engine.batch import SeqOutput, StepPlan
+from fabric.engine.batch import SeqOutput, SeqWork, StepPlan
 from fabric.engine.results import accumulate, build
-from fabric.engine.scheduler import Limits, Scheduler
+from fabric.engine.scheduler import Limits, Scheduler, internal_error
 from fabric.engine.sequence import Sequence
 from fabric.errors import FabricError, ModelServerUnavailable
+
+log = logging.getLogger("fabric.engine")
 
 RATE_WINDOW_S = 5.0
 """Window of the tokens/s figure that health reports."""
@@ -140,12 +143,73 @@ class Engine:
             plan = self.scheduler.schedule(groups=self.runner.depth)
             if plan is None:
                 return
-            self.runner.launch(plan)
+            inflight = self.runner.inflight
+            try:
+                self.runner.launch(plan)
+            except Exception as exc:
+                self.runner.inflight = inflight  # a launch that raised left nothing in flight
+                self._isolate(plan, exc)
+                continue
             self._launched.append(plan)
 
     def _collect_one(self) -> None:
         plan = self._launched.popleft()
-        outputs = self.runner.collect()
+        try:
+            outputs = self.runner.collect()
+        except Exception as exc:
+            self._isolate(plan, exc)
+            return
+        self._apply(plan, outputs)
+
+    # --- a step that raised ------------------------------------------------------------------
+
+    def _isolate(self, plan: StepPlan, exc: Exception) -> None:
+        """Contain a step that raised: fail only the sequences that make it fail.
+
+        The step changed no scheduler state (progress moves only in ``update``) and every KV
+        write is positional, so any part of the step can simply run again. Once the steps still
+        in flight are settled (recovery steps must run alone, to be collected in order), the
+        step's sequences are re-run in halves: a half that succeeds is applied as a normal
+        step; a half that fails is split again, down to the one sequence that fails alone and
+        gets ``ServerInternalError``. A step with one culprit among n sequences costs about
+        2 log2(n) extra steps; the others' outputs are exactly what they would have been."""
+        log.warning("step %d raised %s: %s; isolating the failing sequence", plan.step_id,
+                    type(exc).__name__, exc)
+        while self._launched:
+            self._collect_one()
+        self._bisect(plan, plan.seqs, plan.free, exc)
+
+    def _bisect(self, plan: StepPlan, seqs: list[SeqWork], free: list[str],
+                exc: Exception) -> None:
+        if len(seqs) <= 1:
+            if free:
+                self._run_alone(StepPlan(plan.step_id, [], free=free))
+            for work in seqs:
+                log.error("request %s fails alone: %s: %s", work.seq_id, type(exc).__name__, exc)
+                self.scheduler.fail(work.seq_id, internal_error(work.seq_id, exc))
+            return
+        half = len(seqs) // 2
+        for part in (seqs[:half], seqs[half:]):
+            sub = StepPlan(plan.step_id, part, free=free)
+            free = []
+            again = self._run_alone(sub)
+            if again is not None:
+                self._bisect(plan, part, [], again)
+
+    def _run_alone(self, plan: StepPlan) -> Exception | None:
+        """Launch and collect one step with nothing else in flight; apply its outputs.
+        Returns the exception instead if it raised."""
+        inflight = self.runner.inflight
+        try:
+            self.runner.launch(plan)
+            outputs = self.runner.collect()
+        except Exception as exc:
+            self.runner.inflight = inflight
+            return exc
+        self._apply(plan, outputs)
+        return None
+
+    def _apply(self, plan: StepPlan, outputs: list[SeqOutput]) -> None:
         produced, prefilled = self.scheduler.update(plan, outputs)
         self.tokens_total += produced
         now = time.monotonic()

@@ -9,6 +9,7 @@ request is cancelled, so nothing leaks.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -21,11 +22,30 @@ from fabric import tickets
 from fabric.engine.batches import Batch, split_member
 from fabric.engine.engine import Engine
 from fabric.engine.prepare import Preparer, member_id
-from fabric.errors import FabricError, InvalidRequest, Overloaded
-from fabric.protocol import QUEUE_FULL, InferenceRequest, pack, unpack, validate_request
+from fabric.engine.scheduler import internal_error
+from fabric.engine.sequence import Sequence
+from fabric.errors import FabricError, InvalidRequest, Overloaded, ServerInternalError
+from fabric.protocol import (
+    QUEUE_FULL,
+    CancelMessage,
+    DrainMessage,
+    InferenceRequest,
+    PollMessage,
+    SubmitMessage,
+    pack,
+    parse_message,
+    request_digest,
+    unpack,
+    validate_request,
+)
 from fabric.sites import ServerConfig
 
+log = logging.getLogger("fabric.frontend")
 OUTBOX = "inproc://fabric-outbox"
+MAX_MESSAGE_BYTES = 64 << 20
+"""Default cap on one incoming message (``ServerConfig.max_message_bytes`` when the site sets
+it): ZMQ drops a peer that announces a larger one before reading it. 64 MiB holds the largest
+valid request (a 4096-text embed batch, 16 steer vectors of a wide model) many times over."""
 
 
 @dataclass
@@ -54,6 +74,7 @@ class Frontend:
         self.state = "loading"
         self.draining = False
         self.started = time.monotonic()
+        self.used = tickets.UsedTickets()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -67,6 +88,7 @@ class Frontend:
         self.sock.curve_publickey = public_key
         self.sock.router_mandatory = True
         self.sock.linger = 0
+        self.sock.maxmsgsize = int(getattr(self.config, "max_message_bytes", MAX_MESSAGE_BYTES))
         port = self.sock.bind_to_random_port(f"tcp://{host}")
         self.outbox = self.ctx.socket(zmq.PULL)
         self.outbox.bind(OUTBOX)
@@ -104,47 +126,84 @@ class Frontend:
             ready = dict(poller.poll(100))
             if self.outbox in ready:
                 while self.outbox.poll(0):
-                    self._on_event(unpack(self.outbox.recv()))
+                    self._guarded(self._on_event, unpack(self.outbox.recv()))
             if self.sock in ready:
                 while self.sock.poll(0):
-                    identity, frame = self.sock.recv_multipart()
-                    self._on_client(identity, frame)
-            self._housekeeping()
+                    self._on_frames(self.sock.recv_multipart())
+            self._guarded(self._housekeeping)
         self.sock.close(0)
         self.outbox.close(0)
 
+    def _guarded(self, fn: Any, *args: Any) -> None:
+        """Run one unit of front-door work; log what it raises instead of dying with it."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("front door: %s failed; serving on", getattr(fn, "__name__", fn))
+
     def _send(self, identity: bytes, message: dict[str, Any]) -> bool:
         try:
-            self.sock.send_multipart([identity, pack(message)], flags=zmq.NOBLOCK)
+            frame = pack(message)
+        except Exception:  # e.g. text that cannot be UTF-8: say so rather than nothing
+            log.exception("front door: a %s reply could not be encoded", message.get("op"))
+            frame = pack({"op": "error", "request_id": None, "error": ServerInternalError(
+                "model server could not encode its reply").to_dict()})
+        try:
+            self.sock.send_multipart([identity, frame], flags=zmq.NOBLOCK)
             return True
         except zmq.ZMQError:
             return False
 
-    def _on_client(self, identity: bytes, frame: bytes) -> None:
+    def _on_frames(self, frames: list[bytes]) -> None:
+        """One incoming message, whatever it holds: a reply (typed error at worst) and never
+        an exception out of here, so no peer can stop the front door."""
+        identity, rid = frames[0], None
         try:
-            msg = unpack(frame)
-        except Exception:
-            self._send(identity, {"op": "error", "request_id": None,
-                                  "error": InvalidRequest("undecodable message").to_dict()})
-            return
-        op = msg.get("op")
-        handler = {"submit": self._submit, "poll": self._poll, "cancel": self._cancel,
-                   "health": self._health, "drain": self._drain}.get(str(op))
-        rid = msg.get("request_id") or (msg.get("request") or {}).get("request_id")
-        if handler is None:
-            err = InvalidRequest(f"unknown op {op!r}; accepted: submit, poll, cancel, health, "
-                                 "drain")
-            self._send(identity, {"op": "error", "request_id": rid, "error": err.to_dict()})
-            return
-        try:
-            handler(identity, msg)
+            if len(frames) != 2:
+                raise InvalidRequest(f"a message is exactly one frame (one msgpack map); got "
+                                     f"{len(frames) - 1}")
+            msg = unpack(frames[1])
+            rid = _request_id_of(msg)
+            self._on_message(identity, msg)
         except FabricError as exc:
             self._send(identity, {"op": "error", "request_id": rid, "error": exc.to_dict()})
+        except Exception as exc:
+            log.exception("front door: unexpected failure on a message (request %s)", rid)
+            err = internal_error(str(rid), exc) if rid else ServerInternalError(
+                f"model server failed on this message ({type(exc).__name__})",
+                error=type(exc).__name__)
+            self._send(identity, {"op": "error", "request_id": rid, "error": err.to_dict()})
 
-    def _submit(self, identity: bytes, msg: dict[str, Any]) -> None:
-        request = validate_request(dict(msg.get("request") or {}))
+    def _on_message(self, identity: bytes, msg: dict[str, Any]) -> None:
+        """Check in order: the op is known; its ticket is genuine (before anything else of
+        the message is read, so an unauthenticated peer learns nothing and costs one HMAC);
+        the message fits its op's schema; the ticket covers it; then serve it."""
+        op = msg.get("op")
+        claims: dict[str, Any] = {}
+        if op in ("submit", "poll", "cancel", "drain"):
+            claims = tickets.authenticate(self.key, msg.get("ticket"), model=self.model_name)
+        parsed = parse_message(msg)
+        if isinstance(parsed, SubmitMessage):
+            self._submit(identity, parsed, claims)
+        elif isinstance(parsed, PollMessage):
+            tickets.check(claims, request_id=parsed.request_id)
+            self._poll(identity, parsed)
+        elif isinstance(parsed, CancelMessage):
+            tickets.check(claims, request_id=parsed.request_id)
+            self._cancel(identity, parsed.request_id)
+        elif isinstance(parsed, DrainMessage):
+            tickets.check(claims, request_id=tickets.ANY_REQUEST, admin=True)
+            self._drain(identity)
+        else:
+            self._send(identity, {"op": "health", **self.health()})
+
+    def _submit(self, identity: bytes, msg: SubmitMessage, claims: dict[str, Any]) -> None:
+        request = validate_request(msg.request)
         rid = request.request_id
-        tickets.verify(self.key, msg.get("ticket"), model=self.model_name, request_id=rid)
+        tickets.check(claims, request_id=rid)
+        tickets.check_request(claims, kind=request.kind, max_tokens=request.sampling.max_tokens,
+                              digest=request_digest(request))
+        self.used.check(claims)
         if self.draining or self.state != "ready":
             state = "draining" if self.draining else self.state
             raise Overloaded(f"model server is {state}; retry shortly", retry_after=1.0,
@@ -152,19 +211,37 @@ class Frontend:
         if rid in self.records or self._member_of(rid) is not None:
             raise InvalidRequest(f"request id {rid} is already in use on this server")
         if request.prompts is not None:
-            self._submit_batch(identity, msg, request)
+            self._submit_batch(identity, msg, request, claims)
             return
-        seq = self.preparer.prepare(request, stream=bool(msg.get("stream") or msg.get("detach")))
+        seq = self._prepare(request, msg.stream or msg.detach)
+        assert isinstance(seq, Sequence)
+        tickets.check_tokens(claims, seq.reserve)
         self._admit(len(seq.prompt_ids))
-        self.records[rid] = Record(identity, bool(msg.get("stream")), bool(msg.get("detach")))
+        self.used.spend(claims)
+        self.records[rid] = Record(identity, msg.stream, msg.detach)
         self._send(identity, {"op": "accepted", "request_id": rid})
         self.engine.post("add", seq)
 
-    def _submit_batch(self, identity: bytes, msg: dict[str, Any],
-                      request: InferenceRequest) -> None:
+    def _prepare(self, request: InferenceRequest, stream: bool) -> Sequence | list[Sequence]:
+        """Tokenise and check a request (one text, or a batch); the tokenizer or chat template
+        failing on it is the request's problem: ``InvalidRequest``, not a server error."""
+        try:
+            if request.prompts is not None:
+                return self.preparer.prepare_batch(request)
+            return self.preparer.prepare(request, stream=stream)
+        except FabricError:
+            raise
+        except Exception as exc:
+            raise InvalidRequest(f"the model's tokenizer cannot take this request: "
+                                 f"{type(exc).__name__}: {exc}") from None
+
+    def _submit_batch(self, identity: bytes, msg: SubmitMessage, request: InferenceRequest,
+                      claims: dict[str, Any]) -> None:
         """Admit a batch whole, as one arrival carrying all its prompt tokens (see
         ``_admit``); its texts then wait and run as separate sequences."""
-        seqs = self.preparer.prepare_batch(request)
+        seqs = self._prepare(request, False)
+        assert isinstance(seqs, list)
+        tickets.check_tokens(claims, sum(s.reserve for s in seqs))
         tokens = sum(len(s.prompt_ids) for s in seqs)
         if tokens > self.config.max_queue_tokens:
             raise InvalidRequest(
@@ -172,8 +249,9 @@ class Frontend:
                 f"most {self.config.max_queue_tokens}: send fewer texts per batch",
                 prompt_tokens=tokens, max_queue_tokens=self.config.max_queue_tokens)
         self._admit(tokens)
+        self.used.spend(claims)
         rid = request.request_id
-        self.records[rid] = Record(identity, bool(msg.get("stream")), bool(msg.get("detach")))
+        self.records[rid] = Record(identity, msg.stream, msg.detach)
         self.batches[rid] = Batch(rid, len(seqs))
         self._send(identity, {"op": "accepted", "request_id": rid})
         self.engine.post_all("add", seqs)  # a step never starts with part of the batch
@@ -209,16 +287,15 @@ class Frontend:
         raise Overloaded(why, retry_after=retry_after(backlog, self.engine.prefill_tokens_per_s),
                          queued=waiting, reason=QUEUE_FULL)
 
-    def _poll(self, identity: bytes, msg: dict[str, Any]) -> None:
-        rid = str(msg.get("request_id"))
-        tickets.verify(self.key, msg.get("ticket"), model=self.model_name, request_id=rid)
+    def _poll(self, identity: bytes, msg: PollMessage) -> None:
+        rid = msg.request_id
         rec = self.records.get(rid)
         if rec is None:
             raise InvalidRequest(f"no request {rid} on this server (finished more than "
                                  f"{self.config.stream_buffer_s} s ago, or never submitted)")
         rec.last_seen = time.monotonic()
-        cursor = int(msg.get("cursor", 0))
-        wait = min(float(msg.get("wait", 0.0)), 60.0)
+        cursor = msg.cursor
+        wait = min(msg.wait, 60.0)
         if cursor < len(rec.events) or rec.final is not None or wait <= 0:
             self._answer_poll(identity, rid, rec, cursor)
         else:
@@ -231,9 +308,7 @@ class Frontend:
             "cursor": len(rec.events), "done": rec.final is not None,
             "result": final.get("result"), "error": final.get("error")})
 
-    def _cancel(self, identity: bytes, msg: dict[str, Any]) -> None:
-        rid = str(msg.get("request_id"))
-        tickets.verify(self.key, msg.get("ticket"), model=self.model_name, request_id=rid)
+    def _cancel(self, identity: bytes, rid: str) -> None:
         rec = self.records.get(rid)
         was = "unknown" if rec is None else ("done" if rec.final is not None else "running")
         if rec is not None and rec.final is None:
@@ -254,9 +329,6 @@ class Frontend:
             waiting.update(s.request_id for s in list(self.engine.scheduler.waiting))
         return wanted <= waiting
 
-    def _health(self, identity: bytes, msg: dict[str, Any]) -> None:
-        self._send(identity, {"op": "health", **self.health()})
-
     def health(self) -> dict[str, Any]:
         """Server state and load figures."""
         sched = self.engine.scheduler
@@ -272,9 +344,7 @@ class Frontend:
             **self.health_extra,
         }
 
-    def _drain(self, identity: bytes, msg: dict[str, Any]) -> None:
-        tickets.verify(self.key, msg.get("ticket"), model=self.model_name, request_id="*",
-                       admin=True)
+    def _drain(self, identity: bytes) -> None:
         self.draining = True
         self.engine.wake.set()
         self._send(identity, {"op": "draining"})
@@ -337,6 +407,16 @@ class Frontend:
                     self.engine.post_all("cancel", self._engine_ids(rid))
                     self.batches.pop(rid, None)
                 self.records.pop(rid, None)
+
+
+def _request_id_of(msg: dict[str, Any]) -> str | None:
+    """The request id a reply about ``msg`` should carry (so the client can route it), if
+    the message names one as a string."""
+    rid = msg.get("request_id")
+    request = msg.get("request")
+    if rid is None and isinstance(request, dict):
+        rid = request.get("request_id")
+    return rid if isinstance(rid, str) and len(rid) <= 300 and rid.isprintable() else None
 
 
 def retry_after(backlog: int, prefill_rate: float) -> float:

@@ -7,6 +7,8 @@ whichever rank samples.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fabric.engine.batch import SampleSpec, SeqOutput, StepPlan
@@ -50,16 +52,46 @@ def score(logits: torch.Tensor, targets: list[int]) -> list[float]:
 
 
 def outputs_from(plan: StepPlan, logits: torch.Tensor) -> list[SeqOutput]:
-    """Per-sequence outputs of a step from its head rows' logits: token, scores, captures."""
+    """Per-sequence outputs of a step from its head rows' logits: token, scores, captures.
+
+    A sequence whose rows are not finite (NaN or infinity, e.g. from an extreme steer hook)
+    gets ``error`` set instead of a token: sampling never raises for one row, so one request
+    cannot take down the step (or, with pp > 1, the last stage's rank)."""
     outputs, row = [], 0
+    finite = torch.isfinite(logits).all(-1).tolist() if logits.numel() else []
     for s in plan.seqs:
         out = SeqOutput(s.seq_id, captures=plan.captures.get(s.seq_id, {}))
-        if s.score_targets is not None:
-            targets = [t for t in s.score_targets if t >= 0]
-            out.scores = score(logits[row:row + len(targets)], targets) if targets else []
-            row += len(targets)
-        if s.sample is not None:
-            out.token, out.logprob = pick(logits[row], s.sample)
-            row += 1
+        n = (len([t for t in s.score_targets if t >= 0]) if s.score_targets is not None
+             else 0) + (s.sample is not None)
+        if not all(finite[row:row + n]):
+            out.error = "the model's logits for this request are not finite (NaN or infinity)"
+        else:
+            _fill(out, s.score_targets, s.sample, logits[row:row + n])
+        if out.error is None and not _captures_finite(out.captures):
+            out.error = "the captured hidden states of this request are not finite"
+        row += n
         outputs.append(out)
     return outputs
+
+
+def _fill(out: SeqOutput, score_targets: list[int] | None, sample: SampleSpec | None,
+          rows: torch.Tensor) -> None:
+    """Scores and the sampled token of one sequence from its (finite) logit rows."""
+    targets = [t for t in score_targets or [] if t >= 0]
+    if score_targets is not None:
+        out.scores = score(rows[:len(targets)], targets) if targets else []
+    if sample is not None:
+        try:
+            out.token, out.logprob = pick(rows[len(targets)], sample)
+        except RuntimeError as exc:  # e.g. probabilities that do not sum to a positive number
+            out.error = f"sampling failed for this request: {exc}"
+
+
+def _captures_finite(captures: dict[int, Any]) -> bool:
+    """True when every captured tensor (or (sum, count) pair) is finite."""
+    for value in captures.values():
+        parts = value if isinstance(value, tuple | list) else [value]
+        for part in parts:
+            if isinstance(part, torch.Tensor) and not bool(torch.isfinite(part).all()):
+                return False
+    return True

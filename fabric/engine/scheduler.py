@@ -20,7 +20,13 @@ from dataclasses import dataclass
 
 from fabric.engine.batch import SeqOutput, SeqWork, StepPlan
 from fabric.engine.sequence import Sequence
-from fabric.errors import Cancelled, DeadlineExceeded, FabricError
+from fabric.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FabricError,
+    NonFiniteOutput,
+    ServerInternalError,
+)
 
 
 @dataclass
@@ -161,8 +167,17 @@ class Scheduler:
             if seq.cancelled or _expired(seq, time.monotonic()):
                 self._end(seq, None, _why(seq))
                 continue
+            if out.error is not None:
+                self._end(seq, None, NonFiniteOutput(
+                    f"request {seq.request_id} failed: {out.error}; check its hooks and "
+                    "sampling settings", request_id=seq.request_id))
+                continue
             produced += out.token is not None
-            reason = self._advance(seq, out)
+            try:
+                reason = self._advance(seq, out)
+            except Exception as exc:  # one sequence's bookkeeping must not stop the loop
+                self._end(seq, None, internal_error(seq.request_id, exc))
+                continue
             if reason is not None:
                 self._end(seq, reason, None)
         return produced, prefilled
@@ -174,13 +189,34 @@ class Scheduler:
         if self.running.pop(seq.request_id, None) is not None:
             self.kv_used -= seq.reserve
             self._free.append(seq.request_id)
-        self._finish(seq, reason, error)
+        try:
+            self._finish(seq, reason, error)
+        except Exception as exc:  # e.g. its result could not be built: say so instead
+            if error is not None:
+                raise
+            self._finish(seq, None, internal_error(seq.request_id, exc))
+
+    def fail(self, seq_id: str, error: FabricError) -> None:
+        """End one running sequence with ``error`` (its step could not be computed); its KV
+        cache is dropped by the next step."""
+        seq = self.running.get(seq_id)
+        if seq is not None:
+            seq.busy = False
+            self._end(seq, None, error)
 
     def drop_all(self, error: FabricError) -> None:
         """End every sequence with ``error`` (shutdown)."""
         for seq in [*self.waiting, *self.running.values()]:
             self._end(seq, None, error)
         self.waiting.clear()
+
+
+def internal_error(request_id: str, exc: BaseException) -> ServerInternalError:
+    """The typed error of a request that failed on an unforeseen exception at the server."""
+    return ServerInternalError(
+        f"request {request_id} failed at the model server ({type(exc).__name__}: {exc}); "
+        "the server goes on serving other requests", request_id=request_id,
+        error=type(exc).__name__)
 
 
 def _expired(seq: Sequence, now: float) -> bool:
