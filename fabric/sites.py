@@ -136,6 +136,11 @@ class ServerConfig(_Strict):
     ready_timeout_s: float = Field(900.0, gt=0, description="Give up waiting for readiness.")
     kv_budget_tokens: int = Field(65536, gt=0, description="KV-cache tokens across requests.")
     max_batch_tokens: int = Field(512, gt=0, description="Tokens per forward step (chunking).")
+    max_message_bytes: int = Field(64 << 20, gt=0, description="Largest message the server's "
+                                   "socket reads (ZMQ MAXMSGSIZE): a bigger one is dropped "
+                                   "before it is read into memory. 64 MiB holds the largest "
+                                   "valid request (a 4096-text embed batch, 16 steer vectors "
+                                   "of a wide model) many times over.")
     encoder_batch_tokens: int = Field(8192, gt=0, description="Tokens per step for embedding "
                                       "models (nothing decodes between their steps, so big "
                                       "steps only amortise per-step cost).")

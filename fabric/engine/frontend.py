@@ -42,10 +42,6 @@ from fabric.sites import ServerConfig
 
 log = logging.getLogger("fabric.frontend")
 OUTBOX = "inproc://fabric-outbox"
-MAX_MESSAGE_BYTES = 64 << 20
-"""Default cap on one incoming message (``ServerConfig.max_message_bytes`` when the site sets
-it): ZMQ drops a peer that announces a larger one before reading it. 64 MiB holds the largest
-valid request (a 4096-text embed batch, 16 steer vectors of a wide model) many times over."""
 
 
 @dataclass
@@ -88,7 +84,7 @@ class Frontend:
         self.sock.curve_publickey = public_key
         self.sock.router_mandatory = True
         self.sock.linger = 0
-        self.sock.maxmsgsize = int(getattr(self.config, "max_message_bytes", MAX_MESSAGE_BYTES))
+        self.sock.maxmsgsize = self.config.max_message_bytes
         port = self.sock.bind_to_random_port(f"tcp://{host}")
         self.outbox = self.ctx.socket(zmq.PULL)
         self.outbox.bind(OUTBOX)

@@ -68,6 +68,10 @@ class KVStore:
         """Live sequences (caches not yet dropped)."""
         return len(self._caches)
 
+    def ids(self) -> set[str]:
+        """Ids of the live sequences."""
+        return set(self._caches)
+
     def caches(self, seqs: list[SeqWork]) -> list[SeqCache]:
         """The caches of a step's sequences, in order; a sequence seen for the first time gets
         a slot if one fits, else tensors of its own (``capacity`` positions)."""

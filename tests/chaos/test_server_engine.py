@@ -22,6 +22,7 @@ from fabric.engine.engine import Engine
 from fabric.engine.loader import build_stage
 from fabric.engine.model import StageModel
 from fabric.engine.prepare import ModelLimits, Preparer
+from fabric.engine.runner import StageRunner
 from fabric.engine.scheduler import Limits
 from fabric.engine.sequence import Sequence
 from fabric.protocol import InferenceRequest
@@ -35,14 +36,14 @@ GOOD = [("The mitochondria is", {"max_tokens": 6}),
 class LocalRunner:
     """The pp=1 ``Pipeline`` in miniature: a whole step per launch, collected in order."""
 
-    def __init__(self, model: StageModel) -> None:
-        self.model, self.inflight, self.depth = model, 0, 1
+    def __init__(self, stage: StageRunner) -> None:
+        self.stage, self.inflight, self.depth = stage, 0, 1
         self._done: deque[list[SeqOutput]] = deque()
         self.steps = 0
 
     def launch(self, plan: StepPlan) -> None:
         self.steps += 1
-        self._done.append(self.model.run_local(plan))
+        self._done.append(self.stage.run_local(plan))
         self.inflight += 1
 
     def collect(self) -> list[SeqOutput]:
@@ -71,7 +72,8 @@ def _serve(stage: tuple[StageModel, Any], seqs: list[Sequence]) -> dict[str, dic
             if len(finals) == len(seqs):
                 done.set()
 
-    engine = Engine(LocalRunner(model), tok, Limits(4096, 512, 8), {"name": "t"}, set(),
+    stage_runner = StageRunner(model)
+    engine = Engine(LocalRunner(stage_runner), tok, Limits(4096, 512, 8), {"name": "t"}, set(),
                     model.config.num_hidden_layers, emit)
     engine.post_all("add", seqs)
     thread = threading.Thread(target=engine.run, args=(60.0, lambda: False), daemon=True)
@@ -82,8 +84,7 @@ def _serve(stage: tuple[StageModel, Any], seqs: list[Sequence]) -> dict[str, dic
     thread.join(10)
     assert engine.scheduler.kv_used == 0 and not engine.scheduler.running
     # Every cache is dropped or queued to be dropped by the next step (the failed one's too).
-    assert set(model.cache) <= set(engine.scheduler._free)
-    model.cache.clear()
+    assert stage_runner.kv.ids() <= set(engine.scheduler._free)
     return finals
 
 
