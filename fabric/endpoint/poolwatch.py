@@ -88,10 +88,12 @@ def retype_lost(packed: bytes) -> bytes:
         return packed
     if not isinstance(res, Result) or not res.is_error or not _MANAGER_LOST.search(res.data):
         return packed
-    details = ResultErrorDetails(
-        code=POOL_LOST, user_message="the site's worker pool was lost while it ran this task "
-        "(the site starts a new one); retrying may help")
-    return bytes(messagepack.pack(Result(task_id=res.task_id, data=res.data,
+    message = ("the site's worker pool was lost while it ran this task (the site starts a "
+               "new one); retrying may help")
+    details = ResultErrorDetails(code=POOL_LOST, user_message=message)
+    # The client quotes the last line: make it this, not the traceback's closing rule.
+    data = f"{res.data}\n{POOL_LOST}: {message}"
+    return bytes(messagepack.pack(Result(task_id=res.task_id, data=data,
                                          error_details=details,
                                          task_statuses=res.task_statuses)))
 
@@ -150,7 +152,7 @@ class PoolWatch:
             self._live = self.pools()
         live = self._live
         for gone in set(self.helpers) - set(live):
-            del self.helpers[gone]
+            self._end_orphan(gone, self.helpers.pop(gone))
         killed = []
         for pool in live:
             helper = self.helpers.get(pool)
@@ -167,6 +169,17 @@ class PoolWatch:
                             "it; Parsl starts a new one, its tasks fail as %s", pool, helper,
                             POOL_LOST)
         return killed
+
+    def _end_orphan(self, pool: int, helper: int) -> None:
+        # A pool killed by someone else leaves its helper behind (a Manager does not watch its
+        # parent; the workers do, and exit): end it, if that pid is still that helper.
+        st = _stat(helper)
+        if st is None or st[3] != os.getsid(0) or "multiprocessing" not in _cmdline(helper):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(helper, signal.SIGKILL)
+            log.warning("worker pool %d is gone: ended its orphaned helper (pid %d)", pool,
+                        helper)
 
     def cap_logs(self) -> list[Path]:
         """Cut every ``*.log`` under the run dir over the cap down (tail kept); those cut."""

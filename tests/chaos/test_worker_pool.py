@@ -78,7 +78,10 @@ def write_manifest(tmp: Path, site: LocalSite) -> Path:
     return tmp / "m.yaml"
 
 
-def test_killed_pool_helper_is_replaced(tmp_path: Path, local_site: LocalSite) -> None:
+@pytest.mark.parametrize("target", ["helper", "pool"])
+def test_killed_pool_is_replaced(tmp_path: Path, local_site: LocalSite, target: str) -> None:
+    """``helper``: the pool's multiprocessing Manager (the stall of issue 14); ``pool``: the
+    pool process itself (its workers exit; its helper must not be left behind)."""
     state = local_site.state_dir
     folder = store.create(write_manifest(tmp_path, local_site), tmp_path / "home")
     c = Campaign(folder).start()
@@ -99,7 +102,7 @@ def test_killed_pool_helper_is_replaced(tmp_path: Path, local_site: LocalSite) -
         assert helper is not None, "the pool's multiprocessing helper"
         threading.Thread(target=sample, daemon=True).start()
         killed_at = time.monotonic()
-        os.kill(helper, signal.SIGKILL)
+        os.kill(helper if target == "helper" else old_pools[0], signal.SIGKILL)
         try:
             status = c.wait(timeout=RECOVERY_S)
         except DeadlineExceeded as exc:
@@ -113,15 +116,18 @@ def test_killed_pool_helper_is_replaced(tmp_path: Path, local_site: LocalSite) -
         shards = next(iter(status["sites"].values()), {}).get("shards", {})
         counts = {"inputs": INPUTS, "typed_errors": int(shards.get("failed", 0)),
                   "lost": INPUTS - len(ids), "duplicated": sum(n - 1 for n in ids.values()),
-                  "leaked": len([p for p in old_pools if p in new_pools]),
+                  "leaked": len([p for p in (*old_pools, helper) if p in processes(
+                      lambda pid, st: st[0] not in ("Z", "X"))]),
                   "errors": len(err), "recovery_s": round(took),
                   "manager_log_max": biggest[0],
                   "pools_replaced": int(site.get("pools_replaced", 0))}
         assert status["status"] == "done", (
             f"{status['done']}/{INPUTS} done {took:.0f} s after the pool's helper was killed")
         assert counts["lost"] == counts["duplicated"] == counts["errors"] == 0, counts
+        assert counts["leaked"] == 0, "the old pool or its helper is still running"
         assert new_pools and not set(new_pools) & set(old_pools), "the pool was not replaced"
-        assert counts["pools_replaced"] >= 1, "the site did not notice the broken pool"
+        if target == "helper":
+            assert counts["pools_replaced"] >= 1, "the site did not notice the broken pool"
         # The lost shards failed with the typed, retryable error (not "your function raised").
         assert counts["typed_errors"] >= 1 and POOL_LOST in str(status.get("last_error")), status
     finally:
@@ -129,7 +135,7 @@ def test_killed_pool_helper_is_replaced(tmp_path: Path, local_site: LocalSite) -
         if c.status()["status"] not in ("done", "cancelled", "failed"):
             c.cancel()
         c.stop()
-        report("worker-pool-helper-kill", **counts)
+        report(f"worker-pool-{target}-kill", **counts)
     assert biggest[0] <= LOG_CAP_BYTES, f"manager.log reached {biggest[0]} bytes"
 
 
@@ -165,6 +171,8 @@ def test_a_lost_pool_is_a_retryable_endpoint_error() -> None:
     with pytest.raises(EndpointError) as lost:
         unpack_result(retype_lost(_failed_result(ManagerLost(b"abc", "node1"))))
     assert lost.value.retryable and lost.value.details["code"] == POOL_LOST
+    assert "worker pool was lost" in lost.value.message
+    assert "ManagerLost" in lost.value.details["traceback"]
     # A function that merely says "ManagerLost" is still its own error.
     own = _failed_result(RuntimeError("parsl.executors.high_throughput.errors.ManagerLost"))
     assert retype_lost(own) == own
