@@ -48,7 +48,7 @@ from typing import Any
 import msgpack
 
 from fabric import env
-from fabric.endpoint import watchdog
+from fabric.endpoint import poolwatch, watchdog
 from fabric.sites import SiteConfig
 from fabric.wire import framing
 from fabric.wire.framing import CONTROL, RESULT, TASK
@@ -128,6 +128,8 @@ class SiteProcess:
         self._spare_fd = -1
         """Held open so an EMFILE accept can still take the connection (and close it)."""
         self.watchdog: Any = None
+        self.pools = poolwatch.PoolWatch(self.state_dir / "engine")
+        """The worker pools' health check and Parsl's log cap (run in a background thread)."""
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -144,6 +146,8 @@ class SiteProcess:
         self.started = time.time()
         _write_private_json(self.state_dir / INFO_FILE, self.info())
         threading.Thread(target=self._reap_loop, daemon=True, name="site-reaper").start()
+        threading.Thread(target=self.pools.run, args=(self.stopping,), daemon=True,
+                         name="site-poolwatch").start()
         for task in self.background_tasks:
             threading.Thread(target=self._run_background, args=(task,), daemon=True,
                              name=f"site-bg-{getattr(task, '__name__', 'task')}").start()
@@ -160,7 +164,7 @@ class SiteProcess:
         env.PATH.set(bin_dir + os.pathsep + (env.PATH.get() or ""))
         env.FABRIC_SITE.set(self.site_ref)
         env.FABRIC_STATE_DIR.set(str(self.state_dir))
-        run_dir = self.state_dir / "engine"
+        run_dir = self.pools.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.engine = GlobusComputeEngine(
             label="fabric-local",
@@ -171,6 +175,8 @@ class SiteProcess:
             # Long idle allowance: request workers stay warm; the short strategy period cuts
             # the first task's latency from ~6 s to ~2 s.
             job_status_kwargs={"strategy_period": 0.5, "max_idletime": 3600.0},
+            # Heartbeats that notice a lost pool in seconds; a lost block is not fatal.
+            **poolwatch.engine_options(),
         )
         self.engine.start(endpoint_id=self.endpoint_id, run_dir=str(run_dir))
 
@@ -350,7 +356,8 @@ class SiteProcess:
         key = str(task_id).encode()
 
         def done(f: cf.Future[Any]) -> None:
-            self._reply(conn, [RESULT, key, f.result()])
+            # A task whose pool was lost says so (retryable), not "your function raised".
+            self._reply(conn, [RESULT, key, poolwatch.retype_lost(f.result())])
 
         fut.add_done_callback(done)
         # Before any worker unpickles the task's code or arguments.
@@ -397,6 +404,7 @@ class SiteProcess:
         return {**self.info(), "uptime_s": round(time.time() - self.started, 1),
                 "replies_dropped": self.replies_dropped, "clients": self.clients,
                 "max_clients": self.max_clients, "refused": self.refused,
+                "pools_replaced": self.pools.killed, "logs_truncated": self.pools.truncated,
                 "deployments": deployments}
 
     def _undeploy_all(self) -> list[str]:

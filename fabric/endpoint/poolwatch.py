@@ -1,0 +1,257 @@
+"""The site's worker-pool health check and Parsl log cap: one cheap loop, once a second.
+
+Parsl's worker pool (``process_worker_pool``, one per block) keeps its in-flight task table and
+monitoring queue in a ``multiprocessing`` Manager, a helper process it spawns before its
+workers. When the helper dies the pool keeps heartbeating to the interchange, so Parsl notices
+nothing: each worker dies on its next task, that task is never answered (a campaign shard waited
+for its hour-long timeout), and the pool's monitoring thread logs the same traceback in a loop
+(``manager.log`` grew to 1 GB in 10 minutes). So the site checks each of its pools every second
+and, when the helper is gone, kills the pool's whole process group:
+
+- Parsl's provider then sees the block gone (``CANCELLED``: its wrapper shell dies too, before
+  it can write an exit code) and its strategy starts a new block within ``strategy_period``.
+- The interchange fails the tasks it had sent to that pool with ``ManagerLost`` once the pool
+  misses heartbeats for ``HEARTBEAT_THRESHOLD_S``; ``retype_lost`` turns that result into an
+  error with code ``WorkerPoolLost``, which the client raises as a retryable ``EndpointError``
+  (a campaign runner resubmits the shard; exactly one output line per input still holds).
+
+The same loop caps every ``*.log`` under the engine's run dir (Parsl's ``interchange.log``,
+``manager.log``, ``worker_N.log``) at ``LOG_CAP_BYTES``: a bigger one has its last
+``LOG_KEEP_BYTES`` copied to ``NAME.1`` and is truncated in place (Parsl opens its logs in append
+mode, so its next write lands at the new end; renaming would not help, the writer keeps the
+old file open).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from fabric.endpoint.watchdog import SERVER_MARK, _cmdline, _stat, alive
+
+log = logging.getLogger("fabric.site.pool")
+
+CHECK_PERIOD_S = 1.0
+"""How often the pools' health and the logs' sizes are checked (a /proc scan and a few stats)."""
+LOG_CAP_BYTES = 16 * 2**20
+"""The most any Parsl log under the run dir holds for longer than ``CHECK_PERIOD_S``."""
+LOG_KEEP_BYTES = 2**20
+"""How much of a capped log's tail is kept (in ``NAME.1``) when it is truncated."""
+HEARTBEAT_PERIOD_S = 2
+"""Parsl's ``heartbeat_period``: how often a pool and the interchange exchange heartbeats. Parsl
+also uses it as the pool's check of its workers (a killed worker's task fails with
+``WorkerLost`` within this long; Parsl's default of 30 s left it hanging that long) and the
+workers' queue poll. A heartbeat is one small ZMQ message each way: 2 s costs nothing."""
+HEARTBEAT_THRESHOLD_S = 20
+"""Parsl's ``heartbeat_threshold``: the interchange drops a pool silent for this long and fails
+its tasks (``ManagerLost``); a pool that hears nothing from the interchange that long exits.
+This bounds how long a task on a lost pool waits (Parsl's default is 120 s). It is 10 missed
+heartbeats, not fewer: a pool wrongly dropped on a loaded node fails tasks that were running."""
+RESCAN_EVERY = 5
+"""Every this many checks all of ``/proc`` is scanned for new pools (a replaced block's)."""
+POOL_LOST = "WorkerPoolLost"
+"""The error code of a task whose worker pool was lost under it (retrying helps)."""
+_MANAGER_LOST = re.compile(r"^parsl\.executors\.high_throughput\.errors\.ManagerLost\b", re.M)
+
+
+def engine_options() -> dict[str, Any]:
+    """The Parsl executor settings this module relies on (see the constants' docs)."""
+    from parsl.jobs.error_handlers import windowed_error_handler
+
+    # A killed pool's block ends FAILED when its wrapper shell outlives it; Parsl's default
+    # handler gives up on the whole engine when every block has failed, which with one block is
+    # the first loss. The windowed one gives up only after three failed blocks in a row (a pool
+    # that cannot start at all): its tasks then fail instead of waiting forever.
+    return {"heartbeat_period": HEARTBEAT_PERIOD_S,
+            "heartbeat_threshold": HEARTBEAT_THRESHOLD_S,
+            "block_error_handler": windowed_error_handler}
+
+
+def retype_lost(packed: bytes) -> bytes:
+    """``packed`` (a Globus Compute ``Result``), with a ``ManagerLost`` failure re-coded as
+    ``WorkerPoolLost`` so the client raises a retryable ``EndpointError`` rather than taking
+    it for the function's own error; any other result is returned as it is."""
+    if b"ManagerLost" not in packed:  # the common case costs one substring search
+        return packed
+    from globus_compute_common import messagepack
+    from globus_compute_common.messagepack.message_types import Result, ResultErrorDetails
+
+    try:
+        res = messagepack.unpack(packed)
+    except Exception:
+        return packed
+    if not isinstance(res, Result) or not res.is_error or not _MANAGER_LOST.search(res.data):
+        return packed
+    message = ("the site's worker pool was lost while it ran this task (the site starts a "
+               "new one); retrying may help")
+    details = ResultErrorDetails(code=POOL_LOST, user_message=message)
+    # The client quotes the last line: make it this, not the traceback's closing rule.
+    data = f"{res.data}\n{POOL_LOST}: {message}"
+    return bytes(messagepack.pack(Result(task_id=res.task_id, data=data,
+                                         error_details=details,
+                                         task_statuses=res.task_statuses)))
+
+
+class PoolWatch:
+    """Health of the worker pools whose logs are under ``run_dir``, and their logs' size."""
+
+    def __init__(self, run_dir: Path, log_cap_bytes: int = LOG_CAP_BYTES) -> None:
+        self.run_dir = Path(run_dir)
+        self.log_cap_bytes = log_cap_bytes
+        self.helpers: dict[int, int] = {}
+        """Each live pool's pid -> its multiprocessing helper's pid (once seen)."""
+        self.killed = 0
+        """Pools killed because their helper was gone."""
+        self.truncated = 0
+        """Times a log was cut down to its cap."""
+        self._live: list[int] = []
+        self._checks = 0
+
+    def run(self, stopping: threading.Event) -> None:
+        """Check every ``CHECK_PERIOD_S`` until ``stopping`` is set (the site's background loop)."""
+        while not stopping.wait(CHECK_PERIOD_S):
+            try:
+                self.check_pools()
+                self.cap_logs()
+            except Exception:  # a /proc race or a full disk must not end the loop
+                log.exception("worker pool check failed")
+
+    def pools(self) -> list[int]:
+        """Live worker pools of this site: this session's ``process_worker_pool`` processes
+        whose command line names the run dir (Parsl detaches them; their parent is init)."""
+        mark = str(self.run_dir) + os.sep
+        session = os.getsid(0)
+        out = []
+        for pid in _pids():
+            st = _stat(pid)
+            if st is None or st[3] != session or st[0] in ("Z", "X"):
+                continue
+            cmd = _cmdline(pid)
+            if "process_worker_pool" in cmd and mark in cmd:
+                out.append(pid)
+        return out
+
+    def check_pools(self) -> list[int]:
+        """Kill each pool whose helper is gone; the pools killed.
+
+        The known pools' helpers are checked each time (two ``/proc`` reads each); the scan of
+        every process for new pools runs every ``RESCAN_EVERY`` checks, or while none is known.
+        """
+        self._checks += 1
+        if self._checks % RESCAN_EVERY == 0 or len(self.helpers) < len(self._live):
+            self._live = self.pools()
+        else:
+            self._live = [pool for pool in self._live if alive(pool)]
+        if not self._live:
+            self._live = self.pools()
+        live = self._live
+        for gone in set(self.helpers) - set(live):
+            self._end_orphan(gone, self.helpers.pop(gone))
+        killed = []
+        for pool in live:
+            helper = self.helpers.get(pool)
+            if helper is None:
+                found = helper_of(pool)
+                if found is not None:  # not yet listening right after the pool started
+                    self.helpers[pool] = found
+            elif not alive(helper):
+                kill_pool(pool)
+                del self.helpers[pool]
+                self.killed += 1
+                killed.append(pool)
+                log.warning("worker pool %d lost its multiprocessing helper (pid %d): killed "
+                            "it; Parsl starts a new one, its tasks fail as %s", pool, helper,
+                            POOL_LOST)
+        return killed
+
+    def _end_orphan(self, pool: int, helper: int) -> None:
+        # A pool killed by someone else leaves its helper behind (a Manager does not watch its
+        # parent; the workers do, and exit): end it, if that pid is still that helper.
+        st = _stat(helper)
+        if st is None or st[3] != os.getsid(0) or "multiprocessing" not in _cmdline(helper):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(helper, signal.SIGKILL)
+            log.warning("worker pool %d is gone: ended its orphaned helper (pid %d)", pool,
+                        helper)
+
+    def cap_logs(self) -> list[Path]:
+        """Cut every ``*.log`` under the run dir over the cap down (tail kept); those cut."""
+        cut = []
+        for path in self.run_dir.rglob("*.log"):
+            with contextlib.suppress(OSError):
+                size = path.stat().st_size
+                if size <= self.log_cap_bytes:
+                    continue
+                with path.open("rb") as fh:
+                    fh.seek(max(0, size - LOG_KEEP_BYTES))
+                    tail = fh.read(LOG_KEEP_BYTES)
+                path.with_name(path.name + ".1").write_bytes(tail)
+                os.truncate(path, 0)
+                self.truncated += 1
+                cut.append(path)
+                log.warning("%s reached %d bytes (cap %d): truncated, its last %d bytes are in "
+                            "%s.1", path, size, self.log_cap_bytes, len(tail), path.name)
+        return cut
+
+
+def helper_of(pool: int) -> int | None:
+    """The pool's ``multiprocessing`` Manager: its child listening on a Unix socket named
+    ``.../pymp-*/listener-*`` (workers and the resource tracker listen on none)."""
+    listening = _listener_inodes()
+    if not listening:
+        return None
+    for pid in _pids():
+        st = _stat(pid)
+        if st is None or st[1] != pool:
+            continue
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                if os.readlink(fd) in listening:
+                    return pid
+    return None
+
+
+def _listener_inodes() -> set[str]:
+    """``socket:[inode]`` of every listening Unix socket that multiprocessing named."""
+    out = set()
+    with contextlib.suppress(OSError), open("/proc/net/unix") as fh:
+        next(fh, None)
+        for line in fh:
+            fields = line.split()
+            # Num RefCount Protocol Flags Type St Inode Path; flag 0x10000 = accepting
+            if len(fields) >= 8 and "/pymp-" in fields[7] and "listener-" in fields[7] \
+                    and int(fields[3], 16) & 0x10000:
+                out.add(f"socket:[{fields[6]}]")
+    return out
+
+
+def kill_pool(pool: int) -> None:
+    """SIGKILL the pool's process group (the block: wrapper shells, pool, workers) at once, so
+    no wrapper lives to record an exit code; where that group is not the block's own or holds a
+    model server (servers outlive pools), just the pool and its children, servers spared."""
+    st = _stat(pool)
+    if st is None:
+        return
+    group = st[2]
+    stats = {pid: s for pid in _pids() if (s := _stat(pid)) is not None}
+    own = group > 1 and group not in (os.getpgrp(), os.getsid(0))
+    if own and not any(SERVER_MARK in _cmdline(pid) for pid, s in stats.items()
+                       if s[2] == group):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+        return
+    for pid in [pool, *(pid for pid, s in stats.items() if s[1] == pool)]:
+        if SERVER_MARK not in _cmdline(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _pids() -> list[int]:
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
