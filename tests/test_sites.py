@@ -149,7 +149,8 @@ def test_local_site_runs_the_templates_engine(tmp_path: Path,
         for var in ("PATH", env.FABRIC_SITE.name, env.FABRIC_STATE_DIR.name):
             m.setenv(var, os.environ.get(var, ""))
         fake = SimpleNamespace(site=load_site("local"), site_ref="local", state_dir=tmp_path,
-                               endpoint_id="e")
+                               endpoint_id="e",
+                               pools=SimpleNamespace(run_dir=tmp_path / "engine"))
         site_mod.SiteProcess._start_engine(fake)  # type: ignore[arg-type]
     _, user = cli_sites.load_endpoint_dir(write("local", tmp_path / "ep"))
     engine, provider = user.engine, user.engine.executor.provider
@@ -157,6 +158,8 @@ def test_local_site_runs_the_templates_engine(tmp_path: Path,
     assert seen["max_workers_per_node"] == engine.executor.max_workers_per_node == 4
     assert seen["address"] == engine.executor.address == "127.0.0.1"
     assert seen["job_status_kwargs"] == {"strategy_period": 0.5, "max_idletime": 3600.0}
+    for attr in ("heartbeat_period", "heartbeat_threshold"):
+        assert seen[attr] == getattr(engine.executor, attr), attr
     built = engine._job_status_kwargs  # what the engine's poller will start with
     assert {k: built[k] for k in seen["job_status_kwargs"]} == seen["job_status_kwargs"]
     mine = seen["provider"]
