@@ -12,7 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fabric.errors import UnknownModel
+from fabric.errors import AmbiguousModelVersion, UnknownModel
+
+HASH_PREFIX_MIN = 12
+"""Fewest hex digits of a weights hash that pin a version (``version="sha256:<hex>"``)."""
 
 Family = Literal["causal-lm", "embedding"]
 
@@ -30,6 +33,12 @@ class WeightSource(BaseModel):
     """GGUF file name (gguf-package) or sub-folder (folder-package)."""
     path: str | None = None
     """Local transformers/safetensors folder (path kind)."""
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    """The weights hash recorded when the model was registered (``fabric models add``); a
+    request may pin it as ``version``. ``None``: computed (and cached) when first served."""
+    stamp: list[str] | None = None
+    """Name, size and mtime of each weights file when ``sha256`` was taken; serving refuses
+    files that no longer match instead of hashing them again."""
 
 
 class CatalogEntry(BaseModel):
@@ -98,7 +107,10 @@ class Catalog:
         return sorted(self._entries)
 
     def get(self, name: str, version: str | None = None) -> CatalogEntry:
-        """The entry for ``name`` (latest listed version unless ``version`` pins one)."""
+        """The entry for ``name``: the latest listed version, or the one ``version`` pins by
+        name or by weights hash (``sha256:<hex>`` or a bare prefix of >= 12 hex digits).
+
+        Raises ``UnknownModel`` (listing what exists) or ``AmbiguousModelVersion``."""
         versions = self._entries.get(name)
         if not versions:
             raise UnknownModel(
@@ -111,9 +123,32 @@ class Catalog:
         for entry in versions:
             if entry.version == version:
                 return entry
-        known = [e.version for e in versions]
+        matches = _by_hash(versions, version)
+        if len(matches) == 1:
+            return matches[0]
+        known = [_label(e) for e in versions]
+        if matches:
+            raise AmbiguousModelVersion(
+                f"model {name!r}: {version!r} matches {len(matches)} versions "
+                f"({', '.join(_label(e) for e in matches)}); pin more hex digits",
+                model=name, available=known, matches=[e.version for e in matches])
         raise UnknownModel(
             f"model {name!r} has no version {version!r}; available: {', '.join(known)}",
             model=name,
             available=known,
         )
+
+
+def _by_hash(versions: list[CatalogEntry], pin: str) -> list[CatalogEntry]:
+    """Entries whose recorded weights hash starts with ``pin`` (``sha256:<hex>`` or bare hex
+    of at least ``HASH_PREFIX_MIN`` digits); none when ``pin`` is not such a prefix."""
+    hexes = pin.removeprefix("sha256:").lower()
+    if len(hexes) < HASH_PREFIX_MIN or any(c not in "0123456789abcdef" for c in hexes):
+        return []
+    return [e for e in versions if e.source.sha256 and e.source.sha256.startswith(hexes)]
+
+
+def _label(entry: CatalogEntry) -> str:
+    """``version`` plus its hash prefix when one is recorded (for error listings)."""
+    sha = entry.source.sha256
+    return f"{entry.version} (sha256:{sha[:HASH_PREFIX_MIN]})" if sha else entry.version

@@ -77,10 +77,10 @@ def current_site() -> tuple[Any, Path]:
 
 
 def catalog(site: Any) -> Any:
-    """The built-in catalog plus the site's own models."""
-    from fabric.catalog import Catalog
+    """The built-in catalog plus the site's own models (its ``extra_models`` and registered)."""
+    from fabric.models_registry import site_catalog
 
-    return Catalog().with_entries(site.extra_models)
+    return site_catalog(site, current_site()[1])
 
 
 def manager() -> Any:
@@ -324,11 +324,22 @@ def list_models(auth: Any = None) -> list[dict[str, Any]]:
             "name": entry.name, "version": entry.version, "family": entry.family,
             "params": entry.params, "size": _size(entry.params),
             "description": entry.description, "site": site.name,
-            "hosted": hosted is not None or entry in site.extra_models,
+            "hosted": hosted is not None or entry in site.extra_models
+            or entry.source.sha256 is not None,
             "plan": (hosted.plan.model_dump() if hosted else None),
+            **_identity(entry),
             "deployments": [{"id": d.id, "state": d.state} for d in deps],
         })
     return out
+
+
+def _identity(entry: Any) -> dict[str, Any]:
+    """Size on disk and weights hash where already known (never hashes: a listing)."""
+    from fabric.weights import known_identity
+
+    known = known_identity(entry)
+    return {"size_bytes": known.size_bytes if known else None,
+            "sha256": known.sha256 if known else None}
 
 
 def _size(params: int) -> str:
