@@ -18,7 +18,7 @@ import os
 import struct
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from fabric.catalog import Catalog, CatalogEntry, Family, WeightSource
 from fabric.engine.architectures import SERVED, family_of
 from fabric.errors import InvalidModelFolder, InvalidRequest, UnknownModel
-from fabric.weights import file_digests, stamp_of, weight_files, weights_sha256
+from fabric.weights import (
+    file_digests,
+    known_identity,
+    stamp_of,
+    weight_files,
+    weights_sha256,
+)
 
 REGISTRY_FILE = "models.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.txt")
@@ -202,4 +208,15 @@ def site_catalog(site: Any, state_dir: Path | None = None) -> Catalog:
     and the models registered in its state dir (``state_dir`` defaults to the site's)."""
     folder = state_dir if state_dir is not None else site.resolved_state_dir()
     return Catalog().with_entries(site.extra_models).with_entries(
-        ModelRegistry(folder).entries())
+        ModelRegistry(folder).entries(), hash_of=_known_hash(site))
+
+
+def _known_hash(site: Any) -> Callable[[CatalogEntry], str | None]:
+    """The weights hash of an unregistered entry from its manifest (written when it was first
+    served), so every served version can be pinned by hash; never hashes."""
+    cache = Path(site.weights_dir).expanduser() if site.weights_dir else None
+
+    def hash_of(entry: CatalogEntry) -> str | None:
+        known = known_identity(entry, cache)
+        return known.sha256 if known else None
+    return hash_of

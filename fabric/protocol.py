@@ -16,6 +16,7 @@ import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fabric.errors import FabricError, InvalidRequest
+from fabric.provenance import Provenance
 
 RequestKind = Literal["generate", "embed", "hidden_states", "logprobs"]
 Pooling = Literal["mean", "last", "first"]
@@ -151,6 +152,8 @@ class GenerationResult(_Strict):
     timings: Timings
     logprobs: list[float] | None = None
     captures: dict[str, Any] = Field(default_factory=dict)
+    provenance: Provenance | None = None
+    """Model, version, weights hash, plan, fabric version, seed and sampling (fabric.provenance)."""
 
 
 def validate_request(data: dict[str, Any]) -> InferenceRequest:

@@ -186,3 +186,14 @@ def test_site_serves_a_registered_model_pinned_by_version_and_hash(
                     fab.undeploy(dep["id"])
     finally:
         registry.remove("byo-tiny")
+
+
+def test_served_unregistered_models_pin_by_hash_from_their_manifest(
+        model_copy: Path, tmp_path: Path) -> None:
+    site = load_site(str(write_site(tmp_path / "site", model_dir=model_copy)))
+    entry = site_catalog(site).get("tiny-llama")
+    with pytest.raises(UnknownModel):  # never served: its hash is not known yet (not computed)
+        site_catalog(site).get("tiny-llama", "sha256:" + sha256sum_listing(model_copy)[1])
+    prepared = weights.prepare(entry)  # what a deployment does first: writes the manifest
+    assert prepared.sha256 == sha256sum_listing(model_copy)[1]
+    assert site_catalog(site).get("tiny-llama", prepared.sha256[:12]).version == "test"
