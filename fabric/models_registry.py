@@ -68,7 +68,7 @@ class RegisteredModel(BaseModel):
         source = WeightSource(kind="path", path=self.path, sha256=self.sha256, stamp=self.stamp)
         dtype = self.dtype if self.dtype in DTYPES else "float32"
         return CatalogEntry(name=self.name, version=self.version, family=self.family,
-                            source=source, params=self.params, dtype=dtype,  # type: ignore[arg-type]
+                            source=source, params=self.params, dtype=dtype,
                             description=self.description or f"registered from {self.path}")
 
 
