@@ -148,11 +148,12 @@ def test_changed_weights_are_refused_not_rehashed(model_copy: Path, tmp_path: Pa
 
 def test_cli_add_list_json_and_remove(model_copy: Path, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    site_dir = write_site(tmp_path / "site")
+    site_dir = write_site(tmp_path / "site", node={"gpus": 4, "gpu_memory_gib": 40})
     assert main(["models", "add", str(model_copy), "--name", "my-llama", "--version", "v1",
                  "--site", str(site_dir), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["sha256"] == sha256sum_listing(model_copy)[1]
+    assert (record["site_plan"]["pp"], record["site_plan"]["nodes"]) == (1, 1)
     site = load_site(str(site_dir))
     entry = site_catalog(site).get("my-llama", record["sha256"][:12])
     known = weights.known_identity(entry)

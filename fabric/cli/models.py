@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fabric.cli.common import dumps, open_fabric, print_table, site_arg
 
@@ -73,12 +73,36 @@ def cmd_add(args: argparse.Namespace) -> int:
     site, registry = _registry(args.site)
     model = registry.add(args.path, args.name, args.version, description=args.description,
                          existing=site_catalog(site))
+    plan = _site_plan(model, site)
     if args.json:
-        print(dumps(model.model_dump()))
+        print(dumps({**model.model_dump(), "site_plan": plan}))
         return 0
     print(f"registered {model.name} {model.version} at site {site.name}: {model.architecture}, "
           f"{_bytes(model.size_bytes)} in {len(model.files)} file(s), sha256:{model.sha256}")
+    if isinstance(plan, dict):
+        print(f"plan on {site.name}'s nodes: pp={plan['pp']} x tp={plan['tp']} x ep={plan['ep']}"
+              f" on {plan['nodes']} node(s) (fabric plan {model.path} --site {args.site})")
+    elif plan:
+        print(f"plan on {site.name}'s nodes: {plan}")
     return 0
+
+
+def _site_plan(model: Any, site: Any) -> dict[str, Any] | str | None:
+    """The smallest plan holding ``model`` on the site's declared nodes (``fabric.plans``,
+    arithmetic only); why none fits, as text; ``None`` when the site declares no GPU node."""
+    from fabric import plans
+    from fabric.errors import InvalidRequest
+
+    if site.node.gpus < 1:
+        return None
+    config = json.loads((Path(model.path) / "config.json").read_text())
+    weights = cast("plans.WeightsDtype", model.dtype if model.dtype in (
+        "bfloat16", "float16", "float32") else "bfloat16")
+    try:
+        fit = plans.fit(plans.shape_from_config(config, model.name), site.node, weights)
+    except InvalidRequest as exc:  # PlanDoesNotFit, or a config fabric.plans cannot size
+        return exc.message
+    return fit.to_dict()
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
