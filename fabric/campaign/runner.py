@@ -271,9 +271,10 @@ class Runner:
                 identity = result.pop("model", None) or self.identity
                 usage = result.pop("usage", None) or {}
                 result.pop("request_id", None)
+                provenance = result.pop("provenance", None)
                 out_lines.append({"custom_id": cid, "line": lines.get(cid), "model": identity,
                                   "usage": usage, "response": result, "nonce": rec["nonce"],
-                                  **extra})
+                                  "provenance": provenance, **extra})
                 done.append((cid, rec["nonce"], int(usage.get("prompt_tokens", 0))
                              + int(usage.get("completion_tokens", 0))))
                 continue

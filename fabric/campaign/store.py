@@ -57,8 +57,8 @@ def load(folder: Path) -> Manifest:
 
 def check_model(manifest: Manifest) -> None:
     """Raise ``UnknownModel`` unless every site's catalog has the manifest's model+version."""
-    from fabric.catalog import Catalog
     from fabric.errors import FabricError
+    from fabric.models_registry import site_catalog
     from fabric.sites import load_site
 
     for spec in manifest.sites:
@@ -66,7 +66,7 @@ def check_model(manifest: Manifest) -> None:
             site = load_site(spec.name)
         except FabricError as exc:
             raise InvalidManifest(f"site {spec.name!r}: {exc.message}", site=spec.name) from None
-        Catalog().with_entries(site.extra_models).get(manifest.model, manifest.version)
+        site_catalog(site).get(manifest.model, manifest.version)
 
 
 def create(manifest: Manifest | str | Path, home: Path, *, runner: str = "here",

@@ -1,4 +1,4 @@
-"""CLI commands for using models: generate, chat, embed, models, deploy, deployments, undeploy.
+"""CLI commands for using models: generate, chat, embed, deploy, deployments, undeploy.
 
 Every command is a thin layer over ``fabric.Fabric``: the SDK does the checking and the work,
 these functions only parse arguments and print. Text goes to stdout; status, spinners and stats
@@ -82,13 +82,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     hook_arg(p)
     p.add_argument("--json", action="store_true", help="print full vectors as JSON")
     p.set_defaults(func=cmd_embed)
-
-    p = subparsers.add_parser(
-        "models", help="list the models the site can serve",
-        description="List the site's model catalog with size, plan and where each is served.")
-    site_arg(p)
-    p.add_argument("--json", action="store_true", help="print as JSON")
-    p.set_defaults(func=cmd_models)
 
     p = subparsers.add_parser(
         "deploy", help="launch (pre-warm) a model server with a parallel plan",
@@ -282,33 +275,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    """``fabric models``: the catalog with size and where each model is served."""
-    from fabric.cli.progress import StatusSpinner
-
-    with StatusSpinner("fabric") as spinner, open_fabric(args, spinner) as fab:
-        models = fab.models()
-    if args.json:
-        print(json.dumps(models, indent=2, default=str))
-        return 0
-    rows = [[
-        str(m.get("name", "")), str(m.get("version", "")), str(m.get("family", "")),
-        str(m.get("size") or _params(m.get("params"))), _plan(m.get("plan")),
-        _served(m),
-    ] for m in models]
-    print_table(["MODEL", "VERSION", "FAMILY", "SIZE", "PLAN", "SERVED"], rows)
-    return 0
-
-
-def _served(model: dict[str, Any]) -> str:
-    deps = model.get("deployments") or []
-    if deps:
-        return ", ".join(f"{d.get('id')} {d.get('state')}" for d in deps)
-    if model.get("hosted"):
-        return f"{model.get('site', '')} (on demand)".strip()
-    return "not hosted here"
-
-
 def cmd_deploy(args: argparse.Namespace) -> int:
     """``fabric deploy``: launch a deployment and wait for it with a spinner."""
     from fabric.cli.progress import StatusSpinner
@@ -358,15 +324,6 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
 
 
 # -- formatting ---------------------------------------------------------------------------------
-
-def _params(n: Any) -> str:
-    if not isinstance(n, int | float) or n <= 0:
-        return ""
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(int(n))
-
 
 def _plan(plan: Any) -> str:
     if not isinstance(plan, dict):

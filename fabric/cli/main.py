@@ -22,7 +22,8 @@ from fabric.errors import FabricError, InvalidRequest
 __all__ = ["REGISTRARS", "build_parser", "main"]
 
 REGISTRARS: tuple[str, ...] = (
-    "fabric.cli.generate",  # generate, chat, embed, models, deploy, deployments, undeploy
+    "fabric.cli.generate",  # generate, chat, embed, deploy, deployments, undeploy
+    "fabric.cli.models",  # models [list|add|remove] (bring your own model)
     "fabric.cli.internals",  # logprobs, hidden-states
     "fabric.cli.endpoint",  # endpoint start|status|stop (the local site)
     "fabric.cli.auth",  # login, logout, whoami

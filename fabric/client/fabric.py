@@ -35,6 +35,7 @@ from fabric.client.results import (
     decode_tensors,
     embeddings_from_results,
     parse_generation,
+    provenance_of,
 )
 from fabric.client.status import StatusCallback, StatusPrinter, describe_status
 from fabric.client.streaming import DirectSource, EventSource, PollSource, Stream
@@ -186,11 +187,13 @@ class Fabric:
 
     def embed(self, texts: str | Sequence[str], *, model: str = DEFAULT_EMBED_MODEL,
               version: str | None = None, layer: int | Sequence[int] = -1,
-              pooling: str = "mean", normalize: bool = True, hooks: HookSpecs = None) -> Any:
+              pooling: str = "mean", normalize: bool = True, hooks: HookSpecs = None,
+              return_provenance: bool = False) -> Any:
         """Embedding vectors as a float32 numpy array: shape ``(dim,)`` for one string,
         ``(len(texts), dim)`` for a list. ``pooling`` is mean/first/last over tokens of
         ``layer``; vectors are L2-normalised unless ``normalize=False``. With a list of layers
-        the result is ``{layer: array}`` with one array per layer, keyed as asked."""
+        the result is ``{layer: array}`` with one array per layer, keyed as asked. With
+        ``return_provenance`` it is ``(vectors, Provenance)`` (``fabric.provenance``)."""
         single = isinstance(texts, str)
         items = [texts] if single else texts
         many_layers = not isinstance(layer, int)
@@ -227,9 +230,10 @@ class Fabric:
             [{"embeddings": r["layers"][str(layer_)]} for r in results]), order)
             for layer_ in layers}
         if many_layers:
-            return {k: (v[0] if single else v) for k, v in per_layer.items()}
-        vectors = per_layer[layers[0]]
-        return vectors[0] if single else vectors
+            value: Any = {k: (v[0] if single else v) for k, v in per_layer.items()}
+        else:
+            value = per_layer[layers[0]][0] if single else per_layer[layers[0]]
+        return (value, provenance_of(results[0])) if return_provenance else value
 
     def hidden_states(self, text: str, *, model: str = DEFAULT_MODEL, version: str | None = None,
                       layers: Sequence[int] = (-1,), positions: Sequence[int] | None = None,

@@ -12,6 +12,7 @@ from typing import Any
 
 from fabric.errors import FabricError
 from fabric.protocol import GenerationResult
+from fabric.provenance import Provenance
 
 __all__ = [
     "GenerationResult",
@@ -20,6 +21,7 @@ __all__ = [
     "embeddings_from_results",
     "is_encoded_tensor",
     "parse_generation",
+    "provenance_of",
 ]
 
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
@@ -36,6 +38,12 @@ def parse_generation(result: dict[str, Any] | GenerationResult) -> GenerationRes
     parsed.captures = {k: decode_tensor(v) if is_encoded_tensor(v) else v
                        for k, v in parsed.captures.items()}
     return parsed
+
+
+def provenance_of(result: dict[str, Any]) -> Provenance | None:
+    """A result map's ``provenance`` as a ``Provenance`` (``None`` when it has none)."""
+    record = result.get("provenance") if isinstance(result, dict) else None
+    return Provenance.model_validate(record) if record else None
 
 
 def is_encoded_tensor(value: Any) -> bool:

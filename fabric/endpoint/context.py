@@ -41,12 +41,14 @@ class SiteContext:
         state = env.FABRIC_STATE_DIR.get() or str(site.resolved_state_dir())
         return cls(site, Path(state))
 
-    @cached_property
+    @property
     def catalog(self) -> Catalog:
-        """The built-in catalog plus the site's own models."""
-        from fabric.catalog import Catalog
+        """The built-in catalog plus the site's own models: its ``extra_models`` and those an
+        operator registered (``fabric models add``). Read on each use, not cached: a model
+        registered while the site runs is served by its next request."""
+        from fabric.models_registry import site_catalog
 
-        return Catalog().with_entries(self.site.extra_models)
+        return site_catalog(self.site, self.state_dir)
 
     @cached_property
     def manager(self) -> DeploymentManager:

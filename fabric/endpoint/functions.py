@@ -217,11 +217,22 @@ def list_models(auth: Any = None) -> list[dict[str, Any]]:
             "name": entry.name, "version": entry.version, "family": entry.family,
             "params": entry.params, "size": _size(entry.params),
             "description": entry.description, "site": site.name,
-            "hosted": hosted is not None or entry in site.extra_models,
+            "hosted": hosted is not None or entry in site.extra_models
+            or entry.source.sha256 is not None,
             "plan": (hosted.plan.model_dump() if hosted else None),
+            **_identity(entry),
             "deployments": [{"id": d.id, "state": d.state} for d in deps],
         })
     return out
+
+
+def _identity(entry: Any) -> dict[str, Any]:
+    """Size on disk and weights hash where already known (never hashes: a listing)."""
+    from fabric.weights import known_identity
+
+    known = known_identity(entry)
+    return {"size_bytes": known.size_bytes if known else None,
+            "sha256": known.sha256 if known else None}
 
 
 def _size(params: int) -> str:

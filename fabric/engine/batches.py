@@ -33,6 +33,8 @@ class Batch:
     prompt_tokens: int = 0
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
     model: dict[str, Any] | None = None
+    provenance: dict[str, Any] | None = None
+    """The members' provenance (one server, one request: the same for all)."""
 
     def __post_init__(self) -> None:
         self.pending = set(range(self.size))
@@ -54,6 +56,7 @@ class Batch:
         for k in TIMING_KEYS:
             self.timings[k] = max(self.timings[k], float((result.get("timings") or {}).get(k, 0)))
         self.model = self.model or result.get("model")
+        self.provenance = self.provenance or result.get("provenance")
 
     @property
     def done(self) -> bool:
@@ -66,7 +69,8 @@ class Batch:
         return {"request_id": self.request_id, "model": self.model, "count": self.size,
                 "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": 0},
                 "timings": dict(self.timings),
-                "embeddings": layers.get(self.first), "layers": layers}
+                "embeddings": layers.get(self.first), "layers": layers,
+                **({"provenance": self.provenance} if self.provenance else {})}
 
 
 def split_member(request_id: str) -> tuple[str, int] | None:

@@ -62,7 +62,7 @@ class Engine:
     """Owns the scheduler and the runner; turns step outputs into stream events."""
 
     def __init__(self, runner: StepExecutor, tokenizer: Any, limits: Limits,
-                 identity: dict[str, str], eos_ids: set[int], n_layers: int, emit: Emit) -> None:
+                 identity: dict[str, Any], eos_ids: set[int], n_layers: int, emit: Emit) -> None:
         self.runner, self.tok, self.identity = runner, tokenizer, identity
         self.eos_ids, self.n_layers, self.emit = eos_ids, n_layers, emit
         self.lock = threading.Lock()

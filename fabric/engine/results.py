@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from fabric.engine.sequence import Sequence
+from fabric.provenance import for_request
 from fabric.wire.arrays import encode_array
 
 
@@ -25,12 +26,19 @@ def usage(seq: Sequence) -> dict[str, int]:
     return {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.generated)}
 
 
-def build(seq: Sequence, reason: str, identity: dict[str, str], text: str,
+def build(seq: Sequence, reason: str, identity: dict[str, Any], text: str,
           hidden_layers: int) -> dict[str, Any]:
-    """The result map for one finished request of any kind."""
+    """The result map for one finished request of any kind.
+
+    ``identity`` is the server's: name, version, sha256 and, from a model server, the
+    ``provenance`` record built once at start (``fabric.provenance.server_record``), to which
+    the request's own settings are added."""
     req = seq.request
-    base: dict[str, Any] = {"request_id": seq.request_id, "model": identity,
+    base: dict[str, Any] = {"request_id": seq.request_id,
+                            "model": {k: v for k, v in identity.items() if k != "provenance"},
                             "usage": usage(seq), "timings": timings(seq)}
+    if identity.get("provenance") is not None:
+        base["provenance"] = for_request(identity["provenance"], req, seq.seed)
     if req.kind == "generate":
         base.update(text=text, token_ids=list(seq.generated), finish_reason=reason,
                     logprobs=list(seq.logprobs) if req.sampling.logprobs else None,

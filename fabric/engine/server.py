@@ -31,6 +31,7 @@ from fabric.engine.pipeline import Pipeline, worker_loop
 from fabric.engine.prepare import ModelLimits, Preparer
 from fabric.engine.runner import StageRunner
 from fabric.engine.scheduler import Limits
+from fabric.provenance import server_record
 
 log = logging.getLogger("fabric.server")
 
@@ -143,7 +144,10 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor,
         kv_budget=s.kv_budget_tokens, causal=causal))
     extra = {"model": identity, "plan": {"pp": info.pp, "tp": info.tp, "dtype": cfg.plan.dtype},
              "deployment_id": cfg.deployment_id}
-    engine = Engine(executor, tok, limits, identity, eos_ids, config.num_hidden_layers,
+    record = server_record(cfg.model.name, cfg.model.version, cfg.sha256,
+                           cfg.plan.model_dump(), cfg.deployment_id)  # once per server
+    engine = Engine(executor, tok, limits, {**identity, "provenance": record}, eos_ids,
+                    config.num_hidden_layers,
                     emit=lambda rid, msg: None)  # replaced once the front door is bound
     frontend = Frontend(engine, preparer, s, key, cfg.model.name, extra)
     port = frontend.bind(cfg.bind_host, secret, public)

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from fabric.engine.checkpoint import SafetensorsReader
 from fabric.engine.loader import SHARD_MANIFEST, load_config, rank_shards
-from fabric.weights import sha256_files
+from fabric.weights import file_sha256
 
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
          "special_tokens_map.json", "chat_template.jinja")
@@ -38,7 +38,7 @@ def write_shards(folder: Path, out: Path, pp: int, tp: int, source_sha256: str =
             ranks.append({
                 "rank": shard.rank, "stage": shard.stage, "tp_rank": shard.tp_rank,
                 "layers": [shard.layers.start, shard.layers.stop], "file": name,
-                "bytes": (out / name).stat().st_size, "sha256": sha256_files([out / name]),
+                "bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name),
             })
         full_shapes = {n: reader.shape(n) for n in reader.names()}
     finally:
