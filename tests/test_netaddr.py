@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fabric.engine import netaddr
+from fabric.engine.dist import socket_interface
 from fabric.engine.netaddr import AddressNotFound, Interface, front_door, resolve
 from fabric.errors import InvalidSiteConfig
 from fabric.sites import NetworkConfig, ServerConfig, load_site
@@ -77,3 +78,15 @@ def test_invalid_setting_in_a_site_file_is_invalid_site_config(tmp_path: Path) -
         "name: t\nserver:\n  network: {advertise: '198.18.0.0/99'}\n")
     with pytest.raises(InvalidSiteConfig, match="CIDR"):
         load_site(tmp_path)
+
+
+def test_ranks_sockets_follow_the_network_setting_across_nodes() -> None:
+    assert socket_interface("127.0.0.1", None) == "lo"
+    assert socket_interface("127.0.0.1", NetworkConfig(advertise="hsn9")) == "lo"  # one node
+    assert socket_interface("node01", None) is None
+    assert socket_interface("node01", NetworkConfig()) is None  # loopback: libraries choose
+    for i in netaddr.interfaces():
+        if not i.address.is_loopback:
+            assert socket_interface("node01", NetworkConfig(advertise=f"{i.network}")) == i.name
+    with pytest.raises(AddressNotFound):
+        socket_interface("node01", NetworkConfig(advertise="198.19.254.0/24"))

@@ -123,6 +123,19 @@ def resolve_master(addr: str) -> str:
     return "127.0.0.1"
 
 
+def socket_interface(master_addr: str, network: NetworkConfig | None) -> str | None:
+    """The interface the ranks' gloo (and nccl bootstrap) sockets should use: ``lo`` for a
+    loopback rendezvous (gloo otherwise picks the interface of the host name, which may not be
+    loopback), else the interface the site's network setting resolves to on this node; None
+    (the libraries choose) when that setting is loopback, which says nothing about the nodes."""
+    if master_addr in ("127.0.0.1", "localhost"):
+        return "lo"
+    if network is None:
+        return None
+    chosen = resolve(network.advertise)
+    return None if chosen.address.is_loopback else chosen.name
+
+
 def init_groups(info: RankInfo, master_addr: str, master_port: int, backend: str,
                 network: NetworkConfig | None = None) -> Groups:
     """Join the job's process group and build one tp group per stage.
@@ -134,13 +147,11 @@ def init_groups(info: RankInfo, master_addr: str, master_port: int, backend: str
     if info.world == 1:
         return Groups(tp_group=None)
     master_addr = resolve_master(master_addr)
-    if master_addr in ("127.0.0.1", "localhost"):
-        # gloo otherwise picks the interface of the host name, which may not be loopback.
-        env.GLOO_SOCKET_IFNAME.setdefault("lo")
-    elif network is not None:
-        interface = resolve(network.advertise).name
+    interface = socket_interface(master_addr, network)
+    if interface is not None:
         env.GLOO_SOCKET_IFNAME.setdefault(interface)
-        env.NCCL_SOCKET_IFNAME.setdefault(interface)
+        if interface != "lo":
+            env.NCCL_SOCKET_IFNAME.setdefault(interface)
     # torch.distributed directly: deepspeed.comm.init_distributed (0.19.8) hangs on CPU/gloo
     # when given an explicit init_method, so DeepSpeed is used for inference only.
     dist.init_process_group(
