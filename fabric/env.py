@@ -169,9 +169,14 @@ DS_ACCELERATOR = _declare(
     read_by="DeepSpeed")
 GLOO_SOCKET_IFNAME = _declare(
     "GLOO_SOCKET_IFNAME", "Network interface gloo uses; lo when the rendezvous host is loopback "
-    "(gloo otherwise takes the interface of the host name).",
-    default_doc="lo when the rendezvous host is loopback",
+    "(gloo otherwise takes the interface of the host name), else the interface of the site's "
+    "server.network setting.",
+    default_doc="lo when the rendezvous host is loopback, else server.network's interface",
     set_by="engine.dist.init_groups, unless already set", read_by="torch.distributed (gloo)")
+NCCL_SOCKET_IFNAME = _declare(
+    "NCCL_SOCKET_IFNAME", "Network interface nccl bootstraps over, for jobs spanning nodes.",
+    default_doc="the interface of the site's server.network setting, for multi-node jobs",
+    set_by="engine.dist.init_groups, unless already set", read_by="NCCL")
 
 # --- tests and benchmarks ----------------------------------------------------------------------
 

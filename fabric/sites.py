@@ -9,13 +9,22 @@ are hosted with which parallel plan). Unknown keys are errors.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from fabric.catalog import CatalogEntry
 from fabric.errors import InvalidSiteConfig
@@ -129,6 +138,48 @@ class JobsConfig(_Strict):
     """Shell lines run before the model server (module loads, venv activation)."""
 
 
+class NetworkConfig(_Strict):
+    """Where a model server's front door listens and what address it tells clients
+    (``server.network``). Each rank resolves it on its own node when it starts
+    (``fabric.engine.netaddr``); a node without a match refuses to start (``AddressNotFound``).
+    """
+
+    advertise: str = "127.0.0.1"
+    """The network request workers reach model servers on: an interface name (``hsn0``,
+    Slingshot on Polaris, Perlmutter and Aurora), a CIDR (``198.18.0.0/15``: the node's address
+    inside it) or a literal address. Loopback (the default) serves only this machine. For
+    multi-node plans the ranks' gloo/nccl traffic uses the same interface."""
+    bind: Literal["advertised", "all"] = "advertised"
+    """``advertised``: listen on the advertised address only; ``all``: listen on every
+    interface (0.0.0.0) and advertise the chosen address (for nodes reached through NAT or
+    several networks). Either way clients authenticate with CURVE."""
+
+    @field_validator("advertise")
+    @classmethod
+    def _known_form(cls, value: str) -> str:
+        network_kind(value)
+        return value
+
+
+def network_kind(setting: str) -> Literal["address", "cidr", "interface"]:
+    """Which form a ``server.network.advertise`` value has; raises ``ValueError`` for none."""
+    if "/" in setting:
+        try:
+            ipaddress.IPv4Network(setting, strict=False)
+        except ValueError:
+            raise ValueError(f"{setting!r} is not an IPv4 CIDR such as 198.18.0.0/15") from None
+        return "cidr"
+    try:
+        ipaddress.IPv4Address(setting)
+        return "address"
+    except ValueError:
+        pass
+    if re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,14}", setting):
+        return "interface"
+    raise ValueError(f"{setting!r} is neither an interface name (hsn0), an IPv4 CIDR "
+                     "(198.18.0.0/15) nor an IPv4 address")
+
+
 class ServerConfig(_Strict):
     """Model-server behaviour at this site."""
 
@@ -173,6 +224,8 @@ class ServerConfig(_Strict):
     graph_compile: bool = Field(True, description="torch.compile the fast path's layer "
                                 "functions (CUDA only; the first step of each batch size "
                                 "compiles, tens of seconds for an 8B model).")
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    """Bind and advertise address of the model servers (default: loopback, this machine)."""
 
 
 class TemplateVar(_Strict):

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
+from fabric.endpoint.deployments import DeploymentManager
 from fabric.endpoint.jobs import JobLauncher, JobState, JobStatus
-from fabric.sites import JobsConfig, TypedSpec
+from fabric.sites import JobsConfig, TypedSpec, load_site
+from tests.plugins.site import write_site
 from tests.plugins.slurm import SlurmCluster
 
 pytestmark = pytest.mark.slurm
@@ -98,3 +100,55 @@ def test_walltime_ends_as_timeout(slurm: SlurmCluster, tmp_path: Path) -> None:
                                       JobState.CANCELLED}, timeout=150, poll=2.0)
     assert status.state is JobState.TIMEOUT, (status, slurm.squeue("-t", "all"))
     assert 40 < time.monotonic() - t0 < 150
+
+
+def test_another_worker_sees_a_queued_job_and_cancels_it(slurm: SlurmCluster,
+                                                         tmp_path: Path) -> None:
+    """A request worker that did not submit the job (a new launcher, a fresh Parsl provider)
+    sees it queued, with Slurm's reason, position and start estimate, and cancels it."""
+    first = slurm_launcher(tmp_path, scheduler_options="#SBATCH --begin=now+1hour")
+    job = first.submit("sleep 600", ranks=1, nodes=1, job_name="later")
+    second = slurm_launcher(tmp_path)
+    assert job not in second.provider.resources  # Parsl alone would not know it
+    status = wait_for(second, job, {JobState.QUEUED})
+    assert status.state is JobState.QUEUED, (status, slurm.squeue("-t", "all"))
+    assert status.reason == "BeginTime" and status.queue_position == 1
+    start = status.estimated_start
+    assert start is not None, slurm.squeue("-t", "all", "-o", "%i|%T|%r|%S")
+    assert timedelta(minutes=55) < start - datetime.now() < timedelta(minutes=65)
+    time.sleep(1)  # still queued a moment later: nothing treats it as lost
+    assert second.status([job])[job].state is JobState.QUEUED
+    second.cancel(job)
+    assert wait_for(second, job, {JobState.CANCELLED}, timeout=15).state is JobState.CANCELLED
+    assert slurm.squeue("-h", "-t", "all", "-j", job, "-o", "%T").strip() == "CANCELLED"
+    assert first.status([job])[job].state is JobState.CANCELLED
+    second.cancel(job)  # cancelling a finished job again is harmless
+
+
+def test_a_queued_deployment_is_neither_relaunched_nor_orphaned_by_another_worker(
+        slurm: SlurmCluster, tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Two request workers (two DeploymentManagers on one state dir): the second refreshes the
+    first one's queued deployment as queued, reuses it instead of launching a duplicate, and
+    undeploys it, which cancels the Slurm job."""
+    folder = write_site(tmp_path / "site", name="slurm-queue", model_dir=tiny_llama_dir,
+                        jobs={"provider": {"type": "SlurmProvider", "partition": "debug",
+                                           "exclusive": False,
+                                           "scheduler_options": "#SBATCH --begin=now+1hour"},
+                              "launcher": {"type": "SrunLauncher"}, "walltime": "00:10:00"})
+    site = load_site(folder)
+    entry = site.extra_models[0]
+    first, second = (DeploymentManager(site, site.resolved_state_dir()) for _ in range(2))
+    dep = first.deploy(entry)
+    assert dep.job_id and dep.state == "queued", dep
+    for _ in range(3):
+        seen = second.refresh(second.db.get(dep.id) or dep)
+        assert seen.state == "queued", seen.reason
+        time.sleep(0.3)
+    assert second.describe(seen)["job_reason"] == "BeginTime"
+    assert second.deploy(entry).id == dep.id  # no duplicate job
+    assert slurm.squeue("-h", "-t", "PD,R,CF,CG", "-o", "%i").split() == [dep.job_id]
+    assert second.undeploy(dep.id).state == "dead"
+    deadline = time.monotonic() + 15
+    while slurm.squeue("-h", "-t", "all", "-j", dep.job_id, "-o", "%T").strip() != "CANCELLED":
+        assert time.monotonic() < deadline, slurm.squeue("-t", "all")
+        time.sleep(0.2)

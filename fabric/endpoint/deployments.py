@@ -357,8 +357,11 @@ def _walltime_marker(script_dir: Path, dep_id: str) -> bool:
 
 
 def _local_pid_dead(address: str | None, pid: Any) -> bool:
-    # Only meaningful when the server runs on this host (the local site).
-    if not address or "127.0.0.1" not in address or not isinstance(pid, int):
+    # Only meaningful when the server runs on this host: it advertises one of our addresses.
+    from fabric.engine.netaddr import is_local
+
+    host = (address or "").removeprefix("tcp://").rpartition(":")[0]
+    if not host or not is_local(host) or not isinstance(pid, int):
         return False
     try:
         os.kill(pid, 0)

@@ -1,10 +1,14 @@
 """Model servers as batch jobs: three verbs over a real Parsl provider and launcher::
 
-                      +--------------------------------------------+
-    command, ranks -->| submit  -> Parsl provider (sbatch/qsub/sh) |--> job id
-    [job ids]      -->| status  -> Parsl state + squeue detail      |--> {id: JobStatus}
-    job id         -->| cancel  -> scancel / qdel / kill group      |
-                      +--------------------------------------------+
+                      +----------------------------------------------------+
+    command, ranks -->| submit  -> Parsl provider (sbatch/qsub/sh)         |--> job id
+    [job ids]      -->| status  -> Parsl state + the scheduler's own view  |--> {id: JobStatus}
+    job id         -->| cancel  -> Parsl, else scancel / qdel / kill group |
+                      +----------------------------------------------------+
+
+``status`` and ``cancel`` work for any job id, not only this launcher's submissions: they ask
+the scheduler itself (``fabric.endpoint.schedulers``: squeue/sacct, qstat, the pid), so every
+request worker of a site sees a queued deployment as queued and can cancel it.
 
 ``from_config`` resolves the site's ``jobs:`` block to real ``parsl.providers`` /
 ``parsl.launchers`` classes. ``submit`` writes the command into its own script
@@ -32,15 +36,10 @@ kills the job's process group at the walltime; ``status`` then reports ``TIMEOUT
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import inspect
-import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,55 +52,28 @@ import parsl.providers
 from parsl.launchers.base import Launcher
 from parsl.providers.base import ExecutionProvider
 
+from fabric.endpoint.schedulers import JobState, JobView, scheduler_for, state_of
 from fabric.errors import DeploymentError, InvalidSiteConfig
 from fabric.sites import JobsConfig, TypedSpec
+
+__all__ = ["JobLauncher", "JobState", "JobStatus"]
 
 _SUBMIT_COMMAND = {"SlurmProvider": "sbatch", "PBSProProvider": "qsub", "TorqueProvider": "qsub",
                    "GridEngineProvider": "qsub", "LSFProvider": "bsub"}  # checked before submit
 
 
-class JobState(enum.Enum):
-    """Where a batch job is in its life."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    TIMEOUT = "timeout"
-    UNKNOWN = "unknown"
-
-    @property
-    def terminal(self) -> bool:
-        """True once the job can no longer run (``UNKNOWN`` is not terminal)."""
-        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT)
-
-
-_ALIASES = {  # Parsl's and Slurm's state names that are not ours
-    "PENDING": JobState.QUEUED, "HELD": JobState.QUEUED, "CONFIGURING": JobState.QUEUED,
-    "REQUEUED": JobState.QUEUED, "SUSPENDED": JobState.QUEUED, "COMPLETING": JobState.RUNNING,
-    "DEADLINE": JobState.TIMEOUT, "PREEMPTED": JobState.CANCELLED, "SCALED_IN": JobState.CANCELLED,
-    "MISSING": JobState.FAILED, "NODE_FAIL": JobState.FAILED, "BOOT_FAIL": JobState.FAILED,
-    "OUT_OF_MEMORY": JobState.FAILED,
-}
-
-
-def _state(name: str) -> JobState:  # from a Parsl JobState name or a Slurm %T state
-    return _ALIASES.get(name) or JobState.__members__.get(name, JobState.UNKNOWN)
-
-
 @dataclass(frozen=True)
 class JobStatus:
-    """One job's state plus what the scheduler says about it (Slurm detail when available)."""
+    """One job's state plus what the scheduler says about it (detail where it reports it)."""
 
     job_id: str
     state: JobState
     message: str | None = None  # provider's note, or why the state is a guess
     exit_code: int | None = None
     walltime: str | None = None  # time limit as submitted (HH:MM:SS) or as Slurm reports it
-    reason: str | None = None  # Slurm's reason: Resources, Priority, None...
-    queue_position: int | None = None  # 1-based among the partition's pending jobs, by priority
-    estimated_start: datetime | None = None  # ``squeue --start``, local time; None: no estimate
+    reason: str | None = None  # Slurm's reason (Resources, Priority, None...); PBS's comment
+    queue_position: int | None = None  # 1-based among the partition's pending jobs (Slurm)
+    estimated_start: datetime | None = None  # the scheduler's estimate, local time; None: none
     time_left: str | None = None  # Slurm's TIME_LEFT
     stdout_path: str | None = None
     stderr_path: str | None = None
@@ -145,6 +117,7 @@ class JobLauncher:
             raise InvalidSiteConfig(f"walltime {walltime!r}: schedulers count whole minutes")
         self._base_init = str(getattr(provider, "worker_init", "") or "")
         self._markers: dict[str, Path | None] = {}
+        self._scheduler = scheduler_for(self._kind)
 
     @classmethod
     def from_config(cls, jobs: JobsConfig, script_dir: Path, *, nodes: int = 1,
@@ -208,7 +181,8 @@ class JobLauncher:
         return job_id
 
     def status(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
-        """Current status of each job (jobs this launcher did not submit are looked up too)."""
+        """Current status of each job, whoever submitted it: Parsl's record for this launcher's
+        own jobs, and the scheduler's view (``schedulers``) for every id."""
         ids = [str(j) for j in job_ids]
         known = [j for j in ids if j in getattr(self.provider, "resources", {})]
         try:
@@ -216,24 +190,31 @@ class JobLauncher:
         except Exception as exc:
             raise DeploymentError(f"{self._kind} status failed: {exc}") from None
         parsl_status = dict(zip(known, states, strict=True))
-        detail = _squeue(ids) if self._kind == "SlurmProvider" else {}
-        return {jid: self._status_of(jid, parsl_status.get(jid), detail.get(jid, {}))
-                for jid in ids}
+        views = self._scheduler.query(ids) if self._scheduler else {}
+        return {jid: self._status_of(jid, parsl_status.get(jid), views.get(jid)) for jid in ids}
 
-    def _status_of(self, jid: str, ps: Any, d: dict[str, Any]) -> JobStatus:
-        fields: dict[str, Any] = {"walltime": self.walltime if ps is not None else d.get("limit"),
-                                  "reason": d.get("reason"), "queue_position": d.get("position"),
-                                  "estimated_start": d.get("start"), "time_left": d.get("left")}
+    def _status_of(self, jid: str, ps: Any, view: JobView | None) -> JobStatus:
+        fields: dict[str, Any] = {"walltime": self.walltime if ps is not None else None}
         state = JobState.UNKNOWN
         if ps is not None:
-            state = _state(ps.state.name)
+            state = state_of(ps.state.name)
             fields.update(message=ps.message, exit_code=ps.exit_code,
                           stdout_path=ps.stdout_path, stderr_path=ps.stderr_path)
-        if d and state is not JobState.CANCELLED:  # Parsl's squeue misses finished jobs' states
-            state = _state(d["state"])
-        elif ps is None and not d:
-            alive = self._kind == "LocalProvider" and jid.isdigit() and _pid_alive(int(jid))
-            state = JobState.RUNNING if alive else JobState.UNKNOWN
+        if view is not None:
+            fields.update(reason=view.reason, queue_position=view.position,
+                          estimated_start=view.estimated_start, time_left=view.time_left)
+            fields["walltime"] = fields["walltime"] or view.limit
+            # The scheduler knows better than Parsl's bookkeeping (which misses finished jobs'
+            # states), except right after Parsl cancelled the job itself, or when Parsl saw it
+            # end while the scheduler still winds it down.
+            if state is JobState.UNKNOWN or (
+                    view.state is not JobState.UNKNOWN and state is not JobState.CANCELLED
+                    and (view.state.terminal or not state.terminal)):
+                state = view.state
+                fields["exit_code"] = fields.get("exit_code", view.exit_code)
+                if ps is None:
+                    fields["message"] = view.message
+        elif ps is None:
             fields["message"] = "unknown to this launcher and the scheduler; exit status lost"
         marker = self._markers.get(jid)
         if marker is not None and marker.exists() and state is not JobState.COMPLETED:
@@ -241,7 +222,8 @@ class JobLauncher:
         return JobStatus(jid, state, **fields)
 
     def cancel(self, job_id: str) -> None:
-        """Cancel a job (queued or running); cancelling a finished job is not an error."""
+        """Cancel a job (queued or running), whoever submitted it; cancelling a finished job
+        is not an error."""
         job_id = str(job_id)
         if job_id in getattr(self.provider, "resources", {}):
             try:
@@ -250,49 +232,8 @@ class JobLauncher:
                 raise DeploymentError(f"{self._kind} cancel of {job_id} failed: {exc}") from None
             if not ok:
                 raise DeploymentError(f"{self._kind} could not cancel job {job_id}")
-        elif self._kind == "SlurmProvider":
-            if (proc := _run(["scancel", job_id])).returncode:
-                raise DeploymentError(f"scancel {job_id} failed: {proc.stderr.strip()}")
-        elif self._kind == "LocalProvider" and job_id.isdigit():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(os.getpgid(int(job_id)), signal.SIGTERM)
+        elif self._scheduler is not None:
+            self._scheduler.cancel(job_id)
         else:
-            raise DeploymentError(f"{self._kind} cannot cancel job {job_id}: not submitted here")
-
-
-def _pid_alive(pid: int) -> bool:
-    with contextlib.suppress(ProcessLookupError):
-        return os.getpgid(pid) > 0  # works for other users' processes too
-    return False
-
-
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:  # not on PATH, or hung
-        raise DeploymentError(f"{argv[0]} failed: {exc}") from None
-
-
-def _squeue(job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Slurm's own view of ``job_ids``: state, reason, limit, queue position, estimated start."""
-    if not job_ids or shutil.which("squeue") is None:
-        return {}
-    out = _run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%r|%P|%l|%L"])
-    keys = ("state", "reason", "partition", "limit", "left")
-    info: dict[str, dict[str, Any]] = {
-        jid: dict(zip(keys, [v or None for v in rest], strict=False))
-        for jid, *rest in (line.split("|") for line in out.stdout.splitlines())}
-    pending = [j for j, d in info.items() if d["state"] == "PENDING"]
-    if not pending:
-        return info  # nothing queued: no position, no estimate
-    queue = [ln.split("|")[:2] for ln in
-             _run(["squeue", "-h", "-t", "PD", "--sort=-p,i", "-o", "%i|%P"]).stdout.splitlines()]
-    for jid in pending:  # position among the partition's pending jobs, highest priority first
-        order = [j for j, part in queue if part == info[jid]["partition"]]
-        info[jid]["position"] = order.index(jid) + 1 if jid in order else None
-    starts = _run(["squeue", "--start", "-h", "-j", ",".join(pending), "-o", "%i|%S"]).stdout
-    for line in starts.splitlines():
-        jid, _, start = line.partition("|")
-        with contextlib.suppress(ValueError, KeyError):  # "N/A": no estimate yet
-            info[jid.strip()]["start"] = datetime.fromisoformat(start.strip())
-    return info
+            raise DeploymentError(f"{self._kind} cannot cancel job {job_id}: not submitted here "
+                                  "and no scheduler client known for it", provider=self._kind)

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from fabric import env
+from fabric.engine.netaddr import resolve
+from fabric.sites import NetworkConfig
 
 
 @dataclass(frozen=True)
@@ -121,14 +123,35 @@ def resolve_master(addr: str) -> str:
     return "127.0.0.1"
 
 
-def init_groups(info: RankInfo, master_addr: str, master_port: int, backend: str) -> Groups:
-    """Join the job's process group and build one tp group per stage."""
+def socket_interface(master_addr: str, network: NetworkConfig | None) -> str | None:
+    """The interface the ranks' gloo (and nccl bootstrap) sockets should use: ``lo`` for a
+    loopback rendezvous (gloo otherwise picks the interface of the host name, which may not be
+    loopback), else the interface the site's network setting resolves to on this node; None
+    (the libraries choose) when that setting is loopback, which says nothing about the nodes."""
+    if master_addr in ("127.0.0.1", "localhost"):
+        return "lo"
+    if network is None:
+        return None
+    chosen = resolve(network.advertise)
+    return None if chosen.address.is_loopback else chosen.name
+
+
+def init_groups(info: RankInfo, master_addr: str, master_port: int, backend: str,
+                network: NetworkConfig | None = None) -> Groups:
+    """Join the job's process group and build one tp group per stage.
+
+    A job on one node rendezvouses over loopback. Across nodes the ranks talk over the
+    interface the site's ``network`` setting resolves to on each node (``GLOO_SOCKET_IFNAME``,
+    and ``NCCL_SOCKET_IFNAME`` for nccl's bootstrap), unless the environment already names one.
+    """
     if info.world == 1:
         return Groups(tp_group=None)
     master_addr = resolve_master(master_addr)
-    if master_addr in ("127.0.0.1", "localhost"):
-        # gloo otherwise picks the interface of the host name, which may not be loopback.
-        env.GLOO_SOCKET_IFNAME.setdefault("lo")
+    interface = socket_interface(master_addr, network)
+    if interface is not None:
+        env.GLOO_SOCKET_IFNAME.setdefault(interface)
+        if interface != "lo":
+            env.NCCL_SOCKET_IFNAME.setdefault(interface)
     # torch.distributed directly: deepspeed.comm.init_distributed (0.19.8) hangs on CPU/gloo
     # when given an explicit init_method, so DeepSpeed is used for inference only.
     dist.init_process_group(

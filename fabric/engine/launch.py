@@ -48,13 +48,11 @@ class ServerLaunchConfig(BaseModel):
     """HMAC key shared with the endpoint (mode 0600)."""
     curve_dir: str
     """Folder holding the server's CURVE key pair (created if missing, mode 0600)."""
-    bind_host: str = "127.0.0.1"
-    """Interface the head's ROUTER binds ("0.0.0.0" on clusters)."""
-    advertise_host: str | None = None
-    """Host name clients use to connect; default: ``bind_host`` or this node's name."""
     master_addr: str = "127.0.0.1"
     """torch.distributed rendezvous host; ``auto``: the job's first node (from
-    ``SLURM_JOB_NODELIST`` or ``PBS_NODEFILE``), for jobs spanning nodes."""
+    ``SLURM_JOB_NODELIST`` or ``PBS_NODEFILE``), for jobs spanning nodes. Where the head's
+    front door listens and what it advertises is ``server.network``, resolved on the head's
+    node (``fabric.engine.netaddr``)."""
     master_port: int = 29500
     """torch.distributed rendezvous port."""
     info_path: str

@@ -27,6 +27,7 @@ from fabric.engine.frontend import Frontend
 from fabric.engine.graphs import GraphOptions
 from fabric.engine.launch import ServerLaunchConfig, select_accelerator, threads_per_rank
 from fabric.engine.loader import DTYPES, build_stage
+from fabric.engine.netaddr import front_door
 from fabric.engine.pipeline import Pipeline, worker_loop
 from fabric.engine.prepare import ModelLimits, Preparer
 from fabric.engine.runner import StageRunner
@@ -96,7 +97,7 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
     """Load this rank's part and serve (head) or follow (other ranks); returns why it ended."""
     torch.set_num_threads(_threads(cfg, info.world))
     groups = init_groups(info, cfg.master_addr, cfg.master_port,
-                         "nccl" if cfg.plan.device == "cuda" else "gloo")
+                         "nccl" if cfg.plan.device == "cuda" else "gloo", cfg.server.network)
     head_info = {"pid": os.getpid(), "state": "loading", "address": None, "public_key": None}
     if info.is_head:
         write_info(cfg, head_info)
@@ -150,10 +151,10 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor,
                     config.num_hidden_layers,
                     emit=lambda rid, msg: None)  # replaced once the front door is bound
     frontend = Frontend(engine, preparer, s, key, cfg.model.name, extra)
-    port = frontend.bind(cfg.bind_host, secret, public)
+    door = front_door(s.network)  # the site's bind/advertise choice, on this node
+    port = frontend.bind(door.bind, secret, public)
     engine.emit = frontend.emitter()
-    host = cfg.advertise_host or (cfg.bind_host if cfg.bind_host != "0.0.0.0" else _hostname())
-    head_info.update(address=f"tcp://{host}:{port}", public_key=public.decode())
+    head_info.update(address=f"tcp://{door.advertise}:{port}", public_key=public.decode())
     frontend.state = "ready"
     frontend.start()
     head_info["state"] = "ready"
@@ -163,12 +164,6 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor,
     frontend.stop()
     write_info(cfg, {**head_info, "state": "dead", "reason": why})
     return why
-
-
-def _hostname() -> str:
-    import socket
-
-    return socket.gethostname()
 
 
 def main(argv: list[str] | None = None) -> int:
