@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 
 from fabric.endpoint.jobs import JobLauncher, JobState, JobStatus
 from fabric.errors import DeploymentError, InvalidSiteConfig
+from fabric.procs import process_running
 from fabric.sites import JobsConfig, TypedSpec
 
 
@@ -31,20 +31,12 @@ def wait_for(launcher: JobLauncher, job_id: str, states: set[JobState],
         time.sleep(0.1)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def gone(*pids: int, timeout: float = 5.0) -> bool:
     """True once none of ``pids`` is alive (signals take a moment)."""
     deadline = time.monotonic() + timeout
-    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(process_running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not any(pid_alive(p) for p in pids)
+    return not any(process_running(p) for p in pids)
 
 
 def test_two_copies_run_then_complete(tmp_path: Path) -> None:
@@ -72,7 +64,7 @@ def test_cancel_kills_the_whole_job(tmp_path: Path) -> None:
     while len(list(tmp_path.glob("pid.*"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     pids = [int(p.read_text()) for p in tmp_path.glob("pid.*")]
-    assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+    assert len(pids) == 2 and all(process_running(p) for p in pids)
     launcher.cancel(job)
     status = wait_for(launcher, job, {JobState.CANCELLED})
     assert status.state is JobState.CANCELLED
@@ -91,7 +83,7 @@ def test_a_fresh_launcher_sees_and_cancels_an_old_job(tmp_path: Path) -> None:
     assert fresh.status([job])[job].state is JobState.RUNNING
     fresh.cancel(job)
     assert wait_for(fresh, job, {JobState.UNKNOWN}).state is JobState.UNKNOWN
-    assert old.status([job])[job].state is JobState.CANCELLED
+    assert wait_for(old, job, {JobState.CANCELLED}).state is JobState.CANCELLED
     assert gone(int((tmp_path / "pid").read_text()))
     assert fresh.status(["999999999"])["999999999"].state is JobState.UNKNOWN
 

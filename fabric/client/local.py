@@ -32,6 +32,7 @@ from typing import Any
 import msgpack
 
 from fabric.errors import EndpointError, FabricError, InvalidRequest
+from fabric.procs import process_running
 from fabric.sites import resolve_site
 from fabric.wire import framing, gcwire
 from fabric.wire.framing import CONTROL, RESULT, TASK
@@ -49,7 +50,7 @@ def read_info(state_dir: Path) -> dict[str, Any] | None:
         info = json.loads((Path(state_dir) / INFO_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(info, dict) or not _pid_alive(int(info.get("pid", 0))):
+    if not isinstance(info, dict) or not _site_running(int(info.get("pid", 0))):
         return None
     return info
 
@@ -123,7 +124,7 @@ def stop_site(site: str = "local", state_dir: str | Path | None = None, all: boo
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while _pid_alive(pid):
+    while _site_running(pid):
         if time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -242,7 +243,7 @@ class LocalTransport:
                 raise EndpointError("transport is closed")
             if self._conn is not None and not self._conn.lost and self._thread is not None \
                     and self._thread.is_alive() and self.info is not None \
-                    and _pid_alive(int(self.info["pid"])):
+                    and _site_running(int(self.info["pid"])):
                 return self._conn
             info = read_info(self.state_dir)
             if info is None:
@@ -296,7 +297,7 @@ class LocalTransport:
                     return self._lost(info, conn, "closed the connection")
             if time.monotonic() > next_check:
                 next_check = time.monotonic() + 1.0
-                if not _pid_alive(int(info["pid"])):
+                if not _site_running(int(info["pid"])):
                     return self._lost(info, conn, "exited")
         return None
 
@@ -469,29 +470,13 @@ def _control(info: dict[str, Any], msg: dict[str, Any], timeout_s: float) -> dic
     return reply
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+def _site_running(pid: int) -> bool:
+    """True while the site process ``pid`` runs. A site this process started is its child:
+    once it exits it is reaped here (``poll``) rather than left a zombie."""
     child = _CHILDREN.get(pid)
     if child is not None and child.poll() is not None:
-        return False  # our own child has exited (reaped here, not left a zombie)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    """True if ``pid`` has exited but its parent has not reaped it: a site auto-started by
-    another SDK process that is still running looks alive to ``kill(pid, 0)`` until then."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False  # no /proc (or gone already): trust kill(pid, 0)
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    return process_running(pid)
 
 
 def _tail(path: Path, offset: int = 0, lines: int = 15) -> str:

@@ -33,7 +33,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fabric.endpoint.watchdog import SERVER_MARK, _cmdline, _stat, alive
+from fabric.endpoint.watchdog import SERVER_MARK
+from fabric.procs import proc_cmdline, proc_stat, process_running
 
 log = logging.getLogger("fabric.site.pool")
 
@@ -129,10 +130,10 @@ class PoolWatch:
         session = os.getsid(0)
         out = []
         for pid in _pids():
-            st = _stat(pid)
+            st = proc_stat(pid)
             if st is None or st[3] != session or st[0] in ("Z", "X"):
                 continue
-            cmd = _cmdline(pid)
+            cmd = proc_cmdline(pid)
             if "process_worker_pool" in cmd and mark in cmd:
                 out.append(pid)
         return out
@@ -147,7 +148,7 @@ class PoolWatch:
         if self._checks % RESCAN_EVERY == 0 or len(self.helpers) < len(self._live):
             self._live = self.pools()
         else:
-            self._live = [pool for pool in self._live if alive(pool)]
+            self._live = [pool for pool in self._live if process_running(pool)]
         if not self._live:
             self._live = self.pools()
         live = self._live
@@ -160,7 +161,7 @@ class PoolWatch:
                 found = helper_of(pool)
                 if found is not None:  # not yet listening right after the pool started
                     self.helpers[pool] = found
-            elif not alive(helper):
+            elif not process_running(helper):
                 kill_pool(pool)
                 del self.helpers[pool]
                 self.killed += 1
@@ -173,8 +174,8 @@ class PoolWatch:
     def _end_orphan(self, pool: int, helper: int) -> None:
         # A pool killed by someone else leaves its helper behind (a Manager does not watch its
         # parent; the workers do, and exit): end it, if that pid is still that helper.
-        st = _stat(helper)
-        if st is None or st[3] != os.getsid(0) or "multiprocessing" not in _cmdline(helper):
+        st = proc_stat(helper)
+        if st is None or st[3] != os.getsid(0) or "multiprocessing" not in proc_cmdline(helper):
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(helper, signal.SIGKILL)
@@ -208,7 +209,7 @@ def helper_of(pool: int) -> int | None:
     if not listening:
         return None
     for pid in _pids():
-        st = _stat(pid)
+        st = proc_stat(pid)
         if st is None or st[1] != pool:
             continue
         with contextlib.suppress(OSError):
@@ -236,19 +237,19 @@ def kill_pool(pool: int) -> None:
     """SIGKILL the pool's process group (the block: wrapper shells, pool, workers) at once, so
     no wrapper lives to record an exit code; where that group is not the block's own or holds a
     model server (servers outlive pools), just the pool and its children, servers spared."""
-    st = _stat(pool)
+    st = proc_stat(pool)
     if st is None:
         return
     group = st[2]
-    stats = {pid: s for pid in _pids() if (s := _stat(pid)) is not None}
+    stats = {pid: s for pid in _pids() if (s := proc_stat(pid)) is not None}
     own = group > 1 and group not in (os.getpgrp(), os.getsid(0))
-    if own and not any(SERVER_MARK in _cmdline(pid) for pid, s in stats.items()
+    if own and not any(SERVER_MARK in proc_cmdline(pid) for pid, s in stats.items()
                        if s[2] == group):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signal.SIGKILL)
         return
     for pid in [pool, *(pid for pid, s in stats.items() if s[1] == pool)]:
-        if SERVER_MARK not in _cmdline(pid):
+        if SERVER_MARK not in proc_cmdline(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
 

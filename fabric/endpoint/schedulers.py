@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from fabric.errors import DeploymentError
+from fabric.procs import process_running
 
 
 class JobState(enum.Enum):
@@ -272,13 +273,6 @@ class PBSPro:
 
 # --- LocalProvider: the job id is the pid of the job's shell ------------------------------------
 
-def pid_alive(pid: int) -> bool:
-    """True while process ``pid`` exists (another user's process counts)."""
-    with contextlib.suppress(ProcessLookupError):
-        return os.getpgid(pid) > 0
-    return False
-
-
 class LocalJobs:
     """Jobs of Parsl's ``LocalProvider`` on this host, by pid: running while the job's shell
     lives (its exit status is only known to the process that started it)."""
@@ -286,7 +280,7 @@ class LocalJobs:
     def query(self, job_ids: Sequence[str]) -> dict[str, JobView]:
         """``RUNNING`` for each id whose shell lives; dead or foreign ids are left out."""
         return {j: JobView(JobState.RUNNING, "alive") for j in job_ids
-                if j.isdigit() and pid_alive(int(j))}
+                if j.isdigit() and process_running(int(j))}
 
     def cancel(self, job_id: str) -> None:
         """TERM the job's process group (the shell, its ranks and the walltime watchdog)."""

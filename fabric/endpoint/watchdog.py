@@ -27,33 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+from fabric.procs import proc_cmdline, proc_stat, process_running
+
 SERVER_MARK = "fabric.engine.server"
 """A command line with this runs a model server (spared: servers outlive their site)."""
 POLL_S = 0.2
-
-
-def _stat(pid: int) -> tuple[str, int, int, int] | None:
-    """``(state, ppid, pgrp, session)`` of ``pid`` from ``/proc``, or None if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw.rsplit(")", 1)[1].split()  # the command name may hold spaces and ")"
-    return fields[0], int(fields[1]), int(fields[2]), int(fields[3])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    st = _stat(pid)
-    return st is not None and st[0] not in ("Z", "X")
 
 
 def leftovers(session: int) -> list[int]:
@@ -62,10 +40,10 @@ def leftovers(session: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        st = _stat(int(entry.name))
+        st = proc_stat(int(entry.name))
         if st is not None and st[3] == session and st[0] not in ("Z", "X"):
             members[int(entry.name)] = st[2]
-    spared = {pgrp for pid, pgrp in members.items() if SERVER_MARK in _cmdline(pid)}
+    spared = {pgrp for pid, pgrp in members.items() if SERVER_MARK in proc_cmdline(pid)}
     return [pid for pid, pgrp in members.items()
             if pgrp not in spared and pid not in (os.getpid(), session)]
 
@@ -75,7 +53,7 @@ def reap(session: int) -> list[int]:
 
     Does nothing while the session's leader still runs: it is not a dead site's.
     """
-    if session <= 1 or alive(session):
+    if session <= 1 or process_running(session):
         return []
     hit = []
     for pid in leftovers(session):
@@ -102,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pid", type=int, required=True, help="the site process")
     parser.add_argument("--state-dir", default="", help="the site's state dir (for ps)")
     args = parser.parse_args(argv)
-    while alive(args.pid):
+    while process_running(args.pid):
         time.sleep(POLL_S)
     # Twice: a process that was forking during the first pass leaves a child behind.
     hit = reap(args.pid)

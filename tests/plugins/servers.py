@@ -27,6 +27,7 @@ from fabric import tickets
 from fabric.catalog import CatalogEntry, WeightSource
 from fabric.endpoint.jobs import JobLauncher
 from fabric.engine.launch import ServerLaunchConfig, prepare_server_launch
+from fabric.procs import process_running
 from fabric.protocol import InferenceRequest
 from fabric.serverclient import ServerClient
 from fabric.sites import JobsConfig, Plan, ServerConfig, TypedSpec
@@ -92,7 +93,7 @@ class ServerHandle:
             info = json.loads(Path(self.cfg.info_path).read_text())
         except (OSError, ValueError):
             return False
-        return info.get("state") == "ready" and _pid_alive(int(info.get("pid") or 0))
+        return info.get("state") == "ready" and process_running(int(info.get("pid") or 0))
 
     def close_clients(self) -> None:
         for c in self._clients:
@@ -107,25 +108,11 @@ class ServerHandle:
         with contextlib.suppress(Exception):
             self.launcher.cancel(self.job_id)
         deadline = time.monotonic() + 5
-        while pid and _pid_alive(pid) and time.monotonic() < deadline:
+        while pid and process_running(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if pid and _pid_alive(pid):
+        if pid and process_running(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie has exited; /proc says so.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return True
 
 
 def launch_server(root: Path, weights_dir: Path, pp: int, tp: int, name: str,
