@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from fabric.catalog import Catalog
-from fabric.engine.batch import SampleSpec, SeqWork, StepPlan
 from fabric.engine.loader import build_stage
 from fabric.engine.runner import StageRunner
 from fabric.engine.sampling import pick
+from fabric.engine.steps import SampleSpec, SeqWork, StepPlan
 from fabric.weights import prepare
 
 TOPICS = ["photosynthesis", "black holes", "protein folding", "plate tectonics", "vaccines",

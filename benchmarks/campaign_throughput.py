@@ -90,7 +90,7 @@ def run_campaign(tmp: Path, site_dir: Path, model: str, texts: list[str], max_to
                  shard_size: int, concurrency: int, in_flight: int) -> tuple[float, int, str]:
     """Seconds, tokens and final status of the same prompts as a campaign."""
     from fabric.campaign import store
-    from fabric.campaign.runner import Runner
+    from fabric.campaign.dispatch import CampaignRunner
 
     with (tmp / "in.jsonl").open("w") as fh:
         for i, text in enumerate(texts):
@@ -103,7 +103,7 @@ def run_campaign(tmp: Path, site_dir: Path, model: str, texts: list[str], max_to
     (tmp / "m.yaml").write_text(yaml.safe_dump(manifest))
     folder = store.create(tmp / "m.yaml", tmp / "home")
     start = time.perf_counter()
-    final = Runner(folder, poll_s=0.05).run()
+    final = CampaignRunner(folder, poll_s=0.05).run()
     seconds = time.perf_counter() - start
     status = store.status(folder)
     assert status["done"] == len(texts), status

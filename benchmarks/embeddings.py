@@ -70,7 +70,7 @@ def hf_mean_last_layer(model: Any, tok: Any, texts: list[str], batch: int) -> An
 def direct(job: common.ServerJob, texts: list[str], **fields: Any) -> Any:
     import numpy as np
 
-    from fabric.client.results import embeddings_from_results
+    from fabric.client.decoding import embeddings_from_results
 
     reqs = [job.request(t, kind="embed", **fields) for t in texts]
     run = common.run_batch(job, reqs)
@@ -81,7 +81,7 @@ def direct_batched(job: common.ServerJob, texts: list[str], size: int = 128,
                    **fields: Any) -> Any:
     import numpy as np
 
-    from fabric.client.results import embeddings_from_results
+    from fabric.client.decoding import embeddings_from_results
     from fabric.protocol import InferenceRequest
 
     reqs = [InferenceRequest(model=job.entry.name, kind="embed", prompts=texts[i:i + size],

@@ -50,11 +50,11 @@ from gpu_common import (  # noqa: E402
     sync,
 )
 
-from fabric.engine.batch import SampleSpec, SeqWork, StepPlan  # noqa: E402
 from fabric.engine.graphs import GraphOptions  # noqa: E402
 from fabric.engine.model import StageModel  # noqa: E402
 from fabric.engine.partition import plan_ranks  # noqa: E402
 from fabric.engine.runner import StageRunner  # noqa: E402
+from fabric.engine.steps import SampleSpec, SeqWork, StepPlan  # noqa: E402
 
 T0 = time.monotonic()
 

@@ -150,7 +150,7 @@ def rank_profiles(args: Any, texts: list[str], on: common.ServerJob,
 
 def loading(args: Any) -> dict[str, Any]:
     from fabric.engine.loader import build_stage
-    from fabric.engine.shard import write_shards
+    from fabric.engine.presplit import write_shards
 
     w = common.weights(common.SMOLLM)
     model_bytes = sum(f.stat().st_size for f in w.path.glob("*.safetensors"))

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from fabric import Fabric
-from fabric.client.results import parse_generation
+from fabric.client.decoding import parse_generation
 from fabric.protocol import GenerationResult, InferenceRequest
 
 POSITIVE = [

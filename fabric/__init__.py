@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "AsyncFabric": "fabric.client.aio",
+    "AsyncFabric": "fabric.aio",
     "Fabric": "fabric.sdk",
     "Stream": "fabric.client.streaming",
     "GenerationResult": "fabric.protocol",

@@ -2,7 +2,7 @@
 
 The site process is assembled here and nowhere else: a ``SiteProcess`` (``fabric.endpoint.site``:
 engine, Unix socket, state dir; it knows nothing of campaigns) with the campaign scheduler
-(``fabric.campaign.scheduler.site_task``) wired in as a background task. ``fabric endpoint
+(``fabric.campaign.site_scheduler.site_task``) wired in as a background task. ``fabric endpoint
 start`` and the SDK's auto-start (``fabric.client.local.start_site``) run this module.
 """
 
@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from fabric.campaign.scheduler import site_task
+from fabric.campaign.site_scheduler import site_task
 from fabric.endpoint.site import BackgroundTask, SiteProcess
 from fabric.sites import load_site
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from fabric.campaign import store
+from fabric.campaign.dispatch import CampaignRunner
 from fabric.campaign.manifest import load_manifest
-from fabric.campaign.runner import Runner
 from fabric.endpoint.functions import list_deployments, undeploy
 from fabric.globus.standin import StandinExecutor, StandinService
 from fabric.globus.transport import GlobusTransport
@@ -54,7 +54,7 @@ def test_campaign_through_globus_transport(tmp_path: Path, tiny_llama_dir: Path,
 
     # Left to itself the runner would open a GlobusTransport for this site (endpoint_id set);
     # the test hands it the same transport with the stand-in executor instead of the cloud.
-    opened = Runner(folder)._transport(spec)
+    opened = CampaignRunner(folder)._transport(spec)
     assert isinstance(opened, GlobusTransport) and opened.config.endpoint_id == endpoint_id
     opened.close()
 
@@ -63,7 +63,7 @@ def test_campaign_through_globus_transport(tmp_path: Path, tiny_llama_dir: Path,
                                 proof=lambda: None)
     try:
         try:
-            final = Runner(folder, transports={spec.name: transport}, poll_s=0.1).run()
+            final = CampaignRunner(folder, transports={spec.name: transport}, poll_s=0.1).run()
             deployments = transport.submit(list_deployments, None).result(timeout=60)
         finally:
             for dep in transport.submit(list_deployments, None).result(timeout=60):

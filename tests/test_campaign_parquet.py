@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from fabric.campaign import export, store
+from fabric.campaign.dispatch import CampaignRunner
 from fabric.campaign.inputs import read_inputs
 from fabric.campaign.manifest import load_manifest
-from fabric.campaign.runner import Runner
 from fabric.errors import FabricError, InvalidManifest
 from tests.test_campaign_unit import FakeTransport, check_invariant
 
@@ -42,7 +42,7 @@ def spec(tmp: Path, name: str = "pq", fmt: str = "parquet", **fields: Any) -> di
 
 
 def run(folder: Path, transport: FakeTransport) -> str:
-    return Runner(folder, transports={"local": transport}, poll_s=0.05).run()
+    return CampaignRunner(folder, transports={"local": transport}, poll_s=0.05).run()
 
 
 # -- inputs -------------------------------------------------------------------------------------

@@ -23,11 +23,11 @@ import yaml
 from fabric.campaign import store
 from fabric.campaign.api import Campaign
 from fabric.campaign.cron import CronSpec
+from fabric.campaign.dispatch import CampaignRunner
 from fabric.campaign.inputs import read_inputs
 from fabric.campaign.ledger import Ledger
 from fabric.campaign.manifest import load_manifest
-from fabric.campaign.runner import Runner
-from fabric.campaign.scheduler import Scheduler
+from fabric.campaign.site_scheduler import CampaignScheduler
 from fabric.errors import EndpointError, InvalidManifest, InvalidRequest, UnknownModel
 
 
@@ -105,7 +105,7 @@ def check_invariant(folder: Path, n: int) -> tuple[list[dict[str, Any]], list[di
 
 
 def run(folder: Path, transport: Any, **kw: Any) -> str:
-    return Runner(folder, transports={"local": transport}, poll_s=0.05, **kw).run()
+    return CampaignRunner(folder, transports={"local": transport}, poll_s=0.05, **kw).run()
 
 
 # -- manifest, cron, inputs -------------------------------------------------------------------
@@ -266,7 +266,7 @@ def test_cancel_and_resume(tmp_path: Path) -> None:
 def test_scheduler_runs_due_and_recurring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                           ) -> None:
     fake = FakeTransport()
-    monkeypatch.setattr(Runner, "_transport", lambda self, spec: fake)
+    monkeypatch.setattr(CampaignRunner, "_transport", lambda self, spec: fake)
     home = tmp_path / "home"
     now = dt.datetime(2026, 11, 26, 1, 59, tzinfo=dt.UTC).timestamp()
     later = store.create(manifest(tmp_path, n=5, name="later"), home, runner="site",
@@ -274,7 +274,7 @@ def test_scheduler_runs_due_and_recurring(tmp_path: Path, monkeypatch: pytest.Mo
     nightly = store.create(manifest(tmp_path, n=5, name="nightly", output="nightly"), home,
                            runner="site", schedule={"every": "0 2 * * *"}, now=now)
     here = store.create(manifest(tmp_path, n=5, name="here", output="h"), home, runner="here")
-    sched = Scheduler(home, poll_s=0.05)
+    sched = CampaignScheduler(home, poll_s=0.05)
     assert sched.tick(now) == []
     two = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC).timestamp()
     sched.tick(two)  # fires nightly: a new queued campaign

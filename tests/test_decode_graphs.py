@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from fabric.engine.batch import HookSpec, SampleSpec, SeqWork, StepPlan
 from fabric.engine.graphs import GraphOptions
 from fabric.engine.loader import build_stage
 from fabric.engine.runner import StageRunner
+from fabric.engine.steps import HookSpec, SampleSpec, SeqWork, StepPlan
 from tests.plugins.servers import ServerHandle, hf_greedy, hf_tokenizer
 
 PROMPTS = ["The", "The mitochondria is the powerhouse", "Scientists call models",

@@ -244,22 +244,22 @@ def test_retry_after_is_the_time_to_prefill_what_is_ahead() -> None:
     (or embedding) rate, within 0.5-30 s; the rate counts prompt tokens, not decode tokens."""
     from collections import deque
 
-    from fabric.engine.batch import SeqOutput, SeqWork, StepPlan
     from fabric.engine.engine import RATE_WINDOW_S, Engine
     from fabric.engine.frontend import retry_after
     from fabric.engine.scheduler import Limits
+    from fabric.engine.steps import SeqOutput, SeqWork, StepPlan
 
     assert retry_after(1000, 100.0) == 10.0
     assert retry_after(1000, 1e6) == 0.5 and retry_after(10**7, 10.0) == 30.0
     assert retry_after(500, 0.0) == 1.0  # no recent rate: ask again soon
 
-    class Runner:
+    class Executor:
         outputs: deque[list[SeqOutput]] = deque()
 
         def collect(self) -> list[SeqOutput]:
             return self.outputs.popleft()
 
-    runner = Runner()
+    runner = Executor()
     engine = Engine(runner, None, Limits(10_000, 4, 8), {}, set(), 2,  # type: ignore[arg-type]
                     emit=lambda rid, msg: None)
     long, short = _seq(40), _seq(30, computed=20)
@@ -278,8 +278,8 @@ def test_retry_after_is_the_time_to_prefill_what_is_ahead() -> None:
 def test_step_counts_prompt_tokens_apart_from_generated_ones() -> None:
     import threading
 
-    from fabric.engine.batch import SampleSpec, SeqOutput, SeqWork, StepPlan
     from fabric.engine.scheduler import Limits, Scheduler
+    from fabric.engine.steps import SampleSpec, SeqOutput, SeqWork, StepPlan
 
     sched = Scheduler(Limits(10_000, 4, 8), lambda seq, out: None, lambda *a: None,
                       threading.RLock())

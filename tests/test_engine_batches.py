@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fabric.client.results import embeddings_from_results
+from fabric.client.decoding import embeddings_from_results
 from fabric.errors import (
     Cancelled,
     ContextLengthExceeded,

@@ -197,12 +197,12 @@ def test_encoder_step_sub_batches_keep_each_request_its_vector() -> None:
     from transformers import AutoTokenizer
 
     from fabric.catalog import Catalog
-    from fabric.engine.batch import SeqWork, StepPlan
-    from fabric.engine.encoder import SUB_BATCH, EncoderRunner
+    from fabric.engine.encoder import SUB_BATCH, EncoderExecutor
+    from fabric.engine.steps import SeqWork, StepPlan
     from fabric.weights import prepare
 
     folder = prepare(Catalog().get("minilm-l6")).path
-    runner = EncoderRunner(folder, torch.float32)
+    runner = EncoderExecutor(folder, torch.float32)
     tok = AutoTokenizer.from_pretrained(folder)
     words = ["a", "protein", "folds", "into", "the", "shape", "that", "decides", "what", "it",
              "does", "in", "the", "cell"]

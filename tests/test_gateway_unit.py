@@ -201,7 +201,7 @@ def test_globus_token_is_introspected_and_passed_on(tmp_path: Path,
     import responses
     from globus_sdk.testing import RegisteredResponse, load_response
 
-    from fabric.client.aio import AsyncFabric
+    from fabric.aio import AsyncFabric
     from fabric.endpoint import policy
     from fabric.gateway.state import Gateway
     from fabric.sites import PolicyConfig

@@ -156,8 +156,8 @@ def test_campaign_shards_at_a_site_with_allowed_functions(
     """run_shard is in the one list of fabric functions, so a site whose allowed_functions is
     set runs a campaign's shards (the campaign reaches the site through the real pair)."""
     from fabric.campaign import store
+    from fabric.campaign.dispatch import CampaignRunner
     from fabric.campaign.manifest import load_manifest
-    from fabric.campaign.runner import Runner
 
     assert "run_shard" in globus_offline.function_ids
     prompts = {f"g-{i}": f"Sample {i}: the enzyme" for i in range(6)}
@@ -171,7 +171,7 @@ def test_campaign_shards_at_a_site_with_allowed_functions(
     folder = store.create(m, tmp_path / "campaigns")
     transport = globus_offline.transport(tmp_path / "home")
     try:
-        final = Runner(folder, transports={m.sites[0].name: transport}, poll_s=0.2).run()
+        final = CampaignRunner(folder, transports={m.sites[0].name: transport}, poll_s=0.2).run()
     finally:
         transport.close()
     assert final == "done", list(store.read_records(folder, errors=True))

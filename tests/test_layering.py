@@ -7,7 +7,7 @@ hide in a function body.
     fabric.client    the SDK; never the engine, the endpoint, campaigns; Globus only through
                      ``fabric.client.transport.open_transport`` (for a remote site)
     fabric.globus    the Globus transport and login; never the endpoint, campaigns, engine, client
-    fabric.endpoint  the site; never campaigns, never the client but ``fabric.client.results``
+    fabric.endpoint  the site; never campaigns, never the client but ``fabric.client.decoding``
     fabric.campaign  above the client; never ``fabric.client.local``, never the endpoint
     fabric.sdk, fabric.siteproc, fabric.cli   composition roots: they may import anything
 """
@@ -142,8 +142,8 @@ def test_globus_imports_no_endpoint_campaign_engine_or_client() -> None:
 
 ENDPOINT_CLIENT_RESULTS = frozenset({
     ("endpoint/handle.py", module, "*")
-    for module in ("fabric.client.results", "fabric.client.results.decode_tensors",
-                   "fabric.client.results.embeddings_from_results")
+    for module in ("fabric.client.decoding", "fabric.client.decoding.decode_tensors",
+                   "fabric.client.decoding.embeddings_from_results")
 })
 """A user function's ``ModelHandle`` hands back the SDK's own result types (torch tensors,
 embedding arrays), decoded by the SDK's code."""

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from fabric import Fabric
-from fabric.client.results import decode_tensors
+from fabric.client.decoding import decode_tensors
 from fabric.endpoint.functions import run_request
 from fabric.errors import ContextLengthExceeded, InvalidHook, InvalidRequest
 from fabric.protocol import InferenceRequest

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from fabric.engine.loader import SHARD_MANIFEST, build_stage, load_config, rank_shards
 from fabric.engine.partition import RankShard, assign_layers
-from fabric.engine.shard import write_shards
+from fabric.engine.presplit import write_shards
 
 PLANS = [(2, 1), (1, 2), (2, 2)]
 

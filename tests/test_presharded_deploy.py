@@ -9,7 +9,7 @@ import pytest
 
 from fabric import tickets
 from fabric.endpoint.deployments import DeploymentManager
-from fabric.engine.shard import write_shards
+from fabric.engine.presplit import write_shards
 from fabric.protocol import InferenceRequest
 from fabric.serverclient import ServerClient
 from fabric.sites import load_site

@@ -12,8 +12,8 @@ import pytest
 
 import fabric
 from fabric import Fabric
-from fabric.engine.batches import Batch
-from fabric.engine.results import build
+from fabric.engine.embed_batches import Batch
+from fabric.engine.result_maps import build
 from fabric.engine.sequence import Sequence
 from fabric.protocol import GenerationResult, InferenceRequest, SamplingParams
 from fabric.provenance import Provenance, for_request, server_record

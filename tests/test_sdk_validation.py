@@ -24,7 +24,7 @@ from fabric import (
     Overloaded,
     UnknownModel,
 )
-from fabric.client.results import decode_tensors, embeddings_from_results, parse_generation
+from fabric.client.decoding import decode_tensors, embeddings_from_results, parse_generation
 from fabric.client.streaming import Stream
 
 

@@ -339,7 +339,7 @@ def test_autostart_sigterm_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_the_composition_root_wires_the_campaign_scheduler(tmp_path: Path) -> None:
     """``fabric.siteproc`` builds the site process with the campaign scheduler; the site
     module itself registers nothing (it knows nothing of campaigns)."""
-    from fabric.campaign.scheduler import site_task
+    from fabric.campaign.site_scheduler import site_task
     from fabric.endpoint.site import SiteProcess
     from fabric.siteproc import build
 

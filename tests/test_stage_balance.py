@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fabric.engine.batch import SampleSpec, SeqWork, StepPlan
 from fabric.engine.loader import SHARD_MANIFEST, build_stage, load_config, rank_shards
 from fabric.engine.partition import plan_ranks, stage_costs
+from fabric.engine.presplit import write_shards
 from fabric.engine.runner import StageRunner
-from fabric.engine.shard import write_shards
+from fabric.engine.steps import SampleSpec, SeqWork, StepPlan
 from fabric.errors import DeploymentError
 from fabric.testing.tiny import build_tiny_llama
 

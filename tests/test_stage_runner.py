@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fabric.engine.batch import SampleSpec, SeqWork, StepPlan
 from fabric.engine.graphs import GraphOptions
 from fabric.engine.loader import build_stage
 from fabric.engine.runner import StageRunner
+from fabric.engine.steps import SampleSpec, SeqWork, StepPlan
 
 OPTS = GraphOptions(slots=2, slot_tokens=32, capture=False, compile=False)
 PROMPT = [5, 17, 300, 42, 7]

@@ -45,9 +45,9 @@ class Campaign:
 
     def start(self, *, transports: dict[str, Any] | None = None, auth: Any = None) -> Campaign:
         """Run the campaign in a background thread of this process."""
-        from fabric.campaign.runner import Runner
+        from fabric.campaign.dispatch import CampaignRunner
 
-        runner = Runner(self.folder, transports=transports, auth=auth, stop=self._stop)
+        runner = CampaignRunner(self.folder, transports=transports, auth=auth, stop=self._stop)
 
         def target() -> None:
             try:

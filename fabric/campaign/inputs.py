@@ -84,7 +84,7 @@ def read_inputs(manifest: Manifest) -> tuple[list[Item], list[BadLine]]:
             try:
                 if cid is None:
                     raise ValueError("custom_id is missing or not a non-empty string")
-                items.append(Item(cid, line_no, build_request(manifest, raw)))
+                items.append(Item(cid, line_no, request_from_line(manifest, raw)))
                 continue
             except (ValueError, FabricError) as exc:
                 problem = ("BadLine", getattr(exc, "message", None) or str(exc))
@@ -104,7 +104,7 @@ def read_inputs(manifest: Manifest) -> tuple[list[Item], list[BadLine]]:
     return items, bad
 
 
-def build_request(manifest: Manifest, raw: dict[str, Any]) -> dict[str, Any]:
+def request_from_line(manifest: Manifest, raw: dict[str, Any]) -> dict[str, Any]:
     """The ``InferenceRequest`` dict one input line asks for (validated; no request id)."""
     line = {k: v for k, v in raw.items() if k != "custom_id"}
     body = line.pop("body", None)

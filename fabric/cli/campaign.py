@@ -99,10 +99,10 @@ def _run_here(folder: Path, args: argparse.Namespace) -> int:
     import threading
 
     from fabric.campaign import store
+    from fabric.campaign.dispatch import CampaignRunner
     from fabric.campaign.progress import watch
-    from fabric.campaign.runner import Runner
 
-    runner = Runner(folder)
+    runner = CampaignRunner(folder)
     errors: list[BaseException] = []
 
     def target() -> None:

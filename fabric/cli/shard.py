@@ -31,7 +31,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Shard the model and print one line per rank file."""
-    from fabric.engine.shard import write_shards
+    from fabric.engine.presplit import write_shards
     from fabric.weights import prepare
 
     if args.pp < 1 or args.tp < 1:

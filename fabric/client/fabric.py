@@ -31,7 +31,7 @@ from fabric.client.checks import (
     check_prompt,
     sampling,
 )
-from fabric.client.results import (
+from fabric.client.decoding import (
     decode_tensors,
     embeddings_from_results,
     parse_generation,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fabric.client.results import parse_generation
+from fabric.client.decoding import parse_generation
 from fabric.errors import Cancelled, FabricError, ModelServerUnavailable
 from fabric.protocol import GenerationResult, InferenceRequest
 

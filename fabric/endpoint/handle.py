@@ -59,7 +59,7 @@ class ModelHandle:
     def embed(self, texts: str | Sequence[str], *, layer: int = -1, pooling: str = "mean",
               normalize: bool = True) -> Any:
         """Embedding vectors (numpy): ``(dim,)`` for one string, ``(n, dim)`` for a list."""
-        from fabric.client.results import embeddings_from_results
+        from fabric.client.decoding import embeddings_from_results
         from fabric.protocol import MAX_BATCH_TEXTS, renumber_text_error
 
         single = isinstance(texts, str)
@@ -79,7 +79,7 @@ class ModelHandle:
     def hidden_states(self, text: str, *, layers: Sequence[int] = (-1,),
                       positions: Sequence[int] | None = None) -> dict[str, Any]:
         """The residual stream after each of ``layers`` (torch tensors)."""
-        from fabric.client.results import decode_tensors
+        from fabric.client.decoding import decode_tensors
 
         return dict(decode_tensors(self.request({
             "kind": "hidden_states", "prompt": text, "layers": list(layers),
@@ -87,7 +87,7 @@ class ModelHandle:
 
     def logprobs(self, text: str, continuation: str) -> dict[str, Any]:
         """Log-probability of each token of ``continuation`` given ``text``."""
-        from fabric.client.results import decode_tensors
+        from fabric.client.decoding import decode_tensors
 
         return dict(decode_tensors(self.request({
             "kind": "logprobs", "prompt": text, "continuation": continuation})))

@@ -88,7 +88,7 @@ class JobView:
     message: str | None = None
 
 
-class Scheduler(Protocol):
+class BatchScheduler(Protocol):
     """Asks a batch system about jobs by id."""
 
     def query(self, job_ids: Sequence[str]) -> dict[str, JobView]:
@@ -290,7 +290,7 @@ class LocalJobs:
             os.killpg(os.getpgid(int(job_id)), signal.SIGTERM)
 
 
-def scheduler_for(provider_kind: str) -> Scheduler | None:
+def scheduler_for(provider_kind: str) -> BatchScheduler | None:
     """The scheduler behind a Parsl provider class name, or None where none is known."""
     kinds: dict[str, type[Slurm | PBSPro | LocalJobs]] = {
         "SlurmProvider": Slurm, "PBSProProvider": PBSPro, "LocalProvider": LocalJobs}

@@ -1,4 +1,4 @@
-"""Runner for embedding models (BERT-style encoders such as all-MiniLM-L6-v2).
+"""The step executor for embedding models (BERT-style encoders such as all-MiniLM-L6-v2).
 
 Encoders have no KV cache and no pipeline: each step sorts its prompts by length, runs them in
 sub-batches of similar length (so little of each batch is padding, as sentence-transformers
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from fabric.engine.batch import SeqOutput, SeqWork, StepPlan
+from fabric.engine.steps import SeqOutput, SeqWork, StepPlan
 
 SUB_BATCH = 32
 """Prompts per forward call within a step."""
 
 
-class EncoderRunner:
-    """The ``Runner`` the engine loop drives for an embedding model."""
+class EncoderExecutor:
+    """The ``StepExecutor`` the engine loop drives for an embedding model."""
 
     def __init__(self, folder: Path, dtype: torch.dtype) -> None:
         from transformers import AutoModel

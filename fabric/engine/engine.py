@@ -14,10 +14,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
-from fabric.engine.batch import SeqOutput, SeqWork, StepPlan
-from fabric.engine.results import accumulate, build
+from fabric.engine.result_maps import accumulate, build
 from fabric.engine.scheduler import Limits, Scheduler, internal_error
 from fabric.engine.sequence import Sequence
+from fabric.engine.steps import SeqOutput, SeqWork, StepPlan
 from fabric.errors import FabricError, ModelServerUnavailable
 
 log = logging.getLogger("fabric.engine")

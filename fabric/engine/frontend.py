@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 
 from fabric import tickets
-from fabric.engine.batches import Batch, split_member
+from fabric.engine.embed_batches import Batch, split_member
 from fabric.engine.engine import Engine
 from fabric.engine.prepare import Preparer, member_id
 from fabric.engine.scheduler import internal_error

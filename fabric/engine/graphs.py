@@ -38,10 +38,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from fabric.engine.batch import SeqOutput, SeqWork, StepPlan
 from fabric.engine.kv import SlotCache
 from fabric.engine.model import StageModel, rms_norm, rotate_half
 from fabric.engine.sampling import pick
+from fabric.engine.steps import SeqOutput, SeqWork, StepPlan
 
 
 @dataclass(frozen=True)

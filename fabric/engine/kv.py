@@ -21,8 +21,8 @@ import heapq
 
 import torch
 
-from fabric.engine.batch import SeqWork
 from fabric.engine.model import KVLayout, SeqCache
+from fabric.engine.steps import SeqWork
 
 
 class SlotCache:

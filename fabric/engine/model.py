@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fabric.engine.batch import HookSpec, StepPlan
 from fabric.engine.partition import RankShard, vocab_slices
+from fabric.engine.steps import HookSpec, StepPlan
 
 HEAD_BLOCK = 2048
 """Vocabulary rows per block of the LM head matmul on CPUs (see ``StageModel._head_matmul``)."""

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fabric.engine.batch import SeqOutput, StepPlan
 from fabric.engine.dist import Groups, RankInfo
 from fabric.engine.runner import StageRunner
 from fabric.engine.sampling import outputs_from
+from fabric.engine.steps import SeqOutput, StepPlan
 
 STEP, STOP, HEAD = 1, 2, 3
 """Message kinds: a step for the next stage (or outputs for the head), stop, rows for the LM

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from fabric.engine.batch import CaptureSpec, HookSpec
 from fabric.engine.sequence import Sequence
+from fabric.engine.steps import CaptureSpec, HookSpec
 from fabric.errors import ContextLengthExceeded, InvalidHook, InvalidRequest
 from fabric.protocol import Hook, InferenceRequest
 

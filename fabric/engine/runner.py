@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from fabric.engine.batch import SeqOutput, StepPlan
 from fabric.engine.graphs import DecodeGraphs, GraphOptions, plain_decode
 from fabric.engine.kv import KVStore, SlotCache
 from fabric.engine.model import StageModel
 from fabric.engine.sampling import outputs_from
+from fabric.engine.steps import SeqOutput, StepPlan
 
 
 class StageRunner:

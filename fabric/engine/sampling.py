@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fabric.engine.batch import SampleSpec, SeqOutput, StepPlan
+from fabric.engine.steps import SampleSpec, SeqOutput, StepPlan
 
 _MIX = 0x9E3779B97F4A7C15
 

@@ -18,8 +18,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fabric.engine.batch import SeqOutput, SeqWork, StepPlan
 from fabric.engine.sequence import Sequence
+from fabric.engine.steps import SeqOutput, SeqWork, StepPlan
 from fabric.errors import (
     Cancelled,
     DeadlineExceeded,

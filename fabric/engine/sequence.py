@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fabric.engine.batch import CaptureSpec, HookSpec, SampleSpec
+from fabric.engine.steps import CaptureSpec, HookSpec, SampleSpec
 from fabric.protocol import InferenceRequest
 
 

@@ -102,9 +102,9 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
     if info.is_head:
         write_info(cfg, head_info)
     if cfg.model.family == "embedding":
-        from fabric.engine.encoder import EncoderRunner
+        from fabric.engine.encoder import EncoderExecutor
 
-        executor: Any = EncoderRunner(Path(cfg.weights_path), DTYPES[cfg.plan.dtype])
+        executor: Any = EncoderExecutor(Path(cfg.weights_path), DTYPES[cfg.plan.dtype])
         config = executor.config
     else:
         model, report = build_stage(Path(cfg.weights_path), info.rank, info.pp, info.tp,

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from fabric.client.aio import AsyncFabric
+from fabric.aio import AsyncFabric
 from fabric.errors import FabricError, InvalidRequest
 from fabric.gateway.auth import Authenticator
 from fabric.gateway.config import GatewayConfig

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from fabric.client.aio import AsyncFabric
+from fabric.aio import AsyncFabric
 from fabric.errors import InvalidRequest
 from fabric.gateway import shapes
 from fabric.gateway.errors import PayloadTooLarge

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from fabric.client.aio import AsyncFabric
+from fabric.aio import AsyncFabric
 from fabric.gateway.auth import Authenticator, Identity, RateLimiter
 from fabric.gateway.config import GatewayConfig
 from fabric.gateway.keys import default_home
@@ -46,7 +46,7 @@ class Gateway:
         (sharing the gateway's transport and thread pool)."""
         if identity.auth is None:
             return self.client
-        from fabric.client.fabric import Fabric
+        from fabric.sdk import Fabric
 
         key = hashlib.sha256(str(identity.auth.get("token")).encode()).hexdigest()
         with self._lock:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fabric.client.aio import AsyncFabric, AsyncStream
+from fabric.aio import AsyncFabric, AsyncStream
 from fabric.errors import FabricError
 from fabric.gateway.errors import error_body
 

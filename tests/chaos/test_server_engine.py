@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import torch
 
-from fabric.engine.batch import HookSpec, SeqOutput, StepPlan
 from fabric.engine.engine import Engine
 from fabric.engine.loader import build_stage
 from fabric.engine.model import StageModel
@@ -25,6 +24,7 @@ from fabric.engine.prepare import ModelLimits, Preparer
 from fabric.engine.runner import StageRunner
 from fabric.engine.scheduler import Limits
 from fabric.engine.sequence import Sequence
+from fabric.engine.steps import HookSpec, SeqOutput, StepPlan
 from fabric.protocol import InferenceRequest
 from tests.plugins.servers import hf_tokenizer
 

@@ -3,8 +3,8 @@
 .. code:: text
 
     every POLL_S:  for each campaign in <state dir>/campaigns whose runner is "site":
-        queued, next_run <= now                -> Runner in a new thread
-        running but no live runner (site died) -> Runner again (it recovers and resumes)
+        queued, next_run <= now                -> CampaignRunner in a new thread
+        running but no live runner (site died) -> CampaignRunner again (it recovers and resumes)
         recurring, next_run <= now             -> a new campaign "<name>-<UTC stamp>" from the
                                                   template (queued), next_run = next cron match
 
@@ -25,7 +25,7 @@ from fabric.campaign import store
 from fabric.campaign.ledger import Ledger
 from fabric.campaign.manifest import Manifest
 
-log = logging.getLogger("fabric.campaign.scheduler")
+log = logging.getLogger("fabric.campaign.site_scheduler")
 
 POLL_S = 2.0
 """How often the scheduler looks for due campaigns."""
@@ -35,10 +35,10 @@ MAX_RUNNING = 4
 
 def site_task(site: Any, stopping: threading.Event) -> None:
     """``SiteProcess`` background hook: schedule ``<site state dir>/campaigns``."""
-    Scheduler(Path(site.state_dir) / "campaigns", stopping).loop()
+    CampaignScheduler(Path(site.state_dir) / "campaigns", stopping).loop()
 
 
-class Scheduler:
+class CampaignScheduler:
     """Finds due campaigns in ``home`` and runs each in its own thread."""
 
     def __init__(self, home: Path, stopping: threading.Event | None = None,
@@ -98,10 +98,10 @@ class Scheduler:
         return None
 
     def _run(self, folder: Path) -> None:
-        from fabric.campaign.runner import Runner
+        from fabric.campaign.dispatch import CampaignRunner
 
         try:
-            final = Runner(folder, stop=self.stopping).run()
+            final = CampaignRunner(folder, stop=self.stopping).run()
             log.info("campaign %s: %s", folder.name, final)
         except Exception:
             log.exception("campaign %s failed", folder.name)

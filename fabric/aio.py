@@ -25,9 +25,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from fabric.client.fabric import Fabric
     from fabric.client.streaming import Stream
     from fabric.protocol import GenerationResult
+    from fabric.sdk import Fabric
 
 __all__ = ["AsyncFabric", "AsyncStream"]
 
@@ -59,7 +59,7 @@ class AsyncFabric:
 
             raise InvalidRequest(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
         if fabric is None:
-            from fabric.client.fabric import Fabric
+            from fabric.sdk import Fabric
 
             fabric = Fabric(site, **kwargs)
             self._owns_fabric = True

@@ -58,7 +58,7 @@ class SiteSlot:
         return len(self.in_flight) / self.spec.weight
 
 
-class Runner:
+class CampaignRunner:
     """Runs one campaign to completion (or until cancelled / ``stop`` is set)."""
 
     def __init__(self, folder: Path, *, transports: dict[str, Any] | None = None,
