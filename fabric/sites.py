@@ -307,8 +307,9 @@ class SiteConfig(_Strict):
     weights_dir: str | None = None
     """Where converted/sharded weights live (default: the user's cache dir)."""
     max_request_workers: int = Field(4, ge=1, description="Request workers (local site).")
-    allow_user_functions: bool = True
-    """Allow ``fab.submit`` user functions (remote sites should opt in explicitly)."""
+    allow_user_functions: bool = False
+    """Allow ``fab.submit`` user functions: a caller's code running at the site. Off unless the
+    operator opts in (the shipped local sites do: there the caller is the site's own user)."""
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     node: NodeShape = Field(default_factory=NodeShape)
