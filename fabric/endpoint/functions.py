@@ -145,7 +145,7 @@ def poll_stream(model: str, request_id: str, ticket: str, cursor: int, wait_s: f
     from fabric.serverclient import ServerClient
 
     ctx = current()
-    ctx.authorize(auth, model)
+    ctx.authorize(auth, model, count=False)  # a follow-up, not a new request
     dep = _server_for(ctx, model)
     with ServerClient(dep.address, dep.public_key) as client:
         reply = client.poll(request_id, ticket, int(cursor), float(wait_s))
@@ -159,7 +159,7 @@ def cancel_request(model: str, request_id: str, ticket: str, auth: Any = None) -
     from fabric.serverclient import ServerClient
 
     ctx = current()
-    ctx.authorize(auth, model)
+    ctx.authorize(auth, model, count=False)  # a follow-up, not a new request
     dep = _server_for(ctx, model)
     with ServerClient(dep.address, dep.public_key) as client:
         return client.cancel(request_id, ticket)
@@ -172,7 +172,7 @@ def deployment_status(model: str, version: str | None = None,
                       plan: dict[str, Any] | None = None, auth: Any = None) -> dict[str, Any]:
     """Non-blocking: state (absent/queued/loading/ready/dead), queue position, message."""
     ctx = current()
-    ctx.authorize(auth, model)
+    ctx.authorize(auth, model, count=False)  # a follow-up, not a new request
     entry = ctx.entry(model, version)
     return dict(ctx.manager.status(entry, ctx.plan(entry, plan)))
 
