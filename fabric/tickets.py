@@ -26,9 +26,12 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fabric.errors import Overloaded, TicketInvalid
+
+if TYPE_CHECKING:
+    from fabric.protocol import InferenceRequest
 
 ANY_REQUEST = "*"
 MAX_TICKET_CHARS = 8192
@@ -66,6 +69,19 @@ def issue(key: bytes, *, model: str, request_id: str = ANY_REQUEST, subject: str
     body.update({k: v for k, v in bound.items() if v is not None})
     raw = base64.urlsafe_b64encode(json.dumps(body, sort_keys=True).encode()).decode()
     return f"{raw}.{_sign(key, raw)}"
+
+
+def issue_for_request(key: bytes, request: InferenceRequest, *, model: str, subject: str,
+                      ttl_s: float, submit_ttl_s: float | None = None) -> str:
+    """A single-use ticket for exactly ``request``: its id, kind, ``max_tokens`` and digest.
+
+    The server recomputes the digest on the request it receives, so the submitter must send
+    this very request (``validate_request`` of its JSON dump is the same request)."""
+    from fabric.protocol import request_digest
+
+    return issue(key, model=model, request_id=request.request_id, subject=subject,
+                 ttl_s=ttl_s, op=request.kind, max_tokens=request.sampling.max_tokens,
+                 digest=request_digest(request), single_use=True, submit_ttl_s=submit_ttl_s)
 
 
 def authenticate(key: bytes, ticket: object, *, model: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def make_campaign(tmp: Path, site: LocalSite, n: int, *, name: str = "c", poison
     data = {"name": name, "model": TINY_MODEL, "kind": "generate",
             "sampling": {"max_tokens": 3, "temperature": 0.0},
             "input": {"path": "in.jsonl"}, "output": "out", "shard_size": 25,
-            "max_attempts": 3, "audit_log": "audit.log",
+            "max_attempts": 3, "audit": True,
             "sites": [{"name": str(site.site_dir), "max_in_flight": 2}], **fields}
     (tmp / "m.yaml").write_text(yaml.safe_dump(data))
     return tmp / "m.yaml"
@@ -116,9 +116,12 @@ def server(state_dir: Path) -> tuple[int, int]:
     return pid, int(str(deps[0].address).rsplit(":", 1)[1])
 
 
-def audit_counts(tmp: Path) -> Counter[str]:
-    path = tmp / "audit.log"
-    return Counter(line.split()[0] for line in path.read_text().splitlines()) \
+def audit_counts(state_dir: Path, campaign: str) -> Counter[str]:
+    """Executions per custom_id, from the site's own audit file for ``campaign``."""
+    from fabric.endpoint.campaign_shard import audit_path
+
+    path = audit_path(state_dir, {"campaign": campaign})
+    return Counter(json.loads(line)["custom_id"] for line in path.read_text().splitlines()) \
         if path.exists() else Counter()
 
 
@@ -179,7 +182,7 @@ def test_kill_runner_and_resume(tmp_path: Path, local_site: LocalSite) -> None:
     out, _ = invariant(folder, 300)
     after = {r["custom_id"]: r["nonce"] for r in out}
     assert all(after[c] == n for c, n in before.items())
-    executions = audit_counts(tmp_path)
+    executions = audit_counts(local_site.state_dir, "k")
     # Inputs committed before the kill ran exactly once; only in-flight ones may run twice.
     assert all(executions[c] == 1 for c in before), [c for c in before if executions[c] != 1]
     assert sum(executions.values()) - 300 <= 2 * 10 * 2  # at most the in-flight shards
@@ -241,5 +244,5 @@ def test_kill_site_process_and_restart(tmp_path: Path, tiny_llama_dir: Path) -> 
     out, _ = invariant(folder, 300)
     after = {r["custom_id"]: r["nonce"] for r in out}
     assert all(after[c] == n for c, n in before.items())
-    executions = audit_counts(tmp_path)
+    executions = audit_counts(state, "s")
     assert all(executions[c] == 1 for c in before)

@@ -139,6 +139,28 @@ def test_manifest_unknown_keys_and_bad_values(tmp_path: Path) -> None:
         load_manifest("name: x\n  bad: [\n")
 
 
+def test_audit_is_the_sites_file_and_cannot_be_forged(tmp_path: Path) -> None:
+    """No caller-chosen path: ``audit_log`` is refused naming ``audit: true``; the site writes
+    its own file, one JSON line per execution, so a newline in a custom_id forges nothing."""
+    from fabric.endpoint.campaign_shard import _audit, audit_path
+
+    data = yaml.safe_load(manifest(tmp_path).read_text())
+    with pytest.raises(InvalidManifest, match="audit: true"):
+        load_manifest({**data, "audit_log": str(tmp_path / "authorized_keys")}, base=tmp_path)
+    assert load_manifest({**data, "audit": True}, base=tmp_path).audit is True
+    state = tmp_path / "state"
+    path = audit_path(state, {"campaign": "c1"})
+    assert path == state / "campaigns" / "audit" / "c1.jsonl"
+    for bad in ("../../x", "a/b", "", None, ".hidden"):
+        with pytest.raises(InvalidRequest, match="audit file"):
+            audit_path(state, {"campaign": bad})
+    _audit(path, "x\nssh-rsa AAAA evil", "n1")
+    _audit(path, "ok", "n2")
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"custom_id": "x\nssh-rsa AAAA evil", "nonce": "n1"}, {"custom_id": "ok", "nonce": "n2"}]
+
+
 def test_openai_batch_lines_are_read(tmp_path: Path) -> None:
     lines = [
         {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",

@@ -289,3 +289,31 @@ def test_follow_up_calls_do_not_count(tmp_path: Path) -> None:
         policy.authorize(site, auth(), "m", tmp_path)
     with pytest.raises(AccessDenied):  # the model rule still applies to follow-ups
         policy.authorize(site, auth(), "other", tmp_path, count=False)
+
+
+def test_stream_polls_and_cancels_are_not_new_requests(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the endpoint functions: with 2 requests a minute, one request then 10 polls,
+    cancels and status queries leave the second request admissible."""
+    from fabric.endpoint import functions
+    from fabric.endpoint.context import SiteContext
+    from fabric.errors import ModelServerUnavailable
+    from fabric.wire.gcwire import unwrap
+
+    introspect()
+    model = "smollm2-135m"  # in the built-in catalog (deployment_status looks it up)
+    ctx = SiteContext(make_site({model: {"anyone": True, "requests_per_minute": 2}}), tmp_path)
+    monkeypatch.setattr(functions, "current", lambda: ctx)
+    ctx.authorize(auth(), model)
+    for _ in range(10):  # no server is running: each is checked, then finds none
+        for reply in (functions.poll_stream(model, "r1", "t", 0, 0.0, auth()),
+                      functions.cancel_request(model, "r1", "t", auth())):
+            with pytest.raises(ModelServerUnavailable):
+                unwrap(reply)
+        assert unwrap(functions.deployment_status(model, None, None, auth()))["state"] == "absent"
+    assert policy.usage(tmp_path)[0]["requests"] == 1
+    ctx.authorize(auth(), model)  # the second request of the minute
+    with pytest.raises(QuotaExceeded):
+        ctx.authorize(auth(), model)
+    with pytest.raises(AccessDenied):  # polls are still authorized
+        unwrap(functions.poll_stream("other", "r1", "t", 0, 0.0, auth()))

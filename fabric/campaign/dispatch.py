@@ -194,7 +194,7 @@ class CampaignRunner:
                 return
             shard = {"campaign": m.name, "shard_id": shard_id, "model": m.model,
                      "version": m.version, "concurrency": m.concurrency,
-                     "timeout_s": m.shard_timeout_s, "audit_log": m.audit_log,
+                     "timeout_s": m.shard_timeout_s, "audit": m.audit,
                      "items": [{"custom_id": c, "attempt": a, "request": r}
                                for c, a, r in claimed]}
             try:

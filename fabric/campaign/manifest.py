@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fabric.campaign.cron import CronSpec
 from fabric.errors import InvalidManifest
@@ -139,8 +146,22 @@ class Manifest(_Strict):
     """Requests a shard keeps in flight at its model server (continuous batching does the
     rest); keep it at or below the server's ``max_queue_requests``."""
     schedule: Schedule | None = None
-    audit_log: str | None = None
-    """Debugging aid: every execution at the site appends ``custom_id nonce`` here."""
+    audit: bool = False
+    """Every execution at the site is recorded in the site's own audit file
+    (``<site state dir>/campaigns/audit/<name>.jsonl``, one JSON line ``{custom_id, nonce}``
+    each): the evidence that an input ran exactly once. The site chooses the place; a
+    caller-chosen path (the old ``audit_log``) is refused."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_audit_path(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "audit_log" not in data:
+            return data
+        if data["audit_log"] is None:  # a manifest stored before the field went: harmless
+            return {k: v for k, v in data.items() if k != "audit_log"}
+        raise ValueError("audit_log (a path written by the site) is no longer accepted; use "
+                         "'audit: true': the site records executions in "
+                         "<site state dir>/campaigns/audit/<name>.jsonl")
 
     @field_validator("name")
     @classmethod
@@ -205,7 +226,7 @@ def load_manifest(source: str | Path | dict[str, Any], base: Path | None = None)
 
 
 def resolve_paths(manifest: Manifest, base: Path) -> Manifest:
-    """The manifest with input, output, audit log and site folders made absolute."""
+    """The manifest with input, output and site folders made absolute."""
     def absolute(p: str) -> str:
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (base / q).resolve())
@@ -213,8 +234,6 @@ def resolve_paths(manifest: Manifest, base: Path) -> Manifest:
     m = manifest.model_copy(deep=True)
     m.input.path = absolute(m.input.path)
     m.output = absolute(m.output)
-    if m.audit_log:
-        m.audit_log = absolute(m.audit_log)
     for site in m.sites:
         # A relative folder that exists is a site path; otherwise it is a site name.
         if (base / site.name).is_dir() and not Path(site.name).is_absolute():

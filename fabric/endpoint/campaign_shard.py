@@ -14,6 +14,9 @@ package does not depend on the endpoint.
                  (the output nonce) per execution
     <-- {"shard_id", "nonce", "site", "pid", "results": [{custom_id, ok, nonce, ...}]}
 
+With ``audit`` set, each execution is appended to the site's own audit file
+(``audit_path``: ``<state dir>/campaigns/audit/<campaign>.jsonl``), one JSON line each.
+
 Exactly one output or error line per input. A poison input fails alone: its error is recorded
 and the rest of the shard carries on. If the model server dies mid-shard, the inputs it had
 accepted come back as ``ModelServerUnavailable`` (retryable: the runner gives them to a later
@@ -24,14 +27,20 @@ module imports cheaply and returns an envelope, never a raised ``FabricError``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fabric.endpoint.context import current
 from fabric.endpoint.registry import endpoint_function
 from fabric.endpoint.session import Outcome, ServerSession, token_estimate
-from fabric.errors import FabricError
+from fabric.errors import FabricError, InvalidRequest
+
+AUDIT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+"""A campaign name that is safe as a file name (the manifest's rule for names)."""
 
 
 @endpoint_function("model")
@@ -53,7 +62,7 @@ def run_shard(shard: dict[str, Any], auth: Any = None) -> dict[str, Any]:
         except FabricError as exc:  # this input alone is bad
             out[cid] = _error(cid, exc, nonce)
     identity = ctx.authorize(auth, model, sum(token_estimate(r) for r in reqs))
-    audit = shard.get("audit_log")
+    audit = audit_path(ctx.state_dir, shard) if shard.get("audit") else None
 
     def settle(i: int, outcome: Outcome) -> None:
         cid = cids[i]
@@ -62,8 +71,8 @@ def run_shard(shard: dict[str, Any], auth: Any = None) -> dict[str, Any]:
             return
         out[cid] = {"custom_id": cid, "ok": True, "nonce": outcome.request_id,
                     "result": jsonable(outcome.result)}
-        if audit:
-            _audit(str(audit), cid, outcome.request_id)
+        if audit is not None:
+            _audit(audit, cid, outcome.request_id)
 
     session = ServerSession(ctx, entry, identity,
                             timeout_s=float(shard.get("timeout_s") or 3600.0),
@@ -93,11 +102,26 @@ def _tokens(record: dict[str, Any]) -> int:
     return int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
 
 
-def _audit(path: str, cid: str, nonce: str) -> None:
-    # O_APPEND with one small write per line: concurrent workers never interleave a line.
+def audit_path(state_dir: Path, shard: dict[str, Any]) -> Path:
+    """The site's audit file for the shard's campaign: the site chooses the folder, and the
+    campaign's name must be a plain file name (``InvalidRequest`` otherwise)."""
+    name = shard.get("campaign")
+    if not isinstance(name, str) or not AUDIT_NAME_RE.match(name):
+        raise InvalidRequest(f"campaign name {str(name)[:100]!r} cannot name an audit file: "
+                             "use 1-100 letters, digits, '.', '_' or '-', starting with a "
+                             "letter or digit", field="campaign")
+    folder = Path(state_dir) / "campaigns" / "audit"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}.jsonl"
+
+
+def _audit(path: Path, cid: str, nonce: str) -> None:
+    # JSON-encoded so a custom_id holding newlines cannot forge lines; O_APPEND with one
+    # write per line: concurrent workers never interleave a line.
+    line = json.dumps({"custom_id": cid, "nonce": nonce}) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(fd, f"{cid} {nonce}\n".encode())
+        os.write(fd, line.encode())
     finally:
         os.close(fd)
 

@@ -77,12 +77,15 @@ class SiteContext:
 
     # -- policy ---------------------------------------------------------------------------
 
-    def authorize(self, auth: Any, model: str, tokens: int = 0) -> str:
+    def authorize(self, auth: Any, model: str, tokens: int = 0, *, count: bool = True) -> str:
         """The caller's identity if the site's policy lets it use ``model`` (else a typed
-        denial); ``tokens`` is the most the call may consume (quota admission)."""
+        denial); ``tokens`` is the most the call may consume (quota admission). ``count=False``
+        for a follow-up about an admitted request (poll, cancel, status): identity and model
+        rule checked, no request counted against the quotas."""
         from fabric.endpoint.policy import authorize
 
-        return str(authorize(self.site, auth, model, self.state_dir, tokens=tokens))
+        return str(authorize(self.site, auth, model, self.state_dir, tokens=tokens,
+                             count=count))
 
     def record_usage(self, identity: str, model: str, tokens: int,
                      request_id: str | None = None) -> None:

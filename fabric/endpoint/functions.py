@@ -31,6 +31,11 @@ from fabric.wire.gcwire import ok
 
 RESULT_LIMIT_BYTES = 10 * 1024 * 1024 - 4096
 """Globus Compute refuses results over 10 MiB; leave room for the envelope."""
+STREAM_SUBMIT_TTL_S = 120.0
+"""How long a stream's ticket accepts its one submit: the client submits as soon as
+``open_stream`` answers (the margin covers a slow transport, not a replay)."""
+STREAM_TICKET_TTL_S = 3600.0
+"""Life of a stream's ticket: its polls and cancel, after the submit."""
 
 __all__ = [
     "cancel_request", "deploy", "deployment_status", "list_deployments", "list_models",
@@ -107,8 +112,11 @@ def open_stream(request: dict[str, Any], auth: Any = None,
     ctx = current()
     identity = ctx.authorize(auth, req.model, token_estimate(req))
     dep = ctx.manager.ensure(ctx.entry(req.model, req.version))
-    ticket = tickets.issue(ctx.ticket_key(), model=dep.model, request_id=req.request_id,
-                           subject=identity, ttl_s=3600.0)
+    # Bound to exactly this request and spent on its submit (the client submits at once);
+    # its life covers the stream's polls and cancel.
+    ticket = tickets.issue_for_request(ctx.ticket_key(), req, model=dep.model,
+                                       subject=identity, ttl_s=STREAM_TICKET_TTL_S,
+                                       submit_ttl_s=STREAM_SUBMIT_TTL_S)
     info = {"request_id": req.request_id, "address": dep.address, "public_key": dep.public_key,
             "ticket": ticket, "deployment_id": dep.id, "model": dep.model,
             "version": dep.version, "sha256": dep.sha256, "cursor": 0, "mode": mode}
@@ -137,7 +145,7 @@ def poll_stream(model: str, request_id: str, ticket: str, cursor: int, wait_s: f
     from fabric.serverclient import ServerClient
 
     ctx = current()
-    ctx.authorize(auth, model)
+    ctx.authorize(auth, model, count=False)  # a follow-up, not a new request
     dep = _server_for(ctx, model)
     with ServerClient(dep.address, dep.public_key) as client:
         reply = client.poll(request_id, ticket, int(cursor), float(wait_s))
@@ -151,7 +159,7 @@ def cancel_request(model: str, request_id: str, ticket: str, auth: Any = None) -
     from fabric.serverclient import ServerClient
 
     ctx = current()
-    ctx.authorize(auth, model)
+    ctx.authorize(auth, model, count=False)  # a follow-up, not a new request
     dep = _server_for(ctx, model)
     with ServerClient(dep.address, dep.public_key) as client:
         return client.cancel(request_id, ticket)
@@ -164,7 +172,7 @@ def deployment_status(model: str, version: str | None = None,
                       plan: dict[str, Any] | None = None, auth: Any = None) -> dict[str, Any]:
     """Non-blocking: state (absent/queued/loading/ready/dead), queue position, message."""
     ctx = current()
-    ctx.authorize(auth, model)
+    ctx.authorize(auth, model, count=False)  # a follow-up, not a new request
     entry = ctx.entry(model, version)
     return dict(ctx.manager.status(entry, ctx.plan(entry, plan)))
 

@@ -6,7 +6,7 @@
 .. code:: text
 
     run(requests) --ensure--> warm deployment of the model (launched if need be)
-        submit in a bounded window, each with its own ticket (request id, model, caller)
+        submit in a bounded window, each with its own single-use ticket (this exact request)
             refused for a full queue -> backpressure: sent again once one of ours finished,
                                         or after a pause (batches, patient callers), by the deadline
             refused otherwise         -> that input's typed error (a poison input fails alone)
@@ -205,9 +205,9 @@ class ServerSession:
         for i in batch:
             if self.fresh_ids:  # every execution its own id (a campaign's output nonce)
                 reqs[i] = reqs[i].model_copy(update={"request_id": uuid.uuid4().hex})
-            client.send_submit(reqs[i], tickets.issue(
-                key, model=dep.model, request_id=reqs[i].request_id, subject=self.identity,
-                ttl_s=TICKET_TTL_S))
+            # Bound to exactly this execution and spent on its submit (a resend gets its own).
+            client.send_submit(reqs[i], tickets.issue_for_request(
+                key, reqs[i], model=dep.model, subject=self.identity, ttl_s=TICKET_TTL_S))
         refused: list[tuple[int, FabricError]] = []
         for k, i in enumerate(batch):
             try:
