@@ -39,8 +39,10 @@ def sha256sum_listing(folder: Path) -> tuple[dict[str, str], str]:
 
 @pytest.fixture
 def model_copy(tiny_llama_dir: Path, tmp_path: Path) -> Path:
-    """A private copy of the tiny Llama folder (tests change files in it)."""
-    return Path(shutil.copytree(tiny_llama_dir, tmp_path / "my-llama"))
+    """A private copy of the tiny Llama folder (tests change files in it), without the weights
+    manifest that serving it earlier in the session may have left there."""
+    return Path(shutil.copytree(tiny_llama_dir, tmp_path / "my-llama",
+                                ignore=shutil.ignore_patterns(weights.MANIFEST)))
 
 
 @pytest.fixture
