@@ -107,6 +107,21 @@ def test_concurrent_ensure_launches_once(manager: DeploymentManager) -> None:
     assert manager.status(entry)["state"] == "absent"
 
 
+@pytest.mark.slow  # launches a model server (~10 s)
+def test_server_that_stops_answering_is_reaped(manager: DeploymentManager) -> None:
+    """A ready server that stops answering health (stopped here with SIGSTOP, as a wedged one
+    would be) is marked dead and its job is cancelled: it does not keep its nodes."""
+    dep = manager.ensure(_entry(manager), wait_s=240)
+    pid = _server_pid(dep.to_dict())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        dead = manager.refresh(dep)
+        assert dead.state == "dead" and "health" in (dead.reason or ""), dead
+    finally:
+        os.kill(pid, signal.SIGCONT)  # a stopped process acts on the cancel's TERM once resumed
+    assert _pid_gone(pid), "the job of a deployment marked dead is still running"
+
+
 @pytest.mark.slow  # a model server job that fails (~4 s)
 def test_launch_failure_is_a_typed_error(manager: DeploymentManager, tmp_path: Path) -> None:
     """A server that cannot load its weights: the record is dead and the error says why."""

@@ -193,20 +193,18 @@ class DeploymentManager:
                 dep = self.db.update(dep.id, state=state) or dep
             return dep
         if dep.state in ("ready", "draining"):
-            # It answered before and does not now: crashed, killed, or its node is gone.
-            return self._mark_dead(dep, "model server stopped answering health pings"
-                                   + self._log_tail(dep))
+            # It answered before and does not now: crashed, killed, wedged, or its node is gone.
+            # A wedged server's job would hold its nodes until walltime: end it.
+            return self._reap(dep, "model server stopped answering health pings"
+                              + self._log_tail(dep))
         if job is not None and job.state.value == "unknown" and not info:
             return self._mark_dead(dep, "job ended before the server started" + self._log_tail(dep))
         if job is not None and job.state.value == "running" and dep.state == "queued":
             dep = self.db.update(dep.id, state="loading") or dep
         queued = job is not None and job.state.value == "queued"
         if not queued and time.time() - dep.created > self.site.server.ready_timeout_s:
-            if dep.job_id:
-                with contextlib.suppress(FabricError):
-                    self.launcher().cancel(dep.job_id)
-            return self._mark_dead(dep, f"not ready within {self.site.server.ready_timeout_s:.0f}"
-                                   " s (server.ready_timeout_s)" + self._log_tail(dep))
+            return self._reap(dep, f"not ready within {self.site.server.ready_timeout_s:.0f}"
+                              " s (server.ready_timeout_s)" + self._log_tail(dep))
         return dep
 
     def health(self, dep: Deployment) -> dict[str, Any] | None:
@@ -327,6 +325,13 @@ class DeploymentManager:
 
     def _mark_dead(self, dep: Deployment, reason: str) -> Deployment:
         return self.db.update(dep.id, state="dead", reason=reason) or dep
+
+    def _reap(self, dep: Deployment, reason: str) -> Deployment:
+        """Mark ``dep`` dead and cancel its job, which may still hold its nodes."""
+        if dep.job_id:
+            with contextlib.suppress(FabricError):
+                self.launcher().cancel(dep.job_id)
+        return self._mark_dead(dep, reason)
 
     def _log_tail(self, dep: Deployment, lines: int = 8) -> str:
         tails = []
