@@ -69,6 +69,19 @@ def open_fabric(args: argparse.Namespace, spinner: StatusSpinner | None = None) 
                   status_interval_s=1.0)
 
 
+def fetch_listing(args: argparse.Namespace, what: str) -> list[dict[str, Any]] | None:
+    """``fab.<what>()`` for a listing command, with a spinner while a cold site starts; with
+    ``--json`` it is printed here and None is returned (the caller prints its table otherwise)."""
+    from fabric.cli.progress import StatusSpinner
+
+    with StatusSpinner("fabric") as spinner, open_fabric(args, spinner) as fab:
+        rows = list(getattr(fab, what)())
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return None
+    return rows
+
+
 # -- hooks --------------------------------------------------------------------------------------
 
 def parse_hooks(texts: Sequence[str]) -> list[Hook] | None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from fabric.cli.common import (
+    fetch_listing,
     hook_arg,
     model_args,
     open_fabric,
@@ -296,12 +297,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_deployments(args: argparse.Namespace) -> int:
     """``fabric deployments``: list the site's deployments."""
-    from fabric.cli.progress import StatusSpinner
-
-    with StatusSpinner("fabric") as spinner, open_fabric(args, spinner) as fab:
-        records = fab.deployments()
-    if args.json:
-        print(json.dumps(records, indent=2, default=str))
+    records = fetch_listing(args, "deployments")
+    if records is None:
         return 0
     rows = [[
         str(r.get("id", r.get("deployment_id", ""))), str(r.get("model", "")),

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, cast
 
-from fabric.cli.common import dumps, open_fabric, print_table, site_arg
+from fabric.cli.common import dumps, fetch_listing, print_table, site_arg
 
 __all__ = ["register"]
 
@@ -115,12 +115,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """``fabric models``: the catalog with size on disk, hash and where each is served."""
-    from fabric.cli.progress import StatusSpinner
-
-    with StatusSpinner("fabric") as spinner, open_fabric(args, spinner) as fab:
-        models = fab.models()
-    if args.json:
-        print(json.dumps(models, indent=2, default=str))
+    models = fetch_listing(args, "models")
+    if models is None:
         return 0
     rows = [[
         str(m.get("name", "")), str(m.get("version", "")), str(m.get("family", "")),
