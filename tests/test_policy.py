@@ -317,3 +317,24 @@ def test_stream_polls_and_cancels_are_not_new_requests(tmp_path: Path,
         ctx.authorize(auth(), model)
     with pytest.raises(AccessDenied):  # polls are still authorized
         unwrap(functions.poll_stream("other", "r1", "t", 0, 0.0, auth()))
+
+
+def test_listings_need_a_verified_identity(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site with a policy hands its catalog and deployments (addresses, keys) only to a
+    caller with a valid token; the local site (no policy) to its OS user."""
+    from fabric.endpoint import functions
+    from fabric.endpoint.context import SiteContext
+    from fabric.wire.gcwire import unwrap
+
+    ctx = SiteContext(make_site({"m": {"anyone": True}}), tmp_path)
+    monkeypatch.setattr(functions, "current", lambda: ctx)
+    for call in (functions.list_models, functions.list_deployments):
+        with pytest.raises(AccessDenied, match="proof of identity"):
+            unwrap(call(None))
+    introspect()
+    assert unwrap(functions.list_deployments(auth())) == []
+    assert any(m["name"] == "smollm2-135m" for m in unwrap(functions.list_models(auth())))
+    open_site = SiteContext(SiteConfig.model_validate({"name": "local"}), tmp_path / "local")
+    monkeypatch.setattr(functions, "current", lambda: open_site)
+    assert unwrap(functions.list_deployments(None)) == []

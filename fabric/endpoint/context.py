@@ -77,6 +77,12 @@ class SiteContext:
 
     # -- policy ---------------------------------------------------------------------------
 
+    def identify(self, auth: Any) -> str:
+        """The caller's verified identity (listings: calls about no one model)."""
+        from fabric.endpoint.policy import identify
+
+        return identify(self.site, auth)
+
     def authorize(self, auth: Any, model: str, tokens: int = 0, *, count: bool = True) -> str:
         """The caller's identity if the site's policy lets it use ``model`` (else a typed
         denial); ``tokens`` is the most the call may consume (quota admission). ``count=False``

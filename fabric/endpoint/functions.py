@@ -208,13 +208,16 @@ def undeploy(deployment_id: str, auth: Any = None) -> dict[str, Any]:
 @endpoint_function("listing")
 def list_deployments(auth: Any = None, include_dead: bool = False) -> list[dict[str, Any]]:
     """Deployments with plan, job id, state, address, idle time and server health."""
-    return list(current().manager.list_all(include_dead=include_dead))
+    ctx = current()
+    ctx.identify(auth)
+    return list(ctx.manager.list_all(include_dead=include_dead))
 
 
 @endpoint_function("listing")
 def list_models(auth: Any = None) -> list[dict[str, Any]]:
     """The site's catalog: name, version, family, size, hosted plan and live deployments."""
     ctx = current()
+    ctx.identify(auth)
     site, mgr = ctx.site, ctx.manager
     out = []
     for entry in ctx.catalog.entries():

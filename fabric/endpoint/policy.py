@@ -386,6 +386,15 @@ def authorize(site: SiteConfig, auth: dict[str, Any] | None, model: str, state_d
     return caller.identity
 
 
+def identify(site: SiteConfig, auth: dict[str, Any] | None) -> str:
+    """The caller's verified identity, for calls about no one model (listings): a site with a
+    policy hands its catalog and deployments (server addresses, public keys) only to callers
+    with a valid token for it; a site without one (the local site) to its OS user."""
+    if site.policy is None:
+        return _os_user()
+    return verify_identity(site.policy, auth).identity
+
+
 def record_usage(state_dir: Path, identity: str, model: str, tokens: int,
                  request_id: str | None = None) -> None:
     """Add the tokens a finished request consumed (prompt + completion) to its caller's usage."""

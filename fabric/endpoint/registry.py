@@ -34,8 +34,9 @@ AuthKind = Literal["model", "admin", "listing", "user_function"]
 ``model``: the caller must be allowed to use the model named in the call (``policy.authorize``;
 quotas count new requests). ``admin``: it changes a deployment (deploy, undeploy); today it is
 authorized like ``model`` on the deployment's model. ``listing``: it reads the site's catalog or
-deployments and checks nothing. ``user_function``: it runs the caller's code, where the site
-allows user functions, after ``model`` authorization."""
+deployments: the caller's identity is verified where the site has a policy, no model rule
+applies. ``user_function``: it runs the caller's code, where the site allows user functions,
+after ``model`` authorization."""
 AUTH_KINDS: tuple[str, ...] = ("model", "admin", "listing", "user_function")
 
 MODULES: tuple[str, ...] = ("fabric.endpoint.functions", "fabric.endpoint.campaign_shard")
