@@ -21,6 +21,7 @@ introspection for the site policy (``fabric.endpoint.policy.verify_identity``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -89,13 +90,12 @@ class FakeComputeService:
 
     def start(self) -> FakeComputeService:
         """Declare the exchanges, start the result forwarder and the HTTP server."""
-        import pika
 
-        self._pub = pika.BlockingConnection(pika.URLParameters(self.amqp_url)).channel()
+        channel = self._channel()
         for exchange in (RESULTS_EXCHANGE, HEARTBEAT_EXCHANGE):
-            self._pub.exchange_declare(exchange, exchange_type="direct")
-            self._pub.queue_declare(exchange)
-            self._pub.queue_bind(exchange, exchange, routing_key=exchange)
+            channel.exchange_declare(exchange, exchange_type="direct")
+            channel.queue_declare(exchange)
+            channel.queue_bind(exchange, exchange, routing_key=exchange)
         self._http = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
         self._http.daemon_threads = True
         for target, name in ((self._http.serve_forever, "fake-compute-http"),
@@ -115,21 +115,39 @@ class FakeComputeService:
             thread.join(timeout=10)
         with self._lock:
             if self._pub is not None:
-                self._pub.connection.close()
+                # An idle blocking connection misses its heartbeats and the broker drops it:
+                # closing it then raises, and there is nothing left to close.
+                with contextlib.suppress(Exception):
+                    self._pub.connection.close()
                 self._pub = None
 
     # -- the AMQP side ------------------------------------------------------------------------
+
+    def _channel(self) -> Any:
+        """The publishing channel, opened again if the broker dropped it (a blocking
+        connection left idle between tests misses its heartbeats)."""
+        import pika
+
+        if self._pub is None or not self._pub.is_open or not self._pub.connection.is_open:
+            self._pub = pika.BlockingConnection(pika.URLParameters(self.amqp_url)).channel()
+        return self._pub
 
     def _publish(self, routing_key: str, body: bytes, **props: Any) -> None:
         import pika
 
         with self._lock:
-            self._pub.basic_publish("", routing_key, body, pika.BasicProperties(**props))
+            try:
+                self._channel().basic_publish("", routing_key, body,
+                                              pika.BasicProperties(**props))
+            except pika.exceptions.AMQPConnectionError:
+                self._pub = None  # dropped while idle: once more on a new connection
+                self._channel().basic_publish("", routing_key, body,
+                                              pika.BasicProperties(**props))
 
     def _declare(self, *queues: str) -> None:
         with self._lock:
             for name in queues:
-                self._pub.queue_declare(name)
+                self._channel().queue_declare(name)
 
     def _forward_results(self) -> None:
         """Consume what user endpoints publish; forward each Result to its task group."""
