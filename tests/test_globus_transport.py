@@ -177,7 +177,7 @@ def test_an_endpoint_that_unpickles_no_data(remote_site: Path, tmp_path: Path) -
     """An endpoint with the shipped remote sites' ``allowed_serializers`` (DillCode for the
     registered functions, JSONData for arguments) runs the fabric's functions as the SDK sends
     them, and refuses a pickled argument before unpickling it."""
-    from fabric.sites import allowed_serializers
+    from fabric.endpoint_files import allowed_serializers
     from fabric.wire import functions, gcwire
 
     site = load_site(remote_site)

@@ -20,14 +20,12 @@ from globus_compute_endpoint.endpoint.config.utils import load_config_yaml
 
 from fabric import env
 from fabric.cli import sites as cli_sites
+from fabric.endpoint_files import ENDPOINT_FILES, render_endpoint_config, render_endpoint_files
 from fabric.errors import InvalidSiteConfig
 from fabric.sites import (
-    ENDPOINT_FILES,
     ENDPOINTS_DIR,
     list_sites,
     load_site,
-    render_endpoint_config,
-    render_endpoint_files,
 )
 from fabric.wire.functions import NAMES
 

@@ -19,16 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fabric.endpoint_files import ENDPOINT_FILES, render_endpoint_files
 from fabric.errors import InvalidSiteConfig
 from fabric.sites import (
-    ENDPOINT_FILES,
     HostedModel,
     JobsConfig,
     SiteConfig,
     TypedSpec,
     list_sites,
     load_site,
-    render_endpoint_files,
 )
 
 SERVER_COMMAND = "$FABRIC_MODEL_SERVER_CMD"
@@ -52,7 +51,7 @@ class SiteReport:
     endpoint_config: str
     engine: str
     files: dict[str, str]
-    """The rendered endpoint files by name (``fabric.sites.ENDPOINT_FILES``)."""
+    """The rendered endpoint files by name (``fabric.endpoint_files.ENDPOINT_FILES``)."""
     jobs: list[RenderedJob]
     warnings: list[str]
 
