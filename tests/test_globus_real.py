@@ -241,3 +241,18 @@ def test_one_429_is_retried_by_the_sdk(globus_offline: OfflineGlobus, tmp_path: 
     assert not globus_offline.service.fail_submits  # the 429 was answered
     report(globus_offline, after_one_429_s=time.monotonic() - t0)
     t.close()
+
+
+def test_the_fake_outlives_an_idle_broker_connection(globus_offline: OfflineGlobus) -> None:
+    """A publishing connection left idle misses its heartbeats and the broker drops it (seen
+    at a full run's session teardown): the fake publishes on a new one and stops cleanly."""
+    from fabric.testing import compute_fake, rabbitmq
+
+    fake = compute_fake.FakeComputeService(globus_offline.service.amqp_url + "?heartbeat=1",
+                                           port=rabbitmq.free_port())
+    fake.start()
+    try:
+        time.sleep(6)  # a few missed 1 s heartbeats: the broker closes the idle connection
+        fake._publish("fabric.idle-probe", b"still here")
+    finally:
+        fake.stop()
