@@ -149,10 +149,14 @@ def globus_offline(tmp_path_factory: pytest.TempPathFactory,
         timings["setup_total_s"] = time.monotonic() - t0
         yield OfflineGlobus(service, site, endpoint_id, ids, gc_dir, timings)
     finally:
-        if daemon is not None:
-            daemon.stop()
-        service.stop()
-        broker.stop()
+        try:  # each stop runs even if one before it fails: nothing may outlive the session
+            if daemon is not None:
+                daemon.stop()
+        finally:
+            try:
+                service.stop()
+            finally:
+                broker.stop()
 
 
 def pytest_configure(config: pytest.Config) -> None:
