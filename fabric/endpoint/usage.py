@@ -147,11 +147,13 @@ def _backfill(conn: sqlite3.Connection) -> None:
             (window.kind, window.width_s, now - window.span_s))
 
 
+_UPSERT = ("INSERT INTO quota_counts VALUES (?,?,?,?,?) ON CONFLICT (identity, model, kind, "
+           "bucket) DO UPDATE SET amount = amount + excluded.amount")
+
+
 def _bump(conn: sqlite3.Connection, identity: str, model: str, window: Window, ts: float,
           amount: int) -> None:
-    conn.execute("INSERT INTO quota_counts VALUES (?,?,?,?,?) ON CONFLICT (identity, model, "
-                 "kind, bucket) DO UPDATE SET amount = amount + excluded.amount",
-                 (identity, model, window.kind, window.bucket(ts), amount))
+    conn.execute(_UPSERT, (identity, model, window.kind, window.bucket(ts), amount))
 
 
 def window_usage(conn: sqlite3.Connection, identity: str, model: str, window: Window,
@@ -272,9 +274,10 @@ class _UsageWriter:
             for state_dir, rows in batch.items():
                 try:
                     with transaction(state_dir) as conn:
+                        conn.executemany("INSERT INTO usage VALUES (?,?,?,1,0,NULL)", rows)
                         # Counters too: a quota the operator adds later sees this traffic.
-                        for ts, identity, model in rows:
-                            add_request(conn, identity, model, ts)
+                        conn.executemany(_UPSERT, [(i, m, REQUESTS.kind, REQUESTS.bucket(ts), 1)
+                                                   for ts, i, m in rows])
                 except Exception:
                     log.exception("lost %d usage rows for %s", len(rows), state_dir)
 
