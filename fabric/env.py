@@ -183,6 +183,11 @@ NCCL_SOCKET_IFNAME = _declare(
 TOKENIZERS_PARALLELISM = _declare(
     "TOKENIZERS_PARALLELISM", "false keeps HF tokenizers from starting threads that fork badly.",
     set_by="tests/conftest.py, benchmarks/common.py", read_by="tokenizers")
+FABRIC_TEST_STAGE_FAULT = _declare(
+    "FABRIC_TEST_STAGE_FAULT", "Tests only: STAGE:MARKER makes pipeline stage STAGE (not the "
+    "head's stage 0) raise on every step that holds a request whose id contains MARKER, to "
+    "show that such a failure fails only that request. Never set it in production.",
+    set_by="tests/chaos/test_stage_failure.py", read_by="fabric.engine.pipeline")
 CI = _declare(
     "CI", "true: the test suite runs everything, the Slurm tests included.",
     set_by="the CI runner", read_by="tests/plugins/slurm.py")

@@ -142,6 +142,17 @@ class FunctionNotAllowed(AccessDenied):
     """The site does not allow this function (user functions need the operator's opt-in)."""
 
 
+class AdminOnly(AccessDenied):
+    """An admin operation (deploy, undeploy) by a caller the site's ``policy.admins`` does not
+    name. Retrying does not help: ask the site's operator."""
+
+
+class DeployLimitExceeded(AccessDenied):
+    """A deployment bigger than the site's ``limits`` allow: ``details`` name the limit
+    (``rule``), its value (``limit``) and the size asked for (``requested``). Retrying the
+    same plan does not help: ask for a smaller one."""
+
+
 class UserFunctionError(FabricError):
     """A user's function raised at the site; ``details['traceback']`` holds its traceback."""
 

@@ -23,6 +23,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from fabric.catalog import CatalogEntry
@@ -260,6 +261,18 @@ class ModelRule(_Strict):
     tokens_per_day: int | None = Field(default=None, gt=0)
 
 
+class AdminRule(_Strict):
+    """Who may run the site's admin operations (``deploy``, ``undeploy``: every endpoint
+    function of auth kind ``admin``), ``policy.admins``. A caller is an admin when it matches
+    any listed identity (UUID or username), group (Globus group UUID) or identity domain. The
+    default lists nobody: on a site with a policy only the operator's named admins deploy and
+    undeploy (deployments the site starts by itself for a request are not admin operations)."""
+
+    identities: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+    domains: list[str] = Field(default_factory=list)
+
+
 class PolicyConfig(_Strict):
     """Access policy enforced at the endpoint (``fabric.endpoint.policy``).
 
@@ -274,7 +287,14 @@ class PolicyConfig(_Strict):
     """Scope users consent to; default ``https://auth.globus.org/scopes/<client_id>/fabric``."""
     client_secret_env: str = "FABRIC_ENDPOINT_CLIENT_SECRET"
     """Environment variable holding the confidential client's secret at the endpoint."""
-    introspection_cache_s: float = Field(default=60.0, ge=0, description="Reuse an introspection.")
+    introspection_cache_s: float = Field(default=60.0, ge=0, description="Reuse an "
+                                         "introspection this long at most (never beyond the "
+                                         "token's own expiry).")
+    introspection_cache_size: int = Field(default=4096, ge=0, description="Introspections "
+                                          "kept at most per request worker (the least "
+                                          "recently used go first; 0: none kept).")
+    admins: AdminRule = Field(default_factory=AdminRule)
+    """Who may deploy and undeploy (see ``AdminRule``; default: nobody)."""
     default: ModelRule = Field(default_factory=ModelRule)
     """Rule for models without their own entry (the default denies everyone)."""
     models: dict[str, ModelRule] = Field(default_factory=dict)
@@ -290,6 +310,57 @@ class PolicyConfig(_Strict):
         if model in self.models:
             return f"policy.models.{model}", self.models[model]
         return "policy.default", self.default
+
+
+def walltime_seconds(walltime: str) -> int:
+    """Seconds of an ``HH:MM:SS`` walltime (``ValueError`` for another form)."""
+    if not re.fullmatch(r"\d+:\d{2}:\d{2}", walltime):
+        raise ValueError(f"walltime {walltime!r} is not HH:MM:SS")
+    hours, minutes, secs = (int(p) for p in walltime.split(":"))
+    return hours * 3600 + minutes * 60 + secs
+
+
+class SiteLimits(_Strict):
+    """How big one deployment may be and how long usage is kept (``limits``).
+
+    ``deploy`` refuses a plan beyond these (``DeployLimitExceeded``, naming the limit and the
+    size asked for), whoever asks; the site's own hosted plans must fit them too."""
+
+    max_nodes: int = Field(8, ge=1, description="Nodes one deployment may ask for.")
+    max_gpus: int = Field(32, ge=0, description="Accelerators one deployment may hold "
+                          "(nodes x gpus_per_node).")
+    max_walltime: str = "24:00:00"
+    """Longest walltime of one deployment's job, HH:MM:SS (``jobs.walltime`` must fit)."""
+    usage_retention_days: float = Field(31.0, gt=0, description="Raw usage rows (one per "
+                                        "request and per finished request's tokens) older "
+                                        "than this are deleted; quota counters are kept only "
+                                        "as long as their window (a day).")
+
+    @field_validator("max_walltime")
+    @classmethod
+    def _hhmmss(cls, value: str) -> str:
+        walltime_seconds(value)
+        return value
+
+
+def plan_size(plan: Plan) -> dict[str, int]:
+    """What one deployment of ``plan`` holds: nodes and accelerators."""
+    gpus = 0 if plan.device == "cpu" else max(plan.nodes * plan.gpus_per_node, plan.ranks)
+    return {"nodes": plan.nodes, "gpus": gpus}
+
+
+def limit_exceeded(limits: SiteLimits, plan: Plan, walltime: str
+                   ) -> tuple[str, int | str, int | str] | None:
+    """The first of ``limits`` a deployment of ``plan`` for ``walltime`` exceeds, as
+    ``(limit name, limit, requested)``; None when it fits."""
+    size = plan_size(plan)
+    if size["nodes"] > limits.max_nodes:
+        return "limits.max_nodes", limits.max_nodes, size["nodes"]
+    if size["gpus"] > limits.max_gpus:
+        return "limits.max_gpus", limits.max_gpus, size["gpus"]
+    if walltime_seconds(walltime) > walltime_seconds(limits.max_walltime):
+        return "limits.max_walltime", limits.max_walltime, walltime
+    return None
 
 
 class SiteConfig(_Strict):
@@ -321,6 +392,8 @@ class SiteConfig(_Strict):
     """Catalog entries only this site has (local paths)."""
     policy: PolicyConfig | None = None
     """Access policy; ``None`` (the local site) lets the endpoint's OS user in."""
+    limits: SiteLimits = Field(default_factory=SiteLimits)
+    """Largest deployment (nodes, GPUs, walltime) and usage retention."""
     template: dict[str, TemplateVar] = Field(default_factory=dict)
     """Operator-supplied values (account, queue) substituted as ``{{ name }}`` before load."""
     function_ids: dict[str, str] = Field(default_factory=dict)
@@ -328,6 +401,19 @@ class SiteConfig(_Strict):
     registered once by the operator; they fill ``allowed_functions`` in ``config.yaml``."""
     _unset: list[str] = PrivateAttr(default_factory=list)
     _values: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _within_limits(self) -> SiteConfig:
+        # The site's own plans obey its limits: a caller asking for exactly those never fails.
+        for hosted in self.models:
+            over = limit_exceeded(self.limits, hosted.plan, self.jobs.walltime)
+            if over:
+                raise ValueError(f"models[{hosted.name}].plan (with jobs.walltime) exceeds "
+                                 f"{over[0]} = {over[1]}: it asks for {over[2]}")
+        over = limit_exceeded(self.limits, Plan(), self.jobs.walltime)
+        if over:
+            raise ValueError(f"jobs.walltime {self.jobs.walltime} exceeds {over[0]} = {over[1]}")
+        return self
 
     @property
     def unset_values(self) -> list[str]:

@@ -31,6 +31,8 @@ class SiteContext:
     def __init__(self, site: SiteConfig, state_dir: Path) -> None:
         self.site = site
         self.state_dir = Path(state_dir).expanduser()
+        self._catalog: tuple[tuple[int, ...] | None, Catalog] | None = None
+        self._catalog_lock = threading.Lock()
 
     @classmethod
     def from_env(cls) -> SiteContext:
@@ -44,11 +46,18 @@ class SiteContext:
     @property
     def catalog(self) -> Catalog:
         """The built-in catalog plus the site's own models: its ``extra_models`` and those an
-        operator registered (``fabric models add``). Read on each use, not cached: a model
-        registered while the site runs is served by its next request."""
-        from fabric.models_registry import site_catalog
+        operator registered (``fabric models add``). Built once and kept while the registry
+        file (``models.json``) is unchanged: each use costs one ``stat``, and a model
+        registered while the site runs (``fabric models add`` replaces the file: a new inode,
+        size and mtime) is served by its next request. The site definition is this context's,
+        loaded once per worker."""
+        from fabric.models_registry import REGISTRY_FILE, site_catalog
 
-        return site_catalog(self.site, self.state_dir)
+        stamp = _stamp(self.state_dir / REGISTRY_FILE)
+        with self._catalog_lock:
+            if self._catalog is None or self._catalog[0] != stamp:
+                self._catalog = (stamp, site_catalog(self.site, self.state_dir))
+            return self._catalog[1]
 
     @cached_property
     def manager(self) -> DeploymentManager:
@@ -64,6 +73,13 @@ class SiteContext:
     def ticket_key(self) -> bytes:
         """The site's HMAC ticket key (what model servers verify tickets with)."""
         return self.manager.ticket_key()
+
+    def default_plan(self, entry: CatalogEntry) -> Plan:
+        """The plan a deployment of ``entry`` gets when the caller names none."""
+        from fabric.sites import Plan
+
+        hosted = self.site.hosted(entry.name)
+        return hosted.plan if hosted else Plan.model_validate({"dtype": entry.dtype})
 
     def plan(self, entry: CatalogEntry, plan: dict[str, Any] | None) -> Plan | None:
         """The site's default plan for ``entry`` with ``plan``'s fields overriding it."""
@@ -93,6 +109,19 @@ class SiteContext:
         return str(authorize(self.site, auth, model, self.state_dir, tokens=tokens,
                              count=count))
 
+    def authorize_admin(self, auth: Any, operation: str) -> str:
+        """The caller's identity if the site's ``policy.admins`` names it (else
+        ``AdminOnly``): deploy and undeploy."""
+        from fabric.endpoint.policy import authorize_admin
+
+        return authorize_admin(self.site, auth, operation)
+
+    def check_deploy_size(self, plan: Plan) -> None:
+        """``DeployLimitExceeded`` unless ``plan`` fits the site's ``limits``."""
+        from fabric.endpoint.policy import check_deploy_size
+
+        check_deploy_size(self.site, plan)
+
     def record_usage(self, identity: str, model: str, tokens: int,
                      request_id: str | None = None) -> None:
         """Add consumed tokens to the caller's usage (nothing for 0)."""
@@ -106,6 +135,15 @@ class SiteContext:
         from fabric.endpoint.policy import check_function
 
         check_function(self.site, name, user_function=True)
+
+
+def _stamp(path: Path) -> tuple[int, ...] | None:
+    """What changes when ``path`` is rewritten or replaced (None: absent)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 _LOCK = threading.Lock()

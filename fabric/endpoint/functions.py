@@ -145,8 +145,9 @@ def poll_stream(model: str, request_id: str, ticket: str, cursor: int, wait_s: f
     from fabric.serverclient import ServerClient
 
     ctx = current()
-    ctx.authorize(auth, model, count=False)  # a follow-up, not a new request
+    identity = ctx.authorize(auth, model, count=False)  # a follow-up, not a new request
     dep = _server_for(ctx, model)
+    _check_owner(ctx, identity, dep.model, request_id, ticket, "poll")
     with ServerClient(dep.address, dep.public_key) as client:
         reply = client.poll(request_id, ticket, int(cursor), float(wait_s))
     ctx.manager.db.touch(dep.id)
@@ -159,10 +160,27 @@ def cancel_request(model: str, request_id: str, ticket: str, auth: Any = None) -
     from fabric.serverclient import ServerClient
 
     ctx = current()
-    ctx.authorize(auth, model, count=False)  # a follow-up, not a new request
+    identity = ctx.authorize(auth, model, count=False)  # a follow-up, not a new request
     dep = _server_for(ctx, model)
+    _check_owner(ctx, identity, dep.model, request_id, ticket, "cancel")
     with ServerClient(dep.address, dep.public_key) as client:
         return client.cancel(request_id, ticket)
+
+
+def _check_owner(ctx: SiteContext, identity: str, model: str, request_id: str, ticket: Any,
+                 what: str) -> None:
+    """Only the identity that started a request polls or cancels it: its ticket (signed by
+    this site when the request was admitted) names that identity (``sub``) and the request.
+    Another caller, even one allowed to use the model, gets ``AccessDenied``."""
+    from fabric import tickets
+    from fabric.errors import AccessDenied
+
+    claims = tickets.authenticate(ctx.ticket_key(), ticket, model=model)
+    tickets.check(claims, request_id=request_id)
+    if claims.get("sub") != identity:
+        raise AccessDenied(
+            f"{identity} may not {what} request {request_id}: another identity started it",
+            rule="request-owner", identity=identity, request_id=request_id)
 
 
 # -- deployments and models -------------------------------------------------------------------
@@ -182,10 +200,12 @@ def deploy(model: str, plan: dict[str, Any] | None = None, auth: Any = None,
            version: str | None = None) -> dict[str, Any]:
     """Launch (pre-warm) a deployment; ``plan`` fields (pp, tp...) override the site's."""
     ctx = current()
-    ctx.authorize(auth, model)
+    ctx.authorize_admin(auth, "deploy")
     entry = ctx.entry(model, version)
+    chosen = ctx.plan(entry, plan)
+    ctx.check_deploy_size(chosen or ctx.default_plan(entry))
     mgr = ctx.manager
-    dep = mgr.deploy(entry, ctx.plan(entry, plan))
+    dep = mgr.deploy(entry, chosen)
     return dict(mgr.describe(mgr.refresh(dep)))
 
 
@@ -193,6 +213,7 @@ def deploy(model: str, plan: dict[str, Any] | None = None, auth: Any = None,
 def undeploy(deployment_id: str, auth: Any = None) -> dict[str, Any]:
     """Drain and stop one deployment; returns its final record."""
     ctx = current()
+    ctx.authorize_admin(auth, "undeploy")  # before anything about the deployment is said
     mgr = ctx.manager
     dep = mgr.db.get(deployment_id)
     if dep is None:
@@ -201,7 +222,6 @@ def undeploy(deployment_id: str, auth: Any = None) -> dict[str, Any]:
         known = [d.id for d in mgr.db.query(states=("queued", "loading", "ready"))]
         raise DeploymentError(f"no deployment {deployment_id!r}; live: {known}",
                               deployment=deployment_id, available=known)
-    ctx.authorize(auth, dep.model)
     return dict(mgr.describe(mgr.undeploy(deployment_id)))
 
 

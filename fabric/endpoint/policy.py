@@ -16,7 +16,6 @@ introspection cache is keyed by a hash).
 
 from __future__ import annotations
 
-import atexit
 import functools
 import getpass
 import hashlib
@@ -24,17 +23,29 @@ import logging
 import os
 import sqlite3
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fabric.endpoint import registry
-from fabric.errors import AccessDenied, EndpointError, FunctionNotAllowed, QuotaExceeded
-from fabric.sites import ModelRule, PolicyConfig, SiteConfig
-from fabric.sqlitefs import journal_mode
+from fabric.endpoint import usage as usage_db
+from fabric.errors import (
+    AccessDenied,
+    AdminOnly,
+    DeployLimitExceeded,
+    EndpointError,
+    FunctionNotAllowed,
+    QuotaExceeded,
+)
+from fabric.sites import (
+    AdminRule,
+    ModelRule,
+    Plan,
+    PolicyConfig,
+    SiteConfig,
+    limit_exceeded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +71,8 @@ class Caller:
         return {u.rsplit("@", 1)[1].lower() for u in self.usernames if "@" in u}
 
 
-_cache: dict[str, tuple[float, Caller]] = {}
+_cache: OrderedDict[str, tuple[float, Caller]] = OrderedDict()
+"""Introspections by token hash, least recently used first: ``(expires, caller)``."""
 _cache_lock = threading.Lock()
 
 
@@ -68,6 +80,41 @@ def clear_cache() -> None:
     """Forget every cached introspection (tests; a policy reload)."""
     with _cache_lock:
         _cache.clear()
+
+
+def _cached(key: str, now: float) -> Caller | None:
+    """A live cached introspection (an expired one is dropped)."""
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is None:
+            return None
+        if hit[0] <= now:
+            del _cache[key]
+            return None
+        _cache.move_to_end(key)
+        return hit[1]
+
+
+def _remember(key: str, expires: float, caller: Caller, size: int, now: float) -> None:
+    """Cache an introspection until ``expires``, keeping at most ``size`` entries: expired
+    ones go first, then the least recently used (one token a call would otherwise grow the
+    cache without bound)."""
+    if size <= 0:
+        return
+    with _cache_lock:
+        _cache[key] = (expires, caller)
+        _cache.move_to_end(key)
+        if len(_cache) > size:
+            for stale in [k for k, (exp, _) in _cache.items() if exp <= now]:
+                del _cache[stale]
+        while len(_cache) > size:
+            _cache.popitem(last=False)
+
+
+def cache_size() -> int:
+    """Introspections cached in this process (tests, health)."""
+    with _cache_lock:
+        return len(_cache)
 
 
 def _confidential_client(policy: PolicyConfig) -> Any:
@@ -92,11 +139,10 @@ def verify_identity(policy: PolicyConfig, auth: dict[str, Any] | None) -> Caller
             rule="identity-proof.missing",
         )
     key = hashlib.sha256(f"{policy.client_id}:{token}".encode()).hexdigest()
-    now = time.time()
-    with _cache_lock:
-        hit = _cache.get(key)
-    if hit and hit[0] > now:
-        return hit[1]
+    now = usage_db.clock()
+    hit = _cached(key, now)
+    if hit is not None:
+        return hit
     import globus_sdk
 
     try:
@@ -130,10 +176,10 @@ def verify_identity(policy: PolicyConfig, auth: dict[str, Any] | None) -> Caller
         caller.ids.add(str(linked.get("sub") or linked.get("id")))
         if linked.get("username"):
             caller.usernames.add(str(linked["username"]))
+    # Never beyond the token's own expiry: a cached caller would outlive its token.
     ttl = min(policy.introspection_cache_s, (exp - now) if exp else policy.introspection_cache_s)
     if ttl > 0:
-        with _cache_lock:
-            _cache[key] = (now + ttl, caller)
+        _remember(key, now + ttl, caller, policy.introspection_cache_size, now)
     return caller
 
 
@@ -161,16 +207,22 @@ def caller_groups(policy: PolicyConfig, caller: Caller) -> set[str]:
     return caller.groups
 
 
-def _check_rule(site: SiteConfig, rule_name: str, rule: ModelRule, caller: Caller,
-                model: str) -> None:
-    if rule.anyone:
-        return
+def _matches(site: SiteConfig, rule: ModelRule | AdminRule, caller: Caller) -> bool:
+    """Whether ``caller`` is one of the identities, domains or groups ``rule`` lists."""
+    if getattr(rule, "anyone", False):
+        return True
     wanted = {i.lower() for i in rule.identities}
     if wanted & {i.lower() for i in caller.ids | caller.usernames}:
-        return
+        return True
     if caller.domains & {d.lower() for d in rule.domains}:
-        return
-    if rule.groups and site.policy and caller_groups(site.policy, caller) & set(rule.groups):
+        return True
+    return bool(rule.groups and site.policy
+                and caller_groups(site.policy, caller) & set(rule.groups))
+
+
+def _check_rule(site: SiteConfig, rule_name: str, rule: ModelRule, caller: Caller,
+                model: str) -> None:
+    if _matches(site, rule, caller):
         return
     reasons = []
     if rule.identities:
@@ -188,151 +240,38 @@ def _check_rule(site: SiteConfig, rule_name: str, rule: ModelRule, caller: Calle
         rule=rule_name, identity=caller.identity, model=model, failed=failed)
 
 
-_CONNECTIONS: dict[Path, sqlite3.Connection] = {}
-_CONNECTIONS_LOCK = threading.Lock()
-
-
-@contextmanager
-def _db(state_dir: Path) -> Iterator[sqlite3.Connection]:
-    """This process's connection to the usage database (kept open: closing the last
-    connection of a WAL database checkpoints it with an fsync, ~10 ms a request)."""
-    path = state_dir / "usage.sqlite"
-    with _CONNECTIONS_LOCK:
-        conn = _CONNECTIONS.get(path)
-        if conn is None or not path.exists():
-            conn = _open(path)
-            _CONNECTIONS[path] = conn
-        # One statement sequence at a time per connection (workers may use threads).
-        yield conn
-
-
-@contextmanager
-def _transaction(state_dir: Path) -> Iterator[sqlite3.Connection]:
-    """An immediate (write-locked) transaction on the usage database."""
-    with _db(state_dir) as conn:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-
-def _open(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fresh = not path.exists()
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-    if fresh:
-        os.chmod(path, 0o600)  # who used what is not for other local users to read
-    # WAL with synchronous=NORMAL: a commit needs no fsync (benchmarks/overhead.py); a power
-    # cut may lose the last few usage rows, never corrupt the file.
-    conn.execute(f"PRAGMA journal_mode={journal_mode(path)}")  # no WAL on GPFS/Lustre/NFS
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("CREATE TABLE IF NOT EXISTS usage (ts REAL NOT NULL, identity TEXT NOT NULL,"
-                 " model TEXT NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,"
-                 " request_id TEXT)")
-    conn.execute("CREATE INDEX IF NOT EXISTS usage_by_caller ON usage(identity, model, ts)")
-    return conn
-
-
-USAGE_FLUSH_S = 1.0
-"""Most seconds a usage row of an admission without quotas waits before it is written. Each
-request worker commits its own rows: at 50 ms, 2 workers' commits and wake-ups cost a no-op
-``fab.submit`` ~0.3 ms of CPU on 2 cores (benchmarks/overhead.py)."""
-
-
-class _UsageWriter:
-    """Usage rows of admissions that enforce no quota, written in batches by one daemon thread
-    per process: the request does not wait for SQLite (a commit is ~0.4 ms in a request
-    worker, a fifth of the fabric's whole overhead on a no-op user function). No quota reads
-    these rows, so a second's delay changes no decision; quota admissions stay synchronous,
-    in one transaction. ``flush`` writes what is pending at once (also at exit; a worker
-    killed outright loses its last second of such rows)."""
-
-    def __init__(self) -> None:
-        self._reset()
-
-    def _reset(self) -> None:
-        # Also after a fork: the child starts with no rows, no thread and fresh locks.
-        self._cond = threading.Condition()
-        self._write_lock = threading.Lock()
-        self._rows: dict[Path, list[tuple[Any, ...]]] = {}
-        self._thread: threading.Thread | None = None
-        self._idle = False
-
-    def add(self, state_dir: Path, row: tuple[Any, ...]) -> None:
-        """Queue one row for ``state_dir``'s usage table."""
-        with self._cond:
-            self._rows.setdefault(state_dir, []).append(row)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                 name="fabric-usage-writer")
-                self._thread.start()
-            if self._idle:  # under steady traffic the thread polls: no wake-up per request
-                self._cond.notify()
-
-    def flush(self) -> None:
-        """Write every queued row now (returns once they are committed)."""
-        with self._write_lock:  # also waits for a batch the thread is writing
-            with self._cond:
-                batch, self._rows = self._rows, {}
-            for state_dir, rows in batch.items():
-                try:
-                    with _transaction(state_dir) as conn:
-                        conn.executemany("INSERT INTO usage VALUES (?,?,?,?,?,?)", rows)
-                except Exception:
-                    log.exception("lost %d usage rows for %s", len(rows), state_dir)
-
-    def _run(self) -> None:
-        quiet = 0
-        while True:
-            with self._cond:
-                if not self._rows and quiet >= 2:  # two periods without requests: sleep
-                    self._idle = True
-                    while not self._rows:
-                        self._cond.wait()
-                    self._idle = False
-            time.sleep(USAGE_FLUSH_S)  # one transaction for the rows of a burst
-            quiet = 0 if self._rows else quiet + 1
-            self.flush()
-
-
-_WRITER = _UsageWriter()
-os.register_at_fork(after_in_child=_WRITER._reset)
-atexit.register(_WRITER.flush)
-
-
 def flush_usage() -> None:
     """Write this process's queued usage rows now."""
-    _WRITER.flush()
+    usage_db.WRITER.flush()
 
 
-def _admit(state_dir: Path, identity: str, model: str, rule_name: str, rule: ModelRule,
-           tokens: int) -> None:
+def _admit(site: SiteConfig, state_dir: Path, identity: str, model: str, rule_name: str,
+           rule: ModelRule, tokens: int) -> None:
     """Check the quotas and record the request in one transaction (workers race otherwise);
-    without quotas there is nothing to check and the row is queued (``_UsageWriter``)."""
-    now = time.time()
+    without quotas there is nothing to check and the row is queued (``usage.WRITER``).
+
+    The quotas read per-window counters (``fabric.endpoint.usage``): a bounded number of rows
+    whatever the history, so the transaction every worker waits on stays short."""
+    now = usage_db.clock()
+    usage_db.maybe_prune(state_dir, site.limits.usage_retention_days * 86400.0)
     if not rule.requests_per_minute and not rule.tokens_per_day:
-        _WRITER.add(state_dir, (now, identity, model, 1, 0, None))
+        usage_db.WRITER.add(state_dir, (now, identity, model))
         return
-    _WRITER.flush()  # the quota counts this process's own queued rows too
-    with _transaction(state_dir) as conn:
+    usage_db.WRITER.flush()  # the quota counts this process's own queued rows too
+    with usage_db.transaction(state_dir) as conn:
         if rule.requests_per_minute:
-            rows = conn.execute(
-                "SELECT ts FROM usage WHERE identity=? AND model=? AND requests>0 AND ts>?"
-                " ORDER BY ts", (identity, model, now - 60)).fetchall()
-            if len(rows) >= rule.requests_per_minute:
-                wait = rows[len(rows) - rule.requests_per_minute][0] + 60 - now
+            limit = rule.requests_per_minute
+            buckets = usage_db.window_usage(conn, identity, model, usage_db.REQUESTS, now)
+            used = sum(a for _, a in buckets)
+            if used >= limit:
+                wait = usage_db.wait_for(buckets, usage_db.REQUESTS, used - limit + 1, now)
                 raise QuotaExceeded(
-                    f"{identity} used {len(rows)} of {rule.requests_per_minute} requests per "
-                    f"minute for {model!r}; retry in {wait:.0f} s",
-                    rule=f"{rule_name}.requests_per_minute", retry_after=round(wait, 3),
-                    limit=rule.requests_per_minute, used=len(rows))
+                    f"{identity} used {used} of {limit} requests per minute for {model!r}; "
+                    f"retry in {wait:.0f} s", rule=f"{rule_name}.requests_per_minute",
+                    retry_after=round(wait, 3), limit=limit, used=used)
         if rule.tokens_per_day:
             _check_tokens(conn, identity, model, rule_name, rule.tokens_per_day, tokens, now)
-        conn.execute("INSERT INTO usage VALUES (?,?,?,?,?,NULL)",
-                     (now, identity, model, 1, 0))
+        usage_db.add_request(conn, identity, model, now)
 
 
 def _check_tokens(conn: sqlite3.Connection, identity: str, model: str, rule_name: str,
@@ -340,18 +279,12 @@ def _check_tokens(conn: sqlite3.Connection, identity: str, model: str, rule_name
     if tokens > limit:
         raise AccessDenied(f"the request may use {tokens} tokens, more than the daily quota "
                            f"of {limit} for {model!r}", rule=f"{rule_name}.tokens_per_day")
-    rows = conn.execute("SELECT ts, tokens FROM usage WHERE identity=? AND model=? AND tokens>0"
-                        " AND ts>? ORDER BY ts", (identity, model, now - 86400)).fetchall()
-    used = sum(t for _, t in rows)
+    buckets = usage_db.window_usage(conn, identity, model, usage_db.TOKENS, now)
+    used = sum(a for _, a in buckets)
     if used + tokens <= limit:
         return
-    # The window is rolling: room appears as the oldest usage ages past 24 h.
-    excess, wait = used + tokens - limit, 0.0
-    for ts, amount in rows:
-        excess -= amount
-        wait = ts + 86400 - now
-        if excess <= 0:
-            break
+    # The window slides: room appears as the oldest buckets age past a day.
+    wait = usage_db.wait_for(buckets, usage_db.TOKENS, used + tokens - limit, now)
     raise QuotaExceeded(
         f"{identity} used {used} of {limit} tokens per day for {model!r}; retry in {wait:.0f} s",
         rule=f"{rule_name}.tokens_per_day", retry_after=round(wait, 3), limit=limit, used=used)
@@ -375,15 +308,51 @@ def authorize(site: SiteConfig, auth: dict[str, Any] | None, model: str, state_d
     if site.policy is None:
         identity = _os_user()
         if count:
-            _admit(Path(state_dir), identity, model, "none", _OPEN_RULE, 0)
+            _admit(site, Path(state_dir), identity, model, "none", _OPEN_RULE, 0)
         return identity
     caller = verify_identity(site.policy, auth)
     rule_name, rule = site.policy.rule_for(model)
     _check_rule(site, rule_name, rule, caller, model)
     if count:
-        _admit(Path(state_dir), caller.identity, model, rule_name, rule, tokens)
+        _admit(site, Path(state_dir), caller.identity, model, rule_name, rule, tokens)
         log.info("admitted %s to %s at %s (%s)", caller.identity, model, site.name, rule_name)
     return caller.identity
+
+
+def authorize_admin(site: SiteConfig, auth: dict[str, Any] | None, operation: str) -> str:
+    """The verified identity if it may run the admin ``operation`` (deploy, undeploy), else
+    ``AdminOnly``: the caller must match ``policy.admins`` (no model rule is needed: an admin
+    manages every deployment; no quota counts). A site without a policy (the local site)
+    admits its OS user, the operator."""
+    if site.policy is None:
+        return _os_user()
+    caller = verify_identity(site.policy, auth)
+    admins = site.policy.admins
+    if _matches(site, admins, caller):
+        log.info("admin %s: %s at %s", operation, caller.identity, site.name)
+        return caller.identity
+    listed = [k for k in ("identities", "domains", "groups") if getattr(admins, k)]
+    raise AdminOnly(
+        f"{caller.identity} may not {operation} at site {site.name!r}: only the site's admins "
+        + (f"(policy.admins.{', policy.admins.'.join(listed)})" if listed
+           else "may, and policy.admins names nobody")
+        + (f"; {caller.groups_error}" if caller.groups_error else ""),
+        rule="policy.admins", identity=caller.identity, operation=operation)
+
+
+def check_deploy_size(site: SiteConfig, plan: Plan) -> None:
+    """``DeployLimitExceeded`` unless one deployment of ``plan`` fits the site's ``limits``
+    (nodes, accelerators, and the site's job walltime), whoever asks."""
+    over = limit_exceeded(site.limits, plan, site.jobs.walltime)
+    if over is None:
+        return
+    rule, limit, requested = over
+    what = rule.split(".", 1)[1].removeprefix("max_")
+    raise DeployLimitExceeded(
+        f"the deployment asks for {requested} {what} (pp={plan.pp}, tp={plan.tp}, "
+        f"nodes={plan.nodes}, gpus_per_node={plan.gpus_per_node}, walltime "
+        f"{site.jobs.walltime}); site {site.name!r} allows at most {limit} ({rule})",
+        rule=rule, limit=limit, requested=requested)
 
 
 def identify(site: SiteConfig, auth: dict[str, Any] | None) -> str:
@@ -398,20 +367,12 @@ def identify(site: SiteConfig, auth: dict[str, Any] | None) -> str:
 def record_usage(state_dir: Path, identity: str, model: str, tokens: int,
                  request_id: str | None = None) -> None:
     """Add the tokens a finished request consumed (prompt + completion) to its caller's usage."""
-    with _db(Path(state_dir)) as conn:
-        conn.execute("INSERT INTO usage VALUES (?,?,?,?,?,?)",
-                     (time.time(), identity, model, 0, int(tokens), request_id))
+    usage_db.record_tokens(Path(state_dir), identity, model, tokens, request_id)
 
 
 def usage(state_dir: Path, since_s: float = 86400.0) -> list[dict[str, Any]]:
     """Requests and tokens per identity and model over the last ``since_s`` seconds."""
-    _WRITER.flush()
-    with _db(Path(state_dir)) as conn:
-        rows = conn.execute(
-            "SELECT identity, model, SUM(requests), SUM(tokens) FROM usage WHERE ts>?"
-            " GROUP BY identity, model ORDER BY identity, model",
-            (time.time() - since_s,)).fetchall()
-    return [{"identity": i, "model": m, "requests": r, "tokens": t} for i, m, r, t in rows]
+    return usage_db.report(Path(state_dir), since_s)
 
 
 @functools.cache

@@ -32,8 +32,9 @@ AuthKind = Literal["model", "admin", "listing", "user_function"]
 """How an endpoint function is authorized:
 
 ``model``: the caller must be allowed to use the model named in the call (``policy.authorize``;
-quotas count new requests). ``admin``: it changes a deployment (deploy, undeploy); today it is
-authorized like ``model`` on the deployment's model. ``listing``: it reads the site's catalog or
+quotas count new requests). ``admin``: it changes a deployment (deploy, undeploy): only
+identities the site's ``policy.admins`` names (``policy.authorize_admin``), and a deploy's plan
+must fit the site's ``limits``. ``listing``: it reads the site's catalog or
 deployments: the caller's identity is verified where the site has a policy, no model rule
 applies. ``user_function``: it runs the caller's code, where the site allows user functions,
 after ``model`` authorization."""

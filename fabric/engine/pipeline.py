@@ -16,6 +16,7 @@ rank's KV caches and (pp=1) the decode fast path; this module only moves steps a
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections import deque
 from typing import Any
@@ -23,14 +24,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fabric import env
 from fabric.engine.dist import Groups, RankInfo
 from fabric.engine.runner import StageRunner
 from fabric.engine.sampling import outputs_from
 from fabric.engine.steps import SeqOutput, StepPlan
 
-STEP, STOP, HEAD = 1, 2, 3
+log = logging.getLogger("fabric.engine")
+
+STEP, STOP, HEAD, FAIL = 1, 2, 3, 4
 """Message kinds: a step for the next stage (or outputs for the head), stop, rows for the LM
-head on stage 0."""
+head on stage 0, and a step a later stage failed on (what it raised, passed on to the head in
+place of the step's outputs)."""
+
+
+class StageFailed(RuntimeError):
+    """A stage after the head's raised on a step. The head's ``collect`` raises it in place
+    of the step's outputs, so the serving loop contains it as it does its own stage's
+    failures: the step's sequences are re-run in halves down to the one that fails
+    (``Engine._isolate``), which alone gets ``ServerInternalError``. The rank lives on."""
 
 
 class _Wire:
@@ -132,6 +144,8 @@ class Pipeline:
         if self.info.pp == 1:
             return self._local.popleft()
         kind, obj, rows = self.wire.recv(self.info.leader_of(self.info.pp - 1))
+        if kind == FAIL:
+            raise StageFailed(str(obj))
         if kind != HEAD:
             return list(obj)
         if self.info.tp > 1:
@@ -148,9 +162,16 @@ class Pipeline:
 
 
 def worker_loop(info: RankInfo, groups: Groups, stage: StageRunner) -> None:
-    """Every rank but the head: receive steps, compute this stage, pass them on, until STOP."""
+    """Every rank but the head: receive steps, compute this stage, pass them on, until STOP.
+
+    A step this stage raises on does not end the rank: the stage leader sends ``FAIL`` (what
+    was raised) on towards the head in the step's place, the stages after it pass that on
+    without computing, and the head's serving loop isolates the failing sequence. (A failure
+    on only some tp ranks of a stage, inside a collective, is not contained: the stage's
+    other ranks wait in that collective.)"""
     wire = _Wire(info, groups, stage.hidden_size)
     prev = info.leader_of(info.stage - 1) if info.stage > 0 else None
+    fault = _test_fault(info)
     while True:
         kind, plan, hidden = (None, None, None)
         if info.is_stage_leader:
@@ -168,12 +189,40 @@ def worker_loop(info: RankInfo, groups: Groups, stage: StageRunner) -> None:
         if kind == HEAD:  # stage 0's tp peers: their vocabulary slice of the tied LM head
             stage.logits(hidden)
             continue
-        x = stage.forward(plan, hidden)
-        if not info.is_last_stage:
+        if kind == FAIL:  # an earlier stage failed this step: pass the failure on
             if info.is_stage_leader:
-                wire.isend(info.leader_of(info.stage + 1), STEP, plan, x)
+                wire.isend(_downstream(info), FAIL, plan, None)
             continue
-        _finish_last_stage(info, wire, stage, plan, x)
+        try:
+            if fault is not None and any(fault in w.seq_id for w in plan.seqs):
+                raise RuntimeError(f"injected fault at stage {info.stage} "
+                                   f"({env.FABRIC_TEST_STAGE_FAULT.name})")
+            x = stage.forward(plan, hidden)
+            if not info.is_last_stage:
+                if info.is_stage_leader:
+                    wire.isend(info.leader_of(info.stage + 1), STEP, plan, x)
+                continue
+            _finish_last_stage(info, wire, stage, plan, x)
+        except Exception as exc:
+            log.warning("stage %d (rank %d) raised on step %d: %s: %s; the head isolates it",
+                        info.stage, info.rank, plan.step_id, type(exc).__name__, exc)
+            if info.is_stage_leader:
+                wire.isend(_downstream(info), FAIL,
+                           f"stage {info.stage}: {type(exc).__name__}: {exc}", None)
+
+
+def _downstream(info: RankInfo) -> int:
+    """Where this stage's leader sends a step's result: the next stage, or the head."""
+    return 0 if info.is_last_stage else info.leader_of(info.stage + 1)
+
+
+def _test_fault(info: RankInfo) -> str | None:
+    """The request-id marker this stage fails on (``FABRIC_TEST_STAGE_FAULT``, tests only)."""
+    setting = env.FABRIC_TEST_STAGE_FAULT.get()
+    if not setting or ":" not in setting:
+        return None
+    where, marker = setting.split(":", 1)
+    return marker if where.isdigit() and int(where) == info.stage and marker else None
 
 
 def _finish_last_stage(info: RankInfo, wire: _Wire, stage: StageRunner, plan: StepPlan,

@@ -103,7 +103,9 @@ def _write_site(folder: Path, model_dir: Path, function_ids: dict[str, str]) -> 
                template=yaml.safe_load((ENDPOINTS_DIR / "local" / "fabric.yaml").read_text())
                ["template"],
                policy={"client_id": POLICY_CLIENT, "default": {"anyone": False},
-                       "models": {TINY_MODEL: {"identities": [compute_fake.USERNAME]}}})
+                       "models": {TINY_MODEL: {"identities": [compute_fake.USERNAME]}},
+                       # The operator: its tests deploy and undeploy (admin operations).
+                       "admins": {"identities": [compute_fake.USERNAME]}})
     for name in ("config.yaml", "user_config_template.yaml.j2"):
         shutil.copy(ENDPOINTS_DIR / "local" / name, folder / name)
     return folder
