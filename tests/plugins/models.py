@@ -38,9 +38,11 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Qwen3: qk-norm, head_dim 24 (not hidden / heads = 10), 6 heads / 3 KV heads (uneven
-    under tp=2), untied, odd vocabulary."""
+    under tp=2), untied, odd vocabulary, and ``attention_bias`` (off in released Qwen3s, but
+    it puts a bias on o_proj too, which tp ranks must add once, after their all-reduce)."""
     return build_tiny(tmp_path_factory.mktemp("tiny-qwen3"), family="qwen3", hidden=60,
-                      heads=6, kv_heads=3, head_dim=24, tie=False, seed=3, vocab=383)
+                      heads=6, kv_heads=3, head_dim=24, tie=False, seed=3, vocab=383,
+                      attention_bias=True)
 
 
 @pytest.fixture(scope="session")
