@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,13 +37,15 @@ NEW, CHUNK = 10, 7
 
 
 def _run(weights_dir: Path, ids: list[int], windows: bool = True
-         ) -> tuple[list[int], list[torch.Tensor]]:
-    """Chunked prefill then greedy decode on a pp=1 stage; the tokens and each step's logits
-    (``windows=False``: the engine with its sliding windows switched off)."""
+         ) -> tuple[list[int], list[torch.Tensor], list[int]]:
+    """Chunked prefill then greedy decode on a pp=1 stage; the tokens, each step's logits and
+    the columns of each layer's KV cache (``windows=False``: the engine with its sliding
+    windows switched off)."""
     model, _ = build_stage(weights_dir, 0, 1, 1, "float32", None)
-    if not windows:
+    if not windows:  # neither in attention nor in the caches' layout
         for layer in model.layers.values():
             layer.self_attn.window = None  # type: ignore[union-attr]
+        model.spec = replace(model.spec, windows=(None,) * len(model.spec.windows))
     runner = StageRunner(model)
     capacity = len(ids) + NEW
     step, logits, out = 0, [], []
@@ -60,7 +63,8 @@ def _run(weights_dir: Path, ids: list[int], windows: bool = True
                                        sample=SampleSpec())])
         x = runner.forward(plan, None)
         step += 1
-    return out, logits
+    cache = runner.kv.caches([SeqWork("s", 0, [], capacity)])[0]
+    return out, logits, [keys.shape[1] for keys, _ in cache]
 
 
 @pytest.mark.parametrize("fixture", FAMILIES)
@@ -68,7 +72,7 @@ def test_logits_and_greedy_tokens_equal_transformers(fixture: str,
                                                      request: pytest.FixtureRequest) -> None:
     weights_dir: Path = request.getfixturevalue(fixture)
     ids = hf_tokenizer(weights_dir)(PROMPT).input_ids
-    tokens, logits = _run(weights_dir, ids)
+    tokens, logits, columns = _run(weights_dir, ids)
     hf = hf_model(weights_dir)
     with torch.no_grad():
         want = hf(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1].float()
@@ -76,11 +80,13 @@ def test_logits_and_greedy_tokens_equal_transformers(fixture: str,
     assert tokens == hf_greedy(weights_dir, PROMPT, NEW)
     model = build_stage(weights_dir, 0, 1, 1, "float32", None)[0]
     windows = model.spec.windows
+    # A sliding layer keeps a ring of `window` keys; the others, every position.
+    assert columns == [len(ids) + NEW if w is None else w for w in windows]
     if any(w is not None for w in windows):
         # The prompt outgrows the window, so the window must change what the model computes:
         # without it, the engine's logits are not transformers'.
         assert max(w or 0 for w in windows) < len(ids)
-        _, unwindowed = _run(weights_dir, ids, windows=False)
+        _, unwindowed, _ = _run(weights_dir, ids, windows=False)
         assert (torch.stack(unwindowed) - want).abs().max() > 1e-2
 
 
