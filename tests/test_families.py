@@ -154,3 +154,21 @@ def test_models_add_registers_each_family(fixture: str, request: pytest.FixtureR
     assert record.family == family_of(config) == "causal-lm"
     assert record.architecture == config["architectures"][0]
     assert weights.prepare(record.entry()).sha256 == record.sha256
+
+
+@pytest.mark.parametrize("fixture", FAMILIES)
+def test_fabric_plan_reads_each_family_from_its_config(
+        fixture: str, request: pytest.FixtureRequest,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Parameters (biases, qk-norm, tied heads included) and KV bytes per token (kv heads x
+    head_dim from the config, not hidden / heads) as the weights and the config give them."""
+    from fabric.models_registry import count_params
+    from fabric.weights import weight_files
+
+    weights_dir: Path = request.getfixturevalue(fixture)
+    config = json.loads((weights_dir / "config.json").read_text())
+    assert main(["plan", str(weights_dir), "--site", "polaris", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["params"] == count_params(weight_files(weights_dir))
+    kv = 2 * config["num_key_value_heads"] * config["head_dim"] * config["num_hidden_layers"]
+    assert plan["kv_bytes_per_token"] == kv * 2  # bfloat16
