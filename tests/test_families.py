@@ -100,6 +100,7 @@ def test_family_knobs_are_read_from_the_config(tiny_qwen2_dir: Path, tiny_qwen3_
     assert (qwen3.qkv_bias, qwen3.o_bias, qwen3.qk_norm) == (True, True, True)
     assert qwen3.windows == (None,) * 4
     assert (mistral.qkv_bias, mistral.qk_norm, mistral.windows) == (False, False, (8,) * 4)
+    assert (mistral.uniform_window, qwen2.uniform_window, qwen3.uniform_window) == (8, None, None)
     model = build_stage(tiny_qwen3_dir, 0, 1, 1, "float32", None)[0]
     attn = model.layers["0"].self_attn  # type: ignore[union-attr]
     assert attn.q_norm.weight.shape == (24,) and model.head_dim == 24  # not 60 / 6
@@ -172,3 +173,35 @@ def test_fabric_plan_reads_each_family_from_its_config(
     assert plan["params"] == count_params(weight_files(weights_dir))
     kv = 2 * config["num_key_value_heads"] * config["head_dim"] * config["num_hidden_layers"]
     assert plan["kv_bytes_per_token"] == kv * 2  # bfloat16
+
+
+def test_a_model_whose_layers_all_slide_is_budgeted_by_its_window() -> None:
+    """Every layer sliding (Mistral): a sequence holds at most `window` KV tokens, so the
+    scheduler admits by that and the front door refuses only what the window cannot hold."""
+    import threading
+
+    from fabric.engine.prepare import ModelLimits, Preparer
+    from fabric.engine.scheduler import Limits, Scheduler
+    from fabric.engine.sequence import Sequence
+    from fabric.errors import ContextLengthExceeded
+    from fabric.protocol import InferenceRequest
+
+    def admitted(window: int | None) -> tuple[int, int]:
+        sched = Scheduler(Limits(20, 64, 8, kv_window=window), lambda seq, out: None,
+                          lambda *a: None, threading.RLock())
+        for _ in range(3):  # 3 sequences of 30 positions each
+            sched.add(Sequence(request=InferenceRequest(model="m", prompt="x"),
+                               prompt_ids=[1] * 26, reserve=30))
+        sched._admit()
+        return len(sched.running), sched.kv_used
+
+    assert admitted(None) == (1, 30)  # the first runs even over budget; no more
+    assert admitted(8) == (2, 16)
+    for window, fits in ((None, False), (8, True), (25, False)):
+        limits = ModelLimits(4, 64, 4, 128, context=512, kv_budget=20, kv_window=window)
+        prep = Preparer(None, limits)
+        if fits:
+            prep._check_length(26, 4)
+        else:
+            with pytest.raises(ContextLengthExceeded, match="budget is 20"):
+                prep._check_length(26, 4)
