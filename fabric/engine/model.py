@@ -1,12 +1,14 @@
-"""One rank's slice of a Llama-family model, run over packed, variable-length batches.
+"""One rank's slice of a dense decoder (Llama, Qwen2, Qwen3, Mistral), run over packed,
+variable-length batches.
 
 A step's tokens from all its sequences are packed into one ``[T, hidden]`` matrix so every
 projection is one matmul; attention runs per sequence against that sequence's own KV cache,
 which is why a request's output does not depend on what shares its batch. Weights are the
-checkpoint's own tensors (tp slices when tp > 1); the row-parallel projections all-reduce over
-the stage's tp group, and the embedding and LM head are vocab-parallel (each tp rank holds a
-range of vocabulary rows; lookups all-reduce, logits all-gather). Per-request hooks act only on
-their request's rows.
+checkpoint's own tensors (tp slices when tp > 1); the families' attention variations (biases,
+qk-norm, sliding windows) are data (``fabric.engine.families``). The row-parallel projections
+all-reduce over the stage's tp group, and the embedding and LM head are vocab-parallel (each tp
+rank holds a range of vocabulary rows; lookups all-reduce, logits all-gather). Per-request hooks
+act only on their request's rows.
 
 Invariants: the model only computes. It holds no per-sequence state: the KV caches of a step
 are handed to ``StageModel.forward_step`` by the caller (``fabric.engine.runner.StageRunner``,
@@ -23,15 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fabric.engine.attention import SeqCache, attend
+from fabric.engine.families import AttentionSpec, attention_spec
 from fabric.engine.partition import RankShard, vocab_slices
 from fabric.engine.steps import HookSpec, StepPlan
 
 HEAD_BLOCK = 2048
 """Vocabulary rows per block of the LM head matmul on CPUs (see ``StageModel._head_matmul``)."""
 
-SeqCache = list[tuple[torch.Tensor, torch.Tensor]]
-"""One sequence's KV cache on this rank: (keys, values) per local layer, each
-``[kv_heads, capacity, head_dim]`` (views into a slot cache, or tensors of its own)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class KVLayout:
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    windows: tuple[int | None, ...] = ()
+    """Each local layer's sliding window (``None``: full attention); empty: none slide."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,12 @@ class LayerWeights:
     gu: torch.Tensor
     """Gate and up projections' rows, concatenated."""
     down: torch.Tensor
+    o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    """Per-head RMSNorm weights of queries and keys (qk-norm families), ``[head_dim]``."""
+    k_norm: torch.Tensor | None = None
+    window: int | None = None
+    """The layer's sliding window (``None``: full causal attention)."""
 
 
 @dataclass(frozen=True)
@@ -97,16 +106,22 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """This rank's attention heads (q/k/v column slices, o row slice)."""
+    """This rank's attention heads (q/k/v column slices, o row slice), with its family's
+    biases, qk-norm and sliding window (``fabric.engine.families``)."""
 
-    def __init__(self, hidden: int, q_heads: int, kv_heads: int, head_dim: int, bias: bool
-                 ) -> None:
+    def __init__(self, hidden: int, q_heads: int, kv_heads: int, head_dim: int,
+                 spec: AttentionSpec, window: int | None, eps: float) -> None:
         super().__init__()
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
+        self.window = window
+        bias = spec.qkv_bias
         self.q_proj = nn.Linear(hidden, q_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(q_heads * head_dim, hidden, bias=False)
+        # Its bias is whole on every tp rank: added once, after the all-reduce.
+        self.o_proj = nn.Linear(q_heads * head_dim, hidden, bias=spec.o_bias)
+        self.q_norm = RMSNorm(head_dim, eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps) if spec.qk_norm else None
 
 
 class MLP(nn.Module):
@@ -122,12 +137,13 @@ class MLP(nn.Module):
 class Layer(nn.Module):
     """One decoder layer; attribute names match the checkpoint's."""
 
-    def __init__(self, config: Any, shard: RankShard, head_dim: int) -> None:
+    def __init__(self, config: Any, shard: RankShard, head_dim: int, spec: AttentionSpec,
+                 index: int) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.self_attn = Attention(config.hidden_size, shard.q_heads, shard.kv_heads, head_dim,
-                                   bool(getattr(config, "attention_bias", False)))
+                                   spec, spec.windows[index], eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.mlp = MLP(config.hidden_size, shard.inter)
 
@@ -154,6 +170,7 @@ class StageModel(nn.Module):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         self.config, self.shard, self._comm = config, shard, comm
+        self.spec = attention_spec(config)  # refuses architectures it cannot serve
         self.device = torch.device(device)
         self.head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads)
@@ -162,7 +179,7 @@ class StageModel(nn.Module):
         with torch.device("meta"):
             self.embed_tokens = nn.Embedding(vocab, hidden) if shard.first else None
             self.layers = nn.ModuleDict(
-                {str(i): Layer(config, shard, self.head_dim) for i in shard.layers})
+                {str(i): Layer(config, shard, self.head_dim, self.spec, i) for i in shard.layers})
             self.norm = RMSNorm(hidden, config.rms_norm_eps) if shard.last else None
             self.lm_head = nn.Linear(hidden, vocab, bias=False) if shard.head else None
         self.rotary = LlamaRotaryEmbedding(config)
@@ -183,7 +200,7 @@ class StageModel(nn.Module):
     def kv_layout(self) -> KVLayout:
         """What one sequence's cache on this rank looks like (after ``load``)."""
         return KVLayout(len(self.shard.layers), self.shard.kv_heads, self.head_dim, self.dtype,
-                        self.device)
+                        self.device, tuple(self.spec.windows[i] for i in self.shard.layers))
 
     # --- loading ---------------------------------------------------------------------------
 
@@ -340,12 +357,16 @@ class StageModel(nn.Module):
         q = attn.q_proj(h).view(t, attn.q_heads, self.head_dim)
         k = attn.k_proj(h).view(t, attn.kv_heads, self.head_dim)
         v = attn.v_proj(h).view(t, attn.kv_heads, self.head_dim)
+        if attn.q_norm is not None and attn.k_norm is not None:  # qk-norm: per head, pre-RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
         c, s_ = cos[:, None, :], sin[:, None, :]
         q = q * c + rotate_half(q) * s_
         k = k * c + rotate_half(k) * s_
-        out = self._attend(index - self.shard.layers.start, plan, caches, q, k, v)
+        out = attend(index - self.shard.layers.start, plan, caches, q, k, v, attn.window)
         self._apply_hooks(plan, index, "ablate_heads", out)
-        o = self._reduce(attn.o_proj(out.view(t, -1)))
+        o = self._reduce(F.linear(out.view(t, -1), attn.o_proj.weight))
+        if attn.o_proj.bias is not None:
+            o = o + attn.o_proj.bias
         x = x + o
         h = layer.post_attention_layernorm(x)
         act = F.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h)
@@ -353,38 +374,6 @@ class StageModel(nn.Module):
         x = x + self._reduce(layer.mlp.down_proj(act))
         self._apply_hooks(plan, index, "steer", x)
         return x
-
-    def _attend(self, local: int, plan: StepPlan, caches: list[SeqCache], q: torch.Tensor,
-                k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(q)
-        kv_heads, d = k.shape[1], self.head_dim
-        group = q.shape[1] // kv_heads
-        scale = d**-0.5
-        offset = 0
-        for s, cache in zip(plan.seqs, caches, strict=True):
-            rows = slice(offset, offset + s.n)
-            kc, vc = cache[local]
-            end = s.start + s.n
-            kc[:, s.start:end] = k[rows].transpose(0, 1)
-            vc[:, s.start:end] = v[rows].transpose(0, 1)
-            keys, vals = kc[:, :end], vc[:, :end]
-            if s.n == 1:
-                # Decode: the query heads sharing a KV head form one bmm against the cache as
-                # it lies; SDPA's GQA path would copy the whole cache once per query head.
-                scores = torch.bmm(q[offset].view(kv_heads, group, d), keys.transpose(1, 2))
-                probs = (scores * scale).softmax(-1)
-                out[offset] = torch.bmm(probs, vals).view(-1, d)
-            else:
-                mask = None
-                if s.start > 0:
-                    mask = torch.ones(s.n, end, dtype=torch.bool, device=q.device).tril(
-                        diagonal=s.start)
-                o = F.scaled_dot_product_attention(
-                    q[rows].transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask,
-                    is_causal=s.start == 0, scale=scale, enable_gqa=group > 1)
-                out[rows] = o[0].transpose(0, 1)
-            offset += s.n
-        return out
 
     def _apply_hooks(self, plan: StepPlan, index: int, kind: str, t: torch.Tensor) -> None:
         offset = 0
@@ -440,7 +429,14 @@ def _fuse_layer(layer: Any) -> LayerWeights:
     return LayerWeights(layer.input_layernorm.weight.detach(), qkv, bias,
                         attn.o_proj.weight.detach(),
                         layer.post_attention_layernorm.weight.detach(), gu,
-                        mlp.down_proj.weight.detach())
+                        mlp.down_proj.weight.detach(), _detached(attn.o_proj.bias),
+                        _detached(attn.q_norm.weight if attn.q_norm is not None else None),
+                        _detached(attn.k_norm.weight if attn.k_norm is not None else None),
+                        attn.window)
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 def _fuse_rows(linears: list[Any], name: str) -> torch.Tensor:
