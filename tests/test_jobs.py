@@ -42,17 +42,18 @@ def gone(*pids: int, timeout: float = 5.0) -> bool:
 def test_two_copies_run_then_complete(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    launcher = local_launcher(tmp_path)
-    job = launcher.submit(f'echo "$1 $FABRIC_RANK $FABRIC_WORLD_SIZE" > {out}/copy.$1; sleep 1',
+    # A walltime no other test uses, so the watchdog check below sees only this job's `sleep`.
+    launcher = local_launcher(tmp_path, walltime="00:59:11")
+    job = launcher.submit(f'echo "$1 $FABRIC_RANK $FABRIC_WORLD_SIZE" > {out}/copy.$1; sleep 3',  # long enough to be seen running on a loaded machine
                           ranks=2, nodes=1, job_name="two copies")
     first = launcher.status([job])[job]
     assert first.state is JobState.RUNNING
-    assert first.walltime == "00:59:17"
+    assert first.walltime == "00:59:11"
     done = wait_for(launcher, job, {JobState.COMPLETED, JobState.FAILED})
     assert done.state is JobState.COMPLETED and done.exit_code == 0
     assert sorted(p.read_text() for p in out.iterdir()) == ["1 0 2\n", "2 1 2\n"]
     # the walltime watchdog went away with the job
-    left = subprocess.run(["pgrep", "-f", "^sleep 3557$"], capture_output=True, check=False)
+    left = subprocess.run(["pgrep", "-f", "^sleep 3551$"], capture_output=True, check=False)
     assert left.returncode == 1, left.stdout
 
 
