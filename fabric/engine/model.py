@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fabric.engine.experts import moe_spec
+from fabric.engine.moe import MoeBlock, combine
 from fabric.engine.partition import RankShard, vocab_slices
 from fabric.engine.steps import HookSpec, StepPlan
 
@@ -120,16 +122,24 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    """One decoder layer; attribute names match the checkpoint's."""
+    """One decoder layer; attribute names match the checkpoint's. A sparse layer of a
+    mixture of experts has a ``MoeBlock`` (named ``moe_name``) instead of the dense MLP."""
 
-    def __init__(self, config: Any, shard: RankShard, head_dim: int) -> None:
+    def __init__(self, config: Any, shard: RankShard, head_dim: int, index: int) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.self_attn = Attention(config.hidden_size, shard.q_heads, shard.kv_heads, head_dim,
                                    bool(getattr(config, "attention_bias", False)))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-        self.mlp = MLP(config.hidden_size, shard.inter)
+        spec = moe_spec(config)
+        self.moe_name: str | None = None
+        if spec is not None and index in spec.sparse_layers:
+            assert shard.experts is not None
+            self.moe_name = spec.block
+            setattr(self, spec.block, MoeBlock(config.hidden_size, spec, shard.experts))
+        else:
+            self.mlp = MLP(config.hidden_size, shard.inter)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -162,7 +172,7 @@ class StageModel(nn.Module):
         with torch.device("meta"):
             self.embed_tokens = nn.Embedding(vocab, hidden) if shard.first else None
             self.layers = nn.ModuleDict(
-                {str(i): Layer(config, shard, self.head_dim) for i in shard.layers})
+                {str(i): Layer(config, shard, self.head_dim, i) for i in shard.layers})
             self.norm = RMSNorm(hidden, config.rms_norm_eps) if shard.last else None
             self.lm_head = nn.Linear(hidden, vocab, bias=False) if shard.head else None
         self.rotary = LlamaRotaryEmbedding(config)
@@ -178,6 +188,11 @@ class StageModel(nn.Module):
         """Whether this rank holds the whole model (pp=1, tp=1)."""
         shard = self.shard
         return shard.first and shard.last and shard.head and self.tp_size == 1
+
+    @property
+    def sparse(self) -> bool:
+        """Whether any of this rank's layers is a mixture of experts (no decode fast path)."""
+        return any(layer.moe_name is not None for layer in self.layers.values())
 
     @property
     def kv_layout(self) -> KVLayout:
@@ -211,8 +226,9 @@ class StageModel(nn.Module):
         did. Whole models only; the first call re-lays the weights, later ones return the same.
         """
         if self._fused is None:
-            if not self.whole:
-                raise ValueError("fused weights need the whole model on one rank (pp=1, tp=1)")
+            if not self.whole or self.sparse:
+                raise ValueError("fused weights need the whole of a dense model on one rank "
+                                 "(pp=1, tp=1)")
             assert self.embed_tokens is not None and self.norm is not None
             assert self.lm_head is not None
             self._fused = FusedWeights(
@@ -348,6 +364,10 @@ class StageModel(nn.Module):
         o = self._reduce(attn.o_proj(out.view(t, -1)))
         x = x + o
         h = layer.post_attention_layernorm(x)
+        if layer.moe_name is not None:  # experts: local dispatch, all-reduce combine
+            x = x + combine(getattr(layer, layer.moe_name)(h), self._reduce)
+            self._apply_hooks(plan, index, "steer", x)
+            return x
         act = F.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h)
         self._apply_hooks(plan, index, "ablate_neurons", act)
         x = x + self._reduce(layer.mlp.down_proj(act))

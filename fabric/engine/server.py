@@ -110,9 +110,10 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
         model, report = build_stage(Path(cfg.weights_path), info.rank, info.pp, info.tp,
                                     cfg.plan.dtype, groups.tp_comm(),
                                     Path(cfg.shard_dir) if cfg.shard_dir else None,
-                                    _device(cfg, info), cfg.plan.balance)
+                                    _device(cfg, info), cfg.plan.balance, cfg.plan.ep)
         _wrap_deepspeed(model, DTYPES[cfg.plan.dtype])
-        stage = StageRunner(model, _fast_path(cfg, info))
+        # The decode fast path fuses dense MLPs only: mixtures of experts run eagerly.
+        stage = StageRunner(model, None if model.sparse else _fast_path(cfg, info))
         log.info("rank %d loaded %d bytes in %.2f s", info.rank, report.bytes_read,
                  report.seconds)
         config = model.config
@@ -143,7 +144,8 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor,
         heads=config.num_attention_heads,
         intermediate=getattr(config, "intermediate_size", 0), context=int(context),
         kv_budget=s.kv_budget_tokens, causal=causal))
-    extra = {"model": identity, "plan": {"pp": info.pp, "tp": info.tp, "dtype": cfg.plan.dtype},
+    extra = {"model": identity, "plan": {"pp": info.pp, "tp": info.tp, "ep": cfg.plan.ep,
+                                         "dtype": cfg.plan.dtype},
              "deployment_id": cfg.deployment_id}
     record = server_record(cfg.model.name, cfg.model.version, cfg.sha256,
                            cfg.plan.model_dump(), cfg.deployment_id)  # once per server
