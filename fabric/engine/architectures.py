@@ -13,6 +13,7 @@ from fabric.errors import UnsupportedArchitecture
 
 SERVED: dict[str, Family] = {
     "LlamaForCausalLM": "causal-lm",  # fabric.engine.model (pp x tp StageModel)
+    "MixtralForCausalLM": "causal-lm",  # the same, experts in fabric.engine.moe (pp x tp x ep)
     "BertModel": "embedding",  # fabric.engine.encoder (BERT-style sentence encoders)
 }
 """``config.json`` ``architectures`` value -> the family whose runner serves it."""

@@ -42,3 +42,11 @@ def smollm2_dir() -> Path:
     from fabric.weights import prepare
 
     return prepare(Catalog().get("smollm2-135m")).path
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Mixtral in miniature: 4 layers, 8 experts, top-2, untied head."""
+    from fabric.testing.tiny import build_tiny_moe
+
+    return build_tiny_moe(tmp_path_factory.mktemp("tiny-mixtral"), "mixtral")

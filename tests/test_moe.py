@@ -1,0 +1,167 @@
+"""Mixtures of experts: greedy tokens and log-probs equal transformers', experts split over ep.
+
+In-process (fast): a whole tiny Mixtral on one rank against transformers, token for token;
+every rank of an ep plan reads only its experts' bytes (counted by the reader, checked against
+the checkpoint's own header); plans the model cannot take are refused with ``InvalidPlan``.
+Multi-rank (slow): real model servers at tp=2 x ep=2, pp=2 x tp=2 x ep=2 and tp=2 x ep=1 on
+CPU/gloo against transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fabric.engine.experts import even_ranges, expert_share, moe_spec
+from fabric.engine.loader import build_stage, load_config
+from fabric.engine.runner import StageRunner
+from fabric.engine.steps import SampleSpec, SeqWork, StepPlan
+from fabric.errors import InvalidPlan
+from tests.plugins.servers import hf_greedy, hf_model, hf_tokenizer
+
+PROMPTS = ["The", "The mitochondria is the powerhouse",
+           "Tensor parallel splits each layer; pipeline parallel splits the stack of layers. "
+           "Proteins fold into shapes"]
+MAX_NEW = 10
+
+
+def _engine_greedy(runner: StageRunner, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Greedy continuations of all prompts, batched in every step (prefill, then decodes)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    seqs = [SeqWork(f"s{i}", 0, p, len(p) + n, sample=SampleSpec())
+            for i, p in enumerate(prompts)]
+    for step in range(n):
+        plan = StepPlan(step, seqs)
+        nxt = runner.logits(runner.head_rows(plan, runner.forward(plan, None))).argmax(-1)
+        for i, t in enumerate(nxt.tolist()):
+            out[i].append(t)
+        seqs = [SeqWork(f"s{i}", len(p) + step, [out[i][-1]], 0, sample=SampleSpec())
+                for i, p in enumerate(prompts)]
+    return out
+
+
+def _hf_greedy_ids(weights: Path, ids: list[int], n: int) -> list[int]:
+    model = hf_model(weights)
+    with torch.no_grad():
+        got = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return got[0, len(ids):].tolist()
+
+
+def test_whole_mixtral_greedy_equals_transformers(tiny_mixtral_dir: Path) -> None:
+    tok = hf_tokenizer(tiny_mixtral_dir)
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    model = build_stage(tiny_mixtral_dir, 0, 1, 1, "float32", None)[0]
+    assert model.sparse
+    got = _engine_greedy(StageRunner(model), prompts, MAX_NEW)
+    want = [_hf_greedy_ids(tiny_mixtral_dir, p, MAX_NEW) for p in prompts]
+    assert got == want
+    assert len({tuple(w) for w in want}) == len(want)  # the prompts lead somewhere different
+
+
+def _header(folder: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors header of the checkpoint's one file and its size in bytes (read here,
+    not by the engine)."""
+    (path,) = folder.glob("*.safetensors")
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _nbytes(meta: dict[str, Any]) -> int:
+    a, b = meta["data_offsets"]
+    return int(b - a)
+
+
+@pytest.mark.parametrize("tp,ep", [(2, 2), (2, 1), (1, 1)])
+def test_each_rank_reads_only_its_share_of_the_experts(tiny_mixtral_dir: Path, tp: int,
+                                                       ep: int) -> None:
+    header, hlen = _header(tiny_mixtral_dir)
+    experts_total = sum(_nbytes(m) for k, m in header.items() if ".experts." in k)
+    # Every rank reads the norms and the routers whole; the rest (attention, embedding, head)
+    # is split over tp as for a dense model (evenly here: 2 KV heads, 384 vocabulary rows).
+    whole = sum(_nbytes(m) for k, m in header.items() if "norm" in k or ".gate." in k)
+    split = sum(_nbytes(m) for k, m in header.items() if ".experts." not in k) - whole
+    n_experts = 8
+    held = [0] * tp
+    for rank in range(tp):
+        model, report = build_stage(tiny_mixtral_dir, rank, 1, tp, "float32", None, ep=ep)
+        share = model.shard.experts
+        assert share is not None
+        group_experts = even_ranges(n_experts, ep)[share.group]
+        assert share.experts == group_experts
+        block = model.layers["0"].block_sparse_moe  # type: ignore[union-attr]
+        assert sorted(int(e) for e in block.experts) == list(group_experts)
+        want_expert_bytes = sum(_nbytes(m) for k, m in header.items() if ".experts." in k
+                                and int(k.split(".experts.")[1].split(".")[0]) in group_experts)
+        want_expert_bytes //= tp // ep  # each held expert is split over the group's ranks
+        expert_bytes = sum(t.numel() * t.element_size()
+                           for name, t in model.state_dict().items() if ".experts." in name)
+        assert expert_bytes == want_expert_bytes
+        held[rank] = expert_bytes
+        # The reader's count is exactly the header, this rank's experts and its share of the
+        # rest: not one byte of another group's experts.
+        assert report.bytes_read == hlen + expert_bytes + whole + split // tp
+    # Together the stage's ranks read every expert byte exactly once.
+    assert sum(held) == experts_total
+
+
+def test_expert_groups_split_tp_ranks(tiny_mixtral_dir: Path) -> None:
+    spec = moe_spec(load_config(tiny_mixtral_dir))
+    assert spec is not None and spec.experts == 8 and spec.top_k == 2
+    shares = [expert_share(spec, 4, 2, t) for t in range(4)]
+    assert [s.experts for s in shares] == [range(0, 4)] * 2 + [range(4, 8)] * 2
+    assert [(s.inter_start, s.inter_stop) for s in shares] == [(0, 24), (24, 48)] * 2
+
+
+def test_plans_the_model_cannot_take_are_refused(tiny_llama_dir: Path,
+                                                 tiny_mixtral_dir: Path) -> None:
+    with pytest.raises(InvalidPlan, match="dense"):
+        build_stage(tiny_llama_dir, 0, 1, 2, "float32", None, ep=2)
+    with pytest.raises(InvalidPlan, match="divide"):
+        build_stage(tiny_mixtral_dir, 0, 1, 2, "float32", None, ep=3)
+    with pytest.raises(InvalidPlan) as err:
+        build_stage(tiny_mixtral_dir, 0, 1, 1, "float32", None, ep=2)
+    assert err.value.details == {"ep": 2, "tp": 1}
+    assert not err.value.retryable
+
+
+# --- multi-rank servers (slow) -------------------------------------------------------------
+
+PLANS = [(1, 2, 2), (2, 2, 2), (1, 2, 1)]
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(p, marks=pytest.mark.slow, id=f"pp{p[0]}-tp{p[1]}-ep{p[2]}") for p in PLANS])
+def served(request: pytest.FixtureRequest, model_server: Any, tiny_mixtral_dir: Path
+           ) -> tuple[Any, Path]:
+    pp, tp, ep = request.param
+    return model_server(tiny_mixtral_dir, pp=pp, tp=tp, ep=ep, name="tiny-mixtral"), \
+        tiny_mixtral_dir
+
+
+def test_served_greedy_and_logprobs_equal_transformers(served: tuple[Any, Path]) -> None:
+    server, weights = served
+    client = server.client()
+    reqs = [server.request(prompt=p, sampling={"max_tokens": MAX_NEW}) for p in PROMPTS]
+    for r in reqs:  # in flight together: they share steps
+        client.submit(r, server.ticket)
+    for prompt, r in zip(PROMPTS, reqs, strict=True):
+        assert client.result(r.request_id, 120)["token_ids"] == hf_greedy(weights, prompt,
+                                                                           MAX_NEW), prompt
+    tok, model = hf_tokenizer(weights), hf_model(weights)
+    text = "Proteins fold into shapes that decide what they do."
+    res = server.run(client, kind="logprobs", prompt=text)
+    ids = tok(text).input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    want = [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
+    np.testing.assert_allclose(res["logprobs"], want, atol=1e-4, rtol=0)
