@@ -144,8 +144,10 @@ PLANS = [(1, 2, 2), (2, 2, 2), (1, 2, 1)]
 def served(request: pytest.FixtureRequest, model_server: Any, tiny_mixtral_dir: Path
            ) -> tuple[Any, Path]:
     pp, tp, ep = request.param
-    return model_server(tiny_mixtral_dir, pp=pp, tp=tp, ep=ep, name="tiny-mixtral"), \
-        tiny_mixtral_dir
+    server = model_server(tiny_mixtral_dir, pp=pp, tp=tp, ep=ep, name="tiny-mixtral")
+    assert {k: server.health()["plan"][k] for k in ("pp", "tp", "ep")} == \
+        {"pp": pp, "tp": tp, "ep": ep}
+    return server, tiny_mixtral_dir
 
 
 def test_served_greedy_and_logprobs_equal_transformers(served: tuple[Any, Path]) -> None:

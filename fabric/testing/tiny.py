@@ -151,6 +151,7 @@ def build_tiny_moe(
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
         num_experts_per_tok=top_k)
     model: Any
+    config: Any
     if kind == "mixtral":
         config = MixtralConfig(**common, intermediate_size=expert_inter,
                                num_local_experts=experts)
