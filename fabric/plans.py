@@ -121,6 +121,8 @@ def shape_from_config(config: dict[str, Any], name: str = "") -> ModelShape:
         attn = hidden * hd * (2 * heads + 2 * kv_heads)
         if c.get("attention_bias") or c.get("model_type") == "qwen2":
             attn += hd * (heads + 2 * kv_heads)
+        if c.get("attention_bias") and c.get("model_type") != "qwen2":  # o's bias (not Qwen2's)
+            attn += hidden
         if str(c.get("model_type", "")).startswith("qwen3"):  # per-head q and k norms
             attn += 2 * hd
         kv_values, kv_split = 2 * kv_heads * hd, True

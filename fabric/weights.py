@@ -97,14 +97,20 @@ def stamp_of(files: list[Path]) -> list[str]:
 
 
 def prepare(entry: CatalogEntry, cache_dir: Path | None = None) -> PreparedWeights:
-    """A ready weights folder for ``entry`` (converting and caching on first use)."""
+    """A ready weights folder for ``entry`` (converting and caching on first use).
+
+    The folder's architecture is checked against what the engine serves as the entry's family
+    (``UnsupportedArchitecture``), so a catalog entry the engine cannot run is refused here,
+    before any deployment is launched for it."""
     src = entry.source
     if src.kind == "path":
-        if src.sha256:
-            return _recorded(entry)
-        return _describe(Path(str(src.path)).expanduser())
+        folder = Path(str(src.path)).expanduser()
+        _check_architecture(entry, folder)
+        return _recorded(entry) if src.sha256 else _describe(folder)
     if src.kind == "folder-package":
-        return _describe(package_dir(str(src.package)) / str(src.file or ""))
+        folder = package_dir(str(src.package)) / str(src.file or "")
+        _check_architecture(entry, folder)
+        return _describe(folder)
     out = (cache_dir or cache_root()) / entry.name / entry.version
     out.mkdir(parents=True, exist_ok=True)
     with (out / ".lock").open("w") as lock:
@@ -112,7 +118,21 @@ def prepare(entry: CatalogEntry, cache_dir: Path | None = None) -> PreparedWeigh
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / MANIFEST).exists():
             _convert_gguf(package_dir(str(src.package)) / str(src.file), out)
+    _check_architecture(entry, out)
     return _describe(out)
+
+
+def _check_architecture(entry: CatalogEntry, folder: Path) -> None:
+    """Refuse a folder whose ``config.json`` names no architecture the engine serves as
+    ``entry.family`` (``UnsupportedArchitecture``); a missing config is ``_describe``'s to
+    report."""
+    from fabric.engine.architectures import served_architecture
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    served_architecture(config, family=entry.family)
 
 
 def known_identity(entry: CatalogEntry, cache_dir: Path | None = None) -> PreparedWeights | None:

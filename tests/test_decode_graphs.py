@@ -80,7 +80,9 @@ def _ids(weights: Path) -> list[list[int]]:
 OPTS = GraphOptions(slots=4, slot_tokens=48, capture=False, compile=False)
 
 
-@pytest.mark.parametrize("weights_fixture", ["tiny_llama_dir", "tiny_llama_odd_dir"])
+@pytest.mark.parametrize("weights_fixture", ["tiny_llama_dir", "tiny_llama_odd_dir",
+                                             "tiny_qwen2_dir", "tiny_qwen3_dir",
+                                             "tiny_mistral_dir"])
 def test_fast_path_gives_transformers_greedy_tokens(weights_fixture: str,
                                                     request: pytest.FixtureRequest) -> None:
     weights: Path = request.getfixturevalue(weights_fixture)

@@ -26,13 +26,16 @@ PROMPTS = [
 MAX_NEW = 12
 PLANS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 MODELS = ["tiny_llama_dir", "tiny_llama_odd_dir"]
+FAMILIES = ["tiny_qwen2_dir", "tiny_qwen3_dir", "tiny_mistral_dir"]
+"""The other dense families (biases, qk-norm, sliding windows): their pp=1 tp=1 runs are
+covered in-process by test_families, so every server plan of theirs is in the slow tier."""
 
 
 @pytest.fixture(scope="module", params=[
     # Multi-rank servers take a minute or more to start on 2 busy cores: marked slow.
-    pytest.param((m, pp, tp), marks=[pytest.mark.slow] if pp * tp > 1 else [],
+    pytest.param((m, pp, tp), marks=[pytest.mark.slow] if pp * tp > 1 or m in FAMILIES else [],
                  id=f"{m.removesuffix('_dir')}-pp{pp}-tp{tp}")
-    for m in MODELS for pp, tp in PLANS])
+    for m in MODELS + FAMILIES for pp, tp in PLANS])
 def served(request: pytest.FixtureRequest, model_server: Any) -> tuple[ServerHandle, Path]:
     name, pp, tp = request.param
     weights: Path = request.getfixturevalue(name)

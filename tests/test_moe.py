@@ -1,10 +1,12 @@
 """Mixtures of experts: greedy tokens and log-probs equal transformers', experts split over ep.
 
-In-process (fast): a whole tiny Mixtral on one rank against transformers, token for token;
+In-process (fast): whole tiny Mixtral, Qwen3-MoE and Qwen2-MoE models on one rank against
+transformers, token for token and logit for logit;
 every rank of an ep plan reads only its experts' bytes (counted by the reader, checked against
 the checkpoint's own header); plans the model cannot take are refused with ``InvalidPlan``.
-Multi-rank (slow): real model servers at tp=2 x ep=2, pp=2 x tp=2 x ep=2 and tp=2 x ep=1 on
-CPU/gloo against transformers.
+Multi-rank (slow): real model servers on CPU/gloo against transformers: Mixtral at tp=2 x ep=2,
+pp=2 x tp=2 x ep=2 and tp=2 x ep=1, Qwen3-MoE at pp=2 x tp=2 x ep=2 (a dense layer among the
+sparse ones), Qwen2-MoE at tp=2 x ep=2 (the shared expert split over tp).
 """
 
 from __future__ import annotations
@@ -54,15 +56,30 @@ def _hf_greedy_ids(weights: Path, ids: list[int], n: int) -> list[int]:
     return got[0, len(ids):].tolist()
 
 
-def test_whole_mixtral_greedy_equals_transformers(tiny_mixtral_dir: Path) -> None:
-    tok = hf_tokenizer(tiny_mixtral_dir)
+MOE_FIXTURES = ["tiny_mixtral_dir", "tiny_qwen3_moe_dir", "tiny_qwen2_moe_dir"]
+
+
+@pytest.mark.parametrize("fixture", MOE_FIXTURES)
+def test_whole_moe_greedy_and_logits_equal_transformers(request: pytest.FixtureRequest,
+                                                        fixture: str) -> None:
+    weights: Path = request.getfixturevalue(fixture)
+    tok = hf_tokenizer(weights)
     prompts = [tok(p).input_ids for p in PROMPTS]
-    model = build_stage(tiny_mixtral_dir, 0, 1, 1, "float32", None)[0]
+    model = build_stage(weights, 0, 1, 1, "float32", None)[0]
     assert model.sparse
-    got = _engine_greedy(StageRunner(model), prompts, MAX_NEW)
-    want = [_hf_greedy_ids(tiny_mixtral_dir, p, MAX_NEW) for p in prompts]
+    runner = StageRunner(model)
+    got = _engine_greedy(runner, prompts, MAX_NEW)
+    want = [_hf_greedy_ids(weights, p, MAX_NEW) for p in prompts]
     assert got == want
     assert len({tuple(w) for w in want}) == len(want)  # the prompts lead somewhere different
+    # Every position's logits, not only the argmax (one prefill of the longest prompt).
+    ids = prompts[-1]
+    plan = StepPlan(99, [SeqWork("x", 0, ids, len(ids),
+                                 score_targets=[*ids[1:], ids[0]])])
+    logits = runner.logits(runner.head_rows(plan, runner.forward(plan, None)))
+    with torch.no_grad():
+        ref = hf_model(weights)(torch.tensor([ids])).logits[0].float()
+    np.testing.assert_allclose(logits.numpy(), ref.numpy(), atol=1e-4, rtol=1e-4)
 
 
 def _header(folder: Path) -> tuple[dict[str, Any], int]:
@@ -136,18 +153,23 @@ def test_plans_the_model_cannot_take_are_refused(tiny_llama_dir: Path,
 
 # --- multi-rank servers (slow) -------------------------------------------------------------
 
-PLANS = [(1, 2, 2), (2, 2, 2), (1, 2, 1)]
+PLANS = [("tiny_mixtral_dir", 1, 2, 2), ("tiny_mixtral_dir", 2, 2, 2),
+         ("tiny_mixtral_dir", 1, 2, 1), ("tiny_qwen3_moe_dir", 2, 2, 2),
+         ("tiny_qwen2_moe_dir", 1, 2, 2)]
 
 
 @pytest.fixture(scope="module", params=[
-    pytest.param(p, marks=pytest.mark.slow, id=f"pp{p[0]}-tp{p[1]}-ep{p[2]}") for p in PLANS])
-def served(request: pytest.FixtureRequest, model_server: Any, tiny_mixtral_dir: Path
-           ) -> tuple[Any, Path]:
-    pp, tp, ep = request.param
-    server = model_server(tiny_mixtral_dir, pp=pp, tp=tp, ep=ep, name="tiny-mixtral")
+    pytest.param(p, marks=pytest.mark.slow,
+                 id=f"{p[0].removeprefix('tiny_').removesuffix('_dir')}-pp{p[1]}-tp{p[2]}-ep{p[3]}")
+    for p in PLANS])
+def served(request: pytest.FixtureRequest, model_server: Any) -> tuple[Any, Path]:
+    fixture, pp, tp, ep = request.param
+    weights: Path = request.getfixturevalue(fixture)
+    name = fixture.removesuffix("_dir").replace("_", "-")
+    server = model_server(weights, pp=pp, tp=tp, ep=ep, name=name)
     assert {k: server.health()["plan"][k] for k in ("pp", "tp", "ep")} == \
         {"pp": pp, "tp": tp, "ep": ep}
-    return server, tiny_mixtral_dir
+    return server, weights
 
 
 def test_served_greedy_and_logprobs_equal_transformers(served: tuple[Any, Path]) -> None:

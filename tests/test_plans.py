@@ -41,7 +41,8 @@ def test_parameter_counts_match_published_sizes(name: str, billions: float) -> N
     assert name in known_models()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral", "qwen3_moe", "deepseek_v3",
+                                  "qwen3", "mistral", "llama_bias"])
 def test_parameter_counts_equal_transformers_models(kind: str) -> None:
     """The count from the config equals the parameters transformers builds (tiny configs with
     every field the sizing reads: GQA and MLA, biases, shared experts, dense first layers)."""
@@ -62,8 +63,12 @@ def test_parameter_counts_equal_transformers_models(kind: str) -> None:
                         "q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
                         "qk_rope_head_dim": 8, "v_head_dim": 8, "num_key_value_heads": 4,
                         "n_group": 1, "topk_group": 1},
+        # head_dim unlike hidden / heads; biases on q, k, v and o
+        "qwen3": {"head_dim": 24, "attention_bias": True, "tie_word_embeddings": True},
+        "mistral": {"sliding_window": 8},
+        "llama_bias": {"attention_bias": True, "head_dim": 8},
     }[kind]
-    config = {**base, **extra, "model_type": kind}
+    config = {**base, **extra, "model_type": kind.removesuffix("_bias")}
     hf_config = AutoConfig.for_model(**config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)

@@ -64,26 +64,30 @@ class GraphOptions:
 
 
 def _pre_attention(x: torch.Tensor, ln: torch.Tensor, w_qkv: torch.Tensor,
-                   b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                   b_qkv: torch.Tensor | None, q_norm: torch.Tensor | None,
+                   k_norm: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                    kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, *,
                    eps: float, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
-    """Norm, fused QKV, RoPE, and the new keys/values written into the slots (in place, so
-    compiled, the write fuses with RoPE); returns the queries."""
+    """Norm, fused QKV, qk-norm (where the family has it), RoPE, and the new keys/values
+    written into the slots (in place, so compiled, the write fuses with RoPE); returns the
+    queries."""
     s = x.shape[0]
     q, k, v = F.linear(rms_norm(x, ln, eps), w_qkv, b_qkv).split(
         [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q = q.view(s, heads, head_dim)
     k = k.view(s, kv_heads, head_dim)
+    if q_norm is not None and k_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
     c, si = cos[:, None, :], sin[:, None, :]
     kc[rows, :, pos] = k * c + rotate_half(k) * si
     vc[rows, :, pos] = v.view(s, kv_heads, head_dim)
     return q * c + rotate_half(q) * si
 
 
-def _post_attention(x: torch.Tensor, o: torch.Tensor, w_o: torch.Tensor, ln: torch.Tensor,
-                    w_gu: torch.Tensor, w_down: torch.Tensor, *, eps: float, inter: int
-                    ) -> torch.Tensor:
-    x = x + F.linear(o, w_o)
+def _post_attention(x: torch.Tensor, o: torch.Tensor, w_o: torch.Tensor,
+                    b_o: torch.Tensor | None, ln: torch.Tensor, w_gu: torch.Tensor,
+                    w_down: torch.Tensor, *, eps: float, inter: int) -> torch.Tensor:
+    x = x + F.linear(o, w_o, b_o)
     gate, up = F.linear(rms_norm(x, ln, eps), w_gu).split([inter, inter], dim=-1)
     return x + F.linear(F.silu(gate) * up, w_down)
 
@@ -198,17 +202,22 @@ class DecodeGraphs:
         weights = self.weights
         x = F.embedding(ids, weights.embed)
         cos, sin = self.cos[pos], self.sin[pos]
-        mask = (self.columns[:span][None, :] <= pos[:, None])[:, None, None, :]
+        columns = self.columns[:span][None, :]
+        causal = columns <= pos[:, None]
+        masks: dict[int | None, torch.Tensor] = {None: causal[:, None, None, :]}
+        for window in {w.window for w in weights.layers} - {None}:
+            assert window is not None  # sliding layers: nor the keys before the window
+            masks[window] = (causal & (columns > pos[:, None] - window))[:, None, None, :]
         rows = torch.arange(size, device=self.device)
         group = self.heads // self.kv_heads
         for w, kc, vc in zip(weights.layers, self.slots.k, self.slots.v, strict=True):
-            q = self._pre(x, w.ln1, w.qkv, w.qkv_bias, cos, sin, kc, vc, rows, pos,
-                          eps=self.eps, heads=self.heads, kv_heads=self.kv_heads,
+            q = self._pre(x, w.ln1, w.qkv, w.qkv_bias, w.q_norm, w.k_norm, cos, sin, kc, vc,
+                          rows, pos, eps=self.eps, heads=self.heads, kv_heads=self.kv_heads,
                           head_dim=self.head_dim)
             o = F.scaled_dot_product_attention(
                 q.view(size, self.kv_heads, group, self.head_dim), kc[:size, :, :span],
-                vc[:size, :, :span], attn_mask=mask, scale=self.head_dim**-0.5)
-            x = self._post(x, o.reshape(size, -1), w.o, w.ln2, w.gu, w.down, eps=self.eps,
-                           inter=w.down.shape[1])
+                vc[:size, :, :span], attn_mask=masks[w.window], scale=self.head_dim**-0.5)
+            x = self._post(x, o.reshape(size, -1), w.o, w.o_bias, w.ln2, w.gu, w.down,
+                           eps=self.eps, inter=w.down.shape[1])
         return self._head(x, weights.norm, weights.head, eps=self.eps)
 

@@ -1,12 +1,14 @@
-"""One rank's slice of a Llama-family model, run over packed, variable-length batches.
+"""One rank's slice of a dense decoder (Llama, Qwen2, Qwen3, Mistral), run over packed,
+variable-length batches.
 
 A step's tokens from all its sequences are packed into one ``[T, hidden]`` matrix so every
 projection is one matmul; attention runs per sequence against that sequence's own KV cache,
 which is why a request's output does not depend on what shares its batch. Weights are the
-checkpoint's own tensors (tp slices when tp > 1); the row-parallel projections all-reduce over
-the stage's tp group, and the embedding and LM head are vocab-parallel (each tp rank holds a
-range of vocabulary rows; lookups all-reduce, logits all-gather). Per-request hooks act only on
-their request's rows.
+checkpoint's own tensors (tp slices when tp > 1); the families' attention variations (biases,
+qk-norm, sliding windows) are data (``fabric.engine.families``). The row-parallel projections
+all-reduce over the stage's tp group, and the embedding and LM head are vocab-parallel (each tp
+rank holds a range of vocabulary rows; lookups all-reduce, logits all-gather). Per-request hooks
+act only on their request's rows.
 
 Invariants: the model only computes. It holds no per-sequence state: the KV caches of a step
 are handed to ``StageModel.forward_step`` by the caller (``fabric.engine.runner.StageRunner``,
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fabric.engine.experts import moe_spec
+from fabric.engine.families import AttentionSpec, attention_spec
 from fabric.engine.moe import MoeBlock, combine
 from fabric.engine.partition import RankShard, vocab_slices
 from fabric.engine.steps import HookSpec, StepPlan
@@ -62,6 +65,12 @@ class LayerWeights:
     gu: torch.Tensor
     """Gate and up projections' rows, concatenated."""
     down: torch.Tensor
+    o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    """Per-head RMSNorm weights of queries and keys (qk-norm families), ``[head_dim]``."""
+    k_norm: torch.Tensor | None = None
+    window: int | None = None
+    """The layer's sliding window (``None``: full causal attention)."""
 
 
 @dataclass(frozen=True)
@@ -99,16 +108,22 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """This rank's attention heads (q/k/v column slices, o row slice)."""
+    """This rank's attention heads (q/k/v column slices, o row slice), with its family's
+    biases, qk-norm and sliding window (``fabric.engine.families``)."""
 
-    def __init__(self, hidden: int, q_heads: int, kv_heads: int, head_dim: int, bias: bool
-                 ) -> None:
+    def __init__(self, hidden: int, q_heads: int, kv_heads: int, head_dim: int,
+                 spec: AttentionSpec, window: int | None, eps: float) -> None:
         super().__init__()
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
+        self.window = window
+        bias = spec.qkv_bias
         self.q_proj = nn.Linear(hidden, q_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(q_heads * head_dim, hidden, bias=False)
+        # Its bias is whole on every tp rank: added once, after the all-reduce.
+        self.o_proj = nn.Linear(q_heads * head_dim, hidden, bias=spec.o_bias)
+        self.q_norm = RMSNorm(head_dim, eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps) if spec.qk_norm else None
 
 
 class MLP(nn.Module):
@@ -125,19 +140,20 @@ class Layer(nn.Module):
     """One decoder layer; attribute names match the checkpoint's. A sparse layer of a
     mixture of experts has a ``MoeBlock`` (named ``moe_name``) instead of the dense MLP."""
 
-    def __init__(self, config: Any, shard: RankShard, head_dim: int, index: int) -> None:
+    def __init__(self, config: Any, shard: RankShard, head_dim: int, spec: AttentionSpec,
+                 index: int) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.self_attn = Attention(config.hidden_size, shard.q_heads, shard.kv_heads, head_dim,
-                                   bool(getattr(config, "attention_bias", False)))
+                                   spec, spec.windows[index], eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-        spec = moe_spec(config)
+        moe = moe_spec(config)
         self.moe_name: str | None = None
-        if spec is not None and index in spec.sparse_layers:
+        if moe is not None and index in moe.sparse_layers:
             assert shard.experts is not None
-            self.moe_name = spec.block
-            setattr(self, spec.block, MoeBlock(config.hidden_size, spec, shard.experts))
+            self.moe_name = moe.block
+            setattr(self, moe.block, MoeBlock(config.hidden_size, moe, shard.experts))
         else:
             self.mlp = MLP(config.hidden_size, shard.inter)
 
@@ -164,6 +180,7 @@ class StageModel(nn.Module):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         self.config, self.shard, self._comm = config, shard, comm
+        self.spec = attention_spec(config)  # refuses architectures it cannot serve
         self.device = torch.device(device)
         self.head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads)
@@ -172,7 +189,7 @@ class StageModel(nn.Module):
         with torch.device("meta"):
             self.embed_tokens = nn.Embedding(vocab, hidden) if shard.first else None
             self.layers = nn.ModuleDict(
-                {str(i): Layer(config, shard, self.head_dim, i) for i in shard.layers})
+                {str(i): Layer(config, shard, self.head_dim, self.spec, i) for i in shard.layers})
             self.norm = RMSNorm(hidden, config.rms_norm_eps) if shard.last else None
             self.lm_head = nn.Linear(hidden, vocab, bias=False) if shard.head else None
         self.rotary = LlamaRotaryEmbedding(config)
@@ -356,12 +373,16 @@ class StageModel(nn.Module):
         q = attn.q_proj(h).view(t, attn.q_heads, self.head_dim)
         k = attn.k_proj(h).view(t, attn.kv_heads, self.head_dim)
         v = attn.v_proj(h).view(t, attn.kv_heads, self.head_dim)
+        if attn.q_norm is not None and attn.k_norm is not None:  # qk-norm: per head, pre-RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
         c, s_ = cos[:, None, :], sin[:, None, :]
         q = q * c + rotate_half(q) * s_
         k = k * c + rotate_half(k) * s_
-        out = self._attend(index - self.shard.layers.start, plan, caches, q, k, v)
+        out = self._attend(index - self.shard.layers.start, plan, caches, q, k, v, attn.window)
         self._apply_hooks(plan, index, "ablate_heads", out)
-        o = self._reduce(attn.o_proj(out.view(t, -1)))
+        o = self._reduce(F.linear(out.view(t, -1), attn.o_proj.weight))
+        if attn.o_proj.bias is not None:
+            o = o + attn.o_proj.bias
         x = x + o
         h = layer.post_attention_layernorm(x)
         if layer.moe_name is not None:  # experts: local dispatch, all-reduce combine
@@ -375,7 +396,9 @@ class StageModel(nn.Module):
         return x
 
     def _attend(self, local: int, plan: StepPlan, caches: list[SeqCache], q: torch.Tensor,
-                k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+        """Each sequence's queries against its cache; with a ``window``, a query at ``p``
+        sees keys ``p - window < j <= p`` only (the keys before are not read)."""
         out = torch.empty_like(q)
         kv_heads, d = k.shape[1], self.head_dim
         group = q.shape[1] // kv_heads
@@ -387,7 +410,8 @@ class StageModel(nn.Module):
             end = s.start + s.n
             kc[:, s.start:end] = k[rows].transpose(0, 1)
             vc[:, s.start:end] = v[rows].transpose(0, 1)
-            keys, vals = kc[:, :end], vc[:, :end]
+            lo = 0 if window is None else max(0, s.start + 1 - window)
+            keys, vals = kc[:, lo:end], vc[:, lo:end]
             if s.n == 1:
                 # Decode: the query heads sharing a KV head form one bmm against the cache as
                 # it lies; SDPA's GQA path would copy the whole cache once per query head.
@@ -396,12 +420,14 @@ class StageModel(nn.Module):
                 out[offset] = torch.bmm(probs, vals).view(-1, d)
             else:
                 mask = None
-                if s.start > 0:
-                    mask = torch.ones(s.n, end, dtype=torch.bool, device=q.device).tril(
-                        diagonal=s.start)
+                if s.start > 0 or window is not None:
+                    mask = torch.ones(s.n, end - lo, dtype=torch.bool, device=q.device).tril(
+                        diagonal=s.start - lo)
+                    if window is not None:  # and not before the window
+                        mask &= ~mask.tril(diagonal=s.start - lo - window)
                 o = F.scaled_dot_product_attention(
                     q[rows].transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask,
-                    is_causal=s.start == 0, scale=scale, enable_gqa=group > 1)
+                    is_causal=mask is None, scale=scale, enable_gqa=group > 1)
                 out[rows] = o[0].transpose(0, 1)
             offset += s.n
         return out
@@ -460,7 +486,14 @@ def _fuse_layer(layer: Any) -> LayerWeights:
     return LayerWeights(layer.input_layernorm.weight.detach(), qkv, bias,
                         attn.o_proj.weight.detach(),
                         layer.post_attention_layernorm.weight.detach(), gu,
-                        mlp.down_proj.weight.detach())
+                        mlp.down_proj.weight.detach(), _detached(attn.o_proj.bias),
+                        _detached(attn.q_norm.weight if attn.q_norm is not None else None),
+                        _detached(attn.k_norm.weight if attn.k_norm is not None else None),
+                        attn.window)
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 def _fuse_rows(linears: list[Any], name: str) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Build tiny random-initialised Llama checkpoints (safetensors + a real BPE tokenizer).
+"""Build tiny random-initialised dense decoder checkpoints (Llama, Qwen2, Qwen3, Mistral:
+safetensors + a real BPE tokenizer).
 
 Tests and benchmarks use them so that most runs take seconds; nothing is downloaded: the
 byte-level BPE tokenizer is trained in-process on a few sentences.
@@ -50,9 +51,19 @@ def build_tokenizer(vocab_size: int = 384) -> Any:
     return fast
 
 
-def build_tiny_llama(
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+"""The dense families ``build_tiny`` writes (transformers ``model_type`` names)."""
+
+
+def build_tiny_llama(out: Path, **kwargs: Any) -> Path:
+    """A tiny random Llama (``build_tiny`` with ``family="llama"``)."""
+    return build_tiny(out, family="llama", **kwargs)
+
+
+def build_tiny(
     out: Path,
     *,
+    family: str = "llama",
     hidden: int = 64,
     layers: int = 4,
     heads: int = 4,
@@ -61,44 +72,66 @@ def build_tiny_llama(
     tie: bool = True,
     seed: int = 0,
     vocab: int = 384,
+    head_dim: int | None = None,
+    **extra: Any,
 ) -> Path:
-    """Write a random Llama checkpoint (fp32 safetensors) plus tokenizer into ``out``.
+    """Write a random checkpoint of a dense ``family`` (fp32 safetensors) plus tokenizer into
+    ``out``.
 
     ``vocab`` is the tokenizer's (and so the model's) vocabulary size; an odd size makes the
-    vocab-parallel split of the embedding and LM head uneven under tp.
+    vocab-parallel split of the embedding and LM head uneven under tp. ``head_dim`` defaults to
+    ``hidden // heads``; ``extra`` goes to the family's config (``sliding_window``,
+    ``attention_bias``, ``use_sliding_window``, ``max_window_layers``...). Outside Llama, the
+    biases and norm weights are randomised too (transformers initialises them to 0 and 1, which
+    would leave a bias or a qk-norm weight read wrongly unnoticed).
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+               "mistral": MistralConfig}
+    if family not in classes:
+        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
     tok = build_tokenizer(vocab)
-    config = LlamaConfig(
+    config = classes[family](
         vocab_size=len(tok),
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=hidden // heads,
+        head_dim=head_dim or hidden // heads,
         max_position_embeddings=512,
         tie_word_embeddings=tie,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
+        **extra,
     )
     torch.manual_seed(seed)
-    return _save_random(LlamaForCausalLM(config).eval(), tok, out)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    return _save_random(model, tok, out, randomise_1d=family != "llama")
 
 
-def _save_random(model: Any, tok: Any, out: Path, scale: float = 0.15) -> Path:
-    """Re-draw the model's matrices at ``scale``, save it and the tokenizer into ``out``."""
+def _save_random(model: Any, tok: Any, out: Path, randomise_1d: bool = True) -> Path:
+    """Re-draw the model's weights, save it and the tokenizer into ``out``."""
     import torch
 
     with torch.no_grad():
         # Larger-than-default weights give peaked, prompt-dependent next-token distributions,
-        # so greedy-equivalence tests compare real choices, not near-ties.
-        for p in model.parameters():
+        # so greedy-equivalence tests compare real choices, not near-ties. (Experts are 3-d in
+        # transformers' modules: one tensor for all of a layer's experts.)
+        for name, p in model.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, scale)
+                p.normal_(0.0, 0.15)
+            elif randomise_1d:  # Llama's fixtures stay as they were
+                p.normal_(1.0, 0.2) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     out.mkdir(parents=True, exist_ok=True)
@@ -172,5 +205,4 @@ def build_tiny_moe(
         torch.manual_seed(seed)
         model = Qwen2MoeForCausalLM(config)
     model.eval()
-    _save_random(model, tok, out)
-    return out
+    return _save_random(model, tok, out)
