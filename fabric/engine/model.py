@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fabric.engine.experts import moe_spec
 from fabric.engine.families import AttentionSpec, attention_spec
-from fabric.engine.moe import MoeBlock, combine
+from fabric.engine.moe import attach_moe, combine
 from fabric.engine.partition import RankShard, vocab_slices
 from fabric.engine.steps import HookSpec, StepPlan
 
@@ -148,13 +147,8 @@ class Layer(nn.Module):
         self.self_attn = Attention(config.hidden_size, shard.q_heads, shard.kv_heads, head_dim,
                                    spec, spec.windows[index], eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-        moe = moe_spec(config)
-        self.moe_name: str | None = None
-        if moe is not None and index in moe.sparse_layers:
-            assert shard.experts is not None
-            self.moe_name = moe.block
-            setattr(self, moe.block, MoeBlock(config.hidden_size, moe, shard.experts))
-        else:
+        self.moe_name = attach_moe(self, config, shard.experts, index)
+        if self.moe_name is None:
             self.mlp = MLP(config.hidden_size, shard.inter)
 
 
@@ -208,8 +202,8 @@ class StageModel(nn.Module):
 
     @property
     def sparse(self) -> bool:
-        """Whether any of this rank's layers is a mixture of experts (no decode fast path)."""
-        return any(layer.moe_name is not None for layer in self.layers.values())
+        """Whether any of this rank's layers has experts (they take no decode fast path)."""
+        return any(layer.moe_name for layer in self.layers.values())
 
     @property
     def kv_layout(self) -> KVLayout:

@@ -19,9 +19,11 @@ with:
 
 The alternative, all-to-all dispatch of token rows to the ranks owning their experts and back,
 pays off when the tokens are not replicated (data-parallel attention), which this engine's
-attention does not do; it would also need ``all_to_all`` with uneven splits, which gloo (the
-CPU backend, where this is tested) does not offer for the list form. ``all_reduce`` works on
-gloo and nccl alike and moves ``tokens x hidden`` values per layer, as the dense layer does.
+attention does not do: here it would move rows every rank already has. (On gloo, torch 2.13,
+the list form ``all_to_all`` refuses tensors of unequal sizes; ``all_to_all_single`` with split
+sizes works. Tokens per expert vary every step, so an all-to-all design would need the latter
+plus a size exchange first.) ``all_reduce`` works on gloo and nccl alike and moves
+``tokens x hidden`` values per layer, as the dense layer does.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fabric.engine.experts import ExpertShare, MoeSpec
+from fabric.engine.experts import ExpertShare, MoeSpec, moe_spec
 
 
 @dataclass
@@ -126,6 +128,18 @@ class MoeBlock(nn.Module):
             TIMINGS.experts_s += time.perf_counter() - t1
             TIMINGS.calls += 1
         return out
+
+
+def attach_moe(layer: nn.Module, config: Any, share: ExpertShare | None, index: int
+               ) -> str | None:
+    """Give decoder layer ``index`` its ``MoeBlock`` under the checkpoint's name when the
+    layer is sparse; returns that name (None: the layer keeps a dense MLP)."""
+    spec = moe_spec(config)
+    if spec is None or index not in spec.sparse_layers:
+        return None
+    assert share is not None  # plan_ranks gives every rank of a sparse model its share
+    setattr(layer, spec.block, MoeBlock(config.hidden_size, spec, share))
+    return spec.block
 
 
 def combine(partial: torch.Tensor, reduce: Any) -> torch.Tensor:
