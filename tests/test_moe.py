@@ -189,3 +189,27 @@ def test_served_greedy_and_logprobs_equal_transformers(served: tuple[Any, Path])
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     want = [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
     np.testing.assert_allclose(res["logprobs"], want, atol=1e-4, rtol=0)
+
+
+def test_neuron_ablation_is_refused_on_sparse_layers(tiny_qwen3_moe_dir: Path) -> None:
+    """Qwen3-MoE's layer 1 is dense (``mlp_only_layers``), the others are experts: ablating
+    neurons is accepted on the first and refused, typed, on the others."""
+    from fabric.engine.experts import sparse_layers
+    from fabric.engine.prepare import ModelLimits, Preparer
+    from fabric.errors import InvalidHook
+    from fabric.protocol import Hook, InferenceRequest
+
+    c = load_config(tiny_qwen3_moe_dir)
+    assert sparse_layers(c) == frozenset({0, 2, 3})
+    prep = Preparer(hf_tokenizer(tiny_qwen3_moe_dir), ModelLimits(
+        c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size, 512,
+        4096, sparse_layers=sparse_layers(c)))
+
+    def request(layer: int) -> InferenceRequest:
+        return InferenceRequest(model="m", prompt="The", hooks=[
+            Hook(kind="ablate_neurons", layer=layer, neurons=[0, 3])])
+
+    assert prep.prepare(request(1)).hooks[0].neurons == [0, 3]
+    for layer in (0, -1):
+        with pytest.raises(InvalidHook, match="mixture of experts"):
+            prep.prepare(request(layer))

@@ -106,6 +106,12 @@ def moe_spec(config: Any) -> MoeSpec | None:
                    sparse)
 
 
+def sparse_layers(config: Any) -> frozenset[int]:
+    """The layers of a model (a transformers config) that are mixtures of experts."""
+    spec = moe_spec(config)
+    return spec.sparse_layers if spec is not None else frozenset()
+
+
 def even_ranges(total: int, parts: int) -> list[range]:
     """``parts`` contiguous ranges covering ``0..total``, sizes differing by at most one."""
     base, extra = divmod(total, parts)

@@ -23,6 +23,7 @@ import zmq
 from fabric import env, tickets
 from fabric.engine.dist import RankInfo, init_groups, rank_from_env
 from fabric.engine.engine import Engine, StepExecutor
+from fabric.engine.experts import sparse_layers
 from fabric.engine.frontend import Frontend
 from fabric.engine.graphs import GraphOptions
 from fabric.engine.launch import ServerLaunchConfig, select_accelerator, threads_per_rank
@@ -143,7 +144,7 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor,
         n_layers=config.num_hidden_layers, hidden=config.hidden_size,
         heads=config.num_attention_heads,
         intermediate=getattr(config, "intermediate_size", 0), context=int(context),
-        kv_budget=s.kv_budget_tokens, causal=causal))
+        kv_budget=s.kv_budget_tokens, causal=causal, sparse_layers=sparse_layers(config)))
     extra = {"model": identity, "plan": {"pp": info.pp, "tp": info.tp, "ep": cfg.plan.ep,
                                          "dtype": cfg.plan.dtype},
              "deployment_id": cfg.deployment_id}
