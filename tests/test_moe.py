@@ -213,3 +213,28 @@ def test_neuron_ablation_is_refused_on_sparse_layers(tiny_qwen3_moe_dir: Path) -
     for layer in (0, -1):
         with pytest.raises(InvalidHook, match="mixture of experts"):
             prep.prepare(request(layer))
+
+
+def test_shard_folder_for_an_ep_plan_loads_the_same_experts(tiny_qwen2_moe_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """``fabric shard --ep`` writes each rank exactly what an ep plan reads from the full
+    checkpoint (Qwen2-MoE: experts split over the groups, the shared expert over tp), and a
+    folder written for another ep is refused."""
+    from fabric.engine.presplit import write_shards
+    from fabric.errors import DeploymentError
+
+    manifest = write_shards(tiny_qwen2_moe_dir, tmp_path / "s", 1, 2, ep=2)
+    assert manifest["ep"] == 2
+    for rank in range(2):
+        direct = build_stage(tiny_qwen2_moe_dir, rank, 1, 2, "float32", None, ep=2)[0]
+        sharded = build_stage(tiny_qwen2_moe_dir, rank, 1, 2, "float32", None,
+                              shard_dir=tmp_path / "s", ep=2)[0]
+        a, b = direct.state_dict(), sharded.state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        shared = a["layers.0.mlp.shared_expert.gate_proj.weight"]
+        assert shared.shape[0] == 96 // 2  # the shared expert's 96 neurons over tp=2
+        assert sorted({k.split(".")[4] for k in a if ".experts." in k}) == \
+            [str(e) for e in range(4 * rank, 4 * rank + 4)]
+    with pytest.raises(DeploymentError, match="ep=2"):
+        build_stage(tiny_qwen2_moe_dir, 0, 1, 2, "float32", None, shard_dir=tmp_path / "s")
