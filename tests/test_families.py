@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,13 +37,15 @@ NEW, CHUNK = 10, 7
 
 
 def _run(weights_dir: Path, ids: list[int], windows: bool = True
-         ) -> tuple[list[int], list[torch.Tensor]]:
-    """Chunked prefill then greedy decode on a pp=1 stage; the tokens and each step's logits
-    (``windows=False``: the engine with its sliding windows switched off)."""
+         ) -> tuple[list[int], list[torch.Tensor], list[int]]:
+    """Chunked prefill then greedy decode on a pp=1 stage; the tokens, each step's logits and
+    the columns of each layer's KV cache (``windows=False``: the engine with its sliding
+    windows switched off)."""
     model, _ = build_stage(weights_dir, 0, 1, 1, "float32", None)
-    if not windows:
+    if not windows:  # neither in attention nor in the caches' layout
         for layer in model.layers.values():
             layer.self_attn.window = None  # type: ignore[union-attr]
+        model.spec = replace(model.spec, windows=(None,) * len(model.spec.windows))
     runner = StageRunner(model)
     capacity = len(ids) + NEW
     step, logits, out = 0, [], []
@@ -60,7 +63,8 @@ def _run(weights_dir: Path, ids: list[int], windows: bool = True
                                        sample=SampleSpec())])
         x = runner.forward(plan, None)
         step += 1
-    return out, logits
+    cache = runner.kv.caches([SeqWork("s", 0, [], capacity)])[0]
+    return out, logits, [keys.shape[1] for keys, _ in cache]
 
 
 @pytest.mark.parametrize("fixture", FAMILIES)
@@ -68,7 +72,7 @@ def test_logits_and_greedy_tokens_equal_transformers(fixture: str,
                                                      request: pytest.FixtureRequest) -> None:
     weights_dir: Path = request.getfixturevalue(fixture)
     ids = hf_tokenizer(weights_dir)(PROMPT).input_ids
-    tokens, logits = _run(weights_dir, ids)
+    tokens, logits, columns = _run(weights_dir, ids)
     hf = hf_model(weights_dir)
     with torch.no_grad():
         want = hf(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1].float()
@@ -76,11 +80,13 @@ def test_logits_and_greedy_tokens_equal_transformers(fixture: str,
     assert tokens == hf_greedy(weights_dir, PROMPT, NEW)
     model = build_stage(weights_dir, 0, 1, 1, "float32", None)[0]
     windows = model.spec.windows
+    # A sliding layer keeps a ring of `window` keys; the others, every position.
+    assert columns == [len(ids) + NEW if w is None else w for w in windows]
     if any(w is not None for w in windows):
         # The prompt outgrows the window, so the window must change what the model computes:
         # without it, the engine's logits are not transformers'.
         assert max(w or 0 for w in windows) < len(ids)
-        _, unwindowed = _run(weights_dir, ids, windows=False)
+        _, unwindowed, _ = _run(weights_dir, ids, windows=False)
         assert (torch.stack(unwindowed) - want).abs().max() > 1e-2
 
 
@@ -94,6 +100,7 @@ def test_family_knobs_are_read_from_the_config(tiny_qwen2_dir: Path, tiny_qwen3_
     assert (qwen3.qkv_bias, qwen3.o_bias, qwen3.qk_norm) == (True, True, True)
     assert qwen3.windows == (None,) * 4
     assert (mistral.qkv_bias, mistral.qk_norm, mistral.windows) == (False, False, (8,) * 4)
+    assert (mistral.uniform_window, qwen2.uniform_window, qwen3.uniform_window) == (8, None, None)
     model = build_stage(tiny_qwen3_dir, 0, 1, 1, "float32", None)[0]
     attn = model.layers["0"].self_attn  # type: ignore[union-attr]
     assert attn.q_norm.weight.shape == (24,) and model.head_dim == 24  # not 60 / 6
@@ -148,3 +155,53 @@ def test_models_add_registers_each_family(fixture: str, request: pytest.FixtureR
     assert record.family == family_of(config) == "causal-lm"
     assert record.architecture == config["architectures"][0]
     assert weights.prepare(record.entry()).sha256 == record.sha256
+
+
+@pytest.mark.parametrize("fixture", FAMILIES)
+def test_fabric_plan_reads_each_family_from_its_config(
+        fixture: str, request: pytest.FixtureRequest,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Parameters (biases, qk-norm, tied heads included) and KV bytes per token (kv heads x
+    head_dim from the config, not hidden / heads) as the weights and the config give them."""
+    from fabric.models_registry import count_params
+    from fabric.weights import weight_files
+
+    weights_dir: Path = request.getfixturevalue(fixture)
+    config = json.loads((weights_dir / "config.json").read_text())
+    assert main(["plan", str(weights_dir), "--site", "polaris", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["params"] == count_params(weight_files(weights_dir))
+    kv = 2 * config["num_key_value_heads"] * config["head_dim"] * config["num_hidden_layers"]
+    assert plan["kv_bytes_per_token"] == kv * 2  # bfloat16
+
+
+def test_a_model_whose_layers_all_slide_is_budgeted_by_its_window() -> None:
+    """Every layer sliding (Mistral): a sequence holds at most `window` KV tokens, so the
+    scheduler admits by that and the front door refuses only what the window cannot hold."""
+    import threading
+
+    from fabric.engine.prepare import ModelLimits, Preparer
+    from fabric.engine.scheduler import Limits, Scheduler
+    from fabric.engine.sequence import Sequence
+    from fabric.errors import ContextLengthExceeded
+    from fabric.protocol import InferenceRequest
+
+    def admitted(window: int | None) -> tuple[int, int]:
+        sched = Scheduler(Limits(20, 64, 8, kv_window=window), lambda seq, out: None,
+                          lambda *a: None, threading.RLock())
+        for _ in range(3):  # 3 sequences of 30 positions each
+            sched.add(Sequence(request=InferenceRequest(model="m", prompt="x"),
+                               prompt_ids=[1] * 26, reserve=30))
+        sched._admit()
+        return len(sched.running), sched.kv_used
+
+    assert admitted(None) == (1, 30)  # the first runs even over budget; no more
+    assert admitted(8) == (2, 16)
+    for window, fits in ((None, False), (8, True), (25, False)):
+        limits = ModelLimits(4, 64, 4, 128, context=512, kv_budget=20, kv_window=window)
+        prep = Preparer(None, limits)
+        if fits:
+            prep._check_length(26, 4)
+        else:
+            with pytest.raises(ContextLengthExceeded, match="budget is 20"):
+                prep._check_length(26, 4)

@@ -64,6 +64,13 @@ class AttentionSpec:
     windows: tuple[int | None, ...]
     """Sliding window of each layer (``None``: full causal attention)."""
 
+    @property
+    def uniform_window(self) -> int | None:
+        """The window when every layer slides over the same one (Mistral), else ``None``: a
+        sequence then holds at most that many KV tokens per layer."""
+        first = self.windows[0] if self.windows else None
+        return first if all(w == first for w in self.windows) else None
+
 
 def attention_spec(config: Any) -> AttentionSpec:
     """The attention knobs of a model (a transformers config); ``UnsupportedArchitecture``

@@ -8,7 +8,8 @@ Two kinds of storage, one interface (``KVStore.caches``):
   captures, scoring) and the fast path read and write the same memory and nothing is copied
   when a sequence moves between the two;
 * any other sequence (no slot cache, none free, or it may grow past a slot) gets tensors of its
-  own, sized by its ``capacity``.
+  own, sized by its ``capacity``; on a layer with a sliding window shorter than that, a ring of
+  ``window`` columns (``fabric.engine.attention``), so its memory stops growing at the window.
 
 Invariants: a sequence's cache is allocated the first time a step names it and lives until
 ``drop`` (the scheduler's ``StepPlan.free``); a slot has at most one owner; the slot cache's
@@ -21,7 +22,8 @@ import heapq
 
 import torch
 
-from fabric.engine.model import KVLayout, SeqCache
+from fabric.engine.attention import SeqCache
+from fabric.engine.model import KVLayout
 from fabric.engine.steps import SeqWork
 
 
@@ -92,9 +94,11 @@ class KVStore:
         cache = self.slots.bind(seq) if self.slots is not None else None
         if cache is None:
             lay = self.layout
-            shape = (lay.kv_heads, seq.capacity, lay.head_dim)
+            windows = lay.windows or (None,) * lay.layers
+            shapes = [(lay.kv_heads, seq.capacity if w is None else min(w, seq.capacity),
+                       lay.head_dim) for w in windows]
             cache = [(torch.empty(shape, dtype=lay.dtype, device=lay.device),
                       torch.empty(shape, dtype=lay.dtype, device=lay.device))
-                     for _ in range(lay.layers)]
+                     for shape in shapes]
         self._caches[seq.seq_id] = cache
         return cache

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fabric.engine.attention import SeqCache, attend
 from fabric.engine.families import AttentionSpec, attention_spec
 from fabric.engine.moe import attach_moe, combine
 from fabric.engine.partition import RankShard, vocab_slices
@@ -33,9 +34,6 @@ from fabric.engine.steps import HookSpec, StepPlan
 HEAD_BLOCK = 2048
 """Vocabulary rows per block of the LM head matmul on CPUs (see ``StageModel._head_matmul``)."""
 
-SeqCache = list[tuple[torch.Tensor, torch.Tensor]]
-"""One sequence's KV cache on this rank: (keys, values) per local layer, each
-``[kv_heads, capacity, head_dim]`` (views into a slot cache, or tensors of its own)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,8 @@ class KVLayout:
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    windows: tuple[int | None, ...] = ()
+    """Each local layer's sliding window (``None``: full attention); empty: none slide."""
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ class StageModel(nn.Module):
     def kv_layout(self) -> KVLayout:
         """What one sequence's cache on this rank looks like (after ``load``)."""
         return KVLayout(len(self.shard.layers), self.shard.kv_heads, self.head_dim, self.dtype,
-                        self.device)
+                        self.device, tuple(self.spec.windows[i] for i in self.shard.layers))
 
     # --- loading ---------------------------------------------------------------------------
 
@@ -372,7 +372,7 @@ class StageModel(nn.Module):
         c, s_ = cos[:, None, :], sin[:, None, :]
         q = q * c + rotate_half(q) * s_
         k = k * c + rotate_half(k) * s_
-        out = self._attend(index - self.shard.layers.start, plan, caches, q, k, v, attn.window)
+        out = attend(index - self.shard.layers.start, plan, caches, q, k, v, attn.window)
         self._apply_hooks(plan, index, "ablate_heads", out)
         o = self._reduce(F.linear(out.view(t, -1), attn.o_proj.weight))
         if attn.o_proj.bias is not None:
@@ -388,43 +388,6 @@ class StageModel(nn.Module):
         x = x + self._reduce(layer.mlp.down_proj(act))
         self._apply_hooks(plan, index, "steer", x)
         return x
-
-    def _attend(self, local: int, plan: StepPlan, caches: list[SeqCache], q: torch.Tensor,
-                k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
-        """Each sequence's queries against its cache; with a ``window``, a query at ``p``
-        sees keys ``p - window < j <= p`` only (the keys before are not read)."""
-        out = torch.empty_like(q)
-        kv_heads, d = k.shape[1], self.head_dim
-        group = q.shape[1] // kv_heads
-        scale = d**-0.5
-        offset = 0
-        for s, cache in zip(plan.seqs, caches, strict=True):
-            rows = slice(offset, offset + s.n)
-            kc, vc = cache[local]
-            end = s.start + s.n
-            kc[:, s.start:end] = k[rows].transpose(0, 1)
-            vc[:, s.start:end] = v[rows].transpose(0, 1)
-            lo = 0 if window is None else max(0, s.start + 1 - window)
-            keys, vals = kc[:, lo:end], vc[:, lo:end]
-            if s.n == 1:
-                # Decode: the query heads sharing a KV head form one bmm against the cache as
-                # it lies; SDPA's GQA path would copy the whole cache once per query head.
-                scores = torch.bmm(q[offset].view(kv_heads, group, d), keys.transpose(1, 2))
-                probs = (scores * scale).softmax(-1)
-                out[offset] = torch.bmm(probs, vals).view(-1, d)
-            else:
-                mask = None
-                if s.start > 0 or window is not None:
-                    mask = torch.ones(s.n, end - lo, dtype=torch.bool, device=q.device).tril(
-                        diagonal=s.start - lo)
-                    if window is not None:  # and not before the window
-                        mask &= ~mask.tril(diagonal=s.start - lo - window)
-                o = F.scaled_dot_product_attention(
-                    q[rows].transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask,
-                    is_causal=mask is None, scale=scale, enable_gqa=group > 1)
-                out[rows] = o[0].transpose(0, 1)
-            offset += s.n
-        return out
 
     def _apply_hooks(self, plan: StepPlan, index: int, kind: str, t: torch.Tensor) -> None:
         offset = 0

@@ -34,6 +34,8 @@ class ModelLimits:
     context: int
     kv_budget: int
     causal: bool = True
+    kv_window: int | None = None
+    """Every layer's sliding window, when they all slide (``scheduler.Limits.kv_window``)."""
     sparse_layers: frozenset[int] = frozenset()
     """Layers whose MLP is a mixture of experts (no single MLP whose neurons a hook could
     ablate)."""
@@ -145,10 +147,12 @@ class Preparer:
                 f"max_tokens={new} does not fit: the prompt has {prompt} tokens and the "
                 f"context is {ctx}, so max_tokens may be at most {ctx - prompt}",
                 prompt_tokens=prompt, context=ctx)
-        if prompt + new > self.limits.kv_budget:
+        window = self.limits.kv_window
+        needed = prompt + new if window is None else min(prompt + new, window)
+        if needed > self.limits.kv_budget:
             raise ContextLengthExceeded(
-                f"request needs {prompt + new} KV-cache tokens; this server's budget is "
-                f"{self.limits.kv_budget}", needed=prompt + new, budget=self.limits.kv_budget)
+                f"request needs {needed} KV-cache tokens; this server's budget is "
+                f"{self.limits.kv_budget}", needed=needed, budget=self.limits.kv_budget)
 
     def _hs_index(self, layer: int) -> int:
         n = self.limits.n_layers

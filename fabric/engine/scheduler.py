@@ -38,6 +38,14 @@ class Limits:
     max_running: int
     chunked_prefill: bool = True
     """False for encoders: a prompt must go through in one step."""
+    kv_window: int | None = None
+    """Set when every layer of the model slides over this many positions: a sequence then
+    holds at most this many KV tokens (a ring, ``fabric.engine.attention``) and is budgeted
+    so (``kv_cost``)."""
+
+    def kv_cost(self, reserve: int) -> int:
+        """KV-cache tokens a sequence reserving ``reserve`` positions holds at most."""
+        return reserve if self.kv_window is None else min(reserve, self.kv_window)
 
 
 Finish = Callable[[Sequence, str | None, FabricError | None], None]
@@ -134,11 +142,12 @@ class Scheduler:
         with self.lock:
             while self.waiting and len(self.running) < self.limits.max_running:
                 seq = self.waiting[0]
-                if self.kv_used + seq.reserve > self.limits.kv_budget_tokens and self.running:
+                cost = self.limits.kv_cost(seq.reserve)
+                if self.kv_used + cost > self.limits.kv_budget_tokens and self.running:
                     return
                 self.waiting.popleft()
                 seq.admitted = now
-                self.kv_used += seq.reserve
+                self.kv_used += cost
                 self.running[seq.request_id] = seq
 
     def _reap(self, now: float) -> None:
@@ -187,7 +196,7 @@ class Scheduler:
             return
         seq.finished = True
         if self.running.pop(seq.request_id, None) is not None:
-            self.kv_used -= seq.reserve
+            self.kv_used -= self.limits.kv_cost(seq.reserve)
             self._free.append(seq.request_id)
         try:
             self._finish(seq, reason, error)

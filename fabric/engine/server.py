@@ -24,6 +24,7 @@ from fabric import env, tickets
 from fabric.engine.dist import RankInfo, init_groups, rank_from_env
 from fabric.engine.engine import Engine, StepExecutor
 from fabric.engine.experts import sparse_layers
+from fabric.engine.families import attention_spec
 from fabric.engine.frontend import Frontend
 from fabric.engine.graphs import GraphOptions
 from fabric.engine.launch import ServerLaunchConfig, select_accelerator, threads_per_rank
@@ -135,7 +136,10 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor,
     eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else [])}
     s = cfg.server
     step_tokens = s.max_batch_tokens if causal else s.encoder_batch_tokens
-    limits = Limits(s.kv_budget_tokens, step_tokens, s.max_running, chunked_prefill=causal)
+    # All layers sliding (Mistral): a sequence holds at most the window's KV tokens.
+    window = attention_spec(config).uniform_window if causal else None
+    limits = Limits(s.kv_budget_tokens, step_tokens, s.max_running, chunked_prefill=causal,
+                    kv_window=window)
     context: Any = cfg.model.max_context or getattr(config, "max_position_embeddings", 512)
     identity = {"name": cfg.model.name, "version": cfg.model.version, "sha256": cfg.sha256}
     key = tickets.load_or_create_key(Path(cfg.ticket_key_path))
@@ -144,7 +148,8 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor,
         n_layers=config.num_hidden_layers, hidden=config.hidden_size,
         heads=config.num_attention_heads,
         intermediate=getattr(config, "intermediate_size", 0), context=int(context),
-        kv_budget=s.kv_budget_tokens, causal=causal, sparse_layers=sparse_layers(config)))
+        kv_budget=s.kv_budget_tokens, causal=causal, kv_window=window,
+        sparse_layers=sparse_layers(config)))
     extra = {"model": identity, "plan": {"pp": info.pp, "tp": info.tp, "ep": cfg.plan.ep,
                                          "dtype": cfg.plan.dtype},
              "deployment_id": cfg.deployment_id}
