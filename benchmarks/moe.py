@@ -13,8 +13,10 @@ the experts, whole), each rank of the two-rank plans with ``--threads / 2`` thre
 3. Step composition: the plan's ranks as processes joined by gloo (``torch.multiprocessing``),
    each running the engine's own ``StageRunner`` over ``--requests`` sequences (one prefill,
    then ``--steps`` decode steps), with ``fabric.engine.moe.TIMINGS`` on: the share of step
-   time spent routing and picking each expert's rows (dispatch, local) and in the all-reduce
-   that sums the ranks' partial outputs (combine). Medians over ``--runs`` runs.
+   time spent routing and picking each expert's rows (dispatch, local), waiting for the
+   stage's slowest rank (a one-element all-reduce before the combine, added only while timing)
+   and in the all-reduce that sums the ranks' partial outputs (combine). Medians over
+   ``--runs`` runs.
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ def _rank_main(rank: int, folder: str, tp: int, ep: int, port: int, n_seqs: int,
         if rank == 0:
             queue.put({"step_s": step_s / steps, "route_s": TIMINGS.route_s / steps,
                        "experts_s": TIMINGS.experts_s / steps,
-                       "combine_s": TIMINGS.combine_s / steps, "tokens": last})
+                       "combine_s": TIMINGS.combine_s / steps,
+                       "wait_s": TIMINGS.wait_s / steps, "tokens": last})
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -169,10 +172,13 @@ def step_composition(args: Any, folder: Path) -> dict[str, Any]:
         route = median([s["route_s"] for s in runs])
         combine = median([s["combine_s"] for s in runs])
         experts = median([s["experts_s"] for s in runs])
+        wait = median([s["wait_s"] for s in runs])
         out[name] = {"decode_step_ms": round(step * 1000, 3),
                      "decode_tokens_per_s": round(args.requests / step, 1),
                      "dispatch_ms": round(route * 1000, 3), "experts_ms": round(experts * 1000, 3),
                      "combine_ms": round(combine * 1000, 3),
+                     "wait_before_combine_ms": round(wait * 1000, 3),
+                     "wait_share": round(wait / step, 4),
                      "dispatch_share": round(route / step, 4),
                      "combine_share": round(combine / step, 4),
                      "dispatch_plus_combine_share": round((route + combine) / step, 4)}

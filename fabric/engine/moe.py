@@ -49,12 +49,15 @@ class MoeTimings:
     experts_s: float = 0.0
     """The experts' matmuls (and the shared expert's)."""
     combine_s: float = 0.0
-    """The all-reduce summing every rank's partial output (the combine)."""
+    """The all-reduce summing every rank's partial output (the combine), after the wait."""
+    wait_s: float = 0.0
+    """Waiting for the stage's slowest rank before the combine: timed as a one-element
+    all-reduce just before it (only while timing: it adds that collective to every block)."""
     calls: int = 0
 
     def reset(self) -> None:
         """Zero the counters."""
-        self.route_s = self.experts_s = self.combine_s = 0.0
+        self.route_s = self.experts_s = self.combine_s = self.wait_s = 0.0
         self.calls = 0
 
 
@@ -147,6 +150,9 @@ def combine(partial: torch.Tensor, reduce: Any) -> torch.Tensor:
     if not TIMINGS.enabled:
         return reduce(partial)
     t0 = time.perf_counter()
+    reduce(partial.new_zeros(1))  # returns when every rank has got here: the wait
+    t1 = time.perf_counter()
     out = reduce(partial)
-    TIMINGS.combine_s += time.perf_counter() - t0
+    TIMINGS.wait_s += t1 - t0
+    TIMINGS.combine_s += time.perf_counter() - t1
     return out
