@@ -238,3 +238,19 @@ def test_shard_folder_for_an_ep_plan_loads_the_same_experts(tiny_qwen2_moe_dir: 
             [str(e) for e in range(4 * rank, 4 * rank + 4)]
     with pytest.raises(DeploymentError, match="ep=2"):
         build_stage(tiny_qwen2_moe_dir, 0, 1, 2, "float32", None, shard_dir=tmp_path / "s")
+
+
+def test_a_deploy_plan_whose_ep_does_not_divide_tp_is_refused(tmp_path: Path) -> None:
+    """A plan override is checked at the site before any job starts (a dense model with
+    ep > 1 is refused later, when its ranks read the model's config)."""
+    from fabric.catalog import CatalogEntry, WeightSource
+    from fabric.endpoint.context import SiteContext
+    from fabric.sites import SiteConfig
+
+    ctx = SiteContext(SiteConfig.model_validate({"name": "local"}), tmp_path)
+    entry = CatalogEntry(name="m", version="1", source=WeightSource(kind="path", path="/x"))
+    plan = ctx.plan(entry, {"tp": 4, "ep": 2})
+    assert plan is not None and (plan.tp, plan.ep) == (4, 2)
+    with pytest.raises(InvalidPlan, match="ep=3 must divide tp=4") as err:
+        ctx.plan(entry, {"tp": 4, "ep": 3})
+    assert err.value.details == {"ep": 3, "tp": 4}
