@@ -82,6 +82,24 @@ def test_whole_moe_greedy_and_logits_equal_transformers(request: pytest.FixtureR
     np.testing.assert_allclose(logits.numpy(), ref.numpy(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fixture", MOE_FIXTURES)
+def test_whole_moe_bf16_logits_equal_transformers_bit_for_bit(
+        request: pytest.FixtureRequest, fixture: str) -> None:
+    """In bf16 the order of roundings shows: routing weights in float32 (Mixtral) or bf16
+    (Qwen), the top-k terms summed in float32 and cast once, as transformers' experts do."""
+    from transformers import AutoModelForCausalLM
+
+    weights: Path = request.getfixturevalue(fixture)
+    ids = hf_tokenizer(weights)(PROMPTS[-1]).input_ids
+    runner = StageRunner(build_stage(weights, 0, 1, 1, "bfloat16", None)[0])
+    plan = StepPlan(0, [SeqWork("x", 0, ids, len(ids), score_targets=ids)])
+    logits = runner.logits(runner.head_rows(plan, runner.forward(plan, None)))
+    hf = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    assert torch.equal(logits, ref)
+
+
 def _header(folder: Path) -> tuple[dict[str, Any], int]:
     """The safetensors header of the checkpoint's one file and its size in bytes (read here,
     not by the engine)."""

@@ -101,11 +101,14 @@ class MoeBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k routing weights (float32) and expert ids, ``[tokens, k]`` each."""
+        """Top-k routing weights and expert ids, ``[tokens, k]`` each; the weights in float32
+        (Mixtral) or in the hidden states' dtype (Qwen), as transformers returns them."""
         probs = F.softmax(self.gate(h).float(), dim=-1)
         weights, ids = torch.topk(probs, self.spec.top_k, dim=-1)
         if self.spec.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.spec.model_type != "mixtral":  # Qwen's routers hand back the hidden dtype
+            weights = weights.to(h.dtype)
         return weights, ids
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -118,11 +121,14 @@ class MoeBlock(nn.Module):
             if rows.numel():
                 routed.append((e, rows, weights[rows, slot, None]))
         t1 = time.perf_counter() if TIMINGS.enabled else 0.0
-        out = torch.zeros_like(h)
+        # Each expert's output weighted in the routing weights' dtype, the top-k terms summed
+        # in float32 and cast once, as transformers' experts do (``grouped_mm``, its default);
+        # summing in a bf16 buffer would round after every term.
+        acc = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         for e, rows, w in routed:
             y = self.experts[str(e)](h[rows])
-            # Weighted in the routing weights' float32, then cast, as transformers does.
-            out.index_add_(0, rows, (y * w).to(out.dtype))
+            acc.index_add_(0, rows, (y * w).float())
+        out = acc.to(h.dtype)
         if self.shared_expert is not None:
             assert self.shared_expert_gate is not None
             out += torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
