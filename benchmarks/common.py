@@ -209,18 +209,21 @@ class ServerJob:
     head's info file says so. Use as a context manager: it drains the server and cancels the job.
     """
 
-    def __init__(self, model: str = SMOLLM, *, pp: int = 1, tp: int = 1, threads: int = 2,
+    def __init__(self, model: Any = SMOLLM, *, pp: int = 1, tp: int = 1, threads: int = 2,
                  dtype: str = "float32", shard_dir: Path | None = None,
-                 workdir: Path | None = None, balance: str = "params", **server: Any) -> None:
+                 workdir: Path | None = None, balance: str = "params", ep: int = 1,
+                 **server: Any) -> None:
+        """``model``: a catalog name, or a ``CatalogEntry`` (e.g. a local tiny checkpoint)."""
         from fabric.catalog import Catalog
         from fabric.engine.launch import prepare_server_launch
         from fabric.sites import Plan, ServerConfig
+        from fabric.weights import prepare
 
-        self.entry = Catalog().get(model)
-        prepared = weights(model)
+        self.entry = Catalog().get(model) if isinstance(model, str) else model
+        prepared = weights(model) if isinstance(model, str) else prepare(model)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fabric-bench-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.plan = Plan(pp=pp, tp=tp, dtype=dtype, balance=balance)
+        self.plan = Plan(pp=pp, tp=tp, ep=ep, dtype=dtype, balance=balance)
         self.threads = threads
         server.setdefault("threads_per_rank", threads)
         server.setdefault("idle_timeout_s", 900.0)

@@ -72,6 +72,11 @@ class InvalidSiteConfig(InvalidRequest):
     """A site definition does not validate against the schema."""
 
 
+class InvalidPlan(InvalidRequest):
+    """A parallel plan does not suit the model: ``ep > 1`` for a dense model, ``ep`` not
+    dividing ``tp``, more expert groups than experts. Change the plan; do not retry."""
+
+
 class PlanDoesNotFit(InvalidRequest):
     """No pp x tp x ep plan holds the model on the nodes allowed; ``details`` carry the
     closest plan's numbers (bytes per rank, usable bytes, token budget, nodes)."""

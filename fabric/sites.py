@@ -42,6 +42,9 @@ class Plan(_Strict):
 
     pp: int = Field(1, ge=1, description="Pipeline stages (nodes, usually).")
     tp: int = Field(1, ge=1, description="Tensor-parallel ranks per stage (GPUs per node).")
+    ep: int = Field(1, ge=1, description="Expert-parallel groups per stage: a mixture of "
+                    "experts' routed experts are split over ep groups of the stage's tp ranks "
+                    "(must divide tp; 1 for dense models).")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute dtype."""
     nodes: int = Field(1, ge=1, description="Nodes the job asks the scheduler for.")

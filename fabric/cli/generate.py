@@ -95,6 +95,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("model", metavar="MODEL", help="catalog name (see fabric models)")
     p.add_argument("--pp", type=int, help="pipeline-parallel stages (default: the site's plan)")
     p.add_argument("--tp", type=int, help="tensor-parallel ranks per stage (default: site's)")
+    p.add_argument("--ep", type=int, help="expert-parallel groups per stage, for mixtures of "
+                   "experts (must divide --tp; default: site's)")
     p.add_argument("--version", help="pin a model version")
     p.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     p.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
@@ -282,7 +284,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     with StatusSpinner(f"deploying {args.model}") as spinner, open_fabric(args, spinner) as fab:
         record = fab.deploy(args.model, pp=args.pp, tp=args.tp, version=args.version,
-                            wait=not args.no_wait, timeout=args.timeout)
+                            wait=not args.no_wait, timeout=args.timeout, ep=args.ep)
         spinner.stop()
     if args.json:
         print(json.dumps(record, indent=2, default=str))
@@ -325,7 +327,8 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
 def _plan(plan: Any) -> str:
     if not isinstance(plan, dict):
         return ""
-    return f"pp={plan.get('pp', 1)} tp={plan.get('tp', 1)}"
+    ep = plan.get("ep", 1)
+    return f"pp={plan.get('pp', 1)} tp={plan.get('tp', 1)}" + (f" ep={ep}" if ep != 1 else "")
 
 
 def _seconds(value: Any) -> str:

@@ -21,6 +21,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("model", help="catalog name (see `fabric models`) or a checkpoint folder")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel groups per stage "
+                   "(mixtures of experts; must divide --tp)")
     p.add_argument("--balance", choices=("params", "compute"), default="params",
                    help="how layers are spread over stages: even weights per rank (default) or "
                    "even work per step; must match the plan's balance")
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     weights = prepare(_entry(args.model))
     try:
         manifest = write_shards(weights.path, args.out, args.pp, args.tp, weights.sha256,
-                                args.balance)
+                                args.balance, args.ep)
     except ValueError as exc:  # the plan does not fit the model (too many stages or tp ranks)
         raise InvalidRequest(str(exc)) from None
     if args.json:

@@ -289,13 +289,14 @@ class Fabric:
 
     def deploy(self, model: str, *, pp: int | None = None, tp: int | None = None,
                version: str | None = None, wait: bool = True,
-               timeout: float | None = None) -> dict[str, Any]:
-        """Launch (pre-warm) a deployment of ``model``; ``pp``/``tp`` override the site's
-        default plan. With ``wait`` it returns once the server is ready (status goes to
-        ``on_status`` meanwhile), else as soon as the job is submitted."""
+               timeout: float | None = None, ep: int | None = None) -> dict[str, Any]:
+        """Launch (pre-warm) a deployment of ``model``; ``pp``/``tp``/``ep`` override the
+        site's default plan (``ep``: expert-parallel groups per stage, mixtures of experts).
+        With ``wait`` it returns once the server is ready (status goes to ``on_status``
+        meanwhile), else as soon as the job is submitted."""
         check_name(model, "model")
         plan: dict[str, int] = {}
-        for name, value in (("pp", pp), ("tp", tp)):
+        for name, value in (("pp", pp), ("tp", tp), ("ep", ep)):
             if value is not None:
                 plan[name] = check_int(value, name, minimum=1)
         from fabric.wire.functions import deploy

@@ -89,7 +89,13 @@ class SiteContext:
 
         hosted = self.site.hosted(entry.name)
         base = hosted.plan.model_dump() if hosted else {"dtype": entry.dtype}
-        return Plan.model_validate({**base, **plan})
+        out = Plan.model_validate({**base, **plan})
+        if out.tp % out.ep:  # a dense model with ep > 1 is refused when its ranks load
+            from fabric.errors import InvalidPlan
+
+            raise InvalidPlan(f"ep={out.ep} must divide tp={out.tp} (expert groups are made "
+                              "of a stage's tp ranks)", ep=out.ep, tp=out.tp)
+        return out
 
     # -- policy ---------------------------------------------------------------------------
 

@@ -20,6 +20,10 @@ SERVED: dict[str, Family] = {
     "MistralForCausalLM": "causal-lm",
     "Qwen2ForCausalLM": "causal-lm",
     "Qwen3ForCausalLM": "causal-lm",
+    # the same, with experts in fabric.engine.moe (pp x tp x ep)
+    "MixtralForCausalLM": "causal-lm",
+    "Qwen2MoeForCausalLM": "causal-lm",
+    "Qwen3MoeForCausalLM": "causal-lm",
     "BertModel": "embedding",  # fabric.engine.encoder (BERT-style sentence encoders)
 }
 """``config.json`` ``architectures`` value -> the family whose runner serves it."""

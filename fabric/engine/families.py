@@ -44,6 +44,11 @@ FAMILIES: dict[str, FamilyKnobs] = {
     "Qwen2ForCausalLM": FamilyKnobs("always", "never", qk_norm=False, window="layer_types"),
     "Qwen3ForCausalLM": FamilyKnobs("config", "config", qk_norm=True, window="layer_types"),
     "MistralForCausalLM": FamilyKnobs("never", "never", qk_norm=False, window="all"),
+    # Mixtures of experts: the attention of their dense relatives (experts: fabric.engine.moe).
+    # Qwen2-MoE's q/k/v bias is its config's ``qkv_bias`` (true in every released model).
+    "MixtralForCausalLM": FamilyKnobs("never", "never", qk_norm=False, window="all"),
+    "Qwen2MoeForCausalLM": FamilyKnobs("always", "never", qk_norm=False, window="layer_types"),
+    "Qwen3MoeForCausalLM": FamilyKnobs("config", "config", qk_norm=True, window="layer_types"),
 }
 """``config.json`` ``architectures`` value -> its knobs (causal-lm families only)."""
 

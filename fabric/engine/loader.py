@@ -46,29 +46,31 @@ def load_config(folder: Path) -> Any:
     return AutoConfig.from_pretrained(folder)
 
 
-def rank_shards(folder: Path, config: Any, pp: int, tp: int, balance: str = "params"
-                ) -> list[RankShard]:
-    """The partition of a full checkpoint for a pp x tp plan (``partition.plan_ranks``)."""
+def rank_shards(folder: Path, config: Any, pp: int, tp: int, balance: str = "params",
+                ep: int = 1) -> list[RankShard]:
+    """The partition of a full checkpoint for a pp x tp x ep plan (``partition.plan_ranks``)."""
     reader = SafetensorsReader.from_folder(folder)
     try:
         shapes = {n: reader.shape(n) for n in reader.names()}
     finally:
         reader.close()
-    return plan_ranks(config, shapes, pp, tp, balance)
+    return plan_ranks(config, shapes, pp, tp, balance, ep)
 
 
 def build_stage(folder: Path, rank: int, pp: int, tp: int, dtype: str,
                 comm: TensorParallel | None, shard_dir: Path | None = None,
-                device: str = "cpu", balance: str = "params") -> tuple[StageModel, LoadReport]:
+                device: str = "cpu", balance: str = "params", ep: int = 1
+                ) -> tuple[StageModel, LoadReport]:
     """This rank's stage model, materialised from its share of the weights on ``device``
-    (``balance``: how the plan spreads layers over stages, ``partition.stage_costs``)."""
+    (``balance``: how the plan spreads layers over stages, ``partition.stage_costs``; ``ep``:
+    expert groups per stage, ``fabric.engine.experts``)."""
     t0, io0 = time.perf_counter(), io_read_bytes()
     config = load_config(shard_dir or folder)
     if shard_dir is not None:
-        shard, reader, names = _from_shard_dir(shard_dir, config, rank, pp, tp, balance)
+        shard, reader, names = _from_shard_dir(shard_dir, config, rank, pp, tp, balance, ep)
         tensors = {n: reader.read(n) for n in names}
     else:
-        shard = rank_shards(folder, config, pp, tp, balance)[rank]
+        shard = rank_shards(folder, config, pp, tp, balance, ep)[rank]
         reader = SafetensorsReader.from_folder(folder, dequant_dtype=DTYPES[dtype])
         tensors = {s.name: reader.read(s.name, s.dim, s.start, s.stop) for s in shard.slices}
     reader.close()
@@ -80,18 +82,20 @@ def build_stage(folder: Path, rank: int, pp: int, tp: int, dtype: str,
     return model, report
 
 
-def _from_shard_dir(shard_dir: Path, config: Any, rank: int, pp: int, tp: int, balance: str
-                    ) -> tuple[RankShard, SafetensorsReader, list[str]]:
+def _from_shard_dir(shard_dir: Path, config: Any, rank: int, pp: int, tp: int, balance: str,
+                    ep: int = 1) -> tuple[RankShard, SafetensorsReader, list[str]]:
     manifest = json.loads((shard_dir / SHARD_MANIFEST).read_text())
-    # Manifests from before plans had a balance were all balanced by parameters.
-    written = (manifest["pp"], manifest["tp"], manifest.get("balance", "params"))
-    if written != (pp, tp, balance):
+    # Manifests from before plans had a balance (or ep) were balanced by parameters, ep=1.
+    written = (manifest["pp"], manifest["tp"], manifest.get("balance", "params"),
+               manifest.get("ep", 1))
+    if written != (pp, tp, balance, ep):
         raise DeploymentError(
-            f"{shard_dir} is sharded for pp={written[0]} tp={written[1]} balance={written[2]}, "
-            f"not pp={pp} tp={tp} balance={balance}; run `fabric shard` for this plan")
+            f"{shard_dir} is sharded for pp={written[0]} tp={written[1]} balance={written[2]} "
+            f"ep={written[3]}, not pp={pp} tp={tp} balance={balance} ep={ep}; run "
+            "`fabric shard` for this plan")
     entry = manifest["ranks"][rank]
     shapes = {k: list(v) for k, v in manifest["full_shapes"].items()}
-    shard = plan_ranks(config, shapes, pp, tp, balance)[rank]
+    shard = plan_ranks(config, shapes, pp, tp, balance, ep)[rank]
     reader = SafetensorsReader([shard_dir / entry["file"]])
     want = {s.name: _sliced(shapes[s.name], s) for s in shard.slices}
     have = {n: reader.shape(n) for n in reader.names()}

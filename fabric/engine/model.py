@@ -27,6 +27,7 @@ from torch import nn
 
 from fabric.engine.attention import SeqCache, attend
 from fabric.engine.families import AttentionSpec, attention_spec
+from fabric.engine.moe import attach_moe, combine
 from fabric.engine.partition import RankShard, vocab_slices
 from fabric.engine.steps import HookSpec, StepPlan
 
@@ -135,7 +136,8 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    """One decoder layer; attribute names match the checkpoint's."""
+    """One decoder layer; attribute names match the checkpoint's. A sparse layer of a
+    mixture of experts has a ``MoeBlock`` (named ``moe_name``) instead of the dense MLP."""
 
     def __init__(self, config: Any, shard: RankShard, head_dim: int, spec: AttentionSpec,
                  index: int) -> None:
@@ -145,7 +147,9 @@ class Layer(nn.Module):
         self.self_attn = Attention(config.hidden_size, shard.q_heads, shard.kv_heads, head_dim,
                                    spec, spec.windows[index], eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-        self.mlp = MLP(config.hidden_size, shard.inter)
+        self.moe_name = attach_moe(self, config, shard.experts, index)
+        if self.moe_name is None:
+            self.mlp = MLP(config.hidden_size, shard.inter)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -197,6 +201,11 @@ class StageModel(nn.Module):
         return shard.first and shard.last and shard.head and self.tp_size == 1
 
     @property
+    def sparse(self) -> bool:
+        """Whether any of this rank's layers has experts (they take no decode fast path)."""
+        return any(layer.moe_name for layer in self.layers.values())
+
+    @property
     def kv_layout(self) -> KVLayout:
         """What one sequence's cache on this rank looks like (after ``load``)."""
         return KVLayout(len(self.shard.layers), self.shard.kv_heads, self.head_dim, self.dtype,
@@ -228,8 +237,9 @@ class StageModel(nn.Module):
         did. Whole models only; the first call re-lays the weights, later ones return the same.
         """
         if self._fused is None:
-            if not self.whole:
-                raise ValueError("fused weights need the whole model on one rank (pp=1, tp=1)")
+            if not self.whole or self.sparse:
+                raise ValueError("fused weights need the whole of a dense model on one rank "
+                                 "(pp=1, tp=1)")
             assert self.embed_tokens is not None and self.norm is not None
             assert self.lm_head is not None
             self._fused = FusedWeights(
@@ -369,6 +379,10 @@ class StageModel(nn.Module):
             o = o + attn.o_proj.bias
         x = x + o
         h = layer.post_attention_layernorm(x)
+        if layer.moe_name is not None:  # experts: local dispatch, all-reduce combine
+            x = x + combine(getattr(layer, layer.moe_name)(h), self._reduce)
+            self._apply_hooks(plan, index, "steer", x)
+            return x
         act = F.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h)
         self._apply_hooks(plan, index, "ablate_neurons", act)
         x = x + self._reduce(layer.mlp.down_proj(act))

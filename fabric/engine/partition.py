@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabric.engine.experts import ExpertShare, MoeSpec, check_ep, expert_share, moe_slice, moe_spec
+
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")
 
@@ -60,6 +62,9 @@ class RankShard:
     inter_offset: int
     """Global index of this rank's first MLP neuron."""
     slices: list[TensorSlice] = field(default_factory=list)
+    experts: ExpertShare | None = None
+    """This rank's routed experts (and slices of them) in sparse layers; None for dense
+    models (``fabric.engine.experts``)."""
 
 
 def split_sizes(total: int, tp: int, name: str, kv_heads: int) -> list[int]:
@@ -130,9 +135,12 @@ def stage_costs(embed: int, head: int, norm: int, tied: bool, balance: str) -> t
 
 
 def plan_ranks(config: Any, shapes: dict[str, list[int]], pp: int, tp: int,
-               balance: str = "params") -> list[RankShard]:
-    """The ``RankShard`` of every rank for a Llama-family checkpoint; ``balance`` picks how
-    layers are spread over the stages (``stage_costs``)."""
+               balance: str = "params", ep: int = 1) -> list[RankShard]:
+    """The ``RankShard`` of every rank for a Llama-family checkpoint (dense or a mixture of
+    experts split over ``ep`` groups of each stage's tp ranks: ``fabric.engine.experts``);
+    ``balance`` picks how layers are spread over the stages (``stage_costs``)."""
+    moe = moe_spec(config)
+    check_ep(moe, tp, ep)
     n_layers = config.num_hidden_layers
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -175,13 +183,14 @@ def plan_ranks(config: Any, shapes: dict[str, list[int]], pp: int, tp: int,
             vocab_start=vocab_split[t][0], vocab_stop=vocab_split[t][1],
             q_heads=q_split[t] // head_dim, kv_heads=kv_split[t] // head_dim,
             head_offset=q0 // head_dim, inter=mlp_split[t], inter_offset=m0,
+            experts=expert_share(moe, tp, ep, t) if moe is not None else None,
         )
         rows = (0, shard.vocab_start, shard.vocab_stop)
         if shard.first:
             shard.slices.append(TensorSlice(embed, *rows))
         for i in stages[stage]:
             shard.slices.extend(_layer_slices(i, shapes, q0, q_split[t], k0, kv_split[t],
-                                              m0, mlp_split[t]))
+                                              m0, mlp_split[t], moe, shard.experts))
         if shard.last:
             shard.slices.append(TensorSlice("model.norm.weight"))
         if shard.head and not tied:
@@ -220,14 +229,21 @@ def vocab_slices(vocab: int, tp: int) -> list[tuple[int, int]]:
 
 
 def _layer_slices(i: int, shapes: dict[str, list[int]], q0: int, qn: int, k0: int, kn: int,
-                  m0: int, mn: int) -> list[TensorSlice]:
+                  m0: int, mn: int, moe: MoeSpec | None = None,
+                  share: ExpertShare | None = None) -> list[TensorSlice]:
     p = f"model.layers.{i}."
+    block = f"{p}{moe.block}." if moe is not None and i in moe.sparse_layers else None
     spans = {"q_proj": (q0, qn), "k_proj": (k0, kn), "v_proj": (k0, kn), "o_proj": (q0, qn),
              "gate_proj": (m0, mn), "up_proj": (m0, mn), "down_proj": (m0, mn)}
     out = []
     for name in sorted(k for k in shapes if k.startswith(p)):
         leaf = name.split(".")[-2]
-        if leaf in spans:
+        if block is not None and name.startswith(block):
+            assert moe is not None and share is not None
+            keep, dim, start, stop = moe_slice(moe, share, name.removeprefix(block))
+            if keep:  # a rank reads nothing of the experts other groups hold
+                out.append(TensorSlice(name, dim, start, stop))
+        elif leaf in spans:
             start, size = spans[leaf]
             is_bias = name.endswith(".bias")
             if leaf in ROW and is_bias:

@@ -36,6 +36,9 @@ class ModelLimits:
     causal: bool = True
     kv_window: int | None = None
     """Every layer's sliding window, when they all slide (``scheduler.Limits.kv_window``)."""
+    sparse_layers: frozenset[int] = frozenset()
+    """Layers whose MLP is a mixture of experts (no single MLP whose neurons a hook could
+    ablate)."""
 
 
 class Preparer:
@@ -193,6 +196,10 @@ class Preparer:
         if hook.kind == "ablate_heads":
             _check_indices(hook.heads, lim.heads, f"hooks[{i}].heads", "attention heads")
             return HookSpec("ablate_heads", layer, heads=sorted(set(hook.heads)))
+        if layer in lim.sparse_layers:
+            raise InvalidHook(f"hooks[{i}]: layer {layer} is a mixture of experts; ablate_neurons "
+                              "acts on dense MLP layers only (steer and capture work on every "
+                              "layer)")
         _check_indices(hook.neurons, lim.intermediate, f"hooks[{i}].neurons", "MLP neurons")
         return HookSpec("ablate_neurons", layer, neurons=sorted(set(hook.neurons)))
 

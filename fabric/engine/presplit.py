@@ -21,12 +21,12 @@ _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_c
 
 
 def write_shards(folder: Path, out: Path, pp: int, tp: int, source_sha256: str = "",
-                 balance: str = "params") -> dict:
-    """Shard the checkpoint in ``folder`` into ``out`` for a pp x tp plan whose stages are
+                 balance: str = "params", ep: int = 1) -> dict:
+    """Shard the checkpoint in ``folder`` into ``out`` for a pp x tp x ep plan whose stages are
     balanced by ``balance`` (``partition.stage_costs``); returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     config = load_config(folder)
-    shards = rank_shards(folder, config, pp, tp, balance)
+    shards = rank_shards(folder, config, pp, tp, balance, ep)
     reader = SafetensorsReader.from_folder(folder)
     ranks = []
     try:
@@ -46,7 +46,7 @@ def write_shards(folder: Path, out: Path, pp: int, tp: int, source_sha256: str =
     for extra in _COPY:
         if (folder / extra).exists():
             shutil.copy2(folder / extra, out / extra)
-    manifest = {"pp": pp, "tp": tp, "balance": balance, "source": str(folder),
+    manifest = {"pp": pp, "tp": tp, "ep": ep, "balance": balance, "source": str(folder),
                 "source_sha256": source_sha256, "full_shapes": full_shapes, "ranks": ranks}
     (out / SHARD_MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest

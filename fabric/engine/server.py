@@ -23,6 +23,7 @@ import zmq
 from fabric import env, tickets
 from fabric.engine.dist import RankInfo, init_groups, rank_from_env
 from fabric.engine.engine import Engine, StepExecutor
+from fabric.engine.experts import sparse_layers
 from fabric.engine.families import attention_spec
 from fabric.engine.frontend import Frontend
 from fabric.engine.graphs import GraphOptions
@@ -111,9 +112,10 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
         model, report = build_stage(Path(cfg.weights_path), info.rank, info.pp, info.tp,
                                     cfg.plan.dtype, groups.tp_comm(),
                                     Path(cfg.shard_dir) if cfg.shard_dir else None,
-                                    _device(cfg, info), cfg.plan.balance)
+                                    _device(cfg, info), cfg.plan.balance, cfg.plan.ep)
         _wrap_deepspeed(model, DTYPES[cfg.plan.dtype])
-        stage = StageRunner(model, _fast_path(cfg, info))
+        # The decode fast path fuses dense MLPs only: mixtures of experts run eagerly.
+        stage = StageRunner(model, None if model.sparse else _fast_path(cfg, info))
         log.info("rank %d loaded %d bytes in %.2f s", info.rank, report.bytes_read,
                  report.seconds)
         config = model.config
@@ -146,8 +148,10 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor,
         n_layers=config.num_hidden_layers, hidden=config.hidden_size,
         heads=config.num_attention_heads,
         intermediate=getattr(config, "intermediate_size", 0), context=int(context),
-        kv_budget=s.kv_budget_tokens, causal=causal, kv_window=window))
-    extra = {"model": identity, "plan": {"pp": info.pp, "tp": info.tp, "dtype": cfg.plan.dtype},
+        kv_budget=s.kv_budget_tokens, causal=causal, kv_window=window,
+        sparse_layers=sparse_layers(config)))
+    extra = {"model": identity, "plan": {"pp": info.pp, "tp": info.tp, "ep": cfg.plan.ep,
+                                         "dtype": cfg.plan.dtype},
              "deployment_id": cfg.deployment_id}
     record = server_record(cfg.model.name, cfg.model.version, cfg.sha256,
                            cfg.plan.model_dump(), cfg.deployment_id)  # once per server

@@ -116,13 +116,21 @@ def build_tiny(
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
+    return _save_random(model, tok, out, randomise_1d=family != "llama")
+
+
+def _save_random(model: Any, tok: Any, out: Path, randomise_1d: bool = True) -> Path:
+    """Re-draw the model's weights, save it and the tokenizer into ``out``."""
+    import torch
+
     with torch.no_grad():
         # Larger-than-default weights give peaked, prompt-dependent next-token distributions,
-        # so greedy-equivalence tests compare real choices, not near-ties.
+        # so greedy-equivalence tests compare real choices, not near-ties. (Experts are 3-d in
+        # transformers' modules: one tensor for all of a layer's experts.)
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:
                 p.normal_(0.0, 0.15)
-            elif family != "llama":  # Llama's fixtures stay as they were
+            elif randomise_1d:  # Llama's fixtures stay as they were
                 p.normal_(1.0, 0.2) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -130,3 +138,71 @@ def build_tiny(
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe", "qwen2_moe")
+
+
+def build_tiny_moe(
+    out: Path,
+    kind: str = "mixtral",
+    *,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    experts: int = 8,
+    top_k: int = 2,
+    expert_inter: int = 48,
+    tie: bool = False,
+    seed: int = 0,
+    vocab: int = 384,
+) -> Path:
+    """Write a random mixture-of-experts checkpoint (fp32 safetensors) plus tokenizer.
+
+    ``kind``: ``mixtral`` (every layer sparse, renormalised top-k), ``qwen3_moe`` (q/k norms,
+    ``norm_topk_prob``, layer 1 kept dense through ``mlp_only_layers``) or ``qwen2_moe``
+    (q/k/v biases, a shared expert with a sigmoid gate, top-k not renormalised).
+    """
+    import torch
+    from transformers import (
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
+
+    if kind not in MOE_ARCHITECTURES:
+        raise ValueError(f"kind must be one of {MOE_ARCHITECTURES}, not {kind!r}")
+    tok = build_tokenizer(vocab)
+    common: dict[str, Any] = dict(
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        max_position_embeddings=512, tie_word_embeddings=tie, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        num_experts_per_tok=top_k)
+    model: Any
+    config: Any
+    if kind == "mixtral":
+        config = MixtralConfig(**common, intermediate_size=expert_inter,
+                               num_local_experts=experts)
+        torch.manual_seed(seed)
+        model = MixtralForCausalLM(config)
+    elif kind == "qwen3_moe":
+        config = Qwen3MoeConfig(**common, intermediate_size=2 * expert_inter,
+                                moe_intermediate_size=expert_inter, num_experts=experts,
+                                norm_topk_prob=True, decoder_sparse_step=1,
+                                mlp_only_layers=[1])
+        torch.manual_seed(seed)
+        model = Qwen3MoeForCausalLM(config)
+    else:
+        config = Qwen2MoeConfig(**common, intermediate_size=2 * expert_inter,
+                                moe_intermediate_size=expert_inter, num_experts=experts,
+                                shared_expert_intermediate_size=2 * expert_inter,
+                                norm_topk_prob=False, decoder_sparse_step=1)
+        torch.manual_seed(seed)
+        model = Qwen2MoeForCausalLM(config)
+    model.eval()
+    return _save_random(model, tok, out)

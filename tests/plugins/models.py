@@ -67,3 +67,28 @@ def smollm2_dir() -> Path:
     from fabric.weights import prepare
 
     return prepare(Catalog().get("smollm2-135m")).path
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Mixtral in miniature: 4 layers, 8 experts, top-2, untied head."""
+    from fabric.testing.tiny import build_tiny_moe
+
+    return build_tiny_moe(tmp_path_factory.mktemp("tiny-mixtral"), "mixtral")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3-MoE in miniature: qk-norm attention, 8 experts top-2 renormalised, layer 1 dense."""
+    from fabric.testing.tiny import build_tiny_moe
+
+    return build_tiny_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"), "qwen3_moe", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen2-MoE in miniature: q/k/v biases, a shared expert behind a sigmoid gate, top-2 of
+    8 experts not renormalised."""
+    from fabric.testing.tiny import build_tiny_moe
+
+    return build_tiny_moe(tmp_path_factory.mktemp("tiny-qwen2-moe"), "qwen2_moe", seed=4)

@@ -116,7 +116,7 @@ class ServerHandle:
 
 
 def launch_server(root: Path, weights_dir: Path, pp: int, tp: int, name: str,
-                  family: str = "causal-lm", **overrides: Any) -> ServerHandle:
+                  family: str = "causal-lm", ep: int = 1, **overrides: Any) -> ServerHandle:
     """Start one server job and wait until it is ready (or fail with its reason)."""
     from fabric.weights import prepare
 
@@ -128,7 +128,7 @@ def launch_server(root: Path, weights_dir: Path, pp: int, tp: int, name: str,
     state = root / "state"
     state.mkdir(exist_ok=True)
     server = ServerConfig(**{**DEFAULTS, **overrides})
-    launch = prepare_server_launch(folder.name, entry, weights, Plan(pp=pp, tp=tp), server,
+    launch = prepare_server_launch(folder.name, entry, weights, Plan(pp=pp, tp=tp, ep=ep), server,
                                    state, folder)
     cfg = launch.config
     jobs = JobsConfig(provider=TypedSpec(type="LocalProvider"),
@@ -162,13 +162,14 @@ ServerFactory = Callable[..., ServerHandle]
 
 @pytest.fixture(scope="session")
 def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
-    """Factory: ``model_server(weights_dir, pp=1, tp=1, name="tiny", **server_overrides)``."""
+    """Factory: ``model_server(weights_dir, pp=1, tp=1, name="tiny", ep=1,
+    **server_overrides)``."""
     root = tmp_path_factory.mktemp("servers")
     live: OrderedDict[tuple[Any, ...], ServerHandle] = OrderedDict()
 
     def factory(weights_dir: Path, pp: int = 1, tp: int = 1, name: str = "tiny",
-                family: str = "causal-lm", **overrides: Any) -> ServerHandle:
-        key = (str(weights_dir), pp, tp, name, family, tuple(sorted(overrides.items())))
+                family: str = "causal-lm", ep: int = 1, **overrides: Any) -> ServerHandle:
+        key = (str(weights_dir), pp, tp, ep, name, family, tuple(sorted(overrides.items())))
         handle = live.get(key)
         if handle is not None and handle.alive():
             live.move_to_end(key)
@@ -179,7 +180,7 @@ def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFac
         while len(live) >= MAX_LIVE:
             _, old = live.popitem(last=False)
             old.stop()
-        handle = launch_server(root, Path(weights_dir), pp, tp, name, family, **overrides)
+        handle = launch_server(root, Path(weights_dir), pp, tp, name, family, ep, **overrides)
         live[key] = handle
         return handle
 
