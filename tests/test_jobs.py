@@ -42,9 +42,10 @@ def gone(*pids: int, timeout: float = 5.0) -> bool:
 def test_two_copies_run_then_complete(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    # A walltime no other test uses, so the watchdog check below sees only this job's `sleep`.
+    # A walltime no other test uses, so the watchdog check below sees only this job's `sleep`;
+    # the job runs 3 s so that it is still running at the first status on a loaded machine.
     launcher = local_launcher(tmp_path, walltime="00:59:11")
-    job = launcher.submit(f'echo "$1 $FABRIC_RANK $FABRIC_WORLD_SIZE" > {out}/copy.$1; sleep 3',  # long enough to be seen running on a loaded machine
+    job = launcher.submit(f'echo "$1 $FABRIC_RANK $FABRIC_WORLD_SIZE" > {out}/copy.$1; sleep 3',
                           ranks=2, nodes=1, job_name="two copies")
     first = launcher.status([job])[job]
     assert first.state is JobState.RUNNING
