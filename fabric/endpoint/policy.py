@@ -17,6 +17,7 @@ introspection cache is keyed by a hash).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import getpass
 import hashlib
@@ -233,9 +234,22 @@ def _open(path: Path) -> sqlite3.Connection:
                  " model TEXT NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,"
                  " request_id TEXT)")
     conn.execute("CREATE INDEX IF NOT EXISTS usage_by_caller ON usage(identity, model, ts)")
+    _add_split_columns(conn)
     return conn
 
 
+def _add_split_columns(conn: sqlite3.Connection) -> None:
+    """Prompt and completion tokens apart (``fabric usage``), added to a table made before
+    them; old rows keep only their total (``tokens``)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(usage)")}
+    for column in ("prompt_tokens", "completion_tokens"):
+        if column not in have:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+                conn.execute(f"ALTER TABLE usage ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+
+
+_INSERT = "INSERT INTO usage (ts, identity, model, requests, tokens, request_id)"
+"""Columns named: the table has gained columns since (``_add_split_columns``)."""
 USAGE_FLUSH_S = 1.0
 """Most seconds a usage row of an admission without quotas waits before it is written. Each
 request worker commits its own rows: at 50 ms, 2 workers' commits and wake-ups cost a no-op
@@ -280,7 +294,7 @@ class _UsageWriter:
             for state_dir, rows in batch.items():
                 try:
                     with _transaction(state_dir) as conn:
-                        conn.executemany("INSERT INTO usage VALUES (?,?,?,?,?,?)", rows)
+                        conn.executemany(_INSERT + " VALUES (?,?,?,?,?,?)", rows)
                 except Exception:
                     log.exception("lost %d usage rows for %s", len(rows), state_dir)
 
@@ -331,7 +345,7 @@ def _admit(state_dir: Path, identity: str, model: str, rule_name: str, rule: Mod
                     limit=rule.requests_per_minute, used=len(rows))
         if rule.tokens_per_day:
             _check_tokens(conn, identity, model, rule_name, rule.tokens_per_day, tokens, now)
-        conn.execute("INSERT INTO usage VALUES (?,?,?,?,?,NULL)",
+        conn.execute(_INSERT + " VALUES (?,?,?,?,?,NULL)",
                      (now, identity, model, 1, 0))
 
 
@@ -396,11 +410,16 @@ def identify(site: SiteConfig, auth: dict[str, Any] | None) -> str:
 
 
 def record_usage(state_dir: Path, identity: str, model: str, tokens: int,
-                 request_id: str | None = None) -> None:
-    """Add the tokens a finished request consumed (prompt + completion) to its caller's usage."""
+                 request_id: str | None = None, *, prompt_tokens: int = 0,
+                 completion_tokens: int = 0) -> None:
+    """Add the tokens a finished request consumed (prompt + completion) to its caller's usage;
+    ``prompt_tokens``/``completion_tokens`` split them where the caller knows (``fabric usage``
+    reports both)."""
     with _db(Path(state_dir)) as conn:
-        conn.execute("INSERT INTO usage VALUES (?,?,?,?,?,?)",
-                     (time.time(), identity, model, 0, int(tokens), request_id))
+        conn.execute("INSERT INTO usage (ts, identity, model, requests, tokens, request_id,"
+                     " prompt_tokens, completion_tokens) VALUES (?,?,?,?,?,?,?,?)",
+                     (time.time(), identity, model, 0, int(tokens), request_id,
+                      int(prompt_tokens), int(completion_tokens)))
 
 
 def usage(state_dir: Path, since_s: float = 86400.0) -> list[dict[str, Any]]:

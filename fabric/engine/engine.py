@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Protocol
 from fabric.engine.result_maps import accumulate, build
 from fabric.engine.scheduler import Limits, Scheduler, internal_error
 from fabric.engine.sequence import Sequence
+from fabric.engine.stats import EngineStats
 from fabric.engine.steps import SeqOutput, SeqWork, StepPlan
 from fabric.errors import FabricError, ModelServerUnavailable
 
@@ -71,6 +72,8 @@ class Engine:
         self.wake = threading.Event()
         self.stop_requested = False
         self.tokens_total = 0
+        self.stats = EngineStats()
+        """Latency histograms and token counters since start (the ``stats`` op)."""
         self.last_active = time.monotonic()
         self._launched: deque[StepPlan] = deque()
         self._recent: deque[tuple[float, int, int]] = deque()
@@ -251,8 +254,10 @@ class Engine:
         seq.generated.append(out.token)
         if out.logprob is not None:
             seq.logprobs.append(out.logprob)
+        self.stats.token(seq, now)
         if seq.first_token is None:
             seq.first_token = now
+        seq.last_token = now
         # Decoding every step is only needed to stream text or to look for stop strings; the
         # final text is decoded once in _finish.
         text, stopped = ("", False)
@@ -290,6 +295,7 @@ class Engine:
         return text[:max(end, len(seq.text_sent))] if end > 0 else seq.text_sent
 
     def _finish(self, seq: Sequence, reason: str | None, error: FabricError | None) -> None:
+        self.stats.finish(seq, type(error).__name__ if error is not None else reason or "length")
         if error is not None:
             self.emit(seq.request_id, {"op": "error", "error": error.to_dict()})
             return

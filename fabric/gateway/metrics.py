@@ -1,0 +1,82 @@
+"""The gateway's ``GET /metrics`` (Prometheus text format) and what it counts.
+
+Per route (the route's template, so ``/v1/models/{model}`` is one series), method and status
+code: requests answered and the time until the answer started (for a stream that is the time
+to its first bytes, not to its end). Beside them, the routing decisions of this process
+(``fabric.metrics.ROUTING_DECISIONS``, counted by whatever router chooses a site here).
+``/metrics`` is authenticated like every other route where the gateway requires callers to
+authenticate (give Prometheus an API key: ``authorization: {credentials: ...}``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+
+from fabric.gateway.state import Who
+from fabric.metrics import (
+    CONTENT_TYPE,
+    E2E_BUCKETS,
+    PREFIX,
+    ROUTING_DECISIONS,
+    Family,
+    Histogram,
+    LabelledCounter,
+    render,
+)
+
+__all__ = ["GatewayMetrics", "install"]
+
+
+class GatewayMetrics:
+    """Counters and histograms of one gateway app."""
+
+    def __init__(self) -> None:
+        self.requests = LabelledCounter(
+            PREFIX + "gateway_requests_total", "HTTP requests the gateway answered.",
+            ("route", "method", "code"))
+        self._latency: dict[str, Histogram] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, route: str, method: str, code: int, seconds: float) -> None:
+        """Count one answered request."""
+        self.requests.inc(route=route, method=method, code=code)
+        with self._lock:
+            hist = self._latency.setdefault(route, Histogram(E2E_BUCKETS))
+            hist.observe(seconds)
+
+    def families(self) -> list[Family]:
+        """Every series now."""
+        latency = Family(PREFIX + "gateway_request_duration_seconds", "histogram",
+                         "Time from a request's arrival at the gateway to the start of its "
+                         "answer, by route.")
+        with self._lock:
+            for route, hist in sorted(self._latency.items()):
+                copy = Histogram.from_dict(hist.to_dict())
+                latency.add({"route": route}, copy)
+        return [self.requests.family(), latency, ROUTING_DECISIONS.family()]
+
+
+def install(app: FastAPI) -> GatewayMetrics:
+    """Count every request of ``app`` and serve ``GET /metrics``."""
+    metrics = GatewayMetrics()
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def count(request: Request,
+                    call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.monotonic()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", None) or "unmatched"
+        metrics.observe(route, request.method, response.status_code, time.monotonic() - start)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def scrape(who: Who) -> Response:
+        return Response(render(metrics.families()), media_type=None,
+                        headers={"Content-Type": CONTENT_TYPE})
+
+    return metrics
