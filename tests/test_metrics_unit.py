@@ -165,3 +165,31 @@ def test_usage_table_made_before_the_split_gains_its_columns(tmp_path: Path) -> 
     policy.record_usage(tmp_path, "carol", "m", 5, prompt_tokens=4, completion_tokens=1)
     (row,) = usage_rows(tmp_path)
     assert (row.prompt_tokens, row.generation_tokens, row.total_tokens) == (4, 1, 17)
+
+
+def test_gateway_metrics_need_auth_where_callers_do_and_count_answers(tmp_path: Path) -> None:
+    import httpx
+
+    from fabric.gateway import GatewayConfig, create_app
+    from fabric.gateway.keys import KeyStore
+    from tests.test_gateway_unit import running_server
+
+    key, _ = KeyStore(tmp_path).create("prometheus")
+    config = GatewayConfig(home=tmp_path, require_auth=True, rate=0)
+    with running_server(create_app(config)) as url, httpx.Client(base_url=url, timeout=30) as h:
+        auth = {"Authorization": f"Bearer {key}"}
+        assert h.get("/metrics").status_code == 401
+        for _ in range(3):
+            assert h.post("/v1/chat/completions", json={"model": "m"}, headers=auth
+                          ).status_code == 400
+        assert h.get("/v1/nothing", headers=auth).status_code == 404
+        reply = h.get("/metrics", headers=auth)
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = _samples(reply.text)
+    chat = 'route="/v1/chat/completions",method="POST"'
+    assert samples[f'fabric_gateway_requests_total{{{chat},code="400"}}'] == 3
+    assert samples['fabric_gateway_requests_total{route="/metrics",method="GET",code="401"}'] == 1
+    assert samples['fabric_gateway_requests_total{route="unmatched",method="GET",code="404"}'] == 1
+    assert samples['fabric_gateway_request_duration_seconds_count'
+                   '{route="/v1/chat/completions"}'] == 3

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 
 from fabric.gateway.state import Who
 from fabric.metrics import (
@@ -60,19 +60,40 @@ class GatewayMetrics:
         return [self.requests.family(), latency, ROUTING_DECISIONS.family()]
 
 
+class _Count:
+    """Pure ASGI middleware (a stream passes through untouched): times each HTTP request to the
+    start of its answer and counts it by route template, method and status."""
+
+    def __init__(self, app: Any, metrics: GatewayMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.monotonic()
+        seen: dict[str, Any] = {}
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and not seen:
+                seen["code"] = message["status"]
+                seen["seconds"] = time.monotonic() - start
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            # The router put the matched route in the scope (``None``: no route matched).
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.observe(route, scope.get("method", ""), seen.get("code", 500),
+                                 seen.get("seconds", time.monotonic() - start))
+
+
 def install(app: FastAPI) -> GatewayMetrics:
     """Count every request of ``app`` and serve ``GET /metrics``."""
     metrics = GatewayMetrics()
     app.state.metrics = metrics
-
-    @app.middleware("http")
-    async def count(request: Request,
-                    call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        start = time.monotonic()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", None) or "unmatched"
-        metrics.observe(route, request.method, response.status_code, time.monotonic() - start)
-        return response
+    app.add_middleware(_Count, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
     async def scrape(who: Who) -> Response:
