@@ -193,3 +193,46 @@ def test_gateway_metrics_need_auth_where_callers_do_and_count_answers(tmp_path: 
     assert samples['fabric_gateway_requests_total{route="unmatched",method="GET",code="404"}'] == 1
     assert samples['fabric_gateway_request_duration_seconds_count'
                    '{route="/v1/chat/completions"}'] == 3
+
+
+def test_fabric_metrics_serves_a_site_from_its_state_dir(tmp_path: Path) -> None:
+    """A remote site's operator runs ``fabric metrics`` beside the Globus Compute endpoint."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.plugins.site import wait_until, write_site
+
+    folder = write_site(tmp_path / "site", name="remote-ish")
+    state = folder / "state"
+    state.mkdir()
+    site_events.record_refusal(state, "big-model", QuotaExceeded("over"))
+    site_events.record_cold_start(state, "big-model", "d-1", 42.0)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from fabric.cli.main import main; "
+         "sys.exit(main(sys.argv[1:]))", "metrics", "--site", str(folder), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        info = wait_until(lambda: (state / "metrics.json").exists()
+                          and json.loads((state / "metrics.json").read_text()), 30,
+                          "fabric metrics to listen")
+        samples = _samples(httpx.get(info["url"], timeout=10).text)
+        assert samples['fabric_refusals_total{model_name="big-model",rule="quota",'
+                       'error="QuotaExceeded"}'] == 1
+        assert samples['fabric_cold_starts_total{model_name="big-model"}'] == 1
+        assert samples['fabric_cold_start_duration_seconds_bucket'
+                       '{model_name="big-model",le="60"}'] == 1
+        assert samples['fabric_cold_start_duration_seconds_bucket'
+                       '{model_name="big-model",le="30"}'] == 0
+        assert httpx.get(info["url"].replace("/metrics", "/other"), timeout=10
+                         ).status_code == 404
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert not (state / "metrics.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)

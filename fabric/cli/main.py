@@ -33,6 +33,7 @@ REGISTRARS: tuple[str, ...] = (
     "fabric.cli.campaign",  # campaign (batch runs)
     "fabric.cli.serve",  # serve (the OpenAI gateway), keys
     "fabric.cli.usage",  # usage (per identity and model; CSV export)
+    "fabric.cli.metrics",  # metrics (a site's /metrics beside a Globus Compute endpoint)
 )
 
 EPILOG = """\

@@ -218,21 +218,13 @@ def _handler(metrics: SiteMetrics) -> type[http.server.BaseHTTPRequestHandler]:
     return Handler
 
 
-def metrics_task(proc: Any, stopping: threading.Event) -> None:
-    """Background task of the site process (``fabric.siteproc``): serve ``/metrics`` while
-    the site runs, where its config turns metrics on."""
-    cfg = proc.site.metrics
-    if not cfg.enabled:
-        return
-    state_dir = Path(proc.state_dir)
-    try:
-        server = MetricsServer(SiteMetrics(proc.site, state_dir), cfg.host, cfg.port)
-    except OSError as exc:
-        log.error("metrics: cannot listen on %s:%d (%s); the site serves without /metrics",
-                  cfg.host, cfg.port, exc)
-        return
+def serve_metrics(site: SiteConfig, state_dir: Path, host: str, port: int,
+                  stopping: threading.Event) -> None:
+    """Serve the site's ``/metrics`` until ``stopping`` is set (advertised in
+    ``metrics.json`` meanwhile). ``OSError`` if the address cannot be bound."""
+    server = MetricsServer(SiteMetrics(site, state_dir), host, port)
     server.start()
-    info = state_dir / INFO_FILE
+    info = Path(state_dir) / INFO_FILE
     info.write_text(json.dumps({"host": server.host, "port": server.port,
                                 "url": f"http://{server.host}:{server.port}/metrics"}))
     log.info("metrics at http://%s:%d/metrics", server.host, server.port)
@@ -242,3 +234,16 @@ def metrics_task(proc: Any, stopping: threading.Event) -> None:
         server.stop()
         with contextlib.suppress(FileNotFoundError):
             info.unlink()
+
+
+def metrics_task(proc: Any, stopping: threading.Event) -> None:
+    """Background task of the site process (``fabric.siteproc``): serve ``/metrics`` while
+    the site runs, where its config turns metrics on."""
+    cfg = proc.site.metrics
+    if not cfg.enabled:
+        return
+    try:
+        serve_metrics(proc.site, Path(proc.state_dir), cfg.host, cfg.port, stopping)
+    except OSError as exc:
+        log.error("metrics: cannot listen on %s:%d (%s); the site serves without /metrics",
+                  cfg.host, cfg.port, exc)
