@@ -295,8 +295,8 @@ class Engine:
         return text[:max(end, len(seq.text_sent))] if end > 0 else seq.text_sent
 
     def _finish(self, seq: Sequence, reason: str | None, error: FabricError | None) -> None:
-        self.stats.finish(seq, type(error).__name__ if error is not None else reason or "length")
         if error is not None:
+            self.stats.finish(seq, type(error).__name__)
             self.emit(seq.request_id, {"op": "error", "error": error.to_dict()})
             return
         text, _ = self._text(seq) if seq.generates else ("", False)
@@ -307,4 +307,7 @@ class Engine:
             self.emit(seq.request_id, {"op": "event", "index": len(seq.generated),
                                        "token_ids": [], "text": text[len(seq.text_sent):],
                                        "logprobs": None})
+        # Counted once the result exists: if building it fails, the scheduler ends the
+        # sequence again with an error, and that is what is counted.
+        self.stats.finish(seq, reason or "length")
         self.emit(seq.request_id, {"op": "done", "result": result})
