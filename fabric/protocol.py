@@ -305,10 +305,20 @@ class DrainMessage(_Input):
     ticket: str
 
 
-WireMessage = SubmitMessage | PollMessage | CancelMessage | HealthMessage | DrainMessage
+class StatsMessage(_Input):
+    """``stats`` (operator ticket): latency histograms, token counters and load since the
+    server started (what the site's ``/metrics`` shows; its figures are the site's business,
+    so unlike ``health`` it needs the site's ticket)."""
+
+    op: Literal["stats"]
+    ticket: str
+
+
+WireMessage = (SubmitMessage | PollMessage | CancelMessage | HealthMessage | DrainMessage
+               | StatsMessage)
 MESSAGES: dict[str, type[WireMessage]] = {
     "submit": SubmitMessage, "poll": PollMessage, "cancel": CancelMessage,
-    "health": HealthMessage, "drain": DrainMessage}
+    "health": HealthMessage, "drain": DrainMessage, "stats": StatsMessage}
 """Every op the model server accepts, and the schema of its message."""
 
 

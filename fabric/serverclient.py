@@ -81,6 +81,19 @@ class ServerClient:
         self._send({"op": "drain", "ticket": ticket})
         self._wait_control("draining", None)
 
+    def stats(self, ticket: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """The server's cumulative request statistics and load (operator ticket)."""
+        self._send({"op": "stats", "ticket": ticket})
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
+        while True:  # a refused ticket answers "error" (no request id), not "stats"
+            for i, msg in enumerate(self._control):
+                if msg["op"] in ("stats", "error"):
+                    del self._control[i]
+                    if msg["op"] == "error":
+                        raise FabricError.from_dict(msg["error"])
+                    return msg
+            self._recv_one(deadline)
+
     # --- results of submitted requests ---------------------------------------------------
 
     def events(self, request_id: str, timeout_s: float | None = None) -> Iterator[dict[str, Any]]:

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from fabric.campaign.site_scheduler import site_task
 from fabric.endpoint.site import BackgroundTask, SiteProcess
+from fabric.endpoint.site_metrics import metrics_task
 from fabric.sites import load_site
 
-BACKGROUND_TASKS: tuple[BackgroundTask, ...] = (site_task,)
-"""What the site process runs beside serving tasks: the campaign scheduler."""
+BACKGROUND_TASKS: tuple[BackgroundTask, ...] = (site_task, metrics_task)
+"""What the site process runs beside serving tasks: the campaign scheduler and the
+Prometheus ``/metrics`` listener (where the site config turns it on)."""
 SITE_LOG_BYTES = 10 * 2**20
 """``<state_dir>/logs/site.log`` rotates at this size ..."""
 SITE_LOG_BACKUPS = 3

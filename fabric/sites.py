@@ -366,6 +366,18 @@ def limit_exceeded(limits: SiteLimits, plan: Plan, walltime: str
     return None
 
 
+class MetricsConfig(_Strict):
+    """The site's Prometheus ``/metrics`` listener (``fabric.endpoint.site_metrics``)."""
+
+    enabled: bool = False
+    """Off unless the operator turns it on."""
+    host: str = "127.0.0.1"
+    """Address to listen on: loopback by default (a Prometheus on the same host, or a tunnel);
+    the series carry model names and load, no identities or prompts."""
+    port: int = Field(9464, ge=0, le=65535, description="TCP port (0: any free one; the one "
+                      "taken is written to <state_dir>/metrics.json).")
+
+
 class SiteConfig(_Strict):
     """One site's fabric deployment config (``endpoints/<site>/fabric.yaml``)."""
 
@@ -399,6 +411,8 @@ class SiteConfig(_Strict):
     """Largest deployment (nodes, GPUs, walltime) and usage retention."""
     template: dict[str, TemplateVar] = Field(default_factory=dict)
     """Operator-supplied values (account, queue) substituted as ``{{ name }}`` before load."""
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    """The Prometheus scrape endpoint of the site process (off by default)."""
     function_ids: dict[str, str] = Field(default_factory=dict)
     """Globus Compute function UUIDs of the fabric's endpoint functions, by function name,
     registered once by the operator; they fill ``allowed_functions`` in ``config.yaml``."""

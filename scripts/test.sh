@@ -11,6 +11,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   bash tests/slurm/install.sh >/dev/null 2>&1 || echo "warning: could not install Slurm" >&2
   # The offline Globus Compute tests need RabbitMQ; under CI=true a missing broker fails them.
   bash tests/globus_offline/install.sh >/dev/null 2>&1 || echo "warning: could not install RabbitMQ" >&2
+  # The metrics tests scrape with a real Prometheus; under CI=true a missing one fails them.
+  bash tests/prometheus/install.sh >/dev/null 2>&1 || echo "warning: could not install Prometheus" >&2
 fi
 ruff check fabric tests benchmarks examples
 mypy

@@ -337,14 +337,17 @@ def test_autostart_sigterm_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_the_composition_root_wires_the_campaign_scheduler(tmp_path: Path) -> None:
-    """``fabric.siteproc`` builds the site process with the campaign scheduler; the site
-    module itself registers nothing (it knows nothing of campaigns)."""
+    """``fabric.siteproc`` builds the site process with the campaign scheduler and the
+    ``/metrics`` listener; the site module itself registers nothing (it knows nothing of
+    campaigns)."""
     from fabric.campaign.site_scheduler import site_task
     from fabric.endpoint.site import SiteProcess
+    from fabric.endpoint.site_metrics import metrics_task
     from fabric.siteproc import build
 
     folder = write_site(tmp_path / "site", name="wired")
     proc = build(str(folder), tmp_path / "state")
-    assert proc.background_tasks == [site_task] and SiteProcess.background_tasks == []
+    assert proc.background_tasks == [site_task, metrics_task]
+    assert SiteProcess.background_tasks == []
     assert proc.site.name == "wired" and proc.state_dir == (tmp_path / "state").resolve()
     assert proc.engine is None and proc.listener is None  # built, not started

@@ -32,6 +32,8 @@ REGISTRARS: tuple[str, ...] = (
     "fabric.cli.plan",  # plan (size a pp x tp x ep plan for a site's nodes)
     "fabric.cli.campaign",  # campaign (batch runs)
     "fabric.cli.serve",  # serve (the OpenAI gateway), keys
+    "fabric.cli.usage",  # usage (per identity and model; CSV export)
+    "fabric.cli.metrics",  # metrics (a site's /metrics beside a Globus Compute endpoint)
 )
 
 EPILOG = """\
@@ -45,6 +47,7 @@ examples:
   fabric deploy smollm2-135m --pp 2 --tp 1 --site local-slurm
   fabric deployments
   fabric endpoint status
+  fabric usage --since 7d --by identity
 
 Run "fabric COMMAND --help" for a command's options.
 """

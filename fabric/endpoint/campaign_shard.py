@@ -82,8 +82,10 @@ def run_shard(shard: dict[str, Any], auth: Any = None) -> dict[str, Any]:
         session.run(reqs, on_outcome=settle)
     finally:
         session.close()
-    tokens = sum(_tokens(r) for r in out.values() if r["ok"])
-    ctx.record_usage(identity, model, tokens, str(shard.get("shard_id")))
+    done = [_usage_of(r) for r in out.values() if r["ok"]]
+    prompt, completion = sum(p for p, _ in done), sum(c for _, c in done)
+    ctx.record_usage(identity, model, prompt + completion, str(shard.get("shard_id")),
+                     prompt_tokens=prompt, completion_tokens=completion)
     served = session.served_by
     return {"shard_id": shard.get("shard_id"), "nonce": uuid.uuid4().hex, "site": ctx.site.name,
             "pid": os.getpid(),
@@ -97,9 +99,9 @@ def _error(cid: str, err: FabricError, nonce: str) -> dict[str, Any]:
             "retryable": bool(err.retryable)}
 
 
-def _tokens(record: dict[str, Any]) -> int:
+def _usage_of(record: dict[str, Any]) -> tuple[int, int]:
     usage = (record.get("result") or {}).get("usage") or {}
-    return int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
+    return int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
 
 
 def audit_path(state_dir: Path, shard: dict[str, Any]) -> Path:

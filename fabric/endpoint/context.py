@@ -129,12 +129,15 @@ class SiteContext:
         check_deploy_size(self.site, plan)
 
     def record_usage(self, identity: str, model: str, tokens: int,
-                     request_id: str | None = None) -> None:
-        """Add consumed tokens to the caller's usage (nothing for 0)."""
+                     request_id: str | None = None, *, prompt_tokens: int = 0,
+                     completion_tokens: int = 0) -> None:
+        """Add consumed tokens to the caller's usage (nothing for 0); the prompt/completion
+        split where known."""
         if tokens:
             from fabric.endpoint.policy import record_usage
 
-            record_usage(self.state_dir, identity, model, tokens, request_id)
+            record_usage(self.state_dir, identity, model, tokens, request_id,
+                         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
     def check_user_function(self, name: str) -> None:
         """``FunctionNotAllowed`` unless the site runs user functions."""

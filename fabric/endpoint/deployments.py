@@ -190,6 +190,11 @@ class DeploymentManager:
             state = {"ready": "ready", "draining": "draining"}.get(str(health.get("state")),
                                                                   "loading")
             if state != dep.state:
+                if state == "ready" and dep.state in ("queued", "loading"):
+                    from fabric.endpoint.site_events import record_cold_start
+
+                    record_cold_start(self.state_dir, dep.model, dep.id,
+                                      time.time() - dep.created)
                 dep = self.db.update(dep.id, state=state) or dep
             return dep
         if dep.state in ("ready", "draining"):

@@ -46,8 +46,9 @@ __all__ = [
 def _record_usage(ctx: SiteContext, identity: str, model: str, result: dict[str, Any],
                   request_id: str) -> None:
     usage = result.get("usage") or {}
-    tokens = int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
-    ctx.record_usage(identity, model, tokens, request_id)
+    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    ctx.record_usage(identity, model, prompt + completion, request_id, prompt_tokens=prompt,
+                     completion_tokens=completion)
 
 
 # -- requests ---------------------------------------------------------------------------------

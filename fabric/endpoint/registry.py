@@ -71,6 +71,7 @@ def endpoint_function(auth: AuthKind) -> Callable[[F], F]:
             try:
                 return ok(fn(*args, **kwargs))
             except FabricError as err:
+                _note_refusal(fn, args, kwargs, err)
                 return error(err)
             except Exception as exc:  # a bug at the site: say so, with where it happened
                 return error(FabricError(
@@ -84,6 +85,31 @@ def endpoint_function(auth: AuthKind) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return register
+
+
+def _note_refusal(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                  err: FabricError) -> None:
+    """Count a refused call for the site's ``/metrics`` (``site_events``), in a worker of a
+    site process (which sets ``FABRIC_STATE_DIR``); never fails the call."""
+    from fabric import env
+
+    state_dir = env.FABRIC_STATE_DIR.get()
+    if not state_dir:
+        return
+    try:
+        from pathlib import Path
+
+        from fabric.endpoint.site_events import record_refusal
+
+        first = args[0] if args else kwargs.get("request")
+        model = first.get("model") if isinstance(first, dict) else kwargs.get("model")
+        if model is None and isinstance(first, str) and fn.__code__.co_varnames[:1] == ("model",):
+            model = first  # poll_stream, cancel_request, deploy: the model comes first
+        if model is None and isinstance(first, list) and first and isinstance(first[0], dict):
+            model = first[0].get("model")  # run_requests
+        record_refusal(Path(state_dir), str(model or ""), err)
+    except Exception:  # a metric must not turn a typed refusal into an internal error
+        pass
 
 
 def functions() -> dict[str, EndpointFunction]:

@@ -17,6 +17,7 @@ The windows slide by whole buckets: a minute's quota counts the last 12 five-sec
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import sqlite3
@@ -118,6 +119,7 @@ def _open(path: Path) -> sqlite3.Connection:
                      "NULL, request_id TEXT)")
         conn.execute("CREATE INDEX IF NOT EXISTS usage_by_caller ON usage(identity, model, ts)")
         conn.execute("CREATE INDEX IF NOT EXISTS usage_by_time ON usage(ts)")
+        _add_split_columns(conn)
         counters = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND "
                                 "name='quota_counts'").fetchone()
         conn.execute("CREATE TABLE IF NOT EXISTS quota_counts (identity TEXT NOT NULL, model "
@@ -133,6 +135,20 @@ def _open(path: Path) -> sqlite3.Connection:
         conn.execute("ROLLBACK")
         raise
     return conn
+
+
+def _add_split_columns(conn: sqlite3.Connection) -> None:
+    """Prompt and completion tokens apart (``fabric usage``), added to a table made before
+    them; old rows keep only their total (``tokens``)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(usage)")}
+    for column in ("prompt_tokens", "completion_tokens"):
+        if column not in have:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+                conn.execute(f"ALTER TABLE usage ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+
+
+_INSERT = "INSERT INTO usage (ts, identity, model, requests, tokens, request_id)"
+"""Columns named: the table has gained columns since (``_add_split_columns``)."""
 
 
 def _backfill(conn: sqlite3.Connection) -> None:
@@ -181,16 +197,20 @@ def wait_for(buckets: list[tuple[int, int]], window: Window, excess: int, now: f
 def add_request(conn: sqlite3.Connection, identity: str, model: str, now: float) -> None:
     """Record one admitted request (raw row and counter), inside the caller's transaction."""
     _bump(conn, identity, model, REQUESTS, now, 1)
-    conn.execute("INSERT INTO usage VALUES (?,?,?,?,?,NULL)", (now, identity, model, 1, 0))
+    conn.execute(_INSERT + " VALUES (?,?,?,?,?,NULL)", (now, identity, model, 1, 0))
 
 
 def record_tokens(state_dir: Path, identity: str, model: str, tokens: int,
-                  request_id: str | None = None) -> None:
-    """Add the tokens a finished request consumed to its caller's raw usage and counter."""
+                  request_id: str | None = None, *, prompt_tokens: int = 0,
+                  completion_tokens: int = 0) -> None:
+    """Add the tokens a finished request consumed to its caller's raw usage and counter
+    (``prompt_tokens``/``completion_tokens``: the split, where the caller knows it)."""
     now = clock()
     with transaction(Path(state_dir)) as conn:
-        conn.execute("INSERT INTO usage VALUES (?,?,?,?,?,?)",
-                     (now, identity, model, 0, int(tokens), request_id))
+        conn.execute("INSERT INTO usage (ts, identity, model, requests, tokens, request_id,"
+                     " prompt_tokens, completion_tokens) VALUES (?,?,?,?,?,?,?,?)",
+                     (now, identity, model, 0, int(tokens), request_id, int(prompt_tokens),
+                      int(completion_tokens)))
         if tokens > 0:
             _bump(conn, identity, model, TOKENS, now, int(tokens))
 
@@ -274,7 +294,7 @@ class _UsageWriter:
             for state_dir, rows in batch.items():
                 try:
                     with transaction(state_dir) as conn:
-                        conn.executemany("INSERT INTO usage VALUES (?,?,?,1,0,NULL)", rows)
+                        conn.executemany(_INSERT + " VALUES (?,?,?,1,0,NULL)", rows)
                         # Counters too: a quota the operator adds later sees this traffic.
                         conn.executemany(_UPSERT, [(i, m, REQUESTS.kind, REQUESTS.bucket(ts), 1)
                                                    for ts, i, m in rows])

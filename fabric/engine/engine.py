@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Protocol
 from fabric.engine.result_maps import accumulate, build
 from fabric.engine.scheduler import Limits, Scheduler, internal_error
 from fabric.engine.sequence import Sequence
+from fabric.engine.stats import EngineStats
 from fabric.engine.steps import SeqOutput, SeqWork, StepPlan
 from fabric.errors import FabricError, ModelServerUnavailable
 
@@ -71,6 +72,8 @@ class Engine:
         self.wake = threading.Event()
         self.stop_requested = False
         self.tokens_total = 0
+        self.stats = EngineStats()
+        """Latency histograms and token counters since start (the ``stats`` op)."""
         self.last_active = time.monotonic()
         self._launched: deque[StepPlan] = deque()
         self._recent: deque[tuple[float, int, int]] = deque()
@@ -251,8 +254,10 @@ class Engine:
         seq.generated.append(out.token)
         if out.logprob is not None:
             seq.logprobs.append(out.logprob)
+        self.stats.token(seq, now)
         if seq.first_token is None:
             seq.first_token = now
+        seq.last_token = now
         # Decoding every step is only needed to stream text or to look for stop strings; the
         # final text is decoded once in _finish.
         text, stopped = ("", False)
@@ -291,6 +296,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str | None, error: FabricError | None) -> None:
         if error is not None:
+            self.stats.finish(seq, type(error).__name__)
             self.emit(seq.request_id, {"op": "error", "error": error.to_dict()})
             return
         text, _ = self._text(seq) if seq.generates else ("", False)
@@ -301,4 +307,7 @@ class Engine:
             self.emit(seq.request_id, {"op": "event", "index": len(seq.generated),
                                        "token_ids": [], "text": text[len(seq.text_sent):],
                                        "logprobs": None})
+        # Counted once the result exists: if building it fails, the scheduler ends the
+        # sequence again with an error, and that is what is counted.
+        self.stats.finish(seq, reason or "length")
         self.emit(seq.request_id, {"op": "done", "result": result})

@@ -31,6 +31,7 @@ from fabric.protocol import (
     DrainMessage,
     InferenceRequest,
     PollMessage,
+    StatsMessage,
     SubmitMessage,
     pack,
     parse_message,
@@ -176,7 +177,7 @@ class Frontend:
         the message fits its op's schema; the ticket covers it; then serve it."""
         op = msg.get("op")
         claims: dict[str, Any] = {}
-        if op in ("submit", "poll", "cancel", "drain"):
+        if op in ("submit", "poll", "cancel", "drain", "stats"):
             claims = tickets.authenticate(self.key, msg.get("ticket"), model=self.model_name)
         parsed = parse_message(msg)
         if isinstance(parsed, SubmitMessage):
@@ -190,6 +191,9 @@ class Frontend:
         elif isinstance(parsed, DrainMessage):
             tickets.check(claims, request_id=tickets.ANY_REQUEST, admin=True)
             self._drain(identity)
+        elif isinstance(parsed, StatsMessage):
+            tickets.check(claims, request_id=tickets.ANY_REQUEST, admin=True)
+            self._send(identity, {"op": "stats", **self.stats()})
         else:
             self._send(identity, {"op": "health", **self.health()})
 
@@ -339,6 +343,17 @@ class Frontend:
             "uptime_s": round(time.monotonic() - self.started, 2), "pid": os.getpid(),
             **self.health_extra,
         }
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's cumulative statistics and the load now (``stats`` op)."""
+        sched = self.engine.scheduler
+        return {**self.engine.stats.snapshot(),
+                "state": "draining" if self.draining else self.state,
+                "num_requests_running": len(sched.running),
+                "num_requests_waiting": self.engine.queued().waiting,
+                "kv_used_tokens": sched.kv_used,
+                "kv_budget_tokens": sched.limits.kv_budget_tokens,
+                "uptime_s": round(time.monotonic() - self.started, 3)}
 
     def _drain(self, identity: bytes) -> None:
         self.draining = True

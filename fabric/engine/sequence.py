@@ -38,6 +38,8 @@ class Sequence:
     arrived: float = field(default_factory=time.monotonic)
     admitted: float | None = None
     first_token: float | None = None
+    last_token: float | None = None
+    """When its latest token was sampled (the inter-token latency counts from here)."""
     prefill_done: float | None = None
 
     @property

@@ -68,11 +68,12 @@ def create_app(config: GatewayConfig | None = None, client: AsyncFabric | None =
                   docs_url=None, redoc_url=None)
     app.state.gateway = gw
     app.state.files = FileStore(gw.home / "files")
-    from fabric.gateway import batches, files, routes
+    from fabric.gateway import batches, files, metrics, routes
 
     app.include_router(routes.router)
     app.include_router(files.router)
     app.include_router(batches.router)
+    metrics.install(app)
     _handlers(app)
 
     @app.get("/health")

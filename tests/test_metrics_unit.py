@@ -1,0 +1,238 @@
+"""The exposition format, histograms, engine statistics, site events and the usage report,
+without a site: what ``/metrics`` and ``fabric usage`` are built from."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from fabric.endpoint import policy, site_events
+from fabric.endpoint.usage_report import parse_since, table, usage_rows, write_csv
+from fabric.errors import (
+    DeadlineExceeded,
+    FunctionNotAllowed,
+    InvalidRequest,
+    Overloaded,
+    QuotaExceeded,
+    UnknownModel,
+)
+from fabric.metrics import Family, Histogram, LabelledCounter, record_routing, render
+
+
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_histogram_buckets_are_cumulative_and_end_at_inf() -> None:
+    h = Histogram((0.1, 1.0, 10.0))
+    for v in (0.05, 0.1, 0.5, 3.0, 50.0):
+        h.observe(v)
+    # le is inclusive: 0.1 falls in the 0.1 bucket
+    assert h.cumulative() == [(0.1, 2), (1.0, 3), (10.0, 4), (math.inf, 5)]
+    assert h.count == 5 and h.sum == pytest.approx(53.65)
+    again = Histogram.from_dict(h.to_dict())
+    assert again.cumulative() == h.cumulative() and again.sum == h.sum
+
+
+def test_render_escapes_labels_and_writes_histograms() -> None:
+    fam = Family("fabric_x_seconds", "histogram", "help with\nnewline")
+    h = Histogram((1.0,))
+    h.observe(0.5)
+    h.observe(2.0)
+    fam.add({"model_name": 'a"b\\c\nd'}, h)
+    gauge = Family("fabric_g", "gauge", "g")
+    gauge.add({}, 0.25)
+    text = render([fam, gauge])
+    assert "# HELP fabric_x_seconds help with\\nnewline" in text
+    assert "# TYPE fabric_x_seconds histogram" in text
+    samples = _samples(text)
+    label = 'model_name="a\\"b\\\\c\\nd"'
+    assert samples[f'fabric_x_seconds_bucket{{{label},le="1"}}'] == 1
+    assert samples[f'fabric_x_seconds_bucket{{{label},le="+Inf"}}'] == 2
+    assert samples[f"fabric_x_seconds_sum{{{label}}}"] == 2.5
+    assert samples[f"fabric_x_seconds_count{{{label}}}"] == 2
+    assert samples["fabric_g"] == 0.25
+    assert text.endswith("\n")
+
+
+def test_render_merges_families_of_one_name() -> None:
+    a, b = Family("fabric_c_total", "counter", "c"), Family("fabric_c_total", "counter", "c")
+    a.add({"x": "1"}, 1)
+    b.add({"x": "2"}, 2)
+    text = render([a, b])
+    assert text.count("# TYPE fabric_c_total counter") == 1
+    assert _samples(text) == {'fabric_c_total{x="1"}': 1, 'fabric_c_total{x="2"}': 2}
+
+
+def test_labelled_counter_checks_its_labels() -> None:
+    c = LabelledCounter("fabric_t_total", "t", ("a", "b"))
+    c.inc(a="1", b="2")
+    c.inc(2, a="1", b="2")
+    assert c.value(a="1", b="2") == 3
+    with pytest.raises(ValueError):
+        c.inc(a="1")
+    with pytest.raises(ValueError):
+        c.inc(-1, a="1", b="2")
+
+
+def test_record_routing_counts_by_model_site_and_reason() -> None:
+    from fabric.metrics import ROUTING_DECISIONS
+
+    before = ROUTING_DECISIONS.value(model_name="m", site="s1", reason="warm")
+    record_routing("m", "s1", "warm")
+    record_routing("m", "s1", "warm")
+    record_routing("m", "s2", "failover")
+    assert ROUTING_DECISIONS.value(model_name="m", site="s1", reason="warm") == before + 2
+    assert 'site="s2",reason="failover"' in render([ROUTING_DECISIONS.family()])
+
+
+def test_refusal_rules() -> None:
+    assert site_events.refusal_rule(QuotaExceeded("q")) == "quota"
+    assert site_events.refusal_rule(FunctionNotAllowed("f")) == "policy"
+    assert site_events.refusal_rule(UnknownModel("u")) == "validation"
+    assert site_events.refusal_rule(Overloaded("o")) == "overloaded"
+    assert site_events.refusal_rule(DeadlineExceeded("d")) is None
+
+
+def test_site_events_count_cold_starts_once_per_deployment(tmp_path: Path) -> None:
+    site_events.record_cold_start(tmp_path, "m", "d-1", 3.5)
+    site_events.record_cold_start(tmp_path, "m", "d-1", 9.0)  # a second worker noticed it too
+    site_events.record_cold_start(tmp_path, "m", "d-2", 1.5)
+    site_events.record_refusal(tmp_path, "m", QuotaExceeded("q"))
+    site_events.record_refusal(tmp_path, "m", QuotaExceeded("q"))
+    site_events.record_refusal(tmp_path, "m", DeadlineExceeded("not a refusal"))
+    assert site_events.cold_starts(tmp_path) == {"m": [3.5, 1.5]}
+    assert site_events.refusals(tmp_path) == {("m", "quota", "QuotaExceeded"): 2}
+
+
+def test_parse_since() -> None:
+    now = 1_800_000_000.0
+    assert parse_since("90s", now) == now - 90
+    assert parse_since("24h", now) == now - 86400
+    assert parse_since("7d", now) == now - 7 * 86400
+    assert parse_since("2026-12-01", now) == datetime(2026, 12, 1, tzinfo=UTC).timestamp()
+    assert parse_since("2026-12-01T08:00+01:00", now) == \
+        datetime(2026, 12, 1, 7, tzinfo=UTC).timestamp()
+    with pytest.raises(InvalidRequest):
+        parse_since("yesterday", now)
+
+
+def test_usage_report_groups_and_exports(tmp_path: Path) -> None:
+    policy.record_usage(tmp_path, "alice", "m1", 30, "r1", prompt_tokens=10,
+                        completion_tokens=20)
+    policy.record_usage(tmp_path, "alice", "m2", 7, "r2", prompt_tokens=5, completion_tokens=2)
+    policy.record_usage(tmp_path, "bob", "m1", 4, "r3", prompt_tokens=3, completion_tokens=1)
+    rows = usage_rows(tmp_path)
+    assert [(r.identity, r.model, r.prompt_tokens, r.generation_tokens, r.total_tokens)
+            for r in rows] == [("alice", "m1", 10, 20, 30), ("alice", "m2", 5, 2, 7),
+                               ("bob", "m1", 3, 1, 4)]
+    by_model = {r.model: r for r in usage_rows(tmp_path, by="model")}
+    assert by_model["m1"].prompt_tokens == 13 and by_model["m1"].identity == "*"
+    by_id = {r.identity: r for r in usage_rows(tmp_path, by="identity")}
+    assert by_id["alice"].generation_tokens == 22
+    assert usage_rows(tmp_path, since=time.time() + 60) == []
+    write_csv(rows, tmp_path / "u.csv")
+    with (tmp_path / "u.csv").open() as fh:
+        exported = list(csv.DictReader(fh))
+    assert exported[2] == {"identity": "bob", "model": "m1", "requests": "0",
+                           "prompt_tokens": "3", "generation_tokens": "1", "total_tokens": "4"}
+    assert table(rows).splitlines()[-1].split() == ["total", "0", "18", "23", "41"]
+    with pytest.raises(InvalidRequest):
+        usage_rows(tmp_path, by="site")  # type: ignore[arg-type]
+
+
+def test_usage_table_made_before_the_split_gains_its_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "usage.sqlite")
+    old.execute("CREATE TABLE usage (ts REAL NOT NULL, identity TEXT NOT NULL, model TEXT NOT"
+                " NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL, request_id TEXT)")
+    old.execute("INSERT INTO usage VALUES (?, 'carol', 'm', 1, 12, NULL)", (time.time(),))
+    old.commit()
+    old.close()
+    (row,) = usage_rows(tmp_path)  # read-only: an old table reads without the split
+    assert (row.requests, row.prompt_tokens, row.total_tokens) == (1, 0, 12)
+    policy.record_usage(tmp_path, "carol", "m", 5, prompt_tokens=4, completion_tokens=1)
+    (row,) = usage_rows(tmp_path)
+    assert (row.prompt_tokens, row.generation_tokens, row.total_tokens) == (4, 1, 17)
+
+
+def test_gateway_metrics_need_auth_where_callers_do_and_count_answers(tmp_path: Path) -> None:
+    import httpx
+
+    from fabric.gateway import GatewayConfig, create_app
+    from fabric.gateway.keys import KeyStore
+    from tests.test_gateway_unit import running_server
+
+    key, _ = KeyStore(tmp_path).create("prometheus")
+    config = GatewayConfig(home=tmp_path, require_auth=True, rate=0)
+    with running_server(create_app(config)) as url, httpx.Client(base_url=url, timeout=30) as h:
+        auth = {"Authorization": f"Bearer {key}"}
+        assert h.get("/metrics").status_code == 401
+        for _ in range(3):
+            assert h.post("/v1/chat/completions", json={"model": "m"}, headers=auth
+                          ).status_code == 400
+        assert h.get("/v1/nothing", headers=auth).status_code == 404
+        reply = h.get("/metrics", headers=auth)
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = _samples(reply.text)
+    chat = 'route="/v1/chat/completions",method="POST"'
+    assert samples[f'fabric_gateway_requests_total{{{chat},code="400"}}'] == 3
+    assert samples['fabric_gateway_requests_total{route="/metrics",method="GET",code="401"}'] == 1
+    assert samples['fabric_gateway_requests_total{route="unmatched",method="GET",code="404"}'] == 1
+    assert samples['fabric_gateway_request_duration_seconds_count'
+                   '{route="/v1/chat/completions"}'] == 3
+
+
+def test_fabric_metrics_serves_a_site_from_its_state_dir(tmp_path: Path) -> None:
+    """A remote site's operator runs ``fabric metrics`` beside the Globus Compute endpoint."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.plugins.site import wait_until, write_site
+
+    folder = write_site(tmp_path / "site", name="remote-ish")
+    state = folder / "state"
+    state.mkdir()
+    site_events.record_refusal(state, "big-model", QuotaExceeded("over"))
+    site_events.record_cold_start(state, "big-model", "d-1", 42.0)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from fabric.cli.main import main; "
+         "sys.exit(main(sys.argv[1:]))", "metrics", "--site", str(folder), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        info = wait_until(lambda: (state / "metrics.json").exists()
+                          and json.loads((state / "metrics.json").read_text()), 30,
+                          "fabric metrics to listen")
+        samples = _samples(httpx.get(info["url"], timeout=10).text)
+        assert samples['fabric_refusals_total{model_name="big-model",rule="quota",'
+                       'error="QuotaExceeded"}'] == 1
+        assert samples['fabric_cold_starts_total{model_name="big-model"}'] == 1
+        assert samples['fabric_cold_start_duration_seconds_bucket'
+                       '{model_name="big-model",le="60"}'] == 1
+        assert samples['fabric_cold_start_duration_seconds_bucket'
+                       '{model_name="big-model",le="30"}'] == 0
+        assert httpx.get(info["url"].replace("/metrics", "/other"), timeout=10
+                         ).status_code == 404
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert not (state / "metrics.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
