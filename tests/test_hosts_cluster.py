@@ -29,7 +29,7 @@ import pytest
 
 from fabric.endpoint.state import Deployment, StateDB
 from fabric.testing.netns_cluster import COMPUTE_ADDRS, LOGIN_ADDR, SUBNET, Host
-from tests.plugins.site import REPO_ROOT, write_site
+from tests.plugins.site import REPO_ROOT, TINY_MODEL, write_site
 from tests.plugins.slurm import SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -62,19 +62,24 @@ class ClusterSite:
         assert proc.returncode == 0, proc.stderr[-3000:]
         return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
-    def deployments(self) -> list[Deployment]:
-        return StateDB(self.state_dir).query(model=MODEL)
+    @property
+    def site_dir(self) -> Path:
+        return self.folder
+
+    def deployments(self, model: str = MODEL) -> list[Deployment]:
+        return StateDB(self.state_dir).query(model=model)
 
 
-def _site(slurm: SlurmCluster, folder: Path, plan: dict[str, Any]) -> ClusterSite:
-    write_site(folder, name="hosts-test", workers=2,
+def _site(slurm: SlurmCluster, folder: Path, plan: dict[str, Any],
+          tiny: Path | None = None) -> ClusterSite:
+    write_site(folder, name="hosts-test", workers=2, model_dir=tiny,
                jobs={"provider": {"type": "SlurmProvider", "partition": slurm.partition,
                                   "exclusive": False, "cmd_timeout": 30},
                      "launcher": {"type": "SrunLauncher"}, "walltime": "00:20:00"},
                server={"idle_timeout_s": 900, "ready_timeout_s": 300,
                        "kv_budget_tokens": 4096, "threads_per_rank": 1,
                        "network": {"advertise": SUBNET}},
-               models=[{"name": MODEL, "plan": plan}])
+               models=[{"name": TINY_MODEL if tiny else MODEL, "plan": plan}])
     return ClusterSite(folder, folder / "state", slurm)
 
 
@@ -86,8 +91,8 @@ def login_sites(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Any]:
     assert hosts is not None
     started: list[ClusterSite] = []
 
-    def start(plan: dict[str, Any]) -> ClusterSite:
-        site = _site(slurm, tmp_path / f"site{len(started)}", plan)
+    def start(plan: dict[str, Any], tiny: Path | None = None) -> ClusterSite:
+        site = _site(slurm, tmp_path / f"site{len(started)}", plan, tiny)
         started.append(site)
         code = ("from fabric.client.local import start_site; import sys; "
                 "start_site(sys.argv[1], sys.argv[2], timeout_s=240)")
@@ -138,7 +143,8 @@ def test_pp2_across_two_compute_nodes(login_sites: Any, slurm: SlurmCluster,
     laptop = login_site.client(slurm.hosts.laptop, "poll")
     assert laptop["error"] is None, laptop
     assert laptop["text"] == expected
-    assert _inet(laptop["connects"]) == [], laptop["connects"]  # no TCP at all, let alone compute
+    # no TCP at all from the laptop (let alone to a compute node), from Python or from ZMQ
+    assert _inet(laptop["connects"]) == [] and laptop["peers"] == [], laptop
     route = slurm.hosts.laptop.run(["ip", "route", "get", COMPUTE_ADDRS["compute1"]])
     assert route.returncode != 0 and "unreachable" in route.stderr.lower()
 
@@ -157,7 +163,7 @@ def test_pp2_across_two_compute_nodes(login_sites: Any, slurm: SlurmCluster,
     assert login["error"] is None, login
     assert login["text"] == expected
     server = _host(dep.address)
-    assert any(server in c for c in _inet(login["connects"])), login["connects"]
+    assert server in login["peers"], login  # ZMQ straight to the compute node
     assert server != LOGIN_ADDR
 
 
@@ -213,3 +219,32 @@ def test_a_compute_node_dies_mid_stream(login_sites: Any, slurm: SlurmCluster,
     assert new.id != dep.id
     assert slurm.squeue("-h", "-j", str(new.job_id), "-o", "%N").strip() == survivor
     slurm.hosts.start_slurmd(victim)  # give the node back for later tests
+
+
+def test_walltime_expiry_mid_campaign_loses_nothing(login_sites: Any, slurm: SlurmCluster,
+                                                    tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """A campaign runs against the login host's site; its server's Slurm job reaches its time
+    limit mid-way (the limit is cut to a minute once 100 inputs are done, so the expiry lands
+    inside the campaign whatever this machine's speed): one output line per input, no errors,
+    the job ends as TIMEOUT and a new deployment finishes the work."""
+    from fabric.campaign import store
+    from fabric.campaign.api import Campaign
+    from tests.test_campaign_site import done, invariant, make_campaign, wait_for
+
+    site = login_sites({"pp": 1}, tiny=tiny_llama_dir)
+    n = 1200
+    folder = store.create(make_campaign(tmp_path, site, n, shard_size=20), tmp_path / "home")
+    campaign = Campaign(folder).start()
+    wait_for(lambda: done(folder) >= 100, 300, "100 inputs")
+    [dep] = [d for d in site.deployments(TINY_MODEL) if d.state == "ready"]
+    cut = slurm.hosts.slurm("scontrol", "update", f"JobId={dep.job_id}", "TimeLimit=1") \
+        if slurm.hosts else None
+    assert cut is not None and cut.returncode == 0, cut
+    status = campaign.wait(timeout=600)
+    assert status["status"] == "done", status
+    out, err = invariant(folder, n)
+    assert len(out) == n and not err
+    final = slurm.squeue("-h", "-t", "all", "-j", str(dep.job_id), "-o", "%T").strip()
+    assert final == "TIMEOUT", final
+    assert done(folder) == n
+    assert len(site.deployments(TINY_MODEL)) >= 2  # the expired one and its relaunch
