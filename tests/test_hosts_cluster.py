@@ -71,11 +71,11 @@ class ClusterSite:
 
 
 def _site(slurm: SlurmCluster, folder: Path, plan: dict[str, Any],
-          tiny: Path | None = None) -> ClusterSite:
+          tiny: Path | None = None, walltime: str = "00:20:00") -> ClusterSite:
     write_site(folder, name="hosts-test", workers=2, model_dir=tiny,
                jobs={"provider": {"type": "SlurmProvider", "partition": slurm.partition,
                                   "exclusive": False, "cmd_timeout": 30},
-                     "launcher": {"type": "SrunLauncher"}, "walltime": "00:20:00"},
+                     "launcher": {"type": "SrunLauncher"}, "walltime": walltime},
                server={"idle_timeout_s": 900, "ready_timeout_s": 300,
                        "kv_budget_tokens": 4096, "threads_per_rank": 1,
                        "network": {"advertise": SUBNET}},
@@ -91,8 +91,9 @@ def login_sites(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Any]:
     assert hosts is not None
     started: list[ClusterSite] = []
 
-    def start(plan: dict[str, Any], tiny: Path | None = None) -> ClusterSite:
-        site = _site(slurm, tmp_path / f"site{len(started)}", plan, tiny)
+    def start(plan: dict[str, Any], tiny: Path | None = None,
+              walltime: str = "00:20:00") -> ClusterSite:
+        site = _site(slurm, tmp_path / f"site{len(started)}", plan, tiny, walltime)
         started.append(site)
         code = ("from fabric.client.local import start_site; import sys; "
                 "start_site(sys.argv[1], sys.argv[2], timeout_s=240)")
@@ -204,15 +205,22 @@ def test_a_compute_node_dies_mid_stream(login_sites: Any, slurm: SlurmCluster,
                                               "ModelServerError"), report
     assert waited < 30, waited
 
-    # Slurm notices the node is gone (SlurmdTimeout=10 s) and the deployment turns dead
-    deadline = time.monotonic() + 90
+    # Slurm notices the node is gone (SlurmdTimeout=10 s), ends the job (JobRequeue=0), and a
+    # worker asking the scheduler about the job id marks the deployment dead
+    from fabric.endpoint.deployments import DeploymentManager
+    from fabric.sites import load_site
+
+    site = load_site(login_site.folder)
+    mgr = DeploymentManager(site, login_site.state_dir)
+    deadline, seen = time.monotonic() + 90, dep
     while time.monotonic() < deadline:
-        states = {d.id: d.state for d in login_site.deployments()}
-        if states.get(dep.id) == "dead" and \
+        seen = mgr.refresh(mgr.db.get(dep.id) or dep)
+        if seen.state == "dead" and \
                 slurm.hosts.node_states().get(victim, "").startswith(("down", "drain")):
             break
         time.sleep(2.0)
-    assert states.get(dep.id) == "dead", states
+    assert seen.state == "dead", (seen, slurm.hosts.node_states())
+    assert slurm.hosts.node_states()[victim].startswith(("down", "drain"))
     again = login_site.client(slurm.hosts.login, "direct")
     assert again["error"] is None and again["text"] == expected, again
     [new] = [d for d in login_site.deployments() if d.state == "ready"]
@@ -223,28 +231,30 @@ def test_a_compute_node_dies_mid_stream(login_sites: Any, slurm: SlurmCluster,
 
 def test_walltime_expiry_mid_campaign_loses_nothing(login_sites: Any, slurm: SlurmCluster,
                                                     tmp_path: Path, tiny_llama_dir: Path) -> None:
-    """A campaign runs against the login host's site; its server's Slurm job reaches its time
-    limit mid-way (the limit is cut to a minute once 100 inputs are done, so the expiry lands
-    inside the campaign whatever this machine's speed): one output line per input, no errors,
-    the job ends as TIMEOUT and a new deployment finishes the work."""
+    """A campaign runs against the login host's site, whose server jobs have a one-minute
+    walltime (Slurm's shortest): the first job ends as TIMEOUT while the campaign runs (checked
+    before anything else once the campaign is done, so an expiry that came too late fails
+    the test), and still every input has exactly one output line and none an error."""
     from fabric.campaign import store
     from fabric.campaign.api import Campaign
     from tests.test_campaign_site import done, invariant, make_campaign, wait_for
 
-    site = login_sites({"pp": 1}, tiny=tiny_llama_dir)
-    n = 1200
-    folder = store.create(make_campaign(tmp_path, site, n, shard_size=20), tmp_path / "home")
+    site = login_sites({"pp": 1}, tiny=tiny_llama_dir, walltime="00:01:00")
+    n = 2000
+    folder = store.create(make_campaign(tmp_path, site, n, shard_size=20,
+                                        sampling={"max_tokens": 24, "temperature": 0.0}),
+                          tmp_path / "home")
     campaign = Campaign(folder).start()
-    wait_for(lambda: done(folder) >= 100, 300, "100 inputs")
-    [dep] = [d for d in site.deployments(TINY_MODEL) if d.state == "ready"]
-    cut = slurm.hosts.slurm("scontrol", "update", f"JobId={dep.job_id}", "TimeLimit=1") \
-        if slurm.hosts else None
-    assert cut is not None and cut.returncode == 0, cut
+    wait_for(lambda: done(folder) >= 20, 300, "20 inputs")
+    first = min(site.deployments(TINY_MODEL), key=lambda d: d.created)
     status = campaign.wait(timeout=600)
+    final = slurm.squeue("-h", "-t", "all", "-j", str(first.job_id), "-o", "%T").strip()
+    deadline = time.monotonic() + 30
+    while final == "COMPLETING" and time.monotonic() < deadline:  # ranks already signalled
+        time.sleep(1.0)
+        final = slurm.squeue("-h", "-t", "all", "-j", str(first.job_id), "-o", "%T").strip()
+    assert final == "TIMEOUT", (final, status)  # expired while the campaign ran
     assert status["status"] == "done", status
     out, err = invariant(folder, n)
     assert len(out) == n and not err
-    final = slurm.squeue("-h", "-t", "all", "-j", str(dep.job_id), "-o", "%T").strip()
-    assert final == "TIMEOUT", final
-    assert done(folder) == n
     assert len(site.deployments(TINY_MODEL)) >= 2  # the expired one and its relaunch
