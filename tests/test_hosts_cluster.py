@@ -183,50 +183,56 @@ def test_a_compute_node_dies_mid_stream(login_sites: Any, slurm: SlurmCluster,
     assert victim in COMPUTE_ADDRS, victim
     survivor = next(n for n in COMPUTE_ADDRS if n != victim)
 
-    proc = subprocess.Popen(
-        [*slurm.hosts.login.prefix(), sys.executable, "-m", "tests.hosts_client",
-         str(login_site.folder), str(login_site.state_dir), "poll", PROMPT, "2000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=login_site.env())
     try:
-        time.sleep(8.0)  # the stream is under way (2000 tokens take minutes)
-        assert proc.poll() is None, proc.communicate()
-        killed_at = time.monotonic()
-        assert slurm.hosts.kill_host(victim)
-        out, err = proc.communicate(timeout=60)
-        assert out.strip(), err[-3000:]
-        waited = time.monotonic() - killed_at
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    report = json.loads(out.strip().splitlines()[-1])
-    assert report["error"], report
-    assert report["error"].split(":")[0] in ("ModelServerUnavailable", "DeploymentError",
-                                              "ModelServerError"), report
-    assert waited < 30, waited
+        proc = subprocess.Popen(
+            [*slurm.hosts.login.prefix(), sys.executable, "-m", "tests.hosts_client",
+             str(login_site.folder), str(login_site.state_dir), "poll", PROMPT, "2000"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=login_site.env())
+        try:
+            time.sleep(8.0)  # the stream is under way (2000 tokens take minutes)
+            assert proc.poll() is None, proc.communicate()
+            killed_at = time.monotonic()
+            assert slurm.hosts.kill_host(victim)
+            out, err = proc.communicate(timeout=60)
+            assert out.strip(), err[-3000:]
+            waited = time.monotonic() - killed_at
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["error"], report
+        assert report["error"].split(":")[0] in ("ModelServerUnavailable", "DeploymentError",
+                                                  "ModelServerError"), report
+        assert waited < 30, waited
 
-    # Slurm notices the node is gone (SlurmdTimeout=10 s), ends the job (JobRequeue=0), and a
-    # worker asking the scheduler about the job id marks the deployment dead
-    from fabric.endpoint.deployments import DeploymentManager
-    from fabric.sites import load_site
+        # Slurm notices the node is gone (SlurmdTimeout=10 s), ends the job (JobRequeue=0), and a
+        # worker asking the scheduler about the job id marks the deployment dead
+        from fabric.endpoint.deployments import DeploymentManager
+        from fabric.sites import load_site
 
-    site = load_site(login_site.folder)
-    mgr = DeploymentManager(site, login_site.state_dir)
-    deadline, seen = time.monotonic() + 90, dep
-    while time.monotonic() < deadline:
-        seen = mgr.refresh(mgr.db.get(dep.id) or dep)
-        if seen.state == "dead" and \
-                slurm.hosts.node_states().get(victim, "").startswith(("down", "drain")):
-            break
-        time.sleep(2.0)
-    assert seen.state == "dead", (seen, slurm.hosts.node_states())
-    assert slurm.hosts.node_states()[victim].startswith(("down", "drain"))
-    again = login_site.client(slurm.hosts.login, "direct")
-    assert again["error"] is None and again["text"] == expected, again
-    [new] = [d for d in login_site.deployments() if d.state == "ready"]
-    assert new.id != dep.id
-    assert slurm.squeue("-h", "-j", str(new.job_id), "-o", "%N").strip() == survivor
-    slurm.hosts.start_slurmd(victim)  # give the node back for later tests
+        site = load_site(login_site.folder)
+        mgr = DeploymentManager(site, login_site.state_dir)
+        deadline, seen = time.monotonic() + 90, dep
+        while time.monotonic() < deadline:
+            seen = mgr.refresh(mgr.db.get(dep.id) or dep)
+            if seen.state == "dead" and \
+                    slurm.hosts.node_states().get(victim, "").startswith(("down", "drain")):
+                break
+            time.sleep(2.0)
+        assert seen.state == "dead", (seen, slurm.hosts.node_states())
+        assert slurm.hosts.node_states()[victim].startswith(("down", "drain"))
+        again = login_site.client(slurm.hosts.login, "direct")
+        assert again["error"] is None and again["text"] == expected, again
+        [new] = [d for d in login_site.deployments() if d.state == "ready"]
+        assert new.id != dep.id
+        assert slurm.squeue("-h", "-j", str(new.job_id), "-o", "%N").strip() == survivor
+    finally:  # give the node back for later tests
+        slurm.hosts.start_slurmd(victim)
+        deadline = time.monotonic() + 60
+        while not slurm.hosts.node_states().get(victim, "").startswith("idle") \
+                and time.monotonic() < deadline:
+            time.sleep(1.0)
 
 
 def test_walltime_expiry_mid_campaign_loses_nothing(login_sites: Any, slurm: SlurmCluster,

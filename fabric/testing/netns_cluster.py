@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shlex
 import shutil
 import signal
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fabric import env
 from fabric.errors import FabricError
 
 PREFIX = "fabcl-"
@@ -145,7 +147,7 @@ class NetnsCluster:
 
 
 def _path() -> str:
-    parts = os.environ.get("PATH", "").split(os.pathsep)
+    parts = (env.PATH.get() or "").split(os.pathsep)
     return os.pathsep.join([*parts, *(p for p in SBIN if p not in parts)])
 
 
@@ -246,7 +248,7 @@ def _write_conf(folder: Path, cpus: int) -> Path:
     conf.write_text(f"""# Namespace cluster written by fabric.testing.netns_cluster
 ClusterName=fabric-hosts
 SlurmctldHost=login({LOGIN_ADDR})
-SlurmUser={os.environ.get("USER") or "root"}
+SlurmUser={pwd.getpwuid(os.geteuid()).pw_name}
 SlurmctldPort={SLURMCTLD_PORT}
 SlurmdPort={SLURMD_PORT}
 AuthType=auth/munge
