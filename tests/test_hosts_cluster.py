@@ -235,30 +235,48 @@ def test_a_compute_node_dies_mid_stream(login_sites: Any, slurm: SlurmCluster,
             time.sleep(1.0)
 
 
+def _elapsed_s(slurm: SlurmCluster, job: str) -> int:
+    """A running job's elapsed time from squeue (``%M``: [[D-]H:]M:SS), 0 when not running."""
+    text = slurm.squeue("-h", "-t", "R", "-j", job, "-o", "%M").strip()
+    if not text:
+        return 0
+    days, _, clock = text.rpartition("-")
+    seconds = 0
+    for part in clock.split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds + int(days or 0) * 86400
+
+
 def test_walltime_expiry_mid_campaign_loses_nothing(login_sites: Any, slurm: SlurmCluster,
                                                     tmp_path: Path, tiny_llama_dir: Path) -> None:
-    """A campaign runs against the login host's site, whose server jobs have a one-minute
-    walltime (Slurm's shortest): the first job ends as TIMEOUT while the campaign runs (checked
-    before anything else once the campaign is done, so an expiry that came too late fails
-    the test), and still every input has exactly one output line and none an error."""
+    """Server jobs with a one-minute walltime (Slurm's shortest). The server is deployed first
+    and the campaign starts once its job has run 50 s, so Slurm's time-limit check (every 30 s
+    once the limit has passed) ends the job while the campaign runs; the job's state is read
+    as soon as the campaign is done, so an expiry that came too late fails the test. Every
+    input still has exactly one output line and none an error."""
     from fabric.campaign import store
     from fabric.campaign.api import Campaign
-    from tests.test_campaign_site import done, invariant, make_campaign, wait_for
+    from fabric.endpoint.deployments import DeploymentManager
+    from fabric.sites import load_site
+    from tests.test_campaign_site import invariant, make_campaign
 
     site = login_sites({"pp": 1}, tiny=tiny_llama_dir, walltime="00:01:00")
-    n = 2000
-    folder = store.create(make_campaign(tmp_path, site, n, shard_size=20,
-                                        sampling={"max_tokens": 24, "temperature": 0.0}),
-                          tmp_path / "home")
-    campaign = Campaign(folder).start()
-    wait_for(lambda: done(folder) >= 20, 300, "20 inputs")
-    first = min(site.deployments(TINY_MODEL), key=lambda d: d.created)
-    status = campaign.wait(timeout=600)
-    final = slurm.squeue("-h", "-t", "all", "-j", str(first.job_id), "-o", "%T").strip()
+    config = load_site(site.folder)
+    mgr = DeploymentManager(config, site.state_dir)  # a worker of the same site (state dir)
+    first = mgr.ensure(config.extra_models[0], wait_s=240)
+    assert first.job_id
+    deadline = time.monotonic() + 90
+    while _elapsed_s(slurm, first.job_id) < 50:
+        assert time.monotonic() < deadline, slurm.squeue("-t", "all")
+        time.sleep(0.5)
+    n = 5000
+    folder = store.create(make_campaign(tmp_path, site, n, shard_size=50), tmp_path / "home")
+    status = Campaign(folder).start().wait(timeout=600)
+    final = slurm.squeue("-h", "-t", "all", "-j", first.job_id, "-o", "%T").strip()
     deadline = time.monotonic() + 30
     while final == "COMPLETING" and time.monotonic() < deadline:  # ranks already signalled
         time.sleep(1.0)
-        final = slurm.squeue("-h", "-t", "all", "-j", str(first.job_id), "-o", "%T").strip()
+        final = slurm.squeue("-h", "-t", "all", "-j", first.job_id, "-o", "%T").strip()
     assert final == "TIMEOUT", (final, status)  # expired while the campaign ran
     assert status["status"] == "done", status
     out, err = invariant(folder, n)
