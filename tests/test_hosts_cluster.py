@@ -250,10 +250,10 @@ def _elapsed_s(slurm: SlurmCluster, job: str) -> int:
 def test_walltime_expiry_mid_campaign_loses_nothing(login_sites: Any, slurm: SlurmCluster,
                                                     tmp_path: Path, tiny_llama_dir: Path) -> None:
     """Server jobs with a one-minute walltime (Slurm's shortest). The server is deployed first
-    and the campaign starts once its job has run 50 s, so Slurm's time-limit check (every 30 s
-    once the limit has passed) ends the job while the campaign runs; the job's state is read
-    as soon as the campaign is done, so an expiry that came too late fails the test. Every
-    input still has exactly one output line and none an error."""
+    and the campaign starts once its job has passed its limit, so Slurm's next time-limit check
+    (every 30 s) ends the job while the campaign runs; the job's state is read as soon as the
+    campaign is done, so an expiry that came too late fails the test. Every input still has
+    exactly one output line and none an error."""
     from fabric.campaign import store
     from fabric.campaign.api import Campaign
     from fabric.endpoint.deployments import DeploymentManager
@@ -266,11 +266,13 @@ def test_walltime_expiry_mid_campaign_loses_nothing(login_sites: Any, slurm: Slu
     first = mgr.ensure(config.extra_models[0], wait_s=240)
     assert first.job_id
     deadline = time.monotonic() + 90
-    while _elapsed_s(slurm, first.job_id) < 50:
+    while _elapsed_s(slurm, first.job_id) < 61:
         assert time.monotonic() < deadline, slurm.squeue("-t", "all")
         time.sleep(0.5)
-    n = 5000
-    folder = store.create(make_campaign(tmp_path, site, n, shard_size=50), tmp_path / "home")
+    n = 2000  # 200 tokens each: the campaign outlasts the next time-limit check (<= 30 s)
+    folder = store.create(make_campaign(tmp_path, site, n, shard_size=50,
+                                        sampling={"max_tokens": 200, "temperature": 0.0}),
+                          tmp_path / "home")
     status = Campaign(folder).start().wait(timeout=600)
     final = slurm.squeue("-h", "-t", "all", "-j", first.job_id, "-o", "%T").strip()
     deadline = time.monotonic() + 30
