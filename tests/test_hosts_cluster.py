@@ -6,8 +6,11 @@ on ``compute1`` and ``compute2`` (one slurmd each; gloo over their ``hsn0``), an
 Checked: greedy answers equal transformers'; a client on ``login`` connects to the compute node
 directly; the ``laptop`` (whose only route is to ``login``) streams through the long-poll path
 and its process never opens a connection to a compute node (Python's ``socket.connect``
-audit events); and a compute node that dies mid-stream gives the client a typed error, the
+audit events and its own TCP sockets in ``/proc/net/tcp``, ZMQ's included); and a compute node that dies mid-stream gives the client a typed error, the
 deployment turns dead and the next request relaunches it on the node that remains.
+
+(A walltime expiry in the middle of a campaign is not here yet: commit c1a47b1 of the branch
+`cluster` has a version whose expiry, in its one run, landed only after the campaign ended.)
 
 The laptop reaches the site through the site's Unix socket (the hosts share a file system);
 what crosses the network from the laptop is nothing at all, which is the point checked.
@@ -233,54 +236,3 @@ def test_a_compute_node_dies_mid_stream(login_sites: Any, slurm: SlurmCluster,
         while not slurm.hosts.node_states().get(victim, "").startswith("idle") \
                 and time.monotonic() < deadline:
             time.sleep(1.0)
-
-
-def _elapsed_s(slurm: SlurmCluster, job: str) -> int:
-    """A running job's elapsed time from squeue (``%M``: [[D-]H:]M:SS), 0 when not running."""
-    text = slurm.squeue("-h", "-t", "R", "-j", job, "-o", "%M").strip()
-    if not text:
-        return 0
-    days, _, clock = text.rpartition("-")
-    seconds = 0
-    for part in clock.split(":"):
-        seconds = seconds * 60 + int(part)
-    return seconds + int(days or 0) * 86400
-
-
-def test_walltime_expiry_mid_campaign_loses_nothing(login_sites: Any, slurm: SlurmCluster,
-                                                    tmp_path: Path, tiny_llama_dir: Path) -> None:
-    """Server jobs with a one-minute walltime (Slurm's shortest). The server is deployed first
-    and the campaign starts once its job has passed its limit, so Slurm's next time-limit check
-    (every 30 s) ends the job while the campaign runs; the job's state is read as soon as the
-    campaign is done, so an expiry that came too late fails the test. Every input still has
-    exactly one output line and none an error."""
-    from fabric.campaign import store
-    from fabric.campaign.api import Campaign
-    from fabric.endpoint.deployments import DeploymentManager
-    from fabric.sites import load_site
-    from tests.test_campaign_site import invariant, make_campaign
-
-    site = login_sites({"pp": 1}, tiny=tiny_llama_dir, walltime="00:01:00")
-    config = load_site(site.folder)
-    mgr = DeploymentManager(config, site.state_dir)  # a worker of the same site (state dir)
-    first = mgr.ensure(config.extra_models[0], wait_s=240)
-    assert first.job_id
-    deadline = time.monotonic() + 90
-    while _elapsed_s(slurm, first.job_id) < 61:
-        assert time.monotonic() < deadline, slurm.squeue("-t", "all")
-        time.sleep(0.5)
-    n = 2000  # 200 tokens each: the campaign outlasts the next time-limit check (<= 30 s)
-    folder = store.create(make_campaign(tmp_path, site, n, shard_size=50,
-                                        sampling={"max_tokens": 200, "temperature": 0.0}),
-                          tmp_path / "home")
-    status = Campaign(folder).start().wait(timeout=600)
-    final = slurm.squeue("-h", "-t", "all", "-j", first.job_id, "-o", "%T").strip()
-    deadline = time.monotonic() + 30
-    while final == "COMPLETING" and time.monotonic() < deadline:  # ranks already signalled
-        time.sleep(1.0)
-        final = slurm.squeue("-h", "-t", "all", "-j", first.job_id, "-o", "%T").strip()
-    assert final == "TIMEOUT", (final, status)  # expired while the campaign ran
-    assert status["status"] == "done", status
-    out, err = invariant(folder, n)
-    assert len(out) == n and not err
-    assert len(site.deployments(TINY_MODEL)) >= 2  # the expired one and its relaunch
