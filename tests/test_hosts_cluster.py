@@ -6,8 +6,9 @@ on ``compute1`` and ``compute2`` (one slurmd each; gloo over their ``hsn0``), an
 Checked: greedy answers equal transformers'; a client on ``login`` connects to the compute node
 directly; the ``laptop`` (whose only route is to ``login``) streams through the long-poll path
 and its process never opens a connection to a compute node (Python's ``socket.connect``
-audit events and its own TCP sockets in ``/proc/net/tcp``, ZMQ's included); and a compute node that dies mid-stream gives the client a typed error, the
-deployment turns dead and the next request relaunches it on the node that remains.
+audit events and its own TCP sockets in ``/proc/net/tcp``, ZMQ's included); and a compute
+node that dies mid-stream gives the client a typed error, the deployment turns dead and the
+next request relaunches it on the node that remains.
 
 (A walltime expiry in the middle of a campaign is not here yet: commit c1a47b1 of the branch
 `cluster` has a version whose expiry, in its one run, landed only after the campaign ended.)
