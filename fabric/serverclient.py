@@ -18,6 +18,10 @@ import zmq
 from fabric.errors import FabricError, ModelServerUnavailable
 from fabric.protocol import InferenceRequest, pack, unpack
 
+POLL_GRACE_S = 10.0
+"""How long past its long-poll wait a poll's reply may be late before the server counts as gone
+(the front door answers from its own thread, so lateness means a dead process or node)."""
+
 
 class ServerClient:
     """A connection to one model server."""
@@ -71,7 +75,10 @@ class ServerClient:
         """Events after ``cursor`` (waiting up to ``wait_s`` for new ones): long-poll streaming."""
         self._send({"op": "poll", "ticket": ticket, "request_id": request_id, "cursor": cursor,
                     "wait": wait_s})
-        reply = self._wait_request(request_id, ("events", "error"), wait_s + self.timeout_s)
+        # The front door answers a poll when its wait ends, from its own thread even mid-step:
+        # a reply missing for POLL_GRACE_S beyond that means the server (or its node) is gone.
+        reply = self._wait_request(request_id, ("events", "error"),
+                                   wait_s + min(self.timeout_s, POLL_GRACE_S))
         if reply["op"] == "error" and "events" not in reply:
             raise FabricError.from_dict(reply["error"])
         return reply

@@ -1,4 +1,6 @@
-"""A pp=2 model server as a real Slurm job: serve, scancel, walltime expiry, relaunch."""
+"""A pp=2 model server as a real Slurm job on a namespace compute node: serve, scancel,
+walltime expiry, relaunch. The server advertises its compute-node address (``server.network``
+set to the cluster's subnet); this process reaches it over the cluster's bridge."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from fabric.endpoint.state import Deployment
 from fabric.protocol import InferenceRequest
 from fabric.serverclient import ServerClient
 from fabric.sites import load_site
+from fabric.testing.netns_cluster import COMPUTE_ADDRS, SUBNET
 from tests.plugins.site import TINY_MODEL, write_site
 from tests.plugins.slurm import SlurmCluster
 
@@ -26,7 +29,9 @@ def manager(folder: Path, tiny: Path, walltime: str) -> DeploymentManager:
                jobs={"provider": {"type": "SlurmProvider", "partition": "debug",
                                   "exclusive": False, "cmd_timeout": 30},
                      "launcher": {"type": "SrunLauncher"}, "walltime": walltime},
-               models=[{"name": TINY_MODEL, "plan": {"pp": 2, "tp": 1}}])
+               models=[{"name": TINY_MODEL, "plan": {"pp": 2, "tp": 1}}],
+               server={"idle_timeout_s": 600, "ready_timeout_s": 300, "kv_budget_tokens": 4096,
+                       "threads_per_rank": 1, "network": {"advertise": SUBNET}})
     site = load_site(folder)
     return DeploymentManager(site, site.resolved_state_dir())
 
@@ -70,6 +75,8 @@ def test_pp2_server_as_slurm_job_serves_and_scancel_is_detected(
     assert dep.job_id and dep.job_id.isdigit(), dep
     assert dep.job_id in slurm.squeue("-h", "-t", "R", "-o", "%i").split()
     assert dep.plan["pp"] == 2
+    assert dep.address and dep.address.removeprefix("tcp://").rpartition(":")[0] \
+        in COMPUTE_ADDRS.values(), dep.address
     for prompt in PROMPTS:
         assert generate(mgr, dep, prompt, 8) == hf_greedy(tiny_llama_dir, prompt, 8)
 

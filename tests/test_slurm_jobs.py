@@ -1,4 +1,5 @@
-"""JobLauncher over Parsl's SlurmProvider + SrunLauncher against a real single-node Slurm."""
+"""JobLauncher over Parsl's SlurmProvider + SrunLauncher against a real Slurm of two compute
+nodes (namespace hosts, ``tests/plugins/slurm.py``)."""
 
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ def test_cancel_is_cancelled_in_slurm(slurm: SlurmCluster, tmp_path: Path) -> No
 
 
 def test_queued_job_reports_position(slurm: SlurmCluster, tmp_path: Path) -> None:
-    blocker = slurm_launcher(tmp_path, exclusive=True)  # takes the whole node
-    big = blocker.submit("sleep 600", ranks=1, nodes=1, job_name="blocker")
+    blocker = slurm_launcher(tmp_path, exclusive=True)  # takes both compute nodes
+    big = blocker.submit("sleep 600", ranks=2, nodes=2, job_name="blocker")
     assert wait_for(blocker, big, {JobState.RUNNING}).state is JobState.RUNNING
     launcher = slurm_launcher(tmp_path)
     first = launcher.submit("true", ranks=2, nodes=1, job_name="waiting-1")

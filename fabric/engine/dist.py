@@ -115,12 +115,25 @@ def resolve_master(addr: str) -> str:
     if nodelist:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist],
                              capture_output=True, text=True, check=True).stdout
-        return out.split()[0]
+        first = out.split()[0]
+        # A node's name need not resolve (DNS-less clusters, the tests' namespace hosts):
+        # Slurm reaches it at its NodeAddr, and so do the other ranks.
+        shown = subprocess.run(["scontrol", "show", "node", "-o", first],
+                               capture_output=True, text=True, check=False).stdout
+        return node_addr(shown) or first
     nodefile = env.PBS_NODEFILE.get()
     if nodefile:
         with open(nodefile) as fh:
             return fh.readline().strip()
     return "127.0.0.1"
+
+
+def node_addr(scontrol_node: str) -> str | None:
+    """The ``NodeAddr`` in one ``scontrol show node -o`` line, if any."""
+    for field in scontrol_node.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1] or None
+    return None
 
 
 def socket_interface(master_addr: str, network: NetworkConfig | None) -> str | None:

@@ -6,9 +6,11 @@ the final norm and picks the rows that need logits. If the LM head is on the las
 ranks compute the logits, its leader samples and sends the outputs to the head; if the head is
 tied to the embedding (on stage 0), the last stage sends those rows back and the head's stage
 computes logits and samples when it collects the step. Steps are collected in launch order.
-Within a stage, the leader broadcasts each step to its tensor-parallel peers. Hidden states
-travel as float32 tensors through torch.distributed point-to-point; the step plan travels
-pickled in a uint8 tensor ahead of them.
+Within a stage, the leader broadcasts each step to its tensor-parallel peers. The step plan
+travels pickled in a uint8 tensor ahead of the hidden states, always over gloo; the hidden
+states follow the ``HandOff``: float32 CPU tensors over gloo for CPU plans, and for CUDA plans
+(nccl) tensors on the rank's GPU in the model's dtype over the nccl group, so a stage boundary
+costs no device copy and no upcast (unproven on a GPU so far: no test machine had one).
 
 Every rank drives its stage through a ``fabric.engine.runner.StageRunner``, which owns the
 rank's KV caches and (pp=1) the decode fast path; this module only moves steps and rows.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import pickle
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +29,7 @@ import torch.distributed as dist
 
 from fabric import env
 from fabric.engine.dist import Groups, RankInfo
+from fabric.engine.loader import DTYPES
 from fabric.engine.runner import StageRunner
 from fabric.engine.sampling import outputs_from
 from fabric.engine.steps import SeqOutput, StepPlan
@@ -45,12 +49,44 @@ class StageFailed(RuntimeError):
     (``Engine._isolate``), which alone gets ``ServerInternalError``. The rank lives on."""
 
 
+@dataclass(frozen=True)
+class HandOff:
+    """How hidden states cross ranks: device, dtype and whether they go over the default
+    (device, nccl) group instead of the gloo wire."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    on_device: bool = False
+
+
+def hand_off(plan_device: str, plan_dtype: str, backend: str,
+             device: str | torch.device = "cpu") -> HandOff:
+    """The hand-off a plan gets: on ``device`` in the plan's dtype over the default group when
+    the plan is CUDA and the backend nccl; otherwise float32 on the CPU over gloo (gloo moves
+    CPU tensors, and float32 keeps CPU plans' answers identical to a single rank's)."""
+    if plan_device == "cuda" and backend == "nccl":
+        return HandOff(torch.device(device), DTYPES[plan_dtype], True)
+    return HandOff()
+
+
 class _Wire:
     """Point-to-point and broadcast of (kind, payload object, hidden tensor)."""
 
-    def __init__(self, info: RankInfo, groups: Groups, hidden_size: int) -> None:
+    def __init__(self, info: RankInfo, groups: Groups, hidden_size: int,
+                 handoff: HandOff | None = None) -> None:
         self.info, self.groups, self.hidden = info, groups, hidden_size
+        self.handoff = handoff or HandOff()
         self._inflight: list[tuple[Any, list[torch.Tensor]]] = []
+
+    def _tensor_group(self, group: Any) -> Any:
+        # on-device tensors take the default (nccl) group; the rest the group given
+        return None if self.handoff.on_device else group
+
+    def _out(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.handoff.device, self.handoff.dtype).contiguous()
+
+    def _empty(self, rows: int) -> torch.Tensor:
+        return torch.empty(rows, self.hidden, device=self.handoff.device, dtype=self.handoff.dtype)
 
     def isend(self, dst: int, kind: int, obj: Any, tensor: torch.Tensor | None) -> None:
         payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
@@ -58,9 +94,10 @@ class _Wire:
         header = torch.tensor([kind, payload.numel(), rows], dtype=torch.int64)
         # The receiver expects a hidden tensor only when rows > 0 (free-only steps have none).
         parts = [header, payload]
-        if tensor is not None and rows:
-            parts.append(tensor.float().cpu().contiguous())
         works = [dist.isend(p, dst, group=self.groups.wire) for p in parts]
+        if tensor is not None and rows:
+            parts.append(self._out(tensor))
+            works.append(dist.isend(parts[-1], dst, group=self._tensor_group(self.groups.wire)))
         self._inflight.append((works, parts))
         self._prune()
 
@@ -72,8 +109,8 @@ class _Wire:
         dist.recv(payload, src, group=self.groups.wire)
         tensor = None
         if rows:
-            tensor = torch.empty(rows, self.hidden)
-            dist.recv(tensor, src, group=self.groups.wire)
+            tensor = self._empty(rows)
+            dist.recv(tensor, src, group=self._tensor_group(self.groups.wire))
         return kind, pickle.loads(payload.numpy().tobytes()), tensor
 
     def bcast(self, kind: int, obj: Any, tensor: torch.Tensor | None
@@ -93,11 +130,9 @@ class _Wire:
             payload = torch.empty(size, dtype=torch.uint8)
         dist.broadcast(payload, src, group=group)
         if rows:
-            if not leader or tensor is None:
-                tensor = torch.empty(rows, self.hidden)
-            else:
-                tensor = tensor.float().cpu().contiguous()
-            dist.broadcast(tensor, src, group=group)
+            tensor = self._empty(rows) if not leader or tensor is None else self._out(tensor)
+            on = self.groups.tp_group if self.handoff.on_device else group
+            dist.broadcast(tensor, src, group=on)
         return kind, obj if leader else pickle.loads(payload.numpy().tobytes()), tensor
 
     def _prune(self) -> None:
@@ -115,10 +150,10 @@ class Pipeline:
     """The head's view of the model: launch steps, collect their outputs in order."""
 
     def __init__(self, info: RankInfo, groups: Groups, stage: StageRunner,
-                 micro_batches: int = 0) -> None:
+                 micro_batches: int = 0, handoff: HandOff | None = None) -> None:
         self.info, self.stage = info, stage
         self._depth = micro_batches or info.pp
-        self.wire = _Wire(info, groups, stage.hidden_size)
+        self.wire = _Wire(info, groups, stage.hidden_size, handoff)
         self._local: deque[list[SeqOutput]] = deque()
         self.inflight = 0
 
@@ -161,7 +196,8 @@ class Pipeline:
         self.wire.flush()
 
 
-def worker_loop(info: RankInfo, groups: Groups, stage: StageRunner) -> None:
+def worker_loop(info: RankInfo, groups: Groups, stage: StageRunner,
+                handoff: HandOff | None = None) -> None:
     """Every rank but the head: receive steps, compute this stage, pass them on, until STOP.
 
     A step this stage raises on does not end the rank: the stage leader sends ``FAIL`` (what
@@ -169,7 +205,7 @@ def worker_loop(info: RankInfo, groups: Groups, stage: StageRunner) -> None:
     without computing, and the head's serving loop isolates the failing sequence. (A failure
     on only some tp ranks of a stage, inside a collective, is not contained: the stage's
     other ranks wait in that collective.)"""
-    wire = _Wire(info, groups, stage.hidden_size)
+    wire = _Wire(info, groups, stage.hidden_size, handoff)
     prev = info.leader_of(info.stage - 1) if info.stage > 0 else None
     fault = _test_fault(info)
     while True:

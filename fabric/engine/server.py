@@ -30,7 +30,7 @@ from fabric.engine.graphs import GraphOptions
 from fabric.engine.launch import ServerLaunchConfig, select_accelerator, threads_per_rank
 from fabric.engine.loader import DTYPES, build_stage
 from fabric.engine.netaddr import front_door
-from fabric.engine.pipeline import Pipeline, worker_loop
+from fabric.engine.pipeline import Pipeline, hand_off, worker_loop
 from fabric.engine.prepare import ModelLimits, Preparer
 from fabric.engine.runner import StageRunner
 from fabric.engine.scheduler import Limits
@@ -98,8 +98,8 @@ def _fast_path(cfg: ServerLaunchConfig, info: RankInfo) -> GraphOptions | None:
 def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
     """Load this rank's part and serve (head) or follow (other ranks); returns why it ended."""
     torch.set_num_threads(_threads(cfg, info.world))
-    groups = init_groups(info, cfg.master_addr, cfg.master_port,
-                         "nccl" if cfg.plan.device == "cuda" else "gloo", cfg.server.network)
+    backend = "nccl" if cfg.plan.device == "cuda" else "gloo"
+    groups = init_groups(info, cfg.master_addr, cfg.master_port, backend, cfg.server.network)
     head_info = {"pid": os.getpid(), "state": "loading", "address": None, "public_key": None}
     if info.is_head:
         write_info(cfg, head_info)
@@ -109,10 +109,12 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
         executor: Any = EncoderExecutor(Path(cfg.weights_path), DTYPES[cfg.plan.dtype])
         config = executor.config
     else:
+        device = _device(cfg, info)
+        handoff = hand_off(cfg.plan.device, cfg.plan.dtype, backend, device)
         model, report = build_stage(Path(cfg.weights_path), info.rank, info.pp, info.tp,
                                     cfg.plan.dtype, groups.tp_comm(),
                                     Path(cfg.shard_dir) if cfg.shard_dir else None,
-                                    _device(cfg, info), cfg.plan.balance, cfg.plan.ep)
+                                    device, cfg.plan.balance, cfg.plan.ep)
         _wrap_deepspeed(model, DTYPES[cfg.plan.dtype])
         # The decode fast path fuses dense MLPs only: mixtures of experts run eagerly.
         stage = StageRunner(model, None if model.sparse else _fast_path(cfg, info))
@@ -120,9 +122,9 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
                  report.seconds)
         config = model.config
         if not info.is_head:
-            worker_loop(info, groups, stage)
+            worker_loop(info, groups, stage, handoff)
             return "stopped"
-        executor = Pipeline(info, groups, stage, cfg.server.micro_batches)
+        executor = Pipeline(info, groups, stage, cfg.server.micro_batches, handoff)
     return _serve_head(cfg, info, executor, config, head_info)
 
 

@@ -1,8 +1,10 @@
-"""A real single-node Slurm cluster for tests marked ``@pytest.mark.slurm``.
+"""A real Slurm cluster of namespace hosts for tests marked ``@pytest.mark.slurm``.
 
-``slurm_cluster`` (session scope) starts munged + slurmctld + slurmd with ``tests/slurm/start.sh``
-in a temp dir, puts ``SLURM_CONF`` in ``os.environ`` for the session and stops everything with
-``tests/slurm/stop.sh`` at the end. ``slurm`` (function scope) is the same cluster, with every job
+``slurm_cluster`` (session scope) builds the hosts and starts munged + slurmctld (on ``login``)
+and a slurmd on each compute node (``fabric.testing.netns_cluster``), puts ``SLURM_CONF`` in
+``os.environ`` for the session and removes the namespaces with everything in them at the end
+(and at exit, should the session die first). ``tests/slurm/start.sh`` still starts a plain
+single-node Slurm by hand. ``slurm`` (function scope) is the same cluster, with every job
 cancelled after the test so each test starts on an empty node.
 
 Without the Slurm binaries (or when the daemons cannot start) the tests are skipped, except
@@ -12,8 +14,8 @@ under ``CI=true``, where they fail: CI must prove the real scheduler runs
 
 from __future__ import annotations
 
+import atexit
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,9 +25,7 @@ from pathlib import Path
 import pytest
 
 from fabric import env
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "slurm"
-DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "srun")
+from fabric.testing.netns_cluster import NetnsCluster
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,12 @@ class SlurmCluster:
     conf: Path
     """Its ``slurm.conf`` (also in ``os.environ['SLURM_CONF']``)."""
     node: str
-    """The one node's name."""
+    """The first compute node's name (jobs of one node land there while it is idle)."""
     cpus: int
-    """CPUs the node advertises."""
+    """CPUs each compute node advertises."""
     partition: str = "debug"
+    hosts: NetnsCluster | None = None
+    """The namespace hosts (login, compute1, compute2, laptop) the cluster runs on."""
 
     def squeue(self, *args: str) -> str:
         """``squeue`` output against this cluster."""
@@ -71,42 +73,34 @@ def _unavailable(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """Start a real single-node Slurm for the session (skips without Slurm unless CI=true)."""
-    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-    missing = [b for b in DAEMONS if shutil.which(b, path=path) is None]
+    """A real Slurm across namespace hosts for the session (``fabric.testing.netns_cluster``:
+    slurmctld on ``login``, one slurmd on each of ``compute1``/``compute2``, a ``laptop`` that
+    reaches only ``login``). Skips without root/Slurm unless CI=true; torn down (every process
+    in the namespaces killed, the namespaces deleted) however the session ends."""
+    from fabric.testing import netns_cluster
+
+    missing = netns_cluster.missing_tools()
     if missing:
         _unavailable(f"missing {', '.join(missing)}")
-    cluster_dir = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "PATH": path}
+    atexit.register(netns_cluster.clean)  # a session killed mid-way still tears down
     try:
-        proc = subprocess.run([str(SCRIPTS / "start.sh"), str(cluster_dir)], capture_output=True,
-                              text=True, env=env, timeout=90, check=False)
-    except subprocess.TimeoutExpired:
-        proc = subprocess.CompletedProcess([], 1, "", "start.sh timed out after 90 s")
-    if proc.returncode != 0:
-        subprocess.run([str(SCRIPTS / "stop.sh"), str(cluster_dir)], capture_output=True,
-                       env=env, timeout=60, check=False)
-        _unavailable(f"start.sh failed (rc={proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    conf = cluster_dir / "slurm.conf"
-    settings = dict(line.split("=", 1) for line in conf.read_text().splitlines()
-                    if "=" in line and not line.startswith("#"))
-    node_line = next(line for line in conf.read_text().splitlines() if line.startswith("NodeName="))
-    node = node_line.split()[0].split("=", 1)[1]
-    cpus = int(node_line.split("CPUs=", 1)[1].split()[0])
-    assert settings.get("MinJobAge") == "600"
+        hosts = netns_cluster.start(tmp_path_factory.mktemp("slurm"))
+    except netns_cluster.ClusterUnavailable as exc:
+        _unavailable(str(exc)[-3000:])
     saved = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(conf)
+    os.environ["SLURM_CONF"] = str(hosts.conf)
     try:
-        yield SlurmCluster(dir=cluster_dir, conf=conf, node=node, cpus=cpus)
+        yield SlurmCluster(dir=hosts.dir, conf=hosts.conf, node="compute1", cpus=hosts.cpus,
+                           partition=hosts.partition, hosts=hosts)
     finally:
-        stop = subprocess.run([str(SCRIPTS / "stop.sh"), str(cluster_dir)], capture_output=True,
-                              text=True, env=env, timeout=120, check=False)
         if saved is None:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = saved
-        if stop.returncode != 0:
-            raise RuntimeError(f"stop.sh failed: {stop.stderr}")
+        left = netns_cluster.stop(hosts)
+        atexit.unregister(netns_cluster.clean)
+        if netns_cluster.missing_tools() == [] and netns_cluster.namespaces():
+            raise RuntimeError(f"namespaces left after stop: {left}")
 
 
 @pytest.fixture
