@@ -32,6 +32,7 @@ REGISTRARS: tuple[str, ...] = (
     "fabric.cli.plan",  # plan (size a pp x tp x ep plan for a site's nodes)
     "fabric.cli.campaign",  # campaign (batch runs)
     "fabric.cli.serve",  # serve (the OpenAI gateway), keys
+    "fabric.cli.flow",  # flow (Globus Flow definitions and a Timer body for a site)
 )
 
 EPILOG = """\
