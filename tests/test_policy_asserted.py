@@ -152,3 +152,62 @@ def test_the_client_sends_no_token_unless_a_group_rule_needs_one(tmp_path: Path)
     assert make_site({"m": {"groups": [GROUP]}}).policy.has_group_rules  # type: ignore[union-attr]
     assert make_site({}, admins={"groups": [GROUP]}).policy.has_group_rules  # type: ignore[union-attr]
     assert not make_site({"m": {"anyone": True}}).policy.has_group_rules  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("site_name", ["local", "polaris"])
+def test_every_shipped_template_exports_the_mapped_identity(tmp_path: Path,
+                                                           site_name: str) -> None:
+    """globus-compute-endpoint's own renderer, given the identity its mapper matched, puts it
+    in the workers' environment (worker_init); without a mapping the value is empty."""
+    import os
+    import pwd
+    import shlex
+
+    import yaml
+    from globus_compute_endpoint.endpoint.config.utils import (
+        get_config,
+        load_user_config_template,
+        render_config_user_template,
+    )
+    from globus_compute_endpoint.endpoint.identity_mapper import MappedPosixIdentity
+
+    from fabric.cli.main import main
+
+    values = {"polaris": ["account=p", "venv=/v", "policy_client_id=" + ENDPOINT_CLIENT,
+                          "users_group=" + GROUP, "contact_email=a@b.org"]}
+    sets = [a for v in values.get(site_name, []) for a in ("--set", v)]
+    assert main(["site", "check", site_name, *sets, "--write", str(tmp_path / "ep")]) == 0
+    template = tmp_path / "ep" / "user_config_template.yaml.j2"
+    for matched, expected in ((ALICE, ALICE), (None, "")):
+        ident = MappedPosixIdentity(local_user_record=pwd.getpwuid(os.getuid()),
+                                    matched_identity=matched, globus_identity_candidates=[])
+        rendered = yaml.safe_load(render_config_user_template(
+            get_config(tmp_path / "ep"), load_user_config_template(template), template, ident))
+        init = rendered["engine"]["provider"]["worker_init"]
+        exports = dict(w.split("=", 1) for w in shlex.split(init.replace(";", " "))
+                       if "=" in w)
+        assert exports[env.FABRIC_GLOBUS_IDENTITY.name] == expected
+
+
+def test_the_offline_fixtures_identity_mapping_maps_the_fakes_identity_set(
+        tmp_path: Path) -> None:
+    """The mapping ``globus_asserted`` gives the endpoint, read by the endpoint's own mapper,
+    maps the identity set the fake's start command carries (and nothing else)."""
+    import json
+
+    from globus_compute_endpoint.endpoint.identity_mapper import PosixIdentityMapper
+
+    from fabric.testing import compute_fake
+    from tests.plugins.globus_offline import MAPPED_USER, identity_mapping
+
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(identity_mapping(compute_fake.IDENTITY)))
+    mapper = PosixIdentityMapper(path, "endpoint-id")
+    try:
+        fake = compute_fake.FakeComputeService("amqp://unused")
+        found = mapper.map_identities([fake.identity_record(compute_fake.IDENTITY)])
+        assert found == [[{compute_fake.IDENTITY: [MAPPED_USER]}]]
+        assert mapper.map_identities(
+            [fake.identity_record(compute_fake.OTHER_IDENTITY)]) == [[]]
+    finally:
+        mapper.stop_watching()
