@@ -159,8 +159,7 @@ def main() -> None:
     site = root / "site"
     model_dir = build_tiny_llama(root / "model")
     write_site(site, model_dir, workers)
-    result: dict[str, Any] = {"benchmark": "globus_path", "env": common.environment(),
-                              "model": MODEL, "max_tokens": new, "runs": runs,
+    result: dict[str, Any] = {"benchmark": "globus_path", "model": MODEL, "max_tokens": new, "runs": runs,
                               "request_workers": workers}
     local_fab = remote_fab = None
     try:
