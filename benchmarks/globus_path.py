@@ -159,8 +159,8 @@ def main() -> None:
     site = root / "site"
     model_dir = build_tiny_llama(root / "model")
     write_site(site, model_dir, workers)
-    result: dict[str, Any] = {"benchmark": "globus_path", "model": MODEL, "max_tokens": new, "runs": runs,
-                              "request_workers": workers}
+    result: dict[str, Any] = {"benchmark": "globus_path", "model": MODEL, "max_tokens": new,
+                              "runs": runs, "request_workers": workers}
     local_fab = remote_fab = None
     try:
         with globus_pair(root, site, model_dir, workers) as (service, client, endpoint_id):
