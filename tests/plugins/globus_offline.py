@@ -227,10 +227,12 @@ def globus_asserted(globus_offline: OfflineGlobus, tiny_llama_dir: Path
         (ep_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         marker = gc_endpoint.prepare_endpoint_dir(ep_dir, {
             "FABRIC_ENDPOINT_CLIENT_SECRET": "fake-endpoint-secret", "HOME": str(home),
+            "CWD": str(home),  # the user endpoint's working directory (the account's own)
             "GLOBUS_COMPUTE_USER_DIR": str(home / ".globus_compute")})
         subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
         _give(home, user.pw_uid, user.pw_gid)
-        _give(site / "state", user.pw_uid, user.pw_gid)
+        for owned in (site / "state", root / "model"):  # the model keeps a weights manifest
+            _give(owned, user.pw_uid, user.pw_gid)
         before = set(service.endpoints)
         daemon = gc_endpoint.EndpointDaemon(gc_dir, ASSERTED_SITE, marker)
         endpoint_id = daemon.start(
