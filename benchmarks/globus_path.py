@@ -147,8 +147,12 @@ def streams(fab: Any, concurrent: int, new: int) -> list[dict[str, float]]:
 
 
 def main() -> None:
-    args = common.parser(__doc__).parse_args()
+    p = common.parser(__doc__)
+    p.add_argument("--runs", type=int, help="interleaved runs per measurement (default 5)")
+    p.add_argument("--tokens", type=int, help="tokens per stream (default 64)")
+    args = p.parse_args()
     runs, new = (2, 16) if args.quick else (5, 64)
+    runs, new = args.runs or runs, args.tokens or new
     workers = 8  # each polled stream holds a request worker while its long poll waits
     from fabric import Fabric
     from fabric.client.local import LocalTransport, start_site, stop_site
