@@ -189,19 +189,43 @@ def _give(path: Path, uid: int, gid: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def globus_asserted(globus_offline: OfflineGlobus, tiny_llama_dir: Path
+def mapped_account() -> Any:
+    """The local account the multi-user endpoint maps identities to, once it is known that a
+    user endpoint could start as it: the endpoint drops every capability and execs
+    ``globus-compute-endpoint`` as that account, so the account must be able to run this
+    environment's interpreter. (On these machines the venv's interpreter is under /root, mode
+    0700: the user endpoint's exec fails with EACCES, and the tests skip saying so.)"""
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.skip("a multi-user endpoint with an identity mapping needs root")
+    user = pwd.getpwnam(MAPPED_USER)
+    exe = Path(sys.executable).parent / "globus-compute-endpoint"
+    try:
+        run = subprocess.run([str(exe), "version"], user=user.pw_uid, group=user.pw_gid,
+                             extra_groups=[], capture_output=True, text=True, timeout=120,
+                             cwd="/")
+        reason = None if run.returncode == 0 else run.stderr.strip()[-300:]
+    except OSError as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    if reason is not None:
+        pytest.skip(f"account {MAPPED_USER!r} cannot run {exe} (its interpreter is "
+                    f"{os.path.realpath(sys.executable)}): {reason}; a multi-user endpoint's "
+                    "user endpoints run as the mapped account")
+    return user
+
+
+@pytest.fixture(scope="session")
+def globus_asserted(mapped_account: Any, globus_offline: OfflineGlobus, tiny_llama_dir: Path
                     ) -> Iterator[OfflineGlobus]:
     """A second, multi-user endpoint on the same broker and fake: run as root with an identity
     mapping (both fake identities -> ``nobody``), so each submitter gets a user endpoint of its
     own and the template receives ``_GC.mapped_identity``; its site's policy has ``identity:
     asserted`` (no token travels). Its files live in a world-readable folder, as a
     multi-user endpoint's must: the user endpoints run as the mapped account."""
-    import pwd
     import tempfile
 
-    if os.geteuid() != 0:
-        pytest.skip("a multi-user endpoint with an identity mapping needs root")
-    user = pwd.getpwnam(MAPPED_USER)
+    user = mapped_account
     root = Path(tempfile.mkdtemp(prefix="fabric-gc-mu-"))
     service = globus_offline.service
     daemon: gc_endpoint.EndpointDaemon | None = None
