@@ -117,6 +117,12 @@ FABRIC_ENDPOINT_CLIENT_SECRET = _declare(
     "FABRIC_ENDPOINT_CLIENT_SECRET", "Secret of the site's confidential client (introspects "
     "callers' tokens); the name is the default of the site policy's client_secret_env.",
     set_by="the operator, in the endpoint's environment", read_by="fabric.endpoint.policy")
+FABRIC_GLOBUS_IDENTITY = _declare(
+    "FABRIC_GLOBUS_IDENTITY", "The Globus identity id Globus Compute asserted for this user "
+    "endpoint (the one the endpoint's identity mapping matched); trusted by a policy with "
+    "identity: asserted. Empty where no identity mapping ran.",
+    set_by="the site's user_config_template.yaml.j2 (worker_init, from "
+    "_GC.mapped_identity.globus.id)", read_by="fabric.endpoint.asserted")
 PATH = _declare(
     "PATH", "Gets this interpreter's bin folder prepended, so workers find "
     "globus-compute-endpoint.", "", set_by="the shell; prepended by endpoint.site and "

@@ -296,6 +296,13 @@ class PolicyConfig(_Strict):
     introspection_cache_size: int = Field(default=4096, ge=0, description="Introspections "
                                           "kept at most per request worker (the least "
                                           "recently used go first; 0: none kept).")
+    identity: Literal["token", "asserted"] = "token"
+    """Where a caller's identity comes from. ``token``: an access token for ``scope`` sent
+    with every call, introspected here (the Globus cloud stores it with the task).
+    ``asserted``: the Globus identity Globus Compute asserted when it started the caller's
+    user endpoint (a multi-user endpoint with an identity mapping renders it into the workers'
+    environment, ``FABRIC_GLOBUS_IDENTITY``); no token travels, except that a site with group
+    rules needs one for the Groups lookup (``fabric.endpoint.asserted``)."""
     admins: AdminRule = Field(default_factory=AdminRule)
     """Who may deploy and undeploy (see ``AdminRule``; default: nobody)."""
     default: ModelRule = Field(default_factory=ModelRule)
@@ -307,6 +314,12 @@ class PolicyConfig(_Strict):
     def resolved_scope(self) -> str:
         """The scope string clients request."""
         return self.scope or f"https://auth.globus.org/scopes/{self.client_id}/fabric"
+
+    @property
+    def has_group_rules(self) -> bool:
+        """Whether any rule (a model's, the default, the admins') names Globus groups."""
+        return bool(self.default.groups or self.admins.groups
+                    or any(r.groups for r in self.models.values()))
 
     def rule_for(self, model: str) -> tuple[str, ModelRule]:
         """The rule that governs ``model`` and its dotted name (for denial messages)."""

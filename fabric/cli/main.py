@@ -34,6 +34,7 @@ REGISTRARS: tuple[str, ...] = (
     "fabric.cli.serve",  # serve (the OpenAI gateway), keys
     "fabric.cli.usage",  # usage (per identity and model; CSV export)
     "fabric.cli.metrics",  # metrics (a site's /metrics beside a Globus Compute endpoint)
+    "fabric.cli.flow",  # flow (Globus Flow definitions and a Timer body for a site)
 )
 
 EPILOG = """\

@@ -77,9 +77,12 @@ _cache_lock = threading.Lock()
 
 
 def clear_cache() -> None:
-    """Forget every cached introspection (tests; a policy reload)."""
+    """Forget every cached introspection and identity record (tests; a policy reload)."""
+    from fabric.endpoint import asserted
+
     with _cache_lock:
         _cache.clear()
+    asserted.clear_cache()
 
 
 def _cached(key: str, now: float) -> Caller | None:
@@ -130,6 +133,17 @@ def _confidential_client(policy: PolicyConfig) -> Any:
 
 
 def verify_identity(policy: PolicyConfig, auth: dict[str, Any] | None) -> Caller:
+    """The verified caller or a denial: the identity Globus Compute asserted for this user
+    endpoint (``policy.identity == "asserted"``, ``fabric.endpoint.asserted``), else the
+    caller's token introspected with the endpoint's client."""
+    if policy.identity == "asserted":
+        from fabric.endpoint.asserted import asserted_caller
+
+        return asserted_caller(policy, auth, _confidential_client, _verify_token)
+    return _verify_token(policy, auth)
+
+
+def _verify_token(policy: PolicyConfig, auth: dict[str, Any] | None) -> Caller:
     """Introspect the caller's token with the endpoint's client; a ``Caller`` or a denial."""
     token = (auth or {}).get("token") if isinstance(auth, dict) else None
     if not isinstance(token, str) or not token:
@@ -184,7 +198,8 @@ def verify_identity(policy: PolicyConfig, auth: dict[str, Any] | None) -> Caller
 
 
 def caller_groups(policy: PolicyConfig, caller: Caller) -> set[str]:
-    """The caller's active Globus group ids, fetched once per cached caller."""
+    """The caller's active Globus group ids, fetched once per cached caller (none, with the
+    reason in ``groups_error``, for an asserted identity without a token)."""
     if caller.groups is not None:
         return caller.groups
     import globus_sdk

@@ -154,6 +154,10 @@ class GlobusTransport:
             return self._proof()
         if self.config.policy is None:
             return None
+        if self.config.policy.identity == "asserted" and not self.config.policy.has_group_rules:
+            # The site trusts the identity Globus Compute asserts for the caller's user
+            # endpoint: no token needs to travel with (and be stored alongside) the task.
+            return None
         from fabric.globus import auth
 
         return auth.identity_proof(self.app, self.config)

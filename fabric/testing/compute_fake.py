@@ -1,4 +1,4 @@
-"""A local fake of the Globus Compute web service (and the two Globus Auth routes it needs).
+"""A local fake of the Globus Compute web service (and the Globus Auth routes it needs).
 
 Only the cloud is fake. Both ends are the real pinned code: ``globus_compute_sdk.Executor`` on the
 client, ``globus-compute-endpoint start`` at the site, and the messages between them travel
@@ -14,9 +14,12 @@ It is a contract test of the pinned versions (globus-compute-sdk/endpoint 4.19):
 the command message, the user endpoint's AMQP credentials are private formats that can change
 between releases. The SDK and the endpoint fix ``http://localhost:5000`` for
 ``local_compute_services``, so the fake listens on 127.0.0.1:5000. Not reproduced: the
-service's own authorisation (every bearer is the one test identity), its rate limits and payload
-limits, endpoint restarts and task expiry. One more Auth route serves the fabric itself: token
-introspection for the site policy (``fabric.endpoint.policy.verify_identity``).
+service's own authorisation (a bearer ``fake-as-<identity id>`` submits as that identity, any
+other bearer or none as ``IDENTITY``), its rate limits and payload limits, endpoint restarts
+and task expiry. As the service does, it starts one user endpoint per submitting identity (and
+user config), naming that identity and its identity set in the start command. Two more Auth
+routes serve the fabric itself: token introspection and identity lookup for the site policy
+(``fabric.endpoint.policy``, ``fabric.endpoint.asserted``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,17 @@ PORT = 5000
 IDENTITY = "5c6f9a3e-0000-4000-8000-00000000f00d"
 """The one Globus identity every token belongs to (the endpoint trusts it: ``userinfo``)."""
 USERNAME = "tester@example.org"
+OTHER_IDENTITY = "7d1e2b4c-0000-4000-8000-00000000beef"
+"""A second Globus identity (a submitter the tests' site policy does not list)."""
+OTHER_USERNAME = "stranger@elsewhere.org"
+IDENTITY_PROVIDER = "41143743-f3c8-4d60-bbdb-eeecaba85bd9"
+BEARER_PREFIX = "fake-as-"
+"""A bearer ``fake-as-<identity id>`` submits as that identity; no bearer is ``IDENTITY``."""
+
+
+def bearer_for(identity_id: str) -> str:
+    """The access token the fake attributes to ``identity_id`` (a client's authorizer)."""
+    return BEARER_PREFIX + identity_id
 RESULTS_EXCHANGE = "fake.results"
 HEARTBEAT_EXCHANGE = "fake.heartbeats"
 TASK_GROUP_PREFIX = "tg."
@@ -64,7 +78,7 @@ class FakeComputeService:
         self.port = port
         self.functions: dict[str, str] = {}
         self.endpoints: dict[str, dict[str, Any]] = {}
-        self.user_endpoints: dict[tuple[str, str], str] = {}
+        self.user_endpoints: dict[tuple[str, str, str], str] = {}
         self.tasks: dict[str, _Task] = {}
         self.groups: dict[str, list[str]] = {}
         self.submissions: list[dict[str, Any]] = []
@@ -79,6 +93,10 @@ class FakeComputeService:
         self._threads: list[threading.Thread] = []
         self._pub: Any = None
         self._local = threading.local()
+        self.identities: dict[str, str] = {IDENTITY: USERNAME, OTHER_IDENTITY: OTHER_USERNAME}
+        """Globus identities the fake's Auth knows: id -> username."""
+        self.start_commands: list[dict[str, Any]] = []
+        """Every ``cmd_start_endpoint`` sent to an endpoint (tests check the identity)."""
         self.fail_submits: list[tuple[int, str]] = []
         """``(HTTP status, code)`` answers for the next submissions, in order (tests of how
         the client maps the service's 401/403/429)."""
@@ -181,10 +199,20 @@ class FakeComputeService:
                                          "mandatory": True,
                                          "properties": {"delivery_mode": 2}}}
 
+    def identity_record(self, identity_id: str) -> dict[str, Any]:
+        """An identity as Globus Auth describes it (the fields a mapping may match on)."""
+        username = self.identities[identity_id]
+        return {"id": identity_id, "sub": identity_id, "username": username,
+                "name": username.split("@")[0], "email": username, "status": "used",
+                "organization": username.split("@")[-1],
+                "identity_provider": IDENTITY_PROVIDER,
+                "identity_provider_display_name": "Example Identities"}
+
     def _user_endpoint(self, endpoint_id: str, config: dict[str, Any],
-                       runtime: dict[str, Any]) -> str:
-        """The user endpoint for (endpoint, user config), started by a command if new."""
-        key = (endpoint_id, json.dumps(config, sort_keys=True))
+                       runtime: dict[str, Any], identity: str = IDENTITY) -> str:
+        """The user endpoint for (endpoint, submitter, user config), started by a command if
+        new: as the service does, each identity gets its own."""
+        key = (endpoint_id, identity, json.dumps(config, sort_keys=True))
         with self._lock:
             uep = self.user_endpoints.get(key)
             if uep is not None:
@@ -195,11 +223,13 @@ class FakeComputeService:
                  "task_queue_info": {"connection_url": self.amqp_url, "queue": f"tasks.{uep}"},
                  "result_queue_info": self._queue_info(RESULTS_EXCHANGE),
                  "heartbeat_queue_info": self._queue_info(HEARTBEAT_EXCHANGE)}
-        command = {"command": "cmd_start_endpoint", "globus_effective_identity": IDENTITY,
-                   "globus_identity_set": [{"sub": IDENTITY, "username": USERNAME}],
-                   "globus_username": USERNAME, "args": [],
+        record = self.identity_record(identity)
+        command = {"command": "cmd_start_endpoint", "globus_effective_identity": identity,
+                   "globus_identity_set": [record],
+                   "globus_username": record["username"], "args": [],
                    "kwargs": {"name": f"uep.{endpoint_id[:8]}.{uep[:8]}", "amqp_creds": creds,
                               "user_opts": config, "user_runtime": runtime}}
+        self.start_commands.append(command)
         # The endpoint ignores commands whose timestamp is over 180 s off its clock.
         self._publish(f"cmd.{endpoint_id}", json.dumps(command).encode(),
                       content_type="application/json", timestamp=int(time.time()))
@@ -240,7 +270,7 @@ class FakeComputeService:
         if body.get("create_queue", True):
             self._declare(TASK_GROUP_PREFIX + group)
         uep = self._user_endpoint(endpoint_id, body.get("user_endpoint_config") or {},
-                                  body.get("user_runtime") or {})
+                                  body.get("user_runtime") or {}, self.submitter())
         out: dict[str, list[str]] = {}
         spec = json.dumps(body.get("resource_specification") or None)
         for function_id, payloads in body.get("tasks", {}).items():
@@ -257,6 +287,14 @@ class FakeComputeService:
                     "result_serializers": body.get("result_serializers") or []})
         return 200, {"request_id": str(uuid.uuid4()), "task_group_id": group,
                      "endpoint_id": endpoint_id, "tasks": out}
+
+    def submitter(self) -> str:
+        """The identity of this request's bearer token (``bearer_for``); none is ``IDENTITY``
+        (a client with a null authorizer)."""
+        bearer = getattr(self._local, "bearer", "")
+        if bearer.startswith(BEARER_PREFIX) and bearer[len(BEARER_PREFIX):] in self.identities:
+            return bearer[len(BEARER_PREFIX):]
+        return IDENTITY
 
     def task_record(self, task_id: str) -> dict[str, Any] | None:
         """What ``GET /v2/tasks/{id}`` answers: status, and the packed result's payload."""
@@ -278,13 +316,20 @@ class FakeComputeService:
                 rec["result"] = result.data
         return rec
 
-    def route(self, method: str, path: str, body: dict[str, Any], basic_user: str = ""
-              ) -> tuple[int, dict[str, Any]]:
+    def route(self, method: str, path: str, body: dict[str, Any], basic_user: str = "",
+              bearer: str = "") -> tuple[int, dict[str, Any]]:
         """Answer one request: ``(status, JSON body)``; ``basic_user`` is the client id of an
-        HTTP Basic ``Authorization`` (a confidential client calling Auth)."""
+        HTTP Basic ``Authorization`` (a confidential client calling Auth), ``bearer`` the
+        token of a Bearer one (who submits)."""
+        from urllib.parse import parse_qsl
+
         self.calls.append((method, path))
         self._local.basic_user = basic_user  # per request thread
-        path = path.split("?", 1)[0].rstrip("/")
+        self._local.bearer = bearer
+        path, _, query = path.partition("?")
+        path = path.rstrip("/")
+        if method == "GET" and query and not body:
+            body = dict(parse_qsl(query))
         for pattern, want, handler in self._routes():
             match = re.fullmatch(pattern, path)
             if match and method == want:
@@ -325,15 +370,25 @@ class FakeComputeService:
             # the endpoint's confidential client: tokens this fake issued are active, for that
             # client's fabric scope.
             client = getattr(self._local, "basic_user", "")
-            if not str(body.get("token", "")).startswith("fake-"):
+            token = str(body.get("token", ""))
+            if not token.startswith("fake-"):
                 return {"active": False}
-            return {"active": True, "sub": IDENTITY, "username": USERNAME, "aud": [client],
+            who = token[len(BEARER_PREFIX):] if token.startswith(BEARER_PREFIX) else IDENTITY
+            if who not in self.identities:
+                return {"active": False}
+            name = self.identities[who]
+            return {"active": True, "sub": who, "username": name, "aud": [client],
                     "scope": f"https://auth.globus.org/scopes/{client}/fabric",
-                    "exp": int(time.time()) + 3600, "identity_set": [IDENTITY],
-                    "identity_set_detail": [{"sub": IDENTITY, "username": USERNAME}]}
+                    "exp": int(time.time()) + 3600, "identity_set": [who],
+                    "identity_set_detail": [{"sub": who, "username": name}]}
 
         return [
             (r"/v2/oauth2/token/introspect", "POST", ok(introspect)),
+            # Auth's identity lookup (the fabric's asserted-identity policy resolves the id
+            # Globus Compute asserted to a username with the endpoint's client).
+            (r"/v2/api/identities", "GET", ok(lambda b: {"identities": [
+                self.identity_record(i) for i in str(b.get("ids", "")).split(",")
+                if i in self.identities]})),
             (r"/v2/version", "GET", ok(lambda b: {
                 "api": "1.0", "min_sdk_version": "1.0.0", "min_ep_version": "1.0.0",
                 "sdk": sdk_version, "endpoint": ep_version})),
@@ -374,8 +429,9 @@ def _handler(service: FakeComputeService) -> type[BaseHTTPRequestHandler]:
             user = ""
             if scheme.lower() == "basic":
                 user = base64.b64decode(cred).decode(errors="replace").partition(":")[0]
+            bearer = cred if scheme.lower() == "bearer" else ""
             try:
-                status, answer = service.route(method, self.path, body, user)
+                status, answer = service.route(method, self.path, body, user, bearer)
             except Exception as exc:  # a bug in the fake: say so to the caller
                 log.exception("fake compute: %s %s", method, self.path)
                 status, answer = 500, {"code": "FAKE_ERROR", "message": repr(exc)}

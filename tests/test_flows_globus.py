@@ -1,0 +1,71 @@
+"""What the Globus Compute action provider would submit for a ``fabric flow`` definition,
+submitted through the offline Globus Compute (the real Executor and endpoint daemon): the
+resolved body's endpoint id, function id, JSON kwargs and user endpoint config, with no token.
+
+The action provider serialises the JSON ``kwargs`` itself with a strategy its documentation does
+not name; both candidates are sent: ``JSONData`` (what the fabric's own client sends) and the
+SDK's default ``ComputeSerializer`` (pickled ``DillDataBase64``), which only a site that allows
+pickled data (``allow_user_functions``) accepts.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fabric import flows
+from fabric.sites import load_site
+from fabric.wire import gcwire
+from tests.plugins.globus_offline import OfflineGlobus
+from tests.plugins.site import TINY_MODEL
+
+pytestmark = [pytest.mark.slow, pytest.mark.globus]
+
+
+def submit_like_the_action_provider(globus: OfflineGlobus, body: dict, serializer: object
+                                    ) -> object:
+    from globus_compute_sdk import Executor
+
+    (task,) = body["tasks"]
+    executor = Executor(endpoint_id=body["endpoint_id"], client=globus.client(),
+                        user_endpoint_config=body["user_endpoint_config"],
+                        serializer=serializer)
+    try:
+        future = executor.submit_to_registered_function(task["function_id"],
+                                                        args=task.get("args", ()),
+                                                        kwargs=task["kwargs"])
+        return gcwire.unwrap(future.result(timeout=600))
+    finally:
+        executor.shutdown(wait=False)
+
+
+@pytest.mark.parametrize("serializer", ["json", "default"])
+def test_request_flow_through_offline_compute(globus_asserted: OfflineGlobus,
+                                              serializer: str) -> None:
+    site = load_site(globus_asserted.site_dir)
+    definition, _ = flows.request_flow(site, TINY_MODEL)
+    body = flows.action_body(definition, {"prompt": "The mitochondria is",
+                                          "sampling": {"max_tokens": 4, "temperature": 0.0},
+                                          "user_endpoint_config": {"request_workers": 2}})
+    assert body["endpoint_id"] == globus_asserted.endpoint_id
+    assert body["tasks"][0]["function_id"] == globus_asserted.function_ids["run_request"]
+    since = len(globus_asserted.service.submissions)
+    chosen = gcwire.data_serializer() if serializer == "json" else gcwire.default_serializer()
+    result = submit_like_the_action_provider(globus_asserted, body, chosen)
+    assert isinstance(result, dict) and len(result["token_ids"]) == 4
+    sent = globus_asserted.service.submissions[since:]
+    assert [s.get("user_endpoint_config") for s in sent] == [{"request_workers": 2}]
+    assert all("token" not in p.lower() for s in sent for ps in s["tasks"].values() for p in ps)
+
+
+def test_shard_flow_through_offline_compute(globus_asserted: OfflineGlobus) -> None:
+    site = load_site(globus_asserted.site_dir)
+    definition, _ = flows.shard_flow(site, TINY_MODEL)
+    items = [{"custom_id": f"c{i}", "request": {"prompt": f"Sample {i}: the enzyme",
+                                                 "sampling": {"max_tokens": 3}}}
+             for i in range(3)]
+    body = flows.action_body(definition, {"shard_id": "flow-1", "campaign": "nightly",
+                                          "items": items, "user_endpoint_config": {}})
+    result = submit_like_the_action_provider(globus_asserted, body, gcwire.data_serializer())
+    assert isinstance(result, dict) and result["shard_id"] == "flow-1"
+    assert [r["custom_id"] for r in result["results"]] == ["c0", "c1", "c2"]
+    assert all(r["ok"] for r in result["results"]), result["results"]
