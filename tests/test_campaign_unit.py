@@ -385,3 +385,16 @@ def test_csv_input_and_embed_score_kinds(tmp_path: Path) -> None:
                       base=tmp_path)
     items, _ = read_inputs(m)
     assert items[0].request["kind"] == "logprobs" and items[0].request["continuation"] == " a"
+
+
+def test_a_shard_item_takes_the_shards_model_and_may_not_name_another() -> None:
+    from fabric.endpoint.campaign_shard import _in_shard
+    from fabric.errors import InvalidRequest
+
+    assert _in_shard({"prompt": "x"}, "m1", "n1") == {"prompt": "x", "model": "m1",
+                                                       "request_id": "n1"}
+    assert _in_shard({"prompt": "x", "model": "m1"}, "m1", "n2")["model"] == "m1"
+    with pytest.raises(InvalidRequest, match="shard serves 'm1'"):
+        _in_shard({"prompt": "x", "model": "m2"}, "m1", "n3")
+    with pytest.raises(InvalidRequest, match="must be an object"):
+        _in_shard(["x"], "m1", "n4")

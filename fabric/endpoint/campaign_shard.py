@@ -43,6 +43,18 @@ AUDIT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 """A campaign name that is safe as a file name (the manifest's rule for names)."""
 
 
+def _in_shard(request: Any, model: str, nonce: str) -> dict[str, Any]:
+    """An item's request as the shard serves it: the shard's model (a flow's items leave it
+    out; one naming another model is refused, since the shard was authorized for its own)."""
+    if not isinstance(request, dict):
+        raise InvalidRequest("a shard item's request must be an object")
+    named = request.get("model", model)
+    if named != model:
+        raise InvalidRequest(f"item names model {named!r} but the shard serves {model!r}: "
+                             "a shard's items all use the shard's model")
+    return {**request, "model": model, "request_id": nonce}
+
+
 @endpoint_function("model")
 def run_shard(shard: dict[str, Any], auth: Any = None) -> dict[str, Any]:
     """Serve every input of ``shard``; returns per-input results and errors (see module doc)."""
@@ -57,7 +69,7 @@ def run_shard(shard: dict[str, Any], auth: Any = None) -> dict[str, Any]:
     for it in items:
         cid, nonce = it["custom_id"], uuid.uuid4().hex
         try:
-            reqs.append(validate_request({**it["request"], "request_id": nonce}))
+            reqs.append(validate_request(_in_shard(it["request"], model, nonce)))
             cids.append(cid)
         except FabricError as exc:  # this input alone is bad
             out[cid] = _error(cid, exc, nonce)

@@ -20,9 +20,11 @@ broker fails them instead of skipping (as the Slurm tests do).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -188,31 +190,50 @@ def _give(path: Path, uid: int, gid: int) -> None:
         os.chown(sub, uid, gid)
 
 
+@contextlib.contextmanager
+def _traversable(*paths: str) -> Iterator[None]:
+    """Let other accounts traverse (x, never read) the folders above ``paths`` while the
+    block runs, then put the modes back: a CI image keeps its Python under /root (0700),
+    which the mapped account must pass through to exec the interpreter."""
+    changed: dict[Path, int] = {}
+    try:
+        for path in paths:
+            for folder in reversed(Path(path).parents):
+                mode = folder.stat().st_mode
+                if folder not in changed and not mode & stat.S_IXOTH:
+                    changed[folder] = stat.S_IMODE(mode)
+                    os.chmod(folder, stat.S_IMODE(mode) | stat.S_IXOTH)
+        yield
+    finally:
+        for folder, mode in changed.items():
+            os.chmod(folder, mode)
+
+
 @pytest.fixture(scope="session")
-def mapped_account() -> Any:
+def mapped_account() -> Iterator[Any]:
     """The local account the multi-user endpoint maps identities to, once it is known that a
-    user endpoint could start as it: the endpoint drops every capability and execs
+    user endpoint can start as it: the endpoint drops every capability and execs
     ``globus-compute-endpoint`` as that account, so the account must be able to run this
-    environment's interpreter. (On these machines the venv's interpreter is under /root, mode
-    0700: the user endpoint's exec fails with EACCES, and the tests skip saying so.)"""
+    environment's interpreter (``_traversable`` opens the folders above it for the session)."""
     import pwd
 
     if os.geteuid() != 0:
         pytest.skip("a multi-user endpoint with an identity mapping needs root")
     user = pwd.getpwnam(MAPPED_USER)
     exe = Path(sys.executable).parent / "globus-compute-endpoint"
-    try:
-        run = subprocess.run([str(exe), "version"], user=user.pw_uid, group=user.pw_gid,
-                             extra_groups=[], capture_output=True, text=True, timeout=120,
-                             cwd="/")
-        reason = None if run.returncode == 0 else run.stderr.strip()[-300:]
-    except OSError as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-    if reason is not None:
-        pytest.skip(f"account {MAPPED_USER!r} cannot run {exe} (its interpreter is "
-                    f"{os.path.realpath(sys.executable)}): {reason}; a multi-user endpoint's "
-                    "user endpoints run as the mapped account")
-    return user
+    with _traversable(os.path.realpath(sys.executable), str(exe)):
+        try:
+            run = subprocess.run([str(exe), "version"], user=user.pw_uid, group=user.pw_gid,
+                                 extra_groups=[], capture_output=True, text=True, timeout=120,
+                                 cwd="/")
+            reason = None if run.returncode == 0 else run.stderr.strip()[-300:]
+        except OSError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason is not None:
+            pytest.fail(f"account {MAPPED_USER!r} cannot run {exe} (its interpreter is "
+                        f"{os.path.realpath(sys.executable)}): {reason}; a multi-user "
+                        "endpoint's user endpoints run as the mapped account")
+        yield user
 
 
 @pytest.fixture(scope="session")
