@@ -49,6 +49,9 @@ class EventSource(Protocol):
 class DirectSource:
     """Events pushed by the model server over one ZMQ connection."""
 
+    site: str = ""
+    """The site whose model server this is (set by the SDK)."""
+
     def __init__(self, info: dict[str, Any], request: InferenceRequest,
                  silence_s: float = 10.0) -> None:
         from fabric.serverclient import ServerClient
@@ -113,6 +116,9 @@ class DirectSource:
 
 class PollSource:
     """Events fetched by long-polling the server's buffer through the transport."""
+
+    site: str = ""
+    """The site polled (set by the SDK)."""
 
     def __init__(self, transport: Transport, info: dict[str, Any], model: str, auth: Any,
                  wait_s: float = 5.0) -> None:
@@ -187,6 +193,12 @@ class Stream:
         self.cancelled = False
         """True once ``close``/``cancel`` stopped the request before it finished."""
 
+    @property
+    def site(self) -> str | None:
+        """The site serving the stream (a federation's choice; fixed once tokens came)."""
+        site = getattr(self._source, "site", None)
+        return str(site) if site else None
+
     def __iter__(self) -> Iterator[str]:
         return self
 
@@ -220,6 +232,8 @@ class Stream:
                 raise
             if event.get("op") == "done":
                 self.result = parse_generation(event["result"])
+                if self.result.site is None:
+                    self.result.site = self.site
                 self._finish()
                 break
             chunk = self._absorb(event)

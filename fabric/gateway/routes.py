@@ -44,15 +44,16 @@ async def parse_body(request: Request, model: type[M]) -> M:
 
 @router.get("/models")
 async def list_models(who: Who) -> dict[str, Any]:
-    """The site's catalog as OpenAI ``model`` objects."""
-    records = await who.client.models()
+    """The site's catalog as OpenAI ``model`` objects (a federation's: one per model, owned by
+    the first site listing it, with every site hosting it in ``sites``)."""
+    records = shapes.merge_sites(await who.client.models())
     return {"object": "list", "data": [shapes.model_card(r, who.client.site) for r in records]}
 
 
 @router.get("/models/{model}")
 async def get_model(model: str, who: Who) -> dict[str, Any]:
     """One catalog entry (404 if the site does not serve it)."""
-    for record in await who.client.models():
+    for record in shapes.merge_sites(await who.client.models()):
         if record.get("name") == model:
             return shapes.model_card(record, who.client.site)
     from fabric.errors import UnknownModel
