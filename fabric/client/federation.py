@@ -217,6 +217,8 @@ class FailoverSource:
         self._held: str | None = None  # the site counting this stream in flight
         self.request_id = ""
         """The request's id at the serving site."""
+        self.tried: list[str] = []
+        """Every site the stream was opened at, in order (the last serves it)."""
         self._source = self._open_next(None)
 
     def _open_next(self, last: FabricError | None) -> EventSource:
@@ -224,6 +226,7 @@ class FailoverSource:
             site = self._ranking[self._next].site
             self._next += 1
             self._fed.started(site)
+            self.tried.append(site)
             try:
                 source = self._open_at(self._fed.member(site))
             except FAILOVER as exc:
