@@ -126,12 +126,15 @@ def test_state_cache_asks_each_site_once_per_ttl() -> None:
         states.snapshot()
         assert sorted(calls) == ["a", "b"]
         clock.t = 2.1  # a's answer expired, b (down) is skipped for down_ttl_s
-        states.snapshot()
+        assert states.snapshot()[0].healthy  # the stale answer serves while a is asked again
+        states.wait_idle()
         assert sorted(calls) == ["a", "a", "b"]
         states.mark_down("a", "EndpointError: refused")
         assert not states.snapshot()[0].healthy and calls.count("a") == 2
         states.mark_not_hosted("a", M)
-        clock.t = 7.2  # both expired
+        clock.t = 7.2  # both expired: asked again in the background
+        states.snapshot()
+        states.wait_idle()
         snap = states.snapshot()
         assert calls.count("a") == 3 and calls.count("b") == 2
         assert snap[0].healthy and M not in [r.site for r in rank_sites(snap, M, now=NOW)]
@@ -195,3 +198,28 @@ def test_fabric_sites_argument_is_checked(tmp_path: Path,
     (tmp_path / "config.yaml").write_text("sites: [local, local]\n")
     with pytest.raises(InvalidRequest, match="twice"):
         Fabric()
+
+
+def test_with_auth_shares_states_counters_and_transports(tmp_path: Path) -> None:
+    from fabric.sdk import Fabric
+    from fabric.testing.federation import write_tiny_site
+
+    refs = [str(write_tiny_site(tmp_path / n, n, tmp_path / "model")) for n in ("s1", "s2")]
+    with Fabric(sites=refs, on_status=None) as fab:
+        assert fab.sites == ["s1", "s2"] and fab.site == "s1"
+        assert fab.at("s2").transport.site == "s2"
+        with pytest.raises(InvalidRequest, match="no site 's3'"):
+            fab.at("s3")
+        twin = fab.with_auth({"token": "t"})
+        assert isinstance(twin, Fabric) and twin.sites == fab.sites
+        assert twin.federation is not None and fab.federation is not None
+        assert twin.federation.states is fab.federation.states
+        assert twin.federation.stats is fab.federation.stats
+        assert twin.at("s2").transport is fab.at("s2").transport
+        assert twin.at("s2").auth == {"token": "t"}
+        # Neither site runs and the federation never starts one: both are unhealthy.
+        snap = fab.federation.states.snapshot()
+        assert [s.healthy for s in snap] == [False, False]
+        assert "not running" in str(snap[0].error)
+        twin.close()  # the twin closes nothing it shares
+        assert fab.at("s1").transport is not None

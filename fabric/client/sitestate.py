@@ -7,7 +7,7 @@ site answers ``list_deployments``. Either way the reply is the site's deployment
 servers' health (running and waiting requests), turned into a ``SiteState``.
 
 ``SiteStates`` keeps the last answer per site for ``status_ttl_s`` and asks the expired ones in
-parallel, one call in flight per site; what the router learns between calls (a site refused a
+parallel in the background (the stale answer serves meanwhile), one call in flight per site; what the router learns between calls (a site refused a
 connection, answered ``Overloaded``, does not host a model) is written in with ``mark_down`` /
 ``mark_not_hosted`` and holds for ``down_ttl_s``.
 """
@@ -72,10 +72,15 @@ class SiteStates:
                                            thread_name_prefix="fabric-site-status")
 
     def snapshot(self, force: bool = False) -> list[SiteState]:
-        """Every site's state in the user's order, asking those whose answer has expired
-        (all of them with ``force``) in parallel and waiting for those answers."""
+        """Every site's state in the user's order.
+
+        A site never asked yet (or every site, with ``force``) is asked now and waited for;
+        one whose answer has expired is asked again in the background while its last answer
+        is used (a remote site's status is a task that takes seconds: calls must not wait on
+        it every ``status_ttl_s``). What a failed call teaches (``mark_down``) applies at once.
+        """
         now = self._clock()
-        waits: dict[str, cf.Future[SiteState]] = {}
+        waits: list[cf.Future[SiteState]] = []
         with self._lock:
             for site in self.sites:
                 cached = self._states.get(site)
@@ -84,11 +89,18 @@ class SiteStates:
                 fut = self._probing.get(site)
                 if fut is None:
                     fut = self._probing[site] = self._pool.submit(self._probe, site)
-                waits[site] = fut
-        for fut in waits.values():
+                if force or cached is None:
+                    waits.append(fut)
+        for fut in waits:
             fut.result()  # _probe never raises
         with self._lock:
             return [self._with_hosting(self._states[s][1], now) for s in self.sites]
+
+    def wait_idle(self, timeout_s: float = 10.0) -> None:
+        """Wait for the status calls in flight (tests)."""
+        with self._lock:
+            pending = list(self._probing.values())
+        cf.wait(pending, timeout=timeout_s)
 
     def _probe(self, site: str) -> SiteState:
         try:
