@@ -7,9 +7,10 @@ site answers ``list_deployments``. Either way the reply is the site's deployment
 servers' health (running and waiting requests), turned into a ``SiteState``.
 
 ``SiteStates`` keeps the last answer per site for ``status_ttl_s`` and asks the expired ones in
-parallel in the background (the stale answer serves meanwhile), one call in flight per site; what the router learns between calls (a site refused a
-connection, answered ``Overloaded``, does not host a model) is written in with ``mark_down`` /
-``mark_not_hosted`` and holds for ``down_ttl_s``.
+parallel in the background (the stale answer serves meanwhile), one call in flight per site;
+what the router learns between calls (a site refused a connection, answered ``Overloaded``,
+does not host a model) is written in with ``mark_down`` / ``mark_not_hosted`` and holds for
+``down_ttl_s``.
 """
 
 from __future__ import annotations
