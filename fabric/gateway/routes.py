@@ -166,6 +166,8 @@ async def _one_completion(client: AsyncFabric, req: CompletionRequest, prompt: s
     text = prompt + result.text if req.echo else result.text
     choice_out = {"text": text, "finish_reason": shapes.finish_reason(result.finish_reason),
                   "logprobs": logprobs, "token_ids": result.token_ids}
+    if result.site:
+        choice_out["site"] = result.site  # which site of a federation served it
     return (choice_out, result.usage.prompt_tokens, result.usage.completion_tokens,
             result.request_id)
 
