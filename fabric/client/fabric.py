@@ -245,11 +245,14 @@ class Fabric:
             from fabric.client.federation import FailoverSource
 
             return Stream(FailoverSource(self.federation, request.model,
-                                         lambda member: member._open_source(request)))
+                                         lambda member: member._open_source(request, True)))
         return Stream(self._open_source(request))
 
-    def _open_source(self, request: InferenceRequest) -> EventSource:
-        """Open ``request`` as a stream at this (single) site: its event source."""
+    def _open_source(self, request: InferenceRequest, impatient: bool = False) -> EventSource:
+        """Open ``request`` as a stream at this (single) site: its event source.
+        ``impatient``: a server silent for ``FAILOVER_SILENCE_S`` is asked at once whether
+        it still answers (a federation moves a stream whose server died before its first
+        token; it restores the usual patience once tokens come)."""
         transport = self.transport
         mode = "direct" if transport.can_reach_servers else "poll"
         from fabric.wire.functions import open_stream
@@ -260,7 +263,8 @@ class Fabric:
         )
         source: EventSource
         if mode == "direct":
-            source = DirectSource(info, request)
+            source = DirectSource(info, request, *(
+                (FAILOVER_SILENCE_S, FAILOVER_PROBE_S) if impatient else ()))
         else:
             source = PollSource(transport, info, request.model, self.auth)
         source.site = transport.site
@@ -534,6 +538,11 @@ class Fabric:
         return future
 
 
+FAILOVER_SILENCE_S = 0.5
+"""Before its first token, a federated stream's silence after which its server is asked for
+its health ..."""
+FAILOVER_PROBE_S = 1.5
+"""... and how long that may take before the stream moves to the next site."""
 EMBED_CHUNK = 128
 """Texts per endpoint task (one batched request) in ``Fabric.embed``."""
 

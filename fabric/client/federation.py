@@ -249,15 +249,19 @@ class FailoverSource:
         while True:
             try:
                 for event in self._source.events():
-                    if event.get("op") == "done" or event.get("token_ids") or event.get("text"):
-                        if not produced:
-                            self._fed.stats.served_by(self._model, self.site)
+                    if not produced and (event.get("op") == "done" or event.get("token_ids")
+                                         or event.get("text")):
+                        self._fed.stats.served_by(self._model, self.site)
+                        relax = getattr(self._source, "relax", None)
+                        if callable(relax):
+                            relax()  # it stays here now: the usual patience with silences
                         produced = True
                     yield event
                 return
             except FAILOVER as exc:
                 if produced or self._closed:
                     raise
+                self._abandon()
                 self._release()
                 self._fed.failed(self._model, self.site, exc)
                 self._source = self._open_next(exc)
@@ -265,6 +269,13 @@ class FailoverSource:
     def cancel(self) -> str:
         """Cancel at the serving site."""
         return self._source.cancel()
+
+    def _abandon(self) -> None:
+        # The old site may still hold the request (its server only seemed gone): cancel it
+        # there, off this thread, so it stops generating what nobody reads.
+        source = self._source
+        threading.Thread(target=_quiet_cancel, args=(source,), daemon=True,
+                         name="fabric-failover-cancel").start()
 
     def _release(self) -> None:
         with contextlib.suppress(Exception):
@@ -278,3 +289,8 @@ class FailoverSource:
         if not self._closed:
             self._closed = True
             self._release()
+
+
+def _quiet_cancel(source: EventSource) -> None:
+    with contextlib.suppress(Exception):
+        source.cancel()
