@@ -37,7 +37,7 @@ from fabric.client.decoding import (
     parse_generation,
     provenance_of,
 )
-from fabric.client.federation import Federation
+from fabric.client.federation import Federation, choose_sites, served_by
 from fabric.client.routing import RoutingConfig
 from fabric.client.status import StatusCallback, StatusPrinter, describe_status
 from fabric.client.streaming import DirectSource, EventSource, PollSource, Stream
@@ -81,22 +81,7 @@ class Fabric:
         ``routing`` tunes it (``RoutingConfig``). With neither ``site`` nor ``sites`` nor a
         ``transport``, the user's config file (``$FABRIC_HOME/config.yaml``) may name the
         sites; else the site is ``local``."""
-        if site is None and sites is None and transport is None:
-            from fabric.client.userconfig import load_user_config
-
-            user = load_user_config()
-            if user.sites:
-                sites = user.sites
-                routing = routing if routing is not None else user.routing
-        if sites is not None:
-            if site is not None or transport is not None:
-                raise InvalidRequest("give either site (and transport) or sites, not both",
-                                     param="sites")
-            if isinstance(sites, str) or not isinstance(sites, Sequence) or not sites or \
-                    not all(isinstance(s, str) and s for s in sites):
-                raise InvalidRequest(f"sites must be a non-empty list of site names, got "
-                                     f"{sites!r}", param="sites")
-            site = sites[0]
+        site, sites, config = choose_sites(site, sites, transport is not None, routing)
         site = "local" if site is None else site
         if not isinstance(site, str) or not site:
             raise InvalidRequest(f"site must be a non-empty string, got {site!r}")
@@ -109,8 +94,7 @@ class Fabric:
         self._lock = threading.Lock()
         self.federation: Federation | None = None
         """The member sites and their routing, when built with ``sites`` (two or more)."""
-        if sites is not None and len(sites) > 1:
-            config = routing if isinstance(routing, RoutingConfig) else _routing(routing)
+        if len(sites) > 1:
             self.federation = Federation(sites, self._member, config, auth)
             self.site = self.federation.names[0]
 
@@ -466,7 +450,7 @@ class Fabric:
     def _run(self, request: InferenceRequest) -> dict[str, Any]:
         if self.federation is not None:
             out, site = self.federation.call(request.model, lambda member: member._run(request))
-            return _served_by(out, site)
+            return served_by(out, site)
         from fabric.wire.functions import run_request
 
         future = self.transport.submit(run_request, request.model_dump(mode="json"), self.auth)
@@ -545,24 +529,6 @@ FAILOVER_PROBE_S = 1.5
 """... and how long that may take before the stream moves to the next site."""
 EMBED_CHUNK = 128
 """Texts per endpoint task (one batched request) in ``Fabric.embed``."""
-
-
-def _served_by(out: dict[str, Any], site: str) -> dict[str, Any]:
-    """A federated result map with the serving site in ``site`` and in its provenance."""
-    out = {**out, "site": site}
-    if isinstance(out.get("provenance"), dict):
-        out["provenance"] = {**out["provenance"], "site": site}
-    return out
-
-
-def _routing(value: dict[str, Any] | None) -> RoutingConfig:
-    from pydantic import ValidationError
-
-    try:
-        return RoutingConfig.model_validate(value or {})
-    except ValidationError as exc:
-        raise InvalidRequest(f"routing: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}",
-                             param="routing") from None
 
 
 def _unsort(rows: Any, order: list[int]) -> Any:

@@ -47,7 +47,8 @@ if TYPE_CHECKING:
     from fabric.client.fabric import Fabric
     from fabric.client.streaming import EventSource
 
-__all__ = ["FAILOVER", "FailoverSource", "Federation"]
+__all__ = ["FAILOVER", "FailoverSource", "Federation", "choose_sites", "routing_config",
+           "served_by"]
 
 T = TypeVar("T")
 
@@ -183,6 +184,53 @@ class Federation:
             self.states.close()
             for fab in members:
                 fab.close()
+
+
+def choose_sites(site: str | None, sites: Sequence[str] | None, has_transport: bool,
+                 routing: RoutingConfig | dict[str, Any] | None
+                 ) -> tuple[str | None, list[str], RoutingConfig]:
+    """A ``Fabric``'s ``site``/``sites``/``routing`` arguments checked and resolved: with
+    neither site nor sites nor a transport, the user's config file may name the sites.
+    Returns ``(site, sites, routing)``: ``sites`` is ``[]`` for a single site."""
+    if site is None and sites is None and not has_transport:
+        from fabric.client.userconfig import load_user_config
+
+        user = load_user_config()
+        if user.sites:
+            sites = user.sites
+            routing = routing if routing is not None else user.routing
+    if sites is None:
+        return site, [], RoutingConfig()
+    if site is not None or has_transport:
+        raise InvalidRequest("give either site (and transport) or sites, not both",
+                             param="sites")
+    if isinstance(sites, str) or not isinstance(sites, Sequence) or not sites or \
+            not all(isinstance(s, str) and s for s in sites):
+        raise InvalidRequest(f"sites must be a non-empty list of site names, got {sites!r}",
+                             param="sites")
+    return sites[0], list(sites), routing_config(routing)
+
+
+def routing_config(value: RoutingConfig | dict[str, Any] | None) -> RoutingConfig:
+    """``value`` as a ``RoutingConfig`` (``InvalidRequest`` naming the bad field)."""
+    if isinstance(value, RoutingConfig):
+        return value
+    from pydantic import ValidationError
+
+    try:
+        return RoutingConfig.model_validate(value or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidRequest(f"routing: {first['loc']}: {first['msg']}",
+                             param="routing") from None
+
+
+def served_by(out: dict[str, Any], site: str) -> dict[str, Any]:
+    """A federated result map with the serving site in ``site`` and in its provenance."""
+    out = {**out, "site": site}
+    if isinstance(out.get("provenance"), dict):
+        out["provenance"] = {**out["provenance"], "site": site}
+    return out
 
 
 def _site_names(refs: Sequence[str]) -> list[str]:
