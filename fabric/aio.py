@@ -45,13 +45,14 @@ class AsyncFabric:
     ...     async for chunk in await fab.stream("Tell me a story"):
     ...         print(chunk, end="")
 
-    Arguments are those of ``Fabric`` (``site``, ``transport``, ``auth``, ``on_status``...),
+    Arguments are those of ``Fabric`` (``site`` or ``sites``, ``transport``, ``auth``,
+    ``on_status``, ``routing``...),
     or pass an existing ``fabric=`` to share its transport. ``max_concurrency`` bounds the
     calls in flight at once; ``executor`` shares another client's pool instead (it is then
     not shut down by ``close``).
     """
 
-    def __init__(self, site: str = "local", *, fabric: Fabric | None = None,
+    def __init__(self, site: str | None = None, *, fabric: Fabric | None = None,
                  max_concurrency: int = DEFAULT_CONCURRENCY,
                  executor: ThreadPoolExecutor | None = None, **kwargs: Any) -> None:
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
@@ -74,8 +75,13 @@ class AsyncFabric:
 
     @property
     def site(self) -> str:
-        """Name of the site this client reaches."""
+        """Name of the site this client reaches (a federation's first site)."""
         return self.fabric.site
+
+    @property
+    def sites(self) -> list[str]:
+        """The sites this client routes among."""
+        return self.fabric.sites
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` in the pool; the event loop keeps running meanwhile."""

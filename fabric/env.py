@@ -86,7 +86,8 @@ def _declare(name: str, doc: str, default: str | None = None, set_by: str = "the
 
 FABRIC_HOME = _declare(
     "FABRIC_HOME", "Per-user folder: Globus tokens (tokens.json), function-id and task-group "
-    "caches.", "~/.fabric", read_by="fabric.globus.auth, fabric.globus.transport")
+    "caches, the user's config file (config.yaml: a federation's sites and routing).",
+    "~/.fabric", read_by="fabric.globus.auth, fabric.globus.transport, fabric.client.userconfig")
 FABRIC_CLIENT_ID = _declare(
     "FABRIC_CLIENT_ID", "Confidential Globus client id: with FABRIC_CLIENT_SECRET, log in as "
     "that client (automation, no browser); set both or neither.", read_by="fabric.globus.auth")

@@ -242,6 +242,8 @@ class GenerationResult(_Strict):
     captures: dict[str, Any] = Field(default_factory=dict)
     provenance: Provenance | None = None
     """Model, version, weights hash, plan, fabric version, seed and sampling (fabric.provenance)."""
+    site: str | None = None
+    """The site that served it (set by the SDK: a federation's routing chose it)."""
 
 
 def validate_request(data: Any) -> InferenceRequest:

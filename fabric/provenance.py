@@ -57,6 +57,8 @@ class Provenance(BaseModel):
     """The request's sampling settings (``SamplingParams``) for ``generate``; else ``None``."""
     hooks: int = Field(0, ge=0)
     """How many hooks (steer, ablate, capture) the request carried: the result depends on them."""
+    site: str | None = None
+    """The site that served it, where a federation's routing chose among several."""
 
     def rerun(self) -> dict[str, Any]:
         """Keyword arguments of ``Fabric.generate`` reproducing this result: the model pinned

@@ -445,8 +445,22 @@ class FakeServerClient:
     def __init__(self, address: str, public_key: str, timeout_s: float = 30.0) -> None:
         self.closed = False
 
+    silent_admissions = 0
+    """Admission waits that time out (as a silent server's do) before the answer comes."""
+
     def submit(self, request: Any, ticket: str, stream: bool = False) -> None:
         assert stream and ticket == "tk"
+
+    def send_submit(self, request: Any, ticket: str, stream: bool = False) -> None:
+        assert stream and ticket == "tk"
+
+    def admission(self, request_id: str, timeout_s: float | None = None) -> Any:
+        from fabric.errors import ModelServerUnavailable
+
+        if FakeServerClient.silent_admissions:
+            FakeServerClient.silent_admissions -= 1
+            raise ModelServerUnavailable("no answer within the timeout", silent=True)
+        return None
 
     def events(self, request_id: str, timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
         from fabric.errors import ModelServerUnavailable
@@ -494,6 +508,33 @@ def test_direct_stream_survives_silence_only_while_server_answers(
         assert next(stream) == "a"
         with pytest.raises(ModelServerUnavailable):
             next(stream)
+
+
+@pytest.mark.parametrize("alive", [True, False])
+def test_direct_stream_admission_waits_only_while_server_answers(
+        monkeypatch: pytest.MonkeyPatch, alive: bool) -> None:
+    """A server silent about admitting a stream is asked for its health after ``silence_s``
+    (a federation moves such a stream to another site when it is gone)."""
+    import fabric.serverclient
+    from fabric.client.checks import build_request
+    from fabric.client.streaming import DirectSource
+    from fabric.errors import ModelServerUnavailable
+
+    monkeypatch.setattr(fabric.serverclient, "ServerClient", FakeServerClient)
+    monkeypatch.setattr(FakeServerClient, "silent_admissions", 2)
+    FakeServerClient.alive = alive
+    FakeServerClient.script = [{"op": "event", "token_ids": [1], "text": "a"},
+                               {"op": "done", "result": result_dict()}]
+    request = build_request("generate", model="m", prompt="x")
+    info = {"request_id": request.request_id, "address": "tcp://x", "public_key": "k",
+            "ticket": "tk"}
+    if alive:
+        stream = Stream(DirectSource(info, request, silence_s=0.01))
+        assert list(stream) == ["a"] and FakeServerClient.silent_admissions == 0
+    else:
+        with pytest.raises(ModelServerUnavailable):
+            DirectSource(info, request, silence_s=0.01)
+        assert FakeServerClient.silent_admissions == 1  # gave up at the first silence
 
 
 def test_remote_site_without_endpoint_id_is_refused_not_run_locally() -> None:

@@ -4,7 +4,8 @@
 
     take runner.lock (one runner per campaign) -> recover: truncate outputs to the ledger's
     offsets, requeue inputs left running
-    loop:  for each site with a free slot (fewest in flight per weight first):
+    loop:  for each healthy site with a free slot (warm before starting before cold, then
+           fewest in flight per weight; a site down or not answering its status is skipped):
                ledger.claim -> transport.submit(run_shard, shard, auth)
            wait for any shard future (or a timeout / cancel / stop)
            settle: append lines + fsync, then one ledger transaction (see ``ledger``)
@@ -13,6 +14,12 @@
 Only this thread writes outputs and changes item states, so "check the input is still running
 in this shard, write its line, commit" cannot race. A shard's late reply (after a timeout made
 it retry elsewhere) finds its inputs no longer running in that shard and is dropped.
+
+Over several sites each site's state comes from the federation's status call
+(``fabric.client.sitestate``, cached ``ROUTING.status_ttl_s``): a site that dies mid-campaign
+fails its shards' futures (the transport sees it go), their inputs go back to pending, and the
+site is skipped until it answers again, so its shards move to the others. Such a campaign never
+starts a member site that is down (its local transports do not autostart).
 """
 
 from __future__ import annotations
@@ -30,12 +37,16 @@ from typing import Any
 from fabric.campaign import store
 from fabric.campaign.ledger import Ledger
 from fabric.campaign.manifest import Manifest, SiteSpec
-from fabric.errors import FabricError, InvalidRequest
+from fabric.client.routing import TIERS, RoutingConfig, SiteState, rank_sites
+from fabric.client.sitestate import SiteStates, probe
+from fabric.errors import EndpointError, FabricError, InvalidRequest
 
 log = logging.getLogger("fabric.campaign")
 
 MAX_BACKOFF_S = 60.0
 """Longest pause for a site whose shards keep failing (others take its work meanwhile)."""
+ROUTING = RoutingConfig(status_ttl_s=2.0, status_timeout_s=5.0, down_ttl_s=2.0)
+"""How often a campaign over several sites asks each for its state."""
 
 
 class SiteSlot:
@@ -47,15 +58,20 @@ class SiteSlot:
         self.in_flight: dict[cf.Future[Any], tuple[str, float]] = {}
         self.failures = 0
         self.paused_until = 0.0
+        self.tier = 0
+        """Index in ``TIERS`` of the site's readiness for the model (0: warm)."""
+        self.healthy = True
 
     @property
     def free(self) -> bool:
         """True if the site may take another shard now (below its cap, not backing off)."""
-        return len(self.in_flight) < self.spec.max_in_flight and time.time() >= self.paused_until
+        return self.healthy and len(self.in_flight) < self.spec.max_in_flight \
+            and time.time() >= self.paused_until
 
-    def load(self) -> float:
-        """Shards in flight per unit of weight: the least loaded site gets the next shard."""
-        return len(self.in_flight) / self.spec.weight
+    def load(self) -> tuple[int, float]:
+        """Readiness, then shards in flight per unit of weight: a warm site before a cold
+        one, and among equals the least loaded gets the next shard."""
+        return self.tier, len(self.in_flight) / self.spec.weight
 
 
 class CampaignRunner:
@@ -71,6 +87,7 @@ class CampaignRunner:
         self.poll_s = poll_s
         self._given = dict(transports or {})
         self._opened: list[Any] = []
+        self._states: SiteStates | None = None
         self.ledger: Ledger | None = None
         self.identity: dict[str, Any] = {"name": self.manifest.model,
                                          "version": self.manifest.version, "sha256": None}
@@ -115,6 +132,43 @@ class CampaignRunner:
         ledger.set(status="running", started=ledger.get("started") or time.time(),
                    finished=None)
         slots = [SiteSlot(spec, self._transport(spec)) for spec in self.manifest.sites]
+        states = self._states = self._site_states(slots)
+        try:
+            return self._loop(slots, states)
+        finally:
+            if states is not None:
+                states.close()
+
+    def _site_states(self, slots: list[SiteSlot]) -> SiteStates | None:
+        """The member sites' cached states, for a campaign over several sites."""
+        if len(slots) < 2:
+            return None
+        by_name = {slot.transport.site: slot for slot in slots}
+        if len(by_name) < len(slots):
+            return None  # two slots of one site (tests): nothing to choose between
+        for slot in slots:
+            if hasattr(slot.transport, "autostart"):
+                slot.transport.autostart = False  # a dead member is skipped, not restarted
+        return SiteStates(list(by_name), lambda name: probe(
+            by_name[name].transport, self.auth, ROUTING.status_timeout_s), ROUTING)
+
+    def _update_states(self, slots: list[SiteSlot], states: SiteStates | None) -> None:
+        if states is None:
+            return
+        snapshot: list[SiteState] = states.snapshot()
+        ranked = {r.site: r for r in rank_sites(snapshot, self.manifest.model, now=time.time())}
+        for slot in slots:
+            r = ranked.get(slot.transport.site)
+            if r is None and slot.healthy:
+                log.warning("campaign %s: site %s skipped: %s", self.manifest.name,
+                            slot.spec.name, next((s.error for s in snapshot
+                                                  if s.site == slot.transport.site), None))
+            slot.healthy = r is not None
+            slot.tier = TIERS.index(r.tier) if r is not None else len(TIERS)
+
+    def _loop(self, slots: list[SiteSlot], states: SiteStates | None) -> str:
+        assert self.ledger is not None
+        ledger = self.ledger
         while True:
             if ledger.get("status") == "cancelling":
                 self._abandon(slots, "cancelled")
@@ -126,6 +180,7 @@ class CampaignRunner:
                 self._abandon(slots, "runner stopped")
                 ledger.set(status="queued")
                 return "queued"
+            self._update_states(slots, states)
             self._dispatch(slots)
             futures = [f for s in slots for f in s.in_flight]
             if not futures:
@@ -200,6 +255,12 @@ class CampaignRunner:
             try:
                 fut = slot.transport.submit(run_shard, shard, self.auth)
             except FabricError as exc:
+                if isinstance(exc, EndpointError) and self._states is not None:
+                    # A member site is unreachable: nothing ran, so the inputs keep their
+                    # attempt and go back to pending for the other sites.
+                    self._give_back(shard_id, f"{slot.spec.name}: {exc.message}")
+                    self._site_down(slot, exc)
+                    continue
                 self._settle(shard_id, slot.transport.site, None, exc)
                 self._backoff(slot, exc)
                 continue
@@ -213,7 +274,10 @@ class CampaignRunner:
                 f"{type(exc).__name__}: {exc}")
             log.warning("shard %s at %s failed: %s", shard_id, slot.spec.name, err)
             self._settle(shard_id, slot.transport.site, None, err)
-            self._backoff(slot, err)
+            if isinstance(err, EndpointError):
+                self._site_down(slot, err)
+            else:
+                self._backoff(slot, err)
             return
         slot.failures = 0
         self._settle(shard_id, slot.transport.site, reply, None)
@@ -228,17 +292,31 @@ class CampaignRunner:
                     f"shard {shard_id} gave no answer in {limit:.0f} s", kind="ShardTimeout"))
 
     def _abandon(self, slots: list[SiteSlot], why: str) -> None:
-        assert self.ledger is not None
         for slot in slots:
             for fut, (shard_id, _) in list(slot.in_flight.items()):
                 fut.cancel()
-                # Not the inputs' fault: give back their attempt and leave them pending.
-                with self.ledger.tx() as c:
-                    c.execute("UPDATE items SET state='pending', attempts=MAX(attempts-1,0) "
-                              "WHERE state='running' AND shard=?", (shard_id,))
-                    c.execute("UPDATE shards SET state='lost', error=?, finished=? WHERE id=?",
-                              (why, time.time(), shard_id))
+                self._give_back(shard_id, why)
             slot.in_flight.clear()
+
+    def _give_back(self, shard_id: str, why: str) -> None:
+        """Not the inputs' fault: give back their attempt and leave them pending."""
+        assert self.ledger is not None
+        with self.ledger.tx() as c:
+            c.execute("UPDATE items SET state='pending', attempts=MAX(attempts-1,0) "
+                      "WHERE state='running' AND shard=?", (shard_id,))
+            c.execute("UPDATE shards SET state='lost', error=?, finished=? WHERE id=?",
+                      (why, time.time(), shard_id))
+
+    def _site_down(self, slot: SiteSlot, err: FabricError) -> None:
+        """The site could not be reached: skip it until its status call answers again (or,
+        alone or without states, back off as for any failure)."""
+        if self._states is not None:
+            slot.healthy = False
+            self._states.mark_down(slot.transport.site, f"{type(err).__name__}: {err.message}")
+            assert self.ledger is not None
+            self.ledger.set(last_error=f"{slot.spec.name}: {err.message}")
+        else:
+            self._backoff(slot, err)
 
     def _backoff(self, slot: SiteSlot, err: FabricError) -> None:
         slot.failures += 1

@@ -19,7 +19,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the OpenAI API for the site until interrupted."""
     from fabric.gateway import GatewayConfig, serve
 
-    config = GatewayConfig(site=args.site, host=args.host, port=args.port,
+    config = GatewayConfig(site=args.site, sites=args.sites or None, host=args.host,
+                           port=args.port,
                            home=Path(args.home) if args.home else None,
                            require_auth=True if args.require_auth else None,
                            rate=args.rate, burst=args.burst,
@@ -33,6 +34,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="serve the OpenAI API (chat, completions, "
                               "embeddings, files, batches) for a site")
     site_arg(p)
+    p.add_argument("--sites", nargs="+", metavar="SITE",
+                   help="route among several sites (a federation; --site is then ignored)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other needs authentication)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from fabric.client.checks import (
     build_request,
@@ -37,6 +37,8 @@ from fabric.client.decoding import (
     parse_generation,
     provenance_of,
 )
+from fabric.client.federation import Federation, choose_sites, served_by
+from fabric.client.routing import RoutingConfig
 from fabric.client.status import StatusCallback, StatusPrinter, describe_status
 from fabric.client.streaming import DirectSource, EventSource, PollSource, Stream
 from fabric.client.transport import Transport, open_transport
@@ -64,14 +66,23 @@ class Fabric:
     >>> fab.submit(lambda handle, x: handle.generate(x).text, "Hi", model="smollm2-135m")
     """
 
-    def __init__(self, site: str = "local", transport: Transport | None = None,
+    def __init__(self, site: str | None = None, transport: Transport | None = None,
                  auth: Any = None, *, on_status: StatusCallback | Literal["print"] | None = "print",
-                 status_interval_s: float = 2.0) -> None:
+                 status_interval_s: float = 2.0, sites: Sequence[str] | None = None,
+                 routing: RoutingConfig | dict[str, Any] | None = None) -> None:
         """``site``: a site name (``endpoints/<site>``) or definition path; ``transport``
         overrides how it is reached; ``auth``: credentials passed to the endpoint (``None``:
         the transport's own login); ``on_status``: called with the deployment's state while a
         call waits on a cold model server ("print": a line on stderr per change; ``None``: no
-        status polling at all)."""
+        status polling at all).
+
+        ``sites``: several sites to route among (a federation, ``fabric.client.federation``):
+        each call goes to the best site hosting its model and fails over before any output;
+        ``routing`` tunes it (``RoutingConfig``). With neither ``site`` nor ``sites`` nor a
+        ``transport``, the user's config file (``$FABRIC_HOME/config.yaml``) may name the
+        sites; else the site is ``local``."""
+        site, sites, config = choose_sites(site, sites, transport is not None, routing)
+        site = "local" if site is None else site
         if not isinstance(site, str) or not site:
             raise InvalidRequest(f"site must be a non-empty string, got {site!r}")
         self.site = site
@@ -81,12 +92,54 @@ class Fabric:
         self.status_interval_s = status_interval_s
         self._transport = transport
         self._lock = threading.Lock()
+        self.federation: Federation | None = None
+        """The member sites and their routing, when built with ``sites`` (two or more)."""
+        if len(sites) > 1:
+            self.federation = Federation(sites, self._member, config, auth)
+            self.site = self.federation.names[0]
+
+    def _member(self, site: str) -> Fabric:
+        return Fabric(site, auth=self.auth, on_status=self.on_status,
+                      status_interval_s=self.status_interval_s)
+
+    @property
+    def sites(self) -> list[str]:
+        """The sites this client routes among (one for a single-site client)."""
+        return list(self.federation.names) if self.federation is not None else [self.site]
+
+    def at(self, site: str) -> Fabric:
+        """The single-site client of member ``site`` of a federation (deploy, undeploy and
+        catalog calls aimed at one site); ``self`` for a single-site client of that site."""
+        if self.federation is None:
+            if site != self.site:
+                raise InvalidRequest(f"this client reaches only site {self.site!r}",
+                                     param="site")
+            return self
+        if site not in self.federation.names:
+            raise InvalidRequest(f"no site {site!r} in the federation "
+                                 f"({', '.join(self.federation.names)})", param="site")
+        return self.federation.member(site)
+
+    def with_auth(self, auth: Any) -> Self:
+        """A client for the same site(s) sending ``auth``, sharing this one's transports
+        (and a federation's site states and counters); quiet (``on_status=None``)."""
+        if self.federation is None:
+            return type(self)(self.site, transport=self.transport, auth=auth, on_status=None)
+        twin = type(self)(self.site, transport=self.transport, auth=auth, on_status=None)
+        fed = self.federation
+        twin.federation = fed.with_auth(auth, lambda name: Fabric(
+            name, transport=fed.transport(name), auth=auth, on_status=None))
+        twin.site = fed.names[0]
+        return twin
 
     # -- transport ---------------------------------------------------------------------------
 
     @property
     def transport(self) -> Transport:
-        """The site's transport, opened on first use (this may start the local site)."""
+        """The site's transport, opened on first use (this may start the local site); for a
+        federation, the first site's."""
+        if self.federation is not None:
+            return self.federation.transport(self.federation.names[0])
         with self._lock:
             if self._transport is None:
                 self._transport = open_transport(self.site)
@@ -108,6 +161,10 @@ class Fabric:
         """Release the transport's sockets and threads (the site itself keeps running)."""
         with self._lock:
             transport, self._transport = self._transport, None
+            federation = self.federation
+        if federation is not None:
+            federation.close()
+            return
         if transport is not None:
             transport.close()
 
@@ -136,7 +193,7 @@ class Fabric:
             sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs),
             timeout=timeout, hooks=_hooks(hooks),
         )
-        return parse_generation(self._run(request))
+        return self._generation(self._run(request))
 
     def chat(self, messages: Sequence[dict[str, str]], *, model: str = DEFAULT_MODEL,
              version: str | None = None, max_tokens: int = 64, temperature: float = 0.0,
@@ -150,7 +207,7 @@ class Fabric:
             sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs),
             timeout=timeout, hooks=_hooks(hooks),
         )
-        return parse_generation(self._run(request))
+        return self._generation(self._run(request))
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
                model: str = DEFAULT_MODEL, version: str | None = None, max_tokens: int = 64,
@@ -168,6 +225,18 @@ class Fabric:
             sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs),
             timeout=timeout, hooks=_hooks(hooks),
         )
+        if self.federation is not None:
+            from fabric.client.federation import FailoverSource
+
+            return Stream(FailoverSource(self.federation, request.model,
+                                         lambda member: member._open_source(request, True)))
+        return Stream(self._open_source(request))
+
+    def _open_source(self, request: InferenceRequest, impatient: bool = False) -> EventSource:
+        """Open ``request`` as a stream at this (single) site: its event source.
+        ``impatient``: a server silent for ``FAILOVER_SILENCE_S`` is asked at once whether
+        it still answers (a federation moves a stream whose server died before its first
+        token; it restores the usual patience once tokens come)."""
         transport = self.transport
         mode = "direct" if transport.can_reach_servers else "poll"
         from fabric.wire.functions import open_stream
@@ -178,10 +247,12 @@ class Fabric:
         )
         source: EventSource
         if mode == "direct":
-            source = DirectSource(info, request)
+            source = DirectSource(info, request, *(
+                (FAILOVER_SILENCE_S, FAILOVER_PROBE_S) if impatient else ()))
         else:
             source = PollSource(transport, info, request.model, self.auth)
-        return Stream(source)
+        source.site = transport.site
+        return source
 
     # -- representations ----------------------------------------------------------------------
 
@@ -275,6 +346,12 @@ class Fabric:
             raise InvalidRequest(f"fn must be callable, got {type(fn).__name__}")
         if model is not None:
             check_name(model, "model")
+        if self.federation is not None:
+            # Fails over only if the function could not be handed to a site: once it runs it
+            # may have had effects, so its future's errors are the caller's.
+            future, _ = self.federation.call(model or "", lambda member: member.submit(
+                fn, *args, model=model, **kwargs))
+            return future
         from fabric.wire.functions import run_user_function
 
         return self.transport.submit(run_user_function, fn, args, kwargs, model, self.auth)
@@ -282,7 +359,10 @@ class Fabric:
     # -- models and deployments ---------------------------------------------------------------
 
     def models(self) -> list[dict[str, Any]]:
-        """The site's catalog: name, version, family, size, plan and deployment state."""
+        """The site's catalog: name, version, family, size, plan and deployment state (for a
+        federation: every healthy site's rows, each naming its ``site``)."""
+        if self.federation is not None:
+            return self._each_healthy_site(lambda member: member.models())
         from fabric.wire.functions import list_models
 
         return list(self.transport.submit(list_models, self.auth).result())
@@ -341,7 +421,11 @@ class Fabric:
                 deployment_status, model, version, plan, self.auth).result())
 
     def deployments(self) -> list[dict[str, Any]]:
-        """The site's deployments: id, model, plan, job id, state, address, idle time."""
+        """The site's deployments: id, model, plan, job id, state, address, idle time (for a
+        federation: every healthy site's, each with its ``site``)."""
+        if self.federation is not None:
+            return self._each_healthy_site(lambda member: [
+                {**row, "site": member.transport.site} for row in member.deployments()])
         from fabric.wire.functions import list_deployments
 
         return list(self.transport.submit(list_deployments, self.auth).result())
@@ -353,13 +437,31 @@ class Fabric:
 
         return dict(self.transport.submit(undeploy, deployment_id, self.auth).result())
 
+    def _each_healthy_site(self, fn: Callable[[Fabric], list[dict[str, Any]]]
+                           ) -> list[dict[str, Any]]:
+        assert self.federation is not None
+        rows: list[dict[str, Any]] = []
+        for state in self.federation.states.snapshot():
+            if state.healthy:
+                rows.extend(fn(self.federation.member(state.site)))
+        return rows
+
     # -- plumbing -----------------------------------------------------------------------------
 
     def _run(self, request: InferenceRequest) -> dict[str, Any]:
+        if self.federation is not None:
+            out, site = self.federation.call(request.model, lambda member: member._run(request))
+            return served_by(out, site)
         from fabric.wire.functions import run_request
 
         future = self.transport.submit(run_request, request.model_dump(mode="json"), self.auth)
         return dict(self._wait(future, request.model, request.version))
+
+    def _generation(self, out: dict[str, Any]) -> GenerationResult:
+        result = parse_generation(out)
+        if result.site is None:  # a single site's result: this site served it
+            result.site = self.transport.site
+        return result
 
     def _wait(self, future: Future[Any], model: str, version: str | None) -> Any:
         """``future.result()``, reporting the deployment's state to ``on_status`` while slow.
@@ -421,6 +523,11 @@ class Fabric:
         return future
 
 
+FAILOVER_SILENCE_S = 0.5
+"""Before its first token, a federated stream's silence after which its server is asked for
+its health ..."""
+FAILOVER_PROBE_S = 1.5
+"""... and how long that may take before the stream moves to the next site."""
 EMBED_CHUNK = 128
 """Texts per endpoint task (one batched request) in ``Fabric.embed``."""
 

@@ -46,27 +46,57 @@ class EventSource(Protocol):
         ...
 
 
+SILENCE_S = 10.0
+"""A stream's silence after which the client asks whether its server still answers."""
+PROBE_TIMEOUT_S = 5.0
+"""How long that health question may take before the server counts as gone."""
+
+
 class DirectSource:
     """Events pushed by the model server over one ZMQ connection."""
 
+    site: str = ""
+    """The site whose model server this is (set by the SDK)."""
+
     def __init__(self, info: dict[str, Any], request: InferenceRequest,
-                 silence_s: float = 10.0) -> None:
+                 silence_s: float = SILENCE_S, probe_timeout_s: float = PROBE_TIMEOUT_S) -> None:
         from fabric.serverclient import ServerClient
 
         self.request_id = str(info.get("request_id") or request.request_id)
         self._address = str(info["address"])
         self._public_key = str(info["public_key"])
         self._ticket = str(info["ticket"])
-        self._silence_s = silence_s
+        self.silence_s = silence_s
+        """How long a silence is taken without asking whether the server still answers."""
+        self.probe_timeout_s = probe_timeout_s
+        """How long that health question may take before the server counts as gone."""
         # The ticket is signed for one request id, so the request must carry exactly that id.
         if request.request_id != self.request_id:
             request = request.model_copy(update={"request_id": self.request_id})
         self._client = ServerClient(self._address, self._public_key)
         try:
-            self._client.submit(request, self._ticket, stream=True)
+            self._client.send_submit(request, self._ticket, stream=True)
+            refusal = self._admission()
+            if refusal is not None:
+                raise refusal
         except BaseException:
             self._client.close()
             raise
+
+    def _admission(self) -> FabricError | None:
+        # Like ``ServerClient.submit``, but a silent server is asked for its health after
+        # ``silence_s`` instead of waited for the client's whole timeout (a federation moves
+        # a stream whose server died before admitting it, and must know soon).
+        while True:
+            try:
+                return self._client.admission(self.request_id, self.silence_s)
+            except ModelServerUnavailable as exc:
+                if not exc.details.get("silent") or not self._server_answers():
+                    raise
+
+    def relax(self) -> None:
+        """Back to the default patience (a federation tightens it until the first token)."""
+        self.silence_s, self.probe_timeout_s = SILENCE_S, PROBE_TIMEOUT_S
 
     def events(self) -> Iterator[dict[str, Any]]:
         """Events as the server pushes them.
@@ -77,7 +107,7 @@ class DirectSource:
         """
         while True:
             try:
-                yield from self._client.events(self.request_id, self._silence_s)
+                yield from self._client.events(self.request_id, self.silence_s)
                 return
             except ModelServerUnavailable:
                 if not self._server_answers():
@@ -86,7 +116,7 @@ class DirectSource:
     def _server_answers(self) -> bool:
         from fabric.serverclient import ServerClient
 
-        probe = ServerClient(self._address, self._public_key, timeout_s=5.0)
+        probe = ServerClient(self._address, self._public_key, timeout_s=self.probe_timeout_s)
         try:
             probe.health()
             return True
@@ -113,6 +143,9 @@ class DirectSource:
 
 class PollSource:
     """Events fetched by long-polling the server's buffer through the transport."""
+
+    site: str = ""
+    """The site polled (set by the SDK)."""
 
     def __init__(self, transport: Transport, info: dict[str, Any], model: str, auth: Any,
                  wait_s: float = 5.0) -> None:
@@ -187,6 +220,12 @@ class Stream:
         self.cancelled = False
         """True once ``close``/``cancel`` stopped the request before it finished."""
 
+    @property
+    def site(self) -> str | None:
+        """The site serving the stream (a federation's choice; fixed once tokens came)."""
+        site = getattr(self._source, "site", None)
+        return str(site) if site else None
+
     def __iter__(self) -> Iterator[str]:
         return self
 
@@ -220,6 +259,8 @@ class Stream:
                 raise
             if event.get("op") == "done":
                 self.result = parse_generation(event["result"])
+                if self.result.site is None:
+                    self.result.site = self.site
                 self._finish()
                 break
             chunk = self._absorb(event)

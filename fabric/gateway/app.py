@@ -34,13 +34,17 @@ log = logging.getLogger("fabric.gateway")
 def build_gateway(config: GatewayConfig, client: AsyncFabric | None = None) -> Gateway:
     """The gateway's state; raises ``AuthError`` when the bind needs authentication that
     nothing could check (no API key issued, no Globus policy at the site)."""
-    policy = _site_policy(config.site)
+    policy = _site_policy(config.sites[0] if config.sites else config.site)
     gateway_home = config.home
     keys = KeyStore(gateway_home)
     config.check_bind(keys.active(), policy is not None)
     if client is None:
-        client = AsyncFabric(config.site, max_concurrency=config.max_concurrency,
-                             on_status=None)
+        if config.sites:
+            client = AsyncFabric(sites=config.sites, max_concurrency=config.max_concurrency,
+                                 on_status=None)
+        else:
+            client = AsyncFabric(config.site, max_concurrency=config.max_concurrency,
+                                 on_status=None)
     authenticator = Authenticator(require=config.auth_required, keys=keys, policy=policy,
                                   site=client.site)
     return Gateway(config, client, authenticator)
@@ -78,7 +82,7 @@ def create_app(config: GatewayConfig | None = None, client: AsyncFabric | None =
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "site": gw.client.site}
+        return {"status": "ok", "site": gw.client.site, "sites": gw.client.sites}
 
     return app
 

@@ -33,6 +33,10 @@ class GatewayConfig(BaseModel):
 
     site: str = "local"
     """Site behind the gateway (name or definition folder)."""
+    sites: list[str] | None = None
+    """Several sites to route among (a federation, ``fabric.client.federation``); when set,
+    ``site`` is ignored and the first of them gives the Globus policy callers are checked
+    against."""
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     home: Path | None = None

@@ -44,15 +44,16 @@ async def parse_body(request: Request, model: type[M]) -> M:
 
 @router.get("/models")
 async def list_models(who: Who) -> dict[str, Any]:
-    """The site's catalog as OpenAI ``model`` objects."""
-    records = await who.client.models()
+    """The site's catalog as OpenAI ``model`` objects (a federation's: one per model, owned by
+    the first site listing it, with every site hosting it in ``sites``)."""
+    records = shapes.merge_sites(await who.client.models())
     return {"object": "list", "data": [shapes.model_card(r, who.client.site) for r in records]}
 
 
 @router.get("/models/{model}")
 async def get_model(model: str, who: Who) -> dict[str, Any]:
     """One catalog entry (404 if the site does not serve it)."""
-    for record in await who.client.models():
+    for record in shapes.merge_sites(await who.client.models()):
         if record.get("name") == model:
             return shapes.model_card(record, who.client.site)
     from fabric.errors import UnknownModel
@@ -165,6 +166,8 @@ async def _one_completion(client: AsyncFabric, req: CompletionRequest, prompt: s
     text = prompt + result.text if req.echo else result.text
     choice_out = {"text": text, "finish_reason": shapes.finish_reason(result.finish_reason),
                   "logprobs": logprobs, "token_ids": result.token_ids}
+    if result.site:
+        choice_out["site"] = result.site  # which site of a federation served it
     return (choice_out, result.usage.prompt_tokens, result.usage.completion_tokens,
             result.request_id)
 

@@ -200,6 +200,8 @@ def fingerprint(result: GenerationResult) -> str:
 
 def _extensions(result: GenerationResult) -> dict[str, Any]:
     out: dict[str, Any] = {"token_ids": result.token_ids}
+    if result.site:
+        out["site"] = result.site  # which site of a federation served this choice
     if result.captures:
         out["captures"] = {k: v.tolist() if hasattr(v, "tolist") else v
                            for k, v in result.captures.items()}
@@ -284,5 +286,18 @@ def embedding_response(model: str, vectors: list[Any], encoding: str,
 
 def model_card(record: dict[str, Any], site: str) -> dict[str, Any]:
     """One ``model`` object of ``GET /v1/models`` (catalog fields kept as extensions)."""
-    return {"id": record.get("name"), "object": "model", "created": 0, "owned_by": site,
+    return {"id": record.get("name"), "object": "model", "created": 0,
+            "owned_by": record.get("site") or site,
             **{k: v for k, v in record.items() if k not in {"id", "object"}}}
+
+
+def merge_sites(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Catalog rows with one row per model name: the first site's, with ``sites`` listing
+    every site that has the model (a federation lists a model once per site)."""
+    out: dict[str, dict[str, Any]] = {}
+    for record in records:
+        name = str(record.get("name"))
+        row = out.setdefault(name, {**record, "sites": []})
+        if record.get("site") and record["site"] not in row["sites"]:
+            row["sites"].append(record["site"])
+    return list(out.values())

@@ -46,16 +46,12 @@ class Gateway:
         (sharing the gateway's transport and thread pool)."""
         if identity.auth is None:
             return self.client
-        from fabric.sdk import Fabric
-
         key = hashlib.sha256(str(identity.auth.get("token")).encode()).hexdigest()
         with self._lock:
             client = self._clients.get(key)
             if client is None:
-                base = self.client.fabric
-                fab = Fabric(base.site, transport=base.transport, auth=identity.auth,
-                             on_status=None)
-                client = AsyncFabric(fabric=fab, executor=self.client._pool)
+                client = AsyncFabric(fabric=self.client.fabric.with_auth(identity.auth),
+                                     executor=self.client._pool)
                 if len(self._clients) > 10_000:  # tokens expire; forget the oldest callers
                     self._clients.pop(next(iter(self._clients)))
                 self._clients[key] = client
