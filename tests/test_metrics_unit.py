@@ -236,3 +236,17 @@ def test_fabric_metrics_serves_a_site_from_its_state_dir(tmp_path: Path) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_a_federations_routing_decisions_reach_the_metrics() -> None:
+    """The router's own counters feed ``fabric_routing_decisions_total`` (no manual call)."""
+    from fabric.client.routing import Ranked, RoutingStats
+    from fabric.metrics import ROUTING_DECISIONS
+
+    warm = ROUTING_DECISIONS.value(model_name="rm", site="a", reason="warm")
+    moved = ROUTING_DECISIONS.value(model_name="rm", site="a", reason="failover")
+    stats = RoutingStats()
+    stats.decided("rm", Ranked(site="a", tier="warm"))
+    stats.failed_over("rm", "a", "Overloaded")
+    assert ROUTING_DECISIONS.value(model_name="rm", site="a", reason="warm") == warm + 1
+    assert ROUTING_DECISIONS.value(model_name="rm", site="a", reason="failover") == moved + 1

@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fabric import metrics
+
 __all__ = ["ModelState", "RoutingConfig", "RoutingStats", "SiteState", "Tier", "model_state",
            "rank_sites", "site_state_from_records"]
 
@@ -202,6 +204,9 @@ class RoutingStats:
     ``decisions[(model, site, tier)]``: calls sent to ``site`` as its first choice in
     ``tier``; ``failovers[(model, from_site, reason)]``: calls moved off ``from_site``
     (``reason`` is the error's class name); ``served[(model, site)]``: calls a site served.
+    Decisions and failovers also count in the process's ``fabric_routing_decisions_total``
+    (``fabric.metrics``, which the gateway's ``/metrics`` renders): ``reason`` is the tier of
+    a first choice, or ``failover`` for a call moved off ``site``.
     """
 
     def __init__(self) -> None:
@@ -214,11 +219,13 @@ class RoutingStats:
         """Count the first choice of one call."""
         with self._lock:
             self.decisions[(model, ranked.site, ranked.tier)] += 1
+        metrics.record_routing(model, ranked.site, ranked.tier)
 
     def failed_over(self, model: str, site: str, reason: str) -> None:
         """Count one call moved off ``site``."""
         with self._lock:
             self.failovers[(model, site, reason)] += 1
+        metrics.record_routing(model, site, "failover")
 
     def served_by(self, model: str, site: str) -> None:
         """Count one call served by ``site``."""
