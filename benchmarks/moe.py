@@ -143,7 +143,7 @@ def _rank_main(rank: int, folder: str, tp: int, ep: int, port: int, n_seqs: int,
 def step_composition(args: Any, folder: Path) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
-    from fabric.engine.launch import free_port
+    from fabric.testing.rabbitmq import free_port  # one host: loopback ranks
 
     ctx = mp.get_context("spawn")
     samples: dict[str, list[dict[str, Any]]] = {k: [] for k in PLANS}

@@ -118,6 +118,14 @@ class AcceleratorUnavailable(DeploymentError):
     retryable = False
 
 
+class RendezvousTimeout(DeploymentError):
+    """A model server's rank never heard from rank 0 (it publishes the torch.distributed
+    rendezvous port in the job's run folder) within the timeout: rank 0 died or never
+    started. A relaunch may succeed."""
+
+    retryable = True
+
+
 class UnsupportedCheckpoint(FabricError):
     """A checkpoint holds something the engine cannot read (a dtype, a scale layout); the
     message names the tensor and what is accepted. Retrying does not help."""

@@ -158,6 +158,12 @@ def test_pp2_across_two_compute_nodes(login_sites: Any, slurm: SlurmCluster,
     assert _host(dep.address) in COMPUTE_ADDRS.values(), dep.address
     nodes = slurm.squeue("-h", "-j", str(dep.job_id), "-o", "%N").strip()
     assert nodes == "compute[1-2]", nodes
+    # the rendezvous port was bound by rank 0 on the first compute node, not guessed on login
+    run = Path(dep.info_path).parent
+    rdv = json.loads((run / "rendezvous.json").read_text())
+    launch = json.loads((run / "launch.json").read_text())
+    assert launch["master_port"] == 0 and rdv["token"] == launch["rendezvous_token"], rdv
+    assert rdv["addr"] == COMPUTE_ADDRS["compute1"] and 0 < rdv["port"] < 65536, rdv
     # one rank (a python process) in each compute node's namespace
     for host in slurm.hosts.computes:
         cmds = [Path(f"/proc/{p}/cmdline").read_bytes() for p in host.pids()

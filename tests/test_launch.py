@@ -82,9 +82,14 @@ def test_one_helper_assembles_a_launch(tmp_path: Path) -> None:
     assert (one.config.ticket_key_path, one.config.curve_dir, one.config.info_path) == (
         str(state / "ticket.key"), str(state / "curve"), str(folder / "info.json"))
     assert one.config.master_addr == "127.0.0.1" and one.config.weights_path == str(weights.path)
+    # The port is left to rank 0 (0), published next to the info file under a per-launch token.
+    assert one.config.master_port == 0 and one.config.rendezvous_path == folder / "rendezvous.json"
     assert one.command.startswith("OMP_NUM_THREADS=3 ") and str(one.config_path) in one.command
     # Two nodes: the rendezvous is the job's first node, and the cores are split per node.
+    (folder / "rendezvous.json").write_text("{}")  # left by an earlier launch: removed
     two = prepare_server_launch("d2", entry, weights, Plan(pp=4, nodes=2), ServerConfig(),
                                 state, folder, shard_dir="/shards")
+    assert not (folder / "rendezvous.json").exists()
     assert two.config.master_addr == "auto" and two.config.shard_dir == "/shards"
+    assert two.config.rendezvous_token != one.config.rendezvous_token
     assert two.command.startswith(f"OMP_NUM_THREADS={threads_per_rank(0, 2)} ")

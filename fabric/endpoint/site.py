@@ -49,7 +49,7 @@ import msgpack
 
 from fabric import env
 from fabric.endpoint import poolwatch, watchdog
-from fabric.sites import SiteConfig
+from fabric.sites import LOCAL_WORKERS_ADDRESS, SiteConfig
 from fabric.wire import framing
 from fabric.wire.framing import CONTROL, RESULT, TASK
 
@@ -171,7 +171,7 @@ class SiteProcess:
             provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
             max_workers_per_node=self.site.max_request_workers,
             cores_per_worker=cores_per_worker(self.site.max_request_workers),
-            address="127.0.0.1",
+            address=LOCAL_WORKERS_ADDRESS,  # LocalProvider: workers on this host
             # Long idle allowance: request workers stay warm; the short strategy period cuts
             # the first task's latency from ~6 s to ~2 s.
             job_status_kwargs={"strategy_period": 0.5, "max_idletime": 3600.0},

@@ -10,14 +10,18 @@ and tensor rank ``r % tp``; rank 0 (stage 0, tp rank 0) is the head.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from fabric import env
+from fabric.engine import rendezvous
 from fabric.engine.netaddr import resolve
+from fabric.errors import InvalidPlan
 from fabric.sites import NetworkConfig
 
 
@@ -106,7 +110,9 @@ class TPGroup:
 
 
 def resolve_master(addr: str) -> str:
-    """The rendezvous host: ``addr`` itself, or for ``auto`` the job's first node."""
+    """The rendezvous host: ``addr`` itself, or for ``auto`` the job's first node (from the
+    scheduler's node list). ``auto`` outside a Slurm or PBS job raises ``InvalidPlan``: a job
+    spanning nodes with no node list cannot be located, and loopback would be a guess."""
     if addr != "auto":
         return addr
     import subprocess
@@ -125,7 +131,8 @@ def resolve_master(addr: str) -> str:
     if nodefile:
         with open(nodefile) as fh:
             return fh.readline().strip()
-    return "127.0.0.1"
+    raise InvalidPlan("master_addr 'auto' (a plan spanning nodes) needs a Slurm or PBS job "
+                      "(SLURM_JOB_NODELIST or PBS_NODEFILE); none is set")
 
 
 def node_addr(scontrol_node: str) -> str | None:
@@ -136,12 +143,22 @@ def node_addr(scontrol_node: str) -> str | None:
     return None
 
 
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback literals (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def socket_interface(master_addr: str, network: NetworkConfig | None) -> str | None:
     """The interface the ranks' gloo (and nccl bootstrap) sockets should use: ``lo`` for a
     loopback rendezvous (gloo otherwise picks the interface of the host name, which may not be
     loopback), else the interface the site's network setting resolves to on this node; None
     (the libraries choose) when that setting is loopback, which says nothing about the nodes."""
-    if master_addr in ("127.0.0.1", "localhost"):
+    if is_loopback(master_addr):
         return "lo"
     if network is None:
         return None
@@ -150,16 +167,32 @@ def socket_interface(master_addr: str, network: NetworkConfig | None) -> str | N
 
 
 def init_groups(info: RankInfo, master_addr: str, master_port: int, backend: str,
-                network: NetworkConfig | None = None) -> Groups:
+                network: NetworkConfig | None = None, rendezvous_file: Path | None = None,
+                token: str = "", timeout: timedelta = timedelta(minutes=30)) -> Groups:
     """Join the job's process group and build one tp group per stage.
 
-    A job on one node rendezvouses over loopback. Across nodes the ranks talk over the
-    interface the site's ``network`` setting resolves to on each node (``GLOO_SOCKET_IFNAME``,
-    and ``NCCL_SOCKET_IFNAME`` for nccl's bootstrap), unless the environment already names one.
+    ``master_port`` 0 (what launches use): rank 0 binds the rendezvous store on a free port of
+    its own node and publishes it in ``rendezvous_file`` under ``token``; the other ranks read
+    it there (``fabric.engine.rendezvous``). A fixed port is used as given. A job on one node
+    rendezvouses over loopback. Across nodes the ranks talk over the interface the site's
+    ``network`` setting resolves to on each node (``GLOO_SOCKET_IFNAME``, and
+    ``NCCL_SOCKET_IFNAME`` for nccl's bootstrap), unless the environment already names one.
     """
     if info.world == 1:
         return Groups(tp_group=None)
-    master_addr = resolve_master(master_addr)
+    store: dist.Store | None = None
+    if master_port == 0:
+        if rendezvous_file is None:
+            raise ValueError("master_port 0 needs a rendezvous_file to publish the port in")
+        if info.rank == 0:
+            master_addr = resolve_master(master_addr)
+            store = rendezvous.master_store(rendezvous_file, token, master_addr, info.world,
+                                            timeout)
+        else:  # rank 0's address and port, as rank 0 resolved and bound them
+            master_addr, store = rendezvous.client_store(rendezvous_file, token, info.world,
+                                                         timeout)
+    else:
+        master_addr = resolve_master(master_addr)
     interface = socket_interface(master_addr, network)
     if interface is not None:
         env.GLOO_SOCKET_IFNAME.setdefault(interface)
@@ -167,13 +200,12 @@ def init_groups(info: RankInfo, master_addr: str, master_port: int, backend: str
             env.NCCL_SOCKET_IFNAME.setdefault(interface)
     # torch.distributed directly: deepspeed.comm.init_distributed (0.19.8) hangs on CPU/gloo
     # when given an explicit init_method, so DeepSpeed is used for inference only.
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{master_addr}:{master_port}",
-        rank=info.rank,
-        world_size=info.world,
-        timeout=timedelta(minutes=30),
-    )
+    if store is not None:
+        dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
+                                rank=info.rank, world_size=info.world, timeout=timeout)
     # With nccl (GPUs) the tensor-parallel all-reduces stay on nccl, and the control plane (the
     # pickled step plan and the stage hand-off, CPU tensors) gets gloo groups. Every rank
     # creates every group, in the same order, as torch.distributed requires.

@@ -9,7 +9,7 @@ plan's device decides DeepSpeed's accelerator (``select_accelerator``).
 from __future__ import annotations
 
 import json
-import socket
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,14 +49,25 @@ class ServerLaunchConfig(BaseModel):
     curve_dir: str
     """Folder holding the server's CURVE key pair (created if missing, mode 0600)."""
     master_addr: str = "127.0.0.1"
-    """torch.distributed rendezvous host; ``auto``: the job's first node (from
+    """torch.distributed rendezvous host. Loopback (the default) is right for a job on one
+    node: every rank shares the head's host. ``auto``: the job's first node (from
     ``SLURM_JOB_NODELIST`` or ``PBS_NODEFILE``), for jobs spanning nodes. Where the head's
     front door listens and what it advertises is ``server.network``, resolved on the head's
     node (``fabric.engine.netaddr``)."""
-    master_port: int = 29500
-    """torch.distributed rendezvous port."""
+    master_port: int = Field(default=0, ge=0, le=65535)
+    """torch.distributed rendezvous port. 0 (the default): rank 0 binds a free port on its own
+    node and publishes it in ``rendezvous_path`` (``fabric.engine.rendezvous``); a port picked
+    on the submitting host could be taken on the node that runs rank 0."""
     info_path: str
     """JSON file the head writes once bound: address, public_key, pid, state."""
+    rendezvous_token: str = Field(default_factory=lambda: secrets.token_hex(8))
+    """Names this launch in the rendezvous file, so a file from another launch is never used."""
+
+    @property
+    def rendezvous_path(self) -> Path:
+        """Where rank 0 publishes the rendezvous port: next to the info file, in the job's run
+        folder, which every rank reads ``launch.json`` from."""
+        return Path(self.info_path).with_name("rendezvous.json")
 
     def write(self, path: Path) -> None:
         """Save as JSON (mode 0600: it names key paths)."""
@@ -94,29 +105,24 @@ def prepare_server_launch(deployment_id: str, entry: CatalogEntry, weights: Prep
 
     The one place a launch is assembled (the deployment manager, the test fixtures and the
     benchmarks all call it): keys live in ``state_dir`` (``ticket.key``, ``curve/``), the head
-    writes ``folder/info.json``, the rendezvous is loopback on a free port for one node and the
-    job's first node (``auto``) for more, and each rank gets ``server.threads_per_rank``
+    writes ``folder/info.json``, the rendezvous host is loopback for one node and the job's first
+    node (``auto``) for more, its port is chosen by rank 0 where it runs (``master_port`` 0,
+    published in ``folder/rendezvous.json``), and each rank gets ``server.threads_per_rank``
     threads, or its node's cores split between the ranks sharing it.
     """
     config = ServerLaunchConfig(
         deployment_id=deployment_id, model=entry, weights_path=str(weights.path),
         sha256=weights.sha256, shard_dir=shard_dir, plan=plan, server=server,
         state_dir=str(state_dir), ticket_key_path=str(state_dir / "ticket.key"),
-        curve_dir=str(state_dir / "curve"), master_port=free_port(),
+        curve_dir=str(state_dir / "curve"), master_port=0,
         master_addr="auto" if plan.nodes > 1 else "127.0.0.1",
         info_path=str(folder / "info.json"))
     config_path = folder / "launch.json"
+    config.rendezvous_path.unlink(missing_ok=True)
     config.write(config_path)
     per_node = -(-plan.ranks // plan.nodes)
     threads = threads_per_rank(server.threads_per_rank, per_node)
     return ServerLaunch(config, config_path, server_command(config_path, threads))
-
-
-def free_port() -> int:
-    """A TCP port nobody on this host listens on right now (for the rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_command(config_path: Path, threads_per_rank: int, python: str | None = None) -> str:

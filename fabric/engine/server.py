@@ -99,7 +99,8 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
     """Load this rank's part and serve (head) or follow (other ranks); returns why it ended."""
     torch.set_num_threads(_threads(cfg, info.world))
     backend = "nccl" if cfg.plan.device == "cuda" else "gloo"
-    groups = init_groups(info, cfg.master_addr, cfg.master_port, backend, cfg.server.network)
+    groups = init_groups(info, cfg.master_addr, cfg.master_port, backend, cfg.server.network,
+                         cfg.rendezvous_path, cfg.rendezvous_token)
     head_info = {"pid": os.getpid(), "state": "loading", "address": None, "public_key": None}
     if info.is_head:
         write_info(cfg, head_info)

@@ -38,6 +38,8 @@ class GatewayConfig(BaseModel):
     ``site`` is ignored and the first of them gives the Globus policy callers are checked
     against."""
     host: str = "127.0.0.1"
+    """Address to bind: loopback by default (the gateway serves this machine, no key needed);
+    any other address requires authentication."""
     port: int = Field(8000, ge=0, le=65535)
     home: Path | None = None
     """Folder for keys, uploaded files and batches (default ``$FABRIC_HOME/gateway``)."""

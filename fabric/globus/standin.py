@@ -39,6 +39,7 @@ from globus_compute_sdk.sdk.asynchronous.compute_future import ComputeFuture
 from globus_compute_sdk.serialize import ComputeSerializer
 
 from fabric import env
+from fabric.sites import LOCAL_WORKERS_ADDRESS
 
 
 class StandinService:
@@ -79,7 +80,8 @@ class StandinService:
         os.environ.update(changed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.engine = GlobusComputeEngine(
-            label="fabric-standin", address="127.0.0.1", max_workers_per_node=self.workers,
+            label="fabric-standin", address=LOCAL_WORKERS_ADDRESS,
+            max_workers_per_node=self.workers,
             provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
             job_status_kwargs={"strategy_period": 0.5, "max_idletime": 3600.0},
             allowed_serializers=self.allowed_serializers,
