@@ -76,6 +76,28 @@ class ServerClient:
             raise FabricError.from_dict(reply["error"])
         return reply
 
+    def send_poll(self, request_id: str, ticket: str, cursor: int, wait_s: float) -> None:
+        """Send a ``poll`` without waiting for its answer (several may be out at once: read
+        them with ``recv_now``, as the site's multiplexed poll does)."""
+        self._send({"op": "poll", "ticket": ticket, "request_id": request_id, "cursor": cursor,
+                    "wait": round(max(0.0, wait_s), 3)})
+
+    def send_health(self) -> None:
+        """Ask for health without waiting (the reply carries no request id)."""
+        self._send({"op": "health"})
+
+    @property
+    def socket(self) -> zmq.Socket[bytes]:
+        """The DEALER socket (to wait on several connections with one ``zmq.Poller``)."""
+        return self._sock
+
+    def recv_now(self) -> list[dict[str, Any]]:
+        """Every message that can be read now, without waiting."""
+        out = []
+        while self._sock.poll(0):
+            out.append(unpack(self._sock.recv()))
+        return out
+
     def drain(self, ticket: str) -> None:
         """Ask the server to finish running requests, refuse new ones and exit."""
         self._send({"op": "drain", "ticket": ticket})

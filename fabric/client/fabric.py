@@ -37,6 +37,8 @@ from fabric.client.decoding import (
     parse_generation,
     provenance_of,
 )
+from fabric.client.direct import DirectResults
+from fabric.client.poller import Poller
 from fabric.client.status import StatusCallback, StatusPrinter, describe_status
 from fabric.client.streaming import DirectSource, EventSource, PollSource, Stream
 from fabric.client.transport import Transport, open_transport
@@ -66,12 +68,13 @@ class Fabric:
 
     def __init__(self, site: str = "local", transport: Transport | None = None,
                  auth: Any = None, *, on_status: StatusCallback | Literal["print"] | None = "print",
-                 status_interval_s: float = 2.0) -> None:
+                 status_interval_s: float = 2.0, handoff: bool = True) -> None:
         """``site``: a site name (``endpoints/<site>``) or definition path; ``transport``
         overrides how it is reached; ``auth``: credentials passed to the endpoint (``None``:
         the transport's own login); ``on_status``: called with the deployment's state while a
         call waits on a cold model server ("print": a line on stderr per change; ``None``: no
-        status polling at all)."""
+        status polling at all); ``handoff``: a request worker admits a request and hands it
+        off instead of waiting out its generation (``request_future``)."""
         if not isinstance(site, str) or not site:
             raise InvalidRequest(f"site must be a non-empty string, got {site!r}")
         self.site = site
@@ -79,8 +82,12 @@ class Fabric:
         self.on_status: StatusCallback | None = (
             StatusPrinter() if on_status == "print" else on_status)
         self.status_interval_s = status_interval_s
+        self.handoff = handoff
+        self._last_state: dict[str, Any] = {}
         self._transport = transport
         self._lock = threading.Lock()
+        self._poller_: Poller | None = None
+        self._direct_: DirectResults | None = None
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -104,12 +111,32 @@ class Fabric:
         if read_info(state_dir) is None:
             self.on_status({"model": f"site {transport.site}", "state": "starting-site"})
 
+    def _poller(self) -> Poller:
+        """The long-poll multiplexer for this client's open requests (sites it cannot reach)."""
+        transport = self.transport
+        with self._lock:
+            if self._poller_ is None:
+                self._poller_ = Poller(transport, self.auth,
+                                       interval_s=float(getattr(transport, "poll_interval_s",
+                                                                0.0)))
+            return self._poller_
+
+    def _direct(self) -> DirectResults:
+        """The direct connections to model servers (sites whose servers it can reach)."""
+        with self._lock:
+            if self._direct_ is None:
+                self._direct_ = DirectResults()
+            return self._direct_
+
     def close(self) -> None:
         """Release the transport's sockets and threads (the site itself keeps running)."""
         with self._lock:
             transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.close()
+            poller, self._poller_ = self._poller_, None
+            direct, self._direct_ = self._direct_, None
+        for part in (poller, direct, transport):
+            if part is not None:
+                part.close()
 
     def __enter__(self) -> Fabric:
         return self
@@ -180,7 +207,7 @@ class Fabric:
         if mode == "direct":
             source = DirectSource(info, request)
         else:
-            source = PollSource(transport, info, request.model, self.auth)
+            source = PollSource(transport, info, request.model, self.auth, self._poller())
         return Stream(source)
 
     # -- representations ----------------------------------------------------------------------
@@ -355,10 +382,40 @@ class Fabric:
     # -- plumbing -----------------------------------------------------------------------------
 
     def _run(self, request: InferenceRequest) -> dict[str, Any]:
-        from fabric.wire.functions import run_request
+        return dict(self._wait(self.request_future(request), request.model, request.version))
 
-        future = self.transport.submit(run_request, request.model_dump(mode="json"), self.auth)
-        return dict(self._wait(future, request.model, request.version))
+    def request_future(self, request: InferenceRequest) -> Future[dict[str, Any]]:
+        """Run one built request; its result's dict (or typed error) as a future.
+
+        Non-blocking at the site: a request worker only admits the request (``open_stream``:
+        policy, a warm server, a ticket) and hands it off. Where the client reaches the
+        model server (the local site) it submits the request itself and the server answers
+        it directly (``DirectResults``); elsewhere the site submits it and the client's one
+        long-poll brings the result (``Poller``). With ``handoff=False`` a worker serves it
+        whole (``run_request``), as before.
+        """
+        from fabric.wire.functions import open_stream, run_request
+
+        transport = self.transport
+        body = request.model_dump(mode="json")
+        if not self.handoff:
+            return transport.submit(run_request, body, self.auth)
+        mode = "direct" if transport.can_reach_servers else "poll"
+        admitted = transport.submit(open_stream, body, self.auth, mode)
+        out: Future[dict[str, Any]] = Future()
+
+        def handed_off(f: Future[Any]) -> None:
+            try:
+                info = dict(f.result())
+                inner = (self._direct().submit(info, request) if mode == "direct"
+                         else self._poller().track(info, request.model, events=False).future)
+            except BaseException as exc:
+                out.set_exception(exc)
+                return
+            _chain(inner, out)
+
+        admitted.add_done_callback(handed_off)
+        return out
 
     def _wait(self, future: Future[Any], model: str, version: str | None) -> Any:
         """``future.result()``, reporting the deployment's state to ``on_status`` while slow.
@@ -404,9 +461,7 @@ class Fabric:
         transport = self.transport
         control = getattr(transport, "control", None)
         if not callable(control):
-            from fabric.wire.functions import deployment_status
-
-            return transport.submit(deployment_status, model, version, None, self.auth)
+            return self._watch_status(model, version)
         future: Future[Any] = Future()
         try:
             reply = control("status", timeout_s=5.0, health=False)
@@ -418,6 +473,34 @@ class Fabric:
         except FabricError as exc:
             future.set_exception(exc)
         return future
+
+
+    def _watch_status(self, model: str, version: str | None) -> Future[Any]:
+        """The deployment's next state, folded into the client's long-poll (the site holds
+        it until the state differs from the last one reported), as a future."""
+        future: Future[Any] = Future()
+        poller = self._poller()
+        last = self._last_state.get(model)
+
+        def heard(status: dict[str, Any]) -> None:
+            poller.unwatch(key)
+            self._last_state[model] = status.get("state")
+            if not future.done():
+                future.set_result(status)
+
+        key = poller.watch(model, version, heard, state=last)
+        return future
+
+
+def _chain(inner: Future[Any], outer: Future[Any]) -> None:
+    """Settle ``outer`` as ``inner`` settles."""
+    def settle(f: Future[Any]) -> None:
+        try:
+            outer.set_result(f.result())
+        except BaseException as exc:
+            outer.set_exception(exc)
+
+    inner.add_done_callback(settle)
 
 
 EMBED_CHUNK = 128

@@ -39,7 +39,8 @@ STREAM_TICKET_TTL_S = 3600.0
 
 __all__ = [
     "cancel_request", "deploy", "deployment_status", "list_deployments", "list_models",
-    "open_stream", "poll_stream", "run_request", "run_requests", "run_user_function", "undeploy",
+    "open_stream", "poll_requests", "poll_stream", "run_request", "run_requests",
+    "run_user_function", "undeploy",
 ]
 
 
@@ -151,6 +152,24 @@ def poll_stream(model: str, request_id: str, ticket: str, cursor: int, wait_s: f
         reply = client.poll(request_id, ticket, int(cursor), float(wait_s))
     ctx.manager.db.touch(dep.id)
     return reply
+
+
+@endpoint_function("model")
+def poll_requests(polls: list[dict[str, Any]], wait_s: float,
+                  statuses: list[dict[str, Any]] | None = None,
+                  auth: Any = None) -> dict[str, Any]:
+    """One long-poll for all of a client's open requests and watched cold starts: held here
+    up to ``wait_s`` until any has news (``fabric.endpoint.relay``). ``polls``:
+    ``{model, request_id, ticket, cursor, events}`` (``events``: a stream wants its tokens,
+    a plain request only its result); ``statuses``: ``{model, version, state}``."""
+    from fabric.endpoint.relay import poll_many
+
+    ctx = current()
+    identity = ""
+    models = {str(p.get("model")) for p in polls} | {str(s.get("model")) for s in statuses or []}
+    for model in sorted(models):
+        identity = ctx.authorize(auth, model, count=False)  # follow-ups, not new requests
+    return poll_many(ctx, identity, list(polls), float(wait_s), statuses)
 
 
 @endpoint_function("model")
