@@ -21,7 +21,6 @@ import pytest
 from fabric import Fabric
 from fabric.errors import ContextLengthExceeded
 from fabric.serverclient import ServerClient
-from fabric.wire import functions
 from tests.plugins.site import TINY_MODEL
 
 pytestmark = pytest.mark.slow
@@ -153,5 +152,5 @@ def test_a_cancelled_polled_stream_stops_at_the_server(
         was = s.cancel()
         rest = list(s)
     assert first and was in ("running", "done")
-    assert s.cancelled and s.result is None or was == "done"
+    assert (s.cancelled and s.result is None) or was == "done"
     assert len(rest) < 400
