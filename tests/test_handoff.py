@@ -154,3 +154,15 @@ def test_a_cancelled_polled_stream_stops_at_the_server(
     assert first and was in ("running", "done")
     assert (s.cancelled and s.result is None) or was == "done"
     assert len(rest) < 400
+
+
+def test_a_lone_short_request_is_answered_by_its_admission(
+        polled: tuple[Fabric, CountingTransport],
+        direct: tuple[Fabric, CountingTransport]) -> None:
+    """With nothing else open the site holds the admission up to a second for the result:
+    one task, no poll; the result is the one the direct path gets."""
+    fab, transport = polled
+    want = direct[0].generate("The mitochondria is", model=TINY_MODEL, max_tokens=8)
+    got = fab.generate("The mitochondria is", model=TINY_MODEL, max_tokens=8)
+    assert got.token_ids == want.token_ids
+    assert transport.counts == {"open_stream": 1}, transport.counts

@@ -401,12 +401,20 @@ class Fabric:
         if not self.handoff:
             return transport.submit(run_request, body, self.auth)
         mode = "direct" if transport.can_reach_servers else "poll"
-        admitted = transport.submit(open_stream, body, self.auth, mode)
+        # A lone request (nothing else of ours open to poll for) may wait for its result at
+        # the site a little: a short one then costs one task instead of two.
+        hold = 0.0 if mode == "direct" or self._poller().busy else HOLD_S
+        admitted = transport.submit(open_stream, body, self.auth, mode, hold)
         out: Future[dict[str, Any]] = Future()
 
         def handed_off(f: Future[Any]) -> None:
             try:
                 info = dict(f.result())
+                if info.get("done"):  # it finished while the site held it
+                    if info.get("error"):
+                        raise FabricError.from_dict(info["error"])
+                    out.set_result(dict(info.get("result") or {}))
+                    return
                 inner = (self._direct().submit(info, request) if mode == "direct"
                          else self._poller().track(info, request.model, events=False).future)
             except BaseException as exc:
@@ -503,6 +511,8 @@ def _chain(inner: Future[Any], outer: Future[Any]) -> None:
     inner.add_done_callback(settle)
 
 
+HOLD_S = 1.0
+"""How long a site may hold a lone request's admission for its result (poll mode only)."""
 EMBED_CHUNK = 128
 """Texts per endpoint task (one batched request) in ``Fabric.embed``."""
 

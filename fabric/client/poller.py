@@ -110,6 +110,12 @@ class Poller:
             self._cond.notify_all()
         return tracked
 
+    @property
+    def busy(self) -> bool:
+        """True while any request is being followed (a poll is, or is about to be, out)."""
+        with self._cond:
+            return bool(self._open)
+
     def forget(self, request_id: str) -> None:
         """Stop following a request (a stream closed or cancelled)."""
         with self._cond:
