@@ -166,3 +166,20 @@ def test_a_lone_short_request_is_answered_by_its_admission(
     got = fab.generate("The mitochondria is", model=TINY_MODEL, max_tokens=8)
     assert got.token_ids == want.token_ids
     assert transport.counts == {"open_stream": 1}, transport.counts
+
+
+def test_status_shows_the_workers_running(local_site: Any) -> None:
+    """``fabric endpoint status`` counts the workers the engine's pool reports, not the
+    configured number (2 here; the pool may still be starting right after the site)."""
+    from fabric.cli.endpoint import format_status
+    from fabric.client.local import site_status
+
+    deadline = time.monotonic() + 60
+    while True:
+        status = site_status(str(local_site.site_dir), local_site.state_dir, health=False)
+        assert status is not None
+        if status["workers_running"] == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert status["workers"] == 2 and status["workers_running"] == 2
+    assert "workers     2 running" in format_status(status)
