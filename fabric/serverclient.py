@@ -67,20 +67,24 @@ class ServerClient:
         self._send({"op": "cancel", "ticket": ticket, "request_id": request_id})
         return str(self._wait_request(request_id, ("cancelled",), self.timeout_s)["was"])
 
-    def poll(self, request_id: str, ticket: str, cursor: int, wait_s: float) -> dict[str, Any]:
-        """Events after ``cursor`` (waiting up to ``wait_s`` for new ones): long-poll streaming."""
+    def poll(self, request_id: str, ticket: str, cursor: int, wait_s: float,
+             final: bool = False) -> dict[str, Any]:
+        """Events after ``cursor`` (waiting up to ``wait_s`` for new ones): long-poll streaming;
+        ``final``: wait for the request's end only."""
         self._send({"op": "poll", "ticket": ticket, "request_id": request_id, "cursor": cursor,
-                    "wait": wait_s})
+                    "wait": wait_s, "final": final})
         reply = self._wait_request(request_id, ("events", "error"), wait_s + self.timeout_s)
         if reply["op"] == "error" and "events" not in reply:
             raise FabricError.from_dict(reply["error"])
         return reply
 
-    def send_poll(self, request_id: str, ticket: str, cursor: int, wait_s: float) -> None:
+    def send_poll(self, request_id: str, ticket: str, cursor: int, wait_s: float,
+                  final: bool = False) -> None:
         """Send a ``poll`` without waiting for its answer (several may be out at once: read
-        them with ``recv_now``, as the site's multiplexed poll does)."""
+        them with ``recv_now``, as the site's multiplexed poll does); ``final``: answer only
+        at the request's end (or ``wait_s``), not at each new event."""
         self._send({"op": "poll", "ticket": ticket, "request_id": request_id, "cursor": cursor,
-                    "wait": round(max(0.0, wait_s), 3)})
+                    "wait": round(max(0.0, wait_s), 3), "final": final})
 
     def send_health(self) -> None:
         """Ask for health without waiting (the reply carries no request id)."""

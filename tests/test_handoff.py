@@ -21,6 +21,7 @@ import pytest
 from fabric import Fabric
 from fabric.errors import ContextLengthExceeded
 from fabric.serverclient import ServerClient
+from fabric.wire import functions
 from tests.plugins.site import TINY_MODEL
 
 pytestmark = pytest.mark.slow
@@ -183,3 +184,25 @@ def test_status_shows_the_workers_running(local_site: Any) -> None:
         time.sleep(0.5)
     assert status["workers"] == 2 and status["workers_running"] == 2
     assert "workers     2 running" in format_status(status)
+
+
+def test_a_final_only_poll_waits_for_the_end(direct: tuple[Fabric, CountingTransport]) -> None:
+    """The server answers a ``final`` poll at the request's end, not at its first token (the
+    site's long-poll for a plain request is one round trip, not one per token)."""
+    from fabric.client.checks import build_request, sampling
+
+    fab, _ = direct
+    fab.generate("warm", model=TINY_MODEL, max_tokens=1)
+    infos = []
+    for prompt, new in (("Tell me about tides", 400), ("Tell me about waves", 200)):
+        request = build_request("generate", model=TINY_MODEL, version=None, prompt=prompt,
+                                sampling=sampling(new, 0.0, 1.0, 0, None, (), False),
+                                timeout=None, hooks=None)
+        info = fab.transport.submit(functions.open_stream, request.model_dump(mode="json"),
+                                    None, "poll").result(timeout=60)
+        infos.append(info)
+    with ServerClient(infos[0]["address"], infos[0]["public_key"]) as client:
+        every = client.poll(infos[0]["request_id"], infos[0]["ticket"], 0, 30.0)
+        end = client.poll(infos[1]["request_id"], infos[1]["ticket"], 0, 30.0, final=True)
+    assert not every["done"] and 1 <= every["cursor"] < 400
+    assert end["done"] and end["result"]["usage"]["completion_tokens"] >= 1

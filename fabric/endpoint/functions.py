@@ -148,7 +148,7 @@ def _hold(client: Any, request_id: str, ticket: str, hold_s: float) -> dict[str,
     deadline = time.monotonic() + hold_s
     cursor = 0
     while (left := deadline - time.monotonic()) > 0:
-        reply = client.poll(request_id, ticket, cursor, left)
+        reply = client.poll(request_id, ticket, cursor, left, final=True)
         cursor = int(reply.get("cursor", cursor))
         if reply.get("done"):
             return {"done": True, "cursor": cursor, "result": reply.get("result"),

@@ -11,8 +11,8 @@ is waiting on, and this module holds that task at the site until there is news:
     poll_many(polls, wait_s, statuses)
         one ServerClient per model server; a ``poll`` op per request, all on it at once
         a stream's reply with new events       -> news
-        a plain request's reply without final  -> polled again at its new cursor (not news:
-                                                  the client wants only its result)
+        a plain request                        -> polled with ``final``: the server answers
+                                                  it at its end only, not at each token
         any request done or failed             -> news
         a watched model's state changed        -> news (checked every STATUS_EVERY_S)
         after the first news, LINGER_S more to gather what the same decode step produced
@@ -118,7 +118,7 @@ def _start(ctx: SiteContext, poll: dict[str, Any], clients: dict[str, Any],
 
 def _send_poll(client: ServerClient, entry: dict[str, Any], deadline: float) -> None:
     client.send_poll(entry["request_id"], entry["ticket"], entry["cursor"],
-                     deadline - time.monotonic())
+                     deadline - time.monotonic(), final=not entry["events"])
 
 
 def _read(clients: dict[str, tuple[ServerClient, list[dict[str, Any]]]],
@@ -159,8 +159,8 @@ def _absorb(client: ServerClient, pending: list[dict[str, Any]],
     events = list(msg.get("events") or [])
     cursor = int(msg.get("cursor", entry["cursor"]))
     if not final and not (entry["events"] and events):
-        # A plain request's tokens, or a poll that timed out empty: ask again at the new
-        # cursor (a plain request's final result carries everything).
+        # A poll that timed out with nothing for its caller: ask again at the new cursor
+        # (a plain request's final result carries everything).
         entry["cursor"] = cursor
         if time.monotonic() < until:
             _send_poll(client, entry, until)
