@@ -41,6 +41,8 @@ log = logging.getLogger("fabric.client.poller")
 
 WAIT_S = 10.0
 """How long the site holds a poll task with no news."""
+MAX_PER_TASK = 512
+"""Most requests one poll task names (the site takes up to 1024)."""
 MAX_INFLIGHT = 2
 """Poll tasks out at once: one holds the open requests, one more lets a new request start
 without waiting for the held one to come back."""
@@ -177,7 +179,7 @@ class Poller:
         """What the next task carries (under the lock), or None while it must wait."""
         if self._inflight >= self.max_inflight or (self._pause() or 0) > 0:
             return None, []
-        batch = [t for t in self._open.values() if not t.covered]
+        batch = [t for t in self._open.values() if not t.covered][:MAX_PER_TASK]
         watches = [] if self._watching else list(self._watches.values())
         if not batch and not watches:
             return None, []
