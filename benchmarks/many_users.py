@@ -111,13 +111,16 @@ def main() -> int:
     p.add_argument("--levels", default="32,256", help="concurrent requests per level")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3, help="rounds per way and level")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="rounds per way and level run first and not counted (the server's "
+                        "first batches of a new size are slower)")
     p.add_argument("--workers", type=int, default=4, help="request workers at the site")
     p.add_argument("--threads", type=int, default=2, help="OMP threads of the server")
     p.add_argument("--no-handoff", action="store_true",
                    help="the old path: a request worker serves each request whole")
     args = p.parse_args()
     if args.quick:
-        args.model, args.levels, args.max_tokens, args.rounds = "tiny", "8,32", 16, 1
+        args.model, args.levels, args.max_tokens, args.rounds, args.warmup = "tiny", "8,32", 16, 1, 0
 
     from fabric import Fabric
     from fabric.client.local import start_site, stop_site
@@ -139,17 +142,20 @@ def main() -> int:
         for n in (int(x) for x in args.levels.split(",")):
             runs: dict[str, list[dict[str, Any]]] = {"direct": [], "sdk_threads": [],
                                                      "async": []}
-            for r in range(args.rounds):
+            for r in range(-args.warmup, args.rounds):
                 for way in runs:
-                    log(f"{n} requests, round {r + 1}/{args.rounds}: {way}")
+                    log(f"{n} requests, round {r + 1}/{args.rounds}: {way}"
+                        + (" (warm-up, not counted)" if r < 0 else ""))
                     texts = prompts(n, offset)
                     offset += n
                     if way == "direct":
-                        runs[way].append(direct_round(site_dir, model, texts, args.max_tokens))
+                        got = direct_round(site_dir, model, texts, args.max_tokens)
                     elif way == "sdk_threads":
-                        runs[way].append(threads_round(fab, model, texts, args.max_tokens))
+                        got = threads_round(fab, model, texts, args.max_tokens)
                     else:
-                        runs[way].append(async_round(fab, model, texts, args.max_tokens))
+                        got = async_round(fab, model, texts, args.max_tokens)
+                    if r >= 0:
+                        runs[way].append(got)
             figs = {way: figures(rs) for way, rs in runs.items()}
             base = figs["direct"]["median_tokens_per_s"]
             levels[str(n)] = {**figs,
@@ -160,7 +166,7 @@ def main() -> int:
     finally:
         stop_site(str(site_dir), all=True)
     common.emit({"benchmark": "many_users", "model": model, "max_tokens": args.max_tokens,
-                 "rounds": args.rounds, "workers": args.workers, "server_threads": args.threads,
+                 "rounds": args.rounds, "warmup": args.warmup, "workers": args.workers, "server_threads": args.threads,
                  "handoff": not args.no_handoff, "levels": levels})
     return 0
 
