@@ -120,7 +120,8 @@ def main() -> int:
                    help="the old path: a request worker serves each request whole")
     args = p.parse_args()
     if args.quick:
-        args.model, args.levels, args.max_tokens, args.rounds, args.warmup = "tiny", "8,32", 16, 1, 0
+        args.model, args.levels, args.max_tokens, args.rounds = "tiny", "8,32", 16, 1
+        args.warmup = 0
 
     from fabric import Fabric
     from fabric.client.local import start_site, stop_site
@@ -166,7 +167,8 @@ def main() -> int:
     finally:
         stop_site(str(site_dir), all=True)
     common.emit({"benchmark": "many_users", "model": model, "max_tokens": args.max_tokens,
-                 "rounds": args.rounds, "warmup": args.warmup, "workers": args.workers, "server_threads": args.threads,
+                 "rounds": args.rounds, "warmup": args.warmup, "workers": args.workers,
+                 "server_threads": args.threads,
                  "handoff": not args.no_handoff, "levels": levels})
     return 0
 
