@@ -60,6 +60,10 @@ class DirectResults:
     def submit(self, info: dict[str, Any], request: InferenceRequest) -> Future[dict[str, Any]]:
         """Send ``request`` (admitted as ``info`` by ``open_stream`` mode ``direct``) to its
         server; the future holds the result's dict or the server's typed error."""
+        missing = [k for k in ("address", "public_key", "ticket") if not info.get(k)]
+        if missing:
+            raise EndpointError(f"the site's admission of {request.request_id} lacks "
+                                f"{', '.join(missing)}: it cannot be sent to its server")
         rid = str(info.get("request_id") or request.request_id)
         if request.request_id != rid:  # the ticket is signed for exactly this id
             request = request.model_copy(update={"request_id": rid})
@@ -128,15 +132,23 @@ class DirectResults:
         while not self._todo.empty():
             info, request, fut = self._todo.get()
             address = str(info["address"])
-            server = self._servers.get(address)
-            if server is None:
-                server = self._servers[address] = _Server(
-                    ServerClient(address, str(info["public_key"])))
-                poller.register(server.client.socket, zmq.POLLIN)
-            if not server.pending:
-                server.heard = time.monotonic()  # silence counts from the first request
-            server.pending[request.request_id] = fut
-            server.client.send_submit(request, str(info["ticket"]))
+            try:
+                server = self._servers.get(address)
+                if server is None:
+                    server = self._servers[address] = _Server(
+                        ServerClient(address, str(info["public_key"])))
+                    poller.register(server.client.socket, zmq.POLLIN)
+                if not server.pending:
+                    server.heard = time.monotonic()  # silence counts from the first request
+                server.pending[request.request_id] = fut
+                server.client.send_submit(request, str(info["ticket"]))
+            except Exception as exc:  # a bad key or address: this request fails, not the thread
+                if address in self._servers:
+                    self._servers[address].pending.pop(request.request_id, None)
+                if not fut.done():
+                    fut.set_exception(EndpointError(
+                        f"cannot send {request.request_id} to the model server at {address}: "
+                        f"{type(exc).__name__}: {exc}"))
 
     def _receive(self, server: _Server) -> None:
         server.heard = time.monotonic()
