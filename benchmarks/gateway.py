@@ -87,6 +87,15 @@ async def gateway_round(base_url: str, model: str, texts: list[str],
             "ttft": [f for f, _ in done]}
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def start_gateway(site_dir: Path, home: Path, port: int) -> subprocess.Popen[bytes]:
     """``fabric serve`` in its own process; returns once it answers ``/health``."""
     proc = subprocess.Popen(
@@ -145,7 +154,7 @@ def main() -> int:
     try:
         fab = Fabric(site=str(site_dir), on_status=None)
         fab.generate("warm up", model=model, max_tokens=2)
-        port = common._free_port()
+        port = free_port()
         gateway = start_gateway(site_dir, tmp, port)
         base_url = f"http://127.0.0.1:{port}/v1"
         asyncio.run(gateway_round(base_url, model, prompts(2, 10**6), 2))  # warm the gateway

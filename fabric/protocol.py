@@ -284,6 +284,9 @@ class PollMessage(_Input):
     request_id: Text = Field(max_length=300)
     cursor: int = Field(0, ge=0, le=2**31 - 1)
     wait: float = Field(0.0, ge=0.0, le=3600.0)
+    final: bool = False
+    """Wait only for the request's end (its result or error), not for each new event: a
+    plain request handed off to a long-poll wants its result, not its tokens."""
 
 
 class CancelMessage(_Input):

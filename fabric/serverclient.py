@@ -71,10 +71,12 @@ class ServerClient:
         self._send({"op": "cancel", "ticket": ticket, "request_id": request_id})
         return str(self._wait_request(request_id, ("cancelled",), self.timeout_s)["was"])
 
-    def poll(self, request_id: str, ticket: str, cursor: int, wait_s: float) -> dict[str, Any]:
-        """Events after ``cursor`` (waiting up to ``wait_s`` for new ones): long-poll streaming."""
+    def poll(self, request_id: str, ticket: str, cursor: int, wait_s: float,
+             final: bool = False) -> dict[str, Any]:
+        """Events after ``cursor`` (waiting up to ``wait_s`` for new ones): long-poll streaming;
+        ``final``: wait for the request's end only."""
         self._send({"op": "poll", "ticket": ticket, "request_id": request_id, "cursor": cursor,
-                    "wait": wait_s})
+                    "wait": wait_s, "final": final})
         # The front door answers a poll when its wait ends, from its own thread even mid-step:
         # a reply missing for POLL_GRACE_S beyond that means the server (or its node) is gone.
         reply = self._wait_request(request_id, ("events", "error"),
@@ -82,6 +84,30 @@ class ServerClient:
         if reply["op"] == "error" and "events" not in reply:
             raise FabricError.from_dict(reply["error"])
         return reply
+
+    def send_poll(self, request_id: str, ticket: str, cursor: int, wait_s: float,
+                  final: bool = False) -> None:
+        """Send a ``poll`` without waiting for its answer (several may be out at once: read
+        them with ``recv_now``, as the site's multiplexed poll does); ``final``: answer only
+        at the request's end (or ``wait_s``), not at each new event."""
+        self._send({"op": "poll", "ticket": ticket, "request_id": request_id, "cursor": cursor,
+                    "wait": round(max(0.0, wait_s), 3), "final": final})
+
+    def send_health(self) -> None:
+        """Ask for health without waiting (the reply carries no request id)."""
+        self._send({"op": "health"})
+
+    @property
+    def socket(self) -> zmq.Socket[bytes]:
+        """The DEALER socket (to wait on several connections with one ``zmq.Poller``)."""
+        return self._sock
+
+    def recv_now(self) -> list[dict[str, Any]]:
+        """Every message that can be read now, without waiting."""
+        out = []
+        while self._sock.poll(0):
+            out.append(unpack(self._sock.recv()))
+        return out
 
     def drain(self, ticket: str) -> None:
         """Ask the server to finish running requests, refuse new ones and exit."""

@@ -256,3 +256,47 @@ def test_the_fake_outlives_an_idle_broker_connection(globus_offline: OfflineGlob
         fake._publish("fabric.idle-probe", b"still here")
     finally:
         fake.stop()
+
+
+def test_concurrent_streams_share_one_long_poll(fab: Any, globus_offline: OfflineGlobus) -> None:
+    """8 streams and 2 plain requests at once from one client: the client's one long-poll
+    (``poll_requests``, held at the site until there is news) serves them all, so the Globus
+    tasks it costs are bounded by time (one per ``poll_interval_s`` at most), not one per
+    poll per stream; every stream gets exactly the tokens a plain request gets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"Stream {i}: the mitochondria is" for i in range(10)]
+    want = {p: fab.generate(p, model=TINY_MODEL, max_tokens=32) for p in prompts}
+    poll_id = globus_offline.function_ids["poll_requests"]
+
+    def polls() -> int:
+        return sum(1 for task in list(globus_offline.service.tasks.values())
+                   if task.function_id == poll_id)
+
+    def stream(p: str) -> tuple[float, list[int], float]:
+        t0 = time.monotonic()
+        with fab.stream(p, model=TINY_MODEL, max_tokens=32) as s:
+            first = next(iter(s))
+            ttft = time.monotonic() - t0
+            text = first + "".join(s)
+        assert text == want[p].text
+        return ttft, s.token_ids, time.monotonic() - t0
+
+    before = polls()
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(10) as pool:
+        streams = [pool.submit(stream, p) for p in prompts[:8]]
+        plain = [pool.submit(fab.generate, p, model=TINY_MODEL, max_tokens=32)
+                 for p in prompts[8:]]
+        got = [f.result(timeout=300) for f in streams]
+        done = [f.result(timeout=300) for f in plain]
+    elapsed = time.monotonic() - t0
+    tasks = polls() - before
+    for (_, ids, _), p in zip(got, prompts[:8], strict=True):
+        assert ids == want[p].token_ids
+    assert [r.token_ids for r in done] == [want[p].token_ids for p in prompts[8:]]
+    interval = fab.transport.poll_interval_s
+    assert 1 <= tasks <= elapsed / interval + 2, (tasks, elapsed)
+    assert tasks < 10, f"{tasks} poll tasks for 10 requests: one per request or worse"
+    report(globus_offline, streams8_elapsed_s=elapsed, streams8_poll_tasks=tasks,
+           streams8_ttft_median_s=statistics.median(g[0] for g in got))

@@ -383,7 +383,10 @@ def test_cold_start_reports_status_then_returns() -> None:
     pytest.importorskip("fabric.endpoint.functions")
     seen: list[dict[str, Any]] = []
     transport = SlowSiteTransport(delay_s=0.6)
-    fab = Fabric(transport=transport, on_status=seen.append, status_interval_s=0.1)
+    # The fake site answers every call with a result, as run_request does: the path where a
+    # worker serves the request whole (the handed-off path is tests/test_handoff.py).
+    fab = Fabric(transport=transport, on_status=seen.append, status_interval_s=0.1,
+                 handoff=False)
     assert fab.generate("hello").text == "hi"
     assert seen and seen[0]["state"] == "queued" and seen[0]["id"] == "d-1"
     assert {s["state"] for s in seen} <= {"queued", "loading"}

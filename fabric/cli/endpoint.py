@@ -94,6 +94,17 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(status: dict[str, Any]) -> str:
+    """Request workers running now (what the engine's pool reports), and how many the site
+    is configured for when they differ."""
+    running, configured = status.get("workers_running"), status.get("workers")
+    if running is None:
+        return f"{configured} configured (running count unknown)"
+    if running == configured:
+        return f"{running} running"
+    return f"{running} running (of {configured} configured)"
+
+
 def format_status(status: dict[str, Any]) -> str:
     """Human-readable status: the site, then one line per deployment with server health."""
     lines = [
@@ -101,7 +112,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"pid         {status.get('pid')}",
         f"address     {status.get('address')}",
         f"state dir   {status.get('state_dir')}",
-        f"workers     {status.get('workers')}",
+        f"workers     {_workers(status)}",
         f"uptime      {_duration(status.get('uptime_s'))}",
         f"log         {status.get('log')}",
     ]

@@ -37,7 +37,9 @@ from fabric.client.decoding import (
     parse_generation,
     provenance_of,
 )
+from fabric.client.direct import DirectResults
 from fabric.client.federation import Federation, choose_sites, served_by
+from fabric.client.poller import Poller
 from fabric.client.routing import RoutingConfig
 from fabric.client.status import StatusCallback, StatusPrinter, describe_status
 from fabric.client.streaming import DirectSource, EventSource, PollSource, Stream
@@ -69,12 +71,14 @@ class Fabric:
     def __init__(self, site: str | None = None, transport: Transport | None = None,
                  auth: Any = None, *, on_status: StatusCallback | Literal["print"] | None = "print",
                  status_interval_s: float = 2.0, sites: Sequence[str] | None = None,
-                 routing: RoutingConfig | dict[str, Any] | None = None) -> None:
+                 routing: RoutingConfig | dict[str, Any] | None = None,
+                 handoff: bool = True) -> None:
         """``site``: a site name (``endpoints/<site>``) or definition path; ``transport``
         overrides how it is reached; ``auth``: credentials passed to the endpoint (``None``:
         the transport's own login); ``on_status``: called with the deployment's state while a
         call waits on a cold model server ("print": a line on stderr per change; ``None``: no
-        status polling at all).
+        status polling at all); ``handoff``: a request worker admits a request and hands it
+        off instead of waiting out its generation (``request_future``).
 
         ``sites``: several sites to route among (a federation, ``fabric.client.federation``):
         each call goes to the best site hosting its model and fails over before any output;
@@ -90,8 +94,12 @@ class Fabric:
         self.on_status: StatusCallback | None = (
             StatusPrinter() if on_status == "print" else on_status)
         self.status_interval_s = status_interval_s
+        self.handoff = handoff
+        self._last_state: dict[str, Any] = {}
         self._transport = transport
         self._lock = threading.Lock()
+        self._poller_: Poller | None = None
+        self._direct_: DirectResults | None = None
         self.federation: Federation | None = None
         """The member sites and their routing, when built with ``sites`` (two or more)."""
         if len(sites) > 1:
@@ -100,7 +108,7 @@ class Fabric:
 
     def _member(self, site: str) -> Fabric:
         return Fabric(site, auth=self.auth, on_status=self.on_status,
-                      status_interval_s=self.status_interval_s)
+                      status_interval_s=self.status_interval_s, handoff=self.handoff)
 
     @property
     def sites(self) -> list[str]:
@@ -124,11 +132,14 @@ class Fabric:
         """A client for the same site(s) sending ``auth``, sharing this one's transports
         (and a federation's site states and counters); quiet (``on_status=None``)."""
         if self.federation is None:
-            return type(self)(self.site, transport=self.transport, auth=auth, on_status=None)
-        twin = type(self)(self.site, transport=self.transport, auth=auth, on_status=None)
+            return type(self)(self.site, transport=self.transport, auth=auth, on_status=None,
+                              handoff=self.handoff)
+        twin = type(self)(self.site, transport=self.transport, auth=auth, on_status=None,
+                          handoff=self.handoff)
         fed = self.federation
         twin.federation = fed.with_auth(auth, lambda name: Fabric(
-            name, transport=fed.transport(name), auth=auth, on_status=None))
+            name, transport=fed.transport(name), auth=auth, on_status=None,
+            handoff=self.handoff))
         twin.site = fed.names[0]
         return twin
 
@@ -157,16 +168,35 @@ class Fabric:
         if read_info(state_dir) is None:
             self.on_status({"model": f"site {transport.site}", "state": "starting-site"})
 
+    def _poller(self) -> Poller:
+        """The long-poll multiplexer for this client's open requests (sites it cannot reach)."""
+        transport = self.transport
+        with self._lock:
+            if self._poller_ is None:
+                self._poller_ = Poller(transport, self.auth,
+                                       interval_s=float(getattr(transport, "poll_interval_s",
+                                                                0.0)))
+            return self._poller_
+
+    def _direct(self) -> DirectResults:
+        """The direct connections to model servers (sites whose servers it can reach)."""
+        with self._lock:
+            if self._direct_ is None:
+                self._direct_ = DirectResults()
+            return self._direct_
+
     def close(self) -> None:
         """Release the transport's sockets and threads (the site itself keeps running)."""
         with self._lock:
             transport, self._transport = self._transport, None
             federation = self.federation
+            poller, self._poller_ = self._poller_, None
+            direct, self._direct_ = self._direct_, None
         if federation is not None:
             federation.close()
-            return
-        if transport is not None:
-            transport.close()
+        for part in (poller, direct, transport):
+            if part is not None:
+                part.close()
 
     def __enter__(self) -> Fabric:
         return self
@@ -250,7 +280,7 @@ class Fabric:
             source = DirectSource(info, request, *(
                 (FAILOVER_SILENCE_S, FAILOVER_PROBE_S) if impatient else ()))
         else:
-            source = PollSource(transport, info, request.model, self.auth)
+            source = PollSource(transport, info, request.model, self.auth, self._poller())
         source.site = transport.site
         return source
 
@@ -452,10 +482,48 @@ class Fabric:
         if self.federation is not None:
             out, site = self.federation.call(request.model, lambda member: member._run(request))
             return served_by(out, site)
-        from fabric.wire.functions import run_request
+        return dict(self._wait(self.request_future(request), request.model, request.version))
 
-        future = self.transport.submit(run_request, request.model_dump(mode="json"), self.auth)
-        return dict(self._wait(future, request.model, request.version))
+    def request_future(self, request: InferenceRequest) -> Future[dict[str, Any]]:
+        """Run one built request; its result's dict (or typed error) as a future.
+
+        Non-blocking at the site: a request worker only admits the request (``open_stream``:
+        policy, a warm server, a ticket) and hands it off. Where the client reaches the
+        model server (the local site) it submits the request itself and the server answers
+        it directly (``DirectResults``); elsewhere the site submits it and the client's one
+        long-poll brings the result (``Poller``). With ``handoff=False`` a worker serves it
+        whole (``run_request``), as before.
+        """
+        from fabric.wire.functions import open_stream, run_request
+
+        transport = self.transport
+        body = request.model_dump(mode="json")
+        if not self.handoff:
+            return transport.submit(run_request, body, self.auth)
+        mode = "direct" if transport.can_reach_servers else "poll"
+        # A lone request (nothing else of ours open to poll for) may wait for its result at
+        # the site a little: a short one then costs one task instead of two.
+        hold = 0.0 if mode == "direct" or self._poller().busy else HOLD_S
+        admitted = transport.submit(open_stream, body, self.auth, mode, hold)
+        out: Future[dict[str, Any]] = Future()
+
+        def handed_off(f: Future[Any]) -> None:
+            try:
+                info = dict(f.result())
+                if info.get("done"):  # it finished while the site held it
+                    if info.get("error"):
+                        raise FabricError.from_dict(info["error"])
+                    out.set_result(dict(info.get("result") or {}))
+                    return
+                inner = (self._direct().submit(info, request) if mode == "direct"
+                         else self._poller().track(info, request.model, events=False).future)
+            except BaseException as exc:
+                out.set_exception(exc)
+                return
+            _chain(inner, out)
+
+        admitted.add_done_callback(handed_off)
+        return out
 
     def _generation(self, out: dict[str, Any]) -> GenerationResult:
         result = parse_generation(out)
@@ -507,9 +575,7 @@ class Fabric:
         transport = self.transport
         control = getattr(transport, "control", None)
         if not callable(control):
-            from fabric.wire.functions import deployment_status
-
-            return transport.submit(deployment_status, model, version, None, self.auth)
+            return self._watch_status(model, version)
         future: Future[Any] = Future()
         try:
             reply = control("status", timeout_s=5.0, health=False)
@@ -521,6 +587,38 @@ class Fabric:
         except FabricError as exc:
             future.set_exception(exc)
         return future
+
+
+    def _watch_status(self, model: str, version: str | None) -> Future[Any]:
+        """The deployment's next state, folded into the client's long-poll (the site holds
+        it until the state differs from the last one reported), as a future."""
+        future: Future[Any] = Future()
+        poller = self._poller()
+        last = self._last_state.get(model)
+
+        def heard(status: dict[str, Any]) -> None:
+            poller.unwatch(key)
+            self._last_state[model] = status.get("state")
+            if not future.done():
+                future.set_result(status)
+
+        key = poller.watch(model, version, heard, state=last)
+        return future
+
+
+def _chain(inner: Future[Any], outer: Future[Any]) -> None:
+    """Settle ``outer`` as ``inner`` settles."""
+    def settle(f: Future[Any]) -> None:
+        try:
+            outer.set_result(f.result())
+        except BaseException as exc:
+            outer.set_exception(exc)
+
+    inner.add_done_callback(settle)
+
+
+HOLD_S = 1.0
+"""How long a site may hold a lone request's admission for its result (poll mode only)."""
 
 
 FAILOVER_SILENCE_S = 0.5

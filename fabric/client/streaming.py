@@ -23,6 +23,7 @@ from fabric.errors import Cancelled, FabricError, ModelServerUnavailable
 from fabric.protocol import GenerationResult, InferenceRequest
 
 if TYPE_CHECKING:
+    from fabric.client.poller import Poller
     from fabric.client.transport import Transport
 
 __all__ = ["DirectSource", "EventSource", "PollSource", "Stream"]
@@ -142,49 +143,44 @@ class DirectSource:
 
 
 class PollSource:
-    """Events fetched by long-polling the server's buffer through the transport."""
+    """Events fetched through the client's ``Poller``: one long-poll task at a time serves
+    every open stream and request of the client (``fabric.client.poller``)."""
 
     site: str = ""
     """The site polled (set by the SDK)."""
 
     def __init__(self, transport: Transport, info: dict[str, Any], model: str, auth: Any,
-                 wait_s: float = 5.0) -> None:
+                 poller: Poller) -> None:
         self.request_id = str(info["request_id"])
         self._transport = transport
         self._ticket = str(info["ticket"])
         self._model = model
         self._auth = auth
-        self._cursor = int(info.get("cursor", 0) or 0)
-        self._wait_s = wait_s
+        self._poller = poller
+        self._tracked = poller.track(info, model, events=True)
 
     def events(self) -> Iterator[dict[str, Any]]:
-        """Events in order; each poll waits up to ``wait_s`` at the server for new ones."""
-        from fabric.wire.functions import poll_stream
-
+        """Events in order, as the poller brings them."""
         while True:
-            reply = self._transport.submit(
-                poll_stream, self._model, self.request_id, self._ticket, self._cursor,
-                self._wait_s, self._auth,
-            ).result()
-            for event in reply.get("events") or []:
-                yield {"op": "event", **event}
-            self._cursor = int(reply.get("cursor", self._cursor))
-            if reply.get("error"):
-                raise FabricError.from_dict(reply["error"])
-            if reply.get("done"):
-                yield {"op": "done", "result": reply.get("result")}
+            item = self._tracked.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.get("op") == "done":
                 return
 
     def cancel(self) -> str:
         """Cancel through the endpoint (which forwards to the server)."""
         from fabric.wire.functions import cancel_request
 
+        # Still followed: the server's final word (cancelled) reaches a blocked reader.
         return str(self._transport.submit(
             cancel_request, self._model, self.request_id, self._ticket, self._auth
         ).result())
 
     def close(self) -> None:
-        """Nothing to release: each poll is its own task."""
+        """Stop following the request."""
+        self._poller.forget(self.request_id)
 
 
 class Stream:

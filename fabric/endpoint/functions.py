@@ -34,12 +34,15 @@ RESULT_LIMIT_BYTES = 10 * 1024 * 1024 - 4096
 STREAM_SUBMIT_TTL_S = 120.0
 """How long a stream's ticket accepts its one submit: the client submits as soon as
 ``open_stream`` answers (the margin covers a slow transport, not a replay)."""
+MAX_HOLD_S = 5.0
+"""Longest ``open_stream`` holds its worker waiting for a result (``hold_s``)."""
 STREAM_TICKET_TTL_S = 3600.0
 """Life of a stream's ticket: its polls and cancel, after the submit."""
 
 __all__ = [
     "cancel_request", "deploy", "deployment_status", "list_deployments", "list_models",
-    "open_stream", "poll_stream", "run_request", "run_requests", "run_user_function", "undeploy",
+    "open_stream", "poll_requests", "poll_stream", "run_request", "run_requests",
+    "run_user_function", "undeploy",
 ]
 
 
@@ -98,13 +101,15 @@ def _serve(ctx: SiteContext, model: str, version: str | None, identity: str, req
 
 
 @endpoint_function("model")
-def open_stream(request: dict[str, Any], auth: Any = None,
-                mode: str = "direct") -> dict[str, Any]:
-    """Prepare a stream: a warm server and a ticket for this request id.
+def open_stream(request: dict[str, Any], auth: Any = None, mode: str = "direct",
+                hold_s: float = 0.0) -> dict[str, Any]:
+    """Admit a request and hand it off: a warm server and a ticket for this request id.
 
     ``direct``: the client submits to the server itself (address, key, ticket returned).
     ``poll``: the request is submitted here and the server buffers its events for
-    ``poll_stream``.
+    ``poll_requests``/``poll_stream``. ``hold_s`` (poll only, at most ``MAX_HOLD_S``): wait
+    that long here for the result, returned inline (``done``) if it came: a lone short request
+    then costs one task, not an admission and a poll.
     """
     from fabric import tickets
     from fabric.protocol import validate_request
@@ -118,9 +123,10 @@ def open_stream(request: dict[str, Any], auth: Any = None,
     ticket = tickets.issue_for_request(ctx.ticket_key(), req, model=dep.model,
                                        subject=identity, ttl_s=STREAM_TICKET_TTL_S,
                                        submit_ttl_s=STREAM_SUBMIT_TTL_S)
-    info = {"request_id": req.request_id, "address": dep.address, "public_key": dep.public_key,
-            "ticket": ticket, "deployment_id": dep.id, "model": dep.model,
-            "version": dep.version, "sha256": dep.sha256, "cursor": 0, "mode": mode}
+    info: dict[str, Any] = {
+        "request_id": req.request_id, "address": dep.address, "public_key": dep.public_key,
+        "ticket": ticket, "deployment_id": dep.id, "model": dep.model,
+        "version": dep.version, "sha256": dep.sha256, "cursor": 0, "mode": mode}
     if mode == "poll":
         from fabric.serverclient import ServerClient
 
@@ -128,7 +134,27 @@ def open_stream(request: dict[str, Any], auth: Any = None,
         with ServerClient(str(dep.address), str(dep.public_key)) as client:
             # Detached: the server buffers the events for poll_stream after we disconnect.
             client.submit(req, ticket, stream=False, detach=True)
+            if hold_s > 0:
+                info.update(_hold(client, req.request_id, ticket, min(hold_s, MAX_HOLD_S)))
+        if info.get("result"):
+            _record_usage(ctx, identity, req.model, info["result"], req.request_id)
     return info
+
+
+def _hold(client: Any, request_id: str, ticket: str, hold_s: float) -> dict[str, Any]:
+    """The request's final word if it comes within ``hold_s`` (else nothing: the client
+    polls for it), and the cursor reached."""
+    import time
+
+    deadline = time.monotonic() + hold_s
+    cursor = 0
+    while (left := deadline - time.monotonic()) > 0:
+        reply = client.poll(request_id, ticket, cursor, left, final=True)
+        cursor = int(reply.get("cursor", cursor))
+        if reply.get("done"):
+            return {"done": True, "cursor": cursor, "result": reply.get("result"),
+                    "error": reply.get("error")}
+    return {"cursor": cursor}
 
 
 def _server_for(ctx: SiteContext, model: str) -> Any:
@@ -153,6 +179,24 @@ def poll_stream(model: str, request_id: str, ticket: str, cursor: int, wait_s: f
         reply = client.poll(request_id, ticket, int(cursor), float(wait_s))
     ctx.manager.db.touch(dep.id)
     return reply
+
+
+@endpoint_function("model")
+def poll_requests(polls: list[dict[str, Any]], wait_s: float,
+                  statuses: list[dict[str, Any]] | None = None,
+                  auth: Any = None) -> dict[str, Any]:
+    """One long-poll for all of a client's open requests and watched cold starts: held here
+    up to ``wait_s`` until any has news (``fabric.endpoint.relay``). ``polls``:
+    ``{model, request_id, ticket, cursor, events}`` (``events``: a stream wants its tokens,
+    a plain request only its result); ``statuses``: ``{model, version, state}``."""
+    from fabric.endpoint.relay import poll_many
+
+    ctx = current()
+    identity = ""
+    models = {str(p.get("model")) for p in polls} | {str(s.get("model")) for s in statuses or []}
+    for model in sorted(models):
+        identity = ctx.authorize(auth, model, count=False)  # follow-ups, not new requests
+    return poll_many(ctx, identity, list(polls), float(wait_s), statuses)
 
 
 @endpoint_function("model")

@@ -401,11 +401,22 @@ class SiteProcess:
 
         mgr = DeploymentManager(self.site, self.state_dir)
         deployments = mgr.list_all() if health else [d.to_dict() for d in mgr.db.query()]
-        return {**self.info(), "uptime_s": round(time.time() - self.started, 1),
+        return {**self.info(), "workers_running": self.workers_running(),
+                "uptime_s": round(time.time() - self.started, 1),
                 "replies_dropped": self.replies_dropped, "clients": self.clients,
                 "max_clients": self.max_clients, "refused": self.refused,
                 "pools_replaced": self.pools.killed, "logs_truncated": self.pools.truncated,
                 "deployments": deployments}
+
+    def workers_running(self) -> int | None:
+        """Request workers the engine's pools report connected now (None if it cannot say):
+        ``workers`` is what the site asks for, this is what runs."""
+        try:
+            managers = self.engine.executor.connected_managers()
+        except Exception:
+            log.debug("cannot count the engine's workers", exc_info=True)
+            return None
+        return sum(int(m.get("worker_count", 0)) for m in managers if m.get("active", True))
 
     def _undeploy_all(self) -> list[str]:
         from fabric.endpoint.deployments import DeploymentManager

@@ -55,7 +55,8 @@ class Record:
     events: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] | None = None
     last_seen: float = field(default_factory=time.monotonic)
-    waiters: list[tuple[bytes, int, float]] = field(default_factory=list)
+    waiters: list[tuple[bytes, int, float, bool]] = field(default_factory=list)
+    """Long polls waiting: identity, cursor, deadline, and whether only the end wakes it."""
 
 
 class Frontend:
@@ -296,10 +297,11 @@ class Frontend:
         rec.last_seen = time.monotonic()
         cursor = msg.cursor
         wait = min(msg.wait, 60.0)
-        if cursor < len(rec.events) or rec.final is not None or wait <= 0:
+        news = rec.final is not None or (cursor < len(rec.events) and not msg.final)
+        if news or wait <= 0:
             self._answer_poll(identity, rid, rec, cursor)
         else:
-            rec.waiters.append((identity, cursor, time.monotonic() + wait))
+            rec.waiters.append((identity, cursor, time.monotonic() + wait, msg.final))
 
     def _answer_poll(self, identity: bytes, rid: str, rec: Record, cursor: int) -> None:
         final = rec.final or {}
@@ -376,9 +378,13 @@ class Frontend:
             rec.final = msg
         else:
             rec.events.append(msg)
-        for identity, cursor, _ in rec.waiters:
-            self._answer_poll(identity, rid, rec, cursor)
-        rec.waiters.clear()
+        waiting = []
+        for waiter in rec.waiters:
+            if waiter[3] and not final:  # it waits for the end only
+                waiting.append(waiter)
+            else:
+                self._answer_poll(waiter[0], rid, rec, waiter[1])
+        rec.waiters[:] = waiting
         if rec.detach or (not rec.stream and not final):
             return
         if not self._send(rec.identity, msg) and not final:
@@ -408,10 +414,10 @@ class Frontend:
         now = time.monotonic()
         horizon = self.config.stream_buffer_s
         for rid, rec in list(self.records.items()):
-            for identity, cursor, deadline in list(rec.waiters):
-                if now >= deadline:
-                    rec.waiters.remove((identity, cursor, deadline))
-                    self._answer_poll(identity, rid, rec, cursor)
+            for waiter in list(rec.waiters):
+                if now >= waiter[2]:
+                    rec.waiters.remove(waiter)
+                    self._answer_poll(waiter[0], rid, rec, waiter[1])
             if rec.detach and now - rec.last_seen > horizon:
                 if rec.final is None:
                     # nobody is polling any more

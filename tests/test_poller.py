@@ -1,0 +1,147 @@
+"""``fabric.client.poller.Poller`` against a scripted site: many open requests, few tasks.
+
+The site side (``poll_requests``) is played by a transport that answers each poll task after a
+short hold with one new event per named stream (done at the fifth), so the test sees exactly
+what the poller sends: how many tasks, how many at once, and what each names.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from fabric.client.poller import Poller
+from fabric.errors import AccessDenied
+
+EVENTS = 5
+
+
+class ScriptedSite:
+    """Answers ``poll_requests`` tasks after ``hold_s``; records what each carried."""
+
+    can_reach_servers = False
+    site = "scripted"
+
+    def __init__(self, hold_s: float = 0.02, fail: Exception | None = None) -> None:
+        self.hold_s = hold_s
+        self.fail = fail
+        self.tasks: list[list[str]] = []
+        self.inflight = 0
+        self.most_inflight = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], polls: list[dict[str, Any]], wait_s: float,
+               statuses: list[dict[str, Any]], auth: Any) -> Future[Any]:
+        assert fn.__name__ == "poll_requests"
+        with self._lock:
+            self.tasks.append([p["request_id"] for p in polls])
+            self.inflight += 1
+            self.most_inflight = max(self.most_inflight, self.inflight)
+        fut: Future[Any] = Future()
+
+        def answer() -> None:
+            time.sleep(self.hold_s)
+            with self._lock:
+                self.inflight -= 1
+            if self.fail is not None:
+                fut.set_exception(self.fail)
+                return
+            replies = {}
+            for p in polls:
+                cursor = p["cursor"] + 1
+                done = cursor >= EVENTS
+                replies[p["request_id"]] = {
+                    "events": [{"text": f"{p['request_id']}:{cursor}"}] if p["events"] else [],
+                    "cursor": cursor, "done": done,
+                    "result": {"text": p["request_id"]} if done else None, "error": None}
+            states = {s["model"]: {"model": s["model"], "state": "loading"} for s in statuses
+                      if s["state"] != "loading"}
+            fut.set_result({"replies": replies, "statuses": states})
+
+        threading.Thread(target=answer, daemon=True).start()
+        return fut
+
+    def close(self) -> None:
+        pass
+
+
+def _drain(tracked: Any) -> list[Any]:
+    out = []
+    while True:
+        item = tracked.queue.get(timeout=10)
+        out.append(item)
+        if isinstance(item, BaseException) or item.get("op") == "done":
+            return out
+
+
+def test_many_open_requests_cost_tasks_per_round_not_per_request() -> None:
+    site = ScriptedSite()
+    poller = Poller(site, wait_s=1.0)  # type: ignore[arg-type]
+    try:
+        streams = [poller.track({"request_id": f"s{i}", "ticket": "t"}, "m", events=True)
+                   for i in range(10)]
+        plain = [poller.track({"request_id": f"r{i}", "ticket": "t"}, "m", events=False)
+                 for i in range(10)]
+        for i, t in enumerate(streams):
+            got = _drain(t)
+            assert [e["text"] for e in got[:-1]] == [f"s{i}:{k}" for k in range(1, EVENTS + 1)]
+            assert got[-1] == {"op": "done", "result": {"text": f"s{i}"}}
+        assert [t.future.result(timeout=10) for t in plain] == [
+            {"text": f"r{i}"} for i in range(10)]
+    finally:
+        poller.close()
+    # 20 requests x 5 polls each would be 100 tasks polled one by one.
+    assert len(site.tasks) <= 3 * EVENTS, len(site.tasks)
+    assert site.most_inflight <= 2
+    assert poller.tasks_submitted == len(site.tasks)
+
+
+def test_interval_paces_the_tasks() -> None:
+    site = ScriptedSite(hold_s=0.0)
+    poller = Poller(site, interval_s=0.2)  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    try:
+        tracked = poller.track({"request_id": "a", "ticket": "t"}, "m", events=True)
+        _drain(tracked)
+    finally:
+        poller.close()
+    # 5 rounds at least 0.2 s apart after the first.
+    assert time.monotonic() - t0 >= 0.2 * (EVENTS - 1) - 0.05
+
+
+def test_a_failed_poll_fails_its_requests_typed() -> None:
+    site = ScriptedSite(fail=AccessDenied("no", rule="policy.default"))
+    poller = Poller(site)  # type: ignore[arg-type]
+    try:
+        stream = poller.track({"request_id": "a", "ticket": "t"}, "m", events=True)
+        plain = poller.track({"request_id": "b", "ticket": "t"}, "m", events=False)
+        (err,) = _drain(stream)
+        assert isinstance(err, AccessDenied) and err.details == {"rule": "policy.default"}
+        with pytest.raises(AccessDenied):
+            plain.future.result(timeout=10)
+    finally:
+        poller.close()
+
+
+def test_status_watch_rides_the_poll_and_reports_changes() -> None:
+    site = ScriptedSite()
+    poller = Poller(site)  # type: ignore[arg-type]
+    heard: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def callback(status: dict[str, Any]) -> None:
+        heard.append(status)
+        done.set()
+
+    try:
+        key = poller.watch("m", None, callback)
+        assert done.wait(10)
+        poller.unwatch(key)
+    finally:
+        poller.close()
+    assert heard[0] == {"model": "m", "state": "loading"}
