@@ -305,10 +305,19 @@ class DrainMessage(_Input):
     ticket: str
 
 
-WireMessage = SubmitMessage | PollMessage | CancelMessage | HealthMessage | DrainMessage
+class UsageMessage(_Input):
+    """``usage`` (operator ticket): the tokens delivered on accounted tickets (streams) since
+    the last ``usage``, for the site to record; the server forgets what it answers."""
+
+    op: Literal["usage"]
+    ticket: str
+
+
+WireMessage = (SubmitMessage | PollMessage | CancelMessage | HealthMessage | DrainMessage
+               | UsageMessage)
 MESSAGES: dict[str, type[WireMessage]] = {
     "submit": SubmitMessage, "poll": PollMessage, "cancel": CancelMessage,
-    "health": HealthMessage, "drain": DrainMessage}
+    "health": HealthMessage, "drain": DrainMessage, "usage": UsageMessage}
 """Every op the model server accepts, and the schema of its message."""
 
 

@@ -14,6 +14,7 @@ takes its worker's ``SiteContext`` (``fabric.endpoint.context.current()``: the s
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from fabric.endpoint.context import SiteContext, current
@@ -106,9 +107,11 @@ def open_stream(request: dict[str, Any], auth: Any = None,
     dep = ctx.manager.ensure(ctx.entry(req.model, req.version))
     # Bound to exactly this request and spent on its submit (the client submits at once);
     # its life covers the stream's polls and cancel.
+    # ``account``: the server counts the tokens it delivers (the client may stream them
+    # directly and disconnect at any time) and the site collects them (collect_usage).
     ticket = tickets.issue_for_request(ctx.ticket_key(), req, model=dep.model,
                                        subject=identity, ttl_s=STREAM_TICKET_TTL_S,
-                                       submit_ttl_s=STREAM_SUBMIT_TTL_S)
+                                       submit_ttl_s=STREAM_SUBMIT_TTL_S, account=True)
     info = {"request_id": req.request_id, "address": dep.address, "public_key": dep.public_key,
             "ticket": ticket, "deployment_id": dep.id, "model": dep.model,
             "version": dep.version, "sha256": dep.sha256, "cursor": 0, "mode": mode}
@@ -119,6 +122,8 @@ def open_stream(request: dict[str, Any], auth: Any = None,
         with ServerClient(str(dep.address), str(dep.public_key)) as client:
             # Detached: the server buffers the events for poll_stream after we disconnect.
             client.submit(req, ticket, stream=False, detach=True)
+    with contextlib.suppress(Exception):  # earlier streams' tokens; the reaper retries
+        ctx.manager.collect_usage(dep)
     return info
 
 
