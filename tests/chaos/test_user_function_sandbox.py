@@ -278,3 +278,22 @@ def test_stream_tokens_are_recorded_even_when_closed_early(fab: Fabric,
     report("stream usage", inputs=2, lost=int(got[1] < before[1] + whole + 2))
     assert got[0] == before[0] + 2  # two streams opened: two requests
     assert got[1] >= before[1] + whole + 2
+
+
+def test_usage_op_needs_an_operator_ticket(fab: Fabric, local_site: LocalSite) -> None:
+    """The tallies name identities: a caller's own ticket, or none, gets nothing."""
+    from fabric import tickets
+    from fabric.serverclient import ServerClient
+
+    fab.generate("warm", model=TINY_MODEL, max_tokens=1)
+    dep = next(d for d in fab.deployments() if d["model"] == TINY_MODEL and d["state"] == "ready")
+    key = (local_site.state_dir / "ticket.key").read_bytes()
+    callers = ["", "x.y", tickets.issue(key, model=TINY_MODEL, subject="alice"),
+               tickets.issue(key, model=TINY_MODEL, subject="alice", account=True)]
+    with ServerClient(dep["address"], dep["public_key"]) as client:
+        for ticket in callers:
+            with pytest.raises(TicketInvalid):
+                client.usage(ticket, 10)
+        operator = tickets.issue(key, model=TINY_MODEL, admin=True, subject="operator")
+        assert isinstance(client.usage(operator, 10), list)
+    report("usage op", inputs=len(callers), typed_errors=len(callers))
