@@ -89,7 +89,9 @@ class ServerClient:
     def drain(self, ticket: str) -> None:
         """Ask the server to finish running requests, refuse new ones and exit."""
         self._send({"op": "drain", "ticket": ticket})
-        self._wait_control("draining", None)
+        reply = self._wait_control(("draining", "error"), None)
+        if reply["op"] == "error":  # e.g. TicketInvalid: not an operator ticket
+            raise FabricError.from_dict(reply["error"])
 
     # --- results of submitted requests ---------------------------------------------------
 

@@ -193,7 +193,7 @@ def test_an_endpoint_that_unpickles_no_data(remote_site: Path, tmp_path: Path) -
         assert err.value.details == {"rule": "identity-proof.missing"}
         marker = tmp_path / "unpickled"
         with pytest.raises(AccessDenied) as err:
-            t.submit(functions.run_user_function, CreatesFile(str(marker)), (), {}, None,
+            t.submit(functions.run_user_function, CreatesFile(str(marker)), None,
                      None).result(timeout=120)
         assert err.value.details == {"rule": "allowed_serializers"}
         assert not marker.exists()
