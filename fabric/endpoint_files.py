@@ -20,10 +20,11 @@ from fabric.sites import SiteConfig, load_site, render, site_dir
 def allowed_serializers(site: SiteConfig) -> list[str]:
     """What the endpoint's workers may deserialise: the fabric's functions by reference
     (``DillCode``; ``allowed_functions`` says which) and plain JSON data (``JSONData``: all the
-    fabric's own functions take). Pickled data (``DillDataBase64``) only where the site allows
-    user functions, which arrive as pickled arguments: otherwise no caller's pickle is opened."""
-    names = ["DillCode", "JSONData"] + (["DillDataBase64"] if site.allow_user_functions else [])
-    return [f"globus_compute_sdk.serialize.{n}" for n in names]
+    fabric's own functions take, ``run_user_function`` too: the caller's code arrives as a
+    string that only the user function's own process unpickles). No pickled data, whatever
+    ``site.allow_user_functions`` says: no caller's pickle is opened by a worker."""
+    del site  # the same for every site since user functions run in a process of their own
+    return [f"globus_compute_sdk.serialize.{n}" for n in ("DillCode", "JSONData")]
 
 
 ENDPOINT_FILES = ("config.yaml", "user_config_template.yaml.j2", "user_config_schema.json")

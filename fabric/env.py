@@ -127,11 +127,13 @@ FABRIC_GLOBUS_IDENTITY = _declare(
 PATH = _declare(
     "PATH", "Gets this interpreter's bin folder prepended, so workers find "
     "globus-compute-endpoint.", "", set_by="the shell; prepended by endpoint.site and "
-    "globus.standin", read_by="fabric.endpoint.site, fabric.globus.standin")
+    "globus.standin", read_by="fabric.endpoint.site, fabric.globus.standin, "
+    "fabric.endpoint.sandbox")
 PYTHONPATH = _declare(
     "PYTHONPATH", "Module search path; handed on to the user endpoints of the offline Globus "
     "Compute test endpoint (a root endpoint clears their environment).", "",
-    set_by="the shell", read_by="fabric.testing.gc_endpoint")
+    set_by="the shell", read_by="fabric.testing.gc_endpoint, fabric.endpoint.sandbox (a user "
+    "function's process gets it and PATH, nothing else of the worker's environment)")
 
 # --- model-server jobs -------------------------------------------------------------------------
 

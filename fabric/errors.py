@@ -190,6 +190,13 @@ class TicketInvalid(AccessDenied):
     """A model server refused a request whose ticket is missing, forged or expired."""
 
 
+class CapabilityDenied(AccessDenied):
+    """A user function's handle asked for more than its capability allows: another model,
+    more requests or tokens than its limits, or after it expired (``details['rule']``:
+    ``capability.model``, ``.requests``, ``.tokens``, ``.expired`` or ``.invalid``). The
+    same call fails the same way; a new ``fab.submit`` gets a new capability."""
+
+
 def _all_subclasses(cls: type[FabricError]) -> list[type[FabricError]]:
     out = [cls]
     for sub in cls.__subclasses__():

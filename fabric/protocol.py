@@ -319,11 +319,20 @@ class StatsMessage(_Input):
     ticket: str
 
 
+class UsageMessage(_Input):
+    """``usage`` (operator ticket): the tokens delivered on accounted tickets (streams) since
+    the last ``usage``, for the site to record; the server forgets what it answers."""
+
+    op: Literal["usage"]
+    ticket: str
+
+
 WireMessage = (SubmitMessage | PollMessage | CancelMessage | HealthMessage | DrainMessage
-               | StatsMessage)
+               | StatsMessage | UsageMessage)
 MESSAGES: dict[str, type[WireMessage]] = {
     "submit": SubmitMessage, "poll": PollMessage, "cancel": CancelMessage,
-    "health": HealthMessage, "drain": DrainMessage, "stats": StatsMessage}
+    "health": HealthMessage, "drain": DrainMessage, "stats": StatsMessage,
+    "usage": UsageMessage}
 """Every op the model server accepts, and the schema of its message."""
 
 

@@ -109,23 +109,31 @@ class ServerClient:
             out.append(unpack(self._sock.recv()))
         return out
 
+    def usage(self, ticket: str, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Tokens the server delivered on accounted (stream) tickets since the last call
+        (operator ticket): ``{request_id, subject, tokens, ts}`` each; the server forgets
+        them, so the caller records them."""
+        self._send({"op": "usage", "ticket": ticket})
+        reply = self._wait_control(("usage", "error"), timeout_s)
+        if reply["op"] == "error":
+            raise FabricError.from_dict(reply["error"])
+        return [dict(e) for e in reply.get("entries") or []]
+
     def drain(self, ticket: str) -> None:
         """Ask the server to finish running requests, refuse new ones and exit."""
         self._send({"op": "drain", "ticket": ticket})
-        self._wait_control("draining", None)
+        reply = self._wait_control(("draining", "error"), None)
+        if reply["op"] == "error":  # e.g. TicketInvalid: not an operator ticket
+            raise FabricError.from_dict(reply["error"])
 
     def stats(self, ticket: str, timeout_s: float | None = None) -> dict[str, Any]:
         """The server's cumulative request statistics and load (operator ticket)."""
         self._send({"op": "stats", "ticket": ticket})
-        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
-        while True:  # a refused ticket answers "error" (no request id), not "stats"
-            for i, msg in enumerate(self._control):
-                if msg["op"] in ("stats", "error"):
-                    del self._control[i]
-                    if msg["op"] == "error":
-                        raise FabricError.from_dict(msg["error"])
-                    return msg
-            self._recv_one(deadline)
+        # A refused ticket answers "error" (no request id), not "stats".
+        reply = self._wait_control(("stats", "error"), timeout_s)
+        if reply["op"] == "error":
+            raise FabricError.from_dict(reply["error"])
+        return reply
 
     # --- results of submitted requests ---------------------------------------------------
 
@@ -203,11 +211,13 @@ class ServerClient:
             self._recv_one(deadline)
             queue = self._pending[request_id]
 
-    def _wait_control(self, op: str, timeout_s: float | None) -> dict[str, Any]:
+    def _wait_control(self, op: str | tuple[str, ...],
+                      timeout_s: float | None) -> dict[str, Any]:
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
+        ops = (op,) if isinstance(op, str) else op
         while True:
             for i, msg in enumerate(self._control):
-                if msg["op"] == op:
+                if msg["op"] in ops:
                     del self._control[i]
                     return msg
             self._recv_one(deadline)

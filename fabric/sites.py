@@ -189,6 +189,20 @@ def network_kind(setting: str) -> Literal["address", "cidr", "interface"]:
                      "(198.18.0.0/15) nor an IPv4 address")
 
 
+class UserFunctionLimits(_Strict):
+    """What one user function (``fab.submit``) may do at a site: its capability's limits."""
+
+    max_requests: int = Field(10_000, ge=1)
+    """Most requests its handle may send (each ``generate``, each batch of ``embed``)."""
+    max_tokens: int = Field(10_000_000, ge=1)
+    """Most tokens (prompt + new, as admitted) its handle may use in all."""
+    timeout_s: float = Field(3600.0, gt=0, le=7 * 86400)
+    """Its capability expires (and its process is killed) this long after it starts."""
+    run_as: str | None = None
+    """Unix user its process runs as (the site must run as root to switch). Set it, or run
+    the site in a container, where callers are not trusted with the site account's files."""
+
+
 class ServerConfig(_Strict):
     """Model-server behaviour at this site."""
 
@@ -414,6 +428,8 @@ class SiteConfig(_Strict):
     allow_user_functions: bool = False
     """Allow ``fab.submit`` user functions: a caller's code running at the site. Off unless the
     operator opts in (the shipped local sites do: there the caller is the site's own user)."""
+    user_functions: UserFunctionLimits = Field(default_factory=UserFunctionLimits)
+    """Limits of each user function's capability, and the Unix user it runs as."""
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     node: NodeShape = Field(default_factory=NodeShape)

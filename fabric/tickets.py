@@ -52,19 +52,21 @@ def issue(key: bytes, *, model: str, request_id: str = ANY_REQUEST, subject: str
           ttl_s: float = 300.0, admin: bool = False, op: str | None = None,
           max_tokens: int | None = None, token_limit: int | None = None,
           digest: str | None = None, single_use: bool = False,
-          submit_ttl_s: float | None = None) -> str:
+          submit_ttl_s: float | None = None, account: bool = False) -> str:
     """A ticket for ``request_id`` (or any request) on ``model``, valid for ``ttl_s`` seconds.
 
     The optional bindings (``None``/``False``: unbound, as before) narrow what it authorises:
     ``op`` the request kind ("generate", "embed", "hidden_states", "logprobs"), ``max_tokens``
     the most new tokens, ``token_limit`` the most prompt + new tokens, ``digest`` exactly one
     request (``protocol.request_digest``), ``single_use`` one accepted submit, ``submit_ttl_s``
-    how long a submit is accepted (polls and cancels go on until ``ttl_s``)."""
+    how long a submit is accepted (polls and cancels go on until ``ttl_s``); ``account`` has
+    the server count the tokens it delivers for the request and hand them to the site
+    (``fabric.engine.usage_ledger``), for requests whose client the site does not see."""
     now = time.time()
     body: dict[str, Any] = {"rid": request_id, "model": model, "sub": subject,
                             "exp": now + ttl_s, "adm": admin, "jti": secrets.token_hex(12)}
     bound = {"op": op, "mxt": max_tokens, "tkl": token_limit, "dig": digest,
-             "one": single_use or None,
+             "one": single_use or None, "acc": account or None,
              "sbx": None if submit_ttl_s is None else now + submit_ttl_s}
     body.update({k: v for k, v in bound.items() if v is not None})
     raw = base64.urlsafe_b64encode(json.dumps(body, sort_keys=True).encode()).decode()
@@ -72,7 +74,8 @@ def issue(key: bytes, *, model: str, request_id: str = ANY_REQUEST, subject: str
 
 
 def issue_for_request(key: bytes, request: InferenceRequest, *, model: str, subject: str,
-                      ttl_s: float, submit_ttl_s: float | None = None) -> str:
+                      ttl_s: float, submit_ttl_s: float | None = None,
+                      account: bool = False) -> str:
     """A single-use ticket for exactly ``request``: its id, kind, ``max_tokens`` and digest.
 
     The server recomputes the digest on the request it receives, so the submitter must send
@@ -81,7 +84,8 @@ def issue_for_request(key: bytes, request: InferenceRequest, *, model: str, subj
 
     return issue(key, model=model, request_id=request.request_id, subject=subject,
                  ttl_s=ttl_s, op=request.kind, max_tokens=request.sampling.max_tokens,
-                 digest=request_digest(request), single_use=True, submit_ttl_s=submit_ttl_s)
+                 digest=request_digest(request), single_use=True, submit_ttl_s=submit_ttl_s,
+                 account=account)
 
 
 def authenticate(key: bytes, ticket: object, *, model: str) -> dict[str, Any]:

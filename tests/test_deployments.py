@@ -272,11 +272,15 @@ def use_representations(handle: Any, text: str) -> dict[str, Any]:
 
 
 def test_user_function_uses_the_warm_model(site_transport: LocalTransport) -> None:
-    out = site_transport.submit(functions.run_user_function, use_handle, ("The cell",), {},
-                                TINY_MODEL).result(300)
+    from fabric.wire.usercode import ValueFuture, pack_call
+
+    def submit(fn: Any, text: str) -> Any:
+        return ValueFuture(site_transport.submit(functions.run_user_function,
+                                                 pack_call(fn, (text,), {}), TINY_MODEL))
+
+    out = submit(use_handle, "The cell").result(300)
     assert out["model"] == TINY_MODEL and out["a"] == out["b"] and len(out["a"]) >= 1
-    rep = site_transport.submit(functions.run_user_function, use_representations,
-                                ("The cell",), {}, TINY_MODEL).result(300)
+    rep = submit(use_representations, "The cell").result(300)
     assert rep["embed_shape"] == [2, 64]  # the tiny Llama's hidden size
     assert rep["hidden_keys"] and rep["logprob_keys"]
 

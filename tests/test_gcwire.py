@@ -109,7 +109,10 @@ def test_admission_refusal_reads_no_pickle() -> None:
     with pytest.raises(AccessDenied, match="plain JSON data"):
         gcwire.unpack_result(gcwire.pack_refusal(task_id, refusal))
     # User functions take code: run where the site allows them, refused unread where not.
-    for fn, args in ((functions.run_user_function, (add, (1,), {}, None, None)), (add, (1,))):
+    from fabric.wire.usercode import pack_call
+
+    call = pack_call(add, (1,), {})
+    for fn, args in ((functions.run_user_function, (call, None, None)), (add, (1,))):
         _, packed = gcwire.pack_task(fn, args, {})
         assert gcwire.admission_refusal(packed, user_functions=True) is None
         refusal = gcwire.admission_refusal(packed, user_functions=False)

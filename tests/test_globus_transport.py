@@ -193,7 +193,7 @@ def test_an_endpoint_that_unpickles_no_data(remote_site: Path, tmp_path: Path) -
         assert err.value.details == {"rule": "identity-proof.missing"}
         marker = tmp_path / "unpickled"
         with pytest.raises(AccessDenied) as err:
-            t.submit(functions.run_user_function, CreatesFile(str(marker)), (), {}, None,
+            t.submit(functions.run_user_function, CreatesFile(str(marker)), None,
                      None).result(timeout=120)
         assert err.value.details == {"rule": "allowed_serializers"}
         assert not marker.exists()
@@ -204,11 +204,14 @@ def test_an_endpoint_that_unpickles_no_data(remote_site: Path, tmp_path: Path) -
 
 def test_user_functions_refused_when_not_opted_in(service: StandinService, remote_site: Path,
                                                   tmp_path: Path) -> None:
+    from fabric.wire.usercode import pack_call
+
     ns: dict[str, Any] = {"__name__": "__main__"}  # pickled by value, as from a notebook
     exec("def double(handle, x):\n    return 2 * x\n", ns)
     t = transport(service, tmp_path, site=remote_site)
     with pytest.raises(FunctionNotAllowed) as err:
-        t.submit(run_user_function, ns["double"], (2,), {}, None, None).result(timeout=120)
+        t.submit(run_user_function, pack_call(ns["double"], (2,), {}), None,
+                 None).result(timeout=120)
     assert err.value.details["rule"] == "allow_user_functions"
     t.close()
 

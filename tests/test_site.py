@@ -212,17 +212,23 @@ def test_remote_fabric_errors_are_typed(site_transport: LocalTransport) -> None:
         }).result(timeout=60)
 
 
+def _user_call(transport: LocalTransport, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fab.submit(fn, *args, **kwargs)`` with no model, through ``transport``."""
+    from fabric.wire.usercode import ValueFuture, pack_call
+
+    return ValueFuture(transport.submit(functions.run_user_function,
+                                        pack_call(fn, args, kwargs), None))
+
+
 def test_user_function_errors(site_transport: LocalTransport) -> None:
-    ok = site_transport.submit(functions.run_user_function, user_fn_ok, (2,), {"b": 3}, None)
+    ok = _user_call(site_transport, user_fn_ok, 2, b=3)
     assert ok.result(timeout=120)["sum"] == 5
     with pytest.raises(UserFunctionError) as info:
-        site_transport.submit(functions.run_user_function, user_fn_raises, (0,), {},
-                              None).result(timeout=60)
+        _user_call(site_transport, user_fn_raises, 0).result(timeout=60)
     assert "ZeroDivisionError" in info.value.message
     assert "user_fn_raises" in info.value.details["traceback"]
     with pytest.raises(UserFunctionError, match="cannot be serialised"):
-        site_transport.submit(functions.run_user_function, user_fn_returns_generator, (), {},
-                              None).result(timeout=60)
+        _user_call(site_transport, user_fn_returns_generator).result(timeout=60)
     # The site keeps serving after each of these.
     assert isinstance(site_transport.submit(worker_pid).result(timeout=60), int)
 
@@ -248,7 +254,9 @@ def test_user_functions_refused_where_not_allowed(tmp_path: Path,
     folder = write_site(tmp_path / "closed", allow_user_functions=False)
     monkeypatch.setenv(env.FABRIC_SITE.name, str(folder))
     monkeypatch.setenv(env.FABRIC_STATE_DIR.name, str(folder / "state"))
-    reply = functions.run_user_function(user_fn_ok, (1,), {"b": 1}, None)
+    from fabric.wire.usercode import pack_call
+
+    reply = functions.run_user_function(pack_call(user_fn_ok, (1,), {"b": 1}), None)
     with pytest.raises(FunctionNotAllowed):
         gcwire.unwrap(reply)
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fabric import Fabric
-from fabric.endpoint.functions import RESULT_LIMIT_BYTES
+from fabric.endpoint.userproc import RESULT_LIMIT_BYTES
 from fabric.errors import (
     FunctionNotAllowed,
     ResultTooLarge,

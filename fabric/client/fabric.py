@@ -383,8 +383,11 @@ class Fabric:
                 fn, *args, model=model, **kwargs))
             return future
         from fabric.wire.functions import run_user_function
+        from fabric.wire.usercode import ValueFuture, pack_call
 
-        return self.transport.submit(run_user_function, fn, args, kwargs, model, self.auth)
+        # The call travels as a string the site's workers never open (see wire.usercode).
+        return ValueFuture(self.transport.submit(run_user_function, pack_call(fn, args, kwargs),
+                                                 model, self.auth))
 
     # -- models and deployments ---------------------------------------------------------------
 

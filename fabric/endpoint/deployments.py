@@ -108,10 +108,37 @@ class DeploymentManager:
                 end = time.monotonic() + drain_wait_s
                 while time.monotonic() < end and self._job_alive(dep):
                     time.sleep(0.2)
+            self.collect_usage(dep)  # the last streams' tokens, before the server goes
         if dep.job_id:
             with contextlib.suppress(FabricError):
                 self.launcher().cancel(dep.job_id)
         return self._mark_dead(dep, "undeployed")
+
+    def collect_usage(self, dep: Deployment | None = None) -> int:
+        """Record in the usage DB the tokens servers delivered on streams (``open_stream``
+        tickets: ``fabric.engine.usage_ledger``), against the identity each ticket names;
+        ``dep`` alone, or every ready or draining deployment. Returns the entries recorded.
+        A server that does not answer keeps its entries for the next collection."""
+        from fabric.endpoint.policy import record_usage
+        from fabric.serverclient import ServerClient
+
+        deps = [dep] if dep is not None else self.db.query(states=("ready", "draining"))
+        recorded = 0
+        for d in deps:
+            if not d.address or not d.public_key:
+                continue
+            ticket = tickets.issue(self.ticket_key(), model=d.model, admin=True,
+                                   subject="operator", ttl_s=60)
+            try:
+                with ServerClient(d.address, d.public_key, timeout_s=HEALTH_TIMEOUT_S) as c:
+                    entries = c.usage(ticket, HEALTH_TIMEOUT_S)
+            except FabricError:
+                continue
+            for e in entries:
+                record_usage(self.state_dir, str(e.get("subject") or ""), d.model,
+                             int(e.get("tokens") or 0), str(e.get("request_id") or ""))
+                recorded += 1
+        return recorded
 
     def list_all(self, include_dead: bool = False) -> list[dict[str, Any]]:
         """Every deployment with live state, idle time, job detail and server health."""

@@ -14,23 +14,16 @@ takes its worker's ``SiteContext`` (``fabric.endpoint.context.current()``: the s
 
 from __future__ import annotations
 
-import traceback
-from collections.abc import Callable
+import contextlib
 from typing import Any
 
 from fabric.endpoint.context import SiteContext, current
 from fabric.endpoint.registry import endpoint_function
 from fabric.endpoint.session import token_estimate
 from fabric.errors import (
-    FabricError,
     ModelServerUnavailable,
-    ResultTooLarge,
-    UserFunctionError,
 )
-from fabric.wire.gcwire import ok
 
-RESULT_LIMIT_BYTES = 10 * 1024 * 1024 - 4096
-"""Globus Compute refuses results over 10 MiB; leave room for the envelope."""
 STREAM_SUBMIT_TTL_S = 120.0
 """How long a stream's ticket accepts its one submit: the client submits as soon as
 ``open_stream`` answers (the margin covers a slow transport, not a replay)."""
@@ -120,9 +113,11 @@ def open_stream(request: dict[str, Any], auth: Any = None, mode: str = "direct",
     dep = ctx.manager.ensure(ctx.entry(req.model, req.version))
     # Bound to exactly this request and spent on its submit (the client submits at once);
     # its life covers the stream's polls and cancel.
+    # ``account``: the server counts the tokens it delivers (the client may stream them
+    # directly and disconnect at any time) and the site collects them (collect_usage).
     ticket = tickets.issue_for_request(ctx.ticket_key(), req, model=dep.model,
                                        subject=identity, ttl_s=STREAM_TICKET_TTL_S,
-                                       submit_ttl_s=STREAM_SUBMIT_TTL_S)
+                                       submit_ttl_s=STREAM_SUBMIT_TTL_S, account=True)
     info: dict[str, Any] = {
         "request_id": req.request_id, "address": dep.address, "public_key": dep.public_key,
         "ticket": ticket, "deployment_id": dep.id, "model": dep.model,
@@ -136,8 +131,10 @@ def open_stream(request: dict[str, Any], auth: Any = None, mode: str = "direct",
             client.submit(req, ticket, stream=False, detach=True)
             if hold_s > 0:
                 info.update(_hold(client, req.request_id, ticket, min(hold_s, MAX_HOLD_S)))
-        if info.get("result"):
-            _record_usage(ctx, identity, req.model, info["result"], req.request_id)
+    # Tokens are recorded from the server's own tally of this accounted ticket (however the
+    # client reads them: direct, long-poll or held here), never from a result passing by.
+    with contextlib.suppress(Exception):  # earlier streams' tokens; the reaper retries
+        ctx.manager.collect_usage(dep)
     return info
 
 
@@ -322,58 +319,23 @@ def _size(params: int) -> str:
 # -- user functions ---------------------------------------------------------------------------
 
 @endpoint_function("user_function")
-def run_user_function(fn: Callable[..., Any], args: tuple[Any, ...] = (),
-                      kwargs: dict[str, Any] | None = None, model: str | None = None,
-                      auth: Any = None, version: str | None = None) -> Any:
-    """Run ``fn(handle, *args, **kwargs)`` here, ``handle`` bound to ``model``'s warm server."""
-    from fabric.endpoint.handle import ModelHandle
+def run_user_function(call: str, model: str | None = None, auth: Any = None,
+                      version: str | None = None) -> bytes:
+    """Run the caller's ``fn(handle, *args, **kwargs)`` (``call``: the SDK's
+    ``fabric.wire.usercode.pack_call``, still pickled) in a process of its own
+    (``fabric.endpoint.sandbox``), ``handle`` bound to ``model`` by a capability; returns
+    the value pickled for the caller (``fabric.wire.usercode.unpack_value``). Nothing of
+    the call is unpickled in this worker: a crafted pickle runs, at worst, where a user
+    function runs."""
+    from fabric.endpoint.sandbox import run_user_call
+    from fabric.errors import InvalidRequest
 
     ctx = current()
-    name = getattr(fn, "__name__", type(fn).__name__)
-    ctx.check_user_function(name)
+    ctx.check_user_function("run_user_function")
+    if not isinstance(call, str):
+        raise InvalidRequest("run_user_function takes the call as the SDK packs it (a string)")
     identity = ctx.authorize(auth, model or "")
     if model is not None:
         ctx.entry(model, version)  # unknown models fail before the user's code runs
-    handle = ModelHandle(ctx, model, version, identity=identity)
-    try:
-        value = fn(handle, *tuple(args), **dict(kwargs or {}))
-    except FabricError:
-        raise  # a typed error from the handle (e.g. ContextLengthExceeded) stays typed
-    except Exception as exc:
-        raise UserFunctionError(
-            f"{name} raised {type(exc).__name__}: {exc}",
-            traceback=traceback.format_exc(), exception_type=type(exc).__name__) from None
-    finally:
-        handle.close()
-    _check_returnable(name, value)
-    return value
-
-
-def _check_returnable(name: str, value: Any) -> None:
-    """Fail here, typed, rather than as an opaque serialization error in the engine."""
-    from fabric.wire.gcwire import default_serializer
-
-    if _surely_returnable(value):
-        return  # serialising it twice (here and in the engine) would only cost time
-    try:
-        size = len(default_serializer().serialize(ok(value)))
-    except Exception as exc:
-        raise UserFunctionError(
-            f"{name} returned a {type(value).__name__}, which cannot be serialised to send "
-            f"back: {exc}", reason="unserialisable", type=type(value).__name__) from None
-    if size > RESULT_LIMIT_BYTES:
-        raise ResultTooLarge(
-            f"{name} returned {size} bytes serialised; one result may carry at most "
-            f"{RESULT_LIMIT_BYTES}: write large outputs to the site's filesystem",
-            size=size, limit=RESULT_LIMIT_BYTES)
-
-
-def _surely_returnable(value: Any) -> bool:
-    """True for small values of built-in scalar types: they always serialise well within the
-    result limit (base64 of UTF-8 is at most ~5.4 bytes a character, hence the // 8)."""
-    kind = type(value)
-    if value is None or kind is bool or kind is float:
-        return True
-    if kind is int:
-        return bool(value.bit_length() <= 4096)
-    return (kind is str or kind is bytes) and len(value) <= RESULT_LIMIT_BYTES // 8
+    return run_user_call(ctx, call, model=model, version=version, identity=identity,
+                         auth=auth)

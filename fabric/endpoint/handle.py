@@ -1,9 +1,11 @@
 """``ModelHandle``: what a user's function gets as its first argument at the site.
 
-``fab.submit(fn, data, model="smollm2-135m")`` runs ``fn(handle, data)`` inside a request worker,
-next to the warm model server; the handle sends that server requests through a
-``ServerSession`` with tickets the endpoint signed for the caller, so a user function can do no
-more than the caller could from the SDK.
+``fab.submit(fn, data, model="smollm2-135m")`` runs ``fn(handle, data)`` in a process of its
+own next to the site's request worker (``fabric.endpoint.sandbox``). The handle holds no site
+secret and no connection to a model server: it holds a capability (an opaque token, see
+``fabric.endpoint.capability``) and a ``Channel`` to the worker, which checks the capability
+on every request and serves it through a ``ServerSession`` with tickets it signs itself, so a
+user function can do no more than its caller could from the SDK, within its limits.
 """
 
 from __future__ import annotations
@@ -12,27 +14,35 @@ import functools
 import operator
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fabric.errors import FabricError, InvalidRequest
 
-if TYPE_CHECKING:
-    from fabric.endpoint.context import SiteContext
-    from fabric.endpoint.session import ServerSession
+
+class Channel(Protocol):
+    """How a handle's requests reach the site (the worker behind the capability)."""
+
+    def request_many(self, model: str, version: str | None,
+                     requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Results of ``requests`` (``InferenceRequest`` dicts) in order, or the first
+        one's typed error."""
+        ...
+
+    def close(self) -> None:
+        """Release the channel."""
+        ...
 
 
 class ModelHandle:
     """Requests to one model's warm server, from inside a user function."""
 
-    def __init__(self, context: SiteContext, model: str | None, version: str | None = None, *,
-                 identity: str = "", timeout_s: float = 600.0) -> None:
-        self._ctx = context
+    def __init__(self, channel: Channel, model: str | None, version: str | None = None, *,
+                 identity: str = "") -> None:
+        self._channel = channel
         self.model = model
         self.version = version
         self.identity = identity
-        self.timeout_s = timeout_s
         self._lock = threading.Lock()
-        self._session: ServerSession | None = None
 
     # -- the user's API -------------------------------------------------------------------
 
@@ -104,29 +114,19 @@ class ModelHandle:
         if self.model is None:
             raise InvalidRequest("this function was submitted with model=None: the handle has "
                                  "no model; pass model=... to fab.submit")
-        from fabric.endpoint.session import raise_first
         from fabric.protocol import validate_request
 
+        # Checked here for a prompt error message, and again by the worker (which trusts
+        # nothing this process sends).
         reqs = [validate_request({"model": self.model, "version": self.version, **f})
-                for f in many]
+                .model_dump() for f in many]
         with self._lock:
-            return raise_first(self._open().run(reqs))
-
-    def _open(self) -> ServerSession:
-        if self._session is None:
-            from fabric.endpoint.session import ServerSession
-
-            entry = self._ctx.entry(str(self.model), self.version)
-            self._session = ServerSession(self._ctx, entry, self.identity,
-                                          timeout_s=self.timeout_s)
-        return self._session
+            return self._channel.request_many(str(self.model), self.version, reqs)
 
     def close(self) -> None:
-        """Release the connection to the server."""
+        """Release the channel to the site."""
         with self._lock:
-            if self._session is not None:
-                self._session.close()
+            self._channel.close()
 
     def __repr__(self) -> str:
         return f"ModelHandle(model={self.model!r}, version={self.version!r})"
-

@@ -19,8 +19,9 @@ is waiting on, and this module holds that task at the site until there is news:
     <-- {"replies": {request_id: events/cursor/done/result/error}, "statuses": {model: ...}}
 
 A request whose server is gone gets its own ``ModelServerUnavailable`` in its reply; the other
-requests in the same poll are unaffected. The usage of a request is recorded when its final
-result passes through here (the site sees it only here).
+requests in the same poll are unaffected. Tokens are not recorded here: the server tallies
+every accounted (``open_stream``) ticket and the site collects that (``collect_usage``), so a
+result is counted once, however it reached the client.
 """
 
 from __future__ import annotations
@@ -87,10 +88,8 @@ def poll_many(ctx: SiteContext, identity: str, polls: list[dict[str, Any]], wait
     finally:
         for client, _ in clients.values():
             client.close()
-    for rid, reply in replies.items():
-        model = reply.pop("model", "")
-        if reply.get("done") and reply.get("result"):
-            _record(ctx, identity, model, rid, reply["result"])
+    for reply in replies.values():
+        reply.pop("model", None)
     return {"replies": replies, "statuses": status_map}
 
 
@@ -189,10 +188,3 @@ def _statuses(ctx: SiteContext, watched: list[dict[str, Any]],
 
 def _failed(err: FabricError) -> dict[str, Any]:
     return {"events": [], "cursor": 0, "done": True, "result": None, "error": err.to_dict()}
-
-
-def _record(ctx: SiteContext, identity: str, model: str, request_id: str,
-            result: dict[str, Any]) -> None:
-    usage = result.get("usage") or {}
-    tokens = int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
-    ctx.record_usage(identity, model, tokens, request_id)

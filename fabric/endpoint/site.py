@@ -440,7 +440,8 @@ class SiteProcess:
 
     def _reap_loop(self) -> None:
         # Mark servers that exited (idle timeout, crash, walltime) dead even when no request
-        # comes, so `fabric deployments` and status show the truth.
+        # comes, so `fabric deployments` and status show the truth; and record the tokens
+        # servers delivered on streams.
         from fabric.endpoint.deployments import DeploymentManager
 
         mgr = DeploymentManager(self.site, self.state_dir)
@@ -449,6 +450,10 @@ class SiteProcess:
                 mgr.reap()
             except Exception:
                 log.exception("reaping deployments failed")
+            try:  # streams' tokens, counted by the servers (a client cannot skip this)
+                mgr.collect_usage()
+            except Exception:
+                log.exception("collecting stream usage failed")
 
     def _run_background(self, task: BackgroundTask) -> None:
         try:

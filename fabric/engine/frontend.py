@@ -24,6 +24,7 @@ from fabric.engine.engine import Engine
 from fabric.engine.prepare import Preparer, member_id
 from fabric.engine.scheduler import internal_error
 from fabric.engine.sequence import Sequence
+from fabric.engine.usage_ledger import UsageLedger
 from fabric.errors import FabricError, InvalidRequest, Overloaded, ServerInternalError
 from fabric.protocol import (
     QUEUE_FULL,
@@ -33,6 +34,7 @@ from fabric.protocol import (
     PollMessage,
     StatsMessage,
     SubmitMessage,
+    UsageMessage,
     pack,
     parse_message,
     request_digest,
@@ -73,6 +75,8 @@ class Frontend:
         self.draining = False
         self.started = time.monotonic()
         self.used = tickets.UsedTickets()
+        self.usage = UsageLedger()
+        """Tokens delivered on accounted (stream) tickets, until the site collects them."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -178,7 +182,7 @@ class Frontend:
         the message fits its op's schema; the ticket covers it; then serve it."""
         op = msg.get("op")
         claims: dict[str, Any] = {}
-        if op in ("submit", "poll", "cancel", "drain", "stats"):
+        if op in ("submit", "poll", "cancel", "drain", "stats", "usage"):
             claims = tickets.authenticate(self.key, msg.get("ticket"), model=self.model_name)
         parsed = parse_message(msg)
         if isinstance(parsed, SubmitMessage):
@@ -195,6 +199,9 @@ class Frontend:
         elif isinstance(parsed, StatsMessage):
             tickets.check(claims, request_id=tickets.ANY_REQUEST, admin=True)
             self._send(identity, {"op": "stats", **self.stats()})
+        elif isinstance(parsed, UsageMessage):
+            tickets.check(claims, request_id=tickets.ANY_REQUEST, admin=True)
+            self._send(identity, {"op": "usage", "entries": self.usage.take()})
         else:
             self._send(identity, {"op": "health", **self.health()})
 
@@ -205,6 +212,7 @@ class Frontend:
         tickets.check_request(claims, kind=request.kind, max_tokens=request.sampling.max_tokens,
                               digest=request_digest(request))
         self.used.check(claims)
+        self.usage.check_room(claims)
         if self.draining or self.state != "ready":
             state = "draining" if self.draining else self.state
             raise Overloaded(f"model server is {state}; retry shortly", retry_after=1.0,
@@ -220,6 +228,7 @@ class Frontend:
         self._admit(len(seq.prompt_ids))
         self.used.spend(claims)
         self.records[rid] = Record(identity, msg.stream, msg.detach)
+        self.usage.start(rid, claims, len(seq.prompt_ids))
         self._send(identity, {"op": "accepted", "request_id": rid})
         self.engine.post("add", seq)
 
@@ -254,6 +263,7 @@ class Frontend:
         rid = request.request_id
         self.records[rid] = Record(identity, msg.stream, msg.detach)
         self.batches[rid] = Batch(rid, len(seqs))
+        self.usage.start(rid, claims, tokens)
         self._send(identity, {"op": "accepted", "request_id": rid})
         self.engine.post_all("add", seqs)  # a step never starts with part of the batch
 
@@ -370,10 +380,14 @@ class Frontend:
         if member is not None:
             self._on_member(*member, msg)
             return
+        final = msg["op"] in ("done", "error")
+        if final:
+            self.usage.finish(rid, msg)  # counted even if its client is gone
+        else:
+            self.usage.add(rid, len(msg.get("token_ids") or []))
         rec = self.records.get(rid)
         if rec is None:
             return
-        final = msg["op"] in ("done", "error")
         if final:
             rec.final = msg
         else:
@@ -423,6 +437,7 @@ class Frontend:
                     # nobody is polling any more
                     self.engine.post_all("cancel", self._engine_ids(rid))
                     self.batches.pop(rid, None)
+                self.usage.finish(rid)  # what it delivered before it was abandoned
                 self.records.pop(rid, None)
 
 

@@ -41,7 +41,12 @@ class EndpointFunction:
     params: tuple[str, ...]
     data_only: bool = True
     """Its arguments are plain JSON data (``fabric.wire.gcwire.is_plain_data``): a site
-    refuses them in any other (pickled) form. Only ``run_user_function`` takes code."""
+    refuses them in any other (pickled) form. Every fabric function's are: even
+    ``run_user_function`` takes the caller's code as a string (``fabric.wire.usercode``) that
+    only the user function's own process unpickles."""
+    runs_code: bool = False
+    """It runs the caller's code: refused before a worker sees it where the site does not
+    allow user functions."""
 
     def __post_init__(self) -> None:
         # What serializers, registries and error messages read off a function (instance
@@ -99,8 +104,8 @@ def install_reducer() -> None:
     dill.register(EndpointFunction)(save)
 
 
-def _fn(module: str, name: str, *params: str, data_only: bool = True) -> EndpointFunction:
-    return EndpointFunction(module, name, params, data_only)
+def _fn(module: str, name: str, *params: str, runs_code: bool = False) -> EndpointFunction:
+    return EndpointFunction(module, name, params, True, runs_code)
 
 
 run_request = _fn(FUNCTIONS_MODULE, "run_request", "request", "auth")
@@ -110,8 +115,8 @@ poll_stream = _fn(FUNCTIONS_MODULE, "poll_stream", "model", "request_id", "ticke
                   "wait_s", "auth")
 poll_requests = _fn(FUNCTIONS_MODULE, "poll_requests", "polls", "wait_s", "statuses", "auth")
 cancel_request = _fn(FUNCTIONS_MODULE, "cancel_request", "model", "request_id", "ticket", "auth")
-run_user_function = _fn(FUNCTIONS_MODULE, "run_user_function", "fn", "args", "kwargs", "model",
-                        "auth", "version", data_only=False)
+run_user_function = _fn(FUNCTIONS_MODULE, "run_user_function", "call", "model", "auth", "version",
+                        runs_code=True)
 deployment_status = _fn(FUNCTIONS_MODULE, "deployment_status", "model", "version", "plan",
                         "auth")
 deploy = _fn(FUNCTIONS_MODULE, "deploy", "model", "plan", "auth", "version")

@@ -199,6 +199,10 @@ def admission_refusal(packed_task: bytes, *, user_functions: bool) -> FabricErro
     if not buffers:
         return None
     ref = _fabric_code().get(buffers[0])
+    if ref is not None and ref.runs_code and not user_functions:
+        return FunctionNotAllowed(
+            f"this site does not run user functions ({ref.name}); its operator must set "
+            "allow_user_functions: true", rule="allow_user_functions", function=ref.name)
     if ref is not None and ref.data_only:
         if all(b.startswith(JSON_DATA) for b in buffers[1:]):
             return None
