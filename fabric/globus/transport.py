@@ -12,8 +12,10 @@ Same ``Transport`` surface as the local site; what differs is the hop:
         4. unwraps the endpoint envelope: the value, or the same typed ``FabricError``
 
 The client cannot reach a remote site's model servers, so ``can_reach_servers`` is False and
-``fab.stream`` long-polls through ``poll_stream`` tasks. The executor is injectable: tests pass
-``fabric.globus.standin.StandinExecutor`` (real serializer, real engine, no cloud).
+results and streams come through the client's one long-poll (``fabric.client.poller``:
+``poll_requests`` tasks serving every open request and stream, held at the site). The
+executor is injectable: tests pass ``fabric.globus.standin.StandinExecutor`` (real serializer,
+real engine, no cloud).
 """
 
 from __future__ import annotations
