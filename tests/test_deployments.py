@@ -123,14 +123,16 @@ def test_server_that_stops_answering_is_reaped(manager: DeploymentManager) -> No
 
 
 @pytest.mark.slow  # a model server job that fails (~4 s)
-def test_launch_failure_is_a_typed_error(manager: DeploymentManager, tmp_path: Path) -> None:
-    """A server that cannot load its weights: the record is dead and the error says why."""
+def test_launch_failure_is_a_typed_error(manager: DeploymentManager, tmp_path: Path,
+                                         tiny_llama_dir: Path) -> None:
+    """A server that cannot load its weights: the record is dead and the error says why.
+    (A served architecture, so the site's check before launch lets it through.)"""
     from fabric.catalog import CatalogEntry, WeightSource
     from fabric.errors import DeploymentError
 
     broken = tmp_path / "broken-model"
     broken.mkdir()
-    (broken / "config.json").write_text("{}")
+    (broken / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     entry = CatalogEntry(name="broken", version="test",
                          source=WeightSource(kind="path", path=str(broken)))

@@ -3,9 +3,9 @@ submitted through the offline Globus Compute (the real Executor and endpoint dae
 resolved body's endpoint id, function id, JSON kwargs and user endpoint config, with no token.
 
 The action provider serialises the JSON ``kwargs`` itself with a strategy its documentation does
-not name; both candidates are sent: ``JSONData`` (what the fabric's own client sends) and the
-SDK's default ``ComputeSerializer`` (pickled ``DillDataBase64``), which only a site that allows
-pickled data (``allow_user_functions``) accepts.
+not name; both candidates are sent: ``JSONData`` (what the fabric's own client sends) is
+served, and the SDK's default ``ComputeSerializer`` (pickled ``DillDataBase64``) is refused by
+the endpoint before anything is unpickled: no site accepts pickled data.
 """
 
 from __future__ import annotations
@@ -38,25 +38,38 @@ def submit_like_the_action_provider(globus: OfflineGlobus, body: dict, serialize
         executor.shutdown(wait=False)
 
 
-@pytest.mark.parametrize("serializer", ["json", "default"])
-def test_request_flow_through_offline_compute(globus_asserted: OfflineGlobus,
-                                              serializer: str) -> None:
-    site = load_site(globus_asserted.site_dir)
+def _request_body(globus: OfflineGlobus) -> dict:
+    site = load_site(globus.site_dir)
     definition, _ = flows.request_flow(site, TINY_MODEL)
     body = flows.action_body(definition, {"prompt": "The mitochondria is",
                                           "sampling": {"max_tokens": 4, "temperature": 0.0},
                                           "user_endpoint_config": {"request_workers": 2}})
-    assert body["endpoint_id"] == globus_asserted.endpoint_id
-    assert body["tasks"][0]["function_id"] == globus_asserted.function_ids["run_request"]
+    assert body["endpoint_id"] == globus.endpoint_id
+    assert body["tasks"][0]["function_id"] == globus.function_ids["run_request"]
+    return body
+
+
+def test_request_flow_through_offline_compute(globus_asserted: OfflineGlobus) -> None:
+    body = _request_body(globus_asserted)
     since = len(globus_asserted.service.submissions)
-    chosen = gcwire.data_serializer() if serializer == "json" else gcwire.default_serializer()
-    result = submit_like_the_action_provider(globus_asserted, body, chosen)
+    result = submit_like_the_action_provider(globus_asserted, body, gcwire.data_serializer())
     assert isinstance(result, dict) and len(result["token_ids"]) == 4
     sent = globus_asserted.service.submissions[since:]
     assert [s.get("user_endpoint_config") for s in sent] == [{"request_workers": 2}]
     # No bearer (the fake's all start "fake-") in what the cloud stored.
     assert all("fake-" not in p and "access_token" not in p
                for s in sent for ps in s["tasks"].values() for p in ps)
+
+
+def test_a_pickled_flow_body_is_refused_before_unpickling(globus_asserted: OfflineGlobus
+                                                         ) -> None:
+    """Were the action provider to pickle the kwargs (the SDK's default serializer), the
+    endpoint refuses the task by its serializer before deserialising anything."""
+    from globus_compute_sdk.errors import TaskExecutionFailed
+
+    body = _request_body(globus_asserted)
+    with pytest.raises(TaskExecutionFailed, match="Deserialization failed"):
+        submit_like_the_action_provider(globus_asserted, body, gcwire.default_serializer())
 
 
 def test_shard_flow_through_offline_compute(globus_asserted: OfflineGlobus) -> None:

@@ -195,9 +195,11 @@ def test_fabric_usage_reads_the_site_database(metrics_site: tuple[Path, Path, st
         assert main([*args, *extra, "--json"]) == 0
         return list(json.loads(capsys.readouterr().out))
 
-    # Admissions are written by the workers within a second (policy._UsageWriter).
-    rows = wait_until(lambda: [r for r in read([]) if r["requests"] == len(results)] or None,
-                      30, "the usage rows of three requests")
+    # Admissions are written by the workers within a second (policy._UsageWriter); the tokens
+    # when the site collects the servers' tallies (the local site's reaper, every 15 s).
+    rows = wait_until(lambda: [r for r in read([]) if r["requests"] == len(results)
+                               and r["total_tokens"] == prompt + generated] or None,
+                      60, "the usage rows of three requests and their tokens")
     assert rows == [{"identity": getpass.getuser(), "model": TINY_MODEL,
                      "requests": len(results), "prompt_tokens": prompt,
                      "generation_tokens": generated, "total_tokens": prompt + generated}]

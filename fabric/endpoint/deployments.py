@@ -136,7 +136,9 @@ class DeploymentManager:
                 continue
             for e in entries:
                 record_usage(self.state_dir, str(e.get("subject") or ""), d.model,
-                             int(e.get("tokens") or 0), str(e.get("request_id") or ""))
+                             int(e.get("tokens") or 0), str(e.get("request_id") or ""),
+                             prompt_tokens=int(e.get("prompt_tokens") or 0),
+                             completion_tokens=int(e.get("completion_tokens") or 0))
                 recorded += 1
         return recorded
 

@@ -5,7 +5,8 @@ and may disconnect at any time: the site cannot count its tokens from the client
 server does. A ticket with the ``acc`` claim (``tickets.issue(account=True)``: what
 ``open_stream`` issues) opens a tally for its request: its prompt tokens, then every token
 the engine emits for it; when the request ends (done, failed, cancelled, its client gone,
-its buffer expired) the tally becomes an entry ``{request_id, subject, tokens, ts}``: the
+its buffer expired) the tally becomes an entry ``{request_id, subject, tokens,
+prompt_tokens, completion_tokens, ts}``: the
 ``usage`` reply (operator ticket) hands the entries to the site, which records them against
 the subject, the identity the site bound into the ticket.
 
@@ -60,14 +61,15 @@ class UsageLedger:
         tally = self._open.pop(request_id, None)
         if tally is None:
             return
-        tokens = tally.prompt_tokens + tally.completion_tokens
+        prompt, completion = tally.prompt_tokens, tally.completion_tokens
         if final is not None and final.get("op") == "done":
             usage = (final.get("result") or {}).get("usage") or {}
             if usage:
-                tokens = int(usage.get("prompt_tokens", 0)) + int(
-                    usage.get("completion_tokens", 0))
+                prompt = int(usage.get("prompt_tokens", 0))
+                completion = int(usage.get("completion_tokens", 0))
         self._done.append({"request_id": request_id, "subject": tally.subject,
-                           "tokens": tokens, "ts": time.time()})
+                           "tokens": prompt + completion, "prompt_tokens": prompt,
+                           "completion_tokens": completion, "ts": time.time()})
 
     def take(self) -> list[dict[str, Any]]:
         """The finished entries, forgotten here (the site records them)."""
