@@ -206,3 +206,22 @@ def test_stream_errors_of_the_request_itself_do_not_move(
     with pytest.raises(Cancelled):
         next(stream)
     assert members["a"].calls == 0
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_when_every_ranked_site_failed_the_others_are_asked_again(tmp_path: Path,
+                                                                  streamed: bool) -> None:
+    """b was left out of the first ranking (its status answer was late); a fails before any
+    output: the call (or stream) asks every site again and b serves it, a is not retried."""
+    members = {"a": Member("a", [ModelServerUnavailable("died")],
+                           events=[ModelServerUnavailable("died")]), "b": Member("b")}
+    states = {"a": warm("a"), "b": SiteState("b", False, error="status timed out")}
+    fed = federation(tmp_path, members, states)
+    fed.ranking(M)  # the cached states: only a
+    states["b"] = warm("b")  # b answers now
+    if streamed:
+        stream = Stream(FailoverSource(fed, M, lambda m: Source(m)))  # type: ignore[arg-type]
+        assert "".join(stream) == "a" and stream.site == "b"
+    else:
+        assert fed.call(M, lambda m: m.run()) == ("b", "b")
+        assert members["a"].calls == 1

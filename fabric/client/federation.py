@@ -110,12 +110,14 @@ class Federation:
 
     # -- routing --------------------------------------------------------------------------
 
-    def ranking(self, model: str) -> list[Ranked]:
+    def ranking(self, model: str, fresh: bool = False) -> list[Ranked]:
         """The healthy sites for ``model``, best first; ``EndpointError`` naming each site's
-        problem when none is left (after asking every site once more)."""
+        problem when none is left (after asking every site once more). ``fresh``: ask every
+        site now instead of using the cached states."""
         with self._lock:
             mine = dict(self._in_flight)
-        ranked = rank_sites(self.states.snapshot(), model, now=time.time(), in_flight=mine)
+        ranked = rank_sites(self.states.snapshot(force=fresh), model, now=time.time(),
+                            in_flight=mine)
         if ranked:
             return ranked
         snapshot = self.states.snapshot(force=True)
@@ -159,11 +161,14 @@ class Federation:
 
     def call(self, model: str, fn: Callable[[Fabric], T]) -> tuple[T, str]:
         """``fn(member)`` on the best site for ``model``, failing over on ``FAILOVER``
-        errors; returns the value and the name of the site that served it."""
+        errors; returns the value and the name of the site that served it. Each site is
+        tried at most once; when every ranked site failed, every site is asked for its state
+        once more (the cached states may have left out sites only slow to answer)."""
         ranking = self.ranking(model)
         self.stats.decided(model, ranking[0])
         last: FabricError | None = None
-        for ranked in ranking:
+        tried: list[str] = []
+        for ranked in self.candidates(model, ranking, tried):
             try:
                 with self.tracking(ranked.site):
                     value = fn(self.member(ranked.site))
@@ -175,6 +180,19 @@ class Federation:
             return value, ranked.site
         assert last is not None
         raise last
+
+    def candidates(self, model: str, ranking: list[Ranked], tried: list[str]
+                     ) -> Iterator[Ranked]:
+        """``ranking``'s sites in order, then once the sites a fresh ranking adds (never a
+        site twice); ``tried`` collects what was yielded."""
+        for ranked in ranking:
+            tried.append(ranked.site)
+            yield ranked
+        with contextlib.suppress(FabricError):
+            for ranked in self.ranking(model, fresh=True):
+                if ranked.site not in tried:
+                    tried.append(ranked.site)
+                    yield ranked
 
     def close(self) -> None:
         """Close every member (their transports) and the status threads."""
@@ -259,7 +277,6 @@ class FailoverSource:
         self._open_at = open_at
         self._ranking = federation.ranking(model)
         federation.stats.decided(model, self._ranking[0])
-        self._next = 0
         self._closed = False
         self.site = ""
         self._held: str | None = None  # the site counting this stream in flight
@@ -267,14 +284,13 @@ class FailoverSource:
         """The request's id at the serving site."""
         self.tried: list[str] = []
         """Every site the stream was opened at, in order (the last serves it)."""
+        self._order = federation.candidates(model, self._ranking, self.tried)
         self._source = self._open_next(None)
 
     def _open_next(self, last: FabricError | None) -> EventSource:
-        while self._next < len(self._ranking):
-            site = self._ranking[self._next].site
-            self._next += 1
+        for ranked in self._order:
+            site = ranked.site
             self._fed.started(site)
-            self.tried.append(site)
             try:
                 source = self._open_at(self._fed.member(site))
             except FAILOVER as exc:
