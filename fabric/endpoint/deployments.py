@@ -138,7 +138,8 @@ class DeploymentManager:
                 record_usage(self.state_dir, str(e.get("subject") or ""), d.model,
                              int(e.get("tokens") or 0), str(e.get("request_id") or ""),
                              prompt_tokens=int(e.get("prompt_tokens") or 0),
-                             completion_tokens=int(e.get("completion_tokens") or 0))
+                             completion_tokens=int(e.get("completion_tokens") or 0),
+                             ts=float(e["ts"]) if e.get("ts") else None)
                 recorded += 1
         return recorded
 

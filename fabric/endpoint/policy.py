@@ -381,12 +381,13 @@ def identify(site: SiteConfig, auth: dict[str, Any] | None) -> str:
 
 def record_usage(state_dir: Path, identity: str, model: str, tokens: int,
                  request_id: str | None = None, *, prompt_tokens: int = 0,
-                 completion_tokens: int = 0) -> None:
+                 completion_tokens: int = 0, ts: float | None = None) -> None:
     """Add the tokens a finished request consumed (prompt + completion) to its caller's usage;
     ``prompt_tokens``/``completion_tokens`` split them where the caller knows (``fabric usage``
-    reports both)."""
+    reports both); ``ts``: when the request finished, if not now."""
     usage_db.record_tokens(Path(state_dir), identity, model, tokens, request_id,
-                           prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+                           prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                           ts=ts)
 
 
 def usage(state_dir: Path, since_s: float = 86400.0) -> list[dict[str, Any]]:

@@ -202,10 +202,12 @@ def add_request(conn: sqlite3.Connection, identity: str, model: str, now: float)
 
 def record_tokens(state_dir: Path, identity: str, model: str, tokens: int,
                   request_id: str | None = None, *, prompt_tokens: int = 0,
-                  completion_tokens: int = 0) -> None:
+                  completion_tokens: int = 0, ts: float | None = None) -> None:
     """Add the tokens a finished request consumed to its caller's raw usage and counter
-    (``prompt_tokens``/``completion_tokens``: the split, where the caller knows it)."""
-    now = clock()
+    (``prompt_tokens``/``completion_tokens``: the split, where the caller knows it; ``ts``:
+    when the request finished, where that was before now, e.g. a server's tally collected
+    later)."""
+    now = clock() if ts is None else float(ts)
     with transaction(Path(state_dir)) as conn:
         conn.execute("INSERT INTO usage (ts, identity, model, requests, tokens, request_id,"
                      " prompt_tokens, completion_tokens) VALUES (?,?,?,?,?,?,?,?)",
