@@ -139,7 +139,7 @@ def test_streams_and_requests_share_one_long_poll(
         assert res.token_ids == want.token_ids
     polls = transport.counts.get("poll_requests", 0)
     assert transport.counts.get("poll_stream", 0) == 0
-    assert fab._poller().tasks_submitted == polls
+    assert fab._path.poller().tasks_submitted == polls
     # 3 streams of 48 tokens polled one by one would be >= 3 tasks per decode step they
     # span; one poll for all stays within a few per request.
     assert 1 <= polls <= 4 * N, transport.counts
@@ -193,16 +193,20 @@ def test_a_final_only_poll_waits_for_the_end(direct: tuple[Fabric, CountingTrans
 
     fab, _ = direct
     fab.generate("warm", model=TINY_MODEL, max_tokens=1)
-    infos = []
-    for prompt, new in (("Tell me about tides", 400), ("Tell me about waves", 200)):
+
+    def admit(prompt: str, new: int) -> dict:
         request = build_request("generate", model=TINY_MODEL, version=None, prompt=prompt,
                                 sampling=sampling(new, 0.0, 1.0, 0, None, (), False),
                                 timeout=None, hooks=None)
-        info = fab.transport.submit(functions.open_stream, request.model_dump(mode="json"),
-                                    None, "poll").result(timeout=60)
-        infos.append(info)
-    with ServerClient(infos[0]["address"], infos[0]["public_key"]) as client:
-        every = client.poll(infos[0]["request_id"], infos[0]["ticket"], 0, 30.0)
-        end = client.poll(infos[1]["request_id"], infos[1]["ticket"], 0, 30.0, final=True)
+        return dict(fab.transport.submit(functions.open_stream, request.model_dump(mode="json"),
+                                         None, "poll").result(timeout=60))
+
+    # Each poll right after its own admission: on a loaded machine the long request could
+    # otherwise finish while the second one is being admitted.
+    first = admit("Tell me about tides", 400)
+    with ServerClient(first["address"], first["public_key"]) as client:
+        every = client.poll(first["request_id"], first["ticket"], 0, 30.0)
+        second = admit("Tell me about waves", 200)
+        end = client.poll(second["request_id"], second["ticket"], 0, 30.0, final=True)
     assert not every["done"] and 1 <= every["cursor"] < 400
     assert end["done"] and end["result"]["usage"]["completion_tokens"] >= 1

@@ -13,7 +13,6 @@ hands it to ``on_status`` (the CLI shows it as a spinner) instead of sitting sil
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import logging
 import threading
 import time
@@ -37,9 +36,8 @@ from fabric.client.decoding import (
     parse_generation,
     provenance_of,
 )
-from fabric.client.direct import DirectResults
 from fabric.client.federation import Federation, choose_sites, served_by
-from fabric.client.poller import Poller
+from fabric.client.handoff import RequestPath
 from fabric.client.routing import RoutingConfig
 from fabric.client.status import StatusCallback, StatusPrinter, describe_status
 from fabric.client.streaming import DirectSource, EventSource, PollSource, Stream
@@ -91,20 +89,39 @@ class Fabric:
             raise InvalidRequest(f"site must be a non-empty string, got {site!r}")
         self.site = site
         self.auth = auth
-        self.on_status: StatusCallback | None = (
-            StatusPrinter() if on_status == "print" else on_status)
-        self.status_interval_s = status_interval_s
-        self.handoff = handoff
-        self._last_state: dict[str, Any] = {}
         self._transport = transport
         self._lock = threading.Lock()
-        self._poller_: Poller | None = None
-        self._direct_: DirectResults | None = None
+        self._path = RequestPath(lambda: self.transport, auth,
+                                 StatusPrinter() if on_status == "print" else on_status,
+                                 status_interval_s, handoff)
         self.federation: Federation | None = None
         """The member sites and their routing, when built with ``sites`` (two or more)."""
         if len(sites) > 1:
             self.federation = Federation(sites, self._member, config, auth)
             self.site = self.federation.names[0]
+
+    @property
+    def on_status(self) -> StatusCallback | None:
+        """Called with the deployment's state while a call waits on a cold server."""
+        return self._path.on_status
+
+    @on_status.setter
+    def on_status(self, callback: StatusCallback | None) -> None:
+        self._path.on_status = callback
+
+    @property
+    def status_interval_s(self) -> float:
+        """Seconds between status queries while a call waits on a cold server."""
+        return self._path.status_interval_s
+
+    @status_interval_s.setter
+    def status_interval_s(self, seconds: float) -> None:
+        self._path.status_interval_s = seconds
+
+    @property
+    def handoff(self) -> bool:
+        """Whether request workers hand requests off (``False``: a worker serves it whole)."""
+        return self._path.handoff
 
     def _member(self, site: str) -> Fabric:
         return Fabric(site, auth=self.auth, on_status=self.on_status,
@@ -168,35 +185,16 @@ class Fabric:
         if read_info(state_dir) is None:
             self.on_status({"model": f"site {transport.site}", "state": "starting-site"})
 
-    def _poller(self) -> Poller:
-        """The long-poll multiplexer for this client's open requests (sites it cannot reach)."""
-        transport = self.transport
-        with self._lock:
-            if self._poller_ is None:
-                self._poller_ = Poller(transport, self.auth,
-                                       interval_s=float(getattr(transport, "poll_interval_s",
-                                                                0.0)))
-            return self._poller_
-
-    def _direct(self) -> DirectResults:
-        """The direct connections to model servers (sites whose servers it can reach)."""
-        with self._lock:
-            if self._direct_ is None:
-                self._direct_ = DirectResults()
-            return self._direct_
-
     def close(self) -> None:
         """Release the transport's sockets and threads (the site itself keeps running)."""
         with self._lock:
             transport, self._transport = self._transport, None
             federation = self.federation
-            poller, self._poller_ = self._poller_, None
-            direct, self._direct_ = self._direct_, None
         if federation is not None:
             federation.close()
-        for part in (poller, direct, transport):
-            if part is not None:
-                part.close()
+        self._path.close()
+        if transport is not None:
+            transport.close()
 
     def __enter__(self) -> Fabric:
         return self
@@ -271,7 +269,7 @@ class Fabric:
         mode = "direct" if transport.can_reach_servers else "poll"
         from fabric.wire.functions import open_stream
 
-        info = self._wait(
+        info = self._path.wait(
             transport.submit(open_stream, request.model_dump(mode="json"), self.auth, mode),
             request.model, request.version,
         )
@@ -280,7 +278,7 @@ class Fabric:
             source = DirectSource(info, request, *(
                 (FAILOVER_SILENCE_S, FAILOVER_PROBE_S) if impatient else ()))
         else:
-            source = PollSource(transport, info, request.model, self.auth, self._poller())
+            source = PollSource(transport, info, request.model, self.auth, self._path.poller())
         source.site = transport.site
         return source
 
@@ -323,7 +321,8 @@ class Fabric:
         results = []
         for n, (chunk, future) in enumerate(zip(chunks, futures, strict=True)):
             try:
-                results.extend(self._wait(future, model, version) if n == 0 else future.result())
+                results.extend(self._path.wait(future, model, version) if n == 0
+                               else future.result())
             except FabricError as exc:
                 raise renumber_text_error(exc, (lambda i: None) if single else chunk.__getitem__,
                                           "text" if single else "texts") from None
@@ -485,129 +484,18 @@ class Fabric:
         if self.federation is not None:
             out, site = self.federation.call(request.model, lambda member: member._run(request))
             return served_by(out, site)
-        return dict(self._wait(self.request_future(request), request.model, request.version))
+        return dict(self._path.wait(self.request_future(request), request.model, request.version))
 
     def request_future(self, request: InferenceRequest) -> Future[dict[str, Any]]:
-        """Run one built request; its result's dict (or typed error) as a future.
-
-        Non-blocking at the site: a request worker only admits the request (``open_stream``:
-        policy, a warm server, a ticket) and hands it off. Where the client reaches the
-        model server (the local site) it submits the request itself and the server answers
-        it directly (``DirectResults``); elsewhere the site submits it and the client's one
-        long-poll brings the result (``Poller``). With ``handoff=False`` a worker serves it
-        whole (``run_request``), as before.
-        """
-        from fabric.wire.functions import open_stream, run_request
-
-        transport = self.transport
-        body = request.model_dump(mode="json")
-        if not self.handoff:
-            return transport.submit(run_request, body, self.auth)
-        mode = "direct" if transport.can_reach_servers else "poll"
-        # A lone request (nothing else of ours open to poll for) may wait for its result at
-        # the site a little: a short one then costs one task instead of two.
-        hold = 0.0 if mode == "direct" or self._poller().busy else HOLD_S
-        admitted = transport.submit(open_stream, body, self.auth, mode, hold)
-        out: Future[dict[str, Any]] = Future()
-
-        def handed_off(f: Future[Any]) -> None:
-            try:
-                info = dict(f.result())
-                if info.get("done"):  # it finished while the site held it
-                    if info.get("error"):
-                        raise FabricError.from_dict(info["error"])
-                    out.set_result(dict(info.get("result") or {}))
-                    return
-                inner = (self._direct().submit(info, request) if mode == "direct"
-                         else self._poller().track(info, request.model, events=False).future)
-            except BaseException as exc:
-                out.set_exception(exc)
-                return
-            _chain(inner, out)
-
-        admitted.add_done_callback(handed_off)
-        return out
+        """Run one built request at this (single) site; its result's dict (or typed error) as
+        a future. A request worker only admits it and hands it off (``RequestPath.future``)."""
+        return self._path.future(request)
 
     def _generation(self, out: dict[str, Any]) -> GenerationResult:
         result = parse_generation(out)
         if result.site is None:  # a single site's result: this site served it
             result.site = self.transport.site
         return result
-
-    def _wait(self, future: Future[Any], model: str, version: str | None) -> Any:
-        """``future.result()``, reporting the deployment's state to ``on_status`` while slow.
-
-        Status is asked for only once the call has waited a while, one query at a time, and
-        no more once the server is ready, so warm calls cost nothing extra.
-        """
-        if self.on_status is None:
-            return future.result()
-        status_future: Future[Any] | None = None
-        next_query = time.monotonic() + min(1.0, self.status_interval_s)
-        while True:
-            waiting: list[Future[Any]] = [future]
-            if status_future is not None:
-                waiting.append(status_future)
-            timeout = max(0.05, next_query - time.monotonic())
-            cf.wait(waiting, timeout=timeout, return_when=cf.FIRST_COMPLETED)
-            if future.done():
-                return future.result()
-            if status_future is not None and status_future.done():
-                done, status_future = status_future, None
-                try:
-                    status = dict(done.result())
-                except FabricError as exc:
-                    log.debug("deployment status query failed: %s", exc)
-                    status = {}
-                if status:
-                    self.on_status({"model": model, **status})
-                if status.get("state") == "ready":
-                    return future.result()
-                next_query = time.monotonic() + self.status_interval_s
-            if status_future is None and time.monotonic() >= next_query:
-                status_future = self._query_status(model, version)
-
-    def _query_status(self, model: str, version: str | None) -> Future[Any]:
-        """The deployment's state, as a future.
-
-        The embedded site answers a control message from its own process: a status *task*
-        could sit behind the very requests that are waiting for the server (every request
-        worker can be busy waiting on a cold start). Elsewhere it is a ``deployment_status``
-        task (remote endpoints scale their workers).
-        """
-        transport = self.transport
-        control = getattr(transport, "control", None)
-        if not callable(control):
-            return self._watch_status(model, version)
-        future: Future[Any] = Future()
-        try:
-            reply = control("status", timeout_s=5.0, health=False)
-            records = [d for d in reply.get("deployments") or []
-                       if d.get("model") == model and d.get("state") != "dead"
-                       and (version is None or d.get("version") == version)]
-            # Newest first; a missing record means the request is about to launch one.
-            future.set_result(records[0] if records else {"state": "absent", "model": model})
-        except FabricError as exc:
-            future.set_exception(exc)
-        return future
-
-
-    def _watch_status(self, model: str, version: str | None) -> Future[Any]:
-        """The deployment's next state, folded into the client's long-poll (the site holds
-        it until the state differs from the last one reported), as a future."""
-        future: Future[Any] = Future()
-        poller = self._poller()
-        last = self._last_state.get(model)
-
-        def heard(status: dict[str, Any]) -> None:
-            poller.unwatch(key)
-            self._last_state[model] = status.get("state")
-            if not future.done():
-                future.set_result(status)
-
-        key = poller.watch(model, version, heard, state=last)
-        return future
-
 
 def _chain(inner: Future[Any], outer: Future[Any]) -> None:
     """Settle ``outer`` as ``inner`` settles."""
@@ -620,8 +508,6 @@ def _chain(inner: Future[Any], outer: Future[Any]) -> None:
     inner.add_done_callback(settle)
 
 
-HOLD_S = 1.0
-"""How long a site may hold a lone request's admission for its result (poll mode only)."""
 
 
 FAILOVER_SILENCE_S = 0.5

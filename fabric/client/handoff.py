@@ -1,0 +1,207 @@
+"""One site's request path after admission: hand-off, results, and cold-start status.
+
+A request worker only admits a request (``open_stream``) and hands it off; what happens next
+depends on whether this client can reach the site's model servers::
+
+    client --open_stream task--> request worker (policy, warm server, ticket)
+       |  direct (local site): client --zmq--> model server --result--> client  (DirectResults)
+       |  poll (remote site):  site submits; the client's one long-poll brings it (Poller)
+
+While a call waits on a cold server, ``RequestPath.wait`` asks for the deployment's state now
+and then (a control message on the embedded site, a status watch folded into the long-poll
+elsewhere) and hands it to ``on_status``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from fabric.client.direct import DirectResults
+from fabric.client.poller import Poller
+from fabric.client.status import StatusCallback
+from fabric.client.transport import Transport
+from fabric.errors import FabricError
+from fabric.protocol import InferenceRequest
+
+log = logging.getLogger("fabric.client")
+
+
+class RequestPath:
+    """The hand-off plumbing of one single-site ``Fabric``: its poller, its direct
+    connections, and the status watch of calls waiting on a cold start."""
+
+    def __init__(self, transport: Callable[[], Transport], auth: Any,
+                 on_status: StatusCallback | None, status_interval_s: float,
+                 handoff: bool) -> None:
+        """``transport`` opens (or returns) the site's transport; the rest as ``Fabric``'s
+        arguments of the same names."""
+        self._transport = transport
+        self.auth = auth
+        self.on_status = on_status
+        self.status_interval_s = status_interval_s
+        self.handoff = handoff
+        self._last_state: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._poller: Poller | None = None
+        self._direct: DirectResults | None = None
+
+    def poller(self) -> Poller:
+        """The long-poll multiplexer for this client's open requests (sites it cannot reach)."""
+        transport = self._transport()
+        with self._lock:
+            if self._poller is None:
+                self._poller = Poller(transport, self.auth,
+                                      interval_s=float(getattr(transport, "poll_interval_s",
+                                                               0.0)))
+            return self._poller
+
+    def direct(self) -> DirectResults:
+        """The direct connections to model servers (sites whose servers it can reach)."""
+        with self._lock:
+            if self._direct is None:
+                self._direct = DirectResults()
+            return self._direct
+
+    def close(self) -> None:
+        """Stop the poller and close the direct connections (idempotent)."""
+        with self._lock:
+            poller, self._poller = self._poller, None
+            direct, self._direct = self._direct, None
+        for part in (poller, direct):
+            if part is not None:
+                part.close()
+
+    def future(self, request: InferenceRequest) -> Future[dict[str, Any]]:
+        """Run one built request; its result's dict (or typed error) as a future.
+
+        Non-blocking at the site: a request worker only admits the request (``open_stream``:
+        policy, a warm server, a ticket) and hands it off. Where the client reaches the
+        model server (the local site) it submits the request itself and the server answers
+        it directly (``DirectResults``); elsewhere the site submits it and the client's one
+        long-poll brings the result (``Poller``). With ``handoff=False`` a worker serves it
+        whole (``run_request``), as before.
+        """
+        from fabric.wire.functions import open_stream, run_request
+
+        transport = self._transport()
+        body = request.model_dump(mode="json")
+        if not self.handoff:
+            return transport.submit(run_request, body, self.auth)
+        mode = "direct" if transport.can_reach_servers else "poll"
+        # A lone request (nothing else of ours open to poll for) may wait for its result at
+        # the site a little: a short one then costs one task instead of two.
+        hold = 0.0 if mode == "direct" or self.poller().busy else HOLD_S
+        admitted = transport.submit(open_stream, body, self.auth, mode, hold)
+        out: Future[dict[str, Any]] = Future()
+
+        def handed_off(f: Future[Any]) -> None:
+            try:
+                info = dict(f.result())
+                if info.get("done"):  # it finished while the site held it
+                    if info.get("error"):
+                        raise FabricError.from_dict(info["error"])
+                    out.set_result(dict(info.get("result") or {}))
+                    return
+                inner = (self.direct().submit(info, request) if mode == "direct"
+                         else self.poller().track(info, request.model, events=False).future)
+            except BaseException as exc:
+                out.set_exception(exc)
+                return
+            _chain(inner, out)
+
+        admitted.add_done_callback(handed_off)
+        return out
+
+    def wait(self, future: Future[Any], model: str, version: str | None) -> Any:
+        """``future.result()``, reporting the deployment's state to ``on_status`` while slow.
+
+        Status is asked for only once the call has waited a while, one query at a time, and
+        no more once the server is ready, so warm calls cost nothing extra.
+        """
+        if self.on_status is None:
+            return future.result()
+        status_future: Future[Any] | None = None
+        next_query = time.monotonic() + min(1.0, self.status_interval_s)
+        while True:
+            waiting: list[Future[Any]] = [future]
+            if status_future is not None:
+                waiting.append(status_future)
+            timeout = max(0.05, next_query - time.monotonic())
+            cf.wait(waiting, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+            if future.done():
+                return future.result()
+            if status_future is not None and status_future.done():
+                done, status_future = status_future, None
+                try:
+                    status = dict(done.result())
+                except FabricError as exc:
+                    log.debug("deployment status query failed: %s", exc)
+                    status = {}
+                if status:
+                    self.on_status({"model": model, **status})
+                if status.get("state") == "ready":
+                    return future.result()
+                next_query = time.monotonic() + self.status_interval_s
+            if status_future is None and time.monotonic() >= next_query:
+                status_future = self.query_status(model, version)
+
+    def query_status(self, model: str, version: str | None) -> Future[Any]:
+        """The deployment's state, as a future.
+
+        The embedded site answers a control message from its own process: a status *task*
+        could sit behind the very requests that are waiting for the server (every request
+        worker can be busy waiting on a cold start). Elsewhere it is a ``deployment_status``
+        task (remote endpoints scale their workers).
+        """
+        transport = self._transport()
+        control = getattr(transport, "control", None)
+        if not callable(control):
+            return self.watch_status(model, version)
+        future: Future[Any] = Future()
+        try:
+            reply = control("status", timeout_s=5.0, health=False)
+            records = [d for d in reply.get("deployments") or []
+                       if d.get("model") == model and d.get("state") != "dead"
+                       and (version is None or d.get("version") == version)]
+            # Newest first; a missing record means the request is about to launch one.
+            future.set_result(records[0] if records else {"state": "absent", "model": model})
+        except FabricError as exc:
+            future.set_exception(exc)
+        return future
+
+    def watch_status(self, model: str, version: str | None) -> Future[Any]:
+        """The deployment's next state, folded into the client's long-poll (the site holds
+        it until the state differs from the last one reported), as a future."""
+        future: Future[Any] = Future()
+        poller = self.poller()
+        last = self._last_state.get(model)
+
+        def heard(status: dict[str, Any]) -> None:
+            poller.unwatch(key)
+            self._last_state[model] = status.get("state")
+            if not future.done():
+                future.set_result(status)
+
+        key = poller.watch(model, version, heard, state=last)
+        return future
+
+
+def _chain(inner: Future[Any], outer: Future[Any]) -> None:
+    """Settle ``outer`` as ``inner`` settles."""
+    def settle(f: Future[Any]) -> None:
+        try:
+            outer.set_result(f.result())
+        except BaseException as exc:
+            outer.set_exception(exc)
+
+    inner.add_done_callback(settle)
+
+
+HOLD_S = 1.0
+"""How long a site may hold a lone request's admission for its result (poll mode only)."""
