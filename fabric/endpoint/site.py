@@ -49,6 +49,7 @@ import msgpack
 
 from fabric import env
 from fabric.endpoint import poolwatch, watchdog
+from fabric.endpoint.siteconn import Conn, listen_unix
 from fabric.sites import LOCAL_WORKERS_ADDRESS, SiteConfig
 from fabric.wire import framing
 from fabric.wire.framing import CONTROL, RESULT, TASK
@@ -111,7 +112,7 @@ class SiteProcess:
         self._wake_r, self._wake_w = os.pipe()
         self._selector = selectors.DefaultSelector()
         self._writers_lock = threading.Lock()
-        self._writers: set[_Conn] = set()
+        self._writers: set[Conn] = set()
         """Connections with reply bytes the kernel did not take yet (the main loop flushes)."""
         self._control = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="site-control")
         self._lock_fh: Any = None
@@ -141,7 +142,7 @@ class SiteProcess:
         self.watchdog = watchdog.launch(os.getpid(), self.state_dir)
         self._spare_fd = os.open(os.devnull, os.O_RDONLY)
         self.socket_path = framing.socket_path(self.state_dir)
-        self.listener = _listen(self.socket_path)
+        self.listener = listen_unix(self.socket_path)
         self._start_engine()
         self.started = time.time()
         _write_private_json(self.state_dir / INFO_FILE, self.info())
@@ -232,7 +233,7 @@ class SiteProcess:
                 log.exception("engine shutdown failed")
         self._control.shutdown(wait=False, cancel_futures=True)
         for key in list(self._selector.get_map().values()):
-            if isinstance(key.data, _Conn):
+            if isinstance(key.data, Conn):
                 self._drop(key.data)
         if self.listener is not None:
             self.listener.close()
@@ -277,7 +278,7 @@ class SiteProcess:
             sock.close()
             return
         sock.setblocking(False)
-        conn = _Conn(sock)
+        conn = Conn(sock)
         self._selector.register(sock, selectors.EVENT_READ, conn)
         self.clients += 1
 
@@ -305,7 +306,7 @@ class SiteProcess:
             with contextlib.suppress(OSError):
                 self._spare_fd = os.open(os.devnull, os.O_RDONLY)
 
-    def _read(self, conn: _Conn) -> None:
+    def _read(self, conn: Conn) -> None:
         try:
             messages = framing.recv_ready(conn.sock, conn.reader)
         except framing.FramingError as exc:
@@ -316,7 +317,7 @@ class SiteProcess:
         if messages is None:
             self._drop(conn)
 
-    def _flush(self, conn: _Conn) -> None:
+    def _flush(self, conn: Conn) -> None:
         if conn.flush():
             return
         if conn.closed:
@@ -324,14 +325,14 @@ class SiteProcess:
         else:
             self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
 
-    def _drop(self, conn: _Conn) -> None:
-        # The client went away: replies still due to it are dropped by ``_Conn.send``.
+    def _drop(self, conn: Conn) -> None:
+        # The client went away: replies still due to it are dropped by ``Conn.send``.
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn.sock)
             self.clients -= 1
         conn.close()
 
-    def _dispatch(self, conn: _Conn, frames: list[bytes]) -> None:
+    def _dispatch(self, conn: Conn, frames: list[bytes]) -> None:
         kind = frames[0] if frames else b""
         if kind == TASK and len(frames) == 3:
             self._submit_task(conn, frames[1], frames[2])
@@ -340,7 +341,7 @@ class SiteProcess:
         else:
             log.warning("dropping a malformed message (%d frames)", len(frames))
 
-    def _submit_task(self, conn: _Conn, packed: bytes, raw_id: bytes) -> None:
+    def _submit_task(self, conn: Conn, packed: bytes, raw_id: bytes) -> None:
         # The id travels beside the task so routing its reply needs no unpacking here; the
         # worker runs the packed Task under this id, as an endpoint runs the web service's.
         from globus_compute_endpoint.engines.base import GCFuture
@@ -372,7 +373,7 @@ class SiteProcess:
             fut.set_result(pack_error_result(task_id, "EngineSubmitError",
                                              f"{type(exc).__name__}: {exc}"))
 
-    def _answer_control(self, conn: _Conn, raw: bytes) -> None:
+    def _answer_control(self, conn: Conn, raw: bytes) -> None:
         msg = msgpack.unpackb(raw, raw=False)
         op = msg.get("op")
         reply: dict[str, Any] = {"op": op, "id": msg.get("id")}
@@ -428,7 +429,7 @@ class SiteProcess:
             done.append(dep.id)
         return done
 
-    def _reply(self, conn: _Conn, frames: list[bytes]) -> None:
+    def _reply(self, conn: Conn, frames: list[bytes]) -> None:
         """Send ``frames`` to the client on ``conn``, from whichever thread has them."""
         if conn.send(frames):  # the rest waits for room: the main loop writes it
             with self._writers_lock:
@@ -470,71 +471,6 @@ class SiteProcess:
             raise SystemExit(f"a site is already running with state dir {self.state_dir}"
                              ) from None
         self._lock_fh = fh
-
-
-class _Conn:
-    """One client's connection. Replies are written from any thread under ``lock``; bytes the
-    kernel does not take at once wait in ``out`` for the main loop."""
-
-    __slots__ = ("closed", "lock", "out", "reader", "sock")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.reader = framing.Reader()
-        self.lock = threading.Lock()
-        self.out = bytearray()
-        self.closed = False
-
-    def send(self, frames: list[bytes]) -> bool:
-        """Write a message now as far as the kernel takes it; True if bytes are left over."""
-        data = framing.encode(frames)
-        with self.lock:
-            if self.closed:
-                return False
-            if not self.out:
-                try:
-                    sent = self.sock.send(data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:
-                    self.closed = True
-                    return False
-                if sent == len(data):
-                    return False
-                data = data[sent:]
-            self.out += data
-            return True
-
-    def flush(self) -> bool:
-        """Write what is left over; True while some is still left."""
-        with self.lock:
-            try:
-                del self.out[:self.sock.send(self.out)]
-            except BlockingIOError:
-                pass
-            except OSError:
-                self.closed = True
-                self.out.clear()
-            return bool(self.out)
-
-    def close(self) -> None:
-        """Drop the connection and whatever it still had to send."""
-        with self.lock:
-            self.closed = True
-            self.out.clear()
-            self.sock.close()
-
-
-def _listen(path: Path) -> socket.socket:
-    """The site's listening socket at ``path`` (mode 0600, replacing a dead site's)."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # we hold the state dir's lock: a socket left here is a dead site's
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(os.fspath(path))
-    os.chmod(path, 0o600)
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
 
 
 def _write_private_json(path: Path, data: dict[str, Any]) -> None:
