@@ -497,18 +497,6 @@ class Fabric:
             result.site = self.transport.site
         return result
 
-def _chain(inner: Future[Any], outer: Future[Any]) -> None:
-    """Settle ``outer`` as ``inner`` settles."""
-    def settle(f: Future[Any]) -> None:
-        try:
-            outer.set_result(f.result())
-        except BaseException as exc:
-            outer.set_exception(exc)
-
-    inner.add_done_callback(settle)
-
-
-
 
 FAILOVER_SILENCE_S = 0.5
 """Before its first token, a federated stream's silence after which its server is asked for
