@@ -14,8 +14,9 @@
    ``endpoint_id``, as its operator publishes it.
 
 ``OfflineGlobus.endpoint(...)`` starts one more daemon for another site on the same broker and
-fake (a second daemon costs ~2 s to register; a broker and a fake ~10 s). The fake must own
-port 5000 (fixed by the SDK for ``local_compute_services``): one set-up per machine at a time.
+fake (a second daemon registers in ~1.5 s; the broker, the fake and the first daemon take
+~10 s). The fake must own port 5000 (fixed by the SDK for ``local_compute_services``): one
+set-up per machine at a time.
 The pytest fixtures (``tests/plugins/globus_offline.py``) and ``benchmarks/globus_path.py`` use
 this module.
 """

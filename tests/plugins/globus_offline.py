@@ -8,8 +8,8 @@ Session fixtures, each started only when a test asks for it:
 - ``globus_offline`` (~15-25 s): the broker, the fake and an endpoint for a site that serves
   the tiny random Llama with a policy (the fake's identity may use it; everyone else, and every
   other model, is denied) and user functions on;
-- ``globus_closed`` (a second daemon on the same broker and fake, ~2 s more, its first task
-  ~10 s: a cold user endpoint): a site with user functions off, the same policy; like every
+- ``globus_closed`` (a second daemon on the same broker and fake, ~1.5 s more, its first task
+  ~5 s: a cold user endpoint): a site with user functions off, the same policy; like every
   site, its endpoint refuses pickled data (``allowed_serializers``);
 - ``globus_asserted``: a multi-user endpoint (root, identity mapping) whose site trusts the
   identity Globus Compute asserts.
