@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,7 +34,6 @@ from fabric.sites import ENDPOINTS_DIR, load_site
 
 MODEL = "tiny-llama"
 PROMPT = "The mitochondria is"
-EMAIL = "ops@example.org"
 
 
 def write_site(folder: Path, model_dir: Path, workers: int,
@@ -68,50 +65,17 @@ def write_site(folder: Path, model_dir: Path, workers: int,
 @contextlib.contextmanager
 def globus_pair(root: Path, site: Path, model_dir: Path, workers: int
                 ) -> Iterator[tuple[Any, Any, str]]:
-    """Broker, fake web service and the real endpoint daemon for ``site``; yields
+    """Broker, fake web service and the real endpoint daemon for ``site``
+    (``fabric.testing.globus_offline``, as the tests start them); yields
     ``(service, client, endpoint_id)`` and stops all three."""
-    import globus_sdk
-    from globus_compute_sdk import Client, Executor
+    from fabric.testing.globus_offline import offline_globus
 
-    from fabric.globus.transport import register_functions
-    from fabric.testing import compute_fake, gc_endpoint, rabbitmq
-
-    broker = rabbitmq.RabbitBroker(root / "broker").start()
-    service = compute_fake.FakeComputeService(broker.url)
-    daemon = None
-    try:
-        service.start()
-        client = Client(local_compute_services=True, authorizer=globus_sdk.NullAuthorizer(),
-                        do_version_check=False)
-        executor = Executor(client=client)
-        try:
-            ids = register_functions(load_site(str(site)), executor)
-        finally:
-            executor.shutdown(wait=False)
+    def write(ids: dict[str, str]) -> Path:
         write_site(site, model_dir, workers, ids)
-        ep_dir = root / "gc" / "gc-bench"
-        run = subprocess.run([sys.executable, "-m", "fabric.cli.main", "site", "check",
-                              str(site), "--set", f"contact_email={EMAIL}", "--write",
-                              str(ep_dir)], capture_output=True, text=True, timeout=300,
-                             cwd=common.REPO_ROOT)
-        if run.returncode:
-            raise RuntimeError(run.stdout + run.stderr)
-        marker = gc_endpoint.prepare_endpoint_dir(ep_dir)
-        daemon = gc_endpoint.EndpointDaemon(root / "gc", "gc-bench", marker)
-        endpoint_id = daemon.start(lambda: next(iter(service.endpoints), None))
-        data = yaml.safe_load((site / "fabric.yaml").read_text())
-        data["endpoint_id"] = endpoint_id
-        (site / "fabric.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        yield service, client, endpoint_id
-    finally:
-        try:
-            if daemon is not None:
-                daemon.stop()
-        finally:
-            try:
-                service.stop()
-            finally:
-                broker.stop()
+        return site
+
+    with offline_globus(root, write, name="gc-bench") as pair:
+        yield pair.service, pair.client(), pair.endpoint_id
 
 
 def one_stream(fab: Any, new: int, out: list[dict[str, float]], start: threading.Event

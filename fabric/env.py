@@ -126,9 +126,8 @@ FABRIC_GLOBUS_IDENTITY = _declare(
     "_GC.mapped_identity.globus.id)", read_by="fabric.endpoint.asserted")
 PATH = _declare(
     "PATH", "Gets this interpreter's bin folder prepended, so workers find "
-    "globus-compute-endpoint.", "", set_by="the shell; prepended by endpoint.site and "
-    "globus.standin", read_by="fabric.endpoint.site, fabric.globus.standin, "
-    "fabric.endpoint.sandbox")
+    "globus-compute-endpoint.", "", set_by="the shell; prepended by endpoint.site",
+    read_by="fabric.endpoint.site, fabric.testing.gc_endpoint, fabric.endpoint.sandbox")
 PYTHONPATH = _declare(
     "PYTHONPATH", "Module search path; handed on to the user endpoints of the offline Globus "
     "Compute test endpoint (a root endpoint clears their environment).", "",

@@ -33,7 +33,7 @@ ENDPOINTS_DIR = Path(__file__).resolve().parent.parent / "endpoints"
 
 LOCAL_WORKERS_ADDRESS = "127.0.0.1"
 """Interchange address of the Globus Compute engines whose workers Parsl's ``LocalProvider``
-starts on this same host (the site's request-worker pool, the Globus stand-in): loopback is
+starts on this same host (the site's request-worker pool): loopback is
 the right address for them, not a single-host assumption, and keeps the interchange off the
 network. Model servers, which run on other nodes, use ``server.network`` instead."""
 """Site definitions shipped with the source tree."""

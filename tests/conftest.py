@@ -31,8 +31,9 @@ pytest_plugins = [
 ]
 
 SLOW_FIXTURES = frozenset({"local_site", "site_transport", "model_server", "smollm2_dir", "slurm",
-                           "slurm_cluster"})
-"""Fixtures that start a site, a model server, SmolLM2 or Slurm: a test using one is slow."""
+                           "slurm_cluster", "globus_offline", "globus_closed", "globus_asserted"})
+"""Fixtures that start a site, a model server, SmolLM2, Slurm or the offline Globus Compute
+pair (broker, fake service, endpoint daemons): a test using one is slow."""
 _DESELECTED = pytest.StashKey[int]()
 
 

@@ -1,17 +1,17 @@
-"""A campaign whose site is reached through the Globus transport (stand-in web service).
+"""A campaign whose site is reached through Globus Compute: the real ``globus_compute_sdk.Executor``
+(inside ``GlobusTransport``), the local fake of the web service, a real RabbitMQ broker and the
+real ``globus-compute-endpoint`` daemon (``tests/plugins/globus_offline.py``).
 
-The site names an ``endpoint_id``, so the runner picks ``GlobusTransport`` for it. The
-transport's executor is the stand-in (``StandinExecutor`` -> ``StandinService`` -> a real
-``GlobusComputeEngine`` whose Parsl workers run ``run_shard`` from the real serializer's
-buffers); ``run_shard`` launches the tiny model server as a site's request worker would. Only
-the cloud hop is replaced, so this is the remote path a campaign takes, end to end.
+The site names an ``endpoint_id``, so the runner picks ``GlobusTransport`` for it. Its endpoint
+sets ``allowed_functions`` to the fabric's registered functions, so the campaign's ``run_shard``
+tasks prove that list complete; the user endpoint's workers run ``run_shard``, which launches the
+tiny model server as a site's request worker would. Only the cloud is fake.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -20,26 +20,23 @@ import pytest
 from fabric.campaign import store
 from fabric.campaign.dispatch import CampaignRunner
 from fabric.campaign.manifest import load_manifest
-from fabric.endpoint.functions import list_deployments, undeploy
-from fabric.globus.standin import StandinExecutor, StandinService
 from fabric.globus.transport import GlobusTransport
-from fabric.sites import load_site
-from tests.plugins.site import TINY_MODEL, write_site
+from fabric.wire.functions import list_deployments, undeploy
+from tests.plugins.globus_offline import SITE_NAME, OfflineGlobus
+from tests.plugins.site import TINY_MODEL
 
-pytestmark = pytest.mark.slow  # a Parsl engine, its workers and a model server job
+pytestmark = [pytest.mark.slow, pytest.mark.globus]
 
 N, MAX_TOKENS, SHARD = 20, 3, 6
 
 
-def test_campaign_through_globus_transport(tmp_path: Path, tiny_llama_dir: Path,
+def test_campaign_through_globus_transport(globus_offline: OfflineGlobus, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FABRIC_HOME", str(tmp_path / "home"))  # function and task-group caches
-    endpoint_id = str(uuid.uuid4())
-    site_dir = write_site(tmp_path / "site", name="tiny-globus", model_dir=tiny_llama_dir,
-                          endpoint_id=endpoint_id)
-    # The endpoint's workers find their site as an operator's worker_init would set it.
-    svc = StandinService(tmp_path / "engine", endpoint_id=endpoint_id, workers=2, env={
-        "FABRIC_SITE": str(site_dir), "FABRIC_STATE_DIR": str(site_dir / "state")})
+    site_dir = globus_offline.site_dir
+    site = SITE_NAME
+    shard_fn = globus_offline.function_ids["run_shard"]
+    service = globus_offline.service
 
     prompts = {f"g-{i:02d}": f"Sample {i}: the enzyme" for i in range(N)}
     (tmp_path / "in.jsonl").write_text("".join(
@@ -52,25 +49,22 @@ def test_campaign_through_globus_transport(tmp_path: Path, tiny_llama_dir: Path,
     folder = store.create(m, tmp_path / "campaigns")
     spec = m.sites[0]
 
-    # Left to itself the runner would open a GlobusTransport for this site (endpoint_id set);
-    # the test hands it the same transport with the stand-in executor instead of the cloud.
+    # Left to itself the runner opens a GlobusTransport for this site (endpoint_id set), with
+    # a Globus login; the test hands it the same transport on a client of the fake service.
     opened = CampaignRunner(folder)._transport(spec)
-    assert isinstance(opened, GlobusTransport) and opened.config.endpoint_id == endpoint_id
+    assert isinstance(opened, GlobusTransport)
+    assert opened.config.endpoint_id == globus_offline.endpoint_id
     opened.close()
 
-    svc.start()
-    transport = GlobusTransport(load_site(str(site_dir)), StandinExecutor(svc),
-                                proof=lambda: None)
+    transport = globus_offline.transport(tmp_path / "home")
+    since = len(service.submissions)
     try:
-        try:
-            final = CampaignRunner(folder, transports={spec.name: transport}, poll_s=0.1).run()
-            deployments = transport.submit(list_deployments, None).result(timeout=60)
-        finally:
-            for dep in transport.submit(list_deployments, None).result(timeout=60):
-                transport.submit(undeploy, dep["id"], None).result(timeout=120)
-            transport.close()
+        final = CampaignRunner(folder, transports={spec.name: transport}, poll_s=0.1).run()
+        deployments = transport.submit(list_deployments, None, None).result(timeout=120)
     finally:
-        svc.shutdown()
+        for dep in transport.submit(list_deployments, None, None).result(timeout=120):
+            transport.submit(undeploy, dep["id"], None).result(timeout=120)
+        transport.close()
 
     assert final == "done"
     out = list(store.read_records(folder))
@@ -87,12 +81,12 @@ def test_campaign_through_globus_transport(tmp_path: Path, tiny_llama_dir: Path,
         assert r["usage"]["prompt_tokens"] > 0
         assert 1 <= r["usage"]["completion_tokens"] <= MAX_TOKENS
         assert r["usage"]["completion_tokens"] == len(r["response"]["token_ids"])
-        assert r["site"] == "tiny-globus" and r["attempt"] == 1 and r["nonce"]
+        assert r["site"] == site and r["attempt"] == 1 and r["nonce"]
     assert len({r["nonce"] for r in out}) == N  # one execution each
-    # Every shard went through the stand-in service (run_shard tasks plus the two listings
-    # and the undeploys), and the ledger agrees with the files.
+    # Every shard went through the service as one run_shard task (the endpoint's
+    # allowed_functions let it in), and the ledger agrees with the files.
     shards = -(-N // SHARD)
-    assert sum(svc.batches) >= shards + 2
+    assert sum(len(s["tasks"].get(shard_fn, [])) for s in service.submissions[since:]) == shards
     status = store.status(folder)
-    assert status["done"] == N and status["sites"]["tiny-globus"]["inputs_done"] == N
-    assert status["sites"]["tiny-globus"]["shards"] == {"ok": shards}
+    assert status["done"] == N and status["sites"][site]["inputs_done"] == N
+    assert status["sites"][site]["shards"] == {"ok": shards}

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import inspect
 import pickle
-from pathlib import Path
 
 import pytest
 
 from fabric.endpoint import campaign_shard, functions, policy, registry
 from fabric.errors import FunctionNotAllowed
 from fabric.sites import SiteConfig
+from tests.plugins.globus_offline import OfflineGlobus
 
 
 def _endpoint_callables() -> dict[str, object]:
@@ -60,18 +60,16 @@ def test_declaring_outside_the_endpoint_modules_is_refused() -> None:
         registry.endpoint_function("anyone")  # type: ignore[arg-type]
 
 
-def test_registration_registers_exactly_the_registry(tmp_path: Path) -> None:
-    from fabric.globus.standin import StandinExecutor, StandinService
-    from fabric.globus.transport import register_functions
-    from fabric.sites import load_site
-
-    svc = StandinService(tmp_path)
-    ex = StandinExecutor(svc)
-    try:
-        ids = register_functions(load_site("local"), ex)
-    finally:
-        ex.shutdown()
+@pytest.mark.slow
+@pytest.mark.globus
+def test_registration_registers_exactly_the_registry(globus_offline: OfflineGlobus) -> None:
+    """The operator's ``register_functions`` (run by the offline pair's set-up through the real
+    Executor, as ``fabric site register-functions`` runs it) registers every endpoint function
+    and nothing else, each as a function the service now knows."""
+    ids = globus_offline.function_ids
     assert set(ids) == set(registry.names())
+    assert len(set(ids.values())) == len(ids)
+    assert set(ids.values()) <= set(globus_offline.service.functions)
 
 
 def test_the_wire_references_are_the_registry() -> None:

@@ -5,7 +5,10 @@ rendered by ``fabric site check --write``, its user endpoint's GlobusComputeEngi
 fabric's endpoint functions, and results come back through the broker to the Executor.
 
 The site's ``allowed_functions`` lists the fabric's registered functions (fabric.wire.functions'
-one list), so everything here also proves that list is complete for what the SDK sends.
+one list), so everything here also proves that list is complete for what the SDK sends. More on
+the same pair: ``tests/test_globus_transport.py`` (the transport's own behaviour, a site with
+user functions off), ``tests/test_campaign_globus.py`` (a campaign's shards),
+``tests/test_modes_sdk.py`` (embed, hidden states, logprobs, chat against the local site).
 """
 
 from __future__ import annotations
@@ -149,36 +152,6 @@ def test_per_task_latency_and_batching(globus_offline: OfflineGlobus, tmp_path: 
     report(globus_offline, task_latency_median_s=statistics.median(one),
            tasks_32_s=burst, tasks_32_submissions=submissions)
     t.close()
-
-
-def test_campaign_shards_at_a_site_with_allowed_functions(
-        fab: Any, globus_offline: OfflineGlobus, tmp_path: Path) -> None:
-    """run_shard is in the one list of fabric functions, so a site whose allowed_functions is
-    set runs a campaign's shards (the campaign reaches the site through the real pair)."""
-    from fabric.campaign import store
-    from fabric.campaign.dispatch import CampaignRunner
-    from fabric.campaign.manifest import load_manifest
-
-    assert "run_shard" in globus_offline.function_ids
-    prompts = {f"g-{i}": f"Sample {i}: the enzyme" for i in range(6)}
-    (tmp_path / "in.jsonl").write_text("".join(
-        json.dumps({"custom_id": cid, "prompt": p}) + "\n" for cid, p in prompts.items()))
-    m = load_manifest({
-        "name": "remote", "model": TINY_MODEL, "kind": "generate",
-        "sampling": {"max_tokens": 3, "temperature": 0.0}, "input": {"path": "in.jsonl"},
-        "output": "out", "shard_size": 3,
-        "sites": [{"name": str(globus_offline.site_dir), "max_in_flight": 2}]}, base=tmp_path)
-    folder = store.create(m, tmp_path / "campaigns")
-    transport = globus_offline.transport(tmp_path / "home")
-    try:
-        final = CampaignRunner(folder, transports={m.sites[0].name: transport}, poll_s=0.2).run()
-    finally:
-        transport.close()
-    assert final == "done", list(store.read_records(folder, errors=True))
-    out = list(store.read_records(folder))
-    assert sorted(r["custom_id"] for r in out) == sorted(prompts)
-    shard_id = globus_offline.function_ids["run_shard"]
-    assert any(shard_id in s["tasks"] for s in globus_offline.service.submissions)
 
 
 def test_task_group_results_recovered_by_a_new_client(globus_offline: OfflineGlobus,

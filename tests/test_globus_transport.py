@@ -1,166 +1,149 @@
-"""GlobusTransport over the stand-in web service: real ComputeSerializer, real Task/Result
-messages, a real GlobusComputeEngine (Parsl HTEX workers) on the far side.
+"""GlobusTransport over both real ends of Globus Compute (``tests/plugins/globus_offline.py``):
+its own ``globus_compute_sdk.Executor`` -> the local fake of the web service -> a real RabbitMQ
+broker -> the real ``globus-compute-endpoint`` daemon and its user endpoint's engine.
 
-Why the stand-in here, not the real pair (``tests/test_globus_real.py``): these tests need what
-only an in-process service exposes or varies per test (the exact bytes registered, every batch
-size, an engine per ``allowed_serializers`` variant, ``allowed_functions`` changed on the fly,
-the ids cached across two client "processes"), and they run on machines without RabbitMQ. The
-behaviours a caller sees (generate, stream, embed, user functions, policy and allow-list
-refusals, batching, campaigns) run through the real Executor and endpoint daemon there.
+What the transport itself does: registration by code hash and its cache across client
+processes, what the service stores for a fabric function, the caller's identity proof and a
+caller's own ``auth``, batching, typed errors from the site, and the refusals of a site with user
+functions off (``globus_closed``), whose endpoint unpickles no caller data. The caller-level
+behaviours (generate, stream, embed, policy and allow-list refusals, HTTP errors, task-group
+recovery, campaigns) are in ``tests/test_globus_real.py``. Two tests need no service at all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fabric.endpoint.functions import deployment_status, run_user_function
-from fabric.errors import AccessDenied, FunctionNotAllowed, UserFunctionError
-from fabric.globus.standin import StandinExecutor, StandinService
+from fabric.errors import AccessDenied, FunctionNotAllowed, QuotaExceeded, UserFunctionError
 from fabric.globus.transport import GlobusTransport
 from fabric.sites import load_site
-from tests.plugins.site import write_site
-
-POLICY_CLIENT = "0b6e5c4a-0f5c-4e5b-9f0d-0000000000ec"
-
-
-# Functions shipped by Globus Compute's code serializer (CombinedCode: by reference or by
-# source); they import what they need inside, as functions sent to a remote site must.
-def add(a: int, b: int = 0) -> int:
-    return a + b
+from fabric.testing import compute_fake
+from fabric.wire import functions
+from tests.plugins.globus_offline import OfflineGlobus
+from tests.plugins.site import TINY_MODEL
 
 
-def echo_auth(x: int, auth: Any = None) -> Any:
-    return {"x": x, "auth": auth}
+def by_hash(globus: OfflineGlobus, home: Path) -> GlobusTransport:
+    """A transport to the pair's site that ignores the operator's ``function_ids``: it
+    registers what it sends by code hash (cached in ``home``)."""
+    site = load_site(globus.site_dir).model_copy(update={"function_ids": {}})
+    return GlobusTransport(site, client=globus.client(), proof=lambda: None, home=home)
 
 
-def fails(msg: str) -> None:
-    raise ValueError(msg)
+@pytest.mark.slow
+@pytest.mark.globus
+def test_registration_cache_and_what_the_service_stores(globus_offline: OfflineGlobus,
+                                                        tmp_path: Path) -> None:
+    """A fabric function sent by reference (``fabric.wire.functions``) registers as the real
+    endpoint function: the service stores code that deserialises to it, the real function's
+    bytes give the same (cached) id, and a new client process with the same home registers
+    nothing again."""
+    from fabric.endpoint.functions import deployment_status
 
-
-def typed_denial(model: str) -> Any:
-    from fabric.errors import QuotaExceeded
-    from fabric.wire.gcwire import error
-
-    return error(QuotaExceeded(f"no more {model}", rule="policy.models.m.requests_per_minute",
-                               retry_after=12.5))
-
-
-@pytest.fixture(scope="module")
-def remote_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A remote-style site: policy on, user functions off."""
-    return write_site(tmp_path_factory.mktemp("remote"), name="remote-test",
-                      allow_user_functions=False,
-                      policy={"client_id": POLICY_CLIENT, "models": {"m": {"anyone": True}}})
-
-
-@pytest.fixture(scope="module")
-def service(remote_site: Path, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[StandinService]:
-    svc = StandinService(tmp_path_factory.mktemp("engine"), workers=2, env={
-        "FABRIC_SITE": str(remote_site), "FABRIC_STATE_DIR": str(remote_site / "state")})
-    svc.start()
-    yield svc
-    svc.shutdown()
-
-
-def transport(service: StandinService, home: Path, proof: Any = None,
-              site: Path | None = None, **kw: Any) -> GlobusTransport:
-    cfg = load_site(site) if site else load_site("local")
-    return GlobusTransport(cfg, StandinExecutor(service, **kw), proof=lambda: proof, home=home)
-
-
-@pytest.mark.slow  # ~6 s of round trips
-def test_plain_round_trip_and_registration_cache(service: StandinService,
-                                                 tmp_path: Path) -> None:
-    t = transport(service, tmp_path)
-    assert t.can_reach_servers is False
-    assert t.submit(add, 2, b=40).result(timeout=60) == 42
+    service = globus_offline.service
+    t = by_hash(globus_offline, tmp_path)
+    function_id = t.function_id(functions.deployment_status)
+    assert function_id in service.functions
+    assert function_id not in globus_offline.function_ids.values()  # registered just now
+    serde = t.executor.serializer
+    (code,) = serde.unpack_buffers(service.functions[function_id])
+    assert serde.deserialize(code) is deployment_status
     registered = len(service.functions)
+    assert t.function_id(deployment_status) == function_id  # same bytes, same cached id
     t.close()
-    # A new client process (new transport + executor) reuses the id cached by code hash.
-    t2 = transport(service, tmp_path)
-    assert t2.submit(add, 1, 1).result(timeout=60) == 2
+    again = by_hash(globus_offline, tmp_path)  # a new client process, same FABRIC_HOME
+    assert again.function_id(functions.deployment_status) == function_id
     assert len(service.functions) == registered
-    t2.close()
-
-
-def test_typed_error_round_trip(service: StandinService, tmp_path: Path) -> None:
-    t = transport(service, tmp_path)
-    with pytest.raises(AccessDenied) as err:  # QuotaExceeded is an AccessDenied
-        t.submit(typed_denial, "m").result(timeout=60)
-    assert type(err.value).__name__ == "QuotaExceeded"
-    assert err.value.details == {"rule": "policy.models.m.requests_per_minute",
-                                 "retry_after": 12.5}
-    with pytest.raises(UserFunctionError, match="remote function raised: ValueError: boom") as e:
-        t.submit(fails, "boom").result(timeout=60)
-    assert "Traceback" in e.value.details["traceback"]
-    t.close()
-
-
-def test_identity_proof_is_attached(service: StandinService, tmp_path: Path) -> None:
-    proof = {"scheme": "globus", "token": "T", "site": "x"}
-    t = transport(service, tmp_path, proof=proof)
-    assert t.submit(echo_auth, 1).result(timeout=60) == {"x": 1, "auth": proof}
-    mine = {"scheme": "globus", "token": "MINE"}
-    assert t.submit(echo_auth, 2, mine).result(timeout=60)["auth"] == mine
-    t.close()
-
-
-def test_batching(service: StandinService, tmp_path: Path) -> None:
-    t = transport(service, tmp_path, batch_size=8)
-    t.submit(add, 0).result(timeout=60)  # registration out of the way
-    before = len(service.batches)
-    futures = [t.submit(add, i, 1) for i in range(20)]
-    assert [f.result(timeout=60) for f in futures] == [i + 1 for i in range(20)]
-    sizes = service.batches[before:]
-    assert sum(sizes) == 20 and max(sizes) <= 8 and len(sizes) < 20
-    t.close()
-
-
-def test_recover_results_after_restart(service: StandinService, tmp_path: Path) -> None:
-    t = transport(service, tmp_path)
-    values = [t.submit(add, i, 100).result(timeout=60) for i in range(3)]
-    t.close()
-    group = (tmp_path / "task_groups.json").read_text()
-    assert "local" in group
-    again = transport(service, tmp_path)  # a new client: task group read back from disk
-    recovered = again.recover()
-    assert sorted(f.result(timeout=60) for f in recovered) == sorted(values)
     again.close()
 
 
-def test_endpoint_function_policy_denial(service: StandinService, remote_site: Path,
-                                         tmp_path: Path) -> None:
-    """The real endpoint function, in a real worker, runs the site's policy."""
-    t = transport(service, tmp_path, proof=None, site=remote_site)
+@pytest.mark.slow
+@pytest.mark.globus
+def test_the_rendered_allow_list_is_the_registered_functions(globus_offline: OfflineGlobus
+                                                             ) -> None:
+    """What the operator registered (``register_functions``) is every fabric function, and
+    exactly those ids are the endpoint's ``allowed_functions`` as it registered with the
+    service (rendered by ``fabric site check`` from the site's ``function_ids``)."""
+    ids = globus_offline.function_ids
+    assert set(ids) == functions.NAMES  # run_shard included
+    assert set(ids.values()) <= set(globus_offline.service.functions)
+    registered = globus_offline.service.endpoints[globus_offline.endpoint_id]
+    assert set(registered["allowed_functions"]) == set(ids.values())
+
+
+@pytest.mark.slow
+@pytest.mark.globus
+def test_identity_proof_is_attached_and_a_callers_own_auth_wins(globus_offline: OfflineGlobus,
+                                                                tmp_path: Path) -> None:
+    """The site's policy sees the proof the transport attaches; an ``auth`` the caller passes
+    is sent instead (here: a token of an identity the policy does not list)."""
+    t = globus_offline.transport(tmp_path)  # attaches a token of the fake's listed identity
+    status = t.submit(functions.deployment_status, TINY_MODEL, None, None,
+                      None).result(timeout=300)
+    assert status["state"] in {"absent", "queued", "loading", "ready"}
+    stranger = {"scheme": "globus",
+                "token": compute_fake.bearer_for(compute_fake.OTHER_IDENTITY)}
     with pytest.raises(AccessDenied) as err:
-        t.submit(deployment_status, "m", None, None, None).result(timeout=120)
-    assert err.value.details == {"rule": "identity-proof.missing"}
+        t.submit(functions.deployment_status, TINY_MODEL, None, None,
+                 stranger).result(timeout=120)
+    assert err.value.details["rule"].startswith("policy.")
+    t.close()
+    bare = globus_offline.transport(tmp_path / "bare", proof=None)  # attaches nothing
+    mine = {"scheme": "globus", "token": "fake-caller-token"}
+    assert "state" in bare.submit(functions.deployment_status, TINY_MODEL, None, None,
+                                  mine).result(timeout=120)
+    bare.close()
+
+
+@pytest.mark.slow
+@pytest.mark.globus
+def test_batching_within_batch_size(globus_offline: OfflineGlobus, tmp_path: Path) -> None:
+    """20 calls at once go out in fewer submissions than calls, none over ``batch_size``."""
+    t = globus_offline.transport(tmp_path, batch_size=8)
+    t.submit(functions.list_models, None).result(timeout=300)  # a warm user endpoint
+    list_id = globus_offline.function_ids["list_models"]
+    before = len(globus_offline.service.submissions)
+    futures = [t.submit(functions.list_models, None) for _ in range(20)]
+    assert all(TINY_MODEL in {m["name"] for m in f.result(timeout=120)} for f in futures)
+    sizes = [len(s["tasks"].get(list_id, []))
+             for s in globus_offline.service.submissions[before:]]
+    sizes = [n for n in sizes if n]
+    assert sum(sizes) == 20 and max(sizes) <= 8 and len(sizes) < 20, sizes
     t.close()
 
 
-def test_wire_references_ship_as_the_real_functions(service: StandinService, remote_site: Path,
-                                                   tmp_path: Path) -> None:
-    """What the SDK sends (``fabric.wire.functions``) registers as the real endpoint function,
-    byte for byte, through the executor's own serializer, and the worker runs the real one."""
-    from globus_compute_sdk.serialize import ComputeSerializer
+def quota(handle: Any, model: str) -> None:
+    """A user function that raises a typed fabric error with details."""
+    from fabric.errors import QuotaExceeded
 
-    from fabric.wire import functions
+    raise QuotaExceeded(f"no more {model}", rule="policy.models.m.requests_per_minute",
+                        retry_after=12.5)
 
-    t = transport(service, tmp_path / "fresh", proof=None, site=remote_site)
-    function_id = t.function_id(functions.deployment_status)
-    serde = ComputeSerializer()
-    assert service.functions[function_id] == serde.pack_buffers(
-        [serde.serialize(deployment_status)])
-    assert t.function_id(deployment_status) == function_id  # same bytes, same cached id
-    with pytest.raises(AccessDenied) as err:
-        t.submit(functions.deployment_status, "m", None, None, None).result(timeout=120)
-    assert err.value.details == {"rule": "identity-proof.missing"}
-    t.close()
+
+def fails(handle: Any, msg: str) -> None:
+    raise ValueError(msg)
+
+
+@pytest.mark.slow
+@pytest.mark.globus
+def test_typed_errors_round_trip(globus_offline: OfflineGlobus, tmp_path: Path) -> None:
+    """A typed error raised at the site arrives as the same type with its details; any other
+    exception as a ``UserFunctionError`` carrying the remote traceback."""
+    from fabric import Fabric
+
+    t = globus_offline.transport(tmp_path)
+    with Fabric(site=str(globus_offline.site_dir), transport=t, on_status=None) as fab:
+        with pytest.raises(AccessDenied) as err:  # QuotaExceeded is an AccessDenied
+            fab.submit(quota, TINY_MODEL, model=TINY_MODEL).result(timeout=300)
+        assert type(err.value) is QuotaExceeded
+        assert err.value.details == {"rule": "policy.models.m.requests_per_minute",
+                                     "retry_after": 12.5}
+        with pytest.raises(UserFunctionError, match="ValueError: boom") as e:
+            fab.submit(fails, "boom", model=TINY_MODEL).result(timeout=300)
+        assert "Traceback" in e.value.details["traceback"]
 
 
 class CreatesFile:
@@ -173,23 +156,18 @@ class CreatesFile:
         return (open, (self.path, "w"))
 
 
-def test_an_endpoint_that_unpickles_no_data(remote_site: Path, tmp_path: Path) -> None:
-    """An endpoint with the shipped remote sites' ``allowed_serializers`` (DillCode for the
-    registered functions, JSONData for arguments) runs the fabric's functions as the SDK sends
-    them, and refuses a pickled argument before unpickling it."""
-    from fabric.endpoint_files import allowed_serializers
-    from fabric.wire import functions, gcwire
-
-    site = load_site(remote_site)
-    svc = StandinService(tmp_path / "engine", workers=1, env={
-        "FABRIC_SITE": str(remote_site), "FABRIC_STATE_DIR": str(remote_site / "state")},
-        allowed_serializers=allowed_serializers(site))
-    svc.start()
-    t = GlobusTransport(site, StandinExecutor(svc, serializer=gcwire.data_serializer()),
-                        proof=lambda: None, home=tmp_path)
+@pytest.mark.slow
+@pytest.mark.globus
+def test_an_endpoint_that_unpickles_no_data(globus_closed: OfflineGlobus, tmp_path: Path
+                                            ) -> None:
+    """The endpoint's ``allowed_serializers`` (DillCode for the registered functions, JSONData
+    for arguments) runs the fabric's functions as the SDK sends them, and refuses a pickled
+    argument before unpickling it."""
+    t = globus_closed.transport(tmp_path, proof=None)
     try:
         with pytest.raises(AccessDenied) as err:  # the real function ran, and its policy
-            t.submit(functions.deployment_status, "m", None, None, None).result(timeout=120)
+            t.submit(functions.deployment_status, TINY_MODEL, None, None,
+                     None).result(timeout=300)
         assert err.value.details == {"rule": "identity-proof.missing"}
         marker = tmp_path / "unpickled"
         with pytest.raises(AccessDenied) as err:
@@ -199,97 +177,40 @@ def test_an_endpoint_that_unpickles_no_data(remote_site: Path, tmp_path: Path) -
         assert not marker.exists()
     finally:
         t.close()
-        svc.shutdown()
 
 
-def test_user_functions_refused_when_not_opted_in(service: StandinService, remote_site: Path,
+@pytest.mark.slow
+@pytest.mark.globus
+def test_user_functions_refused_when_not_opted_in(globus_closed: OfflineGlobus,
                                                   tmp_path: Path) -> None:
     from fabric.wire.usercode import pack_call
 
     ns: dict[str, Any] = {"__name__": "__main__"}  # pickled by value, as from a notebook
     exec("def double(handle, x):\n    return 2 * x\n", ns)
-    t = transport(service, tmp_path, site=remote_site)
+    t = globus_closed.transport(tmp_path)
     with pytest.raises(FunctionNotAllowed) as err:
-        t.submit(run_user_function, pack_call(ns["double"], (2,), {}), None,
-                 None).result(timeout=120)
+        t.submit(functions.run_user_function, pack_call(ns["double"], (2,), {}), None,
+                 None).result(timeout=300)
     assert err.value.details["rule"] == "allow_user_functions"
     t.close()
 
 
-def test_allowed_functions_enforced_by_the_service(service: StandinService,
-                                                   tmp_path: Path) -> None:
-    t = transport(service, tmp_path)
-    allowed_id = t.function_id(add)
-    service.allowed_functions = {allowed_id}
-    try:
-        assert t.submit(add, 1, 2).result(timeout=60) == 3
-        with pytest.raises(FunctionNotAllowed) as err:
-            t.submit(echo_auth, 1).result(timeout=60)
-        assert err.value.details["rule"] == "allowed_functions"
-    finally:
-        service.allowed_functions = None
-        t.close()
+def test_operator_function_ids_are_used(tmp_path: Path) -> None:
+    """An id the operator published is used as is: nothing is registered (no executor is
+    even built, so no service is needed)."""
+    from fabric.endpoint.functions import deployment_status
 
-
-def test_operator_function_ids_are_used(service: StandinService, remote_site: Path,
-                                        tmp_path: Path) -> None:
-    cfg = load_site(remote_site).model_copy(update={"function_ids": {"deployment_status": "X"}})
-    t = GlobusTransport(cfg, StandinExecutor(service), proof=lambda: None, home=tmp_path)
+    cfg = load_site("local").model_copy(update={"function_ids": {"deployment_status": "X"}})
+    t = GlobusTransport(cfg, proof=lambda: None, home=tmp_path)
     assert t.function_id(deployment_status) == "X"
+    assert t.function_id(functions.deployment_status) == "X"
+    assert t._executor is None
     t.close()
 
 
-@pytest.mark.slow
-def test_stream_by_long_poll_through_the_standin(tmp_path_factory: pytest.TempPathFactory,
-                                                 tiny_llama_dir: Path, tmp_path: Path) -> None:
-    """fab.generate and fab.stream over the stand-in: the real endpoint functions launch a real
-    model server (tiny Llama) and the stream arrives by poll_stream tasks, cursor by cursor."""
-    from fabric import Fabric
-    from fabric.endpoint.functions import list_deployments, undeploy
-    from tests.plugins.site import TINY_MODEL
-
-    folder = write_site(tmp_path_factory.mktemp("tiny-remote"), name="tiny-remote",
-                        model_dir=tiny_llama_dir)
-    svc = StandinService(tmp_path / "engine", workers=2, env={
-        "FABRIC_SITE": str(folder), "FABRIC_STATE_DIR": str(folder / "state")})
-    svc.start()
-    t = GlobusTransport(load_site(folder), StandinExecutor(svc), proof=lambda: None,
-                        home=tmp_path)
-    try:
-        with Fabric(site="tiny-remote", transport=t, on_status=None) as fab:
-            try:
-                expected = fab.generate("The mitochondria is", model=TINY_MODEL, max_tokens=12)
-                before = len(svc.batches)
-                with fab.stream("The mitochondria is", model=TINY_MODEL,
-                                max_tokens=12) as stream:
-                    chunks = list(stream)
-                assert "".join(chunks) == expected.text
-                assert stream.token_ids == expected.token_ids
-                assert len(svc.batches) - before >= 2  # open_stream, then polls
-            finally:
-                for dep in t.submit(list_deployments, None).result(timeout=60):
-                    t.submit(undeploy, dep["id"], None).result(timeout=120)
-    finally:
-        svc.shutdown()
-
-
-def test_register_functions_for_the_allow_list(tmp_path: Path) -> None:
-    from fabric.globus.transport import register_functions
-    from fabric.wire import functions
-
-    svc = StandinService(tmp_path)  # registration needs no engine
-    ex = StandinExecutor(svc)
-    ids = register_functions(load_site("local"), ex)
-    assert {"run_request", "open_stream", "poll_stream", "cancel_request",
-            "run_user_function", "list_models"} <= set(ids)
-    assert set(ids) == functions.NAMES  # run_shard included
-    assert set(ids.values()) == set(svc.functions)
-    ex.shutdown()
-
-
 def test_real_executor_is_wired_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without a stand-in the transport builds globus_compute_sdk's own Executor (no network
-    until something is submitted): endpoint id from the site, task group from disk."""
+    """The transport builds globus_compute_sdk's own Executor (no network until something is
+    submitted): endpoint id from the site, task group from disk."""
     from globus_compute_sdk import Executor
 
     from fabric.errors import EndpointError
@@ -314,4 +235,4 @@ def test_real_executor_is_wired_offline(tmp_path: Path, monkeypatch: pytest.Monk
         t.close()
     no_id = GlobusTransport(site.model_copy(update={"endpoint_id": None}), home=tmp_path)
     with pytest.raises(EndpointError, match="has no endpoint_id"):
-        no_id.submit(add, 1).result()
+        no_id.submit(functions.deployment_status, "m").result()

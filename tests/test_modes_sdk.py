@@ -27,7 +27,8 @@ from fabric.client.decoding import decode_tensors
 from fabric.endpoint.functions import run_request
 from fabric.errors import ContextLengthExceeded, InvalidHook, InvalidRequest
 from fabric.protocol import InferenceRequest
-from tests.plugins.site import TINY_MODEL, LocalSite
+from tests.plugins.globus_offline import OfflineGlobus
+from tests.plugins.site import TINY_MODEL
 
 pytestmark = pytest.mark.slow  # a site process, a model server job, Parsl workers
 
@@ -265,36 +266,45 @@ def test_capture_hook_on_generate(fab: Fabric, ref: Reference) -> None:
     torch.testing.assert_close(rows[:n_prompt], want, atol=TOL, rtol=0)
 
 
-# -- the same calls over the Globus transport (stand-in web service, real engine) ----------------
+# -- the same calls over Globus Compute (the real Executor and endpoint daemon, offline) ---------
 
 @pytest.fixture(scope="module")
-def globus_fab(local_site: LocalSite, tmp_path_factory: pytest.TempPathFactory
+def globus_fab(globus_offline: OfflineGlobus, tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[Fabric]:
-    from fabric.globus.standin import StandinExecutor, StandinService
-    from fabric.globus.transport import GlobusTransport
-    from fabric.sites import load_site
+    """``Fabric`` over the real pair (``tests/plugins/globus_offline.py``): its site serves the
+    same tiny checkpoint from a model server of its own; undeployed at the end."""
+    from fabric.wire import functions
 
-    service = StandinService(tmp_path_factory.mktemp("standin"), workers=1, env={
-        "FABRIC_SITE": str(local_site.site_dir), "FABRIC_STATE_DIR": str(local_site.state_dir)})
-    service.start()
-    transport = GlobusTransport(load_site(str(local_site.site_dir)), StandinExecutor(service),
-                                proof=lambda: None, home=tmp_path_factory.mktemp("home"))
-    try:
-        with Fabric(transport=transport, on_status=None) as client:
+    t = globus_offline.transport(tmp_path_factory.mktemp("home"))
+    with Fabric(site=str(globus_offline.site_dir), transport=t, on_status=None) as client:
+        try:
             yield client
-    finally:
-        service.shutdown()
+        finally:
+            for dep in t.submit(functions.list_deployments, None, None).result(timeout=120):
+                t.submit(functions.undeploy, dep["id"], None).result(timeout=120)
 
 
+@pytest.mark.globus
 def test_globus_transport_matches_local(fab: Fabric, globus_fab: Fabric) -> None:
+    """Embed, hidden states, logprobs and chat through Globus Compute give what the local
+    site gives (same weights, fp32, one thread per rank: the same numbers)."""
     assert globus_fab.transport.can_reach_servers is False
     local = fab.embed(TEXTS[:2], model=TINY_MODEL, layer=2, pooling="mean")
     remote = globus_fab.embed(TEXTS[:2], model=TINY_MODEL, layer=2, pooling="mean")
     np.testing.assert_array_equal(remote, local)
+    a = fab.hidden_states(TEXTS[2], model=TINY_MODEL, layers=[1, -1])
+    b = globus_fab.hidden_states(TEXTS[2], model=TINY_MODEL, layers=[1, -1])
+    assert set(b["layers"]) == set(a["layers"]) and len(a["layers"]) == 2
+    for key, value in a["layers"].items():
+        torch.testing.assert_close(b["layers"][key], value, atol=0, rtol=0)
     prompt, continuation = "The quick brown", " fox jumps"
     a = fab.logprobs(prompt, continuation, model=TINY_MODEL)
     b = globus_fab.logprobs(prompt, continuation, model=TINY_MODEL)
     assert b["token_ids"] == a["token_ids"] and b["logprobs"] == a["logprobs"]
+    messages = [{"role": "user", "content": "Name an organelle."}]
+    here = fab.chat(messages, model=TINY_MODEL, max_tokens=6)
+    there = globus_fab.chat(messages, model=TINY_MODEL, max_tokens=6)
+    assert there.token_ids == here.token_ids and len(here.token_ids) >= 1
 
 
 def test_hooks_on_hidden_states_and_logprobs(fab: Fabric, ref: Reference) -> None:

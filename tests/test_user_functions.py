@@ -24,7 +24,9 @@ from fabric.errors import (
     UnknownModel,
     UserFunctionError,
 )
-from tests.plugins.site import TINY_MODEL, LocalSite, write_site
+from fabric.wire.functions import list_deployments
+from tests.plugins.globus_offline import OfflineGlobus
+from tests.plugins.site import TINY_MODEL, LocalSite
 
 pytestmark = pytest.mark.slow  # a site process, a model server job, Parsl workers
 
@@ -189,26 +191,15 @@ def test_model_server_keeps_serving(fab: Fabric) -> None:
     assert len(ready) == 1
 
 
-def test_site_that_disallows_user_functions(tmp_path: Path, local_site: LocalSite) -> None:
+@pytest.mark.globus
+def test_site_that_disallows_user_functions(tmp_path: Path, globus_closed: OfflineGlobus) -> None:
     """``allow_user_functions: false``: refused before the function or any model is touched.
 
-    The site's policy is read by its workers; a stand-in Globus endpoint whose workers read a
-    definition with user functions off exercises exactly that check with the real engine.
+    The site's policy is read by its workers: the real Globus Compute endpoint of a site with
+    user functions off (``globus_closed``), reached through the real Executor, runs the check.
     """
-    from fabric.globus.standin import StandinExecutor, StandinService
-    from fabric.globus.transport import GlobusTransport
-    from fabric.sites import load_site
-
-    closed = write_site(tmp_path / "closed", name="closed", allow_user_functions=False)
-    service = StandinService(tmp_path / "engine", workers=1, env={
-        "FABRIC_SITE": str(closed), "FABRIC_STATE_DIR": str(closed / "state")})
-    service.start()
-    try:
-        transport = GlobusTransport(load_site(str(closed)), StandinExecutor(service),
-                                    proof=lambda: None, home=tmp_path / "home")
-        with Fabric(transport=transport, on_status=None) as remote:
-            with pytest.raises(FunctionNotAllowed, match="allow_user_functions") as err:
-                remote.submit(raises_inside, 1, model=TINY_MODEL).result(timeout=120)
-            assert err.value.details["rule"] == "allow_user_functions"
-    finally:
-        service.shutdown()
+    with Fabric(transport=globus_closed.transport(tmp_path / "home"), on_status=None) as remote:
+        with pytest.raises(FunctionNotAllowed, match="allow_user_functions") as err:
+            remote.submit(raises_inside, 1, model=TINY_MODEL).result(timeout=300)
+        assert err.value.details["rule"] == "allow_user_functions"
+        assert remote.transport.submit(list_deployments, None, None).result(timeout=120) == []

@@ -13,9 +13,9 @@ Same ``Transport`` surface as the local site; what differs is the hop:
 
 The client cannot reach a remote site's model servers, so ``can_reach_servers`` is False and
 results and streams come through the client's one long-poll (``fabric.client.poller``:
-``poll_requests`` tasks serving every open request and stream, held at the site). The
-executor is injectable: tests pass ``fabric.globus.standin.StandinExecutor`` (real serializer,
-real engine, no cloud).
+``poll_requests`` tasks serving every open request and stream, held at the site). The tests
+run it with its own real Executor against a local fake of the web service, a real broker and the
+real endpoint daemon (``fabric.testing.globus_offline``).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class GlobusTransport:
                  proof: Callable[[], dict[str, Any] | None] | None = None,
                  home: Path | None = None, batch_size: int = 128,
                  burst: tuple[int, int] = (8, 4)) -> None:
-        """``executor``: a ``globus_compute_sdk.Executor`` (or stand-in); built on first use
+        """``executor``: a ``globus_compute_sdk.Executor``; built on first use
         from the site's ``endpoint_id`` and ``client`` (default: a ``Client`` on the login
         ``app``) otherwise. ``proof``: returns the ``auth`` dict each call carries (default: a
         token for the site's scope from ``app``, the ``fabric login`` app). ``burst``: the
