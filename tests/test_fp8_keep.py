@@ -328,3 +328,75 @@ def test_served_keep_equals_the_reference(aligned: tuple[Path, Path],
         ref_logp = torch.log_softmax(ref(torch.tensor([ids])).logits[0].float(), -1)  # type: ignore[operator]
     np.testing.assert_allclose(got, [float(ref_logp[j - 1, ids[j]]) for j in range(1, len(ids))],
                                atol=REF_ATOL, rtol=0)
+
+
+# --- mixtures of experts: ep and pp shares ------------------------------------------------------
+
+def _scheme_moe(name: str) -> tuple[torch.dtype, tuple[int, int] | str] | None:
+    leaf = name.split(".")[-2]
+    if leaf == "gate":  # the router: stored FP8 here, served dequantized
+        return E4M3, "tensor"
+    return (E4M3, (16, 16)) if leaf in PROJ or leaf in ("w1", "w2", "w3") else None
+
+
+@pytest.fixture(scope="module")
+def moe_fp8(tiny_mixtral_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fp8-moe")
+    write_fp8_pair(tiny_mixtral_dir, root / "fp8", root / "ref", _scheme_moe, (16, 16))
+    return root / "fp8"
+
+
+def test_moe_kept_model_matches_and_routers_stay_dequantized(moe_fp8: Path) -> None:
+    ids = hf_tokenizer(moe_fp8)(PROMPTS[-1]).input_ids
+    kept_model = build_stage(moe_fp8, 0, 1, 1, "float32", None, fp8="keep")[0]
+    routers = [m for n, m in kept_model.named_modules() if n.endswith("block_sparse_moe.gate")]
+    assert routers and all(type(m) is torch.nn.Linear for m in routers)
+    experts = [n for n, m in kept_model.named_modules()
+               if isinstance(m, Fp8Linear) and ".experts." in n]
+    assert len(experts) == 4 * 8 * 3
+    plain = StageRunner(build_stage(moe_fp8, 0, 1, 1, "float32", None, fp8="dequantize")[0])
+    exact = StageRunner(build_stage(moe_fp8, 0, 1, 1, "float32", None, fp8="keep",
+                                    fp8_method="dequantize")[0])
+    want = _all_logits(plain, ids)
+    assert torch.equal(_all_logits(exact, ids), want)
+    assert _rel(_all_logits(StageRunner(kept_model), ids), want) < DEQ_REL
+
+
+@pytest.mark.parametrize("pp,tp,ep", [(1, 2, 2), (2, 2, 2), (2, 1, 1)])
+def test_every_rank_keeps_its_share_with_its_blocks_scales(moe_fp8: Path, pp: int, tp: int,
+                                                           ep: int) -> None:
+    """Each rank's kept weights and factors are exactly its slice of the checkpoint's FP8
+    tensors and the scale rows/columns of those blocks (read here from the file's header)."""
+    from safetensors import safe_open
+
+    with safe_open(str(moe_fp8 / "model.safetensors"), "pt") as fh:
+        stored = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    seen: set[str] = set()
+    for rank in range(pp * tp):
+        model, report = build_stage(moe_fp8, rank, pp, tp, "float32", None, ep=ep, fp8="keep")
+        assert report.fp8 == "keep"
+        for name, mod in model.named_modules():
+            if not isinstance(mod, Fp8Linear):
+                continue
+            key = f"model.{name}.weight"
+            full, scale = stored[key], stored[key + "_scale_inv"]
+            s = next(x for x in model.shard.slices if x.name == key)
+            if s.dim is None:
+                want, want_scale = full, scale
+            else:
+                stop = full.shape[s.dim] if s.stop is None else s.stop
+                want = full.narrow(s.dim, s.start, stop - s.start)
+                want_scale = scale.narrow(s.dim, s.start // 16, -(-stop // 16) - s.start // 16)
+            assert mod.weight.dtype == E4M3 and torch.equal(mod.weight.view(torch.uint8),
+                                                            want.view(torch.uint8)), key
+            assert torch.equal(mod.weight_scale_inv, want_scale), key
+            seen.add(key)
+    every = {k for k in stored if k.endswith(".weight") and k + "_scale_inv" in stored
+             and not k.endswith("gate.weight")}
+    assert seen == every  # the plan's ranks together keep every FP8 projection
+
+
+def test_moe_tp_split_of_experts_through_blocks_is_refused(moe_fp8: Path) -> None:
+    """tp=2 x ep=1 splits each expert's 48 neurons 24 + 24: not on 16-wide blocks."""
+    with pytest.raises(Fp8SplitMisaligned, match=r"experts\.0\.w1\.weight \[48, 64\]"):
+        build_stage(moe_fp8, 0, 1, 2, "float32", None, ep=1, fp8="keep")
