@@ -400,3 +400,24 @@ def test_moe_tp_split_of_experts_through_blocks_is_refused(moe_fp8: Path) -> Non
     """tp=2 x ep=1 splits each expert's 48 neurons 24 + 24: not on 16-wide blocks."""
     with pytest.raises(Fp8SplitMisaligned, match=r"experts\.0\.w1\.weight \[48, 64\]"):
         build_stage(moe_fp8, 0, 1, 2, "float32", None, ep=1, fp8="keep")
+
+
+def test_kept_projections_with_biases(tiny_qwen3_dir: Path, tmp_path: Path) -> None:
+    """Qwen3 with ``attention_bias``: q/k/v biases added by the kept layer, o_proj's bias once
+    after the (here absent) all-reduce; per-tensor scales on every projection."""
+    def scheme(name: str) -> tuple[torch.dtype, str] | None:
+        return (E4M3, "tensor") if name.split(".")[-2] in PROJ and name.endswith(".weight") \
+            else None
+
+    write_fp8_pair(tiny_qwen3_dir, tmp_path / "fp8", tmp_path / "ref", scheme, (128, 128))
+    ids = hf_tokenizer(tmp_path / "fp8")(PROMPTS[-1]).input_ids
+    model = build_stage(tmp_path / "fp8", 0, 1, 1, "float32", None, fp8="keep",
+                        fp8_method="dequantize")[0]
+    o_proj = model.layers["0"].self_attn.o_proj
+    assert isinstance(o_proj, Fp8Linear) and o_proj.bias is not None
+    plain = StageRunner(build_stage(tmp_path / "fp8", 0, 1, 1, "float32", None,
+                                    fp8="dequantize")[0])
+    want = _all_logits(plain, ids)
+    assert torch.equal(_all_logits(StageRunner(model), ids), want)
+    kept = StageRunner(build_stage(tmp_path / "fp8", 0, 1, 1, "float32", None, fp8="keep")[0])
+    assert _rel(_all_logits(kept, ids), want) < DEQ_REL

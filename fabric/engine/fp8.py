@@ -25,9 +25,11 @@ Embeddings, the LM head, norms and MoE routers are dequantized in every mode: De
 them in bf16, and routing decisions and the logits are where the FP8 error would show most.
 
 What runs where (``docs/parallelism.md``, "FP8"): the CPU build of torch implements
-``_scaled_mm`` as a slow reference (1.8 s for a 32 x 1024 x 1024 product on the 2-core VM, vs
-9 ms in fp32), so ``keep`` on CPUs proves the numerics and the sharding, not speed; the default
-there stays ``dequantize``. On CUDA GPUs of compute capability 8.9+ ``auto`` means ``keep``.
+``_scaled_mm`` as a slow reference (one 32 x 1024 x 1024 product: 1.8 s on the 2-core VM; as
+8 K slices 7 ms; bf16 ``F.linear`` 0.2 ms: ``benchmarks/fp8.py``), so ``keep`` on CPUs proves the
+numerics and the sharding, not speed; the default there stays ``dequantize``. On CUDA GPUs of
+compute capability 8.9+ ``auto`` means ``keep``; nothing of it has run on a GPU yet
+(``benchmarks/gpu_fp8_check.py`` is the check to run on one).
 """
 
 from __future__ import annotations
