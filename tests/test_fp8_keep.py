@@ -421,3 +421,33 @@ def test_kept_projections_with_biases(tiny_qwen3_dir: Path, tmp_path: Path) -> N
     assert torch.equal(_all_logits(StageRunner(model), ids), want)
     kept = StageRunner(build_stage(tmp_path / "fp8", 0, 1, 1, "float32", None, fp8="keep")[0])
     assert _rel(_all_logits(kept, ids), want) < DEQ_REL
+
+
+def test_per_row_scales_split_anywhere(tiny_llama_odd_dir: Path, tmp_path: Path) -> None:
+    """Per-row scales have no blocks to cut: tp=2 of the odd Llama (uneven heads and MLP
+    shares) keeps every slice, each holding exactly its part of the dequantized weight, and a
+    row-parallel slice (columns from the middle) uses its rows' factors."""
+    from safetensors.torch import load_file
+
+    def scheme(name: str) -> tuple[torch.dtype, str] | None:
+        return (E4M3, "row") if name.split(".")[-2] in PROJ else None
+
+    write_fp8_pair(tiny_llama_odd_dir, tmp_path / "fp8", tmp_path / "ref", scheme, (128, 128))
+    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    middle = 0
+    for rank in (0, 1):
+        model, report = build_stage(tmp_path / "fp8", rank, 1, 2, "float32", None, fp8="keep")
+        assert report.fp8 == "keep"
+        for name, mod in model.named_modules():
+            if isinstance(mod, Fp8Linear):
+                key = f"model.{name}.weight"
+                s = next(x for x in model.shard.slices if x.name == key)
+                full = ref[key]
+                stop = full.shape[s.dim] if s.stop is None else s.stop
+                want = full.narrow(s.dim, s.start, stop - s.start)
+                assert torch.equal(mod.dequantized(torch.float32), want), key
+                x = torch.randn(3, mod.in_features)
+                torch.testing.assert_close(mod(x), fake_quant(x, None) @ want.t(),
+                                           rtol=1e-5, atol=1e-5)
+                middle += s.dim == 1 and s.start > 0
+    assert middle > 0

@@ -152,15 +152,15 @@ class Fp8Linear(nn.Module):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-        if part.offset != (0, 0) and part.scale.numel() != 1:
-            raise ValueError("a block-scaled slice must start on a block boundary")
+        self.per_row = part.scale.numel() == 1 or part.block[1] >= part.data.shape[1]
+        if part.offset[1] and not self.per_row:  # the K slices must be the blocks' columns
+            raise ValueError("a block-scaled slice must start on a block column boundary")
         self.method = method
         self.out_features, self.in_features = part.data.shape
         self.register_buffer("weight", part.data.contiguous(), persistent=False)
         self.register_buffer("weight_scale_inv", part.scale.float().contiguous(),
                              persistent=False)
-        self.block = part.block
-        self.per_row = part.scale.numel() == 1 or part.block[1] >= self.in_features
+        self.block, self.offset = part.block, part.offset
         self.bias = nn.Parameter(torch.empty(self.out_features, device="meta")) if bias \
             else None
         self._native: bool | None = None
@@ -189,7 +189,8 @@ class Fp8Linear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight as the dequantized model holds it (``float(W) * factor``, cast once)."""
-        return Fp8Slice(self.weight, self.weight_scale_inv, self.block, (0, 0)).dequantize(dtype)
+        return Fp8Slice(self.weight, self.weight_scale_inv, self.block,
+                        self.offset).dequantize(dtype)
 
     def _row_scales(self, column: int | None) -> torch.Tensor:
         """``scale_b`` ``[1, out]``: each output row's factor (for block column ``column``)."""
@@ -197,7 +198,9 @@ class Fp8Linear(nn.Module):
         if s.numel() == 1:
             return s.reshape(1, 1).expand(1, self.out_features).contiguous()
         col = s[:, 0 if column is None else column]
-        return col.repeat_interleave(self.block[0])[:self.out_features].reshape(1, -1).contiguous()
+        r0 = self.offset[0]  # a slice may start inside its first block row
+        rows = col.repeat_interleave(self.block[0])[r0:r0 + self.out_features]
+        return rows.reshape(1, -1).contiguous()
 
     def _rowwise(self, x: torch.Tensor) -> torch.Tensor:
         xp = _pad_rows(x)
