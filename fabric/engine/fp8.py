@@ -81,7 +81,7 @@ def _cpu_scaled_mm() -> bool:
         a = torch.ones(1, 16).to(E4M3)
         torch._scaled_mm(a, a.t(), scale_a=torch.ones(1, 1), scale_b=torch.ones(1, 1),
                          out_dtype=torch.float32)
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+    except Exception:  # a probe: any failure means "not here"
         return False
     return True
 
@@ -245,7 +245,7 @@ def slice_dtype(device: torch.device, want: torch.dtype) -> torch.dtype:
         a = torch.ones(16, 16, device=device).to(E4M3)
         one = torch.ones(16, 1, device=device)
         torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one.t().contiguous(), out_dtype=want)
-    except (RuntimeError, ValueError, NotImplementedError):
+    except Exception:  # a probe: any failure means "not here"
         return torch.bfloat16
     return want
 
@@ -284,7 +284,7 @@ def native_blockwise(device: torch.device, block: tuple[int, int], dtype: torch.
         ref._native = False
         want = ref(x).float()
         return bool(torch.allclose(got, want, rtol=0.02, atol=0.02 * float(want.abs().max())))
-    except (RuntimeError, ValueError, NotImplementedError, TypeError, AttributeError):
+    except Exception:  # a probe: any failure means "not here"
         return False
 
 
