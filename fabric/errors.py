@@ -77,6 +77,12 @@ class InvalidPlan(InvalidRequest):
     dividing ``tp``, more expert groups than experts. Change the plan; do not retry."""
 
 
+class Fp8SplitMisaligned(InvalidPlan):
+    """With ``fp8: keep``, a tp split cuts through the scale blocks of a block-scaled FP8
+    weight (scaled-matmul kernels take whole blocks); the message names the tensor, its shape,
+    the block size and the rank's slice. Change tp (or use ``fp8: dequantize``); do not retry."""
+
+
 class PlanDoesNotFit(InvalidRequest):
     """No pp x tp x ep plan holds the model on the nodes allowed; ``details`` carry the
     closest plan's numbers (bytes per rank, usable bytes, token budget, nodes)."""
@@ -114,6 +120,15 @@ class AcceleratorUnavailable(DeploymentError):
     """A model server's plan names a device this node cannot serve on (no visible GPU for
     ``cuda``, or ``xpu``, not supported yet); it refuses to start rather than run on the CPU.
     Fix the plan or the node; a relaunch on the same kind of node fails the same way."""
+
+    retryable = False
+
+
+class Fp8MatmulUnavailable(AcceleratorUnavailable):
+    """A plan asks for ``fp8: keep`` (FP8 weights multiplied with scaled FP8 matmuls) on a
+    device that has no FP8 matmul: a CUDA GPU older than compute capability 8.9, an ``xpu``,
+    or a torch without ``_scaled_mm``; ``details['reason']`` says which. Use ``fp8:
+    dequantize`` (or ``auto``); a relaunch on the same kind of node fails the same way."""
 
     retryable = False
 

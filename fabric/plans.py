@@ -22,9 +22,9 @@ compressed cache of DeepSeek-V3's reference inference). DeepSeek's multi-token-p
 
 ``weights="fp8"`` counts one byte per weight of the layers' linear maps plus an fp32 scale per
 128 x 128 block, with embeddings, norms, routers and the LM head in bf16, as DeepSeek-V3 and Kimi
-K2 ship. It is a plan for FP8 weights *resident on the GPU*, which the engine does not do yet:
-today it dequantizes FP8 checkpoints at load to the compute dtype (``engine.checkpoint``), so
-what it runs needs the ``bfloat16`` plan.
+K2 ship. It is a plan for FP8 weights *resident on the GPU*, which the engine serves with
+``Plan.fp8 = "keep"`` (``engine.fp8``, the same split: layers' projections FP8, the rest
+dequantized); with ``fp8: dequantize`` what it runs needs the ``bfloat16`` plan.
 """
 
 from __future__ import annotations

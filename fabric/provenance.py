@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PLAN_KEYS = ("pp", "tp", "ep", "dtype", "device")
+PLAN_KEYS = ("pp", "tp", "ep", "dtype", "device", "fp8")
 
 
 class PlanRecord(BaseModel):
@@ -34,6 +34,9 @@ class PlanRecord(BaseModel):
     ep: int = 1
     dtype: str = "float32"
     device: str = "cpu"
+    fp8: str = ""
+    """FP8 weights ``keep`` (scaled FP8 matmuls) or ``dequantize`` (at load), as resolved by
+    the server (``fabric.engine.fp8``); "" for checkpoints without FP8 tensors."""
 
 
 class Provenance(BaseModel):

@@ -62,6 +62,22 @@ class Plan(_Strict):
     ``params`` evens out the weights each rank reads and holds; ``compute`` evens out the work
     of a step (a tied LM head on stage 0 then costs a share of its matmul, not its memory), for
     pipeline throughput. Outputs are the same either way."""
+    fp8: Literal["auto", "dequantize", "keep"] = "auto"
+    """FP8 checkpoints (``fabric.engine.fp8``): ``dequantize`` the weights at load to ``dtype``;
+    ``keep`` the decoder layers' FP8 weights resident (half the bytes of bf16) and multiply with
+    scaled FP8 matmuls, which needs a CUDA GPU of compute capability 8.9 or newer (checked as
+    the server loads: ``Fp8MatmulUnavailable``; CPUs run it with torch's slow reference
+    kernel, for tests) and tp splits on the checkpoint's scale blocks
+    (``Fp8SplitMisaligned``); ``auto``: ``keep`` on such GPUs, ``dequantize`` elsewhere. No
+    effect on checkpoints without FP8 tensors."""
+
+    @model_validator(mode="after")
+    def _fp8_device(self) -> Plan:
+        if self.fp8 == "keep" and self.device == "xpu":
+            raise ValueError("fp8: keep needs scaled FP8 matmuls, which fabric has only for "
+                             "cuda devices (compute capability >= 8.9) and cpu; use fp8: "
+                             "dequantize on xpu")
+        return self
 
     @property
     def ranks(self) -> int:
@@ -97,8 +113,8 @@ class CapacityPlan(_Strict):
     model: str
     """A shipped config (``fabric.plans.known_models()``)."""
     weights: Literal["float32", "bfloat16", "float16", "fp8"] = "bfloat16"
-    """Storage of the layers' weights on the GPU (``fp8``: resident FP8, not yet done by the
-    engine, which dequantizes at load)."""
+    """Storage of the layers' weights on the GPU (``fp8``: resident FP8, served with
+    ``plan.fp8: keep``, ``fabric.engine.fp8``)."""
     pp: int = Field(ge=1)
     tp: int = Field(ge=1)
     ep: int = Field(1, ge=1)

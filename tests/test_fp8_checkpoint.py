@@ -3,15 +3,13 @@ as a rank's slice, dequantized at load to what the model built from the dequanti
 holds, and served token for token like transformers on those weights.
 
 The fixture quantizes the tiny odd Llama (uneven tp splits) with 32 x 32 blocks, so the slices
-of tp=2 and tp=3 plans start and stop inside blocks. The reference weights are dequantized here
-block by block, the way DeepSeek-V3's ``weight_dequant`` kernel does it, not with the reader's
-code.
+of tp=2 and tp=3 plans start and stop inside blocks. The reference weights are dequantized
+block by block by ``fabric.testing.fp8``, the way DeepSeek-V3's ``weight_dequant`` kernel does
+it, not with the reader's code.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,39 +20,13 @@ from safetensors.torch import load_file, save_file
 from fabric.engine.checkpoint import SafetensorsReader, fp8_block_size, fp8_matmul_available
 from fabric.engine.loader import build_stage, load_config, rank_shards
 from fabric.errors import UnsupportedCheckpoint
+from fabric.testing.fp8 import write_fp8_pair
 from tests.plugins.servers import ServerFactory, hf_greedy, hf_model, hf_tokenizer
 
 BLOCK = 32
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
 BLOCK_SCALED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 PROMPTS = ["The mitochondria is the powerhouse", "Scientists call models through a federated"]
-
-
-def _quantize(w: torch.Tensor, dtype: torch.dtype, block: tuple[int, int]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w`` in FP8 with one fp32 scale_inv per ``block`` (amax / the format's max)."""
-    rows, cols = w.shape
-    br, bc = block
-    scale = torch.empty(-(-rows // br), -(-cols // bc))
-    q = torch.empty(rows, cols, dtype=dtype)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            tile = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc]
-            scale[i, j] = tile.abs().max().clamp(min=1e-12) / FP8_MAX[dtype]
-            q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = (tile / scale[i, j]).to(dtype)
-    return q, scale
-
-
-def _dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """DeepSeek-V3's ``weight_dequant`` block by block: ``float(q) * s[i // B, j // B]``."""
-    br, bc = block
-    out = torch.empty(q.shape)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            out[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = (
-                q[i * br:(i + 1) * br, j * bc:(j + 1) * bc].float() * scale[i, j])
-    return out
 
 
 def _scheme(name: str) -> tuple[torch.dtype, tuple[int, int] | str] | None:
@@ -76,29 +48,7 @@ def fp8_pair(tiny_llama_odd_dir: Path, tmp_path_factory: pytest.TempPathFactory
     """(FP8 checkpoint, the same model with the dequantized weights in fp32)."""
     root = tmp_path_factory.mktemp("fp8")
     fp8_dir, ref_dir = root / "fp8", root / "dequantized"
-    for d in (fp8_dir, ref_dir):
-        shutil.copytree(tiny_llama_odd_dir, d, ignore=shutil.ignore_patterns("*.safetensors"))
-    stored: dict[str, torch.Tensor] = {}
-    ref: dict[str, torch.Tensor] = {}
-    for name, w in load_file(str(tiny_llama_odd_dir / "model.safetensors")).items():
-        scheme = _scheme(name)
-        if scheme is None:
-            stored[name] = ref[name] = w
-            continue
-        dtype, how = scheme
-        block = (w.shape[0], w.shape[1]) if how == "tensor" else (1, w.shape[1]) \
-            if how == "row" else how
-        assert isinstance(block, tuple)
-        q, scale = _quantize(w, dtype, block)
-        stored[name], ref[name] = q, _dequantize(q, scale, block)
-        stored[name + "_scale_inv"] = scale.reshape(()) if how == "tensor" else scale
-    save_file(stored, str(fp8_dir / "model.safetensors"))
-    save_file(ref, str(ref_dir / "model.safetensors"))
-    config = json.loads((fp8_dir / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                     "activation_scheme": "dynamic",
-                                     "weight_block_size": [BLOCK, BLOCK]}
-    (fp8_dir / "config.json").write_text(json.dumps(config, indent=1))
+    write_fp8_pair(tiny_llama_odd_dir, fp8_dir, ref_dir, _scheme, (BLOCK, BLOCK))
     return fp8_dir, ref_dir
 
 

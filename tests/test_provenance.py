@@ -28,8 +28,13 @@ IDENTITY = {"name": "m", "version": "v1", "sha256": SHA, "provenance": SERVER}
 def test_server_record_is_the_plan_and_fabric_version() -> None:
     expected = {"model": "m", "version": "v1", "sha256": SHA, "fabric_version":
                 fabric.__version__, "deployment_id": "dep-1",
-                "plan": {"pp": 2, "tp": 1, "ep": 1, "dtype": "bfloat16", "device": "cpu"}}
+                "plan": {"pp": 2, "tp": 1, "ep": 1, "dtype": "bfloat16", "device": "cpu",
+                         "fp8": ""}}
     assert expected == SERVER
+    # FP8 weights kept or dequantized change the logits: the server records its resolved mode.
+    kept = server_record("m", "v1", SHA, {"fp8": "keep", "device": "cuda"}, "dep-2")
+    assert kept["plan"]["fp8"] == "keep"
+    assert Provenance.model_validate({**kept, "kind": "generate"}).plan.fp8 == "keep"
 
 
 def test_generate_result_carries_request_seed_and_sampling() -> None:

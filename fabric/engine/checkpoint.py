@@ -48,9 +48,8 @@ DEFAULT_BLOCK = (128, 128)
 class Fp8Slice:
     """An FP8 tensor slice as stored, with the scale blocks it touches, not yet dequantized.
 
-    This is the seam for keeping FP8 weights resident and multiplying with scaled FP8 matmuls
-    on GPUs that have them (``fp8_matmul_available``); nothing in the engine does that yet, so
-    it is unproven. The engine dequantizes at load (``dequantize``).
+    ``Plan.fp8 = "dequantize"`` turns it into the compute dtype at load (``dequantize``);
+    ``"keep"`` holds it as it is in a ``fabric.engine.fp8.Fp8Linear``.
     """
 
     data: torch.Tensor
@@ -61,6 +60,10 @@ class Fp8Slice:
     """Rows and columns each scale entry covers."""
     offset: tuple[int, int]
     """Where the slice starts inside its first block (rows, columns)."""
+
+    def to(self, device: str | torch.device) -> Fp8Slice:
+        """The same slice with its values and factors on ``device``."""
+        return Fp8Slice(self.data.to(device), self.scale.to(device), self.block, self.offset)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``float(data) * scale`` broadcast over the blocks, in fp32, then cast to ``dtype``."""
@@ -126,6 +129,15 @@ class SafetensorsReader:
     def is_fp8(self, name: str) -> bool:
         """True when ``name`` is stored in an FP8 dtype."""
         return self._index[name][2].startswith("F8_")
+
+    def fp8_block(self, name: str) -> tuple[int, int] | None:
+        """The rows x columns each scale factor of FP8 tensor ``name`` covers (the whole
+        tensor for a per-tensor scale, ``(1, cols)`` per row); None when ``name`` is not FP8
+        or has no scale companion."""
+        scale_name = name + SCALE_SUFFIX
+        if not self.is_fp8(name) or scale_name not in self._index:
+            return None
+        return self._block_of(name, self.shape(name), self.shape(scale_name))
 
     def read(self, name: str, dim: int | None = None, start: int = 0,
              stop: int | None = None) -> torch.Tensor:
@@ -220,8 +232,8 @@ def fp8_matmul_available(device: str | torch.device) -> bool:
     """Whether ``device`` could multiply FP8 weights without dequantizing them first: a CUDA
     GPU of compute capability 8.9 or newer (Ada, Hopper) and a torch with ``_scaled_mm``.
 
-    The engine does not use this yet (it dequantizes at load on every device): it is where a
-    resident-FP8 path would branch. Untested on a GPU.
+    ``Plan.fp8 = "auto"`` keeps FP8 weights where this is true (``fabric.engine.fp8``,
+    which also allows ``keep`` on CPUs for tests). Untested on a GPU here.
     """
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available() or not hasattr(torch, "_scaled_mm"):

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from fabric.engine.checkpoint import SafetensorsReader, io_read_bytes
+from fabric.engine import fp8 as fp8_weights
+from fabric.engine.checkpoint import Fp8Slice, SafetensorsReader, io_read_bytes
 from fabric.engine.model import StageModel, TensorParallel
 from fabric.engine.partition import RankShard, TensorSlice, plan_ranks
 from fabric.errors import DeploymentError
@@ -36,7 +37,10 @@ class LoadReport:
     """Bytes the process read from files meanwhile (``/proc/self/io`` rchar), config included."""
     seconds: float
     shard_bytes: int
-    """Size of the tensors this rank owns."""
+    """Size of the tensors this rank owns (as held: FP8 kept at one byte a value)."""
+    fp8: str = ""
+    """What was done with FP8 weights: ``keep`` or ``dequantize`` ("" : the checkpoint had
+    none)."""
 
 
 def load_config(folder: Path) -> Any:
@@ -59,27 +63,72 @@ def rank_shards(folder: Path, config: Any, pp: int, tp: int, balance: str = "par
 
 def build_stage(folder: Path, rank: int, pp: int, tp: int, dtype: str,
                 comm: TensorParallel | None, shard_dir: Path | None = None,
-                device: str = "cpu", balance: str = "params", ep: int = 1
+                device: str = "cpu", balance: str = "params", ep: int = 1,
+                fp8: str = "auto", fp8_method: str = "scaled_mm"
                 ) -> tuple[StageModel, LoadReport]:
     """This rank's stage model, materialised from its share of the weights on ``device``
     (``balance``: how the plan spreads layers over stages, ``partition.stage_costs``; ``ep``:
-    expert groups per stage, ``fabric.engine.experts``)."""
+    expert groups per stage, ``fabric.engine.experts``; ``fp8``: the plan's FP8 mode,
+    ``fabric.engine.fp8.resolve_mode``; ``fp8_method``: how kept weights multiply,
+    ``Fp8Linear``)."""
     t0, io0 = time.perf_counter(), io_read_bytes()
     config = load_config(shard_dir or folder)
+    kept: dict[str, Fp8Slice] = {}
     if shard_dir is not None:
         shard, reader, names = _from_shard_dir(shard_dir, config, rank, pp, tp, balance, ep)
-        tensors = {n: reader.read(n) for n in names}
+        mode = _fp8_mode(reader, fp8, device)
+        model = StageModel(config, shard, comm, device)
+        if mode == "keep":  # a shard file holds its slices whole: nothing to align
+            kept = {n: reader.read_fp8(n).to(device) for n in names
+                    if reader.is_fp8(n) and fp8_weights.keep_target(model, n)}
+        tensors = {n: reader.read(n) for n in names if n not in kept}
     else:
-        shard = rank_shards(folder, config, pp, tp, balance, ep)[rank]
+        shards = rank_shards(folder, config, pp, tp, balance, ep)
+        shard = shards[rank]
         reader = SafetensorsReader.from_folder(folder, dequant_dtype=DTYPES[dtype])
-        tensors = {s.name: reader.read(s.name, s.dim, s.start, s.stop) for s in shard.slices}
+        mode = _fp8_mode(reader, fp8, device)
+        model = StageModel(config, shard, comm, device)
+        if mode == "keep":
+            _check_blocks(reader, shards)  # every rank's slices: all ranks refuse alike
+            kept = {s.name: reader.read_fp8(s.name, s.dim, s.start, s.stop).to(device)
+                    for s in shard.slices
+                    if reader.is_fp8(s.name) and fp8_weights.keep_target(model, s.name)}
+        tensors = {s.name: reader.read(s.name, s.dim, s.start, s.stop) for s in shard.slices
+                   if s.name not in kept}
     reader.close()
-    model = StageModel(config, shard, comm, device)
+    fp8_weights.install(model, kept, fp8_method)
     model.load(tensors, DTYPES[dtype])
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    size = sum(t.numel() * t.element_size() for t in tensors.values()) + sum(
+        p.data.numel() * p.data.element_size() + p.scale.numel() * 4 for p in kept.values())
     report = LoadReport(rank, reader.bytes_read, io_read_bytes() - io0,
-                        time.perf_counter() - t0, size)
+                        time.perf_counter() - t0, size, mode)
     return model, report
+
+
+def _fp8_mode(reader: SafetensorsReader, requested: str, device: str) -> str:
+    """The plan's FP8 mode resolved for ``device``; "" when the checkpoint has no FP8 tensor
+    (then ``keep`` is not refused anywhere: there is nothing to keep)."""
+    if not any(reader.is_fp8(n) for n in reader.names()):
+        return ""
+    try:
+        return fp8_weights.resolve_mode(requested, device)
+    except BaseException:
+        reader.close()
+        raise
+
+
+def _check_blocks(reader: SafetensorsReader, shards: list[RankShard]) -> None:
+    """Refuse the plan if any rank's slice of a block-scaled FP8 layer weight cuts a block."""
+    try:
+        for shard in shards:
+            for s in shard.slices:
+                block = reader.fp8_block(s.name)
+                if block is not None and s.name.startswith("model.layers."):
+                    fp8_weights.check_aligned(s.name, reader.shape(s.name), block, s.dim,
+                                              s.start, s.stop, shard.rank)
+    except BaseException:
+        reader.close()
+        raise
 
 
 def _from_shard_dir(shard_dir: Path, config: Any, rank: int, pp: int, tp: int, balance: str,

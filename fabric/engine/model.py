@@ -27,6 +27,7 @@ from torch import nn
 
 from fabric.engine.attention import SeqCache, attend
 from fabric.engine.families import AttentionSpec, attention_spec
+from fabric.engine.fp8 import Fp8Linear
 from fabric.engine.moe import attach_moe, combine
 from fabric.engine.partition import RankShard, vocab_slices
 from fabric.engine.steps import HookSpec, StepPlan
@@ -206,6 +207,12 @@ class StageModel(nn.Module):
         return any(layer.moe_name for layer in self.layers.values())
 
     @property
+    def kept_fp8(self) -> bool:
+        """Whether some projections hold FP8 weights (``fabric.engine.fp8``; no decode fast
+        path: it reads plain weight matrices)."""
+        return any(isinstance(m, Fp8Linear) for m in self.modules())
+
+    @property
     def kv_layout(self) -> KVLayout:
         """What one sequence's cache on this rank looks like (after ``load``)."""
         return KVLayout(len(self.shard.layers), self.shard.kv_heads, self.head_dim, self.dtype,
@@ -237,9 +244,9 @@ class StageModel(nn.Module):
         did. Whole models only; the first call re-lays the weights, later ones return the same.
         """
         if self._fused is None:
-            if not self.whole or self.sparse:
+            if not self.whole or self.sparse or self.kept_fp8:
                 raise ValueError("fused weights need the whole of a dense model on one rank "
-                                 "(pp=1, tp=1)")
+                                 "(pp=1, tp=1), not kept in FP8")
             assert self.embed_tokens is not None and self.norm is not None
             assert self.lm_head is not None
             self._fused = FusedWeights(
@@ -374,7 +381,7 @@ class StageModel(nn.Module):
         k = k * c + rotate_half(k) * s_
         out = attend(index - self.shard.layers.start, plan, caches, q, k, v, attn.window)
         self._apply_hooks(plan, index, "ablate_heads", out)
-        o = self._reduce(F.linear(out.view(t, -1), attn.o_proj.weight))
+        o = self._reduce(_no_bias(attn.o_proj, out.view(t, -1)))
         if attn.o_proj.bias is not None:
             o = o + attn.o_proj.bias
         x = x + o
@@ -431,6 +438,13 @@ class StageModel(nn.Module):
                 if value is not None:
                     plan.captures.setdefault(s.seq_id, {})[hs_index] = value
             offset += s.n
+
+
+def _no_bias(linear: Any, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` without the layer's bias (added once, after the tp all-reduce)."""
+    if isinstance(linear, Fp8Linear):
+        return linear.matmul(x)
+    return F.linear(x, linear.weight)
 
 
 def _fuse_layer(layer: Any) -> LayerWeights:

@@ -25,6 +25,7 @@ from fabric.engine.dist import RankInfo, init_groups, rank_from_env
 from fabric.engine.engine import Engine, StepExecutor
 from fabric.engine.experts import sparse_layers
 from fabric.engine.families import attention_spec
+from fabric.engine.fp8 import weight_bytes
 from fabric.engine.frontend import Frontend
 from fabric.engine.graphs import GraphOptions
 from fabric.engine.launch import ServerLaunchConfig, select_accelerator, threads_per_rank
@@ -104,6 +105,7 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
     head_info = {"pid": os.getpid(), "state": "loading", "address": None, "public_key": None}
     if info.is_head:
         write_info(cfg, head_info)
+    fp8_mode = ""
     if cfg.model.family == "embedding":
         from fabric.engine.encoder import EncoderExecutor
 
@@ -115,22 +117,27 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
         model, report = build_stage(Path(cfg.weights_path), info.rank, info.pp, info.tp,
                                     cfg.plan.dtype, groups.tp_comm(),
                                     Path(cfg.shard_dir) if cfg.shard_dir else None,
-                                    device, cfg.plan.balance, cfg.plan.ep)
-        _wrap_deepspeed(model, DTYPES[cfg.plan.dtype])
-        # The decode fast path fuses dense MLPs only: mixtures of experts run eagerly.
-        stage = StageRunner(model, None if model.sparse else _fast_path(cfg, info))
-        log.info("rank %d loaded %d bytes in %.2f s", info.rank, report.bytes_read,
-                 report.seconds)
+                                    device, cfg.plan.balance, cfg.plan.ep, cfg.plan.fp8)
+        if not model.kept_fp8:  # init_inference casts every tensor, FP8 buffers included
+            _wrap_deepspeed(model, DTYPES[cfg.plan.dtype])
+        # The decode fast path fuses plain dense weights only: mixtures of experts and kept
+        # FP8 weights run eagerly.
+        eager = model.sparse or model.kept_fp8
+        stage = StageRunner(model, None if eager else _fast_path(cfg, info))
+        log.info("rank %d loaded %d bytes in %.2f s (fp8: %s)", info.rank, report.bytes_read,
+                 report.seconds, report.fp8 or "none in checkpoint")
+        # Recorded from what the model holds, not from what was asked.
+        fp8_mode = "keep" if weight_bytes(model)["fp8"] else report.fp8 and "dequantize"
         config = model.config
         if not info.is_head:
             worker_loop(info, groups, stage, handoff)
             return "stopped"
         executor = Pipeline(info, groups, stage, cfg.server.micro_batches, handoff)
-    return _serve_head(cfg, info, executor, config, head_info)
+    return _serve_head(cfg, info, executor, config, head_info, fp8_mode)
 
 
 def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor, config: Any,
-                head_info: dict[str, Any]) -> str:
+                head_info: dict[str, Any], fp8_mode: str = "") -> str:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.weights_path)
@@ -154,10 +161,12 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor,
         kv_budget=s.kv_budget_tokens, causal=causal, kv_window=window,
         sparse_layers=sparse_layers(config)))
     extra = {"model": identity, "plan": {"pp": info.pp, "tp": info.tp, "ep": cfg.plan.ep,
-                                         "dtype": cfg.plan.dtype},
+                                         "dtype": cfg.plan.dtype, "fp8": fp8_mode},
              "deployment_id": cfg.deployment_id}
+    # The FP8 mode as resolved on this node (``auto`` differs by GPU): it changes the logits.
     record = server_record(cfg.model.name, cfg.model.version, cfg.sha256,
-                           cfg.plan.model_dump(), cfg.deployment_id)  # once per server
+                           {**cfg.plan.model_dump(), "fp8": fp8_mode},
+                           cfg.deployment_id)  # once per server
     engine = Engine(executor, tok, limits, {**identity, "provenance": record}, eos_ids,
                     config.num_hidden_layers,
                     emit=lambda rid, msg: None)  # replaced once the front door is bound

@@ -116,7 +116,8 @@ class ServerHandle:
 
 
 def launch_server(root: Path, weights_dir: Path, pp: int, tp: int, name: str,
-                  family: str = "causal-lm", ep: int = 1, **overrides: Any) -> ServerHandle:
+                  family: str = "causal-lm", ep: int = 1, fp8: str = "auto",
+                  **overrides: Any) -> ServerHandle:
     """Start one server job and wait until it is ready (or fail with its reason)."""
     from fabric.weights import prepare
 
@@ -128,8 +129,8 @@ def launch_server(root: Path, weights_dir: Path, pp: int, tp: int, name: str,
     state = root / "state"
     state.mkdir(exist_ok=True)
     server = ServerConfig(**{**DEFAULTS, **overrides})
-    launch = prepare_server_launch(folder.name, entry, weights, Plan(pp=pp, tp=tp, ep=ep), server,
-                                   state, folder)
+    plan = Plan(pp=pp, tp=tp, ep=ep, fp8=fp8)  # type: ignore[arg-type]  # checked by pydantic
+    launch = prepare_server_launch(folder.name, entry, weights, plan, server, state, folder)
     cfg = launch.config
     jobs = JobsConfig(provider=TypedSpec(type="LocalProvider"),
                       launcher=TypedSpec(type="SingleNodeLauncher"), walltime="02:00:00")
@@ -162,14 +163,16 @@ ServerFactory = Callable[..., ServerHandle]
 
 @pytest.fixture(scope="session")
 def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
-    """Factory: ``model_server(weights_dir, pp=1, tp=1, name="tiny", ep=1,
+    """Factory: ``model_server(weights_dir, pp=1, tp=1, name="tiny", ep=1, fp8="auto",
     **server_overrides)``."""
     root = tmp_path_factory.mktemp("servers")
     live: OrderedDict[tuple[Any, ...], ServerHandle] = OrderedDict()
 
     def factory(weights_dir: Path, pp: int = 1, tp: int = 1, name: str = "tiny",
-                family: str = "causal-lm", ep: int = 1, **overrides: Any) -> ServerHandle:
-        key = (str(weights_dir), pp, tp, ep, name, family, tuple(sorted(overrides.items())))
+                family: str = "causal-lm", ep: int = 1, fp8: str = "auto",
+                **overrides: Any) -> ServerHandle:
+        key = (str(weights_dir), pp, tp, ep, fp8, name, family,
+               tuple(sorted(overrides.items())))
         handle = live.get(key)
         if handle is not None and handle.alive():
             live.move_to_end(key)
@@ -180,7 +183,8 @@ def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFac
         while len(live) >= MAX_LIVE:
             _, old = live.popitem(last=False)
             old.stop()
-        handle = launch_server(root, Path(weights_dir), pp, tp, name, family, ep, **overrides)
+        handle = launch_server(root, Path(weights_dir), pp, tp, name, family, ep, fp8,
+                               **overrides)
         live[key] = handle
         return handle
 
