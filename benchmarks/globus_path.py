@@ -223,7 +223,9 @@ class TaskTrace:
     def phases(self) -> dict[str, Any]:
         """Per function, medians (s) of: call -> the service has the task (Executor queue,
         batching, rate limit, HTTP); at the site (AMQP to the user endpoint, engine, the
-        function incl. any hold, result back to the service); service -> the caller's future
+        function incl. any hold, result back to the service), of which ``to_worker`` (service
+        -> a worker starts it) and ``run`` (the function itself, from the Result's own task
+        transitions); service -> the caller's future
         (AMQP to the task-group queue, the Executor's result watcher, which matches results
         every 0.5 s); and the whole client round trip."""
         rows: dict[str, dict[str, list[float]]] = {}
@@ -231,15 +233,35 @@ class TaskTrace:
             task = self.service.tasks.get(str(rec.get("task_id")))
             if task is None or "t_done" not in rec or getattr(task, "finished", None) is None:
                 continue
-            row = rows.setdefault(rec["fn"], {"to_service": [], "at_site": [],
-                                              "back_to_client": [], "round_trip": []})
+            row = rows.setdefault(rec["fn"], {"to_service": [], "at_site": [], "to_worker": [],
+                                              "run": [], "back_to_client": [],
+                                              "round_trip": []})
             row["to_service"].append(task.created - rec["t_call"])
             row["at_site"].append(task.finished - task.created)
+            worker = _worker_times(task.result)
+            if worker is not None:
+                row["to_worker"].append(worker[0] - task.created)
+                row["run"].append(worker[1] - worker[0])
             row["back_to_client"].append(rec["t_done"] - task.finished)
             row["round_trip"].append(rec["t_done"] - rec["t_call"])
         return {fn: {"n": len(r["round_trip"]),
-                     **{k: round(common.median(v), 3) for k, v in r.items()}}
+                     **{k: round(common.median(v), 3) for k, v in r.items() if v}}
                 for fn, r in rows.items()}
+
+
+def _worker_times(packed: bytes | None) -> tuple[float, float] | None:
+    """When the site's worker began and ended the task (the Result's own task transitions,
+    epoch seconds), if it says."""
+    from globus_compute_common import messagepack
+
+    try:
+        marks = {str(t.state.value): t.timestamp / 1e9
+                 for t in messagepack.unpack(packed).task_statuses or []}  # type: ignore[union-attr]
+    except Exception:
+        return None
+    if "execution-start" in marks and "execution-end" in marks:
+        return marks["execution-start"], marks["execution-end"]
+    return None
 
 
 def _time_service_results() -> None:
