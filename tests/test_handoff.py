@@ -169,6 +169,30 @@ def test_a_lone_short_request_is_answered_by_its_admission(
     assert transport.counts == {"open_stream": 1}, transport.counts
 
 
+def test_a_polled_streams_admission_brings_its_first_tokens(
+        polled: tuple[Fabric, CountingTransport],
+        direct: tuple[Fabric, CountingTransport]) -> None:
+    """A polled stream's admission is held until its first events and carries them back
+    (one task round trip to the first token behind Globus Compute, not two); the stream then
+    goes on from that cursor with nothing repeated or lost."""
+    from fabric.client.checks import build_request, sampling
+
+    fab, transport = polled
+    want = direct[0].generate("Tell me about tides", model=TINY_MODEL, max_tokens=64)
+    request = build_request("generate", model=TINY_MODEL, version=None,
+                            prompt="Tell me about tides",
+                            sampling=sampling(64, 0.0, 1.0, 0, None, (), False),
+                            timeout=None, hooks=None)
+    info = transport.submit(functions.open_stream, request.model_dump(mode="json"), None,
+                            "poll", 5.0, True).result(timeout=60)
+    inline = [int(t) for e in info["events"] for t in e.get("token_ids") or []]
+    assert inline and inline == want.token_ids[:len(inline)]
+    assert info["cursor"] >= 1
+    with fab.stream("Tell me about tides", model=TINY_MODEL, max_tokens=64) as s:
+        text = "".join(s)
+    assert s.token_ids == want.token_ids and text == want.text
+
+
 def test_status_shows_the_workers_running(local_site: Any) -> None:
     """``fabric endpoint status`` counts the workers the engine's pool reports, not the
     configured number (2 here; the pool may still be starting right after the site)."""

@@ -269,8 +269,12 @@ class Fabric:
         mode = "direct" if transport.can_reach_servers else "poll"
         from fabric.wire.functions import open_stream
 
+        # A polled stream's admission is held at the site until its first events, which come
+        # back with it: its first token then costs one task round trip, not two.
+        hold = STREAM_HOLD_S if mode == "poll" else 0.0
         info = self._path.wait(
-            transport.submit(open_stream, request.model_dump(mode="json"), self.auth, mode),
+            transport.submit(open_stream, request.model_dump(mode="json"), self.auth, mode,
+                             hold, mode == "poll"),
             request.model, request.version,
         )
         source: EventSource
@@ -498,6 +502,8 @@ class Fabric:
         return result
 
 
+STREAM_HOLD_S = 5.0
+"""How long a site may hold a polled stream's admission for its first events."""
 FAILOVER_SILENCE_S = 0.5
 """Before its first token, a federated stream's silence after which its server is asked for
 its health ..."""

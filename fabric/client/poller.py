@@ -101,9 +101,15 @@ class Poller:
 
     def track(self, info: dict[str, Any], model: str, *, events: bool) -> Tracked:
         """Follow the request ``open_stream`` (mode ``poll``) admitted; ``events`` for a
-        stream (its tokens as they come), else only its final result."""
+        stream (its tokens as they come), else only its final result. Events, a result or an
+        error the admission brought inline are delivered first."""
         tracked = Tracked(str(info["request_id"]), model, str(info["ticket"]),
                           int(info.get("cursor") or 0), events)
+        if info.get("events") or info.get("done") or info.get("error"):
+            # What the admission brought inline (``open_stream``'s hold) comes first.
+            _deliver(tracked, info)
+            if info.get("done") or info.get("error"):
+                return tracked
         with self._cond:
             if self._closed:
                 raise EndpointError("the poller is closed")

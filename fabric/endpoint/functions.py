@@ -95,14 +95,16 @@ def _serve(ctx: SiteContext, model: str, version: str | None, identity: str, req
 
 @endpoint_function("model")
 def open_stream(request: dict[str, Any], auth: Any = None, mode: str = "direct",
-                hold_s: float = 0.0) -> dict[str, Any]:
+                hold_s: float = 0.0, first_events: bool = False) -> dict[str, Any]:
     """Admit a request and hand it off: a warm server and a ticket for this request id.
 
     ``direct``: the client submits to the server itself (address, key, ticket returned).
     ``poll``: the request is submitted here and the server buffers its events for
     ``poll_requests``/``poll_stream``. ``hold_s`` (poll only, at most ``MAX_HOLD_S``): wait
     that long here for the result, returned inline (``done``) if it came: a lone short request
-    then costs one task, not an admission and a poll.
+    then costs one task, not an admission and a poll. ``first_events`` (a stream): hold only
+    until its first events and return them inline (``events``), so a remote stream's first
+    token costs one task round trip, not an admission's and then a poll's.
     """
     from fabric import tickets
     from fabric.protocol import validate_request
@@ -130,7 +132,8 @@ def open_stream(request: dict[str, Any], auth: Any = None, mode: str = "direct",
             # Detached: the server buffers the events for poll_stream after we disconnect.
             client.submit(req, ticket, stream=False, detach=True)
             if hold_s > 0:
-                info.update(_hold(client, req.request_id, ticket, min(hold_s, MAX_HOLD_S)))
+                info.update(_hold(client, req.request_id, ticket, min(hold_s, MAX_HOLD_S),
+                                  bool(first_events)))
     # Tokens are recorded from the server's own tally of this accounted ticket (however the
     # client reads them: direct, long-poll or held here), never from a result passing by.
     with contextlib.suppress(Exception):  # earlier streams' tokens; the reaper retries
@@ -138,20 +141,27 @@ def open_stream(request: dict[str, Any], auth: Any = None, mode: str = "direct",
     return info
 
 
-def _hold(client: Any, request_id: str, ticket: str, hold_s: float) -> dict[str, Any]:
+def _hold(client: Any, request_id: str, ticket: str, hold_s: float,
+          first_events: bool = False) -> dict[str, Any]:
     """The request's final word if it comes within ``hold_s`` (else nothing: the client
-    polls for it), and the cursor reached."""
+    polls for it), and the cursor reached; with ``first_events``, also (and no later than)
+    the first events, under ``events``."""
     import time
 
     deadline = time.monotonic() + hold_s
     cursor = 0
+    events: list[dict[str, Any]] = []
     while (left := deadline - time.monotonic()) > 0:
-        reply = client.poll(request_id, ticket, cursor, left, final=True)
+        reply = client.poll(request_id, ticket, cursor, left, final=not first_events)
         cursor = int(reply.get("cursor", cursor))
+        if first_events:
+            events.extend(reply.get("events") or [])
         if reply.get("done"):
             return {"done": True, "cursor": cursor, "result": reply.get("result"),
-                    "error": reply.get("error")}
-    return {"cursor": cursor}
+                    "error": reply.get("error"), "events": events}
+        if events:
+            break
+    return {"cursor": cursor, "events": events}
 
 
 def _server_for(ctx: SiteContext, model: str) -> Any:

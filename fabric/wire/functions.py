@@ -110,7 +110,8 @@ def _fn(module: str, name: str, *params: str, runs_code: bool = False) -> Endpoi
 
 run_request = _fn(FUNCTIONS_MODULE, "run_request", "request", "auth")
 run_requests = _fn(FUNCTIONS_MODULE, "run_requests", "requests", "auth")
-open_stream = _fn(FUNCTIONS_MODULE, "open_stream", "request", "auth", "mode", "hold_s")
+open_stream = _fn(FUNCTIONS_MODULE, "open_stream", "request", "auth", "mode", "hold_s",
+                  "first_events")
 poll_stream = _fn(FUNCTIONS_MODULE, "poll_stream", "model", "request_id", "ticket", "cursor",
                   "wait_s", "auth")
 poll_requests = _fn(FUNCTIONS_MODULE, "poll_requests", "polls", "wait_s", "statuses", "auth")
