@@ -10,8 +10,9 @@ audit events and its own TCP sockets in ``/proc/net/tcp``, ZMQ's included); and 
 node that dies mid-stream gives the client a typed error, the deployment turns dead and the
 next request relaunches it on the node that remains.
 
-(A walltime expiry in the middle of a campaign is not here yet: commit c1a47b1 of the branch
-`cluster` has a version whose expiry, in its one run, landed only after the campaign ended.)
+A walltime expiry in the middle of a campaign: the server's job gets its time limit cut below
+its elapsed time (``scontrol update``) once the campaign has written some results, so Slurm's own
+time-limit check ends it as ``TIMEOUT`` while the campaign still has most of its work to do.
 
 The laptop reaches the site through the site's Unix socket (the hosts share a file system);
 what crosses the network from the laptop is nothing at all, which is the point checked.
@@ -33,7 +34,7 @@ import pytest
 
 from fabric.endpoint.state import Deployment, StateDB
 from fabric.testing.netns_cluster import COMPUTE_ADDRS, LOGIN_ADDR, SUBNET, Host
-from tests.plugins.site import REPO_ROOT, TINY_MODEL, write_site
+from tests.plugins.site import REPO_ROOT, TINY_MODEL, wait_until, write_site
 from tests.plugins.slurm import SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -243,3 +244,144 @@ def test_a_compute_node_dies_mid_stream(login_sites: Any, slurm: SlurmCluster,
         while not slurm.hosts.node_states().get(victim, "").startswith("idle") \
                 and time.monotonic() < deadline:
             time.sleep(1.0)
+
+
+def _elapsed_s(slurm: SlurmCluster, job: str) -> int:
+    """A running job's elapsed time from squeue (``%M``: [[D-]H:]M:SS), 0 when not running."""
+    text = slurm.squeue("-h", "-t", "R", "-j", job, "-o", "%M").strip()
+    if not text:
+        return 0
+    days, _, clock = text.rpartition("-")
+    seconds = 0
+    for part in clock.split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds + int(days or 0) * 86400
+
+
+def _job_state(slurm: SlurmCluster, job: str) -> str:
+    return slurm.squeue("-h", "-t", "all", "-j", job, "-o", "%T").strip()
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+WALLTIME_WORK_S = 100.0
+"""Serving time the campaign is sized for (at the rate measured just before): Slurm ends the
+job at most ~35 s after its limit is cut (time limits are checked every 30 s, then KillWait)."""
+
+
+def _long_inputs(folder: Path) -> None:
+    """Give each input of ``folder/in.jsonl`` its own length, 200-480 new tokens: a request
+    outlasts KillWait (5 s), and shards do not end together, so the server is never idle when
+    Slurm's SIGTERM comes and the SIGKILL cuts requests mid-generation."""
+    path = folder / "in.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, line in enumerate(lines):
+        line["max_tokens"] = 200 + (i * 37) % 281
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_walltime_expiry_mid_campaign_loses_nothing(login_sites: Any, slurm: SlurmCluster,
+                                                    tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """The tiny model's server runs as a Slurm job on a compute node. A campaign with
+    ``max_attempts: 1`` (an input's failure is final) runs against it; once it has written
+    some results, the job's time limit is cut below its elapsed time, and Slurm ends it as
+    TIMEOUT at its next check (SIGTERM, then SIGKILL after KillWait), cutting requests
+    mid-generation. Checked on what the campaign wrote and what Slurm says: the job timed out
+    while the campaign ran (results from the expired server and from its relaunch), every
+    input has exactly one output line and none an error line, and a shard the expiry cut
+    finished on the relaunched server (its inputs in flight were resent, not failed)."""
+    from fabric.campaign import store
+    from fabric.campaign.api import Campaign
+    from fabric.endpoint.deployments import DeploymentManager
+    from fabric.sites import load_site
+    from tests.test_campaign_site import audit_counts, invariant, make_campaign
+
+    site = login_sites({"pp": 1}, tiny=tiny_llama_dir)
+    config = load_site(site.folder)
+    mgr = DeploymentManager(config, site.state_dir)  # a worker of the same site (state dir)
+    first = mgr.ensure(config.extra_models[0], wait_s=240)
+    assert first.job_id
+    shape: dict[str, Any] = {"shard_size": 20, "max_attempts": 1,
+                             "sampling": {"max_tokens": 200, "temperature": 0.0}}
+    # Slurm counts limits in whole minutes: the job must have run more than one before its
+    # limit can be cut below its elapsed time. A warm-up campaign of the same shape fills
+    # that minute and measures the rate the real one is sized by.
+    (tmp_path / "warm").mkdir()
+    started = time.monotonic()
+    warm_manifest = make_campaign(tmp_path / "warm", site, 40, name="warm", **shape)
+    _long_inputs(tmp_path / "warm")  # before create, which reads the inputs
+    warm = store.create(warm_manifest, tmp_path / "home")
+    warm_run = Campaign(warm).start()
+    try:
+        assert warm_run.wait(timeout=150)["status"] == "done"
+    finally:
+        warm_run.stop()  # on failure too: a runner left going would restart the stopped site
+    rate = 40 / (time.monotonic() - started)
+    deadline = time.monotonic() + 90
+    while _elapsed_s(slurm, first.job_id) < 62:
+        assert time.monotonic() < deadline, slurm.squeue("-t", "all")
+        time.sleep(0.5)
+
+    n = max(160, min(2000, int(rate * WALLTIME_WORK_S) // 20 * 20))
+    manifest = make_campaign(tmp_path, site, n, name="wall", **shape)
+    _long_inputs(tmp_path)
+    folder = store.create(manifest, tmp_path / "home")
+    results = Path(store.load(folder).output) / store.RESULTS
+    campaign = Campaign(folder).start()
+    try:
+        wait_until(lambda: len(_lines(results)) >= 20, 150, "the campaign's first results")
+        before = len(_lines(results))
+        cut_at = time.monotonic()
+        # below its elapsed time: Slurm's next time-limit check (within 30 s) ends the job
+        proc = subprocess.run(["scontrol", "update", f"JobId={first.job_id}", "TimeLimit=1"],
+                              capture_output=True, text=True, check=False,
+                              env={**os.environ, "SLURM_CONF": str(slurm.conf)})
+        assert proc.returncode == 0, proc.stderr
+        wait_until(lambda: _job_state(slurm, first.job_id) == "TIMEOUT", 75,
+                   "Slurm to end the job at its (cut) time limit")
+        ended_s = time.monotonic() - cut_at
+        at_expiry = len(_lines(results))
+        status = campaign.wait(timeout=300)
+    finally:
+        campaign.stop()
+    assert status["status"] == "done", status
+
+    # Slurm's record: squeue (MinJobAge keeps it) and sacct's job completion log
+    assert _job_state(slurm, first.job_id) == "TIMEOUT"
+    acct = subprocess.run(["sacct", "-c", "-n", "-P", "-j", first.job_id, "-o", "JobID,State"],
+                          capture_output=True, text=True, check=False,
+                          env={**os.environ, "SLURM_CONF": str(slurm.conf)})
+    assert f"{first.job_id}|TIMEOUT" in acct.stdout.split(), (acct.stdout, acct.stderr)
+
+    # exactly one line per input, all outputs, none an error
+    out, err = invariant(folder, n)
+    assert not err, [(e["custom_id"], e["error"]) for e in err[:3]]
+    assert len(out) == n
+    # the expiry came mid-campaign: results before it and after it, from both servers
+    assert 20 <= before <= at_expiry < n, (before, at_expiry, n)
+    by_dep: dict[str, set[str]] = {}
+    for rec in out:
+        by_dep.setdefault(rec["provenance"]["deployment_id"], set()).add(rec["custom_id"])
+    assert first.id in by_dep and len(by_dep) >= 2, {k: len(v) for k, v in by_dep.items()}
+    # the expired deployment is dead; its successor ran in another job
+    deps = {d.id: d for d in site.deployments(TINY_MODEL)}
+    assert deps[first.id].state == "dead", deps[first.id]
+    later = [deps[d] for d in by_dep if d != first.id]
+    assert all(d.job_id and d.job_id != first.job_id for d in later), later
+    # the expiry cut shards: inputs served by the expired server and the rest by its relaunch,
+    # in the same shard and attempt. A shard sends all its inputs at once (concurrency 64 >=
+    # shard_size, the server queues 256), so the relaunch's share were in flight at the expiry.
+    shards: dict[str, set[str]] = {}
+    for rec in out:
+        shards.setdefault(rec["shard"], set()).add(rec["provenance"]["deployment_id"])
+    cut = [s for s, d in shards.items() if len(d) > 1 and first.id in d]
+    resent = [r for r in out if r["shard"] in cut and r["provenance"]["deployment_id"] != first.id]
+    print(json.dumps({"inputs": n, "results_at_cut": before, "results_at_timeout": at_expiry,
+                      "timeout_after_cut_s": round(ended_s, 1), "campaign_s": status["elapsed_s"],
+                      "shards_cut": len(cut), "inputs_resent": len(resent)}))
+    assert cut and resent, {s: sorted(d) for s, d in shards.items()}
+    assert all(rec["attempt"] == 1 for rec in out)
+    # and the site ran each input once (its own audit file)
+    assert set(audit_counts(site.state_dir, "wall").values()) == {1}

@@ -65,7 +65,7 @@ def test_cuda_plan_on_a_gpu_gets_deepspeeds_cuda_accelerator() -> None:
 
 def test_the_rank_command_sets_threads_and_no_accelerator() -> None:
     cmd = server_command(Path("/tmp/x/launch.json"), 3, python="py")
-    assert cmd.startswith("OMP_NUM_THREADS=3 py -m fabric.engine.server /tmp/x/launch.json")
+    assert cmd.startswith("OMP_NUM_THREADS=3 exec py -m fabric.engine.server /tmp/x/launch.json")
     assert "DS_ACCELERATOR" not in cmd
 
 

@@ -33,6 +33,8 @@ def test_conf_gives_each_compute_node_its_own_address(tmp_path: Path) -> None:
     assert f"SlurmctldHost=login({nc.LOGIN_ADDR})" in conf
     assert "SlurmdPidFile=" in conf and "%n" in conf.split("SlurmdPidFile=")[1].split()[0]
     assert "JobRequeue=0" in conf  # a dead node's job ends; the fabric relaunches, not Slurm
+    # every job's end is logged, so `sacct -c` (no slurmdbd here) can say how it ended
+    assert "JobCompType=jobcomp/filetxt" in conf and f"JobCompLoc={tmp_path}/log/" in conf
 
 
 def test_host_prefix_enters_the_namespace_with_its_hostname() -> None:

@@ -15,6 +15,7 @@ from fabric.endpoint.schedulers import (
     LocalJobs,
     PBSPro,
     Slurm,
+    clock_seconds,
     parse_qstat_json,
     parse_queue_order,
     parse_sacct,
@@ -49,6 +50,19 @@ def test_squeue_states_reasons_and_estimates() -> None:
     running = views["4098"]
     assert running.time_left == "52:17" and running.estimated_start is None  # started already
     assert views["4097"].reason == "TimeLimit"
+
+
+def test_time_left_in_seconds_tells_a_job_at_its_walltime() -> None:
+    views = parse_squeue(read("squeue_jobs.txt"))
+    assert clock_seconds(views["4098"].time_left) == 52 * 60 + 17
+    assert clock_seconds(views["4101"].time_left) == 3600
+    assert clock_seconds(views["4097"].time_left) == 0  # TIMEOUT: none left
+    assert clock_seconds(views["4099"].time_left) == 4 * 60 + 59  # cancelled, not timed out
+    running = parse_qstat_json(read("qstat_running.json"))
+    assert {clock_seconds(v.time_left) for v in running.values()} >= {47 * 60 + 26}
+    assert clock_seconds("1-02:00:00") == 93600
+    for text in ("UNLIMITED", "INVALID", "N/A", "", None, "1:2:3:4", "x-1:00"):
+        assert clock_seconds(text) is None, text
 
 
 def test_queue_positions_count_within_the_partition() -> None:

@@ -32,6 +32,7 @@ from typing import Any
 
 from fabric import tickets
 from fabric.catalog import CatalogEntry
+from fabric.endpoint.schedulers import clock_seconds
 from fabric.endpoint.state import LIVE_STATES, Deployment, StateDB
 from fabric.errors import DeploymentError, FabricError
 from fabric.sites import Plan, SiteConfig
@@ -241,6 +242,23 @@ class DeploymentManager:
             return self._reap(dep, f"not ready within {self.site.server.ready_timeout_s:.0f}"
                               " s (server.ready_timeout_s)" + self._log_tail(dep))
         return dep
+
+    def walltime_reached(self, dep: Deployment) -> bool:
+        """True when ``dep``'s job ended at its walltime (the scheduler says ``TIMEOUT``; the
+        ``LocalProvider`` watchdog left its marker) or is being ended for it (still running or
+        completing with no time left). Such a server was stopped by the scheduler, not by a
+        request: what it had in hand may go to its successor."""
+        if _walltime_marker(self.script_dir(), dep.id):
+            return True
+        job = self._job_status(dep)
+        if job is None:
+            return False
+        if job.state.value == "timeout":
+            return True
+        # Slurm keeps a job it is ending COMPLETING (running, to us) until KillWait has
+        # passed; its reason already says TimeLimit and it has no time left.
+        return job.state.value == "running" and (
+            job.reason == "TimeLimit" or clock_seconds(job.time_left) == 0)
 
     def health(self, dep: Deployment) -> dict[str, Any] | None:
         """The server's health reply, or None if it does not answer in time."""

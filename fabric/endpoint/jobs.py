@@ -168,8 +168,14 @@ class JobLauncher:
                 f"echo 'fabric: walltime {self.walltime} reached' >&2; "
                 f"touch {shlex.quote(str(marker))}; kill -TERM 0; }}\n__fabric_wall & wd=$!\n"
                 f"trap 'kill $wd 2>/dev/null' EXIT\n{self._base_init}")
+        # exec: the launcher's per-rank wrapper (srun's or mpiexec's cmd_*.sh, a
+        # SingleNodeLauncher copy) becomes the script, so no shell that dies of the scheduler's
+        # SIGTERM is left between the job and its rank (``server_command``). SimpleLauncher
+        # puts the command in the batch script itself, which must go on after it.
+        run = "" if type(getattr(provider, "launcher", None)).__name__ == "SimpleLauncher" \
+            else "exec "
         try:
-            job_id = self.provider.submit(f'bash {shlex.quote(str(script))} "${{1:-}}"',
+            job_id = self.provider.submit(f'{run}bash {shlex.quote(str(script))} "${{1:-}}"',
                                           ranks // nodes, safe)
         except Exception as exc:  # Parsl's SubmitException carries the scheduler's stderr
             raise DeploymentError(f"{self._kind} submit failed: {exc}", provider=self._kind,

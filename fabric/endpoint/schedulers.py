@@ -115,6 +115,20 @@ def _time(text: str, fmt: str | None = None) -> datetime | None:
     return None
 
 
+def clock_seconds(text: str | None) -> int | None:
+    """Seconds in a scheduler's clock: Slurm's ``[D-][H:]M:SS`` (``52:17``, ``1-02:00:00``)
+    or PBS's ``HH:MM:SS``; None for anything else (``UNLIMITED``, ``N/A``, ``INVALID``)."""
+    days, _, clock = (text or "").strip().rpartition("-")
+    parts = clock.split(":")
+    if not (2 <= len(parts) <= 3 and all(p.isdigit() for p in parts)) \
+            or not (days.isdigit() or days == ""):
+        return None
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return seconds + int(days or 0) * 86400
+
+
 # --- Slurm ---------------------------------------------------------------------------------------
 
 SQUEUE_FORMAT = "%i|%T|%r|%P|%l|%L|%S"

@@ -12,8 +12,9 @@
             refused otherwise         -> that input's typed error (a poison input fails alone)
         wait for each result; silence -> health ping: alive = keep waiting (till the deadline)
         server dead -> inputs it had accepted: ModelServerUnavailable each, never resent (one
-                       of them may have killed it); inputs not yet answered or not yet sent:
-                       sent to a server relaunched once
+                       of them may have killed it), unless its job hit its walltime (the
+                       scheduler killed it: they are resent); inputs not yet answered or
+                       not yet sent: sent to a server relaunched once
     <-- one Outcome per input, in order: its result, or its typed error
 
 A resent input (after a refusal, or to the relaunched server) keeps its request id unless the
@@ -159,7 +160,13 @@ class ServerSession:
             try:
                 self._drive(client, dep, reqs, todo, outcomes, deadline)
             except _ServerLost as lost:
-                self._drop()
+                expired = self._drop()
+                if expired and not relaunched:
+                    # The scheduler ended the server at its walltime: no input killed it, so
+                    # what it had accepted goes to the relaunched server with the rest.
+                    todo.extendleft(reversed(sorted([*lost.accepted, *lost.unanswered])))
+                    relaunched = True
+                    continue
                 for i in lost.accepted:
                     outcomes[i] = Outcome(reqs[i].request_id, error=_lost(lost.cause, dep))
                 if relaunched:  # a second death: the rest fail rather than sink more servers
@@ -283,14 +290,17 @@ class ServerSession:
                                         str(self.deployment.public_key), timeout_s=30.0)
         return self._client, self.deployment
 
-    def _drop(self) -> None:
+    def _drop(self) -> bool:
         """Forget a server that died: the next ``_connect`` relaunches (``ensure`` does once
-        the record says dead)."""
+        the record says dead). True when its job ended at its walltime."""
         self.close()
+        expired = False
         if self.deployment is not None:
             with contextlib.suppress(FabricError):
+                expired = bool(self.ctx.manager.walltime_reached(self.deployment))
                 self.ctx.manager.refresh(self.deployment)
         self.deployment = None
+        return expired
 
 
 def _lost(cause: FabricError, dep: Deployment) -> ModelServerUnavailable:

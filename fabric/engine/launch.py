@@ -132,12 +132,17 @@ def server_command(config_path: Path, threads_per_rank: int, python: str | None 
     thread count oversubscribe the cores and a decode step gets 5-20x slower. Parsl's
     ``SingleNodeLauncher`` passes the copy index as ``$1``; under srun/mpiexec it is empty and
     the rank comes from the launcher's variables.
+
+    ``exec``: the rank replaces the job script's shell, so the scheduler's signals reach it
+    (SIGTERM at walltime, then SIGKILL). A shell left in between dies of the SIGTERM, and a
+    scheduler that tracks a job's processes by parentage (Slurm's ``proctrack/linuxproc``)
+    then loses the orphaned rank, which outlives its job.
     """
     import shlex
     import sys
 
     exe = shlex.quote(python or sys.executable)
-    return (f"{env.OMP_NUM_THREADS.name}={max(1, threads_per_rank)} "
+    return (f"{env.OMP_NUM_THREADS.name}={max(1, threads_per_rank)} exec "
             f"{exe} -m fabric.engine.server {shlex.quote(str(config_path))} "
             "--launch-index ${1:-0}")
 
