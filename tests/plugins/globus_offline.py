@@ -37,7 +37,7 @@ import yaml
 from fabric.sites import ENDPOINTS_DIR
 from fabric.testing import compute_fake, rabbitmq
 from fabric.testing.globus_offline import OfflineGlobus, offline_globus
-from tests.plugins.site import TINY_MODEL, write_site
+from tests.plugins.site import TINY_MODEL, repo_on_pythonpath, write_site
 
 __all__ = ["OfflineGlobus"]  # the tests' type for the fixtures' value
 
@@ -79,8 +79,11 @@ def globus_offline(tmp_path_factory: pytest.TempPathFactory,
     """Broker + fake service + the real endpoint daemon for a rendered site (see module)."""
     _require_broker()
     root = tmp_path_factory.mktemp("globus-offline")
-    with offline_globus(root, lambda ids: _write_site(root / "site", tiny_llama_dir, ids),
-                        name=SITE_NAME) as pair:
+    # For the session: this pair's daemon and the ones started on it later (closed, asserted)
+    # run functions defined in test modules.
+    with repo_on_pythonpath(), offline_globus(
+            root, lambda ids: _write_site(root / "site", tiny_llama_dir, ids),
+            name=SITE_NAME) as pair:
         yield pair
 
 

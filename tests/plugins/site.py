@@ -8,6 +8,7 @@ temp folder. ``local_site`` (session scope) starts the site process once, exactl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -89,6 +90,23 @@ class LocalSite:
                               autostart=False)
 
 
+@contextlib.contextmanager
+def repo_on_pythonpath() -> Iterator[None]:
+    """The repository root on ``PYTHONPATH`` for processes started inside (a site, an
+    endpoint daemon): functions defined in test modules travel by reference, so the workers
+    and user-function processes they start must import ``tests.*`` whatever order the
+    session's fixtures started in."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), old) if p)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
 @pytest.fixture(scope="session")
 def local_site(site_dir: Path) -> Iterator[LocalSite]:
     """The site process (started once per session, stopped with its model servers at the end).
@@ -99,15 +117,8 @@ def local_site(site_dir: Path) -> Iterator[LocalSite]:
     from fabric.client.local import start_site, stop_site
 
     state_dir = site_dir / "state"
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), old) if p)
-    try:
+    with repo_on_pythonpath():
         info = start_site(str(site_dir), state_dir, timeout_s=300)
-    finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
     try:
         yield LocalSite(site_dir, state_dir, info)
     finally:
