@@ -117,8 +117,9 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
                                     Path(cfg.shard_dir) if cfg.shard_dir else None,
                                     device, cfg.plan.balance, cfg.plan.ep)
         _wrap_deepspeed(model, DTYPES[cfg.plan.dtype])
-        # The decode fast path fuses dense MLPs only: mixtures of experts run eagerly.
-        stage = StageRunner(model, None if model.sparse else _fast_path(cfg, info))
+        # The decode fast path fuses dense MLPs and grouped-query attention only: mixtures of
+        # experts and latent attention run eagerly.
+        stage = StageRunner(model, _fast_path(cfg, info) if model.fast_path_capable else None)
         log.info("rank %d loaded %d bytes in %.2f s", info.rank, report.bytes_read,
                  report.seconds)
         config = model.config
