@@ -272,3 +272,59 @@ def test_shard_folder_for_a_tp_ep_plan_loads_the_same_weights(tiny_deepseek_dir:
         b = build_stage(tiny_deepseek_dir, rank, 1, 2, "float32", None,
                         shard_dir=tmp_path / "s", ep=2)[0].state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+FP8_BLOCK = 16
+PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+               "gate_proj", "up_proj", "down_proj")
+
+
+def _to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, its scale_inv per 16 x 16 block, the weight dequantized block by block,
+    written here with ``repeat_interleave``, not with the reader's code)."""
+    rows, cols = w.shape
+    nb = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
+    padded = torch.zeros(nb[0] * FP8_BLOCK, nb[1] * FP8_BLOCK)
+    padded[:rows, :cols] = w
+    tiles = padded.view(nb[0], FP8_BLOCK, nb[1], FP8_BLOCK).abs().amax(dim=(1, 3))
+    scale = tiles.clamp(min=1e-12) / 448.0
+
+    def spread(s: torch.Tensor) -> torch.Tensor:
+        full = s.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+        return full[:rows, :cols]
+
+    q = (w / spread(scale)).to(torch.float8_e4m3fn)
+    return q, scale, q.float() * spread(scale)
+
+
+def test_fp8_checkpoint_loads_as_its_dequantized_weights(tiny_deepseek_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """DeepSeek-V3 and Kimi K2 ship block-scaled FP8: every projection (latent, per-head and
+    experts) in e4m3 with ``weight_scale_inv``; a tp=2 x ep=2 rank (whose ``kv_b_proj`` head
+    rows start inside a block) holds the dequantized checkpoint's weights."""
+    from safetensors.torch import load_file, save_file
+
+    fp8_dir, ref_dir = tmp_path / "fp8", tmp_path / "ref"
+    for d in (fp8_dir, ref_dir):
+        shutil.copytree(tiny_deepseek_dir, d, ignore=shutil.ignore_patterns("*.safetensors"))
+    stored, ref = {}, {}
+    for name, w in load_file(str(tiny_deepseek_dir / "model.safetensors")).items():
+        if w.dim() == 2 and name.split(".")[-2] in PROJECTIONS:
+            stored[name], stored[name + "_scale_inv"], ref[name] = _to_fp8(w)
+        else:
+            stored[name] = ref[name] = w
+    save_file(stored, str(fp8_dir / "model.safetensors"))
+    save_file(ref, str(ref_dir / "model.safetensors"))
+    config = json.loads((fp8_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                     "activation_scheme": "dynamic",
+                                     "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    (fp8_dir / "config.json").write_text(json.dumps(config))
+    for rank in range(2):
+        got = build_stage(fp8_dir, rank, 1, 2, "float32", None, ep=2)[0].state_dict()
+        want = build_stage(ref_dir, rank, 1, 2, "float32", None, ep=2)[0].state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in got)
+    kv_b = "model.layers.1.self_attn.kv_b_proj.weight"  # FP8 rounding changed the weights
+    assert not torch.equal(ref[kv_b], load_file(str(tiny_deepseek_dir /
+                                                    "model.safetensors"))[kv_b])
