@@ -328,3 +328,29 @@ def test_fp8_checkpoint_loads_as_its_dequantized_weights(tiny_deepseek_dir: Path
     kv_b = "model.layers.1.self_attn.kv_b_proj.weight"  # FP8 rounding changed the weights
     assert not torch.equal(ref[kv_b], load_file(str(tiny_deepseek_dir /
                                                     "model.safetensors"))[kv_b])
+
+
+def test_kimi_k2_config_is_read_as_deepseek_v3(tmp_path: Path) -> None:
+    """Kimi K2's config.json says ``model_type: kimi_k2`` (unknown to transformers, with remote
+    code in ``auto_map``), one expert group, yarn as legacy ``rope_scaling``: the engine reads
+    it as DeepSeek-V3's without running remote code, and gives the logits transformers
+    computes from the same weights under the DeepSeek-V3 config they were written with.
+    (transformers itself cannot be the reference on the edited folder: it loads a
+    ``kimi_k2`` checkpoint without converting the experts to its fused layout.)"""
+    weights = build_tiny_deepseek(tmp_path / "kimi", groups=1, topk_groups=1, seed=7)
+    ids = hf_tokenizer(weights)(PROMPTS[-1]).input_ids
+    with torch.no_grad():
+        ref = hf_model(weights)(torch.tensor([ids])).logits[0].float()
+    config = json.loads((weights / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(model_type="kimi_k2", rope_theta=rope.pop("rope_theta"),
+                  rope_scaling={"type": "yarn", **{k: v for k, v in rope.items()
+                                                   if k != "rope_type"}},
+                  auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
+                  scoring_func="sigmoid", topk_method="noaux_tc")
+    (weights / "config.json").write_text(json.dumps(config))
+    model = build_stage(weights, 0, 1, 1, "float32", None)[0]
+    assert model.config.model_type == "deepseek_v3" and model.mla is not None
+    assert model.config.rope_parameters["rope_type"] == "yarn"
+    np.testing.assert_allclose(_logits(StageRunner(model), ids).numpy(), ref.numpy(),
+                               atol=1e-4, rtol=1e-4)

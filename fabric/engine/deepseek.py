@@ -36,6 +36,11 @@ from fabric.errors import UnsupportedModelConfig
 ROPE_TYPES = ("default", "yarn")
 """RoPE variants served: unscaled, and yarn (what DeepSeek-V3 and Kimi K2 ship)."""
 MLA_MODEL_TYPES = ("deepseek_v3",)
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
+"""``model_type`` values transformers does not know whose checkpoints are the architecture of
+a known one: Kimi K2 ships ``DeepseekV3ForCausalLM`` weights with ``model_type`` ``kimi_k2``
+and remote code for its config (``fabric.engine.loader.load_config`` reads it as DeepSeek-V3's,
+running no remote code)."""
 
 
 @dataclass(frozen=True)
