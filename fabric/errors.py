@@ -56,6 +56,11 @@ class UnsupportedArchitecture(InvalidModelFolder):
     lists those it does."""
 
 
+class UnsupportedModelConfig(InvalidModelFolder):
+    """The architecture is served but a setting of its config is not (e.g. a RoPE scaling the
+    engine does not implement); ``details['supported']`` lists what is. Do not retry."""
+
+
 class ContextLengthExceeded(InvalidRequest):
     """Prompt plus requested tokens do not fit the model's context window."""
 

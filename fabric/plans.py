@@ -17,7 +17,7 @@ ranks (each expert then split ``tp / ep`` ways), so a rank holds ``ceil(experts 
 share. The KV cache per token and layer is ``2 x kv_heads x head_dim`` values for grouped-query
 attention (kv heads split over tp, the busiest rank counted) and ``kv_lora_rank +
 qk_rope_head_dim`` values, on every tp rank, for DeepSeek's multi-head latent attention (the
-compressed cache of DeepSeek-V3's reference inference). DeepSeek's multi-token-prediction layers
+latent cache the engine keeps: ``fabric.engine.mla``). DeepSeek's multi-token-prediction layers
 (``num_nextn_predict_layers``) are not served and not counted.
 
 ``weights="fp8"`` counts one byte per weight of the layers' linear maps plus an fp32 scale per

@@ -24,6 +24,8 @@ SERVED: dict[str, Family] = {
     "MixtralForCausalLM": "causal-lm",
     "Qwen2MoeForCausalLM": "causal-lm",
     "Qwen3MoeForCausalLM": "causal-lm",
+    # latent attention (fabric.engine.mla) and DeepSeek routing: DeepSeek-V3, Kimi K2
+    "DeepseekV3ForCausalLM": "causal-lm",
     "BertModel": "embedding",  # fabric.engine.encoder (BERT-style sentence encoders)
 }
 """``config.json`` ``architectures`` value -> the family whose runner serves it."""

@@ -14,6 +14,13 @@ top ``k``. Three checkpoint layouts are served, as the families ship them:
 * Qwen2-MoE (``Qwen2MoeForCausalLM``): as Qwen3-MoE plus a shared expert
   (``mlp.shared_expert.*``, ``shared_expert_intermediate_size``) whose output every token gets,
   scaled by ``sigmoid(mlp.shared_expert_gate(h))``.
+* DeepSeek-V3 / Kimi K2 (``DeepseekV3ForCausalLM``): ``mlp.gate.weight`` plus
+  ``mlp.gate.e_score_correction_bias``, ``mlp.experts.{e}.gate_proj/up_proj/down_proj`` and
+  ungated shared experts ``mlp.shared_experts.*`` (``moe_intermediate_size x
+  n_shared_experts``); layers ``>= first_k_dense_replace`` are sparse. Routing is sigmoid
+  scores, group-limited top-k (``n_group`` groups, the best ``topk_group`` of them by their
+  two best biased scores), renormalised when ``norm_topk_prob``, times
+  ``routed_scaling_factor`` (``fabric.engine.moe``).
 
 The split (the one ``fabric.plans`` sizes): a stage's ``tp`` ranks form ``ep`` expert groups of
 ``tp / ep`` consecutive ranks; group ``g`` holds a contiguous range of the experts (sizes differ
@@ -37,6 +44,7 @@ STYLES = {
     "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "deepseek_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 """``model_type`` -> (the MoE block's attribute, the experts' (gate, up, down) names)."""
 
@@ -56,6 +64,18 @@ class MoeSpec:
     """Intermediate size of the shared expert (0: none)."""
     sparse_layers: frozenset[int]
     """Layers whose MLP is a mixture of experts (the others are dense)."""
+    scoring: str = "softmax"
+    """``softmax`` (Mixtral, Qwen) or ``sigmoid`` (DeepSeek-V3: biased, group-limited)."""
+    groups: int = 1
+    """Expert groups of the group-limited top-k (DeepSeek's ``n_group``)."""
+    topk_groups: int = 1
+    """Groups a token's experts are chosen from (``topk_group``)."""
+    scaling: float = 1.0
+    """Factor on the routing weights (``routed_scaling_factor``)."""
+    shared_name: str = "shared_expert"
+    """The shared expert's attribute (``shared_experts`` in DeepSeek)."""
+    shared_gated: bool = True
+    """Whether the shared expert's output is scaled by ``sigmoid(shared_expert_gate(h))``."""
 
     @property
     def block(self) -> str:
@@ -92,6 +112,17 @@ def moe_spec(config: Any) -> MoeSpec | None:
     if kind not in STYLES:
         return None
     layers = config.num_hidden_layers
+    if kind == "deepseek_v3":
+        n = config.n_routed_experts or 0
+        first = config.first_k_dense_replace or 0
+        return MoeSpec(kind, n, config.num_experts_per_tok, config.moe_intermediate_size,
+                       bool(config.norm_topk_prob),
+                       config.moe_intermediate_size * (config.n_shared_experts or 0),
+                       frozenset(range(first, layers)) if n else frozenset(),
+                       scoring="sigmoid", groups=config.n_group or 1,
+                       topk_groups=config.topk_group or 1,
+                       scaling=float(config.routed_scaling_factor),
+                       shared_name="shared_experts", shared_gated=False)
     if kind == "mixtral":
         return MoeSpec(kind, config.num_local_experts, config.num_experts_per_tok,
                        config.intermediate_size, True, 0, frozenset(range(layers)))
@@ -163,9 +194,9 @@ def moe_slice(spec: MoeSpec, share: ExpertShare, name: str
         if (lo, hi) == (0, spec.inter):
             return True, None, 0, None
         return True, (1 if parts[2] == down else 0), lo, hi
-    if parts[0] == "shared_expert":
+    if parts[0] == spec.shared_name:
         lo, hi = share.shared_start, share.shared_stop
         if (lo, hi) == (0, spec.shared_inter):
             return True, None, 0, None
         return True, (1 if parts[1] == "down_proj" else 0), lo, hi
-    return True, None, 0, None  # the router and the shared expert's gate: replicated
+    return True, None, 0, None  # the router (and its bias), the shared expert's gate: replicated

@@ -13,6 +13,10 @@ config the way transformers' own classes read them:
   (Mistral on every layer when ``sliding_window`` is set; Qwen2/Qwen3 on the layers
   ``layer_types`` marks ``sliding_attention``). ``None``: full causal attention.
 
+DeepSeek-V3 (and Kimi K2, the same architecture) has multi-head latent attention instead
+(``mla``: ``fabric.engine.deepseek`` and ``fabric.engine.mla``); its q/kv/o biases come from
+its config there, and it has no qk-norm and no sliding window.
+
 A family added here is added to ``fabric.engine.architectures.SERVED`` too.
 """
 
@@ -37,6 +41,8 @@ class FamilyKnobs:
     o_bias: Bias
     qk_norm: bool
     window: Window
+    mla: bool = False
+    """Multi-head latent attention (DeepSeek-V3) instead of grouped-query attention."""
 
 
 FAMILIES: dict[str, FamilyKnobs] = {
@@ -49,6 +55,9 @@ FAMILIES: dict[str, FamilyKnobs] = {
     "MixtralForCausalLM": FamilyKnobs("never", "never", qk_norm=False, window="all"),
     "Qwen2MoeForCausalLM": FamilyKnobs("always", "never", qk_norm=False, window="layer_types"),
     "Qwen3MoeForCausalLM": FamilyKnobs("config", "config", qk_norm=True, window="layer_types"),
+    # DeepSeek-V3 and Kimi K2: latent attention (biases read by fabric.engine.deepseek).
+    "DeepseekV3ForCausalLM": FamilyKnobs("never", "never", qk_norm=False, window="none",
+                                         mla=True),
 }
 """``config.json`` ``architectures`` value -> its knobs (causal-lm families only)."""
 
@@ -63,6 +72,8 @@ class AttentionSpec:
     qk_norm: bool
     windows: tuple[int | None, ...]
     """Sliding window of each layer (``None``: full causal attention)."""
+    mla: bool = False
+    """Multi-head latent attention (``fabric.engine.mla``)."""
 
     @property
     def uniform_window(self) -> int | None:
@@ -91,4 +102,4 @@ def attention_spec(config: Any) -> AttentionSpec:
         types = getattr(config, "layer_types", None) or ["full_attention"] * n
         windows = [int(window) if t == "sliding_attention" else None for t in types]
     return AttentionSpec(arch, bias(knobs.qkv_bias), bias(knobs.o_bias), knobs.qk_norm,
-                         tuple(windows))
+                         tuple(windows), knobs.mla)

@@ -33,9 +33,10 @@ class SlotCache:
 
     def __init__(self, layout: KVLayout, slots: int, slot_tokens: int) -> None:
         shape = (slots, layout.kv_heads, slot_tokens, layout.head_dim)
+        v_shape = (*shape[:-1], layout.value_dim or layout.head_dim)
         self.k = [torch.zeros(shape, dtype=layout.dtype, device=layout.device)
                   for _ in range(layout.layers)]
-        self.v = [torch.zeros(shape, dtype=layout.dtype, device=layout.device)
+        self.v = [torch.zeros(v_shape, dtype=layout.dtype, device=layout.device)
                   for _ in range(layout.layers)]
         self.size = slots
         self.scratch = slot_tokens - 1
@@ -97,8 +98,9 @@ class KVStore:
             windows = lay.windows or (None,) * lay.layers
             shapes = [(lay.kv_heads, seq.capacity if w is None else min(w, seq.capacity),
                        lay.head_dim) for w in windows]
+            v_dim = lay.value_dim or lay.head_dim  # differs for latent attention
             cache = [(torch.empty(shape, dtype=lay.dtype, device=lay.device),
-                      torch.empty(shape, dtype=lay.dtype, device=lay.device))
+                      torch.empty((*shape[:-1], v_dim), dtype=lay.dtype, device=lay.device))
                      for shape in shapes]
         self._caches[seq.seq_id] = cache
         return cache

@@ -18,6 +18,7 @@ import torch
 
 from fabric.engine import fp8 as fp8_weights
 from fabric.engine.checkpoint import Fp8Slice, SafetensorsReader, io_read_bytes
+from fabric.engine.deepseek import MODEL_TYPE_ALIASES
 from fabric.engine.model import StageModel, TensorParallel
 from fabric.engine.partition import RankShard, TensorSlice, plan_ranks
 from fabric.errors import DeploymentError
@@ -44,10 +45,18 @@ class LoadReport:
 
 
 def load_config(folder: Path) -> Any:
-    """The transformers config of a checkpoint or shard folder."""
+    """The transformers config of a checkpoint or shard folder (a ``model_type`` in
+    ``deepseek.MODEL_TYPE_ALIASES``, e.g. Kimi K2's ``kimi_k2``, read as the type it aliases,
+    without its remote code)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(folder)
+    path = Path(folder) / "config.json"
+    raw = json.loads(path.read_text()) if path.is_file() else {}
+    alias = MODEL_TYPE_ALIASES.get(str(raw.get("model_type")))
+    if alias is None:
+        return AutoConfig.from_pretrained(folder)
+    raw = {k: v for k, v in raw.items() if k != "auto_map"}
+    return AutoConfig.for_model(**{**raw, "model_type": alias})
 
 
 def rank_shards(folder: Path, config: Any, pp: int, tp: int, balance: str = "params",

@@ -1,4 +1,5 @@
-"""One rank's slice of a dense decoder (Llama, Qwen2, Qwen3, Mistral), run over packed,
+"""One rank's slice of a decoder (Llama, Qwen2, Qwen3, Mistral, their mixtures of experts, and
+DeepSeek-V3 / Kimi K2 with latent attention: ``fabric.engine.mla``), run over packed,
 variable-length batches.
 
 A step's tokens from all its sequences are packed into one ``[T, hidden]`` matrix so every
@@ -26,8 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fabric.engine.attention import SeqCache, attend
+from fabric.engine.deepseek import mla_spec
 from fabric.engine.families import AttentionSpec, attention_spec
 from fabric.engine.fp8 import Fp8Linear
+from fabric.engine.mla import MlaAttention
 from fabric.engine.moe import attach_moe, combine
 from fabric.engine.partition import RankShard, vocab_slices
 from fabric.engine.steps import HookSpec, StepPlan
@@ -50,6 +53,9 @@ class KVLayout:
     device: torch.device
     windows: tuple[int | None, ...] = ()
     """Each local layer's sliding window (``None``: full attention); empty: none slide."""
+    value_dim: int | None = None
+    """Width of V's cache when it differs from K's ``head_dim`` (latent attention keeps its
+    latent as "K" and its rotated key as "V": ``fabric.engine.mla``)."""
 
 
 @dataclass(frozen=True)
@@ -145,8 +151,11 @@ class Layer(nn.Module):
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
-        self.self_attn = Attention(config.hidden_size, shard.q_heads, shard.kv_heads, head_dim,
-                                   spec, spec.windows[index], eps)
+        mla = mla_spec(config)
+        self.self_attn: Attention | MlaAttention = (
+            MlaAttention(config.hidden_size, shard.q_heads, mla) if mla is not None else
+            Attention(config.hidden_size, shard.q_heads, shard.kv_heads, head_dim, spec,
+                      spec.windows[index], eps))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.moe_name = attach_moe(self, config, shard.experts, index)
         if self.moe_name is None:
@@ -172,10 +181,9 @@ class StageModel(nn.Module):
     def __init__(self, config: Any, shard: RankShard, comm: TensorParallel | None,
                  device: str | torch.device = "cpu") -> None:
         super().__init__()
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
         self.config, self.shard, self._comm = config, shard, comm
         self.spec = attention_spec(config)  # refuses architectures it cannot serve
+        self.mla = mla_spec(config)
         self.device = torch.device(device)
         self.head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads)
@@ -187,7 +195,7 @@ class StageModel(nn.Module):
                 {str(i): Layer(config, shard, self.head_dim, self.spec, i) for i in shard.layers})
             self.norm = RMSNorm(hidden, config.rms_norm_eps) if shard.last else None
             self.lm_head = nn.Linear(hidden, vocab, bias=False) if shard.head else None
-        self.rotary = LlamaRotaryEmbedding(config)
+        self.rotary = _rotary(config, self.mla is not None)
         self._fused: FusedWeights | None = None
 
     @property
@@ -213,8 +221,18 @@ class StageModel(nn.Module):
         return any(isinstance(m, Fp8Linear) for m in self.modules())
 
     @property
+    def fast_path_capable(self) -> bool:
+        """Whether the decode fast path can run this rank: the whole of a dense model with
+        grouped-query attention and plain weights (experts, latent attention and kept FP8
+        weights run eagerly)."""
+        return self.whole and not self.sparse and self.mla is None and not self.kept_fp8
+
+    @property
     def kv_layout(self) -> KVLayout:
         """What one sequence's cache on this rank looks like (after ``load``)."""
+        if self.mla is not None:  # the latent and the rotated key, whole on every tp rank
+            return KVLayout(len(self.shard.layers), 1, self.mla.kv_lora_rank, self.dtype,
+                            self.device, value_dim=self.mla.rope_dim)
         return KVLayout(len(self.shard.layers), self.shard.kv_heads, self.head_dim, self.dtype,
                         self.device, tuple(self.spec.windows[i] for i in self.shard.layers))
 
@@ -226,8 +244,8 @@ class StageModel(nn.Module):
         tied = self.lm_head is not None and "lm_head.weight" not in local
         if tied:  # the head is on the first stage and shares the embedding's rows
             local["lm_head.weight"] = local["embed_tokens.weight"]
-        self.load_state_dict({k: v.to(self.device, dtype) for k, v in local.items()}, strict=True,
-                             assign=True)
+        self.load_state_dict({k: v.to(self.device, _keep_fp32(k, dtype))
+                              for k, v in local.items()}, strict=True, assign=True)
         if tied:
             assert self.lm_head is not None and self.embed_tokens is not None
             self.lm_head.weight = self.embed_tokens.weight
@@ -244,9 +262,9 @@ class StageModel(nn.Module):
         did. Whole models only; the first call re-lays the weights, later ones return the same.
         """
         if self._fused is None:
-            if not self.whole or self.sparse or self.kept_fp8:
-                raise ValueError("fused weights need the whole of a dense model on one rank "
-                                 "(pp=1, tp=1), not kept in FP8")
+            if not self.fast_path_capable:
+                raise ValueError("fused weights need the whole of a dense grouped-query "
+                                 "attention model on one rank (pp=1, tp=1), not kept in FP8")
             assert self.embed_tokens is not None and self.norm is not None
             assert self.lm_head is not None
             self._fused = FusedWeights(
@@ -371,15 +389,11 @@ class StageModel(nn.Module):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         t = h.shape[0]
-        q = attn.q_proj(h).view(t, attn.q_heads, self.head_dim)
-        k = attn.k_proj(h).view(t, attn.kv_heads, self.head_dim)
-        v = attn.v_proj(h).view(t, attn.kv_heads, self.head_dim)
-        if attn.q_norm is not None and attn.k_norm is not None:  # qk-norm: per head, pre-RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        c, s_ = cos[:, None, :], sin[:, None, :]
-        q = q * c + rotate_half(q) * s_
-        k = k * c + rotate_half(k) * s_
-        out = attend(index - self.shard.layers.start, plan, caches, q, k, v, attn.window)
+        local = index - self.shard.layers.start
+        if isinstance(attn, MlaAttention):
+            out = attn(h, local, plan, caches, cos, sin)
+        else:
+            out = self._gqa(attn, h, local, plan, caches, cos, sin)
         self._apply_hooks(plan, index, "ablate_heads", out)
         o = self._reduce(_no_bias(attn.o_proj, out.view(t, -1)))
         if attn.o_proj.bias is not None:
@@ -395,6 +409,20 @@ class StageModel(nn.Module):
         x = x + self._reduce(layer.mlp.down_proj(act))
         self._apply_hooks(plan, index, "steer", x)
         return x
+
+    def _gqa(self, attn: Attention, h: torch.Tensor, local: int, plan: StepPlan,
+             caches: list[SeqCache], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Grouped-query attention of the packed rows ``h``, ``[T, heads, head_dim]``."""
+        t = h.shape[0]
+        q = attn.q_proj(h).view(t, attn.q_heads, self.head_dim)
+        k = attn.k_proj(h).view(t, attn.kv_heads, self.head_dim)
+        v = attn.v_proj(h).view(t, attn.kv_heads, self.head_dim)
+        if attn.q_norm is not None and attn.k_norm is not None:  # qk-norm: per head, pre-RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        c, s_ = cos[:, None, :], sin[:, None, :]
+        q = q * c + rotate_half(q) * s_
+        k = k * c + rotate_half(k) * s_
+        return attend(local, plan, caches, q, k, v, attn.window)
 
     def _apply_hooks(self, plan: StepPlan, index: int, kind: str, t: torch.Tensor) -> None:
         offset = 0
@@ -445,6 +473,27 @@ def _no_bias(linear: Any, x: torch.Tensor) -> torch.Tensor:
     if isinstance(linear, Fp8Linear):
         return linear.matmul(x)
     return F.linear(x, linear.weight)
+
+
+def _rotary(config: Any, mla: bool) -> nn.Module:
+    """The family's own rotary module (DeepSeek-V3's for latent attention: its ``head_dim``
+    is the rotated width and its rope may be yarn-scaled)."""
+    if mla:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+            DeepseekV3RotaryEmbedding,
+        )
+
+        return DeepseekV3RotaryEmbedding(config)
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    return LlamaRotaryEmbedding(config)
+
+
+def _keep_fp32(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a checkpoint tensor is loaded in: DeepSeek's router bias stays float32, as
+    transformers keeps it (``_keep_in_fp32_modules_strict``); it only ranks experts, but in
+    bf16 it would round differently."""
+    return torch.float32 if name.endswith("e_score_correction_bias") else dtype
 
 
 def _fuse_layer(layer: Any) -> LayerWeights:

@@ -1,9 +1,13 @@
 """A mixture-of-experts block holding one rank's experts, and its dispatch and combine.
 
 Routing is transformers' (Mixtral, Qwen3-MoE, Qwen2-MoE): router logits -> softmax in float32
--> top ``k`` -> divided by their sum when the family renormalises. The experts are SwiGLU MLPs
+-> top ``k`` -> divided by their sum when the family renormalises. DeepSeek-V3's (Kimi K2's):
+sigmoid scores in float32, plus ``e_score_correction_bias`` for choosing only; the best
+``topk_group`` of ``n_group`` expert groups (ranked by the sum of each group's two best biased
+scores), top ``k`` within them; the weights are the unbiased scores, renormalised when
+``norm_topk_prob``, times ``routed_scaling_factor``. The experts are SwiGLU MLPs
 (``down(silu(gate(h)) * up(h))``); an optional shared expert runs on every token, scaled by
-``sigmoid(shared_expert_gate(h))``.
+``sigmoid(shared_expert_gate(h))`` (Qwen2-MoE) or not (DeepSeek's ``shared_experts``).
 
 Expert parallelism (``fabric.engine.experts`` says who holds what). Dispatch is local and
 combine is one all-reduce over the stage's tp group, the collective the dense MLP already ends
@@ -93,16 +97,29 @@ class MoeBlock(nn.Module):
         inter = share.inter_stop - share.inter_start
         self.experts = nn.ModuleDict(
             {str(e): Expert(hidden, inter, spec.proj_names) for e in share.experts})
-        self.shared_expert: Expert | None = None
+        if spec.scoring == "sigmoid":  # DeepSeek: a bias for choosing experts (float32)
+            self.gate.register_parameter("e_score_correction_bias", nn.Parameter(
+                torch.empty(spec.experts), requires_grad=False))
         self.shared_expert_gate: nn.Linear | None = None
         if spec.shared_inter:
-            self.shared_expert = Expert(hidden, share.shared_stop - share.shared_start,
-                                        ("gate_proj", "up_proj", "down_proj"))
-            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+            setattr(self, spec.shared_name, Expert(
+                hidden, share.shared_stop - share.shared_start,
+                ("gate_proj", "up_proj", "down_proj")))
+            if spec.shared_gated:
+                self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+
+    @property
+    def shared(self) -> Expert | None:
+        """This rank's slice of the shared expert(s), if the family has one."""
+        shared = getattr(self, self.spec.shared_name, None)
+        return shared if isinstance(shared, Expert) else None
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k routing weights and expert ids, ``[tokens, k]`` each; the weights in float32
-        (Mixtral) or in the hidden states' dtype (Qwen), as transformers returns them."""
+        (Mixtral, DeepSeek) or in the hidden states' dtype (Qwen), as transformers returns
+        them."""
+        if self.spec.scoring == "sigmoid":
+            return self._route_grouped(h)
         probs = F.softmax(self.gate(h).float(), dim=-1)
         weights, ids = torch.topk(probs, self.spec.top_k, dim=-1)
         if self.spec.renormalize:
@@ -110,6 +127,25 @@ class MoeBlock(nn.Module):
         if self.spec.model_type != "mixtral":  # Qwen's routers hand back the hidden dtype
             weights = weights.to(h.dtype)
         return weights, ids
+
+    def _route_grouped(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-V3's router, op for op as transformers' ``DeepseekV3TopkRouter`` (the
+        same top-k calls, so ties break the same way)."""
+        spec, n = self.spec, self.spec.experts
+        scores = F.linear(h.float(), self.gate.weight.float()).sigmoid()
+        bias = self.gate.get_parameter("e_score_correction_bias")
+        choice = scores + bias
+        per_group = n // spec.groups
+        group_scores = choice.view(-1, spec.groups, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=spec.topk_groups, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, spec.groups, per_group).reshape(-1, n)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        ids = torch.topk(choice, k=spec.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        if spec.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * spec.scaling, ids
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter() if TIMINGS.enabled else 0.0
@@ -129,9 +165,12 @@ class MoeBlock(nn.Module):
             y = self.experts[str(e)](h[rows])
             acc.index_add_(0, rows, (y * w).float())
         out = acc.to(h.dtype)
-        if self.shared_expert is not None:
-            assert self.shared_expert_gate is not None
-            out += torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
+        shared = self.shared
+        if shared is not None:
+            y = shared(h)
+            if self.shared_expert_gate is not None:
+                y = torch.sigmoid(self.shared_expert_gate(h)) * y
+            out += y
         if TIMINGS.enabled:
             TIMINGS.route_s += t1 - t0
             TIMINGS.experts_s += time.perf_counter() - t1

@@ -12,6 +12,8 @@ a stage, attention splits the way DeepSpeed's AutoTP splits it
 heads / 3 KV heads over tp=2 give 6+3 query heads); the MLP splits in shares that even out each
 rank's parameters (``balanced_mlp_split``; AutoTP would split it evenly). q/k/v/gate/up are
 column-parallel (dim 0), o/down row-parallel (dim 1).
+DeepSeek-V3's latent attention splits by query heads, evenly, its low-rank projections
+replicated (``fabric.engine.deepseek``).
 The same ``RankShard`` drives loading from a full checkpoint and ``fabric shard``.
 """
 
@@ -20,7 +22,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fabric.engine.experts import ExpertShare, MoeSpec, check_ep, expert_share, moe_slice, moe_spec
+from fabric.engine.deepseek import MlaSpec, mla_slice, mla_spec
+from fabric.engine.experts import (
+    ExpertShare,
+    MoeSpec,
+    check_ep,
+    even_ranges,
+    expert_share,
+    moe_slice,
+    moe_spec,
+)
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")
@@ -56,6 +67,7 @@ class RankShard:
     """This rank's rows of the embedding / LM head (the whole vocabulary when tp = 1)."""
     q_heads: int
     kv_heads: int
+    """This rank's KV heads (1 for latent attention: the latent, whole on every rank)."""
     head_offset: int
     """Global index of this rank's first query head (for per-head hooks)."""
     inter: int
@@ -141,6 +153,7 @@ def plan_ranks(config: Any, shapes: dict[str, list[int]], pp: int, tp: int,
     ``balance`` picks how layers are spread over the stages (``stage_costs``)."""
     moe = moe_spec(config)
     check_ep(moe, tp, ep)
+    mla = mla_spec(config)
     n_layers = config.num_hidden_layers
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -165,12 +178,17 @@ def plan_ranks(config: Any, shapes: dict[str, list[int]], pp: int, tp: int,
     head_stage = 0 if tied else pp - 1
     vocab = shapes[embed][0]
     vocab_split = vocab_slices(vocab, tp)
-    kv_split = split_sizes(kv * head_dim, tp, "self_attn.k_proj", kv)
-    q_split = split_sizes(heads * head_dim, tp, "self_attn.q_proj", kv)
     inter = config.intermediate_size
     hidden = config.hidden_size
-    # Per tp rank: q and o rows/columns, k and v rows, each `hidden` wide.
-    attn = [hidden * (2 * q + 2 * k) for q, k in zip(q_split, kv_split, strict=True)]
+    if mla is None:
+        kv_split = split_sizes(kv * head_dim, tp, "self_attn.k_proj", kv)
+        q_split = split_sizes(heads * head_dim, tp, "self_attn.q_proj", kv)
+        # Per tp rank: q and o rows/columns, k and v rows, each `hidden` wide.
+        attn = [hidden * (2 * q + 2 * k) for q, k in zip(q_split, kv_split, strict=True)]
+    else:  # latent attention: heads split evenly, one latent "KV head" on every rank
+        q_split = [len(r) * head_dim for r in even_ranges(heads, tp)]
+        kv_split = [head_dim] * tp
+        attn = [hidden * q for q in q_split]
     mlp_split = balanced_mlp_split(inter, attn, 3 * hidden,
                                    split_sizes(inter, tp, "mlp.gate_proj", kv))
     out = []
@@ -190,7 +208,8 @@ def plan_ranks(config: Any, shapes: dict[str, list[int]], pp: int, tp: int,
             shard.slices.append(TensorSlice(embed, *rows))
         for i in stages[stage]:
             shard.slices.extend(_layer_slices(i, shapes, q0, q_split[t], k0, kv_split[t],
-                                              m0, mlp_split[t], moe, shard.experts))
+                                              m0, mlp_split[t], moe, shard.experts, mla,
+                                              (shard.head_offset, shard.q_heads)))
         if shard.last:
             shard.slices.append(TensorSlice("model.norm.weight"))
         if shard.head and not tied:
@@ -230,8 +249,10 @@ def vocab_slices(vocab: int, tp: int) -> list[tuple[int, int]]:
 
 def _layer_slices(i: int, shapes: dict[str, list[int]], q0: int, qn: int, k0: int, kn: int,
                   m0: int, mn: int, moe: MoeSpec | None = None,
-                  share: ExpertShare | None = None) -> list[TensorSlice]:
+                  share: ExpertShare | None = None, mla: MlaSpec | None = None,
+                  heads: tuple[int, int] = (0, 0)) -> list[TensorSlice]:
     p = f"model.layers.{i}."
+    attn = f"{p}self_attn."
     block = f"{p}{moe.block}." if moe is not None and i in moe.sparse_layers else None
     spans = {"q_proj": (q0, qn), "k_proj": (k0, kn), "v_proj": (k0, kn), "o_proj": (q0, qn),
              "gate_proj": (m0, mn), "up_proj": (m0, mn), "down_proj": (m0, mn)}
@@ -243,6 +264,8 @@ def _layer_slices(i: int, shapes: dict[str, list[int]], q0: int, qn: int, k0: in
             keep, dim, start, stop = moe_slice(moe, share, name.removeprefix(block))
             if keep:  # a rank reads nothing of the experts other groups hold
                 out.append(TensorSlice(name, dim, start, stop))
+        elif mla is not None and name.startswith(attn):
+            out.append(TensorSlice(name, *mla_slice(mla, *heads, name.removeprefix(attn))))
         elif leaf in spans:
             start, size = spans[leaf]
             is_bias = name.endswith(".bias")

@@ -120,10 +120,9 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
                                     device, cfg.plan.balance, cfg.plan.ep, cfg.plan.fp8)
         if not model.kept_fp8:  # init_inference casts every tensor, FP8 buffers included
             _wrap_deepspeed(model, DTYPES[cfg.plan.dtype])
-        # The decode fast path fuses plain dense weights only: mixtures of experts and kept
-        # FP8 weights run eagerly.
-        eager = model.sparse or model.kept_fp8
-        stage = StageRunner(model, None if eager else _fast_path(cfg, info))
+        # The decode fast path fuses dense MLPs and grouped-query attention with plain
+        # weights only: mixtures of experts, latent attention and kept FP8 run eagerly.
+        stage = StageRunner(model, _fast_path(cfg, info) if model.fast_path_capable else None)
         log.info("rank %d loaded %d bytes in %.2f s (fp8: %s)", info.rank, report.bytes_read,
                  report.seconds, report.fp8 or "none in checkpoint")
         # Recorded from what the model holds, not from what was asked.

@@ -206,3 +206,60 @@ def build_tiny_moe(
         model = Qwen2MoeForCausalLM(config)
     model.eval()
     return _save_random(model, tok, out)
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+        "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "rope_theta": 10000.0}
+"""Yarn rope as DeepSeek-V3 ships it (factor 40 there), scaled down to a 512-token context."""
+
+
+def build_tiny_deepseek(
+    out: Path,
+    *,
+    hidden: int = 64,
+    layers: int = 3,
+    heads: int = 4,
+    experts: int = 8,
+    groups: int = 4,
+    topk_groups: int = 2,
+    top_k: int = 2,
+    q_lora_rank: int | None = 32,
+    rope: dict[str, Any] | None = YARN,
+    interleave: bool = True,
+    seed: int = 0,
+    vocab: int = 384,
+    **extra: Any,
+) -> Path:
+    """Write a random DeepSeek-V3-architecture checkpoint (fp32 safetensors) plus tokenizer.
+
+    Latent attention with every width different (kv_lora_rank 24, qk_nope 16, qk_rope 8,
+    v_head 12), a low-rank query path unless ``q_lora_rank`` is ``None``, yarn rope by default
+    (so the softmax scale carries yarn's mscale); layer 0 dense (``first_k_dense_replace=1``),
+    the others ``experts`` routed experts in ``groups`` groups, top-``top_k`` from the best
+    ``topk_groups`` groups, renormalised, scaled by 2.5, plus one shared expert. The router's
+    ``e_score_correction_bias`` is randomised too (transformers initialises it to 0), so it
+    changes which experts are chosen.
+    """
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    tok = build_tokenizer(vocab)
+    config = DeepseekV3Config(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        n_shared_experts=1, n_routed_experts=experts, routed_scaling_factor=2.5,
+        kv_lora_rank=24, q_lora_rank=q_lora_rank, qk_rope_head_dim=8, v_head_dim=12,
+        qk_nope_head_dim=16, n_group=groups, topk_group=topk_groups,
+        num_experts_per_tok=top_k, first_k_dense_replace=1, norm_topk_prob=True,
+        max_position_embeddings=512, rope_parameters=dict(rope or {"rope_type": "default",
+                                                                   "rope_theta": 10000.0}),
+        rope_interleave=interleave, tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, **extra)
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():  # a buffer, not a parameter: _save_random would leave it at 0
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0.0, 0.3)
+    return _save_random(model, tok, out)

@@ -92,3 +92,13 @@ def tiny_qwen2_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fabric.testing.tiny import build_tiny_moe
 
     return build_tiny_moe(tmp_path_factory.mktemp("tiny-qwen2-moe"), "qwen2_moe", seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseek_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DeepSeek-V3 (Kimi K2's architecture) in miniature: latent attention with a low-rank
+    query, yarn rope, interleaved; layer 0 dense, layers 1-2 with 8 routed experts in 4
+    groups (top-2 from the best 2 groups) and a shared expert."""
+    from fabric.testing.tiny import build_tiny_deepseek
+
+    return build_tiny_deepseek(tmp_path_factory.mktemp("tiny-deepseek"), seed=5)
