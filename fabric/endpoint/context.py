@@ -161,10 +161,16 @@ _CURRENT: tuple[str, SiteContext] | None = None
 
 def current() -> SiteContext:
     """This worker's context, built on first use (and again if the environment names another
-    site, as tests that switch sites in one process do)."""
+    site, as tests that switch sites in one process do). Building it starts the worker's spare
+    user function process where the site runs user functions (``fabric.endpoint.userchild``),
+    so that not even the worker's first ``fab.submit`` waits for one to start."""
     global _CURRENT
     key = f"{env.FABRIC_SITE.get() or 'local'}|{env.FABRIC_STATE_DIR.get() or ''}"
     with _LOCK:
         if _CURRENT is None or _CURRENT[0] != key:
             _CURRENT = (key, SiteContext.from_env())
+            if _CURRENT[1].site.allow_user_functions:
+                from fabric.endpoint.userchild import prestart
+
+                prestart(_CURRENT[1].site)
         return _CURRENT[1]
