@@ -64,8 +64,9 @@ def run_user_call(ctx: SiteContext, call: str, *, model: str | None, version: st
         if server is not None:
             server.close()
         if child is not None:
-            child.kill()
-        SPARES.refill(limits.run_as)  # the next call's process, started in the background
+            SPARES.finish(child, limits.run_as)  # killed now; the next spare in the background
+        else:
+            SPARES.refill(limits.run_as)
 
 
 class _Server:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
+import queue
 import select
 import shutil
 import signal
@@ -32,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fabric import env
@@ -120,10 +123,18 @@ class UserChild:
         return self.proc.poll() is None
 
     def kill(self) -> None:
-        """End its whole process group (a function may have started others), close the socket,
-        remove its home."""
+        """End its whole process group (a function may have started others), wait for it,
+        close the socket, remove its home."""
+        self.signal()
+        self.reap()
+
+    def signal(self) -> None:
+        """SIGKILL its whole process group (returns at once; ``reap`` waits)."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def reap(self) -> None:
+        """Wait for the killed process, close the socket, remove its home."""
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
         self.sock.close()
@@ -165,7 +176,7 @@ class SparePool:
         self._spare: UserChild | None = None
         self._starting = False
         self._closed = False
-        self._atexit = False
+        self._jobs: queue.SimpleQueue[Callable[[], None]] | None = None
 
     def take(self, run_as: str | None, timeout_s: float = STARTUP_S) -> UserChild:
         """A process ready for one call (the caller kills it when the call is over)."""
@@ -190,16 +201,46 @@ class SparePool:
 
     def refill(self, run_as: str | None) -> None:
         """Start a spare for ``run_as`` in the background unless one exists or is starting."""
+        if self._claim(run_as):
+            self._background(functools.partial(self._start_spare, run_as))
+
+    def finish(self, child: UserChild, run_as: str | None) -> None:
+        """A call is over: its process group is killed now (nothing of it runs once the
+        worker hands its value on); waiting for it, removing its home and starting the next
+        spare happen in the background, off the call's path."""
+        child.signal()
+        self._background(child.reap)
+        if self._claim(run_as):
+            self._background(functools.partial(self._start_spare, run_as))
+
+    def _claim(self, run_as: str | None) -> bool:
+        """Whether the caller is to start a spare for ``run_as`` (none exists or is starting)."""
         with self._lock:
             if self._closed or self._starting or (
                     self._spare is not None and self._spare.kind == _kind(run_as)):
-                return
+                return False
             self._starting = True
-            if not self._atexit:
+            return True
+
+    def _background(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the pool's one background thread (started on first use; a queue,
+        so that a call never waits for a thread to start)."""
+        with self._lock:
+            if self._jobs is None:
+                self._jobs = queue.SimpleQueue()
+                threading.Thread(target=self._run_jobs, args=(self._jobs,), daemon=True,
+                                 name="userfn-spares").start()
                 atexit.register(self.close)
-                self._atexit = True
-        threading.Thread(target=self._start_spare, args=(run_as,), daemon=True,
-                         name="userfn-spare").start()
+            self._jobs.put(job)
+
+    @staticmethod
+    def _run_jobs(jobs: queue.SimpleQueue[Callable[[], None]]) -> None:
+        while True:
+            job = jobs.get()
+            try:
+                job()
+            except Exception:  # one failed reap or start must not stop the next ones
+                log.exception("user function process housekeeping failed")
 
     def _start_spare(self, run_as: str | None) -> None:
         child: UserChild | None = None
