@@ -243,7 +243,7 @@ def test_operator_function_ids_are_used(service: StandinService, remote_site: Pa
 def test_stream_by_long_poll_through_the_standin(tmp_path_factory: pytest.TempPathFactory,
                                                  tiny_llama_dir: Path, tmp_path: Path) -> None:
     """fab.generate and fab.stream over the stand-in: the real endpoint functions launch a real
-    model server (tiny Llama) and the stream arrives by poll_stream tasks, cursor by cursor."""
+    model server (tiny Llama) and the stream arrives by poll_requests tasks, cursor by cursor."""
     from fabric import Fabric
     from fabric.endpoint.functions import list_deployments, undeploy
     from tests.plugins.site import TINY_MODEL
@@ -280,7 +280,7 @@ def test_register_functions_for_the_allow_list(tmp_path: Path) -> None:
     svc = StandinService(tmp_path)  # registration needs no engine
     ex = StandinExecutor(svc)
     ids = register_functions(load_site("local"), ex)
-    assert {"run_request", "open_stream", "poll_stream", "cancel_request",
+    assert {"run_request", "open_stream", "poll_requests", "cancel_request",
             "run_user_function", "list_models"} <= set(ids)
     assert set(ids) == functions.NAMES  # run_shard included
     assert set(ids.values()) == set(svc.functions)

@@ -139,6 +139,23 @@ class SiteContext:
             record_usage(self.state_dir, identity, model, tokens, request_id,
                          prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
+    def check_request_owner(self, identity: str, model: str, request_id: str, ticket: Any,
+                            what: str, *, key: bytes | None = None) -> None:
+        """Only the identity that started a request polls or cancels it: its ticket (signed
+        by this site when the request was admitted) names that identity (``sub``) and the
+        request. A bad ticket is ``TicketInvalid``; another caller, even one allowed to use the
+        model, gets ``AccessDenied`` (rule ``request-owner``). ``key``: the ticket key, where
+        the caller read it once for many requests."""
+        from fabric import tickets
+        from fabric.errors import AccessDenied
+
+        claims = tickets.authenticate(key or self.ticket_key(), ticket, model=model)
+        tickets.check(claims, request_id=request_id)
+        if claims.get("sub") != identity:
+            raise AccessDenied(
+                f"{identity} may not {what} request {request_id}: another identity started it",
+                rule="request-owner", identity=identity, request_id=request_id)
+
     def check_user_function(self, name: str) -> None:
         """``FunctionNotAllowed`` unless the site runs user functions."""
         from fabric.endpoint.policy import check_function

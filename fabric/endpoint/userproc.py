@@ -130,13 +130,12 @@ def run(sock: socket.socket) -> None:
 
 def _preload() -> None:
     """Import what a call uses beyond the handle before the call comes (a spare does this
-    while it waits): the request models ``generate`` validates with, result decoding, dill for
-    the value. Not numpy or torch (only embeddings and tensors need them: the function's own
-    imports pay for those)."""
+    while it waits): the handle's own lazy imports, dill for the value."""
     import dill  # noqa: F401
 
-    import fabric.client.decoding
-    import fabric.protocol  # noqa: F401
+    from fabric.endpoint.handle import preload
+
+    preload()
 
 
 def _call(serde: Any, call: str, handle: Any) -> Any:
@@ -177,11 +176,12 @@ def _packed(value: Any) -> bytes:
 
 
 def _own_home() -> str | None:
-    """This process's private home, if the worker made it (never anything else to remove)."""
-    home = os.environ.get("HOME", "")
-    if not os.path.basename(home).startswith(HOME_PREFIX):
-        return None
+    """This process's private home (its working directory at the start, where the worker
+    starts it), if the worker made it: never anything else to remove."""
     try:
+        home = os.getcwd()
+        if not os.path.basename(home).startswith(HOME_PREFIX):
+            return None
         return home if os.stat(home).st_uid == os.getuid() else None
     except OSError:
         return None
