@@ -213,7 +213,7 @@ def main(argv: list[str]) -> int:
     """Entry point: ``argv[1]`` is the inherited socket's file descriptor, ``argv[2]`` the pid
     of the worker that started this process."""
     sock = socket.socket(fileno=int(argv[1]))
-    home = _own_home()  # read before any user code runs (it may change the environment)
+    home = _own_home()  # read before any user code runs (it may change directory)
     if len(argv) > 2:
         _watch_parent(int(argv[2]), home)
     try:
