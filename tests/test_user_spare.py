@@ -86,12 +86,15 @@ def _call(ctx: Any, fn: Any, *args: Any) -> Any:
 
 
 def _alive(pid: int) -> bool:
-    """Running (a zombie, dead but not yet reaped by its parent, counts as gone)."""
+    """Running. A zombie, dead but not yet reaped by its parent, counts as gone once its other
+    threads have exited too (its leader shows Z before they have, and only then can its parent
+    reap it and its socket is closed)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        threads = len(os.listdir(f"/proc/{pid}/task"))
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return state != "Z"
+    return state != "Z" or threads > 1
 
 
 def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
