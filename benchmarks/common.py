@@ -522,6 +522,16 @@ def noop(handle: Any = None, *args: Any) -> None:
     return None
 
 
+def generate_once(handle: Any, prompt: str, max_tokens: int) -> list[int]:
+    """Calls the model once through its handle: what ``fab.generate`` does, as a function."""
+    return list(handle.generate(prompt, max_tokens=max_tokens).token_ids)
+
+
+def hold(handle: Any, seconds: float) -> None:
+    """Keeps its request worker busy (to have every worker take a call at once)."""
+    time.sleep(seconds)
+
+
 @contextlib.contextmanager
 def compute_engine(workers: int = 4) -> Iterator[Any]:
     """A standalone ``GlobusComputeEngine`` (Parsl HTEX + LocalProvider) as the site runs it."""

@@ -251,9 +251,12 @@ def test_streams_direct_and_polled(site_transport: LocalTransport) -> None:
     cursor, done, reply = 0, False, {}
     deadline = time.monotonic() + 120
     while not done and time.monotonic() < deadline:
-        reply = site_transport.submit(functions.poll_stream, TINY_MODEL, info["request_id"],
-                                      info["ticket"], cursor, 2.0).result(60)
-        cursor, done = reply["cursor"], reply["done"]
+        poll = {"model": TINY_MODEL, "request_id": info["request_id"],
+                "ticket": info["ticket"], "cursor": cursor, "events": True}
+        reply = site_transport.submit(functions.poll_requests, [poll], 2.0).result(
+            60)["replies"][info["request_id"]]
+        assert reply.get("error") is None, reply
+        cursor, done = int(reply["cursor"]), bool(reply.get("done"))
     assert done and reply["result"]["token_ids"] == direct_ids
 
 

@@ -305,18 +305,19 @@ def test_stream_polls_and_cancels_are_not_new_requests(tmp_path: Path,
     ctx = SiteContext(make_site({model: {"anyone": True, "requests_per_minute": 2}}), tmp_path)
     monkeypatch.setattr(functions, "current", lambda: ctx)
     ctx.authorize(auth(), model)
+    poll = {"model": model, "request_id": "r1", "ticket": "t", "cursor": 0}
     for _ in range(10):  # no server is running: each is checked, then finds none
-        for reply in (functions.poll_stream(model, "r1", "t", 0, 0.0, auth()),
-                      functions.cancel_request(model, "r1", "t", auth())):
-            with pytest.raises(ModelServerUnavailable):
-                unwrap(reply)
+        polled = unwrap(functions.poll_requests([poll], 0.0, None, auth()))
+        assert polled["replies"]["r1"]["error"]["kind"] == "ModelServerUnavailable"
+        with pytest.raises(ModelServerUnavailable):
+            unwrap(functions.cancel_request(model, "r1", "t", auth()))
         assert unwrap(functions.deployment_status(model, None, None, auth()))["state"] == "absent"
     assert policy.usage(tmp_path)[0]["requests"] == 1
     ctx.authorize(auth(), model)  # the second request of the minute
     with pytest.raises(QuotaExceeded):
         ctx.authorize(auth(), model)
     with pytest.raises(AccessDenied):  # polls are still authorized
-        unwrap(functions.poll_stream("other", "r1", "t", 0, 0.0, auth()))
+        unwrap(functions.poll_requests([{**poll, "model": "other"}], 0.0, None, auth()))
 
 
 def test_listings_need_a_verified_identity(tmp_path: Path,

@@ -181,7 +181,7 @@ def test_allowed_functions_come_from_the_one_list(tmp_path: Path) -> None:
     assert "run_shard" in ids  # campaign shards are allowed where allowed_functions is set
     assert not any("function_ids" in w for w in cli_sites.check_site(
         str(folder), VALUES["polaris"]).warnings)
-    partial = {"run_request": UUID1, "poll_stream": UUID2}
+    partial = {"run_request": UUID1, "poll_requests": UUID2}
     (folder / "fabric.yaml").write_text(text.replace("function_ids: {}",
                                                      f"function_ids: {json.dumps(partial)}"))
     _, rendered = render_endpoint_config(folder, VALUES["polaris"])

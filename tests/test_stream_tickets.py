@@ -79,15 +79,18 @@ def test_direct_stream_ticket_is_bound_and_single_use(fab: Fabric) -> None:
 def test_polled_stream_ticket_cannot_submit_again(fab: Fabric) -> None:
     """The endpoint spent a poll-mode stream's ticket on its own submit: the caller, who holds
     the ticket, may poll and cancel but not submit anything with it."""
-    from fabric.wire.functions import cancel_request, poll_stream
+    from fabric.wire.functions import cancel_request, poll_requests
 
     request = _request(max_tokens=6)
     info = _open(fab, request, "poll")
     assert _refusal(info, request).details["mismatch"] == "single_use"
     cursor, done = 0, False
     while not done:
-        reply = fab.transport.submit(poll_stream, TINY_MODEL, request.request_id,
-                                     info["ticket"], cursor, 10.0, None).result()
+        poll = {"model": TINY_MODEL, "request_id": request.request_id,
+                "ticket": info["ticket"], "cursor": cursor, "events": True}
+        reply = fab.transport.submit(poll_requests, [poll], 10.0, None,
+                                     None).result()["replies"][request.request_id]
+        assert reply.get("error") is None, reply
         cursor, done = int(reply["cursor"]), bool(reply.get("done"))
     assert fab.transport.submit(cancel_request, TINY_MODEL, request.request_id,
                                 info["ticket"], None).result() in ("done", "unknown")

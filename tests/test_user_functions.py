@@ -110,6 +110,17 @@ def server_pid(handle: Any) -> int:
     return _os.getpid()
 
 
+def started_at(handle: Any, hold_s: float) -> tuple[int, float]:
+    """Its process's pid and when that process was started (Unix time)."""
+    import os as _os
+    import time as _time
+
+    import psutil
+
+    _time.sleep(hold_s)
+    return _os.getpid(), psutil.Process().create_time()
+
+
 # -- tests ---------------------------------------------------------------------------------------
 
 def test_handle_offers_every_mode(fab: Fabric) -> None:
@@ -130,6 +141,26 @@ def test_function_runs_in_a_request_worker(fab: Fabric, local_site: LocalSite) -
     servers = [d for d in fab.deployments() if d["model"] == TINY_MODEL and d.get("health")]
     assert servers and all(pid != d["health"].get("pid") for d in servers)
     assert pid != os.getpid() and pid != local_site.info.get("pid")
+
+
+def test_each_call_gets_a_process_started_before_it(fab: Fabric,
+                                                    local_site: LocalSite) -> None:
+    """Each request worker keeps a spare process started (fabric.endpoint.userchild): a call
+    does not wait for one to start, and no process serves two calls."""
+    import time
+
+    workers = int(local_site.info["workers"])
+    # Every worker busy at once: each has built its context (which starts its spare).
+    first = [f.result(timeout=300) for f in
+             [fab.submit(started_at, 1.0, model=None) for _ in range(workers)]]
+    pids = {pid for pid, _ in first}
+    for _ in range(4):
+        time.sleep(1.0)  # the spare a worker starts once a call is over
+        submitted = time.time()
+        pid, created = fab.submit(started_at, 0.0, model=None).result(timeout=300)
+        assert created < submitted, (created, submitted)
+        assert pid not in pids
+        pids.add(pid)
 
 
 def test_probe_trained_at_site(fab: Fabric) -> None:

@@ -5,7 +5,8 @@ Two ways to get the events, chosen by the transport:
 * **direct**: the client can reach the model server (the local site, a tunnel), so it opens a
   CURVE-encrypted ZMQ connection and the server pushes each step's tokens as they are decoded;
 * **poll**: the server is behind a site's firewall (no inbound ports), so the client long-polls
-  the server's per-request event buffer through the transport (``poll_stream`` at the endpoint).
+  the server's per-request event buffer through the transport (the client's one poller,
+  ``fabric.client.poller``: one ``poll_requests`` task for all its open requests).
 
 Either way a ``Stream`` is an iterator of ``str`` chunks; closing or cancelling it before the
 end tells the server to stop generating (it frees the request's KV memory within one step).

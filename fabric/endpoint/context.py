@@ -139,6 +139,23 @@ class SiteContext:
             record_usage(self.state_dir, identity, model, tokens, request_id,
                          prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
+    def check_request_owner(self, identity: str, model: str, request_id: str, ticket: Any,
+                            what: str, *, key: bytes | None = None) -> None:
+        """Only the identity that started a request polls or cancels it: its ticket (signed
+        by this site when the request was admitted) names that identity (``sub``) and the
+        request. A bad ticket is ``TicketInvalid``; another caller, even one allowed to use the
+        model, gets ``AccessDenied`` (rule ``request-owner``). ``key``: the ticket key, where
+        the caller read it once for many requests."""
+        from fabric import tickets
+        from fabric.errors import AccessDenied
+
+        claims = tickets.authenticate(key or self.ticket_key(), ticket, model=model)
+        tickets.check(claims, request_id=request_id)
+        if claims.get("sub") != identity:
+            raise AccessDenied(
+                f"{identity} may not {what} request {request_id}: another identity started it",
+                rule="request-owner", identity=identity, request_id=request_id)
+
     def check_user_function(self, name: str) -> None:
         """``FunctionNotAllowed`` unless the site runs user functions."""
         from fabric.endpoint.policy import check_function
@@ -161,10 +178,16 @@ _CURRENT: tuple[str, SiteContext] | None = None
 
 def current() -> SiteContext:
     """This worker's context, built on first use (and again if the environment names another
-    site, as tests that switch sites in one process do)."""
+    site, as tests that switch sites in one process do). Building it starts the worker's spare
+    user function process where the site runs user functions (``fabric.endpoint.userchild``),
+    so that not even the worker's first ``fab.submit`` waits for one to start."""
     global _CURRENT
     key = f"{env.FABRIC_SITE.get() or 'local'}|{env.FABRIC_STATE_DIR.get() or ''}"
     with _LOCK:
         if _CURRENT is None or _CURRENT[0] != key:
             _CURRENT = (key, SiteContext.from_env())
+            if _CURRENT[1].site.allow_user_functions:
+                from fabric.endpoint.userchild import prestart
+
+                prestart(_CURRENT[1].site)
         return _CURRENT[1]

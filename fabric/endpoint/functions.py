@@ -34,7 +34,7 @@ STREAM_TICKET_TTL_S = 3600.0
 
 __all__ = [
     "cancel_request", "deploy", "deployment_status", "list_deployments", "list_models",
-    "open_stream", "poll_requests", "poll_stream", "run_request", "run_requests",
+    "open_stream", "poll_requests", "run_request", "run_requests",
     "run_user_function", "undeploy",
 ]
 
@@ -100,7 +100,7 @@ def open_stream(request: dict[str, Any], auth: Any = None, mode: str = "direct",
 
     ``direct``: the client submits to the server itself (address, key, ticket returned).
     ``poll``: the request is submitted here and the server buffers its events for
-    ``poll_requests``/``poll_stream``. ``hold_s`` (poll only, at most ``MAX_HOLD_S``): wait
+    ``poll_requests``. ``hold_s`` (poll only, at most ``MAX_HOLD_S``): wait
     that long here for the result, returned inline (``done``) if it came: a lone short request
     then costs one task, not an admission and a poll. ``first_events`` (a stream): hold only
     until its first events and return them inline (``events``), so a remote stream's first
@@ -129,7 +129,7 @@ def open_stream(request: dict[str, Any], auth: Any = None, mode: str = "direct",
 
         # A ready deployment has both (``ensure`` returns only ready ones).
         with ServerClient(str(dep.address), str(dep.public_key)) as client:
-            # Detached: the server buffers the events for poll_stream after we disconnect.
+            # Detached: the server buffers the events for poll_requests after we disconnect.
             client.submit(req, ticket, stream=False, detach=True)
             if hold_s > 0:
                 info.update(_hold(client, req.request_id, ticket, min(hold_s, MAX_HOLD_S),
@@ -173,29 +173,15 @@ def _server_for(ctx: SiteContext, model: str) -> Any:
 
 
 @endpoint_function("model")
-def poll_stream(model: str, request_id: str, ticket: str, cursor: int, wait_s: float,
-                auth: Any = None) -> dict[str, Any]:
-    """Events of a polled stream after ``cursor`` (long-poll up to ``wait_s`` seconds)."""
-    from fabric.serverclient import ServerClient
-
-    ctx = current()
-    identity = ctx.authorize(auth, model, count=False)  # a follow-up, not a new request
-    dep = _server_for(ctx, model)
-    _check_owner(ctx, identity, dep.model, request_id, ticket, "poll")
-    with ServerClient(dep.address, dep.public_key) as client:
-        reply = client.poll(request_id, ticket, int(cursor), float(wait_s))
-    ctx.manager.db.touch(dep.id)
-    return reply
-
-
-@endpoint_function("model")
 def poll_requests(polls: list[dict[str, Any]], wait_s: float,
                   statuses: list[dict[str, Any]] | None = None,
                   auth: Any = None) -> dict[str, Any]:
     """One long-poll for all of a client's open requests and watched cold starts: held here
     up to ``wait_s`` until any has news (``fabric.endpoint.relay``). ``polls``:
     ``{model, request_id, ticket, cursor, events}`` (``events``: a stream wants its tokens,
-    a plain request only its result); ``statuses``: ``{model, version, state}``."""
+    a plain request only its result); ``statuses``: ``{model, version, state}``. Only the
+    identity that started a request may poll it (its ticket names it): another one's poll
+    gets ``AccessDenied`` in that request's reply."""
     from fabric.endpoint.relay import poll_many
 
     ctx = current()
@@ -214,25 +200,9 @@ def cancel_request(model: str, request_id: str, ticket: str, auth: Any = None) -
     ctx = current()
     identity = ctx.authorize(auth, model, count=False)  # a follow-up, not a new request
     dep = _server_for(ctx, model)
-    _check_owner(ctx, identity, dep.model, request_id, ticket, "cancel")
+    ctx.check_request_owner(identity, dep.model, request_id, ticket, "cancel")
     with ServerClient(dep.address, dep.public_key) as client:
         return client.cancel(request_id, ticket)
-
-
-def _check_owner(ctx: SiteContext, identity: str, model: str, request_id: str, ticket: Any,
-                 what: str) -> None:
-    """Only the identity that started a request polls or cancels it: its ticket (signed by
-    this site when the request was admitted) names that identity (``sub``) and the request.
-    Another caller, even one allowed to use the model, gets ``AccessDenied``."""
-    from fabric import tickets
-    from fabric.errors import AccessDenied
-
-    claims = tickets.authenticate(ctx.ticket_key(), ticket, model=model)
-    tickets.check(claims, request_id=request_id)
-    if claims.get("sub") != identity:
-        raise AccessDenied(
-            f"{identity} may not {what} request {request_id}: another identity started it",
-            rule="request-owner", identity=identity, request_id=request_id)
 
 
 # -- deployments and models -------------------------------------------------------------------

@@ -130,3 +130,11 @@ class ModelHandle:
 
     def __repr__(self) -> str:
         return f"ModelHandle(model={self.model!r}, version={self.version!r})"
+
+
+def preload() -> None:
+    """Import now what the handle's methods import when first called (the request models,
+    the SDK's result decoding): a user function's process does this before its call comes.
+    Not numpy or torch, which only embeddings and tensors need."""
+    import fabric.client.decoding
+    import fabric.protocol  # noqa: F401

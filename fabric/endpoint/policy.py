@@ -315,7 +315,7 @@ def authorize(site: SiteConfig, auth: dict[str, Any] | None, model: str, state_d
 
     ``tokens`` is the most the request may consume (prompt + max new tokens, or 0 to check
     only what was already used). With ``count`` the call is a new request: quotas are checked
-    and it is recorded. Follow-up calls about a request already admitted (``poll_stream``,
+    and it is recorded. Follow-up calls about a request already admitted (``poll_requests``,
     ``cancel_request``, ``deployment_status`` while waiting) pass ``count=False``: identity and
     model rules still apply, quotas do not, so a long stream never uses up requests per minute.
     A site without a policy section (the local site) admits the endpoint's OS user.

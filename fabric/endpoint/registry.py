@@ -104,7 +104,7 @@ def _note_refusal(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
         first = args[0] if args else kwargs.get("request")
         model = first.get("model") if isinstance(first, dict) else kwargs.get("model")
         if model is None and isinstance(first, str) and fn.__code__.co_varnames[:1] == ("model",):
-            model = first  # poll_stream, cancel_request, deploy: the model comes first
+            model = first  # cancel_request, deployment_status, deploy: the model first
         if model is None and isinstance(first, list) and first and isinstance(first[0], dict):
             model = first[0].get("model")  # run_requests
         record_refusal(Path(state_dir), str(model or ""), err)

@@ -18,10 +18,12 @@ is waiting on, and this module holds that task at the site until there is news:
         after the first news, LINGER_S more to gather what the same decode step produced
     <-- {"replies": {request_id: events/cursor/done/result/error}, "statuses": {model: ...}}
 
-A request whose server is gone gets its own ``ModelServerUnavailable`` in its reply; the other
-requests in the same poll are unaffected. Tokens are not recorded here: the server tallies
-every accounted (``open_stream``) ticket and the site collects that (``collect_usage``), so a
-result is counted once, however it reached the client.
+A request whose server is gone gets its own ``ModelServerUnavailable`` in its reply, one whose
+ticket is not the caller's (``AccessDenied``, rule ``request-owner``: only the identity that
+started a request polls it) or not that request's (``TicketInvalid``) its own error, before any
+server is asked; the other requests in the same poll are unaffected. Tokens are not recorded
+here: the server tallies every accounted (``open_stream``) ticket and the site collects that
+(``collect_usage``), so a result is counted once, however it reached the client.
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ def poll_many(ctx: SiteContext, identity: str, polls: list[dict[str, Any]], wait
     replies: dict[str, dict[str, Any]] = {}
     clients: dict[str, tuple[ServerClient, list[dict[str, Any]]]] = {}
     try:
+        key = ctx.ticket_key() if polls else b""  # read once for every request's ticket
         for poll in polls:
-            _start(ctx, poll, clients, replies, deadline)
+            _start(ctx, identity, key, poll, clients, replies, deadline)
         watched = list(statuses or [])
         changed = _statuses(ctx, watched)
         news_at: float | None = time.monotonic() if replies or changed else None
@@ -93,9 +96,10 @@ def poll_many(ctx: SiteContext, identity: str, polls: list[dict[str, Any]], wait
     return {"replies": replies, "statuses": status_map}
 
 
-def _start(ctx: SiteContext, poll: dict[str, Any], clients: dict[str, Any],
-           replies: dict[str, dict[str, Any]], deadline: float) -> None:
-    """Send ``poll``'s first ``poll`` op (on its server's connection, opened once)."""
+def _start(ctx: SiteContext, identity: str, key: bytes, poll: dict[str, Any],
+           clients: dict[str, Any], replies: dict[str, dict[str, Any]], deadline: float) -> None:
+    """Send ``poll``'s first ``poll`` op (on its server's connection, opened once), if it is
+    ``identity``'s request."""
     from fabric.serverclient import ServerClient
 
     rid = str(poll["request_id"])
@@ -104,6 +108,11 @@ def _start(ctx: SiteContext, poll: dict[str, Any], clients: dict[str, Any],
         replies[rid] = _failed(ModelServerUnavailable(
             f"no live model server for {poll['model']}; it may have exited",
             model=str(poll["model"])))
+        return
+    try:
+        ctx.check_request_owner(identity, dep.model, rid, poll.get("ticket"), "poll", key=key)
+    except FabricError as err:
+        replies[rid] = _failed(err)
         return
     if dep.address not in clients:
         clients[dep.address] = (ServerClient(dep.address, dep.public_key), [])

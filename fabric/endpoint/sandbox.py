@@ -4,14 +4,16 @@
 
     request worker (holds the site: ticket key, state DB, caller's token)
       authorize the caller for the model -> CapabilityGuard (identity, model, limits, expiry)
-      start  python -m fabric.endpoint.userproc FD   clean env, cwd a private temp dir,
-             umask 077, only FD inherited, own session, the site's user_functions.run_as user
+      take   this worker's spare process (fabric.endpoint.userchild: python -m
+             fabric.endpoint.userproc FD, started before the call, imports done, waiting):
+             clean env, cwd a private temp dir, umask 077, only FD inherited, own session,
+             the site's user_functions.run_as user; a new one if there is no spare
       send   the caller's pickled (fn, args, kwargs), the capability token     (never opened here)
       serve  each "request" from it: capability (identity, model, counts, tokens, expiry)
              -> the site's policy (quotas; one request counted) -> ServerSession -> usage
              recorded against the caller: one row per request, its tokens
       until  "return" (the value, still serialised for the caller) / "raised" / death / expiry
-      kill   its whole process group, remove the temp dir
+      kill   its whole process group, remove the temp dir; start the next spare (background)
 
 The worker never unpickles anything the child sends: requests are msgpack data it validates
 again, the returned value travels on to the SDK as the string the child made.
@@ -19,22 +21,15 @@ again, the returned value travels on to the SDK as the string the child made.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import select
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from fabric import env
 from fabric.endpoint import userproc
 from fabric.endpoint.capability import CapabilityGuard
+from fabric.endpoint.userchild import SPARES, STARTUP_S, UserChild, clean_env
 from fabric.errors import CapabilityDenied, DeadlineExceeded, FabricError, UserFunctionError
 
 if TYPE_CHECKING:
@@ -44,74 +39,34 @@ if TYPE_CHECKING:
 GRACE_S = 5.0
 """How long a user function may still take to hand back its value after its capability
 expired, before its process is killed."""
-STARTUP_S = 60.0
-"""Most seconds the user function's process may take to start and read its call."""
-
-
-def clean_env(home: str) -> dict[str, str]:
-    """The user function's whole environment: where Python finds its modules, and a home of
-    its own. Nothing else of the worker's (``FABRIC_*``, the policy's client secret...)."""
-    return {"PATH": env.PATH.get() or "/usr/bin:/bin", "PYTHONPATH": env.PYTHONPATH.get() or "",
-            "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONUNBUFFERED": "1"}
 
 
 def run_user_call(ctx: SiteContext, call: str, *, model: str | None, version: str | None,
                   identity: str, auth: Any) -> bytes:
-    """Run the caller's packed ``(fn, args, kwargs)`` in a process of its own; the value it
-    returned, pickled for the caller (never unpickled here), or its typed error."""
+    """Run the caller's packed ``(fn, args, kwargs)`` in a process of its own (this worker's
+    spare); the value it returned, pickled for the caller (never unpickled here), or its
+    typed error."""
     limits = ctx.site.user_functions
-    guard = CapabilityGuard(identity=identity, model=model, version=version,
-                            max_requests=limits.max_requests, max_tokens=limits.max_tokens,
-                            ttl_s=limits.timeout_s)
-    home = tempfile.mkdtemp(prefix="fabric-userfn-")
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    proc = None
-    server = _Server(ctx, guard, auth)
+    child: UserChild | None = None
+    server: _Server | None = None
     try:
-        proc = _start(theirs, home, limits.run_as)
-        theirs.close()
-        ours.settimeout(STARTUP_S)
-        userproc.send(ours, {"op": "call", "call": call, "capability": guard.token(),
-                             "model": model, "version": version, "identity": identity})
-        return server.serve(ours, proc)
+        child = SPARES.take(limits.run_as)
+        # The capability's life starts with its call, not with the spare.
+        guard = CapabilityGuard(identity=identity, model=model, version=version,
+                                max_requests=limits.max_requests,
+                                max_tokens=limits.max_tokens, ttl_s=limits.timeout_s)
+        server = _Server(ctx, guard, auth)
+        child.sock.settimeout(STARTUP_S)
+        userproc.send(child.sock, {"op": "call", "call": call, "capability": guard.token(),
+                                   "model": model, "version": version, "identity": identity})
+        return server.serve(child.sock, child)
     finally:
-        server.close()
-        ours.close()
-        theirs.close()
-        if proc is not None:
-            _kill(proc)
-        shutil.rmtree(home, ignore_errors=True)
-
-
-def _start(sock: socket.socket, home: str, run_as: str | None) -> subprocess.Popen[bytes]:
-    fd = sock.fileno()
-    os.set_inheritable(fd, True)
-    kwargs: dict[str, Any] = {}
-    if run_as:
-        import pwd
-
-        try:
-            who = pwd.getpwnam(run_as)
-        except KeyError:
-            raise FabricError(f"site misconfigured: user_functions.run_as user {run_as!r} "
-                              "does not exist") from None
-        os.chown(home, who.pw_uid, who.pw_gid)
-        kwargs.update(user=who.pw_uid, group=who.pw_gid, extra_groups=[])
-    os.chmod(home, 0o700)
-    return subprocess.Popen(
-        [sys.executable, "-m", "fabric.endpoint.userproc", str(fd)],
-        env=clean_env(home), cwd=home, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, close_fds=True, pass_fds=(fd,), umask=0o077,
-        start_new_session=True, **kwargs)
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    """End the user function's whole process group (it may have started others)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(10)
+        if server is not None:
+            server.close()
+        if child is not None:
+            SPARES.finish(child, limits.run_as)  # killed now; the next spare in the background
+        else:
+            SPARES.refill(limits.run_as)
 
 
 class _Server:
@@ -123,7 +78,7 @@ class _Server:
         self._auth = auth
         self._session: ServerSession | None = None
 
-    def serve(self, sock: socket.socket, proc: subprocess.Popen[bytes]) -> bytes:
+    def serve(self, sock: socket.socket, child: UserChild) -> bytes:
         """Answer the child's requests until it returns, raises, dies or runs out of time."""
         deadline = self.guard.capability.expires + GRACE_S
         while True:
@@ -140,7 +95,7 @@ class _Server:
             try:
                 msg = userproc.receive(sock)
             except (userproc.ChannelClosed, OSError):
-                code = proc.wait(10)
+                code = child.proc.wait(10)
                 raise UserFunctionError(
                     f"the user function's process exited (code {code}) without a result",
                     exit_code=code) from None

@@ -1,25 +1,36 @@
-"""The process a user function runs in: ``python -m fabric.endpoint.userproc FD``.
+"""The process a user function runs in: ``python -m fabric.endpoint.userproc FD PARENT``.
 
-The request worker (``fabric.endpoint.sandbox``) starts it with a clean environment, a private
+The request worker (``fabric.endpoint.userchild``) starts it with a clean environment, a private
 temporary working directory, umask 077, no inherited file descriptors but ``FD`` (one end of a
-Unix socket pair) and, where the site names one, another Unix user. This process never loads
-the site's context: it holds no ticket key, no CURVE key, no state database and no caller
-token, only the caller's code (still pickled until it gets here), a capability token and the
-socket. Everything it asks of a model goes through the worker, which checks the capability.
+Unix socket pair), a session of its own and, where the site names one, another Unix user. This
+process never loads the site's context: it holds no ticket key, no CURVE key, no state database
+and no caller token, only the caller's code (still pickled until it gets here), a capability
+token and the socket. Everything it asks of a model goes through the worker, which checks the
+capability. It serves one call and exits.
+
+It is started before its call (the worker keeps one spare): it imports what a call needs, says
+``ready`` and blocks reading its socket. If the worker (``PARENT``) goes first, the socket's end
+of stream or a changed parent pid ends it, its process group and its home folder: nothing is
+left behind a killed worker.
 
 Messages on the socket, both ways: ``!I`` length + one msgpack map (``send``/``receive``).
-worker -> here: ``{"op": "call", "call", "capability", "model", "version", "identity"}``, then
-one ``{"op": "results"}`` or ``{"op": "error"}`` per request. here -> worker:
-``{"op": "request", "capability", "model", "version", "requests"}`` any number of times, then
-one ``{"op": "return", "value"}`` (the value serialised for the caller) or ``{"op": "raised",
-"error"}``.
+here -> worker: ``{"op": "ready"}`` first. worker -> here: ``{"op": "call", "call",
+"capability", "model", "version", "identity"}``, then one ``{"op": "results"}`` or ``{"op":
+"error"}`` per request. here -> worker: ``{"op": "request", "capability", "model", "version",
+"requests"}`` any number of times, then one ``{"op": "return", "value"}`` (the value serialised
+for the caller) or ``{"op": "raised", "error"}``.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import socket
 import struct
 import sys
+import threading
+import time
 import traceback
 from typing import Any
 
@@ -32,6 +43,10 @@ RESULT_LIMIT_BYTES = 10 * 1024 * 1024 - 4096
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Largest message either side accepts (a request batch, a result, a returned value)."""
 _HEADER = struct.Struct("!I")
+HOME_PREFIX = "fabric-userfn-"
+"""Name prefix of a user function's private home (a temporary folder the worker makes)."""
+PARENT_CHECK_S = 1.0
+"""How often the process checks that its worker is still alive."""
 
 
 class ChannelClosed(Exception):
@@ -91,23 +106,36 @@ class SocketChannel:
 
 
 def run(sock: socket.socket) -> None:
-    """Serve one call on ``sock``: run the caller's function, send back its value or error."""
+    """Serve one call on ``sock``: import what it needs, say ``ready``, wait for the call (a
+    spare waits here), run the caller's function, send back its value or error."""
     from fabric.endpoint.handle import ModelHandle
     from fabric.wire.gcwire import default_serializer
 
+    serde = default_serializer()
+    _preload()
+    send(sock, {"op": "ready"})
     msg = receive(sock)
     if msg.get("op") != "call":
         raise InvalidRequest(f"expected a call, got {msg.get('op')!r}")
     channel = SocketChannel(sock, str(msg["capability"]))
     handle = ModelHandle(channel, msg.get("model"), msg.get("version"),
                          identity=str(msg.get("identity") or ""))
-    serde = default_serializer()
     try:
         value = _call(serde, str(msg["call"]), handle)
         answer: dict[str, Any] = {"op": "return", "value": _packed(value)}
     except FabricError as err:
         answer = {"op": "raised", "error": err.to_dict()}
     send(sock, answer)
+
+
+def _preload() -> None:
+    """Import what a call uses beyond the handle before the call comes (a spare does this
+    while it waits): the handle's own lazy imports, dill for the value."""
+    import dill  # noqa: F401
+
+    from fabric.endpoint.handle import preload
+
+    preload()
 
 
 def _call(serde: Any, call: str, handle: Any) -> Any:
@@ -147,13 +175,55 @@ def _packed(value: Any) -> bytes:
     return packed
 
 
+def _own_home() -> str | None:
+    """This process's private home (its working directory at the start, where the worker
+    starts it), if the worker made it: never anything else to remove."""
+    try:
+        home = os.getcwd()
+        if not os.path.basename(home).startswith(HOME_PREFIX):
+            return None
+        return home if os.stat(home).st_uid == os.getuid() else None
+    except OSError:
+        return None
+
+
+def _end_orphaned(home: str | None) -> None:
+    """The worker is gone: remove the home it would have removed, end this process group (a
+    function may have started others; only when this process leads it, as the worker starts
+    it) and this process."""
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(4)
+
+
+def _watch_parent(parent: int, home: str | None) -> None:
+    """End everything once ``parent`` (the worker) is gone: the function may be busy and never
+    read the socket that would tell it. A daemon thread; checks every ``PARENT_CHECK_S``."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        _end_orphaned(home)
+
+    threading.Thread(target=watch, daemon=True, name="userproc-parent").start()
+
+
 def main(argv: list[str]) -> int:
-    """Entry point: ``argv[1]`` is the inherited socket's file descriptor."""
+    """Entry point: ``argv[1]`` is the inherited socket's file descriptor, ``argv[2]`` the pid
+    of the worker that started this process."""
     sock = socket.socket(fileno=int(argv[1]))
+    home = _own_home()  # read before any user code runs (it may change directory)
+    if len(argv) > 2:
+        _watch_parent(int(argv[2]), home)
     try:
         run(sock)
     except ChannelClosed:
-        return 3  # the worker went away (it killed us, or died): nothing to answer
+        # The worker went away (it killed us, or died; a spare's worker gave it no call):
+        # nothing to answer, and the worker may not be there to remove the home.
+        if home:
+            shutil.rmtree(home, ignore_errors=True)
+        return 3
     finally:
         sock.close()
     return 0

@@ -189,21 +189,30 @@ def test_only_the_starter_polls_or_cancels(tmp_path: Path,
                            subject="alice@uchicago.edu", ttl_s=600)
     introspect(username="bob@anl.gov")
     typed = 0
-    for reply in (functions.poll_stream(MODEL, "r-alice", alices, 0, 0.0, auth()),
-                  functions.cancel_request(MODEL, "r-alice", alices, auth())):
-        with pytest.raises(AccessDenied) as err:
-            unwrap(reply)
-        assert type(err.value) is AccessDenied, err.value
-        assert err.value.details == {"rule": "request-owner", "identity": "bob@anl.gov",
-                                     "request_id": "r-alice"}
+
+    def polled(ticket: str) -> Any:
+        """Bob's poll of Alice's request: its own typed error in its reply (the poll task
+        itself succeeds: other requests in it are unaffected)."""
+        poll = {"model": MODEL, "request_id": "r-alice", "ticket": ticket, "cursor": 0}
+        reply = unwrap(functions.poll_requests([poll], 0.0, None, auth()))["replies"]["r-alice"]
+        assert reply["done"] and reply["error"], reply
+        return FabricError.from_dict(reply["error"])
+
+    with pytest.raises(AccessDenied) as cancelled:
+        unwrap(functions.cancel_request(MODEL, "r-alice", alices, auth()))
+    for err in (polled(alices), cancelled.value):
+        assert type(err) is AccessDenied, err
+        assert err.details == {"rule": "request-owner", "identity": "bob@anl.gov",
+                               "request_id": "r-alice"}
         typed += 1
     # A ticket for another request, or none at all, is refused too.
     for bad in (tickets.issue(ctx.ticket_key(), model=MODEL, request_id="r-other",
                               subject="bob@anl.gov", ttl_s=600), "forged.ticket"):
         with pytest.raises(TicketInvalid):
             unwrap(functions.cancel_request(MODEL, "r-alice", bad, auth()))
-        typed += 1
-    report("poll-cancel-owner", inputs=4, typed_errors=typed, crashes=0)
+        assert type(polled(bad)) is TicketInvalid
+        typed += 2
+    report("poll-cancel-owner", inputs=6, typed_errors=typed, crashes=0)
 
 
 # -- quota counters: O(1) per admission, pruned ------------------------------------------------

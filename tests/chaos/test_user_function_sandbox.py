@@ -7,7 +7,9 @@ tokens at all. Here the function runs in its own process (``fabric.endpoint.sand
 
 * its environment, argv, file descriptors and memory hold no site secret (the memory of its
   live process is scanned for the ticket key and the CURVE secret keys, with a marker of its
-  own as the control that the scan finds what is there);
+  own as the control that the scan finds what is there); the process scanned is the one its
+  worker started before the call, as a spare (``fabric.endpoint.userchild``), so a spare holds
+  none either;
 * an operator ticket it mints with whatever key it can reach is refused by the server;
 * another model, more requests or tokens than its capability allows, a tampered capability
   and an expired one are typed ``CapabilityDenied`` errors; a function that outlives its
@@ -61,9 +63,15 @@ def look_for_secrets(handle: Any, pid_file: str, go_file: str, marker: str) -> d
     end = time.monotonic() + 120
     while not Path(go_file).exists() and time.monotonic() < end:
         time.sleep(0.05)
+    import psutil
+
     return {"env": dict(os.environ), "argv": list(_sys.argv), "cwd": os.getcwd(),
-            "fds": fds,
+            "fds": fds, "created": psutil.Process().create_time(),
             "key_sha": with_key, "minted": minted, "marker": held[:6]}
+
+
+def hold(handle: Any, seconds: float) -> None:
+    time.sleep(seconds)
 
 
 def repoint(handle: Any, model: str) -> str:
@@ -184,6 +192,11 @@ def test_user_function_process_holds_no_secret(fab: Fabric, local_site: LocalSit
         secrets[f"curve{i}"] = path.read_bytes().strip()
     assert any(k.startswith("curve") for k in secrets)  # the model server's at least
     pid_file, go_file = tmp_path / "pid", tmp_path / "go"
+    # Every worker busy at once: each has its context, so its spare, before the call below.
+    for f in [fab.submit(hold, 1.0, model=None) for _ in range(int(local_site.info["workers"]))]:
+        f.result(timeout=120)
+    time.sleep(1.0)
+    submitted = time.time()
     future = fab.submit(look_for_secrets, str(pid_file), str(go_file), MARKER, model=TINY_MODEL)
     end = time.monotonic() + 120
     while not pid_file.exists() and time.monotonic() < end:
@@ -197,6 +210,7 @@ def test_user_function_process_holds_no_secret(fab: Fabric, local_site: LocalSit
     report("user-function secrets", inputs=len(secrets),
            leaked=sum(found[k] for k in secrets))
     assert found["marker"], "the scan must find what the process does hold"
+    assert out["created"] < submitted  # a spare, started and waiting before the call
     assert not any(found[k] for k in secrets), found
     # Its environment is its own: no FABRIC_* (the site, the state dir), no policy secret.
     assert set(out["env"]) <= {"PATH", "PYTHONPATH", "HOME", "TMPDIR", "LANG",
