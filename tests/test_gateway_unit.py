@@ -244,3 +244,68 @@ def test_globus_token_is_introspected_and_passed_on(tmp_path: Path,
         assert gateway.client_for(Identity("bob", "key")) is gateway.client
     finally:
         gateway.close()
+
+
+# -- SSE pieces ------------------------------------------------------------------------------
+
+
+class _Chunks:
+    """Stands in for an ``AsyncStream``: its chunks (an exception is raised in its place),
+    the attributes ``pieces`` reads, and how often it was asked to close."""
+
+    def __init__(self, chunks: list[Any]) -> None:
+        self._chunks = list(chunks)
+        self.last_token_ids: list[int] = []
+        self.last_logprobs: list[float] = []
+        self.closed = 0
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> str:
+        if not self._chunks:
+            raise StopAsyncIteration
+        item = self._chunks.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        self.last_token_ids = [len(item)]
+        return str(item)
+
+    def close_soon(self) -> None:
+        self.closed += 1
+
+
+def test_pieces_of_one_stream_and_of_several() -> None:
+    import asyncio
+
+    from fabric.errors import ModelServerUnavailable
+    from fabric.gateway.streams import pieces
+
+    async def collect(streams: list[Any], stop_after: int | None = None) -> list[Any]:
+        out: list[Any] = []
+        gen: Any = pieces(streams)
+        try:
+            async for piece in gen:
+                out.append((piece.index, piece.text, piece.token_ids))
+                if stop_after is not None and len(out) == stop_after:
+                    break
+        finally:
+            await gen.aclose()
+        return out
+
+    one = _Chunks(["ab", "c"])
+    assert asyncio.run(collect([one])) == [(0, "ab", [2]), (0, "c", [1]), (0, None, [])]
+    assert one.closed == 1
+    # A client that goes away after the first chunk: the stream is closed (cancelled).
+    left = _Chunks(["ab", "c", "d"])
+    assert asyncio.run(collect([left], stop_after=1)) == [(0, "ab", [2])]
+    assert left.closed == 1
+    broken = _Chunks(["ab", ModelServerUnavailable("gone")])
+    with pytest.raises(ModelServerUnavailable):
+        asyncio.run(collect([broken]))
+    assert broken.closed == 1
+    a, b = _Chunks(["x", "y"]), _Chunks(["z"])
+    got = asyncio.run(collect([a, b]))
+    assert sorted(got, key=lambda p: (p[0], p[1] is None)) == [
+        (0, "x", [1]), (0, "y", [1]), (0, None, []), (1, "z", [1]), (1, None, [])]
+    assert (a.closed, b.closed) == (1, 1)
