@@ -201,8 +201,7 @@ class DeploymentManager:
             return dep
         info = _read_json(Path(dep.info_path)) if dep.info_path else None
         if info and info.get("address") and not dep.address:
-            dep = self.db.update(dep.id, address=info["address"],
-                                 public_key=info.get("public_key")) or dep
+            dep = self._bound(dep, info)
         if _walltime_marker(self.script_dir(), dep.id):
             return self._mark_dead(dep, f"walltime {dep.walltime} reached")
         if info and info.get("state") == "dead":
@@ -242,6 +241,20 @@ class DeploymentManager:
                               " s (server.ready_timeout_s)" + self._log_tail(dep))
         return dep
 
+    def _bound(self, dep: Deployment, info: dict[str, Any]) -> Deployment:
+        """The server is up: record its address and the weights hash it settled on its node
+        (once per deployment), and keep that hash for the model version's next launch."""
+        weights = info.get("weights")
+        changes: dict[str, Any] = {"address": info["address"],
+                                   "public_key": info.get("public_key")}
+        if isinstance(weights, dict) and weights.get("sha256"):
+            changes["sha256"] = str(weights["sha256"])
+            known = self.db.weights_of(dep.model, dep.version)
+            if known is None or (known["sha256"], known["stamp"]) != (weights["sha256"],
+                                                                      weights.get("stamp")):
+                self.db.record_weights(dep.model, dep.version, weights)
+        return self.db.update(dep.id, **changes) or dep
+
     def health(self, dep: Deployment) -> dict[str, Any] | None:
         """The server's health reply, or None if it does not answer in time."""
         if not dep.address or not dep.public_key:
@@ -263,17 +276,24 @@ class DeploymentManager:
         for dep in self._live(entry, plan if exact_plan else None):
             if dep.state == "ready" and self.refresh(dep).state == "ready":
                 return dep
-        # Weights next, outside the lock: converting a GGUF takes seconds and has its own lock.
-        from fabric.weights import prepare
-
-        weights = prepare(entry, Path(self.site.weights_dir).expanduser()
-                          if self.site.weights_dir else None)
+        # Where the weights are and what the site knows of their hash: no weight file is read
+        # here (a request worker on a login node); the server converts and hashes on its node.
+        weights = self.locate(entry)
         with self._lock():
             for dep in self._live(entry, plan if exact_plan else None):
                 dep = self.refresh(dep)
                 if dep.state in LIVE_STATES:
                     return dep
             return self._launch(entry, plan or self._default_plan(entry), weights)
+
+    def locate(self, entry: CatalogEntry) -> Any:
+        """``fabric.weights.locate`` with this site's weight cache and its record of the hash
+        an earlier server of this version settled (``StateDB.weights_of``)."""
+        from fabric.weights import locate
+
+        return locate(entry, Path(self.site.weights_dir).expanduser()
+                      if self.site.weights_dir else None,
+                      self.db.weights_of(entry.name, entry.version))
 
     def _launch(self, entry: CatalogEntry, plan: Plan, weights: Any) -> Deployment:
         from fabric.engine.launch import prepare_server_launch
@@ -284,7 +304,8 @@ class DeploymentManager:
         now = time.time()
         dep = Deployment(
             id=dep_id, model=entry.name, version=entry.version, state="queued",
-            sha256=weights.sha256, plan=plan.model_dump(), provider=self.site.jobs.provider.type,
+            sha256=weights.sha256 or "", plan=plan.model_dump(),
+            provider=self.site.jobs.provider.type,
             walltime=self.site.jobs.walltime, created=now, last_used=now,
             info_path=str(folder / "info.json"), log_path=str(self.script_dir()),
         )
