@@ -242,3 +242,26 @@ def test_a_registered_model_is_verified_on_its_first_node_then_refused_once_chan
     os.utime(target, (later, later))
     with pytest.raises(DeploymentError, match="WeightsChanged"):
         manager.ensure(entry, wait_s=240)
+
+
+@pytest.mark.slow  # converts SmolLM2's GGUF (~15 s) and serves it
+def test_a_gguf_model_is_converted_and_hashed_on_the_servers_node(
+        tmp_path: Path, watch_opens: list[str]) -> None:
+    cache = tmp_path / "weights-cache"
+    folder = write_site(tmp_path / "site", weights_dir=str(cache))
+    mgr = DeploymentManager(load_site(folder), folder / "state")
+    entry = Catalog().get("smollm2-135m")
+    watch_opens.append(str(cache))
+    try:
+        dep = mgr.deploy(entry)
+        launch = json.loads(Path(dep.info_path).with_name("launch.json").read_text())
+        assert launch["sha256"] is None and launch["weights_path"].startswith(str(cache))
+        ready = mgr.wait_ready(dep.id, 400)
+        assert _OPENED == []
+        converted = Path(launch["weights_path"])
+        expected = listing_sha256(converted)
+        assert ready.sha256 == expected
+        assert _generate(mgr, ready, entry.name)["model"]["sha256"] == expected
+    finally:
+        for live in mgr.db.query(states=("queued", "loading", "ready", "draining")):
+            mgr.undeploy(live.id, drain_wait_s=2.0)

@@ -17,6 +17,11 @@ Any reader advances a record through its life (``refresh``): queued -> loading o
 runs, -> ready once the head rank's info file names an address and health says "ready", -> dead
 when the job ends (crash, ``scancel``, walltime), the health ping fails or readiness takes longer
 than ``server.ready_timeout_s``. A dead record is never reused; the next request launches anew.
+
+A request worker reads no weight file: it only locates the weights and what the site knows of
+their hash (``fabric.weights.locate``). The server converts (GGUF) and hashes them on its node
+and reports the hash in its info file; the record takes it when the server is first seen bound,
+and the site keeps it per model version (``StateDB.record_weights``) for the next launch.
 """
 
 from __future__ import annotations
