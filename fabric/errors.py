@@ -146,6 +146,15 @@ class RendezvousTimeout(DeploymentError):
     retryable = True
 
 
+class WeightsChanged(DeploymentError):
+    """A registered model's weight files no longer match the hash recorded when it was
+    registered (their size/mtime stamp changed, or, on the first server of that version at a
+    site, their bytes do not hash to it). The model is refused, not rehashed: register the
+    folder again as a new version. Retrying does not help."""
+
+    retryable = False
+
+
 class UnsupportedCheckpoint(FabricError):
     """A checkpoint holds something the engine cannot read (a dtype, a scale layout); the
     message names the tensor and what is accepted. Retrying does not help."""

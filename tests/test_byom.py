@@ -197,6 +197,6 @@ def test_served_unregistered_models_pin_by_hash_from_their_manifest(
     entry = site_catalog(site).get("tiny-llama")
     with pytest.raises(UnknownModel):  # never served: its hash is not known yet (not computed)
         site_catalog(site).get("tiny-llama", "sha256:" + sha256sum_listing(model_copy)[1])
-    prepared = weights.prepare(entry)  # what a deployment does first: writes the manifest
+    prepared = weights.prepare(entry)  # as its first server does: writes the manifest
     assert prepared.sha256 == sha256sum_listing(model_copy)[1]
     assert site_catalog(site).get("tiny-llama", prepared.sha256[:12]).version == "test"

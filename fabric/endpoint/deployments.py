@@ -17,6 +17,11 @@ Any reader advances a record through its life (``refresh``): queued -> loading o
 runs, -> ready once the head rank's info file names an address and health says "ready", -> dead
 when the job ends (crash, ``scancel``, walltime), the health ping fails or readiness takes longer
 than ``server.ready_timeout_s``. A dead record is never reused; the next request launches anew.
+
+A request worker reads no weight file: it only locates the weights and what the site knows of
+their hash (``fabric.weights.locate``). The server converts (GGUF) and hashes them on its node
+and reports the hash in its info file; the record takes it when the server is first seen bound,
+and the site keeps it per model version (``StateDB.record_weights``) for the next launch.
 """
 
 from __future__ import annotations
@@ -202,8 +207,7 @@ class DeploymentManager:
             return dep
         info = _read_json(Path(dep.info_path)) if dep.info_path else None
         if info and info.get("address") and not dep.address:
-            dep = self.db.update(dep.id, address=info["address"],
-                                 public_key=info.get("public_key")) or dep
+            dep = self._bound(dep, info)
         if _walltime_marker(self.script_dir(), dep.id):
             return self._mark_dead(dep, f"walltime {dep.walltime} reached")
         if info and info.get("state") == "dead":
@@ -260,6 +264,20 @@ class DeploymentManager:
         return job.state.value == "running" and (
             job.reason == "TimeLimit" or clock_seconds(job.time_left) == 0)
 
+    def _bound(self, dep: Deployment, info: dict[str, Any]) -> Deployment:
+        """The server is up: record its address and the weights hash it settled on its node
+        (once per deployment), and keep that hash for the model version's next launch."""
+        weights = info.get("weights")
+        changes: dict[str, Any] = {"address": info["address"],
+                                   "public_key": info.get("public_key")}
+        if isinstance(weights, dict) and weights.get("sha256"):
+            changes["sha256"] = str(weights["sha256"])
+            known = self.db.weights_of(dep.model, dep.version)
+            if known is None or (known["sha256"], known["stamp"]) != (weights["sha256"],
+                                                                      weights.get("stamp")):
+                self.db.record_weights(dep.model, dep.version, weights)
+        return self.db.update(dep.id, **changes) or dep
+
     def health(self, dep: Deployment) -> dict[str, Any] | None:
         """The server's health reply, or None if it does not answer in time."""
         if not dep.address or not dep.public_key:
@@ -281,17 +299,24 @@ class DeploymentManager:
         for dep in self._live(entry, plan if exact_plan else None):
             if dep.state == "ready" and self.refresh(dep).state == "ready":
                 return dep
-        # Weights next, outside the lock: converting a GGUF takes seconds and has its own lock.
-        from fabric.weights import prepare
-
-        weights = prepare(entry, Path(self.site.weights_dir).expanduser()
-                          if self.site.weights_dir else None)
+        # Where the weights are and what the site knows of their hash: no weight file is read
+        # here (a request worker on a login node); the server converts and hashes on its node.
+        weights = self.locate(entry)
         with self._lock():
             for dep in self._live(entry, plan if exact_plan else None):
                 dep = self.refresh(dep)
                 if dep.state in LIVE_STATES:
                     return dep
             return self._launch(entry, plan or self._default_plan(entry), weights)
+
+    def locate(self, entry: CatalogEntry) -> Any:
+        """``fabric.weights.locate`` with this site's weight cache and its record of the hash
+        an earlier server of this version settled (``StateDB.weights_of``)."""
+        from fabric.weights import locate
+
+        return locate(entry, Path(self.site.weights_dir).expanduser()
+                      if self.site.weights_dir else None,
+                      self.db.weights_of(entry.name, entry.version))
 
     def _launch(self, entry: CatalogEntry, plan: Plan, weights: Any) -> Deployment:
         from fabric.engine.launch import prepare_server_launch
@@ -302,7 +327,8 @@ class DeploymentManager:
         now = time.time()
         dep = Deployment(
             id=dep_id, model=entry.name, version=entry.version, state="queued",
-            sha256=weights.sha256, plan=plan.model_dump(), provider=self.site.jobs.provider.type,
+            sha256=weights.sha256 or "", plan=plan.model_dump(),
+            provider=self.site.jobs.provider.type,
             walltime=self.site.jobs.walltime, created=now, last_used=now,
             info_path=str(folder / "info.json"), log_path=str(self.script_dir()),
         )

@@ -273,17 +273,25 @@ def list_models(auth: Any = None) -> list[dict[str, Any]]:
             "hosted": hosted is not None or entry in site.extra_models
             or entry.source.sha256 is not None,
             "plan": (hosted.plan.model_dump() if hosted else None),
-            **_identity(entry),
+            **_identity(entry, mgr),
             "deployments": [{"id": d.id, "state": d.state} for d in deps],
         })
     return out
 
 
-def _identity(entry: Any) -> dict[str, Any]:
-    """Size on disk and weights hash where already known (never hashes: a listing)."""
+def _identity(entry: Any, mgr: Any) -> dict[str, Any]:
+    """Size on disk and weights hash where already known: registered, or settled by a server
+    of this version (the site's record, else the folder's manifest). Never hashes: a
+    listing."""
+    from pathlib import Path
+
     from fabric.weights import known_identity
 
-    known = known_identity(entry)
+    site = mgr.db.weights_of(entry.name, entry.version)
+    if site is not None and not entry.source.sha256:
+        return {"size_bytes": site["size_bytes"], "sha256": site["sha256"]}
+    known = known_identity(entry, Path(mgr.site.weights_dir).expanduser()
+                           if mgr.site.weights_dir else None)
     return {"size_bytes": known.size_bytes if known else None,
             "sha256": known.sha256 if known else None}
 

@@ -49,6 +49,16 @@ CREATE TABLE IF NOT EXISTS deployments (
     log_path TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS deployments_model ON deployments (model, version, state);
+CREATE TABLE IF NOT EXISTS weights (
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    stamp TEXT NOT NULL DEFAULT '[]',
+    size_bytes INTEGER NOT NULL DEFAULT 0,
+    how TEXT NOT NULL DEFAULT '',
+    recorded REAL NOT NULL,
+    PRIMARY KEY (model, version)
+);
 """
 
 
@@ -170,6 +180,32 @@ class StateDB:
             if db is None:
                 conn.close()
         return [_from_row(r) for r in rows]
+
+    def record_weights(self, model: str, version: str, weights: dict[str, Any]) -> None:
+        """Keep the weights hash a server settled for (model, version) (its info file's
+        ``weights``: sha256, stamp, size_bytes, how): the next launch of that version hands
+        it to its server instead of having it hashed again."""
+        with self.transaction() as tx:
+            tx.execute(
+                "INSERT OR REPLACE INTO weights (model, version, sha256, stamp, size_bytes, how,"
+                " recorded) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (model, version, str(weights["sha256"]), json.dumps(weights.get("stamp") or []),
+                 int(weights.get("size_bytes") or 0), str(weights.get("how") or ""),
+                 time.time()))
+
+    def weights_of(self, model: str, version: str) -> dict[str, Any] | None:
+        """The site's record of (model, version)'s weights hash (``record_weights``), if any."""
+        db = self._connect()
+        try:
+            row = db.execute("SELECT * FROM weights WHERE model = ? AND version = ?",
+                             (model, version)).fetchone()
+        finally:
+            db.close()
+        if row is None:
+            return None
+        data = dict(row)
+        data["stamp"] = json.loads(data["stamp"] or "[]")
+        return data
 
     def touch(self, dep_id: str) -> None:
         """Record a use (idle time counts from here)."""

@@ -20,7 +20,7 @@ from fabric import env
 from fabric.catalog import CatalogEntry
 from fabric.errors import AcceleratorUnavailable
 from fabric.sites import Plan, ServerConfig
-from fabric.weights import PreparedWeights
+from fabric.weights import HashClaim, LocatedWeights, PreparedWeights
 
 
 class ServerLaunchConfig(BaseModel):
@@ -32,9 +32,15 @@ class ServerLaunchConfig(BaseModel):
     model: CatalogEntry
     """Catalog entry being served."""
     weights_path: str
-    """Folder with config.json, tokenizer and safetensors (or a pre-sharded folder)."""
-    sha256: str
-    """sha256 of the weights, reported with every result."""
+    """Folder with config.json, tokenizer and safetensors (for a GGUF entry, its conversion
+    cache, filled by the server on its node: ``fabric.weights.materialize``)."""
+    sha256: str | None = None
+    """The weights hash as far as the site knows it (``None``: not known yet). The server
+    settles the hash on its node (``fabric.weights.HashJob``: trusted while ``weights_claim``'s
+    stamp matches, else computed there) and reports it with every result and in its info
+    file; the launching request worker never reads the weight files."""
+    weights_claim: HashClaim = Field(default_factory=HashClaim)
+    """How far the server may trust ``sha256`` (stamp, registered, verify once)."""
     shard_dir: str | None = None
     """Pre-sharded checkpoint (``fabric shard``) matching ``plan``; ``None`` reads slices from
     ``weights_path`` directly."""
@@ -98,7 +104,8 @@ class ServerLaunch:
                                    job_name=job_name))
 
 
-def prepare_server_launch(deployment_id: str, entry: CatalogEntry, weights: PreparedWeights,
+def prepare_server_launch(deployment_id: str, entry: CatalogEntry,
+                          weights: PreparedWeights | LocatedWeights,
                           plan: Plan, server: ServerConfig, state_dir: Path, folder: Path,
                           shard_dir: str | None = None) -> ServerLaunch:
     """Write ``folder/launch.json`` for a model server and return the command its ranks run.
@@ -108,11 +115,14 @@ def prepare_server_launch(deployment_id: str, entry: CatalogEntry, weights: Prep
     writes ``folder/info.json``, the rendezvous host is loopback for one node and the job's first
     node (``auto``) for more, its port is chosen by rank 0 where it runs (``master_port`` 0,
     published in ``folder/rendezvous.json``), and each rank gets ``server.threads_per_rank``
-    threads, or its node's cores split between the ranks sharing it.
+    threads, or its node's cores split between the ranks sharing it. ``weights`` is either
+    hashed already (``fabric.weights.prepare``: trusted as is) or located
+    (``fabric.weights.locate``: the server settles the hash on its node).
     """
+    claim = weights.claim if isinstance(weights, LocatedWeights) else HashClaim()
     config = ServerLaunchConfig(
         deployment_id=deployment_id, model=entry, weights_path=str(weights.path),
-        sha256=weights.sha256, shard_dir=shard_dir, plan=plan, server=server,
+        sha256=weights.sha256, weights_claim=claim, shard_dir=shard_dir, plan=plan, server=server,
         state_dir=str(state_dir), ticket_key_path=str(state_dir / "ticket.key"),
         curve_dir=str(state_dir / "curve"), master_port=0,
         master_addr="auto" if plan.nodes > 1 else "127.0.0.1",

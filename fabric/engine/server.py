@@ -36,6 +36,7 @@ from fabric.engine.prepare import ModelLimits, Preparer
 from fabric.engine.runner import StageRunner
 from fabric.engine.scheduler import Limits
 from fabric.provenance import server_record
+from fabric.weights import HashJob, materialize
 
 log = logging.getLogger("fabric.server")
 
@@ -99,6 +100,13 @@ def _fast_path(cfg: ServerLaunchConfig, info: RankInfo) -> GraphOptions | None:
 def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
     """Load this rank's part and serve (head) or follow (other ranks); returns why it ended."""
     torch.set_num_threads(_threads(cfg, info.world))
+    # The weights are made ready and hashed here, where they are loaded, never by the request
+    # worker that launched the job: a GGUF entry is converted once (file lock), and the head
+    # settles the hash in background threads while the ranks load (``HashJob``: a registered
+    # model whose files changed is refused at once).
+    materialize(cfg.model, Path(cfg.weights_path))
+    hashing = HashJob(Path(cfg.weights_path), cfg.sha256, cfg.weights_claim) \
+        if info.is_head else None
     backend = "nccl" if cfg.plan.device == "cuda" else "gloo"
     groups = init_groups(info, cfg.master_addr, cfg.master_port, backend, cfg.server.network,
                          cfg.rendezvous_path, cfg.rendezvous_token)
@@ -132,11 +140,12 @@ def serve(cfg: ServerLaunchConfig, info: RankInfo) -> str:
             worker_loop(info, groups, stage, handoff)
             return "stopped"
         executor = Pipeline(info, groups, stage, cfg.server.micro_batches, handoff)
-    return _serve_head(cfg, info, executor, config, head_info, fp8_mode)
+    assert hashing is not None  # the head's
+    return _serve_head(cfg, info, executor, config, head_info, hashing, fp8_mode)
 
 
 def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor, config: Any,
-                head_info: dict[str, Any], fp8_mode: str = "") -> str:
+                head_info: dict[str, Any], hashing: HashJob, fp8_mode: str = "") -> str:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.weights_path)
@@ -150,7 +159,9 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor,
     limits = Limits(s.kv_budget_tokens, step_tokens, s.max_running, chunked_prefill=causal,
                     kv_window=window)
     context: Any = cfg.model.max_context or getattr(config, "max_position_embeddings", 512)
-    identity = {"name": cfg.model.name, "version": cfg.model.version, "sha256": cfg.sha256}
+    settled = hashing.result()  # what the result identities carry: wait for the hash
+    log.info("weights sha256 %s (%s, %.2f s)", settled.sha256, settled.how, settled.seconds)
+    identity = {"name": cfg.model.name, "version": cfg.model.version, "sha256": settled.sha256}
     key = tickets.load_or_create_key(Path(cfg.ticket_key_path))
     public, secret = curve_keys(Path(cfg.curve_dir))
     preparer = Preparer(tok, ModelLimits(
@@ -163,7 +174,7 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor,
                                          "dtype": cfg.plan.dtype, "fp8": fp8_mode},
              "deployment_id": cfg.deployment_id}
     # The FP8 mode as resolved on this node (``auto`` differs by GPU): it changes the logits.
-    record = server_record(cfg.model.name, cfg.model.version, cfg.sha256,
+    record = server_record(cfg.model.name, cfg.model.version, settled.sha256,
                            {**cfg.plan.model_dump(), "fp8": fp8_mode},
                            cfg.deployment_id)  # once per server
     engine = Engine(executor, tok, limits, {**identity, "provenance": record}, eos_ids,
@@ -173,7 +184,8 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor,
     door = front_door(s.network)  # the site's bind/advertise choice, on this node
     port = frontend.bind(door.bind, secret, public)
     engine.emit = frontend.emitter()
-    head_info.update(address=f"tcp://{door.advertise}:{port}", public_key=public.decode())
+    head_info.update(address=f"tcp://{door.advertise}:{port}", public_key=public.decode(),
+                     sha256=settled.sha256, weights=settled.to_dict())
     frontend.state = "ready"
     frontend.start()
     head_info["state"] = "ready"
