@@ -272,6 +272,7 @@ def settings(transport: Any, poller: Any) -> dict[str, Any]:
     from globus_compute_sdk.sdk.executor import _ResultWatcher
 
     from fabric.client import fabric as client_fabric
+    from fabric.client import handoff
     from fabric.endpoint import relay
 
     ex = transport.executor
@@ -287,7 +288,8 @@ def settings(transport: Any, poller: Any) -> dict[str, Any]:
                            "(fabric.endpoint.relay)",
             "interval_s": poller.interval_s, "wait_s": poller.wait_s,
             "max_inflight": poller.max_inflight, "site_linger_s": relay.LINGER_S,
-            "lone_generate_hold_s": client_fabric.HOLD_S}}
+            "lone_generate_hold_s": handoff.HOLD_S,
+            "stream_first_events_hold_s": client_fabric.STREAM_HOLD_S}}
 
 
 def main() -> None:
@@ -340,7 +342,7 @@ def main() -> None:
                                                                     max_tokens=4))[0]
             result["first_call_s"] = {"local_with_deploy": round(t_local, 3),
                                       "remote_cold_user_endpoint": round(t_remote, 3)}
-            result.update(settings(transport, remote_fab._poller()))
+            result.update(settings(transport, remote_fab._path.poller()))
             costs: dict[str, list[dict[str, Any]]] = {}
 
             def remote(section: str, fn: Any) -> Any:
@@ -395,7 +397,7 @@ def main() -> None:
                                 "service_submissions": len(service.submissions),
                                 "executor_rate_limit_sleeps": len(trace.sleeps),
                                 "executor_rate_limit_sleep_s": round(sum(trace.sleeps), 2),
-                                "poll_requests_tasks": remote_fab._poller().tasks_submitted}
+                                "poll_requests_tasks": remote_fab._path.poller().tasks_submitted}
             remote_fab.close()
             with contextlib.suppress(Exception):
                 for dep in local_fab.deployments():
