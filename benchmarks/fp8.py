@@ -27,6 +27,8 @@ from typing import Any
 import common
 from common import log, median, ratio
 
+from fabric.testing.greedy import runner_greedy
+
 MODES = {"dequantize": ("dequantize", "scaled_mm"), "keep": ("keep", "scaled_mm"),
          "keep_weight_only": ("keep", "dequantize")}
 PROMPTS = ["The", "The mitochondria is the powerhouse", "Tensor parallel splits each layer",
@@ -50,25 +52,6 @@ def build(root: Path, hidden: int, inter: int, layers: int, block: int) -> Path:
 
     write_fp8_pair(src, root / "fp8", root / "ref", scheme, (block, block))
     return root / "fp8"
-
-
-def greedy(runner: Any, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """Greedy continuations, all prompts batched in every step; the sequences are dropped."""
-    from fabric.engine.steps import SampleSpec, SeqWork, StepPlan
-
-    out: list[list[int]] = [[] for _ in prompts]
-    seqs = [SeqWork(f"s{i}", 0, p, len(p) + n, sample=SampleSpec())
-            for i, p in enumerate(prompts)]
-    for step in range(n):
-        plan = StepPlan(step, seqs)
-        nxt = runner.logits(runner.head_rows(plan, runner.forward(plan, None))).argmax(-1)
-        for i, t in enumerate(nxt.tolist()):
-            out[i].append(t)
-        seqs = [SeqWork(f"s{i}", len(p) + step, [out[i][-1]], 0, sample=SampleSpec())
-                for i, p in enumerate(prompts)]
-    for i in range(len(prompts)):
-        runner.drop(f"s{i}")
-    return out
 
 
 def all_logits(runner: Any, ids: list[int]) -> Any:
@@ -110,14 +93,15 @@ def compare(folder: Path, device: str, dtype: str, batch: int, tokens: int, runs
         runners[name] = StageRunner(model)
         out[name] = {"weight_bytes": weight_bytes(model), "load_s": round(report.seconds, 3),
                      "fp8": report.fp8}
-    texts = {name: greedy(r, prompts, tokens) for name, r in runners.items()}  # warm-up too
+    texts = {name: runner_greedy(r, prompts, tokens, drop=True)  # warm-up too
+             for name, r in runners.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
     for i in range(runs):
         for name, r in runners.items():
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            greedy(r, prompts, tokens)
+            runner_greedy(r, prompts, tokens, drop=True)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)

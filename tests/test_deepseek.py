@@ -31,9 +31,10 @@ from fabric.engine.steps import SeqWork, StepPlan
 from fabric.errors import UnsupportedArchitecture, UnsupportedModelConfig
 from fabric.plans import shape_from_config, size_plan
 from fabric.sites import NodeShape
+from fabric.testing.greedy import runner_greedy
 from fabric.testing.tiny import build_tiny_deepseek
 from tests.plugins.servers import hf_greedy, hf_model, hf_tokenizer
-from tests.test_moe import MAX_NEW, PROMPTS, _engine_greedy, _hf_greedy_ids
+from tests.test_moe import MAX_NEW, PROMPTS, _hf_greedy_ids
 
 
 def _logits(runner: StageRunner, ids: list[int], chunk: int | None = None) -> torch.Tensor:
@@ -54,7 +55,7 @@ def _check_whole(weights: Path) -> None:
     model = build_stage(weights, 0, 1, 1, "float32", None)[0]
     assert model.sparse and model.mla is not None and not model.fast_path_capable
     runner = StageRunner(model)
-    got = _engine_greedy(runner, prompts, MAX_NEW)
+    got = runner_greedy(runner, prompts, MAX_NEW)
     want = [_hf_greedy_ids(weights, p, MAX_NEW) for p in prompts]
     assert got == want
     assert len({tuple(w) for w in want}) == len(want)  # the prompts lead somewhere different

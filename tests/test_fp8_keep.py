@@ -32,7 +32,7 @@ from fabric.engine.checkpoint import Fp8Slice, SafetensorsReader
 from fabric.engine.fp8 import Fp8Linear, resolve_mode, weight_bytes
 from fabric.engine.loader import build_stage
 from fabric.engine.runner import StageRunner
-from fabric.engine.steps import SampleSpec, SeqWork, StepPlan
+from fabric.engine.steps import SeqWork, StepPlan
 from fabric.errors import Fp8MatmulUnavailable, Fp8SplitMisaligned, InvalidPlan
 from fabric.sites import Plan
 from fabric.testing.fp8 import (
@@ -42,6 +42,7 @@ from fabric.testing.fp8 import (
     quantize,
     write_fp8_pair,
 )
+from fabric.testing.greedy import runner_greedy
 from tests.plugins.servers import ServerFactory, hf_tokenizer
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -110,20 +111,6 @@ def _fake_quant_hf(fp8_dir: Path, ref_dir: Path, dtype: torch.dtype = torch.floa
     assert len(groups) == 7 * model.config.num_hidden_layers
     add_fake_quant_hooks(model, groups)
     return model
-
-
-def _greedy(runner: StageRunner, prompts: list[list[int]], n: int) -> list[list[int]]:
-    out: list[list[int]] = [[] for _ in prompts]
-    seqs = [SeqWork(f"s{i}", 0, p, len(p) + n, sample=SampleSpec())
-            for i, p in enumerate(prompts)]
-    for step in range(n):
-        plan = StepPlan(step, seqs)
-        nxt = runner.logits(runner.head_rows(plan, runner.forward(plan, None))).argmax(-1)
-        for i, t in enumerate(nxt.tolist()):
-            out[i].append(t)
-        seqs = [SeqWork(f"s{i}", len(p) + step, [out[i][-1]], 0, sample=SampleSpec())
-                for i, p in enumerate(prompts)]
-    return out
 
 
 def _all_logits(runner: StageRunner, ids: list[int]) -> torch.Tensor:
@@ -259,7 +246,7 @@ def test_weight_only_kept_model_equals_the_dequantized_one(request: pytest.Fixtu
                                    fp8_method="dequantize")[0])
     plain = StageRunner(build_stage(fp8_dir, 0, 1, 1, "float32", None, fp8="dequantize")[0])
     assert torch.equal(_all_logits(kept, prompts[-1]), _all_logits(plain, prompts[-1]))
-    assert _greedy(kept, prompts, MAX_NEW) == _greedy(plain, prompts, MAX_NEW)
+    assert runner_greedy(kept, prompts, MAX_NEW) == runner_greedy(plain, prompts, MAX_NEW)
 
 
 @pytest.mark.parametrize("fixture", ["aligned", "mixed"])
@@ -271,7 +258,7 @@ def test_scaled_mm_model_equals_fp8_activation_reference(request: pytest.Fixture
     kept = StageRunner(build_stage(fp8_dir, 0, 1, 1, "float32", None, fp8="keep")[0])
     plain = StageRunner(build_stage(fp8_dir, 0, 1, 1, "float32", None, fp8="dequantize")[0])
     ref = _fake_quant_hf(fp8_dir, ref_dir)
-    got = _greedy(kept, prompts, MAX_NEW)
+    got = runner_greedy(kept, prompts, MAX_NEW)
     assert got == [_hf_greedy(ref, p, MAX_NEW) for p in prompts]
     assert len({tuple(g) for g in got}) == len(got)
     ids = prompts[-1]

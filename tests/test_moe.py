@@ -23,29 +23,15 @@ import torch
 from fabric.engine.experts import even_ranges, expert_share, moe_spec
 from fabric.engine.loader import build_stage, load_config
 from fabric.engine.runner import StageRunner
-from fabric.engine.steps import SampleSpec, SeqWork, StepPlan
+from fabric.engine.steps import SeqWork, StepPlan
 from fabric.errors import InvalidPlan
+from fabric.testing.greedy import runner_greedy
 from tests.plugins.servers import hf_greedy, hf_model, hf_tokenizer
 
 PROMPTS = ["The", "The mitochondria is the powerhouse",
            "Tensor parallel splits each layer; pipeline parallel splits the stack of layers. "
            "Proteins fold into shapes"]
 MAX_NEW = 10
-
-
-def _engine_greedy(runner: StageRunner, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """Greedy continuations of all prompts, batched in every step (prefill, then decodes)."""
-    out: list[list[int]] = [[] for _ in prompts]
-    seqs = [SeqWork(f"s{i}", 0, p, len(p) + n, sample=SampleSpec())
-            for i, p in enumerate(prompts)]
-    for step in range(n):
-        plan = StepPlan(step, seqs)
-        nxt = runner.logits(runner.head_rows(plan, runner.forward(plan, None))).argmax(-1)
-        for i, t in enumerate(nxt.tolist()):
-            out[i].append(t)
-        seqs = [SeqWork(f"s{i}", len(p) + step, [out[i][-1]], 0, sample=SampleSpec())
-                for i, p in enumerate(prompts)]
-    return out
 
 
 def _hf_greedy_ids(weights: Path, ids: list[int], n: int) -> list[int]:
@@ -68,7 +54,7 @@ def test_whole_moe_greedy_and_logits_equal_transformers(request: pytest.FixtureR
     model = build_stage(weights, 0, 1, 1, "float32", None)[0]
     assert model.sparse
     runner = StageRunner(model)
-    got = _engine_greedy(runner, prompts, MAX_NEW)
+    got = runner_greedy(runner, prompts, MAX_NEW)
     want = [_hf_greedy_ids(weights, p, MAX_NEW) for p in prompts]
     assert got == want
     assert len({tuple(w) for w in want}) == len(want)  # the prompts lead somewhere different
