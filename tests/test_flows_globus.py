@@ -33,7 +33,7 @@ def submit_like_the_action_provider(globus: OfflineGlobus, body: dict, serialize
         future = executor.submit_to_registered_function(task["function_id"],
                                                         args=task.get("args", ()),
                                                         kwargs=task["kwargs"])
-        return gcwire.unwrap(future.result(timeout=600))
+        return gcwire.unwrap(future.result(timeout=180))
     finally:
         executor.shutdown(wait=False)
 

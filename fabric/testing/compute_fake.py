@@ -143,29 +143,44 @@ class FakeComputeService:
 
     def _channel(self) -> Any:
         """The publishing channel, opened again if the broker dropped it (a blocking
-        connection left idle between tests misses its heartbeats)."""
+        connection left idle between tests misses its heartbeats). An open-looking channel is
+        probed first: a dropped connection is noticed only when pika reads from it, and a
+        publish into it would be lost without an error."""
         import pika
 
+        if self._pub is not None:
+            try:
+                self._pub.connection.process_data_events(0)  # heartbeats; notices a drop
+            except Exception:
+                self._pub = None
         if self._pub is None or not self._pub.is_open or not self._pub.connection.is_open:
             self._pub = pika.BlockingConnection(pika.URLParameters(self.amqp_url)).channel()
+            self._pub.confirm_delivery()  # a publish the broker did not take raises
         return self._pub
 
-    def _publish(self, routing_key: str, body: bytes, **props: Any) -> None:
+    def _on_channel(self, use: Callable[[Any], Any]) -> None:
+        """``use(channel)``, once more on a new connection if the broker had dropped it."""
         import pika
 
         with self._lock:
             try:
-                self._channel().basic_publish("", routing_key, body,
-                                              pika.BasicProperties(**props))
+                use(self._channel())
             except pika.exceptions.AMQPConnectionError:
-                self._pub = None  # dropped while idle: once more on a new connection
-                self._channel().basic_publish("", routing_key, body,
-                                              pika.BasicProperties(**props))
+                self._pub = None
+                use(self._channel())
+
+    def _publish(self, routing_key: str, body: bytes, **props: Any) -> None:
+        import pika
+
+        self._on_channel(lambda ch: ch.basic_publish("", routing_key, body,
+                                                     pika.BasicProperties(**props)))
 
     def _declare(self, *queues: str) -> None:
-        with self._lock:
+        def declare(ch: Any) -> None:
             for name in queues:
-                self._channel().queue_declare(name)
+                ch.queue_declare(name)
+
+        self._on_channel(declare)
 
     def _forward_results(self) -> None:
         """Consume what user endpoints publish; forward each Result to its task group."""
@@ -217,7 +232,7 @@ class FakeComputeService:
             uep = self.user_endpoints.get(key)
             if uep is not None:
                 return uep
-            uep = self.user_endpoints[key] = str(uuid.uuid4())
+            uep = str(uuid.uuid4())
         self._declare(f"tasks.{uep}")
         creds = {"endpoint_id": uep,
                  "task_queue_info": {"connection_url": self.amqp_url, "queue": f"tasks.{uep}"},
@@ -233,6 +248,10 @@ class FakeComputeService:
         # The endpoint ignores commands whose timestamp is over 180 s off its clock.
         self._publish(f"cmd.{endpoint_id}", json.dumps(command).encode(),
                       content_type="application/json", timestamp=int(time.time()))
+        # Known only once its start command is out: a submit that failed before would
+        # otherwise leave later tasks queued for a user endpoint nothing ever started.
+        with self._lock:
+            uep = self.user_endpoints.setdefault(key, uep)
         return uep
 
     # -- routes ---------------------------------------------------------------------------------
