@@ -225,14 +225,14 @@ class FakeComputeService:
 
     def _user_endpoint(self, endpoint_id: str, config: dict[str, Any],
                        runtime: dict[str, Any], identity: str = IDENTITY) -> str:
-        """The user endpoint for (endpoint, submitter, user config), started by a command if
-        new: as the service does, each identity gets its own."""
+        """The user endpoint for (endpoint, submitter, user config), with a start command: as
+        the service does, each identity gets its own."""
         key = (endpoint_id, identity, json.dumps(config, sort_keys=True))
+        # A start command goes out with every submission, as the service sends them: the
+        # endpoint ignores it while that user endpoint runs, and starts it again after it shut
+        # itself down when idle (its queue would otherwise fill with tasks nobody reads).
         with self._lock:
-            uep = self.user_endpoints.get(key)
-            if uep is not None:
-                return uep
-            uep = str(uuid.uuid4())
+            uep = self.user_endpoints.get(key) or str(uuid.uuid4())
         self._declare(f"tasks.{uep}")
         creds = {"endpoint_id": uep,
                  "task_queue_info": {"connection_url": self.amqp_url, "queue": f"tasks.{uep}"},
