@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from fabric import Stream
 from fabric.aio import AsyncFabric
 from fabric.campaign import store
 from fabric.campaign.api import Campaign
@@ -158,22 +159,23 @@ def test_busiest_site_killed_under_load_calls_fail_over(sites: LocalFederation,
         while not stop.is_set() and time.monotonic() < deadline and i < 400:
             i += 1
             first = None
-            tokens = 0
-            site = ""
+            stream: Stream | None = None
             try:
-                with fab.stream(f"Worker {k} request {i}", model=TINY_MODEL,
-                                max_tokens=24) as stream:
+                stream = fab.stream(f"Worker {k} request {i}", model=TINY_MODEL, max_tokens=24)
+                with stream:
                     for _ in stream:
                         if first is None:
                             first = time.monotonic()
-                            site = str(stream.site)
-                        tokens = len(stream.token_ids)
                 outcome = "ok"
             except FabricError as exc:
                 outcome = type(exc).__name__
-                site = site or "-"
             except Exception as exc:  # untyped: a bug, reported by the assertion below
                 outcome = f"untyped {type(exc).__name__}"
+            # Counted from the stream, not from the text chunks seen: a random model's first
+            # tokens may decode to no text yet (part of a UTF-8 character), and a stream
+            # that delivered token ids has produced output, so it stays where it is.
+            tokens = len(stream.token_ids) if stream is not None else 0
+            site = (stream.site or "-") if stream is not None else "-"
             with lock:
                 events.append((first or time.monotonic(), site, outcome, tokens))
 
