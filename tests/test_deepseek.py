@@ -33,7 +33,11 @@ from fabric.plans import shape_from_config, size_plan
 from fabric.sites import NodeShape
 from fabric.testing.greedy import runner_greedy
 from fabric.testing.tiny import build_tiny_deepseek
-from tests.plugins.servers import hf_greedy, hf_model, hf_tokenizer
+from tests.plugins.servers import (
+    check_served_against_transformers,
+    hf_model,
+    hf_tokenizer,
+)
 from tests.test_moe import MAX_NEW, PROMPTS, _hf_greedy_ids
 
 
@@ -245,21 +249,7 @@ def served(request: pytest.FixtureRequest, model_server: Any,
 def test_served_greedy_and_logprobs_equal_transformers(served: Any,
                                                        tiny_deepseek_dir: Path) -> None:
     weights = tiny_deepseek_dir
-    client = served.client()
-    reqs = [served.request(prompt=p, sampling={"max_tokens": MAX_NEW}) for p in PROMPTS]
-    for r in reqs:  # in flight together: they share steps
-        client.submit(r, served.ticket)
-    for prompt, r in zip(PROMPTS, reqs, strict=True):
-        assert client.result(r.request_id, 120)["token_ids"] == hf_greedy(weights, prompt,
-                                                                           MAX_NEW), prompt
-    tok, model = hf_tokenizer(weights), hf_model(weights)
-    text = "Proteins fold into shapes that decide what they do."
-    res = served.run(client, kind="logprobs", prompt=text)
-    ids = tok(text).input_ids
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-    want = [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
-    np.testing.assert_allclose(res["logprobs"], want, atol=1e-4, rtol=0)
+    check_served_against_transformers(served, weights, PROMPTS, MAX_NEW)
 
 
 def test_shard_folder_for_a_tp_ep_plan_loads_the_same_weights(tiny_deepseek_dir: Path,

@@ -22,7 +22,7 @@ from fabric.client.local import LocalTransport, site_status
 from fabric.endpoint import functions
 from fabric.endpoint.deployments import DeploymentManager
 from fabric.sites import load_site
-from tests.plugins.site import TINY_MODEL, LocalSite, write_site
+from tests.plugins.site import TINY_MODEL, LocalSite, site_manager, write_site
 
 
 def _pid_gone(pid: int, timeout_s: float = 30.0) -> bool:
@@ -56,13 +56,8 @@ def live(transport: LocalTransport) -> list[dict[str, Any]]:
 @pytest.fixture
 def manager(tmp_path: Path, tiny_llama_dir: Path) -> Iterator[DeploymentManager]:
     """A deployment manager on its own state dir; its servers are undeployed afterwards."""
-    folder = write_site(tmp_path / "site", model_dir=tiny_llama_dir)
-    mgr = DeploymentManager(load_site(folder), folder / "state")
-    try:
+    with site_manager(tmp_path / "site", tiny_llama_dir) as mgr:
         yield mgr
-    finally:
-        for dep in mgr.db.query(states=("queued", "loading", "ready", "draining")):
-            mgr.undeploy(dep.id, drain_wait_s=5.0)
 
 
 def _entry(mgr: DeploymentManager) -> Any:

@@ -204,7 +204,7 @@ def test_globus_token_is_introspected_and_passed_on(tmp_path: Path,
     from fabric.aio import AsyncFabric
     from fabric.endpoint import policy
     from fabric.gateway.state import Gateway
-    from fabric.sites import PolicyConfig
+    from fabric.sitepolicy import PolicyConfig
 
     client_id = "0b6e5c4a-0f5c-4e5b-9f0d-0000000000ec"
     site_policy = PolicyConfig(client_id=client_id)

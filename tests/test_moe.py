@@ -26,7 +26,11 @@ from fabric.engine.runner import StageRunner
 from fabric.engine.steps import SeqWork, StepPlan
 from fabric.errors import InvalidPlan
 from fabric.testing.greedy import runner_greedy
-from tests.plugins.servers import hf_greedy, hf_model, hf_tokenizer
+from tests.plugins.servers import (
+    check_served_against_transformers,
+    hf_model,
+    hf_tokenizer,
+)
 
 PROMPTS = ["The", "The mitochondria is the powerhouse",
            "Tensor parallel splits each layer; pipeline parallel splits the stack of layers. "
@@ -178,21 +182,7 @@ def served(request: pytest.FixtureRequest, model_server: Any) -> tuple[Any, Path
 
 def test_served_greedy_and_logprobs_equal_transformers(served: tuple[Any, Path]) -> None:
     server, weights = served
-    client = server.client()
-    reqs = [server.request(prompt=p, sampling={"max_tokens": MAX_NEW}) for p in PROMPTS]
-    for r in reqs:  # in flight together: they share steps
-        client.submit(r, server.ticket)
-    for prompt, r in zip(PROMPTS, reqs, strict=True):
-        assert client.result(r.request_id, 120)["token_ids"] == hf_greedy(weights, prompt,
-                                                                           MAX_NEW), prompt
-    tok, model = hf_tokenizer(weights), hf_model(weights)
-    text = "Proteins fold into shapes that decide what they do."
-    res = server.run(client, kind="logprobs", prompt=text)
-    ids = tok(text).input_ids
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-    want = [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
-    np.testing.assert_allclose(res["logprobs"], want, atol=1e-4, rtol=0)
+    check_served_against_transformers(server, weights, PROMPTS, MAX_NEW)
 
 
 def test_neuron_ablation_is_refused_on_sparse_layers(tiny_qwen3_moe_dir: Path) -> None:

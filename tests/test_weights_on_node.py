@@ -28,7 +28,7 @@ from fabric.errors import DeploymentError, WeightsChanged
 from fabric.models_registry import ModelRegistry
 from fabric.protocol import InferenceRequest
 from fabric.sites import load_site
-from tests.plugins.site import TINY_MODEL, write_site
+from tests.plugins.site import TINY_MODEL, site_manager, write_site
 
 _OPENED: list[str] = []
 _WATCH: list[str] = []  # folders whose .safetensors opens are recorded (empty: none)
@@ -162,13 +162,8 @@ def test_locate_reads_no_weights_and_converts_nothing(model_copy: Path, tmp_path
 
 @pytest.fixture
 def manager(tmp_path: Path, model_copy: Path) -> Iterator[DeploymentManager]:
-    folder = write_site(tmp_path / "site", model_dir=model_copy)
-    mgr = DeploymentManager(load_site(folder), folder / "state")
-    try:
+    with site_manager(tmp_path / "site", model_copy) as mgr:
         yield mgr
-    finally:
-        for dep in mgr.db.query(states=("queued", "loading", "ready", "draining")):
-            mgr.undeploy(dep.id, drain_wait_s=5.0)
 
 
 def _generate(mgr: DeploymentManager, dep: Any, name: str) -> dict[str, Any]:

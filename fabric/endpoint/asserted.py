@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from fabric import env
 from fabric.errors import AccessDenied, EndpointError
-from fabric.sites import PolicyConfig
+from fabric.sitepolicy import PolicyConfig
 
 if TYPE_CHECKING:
     from fabric.endpoint.policy import Caller

@@ -38,14 +38,8 @@ from fabric.errors import (
     FunctionNotAllowed,
     QuotaExceeded,
 )
-from fabric.sites import (
-    AdminRule,
-    ModelRule,
-    Plan,
-    PolicyConfig,
-    SiteConfig,
-    limit_exceeded,
-)
+from fabric.sitepolicy import AdminRule, ModelRule, PolicyConfig
+from fabric.sites import Plan, SiteConfig, limit_exceeded
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from fabric.errors import AccessDenied, AuthError, QuotaExceeded
 from fabric.gateway.keys import KEY_PREFIX, KeyStore
 
 if TYPE_CHECKING:
-    from fabric.sites import PolicyConfig
+    from fabric.sitepolicy import PolicyConfig
 
 __all__ = ["LOCAL", "Authenticator", "Identity", "RateLimiter"]
 

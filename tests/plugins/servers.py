@@ -253,3 +253,27 @@ def no_eos_prompts(weights_dir: Path, n: int, want: int = 1) -> list[str]:
         assert found, f"every candidate prompt reaches EOS within {n} tokens"
         _HF[key] = found
     return list(_HF[key])
+
+
+def check_served_against_transformers(server: Any, weights: Path, prompts: list[str],
+                                      max_new: int) -> None:
+    """A running model server's greedy continuations of ``prompts`` (sent together, so they
+    share steps) and its prompt log-probabilities equal transformers' on the same weights."""
+    import numpy as np
+    import torch
+
+    client = server.client()
+    reqs = [server.request(prompt=p, sampling={"max_tokens": max_new}) for p in prompts]
+    for r in reqs:
+        client.submit(r, server.ticket)
+    for prompt, r in zip(prompts, reqs, strict=True):
+        assert client.result(r.request_id, 120)["token_ids"] == hf_greedy(weights, prompt,
+                                                                           max_new), prompt
+    tok, model = hf_tokenizer(weights), hf_model(weights)
+    text = "Proteins fold into shapes that decide what they do."
+    res = server.run(client, kind="logprobs", prompt=text)
+    ids = tok(text).input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    want = [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
+    np.testing.assert_allclose(res["logprobs"], want, atol=1e-4, rtol=0)

@@ -91,6 +91,22 @@ class LocalSite:
 
 
 @contextlib.contextmanager
+def site_manager(folder: Path, model_dir: Path) -> Iterator[Any]:
+    """A ``DeploymentManager`` for a site written at ``folder`` serving ``model_dir`` as the
+    tiny model; every server it still runs is undeployed on the way out."""
+    from fabric.endpoint.deployments import DeploymentManager
+    from fabric.sites import load_site
+
+    write_site(folder, model_dir=model_dir)
+    mgr = DeploymentManager(load_site(folder), folder / "state")
+    try:
+        yield mgr
+    finally:
+        for dep in mgr.db.query(states=("queued", "loading", "ready", "draining")):
+            mgr.undeploy(dep.id, drain_wait_s=5.0)
+
+
+@contextlib.contextmanager
 def repo_on_pythonpath() -> Iterator[None]:
     """The repository root on ``PYTHONPATH`` for processes started inside (a site, an
     endpoint daemon): functions defined in test modules travel by reference, so the workers
