@@ -11,7 +11,9 @@ through the client's ONE long-poll (``fabric.client.poller``): ``poll_requests``
 every open request of the client, held at the site until there is news
 (``fabric.endpoint.relay``). Measured, interleaved, medians over ``--rounds``:
 ``fab.generate`` latency; time to first token and delivered tokens/s per stream with 1 and with
-8 concurrent ``fab.stream`` calls from one client. Recorded: the Executor's and the poller's
+8 concurrent ``fab.stream`` calls from one client; per concurrency level ``--warmup`` rounds
+of each path go first and are not counted, and the path that goes first alternates by round
+(the first batch of a new size is slow at the server). Recorded: the Executor's and the poller's
 settings, the Globus Compute tasks (by function) and web-service submissions each remote round
 cost (from the fake service's task records), and where a remote task's time went (client
 round trip vs service-to-result at the site, the Executor's rate-limit sleeps).
@@ -299,6 +301,9 @@ def main() -> None:
                    help="interleaved rounds per measurement (default 5; --quick 2)")
     p.add_argument("--tokens", type=int, help="tokens per stream (default 64; --quick 16)")
     p.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="rounds per path and concurrency level run first and not counted "
+                        "(the server's first batch of a new size is slow; default 1)")
     p.add_argument("--watcher-poll-s", type=float,
                    help="EXPERIMENT, not the user path: patch the Executor's result watcher to "
                         "match results every this many s (the SDK fixes 0.5 s)")
@@ -320,7 +325,8 @@ def main() -> None:
     model_dir = build_tiny_llama(root / "model")
     write_site(site, model_dir, workers)
     result: dict[str, Any] = {"benchmark": "globus_path", "model": MODEL, "max_tokens": new,
-                              "rounds": runs, "request_workers": workers,
+                              "rounds": runs, "warmup_rounds": args.warmup,
+                              "request_workers": workers,
                               "experiment": (f"result watcher patched to {args.watcher_poll_s} s "
                                              "(not the user path)" if args.watcher_poll_s
                                              else None)}
@@ -361,8 +367,13 @@ def main() -> None:
             result["generate_latency_s"] = {k: common.summary(v) for k, v in lat.items()}
             for concurrent in (1, 8):
                 recs: dict[str, list[dict[str, float]]] = {"local": [], "remote": []}
+                for _ in range(args.warmup):
+                    streams(local_fab, concurrent, new)
+                    streams(remote_fab, concurrent, new)
+                    _settled(remote_fab)
                 for i in range(runs):
-                    for name, fab in (("local", local_fab), ("remote", remote_fab)):
+                    paths = [("local", local_fab), ("remote", remote_fab)]
+                    for name, fab in paths[::-1] if i % 2 else paths:  # alternate who is first
                         batch = (streams(fab, concurrent, new) if name == "local" else
                                  remote(f"streams_{concurrent}",
                                         lambda fab=fab, c=concurrent: streams(fab, c, new)))
