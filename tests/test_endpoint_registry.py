@@ -28,7 +28,8 @@ def _endpoint_callables() -> dict[str, object]:
 def test_every_endpoint_function_is_registered_with_an_authorization_kind() -> None:
     found = registry.functions()
     assert set(found) == set(_endpoint_callables())
-    assert {"run_request", "run_requests", "open_stream", "poll_requests", "cancel_request",
+    assert {"run_request", "run_requests", "open_stream", "open_streams", "poll_requests",
+            "cancel_request",
             "run_user_function", "deployment_status", "deploy", "undeploy",
             "list_deployments", "list_models", "run_shard"} == set(found)
     for name, entry in found.items():

@@ -240,11 +240,15 @@ def test_concurrent_streams_share_one_long_poll(fab: Any, globus_offline: Offlin
 
     prompts = [f"Stream {i}: the mitochondria is" for i in range(10)]
     want = {p: fab.generate(p, model=TINY_MODEL, max_tokens=32) for p in prompts}
-    poll_id = globus_offline.function_ids["poll_requests"]
+    ids = globus_offline.function_ids
+
+    def tasks_of(*names: str) -> int:
+        wanted = {ids[n] for n in names}
+        return sum(1 for task in list(globus_offline.service.tasks.values())
+                   if task.function_id in wanted)
 
     def polls() -> int:
-        return sum(1 for task in list(globus_offline.service.tasks.values())
-                   if task.function_id == poll_id)
+        return tasks_of("poll_requests")
 
     def stream(p: str) -> tuple[float, list[int], float]:
         t0 = time.monotonic()
@@ -255,7 +259,7 @@ def test_concurrent_streams_share_one_long_poll(fab: Any, globus_offline: Offlin
         assert text == want[p].text
         return ttft, s.token_ids, time.monotonic() - t0
 
-    before = polls()
+    before, admissions_before = polls(), tasks_of("open_stream", "open_streams")
     t0 = time.monotonic()
     with ThreadPoolExecutor(10) as pool:
         streams = [pool.submit(stream, p) for p in prompts[:8]]
@@ -265,6 +269,10 @@ def test_concurrent_streams_share_one_long_poll(fab: Any, globus_offline: Offlin
         done = [f.result(timeout=300) for f in plain]
     elapsed = time.monotonic() - t0
     tasks = polls() - before
+    # Opened together, the admissions went together (fabric.client.admission): a task per
+    # request would be 10.
+    admissions = tasks_of("open_stream", "open_streams") - admissions_before
+    assert 2 <= admissions <= 5 and tasks_of("open_streams") >= 1, admissions
     for (_, ids, _), p in zip(got, prompts[:8], strict=True):
         assert ids == want[p].token_ids
     assert [r.token_ids for r in done] == [want[p].token_ids for p in prompts[8:]]

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from fabric import Fabric
-from fabric.errors import ContextLengthExceeded
+from fabric.errors import ContextLengthExceeded, FabricError
 from fabric.serverclient import ServerClient
 from fabric.wire import functions
 from tests.plugins.site import TINY_MODEL
@@ -34,10 +34,11 @@ class CountingTransport:
     """The site's own transport, counting the tasks per function; ``reach`` False makes the
     client take the long-poll path it takes behind Globus Compute."""
 
-    def __init__(self, inner: Any, reach: bool) -> None:
+    def __init__(self, inner: Any, reach: bool, admission_slots: int = 2) -> None:
         self.inner = inner
         self.site = inner.site
         self.can_reach_servers = reach
+        self.admission_slots = admission_slots
         self.counts: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -190,6 +191,65 @@ def test_a_polled_streams_admission_brings_its_first_tokens(
     with fab.stream("Tell me about tides", model=TINY_MODEL, max_tokens=64) as s:
         text = "".join(s)
     assert s.token_ids == want.token_ids and text == want.text
+
+
+def test_a_burst_of_admissions_goes_in_few_tasks(local_site: Any,
+                                                direct: tuple[Fabric, CountingTransport]) -> None:
+    """Streams opened at once while the client's one admission slot is taken queue, and what
+    queued goes in one ``open_streams`` task: fewer tasks than streams, each stream exactly
+    what it is alone."""
+    prompts = _prompts()
+    want = [direct[0].generate(p, model=TINY_MODEL, max_tokens=24) for p in prompts]
+    for reach in (False, True):  # the long-poll path (as behind Globus), then direct
+        transport = CountingTransport(local_site.transport(), reach=reach, admission_slots=1)
+        with Fabric(transport=transport, on_status=None) as fab:
+            def stream(p: str, fab: Fabric = fab) -> tuple[str, list[int]]:
+                with fab.stream(p, model=TINY_MODEL, max_tokens=24) as s:
+                    return "".join(s), s.token_ids
+
+            with ThreadPoolExecutor(N) as pool:
+                got = list(pool.map(stream, prompts))
+            admissions = fab._path.admissions().tasks
+        for (text, ids), res in zip(got, want, strict=True):
+            assert ids == res.token_ids and text == res.text
+        counts = transport.counts
+        assert counts.get("open_streams", 0) >= 1, counts
+        assert counts.get("open_stream", 0) + counts["open_streams"] == admissions < N, counts
+
+
+def test_one_refused_admission_does_not_refuse_the_others(
+        site_transport: Any, direct: tuple[Fabric, CountingTransport]) -> None:
+    """``open_streams`` answers each admission on its own: an unknown model, a prompt too
+    long for the context and a malformed entry get their own typed errors; the good ones
+    are admitted and held until their first tokens, which are the model's."""
+    from fabric.client.checks import build_request, sampling
+    from fabric.errors import InvalidRequest, UnknownModel
+
+    def body(prompt: str, model: str = TINY_MODEL, new: int = 16) -> dict[str, Any]:
+        return build_request("generate", model=model, version=None, prompt=prompt,
+                             sampling=sampling(new, 0.0, 1.0, 0, None, (), False),
+                             timeout=None, hooks=None).model_dump(mode="json")
+
+    want = direct[0].generate("Tell me about tides", model=TINY_MODEL, max_tokens=16)
+    items = [{"request": body("Tell me about tides"), "mode": "poll", "hold_s": 5.0,
+              "first_events": True},
+             {"request": body("Tell me about tides", model="no-such-model"), "mode": "poll"},
+             {"request": body("tides " * 400, new=300), "mode": "poll"},
+             {"mode": "poll"},
+             {"request": body("Tell me about waves"), "mode": "direct"}]
+    answers = site_transport.submit(functions.open_streams, items, None).result(timeout=120)
+    assert len(answers) == len(items)
+    errors = [FabricError.from_dict(a["error"]) if a.get("error") else None for a in answers]
+    assert errors[0] is None and errors[4] is None
+    assert isinstance(errors[1], UnknownModel)
+    assert isinstance(errors[2], ContextLengthExceeded)
+    assert isinstance(errors[3], InvalidRequest) and "request" in str(errors[3])
+    held = answers[0]["info"]
+    inline = [int(t) for e in held["events"] for t in e.get("token_ids") or []]
+    assert inline and inline == want.token_ids[:len(inline)]
+    assert answers[4]["info"]["mode"] == "direct" and answers[4]["info"]["ticket"]
+    with pytest.raises(InvalidRequest):  # not a list of admissions at all
+        site_transport.submit(functions.open_streams, [], None).result(timeout=60)
 
 
 def test_status_shows_the_workers_running(local_site: Any) -> None:

@@ -267,14 +267,12 @@ class Fabric:
         token; it restores the usual patience once tokens come)."""
         transport = self.transport
         mode = "direct" if transport.can_reach_servers else "poll"
-        from fabric.wire.functions import open_stream
-
         # A polled stream's admission is held at the site until its first events, which come
         # back with it: its first token then costs one task round trip, not two.
         hold = STREAM_HOLD_S if mode == "poll" else 0.0
         info = self._path.wait(
-            transport.submit(open_stream, request.model_dump(mode="json"), self.auth, mode,
-                             hold, mode == "poll"),
+            self._path.admissions().admit(request.model_dump(mode="json"), mode, hold,
+                                          mode == "poll"),
             request.model, request.version,
         )
         source: EventSource

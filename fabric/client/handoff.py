@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from fabric.client.admission import Admissions
 from fabric.client.direct import DirectResults
 from fabric.client.poller import Poller
 from fabric.client.status import StatusCallback
@@ -50,6 +51,7 @@ class RequestPath:
         self._lock = threading.Lock()
         self._poller: Poller | None = None
         self._direct: DirectResults | None = None
+        self._admissions: Admissions | None = None
 
     def poller(self) -> Poller:
         """The long-poll multiplexer for this client's open requests (sites it cannot reach)."""
@@ -60,6 +62,18 @@ class RequestPath:
                                       interval_s=float(getattr(transport, "poll_interval_s",
                                                                0.0)))
             return self._poller
+
+    def admissions(self) -> Admissions:
+        """The queue this client's admissions go through (few tasks for many requests)."""
+        transport = self._transport()
+        with self._lock:
+            if self._admissions is None:
+                self._admissions = Admissions(
+                    transport, self.auth,
+                    slots=int(getattr(transport, "admission_slots", 4)),
+                    window_s=float(getattr(transport, "admission_window_s", 0.0)),
+                    batches=bool(getattr(transport, "admission_batches", True)))
+            return self._admissions
 
     def direct(self) -> DirectResults:
         """The direct connections to model servers (sites whose servers it can reach)."""
@@ -73,7 +87,8 @@ class RequestPath:
         with self._lock:
             poller, self._poller = self._poller, None
             direct, self._direct = self._direct, None
-        for part in (poller, direct):
+            admissions, self._admissions = self._admissions, None
+        for part in (admissions, poller, direct):
             if part is not None:
                 part.close()
 
@@ -87,7 +102,7 @@ class RequestPath:
         long-poll brings the result (``Poller``). With ``handoff=False`` a worker serves it
         whole (``run_request``), as before.
         """
-        from fabric.wire.functions import open_stream, run_request
+        from fabric.wire.functions import run_request
 
         transport = self._transport()
         body = request.model_dump(mode="json")
@@ -97,7 +112,7 @@ class RequestPath:
         # A lone request (nothing else of ours open to poll for) may wait for its result at
         # the site a little: a short one then costs one task instead of two.
         hold = 0.0 if mode == "direct" or self.poller().busy else HOLD_S
-        admitted = transport.submit(open_stream, body, self.auth, mode, hold)
+        admitted = self.admissions().admit(body, mode, hold)
         out: Future[dict[str, Any]] = Future()
 
         def handed_off(f: Future[Any]) -> None:

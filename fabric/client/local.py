@@ -145,6 +145,9 @@ class LocalTransport:
                  autostart: bool = True, start_timeout_s: float = 180.0) -> None:
         cfg, self._ref, self.state_dir = resolve_site(site, state_dir)
         self.site: str = cfg.name
+        self.admission_slots = cfg.max_request_workers
+        """Admission tasks a client keeps in flight (``fabric.client.admission``): one per
+        request worker; more would only wait at the site."""
         self.autostart = autostart
         self.start_timeout_s = start_timeout_s
         self.info: dict[str, Any] | None = None

@@ -14,7 +14,6 @@ takes its worker's ``SiteContext`` (``fabric.endpoint.context.current()``: the s
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from fabric.endpoint.context import SiteContext, current
@@ -24,17 +23,9 @@ from fabric.errors import (
     ModelServerUnavailable,
 )
 
-STREAM_SUBMIT_TTL_S = 120.0
-"""How long a stream's ticket accepts its one submit: the client submits as soon as
-``open_stream`` answers (the margin covers a slow transport, not a replay)."""
-MAX_HOLD_S = 5.0
-"""Longest ``open_stream`` holds its worker waiting for a result (``hold_s``)."""
-STREAM_TICKET_TTL_S = 3600.0
-"""Life of a stream's ticket: its polls and cancel, after the submit."""
-
 __all__ = [
     "cancel_request", "deploy", "deployment_status", "list_deployments", "list_models",
-    "open_stream", "poll_requests", "run_request", "run_requests",
+    "open_stream", "open_streams", "poll_requests", "run_request", "run_requests",
     "run_user_function", "undeploy",
 ]
 
@@ -96,7 +87,8 @@ def _serve(ctx: SiteContext, model: str, version: str | None, identity: str, req
 @endpoint_function("model")
 def open_stream(request: dict[str, Any], auth: Any = None, mode: str = "direct",
                 hold_s: float = 0.0, first_events: bool = False) -> dict[str, Any]:
-    """Admit a request and hand it off: a warm server and a ticket for this request id.
+    """Admit a request and hand it off: a warm server and a ticket for this request id
+    (``fabric.endpoint.admission``).
 
     ``direct``: the client submits to the server itself (address, key, ticket returned).
     ``poll``: the request is submitted here and the server buffers its events for
@@ -106,62 +98,20 @@ def open_stream(request: dict[str, Any], auth: Any = None, mode: str = "direct",
     until its first events and return them inline (``events``), so a remote stream's first
     token costs one task round trip, not an admission's and then a poll's.
     """
-    from fabric import tickets
-    from fabric.protocol import validate_request
+    from fabric.endpoint.admission import admit_one
 
-    req = validate_request(request)
-    ctx = current()
-    identity = ctx.authorize(auth, req.model, token_estimate(req))
-    dep = ctx.manager.ensure(ctx.entry(req.model, req.version))
-    # Bound to exactly this request and spent on its submit (the client submits at once);
-    # its life covers the stream's polls and cancel.
-    # ``account``: the server counts the tokens it delivers (the client may stream them
-    # directly and disconnect at any time) and the site collects them (collect_usage).
-    ticket = tickets.issue_for_request(ctx.ticket_key(), req, model=dep.model,
-                                       subject=identity, ttl_s=STREAM_TICKET_TTL_S,
-                                       submit_ttl_s=STREAM_SUBMIT_TTL_S, account=True)
-    info: dict[str, Any] = {
-        "request_id": req.request_id, "address": dep.address, "public_key": dep.public_key,
-        "ticket": ticket, "deployment_id": dep.id, "model": dep.model,
-        "version": dep.version, "sha256": dep.sha256, "cursor": 0, "mode": mode}
-    if mode == "poll":
-        from fabric.serverclient import ServerClient
-
-        # A ready deployment has both (``ensure`` returns only ready ones).
-        with ServerClient(str(dep.address), str(dep.public_key)) as client:
-            # Detached: the server buffers the events for poll_requests after we disconnect.
-            client.submit(req, ticket, stream=False, detach=True)
-            if hold_s > 0:
-                info.update(_hold(client, req.request_id, ticket, min(hold_s, MAX_HOLD_S),
-                                  bool(first_events)))
-    # Tokens are recorded from the server's own tally of this accounted ticket (however the
-    # client reads them: direct, long-poll or held here), never from a result passing by.
-    with contextlib.suppress(Exception):  # earlier streams' tokens; the reaper retries
-        ctx.manager.collect_usage(dep)
-    return info
+    return admit_one(current(), request, auth, mode, float(hold_s), bool(first_events))
 
 
-def _hold(client: Any, request_id: str, ticket: str, hold_s: float,
-          first_events: bool = False) -> dict[str, Any]:
-    """The request's final word if it comes within ``hold_s`` (else nothing: the client
-    polls for it), and the cursor reached; with ``first_events``, also (and no later than)
-    the first events, under ``events``."""
-    import time
+@endpoint_function("model")
+def open_streams(items: list[dict[str, Any]], auth: Any = None) -> list[dict[str, Any]]:
+    """``open_stream`` for several requests of one client in one task (the SDK queues its
+    admissions while the site's workers are busy, and sends what queued together):
+    ``items`` are ``{request, mode, hold_s, first_events}``; each answer is ``{"info": ...}``
+    or ``{"error": ...}``, so one refused request does not refuse the others."""
+    from fabric.endpoint.admission import admit_many
 
-    deadline = time.monotonic() + hold_s
-    cursor = 0
-    events: list[dict[str, Any]] = []
-    while (left := deadline - time.monotonic()) > 0:
-        reply = client.poll(request_id, ticket, cursor, left, final=not first_events)
-        cursor = int(reply.get("cursor", cursor))
-        if first_events:
-            events.extend(reply.get("events") or [])
-        if reply.get("done"):
-            return {"done": True, "cursor": cursor, "result": reply.get("result"),
-                    "error": reply.get("error"), "events": events}
-        if events:
-            break
-    return {"cursor": cursor, "events": events}
+    return admit_many(current(), list(items) if isinstance(items, list) else items, auth)
 
 
 def _server_for(ctx: SiteContext, model: str) -> Any:

@@ -91,6 +91,19 @@ def _note_refusal(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
                   err: FabricError) -> None:
     """Count a refused call for the site's ``/metrics`` (``site_events``), in a worker of a
     site process (which sets ``FABRIC_STATE_DIR``); never fails the call."""
+    first = args[0] if args else kwargs.get("request")
+    model = first.get("model") if isinstance(first, dict) else kwargs.get("model")
+    if model is None and isinstance(first, str) and fn.__code__.co_varnames[:1] == ("model",):
+        model = first  # cancel_request, deployment_status, deploy: the model first
+    if model is None and isinstance(first, list) and first and isinstance(first[0], dict):
+        model = first[0].get("model")  # run_requests
+    note_refusal(str(model or ""), err)
+
+
+def note_refusal(model: str, err: FabricError) -> None:
+    """Count one refused request for ``model`` for the site's ``/metrics`` (``site_events``),
+    in a worker of a site process (which sets ``FABRIC_STATE_DIR``); never fails the call.
+    (``open_streams`` refuses requests one by one, not the whole call.)"""
     from fabric import env
 
     state_dir = env.FABRIC_STATE_DIR.get()
@@ -101,13 +114,7 @@ def _note_refusal(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
 
         from fabric.endpoint.site_events import record_refusal
 
-        first = args[0] if args else kwargs.get("request")
-        model = first.get("model") if isinstance(first, dict) else kwargs.get("model")
-        if model is None and isinstance(first, str) and fn.__code__.co_varnames[:1] == ("model",):
-            model = first  # cancel_request, deployment_status, deploy: the model first
-        if model is None and isinstance(first, list) and first and isinstance(first[0], dict):
-            model = first[0].get("model")  # run_requests
-        record_refusal(Path(state_dir), str(model or ""), err)
+        record_refusal(Path(state_dir), model, err)
     except Exception:  # a metric must not turn a typed refusal into an internal error
         pass
 

@@ -88,6 +88,11 @@ class GlobusTransport:
     that, so polls at most every 0.6 s stay under its limit and leave room for the
     client's other calls (every open stream's tokens ride in the same poll)."""
 
+    admission_window_s = 0.02
+    """How long a client's first queued admission waits for others (``fabric.client.admission``):
+    a burst of streams opened together goes as one task (one submission, one request worker
+    holding them all) for 2 % of a task's round trip."""
+
     def __init__(self, site: SiteConfig, executor: Any = None, *, app: Any = None,
                  client: Any = None,
                  proof: Callable[[], dict[str, Any] | None] | None = None,
@@ -105,6 +110,11 @@ class GlobusTransport:
         would make every fabric call past the fourth wait seconds."""
         self.site: str = site.name
         self.config = site
+        self.admission_slots = site.max_request_workers
+        """Admission tasks a client keeps in flight: the request workers the site starts."""
+        # A site whose operator registered the functions before ``open_streams`` existed
+        # allows only those: admit one request per task there.
+        self.admission_batches = not site.function_ids or "open_streams" in site.function_ids
         self.batch_size = batch_size
         self.burst = burst
         self._executor = executor

@@ -112,6 +112,7 @@ run_request = _fn(FUNCTIONS_MODULE, "run_request", "request", "auth")
 run_requests = _fn(FUNCTIONS_MODULE, "run_requests", "requests", "auth")
 open_stream = _fn(FUNCTIONS_MODULE, "open_stream", "request", "auth", "mode", "hold_s",
                   "first_events")
+open_streams = _fn(FUNCTIONS_MODULE, "open_streams", "items", "auth")
 poll_requests = _fn(FUNCTIONS_MODULE, "poll_requests", "polls", "wait_s", "statuses", "auth")
 cancel_request = _fn(FUNCTIONS_MODULE, "cancel_request", "model", "request_id", "ticket", "auth")
 run_user_function = _fn(FUNCTIONS_MODULE, "run_user_function", "call", "model", "auth", "version",
@@ -125,7 +126,7 @@ list_models = _fn(FUNCTIONS_MODULE, "list_models", "auth")
 run_shard = _fn(SHARD_MODULE, "run_shard", "shard", "auth")
 
 FABRIC_FUNCTIONS: tuple[EndpointFunction, ...] = (
-    run_request, run_requests, open_stream, poll_requests, cancel_request,
+    run_request, run_requests, open_stream, open_streams, poll_requests, cancel_request,
     run_user_function, deployment_status, deploy, undeploy, list_deployments, list_models,
     run_shard,
 )

@@ -1,0 +1,152 @@
+"""``fabric.client.admission.Admissions``: when admissions go alone, together, or wait.
+
+The site's side (``open_streams`` answering each admission on its own) is tested on the real
+local site in ``tests/test_handoff.py`` and through the real Globus Compute pair in
+``tests/test_globus_real.py``; here a transport that holds every task until the test settles
+it shows the queueing rules exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from fabric.client.admission import Admissions
+from fabric.errors import EndpointError, FabricError, UnknownModel
+
+
+class HeldTransport:
+    """Records each task and leaves it pending until ``settle``."""
+
+    site = "held"
+    can_reach_servers = True
+
+    def __init__(self) -> None:
+        self.tasks: list[tuple[str, tuple[Any, ...], Future[Any]]] = []
+        self.sent = threading.Condition()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        with self.sent:
+            self.tasks.append((fn.__name__, args, fut))
+            self.sent.notify_all()
+        return fut
+
+    def wait_tasks(self, n: int, timeout_s: float = 5.0) -> None:
+        with self.sent:
+            assert self.sent.wait_for(lambda: len(self.tasks) >= n, timeout_s), self.tasks
+
+    def settle(self, i: int) -> None:
+        """Answer task ``i`` as the site would: an info per admission."""
+        name, args, fut = self.tasks[i]
+        if name == "open_stream":
+            fut.set_result({"request_id": args[0]["request_id"]})
+        else:
+            fut.set_result([{"info": {"request_id": item["request"]["request_id"]}}
+                            for item in args[0]])
+
+    def close(self) -> None:
+        pass
+
+
+def body(i: int, model: str = "m") -> dict[str, Any]:
+    return {"model": model, "version": None, "request_id": f"r{i}"}
+
+
+def test_a_lone_admission_goes_at_once_alone() -> None:
+    t = HeldTransport()
+    adm = Admissions(t, None, slots=2)
+    fut = adm.admit(body(0), "direct")
+    t.wait_tasks(1)
+    assert t.tasks[0][0] == "open_stream" and t.tasks[0][1][2:] == ("direct", 0.0)
+    t.settle(0)
+    assert fut.result(5)["request_id"] == "r0"
+    adm.close()
+
+
+def test_what_queues_while_the_slots_are_taken_goes_in_one_task() -> None:
+    t = HeldTransport()
+    adm = Admissions(t, None, slots=1)
+    first = adm.admit(body(0), "direct")
+    t.wait_tasks(1)
+    rest = [adm.admit(body(i), "direct") for i in range(1, 6)]
+    time.sleep(0.1)
+    assert len(t.tasks) == 1  # the one slot is taken: the others wait
+    t.settle(0)
+    t.wait_tasks(2)
+    name, args, _ = t.tasks[1]
+    assert name == "open_streams" and [i["request"]["request_id"] for i in args[0]] == \
+        [f"r{i}" for i in range(1, 6)]
+    t.settle(1)
+    assert [f.result(5)["request_id"] for f in [first, *rest]] == [f"r{i}" for i in range(6)]
+    assert adm.tasks == 2
+    adm.close()
+
+
+def test_a_window_gathers_a_burst_and_keys_stay_apart() -> None:
+    """Within the window a burst goes together; another model (or mode) goes in its own
+    task, since one cold model must not hold up a warm one's admissions."""
+    t = HeldTransport()
+    adm = Admissions(t, None, slots=8, window_s=0.2)
+    futs = [adm.admit(body(i), "poll", 5.0, True) for i in range(4)]
+    other = adm.admit(body(9, model="other"), "poll", 5.0, True)
+    t.wait_tasks(2)
+    time.sleep(0.05)
+    by_name = sorted((name, len(args[0]) if name == "open_streams" else 1)
+                     for name, args, _ in t.tasks)
+    assert by_name == [("open_stream", 1), ("open_streams", 4)], by_name
+    batch = next(args[0] for name, args, _ in t.tasks if name == "open_streams")
+    assert {(i["mode"], i["hold_s"], i["first_events"]) for i in batch} == {("poll", 5.0, True)}
+    for i in range(2):
+        t.settle(i)
+    assert [f.result(5)["request_id"] for f in futs] == ["r0", "r1", "r2", "r3"]
+    assert other.result(5)["request_id"] == "r9"
+    adm.close()
+
+
+def test_each_admission_gets_its_own_answer_or_error() -> None:
+    t = HeldTransport()
+    adm = Admissions(t, None, slots=1)
+    adm.admit(body(0), "direct")
+    t.wait_tasks(1)
+    good, bad = adm.admit(body(1), "direct"), adm.admit(body(2), "direct")
+    t.settle(0)
+    t.wait_tasks(2)
+    t.tasks[1][2].set_result([{"info": {"request_id": "r1"}},
+                              {"error": UnknownModel("no model 'x'", model="x").to_dict()}])
+    assert good.result(5)["request_id"] == "r1"
+    with pytest.raises(UnknownModel):
+        bad.result(5)
+    # A reply of the wrong length fails every admission of that task, typed.
+    adm.admit(body(3), "direct")
+    t.wait_tasks(3)
+    adm.admit(body(4), "direct")
+    a3 = adm.admit(body(5), "direct")
+    t.settle(2)
+    t.wait_tasks(4)
+    t.tasks[3][2].set_result([])
+    with pytest.raises(FabricError, match="answered 0 admissions"):
+        a3.result(5)
+    adm.close()
+
+
+def test_without_batches_every_admission_is_its_own_task_and_close_fails_the_queued() -> None:
+    t = HeldTransport()
+    adm = Admissions(t, None, slots=1, batches=False)
+    for i in range(3):
+        adm.admit(body(i), "direct")
+    assert [name for name, _, _ in t.tasks] == ["open_stream"] * 3
+    queued = Admissions(t, None, slots=1)
+    queued.admit(body(7), "direct")
+    t.wait_tasks(4)
+    waiting = queued.admit(body(8), "direct")
+    queued.close()
+    with pytest.raises(EndpointError):
+        waiting.result(5)
+    with pytest.raises(EndpointError):
+        queued.admit(body(9), "direct")
