@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 import common
+import serverjob
 from common import log, median, ratio
 
 
@@ -67,17 +68,17 @@ def hf_mean_last_layer(model: Any, tok: Any, texts: list[str], batch: int) -> An
     return normalize(np.concatenate(out))
 
 
-def direct(job: common.ServerJob, texts: list[str], **fields: Any) -> Any:
+def direct(job: serverjob.ServerJob, texts: list[str], **fields: Any) -> Any:
     import numpy as np
 
     from fabric.client.decoding import embeddings_from_results
 
     reqs = [job.request(t, kind="embed", **fields) for t in texts]
-    run = common.run_batch(job, reqs)
+    run = serverjob.run_batch(job, reqs)
     return np.asarray(embeddings_from_results([run["results"][r.request_id] for r in reqs]))
 
 
-def direct_batched(job: common.ServerJob, texts: list[str], size: int = 128,
+def direct_batched(job: serverjob.ServerJob, texts: list[str], size: int = 128,
                    **fields: Any) -> Any:
     import numpy as np
 
@@ -86,7 +87,7 @@ def direct_batched(job: common.ServerJob, texts: list[str], size: int = 128,
 
     reqs = [InferenceRequest(model=job.entry.name, kind="embed", prompts=texts[i:i + size],
                              **fields) for i in range(0, len(texts), size)]
-    run = common.run_batch(job, reqs)
+    run = serverjob.run_batch(job, reqs)
     return np.asarray(embeddings_from_results([run["results"][r.request_id] for r in reqs]))
 
 
@@ -155,7 +156,7 @@ def main() -> None:
             with common.stage("minilm warm-up (deploys the server)"):
                 fab.embed(texts[:8], model=common.MINILM)
                 st_encode(st, texts[:8], args.batch)
-            job = None if args.no_direct else common.ServerJob(
+            job = None if args.no_direct else serverjob.ServerJob(
                 common.MINILM, threads=args.threads, max_queue_requests=len(texts) + 8,
                 max_running=256).start()
             if job is not None:
@@ -182,7 +183,7 @@ def main() -> None:
             with common.stage("smollm2 warm-up (deploys the server)"):
                 fab.embed(texts[:8], model=common.SMOLLM, layer=-1, pooling="mean")
                 hf_mean_last_layer(lm, tok, texts[:8], args.batch)
-            job = None if args.no_direct else common.ServerJob(
+            job = None if args.no_direct else serverjob.ServerJob(
                 common.SMOLLM, threads=args.threads, max_queue_requests=len(texts) + 8,
                 max_running=256, max_queue_tokens=10**7).start()
             if job is not None:

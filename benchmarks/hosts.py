@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import serverjob
 import yaml
 from common import log, median, ratio
 
@@ -30,7 +31,7 @@ from fabric.testing import netns_cluster
 
 
 class _Served:
-    """What ``common.run_batch`` needs of a server: a ticket and a client."""
+    """What ``serverjob.run_batch`` needs of a server: a ticket and a client."""
 
     def __init__(self, mgr: Any, dep: Any) -> None:
         self.mgr, self.dep = mgr, dep
@@ -95,13 +96,13 @@ def main() -> None:
                     placed = cluster.slurm("squeue", "-h", "-j", str(dep.job_id),
                                            "-o", "%N").stdout.strip()
                     served = _Served(mgr, dep)
-                    common.run_batch(served, [InferenceRequest(
+                    serverjob.run_batch(served, [InferenceRequest(
                         model=common.SMOLLM, prompt=t, sampling={"max_tokens": 4})
                         for t in texts[:4]])  # warm-up
                     reqs = [InferenceRequest(model=common.SMOLLM, prompt=t,
                                              sampling={"max_tokens": args.max_tokens})
                             for t in texts]
-                    run = common.run_batch(served, reqs)
+                    run = serverjob.run_batch(served, reqs)
                     tps[name].append(run["tokens_per_s"])
                     answers[name] = [run["results"][q.request_id]["token_ids"] for q in reqs]
                     log(f"run {r + 1} {name} on {placed}: ready in {deploy[name][-1]:.1f} s, "

@@ -5,7 +5,7 @@ A tiny random Mixtral (``fabric.testing.tiny.build_tiny_moe``; ``--hidden``, ``-
 tp=2 x ep=1 (every rank holds half of every expert) and tp=2 x ep=2 (every rank holds half of
 the experts, whole), each rank of the two-rank plans with ``--threads / 2`` threads.
 
-1. Throughput: the three model servers run as jobs (``common.ServerJob``), up together, runs
+1. Throughput: the three model servers run as jobs (``serverjob.ServerJob``), up together, runs
    interleaved; ``--requests`` concurrent greedy requests of ``--max-tokens`` tokens. Greedy
    tokens must be identical across plans (and are checked against transformers for one prompt).
 2. Bytes per rank: every rank's ``build_stage`` in this process (loading needs no process
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import serverjob
 from common import log, median, ratio
 
 PLANS = {"tp1": (1, 1), "tp2_ep1": (2, 1), "tp2_ep2": (2, 2)}
@@ -46,20 +47,20 @@ def throughput(args: Any, folder: Path, texts: list[str]) -> dict[str, Any]:
     entry = CatalogEntry(name="tiny-moe", version="bench",
                          source=WeightSource(kind="path", path=str(folder)))
     cfg = {"kv_budget_tokens": 16384, "max_running": 64, "max_queue_requests": 256}
-    jobs = {name: common.ServerJob(entry, tp=tp, ep=ep, threads=max(1, args.threads // tp),
+    jobs = {name: serverjob.ServerJob(entry, tp=tp, ep=ep, threads=max(1, args.threads // tp),
                                    **cfg)
             for name, (tp, ep) in PLANS.items()}
     try:
         for job in jobs.values():
             job.start()
         for job in jobs.values():  # warm-up
-            common.run_batch(job, [job.request(t, max_tokens=2) for t in texts[:4]])
+            serverjob.run_batch(job, [job.request(t, max_tokens=2) for t in texts[:4]])
         runs: dict[str, list[float]] = {k: [] for k in jobs}
         tokens: dict[str, list[list[int]]] = {}
         for r in range(args.runs):
             for name, job in jobs.items():
                 reqs = [job.request(t, max_tokens=args.max_tokens) for t in texts]
-                run = common.run_batch(job, reqs)
+                run = serverjob.run_batch(job, reqs)
                 runs[name].append(run["tokens_per_s"])
                 tokens[name] = [run["results"][q.request_id]["token_ids"] for q in reqs]
                 log(f"round {r + 1} {name}: {run['tokens_per_s']:.1f} tok/s")

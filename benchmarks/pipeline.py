@@ -25,19 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import common
+import serverjob
 from common import log, median, ratio
 
 
 def throughput(args: Any, texts: list[str]) -> dict[str, Any]:
     cfg: dict[str, Any] = {"kv_budget_tokens": 16384, "max_running": 64,
                            "max_queue_requests": 256}
-    jobs = {"on": common.ServerJob(common.SMOLLM, pp=2, threads=1, micro_batches=0,
+    jobs = {"on": serverjob.ServerJob(common.SMOLLM, pp=2, threads=1, micro_batches=0,
                                    balance=args.balance, **cfg),
-            "off": common.ServerJob(common.SMOLLM, pp=2, threads=1, micro_batches=1,
+            "off": serverjob.ServerJob(common.SMOLLM, pp=2, threads=1, micro_batches=1,
                                     balance=args.balance, **cfg)}
     other = "params" if args.balance == "compute" else "compute"
     if args.compare_balance:  # micro-batching on with the other balance, same rounds
-        jobs[f"on_{other}"] = common.ServerJob(common.SMOLLM, pp=2, threads=1, micro_batches=0,
+        jobs[f"on_{other}"] = serverjob.ServerJob(common.SMOLLM, pp=2, threads=1, micro_batches=0,
                                                balance=other, **cfg)
     try:
         for job in jobs.values():
@@ -45,11 +46,11 @@ def throughput(args: Any, texts: list[str]) -> dict[str, Any]:
         runs: dict[str, list[float]] = {k: [] for k in jobs}
         tokens: dict[str, list[list[int]]] = {}
         for job in jobs.values():  # warm-up
-            common.run_batch(job, [job.request(t, max_tokens=4) for t in texts[:4]])
+            serverjob.run_batch(job, [job.request(t, max_tokens=4) for t in texts[:4]])
         for r in range(args.runs):
             for name, job in jobs.items():
                 reqs = [job.request(t, max_tokens=args.max_tokens) for t in texts]
-                run = common.run_batch(job, reqs)
+                run = serverjob.run_batch(job, reqs)
                 runs[name].append(run["tokens_per_s"])
                 tokens[name] = [run["results"][q.request_id]["token_ids"] for q in reqs]
                 log(f"round {r + 1} micro-batching {name}: {run['tokens_per_s']:.1f} tok/s")
@@ -111,8 +112,8 @@ def embedding_bytes(folder: Path, pp: int, tp: int) -> list[int]:
         reader.close()
 
 
-def rank_profiles(args: Any, texts: list[str], on: common.ServerJob,
-                  off: common.ServerJob, walls: dict[str, float]) -> dict[str, Any]:
+def rank_profiles(args: Any, texts: list[str], on: serverjob.ServerJob,
+                  off: serverjob.ServerJob, walls: dict[str, float]) -> dict[str, Any]:
     """py-spy (idle frames included) on every rank during one run with micro-batching on and
     one with it off: the share of each rank's main-thread samples spent computing its stage
     (``forward_step``) vs waiting for the other stage (``recv``) or for work (``wait``)."""
@@ -128,7 +129,7 @@ def rank_profiles(args: Any, texts: list[str], on: common.ServerJob,
             procs.append((label, raw, common.py_spy_record(pid, seconds, raw, rate=100,
                                                          idle=True)))
         time.sleep(0.5)
-        common.run_batch(job, reqs)
+        serverjob.run_batch(job, reqs)
         ranks = {}
         for label, raw, proc in procs:
             proc.communicate(timeout=seconds + 60)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import serverjob
 from common import log, median, ratio
 
 
@@ -91,9 +92,9 @@ def _strip(tokens: list[int], tok: Any) -> list[int]:
     return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-def server_run(job: common.ServerJob, texts: list[Any], new: int) -> tuple[float, dict, dict]:
+def server_run(job: serverjob.ServerJob, texts: list[Any], new: int) -> tuple[float, dict, dict]:
     reqs = [job.request(t, max_tokens=new) for t in texts]
-    run = common.run_batch(job, reqs)
+    run = serverjob.run_batch(job, reqs)
     outs = {i: run["results"][r.request_id]["token_ids"] for i, r in enumerate(reqs)}
     return run["tokens_per_s"], outs, run
 
@@ -102,7 +103,7 @@ def mismatches(a: dict, b: dict) -> int:
     return sum(1 for k in a if a[k] != b.get(k))
 
 
-def poisson_levels(job: common.ServerJob, texts: list[Any], new: int, capacity_rps: float,
+def poisson_levels(job: serverjob.ServerJob, texts: list[Any], new: int, capacity_rps: float,
                    levels: list[float], counts: list[int], seed: int = 1) -> dict[str, Any]:
     out = {}
     rng = random.Random(seed)
@@ -115,7 +116,7 @@ def poisson_levels(job: common.ServerJob, texts: list[Any], new: int, capacity_r
         reqs = [job.request(texts[i % len(texts)], max_tokens=new) for i in range(count)]
         log(f"Poisson {level:.0%} of capacity: {count} requests at {rate:.2f}/s "
             f"(~{arrivals[-1]:.0f} s of arrivals)")
-        run = common.run_batch(job, reqs, arrivals)
+        run = serverjob.run_batch(job, reqs, arrivals)
         ttft = run["ttft_s"]
         refused = run["refused"]
         out[f"{round(level * 100)}%"] = {
@@ -141,7 +142,7 @@ def kv_bytes(config: Any, tokens: int, dtype_bytes: int = 4) -> int:
     return tokens * per_token * dtype_bytes
 
 
-def profile_server(job: common.ServerJob, texts: list[Any], new: int, seconds: float,
+def profile_server(job: serverjob.ServerJob, texts: list[Any], new: int, seconds: float,
                    out_dir: Path) -> dict[str, Any]:
     """py-spy on the server (all threads) while it serves one concurrent batch."""
     raw = out_dir / "serving-profile.txt"
@@ -208,7 +209,7 @@ def main() -> None:
                     "baselines": f"torch.set_num_threads({args.threads})"},
         "prompt_format": "chat template, user asks to explain a 30-200 token passage",
         "server_config": server_cfg, "a_subset_prompts": len(subset)}
-    with common.ServerJob(common.SMOLLM, threads=args.threads, **server_cfg) as job:
+    with serverjob.ServerJob(common.SMOLLM, threads=args.threads, **server_cfg) as job:
         result["server_ready_s"] = round(job.ready_s, 1)
         # warm-up: every path once at a small size (allocator, lazy inits, CB warm-up)
         server_run(job, texts[:4], 4)
@@ -288,7 +289,7 @@ def poisson(args: Any, texts: list[Any], capacity_rps: float, server_cfg: dict[s
     if args.poisson_prefill_tokens:
         cfg["max_prefill_tokens"] = args.poisson_prefill_tokens
     n = 6 if args.quick else args.poisson_count
-    with common.ServerJob(common.SMOLLM, threads=args.threads, **cfg) as job:
+    with serverjob.ServerJob(common.SMOLLM, threads=args.threads, **cfg) as job:
         server_run(job, texts[:4], 4)  # warm-up
         return {"capacity_rps": round(capacity_rps, 3), "server_config": cfg,
                 "ttft_definition": "server-side queue_s + prefill_s of each admitted request",
