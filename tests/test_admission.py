@@ -88,24 +88,52 @@ def test_what_queues_while_the_slots_are_taken_goes_in_one_task() -> None:
     adm.close()
 
 
-def test_a_window_gathers_a_burst_and_keys_stay_apart() -> None:
-    """Within the window a burst goes together; another model (or mode) goes in its own
-    task, since one cold model must not hold up a warm one's admissions."""
+def test_each_freed_slot_takes_its_share_and_keys_stay_apart() -> None:
+    """With 2 slots taken, 6 queued admissions go as slots free, each taking its share of
+    what waits (3, then 2 of the 3 left, then the last): the site's workers admit a burst side
+    by side. Another model (or mode) queues apart, since one cold model must not hold up a
+    warm one's admissions."""
+    t = HeldTransport()
+    adm = Admissions(t, None, slots=2)
+    first = [adm.admit(body(i), "poll", 5.0, True) for i in (0, 1)]
+    t.wait_tasks(2)
+    futs = [adm.admit(body(i), "poll", 5.0, True) for i in range(2, 8)]
+    other = adm.admit(body(9, model="other"), "poll", 5.0, True)
+    time.sleep(0.05)
+    assert len(t.tasks) == 2
+    for i in range(4):
+        t.settle(i)
+        t.wait_tasks(i + 3)
+    sent = [(name, [a["request"]["request_id"] for a in args[0]] if name == "open_streams"
+             else [args[0]["request_id"]]) for name, args, _ in t.tasks[2:]]
+    assert sent == [("open_streams", ["r2", "r3", "r4"]), ("open_streams", ["r5", "r6"]),
+                    ("open_stream", ["r7"]), ("open_stream", ["r9"])], sent
+    batch = t.tasks[2][1][0]
+    assert {(i["mode"], i["hold_s"], i["first_events"]) for i in batch} == {("poll", 5.0, True)}
+    for i in (4, 5):
+        t.settle(i)
+    assert [f.result(5)["request_id"] for f in [*first, *futs]] == [f"r{i}" for i in range(8)]
+    assert other.result(5)["request_id"] == "r9"
+    adm.close()
+
+
+def test_a_window_gathers_a_burst_into_one_task() -> None:
+    """With a window (remote sites) a burst that arrives within it goes whole, in one task,
+    though slots are free; a lone admission waits the window and goes alone."""
     t = HeldTransport()
     adm = Admissions(t, None, slots=8, window_s=0.2)
-    futs = [adm.admit(body(i), "poll", 5.0, True) for i in range(4)]
-    other = adm.admit(body(9, model="other"), "poll", 5.0, True)
+    futs = [adm.admit(body(i), "poll", 5.0, True) for i in range(5)]
+    t.wait_tasks(1)
+    time.sleep(0.1)
+    assert len(t.tasks) == 1 and t.tasks[0][0] == "open_streams" and len(t.tasks[0][1][0]) == 5
+    t.settle(0)
+    assert [f.result(5)["request_id"] for f in futs] == [f"r{i}" for i in range(5)]
+    t0 = time.monotonic()
+    lone = adm.admit(body(7), "poll", 5.0, True)
     t.wait_tasks(2)
-    time.sleep(0.05)
-    by_name = sorted((name, len(args[0]) if name == "open_streams" else 1)
-                     for name, args, _ in t.tasks)
-    assert by_name == [("open_stream", 1), ("open_streams", 4)], by_name
-    batch = next(args[0] for name, args, _ in t.tasks if name == "open_streams")
-    assert {(i["mode"], i["hold_s"], i["first_events"]) for i in batch} == {("poll", 5.0, True)}
-    for i in range(2):
-        t.settle(i)
-    assert [f.result(5)["request_id"] for f in futs] == ["r0", "r1", "r2", "r3"]
-    assert other.result(5)["request_id"] == "r9"
+    assert time.monotonic() - t0 >= 0.15 and t.tasks[1][0] == "open_stream"
+    t.settle(1)
+    assert lone.result(5)["request_id"] == "r7"
     adm.close()
 
 

@@ -269,10 +269,10 @@ def test_concurrent_streams_share_one_long_poll(fab: Any, globus_offline: Offlin
         done = [f.result(timeout=300) for f in plain]
     elapsed = time.monotonic() - t0
     tasks = polls() - before
-    # Opened together, the admissions went together (fabric.client.admission): a task per
-    # request would be 10.
+    # Opened together beyond the site's 2 request workers, the admissions that queued went
+    # together (fabric.client.admission): a task per request would be 10.
     admissions = tasks_of("open_stream", "open_streams") - admissions_before
-    assert 2 <= admissions <= 5 and tasks_of("open_streams") >= 1, admissions
+    assert 2 <= admissions <= 8 and tasks_of("open_streams") >= 1, admissions
     for (_, ids, _), p in zip(got, prompts[:8], strict=True):
         assert ids == want[p].token_ids
     assert [r.token_ids for r in done] == [want[p].token_ids for p in prompts[8:]]

@@ -7,20 +7,24 @@ limit. So a client sends its admissions through one queue per (model, mode, hold
 
 .. code:: text
 
-    admit(request) --> queue --(a slot free and the window over)--> one task:
+    admit(request) --> queue --(a slot free, the window over)--> one task:
                                     1 queued:  open_stream(request, ...)
                                     more:      open_streams([...])   (each its own answer)
          <-- its future: the request's info (or its own typed error)
 
 At most ``slots`` admission tasks are in flight (the site's request workers: more would only
-queue at the site); what arrives meanwhile goes in the next task, all together. ``window_s``
-(remote sites: a task there costs a round trip of about a second) lets a burst that is still
-arriving join the first task. A lone request on a local site waits for nothing.
+queue at the site); what arrives meanwhile queues, and each slot that frees takes its share of
+the queue (``ceil(queued / slots)``, so the workers admit a burst side by side, not one worker
+all of it). With ``window_s`` (remote sites, where a task costs a round trip of about a second
+and one more submission under the ``Executor``'s rate limit) a queue waits that long for the
+rest of a burst and then goes whole, in one task; on the local site a request that finds a
+slot free goes at once.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -44,6 +48,7 @@ Key = tuple[str, str | None, str, float, bool]
 @dataclass
 class _Queue:
     since: float
+    """When its oldest admission came."""
     items: list[tuple[dict[str, Any], Future[dict[str, Any]]]] = field(default_factory=list)
 
 
@@ -52,8 +57,8 @@ class Admissions:
 
     def __init__(self, transport: Transport, auth: Any, *, slots: int, window_s: float = 0.0,
                  batches: bool = True) -> None:
-        """``slots``: admission tasks in flight at most; ``window_s``: how long the first
-        queued admission waits for others; ``batches``: False where the site cannot run
+        """``slots``: admission tasks in flight at most; ``window_s``: how long a queue's
+        first admission waits for others; ``batches``: False where the site cannot run
         ``open_streams`` (its operator registered the functions before it existed): then
         every admission is its own task, as before."""
         self.transport = transport
@@ -124,27 +129,30 @@ class Admissions:
             self._send(*ready)
 
     def _pause(self) -> float | None:
-        """How long until the oldest queue's window is over (None: wait for news)."""
+        """How long until the oldest queue's window is over (None: wait to be told)."""
         if self._inflight >= self.slots or not self._queues:
             return None
         oldest = min(q.since for q in self._queues.values())
         return max(0.001, oldest + self.window_s - time.monotonic())
 
     def _next(self) -> tuple[Key, list[tuple[dict[str, Any], Future[dict[str, Any]]]]] | None:
-        """The queue to send now (under the lock), or None while none may go."""
+        """The share of the oldest queue whose window is over, to send now (under the lock),
+        or None while no slot is free or nothing may go."""
         if self._inflight >= self.slots:
             return None
         now = time.monotonic()
-        due = [(q.since, k) for k, q in self._queues.items()
-               if now >= q.since + self.window_s or len(q.items) >= MAX_BATCH]
-        if not due:
+        # Dicts keep insertion order: the first due queue is the oldest.
+        key = next((k for k, q in self._queues.items()
+                    if now >= q.since + self.window_s or len(q.items) >= MAX_BATCH), None)
+        if key is None:
             return None
-        key = min(due)[1]
         queue = self._queues[key]
-        items, rest = queue.items[:MAX_BATCH], queue.items[MAX_BATCH:]
-        if rest:
-            queue.items = rest
-        else:
+        # Gathered in a window: all of it in one task (one submission, one worker). Queued
+        # behind busy slots: this slot's share, so the workers admit the rest side by side.
+        take = min(MAX_BATCH, len(queue.items) if self.window_s
+                   else math.ceil(len(queue.items) / self.slots))
+        items, queue.items = queue.items[:take], queue.items[take:]
+        if not queue.items:
             del self._queues[key]
         return key, items
 

@@ -15,13 +15,15 @@ An admission is the only work a request worker does for a request (the hand-off 
 ``admit_many`` admits a client's queued requests (one model) in one task: every request gets
 its own info or its own typed error (one refused request does not refuse the others), the
 poll-mode ones are all submitted before any is waited on, and the hold is one long-poll over
-all of them (``fabric.endpoint.relay.poll_many``): it ends at the first news plus the relay's
-linger, and whatever has not come by then is left to the client's long-poll.
+all of them (``fabric.endpoint.relay.poll_many``) that ends once every one has news (its
+first events, or its end) or the hold is over; what has not come by then is left to the
+client's long-poll.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 from fabric.endpoint.context import SiteContext
@@ -40,10 +42,11 @@ MAX_BATCH = 64
 MODES = ("direct", "poll")
 
 
-def admit(ctx: SiteContext, request: dict[str, Any], auth: Any, mode: str
-          ) -> tuple[dict[str, Any], str, Any]:
+def admit(ctx: SiteContext, request: dict[str, Any], auth: Any, mode: str,
+          clients: dict[str, Any] | None = None) -> tuple[dict[str, Any], str, Any]:
     """Admit one request (see the module doc): its info, the caller's identity and the
-    deployment. In ``poll`` mode the request is already submitted to the server."""
+    deployment. In ``poll`` mode the request is already submitted to the server, over a
+    connection kept in ``clients`` (by address; the caller closes them) when given."""
     from fabric import tickets
     from fabric.protocol import validate_request
 
@@ -68,17 +71,29 @@ def admit(ctx: SiteContext, request: dict[str, Any], auth: Any, mode: str
 
         # A ready deployment has both (``ensure`` returns only ready ones). Detached: the
         # server buffers the events for poll_requests after we disconnect.
-        with ServerClient(str(dep.address), str(dep.public_key)) as client:
-            client.submit(req, ticket, stream=False, detach=True)
+        if clients is None:
+            with ServerClient(str(dep.address), str(dep.public_key)) as client:
+                client.submit(req, ticket, stream=False, detach=True)
+        else:
+            address = str(dep.address)
+            if address not in clients:
+                clients[address] = ServerClient(address, str(dep.public_key))
+            clients[address].submit(req, ticket, stream=False, detach=True)
     return info, identity, dep
 
 
 def admit_one(ctx: SiteContext, request: dict[str, Any], auth: Any, mode: str,
               hold_s: float, first_events: bool) -> dict[str, Any]:
     """``open_stream``: one admission, held (poll mode) up to ``hold_s``."""
-    info, identity, dep = admit(ctx, request, auth, mode)
-    if mode == "poll" and hold_s > 0:
-        _hold(ctx, identity, [info], hold_s, first_events)
+    clients: dict[str, Any] = {}
+    try:
+        info, _, dep = admit(ctx, request, auth, mode, clients)
+        if mode == "poll" and hold_s > 0:
+            # Alone: on the connection that submitted it (no second handshake, no lookup).
+            _hold_on(clients[str(dep.address)], info, min(hold_s, MAX_HOLD_S), first_events)
+    finally:
+        for client in clients.values():
+            client.close()
     _collect(ctx, [dep])
     return info
 
@@ -86,8 +101,6 @@ def admit_one(ctx: SiteContext, request: dict[str, Any], auth: Any, mode: str,
 def admit_many(ctx: SiteContext, items: list[dict[str, Any]], auth: Any) -> list[dict[str, Any]]:
     """``open_streams``: ``items`` (``{request, mode, hold_s, first_events}``) admitted in
     order; each answer is ``{"info": ...}`` or ``{"error": <typed error>}``."""
-    from fabric.endpoint.registry import note_refusal
-
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
         raise InvalidRequest(f"open_streams takes a list of 1 to {MAX_BATCH} admissions",
                              param="items")
@@ -95,29 +108,46 @@ def admit_many(ctx: SiteContext, items: list[dict[str, Any]], auth: Any) -> list
     held: list[dict[str, Any]] = []
     identity, deps = "", []
     hold_s, first_events = 0.0, False
-    for item in items:
-        try:
-            if not isinstance(item, dict) or not isinstance(item.get("request"), dict):
-                raise InvalidRequest("an admission is {request: {...}, mode, hold_s, "
-                                     "first_events}", param="items")
-            mode = str(item.get("mode", "direct"))
-            info, identity, dep = admit(ctx, item["request"], auth, mode)
-        except FabricError as err:
-            request = item.get("request") if isinstance(item, dict) else None
-            note_refusal(str(request.get("model") or "") if isinstance(request, dict) else "",
-                         err)
-            out.append({"error": err.to_dict()})
-            continue
-        out.append({"info": info})
-        deps.append(dep)
-        if mode == "poll" and float(item.get("hold_s") or 0) > 0:
-            held.append(info)
-            hold_s = max(hold_s, float(item["hold_s"]))
-            first_events = first_events or bool(item.get("first_events"))
+    clients: dict[str, Any] = {}  # one connection per server for every submit
+    try:
+        for item in items:
+            info, who, dep, mode = _admit_item(ctx, item, auth, clients, out)
+            if info is None:
+                continue
+            identity = who
+            deps.append(dep)
+            if mode == "poll" and float(item.get("hold_s") or 0) > 0:
+                held.append(info)
+                hold_s = max(hold_s, float(item["hold_s"]))
+                first_events = first_events or bool(item.get("first_events"))
+    finally:
+        for client in clients.values():
+            client.close()
     if held:
         _hold(ctx, identity, held, hold_s, first_events)
     _collect(ctx, deps)
     return out
+
+
+def _admit_item(ctx: SiteContext, item: Any, auth: Any, clients: dict[str, Any],
+                out: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str, Any, str]:
+    """Admit one entry of ``open_streams`` and append its answer to ``out``: (info,
+    identity, deployment, mode), info None when it was refused."""
+    from fabric.endpoint.registry import note_refusal
+
+    try:
+        if not isinstance(item, dict) or not isinstance(item.get("request"), dict):
+            raise InvalidRequest("an admission is {request: {...}, mode, hold_s, "
+                                 "first_events}", param="items")
+        mode = str(item.get("mode", "direct"))
+        info, identity, dep = admit(ctx, item["request"], auth, mode, clients)
+    except FabricError as err:
+        request = item.get("request") if isinstance(item, dict) else None
+        note_refusal(str(request.get("model") or "") if isinstance(request, dict) else "", err)
+        out.append({"error": err.to_dict()})
+        return None, "", None, ""
+    out.append({"info": info})
+    return info, identity, dep, mode
 
 
 def _hold(ctx: SiteContext, identity: str, infos: list[dict[str, Any]], hold_s: float,
@@ -127,21 +157,42 @@ def _hold(ctx: SiteContext, identity: str, infos: list[dict[str, Any]], hold_s: 
     ``cursor``, and ``done``/``result``/``error`` for one that ended."""
     from fabric.endpoint.relay import poll_many
 
-    polls = [{"model": i["model"], "request_id": i["request_id"], "ticket": i["ticket"],
-              "cursor": 0, "events": first_events} for i in infos]
-    # A lone request returns at its first news; several linger a moment for the others'
-    # (the same server step usually brings them all).
-    linger = {} if len(polls) > 1 else {"linger_s": 0.0}
-    replies = poll_many(ctx, identity, polls, min(hold_s, MAX_HOLD_S), None,
-                        **linger)["replies"]
-    for info in infos:
-        got = replies.get(info["request_id"])
-        if got is None:
-            continue
-        info["cursor"] = int(got.get("cursor") or 0)
-        info["events"] = list(got.get("events") or [])
-        if got.get("done"):
-            info.update(done=True, result=got.get("result"), error=got.get("error"))
+    deadline = time.monotonic() + min(hold_s, MAX_HOLD_S)
+    waiting = list(infos)
+    # Until every one has news (as each would alone: a stream's first token then never costs
+    # a poll's round trip more because another request of the batch came first) or the time
+    # is up; each request is asked again from the cursor its last answer reached.
+    while waiting and (left := deadline - time.monotonic()) > 0:
+        polls = [{"model": i["model"], "request_id": i["request_id"], "ticket": i["ticket"],
+                  "cursor": int(i.get("cursor") or 0), "events": first_events}
+                 for i in waiting]
+        replies = poll_many(ctx, identity, polls, left, None, linger_s=0.0)["replies"]
+        for info in waiting:
+            got = replies.get(info["request_id"])
+            if got is not None:
+                info["cursor"] = int(got.get("cursor") or 0)
+                info["events"] = [*info.get("events", []), *(got.get("events") or [])]
+                if got.get("done"):
+                    info.update(done=True, result=got.get("result"), error=got.get("error"))
+        waiting = [i for i in waiting if not (i.get("events") or i.get("done"))]
+
+
+def _hold_on(client: Any, info: dict[str, Any], hold_s: float, first_events: bool) -> None:
+    """``_hold`` for one request, polling on ``client``."""
+    deadline = time.monotonic() + hold_s
+    rid, ticket = info["request_id"], info["ticket"]
+    events: list[dict[str, Any]] = []
+    while (left := deadline - time.monotonic()) > 0:
+        reply = client.poll(rid, ticket, int(info["cursor"]), left, final=not first_events)
+        info["cursor"] = int(reply.get("cursor", info["cursor"]))
+        if first_events:
+            events.extend(reply.get("events") or [])
+        if reply.get("done"):
+            info.update(done=True, result=reply.get("result"), error=reply.get("error"))
+            break
+        if events:
+            break
+    info["events"] = events
 
 
 def _collect(ctx: SiteContext, deps: list[Any]) -> None:

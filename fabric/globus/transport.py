@@ -91,7 +91,7 @@ class GlobusTransport:
     admission_window_s = 0.02
     """How long a client's first queued admission waits for others (``fabric.client.admission``):
     a burst of streams opened together goes as one task (one submission, one request worker
-    holding them all) for 2 % of a task's round trip."""
+    holding them all until each has its first events) for 2 % of a task's round trip."""
 
     def __init__(self, site: SiteConfig, executor: Any = None, *, app: Any = None,
                  client: Any = None,
