@@ -22,6 +22,15 @@ def proc_stat(pid: int) -> tuple[str, int, int, int] | None:
     return fields[0], int(fields[1]), int(fields[2]), int(fields[3])
 
 
+def proc_args(pid: int) -> list[str]:
+    """The arguments ``pid`` was started with, or [] if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
 def proc_cmdline(pid: int) -> str:
     """The command line of ``pid`` (arguments joined by spaces), or "" if it is gone."""
     try:

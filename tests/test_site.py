@@ -359,3 +359,37 @@ def test_the_composition_root_wires_the_campaign_scheduler(tmp_path: Path) -> No
     assert SiteProcess.background_tasks == []
     assert proc.site.name == "wired" and proc.state_dir == (tmp_path / "state").resolve()
     assert proc.engine is None and proc.listener is None  # built, not started
+
+
+def test_a_dead_sites_pid_held_by_another_process_is_not_the_site(tmp_path: Path) -> None:
+    """A site killed with -9 leaves its ``endpoint.json``; once pids wrap, another process
+    (another site, even) may hold that pid. It is not this site: ``read_info`` says no site
+    runs and ``stop_site`` signals nothing (the full run once saw a fresh site SIGTERMed)."""
+    import subprocess
+    import sys
+
+    state = tmp_path / "state"
+    state.mkdir()
+    other_state = tmp_path / "other"
+    # A process that looks like another state dir's site, and one that is no site at all.
+    impostors = [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                          "fabric.siteproc", "--state-dir", str(other_state)]),
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])]
+    try:
+        for proc in impostors:
+            (state / "endpoint.json").write_text(json.dumps({"pid": proc.pid,
+                                                             "socket": str(state / "s")}))
+            assert read_info(state) is None
+            assert stop_site(str(write_site(tmp_path / "site")), state, timeout_s=2) is None
+            assert proc.poll() is None  # still running: nobody signalled it
+        # The site's own process (its --state-dir, however written) is the site.
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                 "fabric.siteproc", "--state-dir", str(state / ".")])
+        impostors.append(proc)
+        (state / "endpoint.json").write_text(json.dumps({"pid": proc.pid}))
+        assert read_info(state) == {"pid": proc.pid}
+    finally:
+        for proc in impostors:
+            proc.kill()
+            proc.wait()

@@ -52,7 +52,29 @@ def read_info(state_dir: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(info, dict) or not _site_running(int(info.get("pid", 0))):
         return None
+    if not _is_site_of(int(info["pid"]), Path(state_dir)):
+        return None  # the site died and its pid now belongs to another process
     return info
+
+
+def _is_site_of(pid: int, state_dir: Path) -> bool:
+    """Whether ``pid`` is a site process serving ``state_dir``. A site killed with -9 leaves
+    its ``endpoint.json``, and once pids wrap around another process (another site, even) may
+    hold its pid: stopping "the site" must not signal that one."""
+    from fabric.procs import proc_args
+
+    args = proc_args(pid)
+    if not args:
+        return True  # /proc unreadable (another user's process): trust the pid check
+    if "fabric.siteproc" not in args:
+        return False
+    if "--state-dir" not in args[:-1]:
+        return True  # started by hand with the site's own state dir
+    given = Path(args[args.index("--state-dir") + 1])
+    if not given.is_absolute():  # relative to where the site was started
+        with contextlib.suppress(OSError):
+            given = Path(os.readlink(f"/proc/{pid}/cwd")) / given
+    return os.path.realpath(given) == os.path.realpath(state_dir)
 
 
 def start_site(site: str = "local", state_dir: str | Path | None = None,
