@@ -62,6 +62,9 @@ class Provenance(BaseModel):
     """How many hooks (steer, ablate, capture) the request carried: the result depends on them."""
     site: str | None = None
     """The site that served it, where a federation's routing chose among several."""
+    resent_from: str | None = None
+    """The deployment that had accepted this request when its scheduler ended it at its
+    walltime; the request was then run again, whole, by ``deployment_id`` (same seed)."""
 
     def rerun(self) -> dict[str, Any]:
         """Keyword arguments of ``Fabric.generate`` reproducing this result: the model pinned

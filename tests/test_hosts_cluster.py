@@ -21,6 +21,7 @@ what crosses the network from the laptop is nothing at all, which is the point c
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -76,14 +77,15 @@ class ClusterSite:
 
 
 def _site(slurm: SlurmCluster, folder: Path, plan: dict[str, Any],
-          tiny: Path | None = None, walltime: str = "00:20:00") -> ClusterSite:
+          tiny: Path | None = None, walltime: str = "00:20:00",
+          server: dict[str, Any] | None = None) -> ClusterSite:
     write_site(folder, name="hosts-test", workers=2, model_dir=tiny,
                jobs={"provider": {"type": "SlurmProvider", "partition": slurm.partition,
                                   "exclusive": False, "cmd_timeout": 30},
                      "launcher": {"type": "SrunLauncher"}, "walltime": walltime},
                server={"idle_timeout_s": 900, "ready_timeout_s": 300,
                        "kv_budget_tokens": 4096, "threads_per_rank": 1,
-                       "network": {"advertise": SUBNET}},
+                       "network": {"advertise": SUBNET}, **(server or {})},
                models=[{"name": TINY_MODEL if tiny else MODEL, "plan": plan}])
     return ClusterSite(folder, folder / "state", slurm)
 
@@ -96,9 +98,9 @@ def login_sites(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Any]:
     assert hosts is not None
     started: list[ClusterSite] = []
 
-    def start(plan: dict[str, Any], tiny: Path | None = None,
-              walltime: str = "00:20:00") -> ClusterSite:
-        site = _site(slurm, tmp_path / f"site{len(started)}", plan, tiny, walltime)
+    def start(plan: dict[str, Any], tiny: Path | None = None, walltime: str = "00:20:00",
+              server: dict[str, Any] | None = None) -> ClusterSite:
+        site = _site(slurm, tmp_path / f"site{len(started)}", plan, tiny, walltime, server)
         started.append(site)
         code = ("from fabric.client.local import start_site; import sys; "
                 "start_site(sys.argv[1], sys.argv[2], timeout_s=240)")
@@ -269,12 +271,13 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 WALLTIME_WORK_S = 100.0
 """Serving time the campaign is sized for (at the rate measured just before): Slurm ends the
 job at most ~35 s after its limit is cut (time limits are checked every 30 s, then KillWait)."""
+SHARD_WORK_S = 20.0
+"""Serving time of one shard (at that rate): four times KillWait (5 s)."""
 
 
 def _long_inputs(folder: Path) -> None:
-    """Give each input of ``folder/in.jsonl`` its own length, 200-480 new tokens: a request
-    outlasts KillWait (5 s), and shards do not end together, so the server is never idle when
-    Slurm's SIGTERM comes and the SIGKILL cuts requests mid-generation."""
+    """Give each input of ``folder/in.jsonl`` its own length, 200-480 new tokens, so shards do
+    not end together."""
     path = folder / "in.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     for i, line in enumerate(lines):
@@ -290,15 +293,19 @@ def test_walltime_expiry_mid_campaign_loses_nothing(login_sites: Any, slurm: Slu
     TIMEOUT at its next check (SIGTERM, then SIGKILL after KillWait), cutting requests
     mid-generation. Checked on what the campaign wrote and what Slurm says: the job timed out
     while the campaign ran (results from the expired server and from its relaunch), every
-    input has exactly one output line and none an error line, and a shard the expiry cut
-    finished on the relaunched server (its inputs in flight were resent, not failed)."""
+    input has exactly one output line and none an error line, and the requests the expired
+    server had accepted were resent to its relaunch, not failed (their provenance names the
+    expired deployment as ``resent_from``)."""
     from fabric.campaign import store
     from fabric.campaign.api import Campaign
     from fabric.endpoint.deployments import DeploymentManager
     from fabric.sites import load_site
     from tests.test_campaign_site import audit_counts, invariant, make_campaign
 
-    site = login_sites({"pp": 1}, tiny=tiny_llama_dir)
+    # One request at a time, first come first served: the server's queue always holds the
+    # other shard in flight (SHARD_WORK_S of work), so it is busy from Slurm's SIGTERM to its
+    # SIGKILL (KillWait, 5 s) and dies holding requests it had accepted.
+    site = login_sites({"pp": 1}, tiny=tiny_llama_dir, server={"max_running": 1})
     config = load_site(site.folder)
     mgr = DeploymentManager(config, site.state_dir)  # a worker of the same site (state dir)
     first = mgr.ensure(config.extra_models[0], wait_s=240)
@@ -324,7 +331,11 @@ def test_walltime_expiry_mid_campaign_loses_nothing(login_sites: Any, slurm: Slu
         assert time.monotonic() < deadline, slurm.squeue("-t", "all")
         time.sleep(0.5)
 
-    n = max(160, min(2000, int(rate * WALLTIME_WORK_S) // 20 * 20))
+    size = max(20, math.ceil(rate * SHARD_WORK_S))
+    # two shards in flight, each sent whole: within the server's queue (256)
+    assert 2 * size <= 256, f"the tiny model serves {rate:.1f} inputs/s: too fast to size for"
+    n = max(4 * size, min(2000, int(rate * WALLTIME_WORK_S) // size * size))
+    shape.update(shard_size=size, concurrency=size)
     manifest = make_campaign(tmp_path, site, n, name="wall", **shape)
     _long_inputs(tmp_path)
     folder = store.create(manifest, tmp_path / "home")
@@ -370,18 +381,20 @@ def test_walltime_expiry_mid_campaign_loses_nothing(login_sites: Any, slurm: Slu
     assert deps[first.id].state == "dead", deps[first.id]
     later = [deps[d] for d in by_dep if d != first.id]
     assert all(d.job_id and d.job_id != first.job_id for d in later), later
-    # the expiry cut shards: inputs served by the expired server and the rest by its relaunch,
-    # in the same shard and attempt. A shard sends all its inputs at once (concurrency 64 >=
-    # shard_size, the server queues 256), so the relaunch's share were in flight at the expiry.
+    # the expiry cut requests: those the expired server had accepted were run again, whole,
+    # by its relaunch in the same shard and attempt, and their provenance says so
+    resent = [r for r in out if r["provenance"].get("resent_from") == first.id]
     shards: dict[str, set[str]] = {}
     for rec in out:
         shards.setdefault(rec["shard"], set()).add(rec["provenance"]["deployment_id"])
     cut = [s for s, d in shards.items() if len(d) > 1 and first.id in d]
-    resent = [r for r in out if r["shard"] in cut and r["provenance"]["deployment_id"] != first.id]
-    print(json.dumps({"inputs": n, "results_at_cut": before, "results_at_timeout": at_expiry,
-                      "timeout_after_cut_s": round(ended_s, 1), "campaign_s": status["elapsed_s"],
-                      "shards_cut": len(cut), "inputs_resent": len(resent)}))
-    assert cut and resent, {s: sorted(d) for s, d in shards.items()}
+    print(json.dumps({"inputs": n, "shard_size": size, "results_at_cut": before,
+                      "results_at_timeout": at_expiry, "timeout_after_cut_s": round(ended_s, 1),
+                      "campaign_s": status["elapsed_s"], "shards_split": len(cut),
+                      "inputs_resent": len(resent)}))
+    assert resent, {s: sorted(d) for s, d in shards.items()}
+    assert all(r["provenance"]["deployment_id"] not in ("", first.id) for r in resent)
+    assert {r["provenance"].get("resent_from") for r in out} <= {None, first.id}
     assert all(rec["attempt"] == 1 for rec in out)
     # and the site ran each input once (its own audit file)
     assert set(audit_counts(site.state_dir, "wall").values()) == {1}

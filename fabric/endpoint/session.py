@@ -95,8 +95,14 @@ class _Outcomes:
     def __init__(self, n: int, listener: Callable[[int, Outcome], None] | None) -> None:
         self._slots: list[Outcome | None] = [None] * n
         self._listener = listener
+        self.resent_from: dict[int, str] = {}
+        """Inputs resent after a walltime: the deployment that had accepted them."""
 
     def __setitem__(self, i: int, outcome: Outcome) -> None:
+        provenance = (outcome.result or {}).get("provenance")
+        if i in self.resent_from and isinstance(provenance, dict):
+            # The result says it is a rerun, and of which server's interrupted execution.
+            provenance["resent_from"] = self.resent_from[i]
         self._slots[i] = outcome
         if self._listener is not None:
             self._listener(i, outcome)
@@ -164,6 +170,7 @@ class ServerSession:
                 if expired and not relaunched:
                     # The scheduler ended the server at its walltime: no input killed it, so
                     # what it had accepted goes to the relaunched server with the rest.
+                    outcomes.resent_from.update((i, dep.id) for i in lost.accepted)
                     todo.extendleft(reversed(sorted([*lost.accepted, *lost.unanswered])))
                     relaunched = True
                     continue
