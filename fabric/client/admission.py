@@ -23,7 +23,6 @@ slot free goes at once.
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
@@ -31,12 +30,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fabric.client.transport import submit_or_fail
 from fabric.errors import FabricError
 
 if TYPE_CHECKING:
     from fabric.client.transport import Transport
-
-log = logging.getLogger("fabric.client.admission")
 
 MAX_BATCH = 64
 """Most admissions in one task (the site takes up to 64)."""
@@ -78,9 +76,9 @@ class Admissions:
               first_events: bool = False) -> Future[dict[str, Any]]:
         """Admit the request ``body`` (an ``InferenceRequest`` as JSON); the future holds
         what ``open_stream`` returns for it."""
-        future: Future[dict[str, Any]] = Future()
         if not self.batches:
             return self._send_one(body, mode, hold_s, first_events)
+        future: Future[dict[str, Any]] = Future()
         key: Key = (str(body.get("model")), body.get("version"), mode, float(hold_s),
                     bool(first_events))
         with self._cond:
@@ -173,11 +171,7 @@ class Admissions:
 
         batch = [{"request": body, "mode": mode, "hold_s": hold_s, "first_events": first_events}
                  for body, _ in items]
-        try:
-            fut = self.transport.submit(open_streams, batch, self.auth)
-        except FabricError as exc:
-            fut = Future()
-            fut.set_exception(exc)
+        fut = submit_or_fail(self.transport, open_streams, batch, self.auth)
 
         def batch_done(f: Future[Any]) -> None:
             self._done()
@@ -192,12 +186,7 @@ class Admissions:
         args: tuple[Any, ...] = (body, self.auth, mode, hold_s)
         if first_events:
             args += (True,)
-        try:
-            return self.transport.submit(open_stream, *args)
-        except FabricError as exc:
-            failed: Future[Any] = Future()
-            failed.set_exception(exc)
-            return failed
+        return submit_or_fail(self.transport, open_stream, *args)
 
     def _done(self) -> None:
         with self._cond:

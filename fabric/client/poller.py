@@ -32,6 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fabric.client.transport import submit_or_fail
 from fabric.errors import EndpointError, FabricError
 
 if TYPE_CHECKING:
@@ -201,11 +202,8 @@ class Poller:
                   "cursor": t.cursor, "events": t.events} for t in batch]
         statuses = [{"model": w.model, "version": w.version, "state": w.state}
                     for w in watches]
-        try:
-            fut = self.transport.submit(poll_requests, polls, self.wait_s, statuses, self.auth)
-        except FabricError as exc:
-            fut = Future()
-            fut.set_exception(exc)
+        fut = submit_or_fail(self.transport, poll_requests, polls, self.wait_s, statuses,
+                             self.auth)
         fut.add_done_callback(lambda f: self._settle(f, batch, watches))
 
     def _settle(self, fut: Future[Any], batch: list[Tracked], watches: list[_Watch]) -> None:

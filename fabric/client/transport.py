@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from fabric.errors import EndpointError
+from fabric.errors import EndpointError, FabricError
 
 
 @runtime_checkable
@@ -37,6 +37,17 @@ class Transport(Protocol):
     def close(self) -> None:
         """Release sockets and threads."""
         ...
+
+
+def submit_or_fail(transport: Transport, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """``transport.submit(fn, *args)``, with a refusal to submit (a closed client, a full
+    Executor) as that future's exception: callers settle one way whatever went wrong."""
+    try:
+        return transport.submit(fn, *args)
+    except FabricError as exc:
+        failed: Future[Any] = Future()
+        failed.set_exception(exc)
+        return failed
 
 
 def open_transport(site: str, state_dir: str | Path | None = None) -> Transport:
