@@ -268,7 +268,10 @@ class LocalTransport:
                 raise EndpointError("transport is closed")
             if self._conn is not None and not self._conn.lost and self._thread is not None \
                     and self._thread.is_alive() and self.info is not None \
-                    and _site_running(int(self.info["pid"])):
+                    and _site_running(int(self.info["pid"])) \
+                    and (Path(self.state_dir) / INFO_FILE).exists():
+                # A site that removed its endpoint.json is stopping (its process lives on a
+                # few seconds while Parsl shuts down): new work goes to its successor.
                 return self._conn
             info = read_info(self.state_dir)
             if info is None:
