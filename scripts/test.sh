@@ -17,8 +17,10 @@ fi
 ruff check fabric tests benchmarks examples
 mypy
 set +e
-# --all: every tier (slow tests too), with or without CI=true.
-python -m pytest -q -p no:cacheprovider --all "$@"
+# --all: every tier (slow tests too), with or without CI=true. -n 2: two test processes, which
+# keep both cores busy while tests wait on servers and Slurm (tests/plugins/parallel.py says
+# which tests share a process); pass -n 0 to run them one after another.
+python -m pytest -q -p no:cacheprovider --all -n 2 "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then

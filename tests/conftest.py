@@ -28,6 +28,7 @@ pytest_plugins = [
     "tests.plugins.site",
     "tests.plugins.servers",
     "tests.plugins.globus_offline",
+    "tests.plugins.parallel",
 ]
 
 SLOW_FIXTURES = frozenset({"local_site", "site_transport", "model_server", "smollm2_dir", "slurm",
