@@ -101,6 +101,41 @@ def test_many_threads_share_one_transport(site_transport: LocalTransport) -> Non
     assert len(results) == 16 and all(isinstance(r, int) for r in results)
 
 
+def _replace_info(path: Path, text: str) -> None:
+    """Write ``endpoint.json`` as a site does: a new file renamed into place."""
+    tmp = path.with_name(".endpoint.json.test")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def test_a_connection_is_used_only_while_endpoint_json_names_its_site(
+        local_site: LocalSite) -> None:
+    """A site rewriting its own file keeps the client's connection; a file naming another
+    process (a successor written while the old site still shuts down) stops its use: the
+    call goes by the new file, not over the old site's connection."""
+    path = local_site.state_dir / "endpoint.json"
+    original = path.read_text()
+    transport = local_site.transport()
+    try:
+        assert transport.submit(worker_pid).result(timeout=60) > 0
+        conn = transport._conn
+        _replace_info(path, original)  # same site, new inode
+        assert transport.submit(worker_pid).result(timeout=60) > 0
+        assert transport._conn is conn
+        # another pid: this test's own process, which is no site, so no site is running
+        _replace_info(path, json.dumps({**json.loads(original), "pid": os.getpid()}))
+        with pytest.raises(EndpointError, match="not running"):
+            transport.submit(worker_pid).result(timeout=60)
+    finally:
+        _replace_info(path, original)
+        transport.close()
+    again = local_site.transport()
+    try:  # the site itself never noticed
+        assert again.submit(worker_pid).result(timeout=60) > 0
+    finally:
+        again.close()
+
+
 def test_futures_resolve_without_a_waiting_caller(site_transport: LocalTransport) -> None:
     """Callbacks and ``concurrent.futures.wait`` never call ``result()``: the I/O thread reads
     their replies, also right after a synchronous call read the reply socket itself."""

@@ -173,6 +173,7 @@ class LocalTransport:
         self.autostart = autostart
         self.start_timeout_s = start_timeout_s
         self.info: dict[str, Any] | None = None
+        self._info_stamp: tuple[int, int] | None = None  # endpoint.json's (inode, mtime) seen
         self._lock = threading.Lock()
         self._futures: dict[str, Future[Any]] = {}
         self._conn: _Connection | None = None
@@ -268,10 +269,7 @@ class LocalTransport:
                 raise EndpointError("transport is closed")
             if self._conn is not None and not self._conn.lost and self._thread is not None \
                     and self._thread.is_alive() and self.info is not None \
-                    and _site_running(int(self.info["pid"])) \
-                    and (Path(self.state_dir) / INFO_FILE).exists():
-                # A site that removed its endpoint.json is stopping (its process lives on a
-                # few seconds while Parsl shuts down): new work goes to its successor.
+                    and _site_running(int(self.info["pid"])) and self._info_names_site():
                 return self._conn
             info = read_info(self.state_dir)
             if info is None:
@@ -280,7 +278,7 @@ class LocalTransport:
                                         "`fabric endpoint start`", state_dir=str(self.state_dir))
                 info = start_site(self._ref, self.state_dir, self.start_timeout_s)
             conn = _Connection(_connect_site(info))
-            self.info = info
+            self.info, self._info_stamp = info, None
             # Not the receive lock: a reader holds it while it waits for this (_deliver) lock.
             # A reader still on the old connection keeps its own socket and reader.
             with self._send_lock:
@@ -293,6 +291,23 @@ class LocalTransport:
                                             daemon=True, name="fabric-local-transport")
             self._thread.start()
             return conn
+
+    def _info_names_site(self) -> bool:
+        """Whether ``endpoint.json`` still names the site of this connection. Gone: the site
+        is stopping (its process lives on a few seconds while Parsl shuts down), so new work
+        goes to its successor. Another file (sites write it by atomic rename) may be the
+        successor's, so its pid is compared; an unchanged file costs one ``stat``."""
+        try:
+            st = (Path(self.state_dir) / INFO_FILE).stat()
+        except OSError:
+            return False
+        stamp = (st.st_ino, st.st_mtime_ns)
+        if stamp != self._info_stamp:
+            now = read_info(self.state_dir)
+            if now is None or self.info is None or now.get("pid") != self.info.get("pid"):
+                return False
+            self._info_stamp = stamp
+        return True
 
     def _io_loop(self, info: dict[str, Any], conn: _Connection) -> None:
         try:
