@@ -151,6 +151,32 @@ def test_cancel_and_timeout_end_the_whole_batch(busy_server: ServerHandle,
     assert (h["running"], h["queue_depth"], h["kv_used_tokens"]) == (0, 0, 0)
 
 
+def test_a_batch_expires_whole_and_leaves_the_queue_before_it_is_answered(
+        tiny_llama_dir: Path) -> None:
+    """In process: a batch's members share one arrival, so one deadline; and when expired
+    members are reaped, all leave the queue before the first is reported, so a client told
+    its batch timed out never finds a member still queued (CI saw ``queue_depth`` 1 once)."""
+    import threading
+
+    from fabric.engine.prepare import ModelLimits, Preparer
+    from fabric.engine.scheduler import Limits, Scheduler
+
+    prep = Preparer(hf_tokenizer(tiny_llama_dir), ModelLimits(2, 64, 4, 128, 512, 4096))
+    members = prep.prepare_batch(validate_request(
+        {"model": "m", "kind": "embed", "prompts": ["The", "The cell", "Hello"],
+         "timeout": 0.05}))
+    assert len({m.deadline for m in members}) == 1
+    queued_at_report: list[int] = []
+    sched = Scheduler(Limits(10_000, 64, 8), lambda seq, out: None,
+                      lambda *a: queued_at_report.append(len(sched.waiting)),
+                      threading.RLock())
+    for member in members:
+        sched.add(member)
+    time.sleep(0.1)
+    sched.schedule()
+    assert queued_at_report == [0, 0, 0]
+
+
 def test_a_batch_refused_for_a_full_queue_waits_for_room() -> None:
     """The session's policy: batches refused for a full queue are sent again after a pause (an
     admitted batch frees room as it runs), single requests too for a patient caller (a

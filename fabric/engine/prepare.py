@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,16 +96,21 @@ class Preparer:
         text names it (``prompts[i]: ...``, ``details['index']``)."""
         assert req.prompts is not None
         texts = req.prompts
+        arrived = time.monotonic()
         all_ids = self.tok(texts).input_ids
         seqs = []
         for i, (text, ids) in enumerate(zip(texts, all_ids, strict=True)):
             member = req.model_copy(update={"request_id": member_id(req.request_id, i),
                                             "prompt": text, "prompts": None})
             try:
-                seqs.append(self.prepare(member, ids=[int(t) for t in ids]))
+                seq = self.prepare(member, ids=[int(t) for t in ids])
             except ContextLengthExceeded as exc:
                 raise type(exc)(f"prompts[{i}]: {exc.message}", **{
                     **exc.details, "index": i, "problem": exc.message}) from None
+            # One arrival for the batch: its members expire together (``timeout``), never one
+            # by one while the batch has already been answered with the first one's error.
+            seq.arrived = arrived
+            seqs.append(seq)
         return seqs
 
     # --- pieces ------------------------------------------------------------------------------

@@ -151,9 +151,14 @@ class Scheduler:
                 self.running[seq.request_id] = seq
 
     def _reap(self, now: float) -> None:
-        """Drop cancelled and expired sequences that are not in flight."""
-        for seq in [s for s in self.waiting if s.cancelled or _expired(s, now)]:
-            self.waiting.remove(seq)
+        """Drop cancelled and expired sequences that are not in flight. The waiting ones all
+        leave the queue (under the lock its readers take) before any is reported: a client
+        told that its request (or its batch) ended never finds it still queued."""
+        with self.lock:
+            gone = [s for s in self.waiting if s.cancelled or _expired(s, now)]
+            for seq in gone:
+                self.waiting.remove(seq)
+        for seq in gone:
             self._end(seq, None, _why(seq))
         for seq in [s for s in self.running.values()
                     if not s.busy and (s.cancelled or _expired(s, now))]:
