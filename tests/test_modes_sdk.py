@@ -128,7 +128,7 @@ def test_embed_equals_transformers(fab: Fabric, ref: Reference, layer: int, pool
 def test_embed_many_texts_in_batches_keeps_their_order(fab: Fabric, ref: Reference) -> None:
     """More texts than one task's batch, lengths shuffled: the SDK sorts them by length into
     batched requests, several layers at once, and must hand every row back to its own text."""
-    from fabric.client.fabric import EMBED_CHUNK
+    from fabric.client.embedding import EMBED_CHUNK
 
     words = TEXTS[1].split()
     texts = [" ".join(words[: 1 + (7 * i) % len(words)]) + f" ({i})"

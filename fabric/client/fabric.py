@@ -32,10 +32,10 @@ from fabric.client.checks import (
 )
 from fabric.client.decoding import (
     decode_tensors,
-    embeddings_from_results,
     parse_generation,
     provenance_of,
 )
+from fabric.client.embedding import EmbedPlan
 from fabric.client.federation import Federation, choose_sites, served_by
 from fabric.client.handoff import RequestPath
 from fabric.client.routing import RoutingConfig
@@ -43,7 +43,7 @@ from fabric.client.status import StatusCallback, StatusPrinter, describe_status
 from fabric.client.streaming import DirectSource, EventSource, PollSource, Stream
 from fabric.client.transport import Transport, open_transport
 from fabric.errors import FabricError, InvalidRequest
-from fabric.protocol import GenerationResult, Hook, InferenceRequest, renumber_text_error
+from fabric.protocol import GenerationResult, Hook, InferenceRequest
 
 __all__ = ["DEFAULT_EMBED_MODEL", "DEFAULT_MODEL", "Fabric", "StatusCallback", "StatusPrinter",
            "describe_status"]
@@ -295,23 +295,12 @@ class Fabric:
         ``layer``; vectors are L2-normalised unless ``normalize=False``. With a list of layers
         the result is ``{layer: array}`` with one array per layer, keyed as asked. With
         ``return_provenance`` it is ``(vectors, Provenance)`` (``fabric.provenance``)."""
-        single = isinstance(texts, str)
-        items = [texts] if single else texts
-        many_layers = not isinstance(layer, int)
-        layers = check_ints(layer, "layer") if many_layers else [check_int(layer, "layer")]
-        if not isinstance(items, Sequence) or isinstance(items, bytes) or not items:
-            raise InvalidRequest("texts must be a string or a non-empty list of strings")
-        texts = [check_prompt(t, field=f"texts[{i}]" if not single else "text")
-                 for i, t in enumerate(items)]
-        # Longest first, as sentence-transformers does: each task's texts (and so each of the
-        # server's length-sorted sub-batches) are of similar length, with little padding.
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        chunks = [order[i:i + EMBED_CHUNK] for i in range(0, len(order), EMBED_CHUNK)]
+        plan = EmbedPlan.of(texts, layer)
         requests = [
-            build_request("embed", model=model, version=version,
-                          prompts=[texts[i] for i in chunk], layers=layers, pooling=pooling,
-                          normalize=normalize, hooks=_hooks(hooks))
-            for chunk in chunks
+            build_request("embed", model=model, version=version, prompts=prompts,
+                          layers=plan.layers, pooling=pooling, normalize=normalize,
+                          hooks=_hooks(hooks))
+            for prompts in plan.chunk_texts()
         ]
         # One batched request per endpoint task; tasks run in parallel request workers and
         # all their texts are in flight at the server at once (it batches them).
@@ -321,20 +310,13 @@ class Fabric:
         futures = [transport.submit(run_requests, [r.model_dump(mode="json")], self.auth)
                    for r in requests]
         results = []
-        for n, (chunk, future) in enumerate(zip(chunks, futures, strict=True)):
+        for n, (chunk, future) in enumerate(zip(plan.chunks, futures, strict=True)):
             try:
                 results.extend(self._path.wait(future, model, version) if n == 0
                                else future.result())
             except FabricError as exc:
-                raise renumber_text_error(exc, (lambda i: None) if single else chunk.__getitem__,
-                                          "text" if single else "texts") from None
-        per_layer = {layer_: _unsort(embeddings_from_results(
-            [{"embeddings": r["layers"][str(layer_)]} for r in results]), order)
-            for layer_ in layers}
-        if many_layers:
-            value: Any = {k: (v[0] if single else v) for k, v in per_layer.items()}
-        else:
-            value = per_layer[layers[0]][0] if single else per_layer[layers[0]]
+                raise plan.renumber(exc, chunk) from None
+        value = plan.assemble(results)
         return (value, provenance_of(results[0])) if return_provenance else value
 
     def hidden_states(self, text: str, *, model: str = DEFAULT_MODEL, version: str | None = None,
@@ -507,15 +489,6 @@ FAILOVER_SILENCE_S = 0.5
 its health ..."""
 FAILOVER_PROBE_S = 1.5
 """... and how long that may take before the stream moves to the next site."""
-EMBED_CHUNK = 128
-"""Texts per endpoint task (one batched request) in ``Fabric.embed``."""
-
-
-def _unsort(rows: Any, order: list[int]) -> Any:
-    """``rows`` (row ``k`` belongs to text ``order[k]``) back in the texts' own order."""
-    out = rows.copy()
-    out[order] = rows
-    return out
 
 HookSpecs = Sequence["Hook | dict[str, Any]"] | None
 """Declarative hooks: ``fabric.protocol.Hook`` objects or their dict form."""

@@ -1,7 +1,8 @@
 """``LocalTransport``: the SDK's way into the embedded local site (started on demand).
 
 The site runs in its own background process (``fabric.siteproc``); this module finds it
-through ``<state_dir>/endpoint.json``, starting it first if it is not running (as Ollama does),
+through ``<state_dir>/endpoint.json``, starting it first if it is not running (as Ollama does;
+``fabric.client.sitelife`` finds, starts and stops it),
 and sends it Globus Compute task messages over the site's Unix socket (``fabric.wire.framing``
 says why not ZMQ). One connection per transport: ``submit`` writes the task from the calling
 thread (under a lock) and returns a ``Future`` at once. A thread waiting in ``result()`` reads
@@ -13,15 +14,10 @@ to wake; an I/O thread reads them whenever nobody waits that way (callbacks,
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
-import json
 import os
 import select
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,129 +27,27 @@ from typing import Any
 
 import msgpack
 
+from fabric.client.sitelife import (
+    INFO_FILE,
+    connect_site,
+    pack,
+    read_info,
+    site_running,
+    site_status,
+    start_site,
+    stop_site,
+)
 from fabric.errors import EndpointError, FabricError, InvalidRequest
-from fabric.procs import process_running
 from fabric.sites import resolve_site
 from fabric.wire import framing, gcwire
 from fabric.wire.framing import CONTROL, RESULT, TASK
 
-INFO_FILE = "endpoint.json"
+__all__ = ["INFO_FILE", "LocalTransport", "read_info", "site_status", "start_site", "stop_site"]
+"""The site's lifecycle lives in ``fabric.client.sitelife``; its functions stay importable
+from here, where the SDK, the CLI and the tests have always found them."""
+
 SEND_TIMEOUT_S = 30.0
 """How long ``submit`` may block when the site takes no messages (ZMQ's queue is full)."""
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-"""Site processes this process started (so their exit is seen, not left as zombies)."""
-
-
-def read_info(state_dir: Path) -> dict[str, Any] | None:
-    """The running site's ``endpoint.json``, or None if no live site owns ``state_dir``."""
-    try:
-        info = json.loads((Path(state_dir) / INFO_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or not _site_running(int(info.get("pid", 0))):
-        return None
-    if not _is_site_of(int(info["pid"]), Path(state_dir)):
-        return None  # the site died and its pid now belongs to another process
-    return info
-
-
-def _is_site_of(pid: int, state_dir: Path) -> bool:
-    """Whether ``pid`` is a site process serving ``state_dir``. A site killed with -9 leaves
-    its ``endpoint.json``, and once pids wrap around another process (another site, even) may
-    hold its pid: stopping "the site" must not signal that one."""
-    from fabric.procs import proc_args
-
-    args = proc_args(pid)
-    if not args:
-        return True  # /proc unreadable (another user's process): trust the pid check
-    if "fabric.siteproc" not in args:
-        return False
-    if "--state-dir" not in args[:-1]:
-        return True  # started by hand with the site's own state dir
-    given = Path(args[args.index("--state-dir") + 1])
-    if not given.is_absolute():  # relative to where the site was started
-        with contextlib.suppress(OSError):
-            given = Path(os.readlink(f"/proc/{pid}/cwd")) / given
-    return os.path.realpath(given) == os.path.realpath(state_dir)
-
-
-def start_site(site: str = "local", state_dir: str | Path | None = None,
-               timeout_s: float = 180.0) -> dict[str, Any]:
-    """Start the site in the background unless it runs; returns its ``endpoint.json``.
-
-    Raises ``EndpointError`` saying why (with the site log's tail) if it cannot start.
-    """
-    cfg, ref, folder = resolve_site(site, state_dir)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # Two clients auto-starting at once: the second waits here and then finds the first's site.
-    with (folder / "start.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        info = read_info(folder)
-        if info is not None:
-            return info
-        log_path = folder / "logs" / "site.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        offset = log_path.stat().st_size if log_path.exists() else 0
-        with log_path.open("ab") as log:
-            try:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "fabric.siteproc", "--site", ref,
-                     "--state-dir", str(folder)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,  # outlives this client, ignores its Ctrl-C
-                )
-            except OSError as exc:
-                raise EndpointError(f"cannot start the {cfg.name} site: {exc}") from None
-        _CHILDREN[proc.pid] = proc
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            rc = proc.poll()
-            if rc is not None:
-                raise EndpointError(
-                    f"the {cfg.name} site exited (code {rc}) before it was ready: "
-                    f"{_tail(log_path, offset)}", log=str(log_path), exit_code=rc)
-            info = read_info(folder)
-            if info is not None and info.get("pid") == proc.pid:
-                return info
-            time.sleep(0.1)
-        proc.kill()
-        raise EndpointError(f"the {cfg.name} site did not start within {timeout_s:.0f} s: "
-                            f"{_tail(log_path, offset)}", log=str(log_path))
-
-
-def site_status(site: str = "local", state_dir: str | Path | None = None,
-                timeout_s: float = 30.0, health: bool = True) -> dict[str, Any] | None:
-    """The running site's status (pid, address, state dir, deployments), or None if down."""
-    _, _, folder = resolve_site(site, state_dir)
-    info = read_info(folder)
-    if info is None:
-        return None
-    return _control(info, {"op": "status", "health": health}, timeout_s)
-
-
-def stop_site(site: str = "local", state_dir: str | Path | None = None, all: bool = False,
-              timeout_s: float = 60.0) -> dict[str, Any] | None:
-    """Stop the running site (``all``: undeploy its model servers first); None if it was down."""
-    _, _, folder = resolve_site(site, state_dir)
-    info = read_info(folder)
-    if info is None:
-        return None
-    pid = int(info["pid"])
-    try:
-        reply = _control(info, {"op": "stop", "all": all}, timeout_s)
-    except EndpointError:
-        reply = {"op": "stop", "note": "site did not answer; sent SIGTERM"}
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while _site_running(pid):
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            reply["killed"] = True
-            break
-        time.sleep(0.1)
-    return reply
 
 
 class LocalTransport:
@@ -204,7 +98,7 @@ class LocalTransport:
         """A control request to the site (``status``, ``ping``, ``stop``)."""
         key = f"c{next(self._ids)}"
         fut: Future[Any] = _LocalFuture(self)
-        self._send(key, fut, [CONTROL, _pack({"op": op, "id": key, **fields})])
+        self._send(key, fut, [CONTROL, pack({"op": op, "id": key, **fields})])
         return dict(fut.result(timeout_s))
 
     def close(self) -> None:
@@ -269,7 +163,7 @@ class LocalTransport:
                 raise EndpointError("transport is closed")
             if self._conn is not None and not self._conn.lost and self._thread is not None \
                     and self._thread.is_alive() and self.info is not None \
-                    and _site_running(int(self.info["pid"])) and self._info_names_site():
+                    and site_running(int(self.info["pid"])) and self._info_names_site():
                 return self._conn
             info = read_info(self.state_dir)
             if info is None:
@@ -277,7 +171,7 @@ class LocalTransport:
                     raise EndpointError(f"the {self.site} site is not running; start it with "
                                         "`fabric endpoint start`", state_dir=str(self.state_dir))
                 info = start_site(self._ref, self.state_dir, self.start_timeout_s)
-            conn = _Connection(_connect_site(info))
+            conn = _Connection(connect_site(info))
             self.info, self._info_stamp = info, None
             # Not the receive lock: a reader holds it while it waits for this (_deliver) lock.
             # A reader still on the old connection keeps its own socket and reader.
@@ -340,7 +234,7 @@ class LocalTransport:
                     return self._lost(info, conn, "closed the connection")
             if time.monotonic() > next_check:
                 next_check = time.monotonic() + 1.0
-                if not _site_running(int(info["pid"])):
+                if not site_running(int(info["pid"])):
                     return self._lost(info, conn, "exited")
         return None
 
@@ -470,68 +364,3 @@ class _LocalFuture(Future[Any]):
         deadline = None if timeout is None else time.monotonic() + timeout
         self._transport._pump(self, deadline)
         return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _connect_site(info: dict[str, Any]) -> socket.socket:
-    """A connection to the site ``info`` (its ``endpoint.json``) describes."""
-    if not info.get("socket"):
-        raise EndpointError(
-            f"the site (pid {info.get('pid')}) runs an older fabric without a Unix socket: "
-            "restart it (`fabric endpoint stop`, then start)")
-    try:
-        return framing.connect(str(info["socket"]))
-    except OSError as exc:
-        raise EndpointError(f"cannot connect to the site (pid {info.get('pid')}) at "
-                            f"{info['socket']}: {exc}") from None
-
-
-def _control(info: dict[str, Any], msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """One control round trip on a fresh connection (for the CLI; no I/O thread)."""
-    sock = _connect_site(info)
-    reader = framing.Reader()
-    deadline = time.monotonic() + timeout_s
-    replies: list[list[bytes]] | None = []
-    try:
-        framing.send_all(sock, framing.encode([CONTROL, _pack({**msg, "id": "cli"})]),
-                         timeout_s)
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        while replies == [] and time.monotonic() < deadline:
-            if poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-                replies = framing.recv_ready(sock, reader)
-    except (OSError, framing.FramingError) as exc:
-        raise EndpointError(f"the site (pid {info.get('pid')}) failed {msg['op']!r}: "
-                            f"{exc}") from None
-    finally:
-        sock.close()
-    if not replies:
-        raise EndpointError(f"the site (pid {info.get('pid')}) did not answer "
-                            f"{msg['op']!r} within {timeout_s:.0f} s")
-    reply = dict(msgpack.unpackb(replies[0][-1], raw=False))
-    if reply.get("error"):
-        raise EndpointError(f"site control {msg['op']} failed: {reply['error']}")
-    return reply
-
-
-def _site_running(pid: int) -> bool:
-    """True while the site process ``pid`` runs. A site this process started is its child:
-    once it exits it is reaped here (``poll``) rather than left a zombie."""
-    child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
-        return False
-    return process_running(pid)
-
-
-def _tail(path: Path, offset: int = 0, lines: int = 15) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            text = fh.read().decode(errors="replace")
-    except OSError:
-        return "(no log)"
-    kept = [ln for ln in text.strip().splitlines() if ln.strip()][-lines:]
-    return "\n".join(kept) if kept else f"(log {path} is empty)"
-
-
-def _pack(msg: dict[str, Any]) -> bytes:
-    return bytes(msgpack.packb(msg, use_bin_type=True, default=str))

@@ -30,6 +30,7 @@ from fabric.engine.attention import SeqCache, attend
 from fabric.engine.deepseek import mla_spec
 from fabric.engine.families import AttentionSpec, attention_spec
 from fabric.engine.fp8 import Fp8Linear
+from fabric.engine.fused import FusedWeights, fuse_layer
 from fabric.engine.mla import MlaAttention
 from fabric.engine.moe import attach_moe, combine
 from fabric.engine.partition import RankShard, vocab_slices
@@ -56,37 +57,6 @@ class KVLayout:
     value_dim: int | None = None
     """Width of V's cache when it differs from K's ``head_dim`` (latent attention keeps its
     latent as "K" and its rotated key as "V": ``fabric.engine.mla``)."""
-
-
-@dataclass(frozen=True)
-class LayerWeights:
-    """One layer's weights as the decode fast path reads them (``StageModel.fused_weights``)."""
-
-    ln1: torch.Tensor
-    qkv: torch.Tensor
-    """Q, K and V projections' rows, concatenated."""
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    ln2: torch.Tensor
-    gu: torch.Tensor
-    """Gate and up projections' rows, concatenated."""
-    down: torch.Tensor
-    o_bias: torch.Tensor | None = None
-    q_norm: torch.Tensor | None = None
-    """Per-head RMSNorm weights of queries and keys (qk-norm families), ``[head_dim]``."""
-    k_norm: torch.Tensor | None = None
-    window: int | None = None
-    """The layer's sliding window (``None``: full causal attention)."""
-
-
-@dataclass(frozen=True)
-class FusedWeights:
-    """A whole model's weights for the decode fast path (pp=1, tp=1 only)."""
-
-    embed: torch.Tensor
-    layers: list[LayerWeights]
-    norm: torch.Tensor
-    head: torch.Tensor
 
 
 class TensorParallel(Protocol):
@@ -269,7 +239,7 @@ class StageModel(nn.Module):
             assert self.lm_head is not None
             self._fused = FusedWeights(
                 self.embed_tokens.weight.detach(),
-                [_fuse_layer(self.layers[str(i)]) for i in self.shard.layers],
+                [fuse_layer(self.layers[str(i)]) for i in self.shard.layers],
                 self.norm.weight.detach(), self.lm_head.weight.detach())
         return self._fused
 
@@ -494,34 +464,3 @@ def _keep_fp32(name: str, dtype: torch.dtype) -> torch.dtype:
     transformers keeps it (``_keep_in_fp32_modules_strict``); it only ranks experts, but in
     bf16 it would round differently."""
     return torch.float32 if name.endswith("e_score_correction_bias") else dtype
-
-
-def _fuse_layer(layer: Any) -> LayerWeights:
-    """One layer's fast-path weights (see ``StageModel.fused_weights``)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    qkv = _fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], "weight")
-    bias = (_fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], "bias")
-            if attn.q_proj.bias is not None else None)
-    gu = _fuse_rows([mlp.gate_proj, mlp.up_proj], "weight")
-    return LayerWeights(layer.input_layernorm.weight.detach(), qkv, bias,
-                        attn.o_proj.weight.detach(),
-                        layer.post_attention_layernorm.weight.detach(), gu,
-                        mlp.down_proj.weight.detach(), _detached(attn.o_proj.bias),
-                        _detached(attn.q_norm.weight if attn.q_norm is not None else None),
-                        _detached(attn.k_norm.weight if attn.k_norm is not None else None),
-                        attn.window)
-
-
-def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach()
-
-
-def _fuse_rows(linears: list[Any], name: str) -> torch.Tensor:
-    """Concatenate the linears' ``name`` tensors by rows and re-point each at its slice."""
-    fused = torch.cat([getattr(lin, name).detach() for lin in linears], dim=0)
-    start = 0
-    for lin in linears:
-        n = getattr(lin, name).shape[0]
-        setattr(lin, name, torch.nn.Parameter(fused[start:start + n], requires_grad=False))
-        start += n
-    return fused
