@@ -287,7 +287,9 @@ def _long_inputs(folder: Path) -> None:
 
 def test_walltime_expiry_mid_campaign_loses_nothing(login_sites: Any, slurm: SlurmCluster,
                                                     tmp_path: Path, tiny_llama_dir: Path) -> None:
-    """The tiny model's server runs as a Slurm job on a compute node. A campaign with
+    """The tiny model's server runs as a Slurm job on a compute node. (The one walltime
+    test on Slurm: it also checks what the launcher and the deployment record say of the
+    expired job.) A campaign with
     ``max_attempts: 1`` (an input's failure is final) runs against it; once it has written
     some results, the job's time limit is cut below its elapsed time, and Slurm ends it as
     TIMEOUT at its next check (SIGTERM, then SIGKILL after KillWait), cutting requests
@@ -365,6 +367,12 @@ def test_walltime_expiry_mid_campaign_loses_nothing(login_sites: Any, slurm: Slu
                           capture_output=True, text=True, check=False,
                           env={**os.environ, "SLURM_CONF": str(slurm.conf)})
     assert f"{first.job_id}|TIMEOUT" in acct.stdout.split(), (acct.stdout, acct.stderr)
+    # ... and what the site's launcher (a fresh Parsl SlurmProvider, as another request
+    # worker would hold) reads of it
+    from fabric.endpoint.jobs import JobState
+
+    job = DeploymentManager(config, site.state_dir).launcher().status([first.job_id])
+    assert job[first.job_id].state is JobState.TIMEOUT, job
 
     # exactly one line per input, all outputs, none an error
     out, err = invariant(folder, n)
