@@ -1,6 +1,7 @@
 """A pp=2 model server as a real Slurm job on a namespace compute node: serve, scancel,
-relaunch (a walltime expiry on Slurm: ``tests/test_hosts_cluster.py``). The server advertises its compute-node address (``server.network``
-set to the cluster's subnet); this process reaches it over the cluster's bridge."""
+relaunch (a walltime expiry on Slurm: ``tests/test_hosts_cluster.py``). The server advertises
+its compute-node address (``server.network`` set to the cluster's subnet); this process
+reaches it over the cluster's bridge."""
 
 from __future__ import annotations
 
