@@ -1,8 +1,9 @@
 """Campaigns against a real local site and model server (the tiny random Llama).
 
-Fault tests: kill -9 a request worker and the model server mid-campaign; kill -9 the runner
-process and resume; 1% poison inputs; the site's scheduler runs a submitted campaign. Each
-checks the invariant: results + errors = inputs, no duplicates, nothing missing.
+Fault tests: kill -9 a request worker (the site replaces its pool) and the model server
+mid-campaign; kill -9 the runner process and resume; 1% poison inputs; the site's scheduler runs
+a submitted campaign. Each checks the invariant: results + errors = inputs, no duplicates,
+nothing missing.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def test_kill_worker_and_server_mid_campaign(tmp_path: Path, local_site: LocalSi
 def test_poison_inputs_end_in_the_error_file(tmp_path: Path, local_site: LocalSite) -> None:
     folder = store.create(make_campaign(tmp_path, local_site, 200, poison=1, max_attempts=2),
                           tmp_path / "home")
-    status = Campaign(folder).start().wait(timeout=600)
+    status = Campaign(folder).start().wait(timeout=300)  # seconds normally
     out, err = invariant(folder, 200)
     assert status["status"] == "done"
     assert sorted(e["custom_id"] for e in err) == ["id-0000", "id-0100"]

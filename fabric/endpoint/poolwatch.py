@@ -15,6 +15,14 @@ and, when the helper is gone, kills the pool's whole process group:
   error with code ``WorkerPoolLost``, which the client raises as a retryable ``EndpointError``
   (a campaign runner resubmits the shard; exactly one output line per input still holds).
 
+A pool that lost one of its workers to a signal (OOM killer, ``kill -9``) is killed the same
+way. Parsl's pool restarts the worker, but its workers share one ``multiprocessing`` task queue
+whose read lock an idle worker holds while it waits for a task: a worker killed then leaves the
+lock taken, every worker (the restarted one too) waits for it forever, and the pool, still
+heartbeating, takes tasks that never run (a campaign's shards waited out ``shard_timeout_s``).
+Which worker held the lock cannot be seen from outside, so any lost worker condemns its pool,
+as a lost worker breaks Python's own ``ProcessPoolExecutor``.
+
 The same loop caps every ``*.log`` under the engine's run dir (Parsl's ``interchange.log``,
 ``manager.log``, ``worker_N.log``) at ``LOG_CAP_BYTES``: a bigger one has its last
 ``LOG_KEEP_BYTES`` copied to ``NAME.1`` and is truncated in place (Parsl opens its logs in append
@@ -107,8 +115,10 @@ class PoolWatch:
         self.log_cap_bytes = log_cap_bytes
         self.helpers: dict[int, int] = {}
         """Each live pool's pid -> its multiprocessing helper's pid (once seen)."""
+        self.workers: dict[int, set[int]] = {}
+        """Each live pool's pid -> its workers' pids (at the last scan of all processes)."""
         self.killed = 0
-        """Pools killed because their helper was gone."""
+        """Pools killed because their helper or one of their workers was gone."""
         self.truncated = 0
         """Times a log was cut down to its cap."""
         self._live: list[int] = []
@@ -126,50 +136,69 @@ class PoolWatch:
     def pools(self) -> list[int]:
         """Live worker pools of this site: this session's ``process_worker_pool`` processes
         whose command line names the run dir (Parsl detaches them; their parent is init)."""
+        return list(self._scan())
+
+    def _scan(self) -> dict[int, set[int]]:
+        """One pass over ``/proc``: each live pool -> its children started by ``spawn_main``
+        (its workers and its helper)."""
         mark = str(self.run_dir) + os.sep
         session = os.getsid(0)
-        out = []
-        for pid in _pids():
-            st = proc_stat(pid)
-            if st is None or st[3] != session or st[0] in ("Z", "X"):
-                continue
-            cmd = proc_cmdline(pid)
-            if "process_worker_pool" in cmd and mark in cmd:
-                out.append(pid)
-        return out
+        stats = {pid: st for pid in _pids() if (st := proc_stat(pid)) is not None
+                 and st[3] == session and st[0] not in ("Z", "X")}
+        found = {pid: set[int]() for pid in stats
+                 if "process_worker_pool" in (cmd := proc_cmdline(pid)) and mark in cmd}
+        for pid, st in stats.items():
+            if st[1] in found and "spawn_main" in proc_cmdline(pid):
+                found[st[1]].add(pid)
+        return found
 
     def check_pools(self) -> list[int]:
-        """Kill each pool whose helper is gone; the pools killed.
+        """Kill each pool whose helper or one of whose workers is gone; the pools killed.
 
-        The known pools' helpers are checked each time (two ``/proc`` reads each); the scan of
-        every process for new pools runs every ``RESCAN_EVERY`` checks, or while none is known.
+        The known pools' helpers and workers are checked each time (a ``/proc`` read or two
+        each); the scan of every process, for new pools and restarted workers, runs every
+        ``RESCAN_EVERY`` checks, or while a pool's helper is not known.
         """
         self._checks += 1
-        if self._checks % RESCAN_EVERY == 0 or len(self.helpers) < len(self._live):
-            self._live = self.pools()
+        scan = None
+        if self._checks % RESCAN_EVERY == 0 or len(self.helpers) < len(self._live) \
+                or not self._live:
+            scan = self._scan()
+            self._live = list(scan)
         else:
             self._live = [pool for pool in self._live if process_running(pool)]
-        if not self._live:
-            self._live = self.pools()
-        live = self._live
-        for gone in set(self.helpers) - set(live):
+        for gone in set(self.helpers) - set(self._live):
             self._end_orphan(gone, self.helpers.pop(gone))
-        killed = []
-        for pool in live:
-            helper = self.helpers.get(pool)
-            if helper is None:
-                found = helper_of(pool)
-                if found is not None:  # not yet listening right after the pool started
-                    self.helpers[pool] = found
-            elif not process_running(helper):
-                kill_pool(pool)
-                del self.helpers[pool]
-                self.killed += 1
-                killed.append(pool)
-                log.warning("worker pool %d lost its multiprocessing helper (pid %d): killed "
-                            "it; Parsl starts a new one, its tasks fail as %s", pool, helper,
-                            POOL_LOST)
+        for gone in set(self.workers) - set(self._live):
+            del self.workers[gone]
+        killed = [pool for pool in self._live if self._check(pool, scan)]
+        self._live = [pool for pool in self._live if pool not in killed]
         return killed
+
+    def _check(self, pool: int, scan: dict[int, set[int]] | None) -> bool:
+        """Kill ``pool`` if its helper or a worker it had is gone; True if it was killed."""
+        helper = self.helpers.get(pool)
+        if helper is None:
+            found = helper_of(pool)
+            if found is not None:  # not yet listening right after the pool started
+                self.helpers[pool] = found
+            return False
+        if not process_running(helper):
+            why = f"lost its multiprocessing helper (pid {helper})"
+        elif lost := sorted(w for w in self.workers.get(pool, ()) if not process_running(w)):
+            why = (f"lost worker {lost[0]}, which may hold the lock of the queue its workers "
+                   "take tasks from")
+        else:
+            if scan is not None:
+                self.workers[pool] = scan.get(pool, set()) - {helper}
+            return False
+        kill_pool(pool)
+        self.helpers.pop(pool, None)
+        self.workers.pop(pool, None)
+        self.killed += 1
+        log.warning("worker pool %d %s: killed it; Parsl starts a new one, its tasks fail as "
+                    "%s", pool, why, POOL_LOST)
+        return True
 
     def _end_orphan(self, pool: int, helper: int) -> None:
         # A pool killed by someone else leaves its helper behind (a Manager does not watch its

@@ -33,6 +33,7 @@ from fabric.campaign.api import Campaign
 from fabric.client.local import site_status
 from fabric.endpoint.poolwatch import LOG_CAP_BYTES, POOL_LOST, PoolWatch, retype_lost
 from fabric.errors import DeadlineExceeded, EndpointError, UserFunctionError
+from fabric.procs import proc_stat
 from tests.chaos.common import cmdline, processes, report
 from tests.plugins.site import REPO_ROOT, TINY_MODEL, LocalSite, wait_until
 
@@ -54,9 +55,7 @@ def _start_time(pid: int) -> int:
 def helper_of(pool: int) -> int | None:
     """The pool's ``multiprocessing`` Manager: the first child it spawned (before its workers;
     the resource tracker is not spawned with ``spawn_main``)."""
-    kids = processes(lambda pid, st: "spawn_main" in cmdline(pid)
-                     and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
-                     == str(pool))
+    kids = children(pool)
     return min(kids, key=_start_time) if kids else None
 
 
@@ -137,6 +136,52 @@ def test_killed_pool_is_replaced(tmp_path: Path, local_site: LocalSite, target: 
         c.stop()
         report(f"worker-pool-{target}-kill", **counts)
     assert biggest[0] <= LOG_CAP_BYTES, f"manager.log reached {biggest[0]} bytes"
+
+
+def workers_of(pool: int) -> list[int]:
+    """The pool's worker processes: its ``spawn_main`` children but its helper."""
+    helper = helper_of(pool)
+    return [pid for pid in children(pool) if pid != helper]
+
+
+def children(pool: int) -> list[int]:
+    """The pool's children started by ``spawn_main`` (its helper and its workers)."""
+    return processes(lambda pid, st: "spawn_main" in cmdline(pid)
+                     and (proc_stat(pid) or ("", 0))[1] == pool)
+
+
+def test_idle_workers_killed_the_pool_is_replaced(tmp_path: Path, local_site: LocalSite) -> None:
+    """kill -9 of every worker of an idle pool, then a campaign. An idle worker holds the lock
+    of the pool's task queue while it waits for a task; Parsl restarted the killed workers, but
+    they waited for that lock forever and the campaign never started (a campaign test hung
+    until its 600 s limit when it killed an idle worker). The site replaces the pool."""
+    import psutil
+
+    from fabric.endpoint.poolwatch import CHECK_PERIOD_S, RESCAN_EVERY
+
+    state = local_site.state_dir
+    wait_until(lambda: len(pools(state)) == 1, 120, "one worker pool")
+    pool = pools(state)[0]
+    # The site learns a pool's workers at its periodic scan of all processes.
+    age = time.time() - psutil.Process(pool).create_time()
+    time.sleep(max(0.0, 3 * RESCAN_EVERY * CHECK_PERIOD_S - age))
+    workers = workers_of(pool)
+    assert len(workers) >= 1, "the pool's workers"
+    before = int((site_status(str(local_site.site_dir), state, health=False) or {})
+                 .get("pools_replaced", 0))
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    c = Campaign(store.create(write_manifest(tmp_path, local_site), tmp_path / "home")).start()
+    try:
+        status = c.wait(timeout=300)
+    finally:
+        if c.status()["status"] not in ("done", "cancelled", "failed"):
+            c.cancel()
+        c.stop()
+    site = site_status(str(local_site.site_dir), state, health=False) or {}
+    assert status["status"] == "done" and status["done"] == INPUTS, status
+    assert int(site.get("pools_replaced", 0)) >= before + 1, site
+    assert pool not in pools(state), "the pool that lost its workers still runs"
 
 
 def _failed_result(exc: Exception) -> bytes:
