@@ -252,9 +252,12 @@ def test_cli_against_the_site(local_site: Any, fab: Fabric) -> None:
     assert json.loads(out.stdout)["token_ids"] == expected.token_ids
 
     bad = fabric_cli("generate", "hi", *site, "--model", "nope")
-    # the last line: a call that takes a while (a loaded machine) prints status lines first
+    # Only the error: a slow call prints status lines first, and a model the site does not
+    # serve has none (it said "launching a model server").
     assert bad.returncode == 2
-    assert bad.stderr.splitlines()[-1].startswith("error: unknown model 'nope'"), bad.stderr
+    assert bad.stderr.startswith("error: unknown model 'nope'"), bad.stderr
+    assert fab._path.query_status("nope", None).result() == {}
+    assert fab._path.query_status(TINY_MODEL, "no-such-version").result()["state"] == "absent"
     assert "Traceback" not in bad.stderr
     too_long = fabric_cli("generate", PROMPT, *site, "-m", TINY_MODEL, "-n", "100000")
     assert too_long.returncode == 2 and too_long.stderr.startswith("error: ")

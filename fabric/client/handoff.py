@@ -184,6 +184,9 @@ class RequestPath:
             records = [d for d in reply.get("deployments") or []
                        if d.get("model") == model and d.get("state") != "dead"
                        and (version is None or d.get("version") == version)]
+            if not records and model not in reply.get("models", [model]):
+                future.set_result({})  # not served here: nothing to say, the call's error comes
+                return future
             # Newest first; a missing record means the request is about to launch one.
             future.set_result(records[0] if records else {"state": "absent", "model": model})
         except FabricError as exc:

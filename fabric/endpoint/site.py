@@ -49,6 +49,7 @@ import msgpack
 
 from fabric import env
 from fabric.endpoint import poolwatch, watchdog
+from fabric.endpoint.context import SiteContext
 from fabric.endpoint.siteconn import Conn, listen_unix
 from fabric.sites import LOCAL_WORKERS_ADDRESS, SiteConfig
 from fabric.wire import framing
@@ -131,6 +132,8 @@ class SiteProcess:
         self.watchdog: Any = None
         self.pools = poolwatch.PoolWatch(self.state_dir / "engine")
         """The worker pools' health check and Parsl's log cap (run in a background thread)."""
+        self.context = SiteContext(site, self.state_dir)
+        """The site as its workers see it; here only its catalog (``status`` lists the models)."""
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -397,12 +400,14 @@ class SiteProcess:
             self.request_stop()
 
     def status(self, health: bool = True) -> dict[str, Any]:
-        """pid, address, state dir, workers and deployments (with their server health)."""
+        """pid, address, state dir, workers, the models served, and deployments (with their
+        server health)."""
         from fabric.endpoint.deployments import DeploymentManager
 
-        mgr = DeploymentManager(self.site, self.state_dir)
+        mgr = DeploymentManager(self.site, self.state_dir)  # one per call: calls run in threads
         deployments = mgr.list_all() if health else [d.to_dict() for d in mgr.db.query()]
         return {**self.info(), "workers_running": self.workers_running(),
+                "models": self.context.catalog.names(),
                 "uptime_s": round(time.time() - self.started, 1),
                 "replies_dropped": self.replies_dropped, "clients": self.clients,
                 "max_clients": self.max_clients, "refused": self.refused,
