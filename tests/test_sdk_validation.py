@@ -396,6 +396,26 @@ def test_cold_start_reports_status_then_returns() -> None:
     assert transport.controls == 0 and seen == []
 
 
+class ReadySiteTransport(SlowSiteTransport):
+    """A slow call to a server the site reports ready (a loaded machine, a long prompt)."""
+
+    def control(self, op: str, timeout_s: float = 30.0, **fields: Any) -> dict[str, Any]:
+        self.controls += 1
+        return {"deployments": [{"id": "d-1", "model": "smollm2-135m", "version": "v",
+                                 "state": "ready"}]}
+
+
+def test_a_slow_call_to_a_ready_server_reports_nothing() -> None:
+    """The CLI printed "waiting for m: ready" before a slow call's answer or error."""
+    pytest.importorskip("fabric.endpoint.functions")
+    seen: list[dict[str, Any]] = []
+    transport = ReadySiteTransport(delay_s=0.6)
+    fab = Fabric(transport=transport, on_status=seen.append, status_interval_s=0.1,
+                 handoff=False)
+    assert fab.generate("hello").text == "hi"
+    assert transport.controls >= 1 and seen == []
+
+
 def test_status_printer_prints_each_change_once() -> None:
     import io
 

@@ -137,11 +137,14 @@ class RequestPath:
         """``future.result()``, reporting the deployment's state to ``on_status`` while slow.
 
         Status is asked for only once the call has waited a while, one query at a time, and
-        no more once the server is ready, so warm calls cost nothing extra.
+        no more once the server is ready, so warm calls cost nothing extra. A server found
+        ready at once is not reported (a call that is merely slow has nothing to explain);
+        "ready" after a reported cold start is.
         """
         if self.on_status is None:
             return future.result()
         status_future: Future[Any] | None = None
+        reported = False
         next_query = time.monotonic() + min(1.0, self.status_interval_s)
         while True:
             waiting: list[Future[Any]] = [future]
@@ -158,8 +161,9 @@ class RequestPath:
                 except FabricError as exc:
                     log.debug("deployment status query failed: %s", exc)
                     status = {}
-                if status:
+                if status and (reported or status.get("state") != "ready"):
                     self.on_status({"model": model, **status})
+                    reported = True
                 if status.get("state") == "ready":
                     return future.result()
                 next_query = time.monotonic() + self.status_interval_s
