@@ -271,6 +271,52 @@ def test_crash_between_output_and_ledger_is_not_duplicated(tmp_path: Path,
     assert all(fake.executions[c] == 1 for c in done_first)  # and never re-executed
 
 
+def test_a_runner_ending_while_status_is_read_is_not_taken_for_dead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status and the runner's lock are read one after the other. A runner that wrote
+    "done" and let its lock go between the two reads looked interrupted (CI: ``wait``
+    returned "interrupted" for a campaign done a moment before)."""
+    folder = store.create(manifest(tmp_path, n=4), tmp_path / "home")
+    ledger = Ledger(folder / store.LEDGER)
+    ledger.set(status="running")
+
+    def finishing(_: Path) -> None:  # the runner commits its end, then lets the lock go
+        ledger.set(status="done")
+
+    monkeypatch.setattr(store, "runner_pid", finishing)
+    try:
+        assert store.status(folder)["status"] == "done"
+        ledger.set(status="running")  # and one that died without a word is interrupted
+        monkeypatch.setattr(store, "runner_pid", lambda _: None)
+        assert store.status(folder)["status"] == "interrupted"
+    finally:
+        ledger.close()
+
+
+def test_wait_raises_the_error_of_a_runner_that_fails_while_status_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = store.create(manifest(tmp_path, n=4), tmp_path / "home")
+    go = threading.Event()
+
+    class Breaking(FakeTransport):
+        def submit(self, fn: Any, shard: dict[str, Any], auth: Any = None) -> cf.Future[Any]:
+            go.wait(10)
+            raise RuntimeError("the runner broke")
+
+    c = Campaign(folder).start(transports={"local": Breaking()})
+    real = Campaign.status
+
+    def status_while_it_fails(self: Campaign) -> dict[str, Any]:
+        go.set()
+        assert self._thread is not None
+        self._thread.join(10)
+        return real(self)
+
+    monkeypatch.setattr(Campaign, "status", status_while_it_fails)
+    with pytest.raises(RuntimeError, match="the runner broke"):
+        c.wait(timeout=10)
+
+
 def test_cancel_and_resume(tmp_path: Path) -> None:
     fake = FakeTransport(delay=0.1)
     folder = store.create(manifest(tmp_path, n=200, shard_size=4), tmp_path / "home")

@@ -72,10 +72,12 @@ class Campaign:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._thread is not None and not self._thread.is_alive() and self._error:
-                raise self._error
             state = self.status()
+            # Asked after the status is read: a runner that failed while it was read is seen
+            # stopped, and its error wins over the status it left ("interrupted").
             here_stopped = self._thread is not None and not self._thread.is_alive()
+            if here_stopped and self._error:
+                raise self._error
             if store.is_final(state) or (here_stopped and state["status"] != "running"):
                 return state
             if deadline is not None and time.monotonic() > deadline:

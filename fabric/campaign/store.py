@@ -174,7 +174,11 @@ def status(folder: Path) -> dict[str, Any]:
         state = str(ledger.get("status"))
         pid = runner_pid(folder)
         if state == "running" and pid is None:
-            state = "interrupted"  # the runner died (kill -9, reboot): `resume` continues it
+            # A runner writes its last status before it lets the lock go: read it again, in
+            # case it finished between the two reads. Still running: the runner died (kill -9,
+            # reboot) and `resume` continues it.
+            state = str(ledger.get("status"))
+            state = "interrupted" if state == "running" else state
         left = counts["pending"] + counts["running"]
         rate = settled / span if settled else 0.0
         started, finished = ledger.get("started"), ledger.get("finished")
