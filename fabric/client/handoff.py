@@ -27,7 +27,7 @@ from fabric.client.direct import DirectResults
 from fabric.client.poller import Poller
 from fabric.client.status import StatusCallback
 from fabric.client.transport import Transport
-from fabric.errors import FabricError
+from fabric.errors import DeadlineExceeded, FabricError
 from fabric.protocol import InferenceRequest
 
 log = logging.getLogger("fabric.client")
@@ -195,6 +195,8 @@ class RequestPath:
             future.set_result(records[0] if records else {"state": "absent", "model": model})
         except FabricError as exc:
             future.set_exception(exc)
+        except cf.TimeoutError:  # a busy site: the call goes on, only its status line waits
+            future.set_exception(DeadlineExceeded("the site's status did not come within 5 s"))
         return future
 
     def watch_status(self, model: str, version: str | None) -> Future[Any]:

@@ -147,6 +147,7 @@ class SiteProcess:
         self.socket_path = framing.socket_path(self.state_dir)
         self.listener = listen_unix(self.socket_path)
         self._start_engine()
+        self.context.catalog  # noqa: B018 - built now: a status reply (5 s budget) lists it
         self.started = time.time()
         _write_private_json(self.state_dir / INFO_FILE, self.info())
         threading.Thread(target=self._reap_loop, daemon=True, name="site-reaper").start()
