@@ -133,14 +133,11 @@ class PoolWatch:
             except Exception:  # a /proc race or a full disk must not end the loop
                 log.exception("worker pool check failed")
 
-    def pools(self) -> list[int]:
-        """Live worker pools of this site: this session's ``process_worker_pool`` processes
-        whose command line names the run dir (Parsl detaches them; their parent is init)."""
-        return list(self._scan())
-
     def _scan(self) -> dict[int, set[int]]:
-        """One pass over ``/proc``: each live pool -> its children started by ``spawn_main``
-        (its workers and its helper)."""
+        """One pass over ``/proc``: each live worker pool of this site -> its children started
+        by ``spawn_main`` (its workers and its helper). A pool is a ``process_worker_pool`` of
+        this session whose command line names the run dir (Parsl detaches pools; their parent
+        is init)."""
         mark = str(self.run_dir) + os.sep
         session = os.getsid(0)
         stats = {pid: st for pid in _pids() if (st := proc_stat(pid)) is not None
