@@ -90,6 +90,29 @@ def summary(values: Sequence[float], scale: float = 1.0, digits: int = 4) -> dic
             "max": round(max(xs), digits) if xs else None}
 
 
+def bootstrap_diff(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],
+                   paired: bool = False, draws: int = 2000, seed: int = 0,
+                   digits: int = 1) -> list[float]:
+    """95% interval of median(b) - median(a), each side's values pooled over its rounds,
+    resampling whole rounds (a round's values share its machine state, so they are not
+    independent draws); ``paired``: round i of ``a`` and of ``b`` ran together, so they are
+    drawn together."""
+    import random
+
+    rng = random.Random(seed)
+
+    def pooled(rounds: Sequence[Sequence[float]], picks: list[int]) -> float:
+        return median([x for i in picks for x in rounds[i]])
+
+    diffs = []
+    for _ in range(draws):
+        pa = [rng.randrange(len(a)) for _ in a]
+        pb = pa if paired else [rng.randrange(len(b)) for _ in b]
+        diffs.append(pooled(b, pb) - pooled(a, pa))
+    diffs.sort()
+    return [round(percentile(diffs, 2.5), digits), round(percentile(diffs, 97.5), digits)]
+
+
 def ratio(a: float, b: float, digits: int = 3) -> float | None:
     return round(a / b, digits) if b else None
 

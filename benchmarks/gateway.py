@@ -5,20 +5,24 @@ through the SDK, on one warm model server at a temporary local site. Prints JSON
     python benchmarks/gateway.py --model tiny --streams 8 --max-tokens 16   # quick check
 
 The gateway runs as users run it (``fabric serve`` in its own process, on 127.0.0.1). Each side
-is held for the whole run, as a user holds a client: one ``Fabric`` (its threads each iterate a
-``Fabric.stream``) and one ``AsyncOpenAI`` client on one event loop (its connection pool kept
-``--keepalive-s`` seconds, so a burst reuses the connections of the last one; ``--cold``: a
-new client per round, every connection opened during the burst, as before). Rounds alternate
-SDK and gateway (``--rounds``). Both sides clock the same points: from just before the call
-(``fab.stream`` / ``completions.create``) to the first non-empty text chunk in the caller's
-code; ``admit_ms`` is the time until the call returned (the SDK: admitted and connected to the
-server; the gateway: its response headers, sent once the gateway's own SDK stream is admitted).
+is held for the whole run, as a user holds a client: one ``Fabric`` (or an ``AsyncFabric`` over
+it) and one ``openai`` client (its connection pool kept ``--keepalive-s`` seconds, so a burst
+reuses the connections of the last one; ``--cold``: a new client per round, every connection
+opened during the burst). ``--style`` says how both sides' callers run: ``threads`` (default), a
+thread per stream (``Fabric.stream`` / ``OpenAI``), ``asyncio``, a task per stream on one event
+loop (``AsyncFabric.stream`` / ``AsyncOpenAI``), or ``mixed`` (SDK threads vs ``AsyncOpenAI``,
+the pairing measured before). Rounds alternate SDK and gateway (``--rounds``). Both sides clock
+the same points: from just before the call (``stream`` / ``completions.create``) to the first
+non-empty text chunk in the caller's code; ``admit_ms`` is the time until the call returned
+(the SDK: admitted and connected to the server; the gateway: its response headers, sent once
+the gateway's own SDK stream is admitted).
 
 ``throughput_ratio`` = gateway tokens/s / SDK tokens/s (the issue's target is >= 0.9);
 ``ttft_median_diff_ms`` = the gateway's median time to first token minus the SDK's (target:
-within +10 ms). With 32 streams at once the first token of most of them comes at the end of
-one server step (the prefill of everyone admitted by then), so a few ms of arrival can move
-a stream into the next step: the median jumps by whole steps between rounds of the same side.
+within +10 ms), ``ttft_median_diff_ms_95`` its 95% interval (resampling whole rounds). With 32
+streams at once the first token of most of them comes at the end of one server step (the
+prefill of everyone admitted by then), so a few ms of arrival can move a stream into the next
+step: the median jumps by whole steps between rounds of the same side.
 ``--single N`` adds N alternating pairs of lone streams (4 tokens), free of that effect: the
 gateway's own added latency per request (``single.ttft_median_diff_ms``).
 """
@@ -33,6 +37,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,46 +51,80 @@ def prompts(n: int, offset: int) -> list[str]:
     return [f"Story {offset + i}: once upon a time, a scientist" for i in range(n)]
 
 
-def sdk_round(fab: Any, model: str, texts: list[str], max_tokens: int) -> dict[str, Any]:
-    """Every prompt streamed through the SDK at once (one thread each)."""
-    ttft: list[float] = [0.0] * len(texts)
-    admit: list[float] = [0.0] * len(texts)
-    tokens: list[int] = [0] * len(texts)
-    start = threading.Barrier(len(texts) + 1)
+Timing = tuple[float, float, int, float]
+"""One stream's (time to first text, time until the call returned, tokens, when it ended:
+``perf_counter``)."""
 
-    def one(i: int) -> None:
+
+One = Callable[[str], Timing] | Callable[[str], Awaitable[Timing]]
+"""How one stream of a side is run: a blocking call (a thread each) or a coroutine."""
+
+
+def burst(sides: Sequence[tuple[One, list[str]]], loop: asyncio.AbstractEventLoop
+          ) -> list[dict[str, Any]]:
+    """Every side's prompts at once (a thread per blocking stream, released by one barrier;
+    a task per coroutine stream on ``loop``), the sides' streams interleaved in that order;
+    one round's figures per side."""
+    order = sorted(((j, k) for k, (_, texts) in enumerate(sides) for j in range(len(texts))))
+    calls = [(sides[k][0], sides[k][1][j]) for j, k in order]
+    out: list[Timing] = [(0.0, 0.0, 0, 0.0)] * len(calls)
+    blocking = [i for i, (one, _) in enumerate(calls) if not asyncio.iscoroutinefunction(one)]
+    tasks = [i for i in range(len(calls)) if i not in set(blocking)]
+    start = threading.Barrier(len(blocking) + 1)
+
+    def run(i: int) -> None:
         start.wait()
-        t0 = time.perf_counter()
-        with fab.stream(texts[i], model=model, max_tokens=max_tokens) as stream:
-            admit[i] = time.perf_counter() - t0
-            for n, _ in enumerate(stream):
-                if n == 0:
-                    ttft[i] = time.perf_counter() - t0
-        tokens[i] = len(stream.token_ids)
+        out[i] = calls[i][0](calls[i][1])  # type: ignore[assignment]
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
+    async def gather() -> None:
+        done = await asyncio.gather(*(calls[i][0](calls[i][1]) for i in tasks))  # type: ignore[misc]
+        for i, timing in zip(tasks, done, strict=True):
+            out[i] = timing
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in blocking]
     for t in threads:
         t.start()
     start.wait()
     t0 = time.perf_counter()
+    together = asyncio.run_coroutine_threadsafe(gather(), loop) if tasks else None
     for t in threads:
         t.join()
-    return {"seconds": time.perf_counter() - t0, "tokens": sum(tokens), "ttft": ttft,
-            "admit": admit}
+    if together is not None:
+        together.result(900)
+    rounds = []
+    for k in range(len(sides)):
+        part = [timing for (_, side), timing in zip(order, out, strict=True) if side == k]
+        rounds.append({"seconds": max(end for *_, end in part) - t0,
+                       "tokens": sum(n for _, _, n, _ in part),
+                       "ttft": [f for f, *_ in part], "admit": [a for _, a, *_ in part]})
+    return rounds
 
 
-class GatewayUser:
-    """One ``AsyncOpenAI`` client on one event loop (a thread of its own), held across rounds
-    as a user holds one; ``keepalive_s`` None: the client's defaults."""
+class Sides:
+    """The two users of one run, each held for the whole run as a user holds a client: the
+    SDK (``Fabric`` for threads, ``AsyncFabric`` over it for asyncio) and the ``openai``
+    client (``OpenAI`` / ``AsyncOpenAI``; its connection pool kept ``keepalive_s`` seconds,
+    None: the client's defaults). Coroutines run on one event loop in a thread of its own."""
 
-    def __init__(self, base_url: str, keepalive_s: float | None) -> None:
-        self.base_url, self.keepalive_s = base_url, keepalive_s
+    def __init__(self, fab: Any, model: str, base_url: str, keepalive_s: float | None,
+                 style: str) -> None:
+        self.fab, self.model, self.base_url, self.keepalive_s = fab, model, base_url, keepalive_s
+        self.sdk_style, self.gw_style = STYLES[style]
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.client: Any = self.run(self._client())
+        from fabric.aio import AsyncFabric
 
-    async def _client(self) -> Any:
+        self.afab = AsyncFabric(fabric=fab)
+        self.client: Any = None
+        self.renew()
+
+    def run(self, coro: Any) -> Any:
+        """Run ``coro`` on the loop; its value."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(900)
+
+    def renew(self) -> None:
+        """A new ``openai`` client (no pooled connections)."""
         import openai
 
         try:  # the HTTP library this openai client is built on
@@ -93,61 +132,130 @@ class GatewayUser:
         except ImportError:
             import httpx  # type: ignore[no-redef]
 
-        http = None
-        if self.keepalive_s is not None:
-            http = openai.DefaultAsyncHttpxClient(limits=httpx.Limits(
-                max_connections=1000, max_keepalive_connections=1000,
-                keepalive_expiry=self.keepalive_s))
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key="EMPTY", max_retries=0,
-                                  timeout=600, http_client=http)
+        limits = None if self.keepalive_s is None else httpx.Limits(
+            max_connections=1000, max_keepalive_connections=1000,
+            keepalive_expiry=self.keepalive_s)
+        kw: dict[str, Any] = {"base_url": self.base_url, "api_key": "EMPTY", "max_retries": 0,
+                              "timeout": 600}
+        self.close_client()
+        if self.gw_style == "threads":
+            http = openai.DefaultHttpxClient(limits=limits) if limits else None
+            self.client = openai.OpenAI(http_client=http, **kw)
+        else:
+            async def make() -> Any:
+                http = openai.DefaultAsyncHttpxClient(limits=limits) if limits else None
+                return openai.AsyncOpenAI(http_client=http, **kw)
+            self.client = self.run(make())
 
-    def run(self, coro: Any) -> Any:
-        """Run ``coro`` on the client's loop; its value."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(900)
-
-    def renew(self) -> None:
-        """A new client (no pooled connections)."""
-        self.run(self.client.close())
-        self.client = self.run(self._client())
+    def close_client(self) -> None:
+        """Close the ``openai`` client, if any."""
+        if self.client is None:
+            return
+        if self.gw_style == "threads":
+            self.client.close()
+        else:
+            self.run(self.client.close())
+        self.client = None
 
     def close(self) -> None:
-        """Close the client and stop its loop."""
-        self.run(self.client.close())
+        """Close the clients and stop the loop."""
+        self.close_client()
+        self.run(self.afab.aclose())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
+    # -- one round of each side ----------------------------------------------------------------
 
-async def gateway_round(client: Any, model: str, texts: list[str],
-                        max_tokens: int) -> dict[str, Any]:
-    """Every prompt streamed through the gateway at once (one asyncio client)."""
-    async def one(text: str) -> tuple[float, float, int]:
-        t0 = time.perf_counter()
-        first, used = 0.0, 0
-        stream = await client.completions.create(
-            model=model, prompt=text, max_tokens=max_tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True})
-        admit = time.perf_counter() - t0
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].text and not first:
-                first = time.perf_counter() - t0
-            if chunk.usage is not None:
-                used = chunk.usage.completion_tokens
-        return first, admit, used
+    def sdk(self, texts: list[str], max_tokens: int) -> dict[str, Any]:
+        """Every prompt streamed through the SDK at once."""
+        return burst([(self.sdk_one(max_tokens), texts)], self.loop)[0]
 
-    t0 = time.perf_counter()
-    done = await asyncio.gather(*(one(t) for t in texts))
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "tokens": sum(u for *_, u in done),
-            "ttft": [f for f, _, _ in done], "admit": [a for _, a, _ in done]}
+    def gateway(self, texts: list[str], max_tokens: int) -> dict[str, Any]:
+        """Every prompt streamed through the gateway at once."""
+        return burst([(self.gateway_one(max_tokens), texts)], self.loop)[0]
+
+    def together(self, sdk: list[str], gateway: list[str], max_tokens: int,
+                 gateway_first: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Both sides' prompts in one burst, interleaved (so both meet the same server steps);
+        ``gateway_first``: which side's stream starts each pair. (SDK round, gateway round)."""
+        runs = [(self.sdk_one(max_tokens), sdk), (self.gateway_one(max_tokens), gateway)]
+        if gateway_first:
+            g, s = burst(runs[::-1], self.loop)
+            return s, g
+        s, g = burst(runs, self.loop)
+        return s, g
+
+    def sdk_one(self, max_tokens: int) -> One:
+        """One SDK stream (``Fabric.stream`` or ``AsyncFabric.stream``)."""
+        model = self.model
+        if self.sdk_style == "threads":
+            def one(text: str) -> Timing:
+                t0 = time.perf_counter()
+                first = 0.0
+                with self.fab.stream(text, model=model, max_tokens=max_tokens) as stream:
+                    admit = time.perf_counter() - t0
+                    for chunk in stream:
+                        if chunk and not first:
+                            first = time.perf_counter() - t0
+                return first, admit, len(stream.token_ids), time.perf_counter()
+            return one
+
+        async def aone(text: str) -> Timing:
+            t0 = time.perf_counter()
+            first = 0.0
+            async with await self.afab.stream(text, model=model, max_tokens=max_tokens) as stream:
+                admit = time.perf_counter() - t0
+                async for chunk in stream:
+                    if chunk and not first:
+                        first = time.perf_counter() - t0
+            return first, admit, len(stream.token_ids), time.perf_counter()
+        return aone
+
+    def gateway_one(self, max_tokens: int) -> One:
+        """One stream through the gateway (``completions.create``, ``stream=True``)."""
+        kw = {"model": self.model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+              "stream_options": {"include_usage": True}}
+        if self.gw_style == "threads":
+            def one(text: str) -> Timing:
+                t0 = time.perf_counter()
+                first, used = 0.0, 0
+                stream = self.client.completions.create(prompt=text, **kw)
+                admit = time.perf_counter() - t0
+                for chunk in stream:
+                    if chunk.choices and chunk.choices[0].text and not first:
+                        first = time.perf_counter() - t0
+                    if chunk.usage is not None:
+                        used = chunk.usage.completion_tokens
+                return first, admit, used, time.perf_counter()
+            return one
+
+        async def aone(text: str) -> Timing:
+            t0 = time.perf_counter()
+            first, used = 0.0, 0
+            stream = await self.client.completions.create(prompt=text, **kw)
+            admit = time.perf_counter() - t0
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].text and not first:
+                    first = time.perf_counter() - t0
+                if chunk.usage is not None:
+                    used = chunk.usage.completion_tokens
+            return first, admit, used, time.perf_counter()
+        return aone
 
 
-def single_pairs(fab: Any, user: GatewayUser, model: str, pairs: int) -> dict[str, Any]:
+STYLES = {"threads": ("threads", "threads"), "asyncio": ("asyncio", "asyncio"),
+          "mixed": ("threads", "asyncio")}
+"""--style -> how (SDK, openai) callers run: a thread per stream, or a task per stream on
+one event loop; ``mixed`` is the pairing of the runs before session 12."""
+
+
+def single_pairs(sides: Sides, pairs: int) -> dict[str, Any]:
     """``pairs`` lone streams each way, alternating: TTFT without any batching effect."""
     sdk: list[float] = []
     gw: list[float] = []
     for i in range(pairs):
-        sdk += sdk_round(fab, model, prompts(1, 10**7 + 2 * i), 4)["ttft"]
-        gw += user.run(gateway_round(user.client, model, prompts(1, 10**7 + 2 * i + 1), 4))["ttft"]
+        sdk += sides.sdk(prompts(1, 10**7 + 2 * i), 4)["ttft"]
+        gw += sides.gateway(prompts(1, 10**7 + 2 * i + 1), 4)["ttft"]
     s = common.summary(sdk, scale=1000.0, digits=1)
     g = common.summary(gw, scale=1000.0, digits=1)
     return {"pairs": pairs, "sdk_ttft_ms": s, "gateway_ttft_ms": g,
@@ -195,6 +303,25 @@ def figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "ttft_median_per_round_ms": [round(median(r["ttft"]) * 1000, 1) for r in runs]}
 
 
+def together_figures(rounds: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """The TTFT difference of rounds that sent both sides' streams in one burst: both halves
+    meet the same server steps, so the difference is free of the round-to-round swing."""
+    sdk = [[x * 1000 for x in s["ttft"]] for s, _ in rounds]
+    gw = [[x * 1000 for x in g["ttft"]] for _, g in rounds]
+    pooled_sdk = median([x for r in sdk for x in r])
+    pooled_gw = median([x for r in gw for x in r])
+    return {"rounds": len(rounds), "streams_each": len(sdk[0]),
+            "ttft_median_sdk_ms": round(pooled_sdk, 1),
+            "ttft_median_gateway_ms": round(pooled_gw, 1),
+            "ttft_median_diff_ms": round(pooled_gw - pooled_sdk, 1),
+            "ttft_median_diff_ms_95": common.bootstrap_diff(sdk, gw, paired=True),
+            "ttft_median_diff_per_round_ms": [round(median(g) - median(s), 1)
+                                              for s, g in zip(sdk, gw, strict=True)],
+            "admit_median_diff_ms": round(
+                median([x for _, g in rounds for x in g["admit"]]) * 1000
+                - median([x for s, _ in rounds for x in s["admit"]]) * 1000, 1)}
+
+
 def main() -> int:
     """Run both sides and print the JSON figure."""
     p = common.parser(__doc__.splitlines()[0])
@@ -208,6 +335,12 @@ def main() -> int:
                    help="how long the openai client keeps idle connections (default 60)")
     p.add_argument("--cold", action="store_true",
                    help="a new openai client per round (every connection opened in the burst)")
+    p.add_argument("--style", choices=sorted(STYLES), default="threads",
+                   help="how both sides' callers run: a thread per stream (default), a task "
+                        "per stream on one event loop, or mixed (SDK threads, AsyncOpenAI)")
+    p.add_argument("--together", type=int, default=0,
+                   help="also N rounds of one burst with half the streams through each side, "
+                        "interleaved (a paired comparison; default 0)")
     p.add_argument("--single", type=int, default=0,
                    help="also N alternating pairs of lone 4-token streams (default 0)")
     args = p.parse_args()
@@ -226,37 +359,41 @@ def main() -> int:
     site_dir = write_site(tmp / "site", model, model_dir, args.workers, args.threads)
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
     start_site(str(site_dir), timeout_s=600)
-    gateway = user = None
+    gateway = sides = None
     single: dict[str, Any] | None = None
     try:
         fab = Fabric(site=str(site_dir), on_status=None)
         fab.generate("warm up", model=model, max_tokens=2)
         port = free_port()
         gateway = start_gateway(site_dir, tmp, port)
-        user = GatewayUser(f"http://127.0.0.1:{port}/v1",
-                           None if args.cold else args.keepalive_s)
+        sides = Sides(fab, model, f"http://127.0.0.1:{port}/v1",
+                      None if args.cold else args.keepalive_s, args.style)
         # Warm both sides alike: one burst each (the gateway's pool threads, the client's
         # connections; the SDK's reader threads and its connection to the site).
-        user.run(gateway_round(user.client, model, prompts(args.streams, 10**6), 2))
-        sdk_round(fab, model, prompts(args.streams, 2 * 10**6), 2)
-        sdk, gw = [], []
+        sides.gateway(prompts(args.streams, 10**6), 2)
+        sides.sdk(prompts(args.streams, 2 * 10**6), 2)
+        sdk, gw, mixed = [], [], []
         for r in range(args.rounds):
             log(f"round {r + 1}/{args.rounds}: SDK")
-            sdk.append(sdk_round(fab, model, prompts(args.streams, 2 * r * args.streams),
-                                 args.max_tokens))
+            sdk.append(sides.sdk(prompts(args.streams, 2 * r * args.streams), args.max_tokens))
             log(f"round {r + 1}/{args.rounds}: gateway")
             if args.cold:
-                user.renew()
-            gw.append(user.run(gateway_round(
-                user.client, model, prompts(args.streams, (2 * r + 1) * args.streams),
-                args.max_tokens)))
+                sides.renew()
+            gw.append(sides.gateway(prompts(args.streams, (2 * r + 1) * args.streams),
+                                    args.max_tokens))
+        for r in range(args.together):
+            log(f"together {r + 1}/{args.together}: {args.streams // 2} streams each way")
+            half = args.streams // 2
+            mixed.append(sides.together(prompts(half, 10**5 + 2 * r * half),
+                                        prompts(half, 10**5 + (2 * r + 1) * half),
+                                        args.max_tokens, gateway_first=r % 2 == 1))
         if args.single:
             log(f"{args.single} lone streams each way")
-            single = single_pairs(fab, user, model, args.single)
+            single = single_pairs(sides, args.single)
         fab.close()
     finally:
-        if user is not None:
-            user.close()
+        if sides is not None:
+            sides.close()
         if gateway is not None:
             gateway.terminate()
             gateway.wait(10)
@@ -265,13 +402,18 @@ def main() -> int:
     common.emit({
         "benchmark": "gateway", "model": model, "streams": args.streams,
         "max_tokens": args.max_tokens, "rounds": args.rounds,
+        "style": dict(zip(("sdk", "openai"), STYLES[args.style], strict=True)),
         "openai_connections": "new per round" if args.cold else f"kept {args.keepalive_s:g} s",
         "sdk": s, "gateway": g,
         "throughput_ratio": ratio(g["tokens_per_s"] or 0.0, s["tokens_per_s"] or 0.0),
         "ttft_median_diff_ms": round(g["ttft_ms"]["median"] - s["ttft_ms"]["median"], 1),
+        "ttft_median_diff_ms_95": common.bootstrap_diff(
+            [[x * 1000 for x in r["ttft"]] for r in sdk],
+            [[x * 1000 for x in r["ttft"]] for r in gw]),
         "ttft_median_sdk_ms": round(median([x * 1000 for r in sdk for x in r["ttft"]]), 1),
         "admit_median_diff_ms": round(g["admit_ms"]["median"] - s["admit_ms"]["median"], 1),
         "single": single,
+        "together": together_figures(mixed) if mixed else None,
     })
     return 0
 
