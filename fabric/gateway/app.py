@@ -135,7 +135,8 @@ def _handlers(app: FastAPI) -> None:
 
 
 def serve(config: GatewayConfig) -> None:
-    """Run the gateway with uvicorn until interrupted (checks the bind first)."""
+    """Run the gateway with uvicorn until interrupted (checks the bind first). uvicorn picks
+    ``httptools`` and ``uvloop`` (dependencies of the package) when they import."""
     import uvicorn
 
     app = create_app(config)
