@@ -262,13 +262,17 @@ def test_parse_generation_and_tensors() -> None:
 # -- Stream bookkeeping -----------------------------------------------------------------------
 
 class ListSource:
-    """Events from a list; optionally blocks after ``block_after`` events until cancelled."""
+    """Events from a list; optionally blocks after ``block_after`` events until cancelled.
+    ``answer_after``: ``cancel`` answers only once that is set (the server's "cancelled" has
+    reached the reader before the cancel's own answer came back)."""
 
     request_id = "r1"
 
-    def __init__(self, events: list[dict[str, Any]], block_after: int | None = None) -> None:
+    def __init__(self, events: list[dict[str, Any]], block_after: int | None = None,
+                 answer_after: threading.Event | None = None) -> None:
         self._events = events
         self._block_after = block_after
+        self._answer_after = answer_after
         self.cancelled = threading.Event()
         self.closed = 0
 
@@ -281,6 +285,8 @@ class ListSource:
 
     def cancel(self) -> str:
         self.cancelled.set()
+        if self._answer_after is not None:
+            assert self._answer_after.wait(5)
         return "running"
 
     def close(self) -> None:
@@ -317,13 +323,24 @@ def test_stream_close_midway_cancels() -> None:
         next(stream)
 
 
-def test_stream_cancel_from_another_thread() -> None:
-    source = ListSource(_events(10), block_after=2)
+@pytest.mark.parametrize("server_first", [False, True])
+def test_stream_cancel_from_another_thread(server_first: bool) -> None:
+    """The reader ends quietly, whichever comes first: the cancel's answer, or the server's
+    "cancelled" pushed to the stream (CI saw the reader raise ``Cancelled`` then)."""
+    read_done = threading.Event()
+    source = ListSource(_events(10), block_after=2,
+                        answer_after=read_done if server_first else None)
     stream = Stream(source)
     got: list[str] = []
+    raised: list[BaseException] = []
 
     def read() -> None:
-        got.extend(stream)
+        try:
+            got.extend(stream)
+        except BaseException as exc:
+            raised.append(exc)
+        finally:
+            read_done.set()
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -332,6 +349,7 @@ def test_stream_cancel_from_another_thread() -> None:
     assert stream.cancel() == "running"
     reader.join(5)
     assert not reader.is_alive() and got == ["t0 ", "t1 "] and stream.cancelled
+    assert raised == []
 
 
 def test_stream_error_is_typed() -> None:

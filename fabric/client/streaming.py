@@ -216,6 +216,7 @@ class Stream:
         """The final result, set when the server says the request is done."""
         self.cancelled = False
         """True once ``close``/``cancel`` stopped the request before it finished."""
+        self._cancel_asked = False
 
     @property
     def site(self) -> str | None:
@@ -241,14 +242,14 @@ class Stream:
                 event = next(self._events)
             except StopIteration:
                 self._finish()
-                if self.cancelled:
+                if self._cancel_asked:
                     raise
                 raise FabricError(
                     f"stream {self.request_id} ended without a result"
                 ) from None
             except Cancelled:
                 self._finish()
-                if self.cancelled:  # we asked for it: end quietly
+                if self._cancel_asked:  # we asked for it: end quietly
                     raise StopIteration from None
                 raise
             except BaseException:
@@ -300,6 +301,9 @@ class Stream:
         """
         if self._finished and not self.cancelled:
             return "done"
+        # Marked before asking: the server's "cancelled" can reach a reading thread before
+        # its answer to us does, and that reader must end quietly, not raise Cancelled.
+        self._cancel_asked = True
         was = self._source.cancel()
         self.cancelled = True
         with self._lock:
