@@ -190,25 +190,21 @@ class Sides:
         model = self.model
         if self.sdk_style == "threads":
             def one(text: str) -> Timing:
-                t0 = time.perf_counter()
-                first = 0.0
+                clock = Clock()
                 with self.fab.stream(text, model=model, max_tokens=max_tokens) as stream:
-                    admit = time.perf_counter() - t0
+                    clock.admitted()
                     for chunk in stream:
-                        if chunk and not first:
-                            first = time.perf_counter() - t0
-                return first, admit, len(stream.token_ids), time.perf_counter()
+                        clock.text(chunk)
+                return clock.timing(len(stream.token_ids))
             return one
 
         async def aone(text: str) -> Timing:
-            t0 = time.perf_counter()
-            first = 0.0
+            clock = Clock()
             async with await self.afab.stream(text, model=model, max_tokens=max_tokens) as stream:
-                admit = time.perf_counter() - t0
+                clock.admitted()
                 async for chunk in stream:
-                    if chunk and not first:
-                        first = time.perf_counter() - t0
-            return first, admit, len(stream.token_ids), time.perf_counter()
+                    clock.text(chunk)
+            return clock.timing(len(stream.token_ids))
         return aone
 
     def gateway_one(self, max_tokens: int) -> One:
@@ -217,30 +213,51 @@ class Sides:
               "stream_options": {"include_usage": True}}
         if self.gw_style == "threads":
             def one(text: str) -> Timing:
-                t0 = time.perf_counter()
-                first, used = 0.0, 0
+                clock = Clock()
                 stream = self.client.completions.create(prompt=text, **kw)
-                admit = time.perf_counter() - t0
+                clock.admitted()
                 for chunk in stream:
-                    if chunk.choices and chunk.choices[0].text and not first:
-                        first = time.perf_counter() - t0
-                    if chunk.usage is not None:
-                        used = chunk.usage.completion_tokens
-                return first, admit, used, time.perf_counter()
+                    clock.openai(chunk)
+                return clock.timing()
             return one
 
         async def aone(text: str) -> Timing:
-            t0 = time.perf_counter()
-            first, used = 0.0, 0
+            clock = Clock()
             stream = await self.client.completions.create(prompt=text, **kw)
-            admit = time.perf_counter() - t0
+            clock.admitted()
             async for chunk in stream:
-                if chunk.choices and chunk.choices[0].text and not first:
-                    first = time.perf_counter() - t0
-                if chunk.usage is not None:
-                    used = chunk.usage.completion_tokens
-            return first, admit, used, time.perf_counter()
+                clock.openai(chunk)
+            return clock.timing()
         return aone
+
+
+class Clock:
+    """One stream's clock, started at the call: when it returned, its first non-empty text."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.admit = self.first = 0.0
+        self.tokens = 0
+
+    def admitted(self) -> None:
+        """The call returned (the stream is open)."""
+        self.admit = time.perf_counter() - self.t0
+
+    def text(self, chunk: str) -> None:
+        """A text chunk came."""
+        if chunk and not self.first:
+            self.first = time.perf_counter() - self.t0
+
+    def openai(self, chunk: Any) -> None:
+        """An ``openai`` completion chunk came (text, or the usage at the end)."""
+        self.text(chunk.choices[0].text if chunk.choices else "")
+        if chunk.usage is not None:
+            self.tokens = chunk.usage.completion_tokens
+
+    def timing(self, tokens: int | None = None) -> Timing:
+        """The stream's ``Timing`` (``tokens``: the count, if not from usage chunks)."""
+        return (self.first, self.admit, self.tokens if tokens is None else tokens,
+                time.perf_counter())
 
 
 STYLES = {"threads": ("threads", "threads"), "asyncio": ("asyncio", "asyncio"),
