@@ -26,7 +26,7 @@ from fabric import (
     UnknownModel,
     UserFunctionError,
 )
-from tests.plugins.site import TINY_MODEL
+from tests.plugins.site import TINY_MODEL, pause_process, server_pid
 
 pytestmark = pytest.mark.slow
 
@@ -107,10 +107,13 @@ def _server_idle(fab: Fabric, timeout_s: float = 5.0) -> dict[str, Any]:
 
 
 def test_stream_close_midway_then_serve_again(fab: Fabric) -> None:
+    pid = server_pid(fab)
     before = _server_idle(fab).get("tokens_total", 0)
     stream = fab.stream(PROMPT, model=TINY_MODEL, max_tokens=480)
     first = next(stream)
+    resume = pause_process(pid)  # held still until the cancel is on its way
     stream.close()
+    resume.join()
     assert stream.cancelled and stream.finished and stream.result is None
     assert isinstance(first, str) and len(stream.token_ids) < 480
     # The server stopped that request early (it produced far fewer than 480 tokens), holds no
@@ -124,6 +127,7 @@ def test_stream_close_midway_then_serve_again(fab: Fabric) -> None:
 
 
 def test_stream_cancel_from_another_thread(fab: Fabric) -> None:
+    pid = server_pid(fab)
     stream = fab.stream(PROMPT, model=TINY_MODEL, max_tokens=400)
     got: list[str] = []
     raised: list[BaseException] = []
@@ -138,7 +142,9 @@ def test_stream_cancel_from_another_thread(fab: Fabric) -> None:
     reader.start()
     while not stream.token_ids and reader.is_alive():
         time.sleep(0.005)
-    assert stream.cancel() in ("running", "done")
+    resume = pause_process(pid)  # held still until the cancel is on its way
+    assert stream.cancel() == "running"
+    resume.join()
     reader.join(30)
     assert not reader.is_alive() and stream.cancelled and raised == []
     assert len(stream.token_ids) < 400

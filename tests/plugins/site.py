@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +37,25 @@ def wait_until(cond: Callable[[], Any], timeout_s: float, what: str,
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}", pytrace=False)
         time.sleep(interval_s)
+
+
+def server_pid(fab: Any, model: str = TINY_MODEL) -> int:
+    """The pid of ``model``'s server (deployed first if it is not yet)."""
+    fab.generate("Hello", model=model, max_tokens=1)
+    found = [d for d in fab.deployments() if d["model"] == model and d.get("health")]
+    assert found, f"no live {model} server"
+    return int(found[0]["health"]["pid"])
+
+
+def pause_process(pid: int, seconds: float = 0.5) -> threading.Timer:
+    """Stop process ``pid`` (SIGSTOP) now and let it go on after ``seconds`` (the timer
+    returned). For a server that must not get ahead of a cancel: the tiny model makes
+    hundreds of tokens a second, and on a loaded machine a cancel can take longer than a
+    whole generation to arrive (CI: a "cancelled" stream's result came whole)."""
+    os.kill(pid, signal.SIGSTOP)
+    timer = threading.Timer(seconds, os.kill, (pid, signal.SIGCONT))
+    timer.start()
+    return timer
 
 
 def write_site(folder: Path, *, name: str = "test-local", model_dir: Path | None = None,
