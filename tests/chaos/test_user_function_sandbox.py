@@ -59,7 +59,9 @@ def look_for_secrets(handle: Any, pid_file: str, go_file: str, marker: str) -> d
         minted = _tickets.issue(key, model=str(handle.model), admin=True, subject="operator")
     except Exception as exc:  # whatever it is, it is not the site's key
         with_key = f"failed: {type(exc).__name__}"
-    Path(pid_file).write_text(str(os.getpid()))
+    # Whole or not at all: the test reads the file as soon as it exists (CI read it empty).
+    Path(pid_file + ".tmp").write_text(str(os.getpid()))
+    os.replace(pid_file + ".tmp", pid_file)
     end = time.monotonic() + 120
     while not Path(go_file).exists() and time.monotonic() < end:
         time.sleep(0.05)
@@ -171,6 +173,19 @@ def _usage(state_dir: Path, model: str) -> tuple[int, int]:
     return sum(r["requests"] for r in rows), sum(r["tokens"] for r in rows)
 
 
+def _settled_usage(state_dir: Path, model: str, timeout_s: float) -> tuple[int, int]:
+    """The usage once two reads 1.5 s apart agree (or after ``timeout_s``)."""
+    end = time.monotonic() + timeout_s
+    last = _usage(state_dir, model)
+    while time.monotonic() < end:
+        time.sleep(1.5)
+        now = _usage(state_dir, model)
+        if now == last:
+            break
+        last = now
+    return last
+
+
 def _wait_usage(state_dir: Path, model: str, want: tuple[int, int], timeout_s: float
                 ) -> tuple[int, int]:
     end = time.monotonic() + timeout_s
@@ -201,10 +216,9 @@ def test_user_function_process_holds_no_secret(fab: Fabric, local_site: LocalSit
     end = time.monotonic() + 120
     while not pid_file.exists() and time.monotonic() < end:
         time.sleep(0.05)
-    pid = int(pid_file.read_text())
     try:
-        found = _scan(pid, {"marker": MARKER.encode(), **secrets})
-    finally:
+        found = _scan(int(pid_file.read_text()), {"marker": MARKER.encode(), **secrets})
+    finally:  # the function ends either way, not in a later test's usage window
         go_file.write_text("go")
     out = future.result(timeout=120)
     report("user-function secrets", inputs=len(secrets),
@@ -272,8 +286,9 @@ def test_every_handle_request_is_recorded_with_its_tokens(fab: Fabric,
     # them, so they do not land inside this test's count.
     time.sleep(1.5)
     fab.generate("warm", model=TINY_MODEL, max_tokens=1)
-    time.sleep(1.5)  # the workers' queued request rows of earlier tests are written
-    before = _usage(local_site.state_dir, TINY_MODEL)
+    # The workers' queued request rows of earlier tests are written: wait until the
+    # count holds still (after a fixed 1.5 s, CI once counted 4 tokens too many here).
+    before = _settled_usage(local_site.state_dir, TINY_MODEL, 20)
     served = fab.submit(generate_n, 10, 6, model=TINY_MODEL).result(timeout=300)
     assert len(served) == 10 and all(isinstance(t, int) and t > 0 for t in served)
     want = (before[0] + 11, before[1] + sum(served))  # the submit and its 10 requests
