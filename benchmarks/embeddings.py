@@ -22,6 +22,7 @@ Threads: model servers OMP_NUM_THREADS=2; in-process torch.set_num_threads(2).
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import time
 from typing import Any
@@ -136,6 +137,9 @@ def main() -> None:
     common.set_threads(args.threads)
     texts = sentences(args.sentences)
     models = args.models.split(",")
+    if common.MINILM in models and importlib.util.find_spec("sentence_transformers") is None:
+        raise SystemExit("the MiniLM baseline needs sentence-transformers: "
+                         "pip install -e '.[bench]' (or --models smollm2-135m)")
     result: dict[str, Any] = {
         "benchmark": "embeddings", "sentences": len(texts), "runs": args.runs,
         "smollm_sentences": args.smollm_sentences or len(texts),

