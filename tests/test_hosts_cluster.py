@@ -35,6 +35,7 @@ import pytest
 
 from fabric.endpoint.state import Deployment, StateDB
 from fabric.testing.netns_cluster import COMPUTE_ADDRS, LOGIN_ADDR, SUBNET, Host
+from tests.plugins.servers import hf_greedy_text
 from tests.plugins.site import REPO_ROOT, TINY_MODEL, wait_until, write_site
 from tests.plugins.slurm import SlurmCluster
 
@@ -119,18 +120,6 @@ def login_sites(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Any]:
                 stop_site(str(site.folder), site.state_dir, all=True, timeout_s=60)
         finally:
             slurm.cancel_all()
-
-
-def hf_greedy_text(folder: Path, prompt: str, n: int) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, do_sample=False)
-    return str(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
 def _inet(connects: list[str]) -> list[str]:

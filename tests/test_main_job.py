@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.plugins.servers import hf_greedy_text
 from tests.plugins.site import write_site
 
 PROMPTS = ["The mitochondria is", "Write a haiku about the ocean."]
@@ -30,18 +31,6 @@ def smollm2_site(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) ->
                     str(folder), "--all"], capture_output=True, timeout=120)
 
 
-def hf_greedy(folder: Path, prompt: str, n: int) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, do_sample=False)
-    return str(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_cli_generate_prints_transformers_greedy_text(smollm2_site: Path, smollm2_dir: Path,
@@ -52,5 +41,5 @@ def test_cli_generate_prints_transformers_greedy_text(smollm2_site: Path, smollm
          "--max-tokens", "24", "--temperature", "0", "--site", str(smollm2_site)],
         capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    expected = hf_greedy(smollm2_dir, prompt, 24)
+    expected = hf_greedy_text(smollm2_dir, prompt, 24)
     assert run.stdout.rstrip("\n") == expected.rstrip("\n")

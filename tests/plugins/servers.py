@@ -231,6 +231,12 @@ def hf_greedy(weights_dir: Path, prompt: str, max_new_tokens: int) -> list[int]:
     return [int(t) for t in out[0, ids.shape[1]:]]
 
 
+def hf_greedy_text(weights_dir: Path, prompt: str, max_new_tokens: int) -> str:
+    """``hf_greedy`` decoded as a user sees it (special tokens dropped)."""
+    ids = hf_greedy(weights_dir, prompt, max_new_tokens)
+    return str(hf_tokenizer(weights_dir).decode(ids, skip_special_tokens=True))
+
+
 CANDIDATE_PROMPTS = [
     "The", "The mitochondria", "Proteins fold", "Scientists call", "Tensor parallel",
     "The quick brown fox", "pipeline parallel splits", "supercomputer sites", "fold into shapes",
