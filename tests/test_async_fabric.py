@@ -4,7 +4,6 @@ calls in flight at once, and an event loop that keeps running while they wait.""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from fabric import AsyncFabric, Fabric, InvalidRequest, UnknownModel
-from tests.plugins.site import TINY_MODEL, pause_process, server_pid
+from tests.plugins.site import TINY_MODEL, server_pid, throttle_process
 
 pytestmark = pytest.mark.slow
 
@@ -98,22 +97,19 @@ def test_concurrent_calls_do_not_block_the_loop(fab: Fabric) -> None:
 
 def test_leaving_a_stream_early_cancels_it(fab: Fabric) -> None:
     pid = server_pid(fab)
-    resumes: list[threading.Timer] = []
 
     async def main() -> Any:
         async with AsyncFabric(fabric=fab) as afab:
-            # As long as the tiny model's context allows (512), and the server held still
-            # while we leave: it must still be generating when the cancel comes.
+            # As long as the tiny model's context allows (512), and the server slowed while
+            # we leave: it must still be generating when the cancel comes.
             stream = await afab.stream(PROMPT, model=TINY_MODEL, max_tokens=480)
             async with stream:
                 async for _ in stream:
-                    resumes.append(pause_process(pid))
                     break
             return stream
 
-    stream = asyncio.run(main())
-    for timer in resumes:
-        timer.join()
+    with throttle_process(pid):
+        stream = asyncio.run(main())
     assert stream.finished and stream.cancelled and stream.result is None
     assert fab.generate(PROMPT, model=TINY_MODEL, max_tokens=2).token_ids
 

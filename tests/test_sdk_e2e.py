@@ -26,7 +26,7 @@ from fabric import (
     UnknownModel,
     UserFunctionError,
 )
-from tests.plugins.site import TINY_MODEL, pause_process, server_pid
+from tests.plugins.site import TINY_MODEL, server_pid, throttle_process
 
 pytestmark = pytest.mark.slow
 
@@ -109,11 +109,10 @@ def _server_idle(fab: Fabric, timeout_s: float = 5.0) -> dict[str, Any]:
 def test_stream_close_midway_then_serve_again(fab: Fabric) -> None:
     pid = server_pid(fab)
     before = _server_idle(fab).get("tokens_total", 0)
-    stream = fab.stream(PROMPT, model=TINY_MODEL, max_tokens=480)
-    first = next(stream)
-    resume = pause_process(pid)  # held still until the cancel is on its way
-    stream.close()
-    resume.join()
+    with throttle_process(pid):  # slowed until the cancel has reached it
+        stream = fab.stream(PROMPT, model=TINY_MODEL, max_tokens=480)
+        first = next(stream)
+        stream.close()
     assert stream.cancelled and stream.finished and stream.result is None
     assert isinstance(first, str) and len(stream.token_ids) < 480
     # The server stopped that request early (it produced far fewer than 480 tokens), holds no
@@ -139,12 +138,11 @@ def test_stream_cancel_from_another_thread(fab: Fabric) -> None:
             raised.append(exc)
 
     reader = threading.Thread(target=read)
-    reader.start()
-    while not stream.token_ids and reader.is_alive():
-        time.sleep(0.005)
-    resume = pause_process(pid)  # held still until the cancel is on its way
-    assert stream.cancel() == "running"
-    resume.join()
+    with throttle_process(pid):  # slowed until the cancel has reached it
+        reader.start()
+        while not stream.token_ids and reader.is_alive():
+            time.sleep(0.005)
+        assert stream.cancel() == "running"
     reader.join(30)
     assert not reader.is_alive() and stream.cancelled and raised == []
     assert len(stream.token_ids) < 400
