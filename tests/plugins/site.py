@@ -58,13 +58,14 @@ def throttle_process(pid: int, run_s: float = 0.002, stop_s: float = 0.02) -> It
     done = threading.Event()
 
     def duty() -> None:
-        while not done.is_set():
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                done.wait(stop_s)
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            time.sleep(run_s)
+        with contextlib.suppress(ProcessLookupError):  # the process is gone: nothing to hold
+            while not done.is_set():
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    done.wait(stop_s)
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                time.sleep(run_s)
 
     thread = threading.Thread(target=duty, daemon=True, name="throttle")
     thread.start()
@@ -73,8 +74,6 @@ def throttle_process(pid: int, run_s: float = 0.002, stop_s: float = 0.02) -> It
     finally:
         done.set()
         thread.join()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
 
 
 def write_site(folder: Path, *, name: str = "test-local", model_dir: Path | None = None,
