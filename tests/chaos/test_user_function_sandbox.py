@@ -166,33 +166,24 @@ def _scan(pid: int, needles: dict[str, bytes]) -> dict[str, bool]:
     return found
 
 
-def _usage(state_dir: Path, model: str) -> tuple[int, int]:
+def _usage(state_dir: Path, model: str, since: float | None = None) -> tuple[int, int]:
+    """(requests, tokens) recorded for ``model``: in the last day, or those that happened
+    after the wall-clock time ``since`` (a server's tally is recorded with its own time)."""
     from fabric.endpoint.policy import usage
 
-    rows = [r for r in usage(state_dir) if r["model"] == model]
+    rows = [r for r in (usage(state_dir) if since is None
+                        else usage(state_dir, since_s=time.time() - since))
+            if r["model"] == model]
     return sum(r["requests"] for r in rows), sum(r["tokens"] for r in rows)
 
 
-def _settled_usage(state_dir: Path, model: str, timeout_s: float) -> tuple[int, int]:
-    """The usage once two reads 1.5 s apart agree (or after ``timeout_s``)."""
+def _wait_usage(state_dir: Path, model: str, want: tuple[int, int], timeout_s: float,
+                since: float | None = None) -> tuple[int, int]:
     end = time.monotonic() + timeout_s
-    last = _usage(state_dir, model)
-    while time.monotonic() < end:
-        time.sleep(1.5)
-        now = _usage(state_dir, model)
-        if now == last:
-            break
-        last = now
-    return last
-
-
-def _wait_usage(state_dir: Path, model: str, want: tuple[int, int], timeout_s: float
-                ) -> tuple[int, int]:
-    end = time.monotonic() + timeout_s
-    got = _usage(state_dir, model)
+    got = _usage(state_dir, model, since)
     while (got[0] < want[0] or got[1] < want[1]) and time.monotonic() < end:
         time.sleep(0.5)
-        got = _usage(state_dir, model)
+        got = _usage(state_dir, model, since)
     return got
 
 
@@ -281,18 +272,18 @@ def test_capability_limits_and_expiry(local_site: LocalSite,
 
 def test_every_handle_request_is_recorded_with_its_tokens(fab: Fabric,
                                                           local_site: LocalSite) -> None:
-    # A stream an earlier test cancelled may still be ending at the server; its tokens are
-    # collected at the next admission. Let it end, then admit one (the warm-up) to collect
-    # them, so they do not land inside this test's count.
+    # Earlier tests' streams on this shared site are collected from the server at later
+    # admissions (and by the reaper), so a total can grow inside this test (CI, twice: 4
+    # tokens too many). Counted instead: what happened after this test began, by the time
+    # each was recorded with (a server's tally: when its request ended). Let any stream an
+    # earlier test cancelled end first.
     time.sleep(1.5)
     fab.generate("warm", model=TINY_MODEL, max_tokens=1)
-    # The workers' queued request rows of earlier tests are written: wait until the
-    # count holds still (after a fixed 1.5 s, CI once counted 4 tokens too many here).
-    before = _settled_usage(local_site.state_dir, TINY_MODEL, 20)
+    started = time.time()
     served = fab.submit(generate_n, 10, 6, model=TINY_MODEL).result(timeout=300)
     assert len(served) == 10 and all(isinstance(t, int) and t > 0 for t in served)
-    want = (before[0] + 11, before[1] + sum(served))  # the submit and its 10 requests
-    got = _wait_usage(local_site.state_dir, TINY_MODEL, want, 20)
+    want = (11, sum(served))  # the submit and its 10 requests
+    got = _wait_usage(local_site.state_dir, TINY_MODEL, want, 20, since=started)
     report("user-function usage", inputs=10, lost=max(0, want[1] - got[1]))
     assert got == want
 
