@@ -9,9 +9,12 @@ is an async iterator of text chunks. Nothing blocks the event loop:
   (``max_concurrency`` threads), since ``Fabric`` hands out finished values rather than
   futures for them. The pool bounds how many calls are in flight at once; more wait their turn.
 
-A stream's chunks are read by the same pool, one ``next`` at a time, so a slow consumer holds
-no thread between chunks. Leaving ``async for`` early (or ``aclose``) cancels the request at
-the server, as closing a ``Stream`` does.
+A stream's admission (``await fab.stream(...)``) is a call like the others, but its chunks are
+read by a thread of its own, and its ``cancel``/``aclose`` run on threads of their own too:
+neither waits for a pool thread. Readers in the pool held one thread each for a stream's whole
+life, so with ``max_concurrency`` streams open a further stream could not be admitted, nor
+any stream cancelled, until one of them ended. Leaving ``async for`` early (or ``aclose``)
+cancels the request at the server, as closing a ``Stream`` does.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from fabric.errors import FabricError, InvalidRequest
 
 if TYPE_CHECKING:
     from fabric.client.streaming import Stream
@@ -34,6 +40,23 @@ __all__ = ["AsyncFabric", "AsyncStream"]
 T = TypeVar("T")
 
 DEFAULT_CONCURRENCY = 64
+
+
+def _in_thread(fn: Callable[[], T], name: str) -> Future[T]:
+    """``fn()`` on a new daemon thread of its own; its outcome in the returned future. For
+    work that must not queue behind the pool's calls (a stream's reader, a cancel)."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name=name).start()
+    return future
 """Calls in flight at once per ``AsyncFabric`` (threads in its pool)."""
 
 
@@ -56,8 +79,6 @@ class AsyncFabric:
                  max_concurrency: int = DEFAULT_CONCURRENCY,
                  executor: ThreadPoolExecutor | None = None, **kwargs: Any) -> None:
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
-            from fabric.errors import InvalidRequest
-
             raise InvalidRequest(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
         if fabric is None:
             from fabric.sdk import Fabric
@@ -172,8 +193,9 @@ class AsyncStream:
     """An async iterator of text chunks over a ``Stream`` (its ``text``, ``token_ids``,
     ``logprobs`` and ``result`` are the same attributes).
 
-    One pool thread reads the stream from the first ``__anext__`` to its end and hands each
-    chunk to the event loop (``call_soon_threadsafe``): no thread hop per chunk on the way in.
+    A thread of its own (not the pool's: see the module doc) reads the stream from the first
+    ``__anext__`` to its end and hands each chunk to the event loop (``call_soon_threadsafe``):
+    no thread hop per chunk on the way in.
     ``last_token_ids``/``last_logprobs`` are the tokens that came with the chunk just returned
     (the reader may already be ahead of it).
     """
@@ -215,7 +237,7 @@ class AsyncStream:
                 with contextlib.suppress(RuntimeError):
                     put(exc)
 
-        self._reader = self._owner._pool.submit(read)
+        self._reader = _in_thread(read, f"async-fabric-stream-{stream.request_id}")
 
     async def __anext__(self) -> str:
         if self._reader is None:
@@ -230,27 +252,33 @@ class AsyncStream:
         return chunk
 
     async def wait(self) -> GenerationResult:
-        """Read the rest and return the final result."""
-        return await self._owner._call(self.stream.wait)
+        """Read the rest and return the final result (``FabricError`` if the stream was
+        closed or cancelled before it finished, as ``Stream.wait``)."""
+        # Through this iterator, not ``Stream.wait`` in a thread: the reader may already be
+        # inside the stream, and a generator cannot be run by two threads at once.
+        async for _ in self:
+            pass
+        if self.stream.result is None:
+            raise FabricError(f"stream {self.stream.request_id} was closed before it finished")
+        return self.stream.result
 
     async def cancel(self) -> str:
         """Stop the request at the server; returns what it was."""
-        return await self._owner._call(self.stream.cancel)
+        return await asyncio.wrap_future(_in_thread(self.stream.cancel, "async-fabric-cancel"))
 
     async def aclose(self) -> None:
         """Stop reading; cancels the request if it is still going (and waits for the reader
         to see the end)."""
-        await self._owner._call(self._stop)
+        await asyncio.wrap_future(_in_thread(self._stop, "async-fabric-close"))
         if self._reader is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.wrap_future(self._reader)
 
     def close_soon(self) -> None:
         """Close (and so cancel) from code that must not await, e.g. a cancelled task's
-        cleanup: the close runs in the pool."""
+        cleanup: the close runs on a thread of its own."""
         if not self.stream.finished:
-            with contextlib.suppress(RuntimeError):  # the pool is already shut down
-                self._owner._pool.submit(self._stop)
+            _in_thread(self._stop, "async-fabric-close")
 
     def _stop(self) -> None:
         # While the reader thread is inside the stream it owns the socket: only cancel (the

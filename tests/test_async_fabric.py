@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fabric import AsyncFabric, Fabric, InvalidRequest, UnknownModel
+from fabric import AsyncFabric, Fabric, FabricError, InvalidRequest, UnknownModel
 from tests.plugins.site import TINY_MODEL, server_pid, throttle_process
 
 pytestmark = pytest.mark.slow
@@ -112,6 +112,54 @@ def test_leaving_a_stream_early_cancels_it(fab: Fabric) -> None:
         stream = asyncio.run(main())
     assert stream.finished and stream.cancelled and stream.result is None
     assert fab.generate(PROMPT, model=TINY_MODEL, max_tokens=2).token_ids
+
+
+def test_open_streams_do_not_hold_the_pool(fab: Fabric) -> None:
+    """With every pool thread taken (``max_concurrency=1``: one long ``generate``), a stream
+    is still read and still cancelled at once. When the pool read streams, a reader held its
+    thread for the stream's whole life: the second stream's admission and the first one's
+    cancel waited for a whole generation."""
+    pid = server_pid(fab)
+
+    async def main() -> tuple[Any, Any, bool, Any]:
+        async with AsyncFabric(fabric=fab, max_concurrency=1) as afab:
+            first = await afab.stream(PROMPT, model=TINY_MODEL, max_tokens=480)
+            await first.__anext__()  # its reader runs from here to the stream's end
+            second = await afab.stream(PROMPT, model=TINY_MODEL, max_tokens=480)
+            await second.__anext__()
+            busy = asyncio.create_task(afab.generate(PROMPT, model=TINY_MODEL, max_tokens=480))
+            await asyncio.sleep(0.2)  # the generate takes the pool's one thread
+            await first.aclose()
+            with pytest.raises(FabricError):  # closed early: no result to wait for
+                await first.wait()
+            generate_still_running = not busy.done()
+            await second.cancel()
+            await busy
+            return first, second, generate_still_running, busy.result()
+
+    with throttle_process(pid):
+        first, second, generate_still_running, result = asyncio.run(main())
+    assert first.cancelled and first.result is None
+    assert second.cancelled and second.result is None
+    assert generate_still_running, "the close waited for the pool's generate to end"
+    assert len(result.token_ids) >= 1
+
+
+def test_wait_after_reading_part_of_a_stream(fab: Fabric) -> None:
+    """``wait`` after some chunks were read returns the whole result (the reader thread is
+    still inside the stream: ``wait`` must not iterate it from a second thread)."""
+    expected = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=24)
+
+    async def main() -> Any:
+        async with AsyncFabric(fabric=fab) as afab:
+            stream = await afab.stream(PROMPT, model=TINY_MODEL, max_tokens=24)
+            first = await stream.__anext__()
+            result = await stream.wait()
+            return first, result
+
+    first, result = asyncio.run(main())
+    assert result.token_ids == expected.token_ids
+    assert expected.text.startswith(first) and result.text == expected.text
 
 
 def test_bad_concurrency() -> None:
