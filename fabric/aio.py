@@ -232,7 +232,8 @@ class AsyncStream:
                     seen = len(ids)
                 put(None)
             except RuntimeError:  # the event loop is closed: nobody reads any more
-                stream.close()
+                with contextlib.suppress(FabricError):  # e.g. the client closed first
+                    stream.close()
             except BaseException as exc:
                 with contextlib.suppress(RuntimeError):
                     put(exc)
@@ -281,8 +282,9 @@ class AsyncStream:
             _in_thread(self._stop, "async-fabric-close")
 
     def _stop(self) -> None:
-        # While the reader thread is inside the stream it owns the socket: only cancel (the
-        # reader sees the server's last message and closes it); otherwise close it here.
+        # While the reader thread is inside the stream it waits for the server's last
+        # message: only cancel (the reader sees that message and closes the stream);
+        # otherwise close it here.
         if self._reader is not None and not self._reader.done():
             self.stream.cancel()
         else:

@@ -277,7 +277,7 @@ class Fabric:
         )
         source: EventSource
         if mode == "direct":
-            source = DirectSource(info, request, *(
+            source = DirectSource(info, request, self._path.direct(), *(
                 (FAILOVER_SILENCE_S, FAILOVER_PROBE_S) if impatient else ()))
         else:
             source = PollSource(transport, info, request.model, self.auth, self._path.poller())

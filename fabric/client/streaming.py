@@ -2,8 +2,10 @@
 
 Two ways to get the events, chosen by the transport:
 
-* **direct**: the client can reach the model server (the local site, a tunnel), so it opens a
-  CURVE-encrypted ZMQ connection and the server pushes each step's tokens as they are decoded;
+* **direct**: the client can reach the model server (the local site, a tunnel), so it sends
+  the request over its CURVE-encrypted ZMQ connection to that server (one per server for all
+  its requests, ``fabric.client.direct``) and the server pushes each step's tokens as they are
+  decoded;
 * **poll**: the server is behind a site's firewall (no inbound ports), so the client long-polls
   the server's per-request event buffer through the transport (the client's one poller,
   ``fabric.client.poller``: one ``poll_requests`` task for all its open requests).
@@ -20,10 +22,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fabric.client.decoding import parse_generation
-from fabric.errors import Cancelled, FabricError, ModelServerUnavailable
+from fabric.client.direct import PING_S, SILENCE_S
+from fabric.errors import Cancelled, FabricError
 from fabric.protocol import GenerationResult, InferenceRequest
 
 if TYPE_CHECKING:
+    from fabric.client.direct import DirectResults
     from fabric.client.poller import Poller
     from fabric.client.transport import Transport
 
@@ -48,99 +52,66 @@ class EventSource(Protocol):
         ...
 
 
-SILENCE_S = 10.0
-"""A stream's silence after which the client asks whether its server still answers."""
-PROBE_TIMEOUT_S = 5.0
-"""How long that health question may take before the server counts as gone."""
-
-
 class DirectSource:
-    """Events pushed by the model server over one ZMQ connection."""
+    """Events pushed by the model server, over the client's one connection to it
+    (``DirectResults``: one socket per server for all of the client's streams)."""
 
     site: str = ""
     """The site whose model server this is (set by the SDK)."""
 
-    def __init__(self, info: dict[str, Any], request: InferenceRequest,
-                 silence_s: float = SILENCE_S, probe_timeout_s: float = PROBE_TIMEOUT_S) -> None:
-        from fabric.serverclient import ServerClient
-
-        self.request_id = str(info.get("request_id") or request.request_id)
-        self._address = str(info["address"])
-        self._public_key = str(info["public_key"])
-        self._ticket = str(info["ticket"])
-        self.silence_s = silence_s
-        """How long a silence is taken without asking whether the server still answers."""
-        self.probe_timeout_s = probe_timeout_s
-        """How long that health question may take before the server counts as gone."""
-        # The ticket is signed for one request id, so the request must carry exactly that id.
-        if request.request_id != self.request_id:
-            request = request.model_copy(update={"request_id": self.request_id})
-        self._client = ServerClient(self._address, self._public_key)
+    def __init__(self, info: dict[str, Any], request: InferenceRequest, direct: DirectResults,
+                 silence_s: float = SILENCE_S, probe_timeout_s: float = PING_S) -> None:
+        self._direct = direct
+        self._feed = direct.open_stream(info, request, silence_s, probe_timeout_s)
+        self.request_id = self._feed.request_id
         try:
-            self._client.send_submit(request, self._ticket, stream=True)
-            refusal = self._admission()
-            if refusal is not None:
-                raise refusal
+            first = self._next()
+            while first.get("op") not in ("accepted", "error"):  # pragma: no cover
+                first = self._next()  # the server answers a submit before any event
+            if first["op"] == "error":
+                raise FabricError.from_dict(first["error"])
         except BaseException:
-            self._client.close()
+            self.close()
             raise
 
-    def _admission(self) -> FabricError | None:
-        # Like ``ServerClient.submit``, but a silent server is asked for its health after
-        # ``silence_s`` instead of waited for the client's whole timeout (a federation moves
-        # a stream whose server died before admitting it, and must know soon).
-        while True:
-            try:
-                return self._client.admission(self.request_id, self.silence_s)
-            except ModelServerUnavailable as exc:
-                if not exc.details.get("silent") or not self._server_answers():
-                    raise
+    @property
+    def silence_s(self) -> float:
+        """How long a silence is taken without asking whether the server still answers."""
+        return self._feed.silence_s
 
     def relax(self) -> None:
         """Back to the default patience (a federation tightens it until the first token)."""
-        self.silence_s, self.probe_timeout_s = SILENCE_S, PROBE_TIMEOUT_S
+        self._feed.silence_s, self._feed.probe_s = SILENCE_S, PING_S
+
+    def _next(self) -> dict[str, Any]:
+        item = self._feed.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def events(self) -> Iterator[dict[str, Any]]:
-        """Events as the server pushes them.
-
-        A long silence is normal (queued behind others, a long prefill), a dead server is
-        not: after ``silence_s`` without a message, ask the server for its health on a fresh
-        connection and keep waiting only if it answers.
-        """
+        """Events as the server pushes them. A long silence is normal (queued behind others,
+        a long prefill), a dead server is not: the connection's thread asks a silent server
+        for its health and ends the stream with ``ModelServerUnavailable`` if it does not
+        answer."""
         while True:
-            try:
-                yield from self._client.events(self.request_id, self.silence_s)
+            msg = self._next()
+            if msg["op"] == "error":
+                raise FabricError.from_dict(msg["error"])
+            if msg["op"] not in ("event", "done"):
+                continue
+            yield msg
+            if msg["op"] == "done":
                 return
-            except ModelServerUnavailable:
-                if not self._server_answers():
-                    raise
-
-    def _server_answers(self) -> bool:
-        from fabric.serverclient import ServerClient
-
-        probe = ServerClient(self._address, self._public_key, timeout_s=self.probe_timeout_s)
-        try:
-            probe.health()
-            return True
-        except ModelServerUnavailable:
-            return False
-        finally:
-            probe.close()
 
     def cancel(self) -> str:
-        """Cancel over a fresh connection: ZMQ sockets are not thread-safe, and the reading
-        thread may be blocked on the stream's own socket."""
-        from fabric.serverclient import ServerClient
-
-        client = ServerClient(self._address, self._public_key)
-        try:
-            return str(client.cancel(self.request_id, self._ticket))
-        finally:
-            client.close()
+        """Cancel over the client's connection to the server (safe from any thread: the
+        connection's own thread sends it)."""
+        return self._direct.cancel(self._feed).result()
 
     def close(self) -> None:
-        """Close the stream's socket."""
-        self._client.close()
+        """Stop following the request (its later messages are dropped)."""
+        self._direct.forget(self._feed)
 
 
 class PollSource:
@@ -203,7 +174,7 @@ class Stream:
         self._events = source.events()
         self._lock = threading.Lock()
         self._finished = False
-        self._reading = 0  # threads inside __next__ (they own the socket)
+        self._reading = 0  # threads inside __next__ (they close the source at the end)
         self.request_id = source.request_id
         """The request's id at the server."""
         self.text = ""
@@ -308,8 +279,9 @@ class Stream:
         self.cancelled = True
         with self._lock:
             reading = self._reading > 0
-        # A thread blocked in __next__ owns the socket; it will see the server's final
-        # message and close it. Closing it here, from another thread, would not be safe.
+        # A thread blocked in __next__ waits for the server's final message and closes the
+        # source when it comes; closing it here first would drop that message (or, polled,
+        # stop fetching it) and leave the reader waiting.
         if not reading:
             self._finish()
         return was
