@@ -108,8 +108,8 @@ class DirectResults:
             server = self._server(poller, info)
             if not server.busy:
                 server.heard = time.monotonic()  # silence counts from the first request
-            server.pending[request.request_id] = fut
             server.client.send_submit(request, str(info["ticket"]))
+            server.pending[request.request_id] = fut  # after the send: it may raise
 
         self._do(send, fut.set_exception, f"send {request.request_id} to", info)
         return fut
@@ -125,8 +125,8 @@ class DirectResults:
             server = self._server(poller, info)
             if not server.busy:
                 server.heard = time.monotonic()
-            server.feeds[feed.request_id] = feed
             server.client.send_submit(request, feed.ticket, stream=True)
+            server.feeds[feed.request_id] = feed
 
         self._do(send, feed.queue.put, f"send {request.request_id} to", info)
         return feed
@@ -141,8 +141,8 @@ class DirectResults:
             if server is None:  # its connection failed or went idle: nothing runs for it
                 fut.set_result("unknown")
                 return
-            server.cancels[feed.request_id] = fut
             server.client.socket.send(_cancel_frame(feed))
+            server.cancels[feed.request_id] = fut
 
         self._do(send, fut.set_exception, f"cancel {feed.request_id} at", {"address": feed.address})
         return fut
