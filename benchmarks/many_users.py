@@ -5,13 +5,19 @@
     python benchmarks/many_users.py --quick                 # tiny, 8 and 32, one round
 
 One warm model server at a temporary local site with ``--workers`` request workers (4). Per
-concurrency level, rounds alternate three ways of sending the same number of distinct greedy
-requests, all at once:
+concurrency level, rounds alternate the ways (``--ways``) of sending the same number of
+distinct greedy requests, all at once:
 
 - ``direct``: straight to the model server over one ZMQ connection (``ServerClient``, a
   ticket from the site's key): the server's own throughput, the baseline;
 - ``sdk_threads``: ``Fabric.generate`` from one thread per request;
-- ``async``: ``AsyncFabric.generate`` from one coroutine per request (``asyncio.gather``).
+- ``async``: ``AsyncFabric.generate`` from one coroutine per request (``asyncio.gather``);
+- ``async_streams``: ``AsyncFabric.stream`` from one coroutine per request, every chunk read,
+  with the default ``max_concurrency`` (64) as a user gets it; also each stream's time to
+  first token (TTFT, from the round's start). Open streams must not be held to the pool's
+  size: when a stream's reader held a pool thread for the whole stream, the server still
+  generated all 256 (throughput held), but streams past the 64th got their first chunk only
+  when an earlier stream had ended.
 
 Throughput is completion tokens / wall seconds of a round; reported: each round, the median per
 way and ``ratio`` = SDK median / direct median (the issue's goal is >= 0.9 at 32 and 256). With
@@ -97,11 +103,51 @@ def async_round(fab: Any, model: str, texts: list[str], max_tokens: int) -> dict
     return asyncio.run(run())
 
 
+def async_streams_round(fab: Any, model: str, texts: list[str],
+                        max_tokens: int) -> dict[str, Any]:
+    """``AsyncFabric.stream`` from one coroutine per request, read to the end."""
+    from fabric.aio import AsyncFabric
+
+    async def run() -> dict[str, Any]:
+        client = AsyncFabric(fabric=fab)  # the default max_concurrency, on purpose
+
+        firsts: list[float] = []
+
+        async def one(text: str) -> int:
+            stream = await client.stream(text, model=model, max_tokens=max_tokens)
+            first = True
+            async for _ in stream:
+                if first:
+                    firsts.append(time.perf_counter() - t0)
+                    first = False
+            assert stream.result is not None
+            return stream.result.usage.completion_tokens
+
+        try:
+            t0 = time.perf_counter()
+            tokens = await asyncio.gather(*(one(t) for t in texts))
+            seconds = time.perf_counter() - t0
+        finally:
+            client.close()
+        return {"seconds": seconds, "tokens": sum(tokens), "ttft_s": firsts}
+
+    return asyncio.run(run())
+
+
 def figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     rates = [r["tokens"] / r["seconds"] for r in runs]
-    return {"tokens_per_s": [round(x, 1) for x in rates],
-            "median_tokens_per_s": round(median(rates), 1),
-            "seconds": [round(r["seconds"], 2) for r in runs]}
+    out = {"tokens_per_s": [round(x, 1) for x in rates],
+           "median_tokens_per_s": round(median(rates), 1),
+           "seconds": [round(r["seconds"], 2) for r in runs]}
+    ttfts = [x for r in runs for x in r.get("ttft_s", [])]
+    if ttfts:
+        out["ttft_s"] = common.summary(ttfts, digits=3)
+    return out
+
+
+WAYS: dict[str, Any] = {"direct": None, "sdk_threads": threads_round, "async": async_round,
+                        "async_streams": async_streams_round}
+"""The ways a round is sent (``direct`` is ``direct_round``: it needs the site, not the SDK)."""
 
 
 def main() -> int:
@@ -116,6 +162,8 @@ def main() -> int:
                         "first batches of a new size are slower)")
     p.add_argument("--workers", type=int, default=4, help="request workers at the site")
     p.add_argument("--threads", type=int, default=2, help="OMP threads of the server")
+    p.add_argument("--ways", default=",".join(WAYS),
+                   help="ways to send each round (direct is the baseline: always sent)")
     p.add_argument("--no-handoff", action="store_true",
                    help="the old path: a request worker serves each request whole")
     args = p.parse_args()
@@ -141,8 +189,8 @@ def main() -> int:
         fab.generate("warm up", model=model, max_tokens=2)
         offset = 0
         for n in (int(x) for x in args.levels.split(",")):
-            runs: dict[str, list[dict[str, Any]]] = {"direct": [], "sdk_threads": [],
-                                                     "async": []}
+            runs: dict[str, list[dict[str, Any]]] = {
+                w: [] for w in WAYS if w == "direct" or w in args.ways.split(",")}
             for r in range(-args.warmup, args.rounds):
                 for way in runs:
                     log(f"{n} requests, round {r + 1}/{args.rounds}: {way}"
@@ -151,18 +199,15 @@ def main() -> int:
                     offset += n
                     if way == "direct":
                         got = direct_round(site_dir, model, texts, args.max_tokens)
-                    elif way == "sdk_threads":
-                        got = threads_round(fab, model, texts, args.max_tokens)
                     else:
-                        got = async_round(fab, model, texts, args.max_tokens)
+                        got = WAYS[way](fab, model, texts, args.max_tokens)
                     if r >= 0:
                         runs[way].append(got)
             figs = {way: figures(rs) for way, rs in runs.items()}
             base = figs["direct"]["median_tokens_per_s"]
-            levels[str(n)] = {**figs,
-                              "ratio_sdk_threads": ratio(figs["sdk_threads"][
-                                  "median_tokens_per_s"], base),
-                              "ratio_async": ratio(figs["async"]["median_tokens_per_s"], base)}
+            levels[str(n)] = {**figs, **{
+                f"ratio_{way}": ratio(fig["median_tokens_per_s"], base)
+                for way, fig in figs.items() if way != "direct"}}
         fab.close()
     finally:
         stop_site(str(site_dir), all=True)
