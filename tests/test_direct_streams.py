@@ -158,3 +158,15 @@ def test_streams_share_one_connection_and_cancel_over_it(direct: DirectResults) 
         assert sorted(server.cancels) == sorted(s.request_id for s in streams)
     finally:
         server.close()
+
+
+def test_more_open_streams_than_a_process_has_sockets(direct: DirectResults) -> None:
+    """1100 streams open at once in one process: one socket each would stop at ZMQ's 1023
+    (``Too many open files``); over the client's one connection they all run."""
+    server = ScriptedServer([event("a", 1), DONE])
+    try:
+        streams = [Stream(_open(server, direct)) for _ in range(1100)]
+        assert len(server.identities) == 1
+        assert all(list(s) == ["a"] and s.result is not None for s in streams)
+    finally:
+        server.close()
