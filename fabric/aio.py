@@ -40,6 +40,7 @@ __all__ = ["AsyncFabric", "AsyncStream"]
 T = TypeVar("T")
 
 DEFAULT_CONCURRENCY = 64
+"""Calls in flight at once per ``AsyncFabric`` (threads in its pool)."""
 
 
 def _in_thread(fn: Callable[[], T], name: str) -> Future[T]:
@@ -57,7 +58,6 @@ def _in_thread(fn: Callable[[], T], name: str) -> Future[T]:
 
     threading.Thread(target=run, daemon=True, name=name).start()
     return future
-"""Calls in flight at once per ``AsyncFabric`` (threads in its pool)."""
 
 
 class AsyncFabric:

@@ -68,7 +68,7 @@ class ServerClient:
 
     def cancel(self, request_id: str, ticket: str) -> str:
         """Cancel a request; returns what it was doing ("queued", "running", "done", "unknown")."""
-        self._send({"op": "cancel", "ticket": ticket, "request_id": request_id})
+        self.send_cancel(request_id, ticket)
         return str(self._wait_request(request_id, ("cancelled",), self.timeout_s)["was"])
 
     def poll(self, request_id: str, ticket: str, cursor: int, wait_s: float,
@@ -163,6 +163,10 @@ class ServerClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def send_cancel(self, request_id: str, ticket: str) -> None:
+        """Send a cancel without waiting for its answer ("cancelled", with what it was)."""
+        self._send({"op": "cancel", "ticket": ticket, "request_id": request_id})
 
     def send_submit(self, request: InferenceRequest, ticket: str, stream: bool = False,
                     detach: bool = False) -> None:

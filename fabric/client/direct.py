@@ -141,7 +141,7 @@ class DirectResults:
             if server is None:  # its connection failed or went idle: nothing runs for it
                 fut.set_result("unknown")
                 return
-            server.client.socket.send(_cancel_frame(feed))
+            server.client.send_cancel(feed.request_id, feed.ticket)
             server.cancels[feed.request_id] = fut
 
         self._do(send, fut.set_exception, f"cancel {feed.request_id} at", {"address": feed.address})
@@ -332,8 +332,3 @@ def _admitted(info: dict[str, Any], request: InferenceRequest) -> InferenceReque
     return request if request.request_id == rid else request.model_copy(
         update={"request_id": rid})
 
-
-def _cancel_frame(feed: StreamFeed) -> bytes:
-    from fabric.protocol import pack
-
-    return pack({"op": "cancel", "ticket": feed.ticket, "request_id": feed.request_id})

@@ -65,9 +65,7 @@ class DirectSource:
         self._feed = direct.open_stream(info, request, silence_s, probe_timeout_s)
         self.request_id = self._feed.request_id
         try:
-            first = self._next()
-            while first.get("op") not in ("accepted", "error"):  # pragma: no cover
-                first = self._next()  # the server answers a submit before any event
+            first = self._next()  # the server answers a submit before any event
             if first["op"] == "error":
                 raise FabricError.from_dict(first["error"])
         except BaseException:
