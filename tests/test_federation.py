@@ -204,7 +204,9 @@ def test_busiest_site_killed_under_load_calls_fail_over(sites: LocalFederation,
     # Only streams that already had tokens may fail (nothing else was in flight there).
     assert all(e[3] > 0 for e in failed), failed
     after = sorted(e for e in events if e[0] > killed_at[0] and e[2] == "ok")
-    assert after and all(e[1] != busiest for e in after[5:]), after[:10]
+    # A stream the killed site had already served whole may be read (its first token timed)
+    # only after the kill, on a loaded machine: at most one per thread, as with the failures.
+    assert after and all(e[1] != busiest for e in after[len(threads):]), after[:10]
     first_elsewhere = next(e[0] for e in after if e[1] != busiest)
     assert first_elsewhere - killed_at[0] < 2.0
     # Only what was in flight on the killed site when it died may fail: at most one stream
