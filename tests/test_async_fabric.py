@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from fabric import AsyncFabric, Fabric, FabricError, InvalidRequest, UnknownModel
-from tests.plugins.site import TINY_MODEL, server_pid, throttle_process
+from tests.plugins.site import TINY_MODEL, server_pid
+from tests.plugins.throttle import throttle_process
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,8 @@ from fabric import (
     UnknownModel,
     UserFunctionError,
 )
-from tests.plugins.site import TINY_MODEL, server_pid, throttle_process
+from tests.plugins.site import TINY_MODEL, server_pid
+from tests.plugins.throttle import throttle_process
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +128,6 @@ def test_stream_close_midway_then_serve_again(fab: Fabric) -> None:
 
 def test_stream_cancel_from_another_thread(fab: Fabric) -> None:
     pid = server_pid(fab)
-    stream = fab.stream(PROMPT, model=TINY_MODEL, max_tokens=400)
     got: list[str] = []
     raised: list[BaseException] = []
 
@@ -138,7 +138,8 @@ def test_stream_cancel_from_another_thread(fab: Fabric) -> None:
             raised.append(exc)
 
     reader = threading.Thread(target=read)
-    with throttle_process(pid):  # slowed until the cancel has reached it
+    with throttle_process(pid):  # slowed from its admission until the cancel has reached it
+        stream = fab.stream(PROMPT, model=TINY_MODEL, max_tokens=400)
         reader.start()
         while not stream.token_ids and reader.is_alive():
             time.sleep(0.005)

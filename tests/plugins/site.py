@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,35 +43,6 @@ def server_pid(fab: Any, model: str = TINY_MODEL) -> int:
     found = [d for d in fab.deployments() if d["model"] == model and d.get("health")]
     assert found, f"no live {model} server"
     return int(found[0]["health"]["pid"])
-
-
-@contextlib.contextmanager
-def throttle_process(pid: int, run_s: float = 0.002, stop_s: float = 0.02) -> Iterator[None]:
-    """Let process ``pid`` run only ``run_s`` in every ``run_s + stop_s`` (SIGSTOP/SIGCONT)
-    while the block runs; it goes on freely after. For a server that must not finish before
-    a cancel reaches it: the tiny model makes hundreds of tokens a second, and on a loaded
-    machine the first token reaches the test, and the cancel the server, late enough for a
-    whole generation (CI: a "cancelled" stream's result came whole, twice; holding the server
-    still once for 0.5 s was not enough, as the cancel's connection handshake waits for it)."""
-    done = threading.Event()
-
-    def duty() -> None:
-        with contextlib.suppress(ProcessLookupError):  # the process is gone: nothing to hold
-            while not done.is_set():
-                os.kill(pid, signal.SIGSTOP)
-                try:
-                    done.wait(stop_s)
-                finally:
-                    os.kill(pid, signal.SIGCONT)
-                time.sleep(run_s)
-
-    thread = threading.Thread(target=duty, daemon=True, name="throttle")
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
 
 
 def write_site(folder: Path, *, name: str = "test-local", model_dir: Path | None = None,
