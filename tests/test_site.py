@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import pytest
 from fabric import env
 from fabric.client.local import LocalTransport, read_info, site_status, start_site, stop_site
 from fabric.endpoint import functions
+from fabric.endpoint.site import LOCK_PATIENCE_S
 from fabric.errors import (
     EndpointError,
     FunctionNotAllowed,
@@ -377,6 +379,38 @@ def test_autostart_sigterm_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert stop_site(str(folder)) is None
     assert main(["endpoint", "status", "--site", str(folder)]) == 3
     assert _wait_for(lambda: not _processes_mentioning(str(folder)), 30)
+
+
+@pytest.mark.slow  # starts a site (~6 s)
+def test_a_start_waits_for_a_stopping_site_to_let_go(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopping site removes ``endpoint.json`` at once (clients see it gone) but holds its
+    state dir until its engine has shut down. A start meanwhile (the SDK's autostart right
+    after a SIGTERM) waits for it to let go; it started a site that exited at once, "a site is
+    already running" (CI, in ``test_autostart_sigterm_and_cli``)."""
+    folder = write_site(tmp_path / "s", workers=1)
+    (folder / "state").mkdir(parents=True)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    outcome: list[Any] = []
+
+    def start() -> None:
+        try:
+            outcome.append(start_site(str(folder), timeout_s=120))
+        except EndpointError as exc:
+            outcome.append(exc)
+
+    with (folder / "state" / "endpoint.lock").open("a") as stopping:
+        fcntl.flock(stopping, fcntl.LOCK_EX)  # held as the stopping site holds it
+        starter = threading.Thread(target=start)
+        starter.start()
+        starter.join(LOCK_PATIENCE_S + 1.5)  # longer than a new site waits for the lock
+        assert starter.is_alive() and outcome == []
+    starter.join(120)
+    try:
+        assert len(outcome) == 1 and isinstance(outcome[0], dict), outcome
+        assert read_info(folder / "state") == outcome[0]
+    finally:
+        stop_site(str(folder))
 
 
 def test_the_composition_root_wires_the_campaign_scheduler(tmp_path: Path) -> None:

@@ -28,6 +28,8 @@ from fabric.wire import framing
 from fabric.wire.framing import CONTROL
 
 INFO_FILE = "endpoint.json"
+LOCK_FILE = "endpoint.lock"
+"""Held (flock) by the site process that owns the state dir, from start until it has exited."""
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 """Site processes this process started (so their exit is seen, not left as zombies)."""
 
@@ -76,7 +78,7 @@ def start_site(site: str = "local", state_dir: str | Path | None = None,
     # Two clients auto-starting at once: the second waits here and then finds the first's site.
     with (folder / "start.lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        info = read_info(folder)
+        info = _owner_or_none(folder, cfg.name, time.monotonic() + timeout_s)
         if info is not None:
             return info
         log_path = folder / "logs" / "site.log"
@@ -107,6 +109,41 @@ def start_site(site: str = "local", state_dir: str | Path | None = None,
         proc.kill()
         raise EndpointError(f"the {cfg.name} site did not start within {timeout_s:.0f} s: "
                             f"{_tail(log_path, offset)}", log=str(log_path))
+
+
+def _owner_or_none(folder: Path, name: str, deadline: float) -> dict[str, Any] | None:
+    """The live site's ``endpoint.json``, or None once no site process holds ``folder``.
+
+    A stopping site (SIGTERM, ``stop``) removes ``endpoint.json`` first, so clients see it
+    gone, and lets go of the state dir only when its engine has shut down, seconds later. A
+    site started in between exits at once ("a site is already running"): wait instead.
+    """
+    while True:
+        info = read_info(folder)
+        if info is not None or not _lock_held(folder / LOCK_FILE):
+            return info
+        if time.monotonic() > deadline:
+            raise EndpointError(
+                f"cannot start the {name} site: the site process that last used {folder} "
+                "still holds it (stopping) and did not let go in time; try again, or see "
+                "`fabric endpoint status`", state_dir=str(folder))
+        time.sleep(0.1)
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether a process holds the flock on ``path`` (tested without waiting; the site that
+    takes it meanwhile retries for a moment)."""
+    try:
+        fh = path.open("a")
+    except OSError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
 
 
 def site_status(site: str = "local", state_dir: str | Path | None = None,

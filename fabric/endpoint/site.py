@@ -59,6 +59,11 @@ log = logging.getLogger("fabric.site")
 
 INFO_FILE = "endpoint.json"
 """Where the running site advertises its pid and socket (in the state dir)."""
+LOCK_FILE = "endpoint.lock"
+"""Held (flock) while a site owns the state dir; ``fabric.client.sitelife`` tests it."""
+LOCK_PATIENCE_S = 2.0
+"""How long a starting site waits for the state dir's lock before it gives up (a client
+checking whether a stopping site still holds it holds it for an instant)."""
 REAP_INTERVAL_S = 15.0
 """How often the site checks its deployments' servers for exits."""
 MAX_CLIENTS = 1024
@@ -469,13 +474,18 @@ class SiteProcess:
             log.exception("background task %r failed", task)
 
     def _take_lock(self) -> None:
-        fh = (self.state_dir / "endpoint.lock").open("a")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise SystemExit(f"a site is already running with state dir {self.state_dir}"
-                             ) from None
+        fh = (self.state_dir / LOCK_FILE).open("a")
+        deadline = time.monotonic() + LOCK_PATIENCE_S
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    fh.close()
+                    raise SystemExit("a site is already running with state dir "
+                                     f"{self.state_dir}") from None
+                time.sleep(0.05)
         self._lock_fh = fh
 
 
