@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from fabric.catalog import Catalog
@@ -22,7 +23,7 @@ from fabric.client.local import LocalTransport, site_status
 from fabric.endpoint import functions
 from fabric.endpoint.deployments import DeploymentManager
 from fabric.sites import load_site
-from tests.plugins.site import TINY_MODEL, LocalSite, site_manager, write_site
+from tests.plugins.site import TINY_MODEL, LocalSite, site_manager, wait_until, write_site
 
 
 def _pid_gone(pid: int, timeout_s: float = 30.0) -> bool:
@@ -34,6 +35,13 @@ def _pid_gone(pid: int, timeout_s: float = 30.0) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def _listeners(address: str | None) -> list[tuple[str, int | None]]:
+    """(local address, pid) of every listening TCP socket on ``address``'s port."""
+    port = int(str(address).rsplit(":", 1)[-1])
+    return [(f"{c.laddr.ip}:{c.laddr.port}", c.pid) for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
 
 
 def _server_pid(record: dict[str, Any]) -> int:
@@ -110,6 +118,12 @@ def test_server_that_stops_answering_is_reaped(manager: DeploymentManager) -> No
     pid = _server_pid(dep.to_dict())
     os.kill(pid, signal.SIGSTOP)
     try:
+        wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, 10,
+                   f"server {pid} to stop")
+        # Once (CI) refresh found this server ready here: whoever answered says who it is.
+        answer = manager.health(dep)
+        assert answer is None, (f"stopped server {pid} answered {answer}; listening on "
+                                f"{dep.address}: {_listeners(dep.address)}")
         dead = manager.refresh(dep)
         assert dead.state == "dead" and "health" in (dead.reason or ""), dead
     finally:
