@@ -3,6 +3,7 @@ and leaves nothing behind: the cancel tests rely on it to keep a server generati
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -32,8 +33,9 @@ def _cpu_s(proc: psutil.Process) -> float:
 
 
 def _groups() -> list[Path]:
+    """This process's throttle groups (the other xdist process may be throttling a server)."""
     return [p for root in (V1_CPU, V2_ROOT) if root.is_dir()
-            for p in root.glob("fabric-throttle-*")]
+            for p in root.glob(f"fabric-throttle-{os.getpid()}-*")]
 
 
 def _cpu_cgroup(pid: int) -> str:
