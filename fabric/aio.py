@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -58,6 +59,13 @@ def _in_thread(fn: Callable[[], T], name: str) -> Future[T]:
 
     threading.Thread(target=run, daemon=True, name=name).start()
     return future
+
+
+def _close_dropped(stream: Stream) -> None:
+    """Close ``stream`` off the finalizer's thread unless it has ended (its ``AsyncStream``
+    was dropped while its reader ran)."""
+    if not stream.finished:
+        _in_thread(stream.close, "async-fabric-dropped")
 
 
 class AsyncFabric:
@@ -239,6 +247,9 @@ class AsyncStream:
                     put(exc)
 
         self._reader = _in_thread(read, f"async-fabric-stream-{stream.request_id}")
+        # The reader holds the stream, so the stream's own finalizer cannot fire: dropped
+        # unfinished, this one closes it (a cancel at the server; the reader then ends).
+        weakref.finalize(self, _close_dropped, stream).atexit = False
 
     async def __anext__(self) -> str:
         if self._reader is None:

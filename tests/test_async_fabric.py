@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fabric import AsyncFabric, Fabric, FabricError, InvalidRequest, UnknownModel
-from tests.plugins.site import TINY_MODEL, server_pid
+from tests.plugins.site import LONG_TOKENS, TINY_MODEL, server_pid
 from tests.plugins.throttle import throttle_process
 
 pytestmark = pytest.mark.slow
@@ -97,14 +97,14 @@ def test_concurrent_calls_do_not_block_the_loop(fab: Fabric) -> None:
     assert len(ticks) > 5 and float(gaps.max()) < 0.5  # the loop never stalled
 
 
-def test_leaving_a_stream_early_cancels_it(fab: Fabric) -> None:
+def test_leaving_a_stream_early_cancels_it(fab: Fabric, long_prompt: str) -> None:
     pid = server_pid(fab)
 
     async def main() -> Any:
         async with AsyncFabric(fabric=fab) as afab:
-            # As long as the tiny model's context allows (512), and the server slowed while
-            # we leave: it must still be generating when the cancel comes.
-            stream = await afab.stream(PROMPT, model=TINY_MODEL, max_tokens=480)
+            # A prompt the tiny model does not end early, and the server slowed while we
+            # leave: it must still be generating when the cancel comes.
+            stream = await afab.stream(long_prompt, model=TINY_MODEL, max_tokens=LONG_TOKENS)
             async with stream:
                 async for _ in stream:
                     break
@@ -116,7 +116,34 @@ def test_leaving_a_stream_early_cancels_it(fab: Fabric) -> None:
     assert fab.generate(PROMPT, model=TINY_MODEL, max_tokens=2).token_ids
 
 
-def test_open_streams_do_not_hold_the_pool(fab: Fabric) -> None:
+def test_a_dropped_async_stream_is_cancelled(fab: Fabric, long_prompt: str) -> None:
+    """``break`` out of ``async for`` with no ``async with``: the dropped stream's reader
+    thread still holds the ``Stream``, so the ``AsyncStream`` closes it (the request was
+    generating to its end for nobody before)."""
+    pid = server_pid(fab)
+
+    async def finished(stream: Any) -> None:
+        while not stream.finished:
+            await asyncio.sleep(0.05)
+
+    async def main() -> Any:
+        async with AsyncFabric(fabric=fab) as afab:
+            stream = await afab.stream(long_prompt, model=TINY_MODEL, max_tokens=LONG_TOKENS)
+            async for _ in stream:
+                break
+            inner = stream.stream
+            del stream
+            await asyncio.wait_for(finished(inner), 60)
+            return inner
+
+    with throttle_process(pid):
+        inner = asyncio.run(main())
+    # Closed by a cancel the server answered, before the request's own end.
+    assert inner.cancelled and inner.result is None
+    assert len(inner.token_ids) < LONG_TOKENS
+
+
+def test_open_streams_do_not_hold_the_pool(fab: Fabric, long_prompt: str) -> None:
     """With every pool thread taken (``max_concurrency=1``, its one thread held here), an open
     stream is still read and still cancelled. When the pool read streams, the reader and the
     cancel waited for a pool thread (and a reader held one for its stream's whole life, so a
@@ -126,7 +153,7 @@ def test_open_streams_do_not_hold_the_pool(fab: Fabric) -> None:
 
     async def main() -> tuple[Any, str]:
         async with AsyncFabric(fabric=fab, max_concurrency=1) as afab:
-            first = await afab.stream(PROMPT, model=TINY_MODEL, max_tokens=480)
+            first = await afab.stream(long_prompt, model=TINY_MODEL, max_tokens=LONG_TOKENS)
             held = threading.Event()
             afab._pool.submit(held.wait)
             try:  # bounded only so that the old code fails instead of hanging

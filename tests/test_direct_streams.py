@@ -17,6 +17,7 @@ from fabric.client.direct import DirectResults
 from fabric.client.streaming import DirectSource, Stream
 from fabric.errors import ModelServerUnavailable
 from fabric.protocol import pack, unpack
+from tests.plugins.site import wait_until
 from tests.test_sdk_validation import result_dict
 
 
@@ -168,5 +169,26 @@ def test_more_open_streams_than_a_process_has_sockets(direct: DirectResults) -> 
         streams = [Stream(_open(server, direct)) for _ in range(1100)]
         assert len(server.identities) == 1
         assert all(list(s) == ["a"] and s.result is not None for s in streams)
+    finally:
+        server.close()
+
+
+def test_a_stream_dropped_unfinished_is_cancelled(direct: DirectResults) -> None:
+    """``for chunk in fab.stream(...): break`` with no ``with``: once the stream is collected
+    its request is cancelled at the server (before, it ran to ``max_tokens`` for nobody) and
+    the connection goes on serving."""
+    server = ScriptedServer([event("a", 1), 30.0, DONE])
+    try:
+        stream = Stream(_open(server, direct))
+        rid = stream.request_id
+        for _chunk in stream:
+            break
+        del stream
+        wait_until(lambda: rid in server.cancels, 10, "the dropped stream's cancel")
+        wait_until(lambda: not any(s.feeds for s in list(direct._servers.values())), 10,
+                   "the dropped stream's feed to go")
+        server.script = [event("b", 2), DONE]
+        assert list(Stream(_open(server, direct))) == ["b"]
+        assert server.cancels == [rid]  # a finished stream is not cancelled when dropped
     finally:
         server.close()

@@ -57,7 +57,7 @@ class Source:
     def __init__(self, member: Member) -> None:
         self.member = member
         self.request_id = f"r-{member.name}"
-        self.closed = False
+        self.closed = self.abandoned = False
 
     def events(self) -> Iterator[dict[str, Any]]:
         for event in self.member.events:
@@ -70,6 +70,9 @@ class Source:
 
     def close(self) -> None:
         self.closed = True
+
+    def abandon(self) -> None:
+        self.abandoned = True
 
 
 def federation(tmp_path: Path, members: dict[str, Member],
@@ -196,6 +199,27 @@ def test_stream_never_moves_after_a_token(three: tuple[Federation, dict[str, Mem
     with pytest.raises(ModelServerUnavailable):
         next(stream)
     assert stream.site == "b" and members["a"].calls == 0 and fed._in_flight == {}
+
+
+def test_a_dropped_stream_is_abandoned_and_no_longer_counted(
+        three: tuple[Federation, dict[str, Member]]) -> None:
+    """A stream left unfinished without close is cancelled at its site when collected, and
+    that site no longer counts it in flight (routing would take it for busier than it is)."""
+    fed, _ = three
+    opened: list[Source] = []
+
+    def record(member: Member) -> Source:
+        opened.append(open_at(member))
+        return opened[-1]
+
+    stream = Stream(FailoverSource(fed, M, record))  # type: ignore[arg-type]
+    assert next(stream) == "a" and fed._in_flight == {"b": 1}
+    del stream
+    assert opened[0].abandoned and fed._in_flight == {}
+    whole = Stream(FailoverSource(fed, M, record))  # type: ignore[arg-type]
+    assert list(whole) == ["a"]
+    del whole
+    assert not opened[1].abandoned  # it finished: nothing to cancel
 
 
 def test_stream_errors_of_the_request_itself_do_not_move(

@@ -146,9 +146,9 @@ def test_streams_and_requests_share_one_long_poll(
 
 
 def test_a_cancelled_polled_stream_stops_at_the_server(
-        polled: tuple[Fabric, CountingTransport]) -> None:
+        polled: tuple[Fabric, CountingTransport], long_prompt: str) -> None:
     fab, _ = polled
-    with fab.stream("The mitochondria is", model=TINY_MODEL, max_tokens=400) as s:
+    with fab.stream(long_prompt, model=TINY_MODEL, max_tokens=400) as s:
         first = next(iter(s))
         was = s.cancel()
         rest = list(s)

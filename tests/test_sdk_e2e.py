@@ -26,7 +26,8 @@ from fabric import (
     UnknownModel,
     UserFunctionError,
 )
-from tests.plugins.site import TINY_MODEL, server_pid
+from fabric.serverclient import ServerClient
+from tests.plugins.site import LONG_TOKENS, TINY_MODEL, server_pid, wait_until
 from tests.plugins.throttle import throttle_process
 
 pytestmark = pytest.mark.slow
@@ -107,27 +108,54 @@ def _server_idle(fab: Fabric, timeout_s: float = 5.0) -> dict[str, Any]:
     return health
 
 
-def test_stream_close_midway_then_serve_again(fab: Fabric) -> None:
+def test_stream_close_midway_then_serve_again(fab: Fabric, long_prompt: str) -> None:
     pid = server_pid(fab)
-    before = _server_idle(fab).get("tokens_total", 0)
+    before = _server_idle(fab)["tokens_total"]
     with throttle_process(pid):  # slowed until the cancel has reached it
-        stream = fab.stream(PROMPT, model=TINY_MODEL, max_tokens=480)
+        stream = fab.stream(long_prompt, model=TINY_MODEL, max_tokens=LONG_TOKENS)
         first = next(stream)
         stream.close()
     assert stream.cancelled and stream.finished and stream.result is None
-    assert isinstance(first, str) and len(stream.token_ids) < 480
-    # The server stopped that request early (it produced far fewer than 480 tokens), holds no
+    assert isinstance(first, str) and len(stream.token_ids) < LONG_TOKENS
+    # The server stopped that request early (uncancelled, it runs all LONG_TOKENS), holds no
     # running slot or KV memory for it, and keeps serving.
-    health = _server_idle(fab)
-    assert health["running"] == 0 and health["kv_used_tokens"] == 0
-    if "tokens_total" in health:
-        assert health["tokens_total"] - before < 480
+    _assert_stopped_early(fab, before)
     result = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=4)
     assert len(result.token_ids) <= 4
 
 
-def test_stream_cancel_from_another_thread(fab: Fabric) -> None:
+def _assert_stopped_early(fab: Fabric, tokens_before: int) -> None:
+    """The server is idle, holds no KV memory, and made fewer than ``LONG_TOKENS`` tokens
+    since ``tokens_before``: the cancelled request did not run to its end."""
+    health = _server_idle(fab)
+    assert health["running"] == 0 and health["kv_used_tokens"] == 0
+    assert health["tokens_total"] - tokens_before < LONG_TOKENS
+
+
+def test_a_stream_dropped_unfinished_is_cancelled(fab: Fabric, long_prompt: str) -> None:
+    """No ``with``, no ``close``: the loop breaks and the stream is dropped. The server stops
+    that request (it ran to ``max_tokens`` for nobody before) and keeps serving."""
     pid = server_pid(fab)
+    before = _server_idle(fab)["tokens_total"]
+    (dep,) = [d for d in fab.deployments() if d["model"] == TINY_MODEL and d.get("health")]
+    got: list[str] = []
+    with throttle_process(pid), ServerClient(dep["address"], dep["public_key"],
+                                             timeout_s=60) as server:
+        for chunk in fab.stream(long_prompt, model=TINY_MODEL, max_tokens=LONG_TOKENS):
+            got.append(chunk)
+            break
+        # Asked of the server itself, not through the site: a health ping the site found
+        # slow (the server runs at 5% here) would count the server as dead.
+        wait_until(lambda: server.health(60)["running"] == 0, 120,
+                   "the dropped stream's request to end at the server")
+    assert len(got) == 1
+    _assert_stopped_early(fab, before)
+    assert len(fab.generate(PROMPT, model=TINY_MODEL, max_tokens=4).token_ids) <= 4
+
+
+def test_stream_cancel_from_another_thread(fab: Fabric, long_prompt: str) -> None:
+    pid = server_pid(fab)
+    before = _server_idle(fab)["tokens_total"]
     got: list[str] = []
     raised: list[BaseException] = []
 
@@ -139,27 +167,30 @@ def test_stream_cancel_from_another_thread(fab: Fabric) -> None:
 
     reader = threading.Thread(target=read)
     with throttle_process(pid):  # slowed from its admission until the cancel has reached it
-        stream = fab.stream(PROMPT, model=TINY_MODEL, max_tokens=400)
+        stream = fab.stream(long_prompt, model=TINY_MODEL, max_tokens=LONG_TOKENS)
         reader.start()
         while not stream.token_ids and reader.is_alive():
             time.sleep(0.005)
         assert stream.cancel() == "running"
     reader.join(30)
     assert not reader.is_alive() and stream.cancelled and raised == []
-    assert len(stream.token_ids) < 400
-    assert _server_idle(fab)["running"] == 0
+    assert len(stream.token_ids) < LONG_TOKENS
+    _assert_stopped_early(fab, before)
 
 
-def test_stream_close_by_long_poll(fab: Fabric) -> None:
+def test_stream_close_by_long_poll(fab: Fabric, long_prompt: str) -> None:
+    pid = server_pid(fab)
+    before = _server_idle(fab)["tokens_total"]
     fab.transport.can_reach_servers = False
     try:
-        stream = fab.stream(PROMPT, model=TINY_MODEL, max_tokens=400)
-        next(stream)
-        stream.close()
+        with throttle_process(pid):
+            stream = fab.stream(long_prompt, model=TINY_MODEL, max_tokens=LONG_TOKENS)
+            next(stream)
+            stream.close()  # through the site: it forwards the cancel to the server
     finally:
         fab.transport.can_reach_servers = True
-    assert stream.cancelled and len(stream.token_ids) < 400
-    assert _server_idle(fab)["running"] == 0
+    assert stream.cancelled and len(stream.token_ids) < LONG_TOKENS
+    _assert_stopped_early(fab, before)
 
 
 def test_chat(fab: Fabric) -> None:

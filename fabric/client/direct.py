@@ -9,6 +9,7 @@ socket per server for every request and stream of this client::
     submit(info, request)      --> future: the result's dict, or the server's typed error
     open_stream(info, request) --> StreamFeed: "accepted" (or "error"), events, then "done"
     cancel(feed)               --> future: what the request was ("queued", "running", ...)
+    abandon(feed)              --> nothing: cancel, answering no one (a dropped Stream)
 
 Nothing waits out a generation at the site, no thread waits per request here (``AsyncFabric``
 awaits the futures), and a thousand open streams are one socket per server, not a thousand
@@ -156,6 +157,24 @@ class DirectResults:
 
         with contextlib.suppress(EndpointError):  # closed: nothing is routed any more
             self._do(drop, lambda exc: None, "forget", {"address": feed.address})
+
+    def abandon(self, feed: StreamFeed) -> None:
+        """Cancel ``feed``'s request and stop routing it, answering no one: its ``Stream``
+        was dropped unfinished. Runs in a finalizer, so it takes no lock (a ``SimpleQueue``
+        put and a pipe write are safe there); once the connection is closed it does nothing."""
+        if self._closed or self._thread is None:
+            return
+
+        def drop(poller: Any) -> None:
+            server = self._servers.get(feed.address)
+            if server is None:  # its connection failed or went idle: nothing runs for it
+                return
+            server.feeds.pop(feed.request_id, None)
+            with contextlib.suppress(Exception):  # the thread must live on
+                server.client.send_cancel(feed.request_id, feed.ticket)
+
+        self._todo.put(drop)
+        self._wake()
 
     def close(self) -> None:
         """Stop the thread; requests still open fail with ``EndpointError``."""

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from fabric.client.routing import Ranked, RoutingConfig, RoutingStats, rank_sites
 from fabric.client.sitestate import SiteStates, probe
+from fabric.client.streaming import quiet_cancel
 from fabric.errors import (
     DeploymentError,
     EndpointError,
@@ -338,8 +339,18 @@ class FailoverSource:
         # The old site may still hold the request (its server only seemed gone): cancel it
         # there, off this thread, so it stops generating what nobody reads.
         source = self._source
-        threading.Thread(target=_quiet_cancel, args=(source,), daemon=True,
+        threading.Thread(target=quiet_cancel, args=(source,), daemon=True,
                          name="fabric-failover-cancel").start()
+
+    def abandon(self) -> None:
+        """The stream was dropped unfinished: cancel at the serving site, without waiting,
+        and stop counting it there."""
+        if not self._closed:
+            self._closed = True
+            self._source.abandon()
+            if self._held is not None:
+                self._fed.done(self._held)
+                self._held = None
 
     def _release(self) -> None:
         with contextlib.suppress(Exception):
@@ -354,7 +365,3 @@ class FailoverSource:
             self._closed = True
             self._release()
 
-
-def _quiet_cancel(source: EventSource) -> None:
-    with contextlib.suppress(Exception):
-        source.cancel()

@@ -11,12 +11,16 @@ Two ways to get the events, chosen by the transport:
   ``fabric.client.poller``: one ``poll_requests`` task for all its open requests).
 
 Either way a ``Stream`` is an iterator of ``str`` chunks; closing or cancelling it before the
-end tells the server to stop generating (it frees the request's KV memory within one step).
+end tells the server to stop generating (it frees the request's KV memory within one step). A
+stream dropped unfinished (``for chunk in fab.stream(...): break``, no ``with``) is cancelled
+the same way when it is garbage-collected, without waiting for the server's answer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import weakref
 from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -49,6 +53,11 @@ class EventSource(Protocol):
 
     def close(self) -> None:
         """Release the connection (does not cancel by itself)."""
+        ...
+
+    def abandon(self) -> None:
+        """Its ``Stream`` was dropped unfinished: cancel and release without waiting (run by
+        a finalizer, so it must not block or take a lock its caller may hold)."""
         ...
 
 
@@ -111,6 +120,10 @@ class DirectSource:
         """Stop following the request (its later messages are dropped)."""
         self._direct.forget(self._feed)
 
+    def abandon(self) -> None:
+        """Cancel over the connection and stop following, answering no one."""
+        self._direct.abandon(self._feed)
+
 
 class PollSource:
     """Events fetched through the client's ``Poller``: one long-poll task at a time serves
@@ -152,6 +165,22 @@ class PollSource:
         """Stop following the request."""
         self._poller.forget(self.request_id)
 
+    def abandon(self) -> None:
+        """Cancel through the endpoint on a thread of its own (a task round trip), then stop
+        following."""
+        threading.Thread(target=quiet_cancel, args=(self, True), daemon=True,
+                         name="fabric-abandoned-stream").start()
+
+
+def quiet_cancel(source: EventSource, close: bool = False) -> None:
+    """Cancel ``source`` (and close it after, if ``close``), whatever fails: for a stream
+    nobody reads any more."""
+    with contextlib.suppress(Exception):
+        source.cancel()
+    if close:
+        with contextlib.suppress(Exception):
+            source.close()
+
 
 class Stream:
     """An iterator of text chunks from one generation.
@@ -186,6 +215,10 @@ class Stream:
         self.cancelled = False
         """True once ``close``/``cancel`` stopped the request before it finished."""
         self._cancel_asked = False
+        # Dropped unfinished: the server stops generating what nobody will read. Not at
+        # interpreter exit (the connections are going then).
+        self._dropped = weakref.finalize(self, source.abandon)
+        self._dropped.atexit = False
 
     @property
     def site(self) -> str | None:
@@ -248,6 +281,7 @@ class Stream:
             if self._finished:
                 return
             self._finished = True
+        self._dropped.detach()
         self._source.close()
 
     @property

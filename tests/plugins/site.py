@@ -21,6 +21,8 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = "tiny-llama"
+LONG_TOKENS = 480
+"""As many tokens as the tiny model's context (512) allows after a short prompt."""
 
 
 def wait_until(cond: Callable[[], Any], timeout_s: float, what: str,
@@ -157,3 +159,22 @@ def site_transport(local_site: LocalSite) -> Iterator[Any]:
         yield transport
     finally:
         transport.close()
+
+
+@pytest.fixture(scope="session")
+def long_prompt(local_site: LocalSite) -> str:
+    """A prompt the tiny model (greedy) does not end early: its stream runs all of
+    ``LONG_TOKENS``, so a test that cancels after the first token cancels a request that has
+    hundreds of tokens to go. Checked here once per session, because a prompt the model ends
+    at EOS makes such a test prove nothing (the mitochondria prompt ends after 76 tokens:
+    the cancel tests' "fewer than 480 tokens" held without any cancel)."""
+    from fabric.client.fabric import Fabric
+
+    prompt = "Proteins fold into shapes"
+    transport = local_site.transport()
+    with Fabric(transport=transport, on_status=None) as fab:
+        result = fab.generate(prompt, model=TINY_MODEL, max_tokens=LONG_TOKENS)
+    transport.close()
+    assert result.finish_reason == "length" and len(result.token_ids) == LONG_TOKENS, (
+        f"the tiny model ends {prompt!r} after {len(result.token_ids)} tokens: pick another")
+    return prompt
