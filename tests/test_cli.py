@@ -112,6 +112,9 @@ class ListSource:
     def close(self) -> None:
         pass
 
+    def abandon(self) -> None:
+        self.cancelled = True
+
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:

@@ -66,6 +66,9 @@ class OneChunk:
     def close(self) -> None:
         pass
 
+    def abandon(self) -> None:
+        pass
+
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:

@@ -274,7 +274,7 @@ class ListSource:
         self._block_after = block_after
         self._answer_after = answer_after
         self.cancelled = threading.Event()
-        self.closed = 0
+        self.closed = self.abandoned = 0
 
     def events(self) -> Iterator[dict[str, Any]]:
         for i, event in enumerate(self._events):
@@ -291,6 +291,9 @@ class ListSource:
 
     def close(self) -> None:
         self.closed += 1
+
+    def abandon(self) -> None:
+        self.abandoned += 1
 
 
 def _events(n: int) -> list[dict[str, Any]]:
@@ -363,6 +366,20 @@ def test_stream_error_is_typed() -> None:
     with pytest.raises(Overloaded) as info:
         next(stream)
     assert info.value.details["retry_after"] == 1.5 and stream.finished
+
+
+def test_only_a_stream_dropped_unfinished_is_abandoned() -> None:
+    """Dropped after one chunk: the source is told once (it cancels at the server). Read to
+    its end, or closed, it is not: there is nothing left to stop."""
+    sources = [ListSource(_events(3)) for _ in range(3)]
+    dropped, whole, closed = (Stream(s) for s in sources)
+    next(dropped)
+    list(whole)
+    next(closed)
+    closed.close()
+    del dropped, whole, closed
+    assert [s.abandoned for s in sources] == [1, 0, 0]
+    assert sources[2].cancelled.is_set() and not sources[0].cancelled.is_set()
 
 
 def test_stream_without_result_is_an_error() -> None:

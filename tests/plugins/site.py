@@ -162,19 +162,12 @@ def site_transport(local_site: LocalSite) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def long_prompt(local_site: LocalSite) -> str:
+def long_prompt(tiny_llama_dir: Path) -> str:
     """A prompt the tiny model (greedy) does not end early: its stream runs all of
     ``LONG_TOKENS``, so a test that cancels after the first token cancels a request that has
-    hundreds of tokens to go. Checked here once per session, because a prompt the model ends
-    at EOS makes such a test prove nothing (the mitochondria prompt ends after 76 tokens:
-    the cancel tests' "fewer than 480 tokens" held without any cancel)."""
-    from fabric.client.fabric import Fabric
+    hundreds of tokens to go. A prompt the model ends at EOS makes such a test prove nothing
+    (the mitochondria prompt ends after 76 tokens: the cancel tests' "fewer than 480
+    tokens" held without any cancel)."""
+    from tests.plugins.servers import no_eos_prompts
 
-    prompt = "Proteins fold into shapes"
-    transport = local_site.transport()
-    with Fabric(transport=transport, on_status=None) as fab:
-        result = fab.generate(prompt, model=TINY_MODEL, max_tokens=LONG_TOKENS)
-    transport.close()
-    assert result.finish_reason == "length" and len(result.token_ids) == LONG_TOKENS, (
-        f"the tiny model ends {prompt!r} after {len(result.token_ids)} tokens: pick another")
-    return prompt
+    return no_eos_prompts(tiny_llama_dir, LONG_TOKENS)[0]
