@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from fabric.client.routing import Ranked, RoutingConfig, RoutingStats, rank_sites
 from fabric.client.sitestate import SiteStates, probe
-from fabric.client.streaming import quiet_cancel
+from fabric.client.streaming import cancel_in_background
 from fabric.errors import (
     DeploymentError,
     EndpointError,
@@ -338,9 +338,7 @@ class FailoverSource:
     def _abandon(self) -> None:
         # The old site may still hold the request (its server only seemed gone): cancel it
         # there, off this thread, so it stops generating what nobody reads.
-        source = self._source
-        threading.Thread(target=quiet_cancel, args=(source,), daemon=True,
-                         name="fabric-failover-cancel").start()
+        cancel_in_background(self._source)
 
     def abandon(self) -> None:
         """The stream was dropped unfinished: cancel at the serving site, without waiting,
@@ -348,13 +346,14 @@ class FailoverSource:
         if not self._closed:
             self._closed = True
             self._source.abandon()
-            if self._held is not None:
-                self._fed.done(self._held)
-                self._held = None
+            self._let_site_go()
 
     def _release(self) -> None:
         with contextlib.suppress(Exception):
             self._source.close()
+        self._let_site_go()
+
+    def _let_site_go(self) -> None:
         if self._held is not None:
             self._fed.done(self._held)
             self._held = None

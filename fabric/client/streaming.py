@@ -166,20 +166,22 @@ class PollSource:
         self._poller.forget(self.request_id)
 
     def abandon(self) -> None:
-        """Cancel through the endpoint on a thread of its own (a task round trip), then stop
-        following."""
-        threading.Thread(target=quiet_cancel, args=(self, True), daemon=True,
-                         name="fabric-abandoned-stream").start()
+        """Cancel through the endpoint (a task round trip, so off the caller's thread), then
+        stop following."""
+        cancel_in_background(self, close=True)
 
 
-def quiet_cancel(source: EventSource, close: bool = False) -> None:
-    """Cancel ``source`` (and close it after, if ``close``), whatever fails: for a stream
-    nobody reads any more."""
-    with contextlib.suppress(Exception):
-        source.cancel()
-    if close:
+def cancel_in_background(source: EventSource, close: bool = False) -> None:
+    """Cancel ``source`` on a thread of its own (and close it after, if ``close``), whatever
+    fails: for a stream nobody reads any more, without making its caller wait."""
+    def run() -> None:
         with contextlib.suppress(Exception):
-            source.close()
+            source.cancel()
+        if close:
+            with contextlib.suppress(Exception):
+                source.close()
+
+    threading.Thread(target=run, daemon=True, name="fabric-background-cancel").start()
 
 
 class Stream:
