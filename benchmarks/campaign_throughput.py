@@ -29,8 +29,9 @@ sys.path.insert(0, str(REPO))
 
 
 def write_site(folder: Path, model: str, model_dir: Path | None, workers: int,
-               threads: int) -> Path:
-    """A temporary site definition serving ``model`` (a path entry for the tiny model)."""
+               threads: int, server: dict[str, Any] | None = None) -> Path:
+    """A temporary site definition serving ``model`` (a path entry for the tiny model);
+    ``server``: more ``ServerConfig`` fields."""
     data: dict[str, Any] = {
         "name": "bench-local", "description": "campaign benchmark site",
         "state_dir": str(folder / "state"), "max_request_workers": workers,
@@ -38,7 +39,7 @@ def write_site(folder: Path, model: str, model_dir: Path | None, workers: int,
                               "max_blocks": 1},
                  "launcher": {"type": "SingleNodeLauncher"}, "walltime": "01:00:00"},
         "server": {"idle_timeout_s": 600, "ready_timeout_s": 600,
-                   "threads_per_rank": threads},
+                   "threads_per_rank": threads, **(server or {})},
         "models": [{"name": model, "plan": {"pp": 1, "tp": 1}}], "extra_models": [],
     }
     if model_dir is not None:

@@ -30,6 +30,7 @@ gateway's own added latency per request (``single.ttft_median_diff_ms``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import subprocess
 import sys
@@ -39,7 +40,7 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import common
 from campaign_throughput import write_site
@@ -51,9 +52,18 @@ def prompts(n: int, offset: int) -> list[str]:
     return [f"Story {offset + i}: once upon a time, a scientist" for i in range(n)]
 
 
-Timing = tuple[float, float, int, float]
-"""One stream's (time to first text, time until the call returned, tokens, when it ended:
-``perf_counter``)."""
+class Timing(NamedTuple):
+    """One stream's figures (seconds from its call)."""
+
+    first: float
+    """Time to its first text."""
+    admit: float
+    """Time until the call returned."""
+    tokens: int
+    end: float
+    """When it ended (``perf_counter``)."""
+    wire: float = 0.0
+    """Time until the ``openai`` client handed the request to its HTTP library (0: SDK)."""
 
 
 One = Callable[[str], Timing] | Callable[[str], Awaitable[Timing]]
@@ -67,7 +77,7 @@ def burst(sides: Sequence[tuple[One, list[str]]], loop: asyncio.AbstractEventLoo
     one round's figures per side."""
     order = sorted(((j, k) for k, (_, texts) in enumerate(sides) for j in range(len(texts))))
     calls = [(sides[k][0], sides[k][1][j]) for j, k in order]
-    out: list[Timing] = [(0.0, 0.0, 0, 0.0)] * len(calls)
+    out: list[Timing] = [Timing(0.0, 0.0, 0, 0.0)] * len(calls)
     blocking = [i for i, (one, _) in enumerate(calls) if not asyncio.iscoroutinefunction(one)]
     tasks = [i for i in range(len(calls)) if i not in set(blocking)]
     start = threading.Barrier(len(blocking) + 1)
@@ -77,7 +87,7 @@ def burst(sides: Sequence[tuple[One, list[str]]], loop: asyncio.AbstractEventLoo
         out[i] = calls[i][0](calls[i][1])  # type: ignore[assignment]
 
     async def gather() -> None:
-        done = await asyncio.gather(*(calls[i][0](calls[i][1]) for i in tasks))  # type: ignore[misc]
+        done = await asyncio.gather(*(calls[i][0](calls[i][1]) for i in tasks))  # type: ignore[arg-type]
         for i, timing in zip(tasks, done, strict=True):
             out[i] = timing
 
@@ -94,9 +104,9 @@ def burst(sides: Sequence[tuple[One, list[str]]], loop: asyncio.AbstractEventLoo
     rounds = []
     for k in range(len(sides)):
         part = [timing for (_, side), timing in zip(order, out, strict=True) if side == k]
-        rounds.append({"seconds": max(end for *_, end in part) - t0,
-                       "tokens": sum(n for _, _, n, _ in part),
-                       "ttft": [f for f, *_ in part], "admit": [a for _, a, *_ in part]})
+        rounds.append({"seconds": max(t.end for t in part) - t0,
+                       "tokens": sum(t.tokens for t in part), "ttft": [t.first for t in part],
+                       "admit": [t.admit for t in part], "wire": [t.wire for t in part]})
     return rounds
 
 
@@ -137,14 +147,19 @@ class Sides:
             keepalive_expiry=self.keepalive_s)
         kw: dict[str, Any] = {"base_url": self.base_url, "api_key": "EMPTY", "max_retries": 0,
                               "timeout": 600}
+        http_kw: dict[str, Any] = {} if limits is None else {"limits": limits}
         self.close_client()
         if self.gw_style == "threads":
-            http = openai.DefaultHttpxClient(limits=limits) if limits else None
-            self.client = openai.OpenAI(http_client=http, **kw)
+            http_kw["event_hooks"] = {"request": [lambda _: _on_wire()]}
+            self.client = openai.OpenAI(http_client=openai.DefaultHttpxClient(**http_kw), **kw)
         else:
+            async def hook(_: Any) -> None:
+                _on_wire()
+
             async def make() -> Any:
-                http = openai.DefaultAsyncHttpxClient(limits=limits) if limits else None
-                return openai.AsyncOpenAI(http_client=http, **kw)
+                http_kw["event_hooks"] = {"request": [hook]}
+                return openai.AsyncOpenAI(http_client=openai.DefaultAsyncHttpxClient(**http_kw),
+                                          **kw)
             self.client = self.run(make())
 
     def close_client(self) -> None:
@@ -232,12 +247,14 @@ class Sides:
 
 
 class Clock:
-    """One stream's clock, started at the call: when it returned, its first non-empty text."""
+    """One stream's clock, started at the call: when the ``openai`` client handed its request
+    to the HTTP library (``wire``), when the call returned, its first non-empty text."""
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
-        self.admit = self.first = 0.0
+        self.admit = self.first = self.wire = 0.0
         self.tokens = 0
+        CLOCK.set(self)
 
     def admitted(self) -> None:
         """The call returned (the stream is open)."""
@@ -256,8 +273,20 @@ class Clock:
 
     def timing(self, tokens: int | None = None) -> Timing:
         """The stream's ``Timing`` (``tokens``: the count, if not from usage chunks)."""
-        return (self.first, self.admit, self.tokens if tokens is None else tokens,
-                time.perf_counter())
+        return Timing(self.first, self.admit, self.tokens if tokens is None else tokens,
+                      time.perf_counter(), self.wire)
+
+
+CLOCK: contextvars.ContextVar[Clock] = contextvars.ContextVar("clock")
+"""The clock of the stream the running thread (or task) is calling: each thread, and each
+asyncio task, has its own context."""
+
+
+def _on_wire() -> None:
+    """The HTTP library's request hook: the ``openai`` client is done building the request."""
+    clock = CLOCK.get(None)
+    if clock is not None and not clock.wire:
+        clock.wire = time.perf_counter() - clock.t0
 
 
 STYLES = {"threads": ("threads", "threads"), "asyncio": ("asyncio", "asyncio"),
@@ -313,10 +342,12 @@ def figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     tokens = sum(r["tokens"] for r in runs)
     ttft = [x for r in runs for x in r["ttft"]]
     admit = [x for r in runs for x in r["admit"]]
+    wire = [x for r in runs for x in r["wire"]]
     return {"tokens": tokens, "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
             "ttft_ms": common.summary(ttft, scale=1000.0, digits=1),
             "admit_ms": common.summary(admit, scale=1000.0, digits=1),
+            "wire_ms": common.summary(wire, scale=1000.0, digits=1),
             "ttft_median_per_round_ms": [round(median(r["ttft"]) * 1000, 1) for r in runs]}
 
 
@@ -349,6 +380,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2, help="rounds per side, alternating")
     p.add_argument("--workers", type=int, default=4, help="request workers at the site")
     p.add_argument("--threads", type=int, default=1, help="OMP threads of the server")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="the server's tokens per step (default: the site default)")
     p.add_argument("--keepalive-s", type=float, default=60.0,
                    help="how long the openai client keeps idle connections (default 60)")
     p.add_argument("--cold", action="store_true",
@@ -374,7 +407,8 @@ def main() -> int:
         from fabric.testing.tiny import build_tiny_llama
 
         model, model_dir = "tiny-llama", build_tiny_llama(tmp / "tiny")
-    site_dir = write_site(tmp / "site", model, model_dir, args.workers, args.threads)
+    server = {} if args.max_batch_tokens is None else {"max_batch_tokens": args.max_batch_tokens}
+    site_dir = write_site(tmp / "site", model, model_dir, args.workers, args.threads, server)
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
     start_site(str(site_dir), timeout_s=600)
     gateway = sides = None
@@ -419,7 +453,7 @@ def main() -> int:
     s, g = figures(sdk), figures(gw)
     common.emit({
         "benchmark": "gateway", "model": model, "streams": args.streams,
-        "max_tokens": args.max_tokens, "rounds": args.rounds,
+        "max_tokens": args.max_tokens, "rounds": args.rounds, "server": server,
         "style": dict(zip(("sdk", "openai"), STYLES[args.style], strict=True)),
         "openai_connections": "new per round" if args.cold else f"kept {args.keepalive_s:g} s",
         "sdk": s, "gateway": g,
@@ -430,6 +464,10 @@ def main() -> int:
             [[x * 1000 for x in r["ttft"]] for r in gw]),
         "ttft_median_sdk_ms": round(median([x * 1000 for r in sdk for x in r["ttft"]]), 1),
         "admit_median_diff_ms": round(g["admit_ms"]["median"] - s["admit_ms"]["median"], 1),
+        "openai_client_ms": g["wire_ms"],
+        "ttft_from_wire_median_diff_ms": round(
+            median([(f - w) * 1000 for r in gw for f, w in zip(r["ttft"], r["wire"], strict=True)])
+            - s["ttft_ms"]["median"], 1),
         "single": single,
         "together": together_figures(mixed) if mixed else None,
     })
