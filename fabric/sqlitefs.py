@@ -9,6 +9,7 @@ which those file systems implement across nodes). A leaf module: every package m
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 SHARED_FS_TYPES = frozenset({"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3",
@@ -39,8 +40,16 @@ def filesystem_type(path: Path, mounts: str | None = None) -> str:
 
 def journal_mode(path: Path, mounts: str | None = None) -> str:
     """SQLite journal mode for a database at ``path``: ``WAL`` on a local file system,
-    ``DELETE`` on a shared one (``SHARED_FS_TYPES``, or any ``fuse.*`` mount)."""
-    kind = filesystem_type(path, mounts)
+    ``DELETE`` on a shared one (``SHARED_FS_TYPES``, or any ``fuse.*`` mount). Kept per path
+    and mount table for the life of the process: every connection asks (a site's request
+    workers open several per admission), and reading the mount table each time cost more
+    than the query."""
+    return _journal_mode(str(path), mounts or MOUNTS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _journal_mode(path: str, mounts: str) -> str:
+    kind = filesystem_type(Path(path), mounts)
     if kind in SHARED_FS_TYPES or kind.startswith("fuse."):
         return "DELETE"
     return "WAL"

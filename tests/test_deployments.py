@@ -21,7 +21,7 @@ import pytest
 from fabric.catalog import Catalog
 from fabric.client.local import LocalTransport, site_status
 from fabric.endpoint import functions
-from fabric.endpoint.deployments import DeploymentManager
+from fabric.endpoint.deployments import TOUCH_EVERY_S, DeploymentManager
 from fabric.sites import load_site
 from tests.plugins.site import TINY_MODEL, LocalSite, site_manager, wait_until, write_site
 
@@ -102,6 +102,15 @@ def test_concurrent_ensure_launches_once(manager: DeploymentManager) -> None:
     assert health is not None and health["state"] == "ready"
     status = manager.status(entry)
     assert status["state"] == "ready" and status["idle_s"] >= 0
+    # A warm server's last use is written at most every TOUCH_EVERY_S: each write locks the
+    # state db against every request worker's admissions.
+    manager.ensure(entry)
+    used = manager.db.get(records[0].id).last_used
+    manager.ensure(entry)
+    assert manager.db.get(records[0].id).last_used == used
+    time.sleep(TOUCH_EVERY_S)
+    manager.ensure(entry)
+    assert manager.db.get(records[0].id).last_used > used
 
     pid = _server_pid(records[0].to_dict())
     gone = manager.undeploy(records[0].id)

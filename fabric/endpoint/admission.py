@@ -43,10 +43,14 @@ MODES = ("direct", "poll")
 
 
 def admit(ctx: SiteContext, request: dict[str, Any], auth: Any, mode: str,
-          clients: dict[str, Any] | None = None) -> tuple[dict[str, Any], str, Any]:
+          clients: dict[str, Any] | None = None,
+          ready: dict[tuple[str, str | None], Any] | None = None
+          ) -> tuple[dict[str, Any], str, Any]:
     """Admit one request (see the module doc): its info, the caller's identity and the
     deployment. In ``poll`` mode the request is already submitted to the server, over a
-    connection kept in ``clients`` (by address; the caller closes them) when given."""
+    connection kept in ``clients`` (by address; the caller closes them) when given.
+    ``ready``: the servers this task has already ensured, by (model, version); one ensure
+    (a health ping, a state write) serves all of a batch's requests for a model."""
     from fabric import tickets
     from fabric.protocol import validate_request
 
@@ -54,7 +58,11 @@ def admit(ctx: SiteContext, request: dict[str, Any], auth: Any, mode: str,
         raise InvalidRequest(f"mode must be one of {MODES}, got {mode!r}", param="mode")
     req = validate_request(request)
     identity = ctx.authorize(auth, req.model, token_estimate(req))
-    dep = ctx.manager.ensure(ctx.entry(req.model, req.version))
+    dep = None if ready is None else ready.get((req.model, req.version))
+    if dep is None:
+        dep = ctx.manager.ensure(ctx.entry(req.model, req.version))
+        if ready is not None:
+            ready[(req.model, req.version)] = dep
     # Bound to exactly this request and spent on its submit (the client submits at once);
     # its life covers the stream's polls and cancel. ``account``: the server counts the
     # tokens it delivers (the client may stream them directly and disconnect at any time)
@@ -109,9 +117,10 @@ def admit_many(ctx: SiteContext, items: list[dict[str, Any]], auth: Any) -> list
     identity, deps = "", []
     hold_s, first_events = 0.0, False
     clients: dict[str, Any] = {}  # one connection per server for every submit
+    ready: dict[tuple[str, str | None], Any] = {}
     try:
         for item in items:
-            info, who, dep, mode = _admit_item(ctx, item, auth, clients, out)
+            info, who, dep, mode = _admit_item(ctx, item, auth, clients, ready, out)
             if info is None:
                 continue
             identity = who
@@ -130,7 +139,8 @@ def admit_many(ctx: SiteContext, items: list[dict[str, Any]], auth: Any) -> list
 
 
 def _admit_item(ctx: SiteContext, item: Any, auth: Any, clients: dict[str, Any],
-                out: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str, Any, str]:
+                ready: dict[tuple[str, str | None], Any], out: list[dict[str, Any]]
+                ) -> tuple[dict[str, Any] | None, str, Any, str]:
     """Admit one entry of ``open_streams`` and append its answer to ``out``: (info,
     identity, deployment, mode), info None when it was refused."""
     from fabric.endpoint.registry import note_refusal
@@ -140,7 +150,7 @@ def _admit_item(ctx: SiteContext, item: Any, auth: Any, clients: dict[str, Any],
             raise InvalidRequest("an admission is {request: {...}, mode, hold_s, "
                                  "first_events}", param="items")
         mode = str(item.get("mode", "direct"))
-        info, identity, dep = admit(ctx, item["request"], auth, mode, clients)
+        info, identity, dep = admit(ctx, item["request"], auth, mode, clients, ready)
     except FabricError as err:
         request = item.get("request") if isinstance(item, dict) else None
         note_refusal(str(request.get("model") or "") if isinstance(request, dict) else "", err)

@@ -44,6 +44,9 @@ from fabric.sites import Plan, SiteConfig
 
 HEALTH_TIMEOUT_S = 3.0
 """How long a health ping may take before the server counts as gone."""
+TOUCH_EVERY_S = 1.0
+"""A ready server's last use is written at most this often: each write is a write-locked
+transaction that the site's request workers queue on, and idle times are minutes."""
 
 
 class DeploymentManager:
@@ -66,7 +69,8 @@ class DeploymentManager:
         """
         dep = self._find_or_launch(entry, plan)
         if dep.state == "ready":
-            self.db.touch(dep.id)
+            if time.time() - dep.last_used >= TOUCH_EVERY_S:
+                self.db.touch(dep.id)
             return dep
         return self.wait_ready(dep.id, wait_s)
 
