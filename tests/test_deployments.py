@@ -73,7 +73,8 @@ def _entry(mgr: DeploymentManager) -> Any:
 
 
 @pytest.mark.slow  # launches a model server (~10 s)
-def test_concurrent_ensure_launches_once(manager: DeploymentManager) -> None:
+def test_concurrent_ensure_launches_once(manager: DeploymentManager,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Two requests for a cold model at once (separate managers, as in separate workers)."""
     entry = _entry(manager)
     other = DeploymentManager(manager.site, manager.state_dir)
@@ -102,6 +103,12 @@ def test_concurrent_ensure_launches_once(manager: DeploymentManager) -> None:
     assert health is not None and health["state"] == "ready"
     status = manager.status(entry)
     assert status["state"] == "ready" and status["idle_s"] >= 0
+    # The admissions' fast path asks a warm server itself, not the batch scheduler (an
+    # squeue per admission); the full check (status, the reaper) still asks it.
+    asked: list[Any] = []
+    launcher = manager.launcher()
+    monkeypatch.setattr(launcher, "status", lambda ids, real=launcher.status: (
+        asked.append(ids), real(ids))[1])
     # A warm server's last use is written at most every TOUCH_EVERY_S: each write locks the
     # state db against every request worker's admissions.
     manager.ensure(entry)
@@ -111,6 +118,8 @@ def test_concurrent_ensure_launches_once(manager: DeploymentManager) -> None:
     time.sleep(TOUCH_EVERY_S)
     manager.ensure(entry)
     assert manager.db.get(records[0].id).last_used > used
+    assert asked == []
+    assert manager.refresh(records[0]).state == "ready" and asked == [[records[0].job_id]]
 
     pid = _server_pid(records[0].to_dict())
     gone = manager.undeploy(records[0].id)

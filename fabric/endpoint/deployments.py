@@ -205,8 +205,11 @@ class DeploymentManager:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def refresh(self, dep: Deployment) -> Deployment:
-        """Advance ``dep`` by what its job, info file and health ping say now."""
+    def refresh(self, dep: Deployment, quick: bool = False) -> Deployment:
+        """Advance ``dep`` by what its job, info file and health ping say now. ``quick`` (the
+        admission's fast path): a ready server that answers its health ping ready is taken
+        at its word, without asking the batch scheduler: that is an ``squeue`` or ``qstat``
+        (two, with Parsl's own) per admission, which a busy site's scheduler rate-limits."""
         if dep.state == "dead":
             return dep
         info = _read_json(Path(dep.info_path)) if dep.info_path else None
@@ -219,12 +222,17 @@ class DeploymentManager:
             return self._mark_dead(dep, f"model server exited: {info.get('reason') or 'stopped'}")
         if info and _local_pid_dead(dep.address, info.get("pid")):
             return self._mark_dead(dep, "model server process exited" + self._log_tail(dep))
+        asked = quick and dep.state == "ready" and bool(dep.address)
+        health = self.health(dep) if asked else None
+        if health is not None and health.get("state") == "ready":
+            return dep
         job = self._job_status(dep)
         if job is not None and job.state.terminal:
             return self._mark_dead(dep, f"job {job.state.value}"
                                    + (f" ({job.message})" if job.message else "")
                                    + self._log_tail(dep))
-        health = self.health(dep) if dep.address else None
+        if not asked:
+            health = self.health(dep) if dep.address else None
         if health is not None:
             state = {"ready": "ready", "draining": "draining"}.get(str(health.get("state")),
                                                                   "loading")
@@ -301,7 +309,7 @@ class DeploymentManager:
         # Fast path, no lock: a warm server that answers its health ping (the common case, so
         # concurrent requests do not queue on the launch lock).
         for dep in self._live(entry, plan if exact_plan else None):
-            if dep.state == "ready" and self.refresh(dep).state == "ready":
+            if dep.state == "ready" and self.refresh(dep, quick=True).state == "ready":
                 return dep
         # Where the weights are and what the site knows of their hash: no weight file is read
         # here (a request worker on a login node); the server converts and hashes on its node.
