@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -28,7 +29,7 @@ from fabric.errors import (
     UserFunctionError,
 )
 from fabric.wire import framing, gcwire
-from tests.plugins.site import LocalSite, wait_until, write_site
+from tests.plugins.site import TINY_MODEL, LocalSite, wait_until, write_site
 
 
 # Shipped by reference: the site's workers import this module (PYTHONPATH has the repo root).
@@ -379,6 +380,44 @@ def test_autostart_sigterm_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert stop_site(str(folder)) is None
     assert main(["endpoint", "status", "--site", str(folder)]) == 3
     assert _wait_for(lambda: not _processes_mentioning(str(folder)), 30)
+
+
+@pytest.mark.slow  # a site and a model server (~15 s)
+def test_stop_all_stops_the_servers_a_stopped_site_left(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tiny_llama_dir: Path) -> None:
+    """A plain stop leaves the model servers warm (they exit on their idle timeout); a later
+    ``stop --all`` stops them although the site is down. It said only "not running" and left
+    them running."""
+    from fabric.cli.endpoint import main
+    from fabric.endpoint.deployments import DeploymentManager
+    from fabric.sites import load_site
+
+    folder = write_site(tmp_path / "s", workers=1, model_dir=tiny_llama_dir)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    transport = LocalTransport(site=str(folder))
+    try:
+        transport.submit(functions.run_request, {
+            "model": TINY_MODEL, "prompt": "The cell",
+            "sampling": {"max_tokens": 2}}).result(timeout=300)
+    finally:
+        transport.close()
+    servers = str(folder / "state" / "servers")
+    try:
+        assert main(["endpoint", "stop", "--site", str(folder)]) == 0
+        capsys.readouterr()
+        records = DeploymentManager(load_site(str(folder)), folder / "state").db
+        [dep] = records.query(states=("ready",))
+        assert _processes_mentioning(servers), "the plain stop stopped the server"
+        assert main(["endpoint", "stop", "--all", "--site", str(folder)]) == 0
+        out = capsys.readouterr().out
+        assert "is not running" in out and "stopped 1 model server" in out, out
+        assert records.get(dep.id).state == "dead"  # type: ignore[union-attr]
+        assert _wait_for(lambda: not _processes_mentioning(servers), 30)
+    finally:
+        for pid in _processes_mentioning(servers):  # whatever the outcome, none is left
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow  # starts a site (~6 s)

@@ -38,7 +38,8 @@ def register(subparsers: Any) -> None:
     stop = sub.add_parser("stop", help="stop the site (model servers exit on their idle timeout)")
     _common(stop)
     stop.add_argument("--all", action="store_true",
-                      help="also drain and stop every model server the site launched")
+                      help="also drain and stop every model server the site launched "
+                           "(also when the site itself is already down)")
     stop.set_defaults(func=cmd_stop)
 
 
@@ -86,12 +87,25 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
     reply = stop_site(args.site, args.state_dir, all=args.all)
     if reply is None:
-        print(f"site {args.site} is not running")
+        # Servers outlive a plain stop (they exit on their idle timeout): --all stops them
+        # without the site, from the deployment records in its state dir.
+        left = _undeploy_without_site(args) if args.all else []
+        extra = f"; stopped {len(left)} model server(s) it had left running" if left else ""
+        print(f"site {args.site} is not running{extra}")
         return 0
     stopped = reply.get("undeployed") or []
     extra = f"; stopped {len(stopped)} model server(s)" if stopped else ""
     print(f"site {args.site} stopped{extra}")
     return 0
+
+
+def _undeploy_without_site(args: argparse.Namespace) -> list[str]:
+    """``stop --all`` of a site that is down: its live deployments' servers, stopped here."""
+    from fabric.endpoint.deployments import undeploy_all
+    from fabric.sites import resolve_site
+
+    site, _, state_dir = resolve_site(args.site, args.state_dir)
+    return undeploy_all(site, state_dir)
 
 
 def _workers(status: dict[str, Any]) -> str:

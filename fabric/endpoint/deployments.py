@@ -443,6 +443,18 @@ class DeploymentManager:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def undeploy_all(site: SiteConfig, state_dir: Path, drain_wait_s: float = 5.0) -> list[str]:
+    """Drain and stop every model server recorded in ``state_dir`` that is not dead (what
+    ``fabric endpoint stop --all`` does, through the site or, when the site is down, from the
+    CLI); the ids stopped."""
+    mgr = DeploymentManager(site, state_dir)
+    done = []
+    for dep in mgr.db.query(states=("queued", "loading", "ready", "draining")):
+        mgr.undeploy(dep.id, drain_wait_s=drain_wait_s)
+        done.append(dep.id)
+    return done
+
+
 def _job_name(dep_id: str) -> str:
     return f"fabric-{dep_id}"
 

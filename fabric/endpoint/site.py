@@ -431,14 +431,9 @@ class SiteProcess:
         return sum(int(m.get("worker_count", 0)) for m in managers if m.get("active", True))
 
     def _undeploy_all(self) -> list[str]:
-        from fabric.endpoint.deployments import DeploymentManager
+        from fabric.endpoint.deployments import undeploy_all
 
-        mgr = DeploymentManager(self.site, self.state_dir)
-        done = []
-        for dep in mgr.db.query(states=("queued", "loading", "ready", "draining")):
-            mgr.undeploy(dep.id, drain_wait_s=5.0)
-            done.append(dep.id)
-        return done
+        return undeploy_all(self.site, self.state_dir)
 
     def _reply(self, conn: Conn, frames: list[bytes]) -> None:
         """Send ``frames`` to the client on ``conn``, from whichever thread has them."""
