@@ -27,18 +27,30 @@ PERIOD_US = 20_000
 
 
 @contextlib.contextmanager
-def throttle_process(pid: int, share: float = 0.05) -> Iterator[None]:
+def throttle_process(pid: int, share: float = 0.05) -> Iterator[str]:
     """Let process ``pid`` use at most ``share`` of one CPU while the block runs; it goes on
-    freely after (and nothing is left behind, even when the block raises)."""
+    freely after (and nothing is left behind, even when the block raises). The block gets
+    how: ``"cgroup"`` (a kernel quota) or ``"signals"`` (the fallback)."""
     group = _cpu_group(pid, share)
     if group is None:
         with _signal_duty(pid, run_s=0.002, stop_s=0.02):
-            yield
+            yield "signals"
         return
     try:
-        yield
+        yield "cgroup"
     finally:
         _leave(group, pid)
+
+
+def cgroup_possible() -> bool:
+    """Whether this process may make a CPU cgroup (root, a cpu controller, a writable tree):
+    where it may, the throttle must not fall back to signals unnoticed."""
+    if os.geteuid() != 0:
+        return False
+    if (V1_CPU / "cpu.cfs_quota_us").exists():
+        return os.access(V1_CPU, os.W_OK)
+    return ("cpu" in _read(V2_ROOT / "cgroup.subtree_control").split()
+            and os.access(V2_ROOT, os.W_OK))
 
 
 def _cpu_group(pid: int, share: float) -> Path | None:
