@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import common
-import yaml
+from campaign_throughput import LOCAL_JOBS, write_site
 from common import log, median, ratio
 
 from fabric.testing import netns_cluster
@@ -33,19 +33,13 @@ from fabric.testing import netns_cluster
 SCHEDULER_COMMANDS = ("squeue", "sacct", "qstat", "ps")
 
 
-def _site(folder: Path, tiny: Path, jobs: dict[str, Any], network: dict[str, Any]) -> Any:
+def _manager(folder: Path, tiny: Path, jobs: dict[str, Any], server: dict[str, Any]) -> Any:
+    """A deployment manager for a site serving the tiny model, its servers launched by
+    ``jobs``."""
     from fabric.endpoint.deployments import DeploymentManager
     from fabric.sites import load_site
 
-    folder.mkdir(parents=True)
-    data = {"name": f"admission-bench-{folder.name}", "state_dir": str(folder / "state"),
-            "max_request_workers": 1, "jobs": jobs,
-            "server": {"idle_timeout_s": 3600, "ready_timeout_s": 600,
-                       "threads_per_rank": 1, **network},
-            "models": [{"name": "tiny-llama", "plan": {"pp": 1, "tp": 1}}],
-            "extra_models": [{"name": "tiny-llama", "version": "bench", "family": "causal-lm",
-                              "source": {"kind": "path", "path": str(tiny)}}]}
-    (folder / "fabric.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    write_site(folder, "tiny-llama", tiny, workers=1, threads=1, server=server, jobs=jobs)
     site = load_site(str(folder))
     return DeploymentManager(site, site.resolved_state_dir())
 
@@ -115,13 +109,11 @@ def main() -> None:
                                     "exclusive": False, "cmd_timeout": 30},
                        "launcher": {"type": "SrunLauncher"}, "walltime": "00:30:00"},
                       {"network": {"advertise": netns_cluster.SUBNET}}),
-            "local": ({"provider": {"type": "LocalProvider", "init_blocks": 0, "min_blocks": 0,
-                                    "max_blocks": 1},
-                       "launcher": {"type": "SingleNodeLauncher"}, "walltime": "00:30:00"}, {}),
+            "local": (LOCAL_JOBS, {}),
         }
         try:
-            for name, (jobs, network) in sites.items():
-                mgr = _site(Path(tmp) / name, tiny, jobs, network)
+            for name, (jobs, server) in sites.items():
+                mgr = _manager(Path(tmp) / name, tiny, jobs, server)
                 entry = Catalog().with_entries(mgr.site.extra_models).get("tiny-llama")
                 dep = mgr.ensure(entry, wait_s=600)
                 log(f"{name}: {dep.id} ready at {dep.address}")

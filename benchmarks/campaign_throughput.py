@@ -28,16 +28,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+LOCAL_JOBS: dict[str, Any] = {
+    "provider": {"type": "LocalProvider", "init_blocks": 0, "min_blocks": 0, "max_blocks": 1},
+    "launcher": {"type": "SingleNodeLauncher"}, "walltime": "01:00:00"}
+"""Model servers as local jobs (Parsl's ``LocalProvider``)."""
+
+
 def write_site(folder: Path, model: str, model_dir: Path | None, workers: int,
-               threads: int, server: dict[str, Any] | None = None) -> Path:
+               threads: int, server: dict[str, Any] | None = None,
+               jobs: dict[str, Any] | None = None) -> Path:
     """A temporary site definition serving ``model`` (a path entry for the tiny model);
-    ``server``: more ``ServerConfig`` fields."""
+    ``server``: more ``ServerConfig`` fields; ``jobs``: how servers are launched (default
+    ``LOCAL_JOBS``)."""
     data: dict[str, Any] = {
         "name": "bench-local", "description": "campaign benchmark site",
         "state_dir": str(folder / "state"), "max_request_workers": workers,
-        "jobs": {"provider": {"type": "LocalProvider", "init_blocks": 0, "min_blocks": 0,
-                              "max_blocks": 1},
-                 "launcher": {"type": "SingleNodeLauncher"}, "walltime": "01:00:00"},
+        "jobs": jobs or LOCAL_JOBS,
         "server": {"idle_timeout_s": 600, "ready_timeout_s": 600,
                    "threads_per_rank": threads, **(server or {})},
         "models": [{"name": model, "plan": {"pp": 1, "tp": 1}}], "extra_models": [],

@@ -449,7 +449,7 @@ def undeploy_all(site: SiteConfig, state_dir: Path, drain_wait_s: float = 5.0) -
     CLI); the ids stopped."""
     mgr = DeploymentManager(site, state_dir)
     done = []
-    for dep in mgr.db.query(states=("queued", "loading", "ready", "draining")):
+    for dep in mgr.db.query(states=(*LIVE_STATES, "draining")):
         mgr.undeploy(dep.id, drain_wait_s=drain_wait_s)
         done.append(dep.id)
     return done

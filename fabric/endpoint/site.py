@@ -392,7 +392,9 @@ class SiteProcess:
             elif op == "stop":
                 self.stop_all = bool(msg.get("all"))
                 if self.stop_all:
-                    reply["undeployed"] = self._undeploy_all()
+                    from fabric.endpoint.deployments import undeploy_all
+
+                    reply["undeployed"] = undeploy_all(self.site, self.state_dir)
                 reply["stopping"] = True
             elif op == "ping":
                 reply["pid"] = os.getpid()
@@ -429,11 +431,6 @@ class SiteProcess:
             log.debug("cannot count the engine's workers", exc_info=True)
             return None
         return sum(int(m.get("worker_count", 0)) for m in managers if m.get("active", True))
-
-    def _undeploy_all(self) -> list[str]:
-        from fabric.endpoint.deployments import undeploy_all
-
-        return undeploy_all(self.site, self.state_dir)
 
     def _reply(self, conn: Conn, frames: list[bytes]) -> None:
         """Send ``frames`` to the client on ``conn``, from whichever thread has them."""
