@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fabric.errors import FabricError, InvalidRequest
 
 if TYPE_CHECKING:
+    from fabric.client.loopfeed import LoopDirectSource
     from fabric.client.streaming import Stream
     from fabric.protocol import GenerationResult
     from fabric.sdk import Fabric
@@ -129,9 +130,29 @@ class AsyncFabric:
 
     async def stream(self, prompt: str | None = None, **kwargs: Any) -> AsyncStream:
         """``Fabric.stream``: awaits the request's admission, then returns an ``AsyncStream``
-        (``async for chunk in stream``)."""
-        stream = await self._call(self.fabric.stream, prompt, **kwargs)
-        return AsyncStream(stream, self)
+        (``async for chunk in stream``).
+
+        Where the client reaches the model servers (the local site), no thread serves the
+        stream: its admission is awaited and its events come to this event loop from the
+        connection's I/O thread (``fabric.client.loopfeed``), and it takes no pool slot.
+        Elsewhere (a federation, a remote site, the first call, which may start the site)
+        it is opened in the pool and read by a thread of its own."""
+        fab = self.fabric
+        request = fab.stream_request(prompt, **kwargs)
+        started = fab.direct_admission(request)
+        if started is None:
+            return AsyncStream(await self._call(fab.stream, prompt, **kwargs), self)
+        admitted, direct = started
+        if fab.on_status is None:
+            info: dict[str, Any] = await asyncio.wrap_future(admitted)
+        else:  # the cold-start status watch blocks: it waits in the pool
+            info = await self._call(fab.admission, admitted, request)
+        from fabric.client.loopfeed import LoopDirectSource
+        from fabric.client.streaming import Stream
+
+        source = await LoopDirectSource.open(info, request, direct)
+        source.site = fab.transport.site
+        return AsyncStream(Stream(source), self, source)
 
     async def embed(self, texts: str | Sequence[str], **kwargs: Any) -> Any:
         """``Fabric.embed``, awaitable."""
@@ -201,20 +222,26 @@ class AsyncStream:
     """An async iterator of text chunks over a ``Stream`` (its ``text``, ``token_ids``,
     ``logprobs`` and ``result`` are the same attributes).
 
-    A thread of its own (not the pool's: see the module doc) reads the stream from the first
-    ``__anext__`` to its end and hands each chunk to the event loop (``call_soon_threadsafe``):
-    no thread hop per chunk on the way in.
+    With a ``LoopDirectSource`` (``source``) the event loop reads the events itself. Else a
+    thread of its own (not the pool's: see the module doc) reads the stream from the first
+    ``__anext__`` to its end and hands each chunk to the event loop (``call_soon_threadsafe``).
     ``last_token_ids``/``last_logprobs`` are the tokens that came with the chunk just returned
-    (the reader may already be ahead of it).
+    (a reader thread may already be ahead of it).
     """
 
-    def __init__(self, stream: Stream, owner: AsyncFabric) -> None:
+    def __init__(self, stream: Stream, owner: AsyncFabric,
+                 source: LoopDirectSource | None = None) -> None:
         self.stream = stream
         self._owner = owner
+        self._source = source
         self._queue: asyncio.Queue[tuple[str, list[int], list[float]] | BaseException | None]
         self._reader: Future[None] | None = None
+        self._seen = 0
+        self._end: BaseException | None = None
         self.last_token_ids: list[int] = []
         self.last_logprobs: list[float] = []
+        if source is not None:  # dropped unfinished, as in ``_start``: the stream may outlive it
+            weakref.finalize(self, _close_dropped, stream).atexit = False
 
     def __getattr__(self, name: str) -> Any:
         # text, token_ids, logprobs, result, request_id, finished, cancelled
@@ -251,7 +278,34 @@ class AsyncStream:
         # unfinished, this one closes it (a cancel at the server; the reader then ends).
         weakref.finalize(self, _close_dropped, stream).atexit = False
 
+    async def _read_here(self) -> str:
+        """The next chunk, read on this event loop (a ``LoopDirectSource``)."""
+        assert self._source is not None
+        stream = self.stream
+        while not stream.finished:
+            try:
+                with stream.reading():
+                    event = await self._source.next_event()
+            except FabricError as exc:
+                try:
+                    stream.end(exc)  # quiet if we cancelled it
+                except FabricError as failure:
+                    self._end = failure
+                    raise
+                break
+            chunk = stream.absorb(event)
+            if chunk:
+                ids, lps = stream.token_ids, stream.logprobs
+                self.last_token_ids, self.last_logprobs = ids[self._seen:], lps[self._seen:]
+                self._seen = len(ids)
+                return chunk
+        if self._end is not None:  # every later call ends the same way
+            raise self._end
+        raise StopAsyncIteration
+
     async def __anext__(self) -> str:
+        if self._source is not None:
+            return await self._read_here()
         if self._reader is None:
             self._start()
         item = await self._queue.get()
@@ -293,10 +347,11 @@ class AsyncStream:
             _in_thread(self._stop, "async-fabric-close")
 
     def _stop(self) -> None:
-        # While the reader thread is inside the stream it waits for the server's last
-        # message: only cancel (the reader sees that message and closes the stream);
-        # otherwise close it here.
-        if self._reader is not None and not self._reader.done():
+        # While a reader (a thread, or the loop's) waits for the server's last message, only
+        # cancel: the reader sees that message and closes the stream. Otherwise close it
+        # here (a loop reader that begins to wait after all is woken by the close).
+        if (self._reader is not None and not self._reader.done()) or (
+                self._source is not None and self.stream.is_read):
             self.stream.cancel()
         else:
             self.stream.close()

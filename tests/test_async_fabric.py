@@ -170,6 +170,64 @@ def test_open_streams_do_not_hold_the_pool(fab: Fabric, long_prompt: str) -> Non
     assert chunk and first.cancelled and first.result is None
 
 
+def test_direct_streams_are_read_by_the_event_loop(fab: Fabric) -> None:
+    """On the local site a stream costs no thread: eight streams opened at once, with the
+    pool's one thread held, are admitted and read with no thread started meanwhile (each had
+    a pool thread for its admission and a reader thread before), and give ``Fabric``'s text."""
+    expected = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=12)
+
+    async def main() -> tuple[list[str], list[str]]:
+        async with AsyncFabric(fabric=fab, max_concurrency=1) as afab:
+            held = threading.Event()
+            afab._pool.submit(held.wait)
+            before = {t.ident for t in threading.enumerate()}
+            try:  # bounded only so that the old code fails instead of hanging
+                streams = await asyncio.wait_for(asyncio.gather(*(
+                    afab.stream(PROMPT, model=TINY_MODEL, max_tokens=12) for _ in range(8))),
+                    60)
+                texts = await asyncio.wait_for(asyncio.gather(*(
+                    _read_all(s) for s in streams)), 60)
+                started = [t.name for t in threading.enumerate() if t.ident not in before]
+            finally:
+                held.set()
+            return texts, started
+
+    texts, started = asyncio.run(main())
+    assert texts == [expected.text] * 8
+    assert started == []
+
+
+async def _read_all(stream: Any) -> str:
+    return "".join([chunk async for chunk in stream])
+
+
+def test_cancel_while_the_loop_reads(fab: Fabric, long_prompt: str) -> None:
+    """``cancel`` from one task while another waits in ``async for``: the reader ends quietly
+    with what it had (it must not hang on a stream nobody feeds, nor raise ``Cancelled``);
+    a refused stream raises the site's typed error."""
+    pid = server_pid(fab)
+
+    async def main() -> tuple[Any, str, str]:
+        async with AsyncFabric(fabric=fab) as afab:
+            with pytest.raises(UnknownModel):
+                await afab.stream(PROMPT, model="no-such-model")
+            with pytest.raises(InvalidRequest, match="max_tokens"):
+                await afab.stream(PROMPT, model=TINY_MODEL, max_tokens=0)
+            stream = await afab.stream(long_prompt, model=TINY_MODEL, max_tokens=LONG_TOKENS)
+            first = await asyncio.wait_for(stream.__anext__(), 60)
+            reader = asyncio.create_task(_read_all(stream))
+            await asyncio.sleep(0.05)  # the reader is waiting for the next event
+            was = await asyncio.wait_for(stream.cancel(), 60)
+            rest = await asyncio.wait_for(reader, 60)
+            return stream, first + rest, was
+
+    with throttle_process(pid):
+        stream, text, was = asyncio.run(main())
+    assert was == "running"
+    assert stream.cancelled and stream.finished and stream.result is None
+    assert text == stream.text and len(stream.token_ids) < LONG_TOKENS
+
+
 def test_wait_after_reading_part_of_a_stream(fab: Fabric) -> None:
     """``wait`` after some chunks were read returns the whole result (the reader thread is
     still inside the stream: ``wait`` must not iterate it from a second thread)."""

@@ -48,20 +48,27 @@ IDLE_S = 60.0
 """How long a connection with nothing open stays before it is closed."""
 
 
+Item = dict[str, Any] | FabricError
+"""One message of a stream's feed, or the error that ended its connection."""
+
+
 class StreamFeed:
     """One direct stream's messages, in the server's order: "accepted" or "error" first, then
     "event"s and a "done" (or an "error"); a ``FabricError`` item when the connection failed.
-    The I/O thread fills ``queue``; ``silence_s``/``probe_s`` are this stream's patience and
-    may change while it runs (``DirectSource.relax``)."""
+    The I/O thread hands each to ``put``: into ``queue`` for a reading thread, or to ``sink``
+    (an event loop's reader, ``fabric.client.loopfeed``). ``silence_s``/``probe_s`` are this
+    stream's patience and may change while it runs (``DirectSource.relax``)."""
 
     def __init__(self, info: dict[str, Any], request_id: str, silence_s: float,
-                 probe_s: float) -> None:
+                 probe_s: float, sink: Callable[[Item], None] | None = None) -> None:
         self.request_id = request_id
         self.address = str(info["address"])
         self.ticket = str(info["ticket"])
         self.silence_s = silence_s
         self.probe_s = probe_s
-        self.queue: queue.SimpleQueue[dict[str, Any] | FabricError] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[Item] = queue.SimpleQueue()
+        self.put: Callable[[Item], None] = self.queue.put if sink is None else sink
+        """Where the I/O thread delivers; it must not raise (it would stop that thread)."""
 
 
 class _Server:
@@ -116,11 +123,13 @@ class DirectResults:
         return fut
 
     def open_stream(self, info: dict[str, Any], request: InferenceRequest,
-                    silence_s: float = SILENCE_S, probe_s: float = PING_S) -> StreamFeed:
+                    silence_s: float = SILENCE_S, probe_s: float = PING_S,
+                    sink: Callable[[Item], None] | None = None) -> StreamFeed:
         """Send ``request`` as a stream (the server pushes each step's tokens); its messages
-        arrive in the returned feed, starting with the server's admission answer."""
+        arrive in the returned feed (or go to ``sink``), starting with the server's
+        admission answer."""
         request = _admitted(info, request)
-        feed = StreamFeed(info, request.request_id, silence_s, probe_s)
+        feed = StreamFeed(info, request.request_id, silence_s, probe_s, sink)
 
         def send(poller: Any) -> None:
             server = self._server(poller, info)
@@ -129,7 +138,7 @@ class DirectResults:
             server.client.send_submit(request, feed.ticket, stream=True)
             server.feeds[feed.request_id] = feed
 
-        self._do(send, feed.queue.put, f"send {request.request_id} to", info)
+        self._do(send, feed.put, f"send {request.request_id} to", info)
         return feed
 
     def cancel(self, feed: StreamFeed) -> Future[str]:
@@ -288,7 +297,7 @@ class DirectResults:
                 if done is not None and not done.done():
                     done.set_result(str(msg.get("was")))
             elif rid in server.feeds:
-                server.feeds[rid].queue.put(msg)
+                server.feeds[rid].put(msg)
                 if op in ("done", "error"):
                     del server.feeds[rid]
             elif op in ("done", "error"):  # "accepted" needs nothing for a result
@@ -332,7 +341,7 @@ def _fail(server: _Server, err: FabricError, waited: float | None = None) -> Non
     for rid, feed in list(server.feeds.items()):
         if overdue(feed.probe_s):
             del server.feeds[rid]
-            feed.queue.put(err)
+            feed.put(err)
     if overdue(PING_S):
         futures: list[Future[Any]] = [*server.pending.values(), *server.cancels.values()]
         server.pending, server.cancels = {}, {}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from types import TracebackType
@@ -23,7 +22,6 @@ from typing import Any, Literal, Self
 
 from fabric.client.checks import (
     build_request,
-    check_int,
     check_ints,
     check_messages,
     check_name,
@@ -35,6 +33,8 @@ from fabric.client.decoding import (
     parse_generation,
     provenance_of,
 )
+from fabric.client.deploying import Deployments
+from fabric.client.direct import DirectResults
 from fabric.client.embedding import EmbedPlan
 from fabric.client.federation import Federation, choose_sites, served_by
 from fabric.client.handoff import RequestPath
@@ -56,7 +56,7 @@ DEFAULT_EMBED_MODEL = "minilm-l6"
 log = logging.getLogger("fabric.client")
 
 
-class Fabric:
+class Fabric(Deployments):
     """A connection to one site of the inference fabric.
 
     >>> fab = Fabric()                          # the local site, started on first use
@@ -244,21 +244,55 @@ class Fabric:
                timeout: float | None = None, hooks: HookSpecs = None) -> Stream:
         """Like ``generate`` (or ``chat`` with ``messages=``) but returns a ``Stream`` of text
         chunks as the server decodes them. Close it (or use ``with``) to stop early."""
-        if (prompt is None) == (messages is None):
-            raise InvalidRequest("give exactly one of prompt or messages")
-        request = build_request(
-            "generate", model=model, version=version,
-            prompt=None if prompt is None else check_prompt(prompt),
-            messages=None if messages is None else check_messages(messages),
-            sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs),
-            timeout=timeout, hooks=_hooks(hooks),
-        )
+        request = self.stream_request(
+            prompt, messages=messages, model=model, version=version, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+            logprobs=logprobs, timeout=timeout, hooks=hooks)
         if self.federation is not None:
             from fabric.client.federation import FailoverSource
 
             return Stream(FailoverSource(self.federation, request.model,
                                          lambda member: member._open_source(request, True)))
         return Stream(self._open_source(request))
+
+    def stream_request(self, prompt: str | None = None, *,
+                       messages: Sequence[dict[str, str]] | None = None,
+                       model: str = DEFAULT_MODEL, version: str | None = None,
+                       max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                       top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
+                       logprobs: bool = False, timeout: float | None = None,
+                       hooks: HookSpecs = None) -> InferenceRequest:
+        """The checked request ``stream`` sends for these arguments (a bad one raises
+        ``InvalidRequest`` naming it); nothing is sent."""
+        if (prompt is None) == (messages is None):
+            raise InvalidRequest("give exactly one of prompt or messages")
+        return build_request(
+            "generate", model=model, version=version,
+            prompt=None if prompt is None else check_prompt(prompt),
+            messages=None if messages is None else check_messages(messages),
+            sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs),
+            timeout=timeout, hooks=_hooks(hooks),
+        )
+
+    def direct_admission(self, request: InferenceRequest
+                         ) -> tuple[Future[dict[str, Any]], DirectResults] | None:
+        """Start admitting ``request`` as a direct stream without waiting: its admission's
+        future and the connections its events will come through (``AsyncFabric`` reads them
+        on its event loop). ``None`` where this client's streams are not direct (a
+        federation, a site whose servers it cannot reach) or its transport is not open yet
+        (opening it may start the site): then use ``stream``."""
+        with self._lock:
+            transport = self._transport
+        if self.federation is not None or transport is None or not transport.can_reach_servers:
+            return None
+        admitted = self._path.admissions().admit(request.model_dump(mode="json"), "direct")
+        return admitted, self._path.direct()
+
+    def admission(self, future: Future[dict[str, Any]], request: InferenceRequest
+                  ) -> dict[str, Any]:
+        """Wait for ``request``'s admission ``future``, telling ``on_status`` about a cold
+        server meanwhile; the admission's info (its server, ticket)."""
+        return dict(self._path.wait(future, request.model, request.version))
 
     def _open_source(self, request: InferenceRequest, impatient: bool = False) -> EventSource:
         """Open ``request`` as a stream at this (single) site: its event source.
@@ -270,11 +304,9 @@ class Fabric:
         # A polled stream's admission is held at the site until its first events, which come
         # back with it: its first token then costs one task round trip, not two.
         hold = STREAM_HOLD_S if mode == "poll" else 0.0
-        info = self._path.wait(
+        info = self.admission(
             self._path.admissions().admit(request.model_dump(mode="json"), mode, hold,
-                                          mode == "poll"),
-            request.model, request.version,
-        )
+                                          mode == "poll"), request)
         source: EventSource
         if mode == "direct":
             source = DirectSource(info, request, self._path.direct(), *(
@@ -371,96 +403,6 @@ class Fabric:
         # The call travels as a string the site's workers never open (see wire.usercode).
         return ValueFuture(self.transport.submit(run_user_function, pack_call(fn, args, kwargs),
                                                  model, self.auth))
-
-    # -- models and deployments ---------------------------------------------------------------
-
-    def models(self) -> list[dict[str, Any]]:
-        """The site's catalog: name, version, family, size, plan and deployment state (for a
-        federation: every healthy site's rows, each naming its ``site``)."""
-        if self.federation is not None:
-            return self._each_healthy_site(lambda member: member.models())
-        from fabric.wire.functions import list_models
-
-        return list(self.transport.submit(list_models, self.auth).result())
-
-    def deploy(self, model: str, *, pp: int | None = None, tp: int | None = None,
-               version: str | None = None, wait: bool = True,
-               timeout: float | None = None, ep: int | None = None) -> dict[str, Any]:
-        """Launch (pre-warm) a deployment of ``model``; ``pp``/``tp``/``ep`` override the
-        site's default plan (``ep``: expert-parallel groups per stage, mixtures of experts).
-        With ``wait`` it returns once the server is ready (status goes to ``on_status``
-        meanwhile), else as soon as the job is submitted."""
-        check_name(model, "model")
-        plan: dict[str, int] = {}
-        for name, value in (("pp", pp), ("tp", tp), ("ep", ep)):
-            if value is not None:
-                plan[name] = check_int(value, name, minimum=1)
-        from fabric.wire.functions import deploy
-
-        record = dict(self.transport.submit(
-            deploy, model, plan or None, self.auth, version).result())
-        if not wait:
-            return record
-        return self.wait_ready(model, version=version, plan=plan or None, timeout=timeout,
-                               first=record)
-
-    def wait_ready(self, model: str, *, version: str | None = None,
-                   plan: dict[str, int] | None = None, timeout: float | None = None,
-                   first: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Poll the deployment of ``model`` until it is ready; raise ``DeploymentError`` if it
-        dies, ``DeadlineExceeded`` after ``timeout`` seconds."""
-        from fabric.errors import DeadlineExceeded, DeploymentError
-        from fabric.wire.functions import deployment_status
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        status = first or {}
-        while True:
-            state = status.get("state")
-            if state == "ready":
-                return status
-            if state == "dead":
-                raise DeploymentError(
-                    f"deployment of {model} died: {status.get('message') or 'see site logs'}",
-                    status=status,
-                )
-            if deadline is not None and time.monotonic() > deadline:
-                raise DeadlineExceeded(
-                    f"deployment of {model} not ready after {timeout} s "
-                    f"({describe_status(status)})",
-                    status=status,
-                )
-            if status and self.on_status is not None:
-                self.on_status(status)
-            if status:
-                time.sleep(self.status_interval_s)
-            status = dict(self.transport.submit(
-                deployment_status, model, version, plan, self.auth).result())
-
-    def deployments(self) -> list[dict[str, Any]]:
-        """The site's deployments: id, model, plan, job id, state, address, idle time (for a
-        federation: every healthy site's, each with its ``site``)."""
-        if self.federation is not None:
-            return self._each_healthy_site(lambda member: [
-                {**row, "site": member.transport.site} for row in member.deployments()])
-        from fabric.wire.functions import list_deployments
-
-        return list(self.transport.submit(list_deployments, self.auth).result())
-
-    def undeploy(self, deployment_id: str) -> dict[str, Any]:
-        """Drain and stop one deployment (running requests finish first)."""
-        check_name(deployment_id, "deployment id")
-        from fabric.wire.functions import undeploy
-
-        return dict(self.transport.submit(undeploy, deployment_id, self.auth).result())
-
-    def _each_healthy_site(self, fn: Callable[[Fabric], list[dict[str, Any]]]
-                           ) -> list[dict[str, Any]]:
-        assert self.federation is not None
-        rows: list[dict[str, Any]] = []
-        for state in self.federation.states.snapshot():
-            if state.healthy:
-                rows.extend(fn(self.federation.member(state.site)))
-        return rows
 
     # -- plumbing -----------------------------------------------------------------------------
 

@@ -232,45 +232,55 @@ class Stream:
         return self
 
     def __next__(self) -> str:
+        with self.reading():
+            while not self._finished:
+                try:
+                    event = next(self._events)
+                except BaseException as exc:
+                    self.end(None if isinstance(exc, StopIteration) else exc)
+                    break
+                chunk = self.absorb(event)
+                if chunk:
+                    return chunk
+            raise StopIteration
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Around a wait for the source's next event: a ``cancel`` meanwhile leaves the
+        stream open for the reader, who then gets the server's final message and ends it."""
         with self._lock:
             self._reading += 1
         try:
-            return self._next_chunk()
+            yield
         finally:
             with self._lock:
                 self._reading -= 1
 
-    def _next_chunk(self) -> str:
-        while not self._finished:
-            try:
-                event = next(self._events)
-            except StopIteration:
-                self._finish()
-                if self._cancel_asked:
-                    raise
-                raise FabricError(
-                    f"stream {self.request_id} ended without a result"
-                ) from None
-            except Cancelled:
-                self._finish()
-                if self._cancel_asked:  # we asked for it: end quietly
-                    raise StopIteration from None
-                raise
-            except BaseException:
-                self._finish()
-                raise
-            if event.get("op") == "done":
-                self.result = parse_generation(event["result"])
-                if self.result.site is None:
-                    self.result.site = self.site
-                self._finish()
-                break
-            chunk = self._absorb(event)
-            if chunk:
-                return chunk
-        raise StopIteration
+    @property
+    def is_read(self) -> bool:
+        """True while a reader waits for the source's next event (inside ``reading``)."""
+        with self._lock:
+            return self._reading > 0
 
-    def _absorb(self, event: dict[str, Any]) -> str:
+    def end(self, exc: BaseException | None) -> None:
+        """The source stopped with ``exc`` (``None``: with no result): the stream is finished.
+        Returns quietly when this client cancelled it, else raises the error."""
+        self._finish()
+        if self._cancel_asked and (exc is None or isinstance(exc, Cancelled)):
+            return  # we asked for it: end quietly
+        if exc is None:
+            raise FabricError(f"stream {self.request_id} ended without a result")
+        raise exc
+
+    def absorb(self, event: dict[str, Any]) -> str:
+        """Take one event from the source (``__next__``, or a reader on an event loop): its
+        chunk of text ("" for none); the final "done" sets ``result`` and finishes."""
+        if event.get("op") == "done":
+            self.result = parse_generation(event["result"])
+            if self.result.site is None:
+                self.result.site = self.site
+            self._finish()
+            return ""
         self.token_ids.extend(int(t) for t in event.get("token_ids") or [])
         if event.get("logprobs"):
             self.logprobs.extend(float(x) for x in event["logprobs"])
@@ -311,12 +321,10 @@ class Stream:
         self._cancel_asked = True
         was = self._source.cancel()
         self.cancelled = True
-        with self._lock:
-            reading = self._reading > 0
-        # A thread blocked in __next__ waits for the server's final message and closes the
+        # A reader blocked in __next__ waits for the server's final message and closes the
         # source when it comes; closing it here first would drop that message (or, polled,
         # stop fetching it) and leave the reader waiting.
-        if not reading:
+        if not self.is_read:
             self._finish()
         return was
 
