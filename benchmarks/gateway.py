@@ -125,7 +125,8 @@ class Sides:
         self.thread.start()
         from fabric.aio import AsyncFabric
 
-        self.afab = AsyncFabric(fabric=fab)
+        # No SDK side (fab None): only the gateway's (benchmarks/gateway_floor.py).
+        self.afab = None if fab is None else AsyncFabric(fabric=fab)
         self.client: Any = None
         self.renew()
 
@@ -175,7 +176,8 @@ class Sides:
     def close(self) -> None:
         """Close the clients and stop the loop."""
         self.close_client()
-        self.run(self.afab.aclose())
+        if self.afab is not None:
+            self.run(self.afab.aclose())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 

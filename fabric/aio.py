@@ -9,12 +9,14 @@ is an async iterator of text chunks. Nothing blocks the event loop:
   (``max_concurrency`` threads), since ``Fabric`` hands out finished values rather than
   futures for them. The pool bounds how many calls are in flight at once; more wait their turn.
 
-A stream's admission (``await fab.stream(...)``) is a call like the others, but its chunks are
-read by a thread of its own, and its ``cancel``/``aclose`` run on threads of their own too:
-neither waits for a pool thread. Readers in the pool held one thread each for a stream's whole
-life, so with ``max_concurrency`` streams open a further stream could not be admitted, nor
-any stream cancelled, until one of them ended. Leaving ``async for`` early (or ``aclose``)
-cancels the request at the server, as closing a ``Stream`` does.
+A stream on the local site (a direct stream) uses no thread: its admission's future is awaited
+and its events come to the event loop from the client's connection thread
+(``fabric.client.loopfeed``). Elsewhere its admission is a call like the others and its chunks
+are read by a thread of its own. Its ``cancel``/``aclose`` run on threads of their own: nothing
+of a stream waits for a pool thread. (Readers in the pool held one thread each for a stream's
+whole life, so with ``max_concurrency`` streams open a further stream could not be admitted,
+nor any stream cancelled, until one of them ended.) Leaving ``async for`` early (or
+``aclose``) cancels the request at the server, as closing a ``Stream`` does.
 """
 
 from __future__ import annotations

@@ -134,11 +134,13 @@ def _handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_bug)
 
 
-def serve(config: GatewayConfig) -> None:
+def serve(config: GatewayConfig, client: AsyncFabric | None = None) -> None:
     """Run the gateway with uvicorn until interrupted (checks the bind first). uvicorn picks
-    ``httptools`` and ``uvloop`` (dependencies of the package) when they import."""
+    ``httptools`` and ``uvloop`` (dependencies of the package) when they import. ``client``:
+    as ``create_app``'s (``benchmarks/gateway_floor.py`` serves a stand-in that answers at
+    once, to measure what HTTP and the ``openai`` client cost by themselves)."""
     import uvicorn
 
-    app = create_app(config)
+    app = create_app(config, client)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info",
                 timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)
