@@ -163,6 +163,29 @@ def test_each_admission_gets_its_own_answer_or_error() -> None:
     adm.close()
 
 
+def test_a_cancelled_admission_leaves_the_others_answered() -> None:
+    """An asyncio caller that goes away cancels its admission's future (``asyncio.wrap_future``
+    passes the cancel on). The others of its task, and the next tasks, are still answered:
+    setting the cancelled future raised in the task's callback, before the rest were set."""
+    t = HeldTransport()
+    adm = Admissions(t, None, slots=1)
+    lone = adm.admit(body(0), "direct")
+    t.wait_tasks(1)
+    first, gone, last = (adm.admit(body(i), "direct") for i in (1, 2, 3))
+    assert lone.cancel() and gone.cancel()
+    t.settle(0)  # the lone one, cancelled
+    t.wait_tasks(2)
+    t.settle(1)  # r1, r2 (cancelled), r3 in one task
+    assert first.result(5)["request_id"] == "r1"
+    assert last.result(5)["request_id"] == "r3"
+    assert gone.cancelled() and lone.cancelled()
+    after = adm.admit(body(4), "direct")
+    t.wait_tasks(3)
+    t.settle(2)
+    assert after.result(5)["request_id"] == "r4"
+    adm.close()
+
+
 def test_without_batches_every_admission_is_its_own_task_and_close_fails_the_queued() -> None:
     t = HeldTransport()
     adm = Admissions(t, None, slots=1, batches=False)

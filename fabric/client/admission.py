@@ -102,8 +102,7 @@ class Admissions:
             self._cond.notify_all()
         for queue in queues:
             for _, future in queue.items:
-                if not future.done():
-                    future.set_exception(EndpointError("the client closed its connection"))
+                _answer(future, exc=EndpointError("the client closed its connection"))
 
     # -- the sending thread ------------------------------------------------------------------
 
@@ -194,11 +193,25 @@ class Admissions:
             self._cond.notify_all()
 
 
+def _answer(out: Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
+    """Settle ``out``, unless its caller cancelled it (an ``AsyncFabric`` stream whose task
+    was cancelled while it waited; setting a cancelled future raises, and the rest of its
+    task's admissions would then never be answered)."""
+    if not out.set_running_or_notify_cancel():
+        return
+    if exc is not None:
+        out.set_exception(exc)
+    else:
+        out.set_result(value)
+
+
 def _copy(inner: Future[Any], outer: Future[dict[str, Any]]) -> None:
     try:
-        outer.set_result(dict(inner.result()))
+        value = dict(inner.result())
     except BaseException as exc:
-        outer.set_exception(exc)
+        _answer(outer, exc=exc)
+        return
+    _answer(outer, value)
 
 
 def _settle(fut: Future[Any], items: list[tuple[dict[str, Any], Future[dict[str, Any]]]]
@@ -212,10 +225,10 @@ def _settle(fut: Future[Any], items: list[tuple[dict[str, Any], Future[dict[str,
                               f"{len(items)}")
     except BaseException as exc:
         for _, out in items:
-            out.set_exception(exc)
+            _answer(out, exc=exc)
         return
     for (_, out), answer in zip(items, answers, strict=True):
         if answer.get("error"):
-            out.set_exception(FabricError.from_dict(answer["error"]))
+            _answer(out, exc=FabricError.from_dict(answer["error"]))
         else:
-            out.set_result(dict(answer.get("info") or {}))
+            _answer(out, dict(answer.get("info") or {}))
