@@ -186,6 +186,32 @@ def test_a_cancelled_admission_leaves_the_others_answered() -> None:
     adm.close()
 
 
+def test_each_task_carries_one_auth() -> None:
+    """``with_auth`` twins share one ``Admissions`` and pass their own credentials: queued
+    at the same time, two identities' admissions still go in separate tasks, each sent with
+    its own auth (one task with both would admit one caller as the other)."""
+    t = HeldTransport()
+    adm = Admissions(t, {"token": "owner"}, slots=1)
+    adm.admit(body(0), "direct")
+    t.wait_tasks(1)
+    alice, bob = {"token": "alice"}, {"token": "bob"}
+    a1 = adm.admit(body(1), "direct", auth=alice)
+    b1 = adm.admit(body(2), "direct", auth=bob)
+    a2 = adm.admit(body(3), "direct", auth=alice)
+    assert t.tasks[0][1][1] == {"token": "owner"}  # open_stream(body, auth, ...)
+    t.settle(0)
+    t.wait_tasks(2)
+    t.settle(1)
+    t.wait_tasks(3)
+    t.settle(2)
+    sent = {t.tasks[i][1][1]["token"]: t.tasks[i][1][0] if t.tasks[i][0] == "open_streams"
+            else [{"request": t.tasks[i][1][0]}] for i in (1, 2)}
+    assert {k: [item["request"]["request_id"] for item in v] for k, v in sent.items()} == {
+        "alice": ["r1", "r3"], "bob": ["r2"]}
+    assert [f.result(5)["request_id"] for f in (a1, b1, a2)] == ["r1", "r2", "r3"]
+    adm.close()
+
+
 def test_without_batches_every_admission_is_its_own_task_and_close_fails_the_queued() -> None:
     t = HeldTransport()
     adm = Admissions(t, None, slots=1, batches=False)

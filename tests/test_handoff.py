@@ -293,3 +293,27 @@ def test_a_final_only_poll_waits_for_the_end(direct: tuple[Fabric, CountingTrans
         end = client.poll(second["request_id"], second["ticket"], 0, 30.0, final=True)
     assert not every["done"] and 1 <= every["cursor"] < 400
     assert end["done"] and end["result"]["usage"]["completion_tokens"] >= 1
+
+
+def test_with_auth_twins_share_the_connection_threads(
+        direct: tuple[Fabric, CountingTransport]) -> None:
+    """A gateway holds one ``with_auth`` twin per caller. Twins share the client's direct
+    connections and admission queue: six callers' requests and streams start no thread
+    (each twin started an admission thread and a connection thread of its own, kept for its
+    life: two per caller a gateway ever served) and get the owner's answers."""
+    fab, _ = direct
+    expected = fab.generate("The cell", model=TINY_MODEL, max_tokens=6)
+    assert "".join(fab.stream("The cell", model=TINY_MODEL, max_tokens=6)) == expected.text
+    before = {t.ident for t in threading.enumerate()}
+    twins = [fab.with_auth({"token": f"caller-{i}"}) for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        texts = list(pool.map(lambda twin: (
+            twin.generate("The cell", model=TINY_MODEL, max_tokens=6).text,
+            "".join(twin.stream("The cell", model=TINY_MODEL, max_tokens=6))), twins))
+        started = [t.name for t in threading.enumerate()
+                   if t.ident not in before and not t.name.startswith("ThreadPoolExecutor")]
+    assert texts == [(expected.text, expected.text)] * 6
+    assert started == []
+    for twin in twins:
+        twin.close()
+    assert fab.generate("The cell", model=TINY_MODEL, max_tokens=6).text == expected.text

@@ -39,14 +39,20 @@ if TYPE_CHECKING:
 MAX_BATCH = 64
 """Most admissions in one task (the site takes up to 64)."""
 
-Key = tuple[str, str | None, str, float, bool]
-"""(model, version, mode, hold_s, first_events): what one task's admissions share."""
+Key = tuple[int, str, str | None, str, float, bool]
+"""(id of the auth, model, version, mode, hold_s, first_events): what one task's admissions
+share. The queue holds its auth, so no other auth object can take that id while it exists."""
+
+_OWN: Any = object()
+"""``admit``'s default auth: the one the ``Admissions`` was made with."""
 
 
 @dataclass
 class _Queue:
     since: float
     """When its oldest admission came."""
+    auth: Any
+    """The credentials its task is sent with."""
     items: list[tuple[dict[str, Any], Future[dict[str, Any]]]] = field(default_factory=list)
 
 
@@ -73,20 +79,22 @@ class Admissions:
         self._thread: threading.Thread | None = None
 
     def admit(self, body: dict[str, Any], mode: str, hold_s: float = 0.0,
-              first_events: bool = False) -> Future[dict[str, Any]]:
-        """Admit the request ``body`` (an ``InferenceRequest`` as JSON); the future holds
-        what ``open_stream`` returns for it."""
+              first_events: bool = False, *, auth: Any = _OWN) -> Future[dict[str, Any]]:
+        """Admit the request ``body`` (an ``InferenceRequest`` as JSON) with ``auth`` (by
+        default the one given at construction: ``with_auth`` twins share one queue and pass
+        their own; a task never mixes two); the future holds what ``open_stream`` returns."""
+        auth = self.auth if auth is _OWN else auth
         if not self.batches:
-            return self._send_one(body, mode, hold_s, first_events)
+            return self._send_one(body, mode, hold_s, first_events, auth)
         future: Future[dict[str, Any]] = Future()
-        key: Key = (str(body.get("model")), body.get("version"), mode, float(hold_s),
+        key: Key = (id(auth), str(body.get("model")), body.get("version"), mode, float(hold_s),
                     bool(first_events))
         with self._cond:
             if self._closed:
                 from fabric.errors import EndpointError
 
                 raise EndpointError("the client is closed")
-            queue = self._queues.setdefault(key, _Queue(time.monotonic()))
+            queue = self._queues.setdefault(key, _Queue(time.monotonic(), auth))
             queue.items.append((body, future))
             self._ensure_thread()
             self._cond.notify_all()
@@ -132,7 +140,8 @@ class Admissions:
         oldest = min(q.since for q in self._queues.values())
         return max(0.001, oldest + self.window_s - time.monotonic())
 
-    def _next(self) -> tuple[Key, list[tuple[dict[str, Any], Future[dict[str, Any]]]]] | None:
+    def _next(self) -> tuple[Key, Any, list[tuple[dict[str, Any], Future[dict[str, Any]]]]
+                             ] | None:
         """The share of the oldest queue whose window is over, to send now (under the lock),
         or None while no slot is free or nothing may go."""
         if self._inflight >= self.slots:
@@ -151,14 +160,14 @@ class Admissions:
         items, queue.items = queue.items[:take], queue.items[take:]
         if not queue.items:
             del self._queues[key]
-        return key, items
+        return key, queue.auth, items
 
-    def _send(self, key: Key, items: list[tuple[dict[str, Any], Future[dict[str, Any]]]]
-              ) -> None:
-        _, _, mode, hold_s, first_events = key
+    def _send(self, key: Key, auth: Any,
+              items: list[tuple[dict[str, Any], Future[dict[str, Any]]]]) -> None:
+        _, _, _, mode, hold_s, first_events = key
         if len(items) == 1:
             body, out = items[0]
-            fut = self._send_one(body, mode, hold_s, first_events)
+            fut = self._send_one(body, mode, hold_s, first_events, auth)
 
             def one_done(f: Future[Any]) -> None:
                 self._done()
@@ -170,7 +179,7 @@ class Admissions:
 
         batch = [{"request": body, "mode": mode, "hold_s": hold_s, "first_events": first_events}
                  for body, _ in items]
-        fut = submit_or_fail(self.transport, open_streams, batch, self.auth)
+        fut = submit_or_fail(self.transport, open_streams, batch, auth)
 
         def batch_done(f: Future[Any]) -> None:
             self._done()
@@ -179,10 +188,10 @@ class Admissions:
         fut.add_done_callback(batch_done)
 
     def _send_one(self, body: dict[str, Any], mode: str, hold_s: float,
-                  first_events: bool) -> Future[Any]:
+                  first_events: bool, auth: Any) -> Future[Any]:
         from fabric.wire.functions import open_stream
 
-        args: tuple[Any, ...] = (body, self.auth, mode, hold_s)
+        args: tuple[Any, ...] = (body, auth, mode, hold_s)
         if first_events:
             args += (True,)
         return submit_or_fail(self.transport, open_stream, *args)

@@ -90,6 +90,7 @@ class Fabric(Deployments):
         self.site = site
         self.auth = auth
         self._transport = transport
+        self._borrowed = False  # a with_auth twin's transport is its owner's to close
         self._lock = threading.Lock()
         self._path = RequestPath(lambda: self.transport, auth,
                                  StatusPrinter() if on_status == "print" else on_status,
@@ -146,17 +147,23 @@ class Fabric(Deployments):
         return self.federation.member(site)
 
     def with_auth(self, auth: Any) -> Self:
-        """A client for the same site(s) sending ``auth``, sharing this one's transports
-        (and a federation's site states and counters); quiet (``on_status=None``)."""
-        if self.federation is None:
-            return type(self)(self.site, transport=self.transport, auth=auth, on_status=None,
-                              handoff=self.handoff)
+        """A client for the same site(s) sending ``auth``, sharing this one's transports,
+        direct connections and admission queue (and a federation's site states and
+        counters); quiet (``on_status=None``). A gateway holds one per caller: they cost no
+        thread of their own, except a long-poll's at a site it cannot reach."""
         twin = type(self)(self.site, transport=self.transport, auth=auth, on_status=None,
                           handoff=self.handoff)
+        twin._borrowed = True
+        if self.federation is None:
+            twin._path.share(self._path)
+            return twin
         fed = self.federation
-        twin.federation = fed.with_auth(auth, lambda name: Fabric(
-            name, transport=fed.transport(name), auth=auth, on_status=None,
-            handoff=self.handoff))
+
+        def member(name: str) -> Fabric:
+            fed.transport(name)  # opened as the federation opens it (autostart off)
+            return fed.member(name).with_auth(auth)
+
+        twin.federation = fed.with_auth(auth, member)
         twin.site = fed.names[0]
         return twin
 
@@ -186,14 +193,15 @@ class Fabric(Deployments):
             self.on_status({"model": f"site {transport.site}", "state": "starting-site"})
 
     def close(self) -> None:
-        """Release the transport's sockets and threads (the site itself keeps running)."""
+        """Release the transport's sockets and threads (the site itself keeps running); a
+        ``with_auth`` twin releases only its own (its owner's stay open)."""
         with self._lock:
             transport, self._transport = self._transport, None
             federation = self.federation
         if federation is not None:
             federation.close()
         self._path.close()
-        if transport is not None:
+        if transport is not None and not self._borrowed:
             transport.close()
 
     def __enter__(self) -> Fabric:
@@ -285,7 +293,7 @@ class Fabric(Deployments):
             transport = self._transport
         if self.federation is not None or transport is None or not transport.can_reach_servers:
             return None
-        admitted = self._path.admissions().admit(request.model_dump(mode="json"), "direct")
+        admitted = self._path.admit(request.model_dump(mode="json"), "direct")
         return admitted, self._path.direct()
 
     def admission(self, future: Future[dict[str, Any]], request: InferenceRequest
@@ -305,8 +313,8 @@ class Fabric(Deployments):
         # back with it: its first token then costs one task round trip, not two.
         hold = STREAM_HOLD_S if mode == "poll" else 0.0
         info = self.admission(
-            self._path.admissions().admit(request.model_dump(mode="json"), mode, hold,
-                                          mode == "poll"), request)
+            self._path.admit(request.model_dump(mode="json"), mode, hold, mode == "poll"),
+            request)
         source: EventSource
         if mode == "direct":
             source = DirectSource(info, request, self._path.direct(), *(

@@ -52,6 +52,14 @@ class RequestPath:
         self._poller: Poller | None = None
         self._direct: DirectResults | None = None
         self._admissions: Admissions | None = None
+        self._shared: RequestPath | None = None
+
+    def share(self, other: RequestPath) -> None:
+        """Use ``other``'s direct connections and admission queue (a ``with_auth`` twin):
+        one I/O thread, one admission thread and one socket per server for every identity
+        a gateway serves, not two threads each. Admissions still carry this path's auth
+        (never mixed in one task); the long-poll, which polls with it, stays this path's."""
+        self._shared = other
 
     def poller(self) -> Poller:
         """The long-poll multiplexer for this client's open requests (sites it cannot reach)."""
@@ -63,8 +71,15 @@ class RequestPath:
                                                                0.0)))
             return self._poller
 
+    def admit(self, body: dict[str, Any], mode: str, hold_s: float = 0.0,
+              first_events: bool = False) -> Future[dict[str, Any]]:
+        """Admit the request ``body`` with this path's auth (``Admissions.admit``)."""
+        return self.admissions().admit(body, mode, hold_s, first_events, auth=self.auth)
+
     def admissions(self) -> Admissions:
         """The queue this client's admissions go through (few tasks for many requests)."""
+        if self._shared is not None:
+            return self._shared.admissions()
         transport = self._transport()
         with self._lock:
             if self._admissions is None:
@@ -77,13 +92,16 @@ class RequestPath:
 
     def direct(self) -> DirectResults:
         """The direct connections to model servers (sites whose servers it can reach)."""
+        if self._shared is not None:
+            return self._shared.direct()
         with self._lock:
             if self._direct is None:
                 self._direct = DirectResults()
             return self._direct
 
     def close(self) -> None:
-        """Stop the poller and close the direct connections (idempotent)."""
+        """Stop the poller and close the direct connections (idempotent; shared ones are
+        left to their owner)."""
         with self._lock:
             poller, self._poller = self._poller, None
             direct, self._direct = self._direct, None
@@ -112,7 +130,7 @@ class RequestPath:
         # A lone request (nothing else of ours open to poll for) may wait for its result at
         # the site a little: a short one then costs one task instead of two.
         hold = 0.0 if mode == "direct" or self.poller().busy else HOLD_S
-        admitted = self.admissions().admit(body, mode, hold)
+        admitted = self.admit(body, mode, hold)
         out: Future[dict[str, Any]] = Future()
 
         def handed_off(f: Future[Any]) -> None:
