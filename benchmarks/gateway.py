@@ -325,17 +325,24 @@ def start_gateway(site_dir: Path, home: Path, port: int) -> subprocess.Popen[byt
         [sys.executable, "-m", "fabric.cli.main", "serve", "--site", str(site_dir), "--port",
          str(port), "--home", str(home), "--rate", "0"],
         stdout=subprocess.DEVNULL, stderr=open(home / "gateway.log", "wb"))  # noqa: SIM115
+    return answering(proc, port, home / "gateway.log")
+
+
+def answering(proc: subprocess.Popen[bytes], port: int, log_path: Path
+              ) -> subprocess.Popen[bytes]:
+    """``proc`` once the gateway it runs answers ``/health`` on ``port`` (killed, with its
+    log in the error, if it exits or does not answer within 60 s)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"fabric serve exited: {(home / 'gateway.log').read_text()}")
+            raise RuntimeError(f"the gateway exited: {log_path.read_text()}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
             return proc
         except OSError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("fabric serve did not answer within 60 s")
+    raise RuntimeError("the gateway did not answer within 60 s")
 
 
 def figures(runs: list[dict[str, Any]]) -> dict[str, Any]:

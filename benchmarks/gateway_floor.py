@@ -30,14 +30,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import common
 from common import log, median, summary
-from gateway import Sides, figures, free_port, prompts
+from gateway import Sides, answering, figures, free_port, prompts
 
 from fabric.aio import AsyncStream
 
@@ -102,17 +101,7 @@ def start(port: int, chunks: int, home: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(port), "--chunks", str(chunks), "--home",
          str(home)], stdout=subprocess.DEVNULL, stderr=open(home / "gateway.log", "wb"))  # noqa: SIM115
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited: {(home / 'gateway.log').read_text()}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-            return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the gateway did not answer within 60 s")
+    return answering(proc, port, home / "gateway.log")
 
 
 def cpu_s(pid: int) -> float:

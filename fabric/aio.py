@@ -82,8 +82,8 @@ class AsyncFabric:
     Arguments are those of ``Fabric`` (``site`` or ``sites``, ``transport``, ``auth``,
     ``on_status``, ``routing``...),
     or pass an existing ``fabric=`` to share its transport. ``max_concurrency`` bounds the
-    calls in flight at once; ``executor`` shares another client's pool instead (it is then
-    not shut down by ``close``).
+    calls in flight at once (a stream on the local site takes none of them); ``executor``
+    shares another client's pool instead (it is then not shut down by ``close``).
     """
 
     def __init__(self, site: str | None = None, *, fabric: Fabric | None = None,

@@ -269,7 +269,7 @@ class Stream:
         if self._cancel_asked and (exc is None or isinstance(exc, Cancelled)):
             return  # we asked for it: end quietly
         if exc is None:
-            raise FabricError(f"stream {self.request_id} ended without a result")
+            raise FabricError(f"stream {self.request_id} ended without a result") from None
         raise exc
 
     def absorb(self, event: dict[str, Any]) -> str:
