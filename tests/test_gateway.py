@@ -21,7 +21,8 @@ import pytest
 
 from fabric import AsyncFabric, Fabric
 from fabric.gateway import GatewayConfig, create_app
-from tests.plugins.site import TINY_MODEL
+from tests.plugins.site import LONG_TOKENS, TINY_MODEL, server_pid, wait_until
+from tests.plugins.throttle import throttle_process
 from tests.test_gateway_unit import running_server
 
 pytestmark = pytest.mark.slow
@@ -292,3 +293,37 @@ def test_fabric_serve_command_with_a_key(local_site: Any, fab: Fabric, tmp_path:
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+class RecordingClient(AsyncFabric):
+    """The gateway's client, keeping every stream it opens (to see how each one ended)."""
+
+    def __init__(self, fabric: Fabric) -> None:
+        super().__init__(fabric=fabric)
+        self.opened: list[Any] = []
+
+    async def stream(self, prompt: str | None = None, **kwargs: Any) -> Any:
+        stream = await super().stream(prompt, **kwargs)
+        self.opened.append(stream)
+        return stream
+
+
+def test_a_client_that_goes_away_stops_its_generation(fab: Fabric, long_prompt: str,
+                                                      tmp_path: Path) -> None:
+    """A user closes an SSE stream after its first chunk: the gateway cancels the request at
+    the server, which stops before the end (the gateway reads the stream on its event loop;
+    the disconnect must still reach the server, or it generates for nobody)."""
+    recording = RecordingClient(fab)
+    config = GatewayConfig(site=fab.site, home=tmp_path, rate=0)
+    with running_server(create_app(config, recording)) as url, \
+            openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0) as client, \
+            throttle_process(server_pid(fab)):
+        stream = client.completions.create(model=TINY_MODEL, prompt=long_prompt,
+                                           max_tokens=LONG_TOKENS, temperature=0, stream=True)
+        first = next(iter(stream))
+        stream.close()
+        (opened,) = recording.opened
+        wait_until(lambda: opened.finished, 60, "the gateway to end the abandoned stream")
+    assert first.id == f"cmpl-{opened.request_id}"
+    assert opened.cancelled and opened.result is None
+    assert len(opened.token_ids) < LONG_TOKENS
