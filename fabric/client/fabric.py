@@ -289,8 +289,9 @@ class Fabric(Deployments):
         on its event loop). ``None`` where this client's streams are not direct (a
         federation, a site whose servers it cannot reach) or its transport is not open yet
         (opening it may start the site): then use ``stream``."""
-        with self._lock:
-            transport = self._transport
+        # Read without the lock: ``transport`` holds it while it opens the transport (it may
+        # start the site, seconds), and this runs on an event loop that must not wait.
+        transport = self._transport
         if self.federation is not None or transport is None or not transport.can_reach_servers:
             return None
         admitted = self._path.admit(request.model_dump(mode="json"), "direct")
