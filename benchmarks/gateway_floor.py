@@ -24,6 +24,7 @@ Times are from each call (``gateway.py``'s clock) or, for ``raw``, from the burs
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import subprocess
@@ -166,8 +167,8 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--chunks", type=int, default=16, help="chunks per stream (default 16)")
     p.add_argument("--rounds", type=int, default=6, help="bursts per style (default 6)")
-    p.add_argument("--serve", type=int, default=None, help=argparse_hidden())
-    p.add_argument("--home", type=Path, default=None, help=argparse_hidden())
+    p.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--home", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve is not None:
         serve(args.serve, args.chunks, args.home)
@@ -199,13 +200,6 @@ def main() -> int:
                 "gateway_cpu_ms_per_stream": round(raw_cpu, 2)},
     })
     return 0
-
-
-def argparse_hidden() -> str:
-    """Help text of the options the script passes to itself (its gateway process)."""
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

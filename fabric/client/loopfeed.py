@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from fabric.client.direct import Item
@@ -95,11 +94,7 @@ class LoopDirectSource:
 
     def cancel(self) -> str:
         """Ask the server to stop the request; its answer (blocks: call it off the loop)."""
-        return self.cancel_future().result()
-
-    def cancel_future(self) -> Future[str]:
-        """``cancel`` without waiting: the server's answer as a future."""
-        return self._direct.cancel(self._feed)
+        return self._direct.cancel(self._feed).result()
 
     def close(self) -> None:
         """Stop following the request. A reader waiting on the loop ends as cancelled (its
