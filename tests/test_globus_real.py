@@ -235,11 +235,12 @@ def test_the_fake_outlives_an_idle_broker_connection(globus_offline: OfflineGlob
 def test_concurrent_streams_share_one_long_poll(fab: Any, globus_offline: OfflineGlobus) -> None:
     """8 streams and 2 plain requests at once from one client: the client's one long-poll
     (``poll_requests``, held at the site until there is news) serves them all, so the Globus
-    tasks it costs are bounded by time (one per ``poll_interval_s`` at most), not one per
-    poll per stream; every stream gets exactly the tokens a plain request gets. The server is
-    slowed meanwhile: left free, the tiny model can finish every request while the site holds
-    its admission for its first events (all of it then comes back with the admission, no poll
-    is needed, and the path under test is not taken: it happened once in a clean run)."""
+    tasks it costs are bounded by time (one per ``poll_interval_s`` at most) and each names
+    several requests, not one per poll per stream; every stream gets exactly the tokens a
+    plain request gets. The server is slowed meanwhile: left free, the tiny model can finish
+    every request while the site holds its admission for its first events (all of it then
+    comes back with the admission, no poll is needed, and the path under test is not taken:
+    it happened once in a clean run)."""
     from concurrent.futures import ThreadPoolExecutor
 
     prompts = [f"Stream {i}: the mitochondria is" for i in range(10)]
@@ -265,6 +266,8 @@ def test_concurrent_streams_share_one_long_poll(fab: Any, globus_offline: Offlin
 
     pid = server_pid(fab)
     before, admissions_before = polls(), tasks_of("open_stream", "open_streams")
+    polled_before = fab._path.poller().tasks_submitted
+    named_before = fab._path.poller().requests_named
     t0 = time.monotonic()
     with throttle_process(pid), ThreadPoolExecutor(10) as pool:
         streams = [pool.submit(stream, p) for p in prompts[:8]]
@@ -283,6 +286,12 @@ def test_concurrent_streams_share_one_long_poll(fab: Any, globus_offline: Offlin
     assert [r.token_ids for r in done] == [want[p].token_ids for p in prompts[8:]]
     interval = fab.transport.poll_interval_s
     assert 1 <= tasks <= elapsed / interval + 2, (tasks, elapsed)
-    assert tasks < 10, f"{tasks} poll tasks for 10 requests: one per request or worse"
+    # A poll per request would name one request each; the shared poll names the open ones
+    # together. (Not a bound on the count: the slowed server makes how long the 10 run,
+    # and so how many polls they take, vary from run to run.)
+    poller = fab._path.poller()
+    named = poller.requests_named - named_before
+    assert named / (poller.tasks_submitted - polled_before) >= 2, (named, tasks)
     report(globus_offline, streams8_elapsed_s=elapsed, streams8_poll_tasks=tasks,
-           streams8_ttft_median_s=statistics.median(g[0] for g in got))
+           streams8_ttft_median_s=statistics.median(g[0] for g in got),
+           streams8_requests_per_poll=round(named / (poller.tasks_submitted - polled_before), 2))

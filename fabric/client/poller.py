@@ -88,6 +88,9 @@ class Poller:
         self.interval_s = interval_s
         self.tasks_submitted = 0
         """``poll_requests`` tasks sent so far (tests and benchmarks read it)."""
+        self.requests_named = 0
+        """Requests those tasks named, summed: over ``tasks_submitted``, how many open
+        requests one poll served on average (1.0 would be a poll per request)."""
         self._open: dict[str, Tracked] = {}
         self._watches: dict[int, _Watch] = {}
         self._keys = itertools.count(1)
@@ -176,6 +179,7 @@ class Poller:
                 self._inflight += 1
                 self._last_submit = time.monotonic()
                 self.tasks_submitted += 1
+                self.requests_named += len(batch)
             self._submit(batch, watches)
 
     def _pause(self) -> float | None:
