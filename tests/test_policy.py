@@ -166,6 +166,43 @@ def test_requests_per_minute_quota(tmp_path: Path) -> None:
     assert str(err.value).startswith("alice@uchicago.edu used 2 of 2 requests per minute for 'm'")
 
 
+def test_a_token_quota_counts_the_streams_its_process_is_collecting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An admission leaves its servers' stream usage to the collector thread and answers;
+    the next token quota check of the process waits for that collection, so it counts those
+    tokens as it did when admissions collected before answering. A request quota does not
+    wait."""
+    import threading
+
+    from fabric.endpoint import collector
+
+    class Manager:
+        def __init__(self) -> None:
+            self.release = threading.Event()
+
+        def collect_usage(self, dep: object) -> int:
+            assert self.release.wait(10)
+            policy.record_usage(tmp_path, "alice@uchicago.edu", "m", 60)
+            return 1
+
+    class Dep:
+        id = "d1"
+
+    introspect()
+    monkeypatch.setattr(collector, "COLLECTOR", collector._Collector())
+    site = make_site({"m": {"anyone": True, "tokens_per_day": 100},
+                      "r": {"anyone": True, "requests_per_minute": 100}})
+    manager = Manager()
+    collector.COLLECTOR.soon(manager, [Dep()])
+    t0 = time.monotonic()
+    policy.authorize(site, auth(), "r", tmp_path)  # a request quota does not wait for it
+    assert time.monotonic() - t0 < collector.JOIN_TIMEOUT_S / 2
+    threading.Timer(0.3, manager.release.set).start()
+    with pytest.raises(QuotaExceeded) as err:  # 60 collected + 50 asked > 100
+        policy.authorize(site, auth(), "m", tmp_path, tokens=50)
+    assert err.value.details["used"] == 60
+
+
 def test_tokens_per_day_quota(tmp_path: Path) -> None:
     introspect()
     site = make_site({"m": {"anyone": True, "tokens_per_day": 100}})

@@ -22,7 +22,6 @@ client's long-poll.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
@@ -207,10 +206,8 @@ def _hold_on(client: Any, info: dict[str, Any], hold_s: float, first_events: boo
 
 def _collect(ctx: SiteContext, deps: list[Any]) -> None:
     # Tokens are recorded from the server's own tally of each accounted ticket (however the
-    # client reads them: direct, long-poll or held here), never from a result passing by.
-    seen: set[str] = set()
-    for dep in deps:
-        if dep.id not in seen:
-            seen.add(dep.id)
-            with contextlib.suppress(Exception):  # earlier streams' tokens; the reaper retries
-                ctx.manager.collect_usage(dep)
+    # client reads them: direct, long-poll or held here), never from a result passing by;
+    # after the task answers, not before (fabric.endpoint.collector).
+    from fabric.endpoint.collector import COLLECTOR
+
+    COLLECTOR.soon(ctx.manager, deps)

@@ -267,6 +267,10 @@ def _admit(site: SiteConfig, state_dir: Path, identity: str, model: str, rule_na
         usage_db.WRITER.add(state_dir, (now, identity, model))
         return
     usage_db.WRITER.flush()  # the quota counts this process's own queued rows too
+    if rule.tokens_per_day:  # and the streams' tokens its last admissions asked to collect
+        from fabric.endpoint.collector import COLLECTOR
+
+        COLLECTOR.join()
     with usage_db.transaction(state_dir) as conn:
         if rule.requests_per_minute:
             limit = rule.requests_per_minute
