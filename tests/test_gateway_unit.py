@@ -246,6 +246,29 @@ def test_globus_token_is_introspected_and_passed_on(tmp_path: Path,
         gateway.close()
 
 
+def test_the_gateway_forgets_the_least_recently_seen_caller(tmp_path: Path) -> None:
+    """With room for two callers' clients, a third caller's pushes out the one seen least
+    recently, not the one that came first."""
+    from fabric.aio import AsyncFabric
+    from fabric.gateway.state import Gateway
+
+    def globus(name: str) -> Identity:
+        return Identity(name, "globus", {"scheme": "globus", "token": f"{name}-TOKEN"})
+
+    alice, bob, carol = globus("alice"), globus("bob"), globus("carol")
+    gateway = Gateway(GatewayConfig(home=tmp_path, callers_kept=2), AsyncFabric(on_status=None),
+                      Authenticator(require=True, keys=KeyStore(tmp_path)))
+    try:
+        first_alice, first_bob = gateway.client_for(alice), gateway.client_for(bob)
+        assert gateway.client_for(alice) is first_alice  # alice is now the most recent
+        gateway.client_for(carol)
+        assert gateway.client_for(alice) is first_alice
+        assert gateway.client_for(bob) is not first_bob  # forgotten: a new client
+        assert len(gateway._clients) == 2
+    finally:
+        gateway.close()
+
+
 # -- SSE pieces ------------------------------------------------------------------------------
 
 

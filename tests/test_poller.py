@@ -101,6 +101,22 @@ def test_many_open_requests_cost_tasks_per_round_not_per_request() -> None:
     assert poller.tasks_submitted == len(site.tasks)
 
 
+def test_the_thread_ends_when_idle_and_starts_again_on_demand() -> None:
+    """A gateway keeps a client per caller: an idle poller must not keep a thread."""
+    site = ScriptedSite(hold_s=0.0)
+    poller = Poller(site, idle_exit_s=0.2)  # type: ignore[arg-type]
+    try:
+        for name in ("a", "b"):
+            tracked = poller.track({"request_id": name, "ticket": "t"}, "m", events=True)
+            assert _drain(tracked)[-1] == {"op": "done", "result": {"text": name}}
+            thread = poller._thread
+            assert thread is not None
+            thread.join(timeout=10)
+            assert not thread.is_alive() and poller._thread is None
+    finally:
+        poller.close()
+
+
 def test_interval_paces_the_tasks() -> None:
     site = ScriptedSite(hold_s=0.0)
     poller = Poller(site, interval_s=0.2)  # type: ignore[arg-type]

@@ -16,7 +16,10 @@ seconds) would spend that budget per stream. The poller spends it per *client*:
                 settles its future; a status goes to its callback; the rest poll again
 
 So the number of tasks grows with how often there is news, not with how many streams are
-open. A request tracked while the tasks in flight hold the others joins the next one.
+open. A request tracked while the tasks in flight hold the others joins the next one. The
+thread ends after ``idle_exit_s`` with nothing to follow and starts again on the next
+``track`` or ``watch``: a gateway keeps a client per caller, and a thread parked for ever in
+each caller's poller would add up.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ WAIT_S = 10.0
 """How long the site holds a poll task with no news."""
 MAX_PER_TASK = 512
 """Most requests one poll task names (the site takes up to 1024)."""
+IDLE_EXIT_S = 30.0
+"""How long the polling thread waits with nothing to follow before it ends."""
 MAX_INFLIGHT = 2
 """Poll tasks out at once: one holds the open requests, one more lets a new request start
 without waiting for the held one to come back."""
@@ -80,12 +85,14 @@ class Poller:
     tasks (see the module doc). Thread-safe; one per transport."""
 
     def __init__(self, transport: Transport, auth: Any = None, *, wait_s: float = WAIT_S,
-                 max_inflight: int = MAX_INFLIGHT, interval_s: float = 0.0) -> None:
+                 max_inflight: int = MAX_INFLIGHT, interval_s: float = 0.0,
+                 idle_exit_s: float = IDLE_EXIT_S) -> None:
         self.transport = transport
         self.auth = auth
         self.wait_s = wait_s
         self.max_inflight = max(1, max_inflight)
         self.interval_s = interval_s
+        self.idle_exit_s = idle_exit_s
         self.tasks_submitted = 0
         """``poll_requests`` tasks sent so far (tests and benchmarks read it)."""
         self.requests_named = 0
@@ -170,8 +177,18 @@ class Poller:
         while True:
             with self._cond:
                 batch, watches = self._next_batch()
+                idle_since: float | None = None
                 while not self._closed and batch is None:
-                    self._cond.wait(self._pause())
+                    if self._open or self._watches or self._inflight:
+                        idle_since = None
+                        self._cond.wait(self._pause())
+                    else:
+                        now = time.monotonic()
+                        idle_since = now if idle_since is None else idle_since
+                        if now - idle_since >= self.idle_exit_s:
+                            self._thread = None  # the next track or watch starts one
+                            return
+                        self._cond.wait(idle_since + self.idle_exit_s - now)
                     batch, watches = self._next_batch()
                 if self._closed:
                     return

@@ -49,6 +49,9 @@ class GatewayConfig(BaseModel):
     burst: int = Field(100, ge=1, description="Requests an identity may make at once.")
     max_concurrency: int = Field(256, ge=1, description="SDK calls in flight at once.")
     max_body_bytes: int = Field(100 * 2**20, ge=1024, description="Largest request or upload.")
+    callers_kept: int = Field(10_000, ge=1, description=(
+        "Globus callers whose site clients the gateway keeps; the least recently seen go "
+        "first (a new token then makes a new one)."))
 
     @property
     def auth_required(self) -> bool:

@@ -48,13 +48,16 @@ class Gateway:
             return self.client
         key = hashlib.sha256(str(identity.auth.get("token")).encode()).hexdigest()
         with self._lock:
-            client = self._clients.get(key)
+            # Most recently seen last. Tokens expire, so the least recently seen go first;
+            # one forgotten holds no thread (its poller's ends when idle) and is not closed:
+            # its streams in flight finish.
+            client = self._clients.pop(key, None)
             if client is None:
                 client = AsyncFabric(fabric=self.client.fabric.with_auth(identity.auth),
                                      executor=self.client._pool)
-                if len(self._clients) > 10_000:  # tokens expire; forget the oldest callers
+                while len(self._clients) >= self.config.callers_kept:
                     self._clients.pop(next(iter(self._clients)))
-                self._clients[key] = client
+            self._clients[key] = client
             return client
 
     def close(self) -> None:
