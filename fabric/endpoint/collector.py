@@ -9,7 +9,7 @@ the deployments to this process's collector and returns; one daemon thread colle
 .. code:: text
 
     admission task:  admit ... answer -> COLLECTOR.soon(manager, deps)    (returns at once)
-    collector thread:                      collect_usage(dep) for each pending deployment
+    collector thread:   DELAY_S later: collect_usage(dep) for each pending deployment
     a token quota:   COLLECTOR.join() before it counts (``policy._admit``)
 
 A token quota sees what it saw before: the admission that asked for a collection answered
@@ -33,6 +33,10 @@ log = logging.getLogger("fabric.endpoint.collector")
 
 JOIN_TIMEOUT_S = 10.0
 """Longest ``join`` waits: a collection asks each server once with a 3 s timeout."""
+DELAY_S = 0.05
+"""How long a collection waits after it is asked for: the task's answer goes out first (a
+collector thread holding the GIL would hold it back up to the 5 ms switch interval), and the
+admissions of a burst share one collection."""
 
 
 class _Collector:
@@ -46,6 +50,7 @@ class _Collector:
         self._cond = threading.Condition()
         self._pending: dict[str, tuple[Any, Any]] = {}
         self._busy = False
+        self._now = False  # a join is waiting: skip the delay
         self._thread: threading.Thread | None = None
 
     def soon(self, manager: Any, deps: Iterable[Any]) -> None:
@@ -66,6 +71,9 @@ class _Collector:
     def join(self, timeout_s: float = JOIN_TIMEOUT_S) -> bool:
         """Wait until every collection asked for so far has run; False on timeout."""
         with self._cond:
+            if self._pending:
+                self._now = True
+                self._cond.notify_all()
             return self._cond.wait_for(lambda: not self._pending and not self._busy,
                                        timeout_s)
 
@@ -73,8 +81,9 @@ class _Collector:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._pending))
+                self._cond.wait_for(lambda: self._now, DELAY_S)
                 batch, self._pending = list(self._pending.values()), {}
-                self._busy = True
+                self._busy, self._now = True, False
             try:
                 for manager, dep in batch:
                     # A server that does not answer keeps its entries; the reaper retries.
