@@ -37,6 +37,7 @@ from typing import Any
 
 from fabric import tickets
 from fabric.catalog import CatalogEntry
+from fabric.endpoint import pings
 from fabric.endpoint.schedulers import clock_seconds
 from fabric.endpoint.state import LIVE_STATES, Deployment, StateDB
 from fabric.errors import DeploymentError, FabricError
@@ -294,13 +295,7 @@ class DeploymentManager:
         """The server's health reply, or None if it does not answer in time."""
         if not dep.address or not dep.public_key:
             return None
-        from fabric.serverclient import ServerClient
-
-        try:
-            with ServerClient(dep.address, dep.public_key, timeout_s=HEALTH_TIMEOUT_S) as c:
-                return dict(c.health(HEALTH_TIMEOUT_S))
-        except FabricError:
-            return None
+        return pings.health(dep.address, dep.public_key, HEALTH_TIMEOUT_S)
 
     # -- launching ------------------------------------------------------------------------
 
@@ -415,6 +410,8 @@ class DeploymentManager:
         return job is not None and not job.state.terminal and job.state.value != "unknown"
 
     def _mark_dead(self, dep: Deployment, reason: str) -> Deployment:
+        if dep.address:
+            pings.forget(dep.address)
         return self.db.update(dep.id, state="dead", reason=reason) or dep
 
     def _reap(self, dep: Deployment, reason: str) -> Deployment:
