@@ -63,20 +63,27 @@ def prompts(n: int) -> list[str]:
     return [f"Question {i}: describe {subjects[i % len(subjects)]} briefly." for i in range(n)]
 
 
-def run_direct(site_dir: Path, model: str, texts: list[str], max_tokens: int,
-               window: int) -> tuple[float, int]:
-    """Seconds and tokens for ``texts`` sent straight to the warm server."""
+def warm_server(site_dir: Path, model: str) -> tuple[Any, str]:
+    """The site's warm deployment of ``model`` and a ticket for it (from the site's key), for
+    the baselines that send requests straight to the server."""
     from fabric import tickets
     from fabric.endpoint.deployments import DeploymentManager
-    from fabric.protocol import validate_request
-    from fabric.serverclient import ServerClient
     from fabric.sites import load_site
 
     site = load_site(str(site_dir))
     mgr = DeploymentManager(site, site.resolved_state_dir())
     dep = mgr.find(model)
     assert dep is not None and dep.address, "no warm server"
-    ticket = tickets.issue(mgr.ticket_key(), model=model, ttl_s=3600)
+    return dep, tickets.issue(mgr.ticket_key(), model=model, ttl_s=3600)
+
+
+def run_direct(site_dir: Path, model: str, texts: list[str], max_tokens: int,
+               window: int) -> tuple[float, int]:
+    """Seconds and tokens for ``texts`` sent straight to the warm server."""
+    from fabric.protocol import validate_request
+    from fabric.serverclient import ServerClient
+
+    dep, ticket = warm_server(site_dir, model)
     tokens = 0
     start = time.perf_counter()
     with ServerClient(dep.address, str(dep.public_key), timeout_s=60) as client:

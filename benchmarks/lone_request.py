@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import common
-from campaign_throughput import write_site
+from campaign_throughput import warm_server, write_site
 from common import log, median
 
 from fabric.client.local import start_site, stop_site
@@ -41,17 +41,10 @@ MODEL = "tiny-llama"
 def direct_call(site_dir: Path) -> Any:
     """A function sending one one-token request straight to the warm server and waiting for
     its result, over one connection kept for the whole run; and the connection (to close)."""
-    from fabric import tickets
-    from fabric.endpoint.deployments import DeploymentManager
     from fabric.protocol import validate_request
     from fabric.serverclient import ServerClient
-    from fabric.sites import load_site
 
-    site = load_site(str(site_dir))
-    mgr = DeploymentManager(site, site.resolved_state_dir())
-    dep = mgr.find(MODEL)
-    assert dep is not None and dep.address, "no warm server"
-    ticket = tickets.issue(mgr.ticket_key(), model=MODEL, ttl_s=3600)
+    dep, ticket = warm_server(site_dir, MODEL)
     client = ServerClient(dep.address, str(dep.public_key), timeout_s=60)
 
     def call(text: str) -> None:

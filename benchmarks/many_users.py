@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import common
-from campaign_throughput import write_site
+from campaign_throughput import warm_server, write_site
 from common import log, median, ratio
 
 
@@ -51,17 +51,10 @@ def prompts(n: int, offset: int) -> list[str]:
 
 def direct_round(site_dir: Path, model: str, texts: list[str], max_tokens: int) -> dict[str, Any]:
     """Every request straight to the server at once on one connection."""
-    from fabric import tickets
-    from fabric.endpoint.deployments import DeploymentManager
     from fabric.protocol import validate_request
     from fabric.serverclient import ServerClient
-    from fabric.sites import load_site
 
-    site = load_site(str(site_dir))
-    mgr = DeploymentManager(site, site.resolved_state_dir())
-    dep = mgr.find(model)
-    assert dep is not None and dep.address, "no warm server"
-    ticket = tickets.issue(mgr.ticket_key(), model=model, ttl_s=3600)
+    dep, ticket = warm_server(site_dir, model)
     reqs = [validate_request({"model": model, "prompt": t, "sampling": {"max_tokens": max_tokens}})
             for t in texts]
     with ServerClient(dep.address, str(dep.public_key), timeout_s=600) as client:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from fabric.endpoint.collector import COLLECTOR
 from fabric.endpoint.context import SiteContext
 from fabric.endpoint.session import token_estimate
 from fabric.errors import FabricError, InvalidRequest
@@ -208,6 +209,4 @@ def _collect(ctx: SiteContext, deps: list[Any]) -> None:
     # Tokens are recorded from the server's own tally of each accounted ticket (however the
     # client reads them: direct, long-poll or held here), never from a result passing by;
     # after the task answers, not before (fabric.endpoint.collector).
-    from fabric.endpoint.collector import COLLECTOR
-
     COLLECTOR.soon(ctx.manager, deps)
