@@ -6,6 +6,7 @@ routes used here fail or answer before any call reaches a site, so no site is st
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -192,6 +193,47 @@ def test_http_auth_and_rate_limit(keyed_server: tuple[str, str, KeyStore]) -> No
         assert revoked.status_code == 401
         unknown = http.get("/v1/nothing", headers=auth)
         assert unknown.status_code == 404 and "error" in unknown.json()
+
+
+def test_a_body_over_the_limit_is_refused_sized_or_chunked(tmp_path: Path) -> None:
+    """``max_body_bytes`` holds whether the body says its size (``Content-Length``) or is
+    chunked (no size given: it is counted as it arrives), for requests and uploads alike; a
+    body within it still gets through, and the gateway keeps serving."""
+    config = GatewayConfig(home=tmp_path, rate=0, max_body_bytes=1024)
+    big = json.dumps({"model": "m", "messages": [{"role": "robot", "content": "x" * 200_000}]})
+    small = json.dumps({"model": "m", "messages": [{"role": "robot", "content": "x"}]})
+
+    def chunked(body: bytes) -> Iterator[bytes]:
+        for i in range(0, len(body), 256):
+            yield body[i:i + 256]
+
+    def upload(data: bytes) -> tuple[bytes, str]:
+        boundary = "b0undary"
+        parts = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n"
+                 f"batch\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+                 f"filename=\"in.jsonl\"\r\n\r\n").encode()
+        return parts + data + f"\r\n--{boundary}--\r\n".encode(), \
+            f"multipart/form-data; boundary={boundary}"
+
+    with running_server(create_app(config)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        headers = {"content-type": "application/json"}
+        for content in (big.encode(), chunked(big.encode())):
+            refused = http.post("/v1/chat/completions", content=content, headers=headers)
+            assert refused.status_code == 413, refused.text
+            assert refused.json()["error"]["code"] == "payload_too_large"
+            assert "1024 bytes" in refused.json()["error"]["message"]
+        within = http.post("/v1/chat/completions", content=chunked(small.encode()),
+                           headers=headers)
+        assert within.status_code == 400 and "role" in within.json()["error"]["message"]
+        body, kind = upload(b'{"custom_id": "a"}\n' * 200)
+        for content in (body, chunked(body)):
+            refused = http.post("/v1/files", content=content, headers={"content-type": kind})
+            assert refused.status_code == 413, refused.text
+            assert "upload" in refused.json()["error"]["message"]
+        body, kind = upload(b'{"custom_id": "a"}\n')
+        stored = http.post("/v1/files", content=chunked(body), headers={"content-type": kind})
+        assert stored.status_code == 200, stored.text
+        assert stored.json()["bytes"] == len(b'{"custom_id": "a"}\n')
 
 
 def test_globus_token_is_introspected_and_passed_on(tmp_path: Path,

@@ -21,8 +21,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from fabric.errors import InvalidRequest
-from fabric.gateway.errors import NotFound, PayloadTooLarge
-from fabric.gateway.state import Who, gateway_of
+from fabric.gateway.errors import NotFound
+from fabric.gateway.state import Who, read_body
 
 __all__ = ["FileStore", "router"]
 
@@ -123,10 +123,7 @@ def parse_upload(content_type: str, body: bytes) -> tuple[str, str, bytes]:
 @router.post("/files")
 async def upload(request: Request, who: Who) -> dict[str, Any]:
     """Store an uploaded file (``purpose: batch`` for batch inputs)."""
-    limit = gateway_of(request).config.max_body_bytes
-    body = await request.body()
-    if len(body) > limit:
-        raise PayloadTooLarge(f"the upload is over the gateway's limit of {limit} bytes")
+    body = await read_body(request, "upload")
     filename, purpose, data = parse_upload(request.headers.get("content-type", ""), body)
     return public(files_of(request).add(who.identity.name, filename, purpose, data))
 

@@ -16,9 +16,8 @@ from pydantic import BaseModel, ValidationError
 from fabric.aio import AsyncFabric
 from fabric.errors import InvalidRequest
 from fabric.gateway import shapes
-from fabric.gateway.errors import PayloadTooLarge
 from fabric.gateway.shapes import ChatRequest, CompletionRequest, EmbeddingRequest
-from fabric.gateway.state import Who, gateway_of
+from fabric.gateway.state import Who, read_body
 from fabric.gateway.streams import Piece, guarded, open_streams, pieces, sse
 from fabric.protocol import GenerationResult
 
@@ -31,11 +30,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 async def parse_body(request: Request, model: type[M]) -> M:
     """The JSON body as ``model``, or ``InvalidRequest`` naming the bad field (400)."""
-    limit = gateway_of(request).config.max_body_bytes
-    if int(request.headers.get("content-length") or 0) > limit:
-        raise PayloadTooLarge(f"request body is over the gateway's limit of {limit} bytes")
+    body = await read_body(request)
     try:
-        return model.model_validate_json(await request.body())
+        return model.model_validate_json(body)
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"])

@@ -15,9 +15,10 @@ from fastapi import Depends, Request
 from fabric.aio import AsyncFabric
 from fabric.gateway.auth import Authenticator, Identity, RateLimiter
 from fabric.gateway.config import GatewayConfig
+from fabric.gateway.errors import PayloadTooLarge
 from fabric.gateway.keys import default_home
 
-__all__ = ["Caller", "Gateway", "Who", "caller", "gateway_of"]
+__all__ = ["Caller", "Gateway", "Who", "caller", "gateway_of", "read_body"]
 
 
 @dataclass
@@ -69,6 +70,24 @@ def gateway_of(request: Request) -> Gateway:
     """The ``Gateway`` of the app serving ``request``."""
     gateway: Gateway = request.app.state.gateway
     return gateway
+
+
+async def read_body(request: Request, what: str = "request body") -> bytes:
+    """The body, or ``PayloadTooLarge`` (413) once it passes ``max_body_bytes``. Counted as it
+    arrives: a chunked body has no ``Content-Length`` to refuse it by, and must not be held
+    whole in memory first."""
+    limit = gateway_of(request).config.max_body_bytes
+    too_large = PayloadTooLarge(f"the {what} is over the gateway's limit of {limit} bytes")
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise too_large
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large
+        parts.append(part)
+    return b"".join(parts)
 
 
 async def caller(request: Request) -> Caller:
