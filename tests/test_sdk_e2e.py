@@ -27,6 +27,7 @@ from fabric import (
     UserFunctionError,
 )
 from fabric.serverclient import ServerClient
+from tests.plugins.servers import hf_greedy, hf_tokenizer
 from tests.plugins.site import LONG_TOKENS, TINY_MODEL, server_pid, wait_until
 from tests.plugins.throttle import throttle_process
 
@@ -193,14 +194,19 @@ def test_stream_close_by_long_poll(fab: Fabric, long_prompt: str) -> None:
     _assert_stopped_early(fab, before)
 
 
-def test_chat(fab: Fabric) -> None:
+def test_chat(fab: Fabric, tiny_llama_dir: Path) -> None:
+    """The conversation is the checkpoint's chat template with the assistant's turn opened
+    (as transformers renders it, system message included), and greedy decoding goes on from
+    there as transformers' ``generate`` does."""
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "What do proteins do?"}]
-    result = fab.chat(messages, model=TINY_MODEL, max_tokens=8)
+    result = fab.chat(messages, model=TINY_MODEL, max_tokens=8, temperature=0)
+    rendered = hf_tokenizer(tiny_llama_dir).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True)
+    ids = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    assert result.usage.prompt_tokens == len(ids)
+    assert result.token_ids == hf_greedy(tiny_llama_dir, ids, 8)[:len(result.token_ids)]
     assert 1 <= len(result.token_ids) <= 8
-    # The chat template was applied: the prompt is longer than the raw user text.
-    plain = fab.generate("What do proteins do?", model=TINY_MODEL, max_tokens=1)
-    assert result.usage.prompt_tokens > plain.usage.prompt_tokens
     with fab.stream(messages=messages, model=TINY_MODEL, max_tokens=8) as stream:
         assert "".join(stream) == result.text
 

@@ -219,12 +219,13 @@ def hf_tokenizer(weights_dir: Path) -> Any:
     return _HF[key]
 
 
-def hf_greedy(weights_dir: Path, prompt: str, max_new_tokens: int) -> list[int]:
-    """transformers' greedy ``generate`` continuation of ``prompt`` (token ids, eos included)."""
+def hf_greedy(weights_dir: Path, prompt: str | list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy ``generate`` continuation of ``prompt`` (text, or token ids such
+    as a chat template's) as token ids, eos included."""
     import torch
 
     model, tok = hf_model(weights_dir), hf_tokenizer(weights_dir)
-    ids = torch.tensor([tok(prompt).input_ids])
+    ids = torch.tensor([tok(prompt).input_ids if isinstance(prompt, str) else prompt])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
