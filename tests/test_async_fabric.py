@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from fabric import AsyncFabric, Fabric, FabricError, InvalidRequest, UnknownModel
-from tests.plugins.site import LONG_TOKENS, TINY_MODEL, server_pid
+from tests.plugins.site import (
+    LONG_TOKENS,
+    TINY_MODEL,
+    assert_stopped_early,
+    server_idle,
+    server_pid,
+)
 from tests.plugins.throttle import throttle_process
 
 pytestmark = pytest.mark.slow
@@ -110,9 +116,11 @@ def test_leaving_a_stream_early_cancels_it(fab: Fabric, long_prompt: str) -> Non
                     break
             return stream
 
+    before = server_idle(fab)["tokens_total"]
     with throttle_process(pid):
         stream = asyncio.run(main())
     assert stream.finished and stream.cancelled and stream.result is None
+    assert_stopped_early(fab, before)  # the cancel reached the server, not only the client
     assert fab.generate(PROMPT, model=TINY_MODEL, max_tokens=2).token_ids
 
 
@@ -136,11 +144,13 @@ def test_a_dropped_async_stream_is_cancelled(fab: Fabric, long_prompt: str) -> N
             await asyncio.wait_for(finished(inner), 60)
             return inner
 
+    before = server_idle(fab)["tokens_total"]
     with throttle_process(pid):
         inner = asyncio.run(main())
     # Closed by a cancel the server answered, before the request's own end.
     assert inner.cancelled and inner.result is None
     assert len(inner.token_ids) < LONG_TOKENS
+    assert_stopped_early(fab, before)
 
 
 def test_open_streams_do_not_hold_the_pool(fab: Fabric, long_prompt: str) -> None:
@@ -221,11 +231,13 @@ def test_cancel_while_the_loop_reads(fab: Fabric, long_prompt: str) -> None:
             rest = await asyncio.wait_for(reader, 60)
             return stream, first + rest, was
 
+    before = server_idle(fab)["tokens_total"]
     with throttle_process(pid):
         stream, text, was = asyncio.run(main())
     assert was == "running"
     assert stream.cancelled and stream.finished and stream.result is None
     assert text == stream.text and len(stream.token_ids) < LONG_TOKENS
+    assert_stopped_early(fab, before)
 
 
 def test_wait_after_reading_part_of_a_stream(fab: Fabric) -> None:

@@ -21,7 +21,14 @@ import pytest
 
 from fabric import AsyncFabric, Fabric
 from fabric.gateway import GatewayConfig, create_app
-from tests.plugins.site import LONG_TOKENS, TINY_MODEL, server_pid, wait_until
+from tests.plugins.site import (
+    LONG_TOKENS,
+    TINY_MODEL,
+    assert_stopped_early,
+    server_idle,
+    server_pid,
+    wait_until,
+)
 from tests.plugins.throttle import throttle_process
 from tests.test_gateway_unit import running_server
 
@@ -315,9 +322,11 @@ def test_a_client_that_goes_away_stops_its_generation(fab: Fabric, long_prompt: 
     the disconnect must still reach the server, or it generates for nobody)."""
     recording = RecordingClient(fab)
     config = GatewayConfig(site=fab.site, home=tmp_path, rate=0)
+    pid = server_pid(fab)
+    before = server_idle(fab)["tokens_total"]
     with running_server(create_app(config, recording)) as url, \
             openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0) as client, \
-            throttle_process(server_pid(fab)):
+            throttle_process(pid):
         stream = client.completions.create(model=TINY_MODEL, prompt=long_prompt,
                                            max_tokens=LONG_TOKENS, temperature=0, stream=True)
         first = next(iter(stream))
@@ -327,3 +336,4 @@ def test_a_client_that_goes_away_stops_its_generation(fab: Fabric, long_prompt: 
     assert first.id == f"cmpl-{opened.request_id}"
     assert opened.cancelled and opened.result is None
     assert len(opened.token_ids) < LONG_TOKENS
+    assert_stopped_early(fab, before)  # the server stopped, not only the gateway's reader

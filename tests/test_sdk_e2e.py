@@ -28,7 +28,14 @@ from fabric import (
 )
 from fabric.serverclient import ServerClient
 from tests.plugins.servers import hf_greedy, hf_tokenizer
-from tests.plugins.site import LONG_TOKENS, TINY_MODEL, server_pid, wait_until
+from tests.plugins.site import (
+    LONG_TOKENS,
+    TINY_MODEL,
+    assert_stopped_early,
+    server_idle,
+    server_pid,
+    wait_until,
+)
 from tests.plugins.throttle import throttle_process
 
 pytestmark = pytest.mark.slow
@@ -96,22 +103,9 @@ def test_stream_by_long_poll(fab: Fabric) -> None:
     assert text == expected.text and stream.token_ids == expected.token_ids
 
 
-def _server_idle(fab: Fabric, timeout_s: float = 5.0) -> dict[str, Any]:
-    """The tiny model's server health once nothing runs there (or the last seen)."""
-    deadline = time.monotonic() + timeout_s
-    health: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        ready = [d for d in fab.deployments() if d["model"] == TINY_MODEL and d.get("health")]
-        health = ready[0]["health"] if ready else {}
-        if health and health["running"] == 0 and health["queue_depth"] == 0:
-            break
-        time.sleep(0.1)
-    return health
-
-
 def test_stream_close_midway_then_serve_again(fab: Fabric, long_prompt: str) -> None:
     pid = server_pid(fab)
-    before = _server_idle(fab)["tokens_total"]
+    before = server_idle(fab)["tokens_total"]
     with throttle_process(pid):  # slowed until the cancel has reached it
         stream = fab.stream(long_prompt, model=TINY_MODEL, max_tokens=LONG_TOKENS)
         first = next(stream)
@@ -120,24 +114,16 @@ def test_stream_close_midway_then_serve_again(fab: Fabric, long_prompt: str) -> 
     assert isinstance(first, str) and len(stream.token_ids) < LONG_TOKENS
     # The server stopped that request early (uncancelled, it runs all LONG_TOKENS), holds no
     # running slot or KV memory for it, and keeps serving.
-    _assert_stopped_early(fab, before)
+    assert_stopped_early(fab, before)
     result = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=4)
     assert len(result.token_ids) <= 4
-
-
-def _assert_stopped_early(fab: Fabric, tokens_before: int) -> None:
-    """The server is idle, holds no KV memory, and made fewer than ``LONG_TOKENS`` tokens
-    since ``tokens_before``: the cancelled request did not run to its end."""
-    health = _server_idle(fab)
-    assert health["running"] == 0 and health["kv_used_tokens"] == 0
-    assert health["tokens_total"] - tokens_before < LONG_TOKENS
 
 
 def test_a_stream_dropped_unfinished_is_cancelled(fab: Fabric, long_prompt: str) -> None:
     """No ``with``, no ``close``: the loop breaks and the stream is dropped. The server stops
     that request (it ran to ``max_tokens`` for nobody before) and keeps serving."""
     pid = server_pid(fab)
-    before = _server_idle(fab)["tokens_total"]
+    before = server_idle(fab)["tokens_total"]
     (dep,) = [d for d in fab.deployments() if d["model"] == TINY_MODEL and d.get("health")]
     got: list[str] = []
     with throttle_process(pid), ServerClient(dep["address"], dep["public_key"],
@@ -150,13 +136,13 @@ def test_a_stream_dropped_unfinished_is_cancelled(fab: Fabric, long_prompt: str)
         wait_until(lambda: server.health(60)["running"] == 0, 120,
                    "the dropped stream's request to end at the server")
     assert len(got) == 1
-    _assert_stopped_early(fab, before)
+    assert_stopped_early(fab, before)
     assert len(fab.generate(PROMPT, model=TINY_MODEL, max_tokens=4).token_ids) <= 4
 
 
 def test_stream_cancel_from_another_thread(fab: Fabric, long_prompt: str) -> None:
     pid = server_pid(fab)
-    before = _server_idle(fab)["tokens_total"]
+    before = server_idle(fab)["tokens_total"]
     got: list[str] = []
     raised: list[BaseException] = []
 
@@ -176,12 +162,12 @@ def test_stream_cancel_from_another_thread(fab: Fabric, long_prompt: str) -> Non
     reader.join(30)
     assert not reader.is_alive() and stream.cancelled and raised == []
     assert len(stream.token_ids) < LONG_TOKENS
-    _assert_stopped_early(fab, before)
+    assert_stopped_early(fab, before)
 
 
 def test_stream_close_by_long_poll(fab: Fabric, long_prompt: str) -> None:
     pid = server_pid(fab)
-    before = _server_idle(fab)["tokens_total"]
+    before = server_idle(fab)["tokens_total"]
     fab.transport.can_reach_servers = False
     try:
         with throttle_process(pid):
@@ -191,7 +177,7 @@ def test_stream_close_by_long_poll(fab: Fabric, long_prompt: str) -> None:
     finally:
         fab.transport.can_reach_servers = True
     assert stream.cancelled and len(stream.token_ids) < LONG_TOKENS
-    _assert_stopped_early(fab, before)
+    assert_stopped_early(fab, before)
 
 
 def test_chat(fab: Fabric, tiny_llama_dir: Path) -> None:

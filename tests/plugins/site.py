@@ -47,6 +47,27 @@ def server_pid(fab: Any, model: str = TINY_MODEL) -> int:
     return int(found[0]["health"]["pid"])
 
 
+def server_idle(fab: Any, timeout_s: float = 5.0) -> dict[str, Any]:
+    """The tiny model's server health once nothing runs there (or the last seen)."""
+    deadline = time.monotonic() + timeout_s
+    health: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        ready = [d for d in fab.deployments() if d["model"] == TINY_MODEL and d.get("health")]
+        health = ready[0]["health"] if ready else {}
+        if health and health["running"] == 0 and health["queue_depth"] == 0:
+            break
+        time.sleep(0.1)
+    return health
+
+
+def assert_stopped_early(fab: Any, tokens_before: int) -> None:
+    """The server is idle, holds no KV memory, and made fewer than ``LONG_TOKENS`` tokens
+    since ``tokens_before``: the cancelled request did not run to its end."""
+    health = server_idle(fab)
+    assert health["running"] == 0 and health["kv_used_tokens"] == 0
+    assert health["tokens_total"] - tokens_before < LONG_TOKENS
+
+
 def write_site(folder: Path, *, name: str = "test-local", model_dir: Path | None = None,
                idle_timeout_s: float = 120.0, workers: int = 2,
                allow_user_functions: bool = True, **extra: Any) -> Path:
