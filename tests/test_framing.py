@@ -7,12 +7,14 @@ import os
 import socket
 import stat
 import struct
+import threading
 from pathlib import Path
 
 import msgpack
 import pytest
 
 from fabric.wire import framing
+from tests.plugins.peers import HUNG_UP, NOBODY, connect_as_nobody
 
 
 def test_messages_survive_any_split_of_the_stream() -> None:
@@ -74,11 +76,31 @@ def test_send_all_gives_up_when_nobody_reads() -> None:
     b.close()
 
 
-def test_peer_uid_is_this_user() -> None:
+def test_peer_uid_is_the_connecting_user(tmp_path: Path) -> None:
+    """``peer_uid`` says which user connected (the site serves its own user only): ours for
+    a pair of our sockets, and another user's (uid, not gid) for a connection made as them."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    assert framing.peer_uid(a) in (os.getuid(), None)
+    assert framing.peer_uid(a) == os.getuid()  # Linux always says (SO_PEERCRED)
     a.close()
     b.close()
+    if os.geteuid() != 0:
+        pytest.skip("connecting as another user needs root")
+    path = str(tmp_path / "s")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen()
+        seen: list[int | None] = []
+
+        def accept() -> None:
+            conn, _ = listener.accept()
+            seen.append(framing.peer_uid(conn))
+            conn.close()
+
+        thread = threading.Thread(target=accept)
+        thread.start()
+        assert connect_as_nobody(path) == HUNG_UP
+        thread.join(10)
+    assert seen == [NOBODY]
 
 
 def test_socket_path_short_and_long_state_dirs(tmp_path: Path) -> None:

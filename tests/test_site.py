@@ -29,6 +29,7 @@ from fabric.errors import (
     UserFunctionError,
 )
 from fabric.wire import framing, gcwire
+from tests.plugins.peers import HUNG_UP, NOBODY, connect_as_nobody
 from tests.plugins.site import TINY_MODEL, LocalSite, wait_until, write_site
 
 
@@ -183,6 +184,20 @@ def test_bad_and_vanishing_clients_do_not_disturb_others(local_site: LocalSite,
                "the site to drop the reply of the client that left")
     assert isinstance(site_transport.submit(worker_pid).result(timeout=60), int)
     assert read_info(local_site.state_dir)["pid"] == local_site.info["pid"]
+
+
+def test_a_connection_from_another_user_is_closed(local_site: LocalSite,
+                                                  site_transport: LocalTransport) -> None:
+    """The site serves its own user only: a connection whose peer is another user (here
+    made as ``nobody``, reaching the private socket as root would) is closed before any
+    message, and logged; the site keeps serving its user."""
+    if os.geteuid() != 0:
+        pytest.skip("connecting as another user needs root")
+    assert connect_as_nobody(local_site.info["socket"]) == HUNG_UP
+    log = local_site.state_dir / "logs" / "site.log"
+    wait_until(lambda: f"refused a connection from uid {NOBODY}" in log.read_text(), 30,
+               "the refusal in site.log")
+    assert isinstance(site_transport.submit(worker_pid).result(timeout=60), int)
 
 
 class CreatesFile:
