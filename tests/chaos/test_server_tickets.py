@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from fabric import tickets
-from fabric.errors import TicketInvalid
+from fabric.errors import Overloaded, TicketInvalid
 from fabric.protocol import InferenceRequest, request_digest
 from tests.plugins.servers import ServerHandle
 
@@ -66,8 +66,9 @@ def test_used_tickets_are_remembered_until_expiry_within_bounds() -> None:
         used.spend(claims)
     with pytest.raises(TicketInvalid, match="already used"):
         used.check(live[0])
-    with pytest.raises(Exception, match="too many used tickets"):
+    with pytest.raises(Overloaded, match="too many used tickets") as full:
         used.check(live[2])
+    assert full.value.retryable and full.value.details["retry_after"] == 5.0
     for claims in live[:2]:
         used._expires[claims["jti"]] = time.time() - 1  # as if they had expired
     used.check(live[2])
