@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from fabric.errors import AccessDenied, FabricError, FunctionNotAllowed
+from fabric.errors import AccessDenied, EndpointError, FabricError, FunctionNotAllowed
 from fabric.wire import functions
-from tests.plugins.globus_offline import OfflineGlobus
-from tests.plugins.site import TINY_MODEL, server_pid
+from tests.plugins.globus_offline import OfflineGlobus, write_globus_site
+from tests.plugins.site import LONG_TOKENS, TINY_MODEL, server_pid
 from tests.plugins.throttle import throttle_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.globus]
@@ -295,3 +295,37 @@ def test_concurrent_streams_share_one_long_poll(fab: Any, globus_offline: Offlin
     report(globus_offline, streams8_elapsed_s=elapsed, streams8_poll_tasks=tasks,
            streams8_ttft_median_s=statistics.median(g[0] for g in got),
            streams8_requests_per_poll=round(named / (poller.tasks_submitted - polled_before), 2))
+
+
+def test_a_site_that_dies_mid_stream_fails_the_stream_typed(
+        globus_offline: OfflineGlobus, tiny_llama_dir: Path, long_prompt: str,
+        tmp_path: Path) -> None:
+    """A site's endpoint dies (every process of it killed at once) while a stream is read
+    through Globus Compute. The service keeps accepting the client's poll tasks and nothing
+    answers them: the stream must end with a retryable ``EndpointError`` once the site has
+    been silent for a poll's hold plus ``poll_lost_after_s``, not wait for ever. Its own
+    endpoint (on the same broker and fake), since it is killed."""
+    from fabric import Fabric
+
+    site = write_globus_site(tmp_path / "site", tiny_llama_dir, globus_offline.function_ids,
+                             name="gc-dies")
+    with globus_offline.endpoint(site, tmp_path / "gc", "gc-dies") as doomed:
+        assert doomed.daemon is not None
+        t = doomed.transport(tmp_path / "home")
+        t.poll_lost_after_s = 5.0
+        with Fabric(site=str(doomed.site_dir), transport=t, on_status=None) as fab:
+            pid = server_pid(fab)
+            with throttle_process(pid):  # still generating when its site dies
+                stream = fab.stream(long_prompt, model=TINY_MODEL, max_tokens=LONG_TOKENS)
+                first = next(iter(stream))
+                killed = doomed.daemon.kill()
+                t0 = time.monotonic()
+                with pytest.raises(EndpointError, match="answered no poll") as lost:
+                    for _ in stream:
+                        pass
+                waited = time.monotonic() - t0
+    assert killed and isinstance(first, str)
+    assert lost.value.retryable
+    hold = 10.0  # fabric.client.poller.WAIT_S
+    assert waited < hold + 5.0 + 30, waited
+    report(globus_offline, site_lost_after_s=waited)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from fabric.client.poller import Poller
-from fabric.errors import AccessDenied
+from fabric.errors import AccessDenied, EndpointError
 
 EVENTS = 5
 
@@ -27,9 +27,15 @@ class ScriptedSite:
     can_reach_servers = False
     site = "scripted"
 
-    def __init__(self, hold_s: float = 0.02, fail: Exception | None = None) -> None:
+    def __init__(self, hold_s: float = 0.02, fail: Exception | None = None,
+                 first_hold_s: dict[str, float] | None = None) -> None:
         self.hold_s = hold_s
         self.fail = fail
+        self.first_hold_s = dict(first_hold_s or {})
+        """A longer hold for the first task naming a request (a task queued at the site)."""
+        self.answering = threading.Event()
+        """Cleared: the site is silent (answers wait until it is set again)."""
+        self.answering.set()
         self.tasks: list[list[str]] = []
         self.inflight = 0
         self.most_inflight = 0
@@ -43,9 +49,12 @@ class ScriptedSite:
             self.inflight += 1
             self.most_inflight = max(self.most_inflight, self.inflight)
         fut: Future[Any] = Future()
+        hold = max([self.first_hold_s.pop(p["request_id"], self.hold_s) for p in polls]
+                   or [self.hold_s])
 
         def answer() -> None:
-            time.sleep(self.hold_s)
+            time.sleep(hold)
+            self.answering.wait()
             with self._lock:
                 self.inflight -= 1
             if self.fail is not None:
@@ -161,3 +170,51 @@ def test_status_watch_rides_the_poll_and_reports_changes() -> None:
     finally:
         poller.close()
     assert heard[0] == {"model": "m", "state": "loading"}
+
+
+def test_a_silent_site_fails_its_open_requests_and_a_late_answer_is_dropped() -> None:
+    """A site whose endpoint died answers no poll (Globus Compute holds the tasks): after
+    ``wait_s + lost_after_s`` of silence the open requests fail with a retryable
+    ``EndpointError`` instead of waiting for ever; answers that come later are dropped, and
+    the poller serves new requests once the site answers again."""
+    site = ScriptedSite(hold_s=0.05)
+    poller = Poller(site, wait_s=0.2, lost_after_s=0.4)  # type: ignore[arg-type]
+    try:
+        stream = poller.track({"request_id": "a", "ticket": "t"}, "m", events=True)
+        assert stream.queue.get(timeout=10) == {"op": "event", "text": "a:1"}
+        site.answering.clear()
+        silent_from = time.monotonic()
+        plain = poller.track({"request_id": "b", "ticket": "t"}, "m", events=False)
+        got = []
+        while not got or not isinstance(got[-1], BaseException):
+            got.append(stream.queue.get(timeout=10))
+        waited = time.monotonic() - silent_from
+        err = got[-1]
+        assert isinstance(err, EndpointError) and err.retryable
+        assert "answered no poll for 1 s" in str(err)
+        assert 0.6 - 0.1 <= waited < 5, waited  # not before the silence limit (0.2 + 0.4 s)
+        with pytest.raises(EndpointError):
+            plain.future.result(timeout=10)
+        site.answering.set()  # the late answers come: dropped
+        time.sleep(0.3)
+        assert stream.queue.empty()
+        again = poller.track({"request_id": "c", "ticket": "t"}, "m", events=True)
+        assert _drain(again)[-1] == {"op": "done", "result": {"text": "c"}}
+    finally:
+        poller.close()
+
+
+def test_answers_to_other_tasks_show_a_busy_site_alive() -> None:
+    """A poll queued at a busy endpoint comes back late, but the site answers other tasks
+    meanwhile: no request fails."""
+    site = ScriptedSite(hold_s=0.2, first_hold_s={"queued": 1.5})  # alone, 1.5 s trips it
+    poller = Poller(site, wait_s=0.2, lost_after_s=0.8)  # type: ignore[arg-type]
+    try:
+        queued = poller.track({"request_id": "queued", "ticket": "t"}, "m", events=True)
+        time.sleep(0.05)  # its first task is out: the next request goes in a task of its own
+        busy = poller.track({"request_id": "busy", "ticket": "t"}, "m", events=True)
+        for tracked, name in ((busy, "busy"), (queued, "queued")):
+            got = _drain(tracked)
+            assert got[-1] == {"op": "done", "result": {"text": name}}, got
+    finally:
+        poller.close()

@@ -24,7 +24,7 @@ from typing import Any
 
 from fabric.client.admission import Admissions
 from fabric.client.direct import DirectResults
-from fabric.client.poller import Poller
+from fabric.client.poller import LOST_AFTER_S, Poller
 from fabric.client.status import StatusCallback
 from fabric.client.transport import Transport
 from fabric.errors import DeadlineExceeded, FabricError
@@ -66,9 +66,10 @@ class RequestPath:
         transport = self._transport()
         with self._lock:
             if self._poller is None:
-                self._poller = Poller(transport, self.auth,
-                                      interval_s=float(getattr(transport, "poll_interval_s",
-                                                               0.0)))
+                self._poller = Poller(
+                    transport, self.auth,
+                    interval_s=float(getattr(transport, "poll_interval_s", 0.0)),
+                    lost_after_s=float(getattr(transport, "poll_lost_after_s", LOST_AFTER_S)))
             return self._poller
 
     def admit(self, body: dict[str, Any], mode: str, hold_s: float = 0.0,

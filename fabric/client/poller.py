@@ -20,6 +20,13 @@ open. A request tracked while the tasks in flight hold the others joins the next
 thread ends after ``idle_exit_s`` with nothing to follow and starts again on the next
 ``track`` or ``watch``: a gateway keeps a client per caller, and a thread parked for ever in
 each caller's poller would add up.
+
+A site whose endpoint dies answers nothing, and Globus Compute keeps accepting (and holding)
+tasks for it: without a bound its open requests would wait for ever. The site answers a poll
+within ``wait_s``, so when tasks are out and none has come back for ``wait_s + lost_after_s``
+the site counts as lost: the requests in those tasks fail with ``EndpointError`` (retryable),
+and a late answer is dropped. Any answer, even to another task, shows the site alive: tasks
+queued behind others at a busy endpoint do not trip it.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ IDLE_EXIT_S = 30.0
 MAX_INFLIGHT = 2
 """Poll tasks out at once: one holds the open requests, one more lets a new request start
 without waiting for the held one to come back."""
+LOST_AFTER_S = 60.0
+"""How long past a poll's hold (``wait_s``) the site may stay silent before it counts as lost."""
 
 
 @dataclass
@@ -72,6 +81,15 @@ class Tracked:
     """In a poll task in flight now."""
 
 
+@dataclass(eq=False)
+class _Task:
+    """One ``poll_requests`` task out: what it carries; settled once (answer or loss)."""
+
+    batch: list[Tracked]
+    watches: list[_Watch]
+    settled: bool = False
+
+
 @dataclass
 class _Watch:
     model: str
@@ -86,10 +104,12 @@ class Poller:
 
     def __init__(self, transport: Transport, auth: Any = None, *, wait_s: float = WAIT_S,
                  max_inflight: int = MAX_INFLIGHT, interval_s: float = 0.0,
-                 idle_exit_s: float = IDLE_EXIT_S) -> None:
+                 idle_exit_s: float = IDLE_EXIT_S, lost_after_s: float = LOST_AFTER_S
+                 ) -> None:
         self.transport = transport
         self.auth = auth
         self.wait_s = wait_s
+        self.lost_after_s = lost_after_s
         self.max_inflight = max(1, max_inflight)
         self.interval_s = interval_s
         self.idle_exit_s = idle_exit_s
@@ -102,7 +122,8 @@ class Poller:
         self._watches: dict[int, _Watch] = {}
         self._keys = itertools.count(1)
         self._watching = False  # the watches ride in a task in flight
-        self._inflight = 0
+        self._out: set[_Task] = set()
+        self._heard = 0.0  # when the site last answered (or, with nothing out, was first asked)
         self._last_submit = 0.0
         self._cond = threading.Condition()
         self._closed = False
@@ -175,13 +196,17 @@ class Poller:
 
     def _loop(self) -> None:
         while True:
+            lost: list[_Task] = []
             with self._cond:
                 batch, watches = self._next_batch()
                 idle_since: float | None = None
                 while not self._closed and batch is None:
-                    if self._open or self._watches or self._inflight:
+                    lost = self._lost()
+                    if lost:
+                        break
+                    if self._open or self._watches or self._out:
                         idle_since = None
-                        self._cond.wait(self._pause())
+                        self._cond.wait(self._timeout())
                     else:
                         now = time.monotonic()
                         idle_since = now if idle_since is None else idle_since
@@ -192,12 +217,42 @@ class Poller:
                     batch, watches = self._next_batch()
                 if self._closed:
                     return
-                assert batch is not None
-                self._inflight += 1
-                self._last_submit = time.monotonic()
-                self.tasks_submitted += 1
-                self.requests_named += len(batch)
-            self._submit(batch, watches)
+                task = None if batch is None else self._start(batch, watches)
+            for gone in lost:
+                self._settle(gone, {}, EndpointError(
+                    f"the site answered no poll for {self.wait_s + self.lost_after_s:.0f} s "
+                    f"(it answers one within {self.wait_s:.0f} s): its endpoint is down or "
+                    "cut off; retry later or at another site"), heard=False)
+            if task is not None:
+                self._submit(task)
+
+    def _start(self, batch: list[Tracked], watches: list[_Watch]) -> _Task:
+        """Count a task out (under the lock)."""
+        task = _Task(batch, watches)
+        now = time.monotonic()
+        if not self._out:
+            self._heard = now  # the silence is counted from the first task out
+        self._out.add(task)
+        self._last_submit = now
+        self.tasks_submitted += 1
+        self.requests_named += len(batch)
+        return task
+
+    def _lost(self) -> list[_Task]:
+        """The tasks out, if the site has been silent too long (under the lock)."""
+        silent = time.monotonic() - self._heard
+        return list(self._out) if self._out and silent >= self._silence_s() else []
+
+    def _silence_s(self) -> float:
+        return self.wait_s + self.lost_after_s
+
+    def _timeout(self) -> float | None:
+        """How long the loop may sleep: until the next submission may go, or the site would
+        count as lost."""
+        waits = [w for w in (self._pause(),) if w is not None]
+        if self._out:
+            waits.append(max(0.0, self._heard + self._silence_s() - time.monotonic()))
+        return min(waits) if waits else None
 
     def _pause(self) -> float | None:
         wait = self._last_submit + self.interval_s - time.monotonic()
@@ -205,7 +260,7 @@ class Poller:
 
     def _next_batch(self) -> tuple[list[Tracked] | None, list[_Watch]]:
         """What the next task carries (under the lock), or None while it must wait."""
-        if self._inflight >= self.max_inflight or (self._pause() or 0) > 0:
+        if len(self._out) >= self.max_inflight or (self._pause() or 0) > 0:
             return None, []
         batch = [t for t in self._open.values() if not t.covered][:MAX_PER_TASK]
         watches = [] if self._watching else list(self._watches.values())
@@ -216,26 +271,37 @@ class Poller:
         self._watching = self._watching or bool(watches)
         return batch, watches
 
-    def _submit(self, batch: list[Tracked], watches: list[_Watch]) -> None:
+    def _submit(self, task: _Task) -> None:
         from fabric.wire.functions import poll_requests
 
         polls = [{"model": t.model, "request_id": t.request_id, "ticket": t.ticket,
-                  "cursor": t.cursor, "events": t.events} for t in batch]
+                  "cursor": t.cursor, "events": t.events} for t in task.batch]
         statuses = [{"model": w.model, "version": w.version, "state": w.state}
-                    for w in watches]
+                    for w in task.watches]
         fut = submit_or_fail(self.transport, poll_requests, polls, self.wait_s, statuses,
                              self.auth)
-        fut.add_done_callback(lambda f: self._settle(f, batch, watches))
+        fut.add_done_callback(lambda f: self._answered(f, task))
 
-    def _settle(self, fut: Future[Any], batch: list[Tracked], watches: list[_Watch]) -> None:
+    def _answered(self, fut: Future[Any], task: _Task) -> None:
         try:
-            reply = dict(fut.result())
-            error: BaseException | None = None
+            reply, error = dict(fut.result()), None
         except BaseException as exc:  # the poll itself failed: its requests fail with it
             reply, error = {}, exc
+        self._settle(task, reply, error)
+
+    def _settle(self, task: _Task, reply: dict[str, Any], error: BaseException | None,
+                heard: bool = True) -> None:
+        """Deliver ``task``'s answer (or ``error`` to each of its requests), once; ``heard``:
+        the site answered (False: it was counted lost)."""
         replies = reply.get("replies") or {}
+        batch, watches = task.batch, task.watches
         with self._cond:
-            self._inflight -= 1
+            if task.settled:  # its answer came after the site was counted lost: too late
+                return
+            task.settled = True
+            self._out.discard(task)
+            if heard:
+                self._heard = time.monotonic()
             if watches:
                 self._watching = False
             for t in batch:

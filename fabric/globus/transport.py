@@ -88,6 +88,11 @@ class GlobusTransport:
     that, so polls at most every 0.6 s stay under its limit and leave room for the
     client's other calls (every open stream's tokens ride in the same poll)."""
 
+    poll_lost_after_s = 60.0
+    """How long past a long-poll's hold the site may answer nothing before its open requests
+    fail with ``EndpointError`` (``fabric.client.poller``): Globus Compute keeps accepting
+    tasks for an endpoint that died, so without a bound its streams would wait for ever."""
+
     admission_window_s = 0.02
     """How long a client's first queued admission waits for others (``fabric.client.admission``):
     a burst of streams opened together goes as one task (one submission, one request worker

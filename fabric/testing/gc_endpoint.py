@@ -119,6 +119,23 @@ class EndpointDaemon:
                 time.sleep(0.2)
 
 
+    def kill(self, timeout_s: float = 10.0) -> list[int]:
+        """KILL the daemon and every process of this run at once, as a crashed login node
+        would lose them (no clean stop: nothing tells the service); returns their pids."""
+        pids = marked(self.marker)
+        if self.process is not None:
+            pids.append(self.process.pid)
+            _signal_group(self.process.pid, signal.SIGKILL)  # its session (environ rewritten)
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait(timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while marked(self.marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return pids
+
+
 def marked(marker: str) -> list[int]:
     """Processes whose environment carries ``FABRIC_GC_RUN=marker`` (not this one)."""
     needle = f"{MARKER}={marker}".encode()

@@ -102,6 +102,8 @@ class OfflineGlobus:
     function_ids: dict[str, str]
     gc_dir: Path
     timings: dict[str, float] = field(default_factory=dict)
+    daemon: gc_endpoint.EndpointDaemon | None = None
+    """The endpoint daemon serving ``site_dir`` (None: not started by this object)."""
 
     def client(self, as_identity: str | None = None) -> Any:
         """See the module-level ``client``."""
@@ -121,10 +123,11 @@ class OfflineGlobus:
                                proof=None if proof == "site" else (lambda: auth), home=home,
                                **kw)
 
-    def with_site(self, site_dir: Path, endpoint_id: str, gc_dir: Path) -> OfflineGlobus:
-        """The same cloud, naming another endpoint's site."""
+    def with_site(self, site_dir: Path, endpoint_id: str, gc_dir: Path,
+                  daemon: gc_endpoint.EndpointDaemon | None = None) -> OfflineGlobus:
+        """The same cloud, naming another endpoint's site (``daemon``: the one serving it)."""
         return OfflineGlobus(self.service, site_dir, endpoint_id, self.function_ids, gc_dir,
-                             self.timings)
+                             self.timings, daemon)
 
     @contextlib.contextmanager
     def endpoint(self, site_dir: Path, gc_dir: Path, name: str, *,
@@ -149,7 +152,7 @@ class OfflineGlobus:
                 (e for e in list(self.service.endpoints) if e not in before), None))
             self.timings[f"endpoint_register_s.{name}"] = round(time.monotonic() - t0, 3)
             set_endpoint_id(site_dir, endpoint_id)
-            yield self.with_site(site_dir, endpoint_id, gc_dir)
+            yield self.with_site(site_dir, endpoint_id, gc_dir, daemon)
         finally:
             daemon.stop()
 

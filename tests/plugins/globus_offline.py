@@ -56,7 +56,7 @@ def _require_broker() -> None:
     pytest.skip(message)
 
 
-def _write_site(folder: Path, model_dir: Path, function_ids: dict[str, str], *,
+def write_globus_site(folder: Path, model_dir: Path, function_ids: dict[str, str], *,
                 name: str = SITE_NAME, identity: str = "token",
                 allow_user_functions: bool = True) -> Path:
     write_site(folder, name=name, model_dir=model_dir,
@@ -82,7 +82,7 @@ def globus_offline(tmp_path_factory: pytest.TempPathFactory,
     # For the session: this pair's daemon and the ones started on it later (closed, asserted)
     # run functions defined in test modules.
     with repo_on_pythonpath(), offline_globus(
-            root, lambda ids: _write_site(root / "site", tiny_llama_dir, ids),
+            root, lambda ids: write_globus_site(root / "site", tiny_llama_dir, ids),
             name=SITE_NAME) as pair:
         yield pair
 
@@ -94,7 +94,7 @@ def globus_closed(globus_offline: OfflineGlobus, tmp_path_factory: pytest.TempPa
     functions off (``allow_user_functions: false``) and the same policy and model; its
     endpoint, as every site's, unpickles no caller data. Started by the first test that asks."""
     root = tmp_path_factory.mktemp("globus-closed")
-    site = _write_site(root / "site", tiny_llama_dir, globus_offline.function_ids,
+    site = write_globus_site(root / "site", tiny_llama_dir, globus_offline.function_ids,
                        name=CLOSED_SITE, allow_user_functions=False)
     with globus_offline.endpoint(site, root / "gc", CLOSED_SITE) as closed:
         yield closed
@@ -178,7 +178,7 @@ def globus_asserted(mapped_account: Any, globus_offline: OfflineGlobus, tiny_lla
     root = Path(tempfile.mkdtemp(prefix="fabric-gc-mu-"))
     try:
         shutil.copytree(tiny_llama_dir, root / "model")
-        site = _write_site(root / "site", root / "model", globus_offline.function_ids,
+        site = write_globus_site(root / "site", root / "model", globus_offline.function_ids,
                            name=ASSERTED_SITE, identity="asserted")
         home = root / "uep-home"
         for folder in (home, site / "state"):
