@@ -21,6 +21,7 @@ import pytest
 
 from fabric import AsyncFabric, Fabric
 from fabric.gateway import GatewayConfig, create_app
+from tests.plugins.servers import hf_model, hf_tokenizer
 from tests.plugins.site import (
     LONG_TOKENS,
     TINY_MODEL,
@@ -123,14 +124,42 @@ def test_completions(client: openai.OpenAI, fab: Fabric) -> None:
     assert "".join(c.choices[0].text for c in streamed if c.choices) == expected.text
 
 
-def test_echo_scores_a_continuation(client: openai.OpenAI, fab: Fabric) -> None:
+def hf_scores(weights_dir: Path, ids: list[int]) -> list[float]:
+    """transformers' log-probability of each of ``ids[1:]`` given the tokens before it."""
+    import torch
+
+    with torch.no_grad():
+        logits = hf_model(weights_dir)(torch.tensor([ids])).logits[0]
+    logp = torch.log_softmax(logits.float(), -1)
+    return [float(logp[j, ids[j + 1]]) for j in range(len(ids) - 1)]
+
+
+def test_echo_scores_a_continuation(client: openai.OpenAI, fab: Fabric,
+                                    tiny_llama_dir: Path) -> None:
+    """``echo`` lists every prompt token, the first with no log-probability (``None``), as
+    OpenAI does: lm-eval's loglikelihood (``max_tokens: 1, echo, logprobs: 1``) sums
+    ``token_logprobs[len(context):-1]``, so a list one short loses a continuation token."""
     text = "The cell is the powerhouse"
-    scored = fab.logprobs(text, model=TINY_MODEL)
+    ids = hf_tokenizer(tiny_llama_dir)(text).input_ids
+    want = hf_scores(tiny_llama_dir, ids)
     reply = client.completions.create(model=TINY_MODEL, prompt=text, max_tokens=0, echo=True,
                                       logprobs=0)
     lp = reply.choices[0].logprobs
-    assert reply.choices[0].text == text and lp is not None
-    assert lp.token_logprobs == pytest.approx(scored["logprobs"], abs=1e-5)
+    assert reply.choices[0].text == text and lp is not None and lp.token_logprobs is not None
+    assert lp.tokens == [f"token_id:{t}" for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs is not None
+    assert lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    # As lm-eval asks: the context's length in tokens, then the continuation's sum.
+    context = hf_tokenizer(tiny_llama_dir)("The cell is").input_ids
+    assert ids[:len(context)] == context
+    asked = client.completions.create(model=TINY_MODEL, prompt=text, max_tokens=1, echo=True,
+                                      logprobs=1, temperature=0)
+    lp = asked.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None
+    assert len(lp.token_logprobs) == len(ids) + 1
+    assert sum(lp.token_logprobs[len(context):-1]) == pytest.approx(
+        sum(want[len(context) - 1:]), abs=1e-4)
     # The extension field scores only the continuation, as fab.logprobs(text, continuation).
     pair = fab.logprobs("The cell is", " the powerhouse", model=TINY_MODEL)
     cont = client.completions.create(model=TINY_MODEL, prompt="The cell is", max_tokens=0,

@@ -47,7 +47,10 @@ def build(seq: Sequence, reason: str, identity: dict[str, Any], text: str,
         return base
     if req.kind == "logprobs":
         scored = [t for t in (seq.score_targets or []) if t >= 0]
-        base.update(token_ids=scored, logprobs=list(seq.scores), total=float(sum(seq.scores)))
+        # The tokens before the first scored one (the text's first token, or the whole
+        # prompt before a continuation) have no score: named so a caller can list them.
+        base.update(token_ids=scored, logprobs=list(seq.scores), total=float(sum(seq.scores)),
+                    context_ids=list(seq.prompt_ids[:len(seq.prompt_ids) - len(scored)]))
         return base
     if req.kind == "hidden_states":
         positions = req.positions

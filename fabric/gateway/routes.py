@@ -142,20 +142,20 @@ async def _one_completion(client: AsyncFabric, req: CompletionRequest, prompt: s
         scored = await client.logprobs(prompt, req.continuation, model=req.model,
                                        hooks=req.hooks)
         text = prompt + req.continuation if req.echo else req.continuation
-        return _scored_choice(text, scored, want_lp)
+        return _scored_choice(text, scored, want_lp, req.echo)
     if not req.max_tokens:
         if not req.echo:
             return {"text": "", "finish_reason": "length", "logprobs": None}, 0, 0, ""
         scored = await client.logprobs(prompt, model=req.model, hooks=req.hooks)
-        return _scored_choice(prompt, scored, want_lp)
+        return _scored_choice(prompt, scored, want_lp, True)
     kwargs = shapes.sampling_kwargs(req, req.max_tokens, want_lp, choice)
     if req.echo and want_lp:
         scored, result = await asyncio.gather(
             client.logprobs(prompt, model=req.model, hooks=req.hooks),
             client.generate(prompt, **kwargs))
-        ids = [int(t) for t in scored["token_ids"]] + result.token_ids
-        lps = [float(x) for x in scored["logprobs"]] + list(result.logprobs or [])
-        logprobs: dict[str, Any] | None = shapes.completion_logprobs(ids, lps)
+        ids, lps = _echoed(scored)
+        logprobs: dict[str, Any] | None = shapes.completion_logprobs(
+            ids + result.token_ids, lps + list(result.logprobs or []))
     else:
         result = await client.generate(prompt, **kwargs)
         logprobs = shapes.completion_logprobs(result.token_ids, list(result.logprobs or [])) \
@@ -169,15 +169,29 @@ async def _one_completion(client: AsyncFabric, req: CompletionRequest, prompt: s
             result.request_id)
 
 
-def _scored_choice(text: str, scored: dict[str, Any],
-                   want_lp: bool) -> tuple[dict[str, Any], int, int, str]:
-    """A choice whose tokens were scored, not generated (nothing new: zero completion)."""
+def _echoed(scored: dict[str, Any]) -> tuple[list[int], list[float | None]]:
+    """Every token of a scored text and its log-probability, as OpenAI echoes a prompt: the
+    tokens with no score (the first; a continuation's prompt) listed with ``None``, so that
+    ``token_logprobs[len(context):]`` is what follows the context (lm-eval slices so)."""
+    context = [int(t) for t in scored.get("context_ids") or []]
     ids = [int(t) for t in scored.get("token_ids") or []]
-    lps = [float(x) for x in scored.get("logprobs") or []]
+    lps: list[float | None] = [float(x) for x in scored.get("logprobs") or []]
+    return context + ids, [None] * len(context) + lps
+
+
+def _scored_choice(text: str, scored: dict[str, Any], want_lp: bool,
+                   echo: bool) -> tuple[dict[str, Any], int, int, str]:
+    """A choice whose tokens were scored, not generated (nothing new: zero completion);
+    ``echo``: ``text`` holds the prompt too, and so do the logprobs (unscored: ``None``)."""
+    scores = [float(x) for x in scored.get("logprobs") or []]
+    if echo:
+        ids, lps = _echoed(scored)
+    else:
+        ids, lps = [int(t) for t in scored.get("token_ids") or []], list(scores)
     usage = scored.get("usage") or {}
     choice = {"text": text, "finish_reason": "length",
               "logprobs": shapes.completion_logprobs(ids, lps) if want_lp else None,
-              "token_ids": ids, "total_logprob": float(sum(lps))}
+              "token_ids": ids, "total_logprob": float(sum(scores))}
     return choice, int(usage.get("prompt_tokens", len(ids))), 0, str(scored.get("request_id", ""))
 
 
