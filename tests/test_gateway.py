@@ -205,6 +205,20 @@ def test_errors_are_openai_errors(client: openai.OpenAI) -> None:
     assert too_long.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=TINY_MODEL, prompt=PROMPT, temperature=9)
+    # A chat asked for no tokens is refused, as OpenAI does (it ran to the default before).
+    with pytest.raises(openai.BadRequestError) as none:
+        client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=0)  # type: ignore[arg-type]
+    assert none.value.param == "max_tokens"
+
+
+def test_completion_max_tokens_null_is_the_default(client: openai.OpenAI, fab: Fabric) -> None:
+    """``max_tokens: null`` is OpenAI's default of 16, not a request for nothing."""
+    expected = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=16, temperature=0)
+    reply = client.completions.create(model=TINY_MODEL, prompt=PROMPT, temperature=0,
+                                      extra_body={"max_tokens": None})
+    assert reply.choices[0].text == expected.text and reply.choices[0].text
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == len(expected.token_ids)
 
 
 def test_async_client_concurrent_streams(base_url: str, fab: Fabric) -> None:

@@ -67,6 +67,7 @@ class ChatRequest(_TextRequest):
     """``POST /v1/chat/completions``."""
 
     messages: list[dict[str, Any]]
+    max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -92,18 +93,27 @@ class ChatRequest(_TextRequest):
 
     def token_limit(self) -> int:
         """``max_completion_tokens``, else ``max_tokens``, else 128."""
-        return self.max_completion_tokens or self.max_tokens or 128
+        for limit in (self.max_completion_tokens, self.max_tokens):
+            if limit is not None:
+                return limit
+        return 128
 
 
 class CompletionRequest(_TextRequest):
     """``POST /v1/completions`` (``echo`` with ``max_tokens: 0`` scores the prompt)."""
 
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int = Field(16, ge=0)
+    """16 when not given or ``null``, as OpenAI's; 0 scores the prompt (with ``echo``)."""
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     continuation: str | None = None
     """Extension: score this text after ``prompt`` (its tokens' log-probabilities)."""
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _default_tokens(cls, value: Any) -> Any:
+        return 16 if value is None else value
 
     def prompts(self) -> list[str]:
         """The prompts as a list (a token-id prompt is refused: the gateway has no tokenizer)."""
