@@ -46,8 +46,9 @@ MIN_TEMPERATURE = 1e-3
 MAX_STEER = 1e6
 """Largest ``|scale| * max|vector|`` of a steer hook: far beyond any useful steering, and
 finite through every layer in float32 and bfloat16."""
-ROLES = ("system", "user", "assistant")
-"""Chat message roles every served chat template accepts."""
+ROLES = ("system", "user", "assistant", "tool")
+"""Chat message roles (``tool``: a tool's answer in an agent's loop); a model whose chat template
+refuses one (some allow only alternating user and assistant turns) answers ``InvalidRequest``."""
 MAX_LIST = 1 << 20
 """Most items in any list field (positions, heads, neurons, steer vector, messages)."""
 

@@ -211,6 +211,25 @@ def test_errors_are_openai_errors(client: openai.OpenAI) -> None:
     assert none.value.param == "max_tokens"
 
 
+def test_an_agents_tool_turn_is_served(client: openai.OpenAI, fab: Fabric) -> None:
+    """An agent's second turn: the assistant's tool call (no content) and the tool's answer.
+    Served as the SDK serves the same messages in plain form (it was refused: 'tool')."""
+    turns = [{"role": "user", "content": "How heavy is a mitochondrion?"},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "c1", "type": "function",
+                  "function": {"name": "lookup", "arguments": "{}"}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": "about 1e-12 g"}]
+    reply = client.chat.completions.create(model=TINY_MODEL, messages=turns,  # type: ignore[arg-type]
+                                           max_tokens=6, temperature=0)
+    plain = [{"role": "user", "content": turns[0]["content"]},
+             {"role": "assistant", "content": ""},
+             {"role": "tool", "content": "about 1e-12 g"}]
+    expected = fab.chat(plain, model=TINY_MODEL, max_tokens=6, temperature=0)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+
+
 def test_completion_max_tokens_null_is_the_default(client: openai.OpenAI, fab: Fabric) -> None:
     """``max_tokens: null`` is OpenAI's default of 16, not a request for nothing."""
     expected = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=16, temperature=0)

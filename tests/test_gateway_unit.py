@@ -236,6 +236,28 @@ def test_a_body_over_the_limit_is_refused_sized_or_chunked(tmp_path: Path) -> No
         assert stored.json()["bytes"] == len(b'{"custom_id": "a"}\n')
 
 
+def test_what_the_models_cannot_do_is_refused_not_ignored(tmp_path: Path) -> None:
+    """A forced tool call or structured output would come back as plain text if ignored:
+    refused (400, the field named). ``tools`` with ``tool_choice: auto`` is not refused (the
+    request gets past the body check, to the role check here)."""
+    config = GatewayConfig(home=tmp_path, rate=0)
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    with running_server(create_app(config)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        for field, value in (("tool_choice", "required"),
+                             ("tool_choice", {"type": "function", "function": {"name": "f"}}),
+                             ("response_format", {"type": "json_object"}),
+                             ("response_format", {"type": "json_schema", "json_schema": {}})):
+            refused = http.post("/v1/chat/completions",
+                                json={**body, "tools": tools, field: value})
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["param"] == field
+        tolerated = http.post("/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "robot", "content": "x"}], "tools": tools,
+            "tool_choice": "auto", "response_format": {"type": "text"}})
+        assert tolerated.status_code == 400 and "role" in tolerated.json()["error"]["message"]
+
+
 def test_globus_token_is_introspected_and_passed_on(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A Globus token is checked by the site policy's own introspection (canned Globus Auth

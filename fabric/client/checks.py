@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from fabric.errors import InvalidRequest
-from fabric.protocol import InferenceRequest, validate_request
+from fabric.protocol import ROLES, InferenceRequest, validate_request
 
 __all__ = ["CHAT_ROLES", "build_request", "check_int", "check_ints", "check_messages",
            "check_name", "check_prompt", "sampling"]
 
-CHAT_ROLES = ("system", "user", "assistant", "tool")
-"""Roles a chat message may have."""
+CHAT_ROLES = ROLES
+"""Roles a chat message may have (the protocol's)."""
 
 
 def build_request(kind: str, *, model: str, sampling: dict[str, Any] | None = None,

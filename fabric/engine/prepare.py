@@ -121,8 +121,12 @@ class Preparer:
                 if set(m) - {"role", "content"} or not isinstance(m.get("content"), str):
                     raise InvalidRequest(
                         f"messages[{i}] must be {{'role': str, 'content': str}}, got {m!r}")
-            out = self.tok.apply_chat_template(req.messages, add_generation_prompt=True,
-                                               tokenize=True)
+            try:
+                out = self.tok.apply_chat_template(req.messages, add_generation_prompt=True,
+                                                   tokenize=True)
+            except Exception as exc:  # the template's own check (jinja raise_exception)
+                raise InvalidRequest(f"the model's chat template refused these messages: "
+                                     f"{exc}", param="messages") from None
             ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
             return [int(t) for t in ids]
         return [int(t) for t in self.tok(req.prompt).input_ids]

@@ -67,6 +67,11 @@ class ChatRequest(_TextRequest):
     """``POST /v1/chat/completions``."""
 
     messages: list[dict[str, Any]]
+    tool_choice: str | dict[str, Any] | None = None
+    """The models served here call no tools: ``none`` or ``auto`` (then ``tools`` are ignored
+    and the answer is text); ``required`` or a named function is refused."""
+    response_format: dict[str, Any] | None = None
+    """Only ``{"type": "text"}``: structured output (JSON) is refused, not silently ignored."""
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -77,6 +82,22 @@ class ChatRequest(_TextRequest):
     def _messages(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not value:
             raise ValueError("messages is empty: give at least one message")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, value: Any) -> Any:
+        if value not in (None, "none", "auto"):
+            raise ValueError(f"{value!r} is not served: these models call no tools; use "
+                             "'none' or 'auto' (tools are then ignored, the answer is text)")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: Any) -> Any:
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError(f"type {value.get('type')!r} is not served: structured output is "
+                             "not supported; use {'type': 'text'}")
         return value
 
     def plain_messages(self) -> list[dict[str, str]]:
