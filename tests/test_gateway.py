@@ -283,11 +283,18 @@ def test_files_and_batches(client: openai.OpenAI, fab: Fabric, tmp_path: Path) -
               "body": {"model": TINY_MODEL, "max_tokens": 4, "temperature": 0,
                        "messages": [{"role": "user", "content": f"Count to {i}"}]}}
              for i in range(5)]
+    # Read as the live route reads it: a developer message, fields the fabric does not use
+    # (tolerated), logprobs asked for.
+    live = {"custom_id": "live", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": TINY_MODEL, "max_tokens": 4, "temperature": 0, "logprobs": True,
+                     "top_logprobs": 2, "presence_penalty": 0.5, "frobnicate": True,
+                     "messages": [{"role": "developer", "content": "Be brief."},
+                                  {"role": "user", "content": [{"type": "text",
+                                                                "text": "Count to 3"}]}]}}
     bad = {"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
-           "body": {"model": TINY_MODEL, "messages": [{"role": "user", "content": "x"}],
-                    "frobnicate": True}}
+           "body": {"model": TINY_MODEL, "messages": [{"role": "robot", "content": "x"}]}}
     path = tmp_path / "batch.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in [*lines, bad]))
+    path.write_text("".join(json.dumps(x) + "\n" for x in [*lines, live, bad]))
     uploaded = client.files.create(file=path.open("rb"), purpose="batch")
     assert uploaded.bytes == path.stat().st_size
     assert client.files.content(uploaded.id).read() == path.read_bytes()
@@ -301,11 +308,19 @@ def test_files_and_batches(client: openai.OpenAI, fab: Fabric, tmp_path: Path) -
     assert batch.status == "completed", batch.errors
     assert batch.request_counts is not None
     assert (batch.request_counts.total, batch.request_counts.completed,
-            batch.request_counts.failed) == (6, 5, 1)
+            batch.request_counts.failed) == (7, 6, 1)
     assert batch.output_file_id and batch.error_file_id
     out = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
-    assert sorted(o["custom_id"] for o in out) == [f"r{i}" for i in range(5)]
+    assert sorted(o["custom_id"] for o in out) == ["live", *[f"r{i}" for i in range(5)]]
+    (got,) = [o["response"]["body"]["choices"][0] for o in out if o["custom_id"] == "live"]
+    want = fab.chat([{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "Count to 3"}], model=TINY_MODEL,
+                    max_tokens=4, temperature=0, logprobs=True)
+    assert got["message"]["content"] == want.text
+    assert [c["logprob"] for c in got["logprobs"]["content"]] == pytest.approx(want.logprobs)
     for o in out:
+        if o["custom_id"] == "live":
+            continue
         i = int(o["custom_id"][1:])
         expected = fab.chat(lines[i]["body"]["messages"], model=TINY_MODEL, max_tokens=4)
         assert o["response"]["status_code"] == 200
@@ -315,6 +330,36 @@ def test_files_and_batches(client: openai.OpenAI, fab: Fabric, tmp_path: Path) -
     assert errors[0]["response"]["status_code"] == 400
     assert batch.id in [b.id for b in client.batches.list()]
     assert uploaded.id in [f.id for f in client.files.list()]
+
+
+def test_a_cancelled_batch_says_cancelling_then_cancelled(client: openai.OpenAI, fab: Fabric,
+                                                          tmp_path: Path) -> None:
+    """OpenAI's states: ``cancelling`` from the cancel until the campaign has stopped, then
+    ``cancelled``, with the lines done by then in the output file (each once)."""
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": TINY_MODEL, "prompt": f"Story {i}:", "max_tokens": 48}}
+             for i in range(40)]
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    uploaded = client.files.create(file=path.open("rb"), purpose="batch")
+    with throttle_process(server_pid(fab)):  # still running when the cancel comes
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                                      completion_window="24h")
+        cancelled = client.batches.cancel(batch.id)
+        assert cancelled.status in ("cancelling", "cancelled"), cancelled.status
+        assert cancelled.cancelling_at is not None
+    deadline = time.monotonic() + 180
+    while cancelled.status != "cancelled":
+        assert cancelled.status == "cancelling" and time.monotonic() < deadline, cancelled
+        time.sleep(0.5)
+        cancelled = client.batches.retrieve(batch.id)
+    assert cancelled.cancelled_at is not None and cancelled.request_counts is not None
+    assert cancelled.request_counts.completed < 40
+    done = []
+    if cancelled.output_file_id:
+        done = [json.loads(x)["custom_id"]
+                for x in client.files.content(cancelled.output_file_id).text.splitlines()]
+    assert len(done) == len(set(done)) == cancelled.request_counts.completed
 
 
 def test_embeddings_base64_is_little_endian_float32(base_url: str) -> None:

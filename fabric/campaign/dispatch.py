@@ -123,14 +123,13 @@ class CampaignRunner:
     def _run(self) -> str:
         assert self.ledger is not None
         ledger = self.ledger
-        status = ledger.get("status")
-        if status in ("done", "cancelled", "cancelling", "recurring"):
+        status = ledger.transition("running", ("done", "cancelled", "cancelling", "recurring"),
+                                   started=ledger.get("started") or time.time(), finished=None)
+        if status != "running":
             if status == "cancelling":
                 ledger.set(status="cancelled")
             return "cancelled" if status == "cancelling" else str(status)
         self._recover()
-        ledger.set(status="running", started=ledger.get("started") or time.time(),
-                   finished=None)
         slots = [SiteSlot(spec, self._transport(spec)) for spec in self.manifest.sites]
         states = self._states = self._site_states(slots)
         try:
@@ -193,8 +192,10 @@ class CampaignRunner:
                         from fabric.campaign.export import write_all
 
                         write_all(self.folder)
-                    ledger.set(status="done", finished=time.time())
-                    return "done"
+                    if ledger.transition("done", ("cancelling",),
+                                         finished=time.time()) == "done":
+                        return "done"
+                    continue  # cancelled as it finished: the check above ends it so
                 time.sleep(self.poll_s)  # every site is backing off
                 continue
             done, _ = cf.wait(futures, timeout=self.poll_s, return_when=cf.FIRST_COMPLETED)

@@ -31,6 +31,7 @@ from typing import Any
 
 from fabric.campaign.manifest import Manifest
 from fabric.errors import FabricError, InvalidManifest
+from fabric.openai_messages import plain_messages
 from fabric.protocol import validate_request
 
 URL_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "generate",
@@ -126,8 +127,13 @@ def request_from_line(manifest: Manifest, raw: dict[str, Any]) -> dict[str, Any]
             raise ValueError(f"url {url!r} does not fit a {manifest.kind} campaign "
                              f"(known: {', '.join(URL_KINDS)})")
     unknown = set(line) - SAMPLING_KEYS - IGNORED_KEYS - TEXT_KEYS - {"max_completion_tokens"}
-    if unknown:
+    if unknown and body is None:  # a campaign's own line: a misspelt field is an error
         raise ValueError(f"unsupported field(s) {sorted(unknown)}")
+    # An OpenAI batch line is read as the gateway reads the same body live: fields it does
+    # not use (presence_penalty, top_logprobs, ...) are ignored, not refused.
+    line = {k: v for k, v in line.items() if k not in unknown}
+    if isinstance(line.get("logprobs"), int) and not isinstance(line["logprobs"], bool):
+        line["logprobs"] = True  # /v1/completions' count of top tokens: the chosen one's
     if line.get("n", 1) != 1:
         raise ValueError("n must be 1 (one result per custom_id)")
     sampling = manifest.sampling.model_dump()
@@ -142,6 +148,8 @@ def request_from_line(manifest: Manifest, raw: dict[str, Any]) -> dict[str, Any]
     text = line.get("prompt", line.get("input"))
     if manifest.kind == "chat":
         messages = line.get("messages")
+        if messages is not None:
+            messages = plain_messages(messages)  # developer, text parts, tool turns
         if messages is None and text is not None:
             messages = [{"role": "user", "content": _text(text, "prompt")}]
         if messages is None:

@@ -86,6 +86,18 @@ class Ledger:
         with self.tx() as c:
             self._set(c, values)
 
+    def transition(self, status: str, unless: tuple[str, ...], **values: Any) -> str:
+        """Set ``status`` (and ``values``) unless the status now is one of ``unless``, in one
+        transaction: a cancel written between a runner's read and its write is not lost.
+        Returns the status in force afterwards."""
+        with self.tx() as c:
+            row = c.execute("SELECT value FROM meta WHERE key='status'").fetchone()
+            current = None if row is None else json.loads(row[0])
+            if current in unless:
+                return str(current)
+            self._set(c, {"status": status, **values})
+            return status
+
     @staticmethod
     def _set(c: sqlite3.Connection, values: dict[str, Any]) -> None:
         c.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",

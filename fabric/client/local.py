@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from typing import Any
 
@@ -250,8 +250,7 @@ class LocalTransport:
             pending = [self._futures.pop(k) for k in conn.keys if k in self._futures]
             conn.keys.clear()
         for fut in pending:
-            if not fut.done():
-                fut.set_exception(err)
+            _settle(fut, error=err)
 
     def _pump(self, fut: Future[Any], deadline: float | None) -> None:
         """Read replies in this thread until ``fut`` is done (or ``deadline``), unless another
@@ -297,11 +296,13 @@ class LocalTransport:
             if fut is None:
                 return
             try:
-                fut.set_result(gcwire.unpack_result(frames[2]))
+                value = gcwire.unpack_result(frames[2])
             except FabricError as exc:
-                fut.set_exception(exc)
+                _settle(fut, error=exc)
             except Exception as exc:  # deserialising the value failed on this side
-                fut.set_exception(EndpointError(f"cannot read the result: {exc}"))
+                _settle(fut, error=EndpointError(f"cannot read the result: {exc}"))
+            else:
+                _settle(fut, value)
         elif frames[0] == CONTROL and len(frames) == 2:
             reply = msgpack.unpackb(frames[1], raw=False)
             with self._lock:
@@ -310,17 +311,16 @@ class LocalTransport:
             if fut is None:
                 return
             if reply.get("error"):
-                fut.set_exception(EndpointError(f"site control {reply.get('op')} failed: "
-                                                f"{reply['error']}"))
+                _settle(fut, error=EndpointError(f"site control {reply.get('op')} failed: "
+                                                 f"{reply['error']}"))
             else:
-                fut.set_result(reply)
+                _settle(fut, reply)
 
     def _fail_all(self, err: FabricError) -> None:
         with self._lock:
             pending, self._futures = self._futures, {}
         for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(err)
+            _settle(fut, error=err)
 
     def _wake(self) -> None:
         if self._wake_w >= 0:
@@ -340,6 +340,16 @@ class _Connection:
         """Calls sent on this connection and not answered yet (failed if it is lost)."""
         self.lost = False
         """The site behind it exited or hung up: the next call opens a new connection."""
+
+
+def _settle(fut: Future[Any], value: Any = None, error: BaseException | None = None) -> None:
+    """Resolve ``fut`` unless its caller cancelled it meanwhile (a campaign abandoning its
+    shards): a late reply must not raise in the thread that reads replies."""
+    with contextlib.suppress(InvalidStateError):
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
 
 
 class _LocalFuture(Future[Any]):

@@ -182,6 +182,8 @@ def _refresh(request: Request, files: FileStore, record: dict[str, Any]) -> dict
                                 "failed": state["failed"]}
     status = STATUS.get(str(state["status"]), "in_progress")
     if status == "in_progress":
+        if record.get("cancelling_at"):
+            record["status"] = "cancelling"  # OpenAI's, until the campaign has stopped
         return record
     with _FINALIZE:
         record = _load(request, record["owner"], record["id"]) | {
@@ -219,7 +221,9 @@ def output_line(rec: dict[str, Any], kind: str) -> dict[str, Any]:
                  "total_tokens": prompt + completion}
     model = (rec.get("model") or {}).get("name")
     nonce = str(rec.get("nonce", ""))
-    from fabric.gateway.shapes import finish_reason
+    from fabric.gateway.shapes import chat_logprobs, completion_logprobs, finish_reason
+
+    ids, lps = list(res.get("token_ids") or []), res.get("logprobs")  # lps: asked for
 
     body: dict[str, Any]
     if kind == "embed":
@@ -231,11 +235,12 @@ def output_line(rec: dict[str, Any], kind: str) -> dict[str, Any]:
                 "choices": [{"index": 0, "message": {"role": "assistant",
                                                      "content": res.get("text", "")},
                              "finish_reason": finish_reason(res.get("finish_reason")),
-                             "logprobs": None}]}
+                             "logprobs": None if lps is None else chat_logprobs(ids, lps, 1)}]}
     else:
         body = {"id": f"cmpl-{nonce}", "object": "text_completion", "model": model,
                 "created": int(time.time()), "usage": usage_out,
-                "choices": [{"index": 0, "text": res.get("text", ""), "logprobs": None,
+                "choices": [{"index": 0, "text": res.get("text", ""),
+                             "logprobs": None if lps is None else completion_logprobs(ids, lps),
                              "finish_reason": finish_reason(res.get("finish_reason"))}]}
     return {"id": f"batch_req_{nonce}", "custom_id": rec["custom_id"],
             "response": {"status_code": 200, "request_id": nonce, "body": body}, "error": None}

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fabric.errors import InvalidRequest
+from fabric.openai_messages import plain_messages
 from fabric.protocol import GenerationResult
 
 __all__ = [
@@ -34,9 +35,6 @@ __all__ = [
     "model_card",
     "sampling_kwargs",
 ]
-
-ROLES = {"system", "user", "assistant", "developer", "tool"}
-
 
 class _Tolerant(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -101,16 +99,8 @@ class ChatRequest(_TextRequest):
         return value
 
     def plain_messages(self) -> list[dict[str, str]]:
-        """``{"role", "content"}`` with the content as one string (text parts joined)."""
-        out = []
-        for i, m in enumerate(self.messages):
-            role = m.get("role")
-            if role not in ROLES:
-                raise InvalidRequest(f"messages[{i}].role must be one of {sorted(ROLES)}, got "
-                                     f"{role!r}", param=f"messages[{i}].role")
-            out.append({"role": "system" if role == "developer" else str(role),
-                        "content": _content(m.get("content"), i)})
-        return out
+        """``{"role", "content"}`` with the content as one string (``openai_messages``)."""
+        return plain_messages(self.messages)
 
     def token_limit(self) -> int:
         """``max_completion_tokens``, else ``max_tokens``, else 128."""
@@ -167,22 +157,6 @@ class EmbeddingRequest(_Tolerant):
             raise InvalidRequest("input must be a string or a non-empty list of strings (token "
                                  "ids are not accepted)", param="input")
         return texts
-
-
-def _content(value: Any, i: int) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # [{"type": "text", "text": ...}, ...]
-        parts = [p.get("text") for p in value if isinstance(p, dict)]
-        if all(isinstance(p, str) for p in parts) and all(
-                isinstance(p, dict) and p.get("type") == "text" for p in value):
-            return "".join(str(p) for p in parts)
-        raise InvalidRequest(f"messages[{i}].content: only text parts are supported",
-                             param=f"messages[{i}].content")
-    if value is None:
-        return ""
-    raise InvalidRequest(f"messages[{i}].content must be a string or a list of text parts",
-                         param=f"messages[{i}].content")
 
 
 def sampling_kwargs(req: _TextRequest, max_tokens: int, logprobs: bool,
