@@ -516,3 +516,51 @@ def test_a_dead_sites_pid_held_by_another_process_is_not_the_site(tmp_path: Path
         for proc in impostors:
             proc.kill()
             proc.wait()
+
+
+def _children(pid: int, marker: str) -> list[int]:
+    """Children of ``pid`` whose command line contains ``marker``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and marker in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow  # starts a site twice
+def test_a_site_whose_interchange_died_answers_and_restarts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsl's interchange is killed under a site. The site used to block for ever in its next
+    submission (its one serving thread, status and stop included). Now the task out and the
+    next one are answered with a retryable ``EndpointError``, the site stops by itself, and
+    the client's next call starts a new site that serves."""
+    folder = write_site(tmp_path / "ix", workers=1)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    transport = LocalTransport(site=str(folder))
+    try:
+        assert isinstance(transport.submit(worker_pid).result(timeout=180), int)
+        info = read_info(folder / "state")
+        assert info is not None
+        (interchange,) = _children(info["pid"], "HTEX interchange")
+        running = transport.submit(slow_pid, 30.0)  # out when the interchange dies
+        time.sleep(0.5)
+        os.kill(interchange, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(EndpointError, match="interchange exited") as lost:
+            running.result(timeout=60)
+        assert lost.value.retryable and time.monotonic() - t0 < 30
+        assert _wait_for(lambda: read_info(folder / "state") is None, 60), "site still up"
+        assert _wait_for(lambda: not _processes_mentioning(str(folder / "state")), 30)
+        assert isinstance(transport.submit(worker_pid).result(timeout=180), int)
+        again = read_info(folder / "state")
+        assert again is not None and again["pid"] != info["pid"]
+    finally:
+        transport.close()
+        stop_site(str(folder), all=True)

@@ -23,6 +23,13 @@ heartbeating, takes tasks that never run (a campaign's shards waited out ``shard
 Which worker held the lock cannot be seen from outside, so any lost worker condemns its pool,
 as a lost worker breaks Python's own ``ProcessPoolExecutor``.
 
+The interchange (Parsl's broker between the site and its pools, a process of its own) is
+checked in the same loop. Parsl does not notice it die: the site's next submission blocks for
+ever in a ZMQ send no peer will take, and with it the site's one serving thread (control
+messages too). So once it has exited, ``check_interchange`` puts the executor in its bad state
+(every task out fails, a new submission fails at once, each answered with a typed, retryable
+error) and calls ``on_lost``: the site stops, and the client's next call starts a new one.
+
 The same loop caps every ``*.log`` under the engine's run dir (Parsl's ``interchange.log``,
 ``manager.log``, ``worker_N.log``) at ``LOG_CAP_BYTES``: a bigger one has its last
 ``LOG_KEEP_BYTES`` copied to ``NAME.1`` and is truncated in place (Parsl opens its logs in append
@@ -66,7 +73,18 @@ RESCAN_EVERY = 5
 """Every this many checks all of ``/proc`` is scanned for new pools (a replaced block's)."""
 POOL_LOST = "WorkerPoolLost"
 """The error code of a task whose worker pool was lost under it (retrying helps)."""
-_MANAGER_LOST = re.compile(r"^parsl\.executors\.high_throughput\.errors\.ManagerLost\b", re.M)
+ENGINE_LOST = "EngineLost"
+"""The error code of a task failed because the interchange exited (retrying helps)."""
+_LOST = (
+    (b"ManagerLost", re.compile(r"^parsl\.executors\.high_throughput\.errors\.ManagerLost\b",
+                                re.M), POOL_LOST,
+     "the site's worker pool was lost while it ran this task (the site starts a new one); "
+     "retrying may help"),
+    (b"BadStateException", re.compile(r"^parsl\.executors\.errors\.BadStateException\b", re.M),
+     ENGINE_LOST, "the site's Parsl interchange exited under this task; the site restarts on "
+                  "the next call: retry"),
+)
+"""(quick check, the failure's traceback line, its code, what the client is told)."""
 
 
 def engine_options() -> dict[str, Any]:
@@ -83,10 +101,13 @@ def engine_options() -> dict[str, Any]:
 
 
 def retype_lost(packed: bytes) -> bytes:
-    """``packed`` (a Globus Compute ``Result``), with a ``ManagerLost`` failure re-coded as
-    ``WorkerPoolLost`` so the client raises a retryable ``EndpointError`` rather than taking
-    it for the function's own error; any other result is returned as it is."""
-    if b"ManagerLost" not in packed:  # the common case costs one substring search
+    """``packed`` (a Globus Compute ``Result``), with a failure of the site's own machinery
+    (``ManagerLost``: its pool was lost; ``BadStateException``: its interchange exited)
+    re-coded (``WorkerPoolLost``, ``EngineLost``) so the client raises a retryable
+    ``EndpointError`` rather than taking it for the function's own error; any other result
+    is returned as it is."""
+    hits = [entry for entry in _LOST if entry[0] in packed]
+    if not hits:  # the common case costs a substring search or two
         return packed
     from globus_compute_common import messagepack
     from globus_compute_common.messagepack.message_types import Result, ResultErrorDetails
@@ -95,22 +116,27 @@ def retype_lost(packed: bytes) -> bytes:
         res = messagepack.unpack(packed)
     except Exception:
         return packed
-    if not isinstance(res, Result) or not res.is_error or not _MANAGER_LOST.search(res.data):
+    if not isinstance(res, Result) or not res.is_error:
         return packed
-    message = ("the site's worker pool was lost while it ran this task (the site starts a "
-               "new one); retrying may help")
-    details = ResultErrorDetails(code=POOL_LOST, user_message=message)
-    # The client quotes the last line: make it this, not the traceback's closing rule.
-    data = f"{res.data}\n{POOL_LOST}: {message}"
-    return bytes(messagepack.pack(Result(task_id=res.task_id, data=data,
-                                         error_details=details,
-                                         task_statuses=res.task_statuses)))
+    for _, pattern, code, message in hits:
+        if pattern.search(res.data):
+            details = ResultErrorDetails(code=code, user_message=message)
+            # The client quotes the last line: make it this, not the traceback's closing rule.
+            data = f"{res.data}\n{code}: {message}"
+            return bytes(messagepack.pack(Result(task_id=res.task_id, data=data,
+                                                 error_details=details,
+                                                 task_statuses=res.task_statuses)))
+    return packed
 
 
 class PoolWatch:
     """Health of the worker pools whose logs are under ``run_dir``, and their logs' size."""
 
     def __init__(self, run_dir: Path, log_cap_bytes: int = LOG_CAP_BYTES) -> None:
+        self.executor: Any = None
+        """The engine's Parsl executor, once started (its interchange is checked)."""
+        self.on_lost: Any = None
+        """Called once the interchange has exited (the site stops)."""
         self.run_dir = Path(run_dir)
         self.log_cap_bytes = log_cap_bytes
         self.helpers: dict[int, int] = {}
@@ -128,10 +154,29 @@ class PoolWatch:
         """Check every ``CHECK_PERIOD_S`` until ``stopping`` is set (the site's background loop)."""
         while not stopping.wait(CHECK_PERIOD_S):
             try:
+                self.check_interchange()
                 self.check_pools()
                 self.cap_logs()
             except Exception:  # a /proc race or a full disk must not end the loop
                 log.exception("worker pool check failed")
+
+    def check_interchange(self) -> bool:
+        """False (and the executor failed, ``on_lost`` called, once) if the interchange has
+        exited; True while it runs or before the engine has one."""
+        proc = getattr(self.executor, "interchange_proc", None)
+        if proc is None or proc.poll() is None:
+            return True
+        if not self.executor.bad_state_is_set:
+            from globus_compute_endpoint.exceptions import CouldNotExecuteUserTaskError
+
+            log.error("the Parsl interchange (pid %d) exited with code %s: the site stops "
+                      "(its next call starts a new one)", proc.pid, proc.returncode)
+            self.executor.set_bad_state_and_fail_all(CouldNotExecuteUserTaskError(
+                f"the site's Parsl interchange exited (code {proc.returncode}); the site "
+                "restarts on the next call: retry"))
+            if self.on_lost is not None:
+                self.on_lost()
+        return False
 
     def _scan(self) -> dict[int, set[int]]:
         """One pass over ``/proc``: each live worker pool of this site -> its children started

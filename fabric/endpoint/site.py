@@ -189,6 +189,7 @@ class SiteProcess:
             **poolwatch.engine_options(),
         )
         self.engine.start(endpoint_id=self.endpoint_id, run_dir=str(run_dir))
+        self.pools.executor, self.pools.on_lost = self.engine.executor, self.request_stop
 
     def info(self) -> dict[str, Any]:
         """What ``endpoint.json`` says about this site."""
@@ -375,6 +376,9 @@ class SiteProcess:
         if refusal is not None:
             fut.set_result(pack_refusal(task_id, refusal))
             return
+        # A dead interchange would block the send below for ever: checked first, it fails
+        # the executor, whose submit then raises and is answered with that error.
+        self.pools.check_interchange()
         try:
             self.engine.submit(fut, packed, resource_specification={})
         except Exception as exc:  # the engine refused it: answer, and keep serving others
