@@ -19,6 +19,7 @@ import pytest
 
 from fabric import env
 from fabric.client.local import LocalTransport, read_info, site_status, start_site, stop_site
+from fabric.client.sitelife import site_running
 from fabric.endpoint import functions
 from fabric.endpoint.site import LOCK_PATIENCE_S
 from fabric.errors import (
@@ -431,6 +432,41 @@ def test_stop_all_stops_the_servers_a_stopped_site_left(
         assert _wait_for(lambda: not _processes_mentioning(servers), 30)
     finally:
         for pid in _processes_mentioning(servers):  # whatever the outcome, none is left
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_stop_all_of_a_wedged_site_still_stops_its_servers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tiny_llama_dir: Path) -> None:
+    """A site that does not answer (stopped here with SIGSTOP) is signalled away by
+    ``stop --all``, and its model servers are stopped from its records: they were left
+    running with "site stopped" printed."""
+    from fabric.cli.endpoint import main
+
+    folder = write_site(tmp_path / "w", workers=1, model_dir=tiny_llama_dir)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    transport = LocalTransport(site=str(folder))
+    try:
+        transport.submit(functions.run_request, {
+            "model": TINY_MODEL, "prompt": "The cell",
+            "sampling": {"max_tokens": 2}}).result(timeout=300)
+    finally:
+        transport.close()
+    servers = str(folder / "state" / "servers")
+    info = read_info(folder / "state")
+    assert info is not None and _processes_mentioning(servers)
+    try:
+        os.kill(info["pid"], signal.SIGSTOP)
+        assert main(["endpoint", "stop", "--all", "--timeout", "3", "--site", str(folder)]) == 0
+        out = capsys.readouterr().out
+        assert "did not answer" in out and "stopped 1 model server" in out, out
+        assert not site_running(info["pid"])
+        assert _wait_for(lambda: not _processes_mentioning(servers), 30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(info["pid"], signal.SIGKILL)
+        for pid in _processes_mentioning(servers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 

@@ -40,6 +40,9 @@ def register(subparsers: Any) -> None:
     stop.add_argument("--all", action="store_true",
                       help="also drain and stop every model server the site launched "
                            "(also when the site itself is already down)")
+    stop.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                      help="seconds to wait for the site to answer, and then to exit after "
+                           "SIGTERM, before SIGKILL (default 60)")
     stop.set_defaults(func=cmd_stop)
 
 
@@ -85,7 +88,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     """Stop the site (and with ``--all`` its model servers)."""
     from fabric.client.local import stop_site
 
-    reply = stop_site(args.site, args.state_dir, all=args.all)
+    reply = stop_site(args.site, args.state_dir, all=args.all, timeout_s=args.timeout)
     if reply is None:
         # Servers outlive a plain stop (they exit on their idle timeout): --all stops them
         # without the site, from the deployment records in its state dir.
@@ -94,8 +97,13 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print(f"site {args.site} is not running{extra}")
         return 0
     stopped = reply.get("undeployed") or []
+    if args.all and "undeployed" not in reply:
+        # It did not answer (wedged) and was signalled: its servers are stopped from here.
+        stopped = _undeploy_without_site(args)
     extra = f"; stopped {len(stopped)} model server(s)" if stopped else ""
-    print(f"site {args.site} stopped{extra}")
+    how = f" ({reply['note']}{', then SIGKILL' if reply.get('killed') else ''})" \
+        if reply.get("note") else ""
+    print(f"site {args.site} stopped{how}{extra}")
     return 0
 
 
