@@ -185,6 +185,22 @@ def test_hidden_states_equal_transformers(fab: Fabric, ref: Reference) -> None:
     torch.testing.assert_close(some["layers"]["2"], want[2][[0, -1]], atol=TOL, rtol=0)
 
 
+def test_two_numbers_for_one_layer_each_come_back(fab: Fabric, ref: Reference) -> None:
+    """-1 and L name the last layer, 0 and -(L+1) the embeddings: each number asked comes
+    back under itself (one was dropped, and ``embed`` raised KeyError on the other)."""
+    n = ref.n_layers
+    want = ref.hidden_states(ref.ids(TEXTS[0]))
+    out = fab.hidden_states(TEXTS[0], model=TINY_MODEL, layers=[-1, n, 0, -(n + 1)])
+    assert set(out["layers"]) == {"-1", str(n), "0", str(-(n + 1))}
+    for key, index in (("-1", n), (str(n), n), ("0", 0), (str(-(n + 1)), 0)):
+        torch.testing.assert_close(out["layers"][key], want[index], atol=TOL, rtol=0)
+    vectors = fab.embed(TEXTS[:2], model=TINY_MODEL, layer=[n, -1], pooling="mean")
+    assert set(vectors) == {n, -1}
+    for layer in (n, -1):
+        np.testing.assert_allclose(np.asarray(vectors[layer][1]),
+                                   ref.embed(TEXTS[1], -1, "mean", True), atol=TOL, rtol=0)
+
+
 def test_logprobs_equal_transformers(fab: Fabric, ref: Reference) -> None:
     prompt, continuation = "The mitochondria is", " the powerhouse of the cell."
     out = fab.logprobs(prompt, continuation, model=TINY_MODEL)

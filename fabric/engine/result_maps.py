@@ -55,30 +55,34 @@ def build(seq: Sequence, reason: str, identity: dict[str, Any], text: str,
     if req.kind == "hidden_states":
         positions = req.positions
         layers = {}
-        for k, v in seq.captures.items():
+        for key, v in _keyed(seq.captures, req.layers, hidden_layers).items():
             rows = _all_rows(v)
             if positions is not None:
                 rows = rows[torch.tensor([p % rows.shape[0] for p in positions])]
-            layers[str(_public_layer(k, req.layers, hidden_layers))] = encode_array(rows)
+            layers[key] = encode_array(rows)
         base.update(layers=layers, token_ids=list(seq.prompt_ids),
                     positions=positions if positions is not None
                     else list(range(len(seq.prompt_ids))))
         return base
-    vectors = {str(_public_layer(k, req.layers, hidden_layers)): pool(v, req.pooling,
-                                                                     req.normalize)
-               for k, v in seq.captures.items()}
+    vectors = {key: pool(v, req.pooling, req.normalize)
+               for key, v in _keyed(seq.captures, req.layers, hidden_layers).items()}
     first = str(req.layers[0])
     base.update(embedding=vectors.get(first, next(iter(vectors.values()), [])),
                 layers=vectors)
     return base
 
 
-def _public_layer(index: int, asked: list[int], n: int) -> int:
-    """Report a capture under the layer number the caller used (e.g. -1, not n)."""
+def _keyed(captures: dict[int, Any], asked: list[int], n: int) -> dict[str, Any]:
+    """Each asked layer's capture under the number the caller used (-1, not ``n``; two
+    numbers naming one layer, such as -1 and ``n``, each get it), then any other capture (a
+    capture hook's) under its hidden-state index."""
+    out: dict[str, Any] = {}
     for layer in asked:
-        if layer % (n + 1) == index:
-            return layer
-    return index
+        if layer % (n + 1) in captures:
+            out[str(layer)] = captures[layer % (n + 1)]
+    named = {layer % (n + 1) for layer in asked}
+    out.update({str(index): v for index, v in captures.items() if index not in named})
+    return out
 
 
 def _all_rows(value: Any) -> torch.Tensor:
