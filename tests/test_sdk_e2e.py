@@ -197,6 +197,17 @@ def test_chat(fab: Fabric, tiny_llama_dir: Path) -> None:
         assert "".join(stream) == result.text
 
 
+def test_a_hash_pinned_version_names_the_warm_server(fab: Fabric) -> None:
+    """A call pinned by weights hash (as ``provenance.rerun()`` pins) finds its warm server
+    in the site's status: it was reported as "launching a model server" while it waited."""
+    sha = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=1).model.sha256
+    for pin in (f"sha256:{sha[:12]}", sha[:16], None):
+        status = fab._path.query_status(TINY_MODEL, pin).result(timeout=30)
+        assert status.get("state") == "ready", (pin, status)
+    other = fab._path.query_status(TINY_MODEL, "sha256:" + "0" * 12).result(timeout=30)
+    assert other.get("state") == "absent"
+
+
 def test_submit_uses_the_handle(fab: Fabric) -> None:
     direct = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=6)
     future = fab.submit(generate_with_handle, PROMPT, 6, model=TINY_MODEL)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from fabric.catalog import HASH_PREFIX_MIN
 from fabric.client.admission import Admissions
 from fabric.client.direct import DirectResults
 from fabric.client.poller import LOST_AFTER_S, Poller
@@ -206,7 +207,7 @@ class RequestPath:
             reply = control("status", timeout_s=5.0, health=False)
             records = [d for d in reply.get("deployments") or []
                        if d.get("model") == model and d.get("state") != "dead"
-                       and (version is None or d.get("version") == version)]
+                       and names_version(d, version)]
             if not records and model not in reply.get("models", [model]):
                 future.set_result({})  # not served here: nothing to say, the call's error comes
                 return future
@@ -248,3 +249,13 @@ def _chain(inner: Future[Any], outer: Future[Any]) -> None:
 
 HOLD_S = 1.0
 """How long a site may hold a lone request's admission for its result (poll mode only)."""
+
+
+def names_version(deployment: dict[str, Any], version: str | None) -> bool:
+    """Whether ``version`` (None: any; a version name; or a weights-hash pin, ``sha256:<hex>``
+    or bare hex, as ``provenance.rerun()`` pins) names ``deployment``'s."""
+    if version is None or deployment.get("version") == version:
+        return True
+    hexes = version.removeprefix("sha256:").lower()
+    return (len(hexes) >= HASH_PREFIX_MIN and all(c in "0123456789abcdef" for c in hexes)
+            and str(deployment.get("sha256") or "").startswith(hexes))
