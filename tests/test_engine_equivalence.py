@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from fabric.errors import ContextLengthExceeded
 from fabric.wire.arrays import decode_array
 from tests.plugins.servers import ServerHandle, hf_greedy, hf_model, hf_tokenizer
 
@@ -195,6 +196,17 @@ def test_minilm_embeddings_equal_transformers(model_server: Any, pooling: str) -
         want = torch.nn.functional.normalize(vec, dim=-1)
         assert len(got) == 384
         np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
+    if pooling != "mean":
+        return
+    # Its recipe embeds 256 tokens at most (sentence_bert_config.json): a longer text would
+    # get a vector sentence-transformers never gives (it cuts there), so it is refused.
+    at_limit, over = "cell " * 254, "cell " * 255  # [CLS] + n + [SEP] tokens
+    assert [len(tok(t).input_ids) for t in (at_limit, over)] == [256, 257]
+    fits = server.request(kind="embed", prompt=at_limit)
+    client.submit(fits, server.ticket)
+    assert len(client.result(fits.request_id, 60)["embedding"]) == 384
+    with pytest.raises(ContextLengthExceeded, match="257 tokens; the model's context is 256"):
+        client.submit(server.request(kind="embed", prompt=over), server.ticket)
 
 
 def test_encoder_step_sub_batches_keep_each_request_its_vector() -> None:

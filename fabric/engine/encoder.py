@@ -19,6 +19,19 @@ SUB_BATCH = 32
 """Prompts per forward call within a step."""
 
 
+def trained_length(folder: Path) -> int | None:
+    """A sentence-transformers model's ``max_seq_length`` (``sentence_bert_config.json``), or
+    None. sentence-transformers cuts longer texts there, so a vector of a longer text would
+    not be the model's: the server refuses such texts instead (``ContextLengthExceeded``)."""
+    import json
+
+    try:
+        value = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 class EncoderExecutor:
     """The ``StepExecutor`` the engine loop drives for an embedding model."""
 
@@ -27,6 +40,8 @@ class EncoderExecutor:
 
         self.model = AutoModel.from_pretrained(folder, dtype=dtype).eval()
         self.config = self.model.config
+        self.max_tokens = trained_length(folder)
+        """The longest text the model embeds as its recipe does (None: its position table)."""
         self.inflight = 0
         self._done: deque[list[SeqOutput]] = deque()
 

@@ -158,7 +158,8 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor,
     window = attention_spec(config).uniform_window if causal else None
     limits = Limits(s.kv_budget_tokens, step_tokens, s.max_running, chunked_prefill=causal,
                     kv_window=window)
-    context: Any = cfg.model.max_context or getattr(config, "max_position_embeddings", 512)
+    context: Any = (cfg.model.max_context or getattr(executor, "max_tokens", None)
+                    or getattr(config, "max_position_embeddings", 512))
     settled = hashing.result()  # what the result identities carry: wait for the hash
     log.info("weights sha256 %s (%s, %.2f s)", settled.sha256, settled.how, settled.seconds)
     identity = {"name": cfg.model.name, "version": cfg.model.version, "sha256": settled.sha256}
