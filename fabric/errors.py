@@ -211,6 +211,11 @@ class ServerInternalError(FabricError):
     serving the others. Retrying the same request most likely fails the same way."""
 
 
+class RequestTooLarge(InvalidRequest):
+    """A request larger than one message to the site may carry (``details['limit']``
+    bytes): split it (fewer texts per call, shorter texts)."""
+
+
 class ResultTooLarge(FabricError):
     """A result is larger than one message may carry; write it to the site's filesystem."""
 

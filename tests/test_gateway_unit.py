@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fabric.errors import AuthError, Overloaded, QuotaExceeded, UnknownModel
+from fabric.errors import AuthError, Overloaded, QuotaExceeded, RequestTooLarge, UnknownModel
 from fabric.gateway import GatewayConfig, create_app
 from fabric.gateway.auth import Authenticator, Identity, RateLimiter
 from fabric.gateway.config import is_loopback
@@ -149,6 +149,7 @@ def test_serve_refuses_a_public_bind_without_keys(tmp_path: Path) -> None:
 def test_error_mapping() -> None:
     assert status_of(UnknownModel("x"))[0] == 404
     assert status_of(QuotaExceeded("x"))[0] == 429
+    assert status_of(RequestTooLarge("x"))[:2] == (413, "invalid_request_error")
     busy = Overloaded("full", retry_after=2.2)
     assert status_of(busy)[0] == 429 and retry_after(busy) == 3
     body = error_body(UnknownModel("no such model", param="model"))

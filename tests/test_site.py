@@ -26,6 +26,7 @@ from fabric.errors import (
     EndpointError,
     FunctionNotAllowed,
     InvalidRequest,
+    RequestTooLarge,
     UnknownModel,
     UserFunctionError,
 )
@@ -198,6 +199,20 @@ def test_a_connection_from_another_user_is_closed(local_site: LocalSite,
     log = local_site.state_dir / "logs" / "site.log"
     wait_until(lambda: f"refused a connection from uid {NOBODY}" in log.read_text(), 30,
                "the refusal in site.log")
+    assert isinstance(site_transport.submit(worker_pid).result(timeout=60), int)
+
+
+def test_a_request_over_the_message_limit_is_refused_typed(
+        site_transport: LocalTransport) -> None:
+    """A request bigger than the site reads in one message is refused before it is sent
+    (the site hung up on it, and every call in flight on that connection failed with it)."""
+    running = site_transport.submit(slow_pid, 1.0)
+    huge = {"model": TINY_MODEL, "prompt": "x" * (framing.MAX_MESSAGE_BYTES + 1)}
+    with pytest.raises(RequestTooLarge, match=f"at most {framing.MAX_MESSAGE_BYTES} bytes") \
+            as refused:
+        site_transport.submit(functions.run_request, huge)
+    assert refused.value.details["limit"] == framing.MAX_MESSAGE_BYTES
+    assert isinstance(running.result(timeout=60), int)  # the call in flight is unharmed
     assert isinstance(site_transport.submit(worker_pid).result(timeout=60), int)
 
 

@@ -37,7 +37,7 @@ from fabric.client.sitelife import (
     start_site,
     stop_site,
 )
-from fabric.errors import EndpointError, FabricError, InvalidRequest
+from fabric.errors import EndpointError, FabricError, InvalidRequest, RequestTooLarge
 from fabric.sites import resolve_site
 from fabric.wire import framing, gcwire
 from fabric.wire.framing import CONTROL, RESULT, TASK
@@ -130,6 +130,10 @@ class LocalTransport:
 
     def _send(self, key: str, fut: Future[Any], frames: list[bytes]) -> None:
         data = framing.encode(frames)
+        size, limit = len(data) - framing.HEADER_BYTES, framing.MAX_MESSAGE_BYTES
+        if size > limit:  # the site would hang up on it, failing the connection's other calls
+            raise RequestTooLarge(f"the request is {size} bytes; the {self.site} site reads "
+                                  f"at most {limit} bytes per message: split it", limit=limit)
         for attempt in (1, 2):
             conn = self._connect()
             with self._lock:

@@ -22,6 +22,7 @@ from fabric.errors import (
     ModelServerUnavailable,
     Overloaded,
     QuotaExceeded,
+    RequestTooLarge,
     ResultTooLarge,
     UnknownModel,
 )
@@ -33,7 +34,7 @@ class NotFound(InvalidRequest):
     """A file or batch id the caller does not have (404)."""
 
 
-class PayloadTooLarge(InvalidRequest):
+class PayloadTooLarge(RequestTooLarge):
     """A request body or upload over the gateway's limit (413)."""
 
 
@@ -44,7 +45,7 @@ _MAP: tuple[tuple[type[FabricError], int, str, str | None], ...] = (
     (AccessDenied, 403, "permission_error", "access_denied"),
     (UnknownModel, 404, "invalid_request_error", "model_not_found"),
     (NotFound, 404, "invalid_request_error", "not_found"),
-    (PayloadTooLarge, 413, "invalid_request_error", "payload_too_large"),
+    (RequestTooLarge, 413, "invalid_request_error", "payload_too_large"),
     (ResultTooLarge, 413, "invalid_request_error", "result_too_large"),
     (ContextLengthExceeded, 400, "invalid_request_error", "context_length_exceeded"),
     (InvalidRequest, 400, "invalid_request_error", None),

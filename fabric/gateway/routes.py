@@ -26,12 +26,16 @@ __all__ = ["parse_body", "router"]
 router = APIRouter(prefix="/v1")
 M = TypeVar("M", bound=BaseModel)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+OFF_LOOP_BYTES = 1 << 20
+"""Bodies larger than this are parsed in a thread, not on the event loop."""
 
 
 async def parse_body(request: Request, model: type[M]) -> M:
     """The JSON body as ``model``, or ``InvalidRequest`` naming the bad field (400)."""
     body = await read_body(request)
     try:
+        if len(body) > OFF_LOOP_BYTES:  # seconds of parsing: not on the loop everyone shares
+            return await asyncio.to_thread(model.model_validate_json, body)
         return model.model_validate_json(body)
     except ValidationError as exc:
         err = exc.errors()[0]

@@ -29,6 +29,8 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Largest message either side accepts (a result is at most ~10 MiB; see RESULT_LIMIT_BYTES)."""
 SOCKET_NAME = "site.sock"
 _HEADER = struct.Struct("!I")
+HEADER_BYTES = _HEADER.size
+"""The length prefix before each message's body."""
 _MAX_PATH = 100
 """AF_UNIX paths must fit in 108 bytes; a longer state dir gets a short path elsewhere."""
 _READ_BYTES = 64 * 1024
