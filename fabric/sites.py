@@ -326,8 +326,9 @@ class SiteConfig(_Strict):
     """One line for ``fabric sites``."""
     endpoint_id: str | None = None
     """Globus Compute endpoint UUID (remote sites)."""
-    state_dir: str = "~/.fabric/{name}"
-    """Site state (SQLite, keys, logs); on a cluster, a shared filesystem path."""
+    state_dir: str = "{home}/{name}"
+    """Site state (SQLite, keys, logs); on a cluster, a shared filesystem path. ``{name}``
+    is the site's name, ``{home}`` the user's ``$FABRIC_HOME`` (default ``~/.fabric``)."""
     weights_dir: str | None = None
     """Where converted/sharded weights live (default: the user's cache dir)."""
     max_request_workers: int = Field(4, ge=1, description="Request workers (local site).")
@@ -379,8 +380,10 @@ class SiteConfig(_Strict):
         return list(self._unset)
 
     def resolved_state_dir(self) -> Path:
-        """The state dir with ``~`` and ``{name}`` expanded."""
-        return Path(self.state_dir.format(name=self.name)).expanduser()
+        """The state dir with ``~``, ``{name}`` and ``{home}`` expanded."""
+        from fabric import env
+
+        return Path(self.state_dir.format(name=self.name, home=env.fabric_home())).expanduser()
 
     def hosted(self, name: str) -> HostedModel | None:
         """The hosted-model entry for ``name``, if this site lists it."""

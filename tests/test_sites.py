@@ -306,3 +306,15 @@ def test_readme_site_check_command_works_as_written(capsys: pytest.CaptureFixtur
 
     assert main(readme_site_check().split()[1:]) == 0
     assert "user_config_template.yaml.j2 OK" in capsys.readouterr().out
+
+
+def test_the_local_sites_state_follows_fabric_home(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two users (or two checkouts) with their own ``FABRIC_HOME`` get their own local site:
+    its state dir was ``~/.fabric/local`` whatever ``FABRIC_HOME`` said."""
+    from fabric.sites import resolve_site
+
+    monkeypatch.setenv(env.FABRIC_HOME.name, str(tmp_path / "mine"))
+    assert resolve_site("local")[2] == (tmp_path / "mine" / "local").resolve()
+    monkeypatch.delenv(env.FABRIC_HOME.name)
+    assert resolve_site("local")[2] == (Path.home() / ".fabric" / "local").resolve()

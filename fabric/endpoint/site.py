@@ -152,6 +152,8 @@ class SiteProcess:
         self.socket_path = framing.socket_path(self.state_dir)
         self.listener = listen_unix(self.socket_path)
         self._start_engine()
+        self.pools.executor = self.engine.executor  # Parsl's HTEX: its interchange is watched
+        self.pools.on_lost = self.request_stop
         self.context.catalog  # noqa: B018 - built now: a status reply (5 s budget) lists it
         self.started = time.time()
         _write_private_json(self.state_dir / INFO_FILE, self.info())
@@ -189,7 +191,6 @@ class SiteProcess:
             **poolwatch.engine_options(),
         )
         self.engine.start(endpoint_id=self.endpoint_id, run_dir=str(run_dir))
-        self.pools.executor, self.pools.on_lost = self.engine.executor, self.request_stop
 
     def info(self) -> dict[str, Any]:
         """What ``endpoint.json`` says about this site."""
