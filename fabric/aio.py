@@ -220,6 +220,16 @@ class AsyncFabric:
         await self.aclose()
 
 
+Chunk = tuple[str, list[int], list[float], list[list[tuple[int, float]]]]
+"""A chunk of text and what came with it: its token ids, their logprobs and top tokens."""
+
+
+def _chunk(stream: Stream, text: str, seen: int) -> Chunk:
+    """``text`` with the tokens ``stream`` received after the first ``seen``."""
+    return (text, list(stream.token_ids[seen:]), list(stream.logprobs[seen:]),
+            list(stream.tops[seen:]))
+
+
 class AsyncStream:
     """An async iterator of text chunks over a ``Stream`` (its ``text``, ``token_ids``,
     ``logprobs`` and ``result`` are the same attributes).
@@ -227,8 +237,8 @@ class AsyncStream:
     With a ``LoopDirectSource`` (``source``) the event loop reads the events itself. Else a
     thread of its own (not the pool's: see the module doc) reads the stream from the first
     ``__anext__`` to its end and hands each chunk to the event loop (``call_soon_threadsafe``).
-    ``last_token_ids``/``last_logprobs`` are the tokens that came with the chunk just returned
-    (a reader thread may already be ahead of it).
+    ``last_token_ids``/``last_logprobs``/``last_tops`` are the tokens that came with the chunk
+    just returned (a reader thread may already be ahead of it).
     """
 
     def __init__(self, stream: Stream, owner: AsyncFabric,
@@ -236,12 +246,13 @@ class AsyncStream:
         self.stream = stream
         self._owner = owner
         self._source = source
-        self._queue: asyncio.Queue[tuple[str, list[int], list[float]] | BaseException | None]
+        self._queue: asyncio.Queue[Chunk | BaseException | None]
         self._reader: Future[None] | None = None
         self._seen = 0
         self._end: BaseException | None = None
         self.last_token_ids: list[int] = []
         self.last_logprobs: list[float] = []
+        self.last_tops: list[list[tuple[int, float]]] = []
         if source is not None:  # dropped unfinished, as in ``_start``: the stream may outlive it
             weakref.finalize(self, _close_dropped, stream).atexit = False
 
@@ -264,9 +275,8 @@ class AsyncStream:
             seen = 0
             try:
                 for chunk in stream:
-                    ids, lps = stream.token_ids, stream.logprobs
-                    put((chunk, list(ids[seen:]), list(lps[seen:])))
-                    seen = len(ids)
+                    put(_chunk(stream, chunk, seen))
+                    seen = len(stream.token_ids)
                 put(None)
             except RuntimeError:  # the event loop is closed: nobody reads any more
                 with contextlib.suppress(FabricError):  # e.g. the client closed first
@@ -297,9 +307,9 @@ class AsyncStream:
                 break
             chunk = stream.absorb(event)
             if chunk:
-                ids, lps = stream.token_ids, stream.logprobs
-                self.last_token_ids, self.last_logprobs = ids[self._seen:], lps[self._seen:]
-                self._seen = len(ids)
+                _, self.last_token_ids, self.last_logprobs, self.last_tops = \
+                    _chunk(stream, chunk, self._seen)
+                self._seen = len(stream.token_ids)
                 return chunk
         if self._end is not None:  # every later call ends the same way
             raise self._end
@@ -316,7 +326,7 @@ class AsyncStream:
             if item is None:
                 raise StopAsyncIteration
             raise item
-        chunk, self.last_token_ids, self.last_logprobs = item
+        chunk, self.last_token_ids, self.last_logprobs, self.last_tops = item
         return chunk
 
     async def wait(self) -> GenerationResult:

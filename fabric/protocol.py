@@ -49,6 +49,8 @@ finite through every layer in float32 and bfloat16."""
 ROLES = ("system", "user", "assistant", "tool")
 """Chat message roles (``tool``: a tool's answer in an agent's loop); a model whose chat template
 refuses one (some allow only alternating user and assistant turns) answers ``InvalidRequest``."""
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives per position ``top_logprobs`` may ask for (OpenAI's bound)."""
 MAX_LIST = 1 << 20
 """Most items in any list field (positions, heads, neurons, steer vector, messages)."""
 
@@ -94,6 +96,15 @@ class SamplingParams(_Input):
     stop: list[Text] = Field(default_factory=list, max_length=64,
                              description="Stop before any of these strings (at most 64).")
     logprobs: bool = Field(False, description="Return the log-probability of each chosen token.")
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs, also "
+                              f"the k most likely tokens at each position (0 to "
+                              f"{MAX_TOP_LOGPROBS}).")
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> SamplingParams:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
+        return self
 
     @field_validator("temperature")
     @classmethod
@@ -240,6 +251,9 @@ class GenerationResult(_Strict):
     usage: Usage
     timings: Timings
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    """With ``top_logprobs=k``: each position's k most likely ``(token id, log-probability)``,
+    most likely first."""
     captures: dict[str, Any] = Field(default_factory=dict)
     provenance: Provenance | None = None
     """Model, version, weights hash, plan, fabric version, seed and sampling (fabric.provenance)."""

@@ -160,6 +160,36 @@ def test_echo_scores_a_continuation(client: openai.OpenAI, fab: Fabric,
     assert len(lp.token_logprobs) == len(ids) + 1
     assert sum(lp.token_logprobs[len(context):-1]) == pytest.approx(
         sum(want[len(context) - 1:]), abs=1e-4)
+    # is_greedy: each continuation token against the most likely one there (transformers').
+    import torch
+
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_model(tiny_llama_dir)(torch.tensor([ids])).logits[0], -1)
+    assert lp.top_logprobs is not None
+    for j in range(len(context), len(ids)):
+        best = int(torch.argmax(logp[j - 1]))
+        top = lp.top_logprobs[j]
+        assert top is not None and f"token_id:{best}" in top
+        assert max(top.values()) == pytest.approx(float(logp[j - 1, best]), abs=1e-4)
+        assert (lp.token_logprobs[j] == max(top.values())) == (ids[j] == best)
+
+
+def test_chat_top_logprobs_name_the_alternatives(client: openai.OpenAI, fab: Fabric) -> None:
+    """``top_logprobs: 2`` lists the two most likely tokens at each position, as the SDK's
+    result does (before, only the chosen token, whatever was asked)."""
+    reply = client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES,  # type: ignore[arg-type]
+                                           max_tokens=4, temperature=0, logprobs=True,
+                                           top_logprobs=2)
+    want = fab.chat(MESSAGES, model=TINY_MODEL, max_tokens=4, temperature=0,  # type: ignore[arg-type]
+                    top_logprobs=2)
+    lp = reply.choices[0].logprobs
+    assert lp is not None and lp.content is not None and want.top_logprobs is not None
+    for got, top in zip(lp.content, want.top_logprobs, strict=True):
+        assert [t.token for t in got.top_logprobs] == [f"token_id:{i}" for i, _ in top]
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx([v for _, v in top])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES,  # type: ignore[arg-type]
+                                       max_tokens=2, top_logprobs=2)
     # The extension field scores only the continuation, as fab.logprobs(text, continuation).
     pair = fab.logprobs("The cell is", " the powerhouse", model=TINY_MODEL)
     cont = client.completions.create(model=TINY_MODEL, prompt="The cell is", max_tokens=0,

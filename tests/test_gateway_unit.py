@@ -345,6 +345,7 @@ class _Chunks:
         self._chunks = list(chunks)
         self.last_token_ids: list[int] = []
         self.last_logprobs: list[float] = []
+        self.last_tops: list[list[tuple[int, float]]] = []
         self.closed = 0
 
     def __aiter__(self) -> _Chunks:

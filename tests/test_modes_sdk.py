@@ -212,6 +212,48 @@ def test_logprobs_equal_transformers(fab: Fabric, ref: Reference) -> None:
     assert np.all(np.asarray(out["logprobs"]) <= 0)
 
 
+def _top(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    values, ids = torch.topk(logp, k)
+    return list(zip(ids.tolist(), values.tolist(), strict=True))
+
+
+def _same_tops(got: list[list[tuple[int, float]]] | None,
+               want: list[list[tuple[int, float]]]) -> None:
+    assert got is not None and len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert [t for t, _ in g] == [t for t, _ in w]
+        np.testing.assert_allclose([v for _, v in g], [v for _, v in w], atol=TOL, rtol=0)
+
+
+def test_top_logprobs_are_transformers_most_likely_tokens(fab: Fabric, ref: Reference) -> None:
+    """``top_logprobs=k``: at each generated position, and at each scored one, the model's k
+    most likely tokens with their log-probabilities, as transformers computes them (greedy:
+    the chosen token is the first); a stream carries the same as its result."""
+    k, n = 3, 5
+    result = fab.generate(TEXTS[0], model=TINY_MODEL, max_tokens=n, temperature=0,
+                          top_logprobs=k)
+    ids = ref.ids(TEXTS[0]) + result.token_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(ref.model(torch.tensor([ids])).logits[0].float(), -1)
+    start = len(ref.ids(TEXTS[0])) - 1
+    want = [_top(logp[start + i], k) for i in range(len(result.token_ids))]
+    _same_tops(result.top_logprobs, want)
+    assert result.logprobs is not None  # top_logprobs asks for logprobs too
+    assert [top[0][0] for top in want] == result.token_ids
+    with fab.stream(TEXTS[0], model=TINY_MODEL, max_tokens=n, top_logprobs=k) as stream:
+        "".join(stream)
+    assert stream.result is not None
+    _same_tops(stream.tops, want)
+    _same_tops(stream.result.top_logprobs, want)
+    scored = fab.logprobs(TEXTS[0], model=TINY_MODEL, top_logprobs=2)
+    text_ids = ref.ids(TEXTS[0])
+    _same_tops([[(int(t), float(v)) for t, v in top] for top in scored["top_logprobs"]],
+               [_top(logp[j], 2) for j in range(len(text_ids) - 1)])
+    assert scored["context_ids"] == text_ids[:1]
+    with pytest.raises(InvalidRequest, match="top_logprobs"):
+        fab.generate(TEXTS[0], model=TINY_MODEL, top_logprobs=21)
+
+
 def test_bad_layer_is_typed(fab: Fabric, ref: Reference) -> None:
     with pytest.raises(InvalidRequest, match="out of range"):
         fab.hidden_states(TEXTS[0], model=TINY_MODEL, layers=[ref.n_layers + 5])

@@ -62,7 +62,7 @@ def test_draws_stay_in_the_kept_set_and_follow_its_distribution() -> None:
     draws = 2000
     counts = torch.zeros(VOCAB)
     for i in range(draws):
-        token, _ = pick(logits, SampleSpec(index=i, **spec))  # type: ignore[arg-type]
+        token, _, _ = pick(logits, SampleSpec(index=i, **spec))  # type: ignore[arg-type]
         assert token in kept
         counts[token] += 1
     for token in kept:
@@ -79,5 +79,5 @@ def test_a_seed_and_index_fix_the_draw_and_greedy_ignores_the_filters() -> None:
     assert len(others) > 1  # the index moves the draw
     greedy = SampleSpec(temperature=0.0, top_k=1, top_p=0.01, seed=9)
     assert pick(logits, greedy)[0] == int(torch.argmax(logits))
-    token, logprob = pick(logits, SampleSpec(temperature=0.0, logprobs=True))
+    token, logprob, _ = pick(logits, SampleSpec(temperature=0.0, logprobs=True))
     assert logprob == pytest.approx(float(torch.log_softmax(logits, -1)[token]), abs=1e-6)

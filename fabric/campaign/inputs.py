@@ -36,7 +36,8 @@ from fabric.protocol import validate_request
 
 URL_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "generate",
              "/v1/embeddings": "embed"}
-SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs"}
+SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs",
+                 "top_logprobs"}
 IGNORED_KEYS = {"model", "user", "metadata", "n", "stream"}
 """OpenAI body keys accepted and ignored (the manifest pins the model; ``n`` must be 1)."""
 TEXT_KEYS = {"prompt", "messages", "input", "continuation"}
@@ -133,7 +134,8 @@ def request_from_line(manifest: Manifest, raw: dict[str, Any]) -> dict[str, Any]
     # not use (presence_penalty, top_logprobs, ...) are ignored, not refused.
     line = {k: v for k, v in line.items() if k not in unknown}
     if isinstance(line.get("logprobs"), int) and not isinstance(line["logprobs"], bool):
-        line["logprobs"] = True  # /v1/completions' count of top tokens: the chosen one's
+        # /v1/completions' logprobs is the count of most likely tokens to list.
+        line["top_logprobs"], line["logprobs"] = line["logprobs"], True
     if line.get("n", 1) != 1:
         raise ValueError("n must be 1 (one result per custom_id)")
     sampling = manifest.sampling.model_dump()

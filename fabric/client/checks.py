@@ -87,8 +87,9 @@ def _check_number(value: Any, field: str, low: float, high: float,
 
 
 def sampling(max_tokens: Any, temperature: Any, top_p: Any, top_k: Any, seed: Any,
-             stop: Any, logprobs: Any) -> dict[str, Any]:
-    """A checked ``SamplingParams`` dict (``stop`` may be one string)."""
+             stop: Any, logprobs: Any, top_logprobs: Any = 0) -> dict[str, Any]:
+    """A checked ``SamplingParams`` dict (``stop`` may be one string; ``top_logprobs`` asks
+    for ``logprobs`` too)."""
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
@@ -106,7 +107,8 @@ def sampling(max_tokens: Any, temperature: Any, top_p: Any, top_k: Any, seed: An
         "top_k": check_int(top_k, "top_k", minimum=0),
         "seed": None if seed is None else int(seed),
         "stop": list(stop),
-        "logprobs": logprobs,
+        "logprobs": logprobs or bool(top_logprobs),
+        "top_logprobs": check_int(top_logprobs, "top_logprobs", minimum=0),
     }
 
 

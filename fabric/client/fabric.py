@@ -22,6 +22,7 @@ from typing import Any, Literal, Self
 
 from fabric.client.checks import (
     build_request,
+    check_int,
     check_ints,
     check_messages,
     check_name,
@@ -216,7 +217,8 @@ class Fabric(Deployments):
     def generate(self, prompt: str, *, model: str = DEFAULT_MODEL, version: str | None = None,
                  max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
-                 logprobs: bool = False, timeout: float | None = None,
+                 logprobs: bool = False, top_logprobs: int = 0,
+                 timeout: float | None = None,
                  hooks: HookSpecs = None) -> GenerationResult:
         """Complete ``prompt``; returns text, token ids, finish reason, model identity, timings.
 
@@ -226,7 +228,8 @@ class Fabric(Deployments):
         """
         request = build_request(
             "generate", model=model, version=version, prompt=check_prompt(prompt),
-            sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs),
+            sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs,
+                              top_logprobs),
             timeout=timeout, hooks=_hooks(hooks),
         )
         return self._generation(self._run(request))
@@ -234,13 +237,14 @@ class Fabric(Deployments):
     def chat(self, messages: Sequence[dict[str, str]], *, model: str = DEFAULT_MODEL,
              version: str | None = None, max_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-             stop: str | Sequence[str] = (), logprobs: bool = False,
+             stop: str | Sequence[str] = (), logprobs: bool = False, top_logprobs: int = 0,
              timeout: float | None = None, hooks: HookSpecs = None) -> GenerationResult:
         """Answer a conversation (``[{"role": "user", "content": "..."}, ...]``) using the
         model's chat template; returns the assistant's reply as a ``GenerationResult``."""
         request = build_request(
             "generate", model=model, version=version, messages=check_messages(messages),
-            sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs),
+            sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs,
+                              top_logprobs),
             timeout=timeout, hooks=_hooks(hooks),
         )
         return self._generation(self._run(request))
@@ -249,13 +253,14 @@ class Fabric(Deployments):
                model: str = DEFAULT_MODEL, version: str | None = None, max_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                seed: int | None = None, stop: str | Sequence[str] = (), logprobs: bool = False,
-               timeout: float | None = None, hooks: HookSpecs = None) -> Stream:
+               top_logprobs: int = 0, timeout: float | None = None,
+               hooks: HookSpecs = None) -> Stream:
         """Like ``generate`` (or ``chat`` with ``messages=``) but returns a ``Stream`` of text
         chunks as the server decodes them. Close it (or use ``with``) to stop early."""
         request = self.stream_request(
             prompt, messages=messages, model=model, version=version, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            logprobs=logprobs, timeout=timeout, hooks=hooks)
+            logprobs=logprobs, top_logprobs=top_logprobs, timeout=timeout, hooks=hooks)
         if self.federation is not None:
             from fabric.client.federation import FailoverSource
 
@@ -268,7 +273,8 @@ class Fabric(Deployments):
                        model: str = DEFAULT_MODEL, version: str | None = None,
                        max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                        top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
-                       logprobs: bool = False, timeout: float | None = None,
+                       logprobs: bool = False, top_logprobs: int = 0,
+                       timeout: float | None = None,
                        hooks: HookSpecs = None) -> InferenceRequest:
         """The checked request ``stream`` sends for these arguments (a bad one raises
         ``InvalidRequest`` naming it); nothing is sent."""
@@ -278,7 +284,8 @@ class Fabric(Deployments):
             "generate", model=model, version=version,
             prompt=None if prompt is None else check_prompt(prompt),
             messages=None if messages is None else check_messages(messages),
-            sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs),
+            sampling=sampling(max_tokens, temperature, top_p, top_k, seed, stop, logprobs,
+                              top_logprobs),
             timeout=timeout, hooks=_hooks(hooks),
         )
 
@@ -375,14 +382,17 @@ class Fabric(Deployments):
 
     def logprobs(self, text: str, continuation: str | None = None, *,
                  model: str = DEFAULT_MODEL, version: str | None = None,
-                 hooks: HookSpecs = None) -> dict[str, Any]:
+                 hooks: HookSpecs = None, top_logprobs: int = 0) -> dict[str, Any]:
         """Log-probability of each token of ``continuation`` given ``text``; without a
-        continuation, of every token of ``text`` after the first (perplexity)."""
+        continuation, of every token of ``text`` after the first (perplexity).
+        ``top_logprobs=k``: also each position's k most likely tokens (``top_logprobs``)."""
         request = build_request(
             "logprobs", model=model, version=version, prompt=check_prompt(text),
             continuation=None if continuation is None
             else check_prompt(continuation, field="continuation"),
             hooks=_hooks(hooks),
+            **({"sampling": {"logprobs": True, "top_logprobs": check_int(
+                top_logprobs, "top_logprobs", minimum=0)}} if top_logprobs else {}),
         )
         return dict(decode_tensors(self._run(request)))
 

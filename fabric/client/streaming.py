@@ -212,6 +212,8 @@ class Stream:
         """Token ids received so far."""
         self.logprobs: list[float] = []
         """Log-probabilities of the received tokens (when requested)."""
+        self.tops: list[list[tuple[int, float]]] = []
+        """Each received token's position's most likely tokens (``top_logprobs``)."""
         self.result: GenerationResult | None = None
         """The final result, set when the server says the request is done."""
         self.cancelled = False
@@ -284,6 +286,8 @@ class Stream:
         self.token_ids.extend(int(t) for t in event.get("token_ids") or [])
         if event.get("logprobs"):
             self.logprobs.extend(float(x) for x in event["logprobs"])
+        for top in event.get("top_logprobs") or []:
+            self.tops.append([(int(t), float(lp)) for t, lp in top])
         chunk = str(event.get("text") or "")
         self.text += chunk
         return chunk

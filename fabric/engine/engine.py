@@ -244,6 +244,8 @@ class Engine:
         accumulate(seq, out.captures)
         if out.scores:
             seq.scores.extend(out.scores)
+        if out.score_tops:
+            seq.tops.extend(out.score_tops)
         if seq.in_prefill:
             return None
         if seq.prefill_done is None:
@@ -254,6 +256,8 @@ class Engine:
         seq.generated.append(out.token)
         if out.logprob is not None:
             seq.logprobs.append(out.logprob)
+        if out.top is not None:
+            seq.tops.append(out.top)
         self.stats.token(seq, now)
         if seq.first_token is None:
             seq.first_token = now
@@ -275,7 +279,9 @@ class Engine:
             self.emit(seq.request_id, {"op": "event", "index": len(seq.generated) - 1,
                                        "token_ids": [out.token], "text": safe[len(seq.text_sent):],
                                        "logprobs": [out.logprob] if out.logprob is not None
-                                       else None})
+                                       else None,
+                                       **({"top_logprobs": [out.top]} if out.top is not None
+                                          else {})})
             seq.text_sent = safe
         return reason
 

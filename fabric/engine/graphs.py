@@ -164,8 +164,8 @@ class DecodeGraphs:
             if spec.temperature == 0.0 and not spec.logprobs:
                 outs.append(SeqOutput(s.seq_id, token=picked[slot]))
             else:
-                token, logprob = pick(logits[slot].cpu(), spec)
-                outs.append(SeqOutput(s.seq_id, token=token, logprob=logprob))
+                token, logprob, top = pick(logits[slot].cpu(), spec)
+                outs.append(SeqOutput(s.seq_id, token=token, logprob=logprob, top=top))
         return outs
 
     def _launch(self, size: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:

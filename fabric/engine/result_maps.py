@@ -42,6 +42,8 @@ def build(seq: Sequence, reason: str, identity: dict[str, Any], text: str,
     if req.kind == "generate":
         base.update(text=text, token_ids=list(seq.generated), finish_reason=reason,
                     logprobs=list(seq.logprobs) if req.sampling.logprobs else None,
+                    top_logprobs=[list(map(list, t)) for t in seq.tops]
+                    if req.sampling.top_logprobs else None,
                     captures={str(k): encode_array(_all_rows(v))
                               for k, v in seq.captures.items()})
         return base
@@ -51,6 +53,8 @@ def build(seq: Sequence, reason: str, identity: dict[str, Any], text: str,
         # prompt before a continuation) have no score: named so a caller can list them.
         base.update(token_ids=scored, logprobs=list(seq.scores), total=float(sum(seq.scores)),
                     context_ids=list(seq.prompt_ids[:len(seq.prompt_ids) - len(scored)]))
+        if req.sampling.top_logprobs:
+            base["top_logprobs"] = [list(map(list, t)) for t in seq.tops]
         return base
     if req.kind == "hidden_states":
         positions = req.positions

@@ -16,8 +16,11 @@ from fabric.engine.steps import SampleSpec, SeqOutput, StepPlan
 _MIX = 0x9E3779B97F4A7C15
 
 
-def pick(logits: torch.Tensor, spec: SampleSpec) -> tuple[int, float | None]:
-    """The next token for one row of logits ``[vocab]`` and, if asked, its log-probability."""
+def pick(logits: torch.Tensor, spec: SampleSpec
+         ) -> tuple[int, float | None, list[tuple[int, float]] | None]:
+    """The next token for one row of logits ``[vocab]`` and, if asked, its log-probability and
+    the ``top_logprobs`` most likely tokens (the model's distribution, before temperature and
+    filters, as the log-probability is)."""
     logits = logits.float()
     if spec.temperature == 0.0:
         token = int(torch.argmax(logits))
@@ -25,8 +28,18 @@ def pick(logits: torch.Tensor, spec: SampleSpec) -> tuple[int, float | None]:
         probs = _filtered_probs(logits / spec.temperature, spec.top_k, spec.top_p)
         gen = torch.Generator().manual_seed((spec.seed * _MIX + spec.index) % (2**63))
         token = int(torch.multinomial(probs, 1, generator=gen))
-    logprob = float(torch.log_softmax(logits, -1)[token]) if spec.logprobs else None
-    return token, logprob
+    if not spec.logprobs:
+        return token, None, None
+    logp = torch.log_softmax(logits, -1)
+    return token, float(logp[token]), top_of(logp, spec.top_logprobs)
+
+
+def top_of(logp: torch.Tensor, k: int) -> list[tuple[int, float]] | None:
+    """The ``k`` most likely ``(token, log-probability)`` of one row, most likely first."""
+    if not k:
+        return None
+    values, ids = torch.topk(logp, min(k, logp.numel()))
+    return list(zip(ids.tolist(), values.tolist(), strict=True))
 
 
 def _filtered_probs(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -44,11 +57,16 @@ def _filtered_probs(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
     return probs
 
 
-def score(logits: torch.Tensor, targets: list[int]) -> list[float]:
-    """Log-probabilities of ``targets[j]`` under row j of ``logits`` ``[n, vocab]``."""
+def score(logits: torch.Tensor, targets: list[int], top: int = 0
+          ) -> tuple[list[float], list[list[tuple[int, float]]] | None]:
+    """Log-probabilities of ``targets[j]`` under row j of ``logits`` ``[n, vocab]`` and, with
+    ``top``, each row's most likely tokens."""
     logp = torch.log_softmax(logits.float(), -1)
     idx = torch.tensor(targets, dtype=torch.long)
-    return [float(v) for v in logp[torch.arange(len(targets)), idx]]
+    scores = [float(v) for v in logp[torch.arange(len(targets)), idx]]
+    if not top:
+        return scores, None
+    return scores, [top_of(row, top) or [] for row in logp]
 
 
 def outputs_from(plan: StepPlan, logits: torch.Tensor) -> list[SeqOutput]:
@@ -66,7 +84,7 @@ def outputs_from(plan: StepPlan, logits: torch.Tensor) -> list[SeqOutput]:
         if not all(finite[row:row + n]):
             out.error = "the model's logits for this request are not finite (NaN or infinity)"
         else:
-            _fill(out, s.score_targets, s.sample, logits[row:row + n])
+            _fill(out, s.score_targets, s.sample, logits[row:row + n], s.score_top)
         if out.error is None and not _captures_finite(out.captures):
             out.error = "the captured hidden states of this request are not finite"
         row += n
@@ -75,14 +93,15 @@ def outputs_from(plan: StepPlan, logits: torch.Tensor) -> list[SeqOutput]:
 
 
 def _fill(out: SeqOutput, score_targets: list[int] | None, sample: SampleSpec | None,
-          rows: torch.Tensor) -> None:
+          rows: torch.Tensor, score_top: int = 0) -> None:
     """Scores and the sampled token of one sequence from its (finite) logit rows."""
     targets = [t for t in score_targets or [] if t >= 0]
     if score_targets is not None:
-        out.scores = score(rows[:len(targets)], targets) if targets else []
+        out.scores, out.score_tops = score(rows[:len(targets)], targets, score_top) \
+            if targets else ([], None)
     if sample is not None:
         try:
-            out.token, out.logprob = pick(rows[len(targets)], sample)
+            out.token, out.logprob, out.top = pick(rows[len(targets)], sample)
         except RuntimeError as exc:  # e.g. probabilities that do not sum to a positive number
             out.error = f"sampling failed for this request: {exc}"
 

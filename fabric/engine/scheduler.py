@@ -135,7 +135,8 @@ class Scheduler:
         return SeqWork(
             seq_id=seq.request_id, start=start, token_ids=list(tokens), capacity=seq.reserve,
             sample=seq.sample_spec() if seq.generates and completes_prompt else None,
-            score_targets=targets, capture=seq.capture, hooks=seq.hooks)
+            score_targets=targets, capture=seq.capture, hooks=seq.hooks,
+            score_top=seq.request.sampling.top_logprobs if targets is not None else 0)
 
     def _admit(self) -> None:
         now = time.monotonic()

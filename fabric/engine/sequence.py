@@ -28,6 +28,8 @@ class Sequence:
     """Tokens already in the KV cache."""
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    tops: list[list[tuple[int, float]]] = field(default_factory=list)
+    """Per generated (or, for scoring, scored) token: the most likely tokens there, if asked."""
     scores: list[float] = field(default_factory=list)
     captures: dict[int, Any] = field(default_factory=dict)
     text_sent: str = ""
@@ -67,4 +69,5 @@ class Sequence:
         """How to draw this sequence's next token."""
         s = self.request.sampling
         return SampleSpec(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                          seed=self.seed, index=len(self.generated), logprobs=s.logprobs)
+                          seed=self.seed, index=len(self.generated), logprobs=s.logprobs,
+                          top_logprobs=s.top_logprobs)

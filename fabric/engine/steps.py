@@ -20,6 +20,8 @@ class SampleSpec:
     index: int = 0
     """How many tokens the sequence has generated so far (seeds this draw)."""
     logprobs: bool = False
+    top_logprobs: int = 0
+    """With ``logprobs``: also the k most likely tokens."""
 
 
 @dataclass
@@ -58,6 +60,8 @@ class SeqWork:
     """Set when this step should produce the next token."""
     score_targets: list[int] | None = None
     """Token ids whose log-probs to return, one per new token (logprobs requests)."""
+    score_top: int = 0
+    """With ``score_targets``: also each scored row's k most likely tokens."""
     capture: CaptureSpec | None = None
     hooks: list[HookSpec] = field(default_factory=list)
 
@@ -86,7 +90,11 @@ class SeqOutput:
     seq_id: str
     token: int | None = None
     logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+    """The most likely tokens at this position, if asked (``top_logprobs``)."""
     scores: list[float] | None = None
+    score_tops: list[list[tuple[int, float]]] | None = None
+    """Per scored position, the most likely tokens there, if asked."""
     captures: dict[int, Any] = field(default_factory=dict)
     error: str | None = None
     """Set when this sequence's outputs could not be computed (e.g. its logits are not finite):

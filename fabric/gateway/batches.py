@@ -235,12 +235,14 @@ def output_line(rec: dict[str, Any], kind: str) -> dict[str, Any]:
                 "choices": [{"index": 0, "message": {"role": "assistant",
                                                      "content": res.get("text", "")},
                              "finish_reason": finish_reason(res.get("finish_reason")),
-                             "logprobs": None if lps is None else chat_logprobs(ids, lps, 1)}]}
+                             "logprobs": None if lps is None
+                             else chat_logprobs(ids, lps, res.get("top_logprobs"))}]}
     else:
         body = {"id": f"cmpl-{nonce}", "object": "text_completion", "model": model,
                 "created": int(time.time()), "usage": usage_out,
                 "choices": [{"index": 0, "text": res.get("text", ""),
-                             "logprobs": None if lps is None else completion_logprobs(ids, lps),
+                             "logprobs": None if lps is None
+                             else completion_logprobs(ids, lps, res.get("top_logprobs")),
                              "finish_reason": finish_reason(res.get("finish_reason"))}]}
     return {"id": f"batch_req_{nonce}", "custom_id": rec["custom_id"],
             "response": {"status_code": 200, "request_id": nonce, "body": body}, "error": None}

@@ -71,15 +71,14 @@ async def chat_completions(request: Request,
     """A chat completion, or its SSE stream."""
     req = await parse_body(request, ChatRequest)
     messages = req.plain_messages()
-    calls = [{"messages": messages, **shapes.sampling_kwargs(req, req.token_limit(),
-                                                             req.logprobs, k)}
-             for k in range(req.n)]
+    calls = [{"messages": messages, **shapes.sampling_kwargs(
+        req, req.token_limit(), req.logprobs, k, req.top_logprobs or 0)} for k in range(req.n)]
     if req.stream:
         streams = await open_streams(who.client, calls)
         return StreamingResponse(guarded(_chat_events(req, streams)),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     results = await asyncio.gather(*(who.client.chat(**kw) for kw in calls))
-    return shapes.chat_response(req.model, list(results), req.top_logprobs, req.logprobs)
+    return shapes.chat_response(req.model, list(results), req.logprobs)
 
 
 async def _chat_events(req: ChatRequest, streams: list[Any]) -> Any:
@@ -92,7 +91,7 @@ async def _chat_events(req: ChatRequest, streams: list[Any]) -> Any:
             yield sse(shapes.chat_chunk(rid, req.model, piece.index, {},
                                         shapes.finish_reason(result.finish_reason)))
             continue
-        lp = shapes.chat_logprobs(piece.token_ids, piece.logprobs, req.top_logprobs) \
+        lp = shapes.chat_logprobs(piece.token_ids, piece.logprobs, piece.tops) \
             if req.logprobs else None
         yield sse(shapes.chat_chunk(rid, req.model, piece.index, {"content": piece.text},
                                     None, lp))
@@ -124,7 +123,8 @@ async def completions(request: Request,
                                  "max_tokens 0: those score text, which returns at once",
                                  param="stream")
         calls = [{"prompt": p, **shapes.sampling_kwargs(req, req.max_tokens,
-                                                       req.logprobs is not None, k)}
+                                                       req.logprobs is not None, k,
+                                                       req.logprobs or 0)}
                  for p in prompts for k in range(req.n)]
         streams = await open_streams(who.client, calls)
         return StreamingResponse(guarded(_completion_events(req, streams)),
@@ -142,28 +142,31 @@ async def _one_completion(client: AsyncFabric, req: CompletionRequest, prompt: s
                           choice: int) -> tuple[dict[str, Any], int, int, str]:
     """One choice: ``(choice dict, prompt tokens, completion tokens, request id)``."""
     want_lp = req.logprobs is not None
+    top = req.logprobs or 0
     if req.continuation is not None:
         scored = await client.logprobs(prompt, req.continuation, model=req.model,
-                                       hooks=req.hooks)
+                                       hooks=req.hooks, top_logprobs=top)
         text = prompt + req.continuation if req.echo else req.continuation
         return _scored_choice(text, scored, want_lp, req.echo)
     if not req.max_tokens:
         if not req.echo:
             return {"text": "", "finish_reason": "length", "logprobs": None}, 0, 0, ""
-        scored = await client.logprobs(prompt, model=req.model, hooks=req.hooks)
+        scored = await client.logprobs(prompt, model=req.model, hooks=req.hooks,
+                                       top_logprobs=top)
         return _scored_choice(prompt, scored, want_lp, True)
-    kwargs = shapes.sampling_kwargs(req, req.max_tokens, want_lp, choice)
+    kwargs = shapes.sampling_kwargs(req, req.max_tokens, want_lp, choice, top)
     if req.echo and want_lp:
         scored, result = await asyncio.gather(
-            client.logprobs(prompt, model=req.model, hooks=req.hooks),
+            client.logprobs(prompt, model=req.model, hooks=req.hooks, top_logprobs=top),
             client.generate(prompt, **kwargs))
-        ids, lps = _echoed(scored)
+        ids, lps, tops = _echoed(scored)
         logprobs: dict[str, Any] | None = shapes.completion_logprobs(
-            ids + result.token_ids, lps + list(result.logprobs or []))
+            ids + result.token_ids, lps + list(result.logprobs or []),
+            tops + list(result.top_logprobs or [None] * len(result.token_ids)))
     else:
         result = await client.generate(prompt, **kwargs)
-        logprobs = shapes.completion_logprobs(result.token_ids, list(result.logprobs or [])) \
-            if want_lp else None
+        logprobs = shapes.completion_logprobs(result.token_ids, list(result.logprobs or []),
+                                              result.top_logprobs) if want_lp else None
     text = prompt + result.text if req.echo else result.text
     choice_out = {"text": text, "finish_reason": shapes.finish_reason(result.finish_reason),
                   "logprobs": logprobs, "token_ids": result.token_ids}
@@ -173,14 +176,22 @@ async def _one_completion(client: AsyncFabric, req: CompletionRequest, prompt: s
             result.request_id)
 
 
-def _echoed(scored: dict[str, Any]) -> tuple[list[int], list[float | None]]:
-    """Every token of a scored text and its log-probability, as OpenAI echoes a prompt: the
-    tokens with no score (the first; a continuation's prompt) listed with ``None``, so that
-    ``token_logprobs[len(context):]`` is what follows the context (lm-eval slices so)."""
+Echoed = tuple[list[int], list[float | None], list[list[tuple[int, float]] | None]]
+"""Tokens, their log-probabilities and their positions' most likely tokens."""
+
+
+def _echoed(scored: dict[str, Any]) -> Echoed:
+    """Every token of a scored text, its log-probability and top tokens, as OpenAI echoes a
+    prompt: the tokens with no score (the first; a continuation's prompt) listed with
+    ``None``, so that ``token_logprobs[len(context):]`` is what follows the context (lm-eval
+    slices so, and compares each with the most likely token's for ``is_greedy``)."""
     context = [int(t) for t in scored.get("context_ids") or []]
     ids = [int(t) for t in scored.get("token_ids") or []]
     lps: list[float | None] = [float(x) for x in scored.get("logprobs") or []]
-    return context + ids, [None] * len(context) + lps
+    tops: list[list[tuple[int, float]] | None] = [
+        [(int(t), float(v)) for t, v in top] for top in scored.get("top_logprobs") or []]
+    none: list[None] = [None] * len(context)
+    return (context + ids, [*none, *lps], [*none, *(tops or [None] * len(ids))])
 
 
 def _scored_choice(text: str, scored: dict[str, Any], want_lp: bool,
@@ -188,13 +199,13 @@ def _scored_choice(text: str, scored: dict[str, Any], want_lp: bool,
     """A choice whose tokens were scored, not generated (nothing new: zero completion);
     ``echo``: ``text`` holds the prompt too, and so do the logprobs (unscored: ``None``)."""
     scores = [float(x) for x in scored.get("logprobs") or []]
-    if echo:
-        ids, lps = _echoed(scored)
-    else:
-        ids, lps = [int(t) for t in scored.get("token_ids") or []], list(scores)
+    ids, lps, tops = _echoed(scored)
+    if not echo:  # the scored tokens only (a continuation's)
+        cut = len(ids) - len(scores)
+        ids, lps, tops = ids[cut:], lps[cut:], tops[cut:]
     usage = scored.get("usage") or {}
     choice = {"text": text, "finish_reason": "length",
-              "logprobs": shapes.completion_logprobs(ids, lps) if want_lp else None,
+              "logprobs": shapes.completion_logprobs(ids, lps, tops) if want_lp else None,
               "token_ids": ids, "total_logprob": float(sum(scores))}
     return choice, int(usage.get("prompt_tokens", len(ids))), 0, str(scored.get("request_id", ""))
 
@@ -212,7 +223,7 @@ def _completion_piece(req: CompletionRequest, rid: str, streams: list[Any],
     if piece.text is None:
         reason = shapes.finish_reason(streams[piece.index].result.finish_reason)
         return shapes.completion_chunk(rid, req.model, piece.index, "", reason)
-    lp = shapes.completion_logprobs(piece.token_ids, list(piece.logprobs)) \
+    lp = shapes.completion_logprobs(piece.token_ids, list(piece.logprobs), piece.tops) \
         if req.logprobs is not None else None
     return shapes.completion_chunk(rid, req.model, piece.index, piece.text, None, lp)
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fabric.errors import InvalidRequest
 from fabric.openai_messages import plain_messages
@@ -81,6 +81,12 @@ class ChatRequest(_TextRequest):
         if not value:
             raise ValueError("messages is empty: give at least one message")
         return value
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @field_validator("tool_choice")
     @classmethod
@@ -160,14 +166,16 @@ class EmbeddingRequest(_Tolerant):
 
 
 def sampling_kwargs(req: _TextRequest, max_tokens: int, logprobs: bool,
-                    choice: int = 0) -> dict[str, Any]:
-    """Keyword arguments for ``generate``/``chat``/``stream``. Choice ``k`` of ``n`` gets seed
-    ``seed + k`` so that sampled choices differ yet stay reproducible."""
+                    choice: int = 0, top: int = 0) -> dict[str, Any]:
+    """Keyword arguments for ``generate``/``chat``/``stream`` (``top``: the most likely tokens
+    to return per position). Choice ``k`` of ``n`` gets seed ``seed + k`` so that sampled
+    choices differ yet stay reproducible."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return {"model": req.model, "max_tokens": max_tokens, "temperature": req.temperature,
             "top_p": req.top_p, "top_k": req.top_k,
             "seed": None if req.seed is None else req.seed + choice, "stop": stop,
-            "logprobs": logprobs, "timeout": req.timeout, "hooks": req.hooks}
+            "logprobs": logprobs, "top_logprobs": top if logprobs else 0,
+            "timeout": req.timeout, "hooks": req.hooks}
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -181,14 +189,20 @@ def token_name(token_id: int) -> str:
     return f"token_id:{token_id}"
 
 
+Tops = Sequence[Sequence[tuple[int, float]]] | None
+"""Per token, the most likely tokens at its position (``GenerationResult.top_logprobs``)."""
+
+
 def chat_logprobs(token_ids: list[int], logprobs: list[float] | None,
-                  top: int | None) -> dict[str, Any]:
-    """Chat ``logprobs.content``: the chosen tokens (``top_logprobs`` holds the chosen one:
-    the server does not return alternatives)."""
+                  tops: Tops = None) -> dict[str, Any]:
+    """Chat ``logprobs.content``: each chosen token and, asked with ``top_logprobs``, the most
+    likely tokens at its position."""
     content = []
-    for tid, lp in zip(token_ids, logprobs or [], strict=False):
-        entry = {"token": token_name(tid), "logprob": lp, "bytes": None}
-        content.append({**entry, "top_logprobs": [entry] if top else []})
+    for i, (tid, lp) in enumerate(zip(token_ids, logprobs or [], strict=False)):
+        top = tops[i] if tops is not None and i < len(tops) else []
+        content.append({"token": token_name(tid), "logprob": lp, "bytes": None,
+                        "top_logprobs": [{"token": token_name(t), "logprob": v, "bytes": None}
+                                         for t, v in top]})
     return {"content": content}
 
 
@@ -213,7 +227,7 @@ def _extensions(result: GenerationResult) -> dict[str, Any]:
     return out
 
 
-def chat_response(model: str, results: list[GenerationResult], top: int | None,
+def chat_response(model: str, results: list[GenerationResult],
                   logprobs: bool) -> dict[str, Any]:
     """A ``chat.completion`` from one result per choice."""
     first = results[0]
@@ -223,7 +237,8 @@ def chat_response(model: str, results: list[GenerationResult], top: int | None,
         "choices": [{
             "index": i, "message": {"role": "assistant", "content": r.text},
             "finish_reason": finish_reason(r.finish_reason),
-            "logprobs": chat_logprobs(r.token_ids, r.logprobs, top) if logprobs else None,
+            "logprobs": chat_logprobs(r.token_ids, r.logprobs, r.top_logprobs) if logprobs
+            else None,
             **_extensions(r),
         } for i, r in enumerate(results)],
         "usage": _usage(first.usage.prompt_tokens,
@@ -251,13 +266,24 @@ def completion_chunk(request_id: str, model: str, index: int, text: str,
             "created": int(time.time()), "model": model, "choices": choices, "usage": usage}
 
 
-def completion_logprobs(token_ids: Sequence[int],
-                        logprobs: Sequence[float | None]) -> dict[str, Any]:
-    """Legacy ``logprobs``: parallel lists of tokens and their log-probabilities."""
+def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[float | None],
+                        tops: Sequence[Sequence[tuple[int, float]] | None] | None = None
+                        ) -> dict[str, Any]:
+    """Legacy ``logprobs``: parallel lists of tokens, their log-probabilities and, per
+    position, ``{token: logprob}`` of the most likely tokens (``logprobs: k``) with the chosen
+    one (as vLLM does; only the chosen one for ``logprobs: 0``); ``None`` where a token has no
+    log-probability (an echoed prompt's first)."""
+    top: list[dict[str, float] | None] = []
+    for i, (t, lp) in enumerate(zip(token_ids, logprobs, strict=False)):
+        alternatives = tops[i] if tops is not None and i < len(tops) else None
+        if lp is None:
+            top.append(None)
+            continue
+        entry = {token_name(a): v for a, v in alternatives or []}
+        entry.setdefault(token_name(t), lp)
+        top.append(entry)
     return {"tokens": [token_name(t) for t in token_ids], "token_logprobs": list(logprobs),
-            "top_logprobs": [{token_name(t): lp} if lp is not None else None
-                             for t, lp in zip(token_ids, logprobs, strict=False)],
-            "text_offset": None}
+            "top_logprobs": top, "text_offset": None}
 
 
 def completion_response(model: str, choices: list[dict[str, Any]], prompt_tokens: int,

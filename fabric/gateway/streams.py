@@ -42,6 +42,7 @@ class Piece:
     text: str | None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    tops: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 async def open_streams(client: AsyncFabric, calls: Sequence[dict[str, Any]]) -> list[AsyncStream]:
@@ -66,7 +67,8 @@ async def pieces(streams: list[AsyncStream]) -> AsyncIterator[Piece]:
         stream = streams[0]
         try:
             async for chunk in stream:
-                yield Piece(0, chunk, stream.last_token_ids, stream.last_logprobs)
+                yield Piece(0, chunk, stream.last_token_ids, stream.last_logprobs,
+                            stream.last_tops)
             yield Piece(0, None)
         finally:
             stream.close_soon()  # a client that went away: cancel at the server
@@ -77,7 +79,7 @@ async def pieces(streams: list[AsyncStream]) -> AsyncIterator[Piece]:
         try:
             async for chunk in stream:
                 queue.put_nowait(Piece(index, chunk, stream.last_token_ids,
-                                       stream.last_logprobs))
+                                       stream.last_logprobs, stream.last_tops))
             queue.put_nowait(Piece(index, None))
         except BaseException as exc:
             queue.put_nowait(exc)
