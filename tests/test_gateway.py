@@ -215,6 +215,14 @@ def test_embeddings(client: openai.OpenAI, fab: Fabric) -> None:
                                      encoding_format="float")
     first = np.asarray(fab.embed("a cat", model=TINY_MODEL), dtype=np.float32)[:8]
     assert np.allclose(short.data[0].embedding, first / np.linalg.norm(first), atol=1e-5)
+    both = client.embeddings.create(model=TINY_MODEL, input="a cat", dimensions=8,
+                                    encoding_format="float", extra_body={"layers": [0, -1]})
+    extra = both.data[0].model_extra
+    assert extra is not None and {len(v) for v in extra["layers"].values()} == {8}
+    with pytest.raises(openai.BadRequestError) as unpooled:
+        client.embeddings.create(model=TINY_MODEL, input="a cat", dimensions=8,
+                                 extra_body={"pooling": "none"})
+    assert unpooled.value.param == "dimensions"
     # pooling "none": every token's hidden state, as fab.hidden_states gives it.
     states = fab.hidden_states("The cell", model=TINY_MODEL, layers=[-1])
     raw = client.embeddings.create(model=TINY_MODEL, input="The cell", encoding_format="float",

@@ -259,6 +259,26 @@ def test_what_the_models_cannot_do_is_refused_not_ignored(tmp_path: Path) -> Non
         assert tolerated.status_code == 400 and "role" in tolerated.json()["error"]["message"]
 
 
+def test_bad_fields_are_named_as_the_client_wrote_them(tmp_path: Path) -> None:
+    """400s name the field as written (``messages[0]``, ``prompt``), say what is accepted,
+    and carry no pydantic wording (``Value error,``, union members such as ``prompt.str``)."""
+    config = GatewayConfig(home=tmp_path, rate=0)
+    cases = [("/v1/completions", {"model": "m", "prompt": [1, 2, 3]}, "prompt",
+              "token ids are not accepted"),
+             ("/v1/embeddings", {"model": "m", "input": [[1, 2]]}, "input",
+              "a non-empty list of strings"),
+             ("/v1/chat/completions", {"model": "m", "messages": ["x"]}, "messages[0]",
+              "should be an object"),
+             ("/v1/chat/completions", {"model": "m", "messages": []}, "messages",
+              "give at least one message")]
+    with running_server(create_app(config)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        for path, body, param, says in cases:
+            error = http.post(path, json=body).json()["error"]
+            assert error["param"] == param, error
+            assert says in error["message"] and "Value error" not in error["message"], error
+            assert ".str" not in error["message"] and "list[str]" not in error["message"]
+
+
 def test_globus_token_is_introspected_and_passed_on(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A Globus token is checked by the site policy's own introspection (canned Globus Auth

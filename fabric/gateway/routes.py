@@ -7,6 +7,7 @@ the caller's ``AsyncFabric`` and answers in OpenAI's shape; ``n`` choices run co
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -39,8 +40,21 @@ async def parse_body(request: Request, model: type[M]) -> M:
         return model.model_validate_json(body)
     except ValidationError as exc:
         err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"])
-        raise InvalidRequest(f"{param or 'body'}: {err['msg']}", param=param or None) from None
+        param = field_path(err["loc"])
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise InvalidRequest(f"{param or 'body'}: {message}", param=param or None) from None
+
+
+def field_path(loc: Sequence[int | str]) -> str:
+    """A pydantic error location as the client wrote the field: ``messages[0].role``; the
+    union member tried (``str``, ``list[str]``) is not a field and is left out."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" not in part and part not in ("str", "int", "float", "bool", "dict", "list"):
+            out += f".{part}" if out else part
+    return out
 
 
 @router.get("/models")
@@ -237,13 +251,18 @@ async def embeddings(request: Request, who: Who) -> dict[str, Any]:
     req = await parse_body(request, EmbeddingRequest)
     texts = req.texts()
     if req.pooling == "none":
+        if req.dimensions is not None:
+            raise InvalidRequest("dimensions shortens pooled vectors: it does not apply to "
+                                 "pooling 'none' (every token's hidden state)",
+                                 param="dimensions")
         return await _hidden_states(who.client, req, texts)
     layers = req.layers or [req.layer]
     out = await who.client.embed(texts, model=req.model, layer=layers if req.layers else req.layer,
                                  pooling=req.pooling, normalize=req.normalize, hooks=req.hooks)
     first = out[layers[0]] if req.layers else out
     vectors = [_shorten(v, req.dimensions, req.normalize) for v in first]
-    extra = [{"layers": {str(k): v[i].tolist() for k, v in out.items()}}
+    extra = [{"layers": {str(k): _shorten(v[i], req.dimensions, req.normalize).tolist()
+                         for k, v in out.items()}}
              for i in range(len(texts))] if req.layers else None
     return shapes.embedding_response(req.model, vectors, req.encoding_format, extra)
 

@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fabric.errors import InvalidRequest
 from fabric.openai_messages import plain_messages
 from fabric.protocol import GenerationResult
 
@@ -132,13 +131,14 @@ class CompletionRequest(_TextRequest):
     def _default_tokens(cls, value: Any) -> Any:
         return 16 if value is None else value
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        return _texts(value)
+
     def prompts(self) -> list[str]:
-        """The prompts as a list (a token-id prompt is refused: the gateway has no tokenizer)."""
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InvalidRequest("prompt must be a string or a list of strings (token ids are "
-                                 "not accepted)", param="prompt")
-        return prompts
+        """The prompts as a list."""
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 class EmbeddingRequest(_Tolerant):
@@ -156,13 +156,24 @@ class EmbeddingRequest(_Tolerant):
     positions: list[int] | None = None
     hooks: list[dict[str, Any]] | None = None
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, value: Any) -> Any:
+        return _texts(value)
+
     def texts(self) -> list[str]:
         """The inputs as a list of strings."""
-        texts = [self.input] if isinstance(self.input, str) else self.input
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise InvalidRequest("input must be a string or a non-empty list of strings (token "
-                                 "ids are not accepted)", param="input")
-        return texts
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+def _texts(value: Any) -> Any:
+    """``value`` if it is a string or a non-empty list of strings: token ids are refused, the
+    gateway has no tokenizer (the model server has)."""
+    if isinstance(value, str) or (isinstance(value, list) and value
+                                  and all(isinstance(v, str) for v in value)):
+        return value
+    raise ValueError("must be a string or a non-empty list of strings (token ids are not "
+                     "accepted: the tokenizer lives with the model server)")
 
 
 def sampling_kwargs(req: _TextRequest, max_tokens: int, logprobs: bool,
