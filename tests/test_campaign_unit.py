@@ -444,3 +444,18 @@ def test_a_shard_item_takes_the_shards_model_and_may_not_name_another() -> None:
         _in_shard({"prompt": "x", "model": "m2"}, "m1", "n3")
     with pytest.raises(InvalidRequest, match="must be an object"):
         _in_shard(["x"], "m1", "n4")
+
+
+def test_the_status_line_labels_its_counts_and_drops_the_eta_once_ended() -> None:
+    """``fabric campaign status`` printed ``running  failed 0  running 5`` (the state, then an
+    unlabelled count of the same word) and an ETA for a cancelled campaign."""
+    from fabric.campaign.progress import describe
+
+    base = {"failed": 1, "running": 5, "tokens_per_s": 120.0, "inputs_per_s": 2.5,
+            "eta_s": 75.0}
+    line = describe({**base, "status": "running"})
+    assert line.startswith("running: 1 failed, 5 in flight, ") and line.endswith("ETA 1:15")
+    assert "prompt + completion" in line
+    for ended in ("done", "cancelled", "failed"):
+        assert "ETA" not in describe({**base, "status": ended}), ended
+    assert "in flight" not in describe({**base, "status": "done"}, counts=False)

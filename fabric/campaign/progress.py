@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from fabric.campaign import store
+from fabric.campaign.ledger import TERMINAL_STATUSES
 
 StatusFn = Callable[[], dict[str, Any]]
 
@@ -42,13 +43,16 @@ def watch(folder: Any, *, stream: IO[str] | None = None, poll_s: float = 0.5,
             time.sleep(poll_s)
 
 
-def describe(status: dict[str, Any]) -> str:
-    """One line: state, failures, tokens/s, ETA."""
-    eta = status.get("eta_s")
-    eta_text = "?" if eta is None else _duration(float(eta))
-    return (f"{status['status']}  failed {status['failed']}  running {status['running']}  "
-            f"{status['tokens_per_s']:.0f} tok/s  {status['inputs_per_s']:.1f} in/s  "
-            f"ETA {eta_text}")
+def describe(status: dict[str, Any], counts: bool = True) -> str:
+    """One line: the state, failures and inputs in flight (``counts``), the rates (tokens
+    are prompt plus completion), and the time left while it runs."""
+    parts = [f"{status['failed']} failed, {status['running']} in flight"] if counts else []
+    parts.append(f"{status['tokens_per_s']:.0f} tokens/s (prompt + completion), "
+                 f"{status['inputs_per_s']:.1f} inputs/s")
+    if status["status"] not in TERMINAL_STATUSES:
+        eta = status.get("eta_s")
+        parts.append(f"ETA {'?' if eta is None else _duration(float(eta))}")
+    return f"{status['status']}: " + ", ".join(parts)
 
 
 def _plain(folder: Any, stream: IO[str], poll_s: float, finished: Callable[[dict[str, Any]],

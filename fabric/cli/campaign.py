@@ -174,7 +174,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{status['name']}  {status['model']}  {status['kind']}")
     print(f"  {status['done']} done, {status['failed']} failed, {status['running']} running, "
           f"{status['pending']} pending of {status['total']}")
-    print(f"  {describe(status)}")
+    print(f"  {describe(status, counts=False)}")
     for site, rec in sorted(status["sites"].items()):
         shards = ", ".join(f"{n} {s}" for s, n in sorted(rec["shards"].items()))
         print(f"  site {site}: {rec['inputs_done']} inputs done, {rec['tokens']} tokens; "
