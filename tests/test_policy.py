@@ -376,3 +376,18 @@ def test_listings_need_a_verified_identity(tmp_path: Path,
     open_site = SiteContext(SiteConfig.model_validate({"name": "local"}), tmp_path / "local")
     monkeypatch.setattr(functions, "current", lambda: open_site)
     assert unwrap(functions.list_deployments(None)) == []
+
+
+def test_a_call_for_a_model_the_site_does_not_serve_is_not_counted(tmp_path: Path) -> None:
+    """The caller is checked, the call refused (``UnknownModel``), and nothing recorded: a
+    caller could otherwise fill the usage records with model names of its choosing."""
+    from fabric.endpoint.context import SiteContext
+    from fabric.errors import UnknownModel
+
+    ctx = SiteContext(load_site("local"), tmp_path)
+    assert ctx.authorize(None, "smollm2-135m") == getpass.getuser()
+    assert ctx.authorize(None, "no-such-model") == getpass.getuser()
+    with pytest.raises(UnknownModel):
+        ctx.entry("no-such-model")
+    policy.flush_usage()
+    assert [(r["model"], r["requests"]) for r in policy.usage(tmp_path)] == [("smollm2-135m", 1)]

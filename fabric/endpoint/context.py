@@ -112,8 +112,11 @@ class SiteContext:
         rule checked, no request counted against the quotas."""
         from fabric.endpoint.policy import authorize
 
+        # A model the site does not serve is refused next (UnknownModel): its call is checked
+        # but not counted, so no caller fills the usage records with names of its choosing.
+        known = count and model in self.catalog.names()
         return str(authorize(self.site, auth, model, self.state_dir, tokens=tokens,
-                             count=count))
+                             count=known))
 
     def authorize_admin(self, auth: Any, operation: str) -> str:
         """The caller's identity if the site's ``policy.admins`` names it (else
