@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -19,6 +20,7 @@ import msgpack
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -69,6 +71,23 @@ def _utf8(text: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]
 """A string that is valid Unicode (encodable as UTF-8, so it can be sent and tokenised)."""
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+def _index(value: Any) -> int:
+    """An integer, or numpy's; not a string, a float or a bool read as one."""
+    from pydantic_core import PydanticCustomError
+
+    not_int = PydanticCustomError("int_type", "Input should be a valid integer")
+    if isinstance(value, bool | str | bytes | float):
+        raise not_int
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise not_int from None
+
+
+Index64 = Annotated[int, BeforeValidator(_index), Field(ge=-(2**63), le=2**63 - 1)]
+"""``Int64`` that takes no string, float or bool for an integer (hook layers, heads, neurons)."""
 """An integer that fits the wire (msgpack) and torch: a signed 64-bit value."""
 
 
@@ -120,15 +139,17 @@ class Hook(_Strict):
 
     ``capture`` returns the layer's output; ``steer`` adds ``scale * vector`` to it;
     ``ablate_heads`` zeroes the named attention heads' contributions; ``ablate_neurons`` zeroes
-    the named MLP neurons. Layers count from 0; negative layers count from the end.
+    the named MLP neurons. Layers count from 0; negative layers count from the end. Layers,
+    heads and neurons are integers (numpy's too): ``"layer": "1"`` or ``true`` is refused,
+    not read as 1 (as the CLI refuses it).
     """
 
     kind: Literal["capture", "steer", "ablate_heads", "ablate_neurons"]
-    layer: Int64
+    layer: Index64
     vector: list[float] | None = Field(None, max_length=MAX_LIST)
     scale: float = 1.0
-    heads: list[Int64] = Field(default_factory=list, max_length=MAX_LIST)
-    neurons: list[Int64] = Field(default_factory=list, max_length=MAX_LIST)
+    heads: list[Index64] = Field(default_factory=list, max_length=MAX_LIST)
+    neurons: list[Index64] = Field(default_factory=list, max_length=MAX_LIST)
 
     @model_validator(mode="after")
     def _bounded_steer(self) -> Hook:

@@ -539,3 +539,24 @@ def test_an_embedded_site_never_loads_globus(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
+
+
+def test_hook_layers_heads_and_neurons_are_integers_not_look_alikes() -> None:
+    """``"layer": "1"`` was read as 1 by the SDK (the CLI refused it); numpy's integers are
+    integers (a list of heads built with numpy is common)."""
+    import numpy as np
+
+    from fabric.errors import InvalidHook
+    from fabric.protocol import validate_request
+
+    def hook(**fields: object) -> dict[str, object]:
+        return {"model": "m", "prompt": "x", "hooks": [{"kind": "ablate_heads", **fields}]}
+
+    for bad in ("1", True, 1.0):
+        with pytest.raises(InvalidHook, match="valid integer"):
+            validate_request(hook(layer=bad, heads=[0]))
+    with pytest.raises(InvalidHook, match="valid integer"):
+        validate_request(hook(layer=0, heads=["2"]))
+    ok = validate_request(hook(layer=np.int64(2), heads=[np.int32(1), 3]))
+    assert ok.hooks[0].layer == 2 and ok.hooks[0].heads == [1, 3]
+    assert all(type(h) is int for h in ok.hooks[0].heads)
