@@ -115,6 +115,8 @@ def test_completions(client: openai.OpenAI, fab: Fabric) -> None:
     reply = client.completions.create(model=TINY_MODEL, prompt=[PROMPT, PROMPT], max_tokens=6,
                                       temperature=0, stop=["\n\n\n"], logprobs=1)
     assert [c.text for c in reply.choices] == [expected.text] * 2
+    assert reply.system_fingerprint == \
+        f"{TINY_MODEL}:{expected.model.version}:{expected.model.sha256[:12]}"
     lp = reply.choices[0].logprobs
     assert lp is not None and lp.tokens == [f"token_id:{t}" for t in expected.token_ids]
     assert lp.token_logprobs is not None and all(x is not None and x <= 0
@@ -146,6 +148,7 @@ def test_echo_scores_a_continuation(client: openai.OpenAI, fab: Fabric,
                                       logprobs=0)
     lp = reply.choices[0].logprobs
     assert reply.choices[0].text == text and lp is not None and lp.token_logprobs is not None
+    assert reply.system_fingerprint and reply.system_fingerprint.startswith(f"{TINY_MODEL}:")
     assert lp.tokens == [f"token_id:{t}" for t in ids]
     assert lp.token_logprobs[0] is None and lp.top_logprobs is not None
     assert lp.top_logprobs[0] is None

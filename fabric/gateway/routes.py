@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -145,16 +145,29 @@ async def completions(request: Request,
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     jobs = [_one_completion(who.client, req, p, k) for p in prompts for k in range(req.n)]
     done = await asyncio.gather(*jobs)
-    choices = [{"index": i, **c} for i, (c, _, _, _) in enumerate(done)]
-    prompt_tokens = sum(pt for i, (_, pt, _, _) in enumerate(done) if i % req.n == 0)
-    completion_tokens = sum(ct for _, _, ct, _ in done)
-    rid = next((r for *_, r in done if r), "none")
-    return shapes.completion_response(req.model, choices, prompt_tokens, completion_tokens, rid)
+    choices = [{"index": i, **d.choice} for i, d in enumerate(done)]
+    prompt_tokens = sum(d.prompt_tokens for i, d in enumerate(done) if i % req.n == 0)
+    completion_tokens = sum(d.completion_tokens for d in done)
+    rid = next((d.request_id for d in done if d.request_id), "none")
+    fingerprint = next((d.fingerprint for d in done if d.fingerprint), None)
+    return shapes.completion_response(req.model, choices, prompt_tokens, completion_tokens, rid,
+                                      fingerprint)
+
+
+class Done(NamedTuple):
+    """One completion choice and what the response's totals need of it."""
+
+    choice: dict[str, Any]
+    prompt_tokens: int
+    completion_tokens: int
+    request_id: str
+    fingerprint: str | None = None
+    """Exactly which weights answered (``system_fingerprint``)."""
 
 
 async def _one_completion(client: AsyncFabric, req: CompletionRequest, prompt: str,
-                          choice: int) -> tuple[dict[str, Any], int, int, str]:
-    """One choice: ``(choice dict, prompt tokens, completion tokens, request id)``."""
+                          choice: int) -> Done:
+    """One choice, or the prompt scored."""
     want_lp = req.logprobs is not None
     top = req.logprobs or 0
     if req.continuation is not None:
@@ -164,7 +177,7 @@ async def _one_completion(client: AsyncFabric, req: CompletionRequest, prompt: s
         return _scored_choice(text, scored, want_lp, req.echo)
     if not req.max_tokens:
         if not req.echo:
-            return {"text": "", "finish_reason": "length", "logprobs": None}, 0, 0, ""
+            return Done({"text": "", "finish_reason": "length", "logprobs": None}, 0, 0, "")
         scored = await client.logprobs(prompt, model=req.model, hooks=req.hooks,
                                        top_logprobs=top)
         return _scored_choice(prompt, scored, want_lp, True)
@@ -186,8 +199,8 @@ async def _one_completion(client: AsyncFabric, req: CompletionRequest, prompt: s
                   "logprobs": logprobs, "token_ids": result.token_ids}
     if result.site:
         choice_out["site"] = result.site  # which site of a federation served it
-    return (choice_out, result.usage.prompt_tokens, result.usage.completion_tokens,
-            result.request_id)
+    return Done(choice_out, result.usage.prompt_tokens, result.usage.completion_tokens,
+                result.request_id, shapes.fingerprint(result.model))
 
 
 Echoed = tuple[list[int], list[float | None], list[list[tuple[int, float]] | None]]
@@ -209,7 +222,7 @@ def _echoed(scored: dict[str, Any]) -> Echoed:
 
 
 def _scored_choice(text: str, scored: dict[str, Any], want_lp: bool,
-                   echo: bool) -> tuple[dict[str, Any], int, int, str]:
+                   echo: bool) -> Done:
     """A choice whose tokens were scored, not generated (nothing new: zero completion);
     ``echo``: ``text`` holds the prompt too, and so do the logprobs (unscored: ``None``)."""
     scores = [float(x) for x in scored.get("logprobs") or []]
@@ -221,7 +234,8 @@ def _scored_choice(text: str, scored: dict[str, Any], want_lp: bool,
     choice = {"text": text, "finish_reason": "length",
               "logprobs": shapes.completion_logprobs(ids, lps, tops) if want_lp else None,
               "token_ids": ids, "total_logprob": float(sum(scores))}
-    return choice, int(usage.get("prompt_tokens", len(ids))), 0, str(scored.get("request_id", ""))
+    return Done(choice, int(usage.get("prompt_tokens", len(ids))), 0,
+                str(scored.get("request_id", "")), shapes.fingerprint(scored.get("model")))
 
 
 async def _completion_events(req: CompletionRequest, streams: list[Any]) -> Any:

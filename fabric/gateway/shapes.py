@@ -222,10 +222,13 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
             "total_tokens": prompt + completion}
 
 
-def fingerprint(result: GenerationResult) -> str:
-    """``system_fingerprint``: exactly which weights answered."""
-    m = result.model
-    return f"{m.name}:{m.version}:{m.sha256[:12]}"
+def fingerprint(model: Any) -> str | None:
+    """``system_fingerprint``: exactly which weights answered (a result's ``model``, as a
+    ``ModelIdentity`` or its dict); None when it does not say."""
+    m = model.model_dump() if hasattr(model, "model_dump") else dict(model or {})
+    if not {"name", "version", "sha256"} <= set(m):
+        return None
+    return f"{m['name']}:{m['version']}:{str(m['sha256'])[:12]}"
 
 
 def _extensions(result: GenerationResult) -> dict[str, Any]:
@@ -244,7 +247,7 @@ def chat_response(model: str, results: list[GenerationResult],
     first = results[0]
     return {
         "id": f"chatcmpl-{first.request_id}", "object": "chat.completion",
-        "created": int(time.time()), "model": model, "system_fingerprint": fingerprint(first),
+        "created": int(time.time()), "model": model, "system_fingerprint": fingerprint(first.model),
         "choices": [{
             "index": i, "message": {"role": "assistant", "content": r.text},
             "finish_reason": finish_reason(r.finish_reason),
