@@ -345,6 +345,16 @@ def answering(proc: subprocess.Popen[bytes], port: int, log_path: Path
     raise RuntimeError("the gateway did not answer within 60 s")
 
 
+def stop_everything(gateway: subprocess.Popen[bytes] | None, site_dir: Path) -> None:
+    """Stop the gateway (if started) and the site with its model servers."""
+    from fabric.client.local import stop_site
+
+    if gateway is not None:
+        gateway.terminate()
+        gateway.wait(10)
+    stop_site(str(site_dir), all=True)
+
+
 def figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Tokens/s over all rounds and the median TTFT (ms) over all streams."""
     seconds = sum(r["seconds"] for r in runs)
@@ -408,7 +418,7 @@ def main() -> int:
         args.model, args.streams, args.max_tokens, args.rounds = "tiny", 8, 16, 1
 
     from fabric import Fabric
-    from fabric.client.local import start_site, stop_site
+    from fabric.client.local import start_site
 
     tmp = Path(tempfile.mkdtemp(prefix="fabric-gateway-bench-"))
     model, model_dir = args.model, None
@@ -455,10 +465,7 @@ def main() -> int:
     finally:
         if sides is not None:
             sides.close()
-        if gateway is not None:
-            gateway.terminate()
-            gateway.wait(10)
-        stop_site(str(site_dir), all=True)
+        stop_everything(gateway, site_dir)
     s, g = figures(sdk), figures(gw)
     common.emit({
         "benchmark": "gateway", "model": model, "streams": args.streams,

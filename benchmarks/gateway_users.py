@@ -37,7 +37,15 @@ from typing import Any
 import common
 from campaign_throughput import write_site
 from common import log, ratio
-from gateway import Clock, figures, free_port, prompts, start_gateway, together_figures
+from gateway import (
+    Clock,
+    figures,
+    free_port,
+    prompts,
+    start_gateway,
+    stop_everything,
+    together_figures,
+)
 
 
 def user(conn: Connection, barrier: Any, site_dir: str, model: str, base_url: str) -> None:
@@ -140,7 +148,7 @@ def main() -> int:
         args.model, args.users, args.max_tokens, args.rounds, args.together = "tiny", 4, 8, 1, 2
 
     from fabric import Fabric
-    from fabric.client.local import start_site, stop_site
+    from fabric.client.local import start_site
 
     tmp = Path(tempfile.mkdtemp(prefix="fabric-gateway-users-"))
     model, model_dir = args.model, None
@@ -178,10 +186,7 @@ def main() -> int:
     finally:
         if users is not None:
             users.close()
-        if gateway is not None:
-            gateway.terminate()
-            gateway.wait(10)
-        stop_site(str(site_dir), all=True)
+        stop_everything(gateway, site_dir)
     s, g = figures(sdk), figures(gw)
     common.emit({
         "benchmark": "gateway_users", "model": model, "users": n,

@@ -413,6 +413,22 @@ def test_autostart_sigterm_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert _wait_for(lambda: not _processes_mentioning(str(folder)), 30)
 
 
+def _site_with_a_server(folder: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+                        ) -> tuple[Path, str]:
+    """A site of its own, started with one request to the tiny model (so its server runs);
+    the site folder and its servers' folder (which their command lines mention)."""
+    folder = write_site(folder, workers=1, model_dir=model_dir)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    transport = LocalTransport(site=str(folder))
+    try:
+        transport.submit(functions.run_request, {
+            "model": TINY_MODEL, "prompt": "The cell",
+            "sampling": {"max_tokens": 2}}).result(timeout=300)
+    finally:
+        transport.close()
+    return folder, str(folder / "state" / "servers")
+
+
 @pytest.mark.slow  # a site and a model server (~15 s)
 def test_stop_all_stops_the_servers_a_stopped_site_left(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -424,16 +440,7 @@ def test_stop_all_stops_the_servers_a_stopped_site_left(
     from fabric.endpoint.deployments import DeploymentManager
     from fabric.sites import load_site
 
-    folder = write_site(tmp_path / "s", workers=1, model_dir=tiny_llama_dir)
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
-    transport = LocalTransport(site=str(folder))
-    try:
-        transport.submit(functions.run_request, {
-            "model": TINY_MODEL, "prompt": "The cell",
-            "sampling": {"max_tokens": 2}}).result(timeout=300)
-    finally:
-        transport.close()
-    servers = str(folder / "state" / "servers")
+    folder, servers = _site_with_a_server(tmp_path / "s", tiny_llama_dir, monkeypatch)
     try:
         assert main(["endpoint", "stop", "--site", str(folder)]) == 0
         capsys.readouterr()
@@ -451,6 +458,7 @@ def test_stop_all_stops_the_servers_a_stopped_site_left(
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # a site and a model server (~20 s)
 def test_stop_all_of_a_wedged_site_still_stops_its_servers(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         tiny_llama_dir: Path) -> None:
@@ -459,16 +467,7 @@ def test_stop_all_of_a_wedged_site_still_stops_its_servers(
     running with "site stopped" printed."""
     from fabric.cli.endpoint import main
 
-    folder = write_site(tmp_path / "w", workers=1, model_dir=tiny_llama_dir)
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
-    transport = LocalTransport(site=str(folder))
-    try:
-        transport.submit(functions.run_request, {
-            "model": TINY_MODEL, "prompt": "The cell",
-            "sampling": {"max_tokens": 2}}).result(timeout=300)
-    finally:
-        transport.close()
-    servers = str(folder / "state" / "servers")
+    folder, servers = _site_with_a_server(tmp_path / "w", tiny_llama_dir, monkeypatch)
     info = read_info(folder / "state")
     assert info is not None and _processes_mentioning(servers)
     try:
