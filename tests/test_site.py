@@ -607,7 +607,9 @@ def test_a_site_whose_interchange_died_answers_and_restarts(
             running.result(timeout=60)
         assert lost.value.retryable and time.monotonic() - t0 < 30
         assert _wait_for(lambda: read_info(folder / "state") is None, 60), "site still up"
-        assert _wait_for(lambda: not _processes_mentioning(str(folder / "state")), 30)
+        left = str(folder / "state")
+        assert _wait_for(lambda: not _processes_mentioning(left), 60), [
+            Path(f"/proc/{pid}/cmdline").read_bytes()[:300] for pid in _processes_mentioning(left)]
         assert isinstance(transport.submit(worker_pid).result(timeout=180), int)
         again = read_info(folder / "state")
         assert again is not None and again["pid"] != info["pid"]

@@ -174,6 +174,10 @@ class PoolWatch:
             self.executor.set_bad_state_and_fail_all(CouldNotExecuteUserTaskError(
                 f"the site's Parsl interchange exited (code {proc.returncode}); the site "
                 "restarts on the next call: retry"))
+            # Its pools would wait out their heartbeat threshold for an interchange that is
+            # gone, and the site's stop has no interchange to ask them to leave: end them.
+            for pool in self._scan():
+                kill_pool(pool)
             if self.on_lost is not None:
                 self.on_lost()
         return False
