@@ -14,6 +14,7 @@ import msgpack
 import pytest
 
 from fabric.wire import framing
+from tests.plugins.ci import cannot_run
 from tests.plugins.peers import HUNG_UP, NOBODY, connect_as_nobody
 
 
@@ -84,7 +85,7 @@ def test_peer_uid_is_the_connecting_user(tmp_path: Path) -> None:
     a.close()
     b.close()
     if os.geteuid() != 0:
-        pytest.skip("connecting as another user needs root")
+        cannot_run("connecting as another user needs root")
     path = str(tmp_path / "s")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(path)

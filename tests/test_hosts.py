@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import zmq
 
-from fabric import env, tickets
+from fabric import tickets
 from fabric.endpoint.jobs import JobLauncher
 from fabric.engine.launch import prepare_server_launch
 from fabric.errors import ModelServerUnavailable
@@ -34,6 +34,7 @@ from fabric.protocol import InferenceRequest
 from fabric.serverclient import ServerClient
 from fabric.sites import JobsConfig, NetworkConfig, Plan, ServerConfig, TypedSpec
 from fabric.weights import prepare
+from tests.plugins.ci import cannot_run
 from tests.plugins.models import tiny_entry
 from tests.plugins.servers import hf_greedy
 
@@ -66,9 +67,7 @@ def _ip(*args: str) -> None:
 def netns() -> Iterator[Namespace]:
     """One namespace at 198.18.0.2/24, the host at 198.18.0.1/24; deleted afterwards."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
-        if (env.CI.get() or "").lower() == "true":
-            pytest.fail("CI=true: network namespaces need root and ip(8)", pytrace=False)
-        pytest.skip("network namespaces need root and ip(8)")
+        cannot_run("network namespaces need root and ip(8)")
     tag = f"{os.getpid() % 100000}"
     ns, host_if, node_if = f"fabric-node-{tag}", f"fab{tag}h", f"fab{tag}n"
     try:

@@ -31,6 +31,7 @@ from fabric.errors import (
     UserFunctionError,
 )
 from fabric.wire import framing, gcwire
+from tests.plugins.ci import cannot_run
 from tests.plugins.peers import HUNG_UP, NOBODY, connect_as_nobody
 from tests.plugins.site import TINY_MODEL, LocalSite, wait_until, write_site
 
@@ -194,7 +195,7 @@ def test_a_connection_from_another_user_is_closed(local_site: LocalSite,
     made as ``nobody``, reaching the private socket as root would) is closed before any
     message, and logged; the site keeps serving its user."""
     if os.geteuid() != 0:
-        pytest.skip("connecting as another user needs root")
+        cannot_run("connecting as another user needs root")
     assert connect_as_nobody(local_site.info["socket"]) == HUNG_UP
     log = local_site.state_dir / "logs" / "site.log"
     wait_until(lambda: f"refused a connection from uid {NOBODY}" in log.read_text(), 30,

@@ -30,6 +30,7 @@ import pytest
 
 from fabric.endpoint import userchild
 from fabric.endpoint.userchild import SparePool
+from tests.plugins.ci import cannot_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_S = 60.0
@@ -278,7 +279,7 @@ def test_run_as_applies_to_the_spare(pool: SparePool, tmp_path: Path) -> None:
     try:
         nobody = pwd.getpwnam("nobody")
     except KeyError:
-        pytest.skip("no user 'nobody'")
+        cannot_run("no user 'nobody'")
     ctx = _ctx(tmp_path, user_functions={"run_as": "nobody"})
     try:
         usable = subprocess.run(
@@ -288,7 +289,7 @@ def test_run_as_applies_to_the_spare(pool: SparePool, tmp_path: Path) -> None:
     except OSError:
         usable = False
     if not usable:
-        pytest.skip("user 'nobody' cannot run this interpreter or read this checkout")
+        cannot_run("user 'nobody' cannot run this interpreter or read this checkout")
     first = _call(ctx, probe)
     spare = pool.wait_spare(STARTUP_S)
     second = _call(ctx, probe)
