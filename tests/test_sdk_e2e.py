@@ -59,6 +59,10 @@ def generate_with_handle(handle: Any, prompt: str, max_tokens: int) -> dict[str,
     return {"text": result.text, "token_ids": result.token_ids, "model": handle.model}
 
 
+def generate_tops(handle: Any, prompt: str) -> Any:
+    return handle.generate(prompt, max_tokens=3, top_logprobs=2).top_logprobs
+
+
 def failing_function(handle: Any, value: int) -> None:
     """Raises, so the traceback must come back to the caller."""
     ratio = value / 0
@@ -213,6 +217,13 @@ def test_submit_uses_the_handle(fab: Fabric) -> None:
     future = fab.submit(generate_with_handle, PROMPT, 6, model=TINY_MODEL)
     value = future.result(timeout=300)
     assert value == {"text": direct.text, "token_ids": direct.token_ids, "model": TINY_MODEL}
+
+
+def test_the_handle_gives_top_logprobs_as_the_sdk_does(fab: Fabric) -> None:
+    want = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=3, top_logprobs=2).top_logprobs
+    got = fab.submit(generate_tops, PROMPT, model=TINY_MODEL).result(timeout=300)
+    assert want is not None and len(want) == 3 and all(len(top) == 2 for top in want)
+    assert [[tuple(pair) for pair in top] for top in got] == want
 
 
 def test_submit_error_brings_the_traceback_back(fab: Fabric) -> None:

@@ -49,15 +49,18 @@ class ModelHandle:
     def generate(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                  max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (),
-                 logprobs: bool = False, hooks: list[dict[str, Any]] | None = None) -> Any:
-        """Generate text (a ``GenerationResult`` with ``.text``, ``.token_ids``...)."""
+                 logprobs: bool = False, hooks: list[dict[str, Any]] | None = None,
+                 top_logprobs: int = 0) -> Any:
+        """Generate text (a ``GenerationResult`` with ``.text``, ``.token_ids``...);
+        ``top_logprobs=k``: each position's k most likely tokens too."""
         from fabric.protocol import GenerationResult
 
         result = self.request({
             "kind": "generate", "prompt": prompt, "messages": messages,
             "sampling": {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
                          "top_k": top_k, "seed": seed, "stop": list(stop),
-                         "logprobs": logprobs},
+                         "logprobs": logprobs or bool(top_logprobs),
+                         "top_logprobs": top_logprobs},
             "hooks": hooks or [],
         })
         return GenerationResult.model_validate(result)
