@@ -137,6 +137,7 @@ class PoolWatch:
         """The engine's Parsl executor, once started (its interchange is checked)."""
         self.on_lost: Any = None
         """Called once the interchange has exited (the site stops)."""
+        self._lost_lock = threading.Lock()  # this loop and a submission may both see it go
         self.run_dir = Path(run_dir)
         self.log_cap_bytes = log_cap_bytes
         self.helpers: dict[int, int] = {}
@@ -166,21 +167,27 @@ class PoolWatch:
         proc = getattr(self.executor, "interchange_proc", None)
         if proc is None or proc.poll() is None:
             return True
-        if not self.executor.bad_state_is_set:
-            from globus_compute_endpoint.exceptions import CouldNotExecuteUserTaskError
-
-            log.error("the Parsl interchange (pid %d) exited with code %s: the site stops "
-                      "(its next call starts a new one)", proc.pid, proc.returncode)
-            self.executor.set_bad_state_and_fail_all(CouldNotExecuteUserTaskError(
-                f"the site's Parsl interchange exited (code {proc.returncode}); the site "
-                "restarts on the next call: retry"))
-            # Its pools would wait out their heartbeat threshold for an interchange that is
-            # gone, and the site's stop has no interchange to ask them to leave: end them.
-            for pool in self._scan():
-                kill_pool(pool)
-            if self.on_lost is not None:
-                self.on_lost()
+        with self._lost_lock:
+            self._interchange_lost(proc)
         return False
+
+    def _interchange_lost(self, proc: Any) -> None:
+        """Fail the executor, end its pools and tell the site, once."""
+        if self.executor.bad_state_is_set:
+            return
+        from globus_compute_endpoint.exceptions import CouldNotExecuteUserTaskError
+
+        log.error("the Parsl interchange (pid %d) exited with code %s: the site stops "
+                  "(its next call starts a new one)", proc.pid, proc.returncode)
+        self.executor.set_bad_state_and_fail_all(CouldNotExecuteUserTaskError(
+            f"the site's Parsl interchange exited (code {proc.returncode}); the site "
+            "restarts on the next call: retry"))
+        # Its pools would wait out their heartbeat threshold for an interchange that is
+        # gone, and the site's stop has no interchange to ask them to leave: end them.
+        for pool in self._scan():
+            kill_pool(pool)
+        if self.on_lost is not None:
+            self.on_lost()
 
     def _scan(self) -> dict[int, set[int]]:
         """One pass over ``/proc``: each live worker pool of this site -> its children started
