@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         proc.serve_forever()
     finally:
         proc.shutdown()
+    if not proc.engine_stopped:
+        # Its stuck threads (and the atexit hooks joining them) would keep the process alive
+        # for ever; the watchdog reaps what the engine left once this pid is gone.
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

@@ -315,6 +315,33 @@ def _listener_inodes() -> set[str]:
     return out
 
 
+ENGINE_STOP_S = 30.0
+"""How long the site waits for its engine's shutdown before it exits without it."""
+
+
+def stop_engine(engine: Any, timeout_s: float = ENGINE_STOP_S) -> bool:
+    """``engine.shutdown()``, waited for at most ``timeout_s``; False if it did not return.
+    After its interchange died, Parsl's block-status thread can be stuck for ever in a ZMQ
+    send to it, and the shutdown joins that thread: the site would hang in its stop (CI saw
+    it, its ``endpoint.json`` already gone). The caller then exits without waiting for it."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            engine.shutdown()
+        except Exception:
+            log.exception("engine shutdown failed")
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name="site-engine-stop").start()
+    if done.wait(timeout_s):
+        return True
+    log.error("the engine did not shut down within %.0f s (a thread waits on the dead "
+              "interchange): exiting without it", timeout_s)
+    return False
+
+
 def kill_pool(pool: int) -> None:
     """SIGKILL the pool's process group (the block: wrapper shells, pool, workers) at once, so
     no wrapper lives to record an exit code; where that group is not the block's own or holds a

@@ -135,6 +135,8 @@ class SiteProcess:
         self._spare_fd = -1
         """Held open so an EMFILE accept can still take the connection (and close it)."""
         self.watchdog: Any = None
+        self.engine_stopped = True
+        """False when the engine's shutdown hung: the process must exit without its threads."""
         self.pools = poolwatch.PoolWatch(self.state_dir / "engine")
         """The worker pools' health check and Parsl's log cap (run in a background thread)."""
         self.context = SiteContext(site, self.state_dir)
@@ -238,10 +240,7 @@ class SiteProcess:
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / INFO_FILE).unlink()
         if self.engine is not None:
-            try:
-                self.engine.shutdown()
-            except Exception:
-                log.exception("engine shutdown failed")
+            self.engine_stopped = poolwatch.stop_engine(self.engine)
         self._control.shutdown(wait=False, cancel_futures=True)
         for key in list(self._selector.get_map().values()):
             if isinstance(key.data, Conn):

@@ -264,3 +264,34 @@ print("last stray", file=sys.stderr, flush=True)
     assert all(p.stat().st_size <= 20_000 + 200 for p in logs), [p.stat().st_size for p in logs]
     current = (tmp_path / "state" / "logs" / "site.log").read_text()
     assert "last stray" in current and "line 2999" in current
+
+
+def test_a_hung_engine_shutdown_is_not_waited_for_ever() -> None:
+    """After its interchange died, Parsl's block-status thread can block for ever in a ZMQ
+    send, and the engine's shutdown joins it (the site hung in its stop once in CI). The site
+    waits a bounded time, then exits without it; a shutdown that returns or raises is fine."""
+    import threading
+    import time as clock
+
+    from fabric.endpoint.poolwatch import stop_engine
+
+    release = threading.Event()
+
+    class Hung:
+        def shutdown(self) -> None:
+            release.wait(30)
+
+    class Quick:
+        def shutdown(self) -> None:
+            pass
+
+    class Broken:
+        def shutdown(self) -> None:
+            raise RuntimeError("half torn down")
+
+    t0 = clock.monotonic()
+    assert stop_engine(Hung(), timeout_s=0.3) is False
+    assert clock.monotonic() - t0 < 5
+    release.set()
+    assert stop_engine(Quick(), timeout_s=5) is True
+    assert stop_engine(Broken(), timeout_s=5) is True
