@@ -329,3 +329,41 @@ def test_a_site_that_dies_mid_stream_fails_the_stream_typed(
     hold = 10.0  # fabric.client.poller.WAIT_S
     assert waited < hold + 5.0 + 30, waited
     report(globus_offline, site_lost_after_s=waited)
+
+
+def _beat_every_5s(ep_dir: Path) -> None:
+    """The endpoint manager's heartbeat every 5 s (its least), not 30: the fake then reports
+    it offline 12.5 s after its last one."""
+    with (ep_dir / "config.yaml").open("a") as fh:
+        fh.write("\nheartbeat_period: 5\n")
+
+
+def test_a_call_to_a_site_whose_endpoint_died_fails_typed_before_admission(
+        globus_offline: OfflineGlobus, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A site's endpoint dies before a call is admitted. Its admission task is accepted by
+    the service and nothing runs it, and no request is open for the long-poll to notice.
+    The call must end with a retryable ``EndpointError`` once Globus Compute reports the
+    endpoint offline (its heartbeats stopped), with no ``on_status`` and no ``timeout``,
+    not wait for ever; while the endpoint beats, it is reported online."""
+    from fabric import Fabric
+
+    site = write_globus_site(tmp_path / "site", tiny_llama_dir, globus_offline.function_ids,
+                             name="gc-gone")
+    with globus_offline.endpoint(site, tmp_path / "gc", "gc-gone", edit=_beat_every_5s) as gone:
+        assert gone.daemon is not None
+        t = gone.transport(tmp_path / "home")
+        t.offline_check_s = 2.0
+        deadline = time.monotonic() + 20  # its first heartbeat follows its registration
+        while t.endpoint_status() != "online" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert t.endpoint_status() == "online"
+        gone.daemon.kill()
+        with Fabric(site=str(gone.site_dir), transport=t, on_status=None) as fab:
+            t0 = time.monotonic()
+            with pytest.raises(EndpointError, match="reports its endpoint offline") as lost:
+                fab.generate("The mitochondria is", model=TINY_MODEL, max_tokens=4)
+            waited = time.monotonic() - t0
+        assert t.endpoint_status() == "offline"
+    assert lost.value.retryable
+    assert waited < 12.5 + 2 * 2.0 + 10, waited  # offline, two checks, slack
+    report(globus_offline, offline_call_failed_after_s=waited)

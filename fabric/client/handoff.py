@@ -25,6 +25,7 @@ from typing import Any
 from fabric.catalog import HASH_PREFIX_MIN
 from fabric.client.admission import Admissions
 from fabric.client.direct import DirectResults
+from fabric.client.liveness import EndpointLiveness
 from fabric.client.poller import LOST_AFTER_S, Poller
 from fabric.client.status import StatusCallback
 from fabric.client.transport import Transport
@@ -157,23 +158,34 @@ class RequestPath:
         """``future.result()``, reporting the deployment's state to ``on_status`` while slow.
 
         Status is asked for only once the call has waited a while, one query at a time, and
-        no more once the server is ready, so warm calls cost nothing extra. A server found
+        no more once the server is ready, so warm calls cost nothing extra. At a site behind
+        Globus Compute a wait that goes on also watches the endpoint's heartbeat
+        (``fabric.client.liveness``), with or without ``on_status``: a dead endpoint's
+        call ends with a retryable ``EndpointError`` instead of waiting for ever. A server found
         ready at once is not reported (a call that is merely slow has nothing to explain);
         "ready" after a reported cold start is.
         """
-        if self.on_status is None:
+        liveness = self._liveness()
+        if self.on_status is None and liveness is None:
             return future.result()
         status_future: Future[Any] | None = None
         reported = False
-        next_query = time.monotonic() + min(1.0, self.status_interval_s)
+        # No deployment status is asked for without ``on_status`` to tell it to.
+        next_query = time.monotonic() + (min(1.0, self.status_interval_s)
+                                         if self.on_status is not None else float("inf"))
         while True:
             waiting: list[Future[Any]] = [future]
             if status_future is not None:
                 waiting.append(status_future)
-            timeout = max(0.05, next_query - time.monotonic())
-            cf.wait(waiting, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+            wake = min(next_query, liveness.next_at if liveness else next_query)
+            cf.wait(waiting, timeout=max(0.05, wake - time.monotonic()),
+                    return_when=cf.FIRST_COMPLETED)
             if future.done():
                 return future.result()
+            if liveness is not None:
+                # Raises at a dead endpoint. The task already sent stays queued at the
+                # service: should the endpoint come back, it runs, and its answer is dropped.
+                liveness.check_due()
             if status_future is not None and status_future.done():
                 done, status_future = status_future, None
                 try:
@@ -181,7 +193,7 @@ class RequestPath:
                 except FabricError as exc:
                     log.debug("deployment status query failed: %s", exc)
                     status = {}
-                if status and (reported or status.get("state") != "ready"):
+                if self.on_status and status and (reported or status.get("state") != "ready"):
                     self.on_status({"model": model, **status})
                     reported = True
                 if status.get("state") == "ready":
@@ -189,6 +201,16 @@ class RequestPath:
                 next_query = time.monotonic() + self.status_interval_s
             if status_future is None and time.monotonic() >= next_query:
                 status_future = self.query_status(model, version)
+
+    def _liveness(self) -> EndpointLiveness | None:
+        """A watch of the endpoint's heartbeat for a site behind Globus Compute (its
+        transport reports one: ``endpoint_status``); None elsewhere."""
+        transport = self._transport()
+        status = getattr(transport, "endpoint_status", None)
+        if not callable(status):
+            return None
+        return EndpointLiveness(status, float(getattr(transport, "offline_check_s", 30.0)),
+                                transport.site)
 
     def query_status(self, model: str, version: str | None) -> Future[Any]:
         """The deployment's state, as a future.

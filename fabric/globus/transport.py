@@ -93,6 +93,11 @@ class GlobusTransport:
     fail with ``EndpointError`` (``fabric.client.poller``): Globus Compute keeps accepting
     tasks for an endpoint that died, so without a bound its streams would wait for ever."""
 
+    offline_check_s = 30.0
+    """How long a call waits on the site before it asks Globus Compute whether the endpoint
+    is up, and how often after (``fabric.client.liveness``): its heartbeat comes every 30 s by
+    default, and the service says ``offline`` once it stops."""
+
     admission_window_s = 0.02
     """How long a client's first queued admission waits for others (``fabric.client.admission``):
     a burst of streams opened together goes as one task (one submission, one request worker
@@ -221,6 +226,16 @@ class GlobusTransport:
                 self._remember_group()
                 self._executor = None
         return self.executor.submit_to_registered_function(function_id, args, kwargs)
+
+    def endpoint_status(self) -> str | None:
+        """What Globus Compute says of the site's endpoint from its heartbeats (``online``,
+        ``offline``), or None when it could not be asked (the call's wait goes on)."""
+        try:
+            answer = self.executor.client.get_endpoint_status(self.config.endpoint_id)
+            return str(answer.get("status") or "") or None
+        except Exception as exc:  # a status is advice: no answer must not fail the call
+            log.debug("endpoint status of %s: %s", self.site, exc)
+            return None
 
     def recover(self) -> list[Future[Any]]:
         """Results of every task in this site's saved task group (after a client restart)."""

@@ -57,6 +57,8 @@ def bearer_for(identity_id: str) -> str:
 RESULTS_EXCHANGE = "fake.results"
 HEARTBEAT_EXCHANGE = "fake.heartbeats"
 TASK_GROUP_PREFIX = "tg."
+OFFLINE_AFTER_PERIODS = 2.5
+"""Heartbeat periods without one after which the fake reports an endpoint offline."""
 
 
 @dataclass
@@ -100,6 +102,9 @@ class FakeComputeService:
         self.fail_submits: list[tuple[int, str]] = []
         """``(HTTP status, code)`` answers for the next submissions, in order (tests of how
         the client maps the service's 401/403/429)."""
+        self.heartbeats: dict[str, tuple[float, float]] = {}
+        """endpoint id -> (when its last heartbeat came, its ``heartbeat_period``; 0: it said
+        it is shutting down), from the ``EPStatusReport`` each endpoint publishes."""
         self.enforce_allowed_functions = True
         """Refuse a function outside an endpoint's ``allowed_functions`` at submission, as
         the service does; off, the task reaches the endpoint, which refuses it itself."""
@@ -203,10 +208,32 @@ class FakeComputeService:
             ch.basic_publish("", TASK_GROUP_PREFIX + task.group, body)
 
         chan.basic_consume(RESULTS_EXCHANGE, on_result, auto_ack=True)
-        chan.basic_consume(HEARTBEAT_EXCHANGE, lambda *a: None, auto_ack=True)
+        chan.basic_consume(HEARTBEAT_EXCHANGE, self._on_heartbeat, auto_ack=True)
         while not self._stop.is_set():
             conn.process_data_events(time_limit=0.2)
         conn.close()
+
+    def _on_heartbeat(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
+        from globus_compute_common import messagepack
+
+        try:
+            report = messagepack.unpack(body)
+            period = float((getattr(report, "global_state", None) or {})
+                           .get("heartbeat_period", 30.0))
+            self.heartbeats[str(getattr(report, "endpoint_id", ""))] = (time.monotonic(), period)
+        except Exception:
+            log.exception("unreadable heartbeat")
+
+    def endpoint_status(self, endpoint_id: str) -> dict[str, Any] | None:
+        """What ``GET /v2/endpoints/{id}/status`` answers: ``online`` while the endpoint's
+        heartbeats come, ``offline`` once ``OFFLINE_AFTER_PERIODS`` of its periods passed
+        without one, after it said it is shutting down, or before its first. How long the real
+        service waits is not documented: this is the fake's choice."""
+        if endpoint_id not in self.endpoints:
+            return None
+        when, period = self.heartbeats.get(endpoint_id, (0.0, 0.0))
+        alive = period > 0 and time.monotonic() - when <= OFFLINE_AFTER_PERIODS * period
+        return {"status": "online" if alive else "offline", "details": {}}
 
     def _queue_info(self, exchange: str) -> dict[str, Any]:
         return {"connection_url": self.amqp_url, "exchange": exchange, "queue": exchange,
@@ -418,6 +445,7 @@ class FakeComputeService:
             (r"/v3/endpoints", "POST", ok(self.register_endpoint)),
             (r"/v3/endpoints/([^/]+)", "PUT", ok(lambda b, e: self.register_endpoint(b, e))),
             (r"/v3/functions", "POST", ok(new_function)),
+            (r"/v2/endpoints/([^/]+)/status", "GET", ok(lambda b, e: self.endpoint_status(e))),
             (r"/v3/endpoints/([^/]+)/submit", "POST", self.submit),
             (r"/v2/get_amqp_result_connection_url", "GET", ok(lambda b: {
                 "connection_url": self.amqp_url, "queue_prefix": TASK_GROUP_PREFIX})),
