@@ -418,3 +418,39 @@ def test_pieces_of_one_stream_and_of_several() -> None:
     assert sorted(got, key=lambda p: (p[0], p[1] is None)) == [
         (0, "x", [1]), (0, "y", [1]), (0, None, []), (1, "z", [1]), (1, None, [])]
     assert (a.closed, b.closed) == (1, 1)
+
+
+@pytest.mark.parametrize(("size", "where"), [(1000, "loop"), ((1 << 20) + 1000, "thread")])
+def test_a_large_body_is_parsed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch, size: int,
+                                                   where: str) -> None:
+    """A body of megabytes takes seconds to validate: it must not stall every other caller's
+    stream on the event loop they share, while a small one is not worth a thread."""
+    import asyncio
+
+    from pydantic import BaseModel, field_validator
+
+    from fabric.gateway import routes
+
+    seen: list[str] = []
+
+    class Probe(BaseModel):
+        data: str
+
+        @field_validator("data")
+        @classmethod
+        def where_parsed(cls, value: str) -> str:
+            try:
+                asyncio.get_running_loop()
+                seen.append("loop")
+            except RuntimeError:
+                seen.append("thread")
+            return value
+
+    body = json.dumps({"data": "x" * size}).encode()
+
+    async def read(request: Any) -> bytes:
+        return body
+
+    monkeypatch.setattr(routes, "read_body", read)
+    parsed = asyncio.run(routes.parse_body(None, Probe))  # type: ignore[arg-type]
+    assert len(parsed.data) == size and seen == [where]
