@@ -191,6 +191,25 @@ def test_site_serves_a_registered_model_pinned_by_version_and_hash(
         registry.remove("byo-tiny")
 
 
+def test_deploy_of_a_server_that_dies_at_load_says_why(
+        local_site: LocalSite, model_copy: Path) -> None:
+    """``fab.deploy`` (and ``fabric deploy``) waits for its server: one that dies while it
+    loads (here: its weights changed after they were registered) must end the wait with the
+    server's reason, not read "absent" until a timeout (or for ever without one)."""
+    registry = ModelRegistry(local_site.state_dir)
+    registry.add(model_copy, "byo-dies", "v1")
+    later = time.time() + 5
+    os.utime(next(model_copy.glob("*.safetensors")), (later, later))
+    try:
+        with Fabric(transport=local_site.transport(), on_status=None) as fab:
+            t0 = time.monotonic()
+            with pytest.raises(DeploymentError, match="changed since they were registered"):
+                fab.deploy("byo-dies", version="v1", timeout=240)
+            assert time.monotonic() - t0 < 200
+    finally:
+        registry.remove("byo-dies")
+
+
 def test_served_unregistered_models_pin_by_hash_from_their_manifest(
         model_copy: Path, tmp_path: Path) -> None:
     site = load_site(str(write_site(tmp_path / "site", model_dir=model_copy)))

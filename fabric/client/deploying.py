@@ -84,6 +84,9 @@ class Deployments:
 
         deadline = None if timeout is None else time.monotonic() + timeout
         status = first or {}
+        # Follow the deployment ``deploy`` launched: once dead it is no longer the model's
+        # live one, and the model's state alone would read "absent" for ever.
+        launched = status.get("id")
         while True:
             state = status.get("state")
             if state == "ready":
@@ -104,7 +107,7 @@ class Deployments:
             if status:
                 time.sleep(self.status_interval_s)
             status = dict(self.transport.submit(
-                deployment_status, model, version, plan, self.auth).result())
+                deployment_status, model, version, plan, self.auth, launched).result())
 
     def deployments(self) -> list[dict[str, Any]]:
         """The site's deployments: id, model, plan, job id, state, address, idle time (for a

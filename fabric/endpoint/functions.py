@@ -159,12 +159,19 @@ def cancel_request(model: str, request_id: str, ticket: str, auth: Any = None) -
 
 @endpoint_function("model")
 def deployment_status(model: str, version: str | None = None,
-                      plan: dict[str, Any] | None = None, auth: Any = None) -> dict[str, Any]:
-    """Non-blocking: state (absent/queued/loading/ready/dead), queue position, message."""
+                      plan: dict[str, Any] | None = None, auth: Any = None,
+                      deployment: str | None = None) -> dict[str, Any]:
+    """Non-blocking: state (absent/queued/loading/ready/dead), queue position, message.
+    ``deployment``: that deployment's own state (one ``deploy`` launched), dead included:
+    a dead one is no longer live, and the model's state would then read ``absent``."""
     ctx = current()
     ctx.authorize(auth, model, count=False)  # a follow-up, not a new request
     entry = ctx.entry(model, version)
-    return dict(ctx.manager.status(entry, ctx.plan(entry, plan)))
+    mgr = ctx.manager
+    dep = mgr.db.get(deployment) if deployment else None
+    if dep is not None and dep.model == entry.name:
+        return dict(mgr.describe(mgr.refresh(dep)))
+    return dict(mgr.status(entry, ctx.plan(entry, plan)))
 
 
 @endpoint_function("admin")

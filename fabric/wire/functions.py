@@ -118,7 +118,7 @@ cancel_request = _fn(FUNCTIONS_MODULE, "cancel_request", "model", "request_id", 
 run_user_function = _fn(FUNCTIONS_MODULE, "run_user_function", "call", "model", "auth", "version",
                         runs_code=True)
 deployment_status = _fn(FUNCTIONS_MODULE, "deployment_status", "model", "version", "plan",
-                        "auth")
+                        "auth", "deployment")
 deploy = _fn(FUNCTIONS_MODULE, "deploy", "model", "plan", "auth", "version")
 undeploy = _fn(FUNCTIONS_MODULE, "undeploy", "deployment_id", "auth")
 list_deployments = _fn(FUNCTIONS_MODULE, "list_deployments", "auth", "include_dead")
