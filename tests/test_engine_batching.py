@@ -112,11 +112,16 @@ def test_same_seed_same_output(server: ServerHandle) -> None:
     assert again["token_ids"] == out[0]
 
 
-def test_stop_strings_end_text_before_the_stop(server: ServerHandle) -> None:
+def test_stop_strings_end_text_before_the_stop(server: ServerHandle,
+                                               tiny_llama_dir: Path) -> None:
+    from tests.plugins.servers import hf_tokenizer
+
+    tok = hf_tokenizer(tiny_llama_dir)
     prompts = ["The quick brown", "Proteins fold", "The mitochondria is the"]
+    scored = {"logprobs": True, "top_logprobs": 2}
     checked = 0
     for prompt in prompts:
-        free = server.run(prompt=prompt, sampling={"max_tokens": 24})
+        free = server.run(prompt=prompt, sampling={"max_tokens": 24, **scored})
         text = free["text"]
         # A stop string taken from the free-running text, a few characters in.
         for start in range(3, len(text) - 2):
@@ -125,11 +130,21 @@ def test_stop_strings_end_text_before_the_stop(server: ServerHandle) -> None:
                 break
         else:
             continue
-        res = server.run(prompt=prompt, sampling={"max_tokens": 24, "stop": [stop, "@@@@"]})
+        res = server.run(prompt=prompt, sampling={"max_tokens": 24, "stop": [stop, "@@@@"],
+                                                  **scored})
         assert res["finish_reason"] == "stop"
         assert res["text"] == text[:start]
         assert stop not in res["text"]
-        assert res["token_ids"] == free["token_ids"][:len(res["token_ids"])]
+        kept = len(res["token_ids"])
+        assert res["token_ids"] == free["token_ids"][:kept]
+        # The tokens (and their scores) are those of the returned text, not of the stop
+        # string after it: the fewest whose decoding covers the text.
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+        assert decode(res["token_ids"]).startswith(res["text"])
+        assert kept == 0 or len(decode(res["token_ids"][:-1])) < len(res["text"])
+        assert res["logprobs"] == free["logprobs"][:kept]
+        assert res["top_logprobs"] == free["top_logprobs"][:kept]
+        assert res["usage"]["completion_tokens"] >= kept  # the stop string's count too
         # Streaming: the events never leak any part of the stop string.
         client = server.client()
         req = server.request(prompt=prompt, sampling={"max_tokens": 24, "stop": [stop]})

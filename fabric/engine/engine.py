@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
-from fabric.engine.result_maps import accumulate, build
+from fabric.engine.result_maps import accumulate, build, keep_returned
 from fabric.engine.scheduler import Limits, Scheduler, internal_error
 from fabric.engine.sequence import Sequence
 from fabric.engine.stats import EngineStats
@@ -292,6 +292,15 @@ class Engine:
             return text[:min(cut)], True
         return text, False
 
+    def _tokens_of(self, seq: Sequence, text: str) -> int:
+        """How many generated tokens ``text`` (the output cut at a stop string) is made of:
+        the fewest whose decoding covers it. The stop string's own tokens come after."""
+        keep = len(seq.generated)
+        while keep > 0 and len(self.tok.decode(seq.generated[:keep - 1],
+                                               skip_special_tokens=True)) >= len(text):
+            keep -= 1
+        return keep
+
     def _safe_prefix(self, seq: Sequence, text: str) -> str:
         """Text that can no longer change: hold back a partial character or stop string."""
         hold = max((len(s) - 1 for s in seq.request.sampling.stop), default=0)
@@ -307,6 +316,8 @@ class Engine:
             return
         text, _ = self._text(seq) if seq.generates else ("", False)
         result = build(seq, reason or "length", self.identity, text, self.n_layers)
+        if reason == "stop":
+            keep_returned(result, self._tokens_of(seq, text))
         if seq.request.kind == "logprobs":  # the client may not have the tokenizer
             result["tokens"] = [self.tok.decode([t]) for t in result["token_ids"]]
         if seq.stream and seq.generates and text[len(seq.text_sent):]:

@@ -76,6 +76,15 @@ def build(seq: Sequence, reason: str, identity: dict[str, Any], text: str,
     return base
 
 
+def keep_returned(result: dict[str, Any], keep: int) -> None:
+    """After a stop string: ``token_ids``, ``logprobs`` and ``top_logprobs`` describe the
+    returned text, its first ``keep`` tokens, as OpenAI scores only what it returns (summing
+    the logprobs then scores that text). ``usage`` still counts every token generated."""
+    for key in ("token_ids", "logprobs", "top_logprobs"):
+        if result.get(key) is not None:
+            result[key] = result[key][:keep]
+
+
 def _keyed(captures: dict[int, Any], asked: list[int], n: int) -> dict[str, Any]:
     """Each asked layer's capture under the number the caller used (-1, not ``n``; two
     numbers naming one layer, such as -1 and ``n``, each get it), then any other capture (a
