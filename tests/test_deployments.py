@@ -329,3 +329,54 @@ def test_status_and_undeploy(site_transport: LocalTransport, local_site: LocalSi
     assert gone["state"] == "dead" and gone["reason"] == "undeployed"
     assert _pid_gone(pid)
     assert target not in {d["id"] for d in live(site_transport)}
+
+
+def _accounted_run(mgr: DeploymentManager, dep: Any, subject: str) -> dict[str, Any]:
+    """One request on ``dep``'s server with an accounting ticket, as ``open_stream`` issues
+    them: the server tallies its tokens for the site to collect."""
+    from fabric import tickets
+    from fabric.protocol import InferenceRequest
+    from fabric.serverclient import ServerClient
+
+    req = InferenceRequest(model=TINY_MODEL, prompt="The cell is",
+                           sampling={"max_tokens": 7, "temperature": 0.0})
+    ticket = tickets.issue(mgr.ticket_key(), model=TINY_MODEL, subject=subject, account=True)
+    with ServerClient(dep.address, dep.public_key) as client:
+        client.submit(req, ticket)
+        return client.result(req.request_id, 120)
+
+
+def _tokens_of(mgr: DeploymentManager, subject: str) -> int:
+    from fabric.endpoint import policy
+
+    return sum(int(r["tokens"]) for r in policy.usage(mgr.state_dir)
+               if r["identity"] == subject)
+
+
+@pytest.mark.slow  # launches a model server (~10 s)
+def test_undeploy_records_the_tokens_its_server_had_not_handed_over(
+        manager: DeploymentManager) -> None:
+    """A request finished, the site had not collected its tokens yet, and the operator
+    undeploys: the tokens are recorded (the server is gone once its job has ended, so they
+    must be taken before, or from its epitaph), not lost."""
+    dep = manager.ensure(_entry(manager))
+    result = _accounted_run(manager, dep, "alice")
+    manager.undeploy(dep.id, drain_wait_s=5.0)
+    usage = result["usage"]
+    assert _tokens_of(manager, "alice") == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+@pytest.mark.slow  # launches a model server (~10 s)
+def test_a_server_that_exits_leaves_its_uncollected_tokens_in_its_epitaph(
+        manager: DeploymentManager) -> None:
+    """A server stopped (SIGTERM, as a scheduler ends a job) before the site collected:
+    its epitaph carries the tokens, recorded once when the site finds it dead."""
+    dep = manager.ensure(_entry(manager))
+    result = _accounted_run(manager, dep, "bob")
+    pid = _server_pid(dep.to_dict())
+    os.kill(pid, signal.SIGTERM)
+    assert _pid_gone(pid)
+    assert manager.refresh(dep).state == "dead"
+    assert manager.refresh(manager.db.get(dep.id) or dep).state == "dead"  # seen again
+    usage = result["usage"]
+    assert _tokens_of(manager, "bob") == usage["prompt_tokens"] + usage["completion_tokens"]

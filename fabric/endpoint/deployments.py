@@ -109,6 +109,7 @@ class DeploymentManager:
         if dep.address and dep.public_key:
             from fabric.serverclient import ServerClient
 
+            self.collect_usage(dep)  # finished streams' tokens, while it surely answers
             ticket = tickets.issue(self.ticket_key(), model=dep.model, admin=True,
                                    subject="operator", ttl_s=60)
             with contextlib.suppress(FabricError), \
@@ -119,7 +120,7 @@ class DeploymentManager:
                 end = time.monotonic() + drain_wait_s
                 while time.monotonic() < end and self._job_alive(dep):
                     time.sleep(0.2)
-            self.collect_usage(dep)  # the last streams' tokens, before the server goes
+            self.collect_usage(dep)  # if it still runs; else its epitaph has them (_mark_dead)
         if dep.job_id:
             with contextlib.suppress(FabricError):
                 self.launcher().cancel(dep.job_id)
@@ -130,7 +131,6 @@ class DeploymentManager:
         tickets: ``fabric.engine.usage_ledger``), against the identity each ticket names;
         ``dep`` alone, or every ready or draining deployment. Returns the entries recorded.
         A server that does not answer keeps its entries for the next collection."""
-        from fabric.endpoint.policy import record_usage
         from fabric.serverclient import ServerClient
 
         deps = [dep] if dep is not None else self.db.query(states=("ready", "draining"))
@@ -145,14 +145,20 @@ class DeploymentManager:
                     entries = c.usage(ticket, HEALTH_TIMEOUT_S)
             except FabricError:
                 continue
-            for e in entries:
-                record_usage(self.state_dir, str(e.get("subject") or ""), d.model,
-                             int(e.get("tokens") or 0), str(e.get("request_id") or ""),
-                             prompt_tokens=int(e.get("prompt_tokens") or 0),
-                             completion_tokens=int(e.get("completion_tokens") or 0),
-                             ts=float(e["ts"]) if e.get("ts") else None)
-                recorded += 1
+            recorded += self._record_usage(d, entries)
         return recorded
+
+    def _record_usage(self, dep: Deployment, entries: list[dict[str, Any]]) -> int:
+        """Record a server's usage entries (``fabric.engine.usage_ledger``) in the usage DB."""
+        from fabric.endpoint.policy import record_usage
+
+        for e in entries:
+            record_usage(self.state_dir, str(e.get("subject") or ""), dep.model,
+                         int(e.get("tokens") or 0), str(e.get("request_id") or ""),
+                         prompt_tokens=int(e.get("prompt_tokens") or 0),
+                         completion_tokens=int(e.get("completion_tokens") or 0),
+                         ts=float(e["ts"]) if e.get("ts") else None)
+        return len(entries)
 
     def list_all(self, include_dead: bool = False) -> list[dict[str, Any]]:
         """Every deployment with live state, idle time, job detail and server health."""
@@ -410,8 +416,14 @@ class DeploymentManager:
         return job is not None and not job.state.terminal and job.state.value != "unknown"
 
     def _mark_dead(self, dep: Deployment, reason: str) -> Deployment:
+        """Record ``dep`` dead, and the usage its server left in its epitaph (once: only
+        the call that finds it not yet dead records it)."""
         if dep.address:
             pings.forget(dep.address)
+        current = self.db.get(dep.id)
+        info = _read_json(Path(dep.info_path)) if dep.info_path else None
+        if current is not None and current.state != "dead" and info and info.get("usage"):
+            self._record_usage(dep, list(info["usage"]))
         return self.db.update(dep.id, state="dead", reason=reason) or dep
 
     def _reap(self, dep: Deployment, reason: str) -> Deployment:

@@ -194,7 +194,10 @@ def _serve_head(cfg: ServerLaunchConfig, info: RankInfo, executor: StepExecutor,
     signal.signal(signal.SIGTERM, lambda *_: setattr(engine, "stop_requested", True))
     why = engine.run(s.idle_timeout_s, lambda: frontend.draining)
     frontend.stop()
-    write_info(cfg, {**head_info, "state": "dead", "reason": why})
+    # Tokens not yet collected by the site (streams that ended since its last collection,
+    # or during a drain) go with the epitaph: the site records them when it reads it.
+    write_info(cfg, {**head_info, "state": "dead", "reason": why,
+                     "usage": frontend.usage.close()})
     return why
 
 

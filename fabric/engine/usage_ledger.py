@@ -76,5 +76,12 @@ class UsageLedger:
         out, self._done = self._done, []
         return out
 
+    def close(self) -> list[dict[str, Any]]:
+        """Every entry, open tallies closed as they stand: what the server leaves in its
+        epitaph when it exits (the site records them, ``DeploymentManager._mark_dead``)."""
+        for request_id in list(self._open):
+            self.finish(request_id)
+        return self.take()
+
     def __len__(self) -> int:
         return len(self._open) + len(self._done)
