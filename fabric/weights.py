@@ -309,6 +309,28 @@ def _check_architecture(entry: CatalogEntry, folder: Path) -> None:
     served_architecture(config, family=entry.family)
 
 
+def check_plan_fits(entry: CatalogEntry, pp: int, tp: int, cache_dir: Path | None = None
+                    ) -> None:
+    """Refuse a plan the model's ``config.json`` (a few bytes, where the folder has one)
+    cannot take: more pipeline stages than layers, more tensor-parallel ranks than key/value
+    heads (``InvalidPlan``). Its ranks would all start, load and then fail; a GGUF entry not
+    converted yet is checked by its server, as before."""
+    from fabric.errors import InvalidPlan
+
+    try:
+        config = json.loads((folder_of(entry, cache_dir) / "config.json").read_text())
+        layers = int(config["num_hidden_layers"])
+        kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if pp > layers:
+        raise InvalidPlan(f"pp={pp} needs 1..{layers} stages: {entry.name} has {layers} "
+                          "layers", pp=pp, layers=layers)
+    if tp > kv:
+        raise InvalidPlan(f"tp={tp} exceeds {entry.name}'s {kv} key/value heads (tp "
+                          f"1..{kv})", tp=tp, kv_heads=kv)
+
+
 def known_identity(entry: CatalogEntry, cache_dir: Path | None = None) -> PreparedWeights | None:
     """The weights' folder, hash and size if already known (recorded at registration or in a
     manifest); ``None`` otherwise. Never hashes or converts: for listings."""

@@ -380,3 +380,21 @@ def test_a_server_that_exits_leaves_its_uncollected_tokens_in_its_epitaph(
     assert manager.refresh(manager.db.get(dep.id) or dep).state == "dead"  # seen again
     usage = result["usage"]
     assert _tokens_of(manager, "bob") == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_a_plan_the_model_cannot_take_is_refused_before_any_rank_starts(
+        local_site: LocalSite) -> None:
+    """pp over the model's layers, tp over its key/value heads: refused by the site, typed,
+    naming the bound, before a job is submitted (each rank would start, load and fail)."""
+    from fabric import Fabric
+    from fabric.errors import InvalidPlan
+
+    with Fabric(transport=local_site.transport(), on_status=None) as fab:
+        before = {d["id"] for d in fab.deployments()}
+        with pytest.raises(InvalidPlan, match=r"pp=99 needs 1\.\.4 stages"):
+            fab.deploy(TINY_MODEL, pp=99, wait=False)
+        with pytest.raises(InvalidPlan, match=r"tp=3 exceeds .* 2 key/value heads"):
+            fab.deploy(TINY_MODEL, tp=3, wait=False)
+        with pytest.raises(InvalidPlan, match="pp=5"):
+            fab.deploy(TINY_MODEL, pp=5, tp=2, wait=False)
+        assert {d["id"] for d in fab.deployments()} == before
