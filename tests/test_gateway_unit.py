@@ -88,6 +88,11 @@ def test_keys_cli(tmp_path: Path) -> None:
     assert KeyStore(tmp_path).verify(key["key"]) is None
     bad = subprocess.run([*fabric, "revoke", "nobody"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no active key" in bad.stderr
+    # As a shell captures it (KEY=$(fabric keys create carol)): the key alone on stdout.
+    plain = subprocess.run([*fabric, "create", "carol"], capture_output=True, text=True,
+                           check=True)
+    assert KeyStore(tmp_path).verify(plain.stdout.strip()) is not None
+    assert "not shown again" in plain.stderr
 
 
 # -- who may call ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ def cmd_create(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"key": key, **record.public()}))
     else:
-        print(key)
-        print(f"(key {record.id} for {record.name}: store it now, it is not shown again)")
+        print(key)  # alone on stdout: KEY=$(fabric keys create NAME) holds just the key
+        print(f"(key {record.id} for {record.name}: store it now, it is not shown again)",
+              file=sys.stderr)
     return 0
 
 
