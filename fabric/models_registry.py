@@ -155,6 +155,13 @@ class ModelRegistry:
             size_bytes=sum(f.stat().st_size for f in files), params=count_params(files),
             dtype=dtype, description=description, added=time.time())
         with self._locked() as models:
+            mine = {m.name for m in models}
+            if existing is not None and name not in mine and name in existing.names():
+                # A new version would become the name's default: every caller of the
+                # shipped (or site-defined) model would silently get these weights.
+                raise InvalidRequest(f"model {name!r} is already served by the site (not a "
+                                     "registered model); register under a name of its own",
+                                     model=name)
             taken = [m for m in models if m.name == name and m.version == version]
             if taken or (existing is not None and _served(existing, name, version)):
                 raise InvalidRequest(f"model {name!r} already has a version {version!r}; pick "

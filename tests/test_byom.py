@@ -163,6 +163,15 @@ def test_cli_add_list_json_and_remove(model_copy: Path, tmp_path: Path,
     assert main(["models", "add", str(tmp_path), "--name", "x", "--version", "1",
                  "--site", str(site_dir)]) == 2
     assert "no config.json" in capsys.readouterr().err
+    # A shipped model's name (any version): its callers would get these weights.
+    assert main(["models", "add", str(model_copy), "--name", "smollm2-135m", "--version",
+                 "mine", "--site", str(site_dir)]) == 2
+    assert "already served by the site" in capsys.readouterr().err
+    assert site_catalog(site).get("smollm2-135m").version != "mine"
+    # Another version of one's own registered model is fine.
+    assert main(["models", "add", str(model_copy), "--name", "my-llama", "--version", "v2",
+                 "--site", str(site_dir)]) == 0
+    capsys.readouterr()
     assert main(["models", "remove", "my-llama", "--site", str(site_dir)]) == 0
     assert "removed my-llama v1" in capsys.readouterr().out
     with pytest.raises(UnknownModel):
