@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import struct
 import tempfile
 import time
@@ -41,11 +42,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+"""What a registered model's name may be."""
+
+
 class RegisteredModel(BaseModel):
     """One registered model version and the identity of its weights."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(min_length=1, pattern=NAME_PATTERN)
     version: str = Field(min_length=1)
     path: str
     """Absolute path of the folder."""
@@ -98,16 +103,56 @@ def inspect_folder(folder: Path) -> tuple[dict[str, Any], Family, list[Path]]:
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
         raise InvalidModelFolder(f"{folder} has no tokenizer (one of {', '.join(TOKENIZER_FILES)})",
                                  path=str(folder), missing="tokenizer")
+    for path in files:
+        check_weights_file(path)
     return config, family, files
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+"""safetensors dtypes a ``*.weight`` tensor may have (FP8 checkpoints included)."""
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data offsets) and where its
+    tensor bytes start; ``InvalidModelFolder`` naming the file when it is not one."""
+    try:
+        with path.open("rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            if size > path.stat().st_size:
+                raise ValueError(f"header of {size} bytes is longer than the file")
+            header = json.loads(fh.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return header, 8 + size
+    except FileNotFoundError:
+        raise InvalidModelFolder(f"{path} does not exist (a dangling link?)",
+                                 path=str(path)) from None
+    except (OSError, ValueError, struct.error) as exc:
+        raise InvalidModelFolder(f"{path} is not a safetensors file: {exc}",
+                                 path=str(path)) from None
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuse a weights file cut short (a copy that stopped: its server would fail with a
+    shape error naming no file) or whose ``*.weight`` tensors are not floating point."""
+    header, start = safetensors_header(path)
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = start + max((int(m["data_offsets"][1]) for m in tensors.values()), default=0)
+    if path.stat().st_size < end:
+        raise InvalidModelFolder(f"{path} is truncated: its header needs {end} bytes, the file "
+                                 f"has {path.stat().st_size}", path=str(path))
+    for name, meta in tensors.items():
+        if name.endswith(".weight") and meta.get("dtype") not in FLOAT_DTYPES:
+            raise InvalidModelFolder(f"{path}: tensor {name} is {meta.get('dtype')}; weights "
+                                     f"must be one of {', '.join(FLOAT_DTYPES)}",
+                                     path=str(path), tensor=name)
 
 
 def count_params(files: list[Path]) -> int:
     """Parameters in safetensors files, from their headers only (no tensor bytes read)."""
     total = 0
     for path in files:
-        with path.open("rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
+        header, _ = safetensors_header(path)
         for key, meta in header.items():
             if key != "__metadata__":
                 n = 1
@@ -140,6 +185,11 @@ class ModelRegistry:
         """Validate ``folder``, hash its weights once and register it as ``name`` ``version``.
 
         ``existing`` (the site's catalog) refuses a version that is already served."""
+        if not re.fullmatch(NAME_PATTERN, name or ""):
+            raise InvalidRequest(f"model name {name!r}: letters, digits and . _ - only, "
+                                 "starting with a letter or digit", param="name")
+        if not str(version or "").strip():
+            raise InvalidRequest("a model version must not be empty", param="version")
         folder = Path(folder).expanduser().resolve()
         config, family, files = inspect_folder(folder)
         stamp = stamp_of(files)

@@ -10,6 +10,7 @@ import shutil
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,6 +147,47 @@ def test_changed_weights_are_refused_not_rehashed(model_copy: Path, tmp_path: Pa
     with pytest.raises(DeploymentError, match="changed since they were registered"):
         weights.prepare(registry.entries()[0])
     assert len(counted) == hashed
+
+
+def _rewrite_tensors(path: Path, change: Any) -> None:
+    """Rewrite a safetensors file with ``change(name, tensor)`` applied to each tensor."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    save_file({k: change(k, v) for k, v in tensors.items()}, path)
+
+
+def test_refuses_broken_weight_files_naming_them(model_copy: Path, tmp_path: Path) -> None:
+    """A copy cut short, integer weights, a dangling link, a bad name: refused at
+    registration, typed, naming the file (or field), not later by a server's shape error."""
+    registry = ModelRegistry(tmp_path / "state")
+    weights_file = next(model_copy.glob("*.safetensors"))
+    whole = weights_file.read_bytes()
+    weights_file.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(InvalidModelFolder, match="is truncated") as err:
+        registry.add(model_copy, "m", "1")
+    assert err.value.details["path"] == str(weights_file)
+    weights_file.write_bytes(whole)
+    _rewrite_tensors(weights_file, lambda k, v: v.to(torch_int32()) if k.endswith(
+        "q_proj.weight") else v)
+    with pytest.raises(InvalidModelFolder, match=r"q_proj\.weight is I32"):
+        registry.add(model_copy, "m", "1")
+    weights_file.write_bytes(whole)
+    gone = model_copy / "extra.safetensors"
+    gone.symlink_to(tmp_path / "nowhere.safetensors")
+    with pytest.raises(InvalidModelFolder, match="does not exist"):
+        registry.add(model_copy, "m", "1")
+    gone.unlink()
+    with pytest.raises(InvalidRequest, match="model name 'Bad Name'"):
+        registry.add(model_copy, "Bad Name", "1")
+    assert registry.models() == []
+    assert registry.add(model_copy, "m", "1").name == "m"  # the folder restored is fine
+
+
+def torch_int32() -> Any:
+    import torch
+
+    return torch.int32
 
 
 def test_cli_add_list_json_and_remove(model_copy: Path, tmp_path: Path,
