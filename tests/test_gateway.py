@@ -226,6 +226,14 @@ def test_embeddings(client: openai.OpenAI, fab: Fabric) -> None:
         client.embeddings.create(model=TINY_MODEL, input="a cat", dimensions=8,
                                  extra_body={"pooling": "none"})
     assert unpooled.value.param == "dimensions"
+    # What does not apply is refused, not ignored: normalize with raw states, positions
+    # with a pooled vector (both were silently dropped).
+    for body, param in (({"pooling": "none", "normalize": True}, "normalize"),
+                        ({"pooling": "mean", "positions": [0]}, "positions"),
+                        ({"positions": [99]}, "positions")):
+        with pytest.raises(openai.BadRequestError) as ignored:
+            client.embeddings.create(model=TINY_MODEL, input="a cat", extra_body=body)
+        assert ignored.value.param == param
     # pooling "none": every token's hidden state, as fab.hidden_states gives it.
     states = fab.hidden_states("The cell", model=TINY_MODEL, layers=[-1])
     raw = client.embeddings.create(model=TINY_MODEL, input="The cell", encoding_format="float",

@@ -265,11 +265,15 @@ async def embeddings(request: Request, who: Who) -> dict[str, Any]:
     req = await parse_body(request, EmbeddingRequest)
     texts = req.texts()
     if req.pooling == "none":
-        if req.dimensions is not None:
-            raise InvalidRequest("dimensions shortens pooled vectors: it does not apply to "
-                                 "pooling 'none' (every token's hidden state)",
-                                 param="dimensions")
+        # Every token's raw hidden state: what shapes a pooled vector does not apply.
+        for field in ("dimensions", "normalize"):
+            if field in req.model_fields_set and (field != "normalize" or req.normalize):
+                raise InvalidRequest(f"{field} applies to pooled vectors, not to pooling "
+                                     "'none' (every token's raw hidden state)", param=field)
         return await _hidden_states(who.client, req, texts)
+    if req.positions is not None:
+        raise InvalidRequest(f"positions picks tokens with pooling 'none'; pooling "
+                             f"{req.pooling!r} pools every token", param="positions")
     layers = req.layers or [req.layer]
     out = await who.client.embed(texts, model=req.model, layer=layers if req.layers else req.layer,
                                  pooling=req.pooling, normalize=req.normalize, hooks=req.hooks)
