@@ -21,10 +21,12 @@ from fabric.client.sitestate import SiteStates
 from fabric.client.streaming import Stream
 from fabric.errors import (
     Cancelled,
+    DeploymentError,
     EndpointError,
     InvalidRequest,
     ModelServerUnavailable,
     Overloaded,
+    QuotaExceeded,
     UnknownModel,
 )
 
@@ -113,7 +115,9 @@ def test_call_goes_to_the_lightest_warm_site(three: tuple[Federation, dict[str, 
 
 
 @pytest.mark.parametrize("error", [Overloaded("full", retry_after=1),
-                                   ModelServerUnavailable("died"), EndpointError("refused")])
+                                   ModelServerUnavailable("died"), EndpointError("refused"),
+                                   DeploymentError("launch failed"),
+                                   QuotaExceeded("used up", retry_after=60)])
 def test_fail_over_on_a_site_error_and_skip_that_site_next_time(
         three: tuple[Federation, dict[str, Member]], error: Exception) -> None:
     fed, members = three

@@ -22,7 +22,15 @@ from typing import Any
 import httpx
 import pytest
 
-from fabric.errors import AuthError, Overloaded, QuotaExceeded, RequestTooLarge, UnknownModel
+from fabric.errors import (
+    AuthError,
+    EndpointError,
+    ModelServerUnavailable,
+    Overloaded,
+    QuotaExceeded,
+    RequestTooLarge,
+    UnknownModel,
+)
 from fabric.gateway import GatewayConfig, create_app
 from fabric.gateway.auth import Authenticator, Identity, RateLimiter
 from fabric.gateway.config import is_loopback
@@ -123,6 +131,12 @@ def test_rate_limiter_refills() -> None:
     time.sleep(0.03)
     limiter.take("a")
     RateLimiter(rate=0, burst=1).take("a")  # off
+    # An idle caller saves up to ``burst`` requests, no more: 0.2 s at 50/s earns 10.
+    time.sleep(0.2)
+    limiter.take("b")
+    limiter.take("b")
+    with pytest.raises(QuotaExceeded):
+        limiter.take("b")
 
 
 def test_bind_rule(tmp_path: Path) -> None:
@@ -157,6 +171,11 @@ def test_error_mapping() -> None:
     assert status_of(RequestTooLarge("x"))[:2] == (413, "invalid_request_error")
     busy = Overloaded("full", retry_after=2.2)
     assert status_of(busy)[0] == 429 and retry_after(busy) == 3
+    from fabric.gateway.app import fabric_error_response
+
+    for unavailable in (ModelServerUnavailable("restarting"), EndpointError("down")):
+        reply = fabric_error_response(unavailable)
+        assert reply.status_code == 503 and int(reply.headers["Retry-After"]) >= 1
     body = error_body(UnknownModel("no such model", param="model"))
     assert body == {"error": {"message": "no such model", "type": "invalid_request_error",
                               "param": "model", "code": "model_not_found"}}
@@ -194,6 +213,11 @@ def test_http_auth_and_rate_limit(keyed_server: tuple[str, str, KeyStore]) -> No
         assert limited.status_code == 429
         assert int(limited.headers["Retry-After"]) >= 1
         assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+        # Another key has its own bucket: dave's limit does not hold erin back.
+        erin, _ = keys.create("erin")
+        other = http.post("/v1/chat/completions", json={},
+                          headers={"Authorization": f"Bearer {erin}"})
+        assert other.status_code == 400, other.text
         keys.revoke("dave")
         revoked = http.post("/v1/chat/completions", json={}, headers=auth)
         assert revoked.status_code == 401
@@ -459,3 +483,41 @@ def test_a_large_body_is_parsed_off_the_event_loop(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(routes, "read_body", read)
     parsed = asyncio.run(routes.parse_body(None, Probe))  # type: ignore[arg-type]
     assert len(parsed.data) == size and seen == [where]
+
+
+def test_one_callers_files_and_batches_are_not_anothers(tmp_path: Path) -> None:
+    """Two keys: what carol uploads or runs, dave can neither list, read, download, delete
+    nor cancel (404, as for an id that does not exist); carol still can."""
+    keys = KeyStore(tmp_path)
+    carol, _ = keys.create("carol")
+    dave, _ = keys.create("dave")
+    config = GatewayConfig(home=tmp_path, require_auth=True, rate=0)
+    as_carol = {"Authorization": f"Bearer {carol}"}
+    as_dave = {"Authorization": f"Bearer {dave}"}
+    batch = {"id": "batch_0123abcd", "object": "batch", "owner": "carol", "status": "completed",
+             "created_at": int(time.time()), "endpoint": "/v1/chat/completions"}
+    folder = tmp_path / "batches"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{batch['id']}.json").write_text(json.dumps(batch))
+    with running_server(create_app(config)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        stored = http.post("/v1/files", headers=as_carol,
+                           files={"file": ("in.jsonl", b'{"custom_id": "a"}\n')},
+                           data={"purpose": "batch"})
+        assert stored.status_code == 200, stored.text
+        file_id = stored.json()["id"]
+        for method, path in (("GET", f"/v1/files/{file_id}"),
+                             ("GET", f"/v1/files/{file_id}/content"),
+                             ("DELETE", f"/v1/files/{file_id}"),
+                             ("GET", f"/v1/batches/{batch['id']}"),
+                             ("POST", f"/v1/batches/{batch['id']}/cancel")):
+            assert http.request(method, path, headers=as_dave).status_code == 404, path
+        assert http.get("/v1/files", headers=as_dave).json()["data"] == []
+        assert http.get("/v1/batches", headers=as_dave).json()["data"] == []
+        # Still all carol's: her own calls see them.
+        assert [f["id"] for f in http.get("/v1/files", headers=as_carol).json()["data"]] == \
+            [file_id]
+        assert http.get(f"/v1/files/{file_id}/content", headers=as_carol).content == \
+            b'{"custom_id": "a"}\n'
+        assert http.get(f"/v1/batches/{batch['id']}", headers=as_carol).status_code == 200
+        assert [b["id"] for b in http.get("/v1/batches", headers=as_carol).json()["data"]] == \
+            [batch["id"]]

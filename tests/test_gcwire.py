@@ -200,3 +200,25 @@ def test_user_exception_comes_back_with_traceback(engine: Any) -> None:
 def test_oversized_result_is_typed(engine: Any) -> None:
     with pytest.raises(ResultTooLarge):
         run(engine, huge_result)
+
+
+RETRY_HELPS = {
+    "Overloaded": "the server or site is full now; it drains",
+    "DeadlineExceeded": "the site or server was slow this time",
+    "ModelServerUnavailable": "the server is restarting or moving; the next request relaunches it",
+    "DeploymentError": "a launch failed; the next request launches again",
+    "RendezvousTimeout": "a multi-node start missed its peers; the next start may not",
+    "EndpointError": "the site was unreachable; it may be back, or another site serves",
+    "QuotaExceeded": "the quota refills (details['retry_after'])",
+}
+"""The errors a retry can help, and why: every other kind is the caller's request, identity or
+code, or a limit of the site or model that the same call meets again."""
+
+
+def test_which_errors_a_retry_can_help_survives_the_wire() -> None:
+    from fabric.errors import _REGISTRY, FabricError
+
+    for name, cls in _REGISTRY.items():
+        err = FabricError.from_dict(cls("x").to_dict())
+        assert type(err) is cls
+        assert err.retryable == (name in RETRY_HELPS), name

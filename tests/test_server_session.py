@@ -149,3 +149,18 @@ def test_the_shard_gives_one_line_per_input(ctx: SiteContext,
     assert len(set(nonces)) == 4 and all(r["result"]["request_id"] == r["nonce"]
                                          for r in lines if r["ok"])
     assert reply["model"]["name"] == TINY_MODEL and len(reply["model"]["sha256"]) == 64
+
+
+def test_a_quota_counts_the_new_tokens_a_request_asks_for() -> None:
+    """A request for 10,000 new tokens must not pass a 100-token daily quota on the strength
+    of its short prompt: the estimate admission checks holds both (an embedding makes none)."""
+    from fabric.endpoint.session import token_estimate
+    from fabric.protocol import InferenceRequest
+
+    asks = InferenceRequest(model="m", prompt="Hi there", sampling={"max_tokens": 10_000})
+    assert token_estimate(asks) >= 10_000 + len("Hi there") // 4
+    short = InferenceRequest(model="m", prompt="Hi there", sampling={"max_tokens": 4})
+    assert token_estimate(short) < 100
+    embed = InferenceRequest(model="m", kind="embed", prompt="Hi there",
+                             sampling={"max_tokens": 10_000})
+    assert token_estimate(embed) < 100
