@@ -115,6 +115,7 @@ def test_identify(tmp_path: Path) -> None:
     assert open_.identify(f"Bearer {key}").name == "carol"
     closed = Authenticator(require=True, keys=keys)
     assert closed.identify(f"Bearer {key}").name == "carol"
+    assert closed.identify(f"bearer {key}").name == "carol"  # the scheme is case-insensitive
     for header in (None, "Bearer fab-nope", "Bearer some-globus-token", f"Basic {key}"):
         with pytest.raises(AuthError):
             closed.identify(header)
