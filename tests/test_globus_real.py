@@ -226,10 +226,19 @@ def test_the_fake_outlives_an_idle_broker_connection(globus_offline: OfflineGlob
                                            port=rabbitmq.free_port())
     fake.start()
     try:
+        fake._declare("fabric.idle-probe")  # the publishing connection, then left idle
         time.sleep(6)  # a few missed 1 s heartbeats: the broker closes the idle connection
         fake._publish("fabric.idle-probe", b"still here")
     finally:
         fake.stop()
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(globus_offline.service.amqp_url))
+    try:
+        _, _, body = conn.channel().basic_get("fabric.idle-probe", auto_ack=True)
+    finally:
+        conn.close()
+    assert body == b"still here"  # published, not lost into the dropped connection
 
 
 def test_concurrent_streams_share_one_long_poll(fab: Any, globus_offline: OfflineGlobus) -> None:
