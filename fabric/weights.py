@@ -309,16 +309,15 @@ def _check_architecture(entry: CatalogEntry, folder: Path) -> None:
     served_architecture(config, family=entry.family)
 
 
-def check_plan_fits(entry: CatalogEntry, pp: int, tp: int, cache_dir: Path | None = None
-                    ) -> None:
+def check_plan_fits(entry: CatalogEntry, pp: int, tp: int, folder: Path) -> None:
     """Refuse a plan the model's ``config.json`` (a few bytes, where the folder has one)
     cannot take: more pipeline stages than layers, more tensor-parallel ranks than key/value
     heads (``InvalidPlan``). Its ranks would all start, load and then fail; a GGUF entry not
-    converted yet is checked by its server, as before."""
+    converted yet (``folder``: where its weights are, ``locate``) is checked by its server."""
     from fabric.errors import InvalidPlan
 
     try:
-        config = json.loads((folder_of(entry, cache_dir) / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
         layers = int(config["num_hidden_layers"])
         kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
     except (OSError, ValueError, KeyError, TypeError):

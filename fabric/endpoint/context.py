@@ -95,10 +95,6 @@ class SiteContext:
 
             raise InvalidPlan(f"ep={out.ep} must divide tp={out.tp} (expert groups are made "
                               "of a stage's tp ranks)", ep=out.ep, tp=out.tp)
-        from fabric.weights import check_plan_fits
-
-        check_plan_fits(entry, out.pp, out.tp, Path(self.site.weights_dir).expanduser()
-                        if self.site.weights_dir else None)
         return out
 
     # -- policy ---------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from fabric.endpoint.schedulers import clock_seconds
 from fabric.endpoint.state import LIVE_STATES, Deployment, StateDB
 from fabric.errors import DeploymentError, FabricError
 from fabric.sites import Plan, SiteConfig
+from fabric.weights import check_plan_fits
 
 HEALTH_TIMEOUT_S = 3.0
 """How long a health ping may take before the server counts as gone."""
@@ -320,7 +321,9 @@ class DeploymentManager:
                 dep = self.refresh(dep)
                 if dep.state in LIVE_STATES:
                     return dep
-            return self._launch(entry, plan or self._default_plan(entry), weights)
+            chosen = plan or self._default_plan(entry)
+            check_plan_fits(entry, chosen.pp, chosen.tp, Path(weights.path))
+            return self._launch(entry, chosen, weights)
 
     def locate(self, entry: CatalogEntry) -> Any:
         """``fabric.weights.locate`` with this site's weight cache and its record of the hash
