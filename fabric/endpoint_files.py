@@ -10,11 +10,12 @@ globus-compute-endpoint's own loaders.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from fabric.errors import InvalidSiteConfig
-from fabric.sites import SiteConfig, load_site, render, site_dir
+from fabric.sites import SAFE_VALUE, SiteConfig, load_site, render, site_dir
 
 
 def allowed_serializers(site: SiteConfig) -> list[str]:
@@ -63,6 +64,21 @@ def allowed_function_ids(site: SiteConfig) -> list[str]:
     return sorted(site.function_ids.values())
 
 
+def safe_site_dir(folder: Path) -> str:
+    """The absolute site folder as ``{{ site_dir }}`` carries it, or ``InvalidSiteConfig``:
+    the templates export it in a shell line (``FABRIC_SITE=...``) inside a YAML string that
+    Globus Compute renders with Jinja, so a space, quote, ``$`` or brace would break one of the
+    three; refused rather than quoted for all three at once."""
+    path = str(folder.resolve())
+    if not re.fullmatch(SAFE_VALUE, path):
+        bad = sorted({c for c in path if not re.fullmatch(SAFE_VALUE, c)})
+        raise InvalidSiteConfig(
+            f"site folder {path!r} has characters {bad} its endpoint files cannot carry "
+            "(worker_init exports it as FABRIC_SITE); copy or move it to a path of letters, "
+            "digits and _.:/@+- only", path=path, accepted=SAFE_VALUE)
+    return path
+
+
 def render_endpoint_files(
     name_or_path: str | Path, values: dict[str, str] | None = None, *, strict: bool = True
 ) -> tuple[SiteConfig, dict[str, str]]:
@@ -84,7 +100,7 @@ def render_endpoint_files(
     builtins = {"allowed_functions": json.dumps(ids) if ids else "null",
                 "allowed_serializers": json.dumps(allowed_serializers(site)),
                 "max_request_workers": str(site.max_request_workers),
-                "site_dir": str(folder.resolve())}
+                "site_dir": safe_site_dir(folder)}
     out = {}
     for name in ENDPOINT_FILES[:2]:
         file = folder / name

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from fabric.engine.partition import assign_layers
-from fabric.errors import InvalidRequest, PlanDoesNotFit, UnknownModel
+from fabric.errors import InvalidModelFolder, InvalidRequest, PlanDoesNotFit, UnknownModel
 
 WeightsDtype = Literal["float32", "bfloat16", "float16", "fp8"]
 WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0 + 4.0 / 128 ** 2}
@@ -109,8 +109,19 @@ class ModelShape:
 
 def shape_from_config(config: dict[str, Any], name: str = "") -> ModelShape:
     """A ``ModelShape`` from a Hugging Face ``config.json`` (Llama, Mistral, Qwen2/3, Mixtral,
-    Qwen3-MoE, DeepSeek-V3 / Kimi K2 field names); a nested ``text_config`` is used."""
-    c = config.get("text_config") or config
+    Qwen3-MoE, DeepSeek-V3 / Kimi K2 field names); a nested ``text_config`` is used.
+    ``InvalidModelFolder`` names a field it needs and the config lacks."""
+    c = (config.get("text_config") or config) if isinstance(config, dict) else None
+    if not isinstance(c, dict):
+        raise InvalidModelFolder(f"{name or 'the model'}: config.json is not a JSON object")
+    try:
+        return _shape(c, name)
+    except KeyError as exc:
+        raise InvalidModelFolder(f"{name or 'the model'}: config.json has no {exc.args[0]!r}, "
+                                 "which sizing needs", missing=exc.args[0]) from None
+
+
+def _shape(c: dict[str, Any], name: str) -> ModelShape:
     hidden, layers, heads = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]
     kv_heads = c.get("num_key_value_heads") or heads
     if c.get("kv_lora_rank"):  # DeepSeek multi-head latent attention
@@ -251,8 +262,14 @@ def size_plan(model: ModelShape, node: Node, pp: int, tp: int, ep: int = 1,
         kv = kv_per_layer * len(r)
         stages.append(StageFit((r.start, r.stop), held, kv, max(0, usable - held) // kv))
     total = int(sum(st.weight_bytes for st in stages) * tp)
-    return PlanFit(model.name, weights, pp, tp, ep, math.ceil(pp * tp / node.gpus), node.gpus,
-                   model.total_params(), total, usable, tuple(stages))
+    return PlanFit(model.name, weights, pp, tp, ep, placed_nodes(pp * tp, node.gpus),
+                   node.gpus, model.total_params(), total, usable, tuple(stages))
+
+
+def placed_nodes(ranks: int, gpus: int) -> int:
+    """The fewest nodes of ``gpus`` GPUs that hold ``ranks`` ranks *evenly* (a job's launcher
+    starts as many on each node): 90 ranks on 4-GPU nodes need 30 nodes of 3, not 23."""
+    return next(n for n in range(math.ceil(ranks / gpus), ranks + 1) if ranks % n == 0)
 
 
 def _layer_bytes(model: ModelShape, i: int, tp: int, ep: int, wb: float, small: float) -> int:
@@ -391,10 +408,18 @@ def load_model_config(model: str) -> tuple[str, dict[str, Any]]:
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        return path.parent.name if path.name == "config.json" else path.stem, \
-            json.loads(path.read_text())
+        return path.parent.name if path.name == "config.json" else path.stem, _read_json(path)
     known = KNOWN_DIR / f"{model}.json"
     if not known.is_file():
         raise UnknownModel(f"no config for {model!r}: give a config.json or model folder, or "
                            f"one of {known_models()}", available=known_models())
-    return model, json.loads(known.read_text())
+    return model, _read_json(known)
+
+
+def _read_json(path: Path) -> Any:
+    """A config file's JSON, or ``InvalidModelFolder`` naming the file and the fault."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidModelFolder(f"{path}: not a readable JSON config ({exc})",
+                                 path=str(path)) from None

@@ -98,8 +98,8 @@ class PolicyConfig(_Strict):
 
 def walltime_seconds(walltime: str) -> int:
     """Seconds of an ``HH:MM:SS`` walltime (``ValueError`` for another form)."""
-    if not re.fullmatch(r"\d+:\d{2}:\d{2}", walltime):
-        raise ValueError(f"walltime {walltime!r} is not HH:MM:SS")
+    if not re.fullmatch(r"\d+:[0-5]\d:[0-5]\d", walltime):
+        raise ValueError(f"walltime {walltime!r} is not HH:MM:SS (minutes and seconds 00-59)")
     hours, minutes, secs = (int(p) for p in walltime.split(":"))
     return hours * 3600 + minutes * 60 + secs
 

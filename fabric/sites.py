@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,10 @@ from pydantic import (
 from fabric.catalog import CatalogEntry
 from fabric.errors import InvalidSiteConfig
 from fabric.sitepolicy import PolicyConfig, SiteLimits, walltime_seconds
+
+SAFE_VALUE = r"^[A-Za-z0-9_.:/@+-]+$"
+"""Characters a value substituted into site files may hold (template values, the site
+folder): none a YAML scalar, a Jinja template or a shell line would read as syntax."""
 
 ENDPOINTS_DIR = Path(__file__).resolve().parent.parent / "endpoints"
 
@@ -163,6 +168,12 @@ class JobsConfig(_Strict):
     worker_init: str = ""
     """Shell lines run before the model server (module loads, venv activation)."""
 
+    @field_validator("walltime")
+    @classmethod
+    def _hhmmss(cls, value: str) -> str:
+        walltime_seconds(value)
+        return value
+
 
 class NetworkConfig(_Strict):
     """Where a model server's front door listens and what address it tells clients
@@ -279,7 +290,7 @@ class TemplateVar(_Strict):
     required: bool = True
     """A required value without a default must be given (``--set name=value`` or values.yaml)."""
     default: str | None = None
-    pattern: str = r"^[A-Za-z0-9_.:/@+-]+$"
+    pattern: str = SAFE_VALUE
     """Regular expression the whole value must match."""
     choices: list[str] = Field(default_factory=list)
     """If not empty, the value must be one of these."""
@@ -361,6 +372,17 @@ class SiteConfig(_Strict):
     _unset: list[str] = PrivateAttr(default_factory=list)
     _values: dict[str, str] = PrivateAttr(default_factory=dict)
 
+    @field_validator("function_ids")
+    @classmethod
+    def _uuids(cls, ids: dict[str, str]) -> dict[str, str]:
+        for name, value in ids.items():
+            try:
+                uuid.UUID(str(value))
+            except ValueError:
+                raise ValueError(f"function_ids.{name} = {value!r} is not a UUID (as "
+                                 "`fabric site register-functions` prints them)") from None
+        return ids
+
     @model_validator(mode="after")
     def _within_limits(self) -> SiteConfig:
         # The site's own plans obey its limits: a caller asking for exactly those never fails.
@@ -378,6 +400,16 @@ class SiteConfig(_Strict):
     def unset_values(self) -> list[str]:
         """Template values left as placeholders (loaded with ``strict=False``)."""
         return list(self._unset)
+
+    def require_values(self) -> None:
+        """``InvalidSiteConfig`` naming every required template value left unset: a site acted
+        on (started, stopped, its state read) with placeholders would put its state under
+        paths such as ``/lus/eagle/projects/UNSET-account``."""
+        if self._unset:
+            raise InvalidSiteConfig(
+                f"site {self.name!r} has required values unset: {self._unset}; give them in "
+                "the site folder's values.yaml (`fabric site check FOLDER` checks it) and "
+                "use that folder as the site", unset=list(self._unset))
 
     def resolved_state_dir(self) -> Path:
         """The state dir with ``~``, ``{name}`` and ``{home}`` expanded."""
@@ -434,9 +466,12 @@ def load_site(name_or_path: str | Path, values: dict[str, str] | None = None, *,
 
 def resolve_site(site: str = "local", state_dir: str | Path | None = None
                  ) -> tuple[SiteConfig, str, Path]:
-    """``(SiteConfig, reference for the site process, state dir)`` for a site name or path."""
+    """``(SiteConfig, reference for the site process, state dir)`` for a site name or path,
+    for acting on the site (start, stop, status, metrics, usage): a site with required template
+    values unset is refused (``SiteConfig.require_values``)."""
     ref = str(Path(site).resolve()) if Path(site).exists() else site
     cfg = load_site(ref)
+    cfg.require_values()
     folder = Path(state_dir).expanduser() if state_dir else cfg.resolved_state_dir()
     return cfg, ref, folder.resolve()
 
@@ -459,15 +494,23 @@ def resolve_values(declared: dict[str, TemplateVar], given: dict[str, str], *, s
                                 f" (give --set {name}=...)")
             out[name] = f"UNSET-{name}" if var.required else ""
             continue
-        value = str(value)
-        if var.choices and value not in var.choices:
-            problems.append(f"{name}={value!r} is not one of {var.choices}")
-        elif not re.fullmatch(var.pattern, value):
-            problems.append(f"{name}={value!r} does not match {var.pattern}")
-        out[name] = value
+        problems += _value_problems(name, var, str(value))
+        out[name] = str(value)
     if problems:
         raise InvalidSiteConfig(f"{where}: " + "; ".join(problems), problems=problems)
     return out
+
+
+def _value_problems(name: str, var: TemplateVar, value: str) -> list[str]:
+    """What is wrong with ``value`` for ``var`` (an empty list when nothing)."""
+    accepted = f"one of {var.choices}" if var.choices else f"matching {var.pattern}"
+    if (value in var.choices) if var.choices else re.fullmatch(var.pattern, value):
+        return []
+    if value == "":
+        return [f"{name!r} is empty: give a value {accepted}"]
+    if var.choices:
+        return [f"{name}={value!r} is not one of {var.choices}"]
+    return [f"{name}={value!r} does not match {var.pattern}"]
 
 
 _TEMPLATE = TypeAdapter(dict[str, TemplateVar])
@@ -484,14 +527,24 @@ def render(text: str, values: dict[str, str], where: str = "site") -> str:
 
 
 def _values_file(folder: Path) -> dict[str, str]:
-    """The operator's ``values.yaml`` (site-local, not shipped), if present."""
+    """The operator's ``values.yaml`` (site-local, not shipped), if present, as the strings
+    written there: YAML's BaseLoader types nothing, so ``account: 0123`` stays ``0123`` (not
+    octal 83), ``1_000`` stays ``1_000`` and an empty value is ``""`` (refused as empty by
+    ``resolve_values``), not ``None``."""
     file = folder / "values.yaml"
     if not file.exists():
         return {}
-    data = yaml.safe_load(file.read_text()) or {}
+    try:
+        data = yaml.load(file.read_text(), Loader=yaml.BaseLoader) or {}
+    except yaml.YAMLError as exc:
+        raise InvalidSiteConfig(f"{file}: {exc}", path=str(file)) from None
     if not isinstance(data, dict):
-        raise InvalidSiteConfig(f"{file}: expected a mapping of name: value")
-    return {str(k): str(v) for k, v in data.items()}
+        raise InvalidSiteConfig(f"{file}: expected a mapping of name: value", path=str(file))
+    nested = sorted(k for k, v in data.items() if not isinstance(v, str))
+    if nested:
+        raise InvalidSiteConfig(f"{file}: {nested} must be single values (a string, number "
+                                "or name), not lists or mappings", path=str(file), keys=nested)
+    return dict(data)
 
 
 def list_sites() -> list[str]:

@@ -110,7 +110,7 @@ def test_unknown_type_names_list_accepted(tmp_path: Path) -> None:
     with pytest.raises(InvalidSiteConfig, match="SrunLauncher"):
         JobLauncher.from_config(jobs, tmp_path)
     with pytest.raises(InvalidSiteConfig, match="HH:MM:SS"):
-        JobLauncher.from_config(JobsConfig(walltime="90"), tmp_path)
+        JobLauncher.from_config(JobsConfig(), tmp_path, walltime="90")
     with pytest.raises(InvalidSiteConfig, match="leave debug on"):
         JobLauncher.from_config(JobsConfig(launcher=TypedSpec(type="SrunLauncher", debug=False)),
                                 tmp_path)
@@ -153,3 +153,31 @@ def test_slurm_submit_failure_carries_stderr(tmp_path: Path,
     text = script.read_text()
     assert "#SBATCH --time=10" in text and "#SBATCH --partition=debug" in text
     assert "srun --ntasks 1" in text
+
+
+def test_untyped_provider_arguments_are_type_checked(tmp_path: Path) -> None:
+    """Parsl's PBS provider takes any value: ``cpus_per_node: sixtyfour`` became
+    ``#PBS -l select=1:ncpus=sixtyfour``."""
+    jobs = JobsConfig(provider=TypedSpec(type="PBSProProvider", cpus_per_node="sixtyfour"),
+                      launcher=TypedSpec(type="MpiExecLauncher"))
+    with pytest.raises(InvalidSiteConfig, match=r"jobs\.provider\.cpus_per_node: 'sixtyfour' "
+                                                r"is not int") as err:
+        JobLauncher.from_config(jobs, tmp_path)
+    assert err.value.details["key"] == "jobs.provider.cpus_per_node"
+    jobs = JobsConfig(provider=TypedSpec(type="PBSProProvider", cpus_per_node=64),
+                      launcher=TypedSpec(type="MpiExecLauncher", debug="yes"))
+    with pytest.raises(InvalidSiteConfig, match=r"jobs\.launcher\.debug"):
+        JobLauncher.from_config(jobs, tmp_path)
+
+
+def test_render_is_submit_without_the_scheduler(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``render`` (``fabric site check``) writes the script ``submit`` hands the scheduler and
+    returns it with the command, never running it; it refuses what ``submit`` refuses."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: nothing could be submitted
+    launcher = JobLauncher.from_config(slurm_jobs(), tmp_path / "scripts")
+    script, command = launcher.render("echo hi", ranks=4, nodes=2, job_name="m")
+    assert command.startswith("sbatch ") and "#SBATCH --nodes=2" in script
+    assert "srun --ntasks 4" in script
+    with pytest.raises(DeploymentError, match="3 ranks on 2 nodes"):
+        launcher.render("echo hi", ranks=3, nodes=2, job_name="m")

@@ -184,3 +184,46 @@ def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "llama-3.1-405b", "--site", "polaris", "--nodes", "5"]) == 2
     assert main(["plan", "llama-3.1-405b", "--site", "local"]) == 2
     assert "no GPU node shape" in capsys.readouterr().err
+
+
+def test_plans_honour_the_sites_limits_and_placement(capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    """``fabric plan`` suggested pp=10 on 10 nodes where polaris's limits (what deploy checks)
+    allow 8, and 90 ranks on 23 nodes, which no launcher places evenly."""
+    from fabric.endpoint.jobs import check_placement
+
+    limits = load_site("polaris").limits
+    assert main(["plan", "deepseek-v3", "--site", "polaris"]) == 2
+    assert f"at most {limits.max_nodes} nodes" in capsys.readouterr().err
+    assert main(["plan", "deepseek-v3", "--site", "polaris", "--pp", "30", "--tp", "3"]) == 2
+    err = capsys.readouterr().err
+    plan = size_plan(_shape("deepseek-v3"), POLARIS, 30, 3)
+    check_placement(plan.ranks, plan.nodes)
+    assert f"on {plan.nodes} nodes" in err and f"the {limits.max_nodes} allowed" in err
+
+
+def test_plan_limit_on_gpus_is_deploys(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                       ) -> None:
+    """A site whose limits allow fewer GPUs than one node holds: a plan on that node is
+    refused by the rule deploy refuses it with (``limits.max_gpus``)."""
+    site = tmp_path / "small"
+    site.mkdir()
+    (site / "fabric.yaml").write_text("name: small\nnode: {gpus: 4, gpu_memory_gib: 40}\n"
+                                      "limits: {max_nodes: 8, max_gpus: 2}\n")
+    assert main(["plan", "mixtral-8x7b", "--site", str(site), "--pp", "1", "--tp", "4"]) == 2
+    assert "limits.max_gpus = 2 (it asks for 4)" in capsys.readouterr().err
+
+
+def test_a_broken_config_json_is_a_typed_error(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from fabric.errors import InvalidModelFolder
+
+    folder = tmp_path / "badjson"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json{")
+    with pytest.raises(InvalidModelFolder, match="not a readable JSON config"):
+        load_model_config(str(folder))
+    assert main(["plan", str(folder), "--site", "polaris"]) == 2
+    assert str(folder / "config.json") in capsys.readouterr().err
+    with pytest.raises(InvalidModelFolder, match="'hidden_size'"):
+        shape_from_config({"num_hidden_layers": 2}, "x")

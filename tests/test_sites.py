@@ -21,7 +21,7 @@ from globus_compute_endpoint.endpoint.config.utils import load_config_yaml
 from fabric import env
 from fabric.cli import sites as cli_sites
 from fabric.endpoint_files import ENDPOINT_FILES, render_endpoint_config, render_endpoint_files
-from fabric.errors import InvalidSiteConfig
+from fabric.errors import FabricError, InvalidSiteConfig
 from fabric.sites import (
     ENDPOINTS_DIR,
     list_sites,
@@ -318,3 +318,72 @@ def test_the_local_sites_state_follows_fabric_home(tmp_path: Path,
     assert resolve_site("local")[2] == (tmp_path / "mine" / "local").resolve()
     monkeypatch.delenv(env.FABRIC_HOME.name)
     assert resolve_site("local")[2] == (Path.home() / ".fabric" / "local").resolve()
+
+
+def polaris_copy(folder: Path, old: str, new: str) -> Path:
+    """A copy of the shipped polaris definition with one piece of ``fabric.yaml`` replaced."""
+    shutil.copytree(ENDPOINTS_DIR / "polaris", folder)
+    text = (folder / "fabric.yaml").read_text()
+    assert old in text, old
+    (folder / "fabric.yaml").write_text(text.replace(old, new, 1))
+    return folder
+
+
+def launcher_refusal(folder: Path, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> FabricError:
+    """What the real launcher (``JobLauncher``, as deployments build and call it) says about
+    the site's jobs block and each hosted plan: the error ``site check`` must give. The
+    scheduler is faked (qsub found, its reply a job id): nothing is submitted."""
+    from fabric.endpoint import jobs
+
+    monkeypatch.setattr(jobs.shutil, "which", lambda cmd: f"/usr/bin/{cmd}")
+    site = load_site(folder, VALUES["polaris"], strict=True)
+    try:
+        launcher = jobs.JobLauncher.from_config(site.jobs, tmp)
+        launcher.provider.execute_wait = lambda cmd, timeout=None: (0, "1.pbs\n", "")
+        for hosted in site.models:
+            launcher.submit("true", hosted.plan.ranks, hosted.plan.nodes, hosted.name)
+    except FabricError as exc:
+        return exc
+    raise AssertionError("the launcher took the site")
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ('overrides: "--ppn 4"}', 'overrides: "--ppn 4", debug: false}'),
+    ('walltime: "01:00:00"', 'walltime: "00:00:30"'),
+    ("plan: {pp: 2, tp: 4,", "plan: {pp: 3, tp: 1,"),
+    ("type: PBSProProvider", "type: PBSProvider"),
+    ("cpus_per_node: 64", "cpus_per_node: sixtyfour"),
+])
+def test_site_check_refuses_what_the_launcher_refuses(old: str, new: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``site check`` once built its own provider and said OK to sites the launcher refuses
+    (debug: false, a walltime under a minute, 3 ranks on 2 nodes, ...): it now validates
+    through the launcher itself, with the same typed error."""
+    folder = polaris_copy(tmp_path / "site", old, new)
+    real = launcher_refusal(folder, tmp_path / "scripts", monkeypatch)
+    monkeypatch.undo()
+    with pytest.raises(type(real)) as checked:
+        cli_sites.check_site(str(folder), VALUES["polaris"])
+    assert real.message in checked.value.message
+
+
+def test_site_check_names_a_policy_model_in_no_catalog(tmp_path: Path) -> None:
+    """A typo under policy.models (callers then fall to policy.default) is reported, with the
+    catalog name it is nearest to."""
+    folder = polaris_copy(tmp_path / "site", "    smollm2-135m: {anyone",
+                          "    smollm2-135M: {anyone")
+    warnings = cli_sites.check_site(str(folder), VALUES["polaris"]).warnings
+    typo = [w for w in warnings if "policy.models.smollm2-135M" in w]
+    assert len(typo) == 1 and "'smollm2-135m'" in typo[0]
+    assert not any("policy.models" in w for w in cli_sites.check_site(
+        "polaris", VALUES["polaris"]).warnings)
+
+
+def test_docs_list_the_sites_as_fabric_sites_prints_them(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "site-operators.md").read_text()
+    intro = doc.index("`fabric sites` lists the shipped definitions")
+    start = doc.index("```\n", intro) + 4
+    listing = doc[start:doc.index("```", start)]
+    assert cli_sites.cmd_sites(argparse.Namespace()) == 0
+    assert listing == capsys.readouterr().out

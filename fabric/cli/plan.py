@@ -29,8 +29,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--weights", choices=("bfloat16", "float16", "float32", "fp8"),
                    default="bfloat16", help="how the weights are stored on the GPUs (fp8: "
                    "resident FP8, which the engine does not do yet; default bfloat16)")
-    p.add_argument("--nodes", type=int, help="most nodes the plan may use (default: the "
-                   "site's node.max_nodes, else as many as it takes)")
+    p.add_argument("--nodes", type=int, help="most nodes the plan may use (default and upper "
+                   "bound: what the site's limits and node.max_nodes allow)")
     p.add_argument("--pp", type=int, help="check this many pipeline stages (with --tp)")
     p.add_argument("--tp", type=int, help="tensor-parallel ranks per stage")
     p.add_argument("--ep", type=int, help="expert-parallel groups per stage (MoE; divides tp)")
@@ -55,15 +55,40 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidRequest("--pp needs --tp (or leave both out to search)")
         plan = plans.size_plan(model, site.node, args.pp, args.tp,
                                args.ep or plans.default_ep(model, args.tp), args.weights)
-        plans.check_fits(plan, site.node, min_tokens, args.nodes or site.node.max_nodes)
+        plans.check_fits(plan, site.node, min_tokens, _max_nodes(site, args.nodes))
     else:
-        plan = plans.fit(model, site.node, args.weights, min_tokens, args.nodes, args.tp,
-                         args.ep)
+        plan = plans.fit(model, site.node, args.weights, min_tokens,
+                         _max_nodes(site, args.nodes), args.tp, args.ep)
+    _check_deployable(site, plan)
     if args.json:
         print(dumps({"site": site.name, **plan.to_dict()}))
         return 0
     _print(plan, site.name, site.node)
     return 0
+
+
+def _max_nodes(site: Any, asked: int | None) -> int:
+    """The most nodes a plan may take: ``--nodes``, ``node.max_nodes`` and the site's
+    ``limits`` (max_nodes, and max_gpus in whole nodes), whichever is least."""
+    caps = [asked, site.node.max_nodes, site.limits.max_nodes,
+            site.limits.max_gpus // site.node.gpus if site.node.gpus else None]
+    return max(1, min(c for c in caps if c is not None))
+
+
+def _check_deployable(site: Any, plan: Any) -> None:
+    """``PlanDoesNotFit`` unless ``deploy`` would take the plan: the site's ``limits``, checked
+    by the rule deploy checks them with (``fabric.sites.limit_exceeded``)."""
+    from fabric.errors import PlanDoesNotFit
+    from fabric.sites import Plan, limit_exceeded
+
+    deployed = Plan(pp=plan.pp, tp=plan.tp, ep=plan.ep, nodes=plan.nodes,
+                    gpus_per_node=plan.ranks // plan.nodes, device="cuda")
+    over = limit_exceeded(site.limits, deployed, site.jobs.walltime)
+    if over:
+        raise PlanDoesNotFit(
+            f"pp={plan.pp} x tp={plan.tp} = {plan.ranks} GPUs on {plan.nodes} nodes exceeds "
+            f"site {site.name!r}'s {over[0]} = {over[1]} (it asks for {over[2]}): deploy "
+            "would refuse it", rule=over[0], limit=over[1], requested=over[2])
 
 
 def _print(plan: Any, site: str, node: Any) -> None:

@@ -20,12 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from fabric.endpoint_files import ENDPOINT_FILES, render_endpoint_files
-from fabric.errors import InvalidSiteConfig
+from fabric.errors import FabricError, InvalidSiteConfig
 from fabric.sites import (
     HostedModel,
-    JobsConfig,
     SiteConfig,
-    TypedSpec,
     list_sites,
     load_site,
 )
@@ -56,66 +54,32 @@ class SiteReport:
     warnings: list[str]
 
 
-def _resolve(spec: TypedSpec, module: str) -> Any:
-    """The Parsl class named by ``spec.type`` (providers or launchers), or a clear error."""
-    import importlib
+def render_job_scripts(site: SiteConfig) -> list[RenderedJob]:
+    """Render (never submit) the batch script of each hosted model's server.
 
-    mod = importlib.import_module(module)
-    cls = getattr(mod, spec.type, None)
-    if cls is None:
-        raise InvalidSiteConfig(f"unknown {module.rsplit('.', 1)[-1][:-1]} type {spec.type!r}")
-    return cls
-
-
-def build_provider(jobs: JobsConfig, nodes: int, script_dir: str) -> Any:
-    """A Parsl provider for one model-server job of ``nodes`` nodes, as ``jobs`` describes."""
-    launcher = _resolve(jobs.launcher, "parsl.launchers")(**jobs.launcher.kwargs())
-    kwargs = {
-        "walltime": jobs.walltime,
-        "worker_init": jobs.worker_init,
-        "nodes_per_block": nodes,
-        **jobs.provider.kwargs(),
-        "launcher": launcher,
-    }
-    cls = _resolve(jobs.provider, "parsl.providers")
-    if jobs.provider.type == "LocalProvider":
-        kwargs.pop("walltime")  # a local "job" has no walltime
-    try:
-        provider = cls(**kwargs)
-    except TypeError as exc:
-        raise InvalidSiteConfig(f"jobs.provider ({jobs.provider.type}): {exc}") from None
-    provider.script_dir = script_dir
-    return provider
-
-
-def render_job_script(site: SiteConfig, hosted: HostedModel) -> RenderedJob:
-    """Render (never submit) the batch script for ``hosted``'s model server.
-
-    Parsl's provider writes its script and then runs the scheduler's submit command through
-    ``execute_wait``; replacing that one method on the instance turns ``submit`` into a dry run
-    that records the command, so the script is exactly Parsl's own.
+    The launcher the site's deployments use builds them (``JobLauncher.from_config``, then its
+    ``render``: ``submit`` up to the scheduler's command), so whatever a deployment would
+    refuse (the ``jobs:`` block, or a model's plan, named in the message), the check refuses
+    with the same typed error.
     """
-    plan = hosted.plan
+    from fabric.endpoint.jobs import JobLauncher
+
     with tempfile.TemporaryDirectory(prefix="fabric-render-") as tmp:
-        provider = build_provider(site.jobs, plan.nodes, tmp)
-        if site.jobs.provider.type == "LocalProvider":
-            return RenderedJob(hosted.name, "(LocalProvider: runs the command directly)", "")
-        calls: list[str] = []
+        launcher = JobLauncher.from_config(site.jobs, Path(tmp))
+        where = str(launcher.script_dir)
+        return [_render_one(launcher, hosted, where) for hosted in site.models]
 
-        def dry_run(cmd: str, walltime: int | None = None) -> tuple[int, str, str]:
-            calls.append(cmd)
-            return 0, "Submitted batch job 1\n1.dry-run\n", ""
 
-        provider.execute_wait = dry_run
-        ranks_per_node = max(1, plan.ranks // plan.nodes)
-        provider.submit(SERVER_COMMAND, ranks_per_node, job_name=f"fabric-{hosted.name}")
-        scripts = [p for p in Path(tmp).iterdir() if p.name.startswith(f"fabric-{hosted.name}.")
-                   and p.suffix not in (".stdout", ".stderr")]
-        if not scripts:
-            raise InvalidSiteConfig(f"{site.jobs.provider.type} wrote no submit script")
-        script = min(scripts, key=lambda p: len(p.name)).read_text()
-    return RenderedJob(hosted.name, script.replace(tmp, "<script_dir>"),
-                       (calls[0] if calls else "").replace(tmp, "<script_dir>"))
+def _render_one(launcher: Any, hosted: HostedModel, script_dir: str) -> RenderedJob:
+    plan = hosted.plan
+    try:
+        script, submit = launcher.render(SERVER_COMMAND, plan.ranks, plan.nodes,
+                                         f"fabric-{hosted.name}")
+    except FabricError as exc:
+        raise type(exc)(f"models[{hosted.name}].plan (pp={plan.pp}, tp={plan.tp}, "
+                        f"nodes={plan.nodes}): {exc.message}", **exc.details) from None
+    return RenderedJob(hosted.name, script.replace(script_dir, "<script_dir>"),
+                       submit.replace(script_dir, "<script_dir>"))
 
 
 def write_endpoint_files(files: dict[str, str], folder: Path) -> list[Path]:
@@ -196,10 +160,10 @@ def check_site(name: str, values: dict[str, str] | None = None) -> SiteReport:
                         "run `fabric site register-functions` again")
     if site.policy is None and site.name != "local":
         warnings.append("no policy section: every caller Globus Compute admits may use any model")
-    catalog_names = {e.name for e in site.extra_models}
-    from fabric.catalog import Catalog
+    from fabric.models_registry import site_catalog
 
-    known = set(Catalog().names()) | catalog_names
+    known = set(site_catalog(site).names())
+    warnings += _unknown_policy_models(site, known)
     for hosted in site.models:
         if hosted.name not in known:
             raise InvalidSiteConfig(f"{name}: hosted model {hosted.name!r} is in no catalog")
@@ -209,8 +173,24 @@ def check_site(name: str, values: dict[str, str] | None = None) -> SiteReport:
                             f"for {hosted.plan.nodes} nodes x {hosted.plan.gpus_per_node} GPUs")
         if hosted.plan.device == "xpu":
             warnings.append(f"{hosted.name}: device xpu is NOT yet supported by the fabric engine")
-    jobs = [render_job_script(site, m) for m in site.models]
+    jobs = render_job_scripts(site)
     return SiteReport(site, files["config.yaml"], engine, files, jobs, warnings)
+
+
+def _unknown_policy_models(site: SiteConfig, known: set[str]) -> list[str]:
+    """A warning per ``policy.models`` key that names no catalog model: its callers fall to
+    ``policy.default`` (which denies by default). A warning, not an error: a model the operator
+    registers later with ``fabric models add`` lives in the state dir, and a rule written for it
+    ahead of time is right."""
+    import difflib
+
+    out = []
+    for key in sorted(set(site.policy.models if site.policy else {}) - known):
+        near = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        out.append(f"policy.models.{key} names no catalog model{hint}: its callers get "
+                   "policy.default instead")
+    return out
 
 
 def _parse_sets(items: list[str] | None) -> dict[str, str]:

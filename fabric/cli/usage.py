@@ -36,9 +36,14 @@ def register(subparsers: Any) -> None:
 def cmd_usage(args: argparse.Namespace) -> int:
     """Print (or export) the site's usage."""
     from fabric.endpoint.usage_report import parse_since, table, usage_rows, write_csv
+    from fabric.errors import InvalidRequest
     from fabric.sites import resolve_site
 
-    _, _, folder = resolve_site(args.site, args.state_dir)
+    cfg, _, folder = resolve_site(args.site, args.state_dir)
+    if not folder.is_dir():  # "no usage recorded" would read as zero usage: it is unknown
+        raise InvalidRequest(f"state dir {folder} of site {cfg.name!r} does not exist: no "
+                             "usage to read there (run this where the site's state dir is, "
+                             "or give it with --state-dir)", state_dir=str(folder))
     since = parse_since(args.since) if args.since else None
     rows = usage_rows(Path(folder), since, args.by)
     if args.csv is not None:

@@ -54,6 +54,7 @@ from parsl.providers.base import ExecutionProvider
 
 from fabric.endpoint.schedulers import JobState, JobView, scheduler_for, state_of
 from fabric.errors import DeploymentError, InvalidSiteConfig
+from fabric.sitepolicy import walltime_seconds
 from fabric.sites import JobsConfig, TypedSpec
 
 __all__ = ["JobLauncher", "JobState", "JobStatus"]
@@ -89,6 +90,34 @@ def _resolve(spec: TypedSpec, module: Any, base: type, kind: str) -> type:
     return cls
 
 
+def _check_types(cls: type, kwargs: dict[str, Any], where: str) -> None:
+    """Refuse a value of another type than a parameter's plain annotation (``int``, ``float``,
+    ``str``, ``bool``) or, unannotated, its default: Parsl's PBS provider, unlike its
+    typeguarded Slurm one, would write ``cpus_per_node: sixtyfour`` straight into
+    ``#PBS -l select=...:ncpus=sixtyfour``, and a launcher's ``debug: "yes"`` fails in its
+    script template."""
+    params = inspect.signature(cls).parameters
+    for name, value in kwargs.items():
+        param = params.get(name)
+        if param is None:
+            continue  # the constructor names what it does not take
+        plain = param.annotation if param.annotation is not param.empty \
+            else type(param.default)
+        accepted = _ACCEPTED_TYPES.get(_PLAIN.get(plain, plain))
+        if accepted and (not isinstance(value, accepted)
+                         or (isinstance(value, bool) and bool not in accepted)):
+            raise InvalidSiteConfig(
+                f"{where}.{name}: {value!r} is not {' or '.join(t.__name__ for t in accepted)}"
+                f" ({cls.__name__}({name}=...))", key=f"{where}.{name}")
+
+
+_ACCEPTED_TYPES: dict[type, tuple[type, ...]] = {
+    int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+"""What a value given for a parameter with an ``int``/``float``/``str``/``bool`` type may be."""
+_PLAIN: dict[Any, type] = {t.__name__: t for t in _ACCEPTED_TYPES}
+"""The same types as string annotations (modules with ``from __future__ import annotations``)."""
+
+
 def _instantiate(cls: type, kwargs: dict[str, Any]) -> Any:
     try:
         return cls(**kwargs)
@@ -97,10 +126,22 @@ def _instantiate(cls: type, kwargs: dict[str, Any]) -> Any:
 
 
 def _seconds(walltime: str) -> int:
-    if not re.fullmatch(r"\d+:\d{2}:\d{2}", walltime):
-        raise InvalidSiteConfig(f"walltime {walltime!r} is not HH:MM:SS")
-    hours, minutes, secs = (int(p) for p in walltime.split(":"))
-    return hours * 3600 + minutes * 60 + secs
+    try:
+        return walltime_seconds(walltime)
+    except ValueError as exc:
+        raise InvalidSiteConfig(str(exc), walltime=walltime) from None
+
+
+class _DryRun(Exception):
+    """Raised in place of a scheduler's submit command by ``JobLauncher.render``."""
+
+
+def check_placement(ranks: int, nodes: int) -> None:
+    """``DeploymentError`` unless ``ranks`` spread evenly over ``nodes`` (the launchers start
+    the same number of ranks on every node of a job)."""
+    if ranks < 1 or nodes < 1 or ranks % nodes:
+        raise DeploymentError(f"cannot place {ranks} ranks on {nodes} nodes evenly: ranks "
+                              "(pp x tp) must be a multiple of nodes", ranks=ranks, nodes=nodes)
 
 
 class JobLauncher:
@@ -126,6 +167,8 @@ class JobLauncher:
         """Build from a site's ``jobs:`` block; keyword overrides win over the config."""
         launcher_cls = _resolve(jobs.launcher, parsl.launchers, Launcher, "launcher")
         provider_cls = _resolve(jobs.provider, parsl.providers, ExecutionProvider, "provider")
+        _check_types(launcher_cls, jobs.launcher.kwargs(), "jobs.launcher")
+        _check_types(provider_cls, jobs.provider.kwargs(), "jobs.provider")
         launcher = _instantiate(launcher_cls, jobs.launcher.kwargs())
         if launcher("true", 1, 1, "").strip().splitlines()[-1].startswith('[[ "0" == "1" ]]'):
             raise InvalidSiteConfig(f"{jobs.launcher.type} with debug: false ends its script "
@@ -142,13 +185,51 @@ class JobLauncher:
 
     def submit(self, command: str, ranks: int, nodes: int, job_name: str) -> str:
         """Launch ``ranks`` copies of ``command`` over ``nodes`` nodes; returns the job id."""
-        if ranks < 1 or nodes < 1 or ranks % nodes:
-            raise DeploymentError(f"cannot place {ranks} ranks on {nodes} nodes evenly",
-                                  ranks=ranks, nodes=nodes)
+        check_placement(ranks, nodes)
         client = _SUBMIT_COMMAND.get(self._kind)
         if client and shutil.which(client) is None:
             raise DeploymentError(f"{client} not found on PATH: {self._kind} needs the "
                                   "scheduler's client commands here", provider=self._kind)
+        try:
+            job_id = self._provider_submit(command, ranks, nodes, job_name)
+        except Exception as exc:  # Parsl's SubmitException carries the scheduler's stderr
+            raise DeploymentError(f"{self._kind} submit failed: {exc}", provider=self._kind,
+                                  stderr=str(getattr(exc, "stderr", None) or "")) from None
+        if not job_id:
+            raise DeploymentError(f"{self._kind} submit returned no job id", provider=self._kind)
+        return str(job_id)  # Slurm/PBS job id; LocalProvider: PID of the job's shell
+
+    def render(self, command: str, ranks: int, nodes: int, job_name: str) -> tuple[str, str]:
+        """Dry run of ``submit`` (``fabric site check``): ``(batch script, submit command)``
+        exactly as ``submit`` would hand them to the scheduler, which is never called. The
+        same checks refuse the same plans; a ``LocalProvider`` job has no batch script."""
+        check_placement(ranks, nodes)
+        if self._kind == "LocalProvider":  # runs its command through a module-level call
+            return "(LocalProvider: runs the command directly)", ""
+        calls: list[str] = []
+
+        def dry_run(cmd: str, timeout: int | None = None) -> tuple[int, str, str]:
+            calls.append(cmd)
+            raise _DryRun  # the script is written; stop before parsing a scheduler's reply
+
+        before = set(self.script_dir.iterdir())
+        provider: Any = self.provider
+        provider.execute_wait = dry_run
+        try:
+            self._provider_submit(command, ranks, nodes, job_name)
+        except _DryRun:
+            pass
+        finally:
+            del provider.execute_wait  # the class's own again
+        # The provider's script is the one the submit command names (not our rank wrapper).
+        written = [p for p in set(self.script_dir.iterdir()) - before if calls and
+                   str(p) in calls[0] and p.suffix not in (".stdout", ".stderr")]
+        if not written:
+            raise InvalidSiteConfig(f"{self._kind} wrote no submit script", provider=self._kind)
+        return min(written, key=lambda p: len(p.name)).read_text(), calls[0]
+
+    def _provider_submit(self, command: str, ranks: int, nodes: int, job_name: str) -> Any:
+        """Write ``command``'s rank script and hand it to the provider; its raw job id."""
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", job_name) or "fabric"
         script = self.script_dir / f"{safe}.{uuid.uuid4().hex[:8]}.sh"
         script.write_text(
@@ -174,16 +255,10 @@ class JobLauncher:
         # puts the command in the batch script itself, which must go on after it.
         run = "" if type(getattr(provider, "launcher", None)).__name__ == "SimpleLauncher" \
             else "exec "
-        try:
-            job_id = self.provider.submit(f'{run}bash {shlex.quote(str(script))} "${{1:-}}"',
-                                          ranks // nodes, safe)
-        except Exception as exc:  # Parsl's SubmitException carries the scheduler's stderr
-            raise DeploymentError(f"{self._kind} submit failed: {exc}", provider=self._kind,
-                                  stderr=str(getattr(exc, "stderr", None) or "")) from None
-        if not job_id:
-            raise DeploymentError(f"{self._kind} submit returned no job id", provider=self._kind)
-        job_id = str(job_id)  # Slurm/PBS job id; LocalProvider: PID of the job's shell
-        self._markers[job_id] = marker
+        job_id = self.provider.submit(f'{run}bash {shlex.quote(str(script))} "${{1:-}}"',
+                                      ranks // nodes, safe)
+        if job_id:
+            self._markers[str(job_id)] = marker
         return job_id
 
     def status(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
