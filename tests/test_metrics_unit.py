@@ -149,6 +149,17 @@ def test_usage_report_groups_and_exports(tmp_path: Path) -> None:
     assert table(rows).splitlines()[-1].split() == ["total", "0", "18", "23", "41"]
     with pytest.raises(InvalidRequest):
         usage_rows(tmp_path, by="site")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="cannot write the CSV to"):
+        write_csv(rows, tmp_path / "no-such-dir" / "u.csv")
+    # ``--csv -``: standard output, not a file named "-".
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fabric.cli.main", "usage", "--state-dir",
+                          str(tmp_path), "--csv", "-"], capture_output=True, text=True,
+                         cwd=tmp_path, check=True).stdout
+    assert list(csv.DictReader(out.splitlines())) == exported
+    assert not (tmp_path / "-").exists()
 
 
 def test_usage_table_made_before_the_split_gains_its_columns(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--by", default="both", choices=("both", "identity", "model"),
                    help="group by identity and model (default), identity only or model only")
     p.add_argument("--csv", default=None, metavar="FILE", type=Path,
-                   help="write the rows to FILE as CSV (the operator's export)")
+                   help="write the rows to FILE as CSV (the operator's export; - for "
+                        "standard output)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_usage)
 
@@ -46,7 +48,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
                              "or give it with --state-dir)", state_dir=str(folder))
     since = parse_since(args.since) if args.since else None
     rows = usage_rows(Path(folder), since, args.by)
-    if args.csv is not None:
+    if args.csv is not None and str(args.csv) == "-":  # the shell's usual "standard output"
+        write_csv(rows, sys.stdout)
+    elif args.csv is not None:
         write_csv(rows, args.csv)
         print(f"wrote {len(rows)} rows to {args.csv}")
     elif args.json:

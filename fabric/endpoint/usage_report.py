@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 from fabric.errors import InvalidRequest
 
@@ -85,13 +85,26 @@ def usage_rows(state_dir: Path, since: float | None = None, by: By = "both") -> 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(UsageRow))
 
 
-def write_csv(rows: list[UsageRow], path: Path) -> None:
-    """The rows as CSV with a header line (``COLUMNS``)."""
-    with Path(path).open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(COLUMNS))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(asdict(row))
+def write_csv(rows: list[UsageRow], path: Path | IO[str]) -> None:
+    """The rows as CSV with a header line (``COLUMNS``), to a file or an open stream."""
+    if not isinstance(path, Path):
+        _write_rows(rows, path)
+        return
+    try:
+        with path.open("w", newline="") as fh:
+            _write_rows(rows, fh)
+    except OSError as exc:
+        from fabric.errors import InvalidRequest
+
+        raise InvalidRequest(f"cannot write the CSV to {path}: {exc.strerror}",
+                             path=str(path)) from None
+
+
+def _write_rows(rows: list[UsageRow], fh: IO[str]) -> None:
+    writer = csv.DictWriter(fh, fieldnames=list(COLUMNS))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(asdict(row))
 
 
 def table(rows: list[UsageRow]) -> str:
