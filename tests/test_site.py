@@ -448,6 +448,10 @@ def test_stop_all_stops_the_servers_a_stopped_site_left(
         records = DeploymentManager(load_site(str(folder)), folder / "state").db
         [dep] = records.query(states=("ready",))
         assert _processes_mentioning(servers), "the plain stop stopped the server"
+        # The site is down, its server is not: status says so (it said only "not running").
+        assert main(["endpoint", "status", "--site", str(folder)]) == 3
+        out = capsys.readouterr().out
+        assert "is not running" in out and dep.id in out and "stop --all" in out, out
         assert main(["endpoint", "stop", "--all", "--site", str(folder)]) == 0
         out = capsys.readouterr().out
         assert "is not running" in out and "stopped 1 model server" in out, out

@@ -72,10 +72,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     status = site_status(args.site, args.state_dir)
     if status is None:
+        left = _servers_left(args)
         if args.json:
-            print(json.dumps({"running": False}))
+            print(json.dumps({"running": False, "servers_left": left}))
         else:
             print(f"site {args.site} is not running (start it with `fabric endpoint start`)")
+            if left:
+                print(f"{len(left)} model server(s) it started may still run ({', '.join(left)}):"
+                      " `fabric endpoint stop --all` stops them, a restarted site takes them "
+                      "over")
         return 3
     if args.json:
         print(json.dumps({"running": True, **status}, indent=2, default=str))
@@ -105,6 +110,18 @@ def cmd_stop(args: argparse.Namespace) -> int:
         if reply.get("note") else ""
     print(f"site {args.site} stopped{how}{extra}")
     return 0
+
+
+def _servers_left(args: argparse.Namespace) -> list[str]:
+    """Deployments a site that is down left recorded live (their servers outlive it until
+    their idle timeout); what their processes say is checked only by a running site."""
+    from fabric.endpoint.state import LIVE_STATES, StateDB
+    from fabric.sites import resolve_site
+
+    _, _, state_dir = resolve_site(args.site, args.state_dir)
+    if not (state_dir / "fabric.sqlite").exists():  # nothing ever deployed there
+        return []
+    return [d.id for d in StateDB(state_dir).query(states=(*LIVE_STATES, "draining"))]
 
 
 def _undeploy_without_site(args: argparse.Namespace) -> list[str]:
