@@ -154,6 +154,18 @@ def test_a_runner_crash_costs_no_attempt(tmp_path: Path, monkeypatch: pytest.Mon
     assert any(n > 1 for n in fake.executions.values())  # some inputs did run twice
 
 
+def _run_in_background(folder: Path, transport: Any
+                       ) -> tuple[threading.Event, threading.Thread, list[str]]:
+    """A runner on ``folder`` in a thread: its stop event, the thread, and (once it returns)
+    its result."""
+    stop = threading.Event()
+    runner = CampaignRunner(folder, transports={"local": transport}, poll_s=0.02, stop=stop)
+    result: list[str] = []
+    thread = threading.Thread(target=lambda: result.append(runner.run()), daemon=True)
+    thread.start()
+    return stop, thread, result
+
+
 @pytest.mark.parametrize("how", ["stop", "cancel"])
 def test_shards_given_back_on_stop_or_cancel_cost_no_attempt(tmp_path: Path, how: str) -> None:
     """Stopping the runner (site shutdown) or cancelling abandons the shards in flight: their
@@ -161,11 +173,7 @@ def test_shards_given_back_on_stop_or_cancel_cost_no_attempt(tmp_path: Path, how
     even with ``max_attempts: 1``."""
     folder = store.create(manifest(tmp_path, n=40, max_attempts=1), tmp_path / "home")
     blocking = Blocking()
-    stop = threading.Event()
-    runner = CampaignRunner(folder, transports={"local": blocking}, poll_s=0.02, stop=stop)
-    result: list[str] = []
-    thread = threading.Thread(target=lambda: result.append(runner.run()), daemon=True)
-    thread.start()
+    stop, thread, result = _run_in_background(folder, blocking)
     try:
         # max_in_flight 3 x shard_size 8: 24 inputs claimed (attempt 1) and never answered
         _until(lambda: store.status(folder)["running"] == 24, "24 inputs in flight")
@@ -251,11 +259,7 @@ def test_a_site_that_keeps_failing_is_retried_with_backoff(tmp_path: Path) -> No
     4 s...), so in the first 1.5 s it sees at most a few submissions, not one per loop."""
     fake = Counting(fail=lambda shard: True)
     folder = store.create(manifest(tmp_path, n=1, max_attempts=20), tmp_path / "home")
-    stop = threading.Event()
-    runner = CampaignRunner(folder, transports={"local": fake}, poll_s=0.02, stop=stop)
-    result: list[str] = []
-    thread = threading.Thread(target=lambda: result.append(runner.run()), daemon=True)
-    thread.start()
+    stop, thread, result = _run_in_background(folder, fake)
     try:
         _until(lambda: fake.submitted >= 2, "two submissions")
         time.sleep(1.5)
