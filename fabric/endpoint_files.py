@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from fabric.errors import InvalidSiteConfig
-from fabric.sites import SAFE_VALUE, SiteConfig, load_site, render, site_dir
+from fabric.site_values import SAFE_VALUE, render
+from fabric.sites import SiteConfig, load_site, site_dir
 
 
 def allowed_serializers(site: SiteConfig) -> list[str]:

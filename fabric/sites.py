@@ -21,7 +21,6 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -29,11 +28,14 @@ from pydantic import (
 
 from fabric.catalog import CatalogEntry
 from fabric.errors import InvalidSiteConfig
+from fabric.site_values import (
+    TEMPLATE,
+    TemplateVar,
+    render,
+    resolve_values,
+    values_file,
+)
 from fabric.sitepolicy import PolicyConfig, SiteLimits, walltime_seconds
-
-SAFE_VALUE = r"^[A-Za-z0-9_.:/@+-]+$"
-"""Characters a value substituted into site files may hold (template values, the site
-folder): none a YAML scalar, a Jinja template or a shell line would read as syntax."""
 
 ENDPOINTS_DIR = Path(__file__).resolve().parent.parent / "endpoints"
 
@@ -279,23 +281,6 @@ class ServerConfig(_Strict):
     """Bind and advertise address of the model servers (default: loopback, this machine)."""
 
 
-class TemplateVar(_Strict):
-    """A value the operator fills in (``{{ name }}`` in ``fabric.yaml`` and ``config.yaml``).
-
-    Values are validated before substitution, so a site file never reaches a YAML parser or a
-    batch script with an unchecked string in it (the pattern forbids quotes, spaces and ``$``).
-    """
-
-    description: str = ""
-    required: bool = True
-    """A required value without a default must be given (``--set name=value`` or values.yaml)."""
-    default: str | None = None
-    pattern: str = SAFE_VALUE
-    """Regular expression the whole value must match."""
-    choices: list[str] = Field(default_factory=list)
-    """If not empty, the value must be one of these."""
-
-
 def plan_size(plan: Plan) -> dict[str, int]:
     """What one deployment of ``plan`` holds: nodes and accelerators."""
     gpus = 0 if plan.device == "cpu" else max(plan.nodes * plan.gpus_per_node, plan.ranks)
@@ -452,9 +437,9 @@ def load_site(name_or_path: str | Path, values: dict[str, str] | None = None, *,
         # First pass: templated values sit inside quoted strings, so the raw file parses and
         # its `template:` section can be read before anything is substituted.
         first = yaml.safe_load(raw) or {}
-        declared = _TEMPLATE.validate_python(first.get("template") or {}
+        declared = TEMPLATE.validate_python(first.get("template") or {}
                                              if isinstance(first, dict) else {})
-        merged = resolve_values(declared, {**_values_file(path.parent), **(values or {})},
+        merged = resolve_values(declared, {**values_file(path.parent), **(values or {})},
                                 strict=strict, where=str(path))
         site = SiteConfig.model_validate(yaml.safe_load(render(raw, merged, str(path))) or {})
     except (ValidationError, yaml.YAMLError) as exc:
@@ -474,77 +459,6 @@ def resolve_site(site: str = "local", state_dir: str | Path | None = None
     cfg.require_values()
     folder = Path(state_dir).expanduser() if state_dir else cfg.resolved_state_dir()
     return cfg, ref, folder.resolve()
-
-
-def resolve_values(declared: dict[str, TemplateVar], given: dict[str, str], *, strict: bool,
-                   where: str = "site") -> dict[str, str]:
-    """Validate ``given`` against the declared variables and fill defaults.
-
-    Unknown names, values that fail a pattern or choice list, and (with ``strict``) missing
-    required values raise ``InvalidSiteConfig`` naming every problem at once.
-    """
-    problems = [f"unknown template value {k!r} (declared: {sorted(declared)})"
-                for k in given if k not in declared]
-    out: dict[str, str] = {}
-    for name, var in declared.items():
-        value = given.get(name, var.default)
-        if value is None:
-            if var.required and strict:
-                problems.append(f"{name!r} is required: {var.description or 'no description'}"
-                                f" (give --set {name}=...)")
-            out[name] = f"UNSET-{name}" if var.required else ""
-            continue
-        problems += _value_problems(name, var, str(value))
-        out[name] = str(value)
-    if problems:
-        raise InvalidSiteConfig(f"{where}: " + "; ".join(problems), problems=problems)
-    return out
-
-
-def _value_problems(name: str, var: TemplateVar, value: str) -> list[str]:
-    """What is wrong with ``value`` for ``var`` (an empty list when nothing)."""
-    accepted = f"one of {var.choices}" if var.choices else f"matching {var.pattern}"
-    if (value in var.choices) if var.choices else re.fullmatch(var.pattern, value):
-        return []
-    if value == "":
-        return [f"{name!r} is empty: give a value {accepted}"]
-    if var.choices:
-        return [f"{name}={value!r} is not one of {var.choices}"]
-    return [f"{name}={value!r} does not match {var.pattern}"]
-
-
-_TEMPLATE = TypeAdapter(dict[str, TemplateVar])
-_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-
-
-def render(text: str, values: dict[str, str], where: str = "site") -> str:
-    """Substitute ``{{ name }}`` placeholders; a placeholder with no value is an error."""
-    unknown = sorted({m for m in _PLACEHOLDER.findall(text) if m not in values})
-    if unknown:
-        raise InvalidSiteConfig(f"{where}: template uses undeclared values {unknown}; "
-                                "declare them under `template:` in fabric.yaml")
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
-
-
-def _values_file(folder: Path) -> dict[str, str]:
-    """The operator's ``values.yaml`` (site-local, not shipped), if present, as the strings
-    written there: YAML's BaseLoader types nothing, so ``account: 0123`` stays ``0123`` (not
-    octal 83), ``1_000`` stays ``1_000`` and an empty value is ``""`` (refused as empty by
-    ``resolve_values``), not ``None``."""
-    file = folder / "values.yaml"
-    if not file.exists():
-        return {}
-    try:
-        data = yaml.load(file.read_text(), Loader=yaml.BaseLoader) or {}
-    except yaml.YAMLError as exc:
-        raise InvalidSiteConfig(f"{file}: {exc}", path=str(file)) from None
-    if not isinstance(data, dict):
-        raise InvalidSiteConfig(f"{file}: expected a mapping of name: value", path=str(file))
-    nested = sorted(k for k, v in data.items() if not isinstance(v, str))
-    if nested:
-        raise InvalidSiteConfig(f"{file}: {nested} must be single values (a string, number "
-                                "or name), not lists or mappings", path=str(file), keys=nested)
-    return dict(data)
 
 
 def list_sites() -> list[str]:
