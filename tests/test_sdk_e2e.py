@@ -95,6 +95,25 @@ def test_stream_concatenates_to_generate(fab: Fabric) -> None:
     assert stream.token_ids == stream.result.token_ids == expected.token_ids
 
 
+def test_a_stream_cut_by_a_stop_string_lists_what_generate_lists(fab: Fabric) -> None:
+    """A stop string's tokens stream out before the stop is seen whole; at the end the
+    stream's tokens and scores are the result's, as ``generate`` gives them (the text
+    before the stop), not the text's plus the stop string's."""
+    free = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=16, logprobs=True)
+    stop = next((free.text[i:i + 3] for i in range(2, len(free.text) - 3)
+                 if free.text[i:i + 3].strip() and free.text.find(free.text[i:i + 3]) == i),
+                None)
+    assert stop is not None, free.text
+    expected = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=16, logprobs=True, stop=[stop])
+    with fab.stream(PROMPT, model=TINY_MODEL, max_tokens=16, logprobs=True,
+                    stop=[stop]) as stream:
+        text = "".join(stream)
+    assert stream.result is not None and stream.result.finish_reason == "stop"
+    assert text == expected.text == free.text[:free.text.find(stop)]
+    assert stream.token_ids == expected.token_ids == free.token_ids[:len(expected.token_ids)]
+    assert stream.logprobs == expected.logprobs
+
+
 def test_stream_by_long_poll(fab: Fabric) -> None:
     """A transport that cannot reach model servers streams through the endpoint instead."""
     expected = fab.generate(PROMPT, model=TINY_MODEL, max_tokens=12)

@@ -194,8 +194,10 @@ class Stream:
                 print(chunk, end="", flush=True)
         print(s.result.finish_reason)
 
-    ``text``, ``token_ids`` and ``logprobs`` accumulate as chunks arrive; ``result`` is the
-    full ``GenerationResult`` once the stream has finished (``None`` before, or if closed early).
+    ``text``, ``token_ids`` and ``logprobs`` accumulate as chunks arrive (at the end they are
+    the result's: a stop string's tokens, streamed before the stop was seen whole, are dropped);
+    ``result`` is the full ``GenerationResult`` once the stream has finished (``None`` before, or
+    if closed early).
     """
 
     def __init__(self, source: EventSource) -> None:
@@ -281,6 +283,10 @@ class Stream:
             self.result = parse_generation(event["result"])
             if self.result.site is None:
                 self.result.site = self.site
+            # Tokens of a stop string streamed before it was seen whole: the result lists
+            # only the returned text's (the text never held them).
+            keep = len(self.result.token_ids)
+            del self.token_ids[keep:], self.logprobs[keep:], self.tops[keep:]
             self._finish()
             return ""
         self.token_ids.extend(int(t) for t in event.get("token_ids") or [])
