@@ -227,3 +227,30 @@ def test_without_batches_every_admission_is_its_own_task_and_close_fails_the_que
         waiting.result(5)
     with pytest.raises(EndpointError):
         queued.admit(body(9), "direct")
+
+
+def test_a_transport_that_raises_fails_that_admission_and_the_next_still_goes() -> None:
+    """A transport's submit raising something untyped (a bug, a library error) fails that
+    admission; it must not end the admission thread, which would leave every later call
+    waiting for ever."""
+
+    class Flaky(HeldTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fail_next = True
+
+        def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+            if self.fail_next:
+                self.fail_next = False
+                raise RuntimeError("the transport broke")
+            return super().submit(fn, *args, **kwargs)
+
+    t = Flaky()
+    adm = Admissions(t, None, slots=1)
+    with pytest.raises(RuntimeError, match="the transport broke"):
+        adm.admit(body(0), "direct").result(5)
+    later = adm.admit(body(1), "direct")
+    t.wait_tasks(1)
+    t.settle(0)
+    assert later.result(5)["request_id"] == "r1"
+    adm.close()

@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from fabric.errors import EndpointError, FabricError
+from fabric.errors import EndpointError
 
 
 @runtime_checkable
@@ -41,10 +41,12 @@ class Transport(Protocol):
 
 def submit_or_fail(transport: Transport, fn: Callable[..., Any], *args: Any) -> Future[Any]:
     """``transport.submit(fn, *args)``, with a refusal to submit (a closed client, a full
-    Executor) as that future's exception: callers settle one way whatever went wrong."""
+    Executor) as that future's exception: callers settle one way whatever went wrong. Any
+    error counts: raised in the admission or poller thread, it would end that thread and
+    leave every call queued behind it waiting for ever."""
     try:
         return transport.submit(fn, *args)
-    except FabricError as exc:
+    except Exception as exc:
         failed: Future[Any] = Future()
         failed.set_exception(exc)
         return failed
