@@ -285,8 +285,9 @@ class Stream:
                 self.result.site = self.site
             # Tokens of a stop string streamed before it was seen whole: the result lists
             # only the returned text's (the text never held them).
-            keep = len(self.result.token_ids)
-            del self.token_ids[keep:], self.logprobs[keep:], self.tops[keep:]
+            if self.result.finish_reason == "stop":
+                keep = len(self.result.token_ids)
+                del self.token_ids[keep:], self.logprobs[keep:], self.tops[keep:]
             self._finish()
             return ""
         self.token_ids.extend(int(t) for t in event.get("token_ids") or [])
