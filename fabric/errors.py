@@ -155,6 +155,13 @@ class WeightsChanged(DeploymentError):
     retryable = False
 
 
+class CampaignOutputLost(FabricError):
+    """A campaign's output files hold less than its ledger says was written (removed,
+    truncated or replaced while it ran); ``details['path']`` names the file. Resuming would
+    report inputs done whose lines are gone: restore the files, or start a new campaign.
+    Retrying does not help."""
+
+
 class UnsupportedCheckpoint(FabricError):
     """A checkpoint holds something the engine cannot read (a dtype, a scale layout); the
     message names the tensor and what is accepted. Retrying does not help."""

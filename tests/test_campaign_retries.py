@@ -272,3 +272,48 @@ def test_a_site_that_keeps_failing_is_retried_with_backoff(tmp_path: Path) -> No
     status = store.status(folder)
     assert status["pending"] == 1 and "worker lost" in (status["last_error"] or "")
     assert sum(status["sites"]["fake"]["shards"].values()) == fake.submitted
+
+
+def test_an_output_lost_while_the_campaign_ran_is_refused_not_reported_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results written and committed, then the output file is cut (or removed) and the
+    campaign resumed: it must say so, typed, not pad the file with NUL bytes up to the
+    committed length and report every input done (a user saw 501 inputs' lines gone under
+    a "done"). The same holds mid-run, when the next shard's lines are written."""
+    from fabric.campaign.ledger import Ledger
+    from fabric.errors import CampaignOutputLost
+
+    folder = store.create(manifest(tmp_path, n=40), tmp_path / "home")
+    real = Ledger.settle
+    calls = {"n": 0}
+
+    def stop_after_two(self: Ledger, *a: Any, **kw: Any) -> None:
+        real(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("the runner stops with two shards committed")
+
+    monkeypatch.setattr(Ledger, "settle", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder, FakeTransport())
+    monkeypatch.setattr(Ledger, "settle", real)
+    results = Path(store.load(folder).output) / store.RESULTS
+    whole = results.read_bytes()
+    assert whole.count(b"\n") == 16
+    results.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(CampaignOutputLost, match="where the campaign's ledger committed"):
+        run(folder, FakeTransport())
+    assert b"\0" not in results.read_bytes()
+    # Mid-run: the settle of the next shard finds the file gone.
+    results.write_bytes(whole)
+    lose = {"done": False}
+
+    def lose_it_once(self: Ledger, *a: Any, **kw: Any) -> None:
+        if not lose["done"]:
+            lose["done"] = True
+            results.unlink()
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(Ledger, "settle", lose_it_once)
+    with pytest.raises(CampaignOutputLost):
+        run(folder, FakeTransport())

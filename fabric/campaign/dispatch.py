@@ -217,6 +217,8 @@ class CampaignRunner:
                 if fh.tell() > committed:
                     log.warning("%s: dropping %d uncommitted bytes after a crash", path,
                                 fh.tell() - committed)
+                elif fh.tell() < committed:  # truncating up would pad it with NUL bytes
+                    raise store.output_lost(path, committed, fh.tell())
                 fh.truncate(committed)
                 os.fsync(fh.fileno())
         n = self.ledger.requeue_running()
@@ -370,8 +372,11 @@ class CampaignRunner:
             failed.append((cid, str(error.get("kind")), str(error.get("message"))[:2000]))
         out = Path(m.output)
         # Output first, ledger second: see the ``ledger`` module docstring.
-        out_size = store.write_lines(out / store.RESULTS, out_lines)
-        err_size = store.write_lines(out / store.ERRORS, err_lines)
+        # Each file must still hold what the ledger committed (not removed or cut meanwhile).
+        out_size = store.write_lines(out / store.RESULTS, out_lines,
+                                     expect=int(self.ledger.get("out_offset") or 0))
+        err_size = store.write_lines(out / store.ERRORS, err_lines,
+                                     expect=int(self.ledger.get("err_offset") or 0))
         state = "ok" if err is None else "failed"
         self.ledger.settle(shard_id, done=done, failed=failed, retry=retry, shard_state=state,
                            shard_error=err.message if err else None,

@@ -21,7 +21,7 @@ from typing import Any
 from fabric.campaign.inputs import read_inputs
 from fabric.campaign.ledger import TERMINAL_STATUSES, Ledger
 from fabric.campaign.manifest import Manifest, load_manifest
-from fabric.errors import InvalidManifest, InvalidRequest
+from fabric.errors import CampaignOutputLost, InvalidManifest, InvalidRequest
 
 RESULTS, ERRORS = "results.jsonl", "errors.jsonl"
 LEDGER, MANIFEST, LOCK = "ledger.sqlite", "manifest.json", "runner.lock"
@@ -140,14 +140,31 @@ def error_line(cid: str, line: int | None, error: dict[str, Any], model: dict[st
             "attempts": attempts, **extra}
 
 
-def write_lines(path: Path, records: list[dict[str, Any]], truncate: bool = False) -> int:
-    """Append ``records`` as JSON lines, fsync, and return the file's new length."""
-    with path.open("wb" if truncate else "ab") as fh:
-        if records:
-            fh.write(b"".join(json.dumps(r, default=str).encode() + b"\n" for r in records))
-        fh.flush()
-        os.fsync(fh.fileno())
-        return fh.tell()
+def write_lines(path: Path, records: list[dict[str, Any]], truncate: bool = False,
+                expect: int | None = None) -> int:
+    """Append ``records`` as JSON lines, fsync, and return the file's new length;
+    ``CampaignOutputLost`` when the file is gone, or (``expect``: the length the ledger
+    committed) shorter than that."""
+    try:
+        with path.open("wb" if truncate else "ab") as fh:
+            if expect is not None and fh.tell() < expect:
+                raise output_lost(path, expect, fh.tell())
+            if records:
+                fh.write(b"".join(json.dumps(r, default=str).encode() + b"\n" for r in records))
+            fh.flush()
+            os.fsync(fh.fileno())
+            return fh.tell()
+    except FileNotFoundError:
+        raise output_lost(path, expect or 0, 0) from None
+
+
+def output_lost(path: Path, committed: int, found: int) -> CampaignOutputLost:
+    """The error for an output file holding less than the ledger committed to it."""
+    return CampaignOutputLost(
+        f"{path} holds {found} bytes where the campaign's ledger committed {committed}: it "
+        "was removed or cut while the campaign ran, and the inputs whose lines it lost would "
+        "be reported done. Restore it, or start a new campaign.", path=str(path),
+        committed=committed, found=found)
 
 
 def runner_pid(folder: Path) -> int | None:
