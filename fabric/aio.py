@@ -15,8 +15,10 @@ and its events come to the event loop from the client's connection thread
 are read by a thread of its own. Its ``cancel``/``aclose`` run on threads of their own: nothing
 of a stream waits for a pool thread. (Readers in the pool held one thread each for a stream's
 whole life, so with ``max_concurrency`` streams open a further stream could not be admitted,
-nor any stream cancelled, until one of them ended.) Leaving ``async for`` early (or
-``aclose``) cancels the request at the server, as closing a ``Stream`` does.
+nor any stream cancelled, until one of them ended.) ``aclose`` (or ``async with``) cancels the
+request at the server, as closing a ``Stream`` does; a stream left by ``break`` is cancelled
+once it is closed or collected. Cancelling a task that awaits any other call stops the wait,
+not the call (``timeout=`` bounds it at the server).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fabric.errors import FabricError, InvalidRequest
+from fabric.errors import EndpointError, FabricError, InvalidRequest
 
 if TYPE_CHECKING:
     from fabric.client.loopfeed import LoopDirectSource
@@ -116,9 +118,25 @@ class AsyncFabric:
         return self.fabric.sites
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)`` in the pool; the event loop keeps running meanwhile."""
+        """``fn(*args, **kwargs)`` in the pool; the event loop keeps running meanwhile.
+
+        Cancelling the awaiting task (``asyncio.wait_for``) stops the wait, not the call: its
+        thread runs it to the end, as the server does. Pass ``timeout=`` to bound a call at
+        the server. A call still queued for a pool thread when the client closes fails with
+        ``EndpointError``, as later calls do."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        try:
+            running = loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        except RuntimeError:  # the pool was shut down
+            raise EndpointError("this AsyncFabric is closed; make a new one") from None
+        try:
+            return await running
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the caller cancelled it
+            raise EndpointError("the client was closed while this call waited for a "
+                                "thread") from None
 
     # -- the methods of Fabric ------------------------------------------------------------
 

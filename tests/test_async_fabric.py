@@ -260,3 +260,39 @@ def test_wait_after_reading_part_of_a_stream(fab: Fabric) -> None:
 def test_bad_concurrency() -> None:
     with pytest.raises(InvalidRequest):
         AsyncFabric(max_concurrency=0)
+
+
+def test_calls_queued_when_the_client_closes_fail_typed() -> None:
+    """``aclose`` with one call running and one waiting for a pool thread: the running one
+    finishes, the waiting one fails with ``EndpointError`` (it ended in a bare
+    ``CancelledError`` that no one asked for), and so does a call after the close (a raw
+    ``RuntimeError`` from the pool before); a caller's own cancel stays a cancel."""
+    from fabric.errors import EndpointError
+
+    release = threading.Event()
+
+    class Slow:
+        def generate(self, prompt: str, **kwargs: Any) -> str:
+            release.wait(10)
+            return prompt
+
+    async def main() -> None:
+        client = AsyncFabric(fabric=Slow(), max_concurrency=1)  # type: ignore[arg-type]
+        first = asyncio.create_task(client.generate("a"))
+        queued = asyncio.create_task(client.generate("b"))
+        mine = asyncio.create_task(client.generate("c"))
+        await asyncio.sleep(0.1)
+        mine.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await mine
+        closing = asyncio.create_task(client.aclose())
+        await asyncio.sleep(0.1)
+        release.set()
+        await closing
+        assert await first == "a"
+        with pytest.raises(EndpointError, match="closed while this call waited"):
+            await queued
+        with pytest.raises(EndpointError, match="closed"):
+            await client.generate("d")
+
+    asyncio.run(main())
