@@ -218,3 +218,59 @@ def test_parquet_without_pyarrow_fails_before_anything(tmp_path: Path,
     with pytest.raises(InvalidManifest, match="needs pyarrow"):
         store.create(m, tmp_path / "home")
     assert not (tmp_path / "home" / "pq").exists()
+
+
+def _committed_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                     records: list[dict[str, Any]], errors: bool) -> Path:
+    """A created campaign whose committed result (or error) lines are ``records``."""
+    (tmp_path / "in.jsonl").write_text(json.dumps({"custom_id": "a", "prompt": "x"}) + "\n")
+    m = load_manifest({**spec(tmp_path), "input": {"path": "in.jsonl"}}, base=tmp_path)
+    folder = store.create(m, tmp_path / "home")
+
+    of_errors = errors
+
+    def read_records(where: Path, errors: bool = False) -> Any:
+        assert where == folder
+        return iter(records if errors == of_errors else [])
+
+    monkeypatch.setattr(store, "read_records", read_records)
+    return folder
+
+
+def test_export_in_several_batches_writes_each_line_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More lines than ``BATCH_ROWS``: written a batch at a time, every line exactly once."""
+    monkeypatch.setattr(export, "BATCH_ROWS", 2)
+    records = [{"custom_id": f"c{i}", "line": i + 1, "response": {"text": f"t{i}"}}
+               for i in range(5)]
+    folder = _committed_lines(tmp_path, monkeypatch, records, errors=False)
+    path, rows = export.write_parquet(folder, path=tmp_path / "r.parquet")
+    got = pq.read_table(path).to_pylist()
+    assert rows == len(records)
+    assert [(r["custom_id"], r["line"], json.loads(r["response"])) for r in got] == \
+        [(r["custom_id"], r["line"], r["response"]) for r in records]
+
+
+def test_export_keeps_provenance_and_error_details(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    provenance = {"model": "m", "version": "v", "sha256": "ab" * 32, "seed": 7,
+                  "plan": {"pp": 2, "tp": 1}, "hooks": 1}
+    results = [{"custom_id": "p", "line": 1, "response": {"text": "x"}, "provenance": provenance},
+               {"custom_id": "q", "line": 2, "response": {"text": "y"}}]
+    folder = _committed_lines(tmp_path, monkeypatch, results, errors=False)
+    path, _ = export.write_parquet(folder, path=tmp_path / "r.parquet")
+    got = {r["custom_id"]: r for r in pq.read_table(path).to_pylist()}
+    assert json.loads(got["p"]["provenance"]) == provenance
+    assert got["q"]["provenance"] is None  # a line without one: null, not "null"
+
+    details = {"limit": 2048, "tokens": 4096, "site": "a"}
+    error_lines = [{"custom_id": "e", "line": 3, "attempts": 2,
+                    "error": {"kind": "ContextLengthExceeded", "message": "too long",
+                              "details": details}}]
+    (tmp_path / "e").mkdir()
+    folder = _committed_lines(tmp_path / "e", monkeypatch, error_lines, errors=True)
+    path, rows = export.write_parquet(folder, errors=True, path=tmp_path / "e.parquet")
+    (row,) = pq.read_table(path).to_pylist()
+    assert rows == 1 and row["attempts"] == 2
+    assert row["error"]["kind"] == "ContextLengthExceeded"
+    assert json.loads(row["error"]["details"]) == details

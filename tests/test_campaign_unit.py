@@ -459,3 +459,101 @@ def test_the_status_line_labels_its_counts_and_drops_the_eta_once_ended() -> Non
     for ended in ("done", "cancelled", "failed"):
         assert "ETA" not in describe({**base, "status": ended}), ended
     assert "in flight" not in describe({**base, "status": "done"}, counts=False)
+
+
+# -- inputs: OpenAI batch lines, line sizes; cron fields ----------------------------------------
+
+def _read(tmp: Path, lines: list[str], kind: str = "generate", end: str = "\n",
+          **input_spec: Any) -> tuple[list[Any], list[Any]]:
+    """``read_inputs`` of these lines (bad lines recorded, not fatal)."""
+    (tmp / "in.jsonl").write_text("\n".join(lines) + end)
+    m = load_manifest({"name": "x", "model": "smollm2-135m", "kind": kind, "output": "o",
+                       "on_bad_line": "record", "input": {"path": "in.jsonl", **input_spec}},
+                      base=tmp)
+    return read_inputs(m)
+
+
+def _batch_line(cid: str, url: str, **body: Any) -> str:
+    return json.dumps({"custom_id": cid, "method": "POST", "url": url,
+                       "body": {"model": "gpt-x", **body}})
+
+
+def test_openai_batch_line_asking_for_several_choices_is_refused(tmp_path: Path) -> None:
+    """One result per custom_id: ``n: 2`` would silently lose a choice, so it is a bad line."""
+    chat = [{"role": "user", "content": "Hi"}]
+    items, bad = _read(tmp_path, [
+        _batch_line("one", "/v1/chat/completions", messages=chat, n=1),
+        _batch_line("two", "/v1/chat/completions", messages=chat, n=2),
+        json.dumps({"custom_id": "top", "prompt": "Hi", "n": 3})], kind="chat")
+    assert [i.custom_id for i in items] == ["one"]
+    assert [(b.line, b.custom_id) for b in bad] == [(2, "two"), (3, "top")]
+    assert all("n must be 1" in b.message for b in bad)
+
+
+def test_openai_batch_line_for_another_endpoint_is_refused(tmp_path: Path) -> None:
+    items, bad = _read(tmp_path, [
+        _batch_line("emb", "/v1/embeddings", input="Hi"),
+        _batch_line("chat", "/v1/chat/completions", messages=[{"role": "user", "content": "x"}]),
+        _batch_line("elsewhere", "/v1/moderations", input="Hi")], kind="chat")
+    assert [i.custom_id for i in items] == ["chat"]
+    assert [b.custom_id for b in bad] == ["emb", "elsewhere"]
+    assert "'/v1/embeddings' does not fit a chat campaign" in bad[0].message
+    # The same embeddings line is what an embed campaign runs.
+    items, bad = _read(tmp_path, [_batch_line("emb", "/v1/embeddings", input="Hi")],
+                       kind="embed")
+    assert not bad and items[0].request["kind"] == "embed" and items[0].request["prompt"] == "Hi"
+
+
+@pytest.mark.parametrize("count", [0, 1, 5])
+def test_completions_logprobs_count_becomes_top_logprobs(tmp_path: Path, count: int) -> None:
+    """``/v1/completions``' ``logprobs: k`` asks for the chosen tokens' log-probabilities
+    and the k most likely at each position."""
+    items, bad = _read(tmp_path, [_batch_line("c", "/v1/completions", prompt="Hi",
+                                              logprobs=count)])
+    assert not bad
+    sampling = items[0].request["sampling"]
+    assert sampling["logprobs"] is True and sampling["top_logprobs"] == count
+
+
+def test_a_last_line_without_newline_is_held_to_the_same_limit(tmp_path: Path) -> None:
+    """``max_line_bytes`` counts a line without its newline: a last line with no newline
+    and one byte over the limit is as oversize as the same line with its newline."""
+    limit = 120
+
+    def sized(cid: str, size: int) -> str:
+        empty = json.dumps({"custom_id": cid, "prompt": ""})
+        line = json.dumps({"custom_id": cid, "prompt": "x" * (size - len(empty))})
+        assert len(line.encode()) == size
+        return line
+
+    for end in ("", "\n"):
+        items, bad = _read(tmp_path, [sized("fits", limit), sized("over", limit + 1)], end=end,
+                           max_line_bytes=limit)
+        assert [i.custom_id for i in items] == ["fits"], repr(end)
+        assert [(b.line, b.kind) for b in bad] == [(2, "OversizeLine")], repr(end)
+        assert f"the limit is {limit}" in bad[0].message
+        # At the limit exactly, a last line fits with or without its newline.
+        items, bad = _read(tmp_path, [sized("a", limit - 5), sized("b", limit)], end=end,
+                           max_line_bytes=limit)
+        assert not bad and [i.custom_id for i in items] == ["a", "b"], repr(end)
+
+
+def test_cron_day_of_week_seven_is_sunday() -> None:
+    spec = CronSpec.parse("0 0 * * 7")
+    start = dt.datetime(2026, 3, 2, tzinfo=dt.UTC)  # any fortnight: every weekday twice
+    days = [start + dt.timedelta(days=i) for i in range(14)]
+    assert [d.day for d in days if spec.matches(d)] == \
+        [d.day for d in days if d.isoweekday() == 7]
+    assert spec == CronSpec.parse("0 0 * * 0")
+    fired = dt.datetime.fromtimestamp(spec.next_after(start.timestamp()), dt.UTC)
+    assert fired.isoweekday() == 7 and (fired.hour, fired.minute) == (0, 0)
+
+
+def test_cron_start_with_step_runs_to_the_end_of_the_field() -> None:
+    """``a/n`` is ``a-max/n`` (Vixie cron): ``5/15`` fires at 5, 20, 35 and 50."""
+    spec = CronSpec.parse("5/15 * * * *")
+    assert spec.minutes == frozenset(range(5, 60, 15))
+    hour = dt.datetime(2026, 3, 2, 7, 0, tzinfo=dt.UTC)
+    fired = [m for m in range(60) if spec.matches(hour.replace(minute=m))]
+    assert fired == list(range(5, 60, 15))
+    assert CronSpec.parse("* 20/2 * * *").hours == frozenset(range(20, 24, 2))

@@ -113,3 +113,16 @@ def test_campaign_lines_carry_provenance(tmp_path: Path, local_site: LocalSite) 
             line["model"]["name"], line["model"]["version"], line["model"]["sha256"])
         assert prov.kind == "generate" and prov.sampling is not None
         assert prov.sampling["max_tokens"] == 3 and "provenance" not in line["response"]
+
+
+@pytest.mark.parametrize("kind", ["generate", "embed"])
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_provenance_counts_the_requests_hooks(kind: str, count: int) -> None:
+    """The result depends on the hooks it ran with: the record says how many there were."""
+    hooks = [{"kind": "capture", "layer": layer} for layer in range(count)]
+    text: dict[str, Any] = {"prompt": "x"} if kind == "generate" else {"prompts": ["a"]}
+    req = InferenceRequest(model="m", kind=kind, hooks=hooks, **text)
+    assert len(req.hooks) == count
+    record = for_request(SERVER, req, seed=5)
+    assert record["hooks"] == count
+    assert Provenance.model_validate(record).hooks == count
