@@ -254,3 +254,23 @@ def test_a_transport_that_raises_fails_that_admission_and_the_next_still_goes() 
     t.settle(0)
     assert later.result(5)["request_id"] == "r1"
     adm.close()
+
+
+def test_a_long_queue_goes_in_tasks_of_at_most_max_batch() -> None:
+    """100 admissions queued behind the one slot go as 64 (what the site takes), then 36."""
+    from fabric.client.admission import MAX_BATCH
+
+    t = HeldTransport()
+    adm = Admissions(t, None, slots=1)
+    first = adm.admit(body(0), "direct")
+    t.wait_tasks(1)
+    rest = [adm.admit(body(i), "direct") for i in range(1, 101)]
+    t.settle(0)
+    t.wait_tasks(2)
+    t.settle(1)
+    t.wait_tasks(3)
+    t.settle(2)
+    sizes = [len(args[0]) for name, args, _ in t.tasks[1:] if name == "open_streams"]
+    assert sizes == [MAX_BATCH, 100 - MAX_BATCH] and len(t.tasks) == 3
+    assert [f.result(5)["request_id"] for f in [first, *rest]] == [f"r{i}" for i in range(101)]
+    adm.close()

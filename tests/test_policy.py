@@ -391,3 +391,28 @@ def test_a_call_for_a_model_the_site_does_not_serve_is_not_counted(tmp_path: Pat
         ctx.entry("no-such-model")
     policy.flush_usage()
     assert [(r["model"], r["requests"]) for r in policy.usage(tmp_path)] == [("smollm2-135m", 1)]
+
+
+def test_only_active_group_memberships_count(tmp_path: Path) -> None:
+    """An invited (or pending) member of a group is not admitted by a group rule."""
+    introspect()
+    load_response("auth.oauth2_get_dependent_tokens", case="groups")
+    load_response(RegisteredResponse(service="groups", path="/v2/groups/my_groups", json=[
+        {"id": OTHER_GROUP, "name": "invited", "my_memberships": [
+            {"group_id": OTHER_GROUP, "identity_id": ALICE, "role": "member",
+             "status": "invited"}]},
+        {"id": GROUP, "name": "joined", "my_memberships": [
+            {"group_id": GROUP, "identity_id": ALICE, "role": "member", "status": "active"}]},
+    ]))
+    with pytest.raises(AccessDenied, match="not a member of any group"):
+        policy.authorize(make_site({"m": {"groups": [OTHER_GROUP]}}), auth(), "m", tmp_path)
+    # the same (cached) caller is admitted by the group it is an active member of
+    assert policy.authorize(make_site({"m": {"groups": [GROUP]}}), auth(), "m",
+                            tmp_path) == "alice@uchicago.edu"
+
+
+def test_scope_must_be_a_whole_word_of_the_tokens_scopes(tmp_path: Path) -> None:
+    introspect(scope=f"{SCOPE}_other")
+    with pytest.raises(AccessDenied) as err:
+        policy.authorize(make_site({"m": {"anyone": True}}), auth(), "m", tmp_path)
+    assert err.value.details == {"rule": "identity-proof.scope"}

@@ -211,3 +211,53 @@ def test_the_offline_fixtures_identity_mapping_maps_the_fakes_identity_set(
             [fake.identity_record(compute_fake.OTHER_IDENTITY)]) == [[]]
     finally:
         mapper.stop_watching()
+
+
+@pytest.mark.parametrize("status", ["closed", "deleted", "pending"])
+def test_an_identity_record_with_an_unusable_status_is_refused(tmp_path: Path,
+                                                               status: str) -> None:
+    load_response(RegisteredResponse(
+        service="auth", path="/v2/api/identities", method="GET", json={"identities": [
+            {"id": ALICE, "username": "alice@uchicago.edu", "status": status}]}))
+    with pytest.raises(AccessDenied) as err:
+        policy.identify(make_site({"m": {"anyone": True}}), None)
+    assert err.value.details["rule"] == "identity-asserted.unknown"
+
+
+def test_cached_identity_records_expire_after_the_cache_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    clock = [1000.0]
+    monkeypatch.setattr(asserted, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    site = make_site({}, introspection_cache_s=30)
+    identities((ALICE, "alice@uchicago.edu"))
+
+    def lookups() -> int:
+        return len([c for c in responses.calls
+                    if "/v2/api/identities" in str(c.request.url)])
+
+    assert policy.identify(site, None) == "alice@uchicago.edu"
+    clock[0] += 29
+    assert policy.identify(site, None) == "alice@uchicago.edu"
+    assert lookups() == 1  # still cached
+    clock[0] += 2
+    assert policy.identify(site, None) == "alice@uchicago.edu"
+    assert lookups() == 2  # expired: looked up again
+
+
+def test_a_token_of_the_asserted_identity_adds_its_linked_usernames(tmp_path: Path) -> None:
+    """A domain rule matches a linked identity the caller's token proves (x@anl.gov)."""
+    identities((ALICE, "alice@uchicago.edu"))
+    load_response(RegisteredResponse(
+        service="auth", path="/v2/oauth2/token/introspect", method="POST", json={
+            "active": True, "scope": SCOPE, "sub": ALICE, "username": "alice@uchicago.edu",
+            "exp": time.time() + 3600, "aud": [ENDPOINT_CLIENT],
+            "identity_set_detail": [
+                {"sub": ALICE, "username": "alice@uchicago.edu"},
+                {"sub": "a1a1a1a1-0000-4000-8000-000000000002", "username": "alice@anl.gov"}]}))
+    site = make_site({"m": {"domains": ["anl.gov"]}})
+    with pytest.raises(AccessDenied):  # the asserted identity alone is not at anl.gov
+        policy.authorize(site, None, "m", tmp_path, count=False)
+    assert policy.authorize(site, {"token": "alice-token"}, "m", tmp_path,
+                            count=False) == "alice@uchicago.edu"

@@ -218,3 +218,69 @@ def test_answers_to_other_tasks_show_a_busy_site_alive() -> None:
             assert got[-1] == {"op": "done", "result": {"text": name}}, got
     finally:
         poller.close()
+
+
+class FailingOneSite(ScriptedSite):
+    """A ``ScriptedSite`` whose replies for ``failing`` come back done with an error."""
+
+    def __init__(self, failing: str) -> None:
+        super().__init__()
+        self.failing = failing
+
+    def submit(self, fn: Callable[..., Any], polls: list[dict[str, Any]], wait_s: float,
+               statuses: list[dict[str, Any]], auth: Any) -> Future[Any]:
+        inner = super().submit(fn, polls, wait_s, statuses, auth)
+        out: Future[Any] = Future()
+
+        def rewrite(f: Future[Any]) -> None:
+            reply = f.result()
+            if self.failing in reply["replies"]:
+                reply["replies"][self.failing] = {
+                    "events": [], "cursor": 0, "done": True, "result": None,
+                    "error": AccessDenied("not yours", rule="request-owner").to_dict()}
+            out.set_result(reply)
+
+        inner.add_done_callback(rewrite)
+        return out
+
+
+def test_a_request_done_with_an_error_is_not_polled_again() -> None:
+    site = FailingOneSite("bad")
+    poller = Poller(site)  # type: ignore[arg-type]
+    try:
+        bad = poller.track({"request_id": "bad", "ticket": "t"}, "m", events=True)
+        good = poller.track({"request_id": "good", "ticket": "t"}, "m", events=True)
+        (err,) = _drain(bad)
+        assert isinstance(err, AccessDenied) and err.details == {"rule": "request-owner"}
+        assert _drain(good)[-1] == {"op": "done", "result": {"text": "good"}}
+    finally:
+        poller.close()
+    named = [task for task in site.tasks if "bad" in task]
+    assert len(named) == 1, site.tasks  # the first poll only
+    assert len(site.tasks) >= EVENTS  # the good stream went on being polled
+
+
+def test_a_status_watch_hears_only_its_own_models_status() -> None:
+    site = ScriptedSite()
+    poller = Poller(site)  # type: ignore[arg-type]
+    heard: dict[str, list[dict[str, Any]]] = {"m": [], "n": []}
+    both = threading.Event()
+
+    def callback(model: str) -> Callable[[dict[str, Any]], None]:
+        def call(status: dict[str, Any]) -> None:
+            heard[model].append(status)
+            if heard["m"] and heard["n"]:
+                both.set()
+        return call
+
+    try:
+        with poller._cond:  # both watches ride the first task
+            keys = [poller.watch(model, None, callback(model)) for model in ("m", "n")]
+        assert both.wait(10)
+        for key in keys:
+            poller.unwatch(key)
+    finally:
+        poller.close()
+    assert site.tasks[0] == []  # a status-only task
+    assert heard == {"m": [{"model": "m", "state": "loading"}],
+                     "n": [{"model": "n", "state": "loading"}]}

@@ -223,3 +223,23 @@ def test_with_auth_shares_states_counters_and_transports(tmp_path: Path) -> None
         assert "not running" in str(snap[0].error)
         twin.close()  # the twin closes nothing it shares
         assert fab.at("s1").transport is not None
+
+
+def test_a_stale_estimated_start_does_not_rank_a_queued_site_before_a_loading_one() -> None:
+    snap = [site("stale", "queued", estimated_start=NOW - 3600, queue_position=1),
+            site("loading", "loading")]
+    assert order(snap) == ["loading", "stale"]
+
+
+def test_an_unknown_queue_position_sorts_after_a_known_one() -> None:
+    snap = [site("unknown", "queued", estimated_start=NOW + 60),
+            site("third", "queued", estimated_start=NOW + 60, queue_position=3)]
+    assert order(snap) == ["third", "unknown"]
+
+
+def test_my_calls_in_flight_count_among_loading_sites() -> None:
+    snap = [site("a", "loading"), site("b", "loading")]
+    assert order(snap) == ["a", "b"]
+    ranked = rank_sites(snap, M, now=NOW, in_flight={"a": 2})
+    assert [(r.site, r.tier, r.load) for r in ranked] == [("b", "starting", 0),
+                                                         ("a", "starting", 2)]

@@ -560,3 +560,31 @@ def test_hook_layers_heads_and_neurons_are_integers_not_look_alikes() -> None:
     ok = validate_request(hook(layer=np.int64(2), heads=[np.int32(1), 3]))
     assert ok.hooks[0].layer == 2 and ok.hooks[0].heads == [1, 3]
     assert all(type(h) is int for h in ok.hooks[0].heads)
+
+
+def test_top_logprobs_alone_asks_for_logprobs(fab: Fabric,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    built = fab.stream_request("The sky is", top_logprobs=2)
+    assert built.sampling.logprobs is True and built.sampling.top_logprobs == 2
+    assert fab.stream_request("The sky is").sampling.logprobs is False
+    sent: list[Any] = []
+
+    class Sent(Exception):
+        pass
+
+    def run(request: Any) -> Any:
+        sent.append(request)
+        raise Sent
+
+    monkeypatch.setattr(fab, "_run", run)
+    with pytest.raises(Sent):
+        fab.generate("The sky is", top_logprobs=2)
+    assert sent[0].sampling.logprobs is True and sent[0].sampling.top_logprobs == 2
+
+
+@pytest.mark.parametrize("layers", [True, False])
+def test_a_bool_is_not_a_layer(fab: Fabric, layers: bool) -> None:
+    with pytest.raises(InvalidRequest, match=r"^layers must be a non-empty list of integers"):
+        fab.hidden_states("x", layers=layers)  # type: ignore[arg-type]
+    transport = fab.transport
+    assert isinstance(transport, RefusingTransport) and transport.calls == []
