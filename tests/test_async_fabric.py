@@ -296,3 +296,23 @@ def test_calls_queued_when_the_client_closes_fail_typed() -> None:
             await client.generate("d")
 
     asyncio.run(main())
+
+
+def test_a_stream_read_on_another_event_loop_says_so(fab: Fabric) -> None:
+    """A direct stream's events go to the loop that opened it: read on another (a second
+    ``asyncio.run``), it is a typed error naming that, not a raw ``RuntimeError`` from a
+    queue bound to another loop."""
+    client = AsyncFabric(fabric=fab)
+
+    async def open_one() -> Any:
+        return await client.stream("Scientists call models", model=TINY_MODEL, max_tokens=4)
+
+    async def read(stream: Any) -> str:
+        return "".join([chunk async for chunk in stream])
+
+    stream = asyncio.run(open_one())
+    try:
+        with pytest.raises(InvalidRequest, match="read on the event loop that opened it"):
+            asyncio.run(read(stream))
+    finally:
+        stream.stream.close()

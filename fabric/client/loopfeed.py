@@ -42,6 +42,7 @@ class LoopDirectSource:
         self._feed = feed
         self._direct = direct
         self._items = items
+        self._loop = asyncio.get_running_loop()
         self.request_id = feed.request_id
 
     @classmethod
@@ -71,6 +72,10 @@ class LoopDirectSource:
         return source
 
     async def _next(self) -> dict[str, Any]:
+        if asyncio.get_running_loop() is not self._loop:  # its events go to that loop only
+            raise InvalidRequest(f"stream {self.request_id} is read on the event loop that "
+                                 "opened it; this is another one (read it where it was opened, "
+                                 "or open it on this loop)")
         item = await self._items.get()
         if isinstance(item, BaseException):
             raise item
