@@ -113,6 +113,17 @@ def bootstrap_diff(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],
     return [round(percentile(diffs, 2.5), digits), round(percentile(diffs, 97.5), digits)]
 
 
+def bootstrap_median(values: Sequence[float], draws: int = 4000, seed: int = 0,
+                     digits: int = 1) -> list[float]:
+    """95% interval of the median of ``values`` (independent draws: e.g. one difference per
+    paired round)."""
+    import random
+
+    rng = random.Random(seed)
+    meds = sorted(median([rng.choice(values) for _ in values]) for _ in range(draws))
+    return [round(percentile(meds, 2.5), digits), round(percentile(meds, 97.5), digits)]
+
+
 def ratio(a: float, b: float, digits: int = 3) -> float | None:
     return round(a / b, digits) if b else None
 

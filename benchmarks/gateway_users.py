@@ -13,7 +13,9 @@ agents would: every user's calls are its own, and a burst is every user calling 
 (released by one barrier). Each user's SDK admits its own request (no coalescing with the
 others: they are other processes); the gateway is one process that serves them all.
 
-Rounds alternate: all users through the SDK, then all through the gateway (``--rounds``);
+Rounds alternate: all users through the SDK, then all through the gateway, or the other way
+round (the order flips each round; ``--rounds``), and ``alternating_paired`` pairs each
+round's two bursts, which ran back to back;
 ``--together N`` adds N rounds in which half the users call through each side in one burst
 (the sides alternate by user, and which half starts flips each round), so both halves meet the
 same server steps. Figures as ``gateway.py``'s: ``throughput_ratio`` (gateway / SDK tokens/s)
@@ -173,10 +175,13 @@ def main() -> int:
         users.burst(["sdk"] * n, prompts(n, 2 * 10**6), 2)
         sdk, gw, mixed = [], [], []
         for r in range(args.rounds):
-            log(f"round {r + 1}/{args.rounds}: SDK, then gateway")
-            sdk.append(users.burst(["sdk"] * n, prompts(n, 2 * r * n), args.max_tokens)["sdk"])
-            gw.append(users.burst(["gateway"] * n, prompts(n, (2 * r + 1) * n),
-                                  args.max_tokens)["gateway"])
+            # Which side goes first flips each round: a round's machine state (the usage
+            # collection after a burst, the page cache) then favours neither side.
+            order = ["sdk", "gateway"] if r % 2 == 0 else ["gateway", "sdk"]
+            log(f"round {r + 1}/{args.rounds}: {order[0]}, then {order[1]}")
+            for k, side in enumerate(order):
+                got = users.burst([side] * n, prompts(n, (2 * r + k) * n), args.max_tokens)
+                (sdk if side == "sdk" else gw).append(got[side])
         for r in range(args.together):
             log(f"together {r + 1}/{args.together}: {n // 2} users each way")
             order = ["sdk", "gateway"] if r % 2 == 0 else ["gateway", "sdk"]
@@ -199,6 +204,8 @@ def main() -> int:
             [[x * 1000 for x in r["ttft"]] for r in sdk],
             [[x * 1000 for x in r["ttft"]] for r in gw]),
         "admit_median_diff_ms": round(g["admit_ms"]["median"] - s["admit_ms"]["median"], 1),
+        # Round r's two bursts ran back to back: paired, as the together rounds are.
+        "alternating_paired": together_figures(list(zip(sdk, gw, strict=True))),
         "together": together_figures(mixed) if mixed else None,
     })
     return 0
