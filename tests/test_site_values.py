@@ -122,6 +122,29 @@ def test_usage_of_a_missing_state_dir_is_an_error_naming_it(
     assert issubclass(InvalidSiteConfig, InvalidRequest)
 
 
+def test_metrics_of_a_missing_state_dir_is_an_error_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Empty metrics served from a dir that does not exist read as an idle site (and serving
+    them created the dir); a typed error names the path instead."""
+    import signal
+
+    import fabric.endpoint.site_metrics
+
+    served: list[Path] = []
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's handlers
+    monkeypatch.setattr(fabric.endpoint.site_metrics, "serve_metrics",
+                        lambda site, state_dir, *args: served.append(state_dir))
+    missing = tmp_path / "nope"
+    assert main(["metrics", "--state-dir", str(missing), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err
+    assert not missing.exists() and not served
+    missing.mkdir()
+    assert main(["metrics", "--state-dir", str(missing), "--port", "0"]) == 0
+    assert served == [missing]
+
+
 @pytest.mark.parametrize("walltime", ["01:99:99", "01:60:00", "00:00:60"])
 def test_walltime_minutes_and_seconds_are_below_60(walltime: str) -> None:
     with pytest.raises(ValidationError, match="minutes and seconds 00-59"):

@@ -33,9 +33,14 @@ def register(subparsers: Any) -> None:
 def cmd_metrics(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM."""
     from fabric.endpoint.site_metrics import serve_metrics
+    from fabric.errors import InvalidRequest
     from fabric.sites import resolve_site
 
     cfg, _, folder = resolve_site(args.site, args.state_dir)
+    if not folder.is_dir():  # empty metrics would read as an idle site: it is unknown
+        raise InvalidRequest(f"state dir {folder} of site {cfg.name!r} does not exist: no "
+                             "metrics to serve from there (run this where the site's state "
+                             "dir is, or give it with --state-dir)", state_dir=str(folder))
     host = args.host or cfg.metrics.host
     port = cfg.metrics.port if args.port is None else args.port
     stopping = threading.Event()
