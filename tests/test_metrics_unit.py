@@ -4,6 +4,7 @@ without a site: what ``/metrics`` and ``fabric usage`` are built from."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from datetime import UTC, datetime
@@ -125,6 +126,21 @@ def test_parse_since() -> None:
         datetime(2026, 12, 1, 7, tzinfo=UTC).timestamp()
     with pytest.raises(InvalidRequest):
         parse_since("yesterday", now)
+    assert parse_since("-5m", now) == now - 300  # "5 minutes ago", as journalctl writes it
+
+
+def test_usage_since_takes_a_leading_minus_as_its_value(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--since -5m``: argparse took ``-5m`` for an option ("expected one argument")."""
+    from fabric.cli.main import main
+
+    policy.record_usage(tmp_path, "alice", "m1", 30, "r1", prompt_tokens=10,
+                        completion_tokens=20)
+    for argv in (["--since", "-5m"], ["--since=-5m"], ["--since", "5m"]):
+        assert main(["usage", "--state-dir", str(tmp_path), "--json", *argv]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["total_tokens"] == 30
+    assert main(["usage", "--state-dir", str(tmp_path), "--since", "-5x"]) == 2
+    assert "--since '-5x': give a duration" in capsys.readouterr().err
 
 
 def test_usage_report_groups_and_exports(tmp_path: Path) -> None:

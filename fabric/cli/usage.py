@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +26,12 @@ def register(subparsers: Any) -> None:
                    help="site name from endpoints/ or a site definition path (default: local)")
     p.add_argument("--state-dir", default=None, help="override the site's state dir")
     p.add_argument("--since", default=None, metavar="DATE|DURATION",
-                   help="only usage since then: 24h, 7d, 2026-12-01 (default: all time)")
+                   help="only usage since then: 24h, 7d (or -7d), 2026-12-01 (default: all "
+                        "time)")
+    # ``--since -5m``: argparse reads a value starting with "-" as an option unless it looks
+    # like a negative number; no option here starts with "-" and a digit, so such a value is
+    # --since's (a bad one then gets parse_since's error, not "expected one argument").
+    p._negative_number_matcher = re.compile(r"^-\d")
     p.add_argument("--by", default="both", choices=("both", "identity", "model"),
                    help="group by identity and model (default), identity only or model only")
     p.add_argument("--csv", default=None, metavar="FILE", type=Path,

@@ -39,11 +39,12 @@ class UsageRow:
 
 def parse_since(text: str, now: float | None = None) -> float:
     """The epoch time ``text`` names: a duration back from now (``90s``, ``30m``, ``24h``,
-    ``7d``, ``2w``) or an ISO date or date-time (``2026-12-01``, ``2026-12-01T08:00``; UTC
-    unless it says otherwise). ``InvalidRequest`` for anything else."""
+    ``7d``, ``2w``; ``-5m`` is ``5m``) or an ISO date or date-time (``2026-12-01``,
+    ``2026-12-01T08:00``; UTC unless it says otherwise). ``InvalidRequest`` for anything
+    else."""
     now = time.time() if now is None else now
     text = text.strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", text)
+    m = re.fullmatch(r"-?(\d+(?:\.\d+)?)\s*([smhdw])", text)
     if m:
         return now - float(m.group(1)) * _UNITS[m.group(2)]
     try:
