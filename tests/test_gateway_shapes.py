@@ -185,3 +185,31 @@ def test_streamed_chat_finishes_each_choice_under_its_own_index(tmp_path: Path) 
     assert usage["usage"] == {"prompt_tokens": prompt_tokens(content),
                               "completion_tokens": completion,
                               "total_tokens": prompt_tokens(content) + completion}
+
+
+def test_streamed_completions_finish_each_choice_under_its_own_index(tmp_path: Path) -> None:
+    """Choice ``k`` of prompt ``p`` is index ``p * n + k``, as unstreamed; its final chunk
+    names that index with that choice's reason."""
+    prompts, n = ["one two", "three four five six"], 3
+    chunks = events(post(tmp_path, "/v1/completions", {
+        "model": MODEL, "prompt": prompts, "n": n, "seed": SEED, "max_tokens": 4,
+        "stream": True, "stream_options": {"include_usage": True}}))
+    finished: dict[int, list[str]] = {}
+    text: dict[int, str] = {}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        assert not text.get(choice["index"], "").endswith("|")  # nothing after its finish
+        text[choice["index"]] = text.get(choice["index"], "") + choice["text"]
+        if choice["finish_reason"] is not None:
+            finished.setdefault(choice["index"], []).append(choice["finish_reason"])
+            text[choice["index"]] += "|"
+    assert finished == {p * n + k: [shapes.finish_reason(REASONS[k])]
+                        for p in range(len(prompts)) for k in range(n)}
+    assert text == {p * n + k: "".join(f" w{k}.{i}" for i in range(k + 1)) + "|"
+                    for p in range(len(prompts)) for k in range(n)}
+    usage = chunks[-1]
+    assert usage["choices"] == []
+    prompt = sum(prompt_tokens(p) for p in prompts)  # each prompt once, as unstreamed
+    completion = len(prompts) * sum(k + 1 for k in range(n))
+    assert usage["usage"] == {"prompt_tokens": prompt, "completion_tokens": completion,
+                              "total_tokens": prompt + completion}

@@ -110,12 +110,13 @@ async def _chat_events(req: ChatRequest, streams: list[Any]) -> Any:
         yield sse(shapes.chat_chunk(rid, req.model, piece.index, {"content": piece.text},
                                     None, lp))
     if req.include_usage:
-        yield sse(shapes.chat_chunk(rid, req.model, 0, {}, usage=_stream_usage(streams)))
+        yield sse(shapes.chat_chunk(rid, req.model, 0, {}, usage=_stream_usage(streams, req.n)))
 
 
-def _stream_usage(streams: list[Any]) -> dict[str, int]:
+def _stream_usage(streams: list[Any], n: int) -> dict[str, int]:
+    """Usage of ``n`` choices per prompt: each prompt counted once, every choice's tokens."""
     results: list[GenerationResult] = [s.result for s in streams]
-    prompt = results[0].usage.prompt_tokens
+    prompt = sum(r.usage.prompt_tokens for r in results[::n])
     completion = sum(r.usage.completion_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
@@ -243,7 +244,8 @@ async def _completion_events(req: CompletionRequest, streams: list[Any]) -> Any:
     async for piece in pieces(streams):
         yield sse(_completion_piece(req, rid, streams, piece))
     if req.include_usage:
-        yield sse(shapes.completion_chunk(rid, req.model, 0, "", usage=_stream_usage(streams)))
+        yield sse(shapes.completion_chunk(rid, req.model, 0, "",
+                                          usage=_stream_usage(streams, req.n)))
 
 
 def _completion_piece(req: CompletionRequest, rid: str, streams: list[Any],
