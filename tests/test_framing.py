@@ -113,3 +113,31 @@ def test_socket_path_short_and_long_state_dirs(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert framing.socket_path(deep) == path  # the same state dir, the same socket
     assert framing.socket_path(deep / "other") != path
+
+
+def test_socket_fallback_folder_is_private_or_refused(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state dir too deep for a socket path puts the socket in ``<tmp>/fabric-<uid>``: made
+    0700, and refused where others could read or write it or another user owns it."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    old = os.umask(0)  # the folder's mode is the code's own, not the umask's
+    try:
+        path = framing.socket_path(deep)
+    finally:
+        os.umask(old)
+    folder = tmp_path / "tmp" / f"fabric-{os.getuid()}"
+    assert path.parent == folder and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for loose in (0o750, 0o705, 0o702, 0o770):
+        folder.chmod(loose)
+        with pytest.raises(PermissionError, match="must be a private dir"):
+            framing.socket_path(deep)
+    folder.chmod(0o700)
+    assert framing.socket_path(deep) == path
+    if os.getuid() == 0:  # another user's folder, private or not, is not ours to use
+        os.chown(folder, NOBODY, -1)
+        with pytest.raises(PermissionError, match="must be a private dir"):
+            framing.socket_path(deep)

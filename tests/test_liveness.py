@@ -101,3 +101,41 @@ def test_a_wait_that_ends_at_once_asks_nothing() -> None:
     done.set_result({"ok": 1})
     assert path_to(site).wait(done, "m", None) == {"ok": 1}
     assert site.asked == 0
+
+
+class StatusSite:
+    """The embedded site's ``control("status")`` with these deployments (no tasks)."""
+
+    can_reach_servers = False
+    site = "status"
+
+    def __init__(self, deployments: list[dict[str, Any]]) -> None:
+        self.deployments = deployments
+
+    def control(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        assert op == "status"
+        return {"deployments": self.deployments, "models": ["m"]}
+
+
+def test_the_status_of_a_waiting_call_names_its_version_or_weights_hash() -> None:
+    """A call pinned by version name or weights hash (``sha256:<hex>`` or bare hex of at least
+    ``HASH_PREFIX_MIN`` digits, any case, as ``provenance.rerun()`` pins) is told about the
+    server of those weights only; a prefix too short or not hex names none."""
+    from fabric.catalog import HASH_PREFIX_MIN
+    from fabric.client.handoff import names_version
+
+    sha = "ab12" * 16
+    v1 = {"model": "m", "version": "v1", "sha256": sha, "state": "ready"}
+    v2 = {"model": "m", "version": "v2", "sha256": "cd34" * 16, "state": "loading"}
+    for pin in (None, "v1", f"sha256:{sha[:HASH_PREFIX_MIN]}", sha[:16], sha.upper(),
+                f"sha256:{sha}"):
+        assert names_version(v1, pin), pin
+    for pin in ("v2", "v", sha[:HASH_PREFIX_MIN - 1], f"sha256:{sha[:HASH_PREFIX_MIN - 1]}",
+                "sha256:" + "0" * HASH_PREFIX_MIN, sha[:15] + "g", "sha256:"):
+        assert not names_version(v1, pin), pin
+    assert not names_version({"model": "m", "version": "v3"}, "0" * HASH_PREFIX_MIN)
+    path = RequestPath(lambda: StatusSite([v1, v2]), None, None, 60.0, True)  # type: ignore[arg-type]
+    assert path.query_status("m", sha[:16]).result(5)["version"] == "v1"
+    assert path.query_status("m", "v2").result(5)["state"] == "loading"
+    assert path.query_status("m", "sha256:" + "0" * 12).result(5) == {"state": "absent",
+                                                                     "model": "m"}

@@ -1,6 +1,11 @@
-"""``tickets.authenticate``: expiry and model binding, before anything else is read."""
+"""``tickets.authenticate``: expiry and model binding, before anything else is read; the
+site's ticket key file."""
 
 from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +30,17 @@ def test_ticket_for_one_model_is_refused_for_another() -> None:
         tickets.authenticate(KEY, ticket, model="model-b")
     with pytest.raises(TicketInvalid):
         tickets.verify(KEY, ticket, model="model-b", request_id="r1")
+
+
+def test_ticket_key_file_is_made_0600_once(tmp_path: Path) -> None:
+    """Anyone who reads the key can issue tickets: its file is the owner's alone, whatever
+    the umask, and later calls read the same key."""
+    path = tmp_path / "state" / "ticket.key"
+    old = os.umask(0)
+    try:
+        key = tickets.load_or_create_key(path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(key) == 32 and tickets.load_or_create_key(path) == key
+    assert tickets.load_or_create_key(tmp_path / "other.key") != key
