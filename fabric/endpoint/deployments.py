@@ -420,14 +420,15 @@ class DeploymentManager:
 
     def _mark_dead(self, dep: Deployment, reason: str) -> Deployment:
         """Record ``dep`` dead, and the usage its server left in its epitaph (once: only
-        the call that finds it not yet dead records it)."""
+        the call that changes the record to dead records it, however many workers found the
+        server gone at once)."""
         if dep.address:
             pings.forget(dep.address)
-        current = self.db.get(dep.id)
-        info = _read_json(Path(dep.info_path)) if dep.info_path else None
-        if current is not None and current.state != "dead" and info and info.get("usage"):
-            self._record_usage(dep, list(info["usage"]))
-        return self.db.update(dep.id, state="dead", reason=reason) or dep
+        if self.db.mark_dead(dep.id, reason):
+            info = _read_json(Path(dep.info_path)) if dep.info_path else None
+            if info and info.get("usage"):
+                self._record_usage(dep, list(info["usage"]))
+        return self.db.get(dep.id) or dep
 
     def _reap(self, dep: Deployment, reason: str) -> Deployment:
         """Mark ``dep`` dead and cancel its job, which may still hold its nodes."""

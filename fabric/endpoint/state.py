@@ -151,6 +151,14 @@ class StateDB:
             found = tx.execute("SELECT * FROM deployments WHERE id = ?", (dep_id,)).fetchone()
         return _from_row(found) if found else None
 
+    def mark_dead(self, dep_id: str, reason: str) -> bool:
+        """Record ``dep_id`` dead for ``reason`` unless it already is; True for the one call
+        (of all the site's processes) that changed it, which records what its end leaves."""
+        with self.transaction() as tx:
+            changed = tx.execute("UPDATE deployments SET state = 'dead', reason = ? WHERE id = ?"
+                                 " AND state != 'dead'", (reason, dep_id)).rowcount
+        return changed == 1
+
     def get(self, dep_id: str) -> Deployment | None:
         """One record by id."""
         row = self._connect().execute("SELECT * FROM deployments WHERE id = ?",
