@@ -99,6 +99,33 @@ def test_walltime_watchdog_ends_local_job_as_timeout(tmp_path: Path) -> None:
     assert gone(int((tmp_path / "pid").read_text()))
 
 
+def _watchdog_sleeps(seconds: int) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", f"^sleep {seconds}$"], capture_output=True,
+                           text=True, check=False)
+    return found.stdout.split()
+
+
+def test_walltime_watchdog_counts_hours_and_minutes(tmp_path: Path) -> None:
+    """The other walltime tests give seconds only (00:00:02) or only check that the watchdog
+    left: 02:01:07 must be 7267 s, not 7 s, nor 2 h alone. (A walltime no other test uses.)"""
+    launcher = local_launcher(tmp_path, walltime="02:01:07")
+    job = launcher.submit(f"echo $$ > {tmp_path}/pid; sleep 600", ranks=1, nodes=1,
+                          job_name="hms")
+    try:
+        deadline = time.monotonic() + 10
+        while not _watchdog_sleeps(7267) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _watchdog_sleeps(7267)
+        assert launcher.status([job])[job].state is JobState.RUNNING
+    finally:
+        launcher.cancel(job)
+    assert wait_for(launcher, job, {JobState.CANCELLED}).state is JobState.CANCELLED
+    deadline = time.monotonic() + 5
+    while _watchdog_sleeps(7267) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _watchdog_sleeps(7267)  # it went away with the job
+
+
 def test_unknown_type_names_list_accepted(tmp_path: Path) -> None:
     jobs = JobsConfig(provider=TypedSpec(type="SlurmProviderr"))
     with pytest.raises(InvalidSiteConfig) as err:

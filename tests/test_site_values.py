@@ -152,3 +152,12 @@ def test_walltime_minutes_and_seconds_are_below_60(walltime: str) -> None:
     with pytest.raises(ValidationError, match="minutes and seconds 00-59"):
         SiteLimits(max_walltime=walltime)
     assert JobsConfig(walltime="01:59:59").walltime == "01:59:59"
+
+
+def test_walltime_seconds_counts_hours_minutes_and_seconds() -> None:
+    from fabric.sitepolicy import walltime_seconds
+
+    assert walltime_seconds("00:00:02") == 2
+    assert walltime_seconds("01:02:03") == 3723
+    assert walltime_seconds("00:59:00") == 3540
+    assert walltime_seconds("100:00:00") == 360000  # hours are not capped at 24
