@@ -125,7 +125,10 @@ class DeploymentManager:
         if dep.job_id:
             with contextlib.suppress(FabricError):
                 self.launcher().cancel(dep.job_id)
-        return self._mark_dead(dep, "undeployed")
+        self._mark_dead(dep, "undeployed")
+        # The drained server may have exited, and another worker recorded it dead for that
+        # first: the operator's undeploy is still why it ended.
+        return self.db.update(dep.id, reason="undeployed") or dep
 
     def collect_usage(self, dep: Deployment | None = None) -> int:
         """Record in the usage DB the tokens servers delivered on streams (``open_stream``
