@@ -17,8 +17,15 @@ of a stream waits for a pool thread. (Readers in the pool held one thread each f
 whole life, so with ``max_concurrency`` streams open a further stream could not be admitted,
 nor any stream cancelled, until one of them ended.) ``aclose`` (or ``async with``) cancels the
 request at the server, as closing a ``Stream`` does; a stream left by ``break`` is cancelled
-once it is closed or collected. Cancelling a task that awaits any other call stops the wait,
-not the call (``timeout=`` bounds it at the server).
+once it is closed or collected.
+
+Cancelling a task that awaits ``generate``, ``chat``, ``logprobs`` or ``hidden_states``
+(``asyncio.wait_for``, ``task.cancel()``, a failing ``TaskGroup``, a gateway client that hung
+up) cancels its request at the server too: the call runs in a ``CallScope``
+(``fabric.client.callscope``) that cancels the request's future, which sends the server a
+cancel (``RequestPath.future``), and its pool thread is free at once. That costs no thread and
+no round trip while nobody cancels. Other calls (``embed``, ``submit``, deployments) still run
+to their end; ``timeout=`` bounds a call at the server whoever waits for it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from fabric.client.callscope import CallScope
 from fabric.errors import EndpointError, FabricError, InvalidRequest
 
 if TYPE_CHECKING:
@@ -120,13 +128,16 @@ class AsyncFabric:
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` in the pool; the event loop keeps running meanwhile.
 
-        Cancelling the awaiting task (``asyncio.wait_for``) stops the wait, not the call: its
-        thread runs it to the end, as the server does. Pass ``timeout=`` to bound a call at
-        the server. A call still queued for a pool thread when the client closes fails with
-        ``EndpointError``, as later calls do."""
+        Cancelling the awaiting task (``asyncio.wait_for``, ``task.cancel()``) cancels the
+        request the call waits on at the server, and its thread is free at once (the call
+        runs in a ``CallScope``: see ``fabric.client.callscope``); a call still queued for a
+        thread never runs. A call still queued for a pool thread when the client closes
+        fails with ``EndpointError``, as later calls do."""
         loop = asyncio.get_running_loop()
+        scope = CallScope()
         try:
-            running = loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+            running = loop.run_in_executor(self._pool, functools.partial(
+                scope.run, fn, *args, **kwargs))
         except RuntimeError:  # the pool was shut down
             raise EndpointError("this AsyncFabric is closed; make a new one") from None
         try:
@@ -134,7 +145,8 @@ class AsyncFabric:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is None or task.cancelling():
-                raise  # the caller cancelled it
+                scope.cancel()  # the caller cancelled it: so is its request, at the server
+                raise
             raise EndpointError("the client was closed while this call waited for a "
                                 "thread") from None
 

@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 
 from fabric import AsyncFabric, Fabric, FabricError, InvalidRequest, UnknownModel
+from fabric.serverclient import ServerClient
 from tests.plugins.site import (
     LONG_TOKENS,
     TINY_MODEL,
     assert_stopped_early,
     server_idle,
     server_pid,
+    wait_until,
 )
 from tests.plugins.throttle import throttle_process
 
@@ -238,6 +240,49 @@ def test_cancel_while_the_loop_reads(fab: Fabric, long_prompt: str) -> None:
     assert stream.cancelled and stream.finished and stream.result is None
     assert text == stream.text and len(stream.token_ids) < LONG_TOKENS
     assert_stopped_early(fab, before)
+
+
+@pytest.mark.parametrize("mode", ["direct", "poll"])
+def test_a_cancelled_generate_stops_at_the_server(fab: Fabric, long_prompt: str,
+                                                  mode: str) -> None:
+    """The task awaiting ``generate`` (or ``chat``) is cancelled (``wait_for`` gave up, a
+    ``TaskGroup`` failed, a gateway client hung up) once its request runs at the server: the
+    server stops it early and frees its slot and KV memory, and the call's pool thread is free
+    at once. It generated all its tokens for nobody before, its thread held meanwhile.
+    ``poll``: the transport cannot reach the servers, so the cancel goes through the site."""
+    pid = server_pid(fab)
+    before = server_idle(fab)["tokens_total"]
+    (dep,) = [d for d in fab.deployments() if d["model"] == TINY_MODEL and d.get("health")]
+
+    async def main(server: ServerClient) -> None:
+        async with AsyncFabric(fabric=fab, max_concurrency=1) as afab:
+            calls = [afab.generate(long_prompt, model=TINY_MODEL, max_tokens=LONG_TOKENS),
+                     afab.chat([{"role": "user", "content": long_prompt}], model=TINY_MODEL,
+                               max_tokens=LONG_TOKENS)]
+            for call in calls:
+                task = asyncio.ensure_future(call)
+                # Asked of the server itself: the site might find a server at 5% slow.
+                await asyncio.to_thread(wait_until, lambda: server.health(60)["running"], 60,
+                                        "the request to run at the server")
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(task, 0.01)
+                await asyncio.to_thread(wait_until, lambda: not server.health(60)["running"],
+                                        60, "the cancelled request to end at the server")
+                # Its one pool thread is free for the next call (bounded: the old code held
+                # it for the whole generation).
+                loop = asyncio.get_running_loop()
+                assert await asyncio.wait_for(loop.run_in_executor(afab._pool, int), 30) == 0
+
+    fab.transport.can_reach_servers = mode == "direct"
+    try:
+        with throttle_process(pid), ServerClient(dep["address"], dep["public_key"],
+                                                 timeout_s=60) as server:
+            asyncio.run(main(server))
+    finally:
+        fab.transport.can_reach_servers = True
+    # Two requests of LONG_TOKENS each: together fewer tokens than one of them alone.
+    assert_stopped_early(fab, before)
+    assert fab.generate(PROMPT, model=TINY_MODEL, max_tokens=2).token_ids
 
 
 def test_wait_after_reading_part_of_a_stream(fab: Fabric) -> None:

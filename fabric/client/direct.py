@@ -7,6 +7,7 @@ this exact request) and the client submits it itself. One I/O thread holds one C
 socket per server for every request and stream of this client::
 
     submit(info, request)      --> future: the result's dict, or the server's typed error
+    withdraw(info, request)    --> nothing: cancel a submitted request, answering no one
     open_stream(info, request) --> StreamFeed: "accepted" (or "error"), events, then "done"
     cancel(feed)               --> future: what the request was ("queued", "running", ...)
     abandon(feed)              --> nothing: cancel, answering no one (a dropped Stream)
@@ -156,6 +157,22 @@ class DirectResults:
 
         self._do(send, fut.set_exception, f"cancel {feed.request_id} at", {"address": feed.address})
         return fut
+
+    def withdraw(self, info: dict[str, Any], request: InferenceRequest) -> None:
+        """Cancel a request ``submit`` sent, answering no one: its caller stopped waiting.
+        Its future is left unsettled (the server's answers to it are dropped); a request
+        whose connection is gone, or a closed client, needs nothing."""
+        rid = _admitted(info, request).request_id
+        address, ticket = str(info["address"]), str(info["ticket"])
+
+        def send(poller: Any) -> None:
+            server = self._servers.get(address)
+            if server is None or server.pending.pop(rid, None) is None:
+                return  # its connection failed or it has ended: nothing runs for it
+            server.client.send_cancel(rid, ticket)
+
+        with contextlib.suppress(EndpointError):
+            self._do(send, lambda exc: None, f"cancel {rid} at", info)
 
     def forget(self, feed: StreamFeed) -> None:
         """Stop routing ``feed``'s messages (its reader is gone; a late message is dropped)."""

@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Literal, Self
 
+from fabric.client.callscope import start
 from fabric.client.checks import (
     build_request,
     check_int,
@@ -429,11 +430,14 @@ class Fabric(Deployments):
         if self.federation is not None:
             out, site = self.federation.call(request.model, lambda member: member._run(request))
             return served_by(out, site)
-        return dict(self._path.wait(self.request_future(request), request.model, request.version))
+        # Watched by the caller's scope, if any (``AsyncFabric``: a cancelled task cancels it).
+        future = start(lambda: self.request_future(request))
+        return dict(self._path.wait(future, request.model, request.version))
 
     def request_future(self, request: InferenceRequest) -> Future[dict[str, Any]]:
         """Run one built request at this (single) site; its result's dict (or typed error) as
-        a future. A request worker only admits it and hands it off (``RequestPath.future``)."""
+        a future. A request worker only admits it and hands it off (``RequestPath.future``).
+        Cancelling the future cancels the request at the server."""
         return self._path.future(request)
 
     def _generation(self, out: dict[str, Any]) -> GenerationResult:

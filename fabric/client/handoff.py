@@ -15,6 +15,7 @@ elsewhere) and hands it to ``on_status``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import threading
 import time
@@ -122,19 +123,28 @@ class RequestPath:
         it directly (``DirectResults``); elsewhere the site submits it and the client's one
         long-poll brings the result (``Poller``). With ``handoff=False`` a worker serves it
         whole (``run_request``), as before.
+
+        Cancelling the future (``Future.cancel``) cancels the request at the server: a cancel
+        over the client's connection to it, or a ``cancel_request`` task through the site;
+        one cancelled before its admission came back is not sent at all (direct) or
+        cancelled as soon as it is admitted (poll). With ``handoff=False`` it stops only the
+        wait (the worker serving it holds no ticket to cancel with).
         """
         from fabric.wire.functions import run_request
 
         transport = self._transport()
         body = request.model_dump(mode="json")
+        out: Future[dict[str, Any]] = Future()
         if not self.handoff:
-            return transport.submit(run_request, body, self.auth)
+            _chain(transport.submit(run_request, body, self.auth), out)
+            return out
         mode = "direct" if transport.can_reach_servers else "poll"
         # A lone request (nothing else of ours open to poll for) may wait for its result at
         # the site a little: a short one then costs one task instead of two.
         hold = 0.0 if mode == "direct" or self.poller().busy else HOLD_S
         admitted = self.admit(body, mode, hold)
-        out: Future[dict[str, Any]] = Future()
+        lock = threading.Lock()  # between the hand-off and a cancel from another thread
+        stop: list[Callable[[], None]] = []  # how to cancel it once it is at its server
 
         def handed_off(f: Future[Any]) -> None:
             try:
@@ -142,17 +152,61 @@ class RequestPath:
                 if info.get("done"):  # it finished while the site held it
                     if info.get("error"):
                         raise FabricError.from_dict(info["error"])
-                    out.set_result(dict(info.get("result") or {}))
+                    _settle(out, dict(info.get("result") or {}))
                     return
-                inner = (self.direct().submit(info, request) if mode == "direct"
-                         else self.poller().track(info, request.model, events=False).future)
+                with lock:
+                    if out.cancelled():  # before its admission came back
+                        if mode == "poll":  # the site has submitted it: cancel it there
+                            self._cancel_polled(transport, info, request.model)
+                        return
+                    if mode == "direct":
+                        direct = self.direct()  # the one it went through, even once closed
+                        inner = direct.submit(info, request)
+                        stop.append(lambda: direct.withdraw(info, request))
+                    else:
+                        inner = self.poller().track(info, request.model, events=False).future
+                        stop.append(lambda: self._cancel_polled(transport, info, request.model))
             except BaseException as exc:
-                out.set_exception(exc)
+                _settle(out, exc=exc)
                 return
             _chain(inner, out)
 
+        def cancelled(f: Future[Any]) -> None:
+            if not f.cancelled():
+                return
+            with lock:
+                todo = list(stop)
+            for cancel in todo:
+                try:
+                    cancel()
+                except Exception as exc:  # a closed client: nothing runs for it any more
+                    log.debug("cancelling %s: %s", request.request_id, exc)
+
+        out.add_done_callback(cancelled)
         admitted.add_done_callback(handed_off)
         return out
+
+    def _cancel_polled(self, transport: Transport, info: dict[str, Any], model: str) -> None:
+        """Stop following a polled request and cancel it through the site (a task round trip,
+        so on a thread of its own: this runs where a task was cancelled)."""
+        from fabric.client.transport import submit_or_fail
+        from fabric.wire.functions import cancel_request
+
+        rid = str(info["request_id"])
+        with self._lock:
+            poller = self._poller
+        if poller is not None:
+            poller.forget(rid)
+
+        def send() -> None:
+            done = submit_or_fail(transport, cancel_request, model, rid,
+                                  str(info["ticket"]), self.auth)
+            try:
+                done.result()
+            except Exception as exc:
+                log.debug("cancel of %s at the site failed: %s", rid, exc)
+
+        threading.Thread(target=send, daemon=True, name="fabric-cancel").start()
 
     def wait(self, future: Future[Any], model: str, version: str | None) -> Any:
         """``future.result()``, reporting the deployment's state to ``on_status`` while slow.
@@ -262,11 +316,22 @@ def _chain(inner: Future[Any], outer: Future[Any]) -> None:
     """Settle ``outer`` as ``inner`` settles."""
     def settle(f: Future[Any]) -> None:
         try:
-            outer.set_result(f.result())
+            value = f.result()
         except BaseException as exc:
-            outer.set_exception(exc)
+            _settle(outer, exc=exc)
+            return
+        _settle(outer, value)
 
     inner.add_done_callback(settle)
+
+
+def _settle(out: Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
+    """Settle ``out``, unless its caller cancelled it (then nobody wants the outcome)."""
+    with contextlib.suppress(cf.InvalidStateError):
+        if exc is not None:
+            out.set_exception(exc)
+        else:
+            out.set_result(value)
 
 
 HOLD_S = 1.0
