@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import pytest
 
 from fabric import AsyncFabric, Fabric
 from fabric.gateway import GatewayConfig, create_app
+from fabric.serverclient import ServerClient
 from tests.plugins.servers import hf_model, hf_tokenizer
 from tests.plugins.site import (
     LONG_TOKENS,
@@ -494,3 +496,33 @@ def test_a_client_that_goes_away_stops_its_generation(fab: Fabric, long_prompt: 
     assert opened.cancelled and opened.result is None
     assert len(opened.token_ids) < LONG_TOKENS
     assert_stopped_early(fab, before)  # the server stopped, not only the gateway's reader
+
+
+@pytest.mark.parametrize("route", ["completions", "chat/completions"])
+def test_a_client_that_hangs_up_on_a_completion_stops_it(fab: Fabric, long_prompt: str,
+                                                         tmp_path: Path, route: str) -> None:
+    """A user's HTTP client gives up on a non-stream completion (a timeout, Ctrl-C) while it
+    is generating: the gateway cancels the request at the server, which stops before the end
+    (the gateway awaited ``generate`` to its end for nobody before)."""
+    config = GatewayConfig(site=fab.site, home=tmp_path, rate=0)
+    pid = server_pid(fab)
+    before = server_idle(fab)["tokens_total"]
+    (dep,) = [d for d in fab.deployments() if d["model"] == TINY_MODEL and d.get("health")]
+    body = {"model": TINY_MODEL, "max_tokens": LONG_TOKENS, "temperature": 0,
+            **({"prompt": long_prompt} if route == "completions"
+               else {"messages": [{"role": "user", "content": long_prompt}]})}
+    data = json.dumps(body).encode()
+    with running_server(create_app(config, AsyncFabric(fabric=fab))) as url, \
+            throttle_process(pid), \
+            ServerClient(dep["address"], dep["public_key"], timeout_s=60) as server:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(f"POST /v1/{route} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                         f"application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                         + data)
+            # Asked of the server itself: the site might find a server at 5% slow.
+            wait_until(lambda: server.health(60)["running"], 60,
+                       "the completion to run at the server")
+        wait_until(lambda: not server.health(60)["running"], 60,
+                   "the gateway to cancel the abandoned completion")
+    assert_stopped_early(fab, before)  # the server stopped, not only the gateway's wait

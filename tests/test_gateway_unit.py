@@ -25,6 +25,7 @@ import pytest
 from fabric.errors import (
     AuthError,
     EndpointError,
+    InvalidRequest,
     ModelServerUnavailable,
     Overloaded,
     QuotaExceeded,
@@ -522,3 +523,51 @@ def test_one_callers_files_and_batches_are_not_anothers(tmp_path: Path) -> None:
         assert http.get(f"/v1/batches/{batch['id']}", headers=as_carol).status_code == 200
         assert [b["id"] for b in http.get("/v1/batches", headers=as_carol).json()["data"]] == \
             [batch["id"]]
+
+
+# -- a client that hangs up on a non-stream completion ----------------------------------------
+
+
+def test_a_hang_up_cancels_the_work_and_an_answer_is_untouched() -> None:
+    """``unless_hung_up``: the client's disconnect cancels the awaited calls (499, to nobody);
+    with the client still there, the calls' value or error comes back as it is."""
+    import asyncio
+
+    from starlette.exceptions import HTTPException
+
+    from fabric.gateway.hangups import CLIENT_CLOSED, unless_hung_up
+
+    class Request:
+        def __init__(self, hang_up_after: float | None) -> None:
+            self.after = hang_up_after
+
+        async def receive(self) -> dict[str, Any]:
+            if self.after is None:
+                await asyncio.Event().wait()  # still connected
+            await asyncio.sleep(self.after or 0)
+            return {"type": "http.disconnect"}
+
+    async def main() -> None:
+        cancelled = asyncio.Event()
+
+        async def long_call() -> str:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return "late"
+
+        async def failing() -> str:
+            raise InvalidRequest("bad")
+
+        hanging_up: Any = Request(0.05)
+        staying: Any = Request(None)
+        with pytest.raises(HTTPException) as gone:
+            await asyncio.wait_for(unless_hung_up(hanging_up, long_call()), 5)
+        assert gone.value.status_code == CLIENT_CLOSED and cancelled.is_set()
+        assert await unless_hung_up(staying, asyncio.sleep(0.01, "ok")) == "ok"
+        with pytest.raises(InvalidRequest):
+            await unless_hung_up(staying, failing())
+
+    asyncio.run(main())

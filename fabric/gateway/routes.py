@@ -1,7 +1,9 @@
 """``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``.
 
 Each route checks the body (OpenAI's shape, extension fields allowed), calls the SDK through
-the caller's ``AsyncFabric`` and answers in OpenAI's shape; ``n`` choices run concurrently.
+the caller's ``AsyncFabric`` and answers in OpenAI's shape; ``n`` choices run concurrently. A
+client that hangs up stops its generations at the server, streamed or not
+(``fabric.gateway.streams``, ``fabric.gateway.hangups``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from fabric.aio import AsyncFabric
 from fabric.errors import InvalidRequest
 from fabric.gateway import shapes
+from fabric.gateway.hangups import unless_hung_up
 from fabric.gateway.shapes import ChatRequest, CompletionRequest, EmbeddingRequest
 from fabric.gateway.state import Who, read_body
 from fabric.gateway.streams import Piece, guarded, open_streams, pieces, sse
@@ -91,7 +94,9 @@ async def chat_completions(request: Request,
         streams = await open_streams(who.client, calls)
         return StreamingResponse(guarded(_chat_events(req, streams)),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
-    results = await asyncio.gather(*(who.client.chat(**kw) for kw in calls))
+    # A client that hangs up first cancels the generations at the server.
+    results = await unless_hung_up(request, asyncio.gather(
+        *(who.client.chat(**kw) for kw in calls)))
     return shapes.chat_response(req.model, list(results), req.logprobs)
 
 
@@ -145,7 +150,7 @@ async def completions(request: Request,
         return StreamingResponse(guarded(_completion_events(req, streams)),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     jobs = [_one_completion(who.client, req, p, k) for p in prompts for k in range(req.n)]
-    done = await asyncio.gather(*jobs)
+    done = await unless_hung_up(request, asyncio.gather(*jobs))
     choices = [{"index": i, **d.choice} for i, d in enumerate(done)]
     prompt_tokens = sum(d.prompt_tokens for i, d in enumerate(done) if i % req.n == 0)
     completion_tokens = sum(d.completion_tokens for d in done)
