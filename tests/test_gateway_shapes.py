@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from fabric.aio import AsyncStream
+from fabric.errors import QuotaExceeded
 from fabric.gateway import GatewayConfig, create_app, shapes
 from fabric.protocol import GenerationResult, ModelIdentity, Timings, Usage
 
@@ -213,3 +214,47 @@ def test_streamed_completions_finish_each_choice_under_its_own_index(tmp_path: P
     completion = len(prompts) * sum(k + 1 for k in range(n))
     assert usage["usage"] == {"prompt_tokens": prompt, "completion_tokens": completion,
                               "total_tokens": prompt + completion}
+
+
+class OneFails(Choices):
+    """Choice 0 fails at once; the others wait until cancelled (and say so)."""
+
+    def __init__(self) -> None:
+        self.cancelled: list[int] = []
+
+    async def generate(self, prompt: str = "", **kwargs: Any) -> GenerationResult:
+        k = choice_of(kwargs)
+        if k == 0:
+            raise QuotaExceeded("choice 0 is over the quota")
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.cancelled.append(k)
+            raise
+        raise AssertionError("a choice nobody will read ran to its end")
+
+    async def chat(self, messages: Any = None, **kwargs: Any) -> GenerationResult:
+        return await self.generate(**kwargs)
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_a_failed_choice_cancels_the_others(tmp_path: Path, route: str) -> None:
+    """The answer is the error: the other choices' generations are cancelled (so are their
+    requests, at the server), not left to run for nobody."""
+    client = OneFails()
+    app = create_app(GatewayConfig(home=tmp_path, rate=0), client)  # type: ignore[arg-type]
+    body = {"model": MODEL, "n": 3, "seed": SEED, "max_tokens": 4, "prompt": "p",
+            "messages": [{"role": "user", "content": "p"}]}
+
+    async def call() -> tuple[httpx.Response, list[int]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+            response = await asyncio.wait_for(http.post(route, json=body), 30)
+            await asyncio.sleep(0.1)  # the cancelled choices' handlers run
+            # Read now: asyncio.run cancels whatever still runs once call() returns.
+            return response, sorted(client.cancelled)
+
+    response, cancelled = asyncio.run(call())
+    assert response.status_code == 429, response.text
+    assert "choice 0 is over the quota" in response.json()["error"]["message"]
+    assert cancelled == [1, 2]

@@ -9,7 +9,7 @@ client that hangs up stops its generations at the server, streamed or not
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from fastapi import APIRouter, Request
@@ -29,6 +29,7 @@ __all__ = ["parse_body", "router"]
 
 router = APIRouter(prefix="/v1")
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 OFF_LOOP_BYTES = 1 << 20
 """Bodies larger than this are parsed in a thread, not on the event loop."""
@@ -95,8 +96,7 @@ async def chat_completions(request: Request,
         return StreamingResponse(guarded(_chat_events(req, streams)),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     # A client that hangs up first cancels the generations at the server.
-    results = await unless_hung_up(request, asyncio.gather(
-        *(who.client.chat(**kw) for kw in calls)))
+    results = await unless_hung_up(request, _all(who.client.chat(**kw) for kw in calls))
     return shapes.chat_response(req.model, list(results), req.logprobs)
 
 
@@ -150,7 +150,7 @@ async def completions(request: Request,
         return StreamingResponse(guarded(_completion_events(req, streams)),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     jobs = [_one_completion(who.client, req, p, k) for p in prompts for k in range(req.n)]
-    done = await unless_hung_up(request, asyncio.gather(*jobs))
+    done = await unless_hung_up(request, _all(jobs))
     choices = [{"index": i, **d.choice} for i, d in enumerate(done)]
     prompt_tokens = sum(d.prompt_tokens for i, d in enumerate(done) if i % req.n == 0)
     completion_tokens = sum(d.completion_tokens for d in done)
@@ -158,6 +158,18 @@ async def completions(request: Request,
     fingerprint = next((d.fingerprint for d in done if d.fingerprint), None)
     return shapes.completion_response(req.model, choices, prompt_tokens, completion_tokens, rid,
                                       fingerprint)
+
+
+async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Every call's outcome, run at once; when one fails the others are cancelled (so are
+    their requests, at the server: nobody will read their answers) and its error is raised."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
 
 
 class Done(NamedTuple):
@@ -295,9 +307,9 @@ async def embeddings(request: Request, who: Who) -> dict[str, Any]:
 async def _hidden_states(client: AsyncFabric, req: EmbeddingRequest,
                          texts: list[str]) -> dict[str, Any]:
     layers = req.layers or [req.layer]
-    states = await asyncio.gather(*(client.hidden_states(
+    states = await _all(client.hidden_states(
         t, model=req.model, layers=layers, positions=req.positions, hooks=req.hooks)
-        for t in texts))
+        for t in texts)
     vectors = [s["layers"][str(layers[0])].float().numpy() for s in states]
     extra = [{"token_ids": s["token_ids"], "positions": s["positions"],
               **({"layers": {k: v.float().tolist() for k, v in s["layers"].items()}}
