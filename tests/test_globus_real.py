@@ -376,3 +376,59 @@ def test_a_call_to_a_site_whose_endpoint_died_fails_typed_before_admission(
     assert lost.value.retryable
     assert waited < 12.5 + 2 * 2.0 + 10, waited  # offline, two checks, slack
     report(globus_offline, offline_call_failed_after_s=waited)
+
+
+def _daemon_pool(marker: str) -> tuple[int, int] | None:
+    """A worker pool of the daemon run ``marker`` and its multiprocessing helper, once both
+    are up (the helper listens on its socket a moment after the pool starts)."""
+    from fabric.endpoint.poolwatch import helper_of
+    from fabric.procs import proc_cmdline
+    from fabric.testing.gc_endpoint import marked
+
+    for pid in marked(marker):
+        if "process_worker_pool" in proc_cmdline(pid) and (helper := helper_of(pid)):
+            return pid, helper
+    return None
+
+
+def test_a_daemon_run_pool_that_lost_its_helper_is_replaced(
+        globus_offline: OfflineGlobus, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Under the real daemon, the user endpoint's worker pool loses its ``multiprocessing``
+    helper (``kill -9``). Parsl alone never notices (the pool still heartbeats) and every task
+    it takes is never answered; the guard the template's ``worker_init`` starts
+    (``fabric.endpoint.poolguard``) kills the pool, Parsl starts a new block, and the next
+    call succeeds, or fails as a retryable ``WorkerPoolLost`` within the heartbeat threshold
+    (20 s) and the one after it succeeds. Its own endpoint, since its pool is killed."""
+    import os
+    import signal
+
+    from fabric.testing.gc_endpoint import marked
+    from tests.plugins.site import wait_until
+
+    site = write_globus_site(tmp_path / "site", tiny_llama_dir, globus_offline.function_ids,
+                             name="gc-pool")
+    with globus_offline.endpoint(site, tmp_path / "gc", "gc-pool") as ep:
+        assert ep.daemon is not None
+        t = ep.transport(tmp_path / "home")
+        try:
+            t.submit(functions.list_models, None).result(timeout=180)  # a warm user endpoint
+            pool, helper = wait_until(lambda: _daemon_pool(ep.daemon.marker), 30,
+                                      "the user endpoint's worker pool and its helper")
+            os.kill(helper, signal.SIGKILL)
+            t0 = time.monotonic()
+            try:
+                first = t.submit(functions.list_models, None).result(timeout=40)
+            except EndpointError as exc:  # the call reached the pool before the guard's kill
+                assert exc.retryable and exc.details.get("code") == "WorkerPoolLost", exc
+                first = None
+            waited = time.monotonic() - t0
+            models = t.submit(functions.list_models, None).result(timeout=60)
+            replaced = _daemon_pool(ep.daemon.marker)
+        finally:
+            t.close()
+    assert waited < 30, waited
+    assert first is None or TINY_MODEL in {m["name"] for m in first}
+    assert TINY_MODEL in {m["name"] for m in models}
+    assert replaced is not None and replaced[0] != pool
+    assert not marked(ep.daemon.marker), "the daemon's processes outlived its stop"
+    report(globus_offline, pool_lost_call_s=waited, pool_lost_call_failed=first is None)

@@ -35,6 +35,10 @@ The same loop caps every ``*.log`` under the engine's run dir (Parsl's ``interch
 ``LOG_KEEP_BYTES`` copied to ``NAME.1`` and is truncated in place (Parsl opens its logs in append
 mode, so its next write lands at the new end; renaming would not help, the writer keeps the
 old file open).
+
+A site run under the ``globus-compute-endpoint`` daemon has no site process beside its engine:
+there each block's ``worker_init`` starts ``fabric.endpoint.poolguard``, this watch narrowed to
+the pool that block's shell starts (``owns``) and killing the block with itself (``kill``).
 """
 
 from __future__ import annotations
@@ -100,14 +104,25 @@ def engine_options() -> dict[str, Any]:
             "block_error_handler": windowed_error_handler}
 
 
+def lost_failure(text: str) -> tuple[str, str] | None:
+    """``(code, message)`` if ``text`` (a task's remote traceback) is a failure of the site's
+    own machinery (``ManagerLost``: its pool was lost; ``BadStateException``: its interchange
+    exited), else None. The site re-codes such results (``retype_lost``); the Globus client,
+    which gets them straight from a daemon-run endpoint, raises the same typed, retryable
+    error for them (``fabric.globus.transport``)."""
+    for quick, pattern, code, message in _LOST:
+        if quick.decode() in text and pattern.search(text):
+            return code, message
+    return None
+
+
 def retype_lost(packed: bytes) -> bytes:
     """``packed`` (a Globus Compute ``Result``), with a failure of the site's own machinery
     (``ManagerLost``: its pool was lost; ``BadStateException``: its interchange exited)
     re-coded (``WorkerPoolLost``, ``EngineLost``) so the client raises a retryable
     ``EndpointError`` rather than taking it for the function's own error; any other result
     is returned as it is."""
-    hits = [entry for entry in _LOST if entry[0] in packed]
-    if not hits:  # the common case costs a substring search or two
+    if not any(entry[0] in packed for entry in _LOST):  # the common case: a search or two
         return packed
     from globus_compute_common import messagepack
     from globus_compute_common.messagepack.message_types import Result, ResultErrorDetails
@@ -118,15 +133,15 @@ def retype_lost(packed: bytes) -> bytes:
         return packed
     if not isinstance(res, Result) or not res.is_error:
         return packed
-    for _, pattern, code, message in hits:
-        if pattern.search(res.data):
-            details = ResultErrorDetails(code=code, user_message=message)
-            # The client quotes the last line: make it this, not the traceback's closing rule.
-            data = f"{res.data}\n{code}: {message}"
-            return bytes(messagepack.pack(Result(task_id=res.task_id, data=data,
-                                                 error_details=details,
-                                                 task_statuses=res.task_statuses)))
-    return packed
+    found = lost_failure(res.data)
+    if found is None:
+        return packed
+    code, message = found
+    details = ResultErrorDetails(code=code, user_message=message)
+    # The client quotes the last line: make it this, not the traceback's closing rule.
+    data = f"{res.data}\n{code}: {message}"
+    return bytes(messagepack.pack(Result(task_id=res.task_id, data=data, error_details=details,
+                                         task_statuses=res.task_statuses)))
 
 
 class PoolWatch:
@@ -154,12 +169,16 @@ class PoolWatch:
     def run(self, stopping: threading.Event) -> None:
         """Check every ``CHECK_PERIOD_S`` until ``stopping`` is set (the site's background loop)."""
         while not stopping.wait(CHECK_PERIOD_S):
-            try:
-                self.check_interchange()
-                self.check_pools()
-                self.cap_logs()
-            except Exception:  # a /proc race or a full disk must not end the loop
-                log.exception("worker pool check failed")
+            self.check()
+
+    def check(self) -> None:
+        """One round: the interchange, the pools, the logs (never raises)."""
+        try:
+            self.check_interchange()
+            self.check_pools()
+            self.cap_logs()
+        except Exception:  # a /proc race or a full disk must not end the loop
+            log.exception("worker pool check failed")
 
     def check_interchange(self) -> bool:
         """False (and the executor failed, ``on_lost`` called, once) if the interchange has
@@ -184,26 +203,34 @@ class PoolWatch:
             "restarts on the next call: retry"))
         # Its pools would wait out their heartbeat threshold for an interchange that is
         # gone, and the site's stop has no interchange to ask them to leave: end them.
-        for pool in self._scan():
-            kill_pool(pool)
+        for pool in self.scan():
+            self.kill(pool)
         if self.on_lost is not None:
             self.on_lost()
 
-    def _scan(self) -> dict[int, set[int]]:
-        """One pass over ``/proc``: each live worker pool of this site -> its children started
-        by ``spawn_main`` (its workers and its helper). A pool is a ``process_worker_pool`` of
-        this session whose command line names the run dir (Parsl detaches pools; their parent
-        is init)."""
-        mark = str(self.run_dir) + os.sep
+    def scan(self) -> dict[int, set[int]]:
+        """One pass over ``/proc``: each live worker pool this watch owns (``owns``) -> its
+        children started by ``spawn_main`` (its workers and its helper). Only this session's
+        processes are looked at."""
         session = os.getsid(0)
         stats = {pid: st for pid in _pids() if (st := proc_stat(pid)) is not None
                  and st[3] == session and st[0] not in ("Z", "X")}
         found = {pid: set[int]() for pid in stats
-                 if "process_worker_pool" in (cmd := proc_cmdline(pid)) and mark in cmd}
+                 if "process_worker_pool" in (cmd := proc_cmdline(pid))
+                 and self.owns(pid, cmd, stats)}
         for pid, st in stats.items():
             if st[1] in found and "spawn_main" in proc_cmdline(pid):
                 found[st[1]].add(pid)
         return found
+
+    def owns(self, pool: int, cmd: str, stats: dict[int, tuple[str, int, int, int]]) -> bool:
+        """Whether worker pool ``pool`` (command line ``cmd``) is this watch's: the site's
+        pools name its run dir (Parsl detaches pools; their parent is init)."""
+        return str(self.run_dir) + os.sep in cmd
+
+    def kill(self, pool: int) -> None:
+        """End ``pool`` (``kill_pool``: its block's process group)."""
+        kill_pool(pool)
 
     def check_pools(self) -> list[int]:
         """Kill each pool whose helper or one of whose workers is gone; the pools killed.
@@ -216,7 +243,7 @@ class PoolWatch:
         scan = None
         if self._checks % RESCAN_EVERY == 0 or len(self.helpers) < len(self._live) \
                 or not self._live:
-            scan = self._scan()
+            scan = self.scan()
             self._live = list(scan)
         else:
             self._live = [pool for pool in self._live if process_running(pool)]
@@ -245,12 +272,13 @@ class PoolWatch:
             if scan is not None:
                 self.workers[pool] = scan.get(pool, set()) - {helper}
             return False
-        kill_pool(pool)
+        # Said first: a block's guard (fabric.endpoint.poolguard) dies with the pool's group.
+        log.warning("worker pool %d %s: killing it; Parsl starts a new one, its tasks fail as "
+                    "%s", pool, why, POOL_LOST)
+        self.kill(pool)
         self.helpers.pop(pool, None)
         self.workers.pop(pool, None)
         self.killed += 1
-        log.warning("worker pool %d %s: killed it; Parsl starts a new one, its tasks fail as "
-                    "%s", pool, why, POOL_LOST)
         return True
 
     def _end_orphan(self, pool: int, helper: int) -> None:
@@ -342,16 +370,18 @@ def stop_engine(engine: Any, timeout_s: float = ENGINE_STOP_S) -> bool:
     return False
 
 
-def kill_pool(pool: int) -> None:
+def kill_pool(pool: int, spared: tuple[int, ...] | None = None) -> None:
     """SIGKILL the pool's process group (the block: wrapper shells, pool, workers) at once, so
-    no wrapper lives to record an exit code; where that group is not the block's own or holds a
-    model server (servers outlive pools), just the pool and its children, servers spared."""
+    no wrapper lives to record an exit code; where that group is not the block's own (one of
+    ``spared``: by default the caller's group and session) or holds a model server (servers
+    outlive pools), just the pool and its children, servers spared."""
     st = proc_stat(pool)
     if st is None:
         return
     group = st[2]
     stats = {pid: s for pid in _pids() if (s := proc_stat(pid)) is not None}
-    own = group > 1 and group not in (os.getpgrp(), os.getsid(0))
+    own = group > 1 and group not in (
+        (os.getpgrp(), os.getsid(0)) if spared is None else spared)
     if own and not any(SERVER_MARK in proc_cmdline(pid) for pid, s in stats.items()
                        if s[2] == group):
         with contextlib.suppress(ProcessLookupError, PermissionError):

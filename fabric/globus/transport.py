@@ -338,6 +338,14 @@ def _translate(exc: BaseException) -> FabricError:
                                 rule="allowed_serializers")
         if "MaxResultSizeExceeded" in data:
             return ResultTooLarge(f"result is larger than one message may carry: {last}")
+        from fabric.endpoint.poolwatch import lost_failure
+
+        if (lost := lost_failure(data)) is not None:
+            # The engine's own machinery failed under the task (a daemon-run endpoint's pool
+            # was lost: its poolguard killed it): what the embedded site re-codes.
+            code, message = lost
+            return EndpointError(f"the site could not run the task ({code}): {message}",
+                                 traceback=data, code=code)
         return UserFunctionError(f"remote function raised: {last}", traceback=data)
     import globus_sdk
 
