@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import signal
 import threading
 from pathlib import Path
@@ -54,6 +53,7 @@ from typing import Any
 
 from fabric.endpoint.watchdog import SERVER_MARK
 from fabric.procs import proc_cmdline, proc_stat, process_running
+from fabric.wire.lost import LOST, POOL_LOST, lost_failure
 
 log = logging.getLogger("fabric.site.pool")
 
@@ -75,20 +75,6 @@ This bounds how long a task on a lost pool waits (Parsl's default is 120 s). It 
 heartbeats, not fewer: a pool wrongly dropped on a loaded node fails tasks that were running."""
 RESCAN_EVERY = 5
 """Every this many checks all of ``/proc`` is scanned for new pools (a replaced block's)."""
-POOL_LOST = "WorkerPoolLost"
-"""The error code of a task whose worker pool was lost under it (retrying helps)."""
-ENGINE_LOST = "EngineLost"
-"""The error code of a task failed because the interchange exited (retrying helps)."""
-_LOST = (
-    (b"ManagerLost", re.compile(r"^parsl\.executors\.high_throughput\.errors\.ManagerLost\b",
-                                re.M), POOL_LOST,
-     "the site's worker pool was lost while it ran this task (the site starts a new one); "
-     "retrying may help"),
-    (b"BadStateException", re.compile(r"^parsl\.executors\.errors\.BadStateException\b", re.M),
-     ENGINE_LOST, "the site's Parsl interchange exited under this task; the site restarts on "
-                  "the next call: retry"),
-)
-"""(quick check, the failure's traceback line, its code, what the client is told)."""
 
 
 def engine_options() -> dict[str, Any]:
@@ -104,25 +90,13 @@ def engine_options() -> dict[str, Any]:
             "block_error_handler": windowed_error_handler}
 
 
-def lost_failure(text: str) -> tuple[str, str] | None:
-    """``(code, message)`` if ``text`` (a task's remote traceback) is a failure of the site's
-    own machinery (``ManagerLost``: its pool was lost; ``BadStateException``: its interchange
-    exited), else None. The site re-codes such results (``retype_lost``); the Globus client,
-    which gets them straight from a daemon-run endpoint, raises the same typed, retryable
-    error for them (``fabric.globus.transport``)."""
-    for quick, pattern, code, message in _LOST:
-        if quick.decode() in text and pattern.search(text):
-            return code, message
-    return None
-
-
 def retype_lost(packed: bytes) -> bytes:
     """``packed`` (a Globus Compute ``Result``), with a failure of the site's own machinery
     (``ManagerLost``: its pool was lost; ``BadStateException``: its interchange exited)
     re-coded (``WorkerPoolLost``, ``EngineLost``) so the client raises a retryable
     ``EndpointError`` rather than taking it for the function's own error; any other result
     is returned as it is."""
-    if not any(entry[0] in packed for entry in _LOST):  # the common case: a search or two
+    if not any(entry[0] in packed for entry in LOST):  # the common case: a search or two
         return packed
     from globus_compute_common import messagepack
     from globus_compute_common.messagepack.message_types import Result, ResultErrorDetails

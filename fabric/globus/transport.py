@@ -338,7 +338,7 @@ def _translate(exc: BaseException) -> FabricError:
                                 rule="allowed_serializers")
         if "MaxResultSizeExceeded" in data:
             return ResultTooLarge(f"result is larger than one message may carry: {last}")
-        from fabric.endpoint.poolwatch import lost_failure
+        from fabric.wire.lost import lost_failure
 
         if (lost := lost_failure(data)) is not None:
             # The engine's own machinery failed under the task (a daemon-run endpoint's pool
