@@ -222,6 +222,24 @@ def test_gateway_metrics_need_auth_where_callers_do_and_count_answers(tmp_path: 
                    '{route="/v1/chat/completions"}'] == 3
 
 
+def test_gateway_scrapes_spend_no_rate_budget(tmp_path: Path) -> None:
+    """Prometheus scrapes every few seconds as the same identity as local callers: a scrape
+    neither takes a request from that budget nor is refused by it."""
+    import httpx
+
+    from fabric.gateway import GatewayConfig, create_app
+    from tests.test_gateway_unit import running_server
+
+    config = GatewayConfig(home=tmp_path, rate=0.01, burst=2)  # ~no refill during the test
+    with running_server(create_app(config)) as url, httpx.Client(base_url=url, timeout=30) as h:
+        for _ in range(5):
+            assert h.get("/metrics").status_code == 200
+        # The budget of 2 is whole after five scrapes, and spent by two calls.
+        assert [h.post("/v1/chat/completions", json={}).status_code for _ in range(3)] == \
+            [400, 400, 429]
+        assert h.get("/metrics").status_code == 200  # still scraped once it is spent
+
+
 def test_fabric_metrics_serves_a_site_from_its_state_dir(tmp_path: Path) -> None:
     """A remote site's operator runs ``fabric metrics`` beside the Globus Compute endpoint."""
     import json

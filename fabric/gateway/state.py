@@ -18,7 +18,7 @@ from fabric.gateway.config import GatewayConfig
 from fabric.gateway.errors import PayloadTooLarge
 from fabric.gateway.keys import default_home
 
-__all__ = ["Caller", "Gateway", "Who", "caller", "gateway_of", "read_body"]
+__all__ = ["Caller", "Gateway", "Known", "Who", "caller", "gateway_of", "identified", "read_body"]
 
 
 @dataclass
@@ -90,17 +90,27 @@ async def read_body(request: Request, what: str = "request body") -> bytes:
     return b"".join(parts)
 
 
-async def caller(request: Request) -> Caller:
-    """FastAPI dependency: authenticate, then spend one request of the caller's budget."""
+async def identified(request: Request) -> Identity:
+    """FastAPI dependency: authenticate (the budget untouched)."""
     gateway = gateway_of(request)
     header = request.headers.get("authorization")
     if gateway.authenticator.policy is not None:  # may introspect over HTTP: off the loop
-        identity = await asyncio.to_thread(gateway.authenticator.identify, header)
-    else:
-        identity = gateway.authenticator.identify(header)
+        return await asyncio.to_thread(gateway.authenticator.identify, header)
+    return gateway.authenticator.identify(header)
+
+
+async def caller(request: Request) -> Caller:
+    """FastAPI dependency: authenticate, then spend one request of the caller's budget."""
+    gateway = gateway_of(request)
+    identity = await identified(request)
     gateway.limiter.take(identity.name)
     return Caller(identity, gateway.client_for(identity))
 
 
 Who = Annotated[Caller, Depends(caller)]
 """A route parameter typed ``Who`` receives the authenticated, rate-limited ``Caller``."""
+
+Known = Annotated[Identity, Depends(identified)]
+"""A route parameter typed ``Known`` receives the authenticated caller's ``Identity``, with
+no request taken from its rate budget (``/metrics``: a scrape every few seconds must neither
+spend a user's budget nor be refused by it)."""
