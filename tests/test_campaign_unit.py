@@ -557,3 +557,32 @@ def test_cron_start_with_step_runs_to_the_end_of_the_field() -> None:
     fired = [m for m in range(60) if spec.matches(hour.replace(minute=m))]
     assert fired == list(range(5, 60, 15))
     assert CronSpec.parse("* 20/2 * * *").hours == frozenset(range(20, 24, 2))
+
+
+def test_ctrl_c_on_campaign_run_says_how_to_resume(tmp_path: Path, monkeypatch: Any,
+                                                   capsys: Any) -> None:
+    """Ctrl-C while ``fabric campaign run`` watches: the runner is stopped (resumable) and
+    the user is told the command that continues it, not only "interrupted"."""
+    import argparse
+    import threading
+
+    import fabric.campaign.dispatch as dispatch
+    import fabric.campaign.progress as progress
+    from fabric.cli import campaign as cli
+
+    class Runner:
+        def __init__(self, folder: Path) -> None:
+            self.stop = threading.Event()
+
+        def run(self) -> None:
+            self.stop.wait(30)
+
+    def ctrl_c(folder: Path, until: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dispatch, "CampaignRunner", Runner)
+    monkeypatch.setattr(progress, "watch", ctrl_c)
+    folder = tmp_path / "nightly-run"
+    with pytest.raises(KeyboardInterrupt):
+        cli._run_here(folder, argparse.Namespace(quiet=False, json=False))
+    assert "fabric campaign resume nightly-run" in capsys.readouterr().err

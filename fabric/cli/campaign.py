@@ -121,6 +121,8 @@ def _run_here(folder: Path, args: argparse.Namespace) -> int:
         # Leave it resumable: the runner stops after its current wait and requeues in-flight.
         runner.stop.set()
         thread.join(30.0)
+        print(f"campaign {folder.name} stopped; what is done is kept. Continue it with: "
+              f"fabric campaign resume {folder.name}", file=sys.stderr)
         raise
     if errors:
         raise errors[0]
