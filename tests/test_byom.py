@@ -214,8 +214,17 @@ def test_cli_add_list_json_and_remove(model_copy: Path, tmp_path: Path,
     assert main(["models", "add", str(model_copy), "--name", "my-llama", "--version", "v2",
                  "--site", str(site_dir)]) == 0
     capsys.readouterr()
+    # A server of v1 still runs: removing the version says so (it would hold its nodes).
+    from fabric.endpoint.state import Deployment, StateDB
+
+    db = StateDB(site.resolved_state_dir())
+    running = Deployment(id=Deployment.new_id(), model="my-llama", version="v1", state="ready")
+    db.insert(running)
+    db.insert(Deployment(id=Deployment.new_id(), model="my-llama", version="v1", state="dead"))
     assert main(["models", "remove", "my-llama", "--site", str(site_dir)]) == 0
-    assert "removed my-llama v1" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "removed my-llama v1" in out
+    assert f"fabric undeploy {running.id}" in err and err.count("fabric undeploy") == 1
     with pytest.raises(UnknownModel):
         site_catalog(site).get("my-llama")
 

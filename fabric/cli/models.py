@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -107,10 +108,26 @@ def _site_plan(model: Any, site: Any) -> dict[str, Any] | str | None:
 
 def cmd_remove(args: argparse.Namespace) -> int:
     """``fabric models remove``: unregister (the folder itself is left alone)."""
-    _, registry = _registry(args.site)
+    site, registry = _registry(args.site)
     for model in registry.remove(args.name, args.version):
         print(f"removed {model.name} {model.version} (files left in {model.path})")
+        _still_served(site, model.name, model.version, args.site)
     return 0
+
+
+def _still_served(site: Any, name: str, version: str, site_arg: str) -> None:
+    """Say which servers of a removed version still run: their callers now get
+    ``UnknownModel``, but the servers hold their nodes until undeployed or idle."""
+    state_dir = Path(site.resolved_state_dir())
+    if not (state_dir / "fabric.sqlite").is_file():
+        return  # no site state here yet: nothing was ever served
+    from fabric.endpoint.state import LIVE_STATES, StateDB
+
+    for dep in StateDB(state_dir).query(model=name, version=version,
+                                        states=(*LIVE_STATES, "draining")):
+        print(f"note: deployment {dep.id} of {name} {version} still runs ({dep.state}) and "
+              f"holds its nodes; stop it with: fabric undeploy {dep.id} --site {site_arg}",
+              file=sys.stderr)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
