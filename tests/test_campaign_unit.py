@@ -372,6 +372,26 @@ def test_cli_status_json_and_results(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["campaign", "status", "nope", "--home", str(tmp_path / "home")]) == 2
 
 
+@pytest.mark.parametrize(("flag", "value", "field"), [
+    ("--every", "0 25 * * *", "schedule.every: Value error, cron hour field '25'"),
+    ("--every", "every day", "schedule.every: Value error, cron expression 'every day' needs 5"),
+    ("--at", "tomorrow", "schedule.at: Value error, 'tomorrow' is not an ISO 8601 time")])
+def test_submit_with_a_bad_every_or_at_is_a_typed_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, field: str
+) -> None:
+    """The same bad schedule as the manifest's own ``schedule:`` gives: exit 2, one line."""
+    from fabric.cli.main import main
+
+    home = tmp_path / "home"
+    with pytest.raises(InvalidManifest, match="invalid manifest: schedule"):
+        store.create(manifest(tmp_path, n=2), home, schedule={flag[2:]: value})
+    assert main(["campaign", "submit", str(manifest(tmp_path, n=2)), flag, value,
+                 "--home", str(home)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid manifest: " + field) and "Traceback" not in err
+    assert not (home / "c1").exists()
+
+
 def test_python_api_campaign_helper(tmp_path: Path) -> None:
     """``campaign(fab, manifest)``: what ``Fabric.campaign`` does, with ``fab``'s transport."""
     from types import SimpleNamespace

@@ -215,14 +215,18 @@ def load_manifest(source: str | Path | dict[str, Any], base: Path | None = None)
                                   line=line) from None
     if not isinstance(data, dict):
         raise InvalidManifest("manifest must be a YAML mapping of keys to values")
+    return resolve_paths(validate(data), base or Path.cwd())
+
+
+def validate(data: dict[str, Any]) -> Manifest:
+    """``Manifest.model_validate``; its errors become one ``InvalidManifest`` naming each."""
     try:
-        manifest = Manifest.model_validate(data)
+        return Manifest.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg']}"
             for err in exc.errors())
         raise InvalidManifest(f"invalid manifest: {problems}", errors=problems) from None
-    return resolve_paths(manifest, base or Path.cwd())
 
 
 def resolve_paths(manifest: Manifest, base: Path) -> Manifest:

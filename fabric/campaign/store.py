@@ -20,7 +20,7 @@ from typing import Any
 
 from fabric.campaign.inputs import read_inputs
 from fabric.campaign.ledger import TERMINAL_STATUSES, Ledger
-from fabric.campaign.manifest import Manifest, load_manifest
+from fabric.campaign.manifest import Manifest, load_manifest, validate
 from fabric.errors import CampaignOutputLost, InvalidManifest, InvalidRequest
 
 RESULTS, ERRORS = "results.jsonl", "errors.jsonl"
@@ -79,7 +79,7 @@ def create(manifest: Manifest | str | Path, home: Path, *, runner: str = "here",
     """
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     if schedule:
-        m = Manifest.model_validate({**m.model_dump(), "schedule": schedule})
+        m = validate({**m.model_dump(), "schedule": schedule})  # a bad --every/--at: typed
     folder = Path(home) / m.name
     if (folder / LEDGER).exists():
         raise InvalidManifest(f"campaign {m.name!r} already exists in {home}; resume it, or "
