@@ -539,6 +539,24 @@ def test_the_composition_root_wires_the_campaign_scheduler(tmp_path: Path) -> No
     assert proc.engine is None and proc.listener is None  # built, not started
 
 
+def test_metrics_json_is_removed_when_the_site_stops(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``metrics.json`` advertises the ``/metrics`` listener only while the site runs: a
+    stopped site leaves none naming a dead port (its daemon thread's cleanup once died with
+    the process)."""
+    folder = write_site(tmp_path / "m", workers=1, metrics={"enabled": True, "port": 0})
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    info = folder / "state" / "metrics.json"
+    start_site(str(folder), timeout_s=180)
+    try:
+        wait_until(info.exists, 30, "metrics.json")
+        assert json.loads(info.read_text())["port"] > 0
+    finally:
+        stop_site(str(folder), all=True)
+    assert read_info(folder / "state") is None
+    assert not info.exists()
+
+
 def test_a_dead_sites_pid_held_by_another_process_is_not_the_site(tmp_path: Path) -> None:
     """A site killed with -9 leaves its ``endpoint.json``; once pids wrap, another process
     (another site, even) may hold that pid. It is not this site: ``read_info`` says no site

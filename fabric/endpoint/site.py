@@ -66,6 +66,8 @@ LOCK_PATIENCE_S = 2.0
 checking whether a stopping site still holds it holds it for an instant)."""
 REAP_INTERVAL_S = 15.0
 """How often the site checks its deployments' servers for exits."""
+BACKGROUND_STOP_S = 10.0
+"""How long ``shutdown`` waits in all for the background tasks' own cleanup (``metrics.json``)."""
 MAX_CLIENTS = 1024
 """Client connections the site holds at once; more are refused (closed at once), not fatal."""
 FD_RESERVE = 128
@@ -96,7 +98,7 @@ def client_limit() -> int:
 
 BackgroundTask = Callable[["SiteProcess", threading.Event], None]
 """A long-running job of the site (e.g. the campaign runner): called in its own daemon thread
-with the site and an event that is set when the site stops."""
+with the site and an event that is set when the site stops; ``shutdown`` waits for it to return."""
 
 
 class SiteProcess:
@@ -115,6 +117,7 @@ class SiteProcess:
         self.stopping = threading.Event()
         self.stop_all = False
         self.background_tasks = list(type(self).background_tasks)
+        self._background: list[threading.Thread] = []
         self._wake_r, self._wake_w = os.pipe()
         self._selector = selectors.DefaultSelector()
         self._writers_lock = threading.Lock()
@@ -163,8 +166,10 @@ class SiteProcess:
         threading.Thread(target=self.pools.run, args=(self.stopping,), daemon=True,
                          name="site-poolwatch").start()
         for task in self.background_tasks:
-            threading.Thread(target=self._run_background, args=(task,), daemon=True,
-                             name=f"site-bg-{getattr(task, '__name__', 'task')}").start()
+            thread = threading.Thread(target=self._run_background, args=(task,), daemon=True,
+                                      name=f"site-bg-{getattr(task, '__name__', 'task')}")
+            thread.start()
+            self._background.append(thread)
         log.info("site %s serving at %s (state dir %s)", self.site.name, self.socket_path,
                  self.state_dir)
 
@@ -233,12 +238,16 @@ class SiteProcess:
             os.write(self._wake_w, b"x")
 
     def shutdown(self) -> None:
-        """Stop background tasks and the engine, close the socket, remove ``endpoint.json``."""
+        """Stop background tasks (waiting ``BACKGROUND_STOP_S``) and the engine, close the
+        socket, remove ``endpoint.json``."""
         self.stopping.set()
         if self._lock_fh is None:
             return  # never owned the state dir (another site runs there): touch nothing
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / INFO_FILE).unlink()
+        deadline = time.monotonic() + BACKGROUND_STOP_S
+        for thread in self._background:
+            thread.join(max(0.0, deadline - time.monotonic()))
         if self.engine is not None:
             self.engine_stopped = poolwatch.stop_engine(self.engine)
         self._control.shutdown(wait=False, cancel_futures=True)
