@@ -309,11 +309,16 @@ def _check_architecture(entry: CatalogEntry, folder: Path) -> None:
     served_architecture(config, family=entry.family)
 
 
-def check_plan_fits(entry: CatalogEntry, pp: int, tp: int, folder: Path) -> None:
+def check_plan_fits(entry: CatalogEntry, pp: int, tp: int, folder: Path, ep: int = 1) -> None:
     """Refuse a plan the model's ``config.json`` (a few bytes, where the folder has one)
     cannot take: more pipeline stages than layers, more tensor-parallel ranks than key/value
-    heads (``InvalidPlan``). Its ranks would all start, load and then fail; a GGUF entry not
-    converted yet (``folder``: where its weights are, ``locate``) is checked by its server."""
+    heads, ``ep > 1`` for a dense model (``InvalidPlan``). Its ranks would all start, load and
+    then fail; a GGUF entry not converted yet (``folder``: where its weights are, ``locate``)
+    is checked by its server."""
+    from types import SimpleNamespace
+
+    from fabric.engine.deepseek import MODEL_TYPE_ALIASES
+    from fabric.engine.experts import check_ep, moe_spec
     from fabric.errors import InvalidPlan
 
     try:
@@ -328,6 +333,14 @@ def check_plan_fits(entry: CatalogEntry, pp: int, tp: int, folder: Path) -> None
     if tp > kv:
         raise InvalidPlan(f"tp={tp} exceeds {entry.name}'s {kv} key/value heads (tp "
                           f"1..{kv})", tp=tp, kv_heads=kv)
+    # The engine's own test, on the config as its loader reads it (Kimi K2's ``kimi_k2`` is
+    # DeepSeek-V3); a config leaving an MoE field to transformers' default: the server checks.
+    kind = MODEL_TYPE_ALIASES.get(str(config.get("model_type")), config.get("model_type"))
+    try:
+        spec = moe_spec(SimpleNamespace(**{**config, "model_type": kind}))
+    except (AttributeError, TypeError, ValueError):
+        return
+    check_ep(spec, tp, ep)
 
 
 def known_identity(entry: CatalogEntry, cache_dir: Path | None = None) -> PreparedWeights | None:

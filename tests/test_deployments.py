@@ -414,8 +414,9 @@ def test_an_epitaph_found_by_two_workers_at_once_is_recorded_once(
 
 def test_a_plan_the_model_cannot_take_is_refused_before_any_rank_starts(
         local_site: LocalSite) -> None:
-    """pp over the model's layers, tp over its key/value heads: refused by the site, typed,
-    naming the bound, before a job is submitted (each rank would start, load and fail)."""
+    """pp over the model's layers, tp over its key/value heads, ep > 1 on a dense model:
+    refused by the site, typed, naming the bound, before a job is submitted (each rank would
+    start, load and fail)."""
     from fabric import Fabric
     from fabric.errors import InvalidPlan
 
@@ -427,4 +428,6 @@ def test_a_plan_the_model_cannot_take_is_refused_before_any_rank_starts(
             fab.deploy(TINY_MODEL, tp=3, wait=False)
         with pytest.raises(InvalidPlan, match="pp=5"):
             fab.deploy(TINY_MODEL, pp=5, tp=2, wait=False)
+        with pytest.raises(InvalidPlan, match="ep=2 needs a mixture-of-experts model"):
+            fab.deploy(TINY_MODEL, tp=2, ep=2, wait=False)  # a dense model
         assert {d["id"] for d in fab.deployments()} == before

@@ -159,6 +159,34 @@ def test_plans_the_model_cannot_take_are_refused(tiny_llama_dir: Path,
     assert not err.value.retryable
 
 
+@pytest.mark.parametrize("moe", ["tiny_mixtral_dir", "tiny_qwen3_moe_dir", "tiny_qwen2_moe_dir",
+                                 "tiny_deepseek_dir"])
+def test_the_site_refuses_ep_for_a_dense_model_from_its_config(
+        request: pytest.FixtureRequest, tiny_llama_dir: Path, moe: str, tmp_path: Path) -> None:
+    """``check_plan_fits`` reads config.json as the engine does: ep > 1 on a dense model is
+    refused before any rank starts (it used to load, then die); a mixture of experts passes,
+    Kimi K2's ``kimi_k2`` type included, and a config that leaves an MoE field to
+    transformers' default is left to the server."""
+    from fabric.catalog import CatalogEntry, WeightSource
+    from fabric.weights import check_plan_fits
+
+    entry = CatalogEntry(name="m", version="1", source=WeightSource(kind="path", path="/x"))
+    with pytest.raises(InvalidPlan, match="ep=2 needs a mixture-of-experts model") as err:
+        check_plan_fits(entry, 1, 2, tiny_llama_dir, ep=2)
+    assert err.value.details == {"ep": 2, "tp": 2}
+    check_plan_fits(entry, 1, 2, tiny_llama_dir)
+    folder = request.getfixturevalue(moe)
+    check_plan_fits(entry, 1, 2, folder, ep=2)
+    config = json.loads((folder / "config.json").read_text())
+    if config["model_type"] == "deepseek_v3":
+        config["model_type"] = "kimi_k2"
+    else:  # transformers' name for the field varies with its version
+        config.pop("num_experts", None)
+        config.pop("num_local_experts", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    check_plan_fits(entry, 1, 2, tmp_path, ep=2)
+
+
 # --- multi-rank servers (slow) -------------------------------------------------------------
 
 PLANS = [("tiny_mixtral_dir", 1, 2, 2), ("tiny_mixtral_dir", 2, 2, 2),
@@ -236,7 +264,7 @@ def test_shard_folder_for_an_ep_plan_loads_the_same_experts(tiny_qwen2_moe_dir: 
 
 def test_a_deploy_plan_whose_ep_does_not_divide_tp_is_refused(tmp_path: Path) -> None:
     """A plan override is checked at the site before any job starts (a dense model with
-    ep > 1 is refused later, when its ranks read the model's config)."""
+    ep > 1 is refused once its weights' folder is known: ``check_plan_fits``)."""
     from fabric.catalog import CatalogEntry, WeightSource
     from fabric.endpoint.context import SiteContext
     from fabric.sites import SiteConfig

@@ -90,7 +90,7 @@ class SiteContext:
         hosted = self.site.hosted(entry.name)
         base = hosted.plan.model_dump() if hosted else {"dtype": entry.dtype}
         out = Plan.model_validate({**base, **plan})
-        if out.tp % out.ep:  # a dense model with ep > 1 is refused when its ranks load
+        if out.tp % out.ep:  # a dense model with ep > 1: weights.check_plan_fits, at launch
             from fabric.errors import InvalidPlan
 
             raise InvalidPlan(f"ep={out.ep} must divide tp={out.tp} (expert groups are made "

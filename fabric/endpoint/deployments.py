@@ -325,7 +325,7 @@ class DeploymentManager:
                 if dep.state in LIVE_STATES:
                     return dep
             chosen = plan or self._default_plan(entry)
-            check_plan_fits(entry, chosen.pp, chosen.tp, Path(weights.path))
+            check_plan_fits(entry, chosen.pp, chosen.tp, Path(weights.path), chosen.ep)
             return self._launch(entry, chosen, weights)
 
     def locate(self, entry: CatalogEntry) -> Any:
