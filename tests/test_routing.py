@@ -243,3 +243,58 @@ def test_my_calls_in_flight_count_among_loading_sites() -> None:
     ranked = rank_sites(snap, M, now=NOW, in_flight={"a": 2})
     assert [(r.site, r.tier, r.load) for r in ranked] == [("b", "starting", 0),
                                                          ("a", "starting", 2)]
+
+
+def test_a_one_site_list_is_a_federation(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sites: [one]`` (or ``Fabric(sites=[one])``) routes as the docs say of any federation:
+    a stopped local site is not started (``routing.autostart`` off) and the error says so and
+    how to start it; routing counters and ``provenance.site`` are there. Before, a list of one
+    was silently a plain client: it started the site and had no ``federation``."""
+    from fabric.client.local import read_info
+    from fabric.errors import EndpointError
+    from fabric.provenance import server_record
+    from fabric.sdk import Fabric
+    from fabric.testing.federation import write_tiny_site
+
+    ref = str(write_tiny_site(tmp_path / "s1", "s1", tmp_path / "model"))
+    monkeypatch.setenv("FABRIC_HOME", str(tmp_path))
+    (tmp_path / "config.yaml").write_text(f"sites: [{ref}]\nrouting: {{autostart: false}}\n")
+    said: list[dict[str, object]] = []
+    with Fabric(on_status=said.append) as fab:
+        assert fab.federation is not None and fab.sites == ["s1"]
+        with pytest.raises(EndpointError, match=r"autostart is off.*fabric endpoint start"):
+            fab.generate("x", model=M, max_tokens=1)
+        assert read_info(tmp_path / "s1" / "state") is None  # not started
+        assert not [s for s in said if s.get("state") == "starting-site"]
+        assert fab.federation.stats.snapshot()["served"] == []
+    # A warm site serves it: the result names the site, in its provenance too.
+    record = {"request_id": "r", "model": {"name": M, "version": "v", "sha256": "0" * 64},
+              "text": "a", "token_ids": [1], "finish_reason": "length", "usage": {},
+              "timings": {}, "provenance": server_record(M, "v", "0" * 64, {"pp": 1, "tp": 1})}
+    with Fabric(sites=[ref], on_status=None) as fab:
+        assert fab.federation is not None
+        fab.federation.states.close()
+        fab.federation.states = SiteStates(
+            ["s1"], lambda name: site(name, "ready"), RoutingConfig())
+        monkeypatch.setattr(fab.at("s1"), "_run", lambda request: record)
+        result = fab.generate("x", model=M, max_tokens=1)
+        assert result.site == "s1" and result.provenance is not None
+        assert result.provenance.site == "s1"
+        assert fab.federation.stats.snapshot()["served"][0]["site"] == "s1"
+
+
+def test_a_site_whose_status_fails_is_warned_about_once(caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    def prober(name: str) -> SiteState:
+        raise RuntimeError("endpoint_id is not set")
+
+    states = SiteStates(["a"], prober, RoutingConfig(), Clock())
+    try:
+        with caplog.at_level("WARNING", logger="fabric.client.routing"):
+            for _ in range(3):
+                assert not states.snapshot(force=True)[0].healthy
+        assert [r.getMessage() for r in caplog.records].count(
+            "status of site a failed: endpoint_id is not set") == 1
+    finally:
+        states.close()

@@ -80,7 +80,8 @@ class Fabric(Deployments):
         status polling at all); ``handoff``: a request worker admits a request and hands it
         off instead of waiting out its generation (``request_future``).
 
-        ``sites``: several sites to route among (a federation, ``fabric.client.federation``):
+        ``sites``: sites to route among (a federation, ``fabric.client.federation``; a list
+        of one too: it does not start a stopped site unless ``routing`` allows it):
         each call goes to the best site hosting its model and fails over before any output;
         ``routing`` tunes it (``RoutingConfig``). With neither ``site`` nor ``sites`` nor a
         ``transport``, the user's config file (``$FABRIC_HOME/config.yaml``) may name the
@@ -97,10 +98,13 @@ class Fabric(Deployments):
         self._path = RequestPath(lambda: self.transport, auth,
                                  StatusPrinter() if on_status == "print" else on_status,
                                  status_interval_s, handoff)
+        self._autostart = True  # a federation's member: its routing config says
         self.federation: Federation | None = None
-        """The member sites and their routing, when built with ``sites`` (two or more)."""
-        if len(sites) > 1:
-            self.federation = Federation(sites, self._member, config, auth)
+        """The member sites and their routing, when built with ``sites`` (even a list of one:
+        it routes, and does not start a site, as any federation)."""
+        if sites:
+            self.federation = Federation(
+                sites, lambda ref: self._member(ref, config.autostart), config, auth)
             self.site = self.federation.names[0]
 
     @property
@@ -126,9 +130,11 @@ class Fabric(Deployments):
         """Whether request workers hand requests off (``False``: a worker serves it whole)."""
         return self._path.handoff
 
-    def _member(self, site: str) -> Fabric:
-        return Fabric(site, auth=self.auth, on_status=self.on_status,
-                      status_interval_s=self.status_interval_s, handoff=self.handoff)
+    def _member(self, site: str, autostart: bool) -> Fabric:
+        member = Fabric(site, auth=self.auth, on_status=self.on_status,
+                        status_interval_s=self.status_interval_s, handoff=self.handoff)
+        member._autostart = autostart
+        return member
 
     @property
     def sites(self) -> list[str]:
@@ -179,8 +185,11 @@ class Fabric(Deployments):
             return self.federation.transport(self.federation.names[0])
         with self._lock:
             if self._transport is None:
-                self._transport = open_transport(self.site)
-                self._report_site_start(self._transport)
+                transport = open_transport(self.site)
+                if not self._autostart and hasattr(transport, "autostart"):
+                    transport.autostart = False  # before saying it starts the site
+                self._transport = transport
+                self._report_site_start(transport)
             return self._transport
 
     def _report_site_start(self, transport: Transport) -> None:

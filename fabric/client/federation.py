@@ -60,7 +60,8 @@ FAILOVER: tuple[type[FabricError], ...] = (
 
 
 class Federation:
-    """The member sites of one ``Fabric``, their states and the routing counters."""
+    """The member sites of one ``Fabric`` (one or more), their states and the routing
+    counters."""
 
     def __init__(self, sites: Sequence[str], make_member: Callable[[str], Fabric],
                  config: RoutingConfig, auth: Any = None, *,
@@ -107,7 +108,10 @@ class Federation:
         return transport
 
     def _probe(self, name: str) -> Any:
-        return probe(self.transport(name), self.auth, self.config.status_timeout_s)
+        not_running = "" if self.config.autostart else (
+            " and routing.autostart is off, so it is not started on its own: start it with "
+            f"`fabric endpoint start --site {self._ref_of[name]}`")
+        return probe(self.transport(name), self.auth, self.config.status_timeout_s, not_running)
 
     # -- routing --------------------------------------------------------------------------
 

@@ -30,9 +30,10 @@ __all__ = ["SiteStates", "probe"]
 log = logging.getLogger("fabric.client.routing")
 
 
-def probe(transport: Any, auth: Any, timeout_s: float) -> SiteState:
+def probe(transport: Any, auth: Any, timeout_s: float, not_running: str = "") -> SiteState:
     """The state of the site behind ``transport`` (unhealthy, with the reason, if it does not
-    answer within ``timeout_s``)."""
+    answer within ``timeout_s``); ``not_running`` adds to the reason of an embedded site that
+    is not running (what to do about it)."""
     site = str(transport.site)
     try:
         state_dir = getattr(transport, "state_dir", None)
@@ -40,7 +41,7 @@ def probe(transport: Any, auth: Any, timeout_s: float) -> SiteState:
             from fabric.client.local import read_info
 
             if read_info(state_dir) is None and not getattr(transport, "autostart", False):
-                return SiteState(site, False, error="site is not running")
+                return SiteState(site, False, error="site is not running" + not_running)
             reply = transport.control("status", timeout_s=timeout_s, health=True)
             records = reply.get("deployments") or []
         else:
@@ -107,8 +108,11 @@ class SiteStates:
         try:
             state = self._prober(site)
         except Exception as exc:  # a bug in a transport must not take routing down
-            log.warning("status of site %s failed: %s", site, exc)
             state = SiteState(site, False, error=f"{type(exc).__name__}: {exc}")
+            with self._lock:
+                before = self._states.get(site)
+            if before is None or before[1].error != state.error:  # once, not every probe
+                log.warning("status of site %s failed: %s", site, exc)
         ttl = self.config.status_ttl_s if state.healthy else self.config.down_ttl_s
         with self._lock:
             self._states[site] = (self._clock() + ttl, state)
