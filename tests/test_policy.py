@@ -393,6 +393,32 @@ def test_a_call_for_a_model_the_site_does_not_serve_is_not_counted(tmp_path: Pat
     assert [(r["model"], r["requests"]) for r in policy.usage(tmp_path)] == [("smollm2-135m", 1)]
 
 
+def test_a_call_for_a_version_the_site_does_not_have_is_not_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fabric usage`` counts admitted requests: a call pinning a version the site does not
+    have is refused (``UnknownModel``) and not counted, whichever function it came through.
+    Before, only the model name was looked up, so each such refusal added a request."""
+    from fabric.client.checks import build_request, sampling
+    from fabric.endpoint import functions
+    from fabric.endpoint.context import SiteContext
+    from fabric.errors import UnknownModel
+    from fabric.wire.gcwire import unwrap
+
+    ctx = SiteContext(load_site("local"), tmp_path)
+    monkeypatch.setattr(functions, "current", lambda: ctx)
+    request = build_request("generate", model="smollm2-135m", version="7", prompt="x",
+                            sampling=sampling(2, 0.0, 1.0, 0, None, (), False, 0))
+    body = request.model_dump(mode="json")
+    for call in (lambda: functions.run_request(body),
+                 lambda: functions.run_requests([body]),
+                 lambda: functions.open_stream(body, None, "direct")):
+        with pytest.raises(UnknownModel, match="no version '7'"):
+            unwrap(call())
+    assert ctx.authorize(None, "smollm2-135m", version="7") == getpass.getuser()
+    policy.flush_usage()
+    assert policy.usage(tmp_path) == []
+
+
 def test_only_active_group_memberships_count(tmp_path: Path) -> None:
     """An invited (or pending) member of a group is not admitted by a group rule."""
     introspect()

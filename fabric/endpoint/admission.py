@@ -57,7 +57,7 @@ def admit(ctx: SiteContext, request: dict[str, Any], auth: Any, mode: str,
     if mode not in MODES:
         raise InvalidRequest(f"mode must be one of {MODES}, got {mode!r}", param="mode")
     req = validate_request(request)
-    identity = ctx.authorize(auth, req.model, token_estimate(req))
+    identity = ctx.authorize(auth, req.model, token_estimate(req), version=req.version)
     dep = None if ready is None else ready.get((req.model, req.version))
     if dep is None:
         dep = ctx.manager.ensure(ctx.entry(req.model, req.version))

@@ -105,18 +105,30 @@ class SiteContext:
 
         return identify(self.site, auth)
 
-    def authorize(self, auth: Any, model: str, tokens: int = 0, *, count: bool = True) -> str:
+    def authorize(self, auth: Any, model: str, tokens: int = 0, *, count: bool = True,
+                  version: str | None = None) -> str:
         """The caller's identity if the site's policy lets it use ``model`` (else a typed
         denial); ``tokens`` is the most the call may consume (quota admission). ``count=False``
         for a follow-up about an admitted request (poll, cancel, status): identity and model
-        rule checked, no request counted against the quotas."""
+        rule checked, no request counted against the quotas. ``version``: the one the call
+        pins (one the site does not have is not counted either)."""
         from fabric.endpoint.policy import authorize
 
-        # A model the site does not serve is refused next (UnknownModel): its call is checked
-        # but not counted, so no caller fills the usage records with names of its choosing.
-        known = count and model in self.catalog.names()
+        # A model (or version) the site does not serve is refused next (UnknownModel): its
+        # call is checked but not counted, so no caller fills the usage records with names of
+        # its choosing, and ``requests`` counts admitted calls only.
+        known = count and self._serves(model, version)
         return str(authorize(self.site, auth, model, self.state_dir, tokens=tokens,
                              count=known))
+
+    def _serves(self, model: str, version: str | None) -> bool:
+        from fabric.errors import FabricError
+
+        try:
+            self.catalog.get(model, version)
+        except FabricError:  # UnknownModel, AmbiguousModelVersion
+            return False
+        return True
 
     def authorize_admin(self, auth: Any, operation: str) -> str:
         """The caller's identity if the site's ``policy.admins`` names it (else

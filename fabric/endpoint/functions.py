@@ -47,7 +47,7 @@ def run_request(request: dict[str, Any], auth: Any = None) -> dict[str, Any]:
 
     req = validate_request(request)
     ctx = current()
-    identity = ctx.authorize(auth, req.model, token_estimate(req))
+    identity = ctx.authorize(auth, req.model, token_estimate(req), version=req.version)
     timeout = req.timeout + 30.0 if req.timeout else 24 * 3600.0
     (result,) = _serve(ctx, req.model, req.version, identity, [req], timeout)
     return result
@@ -65,7 +65,8 @@ def run_requests(requests: list[dict[str, Any]], auth: Any = None) -> list[dict[
         raise InvalidRequest("run_requests needs a non-empty list of requests for one model")
     model, version = reqs[0].model, reqs[0].version
     ctx = current()
-    identity = ctx.authorize(auth, model, sum(token_estimate(r) for r in reqs))
+    identity = ctx.authorize(auth, model, sum(token_estimate(r) for r in reqs),
+                              version=version)
     return _serve(ctx, model, version, identity, reqs, 3600.0)
 
 
@@ -279,7 +280,7 @@ def run_user_function(call: str, model: str | None = None, auth: Any = None,
     ctx.check_user_function("run_user_function")
     if not isinstance(call, str):
         raise InvalidRequest("run_user_function takes the call as the SDK packs it (a string)")
-    identity = ctx.authorize(auth, model or "")
+    identity = ctx.authorize(auth, model or "", version=version)
     if model is not None:
         ctx.entry(model, version)  # unknown models fail before the user's code runs
     return run_user_call(ctx, call, model=model, version=version, identity=identity,
