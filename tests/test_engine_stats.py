@@ -56,3 +56,23 @@ def test_stats_count_tokens_latencies_and_endings(server: ServerHandle,
     assert e2e.sum >= slowest and ttft.sum > 0 and itl.sum > 0
     assert (stats["num_requests_running"], stats["num_requests_waiting"],
             stats["kv_used_tokens"]) == (0, 0, 0)
+
+
+def test_requests_refused_as_they_arrive_count_by_error_class(server: ServerHandle) -> None:
+    """A request the server refuses before it runs (too long for the context, a hook out of
+    range) counts in ``finished`` by its error class, the site's
+    ``fabric_request_failure_total``: a client that submits straight to the server (the local
+    site, a tunnel) leaves no other trace of it. Before, such refusals were counted nowhere."""
+    from fabric.errors import ContextLengthExceeded, InvalidHook
+
+    operator = tickets.issue(server.key, model=server.name, admin=True, ttl_s=600)
+    client = server.client(timeout_s=120)
+    before = dict(client.stats(operator)["finished"])
+    with pytest.raises(ContextLengthExceeded):
+        server.run(client, prompt="The cell", sampling={"max_tokens": 1_000_000})
+    with pytest.raises(InvalidHook):
+        server.run(client, prompt="The cell", sampling={"max_tokens": 2},
+                   hooks=[{"kind": "capture", "layer": 999}])
+    finished = client.stats(operator)["finished"]
+    for error in ("ContextLengthExceeded", "InvalidHook"):
+        assert finished.get(error, 0) == before.get(error, 0) + 1

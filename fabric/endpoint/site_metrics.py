@@ -119,7 +119,8 @@ class SiteMetrics:
         success = Family(PREFIX + "request_success_total", "counter",
                          "Requests finished, by finish reason.")
         failure = Family(PREFIX + "request_failure_total", "counter",
-                         "Requests ended by an error at the model server, by error class.")
+                         "Requests ended by an error at the model server, or refused by it as "
+                         "they arrived (ContextLengthExceeded, InvalidHook), by error class.")
         running = Family(PREFIX + "num_requests_running", "gauge",
                          "Requests in the model server's running batch.")
         waiting = Family(PREFIX + "num_requests_waiting", "gauge",

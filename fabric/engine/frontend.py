@@ -234,14 +234,19 @@ class Frontend:
 
     def _prepare(self, request: InferenceRequest, stream: bool) -> Sequence | list[Sequence]:
         """Tokenise and check a request (one text, or a batch); the tokenizer or chat template
-        failing on it is the request's problem: ``InvalidRequest``, not a server error."""
+        failing on it is the request's problem: ``InvalidRequest``, not a server error. A
+        refusal here (``ContextLengthExceeded``, ``InvalidHook``...) counts in the stats: the
+        site's ``fabric_request_failure_total``, by error class (the client may have sent the
+        request straight here, and the site then never sees it)."""
         try:
             if request.prompts is not None:
                 return self.preparer.prepare_batch(request)
             return self.preparer.prepare(request, stream=stream)
-        except FabricError:
+        except FabricError as exc:
+            self.engine.stats.refused(type(exc).__name__)
             raise
         except Exception as exc:
+            self.engine.stats.refused(InvalidRequest.__name__)
             raise InvalidRequest(f"the model's tokenizer cannot take this request: "
                                  f"{type(exc).__name__}: {exc}") from None
 

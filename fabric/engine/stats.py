@@ -27,7 +27,8 @@ class EngineStats:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.finished: dict[str, int] = {}
-        """Requests ended, by finish reason (``stop``, ``eos``, ``length``) or error class."""
+        """Requests ended, by finish reason (``stop``, ``eos``, ``length``) or error class
+        (those refused as they arrived included)."""
 
     def token(self, seq: Sequence, now: float) -> None:
         """A generated token of ``seq`` (call before updating ``seq.last_token``)."""
@@ -46,6 +47,12 @@ class EngineStats:
             self.prompt_tokens += min(seq.computed, len(seq.prompt_ids))
             self.generation_tokens += len(seq.generated)
             self.finished[outcome] = self.finished.get(outcome, 0) + 1
+
+    def refused(self, error: str) -> None:
+        """A request refused as it arrived (``error``: its error class, ``ContextLengthExceeded``,
+        ``InvalidHook``...): it ends there, with no latency and no tokens."""
+        with self._lock:
+            self.finished[error] = self.finished.get(error, 0) + 1
 
     def snapshot(self) -> dict[str, Any]:
         """Wire form of everything counted so far."""
