@@ -466,6 +466,28 @@ def test_a_shard_item_takes_the_shards_model_and_may_not_name_another() -> None:
         _in_shard(["x"], "m1", "n4")
 
 
+def test_an_embed_line_holds_its_vector_once_and_short_without_losing_float32() -> None:
+    """A 384-dim embedding's output line was ~17 KB: the vector twice (``embedding`` and
+    ``layers["-1"]``), each number a float32's full double expansion."""
+    import numpy as np
+
+    from fabric.endpoint.campaign_shard import line_result
+    from fabric.protocol import InferenceRequest
+
+    vec = np.random.default_rng(0).standard_normal(384).astype(np.float32) * 0.05
+    engine = {"request_id": "r", "usage": {"prompt_tokens": 6, "completion_tokens": 0},
+              "embedding": vec.tolist(), "layers": {"-1": vec.tolist()}}
+    req = InferenceRequest(model="m", kind="embed", prompt="a cat")
+    line = json.loads(json.dumps(line_result(req, engine)))
+    assert "layers" not in line and line["usage"]["prompt_tokens"] == 6
+    assert np.array_equal(np.asarray(line["embedding"], dtype=np.float32), vec)
+    assert len(json.dumps(line["embedding"])) < 6000  # was ~7,900 for this vector
+    two = InferenceRequest(model="m", kind="embed", prompt="a cat", layers=[-1, 0])
+    asked = line_result(two, {**engine, "layers": {"-1": vec.tolist(), "0": vec.tolist()}})
+    assert set(asked["layers"]) == {"-1", "0"}  # asked for: kept
+    assert np.array_equal(np.asarray(asked["layers"]["0"], dtype=np.float32), vec)
+
+
 def test_the_status_line_labels_its_counts_and_drops_the_eta_once_ended() -> None:
     """``fabric campaign status`` printed ``running  failed 0  running 5`` (the state, then an
     unlabelled count of the same word) and an ETA for a cancelled campaign."""

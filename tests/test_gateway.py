@@ -413,13 +413,21 @@ def test_a_cancelled_batch_says_cancelling_then_cancelled(client: openai.OpenAI,
     assert len(done) == len(set(done)) == cancelled.request_counts.completed
 
 
-def test_embeddings_base64_is_little_endian_float32(base_url: str) -> None:
+def test_embeddings_base64_and_float_give_the_same_float32(base_url: str) -> None:
     import httpx
 
     reply = httpx.post(f"{base_url}/embeddings", json={"model": TINY_MODEL, "input": "a cat",
                                                        "encoding_format": "base64"}, timeout=60)
     vec = np.frombuffer(base64.b64decode(reply.json()["data"][0]["embedding"]), dtype="<f4")
     assert vec.shape == (64,) and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-4
+    # encoding_format float: the same float32 numbers, each with at most 9 significant digits
+    floats = httpx.post(f"{base_url}/embeddings", json={"model": TINY_MODEL, "input": "a cat"},
+                        timeout=60)
+    assert np.array_equal(np.asarray(floats.json()["data"][0]["embedding"], dtype="<f4"), vec)
+    raw = floats.text[floats.text.index('"embedding"'):]
+    raw = raw[raw.index("[") + 1:raw.index("]")].split(",")
+    assert len(raw) == 64 and max(len(x.strip().lstrip("-").replace(".", "").lstrip("0")
+                                      .split("e")[0]) for x in raw) <= 9
 
 
 def test_fabric_serve_command_with_a_key(local_site: Any, fab: Fabric, tmp_path: Path) -> None:

@@ -137,16 +137,21 @@ def test_the_shard_gives_one_line_per_input(ctx: SiteContext,
     items = [{"custom_id": "a", "request": good},
              {"custom_id": "bad", "request": {"model": TINY_MODEL, "prompt": "  "}},
              {"custom_id": "poison", "request": {**good, "prompt": "word " * 900}},
-             {"custom_id": "b", "request": good}]
+             {"custom_id": "b", "request": good},
+             {"custom_id": "e", "request": {"model": TINY_MODEL, "kind": "embed",
+                                            "prompt": "a cat"}}]
     reply = gcwire.unwrap(run_shard({"shard_id": "s1", "model": TINY_MODEL, "items": items,
                                      "concurrency": 2}))
     lines = reply["results"]
-    assert [r["custom_id"] for r in lines] == ["a", "bad", "poison", "b"]
-    assert [r["ok"] for r in lines] == [True, False, False, True]
+    assert [r["custom_id"] for r in lines] == ["a", "bad", "poison", "b", "e"]
+    assert [r["ok"] for r in lines] == [True, False, False, True, True]
+    # An embedding is written once (no ``layers`` repeating it), as float32 numbers.
+    embedded = lines[4]["result"]
+    assert "layers" not in embedded and len(embedded["embedding"]) == 64
     assert lines[1]["error"]["kind"] == "InvalidRequest"
     assert lines[2]["error"]["kind"] == "ContextLengthExceeded"
     nonces = [r["nonce"] for r in lines]
-    assert len(set(nonces)) == 4 and all(r["result"]["request_id"] == r["nonce"]
+    assert len(set(nonces)) == 5 and all(r["result"]["request_id"] == r["nonce"]
                                          for r in lines if r["ok"])
     assert reply["model"]["name"] == TINY_MODEL and len(reply["model"]["sha256"]) == 64
 

@@ -82,7 +82,7 @@ def run_shard(shard: dict[str, Any], auth: Any = None) -> dict[str, Any]:
             out[cid] = _error(cid, outcome.error, outcome.request_id)
             return
         out[cid] = {"custom_id": cid, "ok": True, "nonce": outcome.request_id,
-                    "result": jsonable(outcome.result)}
+                    "result": line_result(reqs[i], outcome.result)}
         if audit is not None:
             _audit(audit, cid, outcome.request_id)
 
@@ -138,6 +138,23 @@ def _audit(path: Path, cid: str, nonce: str) -> None:
         os.write(fd, line.encode())
     finally:
         os.close(fd)
+
+
+def line_result(req: Any, result: Any) -> Any:
+    """An input's result as its output line holds it (JSON): an embedding once, as float32
+    numbers written short (``float32_floats``), with ``layers`` only when the request asked
+    for more than one layer (else it is the ``embedding`` again)."""
+    if req.kind != "embed" or not isinstance(result, dict):
+        return jsonable(result)
+    from fabric.wire.arrays import float32_floats
+
+    kept = {k: v for k, v in result.items() if k != "layers" or len(req.layers) > 1}
+    for key in ("embedding", "embeddings"):
+        if kept.get(key) is not None:
+            kept[key] = float32_floats(jsonable(kept[key]))
+    if isinstance(kept.get("layers"), dict):
+        kept["layers"] = {str(k): float32_floats(jsonable(v)) for k, v in kept["layers"].items()}
+    return jsonable(kept)
 
 
 def jsonable(value: Any) -> Any:

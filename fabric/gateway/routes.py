@@ -24,6 +24,7 @@ from fabric.gateway.shapes import ChatRequest, CompletionRequest, EmbeddingReque
 from fabric.gateway.state import Who, read_body
 from fabric.gateway.streams import Piece, guarded, open_streams, pieces, sse
 from fabric.protocol import GenerationResult
+from fabric.wire.arrays import float32_floats
 
 __all__ = ["parse_body", "router"]
 
@@ -298,7 +299,7 @@ async def embeddings(request: Request, who: Who) -> dict[str, Any]:
                                  pooling=req.pooling, normalize=req.normalize, hooks=req.hooks)
     first = out[layers[0]] if req.layers else out
     vectors = [_shorten(v, req.dimensions, req.normalize) for v in first]
-    extra = [{"layers": {str(k): _shorten(v[i], req.dimensions, req.normalize).tolist()
+    extra = [{"layers": {str(k): float32_floats(_shorten(v[i], req.dimensions, req.normalize))
                          for k, v in out.items()}}
              for i in range(len(texts))] if req.layers else None
     return shapes.embedding_response(req.model, vectors, req.encoding_format, extra)
@@ -312,7 +313,7 @@ async def _hidden_states(client: AsyncFabric, req: EmbeddingRequest,
         for t in texts)
     vectors = [s["layers"][str(layers[0])].float().numpy() for s in states]
     extra = [{"token_ids": s["token_ids"], "positions": s["positions"],
-              **({"layers": {k: v.float().tolist() for k, v in s["layers"].items()}}
+              **({"layers": {k: float32_floats(v) for k, v in s["layers"].items()}}
                  if req.layers else {})} for s in states]
     return shapes.embedding_response(req.model, vectors, req.encoding_format, extra)
 

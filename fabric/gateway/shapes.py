@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fabric.openai_messages import plain_messages
 from fabric.protocol import GenerationResult
+from fabric.wire.arrays import float32_floats
 
 __all__ = [
     "ChatRequest",
@@ -310,13 +311,14 @@ def completion_response(model: str, choices: list[dict[str, Any]], prompt_tokens
 
 
 def encode_vector(vector: Any, encoding: str) -> Any:
-    """A float32 vector as a JSON list, or base64 of its little-endian bytes."""
+    """A float32 vector as a JSON list (each number with the digits that read back as the same
+    float32: ``float32_floats``), or base64 of its little-endian bytes."""
     import numpy as np
 
     arr = np.asarray(vector, dtype="<f4")
     if encoding == "base64":
         return base64.b64encode(arr.tobytes()).decode()
-    return arr.tolist()
+    return float32_floats(arr)
 
 
 def embedding_response(model: str, vectors: list[Any], encoding: str,

@@ -24,3 +24,17 @@ def decode_array(data: dict[str, Any]) -> Any:
     import numpy as np
 
     return np.frombuffer(data["data"], dtype=data["dtype"]).reshape(data["shape"]).copy()
+
+
+def float32_floats(values: Any) -> Any:
+    """``values`` (float32 numbers of any shape: nested lists, a numpy array or a tensor) as
+    nested lists of Python floats that JSON writes with at most 9 significant digits: each
+    reads back as exactly the same float32, about 30% shorter than a float32's full double
+    expansion (``0.024061123``, not ``0.02406112290918827``)."""
+    import numpy as np
+
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().numpy()
+    arr = np.asarray(values, dtype=np.float32)
+    short = [float(f"{x:.9g}") for x in arr.ravel().astype(np.float64).tolist()]
+    return np.asarray(short, dtype=np.float64).reshape(arr.shape).tolist()
