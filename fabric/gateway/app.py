@@ -7,6 +7,7 @@ bug as a 500 that says so without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from fabric.gateway.errors import error_body, retry_after, status_of
 from fabric.gateway.files import FileStore
 from fabric.gateway.keys import KeyStore
 from fabric.gateway.state import Gateway
+from fabric.gateway.streams import OpenStreams
 
 __all__ = ["build_gateway", "create_app", "serve"]
 
@@ -78,6 +80,7 @@ def create_app(config: GatewayConfig | None = None, client: AsyncFabric | None =
                   docs_url=None, redoc_url=None)
     app.state.gateway = gw
     app.state.files = FileStore(gw.home / "files")
+    app.state.streams = OpenStreams()
     from fabric.gateway import batches, files, metrics, routes
 
     app.include_router(routes.router)
@@ -142,5 +145,17 @@ def serve(config: GatewayConfig, client: AsyncFabric | None = None) -> None:
     import uvicorn
 
     app = create_app(config, client)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info",
-                timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)
+    streams: OpenStreams = app.state.streams
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            streams.stop()  # open streams end with an error event, not cancelled mid-response
+            await super().shutdown(sockets)
+
+    server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                                   timeout_graceful_shutdown=5,
+                                   timeout_keep_alive=KEEP_ALIVE_S))
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
+        server.run()
+    if not server.started:  # as uvicorn.run: the bind or the startup failed
+        raise SystemExit(3)

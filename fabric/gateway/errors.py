@@ -27,7 +27,15 @@ from fabric.errors import (
     UnknownModel,
 )
 
-__all__ = ["NotFound", "PayloadTooLarge", "error_body", "retry_after", "status_of"]
+__all__ = ["GatewayStopping", "NotFound", "PayloadTooLarge", "error_body", "retry_after",
+           "status_of"]
+
+
+class GatewayStopping(FabricError):
+    """The gateway is shutting down (``fabric serve`` interrupted): a stream still open ends
+    with this error event (503); the request may be sent again to a gateway that runs."""
+
+    retryable = True
 
 
 class NotFound(InvalidRequest):
@@ -53,6 +61,7 @@ _MAP: tuple[tuple[type[FabricError], int, str, str | None], ...] = (
     (ModelServerUnavailable, 503, "server_error", "model_server_unavailable"),
     (DeploymentError, 503, "server_error", "deployment_failed"),
     (EndpointError, 503, "server_error", "site_unavailable"),
+    (GatewayStopping, 503, "server_error", "gateway_stopping"),
     (DeadlineExceeded, 504, "server_error", "timeout"),
 )
 

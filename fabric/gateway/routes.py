@@ -94,7 +94,7 @@ async def chat_completions(request: Request,
         req, req.token_limit(), req.logprobs, k, req.top_logprobs or 0)} for k in range(req.n)]
     if req.stream:
         streams = await open_streams(who.client, calls)
-        return StreamingResponse(guarded(_chat_events(req, streams)),
+        return StreamingResponse(guarded(_chat_events(req, streams), request.app.state.streams),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     # A client that hangs up first cancels the generations at the server.
     results = await unless_hung_up(request, _all(who.client.chat(**kw) for kw in calls))
@@ -148,7 +148,8 @@ async def completions(request: Request,
                                                        req.logprobs or 0)}
                  for p in prompts for k in range(req.n)]
         streams = await open_streams(who.client, calls)
-        return StreamingResponse(guarded(_completion_events(req, streams)),
+        return StreamingResponse(guarded(_completion_events(req, streams),
+                                         request.app.state.streams),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     jobs = [_one_completion(who.client, req, p, k) for p in prompts for k in range(req.n)]
     done = await unless_hung_up(request, _all(jobs))

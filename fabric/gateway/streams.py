@@ -3,22 +3,26 @@
 One SSE event per chunk (``data: {json}`` and a blank line), ``data: [DONE]`` at the end, as
 OpenAI does. With ``n`` > 1 the choices' streams run at once and their chunks interleave, each
 chunk naming its choice ``index``. A client that goes away cancels the generation at the server
-(the streams are closed when the response's generator is).
+(the streams are closed when the response's generator is). When the gateway shuts down
+(``OpenStreams.stop``), each open stream ends at once with a ``GatewayStopping`` error event
+(retryable) and its generation is cancelled; the connection then closes without the server
+having to cancel the response's task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fabric.aio import AsyncFabric, AsyncStream
 from fabric.errors import FabricError
-from fabric.gateway.errors import error_body
+from fabric.gateway.errors import GatewayStopping, error_body
 
-__all__ = ["Piece", "open_streams", "pieces", "sse", "sse_error"]
+__all__ = ["OpenStreams", "Piece", "guarded", "open_streams", "pieces", "sse", "sse_error"]
 
 DONE = "data: [DONE]\n\n"
 
@@ -101,12 +105,55 @@ async def pieces(streams: list[AsyncStream]) -> AsyncIterator[Piece]:
             stream.close_soon()
 
 
-async def guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """``events`` then ``[DONE]``; a fabric error mid-stream becomes an error event instead."""
+class OpenStreams:
+    """The tasks sending SSE responses, while they wait for their next event (one per app)."""
+
+    def __init__(self) -> None:
+        self.waiting: set[asyncio.Task[Any]] = set()
+        self.stopping = False
+
+    def stop(self) -> None:
+        """End every open stream with a ``GatewayStopping`` event (call on the event loop, as
+        the server's shutdown begins). A task waiting for its next event is woken at once; one
+        busy sending ends before it asks for the next."""
+        self.stopping = True
+        for task in list(self.waiting):
+            task.cancel(STOPPING)
+
+
+STOPPING = "the gateway is stopping"
+
+
+async def guarded(events: AsyncGenerator[str, None],
+                  live: OpenStreams | None = None) -> AsyncIterator[str]:
+    """``events`` then ``[DONE]``; a fabric error mid-stream becomes an error event instead,
+    and so does the gateway's shutdown (``live.stop``)."""
+    task = asyncio.current_task()
     try:
-        async for event in events:
+        while True:
+            if live is not None and live.stopping:
+                yield sse_error(GatewayStopping(f"{STOPPING}: send the request again"))
+                return
+            if live is not None and task is not None:
+                live.waiting.add(task)
+            try:
+                event = await anext(events)
+            except StopAsyncIteration:
+                break
+            except FabricError as exc:
+                yield sse_error(exc)
+                return
+            except asyncio.CancelledError:
+                if live is None or not live.stopping or task is None:
+                    raise
+                if task.uncancel():  # cancelled for another reason too
+                    raise
+                continue  # the top of the loop ends it
+            finally:
+                if live is not None and task is not None:
+                    live.waiting.discard(task)
             yield event
-    except FabricError as exc:
-        yield sse_error(exc)
-        return
+    finally:
+        with contextlib.suppress(Exception):
+            await events.aclose()  # cancels the generations at the server if not ended yet
     yield DONE
