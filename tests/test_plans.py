@@ -186,6 +186,30 @@ def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert "no GPU node shape" in capsys.readouterr().err
 
 
+def test_plan_takes_the_names_a_sites_catalog_serves(tmp_path: Path, tiny_llama_dir: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """``fabric plan NAME`` for a model the site lists (``fabric sites``, ``fabric models``)
+    failed "no config for NAME": only shipped configs and paths were read."""
+    from fabric.models_registry import ModelRegistry
+
+    # polaris's llama-3.1-70b-instruct: weights on polaris, sized by the shipped llama-3.1-70b
+    assert main(["plan", "llama-3.1-70b-instruct", "--site", "polaris", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "shipped config llama-3.1-70b" in captured.err
+    out = json.loads(captured.out)
+    assert out["model"] == "llama-3.1-70b-instruct" and (out["pp"], out["tp"]) == (2, 4)
+    assert abs(out["params"] - 70.55e9) < 1e7  # Llama 3.1 70B's size
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "fabric.yaml").write_text(f"name: gpus\nnode: {{gpus: 4, gpu_memory_gib: 40}}\n"
+                                      f"state_dir: {tmp_path / 'state'}\n")
+    ModelRegistry(tmp_path / "state").add(tiny_llama_dir, "my-llama", "1")  # fabric models add
+    assert main(["plan", "my-llama", "--site", str(site), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"][-1]["layers"][1] == 4  # its 4 layers
+    assert main(["plan", "nope", "--site", str(site)]) == 2
+    assert "site 'gpus' serves minilm-l6, my-llama, smollm2-135m" in capsys.readouterr().err
+
+
 def test_plans_honour_the_sites_limits_and_placement(capsys: pytest.CaptureFixture[str]
                                                      ) -> None:
     """``fabric plan`` suggested pp=10 on 10 nodes where polaris's limits (what deploy checks)

@@ -1,12 +1,15 @@
 """``fabric plan MODEL --site SITE``: the pp x tp x ep plan that holds a model on a site's nodes.
 
-Arithmetic only (``fabric.plans``): the model's ``config.json`` (a shipped one by name, or a
-path) and the site's ``node:`` shape; no weights are read and nothing is launched.
+Arithmetic only (``fabric.plans``): the model's ``config.json`` (a path, a shipped one by name,
+or a model in the site's catalog) and the site's ``node:`` shape; no weights are read and
+nothing is launched.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
 from fabric.cli.common import dumps, print_table, site_arg
@@ -23,12 +26,14 @@ def register(subparsers: Any) -> None:
         "or check the plan given with --pp/--tp/--ep. Prints the weights per GPU, the KV cache "
         "per token, the token budget and the nodes needed; a plan that does not fit is refused "
         "with its numbers (exit code 2).")
-    p.add_argument("model", help="a shipped model config (e.g. llama-3.1-405b, deepseek-v3, "
-                   "kimi-k2), a config.json, or a model folder")
+    p.add_argument("model", help="a model in the site's catalog (`fabric models`), a shipped "
+                   "model config (e.g. llama-3.1-405b, deepseek-v3, kimi-k2), a config.json, or "
+                   "a model folder")
     site_arg(p)
     p.add_argument("--weights", choices=("bfloat16", "float16", "float32", "fp8"),
-                   default="bfloat16", help="how the weights are stored on the GPUs (fp8: "
-                   "resident FP8, which the engine does not do yet; default bfloat16)")
+                   default="bfloat16", help="how the weights are stored on the GPUs (fp8: an "
+                   "FP8 checkpoint's projections kept in FP8, as a plan with `fp8: keep` holds "
+                   "them; default bfloat16)")
     p.add_argument("--nodes", type=int, help="most nodes the plan may use (default and upper "
                    "bound: what the site's limits and node.max_nodes allow)")
     p.add_argument("--pp", type=int, help="check this many pipeline stages (with --tp)")
@@ -47,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from fabric.sites import load_site
 
     site = load_site(args.site)
-    name, config = plans.load_model_config(args.model)
+    name, config = model_config(args.model, site)
     model = plans.shape_from_config(config, name)
     min_tokens = plans.MIN_TOKENS if args.min_tokens is None else args.min_tokens
     if args.pp is not None:
@@ -65,6 +70,44 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print(plan, site.name, site.node)
     return 0
+
+
+def model_config(model: str, site: Any) -> tuple[str, dict[str, Any]]:
+    """``(name, config)`` of ``model``: a ``config.json`` or model folder, a shipped config, or
+    a model in ``site``'s catalog (built-in, ``extra_models``, registered with ``fabric models
+    add``): its weights folder's ``config.json`` where it is readable here, else the shipped
+    config whose name begins the model's (``llama-3.1-70b`` for ``llama-3.1-70b-instruct``,
+    noted on stderr). ``UnknownModel`` otherwise, saying what was looked for."""
+    from fabric import plans
+    from fabric.errors import UnknownModel
+    from fabric.models_registry import site_catalog
+    from fabric.weights import folder_of
+
+    try:
+        return plans.load_model_config(model)
+    except UnknownModel as exc:
+        unknown = exc
+    catalog = site_catalog(site)
+    if model not in catalog.names():
+        raise UnknownModel(f"{unknown.message}; site {site.name!r} serves "
+                           f"{', '.join(catalog.names())}", model=model,
+                           available=[*plans.known_models(), *catalog.names()])
+    entry = catalog.get(model)
+    folder = folder_of(entry, Path(site.weights_dir).expanduser() if site.weights_dir else None)
+    for candidate in (folder, folder_of(entry)):  # a GGUF converted here has the same config
+        if (candidate / "config.json").is_file():
+            return model, plans.load_model_config(str(candidate / "config.json"))[1]
+    shipped = [k for k in plans.known_models() if model.startswith(f"{k}-")]
+    if shipped:
+        like = max(shipped, key=len)
+        print(f"fabric: {model}'s config.json ({folder}) is not readable here; sizing with "
+              f"the shipped config {like}", file=sys.stderr)
+        return model, plans.load_model_config(like)[1]
+    why = ("not converted from its GGUF yet: serve it once at the site"
+           if entry.source.kind == "gguf-package" else "not readable here")
+    raise UnknownModel(f"model {model!r} of site {site.name!r}: its config.json ({folder}) is "
+                       f"{why}; give its config.json (or run `fabric plan` where the weights "
+                       "are)", model=model)
 
 
 def _max_nodes(site: Any, asked: int | None) -> int:
