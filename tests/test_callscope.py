@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
@@ -18,24 +17,16 @@ from fabric import AsyncFabric, Fabric
 from fabric.client.callscope import CallScope, start
 from fabric.client.handoff import RequestPath
 from fabric.protocol import InferenceRequest
+from tests.test_admission import HeldTransport as Held
 
 
-class HeldTransport:
-    """Records each task and leaves it pending (the test settles admissions)."""
-
-    site = "held"
+class HeldTransport(Held):
+    """``tests.test_admission``'s held transport, reaching the servers or not; the test
+    answers the admissions."""
 
     def __init__(self, reach: bool) -> None:
+        super().__init__()
         self.can_reach_servers = reach
-        self.tasks: list[tuple[str, tuple[Any, ...], Future[Any]]] = []
-        self.sent = threading.Condition()
-
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
-        fut: Future[Any] = Future()
-        with self.sent:
-            self.tasks.append((fn.__name__, args, fut))
-            self.sent.notify_all()
-        return fut
 
     def named(self, name: str, n: int = 1) -> list[tuple[Any, ...]]:
         with self.sent:
@@ -48,9 +39,6 @@ class HeldTransport:
         self.named("open_stream")
         (fut,) = [f for name, _, f in self.tasks if name == "open_stream"]
         fut.set_result(info)
-
-    def close(self) -> None:
-        pass
 
 
 class FakeDirect:
