@@ -149,6 +149,16 @@ def test_generate_streams_text(calls: list[dict[str, Any]],
     assert calls[0]["stop"] == ["\n"] and calls[0]["seed"] == 7
 
 
+def test_stop_texts_keep_their_letters_when_they_hold_an_escape(
+        calls: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
+    """``--stop`` takes the shell-friendly escapes (\\n, \\t) without mangling the rest of the
+    text: "Schluß\\n" stops at "Schluß" and a newline, not at UTF-8 bytes read as Latin-1."""
+    rc = main(["generate", "x", "--stop", "Schluß\\n", "--stop", "→\\t", "--stop", "ß",
+               "--stop", "a\\\\b"])
+    assert rc == 0 and capsys.readouterr().out == "Hello, world\n"
+    assert calls[0]["stop"] == ["Schluß\n", "→\t", "ß", "a\\b"]
+
+
 def test_chat_keeps_history(calls: list[dict[str, Any]], capsys: pytest.CaptureFixture[str],
                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi there\n\nand again\n/reset\nfresh\n/exit\n"
@@ -207,3 +217,4 @@ def test_spinner_without_terminal_prints_each_change_once() -> None:
         "waiting for m: queued in the batch scheduler, position 2 (job 7)",
         "waiting for m: loading the model (job 7)",
     ]
+

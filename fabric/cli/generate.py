@@ -146,7 +146,10 @@ def _sampling(args: argparse.Namespace, hooks: list[Hook] | None) -> dict[str, A
 
 def _unescape(stops: Sequence[str]) -> list[str]:
     # A shell makes typing a newline awkward; accept the usual escapes ("\n", "\t").
-    return [s.encode("utf-8").decode("unicode_escape") if "\\" in s else s for s in stops]
+    # unicode_escape reads bytes as Latin-1: give it Latin-1 (the rest as \u escapes), not
+    # UTF-8, whose bytes it would turn into other letters ("ß" into "Ã\x9f").
+    return [s.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in s
+            else s for s in stops]
 
 
 # -- commands -----------------------------------------------------------------------------------
