@@ -295,3 +295,147 @@ def test_a_federations_routing_decisions_reach_the_metrics() -> None:
     stats.failed_over("rm", "a", "Overloaded")
     assert ROUTING_DECISIONS.value(model_name="rm", site="a", reason="warm") == warm + 1
     assert ROUTING_DECISIONS.value(model_name="rm", site="a", reason="failover") == moved + 1
+
+
+def test_parse_since_knows_every_unit() -> None:
+    now = 1_800_000_000.0
+    assert parse_since("30m", now) == now - 30 * 60
+    assert parse_since("2w", now) == now - 14 * 86400
+    assert parse_since("1.5h", now) == now - 5400
+    assert parse_since(" 45s ", now) == now - 45
+
+
+def test_usage_of_a_site_that_recorded_none_is_empty_and_creates_nothing(tmp_path: Path
+                                                                         ) -> None:
+    assert usage_rows(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
+    assert table([]).split() == ["IDENTITY", "MODEL", "REQUESTS", "PROMPT", "GENERATION",
+                                 "TOTAL"]
+
+
+def test_usage_table_right_aligns_the_numbers() -> None:
+    from fabric.endpoint.usage_report import UsageRow
+
+    rows = [UsageRow("alice", "m", 1, 10, 200, 210), UsageRow("bob", "model-two", 12, 3, 4, 7)]
+    # Names left-aligned, counts right-aligned: the digits of a column end in one place.
+    assert table(rows).splitlines() == [
+        "IDENTITY  MODEL      REQUESTS  PROMPT  GENERATION  TOTAL",
+        "alice     m                 1      10         200    210",
+        "bob       model-two        12       3           4      7",
+        "total                      13      13         204    217"]
+
+
+def test_histogram_buckets_may_be_given_in_any_order() -> None:
+    h = Histogram((10.0, 0.1, 1.0))
+    for v in (0.05, 0.5, 5.0):
+        h.observe(v)
+    assert h.cumulative() == [(0.1, 1), (1.0, 2), (10.0, 3), (math.inf, 3)]
+
+
+def test_render_writes_infinities_and_nan_as_prometheus_does() -> None:
+    gauge = Family("fabric_g", "gauge", "g")
+    gauge.add({"s": "lo"}, float("-inf"))
+    gauge.add({"s": "hi"}, float("inf"))
+    gauge.add({"s": "nan"}, float("nan"))
+    gauge.add({"s": "big"}, 1e15)
+    gauge.add({"s": "int"}, 3.0)
+    lines = render([gauge]).splitlines()[2:]
+    assert lines == ['fabric_g{s="lo"} -Inf', 'fabric_g{s="hi"} +Inf', 'fabric_g{s="nan"} NaN',
+                     'fabric_g{s="big"} 1000000000000000.0', 'fabric_g{s="int"} 3']
+
+
+def test_gateway_counts_a_request_that_raised_as_a_500() -> None:
+    """A route that raises never starts its answer itself (the server's error handler answers
+    outside the counting middleware): it is counted as the 500 the caller gets."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from fabric.gateway.metrics import install
+
+    app = FastAPI()
+    metrics = install(app)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/boom").status_code == 500
+    assert metrics.requests.value(route="/boom", method="GET", code=500) == 1
+    assert metrics.requests.value(route="/boom", method="GET", code=200) == 0
+
+
+def test_site_metrics_series_from_records_and_server_stats(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """What a scrape makes of the deployment records and each live server's ``stats`` (asked
+    here of a stand-in): draining servers still report, ``eos`` is a success, an empty KV budget
+    is no division by zero, and the cold-start count is the number of starts."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from fabric.endpoint.site_metrics import MetricsServer, SiteMetrics
+    from fabric.endpoint.state import Deployment
+    from fabric.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS
+    from fabric.sites import load_site
+
+    metrics = SiteMetrics(load_site("local"), tmp_path)
+    for i, state in enumerate(("ready", "draining", "queued", "dead")):
+        metrics.manager.db.insert(Deployment(id=f"d-{i}", model="m", version="1", state=state,
+                                             address=f"tcp://127.0.0.1:{9000 + i}",
+                                             public_key="k"))
+    stats = {"time_to_first_token_seconds": Histogram(TTFT_BUCKETS).to_dict(),
+             "inter_token_latency_seconds": Histogram(ITL_BUCKETS).to_dict(),
+             "e2e_request_latency_seconds": Histogram(E2E_BUCKETS).to_dict(),
+             "prompt_tokens": 11, "generation_tokens": 5,
+             "finished": {"eos": 2, "length": 1, "Overloaded": 3},
+             "num_requests_running": 1, "num_requests_waiting": 0,
+             "kv_budget_tokens": 0, "kv_used_tokens": 0}
+    monkeypatch.setattr(metrics, "_stats", lambda dep: json.loads(json.dumps(stats)))
+    site_events.record_cold_start(tmp_path, "m", "d-0", 3.0)
+    site_events.record_cold_start(tmp_path, "m", "d-1", 4.0)
+    samples = _samples(metrics.render())
+    metrics.close()
+    for dep in ("d-0", "d-1"):
+        labels = f'model_name="m",deployment="{dep}"'
+        assert samples[f"fabric_model_server_up{{{labels}}}"] == 1
+        assert samples[f'fabric_request_success_total{{{labels},finished_reason="eos"}}'] == 2
+        assert samples[f'fabric_request_failure_total{{{labels},error="Overloaded"}}'] == 3
+        assert samples[f"fabric_kv_cache_usage_perc{{{labels}}}"] == 0
+    assert 'deployment="d-2"' not in "".join(samples)  # queued: no server to ask yet
+    assert samples['fabric_deployments{model_name="m",state="draining"}'] == 1
+    assert samples['fabric_deployments{model_name="m",state="loading"}'] == 0
+    assert samples['fabric_cold_starts_total{model_name="m"}'] == 2
+    # The listener answers /metrics, with or without a query string, and nothing else.
+    server = MetricsServer(SiteMetrics(load_site("local"), tmp_path / "empty"), "127.0.0.1", 0)
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        with urllib.request.urlopen(f"{base}/metrics?x=1", timeout=10) as reply:
+            assert reply.status == 200 and b"fabric_deployments" in reply.read()
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{base}/other", timeout=10)
+        assert err.value.code == 404
+    finally:
+        server.stop()
+
+
+def test_fabric_usage_reads_since_a_date_and_refuses_a_missing_state_dir(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from fabric.cli.main import main
+
+    policy.record_usage(tmp_path, "alice", "m1", 30, "r1", prompt_tokens=10,
+                        completion_tokens=20)
+    policy.flush_usage()
+    assert main(["usage", "--state-dir", str(tmp_path), "--json"]) == 0
+    assert [r["total_tokens"] for r in json.loads(capsys.readouterr().out)] == [30]
+    assert main(["usage", "--state-dir", str(tmp_path), "--since", "2999-01-01"]) == 0
+    assert capsys.readouterr().out == "no usage recorded since then\n"
+    missing = tmp_path / "no-such-state"
+    assert main(["usage", "--state-dir", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: state dir {missing} of site 'local' does not exist"), err
+    assert not missing.exists()
