@@ -238,3 +238,33 @@ def test_encoder_step_sub_batches_keep_each_request_its_vector() -> None:
         assert count == seq.n
         np.testing.assert_allclose((total / count).numpy(), (alone[0] / alone[1]).numpy(),
                                    atol=1e-5, rtol=0)
+
+
+def test_encoder_pools_each_request_as_it_asked_over_its_own_tokens() -> None:
+    """In one padded sub-batch, ``first``, ``last`` and ``mean`` pool each prompt's real tokens
+    (``last`` is its own last token, [SEP] here, not the batch's padding)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from fabric.catalog import Catalog
+    from fabric.engine.encoder import EncoderExecutor
+    from fabric.engine.sequence import CaptureSpec
+    from fabric.engine.steps import SeqWork, StepPlan
+    from fabric.weights import prepare
+
+    folder = prepare(Catalog().get("minilm-l6")).path
+    runner = EncoderExecutor(folder, torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    layer = runner.config.num_hidden_layers
+    texts = ["a cell", "the membrane keeps ions out while pumps move them back"]
+    for mode in ("first", "last", "mean"):
+        seqs = [SeqWork(f"{mode}{i}", 0, tok(t).input_ids, 0, capture=CaptureSpec([layer], mode))
+                for i, t in enumerate(texts)]
+        runner.launch(StepPlan(1, seqs))
+        for text, out in zip(texts, runner.collect(), strict=True):
+            with torch.no_grad():
+                hidden = model(**tok(text, return_tensors="pt")).last_hidden_state[0]
+            got = out.captures[layer]
+            got = got[0] / got[1] if mode == "mean" else got
+            want = {"first": hidden[0], "last": hidden[-1], "mean": hidden.mean(0)}[mode]
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=0)

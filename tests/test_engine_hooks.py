@@ -122,7 +122,9 @@ def test_steering_applies_only_to_its_request(server: ServerHandle,
     plain = server.request(prompt=PROMPT, sampling={"max_tokens": 16})
     steered = server.request(prompt=PROMPT, sampling={"max_tokens": 16}, hooks=steer)
     others = [server.request(prompt=PROMPT, sampling={"max_tokens": 16}, hooks=[
-        {"kind": "ablate_neurons", "layer": 0, "neurons": list(range(64))}])]
+        {"kind": "ablate_neurons", "layer": 0, "neurons": list(range(64))}]),
+        server.request(prompt=PROMPT, sampling={"max_tokens": 16}, hooks=[
+            {"kind": "ablate_heads", "layer": 0, "heads": [0, 1, 2]}])]
     for r in (steered, plain, *others):
         client.submit(r, server.ticket)
     got_steered = client.result(steered.request_id, 60)
