@@ -139,6 +139,27 @@ def test_token_budget_and_bad_plans_are_refused() -> None:
         fit(model, NodeShape())
 
 
+def test_kv_cache_bytes_follow_the_weights_dtype_and_a_plan_over_the_node_limit_is_refused(
+        ) -> None:
+    """fp32 weights keep an fp32 KV cache (4 bytes a value; 2 for 16-bit and FP8 weights): for
+    Llama 3.1 70B (8 KV heads of 128, 80 layers) at pp=2 tp=4 a rank holds 40 layers of
+    2 x 2 x 128 values per token. A plan on more nodes than allowed says so."""
+    from fabric.plans import check_fits, shortfall
+
+    model = _shape("llama-3.1-70b")
+    per_rank_16 = 40 * 2 * 2 * 128 * 2
+    assert size_plan(model, POLARIS, 2, 4, weights="bfloat16").kv_bytes_per_token == per_rank_16
+    assert size_plan(model, POLARIS, 2, 4, weights="fp8").kv_bytes_per_token == per_rank_16
+    assert size_plan(model, POLARIS, 2, 4, weights="float32").kv_bytes_per_token == \
+        2 * per_rank_16
+    plan = size_plan(model, POLARIS, 2, 4)
+    assert plan.nodes == 2 and shortfall(plan, POLARIS, 1000, max_nodes=2) == ""
+    assert shortfall(plan, POLARIS, 1000, max_nodes=1) == \
+        "it needs 2 nodes, more than the 1 allowed"
+    with pytest.raises(PlanDoesNotFit, match="more than the 1 allowed"):
+        check_fits(plan, POLARIS, 1000, max_nodes=1)
+
+
 @pytest.mark.parametrize("site", ["polaris", "perlmutter", "aurora"])
 def test_shipped_capacity_plans_are_what_fabric_plan_computes(site: str) -> None:
     s = load_site(site)
@@ -208,6 +229,20 @@ def test_plan_takes_the_names_a_sites_catalog_serves(tmp_path: Path, tiny_llama_
     assert json.loads(capsys.readouterr().out)["stages"][-1]["layers"][1] == 4  # its 4 layers
     assert main(["plan", "nope", "--site", str(site)]) == 2
     assert "site 'gpus' serves minilm-l6, my-llama, smollm2-135m" in capsys.readouterr().err
+
+
+def test_cli_checks_a_given_plan_with_its_ep_and_needs_tp_with_pp(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "mixtral-8x7b", "--site", "polaris", "--pp", "1", "--tp", "4",
+                 "--ep", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["pp"], out["tp"], out["ep"]) == (1, 4, 2)
+    assert main(["plan", "mixtral-8x7b", "--site", "polaris", "--pp", "1", "--tp", "4",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ep"] == 4  # whole experts per rank
+    assert main(["plan", "mixtral-8x7b", "--site", "polaris", "--pp", "2"]) == 2
+    assert capsys.readouterr().err == \
+        "error: --pp needs --tp (or leave both out to search)\n"
 
 
 def test_plans_honour_the_sites_limits_and_placement(capsys: pytest.CaptureFixture[str]
