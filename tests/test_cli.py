@@ -8,6 +8,7 @@ started here (the end-to-end tests do that).
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -218,3 +219,91 @@ def test_spinner_without_terminal_prints_each_change_once() -> None:
         "waiting for m: loading the model (job 7)",
     ]
 
+
+@pytest.mark.parametrize(("raised", "code", "stderr"), [
+    ("KeyboardInterrupt()", 130, "interrupted\n"),  # Ctrl-C: the shell's 128 + SIGINT
+    ("BrokenPipeError()", 0, ""),  # `fabric generate ... | head`: the reader left
+])
+def test_interrupt_and_a_closed_pipe_exit_as_a_shell_expects(raised: str, code: int,
+                                                             stderr: str) -> None:
+    script = ("import sys\nfrom fabric.client.fabric import Fabric\n"
+              "from fabric.cli.main import main\n"
+              f"def stream(self, *a, **kw):\n    raise {raised}\n"
+              "Fabric.stream = stream\nsys.exit(main(['generate', 'hi']))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert (out.returncode, out.stderr) == (code, stderr)
+
+
+def test_embed_deploy_and_listing_pass_every_option(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    got: list[dict[str, Any]] = []
+
+    def embed(self: Fabric, texts: list[str], **kw: Any) -> Any:
+        got.append(kw)
+        return np.ones((len(texts), 3), dtype=np.float32)
+
+    def deploy(self: Fabric, model: str, **kw: Any) -> dict[str, Any]:
+        got.append(kw)
+        return {"id": "d-9", "model": model, "state": "queued", "job_id": "77",
+                "plan": {"pp": 1, "tp": 4, "ep": 2}}
+
+    monkeypatch.setattr(Fabric, "embed", embed)
+    monkeypatch.setattr(Fabric, "deploy", deploy)
+    monkeypatch.setattr(Fabric, "deployments", lambda self: [
+        {"id": "d-1", "model": "moe", "plan": {"pp": 1, "tp": 4, "ep": 4}, "job_id": "42",
+         "state": "ready", "address": "tcp://h:1", "idle_s": 119.4},
+        {"id": "d-2", "model": "moe", "plan": {"pp": 2, "tp": 1}, "job_id": "43",
+         "state": "ready", "address": "tcp://h:2", "idle_s": 7200.0}])
+    assert main(["embed", "a cat", "--no-normalize", "--layer", "2", "--pooling", "last"]) == 0
+    assert got[-1]["normalize"] is False and got[-1]["layer"] == 2
+    assert got[-1]["pooling"] == "last"
+    assert main(["embed", "a cat"]) == 0 and got[-1]["normalize"] is True
+    assert main(["deploy", "moe", "--tp", "4", "--ep", "2", "--no-wait"]) == 0
+    assert {k: got[-1][k] for k in ("tp", "ep", "pp", "wait")} == {
+        "tp": 4, "ep": 2, "pp": None, "wait": False}
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "deployment d-9: moe pp=1 tp=4 ep=2 queued (job 77)"
+    assert main(["deployments"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[2:5] == ["pp=1", "tp=4", "ep=4"] and lines[1].split()[-1] == "119s"
+    assert lines[2].split()[2:4] == ["pp=2", "tp=1"] and lines[2].split()[-1] == "120m"
+
+
+def test_a_failed_chat_turn_is_forgotten(monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """At a terminal a failed turn prints its error and the chat goes on without it."""
+    sent: list[list[str]] = []
+
+    def stream(self: Fabric, prompt: str | None = None, **kw: Any) -> Stream:
+        sent.append([m["content"] for m in kw["messages"]])
+        if len(sent) == 1:
+            raise UnknownModel("unknown model 'x'")
+        return Stream(ListSource(["ok"]))
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(Fabric, "stream", stream)
+    monkeypatch.setattr(sys, "stdin", Terminal("first\nsecond\n"))
+    assert main(["chat"]) == 0
+    assert "error: unknown model 'x'" in capsys.readouterr().err
+    assert sent == [["first"], ["second"]]
+
+
+def test_endpoint_status_of_a_site_that_is_not_running_exits_3(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 3 (not 0) lets a script tell a stopped site from a running one; the servers it
+    left recorded are named."""
+    from fabric.endpoint.state import Deployment, StateDB
+
+    state = tmp_path / "state"
+    assert main(["endpoint", "status", "--state-dir", str(state)]) == 3
+    assert capsys.readouterr().out == \
+        "site local is not running (start it with `fabric endpoint start`)\n"
+    StateDB(state).insert(Deployment(id="d-left", model="m", version="1", state="ready"))
+    assert main(["endpoint", "status", "--state-dir", str(state), "--json"]) == 3
+    assert json.loads(capsys.readouterr().out) == {"running": False, "servers_left": ["d-left"]}

@@ -135,6 +135,10 @@ def test_logprobs_prints_tokens_total_and_perplexity(
         assert repr(piece) in line  # quoted, so spaces and newlines show
     # Right-aligned: every row's last character sits in the same column.
     assert len({len(line) for line in out[:4]}) == 1
+    # ... and so does every token id's last digit (12, 3456 and 7 are of three widths).
+    ends = {line.index(f" {t} ") + len(str(t)) for line, t in zip(out[1:4], LOGPROBS["token_ids"],
+                                                                  strict=True)}
+    assert len(ends) == 1
     values = LOGPROBS["logprobs"]
     perplexity = math.exp(-sum(values) / len(values))
     assert out[4] == f"total {LOGPROBS['total']:.4f} over 3 tokens; perplexity {perplexity:.4f}"
@@ -317,6 +321,10 @@ def test_generate_captures_in_json_and_stream(calls: list[dict[str, Any]],
      "--hook #1 is not a valid hook: layer: Input should be a valid integer"),
     ('{"kind": "capture", "layer": true}',
      "--hook #1 is not a valid hook: layer: Input should be a valid integer"),
+    ('{"kind": "steer", "layer": 1, "vector": ["1.5", 2]}',
+     "--hook #1 is not a valid hook: vector.0: Input should be a valid number"),
+    ('{"kind": "steer", "layer": 1, "vector": [1.0], "scale": "4"}',
+     "--hook #1 is not a valid hook: scale: Input should be a valid number"),
     ('{"kind": "ablate_heads", "layer": 1, "heads": "0,1"}',
      "--hook #1 is not a valid hook: heads: Input should be a valid list"),
     ('{"kind": "steer", "layer": 1, "vector": [1, "x"]}',
@@ -422,3 +430,15 @@ def test_cli_equals_sdk_on_a_real_site(local_site: Any, site_transport: Any, tmp
         # The hook did act through the CLI: hidden state 2 moved, hidden state 1 did not.
         np.testing.assert_allclose(saved["layer_1"], plain["layers"]["1"].numpy(), atol=1e-5)
         assert not np.allclose(saved["layer_2"], plain["layers"]["2"].numpy(), atol=1e-3)
+
+
+def test_a_logprobs_result_whose_lists_disagree_is_an_error(
+        calls: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A token without its log-probability must not be printed beside another's."""
+    monkeypatch.setattr(Fabric, "logprobs", lambda self, *a, **kw: {
+        **LOGPROBS, "logprobs": [-0.5, -2.25]})
+    assert main(["logprobs", "Hi"]) == 1
+    out = capsys.readouterr()
+    assert out.err == "error: logprobs result has 3 token ids, 3 tokens and 2 log-probabilities\n"
+    assert out.out == ""
