@@ -257,9 +257,12 @@ def _lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-WALLTIME_WORK_S = 100.0
+WALLTIME_WORK_S = 200.0
 """Serving time the campaign is sized for (at the rate measured just before): Slurm ends the
-job at most ~35 s after its limit is cut (time limits are checked every 30 s, then KillWait)."""
+job ~35 s after its limit is cut (time limits are checked every 30 s, then KillWait), more on a
+busy machine, and the campaign itself, sending whole shards at once, serves up to about twice
+the warm-up's rate. At 100 s a clean CI run saw the campaign's 180 inputs all written before
+the job ended (the expiry then came after the campaign, not in it)."""
 SHARD_WORK_S = 20.0
 """Serving time of one shard (at that rate): four times KillWait (5 s)."""
 
@@ -325,7 +328,7 @@ def test_walltime_expiry_mid_campaign_loses_nothing(login_sites: Any, slurm: Slu
     size = max(20, math.ceil(rate * SHARD_WORK_S))
     # two shards in flight, each sent whole: within the server's queue (256)
     assert 2 * size <= 256, f"the tiny model serves {rate:.1f} inputs/s: too fast to size for"
-    n = max(4 * size, min(2000, int(rate * WALLTIME_WORK_S) // size * size))
+    n = max(4 * size, min(2000, math.ceil(rate * WALLTIME_WORK_S / size) * size))
     shape.update(shard_size=size, concurrency=size)
     manifest = make_campaign(tmp_path, site, n, name="wall", **shape)
     _long_inputs(tmp_path)
