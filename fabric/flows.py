@@ -156,6 +156,19 @@ def shard_flow(site: SiteConfig, model: str) -> tuple[dict[str, Any], dict[str, 
     return definition, schema
 
 
+def check_input(schema: dict[str, Any], flow_input: dict[str, Any], what: str) -> None:
+    """Refuse ``flow_input`` unless it matches the flow's input ``schema``, as Flows would
+    when the run starts (``InvalidRequest`` naming the first field that does not, and why)."""
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(flow_input),
+                    key=lambda e: [str(part) for part in e.absolute_path])
+    if errors:
+        where = "/".join(str(part) for part in errors[0].absolute_path) or "(the input)"
+        raise InvalidRequest(f"{what}: {where}: {errors[0].message} (the flow's input schema "
+                             f"refuses it; {len(errors)} problem(s) in all)", field=where)
+
+
 def campaign_timer(flow_id: str, flow_input: dict[str, Any], *, name: str,
                    interval_s: int, start: str | None = None, stop_after_runs: int | None = None
                    ) -> dict[str, Any]:

@@ -151,7 +151,7 @@ def test_cli_writes_the_files_and_checks_an_input(tmp_path: Path,
     (folder / "fabric.yaml").write_text(yaml.safe_dump(site_data()))
     (tmp_path / "shard.json").write_text(json.dumps(SHARD_INPUT))
     assert main(["flow", str(folder), "m", "--out", str(tmp_path / "out"),
-                 "--timer-flow-id", "7e57f10w-0000", "--timer-input",
+                 "--timer-flow-id", "7e57f100-0000-4000-8000-000000000000", "--timer-input",
                  str(tmp_path / "shard.json"), "--every", "3600"]) == 0
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["campaign.timer.json", "request.flow.json", "request.schema.json",
@@ -162,3 +162,30 @@ def test_cli_writes_the_files_and_checks_an_input(tmp_path: Path,
     capsys.readouterr()
     assert main(["flow", str(folder), "m", "--check", str(tmp_path / "in.json")]) == 0
     assert json.loads(capsys.readouterr().out)["tasks"][0]["function_id"] == RUN_REQUEST
+
+
+def test_cli_refuses_inputs_its_schemas_refuse(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``--check`` and ``--timer-input`` hold an input to the schema the command writes (Flows
+    would refuse it only when the run starts), and ``--timer-flow-id`` must be a flow's UUID."""
+    import yaml
+
+    folder = tmp_path / "site"
+    folder.mkdir()
+    (folder / "fabric.yaml").write_text(yaml.safe_dump(site_data()))
+    bad = {**REQUEST_INPUT, "user_endpoint_config": {"request_workers": 99}, "extra": 1}
+    (tmp_path / "in.json").write_text(json.dumps(bad))
+    assert main(["flow", str(folder), "m", "--check", str(tmp_path / "in.json")]) == 2
+    err = capsys.readouterr().err
+    assert "(the input): Additional properties are not allowed ('extra'" in err, err
+    assert "2 problem(s)" in err
+    (tmp_path / "shard.json").write_text(json.dumps({"custom_id": "a"}))
+    flow_id = "7e57f100-0000-4000-8000-000000000000"
+    out = ["--out", str(tmp_path / "out"), "--timer-input", str(tmp_path / "shard.json")]
+    assert main(["flow", str(folder), "m", "--timer-flow-id", flow_id, *out]) == 2
+    assert "shard.json: (the input): 'shard_id' is a required property" in \
+        capsys.readouterr().err
+    (tmp_path / "shard.json").write_text(json.dumps(SHARD_INPUT))
+    assert main(["flow", str(folder), "m", "--timer-flow-id", "not-a-uuid", *out]) == 2
+    assert "is not a flow id" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written for a refused command

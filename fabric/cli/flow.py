@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--set", action="append", metavar="NAME=VALUE", help="site template value")
     p.add_argument("--timer-flow-id", metavar="UUID",
                    help="the registered shard flow's id: also write campaign.timer.json")
-    p.add_argument("--timer-input", type=Path, metavar="JSON",
+    p.add_argument("--timer-input", type=Path, metavar="INPUT.json",
                    help="the shard flow input the timer starts it with (required with "
                    "--timer-flow-id)")
     p.add_argument("--every", type=int, default=86400, metavar="SECONDS",
@@ -58,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
     site = load_site(args.site, _parse_sets(args.set))
     request_def, request_schema = flows.request_flow(site, args.model, args.kind)
     if args.check is not None:
-        print(json.dumps(flows.action_body(request_def, _read(args.check)), indent=2))
+        flow_input = _read(args.check)
+        flows.check_input(request_schema, flow_input, str(args.check))
+        print(json.dumps(flows.action_body(request_def, flow_input), indent=2))
         return 0
     if args.out is None:
         raise InvalidRequest("--out DIR is required (or --check INPUT.json)")
@@ -69,8 +72,15 @@ def run(args: argparse.Namespace) -> int:
     if args.timer_flow_id:
         if args.timer_input is None:
             raise InvalidRequest("--timer-flow-id needs --timer-input (the shard flow input)")
+        try:
+            uuid.UUID(args.timer_flow_id)
+        except ValueError:
+            raise InvalidRequest(f"--timer-flow-id {args.timer_flow_id!r} is not a flow id: "
+                                 "the UUID Globus Flows gave the registered shard flow") from None
+        shard_input = _read(args.timer_input)
+        flows.check_input(shard_schema, shard_input, str(args.timer_input))
         files["campaign.timer.json"] = flows.campaign_timer(
-            args.timer_flow_id, _read(args.timer_input), interval_s=args.every,
+            args.timer_flow_id, shard_input, interval_s=args.every,
             stop_after_runs=args.runs, name=f"fabric campaign shard: {args.model} at "
             f"{site.name}")
     args.out.mkdir(parents=True, exist_ok=True)
