@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fabric.client.transport import submit_or_fail
+from fabric.client.transport import settle, submit_or_fail
 from fabric.errors import FabricError
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ class Admissions:
             self._cond.notify_all()
         for queue in queues:
             for _, future in queue.items:
-                _answer(future, exc=EndpointError("the client closed its connection"))
+                settle(future, exc=EndpointError("the client closed its connection"))
 
     # -- the sending thread ------------------------------------------------------------------
 
@@ -202,25 +202,13 @@ class Admissions:
             self._cond.notify_all()
 
 
-def _answer(out: Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
-    """Settle ``out``, unless its caller cancelled it (an ``AsyncFabric`` stream whose task
-    was cancelled while it waited; setting a cancelled future raises, and the rest of its
-    task's admissions would then never be answered)."""
-    if not out.set_running_or_notify_cancel():
-        return
-    if exc is not None:
-        out.set_exception(exc)
-    else:
-        out.set_result(value)
-
-
 def _copy(inner: Future[Any], outer: Future[dict[str, Any]]) -> None:
     try:
         value = dict(inner.result())
     except BaseException as exc:
-        _answer(outer, exc=exc)
+        settle(outer, exc=exc)
         return
-    _answer(outer, value)
+    settle(outer, value)
 
 
 def _settle(fut: Future[Any], items: list[tuple[dict[str, Any], Future[dict[str, Any]]]]
@@ -234,10 +222,10 @@ def _settle(fut: Future[Any], items: list[tuple[dict[str, Any], Future[dict[str,
                               f"{len(items)}")
     except BaseException as exc:
         for _, out in items:
-            _answer(out, exc=exc)
+            settle(out, exc=exc)
         return
     for (_, out), answer in zip(items, answers, strict=True):
         if answer.get("error"):
-            _answer(out, exc=FabricError.from_dict(answer["error"]))
+            settle(out, exc=FabricError.from_dict(answer["error"]))
         else:
-            _answer(out, dict(answer.get("info") or {}))
+            settle(out, dict(answer.get("info") or {}))

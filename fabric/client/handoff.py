@@ -15,7 +15,6 @@ elsewhere) and hands it to ``on_status``.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import logging
 import threading
 import time
@@ -29,7 +28,7 @@ from fabric.client.direct import DirectResults
 from fabric.client.liveness import EndpointLiveness
 from fabric.client.poller import LOST_AFTER_S, Poller
 from fabric.client.status import StatusCallback
-from fabric.client.transport import Transport
+from fabric.client.transport import Transport, chain, settle
 from fabric.errors import DeadlineExceeded, FabricError
 from fabric.protocol import InferenceRequest
 
@@ -136,7 +135,7 @@ class RequestPath:
         body = request.model_dump(mode="json")
         out: Future[dict[str, Any]] = Future()
         if not self.handoff:
-            _chain(transport.submit(run_request, body, self.auth), out)
+            chain(transport.submit(run_request, body, self.auth), out)
             return out
         mode = "direct" if transport.can_reach_servers else "poll"
         # A lone request (nothing else of ours open to poll for) may wait for its result at
@@ -152,7 +151,7 @@ class RequestPath:
                 if info.get("done"):  # it finished while the site held it
                     if info.get("error"):
                         raise FabricError.from_dict(info["error"])
-                    _settle(out, dict(info.get("result") or {}))
+                    settle(out, dict(info.get("result") or {}))
                     return
                 with lock:
                     if out.cancelled():  # before its admission came back
@@ -167,9 +166,9 @@ class RequestPath:
                         inner = self.poller().track(info, request.model, events=False).future
                         stop.append(lambda: self._cancel_polled(transport, info, request.model))
             except BaseException as exc:
-                _settle(out, exc=exc)
+                settle(out, exc=exc)
                 return
-            _chain(inner, out)
+            chain(inner, out)
 
         def cancelled(f: Future[Any]) -> None:
             if not f.cancelled():
@@ -310,28 +309,6 @@ class RequestPath:
 
         key = poller.watch(model, version, heard, state=last)
         return future
-
-
-def _chain(inner: Future[Any], outer: Future[Any]) -> None:
-    """Settle ``outer`` as ``inner`` settles."""
-    def settle(f: Future[Any]) -> None:
-        try:
-            value = f.result()
-        except BaseException as exc:
-            _settle(outer, exc=exc)
-            return
-        _settle(outer, value)
-
-    inner.add_done_callback(settle)
-
-
-def _settle(out: Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
-    """Settle ``out``, unless its caller cancelled it (then nobody wants the outcome)."""
-    with contextlib.suppress(cf.InvalidStateError):
-        if exc is not None:
-            out.set_exception(exc)
-        else:
-            out.set_result(value)
 
 
 HOLD_S = 1.0

@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from fabric.client.sitelife import (
     start_site,
     stop_site,
 )
+from fabric.client.transport import settle
 from fabric.errors import EndpointError, FabricError, InvalidRequest, RequestTooLarge
 from fabric.sites import resolve_site
 from fabric.wire import framing, gcwire
@@ -254,7 +255,7 @@ class LocalTransport:
             pending = [self._futures.pop(k) for k in conn.keys if k in self._futures]
             conn.keys.clear()
         for fut in pending:
-            _settle(fut, error=err)
+            settle(fut, exc=err)
 
     def _pump(self, fut: Future[Any], deadline: float | None) -> None:
         """Read replies in this thread until ``fut`` is done (or ``deadline``), unless another
@@ -302,11 +303,11 @@ class LocalTransport:
             try:
                 value = gcwire.unpack_result(frames[2])
             except FabricError as exc:
-                _settle(fut, error=exc)
+                settle(fut, exc=exc)
             except Exception as exc:  # deserialising the value failed on this side
-                _settle(fut, error=EndpointError(f"cannot read the result: {exc}"))
+                settle(fut, exc=EndpointError(f"cannot read the result: {exc}"))
             else:
-                _settle(fut, value)
+                settle(fut, value)
         elif frames[0] == CONTROL and len(frames) == 2:
             reply = msgpack.unpackb(frames[1], raw=False)
             with self._lock:
@@ -315,16 +316,16 @@ class LocalTransport:
             if fut is None:
                 return
             if reply.get("error"):
-                _settle(fut, error=EndpointError(f"site control {reply.get('op')} failed: "
+                settle(fut, exc=EndpointError(f"site control {reply.get('op')} failed: "
                                                  f"{reply['error']}"))
             else:
-                _settle(fut, reply)
+                settle(fut, reply)
 
     def _fail_all(self, err: FabricError) -> None:
         with self._lock:
             pending, self._futures = self._futures, {}
         for fut in pending.values():
-            _settle(fut, error=err)
+            settle(fut, exc=err)
 
     def _wake(self) -> None:
         if self._wake_w >= 0:
@@ -344,16 +345,6 @@ class _Connection:
         """Calls sent on this connection and not answered yet (failed if it is lost)."""
         self.lost = False
         """The site behind it exited or hung up: the next call opens a new connection."""
-
-
-def _settle(fut: Future[Any], value: Any = None, error: BaseException | None = None) -> None:
-    """Resolve ``fut`` unless its caller cancelled it meanwhile (a campaign abandoning its
-    shards): a late reply must not raise in the thread that reads replies."""
-    with contextlib.suppress(InvalidStateError):
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(value)
 
 
 class _LocalFuture(Future[Any]):

@@ -12,7 +12,7 @@ embedded sites never load them (``tests/test_layering.py`` holds the client to t
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,6 +50,32 @@ def submit_or_fail(transport: Transport, fn: Callable[..., Any], *args: Any) -> 
         failed: Future[Any] = Future()
         failed.set_exception(exc)
         return failed
+
+
+def settle(fut: Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
+    """Settle ``fut`` with ``value`` (or ``exc``) unless its caller cancelled it meanwhile:
+    nobody wants the outcome then, and setting a cancelled future would raise in the thread
+    that delivers answers (and leave the others it delivers unanswered)."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+    except InvalidStateError:  # cancelled
+        pass
+
+
+def chain(inner: Future[Any], outer: Future[Any]) -> None:
+    """Settle ``outer`` as ``inner`` settles (``settle``: not if ``outer`` was cancelled)."""
+    def done(f: Future[Any]) -> None:
+        try:
+            value = f.result()
+        except BaseException as exc:
+            settle(outer, exc=exc)
+            return
+        settle(outer, value)
+
+    inner.add_done_callback(done)
 
 
 def open_transport(site: str, state_dir: str | Path | None = None) -> Transport:
