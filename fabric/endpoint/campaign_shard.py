@@ -148,13 +148,13 @@ def line_result(req: Any, result: Any) -> Any:
         return jsonable(result)
     from fabric.wire.arrays import float32_floats
 
-    kept = {k: v for k, v in result.items() if k != "layers" or len(req.layers) > 1}
+    kept = jsonable({k: v for k, v in result.items() if k != "layers" or len(req.layers) > 1})
     for key in ("embedding", "embeddings"):
         if kept.get(key) is not None:
-            kept[key] = float32_floats(jsonable(kept[key]))
+            kept[key] = float32_floats(kept[key])
     if isinstance(kept.get("layers"), dict):
-        kept["layers"] = {str(k): float32_floats(jsonable(v)) for k, v in kept["layers"].items()}
-    return jsonable(kept)
+        kept["layers"] = {k: float32_floats(v) for k, v in kept["layers"].items()}
+    return kept
 
 
 def jsonable(value: Any) -> Any:

@@ -36,5 +36,5 @@ def float32_floats(values: Any) -> Any:
     if hasattr(values, "detach"):
         values = values.detach().float().cpu().numpy()
     arr = np.asarray(values, dtype=np.float32)
-    short = [float(f"{x:.9g}") for x in arr.ravel().astype(np.float64).tolist()]
-    return np.asarray(short, dtype=np.float64).reshape(arr.shape).tolist()
+    short = np.array([float(f"{x:.9g}") for x in arr.ravel().tolist()])
+    return short.reshape(arr.shape).tolist()
